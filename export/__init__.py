@@ -1,0 +1,1 @@
+"""ONNX export of the denoiser and context encoder."""

@@ -1,0 +1,1 @@
+"""The embeddable runtime. Imports without torch: backends load their libraries lazily."""

@@ -1,0 +1,1 @@
+"""PyTorch reference: model, noise schedule, DDIM sampler, rollout, data, training."""

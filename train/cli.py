@@ -1,0 +1,71 @@
+"""`mirage-train`: train a Mirage model on synthetic video or a folder of videos."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from .config import CONFIGS, TASKS, ConfigError, TrainConfig, get_config
+from .model import MirageUNet, parameter_count
+
+
+class MirageError(click.ClickException):
+    """A user error: one line on stderr, exit status 2."""
+
+    exit_code = 2
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default="tiny",
+              help="Model size. 'tiny' trains on a laptop CPU in minutes.")
+@click.option("--task", type=click.Choice(TASKS), default="generate",
+              help="generate: frames from the context memory alone; v2v: colorize an input stream frame by frame.")
+@click.option("--data", default="synthetic",
+              help="'synthetic' (made on the fly) or a folder of videos / image-sequence sub-folders.")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/tiny", help="Checkpoint folder.")
+@click.option("--steps", type=click.IntRange(min=1), default=TrainConfig.steps, help="Optimizer steps.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size, help="Clips per step (per GPU).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=TrainConfig.lr, help="Peak learning rate.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+              help="Autocast precision (fp16 adds a gradient scaler).")
+@click.option("--grad-checkpoint/--no-grad-checkpoint", default=False, help="Recompute ResBlocks to save memory.")
+@click.option("--context-noise-max", type=click.IntRange(0, 999), default=TrainConfig.context_noise_max,
+              help="History augmentation: context frames are noised to t_ctx ~ U[0, this]. 0 turns it off.")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, help="Data-loading worker processes.")
+@click.option("--resume/--no-resume", default=True, help="Continue from --out if it holds a checkpoint.")
+@click.option("--seed", type=int, default=0)
+@click.option("--dry-run", is_flag=True, help="Print the config and parameter count, train nothing.")
+def main(config_name, task, data, out, steps, batch_size, lr, precision, grad_checkpoint, context_noise_max,
+         device, workers, resume, seed, dry_run):
+    """Train a Mirage video diffusion model into a checkpoint folder (safetensors + config JSON).
+
+    Runs on the CPU by default; uses the GPU with --device cuda (or auto), and all GPUs when
+    launched with `torchrun --nproc-per-node N -m mirage.train.cli ...`.
+    """
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .trainer import train
+
+    try:
+        cfg = get_config(config_name, task)
+        tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, precision=precision,
+                           grad_checkpoint=grad_checkpoint, context_noise_max=context_noise_max,
+                           context_noise_prob=TrainConfig.context_noise_prob if context_noise_max else 0.0,
+                           data=data, seed=seed)
+        import torch
+
+        with torch.device("meta"):
+            params = parameter_count(MirageUNet(cfg))
+        click.echo(f"model {cfg.name} ({task}): {params / 1e6:.2f}M parameters", err=True)
+        if dry_run:
+            click.echo(json.dumps({"model": cfg.__dict__, "train": tcfg.__dict__}, indent=2, default=list))
+            return
+        summary = train(cfg, tcfg, out, resume=resume, device=device, workers=workers)
+    except (ConfigError, DataError, CheckpointError, RuntimeError) as e:
+        raise MirageError(str(e)) from e
+    click.echo(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

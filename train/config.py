@@ -1,0 +1,155 @@
+"""Model and training configs: small frozen dataclasses saved inside every checkpoint.
+
+Named model configs (``tiny``, ``small``, ``base``, ``seed880m``) live in ``CONFIGS``.
+``seed880m`` matches the scale of the public roadmap's baseline (a 192-base-channel
+U-Net at 64x64 with about 880M parameters) so that speed compares at equal size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A config name or value a user asked for does not exist or does not fit."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "tiny"
+    image_size: int = 32  # frames are square, image_size x image_size
+    channels: int = 3  # RGB
+    cond_channels: int = 0  # 0: generation; 3: video-to-video (conditioning frame concatenated to x_t)
+    base_channels: int = 32  # width of the first U-Net level
+    channel_mults: tuple[int, ...] = (1, 2, 2)  # width multiplier per level; each level after the first halves H, W
+    num_res_blocks: int = 1  # ResBlocks per level on the way down (one more on the way up)
+    attn_levels: tuple[int, ...] = (2,)  # levels with spatial self-attention (low resolutions only)
+    temporal_levels: tuple[int, ...] = (1, 2)  # levels with temporal attention to the context memory
+    head_dim: int = 32  # spatial self-attention head width
+    temporal_dim: int = 64  # D: width of a memory key/value token (same for every temporal layer)
+    temporal_heads: int = 4  # heads of temporal attention; temporal_dim / temporal_heads per head
+    context_frames: int = 4  # K: slots in the context ring buffer
+    norm_groups: int = 8  # GroupNorm groups
+    prediction: str = "v"  # v-prediction: well-posed at every noise level, incl. zero terminal SNR
+
+    def __post_init__(self) -> None:
+        levels = len(self.channel_mults)
+        for attr in ("attn_levels", "temporal_levels"):
+            bad = [lvl for lvl in getattr(self, attr) if not 0 <= lvl < levels]
+            if bad:
+                raise ConfigError(f"{attr}={getattr(self, attr)} names levels outside 0..{levels - 1}")
+        if self.image_size % (2 ** (levels - 1)):
+            raise ConfigError(f"image_size={self.image_size} must be divisible by {2 ** (levels - 1)} "
+                              f"for {levels} levels")
+        if self.temporal_dim % self.temporal_heads:
+            raise ConfigError(f"temporal_dim={self.temporal_dim} not divisible by temporal_heads={self.temporal_heads}")
+        if self.cond_channels not in (0, self.channels):
+            raise ConfigError(f"cond_channels must be 0 (generation) or {self.channels} (video-to-video)")
+        if self.prediction != "v":
+            raise ConfigError(f"prediction={self.prediction!r}: only 'v' is implemented")
+        for mult in self.channel_mults:
+            if (self.base_channels * mult) % self.norm_groups:
+                raise ConfigError(f"channels {self.base_channels * mult} not divisible by norm_groups={self.norm_groups}")
+
+    @property
+    def level_sizes(self) -> tuple[int, ...]:
+        return tuple(self.image_size >> i for i in range(len(self.channel_mults)))
+
+    @property
+    def memory_layers(self) -> tuple[int, ...]:
+        """Spatial size (H*W tokens) of each temporal layer, in the order the U-Net visits them:
+        down path, middle, up path. Their concatenation is the token axis of the memory."""
+        sizes = self.level_sizes
+        down = [sizes[lvl] ** 2 for lvl in range(len(sizes)) if lvl in self.temporal_levels]
+        mid = [sizes[-1] ** 2]
+        return tuple(down + mid + down[::-1])
+
+    @property
+    def memory_tokens(self) -> int:
+        return sum(self.memory_layers)
+
+    def with_task(self, task: str) -> "ModelConfig":
+        if task not in TASKS:
+            raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        return dataclasses.replace(self, cond_channels=self.channels if task == "v2v" else 0)
+
+    @property
+    def task(self) -> str:
+        return "v2v" if self.cond_channels else "generate"
+
+
+TASKS = ("generate", "v2v")
+
+CONFIGS: dict[str, ModelConfig] = {
+    # Trains on a laptop CPU in minutes; used by the tests and the default demo.
+    "tiny": ModelConfig(),
+    "small": ModelConfig(name="small", image_size=64, base_channels=64, channel_mults=(1, 2, 2, 4),
+                         num_res_blocks=2, attn_levels=(2, 3), temporal_levels=(2, 3), head_dim=64,
+                         temporal_dim=128, temporal_heads=4, context_frames=8, norm_groups=32),
+    "base": ModelConfig(name="base", image_size=64, base_channels=128, channel_mults=(1, 2, 3, 4),
+                        num_res_blocks=2, attn_levels=(1, 2, 3), temporal_levels=(2, 3), head_dim=64,
+                        temporal_dim=256, temporal_heads=8, context_frames=8, norm_groups=32),
+    # The roadmap baseline's scale: 192 base channels at 64x64, ~880M parameters.
+    "seed880m": ModelConfig(name="seed880m", image_size=64, base_channels=192, channel_mults=(1, 2, 5, 8),
+                            num_res_blocks=3, attn_levels=(1, 2, 3), temporal_levels=(2, 3), head_dim=64,
+                            temporal_dim=256, temporal_heads=8, context_frames=8, norm_groups=32),
+}
+
+
+def get_config(name: str, task: str = "generate") -> ModelConfig:
+    if name not in CONFIGS:
+        raise ConfigError(f"unknown model config {name!r}; choose one of {', '.join(CONFIGS)}")
+    return CONFIGS[name].with_task(task)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000  # optimizer steps
+    batch_size: int = 32  # clips per step (per process under DDP)
+    lr: float = 1e-3  # AdamW peak learning rate (cosine decay after warmup)
+    warmup: int = 100  # linear warmup steps
+    weight_decay: float = 0.01
+    ema_decay: float = 0.999  # EMA of weights used for sampling and export
+    grad_clip: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler)
+    grad_checkpoint: bool = False  # recompute ResBlocks in backward to save memory
+    context_noise_max: int = 300  # history augmentation: context frames noised at t_ctx ~ U[0, this]
+    context_noise_prob: float = 0.9  # fraction of clips whose context is noise-augmented
+    empty_context_prob: float = 0.1  # fraction of clips trained with an empty memory (first frame)
+    data: str = "synthetic"  # 'synthetic' or a folder of videos / image sequences
+    seed: int = 0
+    log_every: int = 50
+    save_every: int = 500
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision={self.precision!r}; choose fp32, bf16 or fp16")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError("steps and batch_size must be positive")
+
+
+def to_json(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_json(cls, data: dict):
+    """Build a frozen config from JSON, turning lists back into tuples; unknown keys are an error."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(names)
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no field(s) {sorted(unknown)}; was this saved by a newer Mirage?")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def check_same(saved: ModelConfig, wanted: ModelConfig) -> None:
+    """Refuse to mix a checkpoint with a different model config, naming both values."""
+    diffs = [f"{f.name}: checkpoint has {getattr(saved, f.name)!r}, asked for {getattr(wanted, f.name)!r}"
+             for f in dataclasses.fields(ModelConfig) if getattr(saved, f.name) != getattr(wanted, f.name)]
+    if diffs:
+        raise ConfigError("model config mismatch; " + "; ".join(diffs))
+
+
+def dumps(cfg) -> str:
+    return json.dumps(to_json(cfg), indent=2)

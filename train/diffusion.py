@@ -1,0 +1,111 @@
+"""Noise schedule and DDIM sampling as pure functions.
+
+Notation (DDPM/DDIM papers, v-prediction of Salimans & Ho 2022):
+
+    t          integer timestep in [0, T), T = 1000; larger is noisier
+    ᾱ_t        alphas_cumprod[t]            (abar)
+    α_t, σ_t   sqrt(ᾱ_t), sqrt(1 - ᾱ_t)     (alpha, sigma)
+    x_t        α_t x_0 + σ_t ε
+    v          α_t ε - σ_t x_0              (what the network predicts)
+    x̂_0, ε̂    α_t x_t - σ_t v,  σ_t x_t + α_t v
+
+The schedule is cosine, rescaled to zero terminal SNR (Lin et al. 2024: ᾱ_{T-1} = 0), so
+sampling starts from pure noise exactly as in training; v-prediction stays well posed there
+where ε-prediction would not be. DDIM timesteps use "trailing" spacing for the same reason.
+
+A denoiser is any callable ``denoise(x_t, t, cond) -> v`` (memory already bound), so the
+PyTorch model, ONNX Runtime and TensorRT all plug into ``ddim_sample``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+T = 1000  # training timesteps
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def cosine_alphas_cumprod(num_steps: int = T, s: float = 0.008) -> torch.Tensor:
+    """ᾱ_t of the cosine schedule (Nichol & Dhariwal), rescaled so ᾱ_{T-1} = 0 exactly. float64."""
+    steps = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    abar = (f[1:] / f[0]).clamp(min=0.0)
+    # Zero terminal SNR: shift and scale sqrt(ᾱ) so that its last value is 0 and its first unchanged.
+    a = abar.sqrt()
+    a0, a_last = a[0].clone(), a[-1].clone()
+    a = (a - a_last) * a0 / (a0 - a_last)
+    return a ** 2
+
+
+ALPHAS_CUMPROD = cosine_alphas_cumprod()
+
+
+def alpha_sigma(t: torch.Tensor, abar: torch.Tensor = ALPHAS_CUMPROD) -> tuple[torch.Tensor, torch.Tensor]:
+    """α_t, σ_t for integer timesteps t (any shape), in float32 on t's device."""
+    a = abar.to(t.device)[t.long()]
+    return a.sqrt().float(), (1 - a).sqrt().float()
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """x_t = α_t x_0 + σ_t ε for a batch, t of shape (B,)."""
+    a, s = alpha_sigma(t)
+    return a[:, None, None, None] * x0 + s[:, None, None, None] * eps
+
+
+def v_target(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    a, s = alpha_sigma(t)
+    return a[:, None, None, None] * eps - s[:, None, None, None] * x0
+
+
+def ddim_timesteps(steps: int, num_train: int = T) -> list[int]:
+    """Trailing spacing: [T-1, ..., ] with `steps` entries, always starting at T-1 (pure noise)."""
+    if not 1 <= steps <= num_train:
+        raise ValueError(f"steps={steps}: choose between 1 and {num_train}")
+    return [round(num_train - 1 - i * num_train / steps) for i in range(steps)]
+
+
+def ddim_coefficients(steps: int, eta: float = 0.0) -> torch.Tensor:
+    """Per-step coefficients, a (steps, 6) float64 table.
+
+    Columns: [t, α_t, σ_t, α_prev, sqrt(1 - ᾱ_prev - s²), s] with s the DDIM stochasticity
+    (eta=0: deterministic). The last step's "prev" is the clean sample (ᾱ_prev = 1).
+    A runtime uploads this table once and runs the update on the device.
+    """
+    ts = ddim_timesteps(steps)
+    rows = []
+    for i, t in enumerate(ts):
+        abar_t = float(ALPHAS_CUMPROD[t])
+        abar_prev = float(ALPHAS_CUMPROD[ts[i + 1]]) if i + 1 < len(ts) else 1.0
+        s = eta * math.sqrt(max(0.0, (1 - abar_prev) / max(1 - abar_t, 1e-12) * (1 - abar_t / abar_prev)))
+        rows.append([t, math.sqrt(abar_t), math.sqrt(1 - abar_t), math.sqrt(abar_prev),
+                     math.sqrt(max(0.0, 1 - abar_prev - s * s)), s])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def ddim_update(x_t: torch.Tensor, v: torch.Tensor, coef: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One DDIM step x_t -> x_prev from the v-prediction, coef = one row of ddim_coefficients."""
+    _, a_t, s_t, a_prev, c_eps, c_rand = coef.tolist()
+    x0 = a_t * x_t - s_t * v  # 1. predicted clean sample
+    eps = s_t * x_t + a_t * v  # 2. predicted noise
+    x_prev = a_prev * x0 + c_eps * eps  # 3. move to the previous noise level
+    if c_rand > 0:
+        if noise is None:
+            raise ValueError("eta > 0 needs fresh noise for every step")
+        x_prev = x_prev + c_rand * noise  # 4. DDPM-like stochasticity when eta > 0
+    return x_prev
+
+
+def ddim_sample(denoise: Denoiser, x_T: torch.Tensor, steps: int, cond: torch.Tensor | None = None,
+                eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Run `steps` DDIM steps from x_T (pure noise) and return x̂_0 (not clamped)."""
+    coefs = ddim_coefficients(steps, eta)
+    x = x_T
+    for row in coefs:
+        t = torch.full((x.shape[0],), int(row[0]), device=x.device, dtype=torch.long)
+        v = denoise(x, t, cond).float()
+        noise = torch.randn(x.shape, generator=generator).to(x.device) if row[5] > 0 else None
+        x = ddim_update(x, v, row, noise)
+    return x

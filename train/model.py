@@ -1,0 +1,255 @@
+"""The Mirage U-Net: a per-frame denoiser whose temporal attention reads a context memory.
+
+Two entry points become the exported graphs:
+
+* ``context_encode(frame, t_ctx) -> kv``: one finished frame (optionally noised to level
+  ``t_ctx``, history augmentation) becomes its keys/values for every temporal layer,
+  ``kv`` of shape (B, 2, N, D): N tokens = the H*W positions of all temporal layers.
+* ``denoise(x_t, t, cond, memory, ages) -> v``: the v-prediction for the current frame.
+  ``memory`` (B, K, 2, N, D) is the ring buffer of the last K frames' kv; ``ages`` (B, K)
+  int64 says how many frames ago each slot was written, 0 marking an empty slot.
+
+Temporal attention is per pixel: each position of the current frame attends over the
+same position in the K memory slots (plus itself), so its cost is linear in H*W.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of (B,) timesteps in [0, 1000) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Residual branches start as identity so deep stacks train from step one."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, cout)
+        self.norm2 = nn.GroupNorm(groups, cout)
+        self.conv2 = zero_init(nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class SpatialAttention(nn.Module):
+    def __init__(self, ch: int, head_dim: int, groups: int):
+        super().__init__()
+        self.heads = max(1, ch // head_dim)
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = zero_init(nn.Conv2d(ch, ch, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, HW, dh)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj(out)
+
+
+class TemporalAttention(nn.Module):
+    """Current frame's features attend, per pixel, to the K memory slots and to themselves."""
+
+    def __init__(self, ch: int, dim: int, heads: int, context_frames: int, groups: int):
+        super().__init__()
+        self.dim, self.heads = dim, heads
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Linear(ch, 3 * dim)
+        # Slot order in a ring buffer is arbitrary; the age embedding tells the layer which
+        # frame is the most recent (index 0 is never used: empty slots are masked out).
+        self.age = nn.Embedding(context_frames + 1, dim)
+        self.out = zero_init(nn.Linear(dim, ch))
+
+    def forward(self, x: torch.Tensor, mem: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        n, kslots, d, heads = h * w, mem.shape[1], self.dim, self.heads
+        tokens = self.norm(x).reshape(b, c, n).transpose(1, 2)  # (B, N, C)
+        q, k_self, v_self = self.qkv(tokens).chunk(3, dim=-1)  # each (B, N, D)
+        mem_k = mem[:, :, 0] + self.age(ages)[:, :, None, :]  # (B, K, N, D)
+        mem_v = mem[:, :, 1]
+        keys = torch.cat([mem_k.transpose(1, 2), k_self[:, :, None]], dim=2)  # (B, N, K+1, D)
+        vals = torch.cat([mem_v.transpose(1, 2), v_self[:, :, None]], dim=2)
+        keys = keys.reshape(b * n, kslots + 1, heads, d // heads).transpose(1, 2)  # (B*N, heads, K+1, dh)
+        vals = vals.reshape(b * n, kslots + 1, heads, d // heads).transpose(1, 2)
+        q = q.reshape(b * n, 1, heads, d // heads).transpose(1, 2)  # (B*N, heads, 1, dh)
+        valid = torch.cat([ages > 0, torch.ones_like(ages[:, :1], dtype=torch.bool)], dim=1)  # (B, K+1)
+        mask = valid[:, None, None, None, :].expand(b, n, 1, 1, kslots + 1).reshape(b * n, 1, 1, kslots + 1)
+        out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)  # (B*N, heads, 1, dh)
+        out = self.out(out.reshape(b, n, d))  # (B, N, C)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
+
+
+class ContextEncoder(nn.Module):
+    """A light conv pyramid: one frame -> keys/values for every temporal layer of the U-Net."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        chans = [cfg.base_channels * m for m in cfg.channel_mults]
+        emb_dim = 4 * cfg.base_channels
+        self.emb = nn.Sequential(nn.Linear(cfg.base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.stem = nn.Conv2d(cfg.channels, chans[0], 3, padding=1)
+        self.blocks = nn.ModuleList()
+        self.downs = nn.ModuleList()
+        for i, ch in enumerate(chans):
+            self.blocks.append(ResBlock(chans[i - 1] if i else chans[0], ch, emb_dim, cfg.norm_groups))
+            if i < len(chans) - 1:
+                self.downs.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+        down = [lvl for lvl in range(len(chans)) if lvl in cfg.temporal_levels]
+        self.layer_levels = down + [len(chans) - 1] + down[::-1]  # same order as cfg.memory_layers
+        self.proj = nn.ModuleList(
+            nn.Sequential(nn.GroupNorm(cfg.norm_groups, chans[lvl]), nn.Conv2d(chans[lvl], 2 * cfg.temporal_dim, 1))
+            for lvl in self.layer_levels)
+        self.base_channels, self.dim = cfg.base_channels, cfg.temporal_dim
+
+    def forward(self, frame: torch.Tensor, t_ctx: torch.Tensor) -> torch.Tensor:
+        emb = self.emb(timestep_embedding(t_ctx, self.base_channels))
+        h, feats = self.stem(frame), []
+        for i, block in enumerate(self.blocks):
+            h = block(h, emb)
+            feats.append(h)
+            if i < len(self.downs):
+                h = self.downs[i](h)
+        kv = []
+        for lvl, proj in zip(self.layer_levels, self.proj):
+            b, _, hh, ww = feats[lvl].shape
+            kv.append(proj(feats[lvl]).reshape(b, 2, self.dim, hh * ww).transpose(2, 3))  # (B, 2, HW, D)
+        return torch.cat(kv, dim=2)  # (B, 2, N, D)
+
+
+class MirageUNet(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.grad_checkpoint = False
+        chans = [cfg.base_channels * m for m in cfg.channel_mults]
+        emb_dim = 4 * cfg.base_channels
+        g = cfg.norm_groups
+        self.time_emb = nn.Sequential(nn.Linear(cfg.base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.in_conv = nn.Conv2d(cfg.channels + cfg.cond_channels, chans[0], 3, padding=1)
+
+        def temporal(ch: int) -> TemporalAttention:
+            return TemporalAttention(ch, cfg.temporal_dim, cfg.temporal_heads, cfg.context_frames, g)
+
+        def spatial(ch: int, level: int) -> nn.Module:
+            return SpatialAttention(ch, cfg.head_dim, g) if level in cfg.attn_levels else nn.Identity()
+
+        # Down path: per level, (ResBlock, spatial attn) x num_res_blocks, temporal attn, downsample.
+        self.down, skip_chans, ch = nn.ModuleList(), [chans[0]], chans[0]
+        for lvl, cout in enumerate(chans):
+            level = nn.ModuleDict()
+            level["res"] = nn.ModuleList()
+            level["attn"] = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks):
+                level["res"].append(ResBlock(ch, cout, emb_dim, g))
+                level["attn"].append(spatial(cout, lvl))
+                ch = cout
+                skip_chans.append(ch)
+            if lvl in cfg.temporal_levels:
+                level["temporal"] = temporal(ch)
+            if lvl < len(chans) - 1:
+                level["downsample"] = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+                skip_chans.append(ch)
+            self.down.append(level)
+        self.mid1 = ResBlock(ch, ch, emb_dim, g)
+        self.mid_attn = SpatialAttention(ch, cfg.head_dim, g)
+        self.mid_temporal = temporal(ch)
+        self.mid2 = ResBlock(ch, ch, emb_dim, g)
+        # Up path mirrors it, with one extra ResBlock per level to consume the downsample skip.
+        self.up = nn.ModuleList()
+        for lvl in reversed(range(len(chans))):
+            level = nn.ModuleDict()
+            level["res"] = nn.ModuleList()
+            level["attn"] = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks + 1):
+                level["res"].append(ResBlock(ch + skip_chans.pop(), chans[lvl], emb_dim, g))
+                level["attn"].append(spatial(chans[lvl], lvl))
+                ch = chans[lvl]
+            if lvl in cfg.temporal_levels:
+                level["temporal"] = temporal(ch)
+            if lvl > 0:
+                level["upsample"] = nn.Conv2d(ch, ch, 3, padding=1)
+            self.up.append(level)
+        self.out = nn.Sequential(nn.GroupNorm(g, ch), nn.SiLU(), zero_init(nn.Conv2d(ch, cfg.channels, 3, padding=1)))
+        self.context = ContextEncoder(cfg)
+        self.memory_offsets = [0]
+        for n in cfg.memory_layers:
+            self.memory_offsets.append(self.memory_offsets[-1] + n)
+
+    def _res(self, block: ResBlock, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpoint and self.training:
+            return checkpoint(block, h, emb, use_reentrant=False)
+        return block(h, emb)
+
+    def context_encode(self, frame: torch.Tensor, t_ctx: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) frame at noise level t_ctx (B,) -> kv (B, 2, N, D) for one ring-buffer slot."""
+        return self.context(frame, t_ctx)
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None,
+                memory: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
+        """v-prediction for x_t (B, C, H, W) at timestep t (B,), given memory (B, K, 2, N, D), ages (B, K)."""
+        cfg = self.cfg
+        if cfg.cond_channels:
+            if cond is None:
+                raise ValueError("this is a video-to-video model: pass a conditioning frame")
+            x_t = torch.cat([x_t, cond], dim=1)
+        emb = self.time_emb(timestep_embedding(t, cfg.base_channels))
+        layer = iter(range(len(cfg.memory_layers)))
+
+        def mem() -> torch.Tensor:
+            j = next(layer)
+            return memory[:, :, :, self.memory_offsets[j]:self.memory_offsets[j + 1]]  # (B, K, 2, HW_j, D)
+
+        h = self.in_conv(x_t)
+        skips = [h]
+        for level in self.down:
+            for res, attn in zip(level["res"], level["attn"]):
+                h = attn(self._res(res, h, emb))
+                skips.append(h)
+            if "temporal" in level:
+                h = level["temporal"](h, mem(), ages)
+                skips[-1] = h
+            if "downsample" in level:
+                h = level["downsample"](h)
+                skips.append(h)
+        h = self.mid_temporal(self.mid_attn(self._res(self.mid1, h, emb)), mem(), ages)
+        h = self._res(self.mid2, h, emb)
+        for level in self.up:
+            for res, attn in zip(level["res"], level["attn"]):
+                h = attn(self._res(res, torch.cat([h, skips.pop()], dim=1), emb))
+            if "temporal" in level:
+                h = level["temporal"](h, mem(), ages)
+            if "upsample" in level:
+                h = level["upsample"](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        return self.out(h)
+
+    forward = denoise
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

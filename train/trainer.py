@@ -1,0 +1,157 @@
+"""The training loop: AdamW, EMA, autocast, grad clipping, resumable checkpoints, DDP.
+
+One step on a batch of clips (B, K+1, 3, H, W), K = context_frames:
+
+    1. the first K frames are the context; the most recent n of them are valid (n = 0 with
+       probability empty_context_prob, so the model also learns the first frame of a video),
+       placed in random ring slots with their ages
+    2. history augmentation: context frames are noised to a random level t_ctx which the
+       context encoder sees as an input (Diffusion Forcing / MirageLSD style)
+    3. the last frame is noised to a random t and the model predicts v; loss = MSE
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import STATE, load_train_state, read_meta, save_checkpoint
+from .config import ModelConfig, TrainConfig, check_same, from_json
+from .data import ClipStream, grayscale, make_source
+from .diffusion import T, q_sample, v_target
+from .model import MirageUNet, parameter_count
+
+
+class TrainStep(nn.Module):
+    """The loss as a module forward, so DistributedDataParallel sees one call per step."""
+
+    def __init__(self, model: MirageUNet, tcfg: TrainConfig):
+        super().__init__()
+        self.model, self.tcfg = model, tcfg
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        cfg, tcfg, dev = self.model.cfg, self.tcfg, clips.device
+        b, length = clips.shape[:2]
+        k = length - 1
+        ctx, target = clips[:, :k], clips[:, k]  # (B, K, 3, H, W), (B, 3, H, W)
+        # 1. valid slots: the n most recent context frames; frame j is K - j frames old
+        n_valid = torch.randint(1, k + 1, (b,), device=dev)
+        n_valid = torch.where(torch.rand(b, device=dev) < tcfg.empty_context_prob, 0, n_valid)
+        age = torch.arange(k, 0, -1, device=dev).expand(b, k)  # (B, K): [K, ..., 1]
+        ages = torch.where(age <= n_valid[:, None], age, 0)
+        perm = torch.argsort(torch.rand(b, k, device=dev), dim=1)  # random slot order
+        ages = ages.gather(1, perm)
+        ctx = ctx[torch.arange(b, device=dev)[:, None], perm]
+        # 2. history augmentation
+        t_ctx = torch.randint(0, tcfg.context_noise_max + 1, (b,), device=dev)
+        t_ctx = torch.where(torch.rand(b, device=dev) < tcfg.context_noise_prob, t_ctx, 0)
+        t_ctx = t_ctx.repeat_interleave(k)  # (B*K,)
+        flat = ctx.flatten(0, 1)  # (B*K, 3, H, W)
+        kv = self.model.context_encode(q_sample(flat, t_ctx, torch.randn_like(flat)), t_ctx)
+        memory = kv.reshape(b, k, *kv.shape[1:])  # (B, K, 2, N, D)
+        # 3. denoising loss on the target frame
+        t = torch.randint(0, T, (b,), device=dev)
+        eps = torch.randn_like(target)
+        cond = grayscale(target) if cfg.cond_channels else None
+        v = self.model.denoise(q_sample(target, t, eps), t, cond, memory, ages)
+        return F.mse_loss(v.float(), v_target(target, t, eps))
+
+
+def lr_at(step: int, tcfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    if step < tcfg.warmup:
+        return tcfg.lr * (step + 1) / tcfg.warmup
+    progress = (step - tcfg.warmup) / max(1, tcfg.steps - tcfg.warmup)
+    return tcfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+    return torch.device(device)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+
+
+def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bool = False,
+          device: str = "auto", workers: int = 0, progress: bool = True) -> dict:
+    """Train (or resume) into checkpoint folder `out`; returns a summary of the run."""
+    out = Path(out)
+    rank, world = _distributed()
+    dev = pick_device(device)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    torch.manual_seed(tcfg.seed + rank)
+    model = MirageUNet(model_cfg).to(dev)
+    model.grad_checkpoint = tcfg.grad_checkpoint
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.99))
+    step, elapsed = 0, 0.0
+    if resume and (out / STATE).is_file():
+        check_same(from_json(ModelConfig, read_meta(out)["model"]), model_cfg)
+        meta = load_train_state(out, model, ema, opt)
+        step, elapsed = meta["step"], meta.get("train_seconds", 0.0)
+    source = make_source(tcfg.data, model_cfg.image_size, model_cfg.context_frames + 1, tcfg.seed)
+    stream = ClipStream(source, model_cfg.context_frames + 1, seed=tcfg.seed + 1000 * step, rank=rank)
+    loader = iter(torch.utils.data.DataLoader(stream, batch_size=tcfg.batch_size, num_workers=workers,
+                                              pin_memory=dev.type == "cuda"))
+    step_fn: nn.Module = TrainStep(model, tcfg)
+    if world > 1:
+        step_fn = nn.parallel.DistributedDataParallel(step_fn, device_ids=[dev] if dev.type == "cuda" else None)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.precision)
+    scaler = torch.amp.GradScaler(dev.type, enabled=tcfg.precision == "fp16")
+    losses: list[float] = []
+    bar = tqdm(total=tcfg.steps, initial=step, disable=not progress or rank != 0, desc="train", unit="step")
+    start = time.perf_counter()
+    model.train()
+    while step < tcfg.steps:
+        clips = next(loader).to(dev, non_blocking=True)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, tcfg)
+        autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+        with autocast:
+            loss = step_fn(clips)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        step += 1
+        ema_update(ema, model, min(tcfg.ema_decay, (1 + step) / (10 + step)))
+        losses.append(loss.item())
+        bar.update(1)
+        if step % tcfg.log_every == 0 or step == tcfg.steps:
+            bar.set_postfix(loss=f"{sum(losses[-tcfg.log_every:]) / len(losses[-tcfg.log_every:]):.4f}")
+        if rank == 0 and (step % tcfg.save_every == 0 or step == tcfg.steps):
+            recent = losses[-tcfg.log_every:]
+            save_checkpoint(out, model, ema, tcfg, step, opt, extra={
+                "loss": sum(recent) / len(recent), "train_seconds": elapsed + time.perf_counter() - start,
+                "parameters": parameter_count(model), "device": str(dev), "world_size": world})
+    bar.close()
+    recent = losses[-tcfg.log_every:] or [float("nan")]
+    return {"step": step, "loss": sum(recent) / len(recent), "first_loss": losses[0] if losses else float("nan"),
+            "seconds": elapsed + time.perf_counter() - start, "parameters": parameter_count(model), "out": str(out)}
