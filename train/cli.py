@@ -19,7 +19,7 @@ class MirageError(click.ClickException):
 @click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default="tiny",
               help="Model size. 'tiny' trains on a laptop CPU in minutes.")
 @click.option("--task", type=click.Choice(TASKS), default="generate",
-              help="generate: frames from the context memory alone; v2v: colorize an input stream frame by frame.")
+              help="generate: frames from the context memory alone; v2v: restore full color to an input stream (luma + coarse chroma) frame by frame.")
 @click.option("--data", default="synthetic",
               help="'synthetic' (made on the fly) or a folder of videos / image-sequence sub-folders.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/tiny", help="Checkpoint folder.")

@@ -1,9 +1,9 @@
 """Training data: synthetic video made on the fly (deterministic by seed) or a folder of videos.
 
 Synthetic clips: textured, rotating shapes moving and bouncing over a gray gradient, in
-z-order so they occlude each other. A shape's color is fixed by its class, and the
-background is gray, so a frame's colors follow exactly from its grayscale version: the
-video-to-video task (grayscale in, color out) has a known ground truth, and PSNR measures it.
+z-order so they occlude each other. A shape's color is fixed by its class and the
+background is gray. The video-to-video task (`v2v_input`: full-resolution luma plus coarse
+chroma in, full color out) has an exact ground truth, so PSNR measures it.
 
 Every source returns clips as float32 arrays (T, H, W, 3) in [-1, 1].
 """
@@ -20,7 +20,8 @@ from mirage.runtime.video_io import IMAGE_EXTS, VIDEO_EXTS, VideoError, iter_fra
 # RGB per shape class: circle, square, triangle, ring, cross, diamond.
 PALETTE = np.array([[0.95, 0.25, 0.2], [0.2, 0.8, 0.3], [0.25, 0.4, 0.95],
                     [0.95, 0.8, 0.15], [0.85, 0.3, 0.85], [0.2, 0.85, 0.9]], dtype=np.float32)
-LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+# RGB -> (Y, Cb, Cr) rows (BT.601), applied to [-1, 1] values: Y stays in [-1, 1], Cb/Cr near 0.
+YCBCR = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], dtype=np.float32)
 
 
 class DataError(ValueError):
@@ -89,10 +90,21 @@ class SyntheticVideo:
         return (frames * 2 - 1).astype(np.float32)
 
 
-def grayscale(frames: torch.Tensor) -> torch.Tensor:
-    """The video-to-video input: luma of (..., 3, H, W) frames, repeated to 3 channels."""
-    luma = torch.einsum("...chw,c->...hw", frames, torch.as_tensor(LUMA, device=frames.device))
-    return luma.unsqueeze(-3).expand_as(frames).contiguous()
+def v2v_input(frames: torch.Tensor, chroma_factor: int = 4) -> torch.Tensor:
+    """The video-to-video input of a (..., 3, H, W) clip in [-1, 1]: luma at full resolution
+    plus chroma at 1/chroma_factor resolution (a colorization-with-hints task).
+
+    Grayscale alone would leave colors ambiguous wherever two shapes share a brightness, and
+    a model would then carry a wrong color through the context memory forever; the coarse
+    chroma makes the ground truth recoverable from each input frame, so any drift a rollout
+    shows is the model's own error accumulation.
+    """
+    rgb = frames.flatten(0, -4) if frames.dim() > 3 else frames[None]  # (N, 3, H, W)
+    m = torch.as_tensor(YCBCR, device=frames.device, dtype=frames.dtype)
+    ycc = torch.einsum("dc,nchw->ndhw", m, rgb)  # (N, 3, H, W): Y, Cb, Cr
+    chroma = torch.nn.functional.avg_pool2d(ycc[:, 1:], chroma_factor)
+    chroma = torch.nn.functional.interpolate(chroma, scale_factor=chroma_factor, mode="nearest")
+    return torch.cat([ycc[:, :1], chroma], dim=1).reshape(frames.shape)
 
 
 class VideoFolder:

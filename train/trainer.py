@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .checkpoint import STATE, load_train_state, read_meta, save_checkpoint
 from .config import ModelConfig, TrainConfig, check_same, from_json
-from .data import ClipStream, grayscale, make_source
+from .data import ClipStream, make_source, v2v_input
 from .diffusion import T, q_sample, v_target
 from .model import MirageUNet, parameter_count
 
@@ -60,7 +60,7 @@ class TrainStep(nn.Module):
         # 3. denoising loss on the target frame
         t = torch.randint(0, T, (b,), device=dev)
         eps = torch.randn_like(target)
-        cond = grayscale(target) if cfg.cond_channels else None
+        cond = v2v_input(target) if cfg.cond_channels else None
         v = self.model.denoise(q_sample(target, t, eps), t, cond, memory, ages)
         return F.mse_loss(v.float(), v_target(target, t, eps))
 

@@ -1,0 +1,31 @@
+"""Latency statistics and the closing table printed by `mirage-run` and the benchmarks."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def latency_summary(frame_seconds: list[float], first_frame_seconds: float | None = None) -> dict:
+    """Median / p99 / mean per-frame latency in ms and FPS, over frames after the first."""
+    steady = np.asarray(frame_seconds[1:] if len(frame_seconds) > 1 else frame_seconds, dtype=np.float64) * 1e3
+    out = {
+        "frames": len(frame_seconds),
+        "median_ms": float(np.median(steady)),
+        "p99_ms": float(np.percentile(steady, 99)),
+        "mean_ms": float(steady.mean()),
+        "fps": float(1e3 / steady.mean()),
+    }
+    if first_frame_seconds is not None:
+        out["first_frame_ms"] = first_frame_seconds * 1e3
+    return out
+
+
+def table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def write_json(path: str | Path, report: dict) -> None:
+    Path(path).write_text(json.dumps(report, indent=2))
