@@ -128,7 +128,7 @@ class ContextEncoder(nn.Module):
         self.base_channels, self.dim = cfg.base_channels, cfg.temporal_dim
 
     def forward(self, frame: torch.Tensor, t_ctx: torch.Tensor) -> torch.Tensor:
-        emb = self.emb(timestep_embedding(t_ctx, self.base_channels))
+        emb = self.emb(timestep_embedding(t_ctx, self.base_channels).to(frame.dtype))
         h, feats = self.stem(frame), []
         for i, block in enumerate(self.blocks):
             h = block(h, emb)
@@ -218,7 +218,7 @@ class MirageUNet(nn.Module):
             if cond is None:
                 raise ValueError("this is a video-to-video model: pass a conditioning frame")
             x_t = torch.cat([x_t, cond], dim=1)
-        emb = self.time_emb(timestep_embedding(t, cfg.base_channels))
+        emb = self.time_emb(timestep_embedding(t, cfg.base_channels).to(x_t.dtype))
         layer = iter(range(len(cfg.memory_layers)))
 
         def mem() -> torch.Tensor:

@@ -1,0 +1,175 @@
+"""Synthetic video, the video-to-video input, video folders and frame I/O."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mirage.runtime.video_io import VideoError, iter_frames, write_video
+from mirage.train.data import YCBCR, ClipStream, DataError, SyntheticVideo, VideoFolder, make_source, v2v_input
+
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+# ---- synthetic video -----------------------------------------------------------------------
+
+
+def test_synthetic_is_deterministic():
+    a = SyntheticVideo(32, seed=3).clip(4, 6, start=2)
+    b = SyntheticVideo(32, seed=3).clip(4, 6, start=2)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, SyntheticVideo(32, seed=3).clip(5, 6, start=2))  # other index
+    assert not np.array_equal(a, SyntheticVideo(32, seed=4).clip(4, 6, start=2))  # other seed
+
+
+def test_synthetic_format():
+    clip = SyntheticVideo(32, seed=0).clip(0, 5)
+    assert clip.shape == (5, 32, 32, 3) and clip.dtype == np.float32
+    assert clip.min() >= -1 and clip.max() <= 1
+    assert clip.std() > 0.05  # not a blank frame
+    assert np.abs(np.diff(clip, axis=0)).mean() > 1e-3  # things move
+    assert SyntheticVideo(64, seed=0).clip(0, 2).shape == (2, 64, 64, 3)
+
+
+def test_synthetic_time_continuity():
+    sv = SyntheticVideo(32, seed=1)
+    late, early = sv.clip(9, 10, start=5), sv.clip(9, 10, start=0)
+    assert np.allclose(late[0], early[5], atol=1e-6)
+    assert np.allclose(late[:5], early[5:], atol=1e-6)
+
+
+# ---- the video-to-video input ----------------------------------------------------------------
+
+
+def test_v2v_input_luma_channel_is_exact():
+    clip = torch.from_numpy(SyntheticVideo(32, seed=2).clip(0, 3)).permute(0, 3, 1, 2)  # (T, 3, H, W)
+    x = v2v_input(clip)
+    assert x.shape == clip.shape and x.dtype == clip.dtype
+    luma = torch.einsum("tchw,c->thw", clip, torch.from_numpy(LUMA))
+    assert torch.allclose(x[:, 0], luma, atol=1e-6)
+
+
+def test_v2v_input_chroma_is_block_average():
+    clip = torch.from_numpy(SyntheticVideo(32, seed=2).clip(1, 2)).permute(0, 3, 1, 2)
+    x = v2v_input(clip, chroma_factor=4)
+    cb = torch.einsum("tchw,c->thw", clip, torch.from_numpy(YCBCR[1]))
+    block = cb[:, 8:12, 12:16].mean(dim=(1, 2))  # one 4x4 block
+    assert torch.allclose(x[:, 1, 8:12, 12:16], block[:, None, None].expand(-1, 4, 4), atol=1e-6)
+    # piecewise constant over 4x4 blocks
+    assert torch.equal(x[:, 1:, ::4, ::4].repeat_interleave(4, -1).repeat_interleave(4, -2), x[:, 1:])
+
+
+def test_v2v_input_of_gray_is_luma_and_no_chroma():
+    # A gray frame (R = G = B) goes in as itself with zero chroma: exactly the classic grayscale input.
+    g = torch.rand(2, 1, 16, 16) * 2 - 1
+    x = v2v_input(g.expand(2, 3, 16, 16))
+    assert torch.allclose(x[:, 0], g[:, 0], atol=1e-6)
+    assert x[:, 1:].abs().max().item() < 1e-6
+
+
+def test_v2v_input_full_resolution_is_invertible():
+    # chroma_factor=1 keeps all color: the RGB ground truth is recoverable from the input.
+    clip = torch.from_numpy(SyntheticVideo(32, seed=5).clip(0, 2)).permute(0, 3, 1, 2)
+    x = v2v_input(clip, chroma_factor=1)
+    rgb = torch.einsum("cd,tdhw->tchw", torch.linalg.inv(torch.from_numpy(YCBCR)), x)
+    assert torch.allclose(rgb, clip, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8), (2, 3, 8, 8), (2, 4, 3, 8, 8)])
+def test_v2v_input_keeps_leading_dims(shape):
+    x = torch.rand(shape) * 2 - 1
+    y = v2v_input(x)
+    assert y.shape == x.shape
+    flat = v2v_input(x.reshape(-1, 3, 8, 8)).reshape(shape)
+    assert torch.equal(y, flat)
+
+
+# ---- video folders -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def video_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    clip = SyntheticVideo(32, seed=11).clip(0, 12)
+    assert write_video(root / "a.mp4", clip, scale=1) == 12
+    assert write_video(root / "seq", clip[:6], scale=1) == 6  # a folder of PNGs
+    return root, clip
+
+
+def test_video_folder_loads_videos_and_sequences(video_root):
+    root, clip = video_root
+    src = VideoFolder(root, 32, min_frames=5)
+    assert [len(v) for v in src.videos] == [12, 6]  # a.mp4, then seq/
+    c = src.clip(1, 5)
+    assert c.shape == (5, 32, 32, 3) and c.dtype == np.float32
+    assert np.abs(c - clip[:5]).max() <= 1 / 127.5 + 1e-6  # PNG: only 8-bit quantisation
+    assert np.array_equal(src.clip(3, 5, start=7), src.videos[1][1:6])  # index wraps, start wraps
+    assert src.clip(0, 5, start=7).shape == (5, 32, 32, 3)
+
+
+def test_mp4_round_trip(video_root):
+    root, clip = video_root
+    back = np.stack(list(iter_frames(root / "a.mp4", 32)))
+    assert back.shape == clip.shape
+    assert np.abs(back - clip).mean() < 0.1  # lossy H.264 + 4:2:0 chroma, but the same video
+
+
+def test_iter_frames_resizes(video_root):
+    root, _ = video_root
+    frames = list(iter_frames(root / "seq", 16))
+    assert len(frames) == 6 and frames[0].shape == (16, 16, 3)
+
+
+def test_make_source(video_root):
+    root, _ = video_root
+    assert isinstance(make_source("synthetic", 32, 5), SyntheticVideo)
+    assert isinstance(make_source(str(root), 32, 5), VideoFolder)
+
+
+def test_clip_stream_is_seeded():
+    src = SyntheticVideo(16, seed=0)
+    a, b = iter(ClipStream(src, 3, seed=1)), iter(ClipStream(src, 3, seed=1))
+    x, y = next(a), next(b)
+    assert x.shape == (3, 3, 16, 16) and torch.equal(x, y)
+    assert not torch.equal(next(iter(ClipStream(src, 3, seed=2))), x)
+
+
+def test_video_folder_missing_path(tmp_path):
+    with pytest.raises(DataError, match="not a folder") as e:
+        VideoFolder(tmp_path / "nowhere", 32, 5)
+    assert str(tmp_path / "nowhere") in str(e.value)
+
+
+def test_video_folder_empty(tmp_path):
+    with pytest.raises(DataError, match="no videos") as e:
+        VideoFolder(tmp_path, 32, 5)
+    assert str(tmp_path) in str(e.value)
+    (tmp_path / "notes.txt").write_text("not a video")
+    with pytest.raises(DataError, match="no videos"):
+        VideoFolder(tmp_path, 32, 5)
+
+
+def test_video_folder_broken_file(tmp_path):
+    (tmp_path / "broken.mp4").write_bytes(b"\x00garbage, not an mp4 at all\xff" * 20)
+    with pytest.raises(DataError) as e:
+        VideoFolder(tmp_path, 32, 5)
+    assert "broken.mp4" in str(e.value)
+
+
+def test_video_folder_too_short(tmp_path):
+    write_video(tmp_path / "short", SyntheticVideo(32).clip(0, 3), scale=1)
+    with pytest.raises(DataError, match="3 frames") as e:
+        VideoFolder(tmp_path, 32, min_frames=5)
+    assert "short" in str(e.value)
+
+
+def test_iter_frames_errors(tmp_path):
+    (tmp_path / "clip.txt").write_text("hello")
+    with pytest.raises(VideoError, match="not a video") as e:
+        list(iter_frames(tmp_path / "clip.txt", 32))
+    assert "clip.txt" in str(e.value)
+    with pytest.raises(VideoError, match="no such file"):
+        list(iter_frames(tmp_path / "missing.mp4", 32))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VideoError, match="no images"):
+        list(iter_frames(tmp_path / "empty", 32))
