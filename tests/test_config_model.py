@@ -118,6 +118,7 @@ def test_get_config_unknown_task():
     ({"cond_channels": 1}, "cond_channels"),
     ({"prediction": "eps"}, "prediction"),
     ({"base_channels": 36}, "norm_groups"),
+    ({"head_dim": 20}, "head_dim=20"),
 ])
 def test_invalid_model_config(kwargs, fragment):
     with pytest.raises(ConfigError, match=fragment):

@@ -200,9 +200,6 @@ def test_bundled_checkpoints_load():
     assert meta["parameters"] == 1480547 and meta_v["parameters"] == 1481411
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="BUG: checkpoint._load_into lets load_state_dict's size-mismatch RuntimeError escape "
-                          "instead of raising CheckpointError naming the file")
 def test_load_weights_of_other_config(tmp_path):
     shutil.copy(CKPT_GEN / CONFIG, tmp_path / CONFIG)  # generation config...
     shutil.copy(CKPT_V2V / WEIGHTS, tmp_path / WEIGHTS)  # ...with v2v weights (in_conv has 6 inputs)

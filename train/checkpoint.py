@@ -91,7 +91,10 @@ def _load_into(model: torch.nn.Module, file: Path, prefix: str) -> dict:
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: unreadable safetensors ({e})") from e
     weights = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    result = model.load_state_dict(weights, strict=False)
+    try:
+        result = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # size mismatches: the weights belong to another config
+        raise CheckpointError(f"{file}: weights do not fit the model config ({str(e).splitlines()[1].strip()})") from e
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"{file}: weights do not fit the model config (missing {result.missing_keys[:3]}, "
                               f"unexpected {result.unexpected_keys[:3]})")

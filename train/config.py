@@ -51,6 +51,10 @@ class ModelConfig:
         for mult in self.channel_mults:
             if (self.base_channels * mult) % self.norm_groups:
                 raise ConfigError(f"channels {self.base_channels * mult} not divisible by norm_groups={self.norm_groups}")
+        for lvl in set(self.attn_levels) | {levels - 1}:  # the middle block always has spatial attention
+            ch = self.base_channels * self.channel_mults[lvl]
+            if ch % self.head_dim:
+                raise ConfigError(f"level {lvl} has {ch} channels, not divisible by head_dim={self.head_dim}")
 
     @property
     def level_sizes(self) -> tuple[int, ...]:
