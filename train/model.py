@@ -15,6 +15,7 @@ same position in the K memory slots (plus itself), so its cost is linear in H*W.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,32 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
+
+
+_DECOMPOSED = False  # see decomposed_attention()
+
+
+@contextmanager
+def decomposed_attention():
+    """Trace attention as MatMul/Softmax instead of one SDPA call (which exports as the
+    opset-23 `Attention` op). TensorRT-RTX has no fp32 kernel for `Attention`, so fp32
+    engines are exported this way."""
+    global _DECOMPOSED
+    _DECOMPOSED, before = True, _DECOMPOSED
+    try:
+        yield
+    finally:
+        _DECOMPOSED = before
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) [masked]) v over the last two dims; mask is boolean, True = attend."""
+    if not _DECOMPOSED:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -68,7 +95,7 @@ class SpatialAttention(nn.Module):
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
         q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, HW, dh)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         out = out.transpose(-1, -2).reshape(b, c, h, w)
         return x + self.proj(out)
 
@@ -100,7 +127,7 @@ class TemporalAttention(nn.Module):
         q = q.reshape(b * n, 1, heads, d // heads).transpose(1, 2)  # (B*N, heads, 1, dh)
         valid = torch.cat([ages > 0, torch.ones_like(ages[:, :1], dtype=torch.bool)], dim=1)  # (B, K+1)
         mask = valid[:, None, None, None, :].expand(b, n, 1, 1, kslots + 1).reshape(b * n, 1, 1, kslots + 1)
-        out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)  # (B*N, heads, 1, dh)
+        out = attention(q, keys, vals, mask)  # (B*N, heads, 1, dh)
         out = self.out(out.reshape(b, n, d))  # (B, N, C)
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 

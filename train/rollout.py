@@ -38,7 +38,9 @@ def rollout(model: MirageUNet, num_frames: int, *, steps: int = DEFAULT_STEPS, s
     if bool(cfg.cond_channels) != (cond is not None):
         raise ValueError("video-to-video models need an input stream (cond); generation models take none"
                          if cfg.cond_channels else "this generation model takes no input stream")
-    device = next(model.parameters()).device
+    # Any object with cfg, denoise and context_encode rolls out (ONNX Runtime, TensorRT...);
+    # those that are not torch modules take and return CPU tensors.
+    device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
     gen = torch.Generator().manual_seed(seed)
     memory, ages = empty_memory(cfg, batch, device)
     shape = (batch, cfg.channels, cfg.image_size, cfg.image_size)

@@ -1,0 +1,177 @@
+"""Build an artifact directory from a checkpoint: ONNX graphs, parity, INT8, engines, manifest.
+
+    DIR/manifest.json             everything needed to check an engine before loading it
+    DIR/denoise.onnx              + context_encode.onnx (with .data side files when large)
+    DIR/denoise.engine            + context_encode.engine (TensorRT backends only)
+    DIR/denoise.layers.json       per-layer view of each engine
+    DIR/timing.cache              full TensorRT only (TensorRT-RTX's timing cache is a no-op)
+
+Stages, in order: export -> quantize (int8) -> parity -> build. Each reports to `progress`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import shlex
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from mirage import __version__
+from mirage.runtime import graphs as G
+from mirage.train.checkpoint import WEIGHTS, load_checkpoint
+from mirage.train.config import to_json
+
+from mirage.export.onnx_export import ExportError, ExportOptions, activation_range, export_graph, record_rollout_inputs
+from mirage.export.parity import TOLERANCE, OrtGraphs, rollout_psnr, tensor_parity
+from mirage.export.quantize import quantize_int8
+
+from .build import BuildOptions, build_engine, load_backend
+from .manifest import sha256_file, write_manifest
+
+PRECISIONS = ("fp32", "fp16", "int8")
+BACKENDS = ("onnx", "tensorrt-rtx", "tensorrt")
+FP16_MAX = 65504.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ArtifactOptions:
+    precision: str = "fp16"  # fp32 | fp16 | int8
+    backend: str = "onnx"  # onnx (no engine) | tensorrt-rtx | tensorrt
+    batch: int = 1  # static batch of the graphs
+    gpus: tuple[str, ...] = ()  # TensorRT-RTX compute-capability targets, e.g. ("sm89", "sm120"); () = its default
+    calibration_frames: int = 8  # rollout frames whose inputs calibrate INT8 (x DDIM steps samples)
+    parity_frames: int = 50  # length of the rollout-level parity check
+    optimization_level: int = 3  # TensorRT builder optimization level (0-5)
+    workspace_mb: int = 1024  # TensorRT workspace limit
+    plugin_library: str | None = None  # TensorRT plugin .so to load before parsing
+
+
+def _io(path: Path) -> tuple[list[dict], list[dict]]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = {v: k for k, v in onnx.TensorProto.DataType.items()}
+
+    def desc(values):
+        return [{"name": v.name, "dtype": names[v.type.tensor_type.elem_type].lower(),
+                 "shape": [d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
+
+    return desc(model.graph.input), desc(model.graph.output)
+
+
+def _writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ExportError(f"{out}: output folder is not writable ({e.strerror})") from e
+
+
+def rebuild_command(checkpoint: Path, out: Path, o: ArtifactOptions) -> str:
+    cmd = ["mirage-export", "--checkpoint", str(checkpoint), "--precision", o.precision, "--backend", o.backend,
+           "--out", str(out)]
+    if o.gpus:
+        cmd += ["--gpu", ",".join(o.gpus)]
+    if o.plugin_library:
+        cmd += ["--plugin-library", o.plugin_library]
+    return shlex.join(cmd)
+
+
+def build_artifact(checkpoint: str | Path, out: str | Path, options: ArtifactOptions,
+                   progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Run every stage and write DIR/manifest.json; returns the manifest."""
+    checkpoint, out, o = Path(checkpoint), Path(out), options
+    if o.precision not in PRECISIONS:
+        raise ExportError(f"precision {o.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if o.backend not in BACKENDS:
+        raise ExportError(f"backend {o.backend!r}: choose one of {', '.join(BACKENDS)}")
+    model, meta = load_checkpoint(checkpoint)
+    _writable(out)
+    started = time.perf_counter()
+    torch.manual_seed(0)
+
+    progress("recording rollout inputs")
+    calib = record_rollout_inputs(model, o.calibration_frames, seed=0)
+    check = record_rollout_inputs(model, 3, seed=1)  # parity on inputs the calibration never saw
+
+    files: dict[str, Path] = {g: out / G.onnx_file(g) for g in G.GRAPHS}
+    for graph in G.GRAPHS:
+        progress(f"export {graph} ({o.precision})")
+        if o.precision == "int8":
+            with tempfile.TemporaryDirectory() as tmp:
+                fp32 = export_graph(model, graph, Path(tmp) / G.onnx_file(graph),
+                                    ExportOptions("fp32", o.batch, decompose_attention=False))
+                progress(f"quantize {graph} (INT8 Q/DQ, {len(calib[graph])} calibration samples)")
+                quantize_int8(fp32, files[graph], calib[graph])
+        else:
+            export_graph(model, graph, files[graph], ExportOptions(o.precision, o.batch))
+
+    progress("parity vs. PyTorch (ONNX Runtime, CPU)")
+    ort_graphs = OrtGraphs(model.cfg, files)
+    tensors = tensor_parity(model, ort_graphs, check)
+    frames = rollout_psnr(model, ort_graphs, o.parity_frames)
+    parity = {"tolerance_rel": TOLERANCE[o.precision], "tensors": tensors, "rollout": frames,
+              "passed": all(t["rel"] <= TOLERANCE[o.precision] for t in tensors.values())}
+    if o.precision == "fp16":
+        peak = activation_range(model, calib)
+        parity["fp16_activation_peak"] = peak
+        parity["fp16_headroom"] = FP16_MAX / max(peak, 1e-12)
+
+    graphs_meta: dict[str, dict] = {}
+    for graph in G.GRAPHS:
+        inputs, outputs = _io(files[graph])
+        graphs_meta[graph] = {"onnx": files[graph].name, "onnx_sha256": sha256_file(files[graph]),
+                              "inputs": inputs, "outputs": outputs, "engine": None, "engine_sha256": None,
+                              "layers": None}
+
+    backend_meta: dict = {"name": o.backend, "version": None}
+    build_meta: dict = {}
+    plugin = None
+    if o.backend != "onnx":
+        trt = load_backend(o.backend)
+        backend_meta["version"] = trt.__version__
+        bopts = BuildOptions(backend=o.backend, optimization_level=o.optimization_level, workspace_mb=o.workspace_mb,
+                             plugin_library=o.plugin_library,
+                             **({"compute_capabilities": tuple(o.gpus)} if o.gpus else {}))
+        build_meta = dataclasses.asdict(bopts)
+        for graph in G.GRAPHS:
+            progress(f"build {graph} engine ({o.backend} {trt.__version__})")
+            engine = out / G.engine_file(graph)
+            summary = build_engine(files[graph], engine, bopts, timing_cache_path=out / G.TIMING_CACHE, log=progress)
+            graphs_meta[graph].update(engine=engine.name, engine_sha256=sha256_file(engine),
+                                      layers=G.layers_file(graph), build=summary)
+        if o.plugin_library:
+            plugin = {"path": str(Path(o.plugin_library).resolve()), "sha256": sha256_file(Path(o.plugin_library))}
+
+    manifest = {
+        "format": 1,
+        "mirage_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": to_json(model.cfg),
+        "checkpoint": {"path": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint / WEIGHTS),
+                       "step": meta.get("step")},
+        "precision": o.precision,
+        "temporal_attention": "onnx",
+        "batch": o.batch,
+        "graphs": graphs_meta,
+        "backend": backend_meta,
+        "target": {"compute_capabilities": list(build_meta.get("compute_capabilities", ()))},
+        "plugin": plugin,
+        "build_options": build_meta,
+        "build_seconds": time.perf_counter() - started,
+        "parity": parity,
+        "rebuild_command": rebuild_command(checkpoint, out, o),
+    }
+    write_manifest(out, manifest)
+    return manifest
+
+
+def artifact_files(out: str | Path) -> list[tuple[str, int]]:
+    out = Path(out)
+    return sorted((p.name, p.stat().st_size) for p in out.iterdir() if p.is_file() and not p.name.startswith("."))
+

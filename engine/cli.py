@@ -1,0 +1,96 @@
+"""`mirage-export`: a checkpoint -> ONNX graphs, parity report, INT8, TensorRT engines, manifest."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny"
+
+
+class ExportFailed(click.ClickException):
+    """A user error: one line on stderr, exit status 2."""
+
+    exit_code = 2
+
+
+def _gpus(ctx, param, value: str | None) -> tuple[str, ...]:
+    if not value:
+        return ()
+    gpus = tuple(v.strip().lower().replace("_", "") for v in value.split(",") if v.strip())
+    bad = [g for g in gpus if not (g.startswith("sm") and g[2:].isdigit())]
+    if bad:
+        raise click.BadParameter(f"{', '.join(bad)}: write compute capabilities as sm89, sm120, ...")
+    return gpus
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path), default=DEFAULT_CHECKPOINT,
+              help="Checkpoint folder (config.json + model.safetensors).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16",
+              help="fp32 reference; fp16; int8 = explicit Q/DQ calibrated on real rollout inputs (needs ModelOpt).")
+@click.option("--backend", type=click.Choice(["onnx", "tensorrt-rtx", "tensorrt"]), default="onnx",
+              help="onnx: graphs only. tensorrt-rtx builds on the CPU (no GPU needed); tensorrt needs its GPU.")
+@click.option("--gpu", "gpus", callback=_gpus, default=None,
+              help="TensorRT-RTX target compute capabilities, comma-separated (sm80,sm86,sm89,sm120).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("artifacts/tiny"),
+              help="Artifact folder to write.")
+@click.option("--batch", type=click.IntRange(1, 256), default=1, help="Static batch (independent streams per call).")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=3, help="TensorRT builder optimization level.")
+@click.option("--workspace-mb", type=click.IntRange(min=16), default=1024, help="TensorRT workspace limit.")
+@click.option("--plugin-library", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="TensorRT plugin library (.so) to load before parsing; its hash goes into the manifest.")
+@click.option("--calib-frames", type=click.IntRange(min=1), default=8, help="Rollout frames for INT8 calibration.")
+@click.option("--parity-frames", type=click.IntRange(min=2), default=50, help="Frames of the rollout parity check.")
+def main(checkpoint, precision, backend, gpus, out, batch, opt_level, workspace_mb, plugin_library, calib_frames,
+         parity_frames):
+    """Export a Mirage checkpoint to ONNX, check it against PyTorch, and build TensorRT engines.
+
+    Writes OUT/manifest.json, the ONNX graphs, and (TensorRT backends) the engines with a
+    per-layer view of each. Parity is ONNX Runtime on the CPU against PyTorch, per tensor and
+    as the PSNR of a whole rollout.
+    """
+    from mirage.export.onnx_export import ExportError
+    from mirage.export.quantize import QuantizeError
+    from mirage.train.checkpoint import CheckpointError
+
+    from .artifact import ArtifactOptions, artifact_files, build_artifact
+    from .manifest import EngineError
+
+    options = ArtifactOptions(precision=precision, backend=backend, batch=batch, gpus=gpus,
+                              calibration_frames=calib_frames, parity_frames=parity_frames,
+                              optimization_level=opt_level, workspace_mb=workspace_mb, plugin_library=plugin_library)
+    start, last = time.perf_counter(), [time.perf_counter()]
+
+    def progress(stage: str) -> None:
+        now = time.perf_counter()
+        click.echo(f"[{now - start:6.1f}s] {stage}", err=True)
+        last[0] = now
+
+    try:
+        manifest = build_artifact(checkpoint, out, options, progress)
+    except (ExportError, QuantizeError, CheckpointError, EngineError) as e:
+        raise ExportFailed(str(e)) from e
+    par = manifest["parity"]
+    click.echo(f"\nartifact {out}  ({manifest['precision']}, backend {manifest['backend']['name']}"
+               f"{' ' + manifest['backend']['version'] if manifest['backend']['version'] else ''}, "
+               f"{manifest['build_seconds']:.1f} s)")
+    for name, size in artifact_files(out):
+        click.echo(f"  {name:<28} {size / 2**20:9.2f} MiB")
+    click.echo(f"parity vs. PyTorch (tolerance rel {par['tolerance_rel']:g}):")
+    for name, t in par["tensors"].items():
+        verdict = "ok" if t["rel"] <= par["tolerance_rel"] else "OVER"
+        click.echo(f"  {name:<4} rel {t['rel']:.2e}  max abs {t['max_abs']:.2e}  {verdict}")
+    r = par["rollout"]
+    click.echo(f"  {r['frames']}-frame rollout PSNR vs. PyTorch: mean {r['psnr_mean_db']:.1f} dB, "
+               f"min {r['psnr_min_db']:.1f} dB")
+    if "fp16_headroom" in par:
+        click.echo(f"  fp16: largest activation {par['fp16_activation_peak']:.1f} ({par['fp16_headroom']:.0f}x "
+                   "below the fp16 maximum)")
+    if not par["passed"]:
+        click.echo("warning: a tensor is over its parity tolerance; judge by the rollout PSNR above", err=True)
+
+
+if __name__ == "__main__":
+    main()

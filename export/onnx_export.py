@@ -1,0 +1,172 @@
+"""Export the two graphs of a Mirage model to ONNX: `denoise` and `context_encode`.
+
+Tensor names come from `mirage.runtime.graphs`, shared with the engine builder and runtime.
+Shapes are static (batch B, the model's resolution and memory size) because static shapes
+give TensorRT the best engines. Precisions:
+
+* fp32: the reference. Attention is decomposed into MatMul/Softmax, because TensorRT-RTX
+  has no fp32 kernel for the opset-23 `Attention` op.
+* fp16: weights and activations in half precision; attention exports as `Attention`.
+  GroupNormalization (opset 21+) accumulates its statistics in fp32 (stash_type=1), and
+  `activation_range` measures the largest activation on real rollout inputs so the margin
+  to fp16's 65504 is a number, not a hope.
+* int8: see `quantize.py` (explicit Q/DQ on top of the fp32-with-`Attention` graph).
+
+Every float input is in the graph's precision, except the timesteps `t` / `t_ctx` (float32:
+they become sinusoidal embeddings and need the range) and `ages` (int32).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mirage.runtime import graphs as G
+from mirage.train.model import MirageUNet, decomposed_attention
+from mirage.train.rollout import DEFAULT_CONTEXT_NOISE, DEFAULT_STEPS, rollout
+from mirage.train.data import SyntheticVideo, v2v_input
+
+EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to a side file (ONNX protobufs stop at 2 GB)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+class ExportError(ValueError):
+    """The model could not be exported; the message says which graph and why."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    precision: str = "fp32"  # fp32 | fp16 (int8 is built on fp32 by quantize.py)
+    batch: int = 1  # static batch: independent streams served by one call
+    decompose_attention: bool | None = None  # None: decompose exactly when fp32 (see module docstring)
+    opset: int = 23  # 23 has `Attention`; TensorRT >= 10.14 and TensorRT-RTX parse it
+
+
+class DenoiseGraph(nn.Module):
+    def __init__(self, model: MirageUNet):
+        super().__init__()
+        self.model, self.names = model, G.denoise_inputs(bool(model.cfg.cond_channels))
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        x = dict(zip(self.names, inputs))
+        return self.model.denoise(x[G.X_T], x[G.T], x.get(G.COND), x[G.MEMORY], x[G.AGES])
+
+
+class ContextGraph(nn.Module):
+    def __init__(self, model: MirageUNet):
+        super().__init__()
+        self.model, self.names = model, G.CONTEXT_INPUTS
+
+    def forward(self, frame: torch.Tensor, t_ctx: torch.Tensor) -> torch.Tensor:
+        return self.model.context_encode(frame, t_ctx)
+
+
+def example_inputs(model: MirageUNet, graph: str, batch: int = 1, dtype: torch.dtype = torch.float32,
+                   seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random inputs of the right shapes and dtypes (for tracing and smoke tests)."""
+    cfg, g = model.cfg, torch.Generator().manual_seed(seed)
+    img = (batch, cfg.channels, cfg.image_size, cfg.image_size)
+    if graph == G.CONTEXT:
+        return {G.FRAME: torch.randn(img, generator=g).to(dtype), G.T_CTX: torch.full((batch,), 100.0)}
+    x = {G.X_T: torch.randn(img, generator=g).to(dtype), G.T: torch.full((batch,), 499.0),
+         G.COND: torch.randn(img, generator=g).to(dtype),
+         G.MEMORY: torch.randn(batch, cfg.context_frames, 2, cfg.memory_tokens, cfg.temporal_dim, generator=g).to(dtype),
+         G.AGES: torch.arange(cfg.context_frames, dtype=torch.int32).repeat(batch, 1)}
+    return {k: x[k] for k in G.denoise_inputs(bool(cfg.cond_channels))}
+
+
+def graph_module(model: MirageUNet, graph: str) -> nn.Module:
+    return (DenoiseGraph if graph == G.DENOISE else ContextGraph)(model).eval()
+
+
+def export_graph(model: MirageUNet, graph: str, path: str | Path, options: ExportOptions) -> Path:
+    """Export one graph to `path`; returns the path."""
+    if options.precision not in DTYPES:
+        raise ExportError(f"precision {options.precision!r}: export takes fp32 or fp16 (int8 quantizes fp32)")
+    dtype = DTYPES[options.precision]
+    net = copy.deepcopy(model).to("cpu", dtype).eval()
+    module = graph_module(net, graph)
+    inputs = example_inputs(net, graph, options.batch, dtype)
+    output = G.V if graph == G.DENOISE else G.KV
+    decompose = options.precision == "fp32" if options.decompose_attention is None else options.decompose_attention
+    big = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
+    path = Path(path)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not the user's business
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        ctx = decomposed_attention() if decompose else _nothing()
+        with ctx:
+            try:
+                program = torch.onnx.export(module, tuple(inputs.values()), dynamo=True, opset_version=options.opset,
+                                            input_names=list(inputs), output_names=[output], verbose=False)
+            except Exception as e:  # the exporter raises many types; all mean "this graph did not export"
+                raise ExportError(f"{graph}: torch.onnx.export failed ({type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+        program.save(str(path), external_data=big)
+    return path
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@torch.no_grad()
+def record_rollout_inputs(model: MirageUNet, frames: int = 8, steps: int = DEFAULT_STEPS, seed: int = 0,
+                          context_noise: int = DEFAULT_CONTEXT_NOISE) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """Inputs both graphs see during a real rollout (fp32, CPU): for parity and calibration."""
+    calls: dict[str, list] = {G.DENOISE: [], G.CONTEXT: []}
+    cfg = model.cfg
+
+    class Recorder:
+        def __init__(self):
+            self.cfg = cfg
+
+        def denoise(self, x_t, t, cond, memory, ages):
+            names = G.denoise_inputs(bool(cfg.cond_channels))
+            values = {G.X_T: x_t, G.T: t.float(), G.COND: cond, G.MEMORY: memory, G.AGES: ages.int()}
+            calls[G.DENOISE].append({k: values[k].clone() for k in names})  # memory changes in place later
+            return model.denoise(x_t, t, cond, memory, ages)
+
+        def context_encode(self, frame, t_ctx):
+            calls[G.CONTEXT].append({G.FRAME: frame.clone(), G.T_CTX: t_ctx.float()})
+            return model.context_encode(frame, t_ctx)
+
+    model = model.to("cpu").float().eval()
+    cond = None
+    if cfg.cond_channels:
+        clip = torch.from_numpy(SyntheticVideo(cfg.image_size, seed=4242 + seed).clip(0, frames)).permute(0, 3, 1, 2)
+        cond = [v2v_input(f)[None] for f in clip]
+    for _ in rollout(Recorder(), frames, steps=steps, seed=seed, cond=cond, context_noise=context_noise):
+        pass
+    return calls
+
+
+@torch.no_grad()
+def activation_range(model: MirageUNet, calls: dict[str, list[dict[str, torch.Tensor]]]) -> float:
+    """Largest |activation| of any module output over the recorded real inputs (fp32)."""
+    peak = 0.0
+
+    def hook(_module, _inputs, output):
+        nonlocal peak
+        if isinstance(output, torch.Tensor) and output.is_floating_point():
+            peak = max(peak, float(output.detach().abs().max()))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        for graph, inputs in calls.items():
+            module = graph_module(model, graph)
+            for x in inputs:
+                module(*x.values())
+    finally:
+        for h in handles:
+            h.remove()
+    return peak
