@@ -18,29 +18,17 @@ PyTorch model, ONNX Runtime and TensorRT all plug into ``ddim_sample``.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 
-T = 1000  # training timesteps
+from mirage.runtime import schedule
+
+T = schedule.T
+ALPHAS_CUMPROD = torch.tensor(schedule.ALPHAS_CUMPROD, dtype=torch.float64)
+ddim_timesteps = schedule.ddim_timesteps
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-
-
-def cosine_alphas_cumprod(num_steps: int = T, s: float = 0.008) -> torch.Tensor:
-    """ᾱ_t of the cosine schedule (Nichol & Dhariwal), rescaled so ᾱ_{T-1} = 0 exactly. float64."""
-    steps = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
-    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
-    abar = (f[1:] / f[0]).clamp(min=0.0)
-    # Zero terminal SNR: shift and scale sqrt(ᾱ) so that its last value is 0 and its first unchanged.
-    a = abar.sqrt()
-    a0, a_last = a[0].clone(), a[-1].clone()
-    a = (a - a_last) * a0 / (a0 - a_last)
-    return a ** 2
-
-
-ALPHAS_CUMPROD = cosine_alphas_cumprod()
 
 
 def alpha_sigma(t: torch.Tensor, abar: torch.Tensor = ALPHAS_CUMPROD) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,29 +48,9 @@ def v_target(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tens
     return a[:, None, None, None] * eps - s[:, None, None, None] * x0
 
 
-def ddim_timesteps(steps: int, num_train: int = T) -> list[int]:
-    """Trailing spacing: [T-1, ..., ] with `steps` entries, always starting at T-1 (pure noise)."""
-    if not 1 <= steps <= num_train:
-        raise ValueError(f"steps={steps}: choose between 1 and {num_train}")
-    return [round(num_train - 1 - i * num_train / steps) for i in range(steps)]
-
-
 def ddim_coefficients(steps: int, eta: float = 0.0) -> torch.Tensor:
-    """Per-step coefficients, a (steps, 6) float64 table.
-
-    Columns: [t, α_t, σ_t, α_prev, sqrt(1 - ᾱ_prev - s²), s] with s the DDIM stochasticity
-    (eta=0: deterministic). The last step's "prev" is the clean sample (ᾱ_prev = 1).
-    A runtime uploads this table once and runs the update on the device.
-    """
-    ts = ddim_timesteps(steps)
-    rows = []
-    for i, t in enumerate(ts):
-        abar_t = float(ALPHAS_CUMPROD[t])
-        abar_prev = float(ALPHAS_CUMPROD[ts[i + 1]]) if i + 1 < len(ts) else 1.0
-        s = eta * math.sqrt(max(0.0, (1 - abar_prev) / max(1 - abar_t, 1e-12) * (1 - abar_t / abar_prev)))
-        rows.append([t, math.sqrt(abar_t), math.sqrt(1 - abar_t), math.sqrt(abar_prev),
-                     math.sqrt(max(0.0, 1 - abar_prev - s * s)), s])
-    return torch.tensor(rows, dtype=torch.float64)
+    """Per-step coefficients, a (steps, 6) float64 table: see runtime.schedule.ddim_coefficients."""
+    return torch.tensor(schedule.ddim_coefficients(steps, eta), dtype=torch.float64)
 
 
 def ddim_update(x_t: torch.Tensor, v: torch.Tensor, coef: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,138 @@
+"""Backends: the one thin layer that differs between ONNX Runtime, PyTorch and TensorRT.
+
+A backend runs a graph on buffers the pipeline allocated (`run(graph, inputs, output)`) and
+says which array library and device those buffers live on. Everything else, the loop, the
+ring buffer, CUDA graphs and streams, is shared (loop.py, pipeline.py).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import graphs as G
+
+
+class BackendError(RuntimeError):
+    """A backend that cannot be used here; the message says what to install or rebuild."""
+
+
+class OrtBackend:
+    """ONNX Runtime on numpy buffers (CPU EP: the no-GPU default)."""
+
+    array = "numpy"
+    device = "cpu"
+
+    def __init__(self, files: dict[str, Path], providers: list[str] | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise BackendError("the onnxruntime backend needs `pip install onnxruntime`") from e
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.sessions = {g: ort.InferenceSession(str(f), opts, providers=providers or ["CPUExecutionProvider"])
+                         for g, f in files.items()}
+        self.output = {g: s.get_outputs()[0].name for g, s in self.sessions.items()}
+        self.dtypes = {g: {i.name: _NP[i.type] for i in s.get_inputs()} for g, s in self.sessions.items()}
+
+    def buffer_dtype(self, graph: str, name: str) -> str:
+        if name == self.output[graph]:
+            return _NP[self.sessions[graph].get_outputs()[0].type]
+        return self.dtypes[graph][name]
+
+    def run(self, graph, inputs, output):
+        output[...] = self.sessions[graph].run(None, inputs)[0]
+
+    def close(self):
+        self.sessions.clear()
+
+
+_NP = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int32)": "int32", "tensor(int64)": "int64"}
+
+
+class TorchBackend:
+    """The PyTorch model on torch buffers, eager or through torch.compile."""
+
+    array = "torch"
+
+    def __init__(self, model, device: str, dtype: str = "float32", compile_mode: str | None = None):
+        import torch
+
+        self.device, self.dtype = str(device), dtype
+        self.model = model.to(device=device, dtype=getattr(torch, dtype)).eval()
+        self.denoise, self.context = self.model.denoise, self.model.context_encode
+        if compile_mode:
+            self.denoise = torch.compile(self.denoise, mode=compile_mode)
+            self.context = torch.compile(self.context, mode=compile_mode)
+        self.no_grad = torch.no_grad()
+
+    def buffer_dtype(self, graph: str, name: str) -> str:
+        return {G.T: "float32", G.T_CTX: "float32", G.AGES: "int32"}.get(name, self.dtype)
+
+    def run(self, graph, inputs, output):
+        with self.no_grad:
+            if graph == G.DENOISE:
+                out = self.denoise(inputs[G.X_T], inputs[G.T], inputs.get(G.COND), inputs[G.MEMORY], inputs[G.AGES])
+            else:
+                out = self.context(inputs[G.FRAME], inputs[G.T_CTX])
+            output.copy_(out)
+
+    def close(self):
+        self.model = self.denoise = self.context = None
+
+
+class TensorRTBackend:
+    """TensorRT (10.x / 11.x) or TensorRT-RTX engines on torch CUDA buffers.
+
+    Tensor addresses are bound once per buffer set (`bind`), so `run` is a bare
+    `execute_async_v3` on the current stream and the whole frame can be graph-captured.
+    NOT EXECUTED in this project's workplace: full TensorRT is not installable there and
+    TensorRT-RTX does not run on its Hopper GPUs; everything around this class is tested.
+    """
+
+    array = "torch"
+
+    def __init__(self, artifact: Path, manifest: dict, device: str = "cuda"):
+        from mirage.engine.build import load_backend
+        from mirage.engine.manifest import check_engine_file, check_loadable
+
+        import torch
+
+        self.device = device
+        trt = load_backend(manifest["backend"]["name"])
+        cc = "sm%d%d" % torch.cuda.get_device_capability(torch.device(device))
+        plugin = (manifest.get("plugin") or {}).get("path")
+        check_loadable(manifest, trt.__version__, cc, plugin)
+        if plugin:
+            trt.get_plugin_registry().load_library(plugin)
+        self.trt, self.logger = trt, trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engines, self.contexts, self.io = {}, {}, {}
+        for graph, meta in manifest["graphs"].items():
+            path = artifact / meta["engine"]
+            check_engine_file(path, meta["engine_sha256"])
+            engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+            if engine is None:
+                raise BackendError(f"{path}: TensorRT could not deserialize the engine; rebuild with "
+                                   f"`{manifest['rebuild_command']}`")
+            self.engines[graph] = engine
+            self.contexts[graph] = engine.create_execution_context()
+            self.io[graph] = {x["name"]: x["dtype"] for x in meta["inputs"] + meta["outputs"]}
+        self.bound: dict[str, dict[str, int]] = {g: {} for g in self.engines}
+        self.torch = torch
+
+    def buffer_dtype(self, graph: str, name: str) -> str:
+        return {"float": "float32", "float16": "float16", "int32": "int32", "int64": "int64"}[self.io[graph][name]]
+
+    def run(self, graph, inputs, output):
+        ctx, bound = self.contexts[graph], self.bound[graph]
+        out_name = G.V if graph == G.DENOISE else G.KV
+        for name, tensor in (*inputs.items(), (out_name, output)):
+            if bound.get(name) != tensor.data_ptr():  # rebinding only when a buffer moved
+                if not ctx.set_tensor_address(name, tensor.data_ptr()):
+                    raise BackendError(f"TensorRT refused the address of {name!r}")
+                bound[name] = tensor.data_ptr()
+        if not ctx.execute_async_v3(self.torch.cuda.current_stream().cuda_stream):
+            raise BackendError(f"TensorRT execute_async_v3 failed for {graph}")
+
+    def close(self):
+        self.contexts.clear()
+        self.engines.clear()
