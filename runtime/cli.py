@@ -10,8 +10,11 @@ import time
 from pathlib import Path
 
 import click
+import numpy as np
 
+from .pipeline import BACKENDS, Pipeline, PipelineError
 from .report import latency_summary, table, write_json
+from .video_io import VideoError, iter_frames, write_video
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny"
@@ -23,25 +26,23 @@ class RunError(click.ClickException):
     exit_code = 2
 
 
-def _input_stream(source: str, size: int, frames: int):
-    """(input frames, ground-truth frames or None) as lists of (1, 3, H, W) tensors."""
-    import numpy as np
+def _input_stream(source: str, size: int, frames: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(input frames, ground-truth frames) as (H, W, 3) float32 lists: the video-to-video input
+    is the frame's luma plus coarse chroma, so a clip's own colors are its ground truth."""
     import torch
 
     from mirage.train.data import SyntheticVideo, v2v_input
 
-    from .video_io import VideoError, iter_frames
-
     if source == "synthetic":
-        clip = torch.from_numpy(SyntheticVideo(size, seed=12345).clip(0, frames)).permute(0, 3, 1, 2)  # (T, 3, H, W)
-        return [v2v_input(f)[None] for f in clip], [f[None] for f in clip]
-    try:
-        raw = [torch.from_numpy(np.ascontiguousarray(f.transpose(2, 0, 1)))[None]
-               for _, f in zip(range(frames), iter_frames(source, size))]
-    except VideoError as e:
-        raise RunError(str(e)) from e
-    # A user's video is restored from its luma + coarse chroma, so its own colors are the ground truth.
-    return [v2v_input(f) for f in raw], raw
+        truth = SyntheticVideo(size, seed=12345).clip(0, frames)
+    else:
+        try:
+            truth = np.stack([f for _, f in zip(range(frames), iter_frames(source, size))])
+        except VideoError as e:
+            raise RunError(str(e)) from e
+    chw = torch.from_numpy(np.ascontiguousarray(truth.transpose(0, 3, 1, 2)))
+    inputs = v2v_input(chw).permute(0, 2, 3, 1).numpy()
+    return list(inputs), list(truth)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -54,75 +55,72 @@ def _input_stream(source: str, size: int, frames: int):
 @click.option("--seed", type=int, default=0, help="Noise seed: the same seed gives the same video.")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("mirage.gif"),
               help="Where to write: .mp4, .gif, or a folder for PNG frames.")
-@click.option("--backend", type=click.Choice(["auto", "torch"]), default="auto",
-              help="Inference backend (torch: the PyTorch reference).")
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto",
+              help="auto: TensorRT for an artifact with engines on a GPU, else ONNX Runtime for an artifact, "
+                   "PyTorch for a checkpoint.")
+@click.option("--no-cuda-graph", is_flag=True, help="Run each frame eagerly instead of replaying a CUDA graph.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the latency report as JSON here.")
 @click.option("--fps", type=click.IntRange(min=1), default=16, help="Frame rate of the written video.")
-def main(model, source, frames, steps, seed, output, backend, device, json_path, fps):
-    """Generate a video with a Mirage checkpoint, one frame at a time, and report per-frame latency."""
-    import torch
+def main(model, source, frames, steps, seed, output, backend, no_cuda_graph, device, json_path, fps):
+    """Generate a video with a Mirage checkpoint or exported artifact, one frame at a time,
+    and report per-frame latency. Video-to-video models restore full color to an input stream."""
     from tqdm import tqdm
 
-    from mirage.train.checkpoint import CheckpointError, load_checkpoint
-    from mirage.train.rollout import rollout
-    from mirage.train.trainer import pick_device
-
-    from .video_io import VideoError, write_video
-
     try:
-        dev = pick_device(device)
-        net, meta = load_checkpoint(model, dev)
-    except (CheckpointError, RuntimeError) as e:
+        pipe = Pipeline.load(model, backend=backend, device=device, steps=steps, cuda_graph=not no_cuda_graph)
+    except (PipelineError, RuntimeError, ValueError) as e:
         raise RunError(str(e)) from e
-    cfg = net.cfg
-    cond = truth = None
-    if cfg.cond_channels:
-        cond, truth = _input_stream(source or "synthetic", cfg.image_size, frames)
-        frames = min(frames, len(cond))
-    elif source is not None:
-        raise RunError(f"{model} is a generation model and takes no --input; use a video-to-video checkpoint")
-
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    out_frames, times, psnrs = [], [], []
-    start = time.perf_counter()
-    stream = rollout(net, frames, steps=steps, seed=seed, cond=cond)
-    with tqdm(total=frames, desc="frames", unit="frame") as bar:
-        t0 = time.perf_counter()
-        for n, frame in enumerate(stream):
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            t1 = time.perf_counter()
-            times.append(t1 - t0)
-            frame = frame.float().cpu()
-            out_frames.append(frame[0].permute(1, 2, 0).numpy())
-            if truth is not None:
-                mse = float(((frame - truth[n]) ** 2).mean())
-                psnrs.append(10 * torch.log10(torch.tensor(4.0 / max(mse, 1e-12))).item())
-            bar.set_postfix(ms=f"{times[-1] * 1e3:.1f}")
-            bar.update(1)
+    truth = None
+    with pipe:
+        size = pipe.shapes["x_t"][2]
+        if pipe.v2v:
+            inputs, truth = _input_stream(source or "synthetic", size, frames)
+            frames = len(inputs)
+        elif source is not None:
+            raise RunError(f"{model} is a generation model and takes no --input; use a video-to-video model")
+        else:
+            inputs = [None] * frames
+        gpu = hasattr(pipe, "torch") and str(pipe.backend.device).startswith("cuda")
+        if gpu:
+            pipe.torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        pipe.reset(seed)
+        setup = time.perf_counter() - start
+        out_frames, times, psnrs = [], [], []
+        with tqdm(total=frames, desc="frames", unit="frame") as bar:
             t0 = time.perf_counter()
-    first = times[0]
-    total = time.perf_counter() - start
+            for n, x in enumerate(inputs):
+                frame = pipe.step(x)
+                t1 = time.perf_counter()
+                times.append(t1 - t0)
+                out_frames.append(frame)
+                if truth is not None:
+                    mse = float(((frame - truth[n]) ** 2).mean())
+                    psnrs.append(10 * np.log10(4.0 / max(mse, 1e-12)))
+                bar.set_postfix(ms=f"{times[-1] * 1e3:.1f}")
+                bar.update(1)
+                t0 = time.perf_counter()
+        backend_name = type(pipe.backend).__name__.replace("Backend", "").lower()
+        device_name = pipe.torch.cuda.get_device_name() if gpu else "cpu"
+        peak = pipe.torch.cuda.max_memory_allocated() / 2**20 if gpu else None
+        graphs = bool(pipe.graphs)
     try:
         written = write_video(output, out_frames, fps=fps)
     except VideoError as e:
         raise RunError(str(e)) from e
-    report = {
-        "model": str(model), "config": cfg.name, "task": cfg.task, "backend": "torch", "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "steps": steps,
-        "seed": seed, **latency_summary(times, first), "total_s": total, "output": str(output), "written": written,
-        "peak_gpu_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
-    }
+    report = {"model": str(model), "backend": backend_name, "device": device_name, "cuda_graph": graphs,
+              "steps": steps, "seed": seed, "setup_ms": setup * 1e3, **latency_summary(times, times[0]),
+              "output": str(output), "written": written, "peak_gpu_mb": peak}
     if psnrs:
-        report["psnr_db"] = sum(psnrs) / len(psnrs)
-    rows = [("output", f"{output} ({written} frames)"), ("backend / device", f"{report['backend']} / {report['device_name']}"),
-            ("time to first frame", f"{report['first_frame_ms']:.1f} ms"),
+        report["psnr_db"] = float(np.mean(psnrs))
+    rows = [("output", f"{output} ({written} frames)"),
+            ("backend / device", f"{backend_name} / {device_name}{' (CUDA graph)' if graphs else ''}"),
+            ("time to first frame", f"{report['first_frame_ms']:.1f} ms (+ {report['setup_ms']:.0f} ms setup)"),
             ("per-frame median / p99", f"{report['median_ms']:.2f} / {report['p99_ms']:.2f} ms"),
             ("FPS", f"{report['fps']:.1f}"),
-            ("peak GPU memory", f"{report['peak_gpu_mb']:.0f} MiB" if report["peak_gpu_mb"] is not None else "n/a (CPU)")]
+            ("peak GPU memory", f"{peak:.0f} MiB" if peak is not None else "n/a (CPU)")]
     if psnrs:
         rows.append(("PSNR vs. ground truth", f"{report['psnr_db']:.2f} dB"))
     click.echo(table(rows))
