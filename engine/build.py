@@ -91,6 +91,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
                  shapes: dict[str, tuple] | None = None) -> dict:
     """Build and write one engine; write its layer view beside it; return a summary."""
     trt = load_backend(options.backend)
+    ccs = _capabilities(trt, options.compute_capabilities) if options.backend == "tensorrt-rtx" else []
     logger = _Logger(trt)
     builder = trt.Builder(logger)
     network, _parser = _network(trt, builder, logger, Path(onnx_path), options)
@@ -101,7 +102,6 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     notes = []
     if options.backend == "tensorrt-rtx":
-        ccs = _capabilities(trt, options.compute_capabilities)
         config.num_compute_capabilities = len(ccs)
         for i, cc in enumerate(ccs):
             config.set_compute_capability(cc, i)

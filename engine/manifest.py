@@ -69,8 +69,8 @@ def check_loadable(m: dict, backend_version: str, gpu_cc: str | None, plugin_pat
                               + rebuild.replace("tensorrt-rtx", "tensorrt"))
         targets = [t.lower() for t in m.get("target", {}).get("compute_capabilities") or []]
         if targets and gpu_cc not in targets:
-            raise EngineError(f"engine targets {', '.join(targets)} but this GPU is {gpu_cc}; rebuild: "
-                              f"{rebuild} --gpu {gpu_cc}" if "--gpu" not in rebuild else f"rebuild: {rebuild}")
+            command = rebuild.split(" --gpu ")[0] + f" --gpu {gpu_cc}"
+            raise EngineError(f"engine targets {', '.join(targets)} but this GPU is {gpu_cc}; rebuild: {command}")
     plugin = m.get("plugin")
     if plugin:
         if not plugin_path or not Path(plugin_path).is_file():

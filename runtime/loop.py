@@ -117,7 +117,7 @@ class NumpyOps:
 
     def randn_(self, buf):
         if buf.dtype == self.np.float32:
-            self.rng.standard_normal(out=buf)
+            self.rng.standard_normal(out=buf, dtype=self.np.float32)
         else:
             buf[...] = self.rng.standard_normal(buf.shape, dtype=self.np.float32)
 
