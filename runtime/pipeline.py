@@ -172,7 +172,9 @@ class Pipeline:
             raise PipelineError(f"warm up needs an allocated pipeline (state: {self.state})")
         if hasattr(self, "copy_stream"):
             torch = self.torch
-            side = torch.cuda.Stream(self.backend.device)
+            # Capture wants the warm-up on a side stream (PyTorch's rule); a compiled backend
+            # with its own CUDA graphs is warmed where it will run.
+            side = torch.cuda.Stream(self.backend.device) if self.cuda_graph else torch.cuda.current_stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for k in range(2):
