@@ -168,6 +168,7 @@ def main(argv=None) -> int:
             frames = args.frames if name != "seed880m" else max(30, args.frames // 2)
             res = time_pipeline(pipe, frames, warmup=5 if compile_mode else 3)
             res["setup_s"] = time.perf_counter() - t  # compile time for compile-*, capture for runtime-*
+            res["frame_graph_captured"] = bool(pipe.graphs)
             pipe.close()
             entry["variants"][variant] = res
             print(f"  {variant:<22} median {res['median_ms']:8.3f} ms  p99 {res['p99_ms']:8.3f}  "
