@@ -30,6 +30,7 @@ from mirage.export.parity import TOLERANCE, OrtGraphs, rollout_psnr, tensor_pari
 from mirage.export.quantize import quantize_int8
 
 from .build import BuildOptions, build_engine, load_backend
+from .compare import compare_engine, skip_reason
 from .manifest import sha256_file, write_manifest
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -48,6 +49,7 @@ class ArtifactOptions:
     optimization_level: int = 3  # TensorRT builder optimization level (0-5)
     workspace_mb: int = 1024  # TensorRT workspace limit
     plugin_library: str | None = None  # TensorRT plugin .so to load before parsing
+    temporal_attention: str = "onnx"  # onnx: stock ops / `Attention`; plugin: custom node for plugins_cpp
 
 
 def _io(path: Path) -> tuple[list[dict], list[dict]]:
@@ -79,6 +81,8 @@ def rebuild_command(checkpoint: Path, out: Path, o: ArtifactOptions) -> str:
         cmd += ["--gpu", ",".join(o.gpus)]
     if o.plugin_library:
         cmd += ["--plugin-library", o.plugin_library]
+    if o.temporal_attention != "onnx":
+        cmd += ["--temporal-attention", o.temporal_attention]
     return shlex.join(cmd)
 
 
@@ -90,6 +94,12 @@ def build_artifact(checkpoint: str | Path, out: str | Path, options: ArtifactOpt
         raise ExportError(f"precision {o.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if o.backend not in BACKENDS:
         raise ExportError(f"backend {o.backend!r}: choose one of {', '.join(BACKENDS)}")
+    plugin_mode = o.temporal_attention == "plugin"
+    if plugin_mode and o.precision == "int8":
+        raise ExportError("--temporal-attention plugin is for fp32/fp16; INT8 graphs use the stock-op attention")
+    if plugin_mode and o.backend != "onnx" and not o.plugin_library:
+        raise ExportError("--temporal-attention plugin needs --plugin-library (the plugins_cpp TensorRT plugin .so) "
+                          "to build engines")
     model, meta = load_checkpoint(checkpoint)
     _writable(out)
     started = time.perf_counter()
@@ -109,14 +119,22 @@ def build_artifact(checkpoint: str | Path, out: str | Path, options: ArtifactOpt
                 progress(f"quantize {graph} (INT8 Q/DQ, {len(calib[graph])} calibration samples)")
                 quantize_int8(fp32, files[graph], calib[graph])
         else:
-            export_graph(model, graph, files[graph], ExportOptions(o.precision, o.batch))
+            export_graph(model, graph, files[graph], ExportOptions(o.precision, o.batch,
+                                                                   temporal_attention=o.temporal_attention))
 
     progress("parity vs. PyTorch (ONNX Runtime, CPU)")
-    ort_graphs = OrtGraphs(model.cfg, files)
-    tensors = tensor_parity(model, ort_graphs, check)
-    frames = rollout_psnr(model, ort_graphs, o.parity_frames)
+    with tempfile.TemporaryDirectory() as tmp:
+        checked = files
+        if plugin_mode:  # ONNX Runtime has no kernel for the plugin node: check the stock-op twin
+            checked = {g: export_graph(model, g, Path(tmp) / G.onnx_file(g), ExportOptions(o.precision, o.batch))
+                       for g in G.GRAPHS}
+        ort_graphs = OrtGraphs(model.cfg, checked)
+        tensors = tensor_parity(model, ort_graphs, check)
+        frames = rollout_psnr(model, ort_graphs, o.parity_frames)
     parity = {"tolerance_rel": TOLERANCE[o.precision], "tensors": tensors, "rollout": frames,
-              "passed": all(t["rel"] <= TOLERANCE[o.precision] for t in tensors.values())}
+              "passed": all(t["rel"] <= TOLERANCE[o.precision] for t in tensors.values()),
+              "graphs_checked": "stock-op export (the plugin node has no ONNX Runtime kernel)" if plugin_mode
+              else "the exported graphs"}
     if o.precision == "fp16":
         peak = activation_range(model, calib)
         parity["fp16_activation_peak"] = peak
@@ -147,6 +165,15 @@ def build_artifact(checkpoint: str | Path, out: str | Path, options: ArtifactOpt
                                       layers=G.layers_file(graph), build=summary)
         if o.plugin_library:
             plugin = {"path": str(Path(o.plugin_library).resolve()), "sha256": sha256_file(Path(o.plugin_library))}
+        reason = skip_reason(o.backend)
+        for graph in G.GRAPHS:
+            if reason:
+                graphs_meta[graph]["polygraphy"] = {"skipped": reason}
+                continue
+            progress(f"polygraphy: {graph} engine vs. ONNX Runtime")
+            feeds = [{k: v.numpy() for k, v in x.items()} for x in check[graph]]
+            graphs_meta[graph]["polygraphy"] = compare_engine(files[graph], out / G.engine_file(graph), feeds,
+                                                              o.precision)
 
     manifest = {
         "format": 1,
@@ -156,7 +183,7 @@ def build_artifact(checkpoint: str | Path, out: str | Path, options: ArtifactOpt
         "checkpoint": {"path": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint / WEIGHTS),
                        "step": meta.get("step")},
         "precision": o.precision,
-        "temporal_attention": "onnx",
+        "temporal_attention": o.temporal_attention,
         "batch": o.batch,
         "graphs": graphs_meta,
         "backend": backend_meta,

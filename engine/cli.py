@@ -41,10 +41,13 @@ def _gpus(ctx, param, value: str | None) -> tuple[str, ...]:
 @click.option("--workspace-mb", type=click.IntRange(min=16), default=1024, help="TensorRT workspace limit.")
 @click.option("--plugin-library", type=click.Path(exists=True, dir_okay=False), default=None,
               help="TensorRT plugin library (.so) to load before parsing; its hash goes into the manifest.")
+@click.option("--temporal-attention", type=click.Choice(["onnx", "plugin"]), default="onnx",
+              help="onnx: stock ops (opset-23 Attention); plugin: one custom node per layer for the plugins_cpp "
+                   "TensorRT plugin (needs --plugin-library to build engines).")
 @click.option("--calib-frames", type=click.IntRange(min=1), default=8, help="Rollout frames for INT8 calibration.")
 @click.option("--parity-frames", type=click.IntRange(min=2), default=50, help="Frames of the rollout parity check.")
-def main(checkpoint, precision, backend, gpus, out, batch, opt_level, workspace_mb, plugin_library, calib_frames,
-         parity_frames):
+def main(checkpoint, precision, backend, gpus, out, batch, opt_level, workspace_mb, plugin_library, temporal_attention,
+         calib_frames, parity_frames):
     """Export a Mirage checkpoint to ONNX, check it against PyTorch, and build TensorRT engines.
 
     Writes OUT/manifest.json, the ONNX graphs, and (TensorRT backends) the engines with a
@@ -60,7 +63,8 @@ def main(checkpoint, precision, backend, gpus, out, batch, opt_level, workspace_
 
     options = ArtifactOptions(precision=precision, backend=backend, batch=batch, gpus=gpus,
                               calibration_frames=calib_frames, parity_frames=parity_frames,
-                              optimization_level=opt_level, workspace_mb=workspace_mb, plugin_library=plugin_library)
+                              optimization_level=opt_level, workspace_mb=workspace_mb, plugin_library=plugin_library,
+                              temporal_attention=temporal_attention)
     start, last = time.perf_counter(), [time.perf_counter()]
 
     def progress(stage: str) -> None:

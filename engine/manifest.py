@@ -1,88 +1,192 @@
-"""The artifact manifest: written by `mirage-export`, checked before any engine is loaded."""
+"""The artifact manifest: written by `mirage-export`, checked before any engine is loaded.
+
+An engine is only valid for the library version that built it, the GPUs it was built for
+and the plugin library it was parsed with. The manifest records all three, and
+`check_loadable` refuses a mismatch before TensorRT does, with the exact command that
+rebuilds the artifact for this machine (TensorRT's own refusal is a log line and a None).
+
+Schema (format 1; `validate_manifest` checks every key is present):
+
+    format, mirage_version, created, model {ModelConfig fields},
+    checkpoint {path, sha256}, precision fp32|fp16|int8, temporal_attention onnx|plugin,
+    graphs {denoise | context_encode: {onnx, onnx_sha256, inputs [{name, shape, dtype}],
+            outputs [...], engine (null for ONNX-only), engine_sha256, layers}},
+    backend {name onnx|tensorrt-rtx|tensorrt, version}, target {compute_capabilities [...]},
+    plugin {path, sha256} | null, build_options {...}, build_seconds, parity {...},
+    rebuild_command
+"""
 from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from pathlib import Path
 
-from mirage.runtime.graphs import MANIFEST
+from mirage.runtime.graphs import GRAPHS, MANIFEST
 
 
 class EngineError(ValueError):
     """An engine or artifact that cannot be built or loaded here; one line that says what to do."""
 
 
+FORMAT = 1
+
 REQUIRED = ("format", "mirage_version", "created", "model", "checkpoint", "precision", "temporal_attention", "graphs",
             "backend", "target", "plugin", "build_options", "build_seconds", "parity", "rebuild_command")
+# keys inside the nested objects (the plugin is null for artifacts without one, so it has none here)
+NESTED_REQUIRED = {"checkpoint": ("path", "sha256"), "backend": ("name", "version"),
+                   "target": ("compute_capabilities",)}
 GRAPH_REQUIRED = ("onnx", "onnx_sha256", "inputs", "outputs", "engine", "engine_sha256", "layers")
+
+# TensorRT-RTX does not run on Hopper at all (verified on an H100: UNSUPPORTED_CC for every plan)
+RTX_UNSUPPORTED = {"sm90": "Hopper"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
 
 
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        for block in iter(lambda: f.read(1 << 20), b""):  # engines can be GBs: never read whole
             h.update(block)
     return h.hexdigest()
 
 
 def write_manifest(folder: str | Path, data: dict) -> Path:
+    """Write DIR/manifest.json; an incomplete manifest is refused rather than written."""
     validate_manifest(data)
     path = Path(folder) / MANIFEST
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    tmp.replace(path)  # atomic: a reader never sees half a manifest
     return path
 
 
 def read_manifest(folder: str | Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise EngineError(f"{folder}: no {MANIFEST}; build it with `mirage-export --checkpoint CKPT --out {folder}`")
+        raise EngineError(f"{folder}: no {MANIFEST}; build it with "
+                          f"`mirage-export --checkpoint CHECKPOINT --out {folder}`")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise EngineError(f"{path}: corrupt JSON ({e}); rebuild the artifact") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EngineError(f"{path}: corrupt JSON ({e}); rebuild the artifact with mirage-export") from e
+    if not isinstance(data, dict):
+        raise EngineError(f"{path}: not a Mirage manifest (a JSON object is expected)")
+    if data.get("format") != FORMAT:
+        raise EngineError(f"{path}: manifest format {data.get('format')!r}, this Mirage reads format {FORMAT}; "
+                          "rebuild the artifact with mirage-export")
     validate_manifest(data)
     return data
 
 
 def validate_manifest(m: dict) -> None:
+    """Raise EngineError naming every missing key (dotted for nested ones)."""
     missing = [k for k in REQUIRED if k not in m]
-    for graph, meta in (m.get("graphs") or {}).items():
-        missing += [f"graphs.{graph}.{k}" for k in GRAPH_REQUIRED if k not in meta]
+    for key, inner in NESTED_REQUIRED.items():
+        if isinstance(m.get(key), dict):
+            missing += [f"{key}.{k}" for k in inner if k not in m[key]]
+    if m.get("plugin") is not None:
+        missing += [f"plugin.{k}" for k in ("path", "sha256") if k not in m["plugin"]]
+    graphs = m.get("graphs")
+    if isinstance(graphs, dict):
+        missing += [f"graphs.{g}" for g in GRAPHS if g not in graphs]
+        for graph, meta in graphs.items():
+            missing += [f"graphs.{graph}.{k}" for k in GRAPH_REQUIRED if k not in meta]
     if missing:
         raise EngineError(f"manifest is incomplete: missing {', '.join(missing)}")
-
-
-def check_loadable(m: dict, backend_version: str, gpu_cc: str | None, plugin_path: str | None) -> None:
-    """Refuse an engine built for another library version or GPU, naming the rebuild command."""
-    rebuild = m.get("rebuild_command") or (
-        f"mirage-export --checkpoint {m['checkpoint']['path']} --precision {m['precision']} "
-        f"--backend {m['backend']['name']} --out DIR")
-    built = m["backend"]
-    if built.get("version") and built["version"] != backend_version:
-        raise EngineError(f"engine built by {built['name']} {built['version']} but {backend_version} is installed; "
-                          f"rebuild: {rebuild}")
-    if gpu_cc:
-        if built["name"] == "tensorrt-rtx" and gpu_cc == "sm90":
-            raise EngineError("TensorRT-RTX does not run on Hopper (sm90); build with full TensorRT: "
-                              + rebuild.replace("tensorrt-rtx", "tensorrt"))
-        targets = [t.lower() for t in m.get("target", {}).get("compute_capabilities") or []]
-        if targets and gpu_cc not in targets:
-            command = rebuild.split(" --gpu ")[0] + f" --gpu {gpu_cc}"
-            raise EngineError(f"engine targets {', '.join(targets)} but this GPU is {gpu_cc}; rebuild: {command}")
-    plugin = m.get("plugin")
-    if plugin:
-        if not plugin_path or not Path(plugin_path).is_file():
-            raise EngineError(f"engine needs the plugin library {plugin['path']}, which is missing")
-        if sha256_file(plugin_path) != plugin["sha256"]:
-            raise EngineError(f"plugin library {plugin_path} differs from the one the engine was built with; "
-                              f"rebuild: {rebuild}")
 
 
 def check_engine_file(path: str | Path, expected_sha256: str | None) -> None:
     path = Path(path)
     if not path.is_file():
-        raise EngineError(f"{path}: engine file missing")
+        raise EngineError(f"{path}: engine file missing; rebuild the artifact with mirage-export")
     if expected_sha256 and sha256_file(path) != expected_sha256:
-        raise EngineError(f"{path}: corrupt or modified engine (hash differs from manifest.json); rebuild it")
+        raise EngineError(f"{path}: corrupt or modified engine (hash differs from {MANIFEST}); rebuild it")
+
+
+# ---------------------------------------------------------------------------------------------
+# Can this engine load here?
+
+
+def normalize_cc(cc: str) -> str:
+    """'sm_89', 'SM89', '8.9' and '89' all mean 'sm89' (the spelling of `mirage-export --gpu`)."""
+    s = str(cc).strip().lower().replace("_", "")
+    if s.startswith("sm"):
+        s = s[2:]
+    s = s.replace(".", "")
+    if not s.isdigit():
+        raise EngineError(f"compute capability {cc!r}: write it as sm89, sm120, ...")
+    return f"sm{s}"
+
+
+def rebuild_command(m: dict, folder: str | Path | None = None) -> str:
+    """The exporter's recorded command, else one built from the manifest's own fields."""
+    if m.get("rebuild_command"):
+        return m["rebuild_command"]
+    return shlex.join(["mirage-export", "--checkpoint", str(m["checkpoint"]["path"]), "--precision", m["precision"],
+                       "--backend", m["backend"]["name"], "--out", str(folder or "DIR")])
+
+
+def _with_option(command: str, flag: str, value: str | None) -> str:
+    """`command` with `flag value` set (replacing an existing one), or removed when value is None."""
+    words, out, i = shlex.split(command), [], 0
+    while i < len(words):
+        if words[i] == flag:
+            i += 2
+            continue
+        if words[i].startswith(flag + "="):
+            i += 1
+            continue
+        out.append(words[i])
+        i += 1
+    return shlex.join(out + ([flag, value] if value is not None else []))
+
+
+def check_loadable(manifest: dict, backend_version: str, gpu_cc: str | None, plugin_path: str | None,
+                   folder: str | Path | None = None) -> None:
+    """Refuse an engine that this library version, GPU or plugin library cannot load.
+
+    backend_version: `trt.__version__` of the module that will deserialize. gpu_cc: this GPU
+    ('sm89'; None skips the GPU checks). plugin_path: the plugin library that will be loaded
+    (None: the manifest's own path). folder: the artifact, for a rebuild command built here.
+    """
+    m = manifest
+    backend, built_version = m["backend"]["name"], m["backend"].get("version")
+    command = rebuild_command(m, folder)
+    if backend not in ("tensorrt-rtx", "tensorrt"):
+        raise EngineError(f"the artifact has no TensorRT engines (backend {backend}); rebuild: "
+                          + _with_option(command, "--backend", "tensorrt-rtx"))
+    cc = normalize_cc(gpu_cc) if gpu_cc else None
+
+    # first, since no rebuild with TensorRT-RTX can help here
+    if backend == "tensorrt-rtx" and cc in RTX_UNSUPPORTED:
+        full = _with_option(_with_option(command, "--gpu", None), "--backend", "tensorrt")
+        raise EngineError(f"this GPU is {cc} ({RTX_UNSUPPORTED[cc]}): TensorRT-RTX does not run on "
+                          f"{RTX_UNSUPPORTED[cc]}; full TensorRT is needed: {full}")
+    if built_version and built_version != backend_version:
+        raise EngineError(f"engine built by {backend} {built_version} but this is {backend} {backend_version}; "
+                          f"rebuild: {command}")
+    targets = [normalize_cc(t) for t in m["target"].get("compute_capabilities") or []]
+    if cc and targets and cc not in targets:
+        # TensorRT-RTX builds for any listed GPU from here (keep the old ones, add this one);
+        # full TensorRT builds for the GPU it runs on
+        fixed = _with_option(command, "--gpu", ",".join(targets + [cc])) if backend == "tensorrt-rtx" else command
+        where = "" if backend == "tensorrt-rtx" else " (on this GPU)"
+        raise EngineError(f"engine targets compute capabilities [{', '.join(targets)}] but this GPU is {cc}; "
+                          f"rebuild{where}: {fixed}")
+    _check_plugin(m.get("plugin"), plugin_path, command)
+
+
+def _check_plugin(plugin: dict | None, plugin_path: str | None, command: str) -> None:
+    if not plugin:
+        return  # built without one: nothing to match
+    path = Path(plugin_path or plugin["path"])
+    if not path.is_file():
+        raise EngineError(f"engine needs the plugin library {plugin['path']}, which is missing at {path}; "
+                          "build plugins_cpp/ or rebuild the artifact")
+    if sha256_file(path) != plugin["sha256"]:
+        raise EngineError(f"plugin library {path} differs from the one the engine was built with "
+                          f"(sha256 mismatch); rebuild: {command}")

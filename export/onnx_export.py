@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from mirage.runtime import graphs as G
-from mirage.train.model import MirageUNet, decomposed_attention
+from mirage.train.model import MirageUNet, decomposed_attention, plugin_temporal_attention
 from mirage.train.rollout import DEFAULT_CONTEXT_NOISE, DEFAULT_STEPS, rollout
 from mirage.train.data import SyntheticVideo, v2v_input
 
@@ -45,6 +45,11 @@ class ExportOptions:
     batch: int = 1  # static batch: independent streams served by one call
     decompose_attention: bool | None = None  # None: decompose exactly when fp32 (see module docstring)
     opset: int = 23  # 23 has `Attention`; TensorRT >= 10.14 and TensorRT-RTX parse it
+    temporal_attention: str = "onnx"  # onnx: stock ops / `Attention`; plugin: one custom node per layer
+
+    def __post_init__(self) -> None:
+        if self.temporal_attention not in ("onnx", "plugin"):
+            raise ExportError(f"temporal_attention {self.temporal_attention!r}: choose onnx or plugin")
 
 
 class DenoiseGraph(nn.Module):
@@ -99,16 +104,50 @@ def export_graph(model: MirageUNet, graph: str, path: str | Path, options: Expor
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not the user's business
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        ctx = decomposed_attention() if decompose else _nothing()
-        with ctx:
+        plugin = options.temporal_attention == "plugin"
+        with decomposed_attention() if decompose else _nothing(), plugin_temporal_attention() if plugin else _nothing():
             try:
                 program = torch.onnx.export(module, tuple(inputs.values()), dynamo=True, opset_version=options.opset,
-                                            input_names=list(inputs), output_names=[output], verbose=False)
+                                            input_names=list(inputs), output_names=[output], verbose=False,
+                                            custom_translation_table=_plugin_translation() if plugin else None)
             except Exception as e:  # the exporter raises many types; all mean "this graph did not export"
                 raise ExportError(f"{graph}: torch.onnx.export failed ({type(e).__name__}: "
                                   f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
         program.save(str(path), external_data=big)
     return path
+
+
+def _plugin_translation() -> dict:
+    """mirage::temporal_attention -> one node in domain `mirage`, named and versioned as the
+    TensorRT parser's plugin fallback expects (op_type = plugin name, plugin_version and
+    plugin_namespace attributes; `heads` is a plugin field)."""
+    import onnx
+    import onnxscript
+
+    _register_plugin_schema(onnx)
+    domain = onnxscript.values.Opset(G.PLUGIN_NAMESPACE, 1)
+
+    def translate(q, k_self, v_self, mem, ages, age_table, heads: int):
+        return getattr(domain, G.PLUGIN_NAME)(q, k_self, v_self, mem, ages, age_table, heads=heads,
+                                              plugin_version=G.PLUGIN_VERSION, plugin_namespace=G.PLUGIN_NAMESPACE)
+
+    return {torch.ops.mirage.temporal_attention.default: translate}
+
+
+def _register_plugin_schema(onnx) -> None:
+    """onnxscript builds nodes only for ops with a schema; give the plugin node one (once)."""
+    if onnx.defs.has(G.PLUGIN_NAME, G.PLUGIN_NAMESPACE):
+        return
+    S = onnx.defs.OpSchema
+    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+    inputs = [S.FormalParameter(n, t) for n, t in [("q", "T"), ("k_self", "T"), ("v_self", "T"), ("memory", "T"),
+                                                   ("ages", "I"), ("age_table", "T")]]
+    onnx.defs.register_schema(S(
+        G.PLUGIN_NAME, G.PLUGIN_NAMESPACE, 1, inputs=inputs, outputs=[S.FormalParameter("out", "T")],
+        type_constraints=[("T", floats, "activations"), ("I", ["tensor(int32)", "tensor(int64)"], "slot ages")],
+        attributes=[S.Attribute("heads", S.AttrType.INT, "attention heads"),
+                    S.Attribute("plugin_version", S.AttrType.STRING, "TensorRT plugin version"),
+                    S.Attribute("plugin_namespace", S.AttrType.STRING, "TensorRT plugin namespace")]))
 
 
 class _nothing:

@@ -35,3 +35,7 @@ def layers_file(graph: str) -> str:
 
 
 TIMING_CACHE = "timing.cache"
+
+# The temporal-attention TensorRT plugin (plugins_cpp/): the custom ONNX node's op_type, and
+# the plugin_version / plugin_namespace attributes the TensorRT ONNX parser matches it by.
+PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE = "MirageTemporalAttention", "1", "mirage"

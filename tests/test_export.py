@@ -71,6 +71,8 @@ def test_engines_and_manifest_complete(artifacts, name):
         if name == "fp16" and graph == G.DENOISE:
             assert any("ATTENTION" in t for t in types), types
     assert "mirage-export --checkpoint" in m["rebuild_command"]
+    for graph in G.GRAPHS:  # TensorRT-RTX engines cannot execute here: the comparison says why
+        assert "TensorRT-RTX" in m["graphs"][graph]["polygraphy"]["skipped"]
 
 
 def test_mismatched_manifest_is_refused(artifacts, tmp_path):
@@ -154,3 +156,26 @@ def test_corrupt_onnx_is_refused_by_the_builder(tmp_path):
         build_engine(bad, tmp_path / "bad.engine", BuildOptions(compute_capabilities=("sm90",)))
     with pytest.raises(EngineError, match="plugin library not found"):
         build_engine(bad, tmp_path / "bad.engine", BuildOptions(plugin_library=str(tmp_path / "nope.so")))
+
+
+def test_plugin_temporal_attention_export(tmp_path):
+    """--temporal-attention plugin: one custom node per temporal layer, named for the TensorRT
+    parser's plugin fallback; parity runs on the stock-op twin; the parser asks for the plugin."""
+    import onnx
+
+    out = tmp_path / "plugin"
+    m = build_artifact(CKPT_GEN, out, ArtifactOptions(precision="fp16", backend="onnx", temporal_attention="plugin",
+                                                      **FAST))
+    assert m["temporal_attention"] == "plugin" and "stock-op" in m["parity"]["graphs_checked"]
+    assert m["parity"]["tensors"]["v"]["rel"] < 1e-2
+    graph = onnx.load(str(out / "denoise.onnx"))
+    nodes = [n for n in graph.graph.node if n.op_type == G.PLUGIN_NAME]
+    assert len(nodes) == 5  # tiny: 2 down + middle + 2 up temporal layers
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+    assert attrs == {"heads": 4, "plugin_version": b"1", "plugin_namespace": b"mirage"}
+    from mirage.engine.build import BuildOptions, build_engine
+
+    with pytest.raises(EngineError, match="Plugin not found"):
+        build_engine(out / "denoise.onnx", tmp_path / "x.engine", BuildOptions(compute_capabilities=("sm89",)))
+    with pytest.raises(Exception, match="needs --plugin-library"):
+        build_artifact(CKPT_GEN, tmp_path / "p2", ArtifactOptions(backend="tensorrt-rtx", temporal_attention="plugin"))

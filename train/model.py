@@ -115,21 +115,56 @@ class TemporalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mem: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        n, kslots, d, heads = h * w, mem.shape[1], self.dim, self.heads
-        tokens = self.norm(x).reshape(b, c, n).transpose(1, 2)  # (B, N, C)
+        tokens = self.norm(x).reshape(b, c, h * w).transpose(1, 2)  # (B, N, C)
         q, k_self, v_self = self.qkv(tokens).chunk(3, dim=-1)  # each (B, N, D)
-        mem_k = mem[:, :, 0] + self.age(ages)[:, :, None, :]  # (B, K, N, D)
-        mem_v = mem[:, :, 1]
-        keys = torch.cat([mem_k.transpose(1, 2), k_self[:, :, None]], dim=2)  # (B, N, K+1, D)
-        vals = torch.cat([mem_v.transpose(1, 2), v_self[:, :, None]], dim=2)
-        keys = keys.reshape(b * n, kslots + 1, heads, d // heads).transpose(1, 2)  # (B*N, heads, K+1, dh)
-        vals = vals.reshape(b * n, kslots + 1, heads, d // heads).transpose(1, 2)
-        q = q.reshape(b * n, 1, heads, d // heads).transpose(1, 2)  # (B*N, heads, 1, dh)
-        valid = torch.cat([ages > 0, torch.ones_like(ages[:, :1], dtype=torch.bool)], dim=1)  # (B, K+1)
-        mask = valid[:, None, None, None, :].expand(b, n, 1, 1, kslots + 1).reshape(b * n, 1, 1, kslots + 1)
-        out = attention(q, keys, vals, mask)  # (B*N, heads, 1, dh)
-        out = self.out(out.reshape(b, n, d))  # (B, N, C)
+        core = torch.ops.mirage.temporal_attention if _PLUGIN else temporal_attention
+        out = self.out(core(q, k_self, v_self, mem, ages, self.age.weight, self.heads))  # (B, N, C)
         return x + out.transpose(1, 2).reshape(b, c, h, w)
+
+
+def temporal_attention(q: torch.Tensor, k_self: torch.Tensor, v_self: torch.Tensor, mem: torch.Tensor,
+                       ages: torch.Tensor, age_table: torch.Tensor, heads: int) -> torch.Tensor:
+    """Per-pixel attention of q (B, N, D) over the K memory slots mem (B, K, 2, N, D), whose keys
+    get the age embedding age_table[ages], plus the pixel's own key/value; empty slots
+    (age 0) are masked. Returns (B, N, D). This is the unit the TensorRT plugin fuses."""
+    b, n, d = q.shape
+    kslots = mem.shape[1]
+    mem_k = mem[:, :, 0] + F.embedding(ages, age_table)[:, :, None, :]  # (B, K, N, D)
+    keys = torch.cat([mem_k.transpose(1, 2), k_self[:, :, None]], dim=2)  # (B, N, K+1, D)
+    vals = torch.cat([mem[:, :, 1].transpose(1, 2), v_self[:, :, None]], dim=2)
+    keys = keys.reshape(b * n, kslots + 1, heads, d // heads).transpose(1, 2)  # (B*N, heads, K+1, dh)
+    vals = vals.reshape(b * n, kslots + 1, heads, d // heads).transpose(1, 2)
+    q = q.reshape(b * n, 1, heads, d // heads).transpose(1, 2)  # (B*N, heads, 1, dh)
+    valid = torch.cat([ages > 0, torch.ones_like(ages[:, :1], dtype=torch.bool)], dim=1)  # (B, K+1)
+    mask = valid[:, None, None, None, :].expand(b, n, 1, 1, kslots + 1).reshape(b * n, 1, 1, kslots + 1)
+    return attention(q, keys, vals, mask).reshape(b, n, d)  # (B*N, heads, 1, dh) -> (B, N, D)
+
+
+# The same computation as one opaque op: exported as a single custom ONNX node that the
+# TensorRT parser maps to the plugins_cpp plugin (op_type = plugin name).
+@torch.library.custom_op("mirage::temporal_attention", mutates_args=())
+def _temporal_attention_op(q: torch.Tensor, k_self: torch.Tensor, v_self: torch.Tensor, mem: torch.Tensor,
+                           ages: torch.Tensor, age_table: torch.Tensor, heads: int) -> torch.Tensor:
+    return temporal_attention(q, k_self, v_self, mem, ages, age_table, heads)
+
+
+@_temporal_attention_op.register_fake
+def _(q, k_self, v_self, mem, ages, age_table, heads):
+    return torch.empty_like(q)
+
+
+_PLUGIN = False  # see plugin_temporal_attention()
+
+
+@contextmanager
+def plugin_temporal_attention():
+    """Trace temporal attention as the single op `mirage::temporal_attention` (for export)."""
+    global _PLUGIN
+    _PLUGIN, before = True, _PLUGIN
+    try:
+        yield
+    finally:
+        _PLUGIN = before
 
 
 class ContextEncoder(nn.Module):
