@@ -111,3 +111,28 @@ def test_video_to_video_input_errors():
             pipe.step()
         with pytest.raises(PipelineError, match=r"shape \(64, 64, 3\).*fit_square"):
             pipe.step(np.zeros((64, 64, 3), np.float32))
+
+
+def test_mirage_run_cli(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from mirage.runtime.cli import main
+
+    runner = CliRunner()
+    report = tmp_path / "r.json"
+    r = runner.invoke(main, ["--frames", "3", "--output", str(tmp_path / "out.gif"), "--json", str(report)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(report.read_text())
+    assert data["frames"] == 3 and data["written"] == 3 and data["median_ms"] > 0 and data["backend"] == "torch"
+    r = runner.invoke(main, [str(CKPT_V2V), "--frames", "4", "--output", str(tmp_path / "frames")])
+    assert r.exit_code == 0 and "PSNR vs. ground truth" in r.output
+    assert len(list((tmp_path / "frames").glob("*.png"))) == 4
+    r = runner.invoke(main, [str(CKPT_V2V), "--input", str(tmp_path / "missing.mp4")])
+    assert r.exit_code == 2 and "no such file" in r.output
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    r = runner.invoke(main, [str(CKPT_V2V), "--input", str(tmp_path / "broken.mp4"), "--output", str(tmp_path / "b.gif")])
+    assert r.exit_code == 2 and "broken.mp4" in r.output
+    r = runner.invoke(main, [str(CKPT_GEN), "--input", "synthetic"])
+    assert r.exit_code == 2 and "takes no --input" in r.output

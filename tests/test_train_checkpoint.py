@@ -244,3 +244,17 @@ def test_cli_trains(tmp_path):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["step"] == 2 and summary["out"] == str(out)
     assert read_meta(out)["step"] == 2
+
+
+def test_torchrun_ddp_on_cpu(tmp_path):
+    """Two processes under torchrun (gloo on the CPU): DDP trains and rank 0 saves."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "mirage.train.cli",
+           "--steps", "2", "--batch-size", "2", "--device", "cpu", "--out", str(out), "--no-resume"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["world_size"] == 2 and meta["step"] == 2
