@@ -187,7 +187,8 @@ def build_artifact(checkpoint: str | Path, out: str | Path, options: ArtifactOpt
         "batch": o.batch,
         "graphs": graphs_meta,
         "backend": backend_meta,
-        "target": {"compute_capabilities": list(build_meta.get("compute_capabilities", ()))},
+        # What the engines were really built for: RTX's targets, or full TensorRT's build GPU.
+        "target": {"compute_capabilities": graphs_meta[G.DENOISE].get("build", {}).get("compute_capabilities", [])},
         "plugin": plugin,
         "build_options": build_meta,
         "build_seconds": time.perf_counter() - started,

@@ -216,8 +216,11 @@ def _configure(trt, builder, options: BuildOptions, ccs: list, timing_cache_path
     if not (options.timing_cache and timing_cache_path):
         return config, "off"
     blob = timing_cache_path.read_bytes() if timing_cache_path.is_file() else b""
-    cache = config.create_timing_cache(blob)
-    if cache is None and blob:  # an unreadable cache only costs time: start a new one
+    try:
+        cache = config.create_timing_cache(blob)
+    except (RuntimeError, TypeError, ValueError):  # not run here (no full TensorRT): None or a raise
+        cache = None
+    if cache is None:  # an unreadable cache only costs build time: start a new one
         warnings.append(f"{timing_cache_path}: unreadable timing cache, started a new one")
         cache = config.create_timing_cache(b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
@@ -267,8 +270,11 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
                                 warnings)
     dynamic = _profile(builder, config, network, shapes, onnx_path)
 
-    targets = list(options.compute_capabilities) if options.backend == "tensorrt-rtx" else []
-    say(f"  build {engine_path.name} for {', '.join(targets) or gpu_compute_capability() or 'this GPU'}")
+    if options.backend == "tensorrt-rtx":
+        targets = list(options.compute_capabilities)  # [] = the library's default set
+    else:  # full TensorRT: an engine is for the GPU it is built on
+        targets = [c for c in [gpu_compute_capability()] if c]
+    say(f"  build {engine_path.name} for {', '.join(targets) or 'the default targets'}")
     start = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - start
@@ -291,8 +297,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
     warnings += [m for s, m in lines if s == "WARNING"]
     return {"engine_bytes": len(plan), "build_seconds": seconds,
             "backend": options.backend, "version": trt.__version__,
-            # full TensorRT: an engine is for the GPU it was built on
-            "compute_capabilities": targets or [c for c in [gpu_compute_capability()] if c],
+            "compute_capabilities": targets,
             "dynamic_inputs": dynamic, "timing_cache": timing, "plugin": options.plugin_library,
             "layers": view_path.name, "layer_view": source, "warnings": warnings[-20:]}
 

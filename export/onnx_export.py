@@ -18,6 +18,7 @@ they become sinusoidal embeddings and need the range) and `ages` (int32).
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 import logging
 import warnings
 from dataclasses import dataclass
@@ -105,7 +106,7 @@ def export_graph(model: MirageUNet, graph: str, path: str | Path, options: Expor
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not the user's business
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         plugin = options.temporal_attention == "plugin"
-        with decomposed_attention() if decompose else _nothing(), plugin_temporal_attention() if plugin else _nothing():
+        with decomposed_attention() if decompose else nullcontext(), plugin_temporal_attention() if plugin else nullcontext():
             try:
                 program = torch.onnx.export(module, tuple(inputs.values()), dynamo=True, opset_version=options.opset,
                                             input_names=list(inputs), output_names=[output], verbose=False,
@@ -148,14 +149,6 @@ def _register_plugin_schema(onnx) -> None:
         attributes=[S.Attribute("heads", S.AttrType.INT, "attention heads"),
                     S.Attribute("plugin_version", S.AttrType.STRING, "TensorRT plugin version"),
                     S.Attribute("plugin_namespace", S.AttrType.STRING, "TensorRT plugin namespace")]))
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @torch.no_grad()

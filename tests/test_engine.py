@@ -208,7 +208,8 @@ def test_manifest_round_trip_and_completeness(conv_engine, tmp_path):
     write_manifest(tmp_path, m)
     assert read_manifest(tmp_path) == m
     incomplete = copy.deepcopy(m)
-    del incomplete["rebuild_command"], incomplete["graphs"]["denoise"]["engine_sha256"], incomplete["backend"]["version"]
+    del incomplete["rebuild_command"], incomplete["backend"]["version"]
+    del incomplete["graphs"]["denoise"]["engine_sha256"]
     with pytest.raises(EngineError, match="missing rebuild_command, backend.version, graphs.denoise.engine_sha256"):
         validate_manifest(incomplete)
     with pytest.raises(EngineError, match="incomplete"):

@@ -25,25 +25,34 @@ from torch.utils.checkpoint import checkpoint
 from .config import ModelConfig
 
 
-_DECOMPOSED = False  # see decomposed_attention()
+_EXPORT_MODE = {"decomposed_attention": False, "plugin_temporal_attention": False}
 
 
 @contextmanager
+def _export_mode(flag: str):
+    before = _EXPORT_MODE[flag]
+    _EXPORT_MODE[flag] = True
+    try:
+        yield
+    finally:
+        _EXPORT_MODE[flag] = before
+
+
 def decomposed_attention():
     """Trace attention as MatMul/Softmax instead of one SDPA call (which exports as the
     opset-23 `Attention` op). TensorRT-RTX has no fp32 kernel for `Attention`, so fp32
     engines are exported this way."""
-    global _DECOMPOSED
-    _DECOMPOSED, before = True, _DECOMPOSED
-    try:
-        yield
-    finally:
-        _DECOMPOSED = before
+    return _export_mode("decomposed_attention")
+
+
+def plugin_temporal_attention():
+    """Trace temporal attention as the single op `mirage::temporal_attention` (for export)."""
+    return _export_mode("plugin_temporal_attention")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) [masked]) v over the last two dims; mask is boolean, True = attend."""
-    if not _DECOMPOSED:
+    if not _EXPORT_MODE["decomposed_attention"]:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
     if mask is not None:
@@ -117,7 +126,7 @@ class TemporalAttention(nn.Module):
         b, c, h, w = x.shape
         tokens = self.norm(x).reshape(b, c, h * w).transpose(1, 2)  # (B, N, C)
         q, k_self, v_self = self.qkv(tokens).chunk(3, dim=-1)  # each (B, N, D)
-        core = torch.ops.mirage.temporal_attention if _PLUGIN else temporal_attention
+        core = torch.ops.mirage.temporal_attention if _EXPORT_MODE["plugin_temporal_attention"] else temporal_attention
         out = self.out(core(q, k_self, v_self, mem, ages, self.age.weight, self.heads))  # (B, N, C)
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
@@ -151,20 +160,6 @@ def _temporal_attention_op(q: torch.Tensor, k_self: torch.Tensor, v_self: torch.
 @_temporal_attention_op.register_fake
 def _(q, k_self, v_self, mem, ages, age_table, heads):
     return torch.empty_like(q)
-
-
-_PLUGIN = False  # see plugin_temporal_attention()
-
-
-@contextmanager
-def plugin_temporal_attention():
-    """Trace temporal attention as the single op `mirage::temporal_attention` (for export)."""
-    global _PLUGIN
-    _PLUGIN, before = True, _PLUGIN
-    try:
-        yield
-    finally:
-        _PLUGIN = before
 
 
 class ContextEncoder(nn.Module):
