@@ -48,8 +48,9 @@ def _input_stream(source: str, size: int, frames: int) -> tuple[list[np.ndarray]
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("model", required=False, type=click.Path(exists=True, path_type=Path), default=DEFAULT_MODEL)
 @click.option("--input", "source", default=None,
-              help="Input stream for video-to-video models: a video file, an image folder, or 'synthetic' "
-                   "(the default for them). Frames are center-cropped and resized to the model's size.")
+              help="Input stream for video-to-video models: a video file, an image folder, a webcam index "
+                   "(0 = /dev/video0, Linux) or 'synthetic' (the default for them). Frames are center-cropped "
+                   "and resized to the model's size.")
 @click.option("--frames", type=click.IntRange(min=1), default=48, help="Frames to generate.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=4, help="DDIM steps per frame.")
 @click.option("--seed", type=int, default=0, help="Noise seed: the same seed gives the same video.")

@@ -47,7 +47,11 @@ def is_video_source(path: Path) -> bool:
 
 
 def iter_frames(path: str | os.PathLike, size: int) -> Iterator[np.ndarray]:
-    """Yield frames of a video file or image folder as float (size, size, 3) arrays in [-1, 1]."""
+    """Yield frames of a video file, an image folder, or a webcam (its index as a string,
+    "0" -> /dev/video0 through ffmpeg's v4l2 input, Linux) as float (size, size, 3) arrays."""
+    if str(path).isdigit():
+        yield from _read_ffmpeg(f"/dev/video{path}", size, ["-f", "v4l2"])
+        return
     path = Path(path)
     if not path.exists():
         raise VideoError(f"{path}: no such file or folder")
@@ -66,20 +70,27 @@ def iter_frames(path: str | os.PathLike, size: int) -> Iterator[np.ndarray]:
         return
     if path.suffix.lower() not in VIDEO_EXTS:
         raise VideoError(f"{path}: not a video ({', '.join(VIDEO_EXTS)}) or image folder")
+    yield from _read_ffmpeg(str(path), size)
+
+
+def _read_ffmpeg(source: str, size: int, input_params: list[str] | None = None) -> Iterator[np.ndarray]:
     import imageio_ffmpeg
 
+    if source.startswith("/dev/video") and not Path(source).exists():
+        raise VideoError(f"{source}: no such webcam")
+    count = 0
     try:
-        reader = imageio_ffmpeg.read_frames(str(path))
+        reader = imageio_ffmpeg.read_frames(source, input_params=input_params)
         meta = next(reader)
         w, h = meta["size"]
-        count = 0
         for raw in reader:
             count += 1
             yield to_float(fit_square(np.frombuffer(raw, np.uint8).reshape(h, w, 3), size))
     except (OSError, RuntimeError, StopIteration, KeyError) as e:
-        raise VideoError(f"{path}: unreadable video ({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__})") from e
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise VideoError(f"{source}: unreadable video ({reason})") from e
     if count == 0:
-        raise VideoError(f"{path}: video has no frames")
+        raise VideoError(f"{source}: video has no frames")
 
 
 def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: int = 16, scale: int = 4) -> int:

@@ -139,7 +139,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--frames", type=int, default=100)
     p.add_argument("--json", default="bench.json")
-    p.add_argument("--skip-checks", action="store_true", help="skip the graph-vs-eager and overlap checks")
+    p.add_argument("--check-configs", default="tiny",
+                   help="configs for the graph-vs-eager and copy-overlap checks ('' to skip them)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("this benchmark needs a CUDA GPU")
@@ -148,12 +149,12 @@ def main(argv=None) -> int:
               "date": time.strftime("%Y-%m-%d"), "peaks": measured_peaks(), "configs": {}}
     print(f"device {report['device']}: copy {report['peaks']['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
           f"bf16 matmul {report['peaks']['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
-    if not args.skip_checks:
-        report["graph_vs_eager_tiny_fp32"] = graph_vs_eager("tiny")
-        print("graph vs eager (tiny fp32):", report["graph_vs_eager_tiny_fp32"], flush=True)
-        report["overlap_tiny_v2v"] = overlap("tiny")
-        print("overlap (tiny v2v):", report["overlap_tiny_v2v"], flush=True)
-    for name in args.configs.split(","):
+    for name in filter(None, args.check_configs.split(",")):
+        report[f"graph_vs_eager_{name}_fp32"] = graph_vs_eager(name)
+        print(f"graph vs eager ({name} fp32):", report[f"graph_vs_eager_{name}_fp32"], flush=True)
+        report[f"overlap_{name}_v2v"] = overlap(name, frames=200 if name == "tiny" else 60)
+        print(f"overlap ({name} v2v):", report[f"overlap_{name}_v2v"], flush=True)
+    for name in filter(None, args.configs.split(",")):
         model = random_model(name)
         entry = {"parameters": parameter_count(model), "floor": floor(model, args.steps, report["peaks"]),
                  "variants": {}}

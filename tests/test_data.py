@@ -173,3 +173,10 @@ def test_iter_frames_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(VideoError, match="no images"):
         list(iter_frames(tmp_path / "empty", 32))
+
+
+def test_missing_webcam_is_a_clear_error():
+    from mirage.runtime.video_io import VideoError, iter_frames
+
+    with pytest.raises(VideoError, match="/dev/video97: no such webcam"):
+        next(iter_frames("97", 32))
