@@ -178,8 +178,10 @@ def main(argv=None) -> int:
             model = model.float()
             torch.compiler.reset()
         report["configs"][name] = entry
-        with open(args.json, "w") as f:
+        with open(args.json, "w") as f:  # after every config: a cut-short run still leaves its numbers
             json.dump(report, f, indent=2)
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=2)
     print(f"\n{'config':<9} {'variant':<22} {'median ms':>10} {'p99 ms':>9} {'FPS':>8} {'x floor':>8} {'vs compile':>10}")
     for name, entry in report["configs"].items():
         fl = entry["floor"]["floor_ms"]
