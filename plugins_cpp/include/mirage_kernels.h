@@ -1,0 +1,30 @@
+// Mirage CUDA kernels: a C ABI so tests (ctypes) and the TensorRT plugin share one entry point.
+#pragma once
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Largest number of context slots K the temporal-attention kernel accepts.
+#define MIRAGE_MAX_CONTEXT 32
+
+typedef enum { MIRAGE_FP32 = 0, MIRAGE_FP16 = 1, MIRAGE_BF16 = 2 } MirageDType;
+
+// Per-pixel temporal attention over the context ring buffer, read in place.
+//   q, k_self, v_self : (B, N, D)            the current frame's queries / keys / values
+//   memory            : (B, K, 2, N_total, D) the ring buffer; this layer's tokens start at token_offset
+//   ages              : (B, K) int32          0 = empty slot (masked), else frames since written
+//   age_table         : (K + 1, D)            age embedding added to memory keys
+//   out               : (B, N, D)
+// heads divides D; D / heads (the head width) is a power of two from 2 to 1024/heads; D <= 1024.
+// Returns cudaSuccess, cudaErrorInvalidValue for unsupported shapes, or the launch error.
+cudaError_t mirage_temporal_attention(MirageDType dtype, const void* q, const void* k_self, const void* v_self,
+                                      const void* memory, const int32_t* ages, const void* age_table, void* out,
+                                      int batch, int tokens, int dim, int context, int heads, int total_tokens,
+                                      int token_offset, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
