@@ -42,7 +42,8 @@ FP16_MAX = 65504.0
 class ArtifactOptions:
     precision: str = "fp16"  # fp32 | fp16 | int8
     backend: str = "onnx"  # onnx (no engine) | tensorrt-rtx | tensorrt
-    batch: int = 1  # static batch of the graphs
+    batch: int = 1  # batch of the graphs (with max_batch: TensorRT's optimal batch)
+    max_batch: int | None = None  # None: static batch; else a dynamic batch dim in [1, max_batch]
     gpus: tuple[str, ...] = ()  # TensorRT-RTX compute-capability targets, e.g. ("sm89", "sm120"); () = its default
     calibration_frames: int = 8  # rollout frames whose inputs calibrate INT8 (x DDIM steps samples)
     parity_frames: int = 50  # length of the rollout-level parity check
@@ -60,7 +61,7 @@ def _io(path: Path) -> tuple[list[dict], list[dict]]:
 
     def desc(values):
         return [{"name": v.name, "dtype": names[v.type.tensor_type.elem_type].lower(),
-                 "shape": [d.dim_value for d in v.type.tensor_type.shape.dim]} for v in values]
+                 "shape": [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]} for v in values]
 
     return desc(model.graph.input), desc(model.graph.output)
 
@@ -83,6 +84,10 @@ def rebuild_command(checkpoint: Path, out: Path, o: ArtifactOptions) -> str:
         cmd += ["--plugin-library", o.plugin_library]
     if o.temporal_attention != "onnx":
         cmd += ["--temporal-attention", o.temporal_attention]
+    if o.batch != 1:
+        cmd += ["--batch", str(o.batch)]
+    if o.max_batch:
+        cmd += ["--max-batch", str(o.max_batch)]
     return shlex.join(cmd)
 
 
@@ -115,18 +120,19 @@ def build_artifact(checkpoint: str | Path, out: str | Path, options: ArtifactOpt
         if o.precision == "int8":
             with tempfile.TemporaryDirectory() as tmp:
                 fp32 = export_graph(model, graph, Path(tmp) / G.onnx_file(graph),
-                                    ExportOptions("fp32", o.batch, decompose_attention=False))
+                                    ExportOptions("fp32", o.batch, o.max_batch, decompose_attention=False))
                 progress(f"quantize {graph} (INT8 Q/DQ, {len(calib[graph])} calibration samples)")
                 quantize_int8(fp32, files[graph], calib[graph])
         else:
-            export_graph(model, graph, files[graph], ExportOptions(o.precision, o.batch,
+            export_graph(model, graph, files[graph], ExportOptions(o.precision, o.batch, o.max_batch,
                                                                    temporal_attention=o.temporal_attention))
 
     progress("parity vs. PyTorch (ONNX Runtime, CPU)")
     with tempfile.TemporaryDirectory() as tmp:
         checked = files
         if plugin_mode:  # ONNX Runtime has no kernel for the plugin node: check the stock-op twin
-            checked = {g: export_graph(model, g, Path(tmp) / G.onnx_file(g), ExportOptions(o.precision, o.batch))
+            checked = {g: export_graph(model, g, Path(tmp) / G.onnx_file(g),
+                                          ExportOptions(o.precision, o.batch, o.max_batch))
                        for g in G.GRAPHS}
         ort_graphs = OrtGraphs(model.cfg, checked)
         tensors = tensor_parity(model, ort_graphs, check)
@@ -160,7 +166,11 @@ def build_artifact(checkpoint: str | Path, out: str | Path, options: ArtifactOpt
         for graph in G.GRAPHS:
             progress(f"build {graph} engine ({o.backend} {trt.__version__})")
             engine = out / G.engine_file(graph)
-            summary = build_engine(files[graph], engine, bopts, timing_cache_path=out / G.TIMING_CACHE, log=progress)
+            # a dynamic batch (-1) gets the profile min 1, opt batch, max max_batch
+            shapes = {x["name"]: tuple(tuple(b if d == -1 else d for d in x["shape"]) for b in (1, o.batch, o.max_batch))
+                      for x in graphs_meta[graph]["inputs"] if -1 in x["shape"]}
+            summary = build_engine(files[graph], engine, bopts, timing_cache_path=out / G.TIMING_CACHE, log=progress,
+                                   shapes=shapes or None)
             graphs_meta[graph].update(engine=engine.name, engine_sha256=sha256_file(engine),
                                       layers=G.layers_file(graph), build=summary)
         if o.plugin_library:
@@ -185,6 +195,7 @@ def build_artifact(checkpoint: str | Path, out: str | Path, options: ArtifactOpt
         "precision": o.precision,
         "temporal_attention": o.temporal_attention,
         "batch": o.batch,
+        "max_batch": o.max_batch,
         "graphs": graphs_meta,
         "backend": backend_meta,
         # What the engines were really built for: RTX's targets, or full TensorRT's build GPU.

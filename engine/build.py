@@ -228,7 +228,8 @@ def _configure(trt, builder, options: BuildOptions, ccs: list, timing_cache_path
 
 
 def _profile(builder, config, network, shapes: dict[str, tuple] | None, onnx_path: Path) -> list[str]:
-    """An optimization profile (min = opt = max = the given shape) for inputs with dynamic dims."""
+    """An optimization profile for inputs with dynamic dims: shapes[name] is one shape
+    (min = opt = max) or a (min, opt, max) triple of shapes."""
     dynamic = [network.get_input(i) for i in range(network.num_inputs) if -1 in tuple(network.get_input(i).shape)]
     if not dynamic:
         return []  # static shapes: TensorRT needs no profile
@@ -239,10 +240,13 @@ def _profile(builder, config, network, shapes: dict[str, tuple] | None, onnx_pat
                           f"pass shapes={{name: shape}} for them")
     profile = builder.create_optimization_profile()
     for t in dynamic:
-        declared, shape = tuple(t.shape), tuple(int(d) for d in shapes[t.name])
-        if len(shape) != len(declared) or any(d != -1 and d != s for d, s in zip(declared, shape)):
-            raise EngineError(f"{onnx_path}: shape {shape} for {t.name!r} does not fit its ONNX shape {declared}")
-        profile.set_shape(t.name, shape, shape, shape)
+        declared, given = tuple(t.shape), tuple(shapes[t.name])
+        triple = given if given and isinstance(given[0], (tuple, list)) else (given, given, given)
+        triple = tuple(tuple(int(d) for d in shape) for shape in triple)
+        for shape in triple:
+            if len(shape) != len(declared) or any(d != -1 and d != s for d, s in zip(declared, shape)):
+                raise EngineError(f"{onnx_path}: shape {shape} for {t.name!r} does not fit its ONNX shape {declared}")
+        profile.set_shape(t.name, *triple)
     config.add_optimization_profile(profile)
     return [t.name for t in dynamic]
 

@@ -36,7 +36,10 @@ def _gpus(ctx, param, value: str | None) -> tuple[str, ...]:
               help="TensorRT-RTX target compute capabilities, comma-separated (sm80,sm86,sm89,sm120).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("artifacts/tiny"),
               help="Artifact folder to write.")
-@click.option("--batch", type=click.IntRange(1, 256), default=1, help="Static batch (independent streams per call).")
+@click.option("--batch", type=click.IntRange(1, 256), default=1,
+              help="Batch: independent streams per call (static, or TensorRT's optimum with --max-batch).")
+@click.option("--max-batch", type=click.IntRange(1, 256), default=None,
+              help="Make the batch dimension dynamic, 1..MAX_BATCH (one engine, an optimization profile).")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, help="TensorRT builder optimization level.")
 @click.option("--workspace-mb", type=click.IntRange(min=16), default=1024, help="TensorRT workspace limit.")
 @click.option("--plugin-library", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -46,8 +49,8 @@ def _gpus(ctx, param, value: str | None) -> tuple[str, ...]:
                    "TensorRT plugin (needs --plugin-library to build engines).")
 @click.option("--calib-frames", type=click.IntRange(min=1), default=8, help="Rollout frames for INT8 calibration.")
 @click.option("--parity-frames", type=click.IntRange(min=2), default=50, help="Frames of the rollout parity check.")
-def main(checkpoint, precision, backend, gpus, out, batch, opt_level, workspace_mb, plugin_library, temporal_attention,
-         calib_frames, parity_frames):
+def main(checkpoint, precision, backend, gpus, out, batch, max_batch, opt_level, workspace_mb, plugin_library,
+         temporal_attention, calib_frames, parity_frames):
     """Export a Mirage checkpoint to ONNX, check it against PyTorch, and build TensorRT engines.
 
     Writes OUT/manifest.json, the ONNX graphs, and (TensorRT backends) the engines with a
@@ -61,7 +64,9 @@ def main(checkpoint, precision, backend, gpus, out, batch, opt_level, workspace_
     from .artifact import ArtifactOptions, artifact_files, build_artifact
     from .manifest import EngineError
 
-    options = ArtifactOptions(precision=precision, backend=backend, batch=batch, gpus=gpus,
+    if max_batch is not None and batch > max_batch:
+        raise ExportFailed(f"--batch {batch} is larger than --max-batch {max_batch}")
+    options = ArtifactOptions(precision=precision, backend=backend, batch=batch, max_batch=max_batch, gpus=gpus,
                               calibration_frames=calib_frames, parity_frames=parity_frames,
                               optimization_level=opt_level, workspace_mb=workspace_mb, plugin_library=plugin_library,
                               temporal_attention=temporal_attention)

@@ -2,7 +2,8 @@
 
 Tensor names come from `mirage.runtime.graphs`, shared with the engine builder and runtime.
 Shapes are static (batch B, the model's resolution and memory size) because static shapes
-give TensorRT the best engines. Precisions:
+give TensorRT the best engines; `max_batch` makes the batch dimension dynamic instead (one
+engine serving 1..max_batch independent streams through an optimization profile). Precisions:
 
 * fp32: the reference. Attention is decomposed into MatMul/Softmax, because TensorRT-RTX
   has no fp32 kernel for the opset-23 `Attention` op.
@@ -43,12 +44,15 @@ class ExportError(ValueError):
 @dataclass(frozen=True)
 class ExportOptions:
     precision: str = "fp32"  # fp32 | fp16 (int8 is built on fp32 by quantize.py)
-    batch: int = 1  # static batch: independent streams served by one call
+    batch: int = 1  # batch traced (and TensorRT's optimal batch): independent streams served by one call
+    max_batch: int | None = None  # None: static batch; else the batch dim is dynamic in [1, max_batch]
     decompose_attention: bool | None = None  # None: decompose exactly when fp32 (see module docstring)
     opset: int = 23  # 23 has `Attention`; TensorRT >= 10.14 and TensorRT-RTX parse it
     temporal_attention: str = "onnx"  # onnx: stock ops / `Attention`; plugin: one custom node per layer
 
     def __post_init__(self) -> None:
+        if self.max_batch is not None and not 1 <= self.batch <= self.max_batch:
+            raise ExportError(f"batch {self.batch} must lie in [1, max_batch={self.max_batch}]")
         if self.temporal_attention not in ("onnx", "plugin"):
             raise ExportError(f"temporal_attention {self.temporal_attention!r}: choose onnx or plugin")
 
@@ -97,7 +101,9 @@ def export_graph(model: MirageUNet, graph: str, path: str | Path, options: Expor
     dtype = DTYPES[options.precision]
     net = copy.deepcopy(model).to("cpu", dtype).eval()
     module = graph_module(net, graph)
-    inputs = example_inputs(net, graph, options.batch, dtype)
+    # torch.export specializes a dim it traces at size 1, so a dynamic batch is traced at >= 2
+    dynamic = options.max_batch is not None and options.max_batch > 1
+    inputs = example_inputs(net, graph, max(options.batch, 2) if dynamic else options.batch, dtype)
     output = G.V if graph == G.DENOISE else G.KV
     decompose = options.precision == "fp32" if options.decompose_attention is None else options.decompose_attention
     big = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
@@ -110,12 +116,21 @@ def export_graph(model: MirageUNet, graph: str, path: str | Path, options: Expor
             try:
                 program = torch.onnx.export(module, tuple(inputs.values()), dynamo=True, opset_version=options.opset,
                                             input_names=list(inputs), output_names=[output], verbose=False,
-                                            custom_translation_table=_plugin_translation() if plugin else None)
+                                            custom_translation_table=_plugin_translation() if plugin else None,
+                                            dynamic_shapes=_batch_dims(graph, inputs, options))
             except Exception as e:  # the exporter raises many types; all mean "this graph did not export"
                 raise ExportError(f"{graph}: torch.onnx.export failed ({type(e).__name__}: "
                                   f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
         program.save(str(path), external_data=big)
     return path
+
+
+def _batch_dims(graph: str, inputs: dict[str, torch.Tensor], options: ExportOptions) -> tuple | None:
+    if options.max_batch is None or options.max_batch == 1:
+        return None
+    batch = torch.export.Dim("batch", min=1, max=options.max_batch)
+    dims = tuple({0: batch} for _ in inputs)
+    return (dims,) if graph == G.DENOISE else dims  # DenoiseGraph takes *inputs: one argument
 
 
 def _plugin_translation() -> dict:

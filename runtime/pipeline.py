@@ -72,7 +72,9 @@ class Pipeline:
                                     f"export it with `mirage-export --checkpoint {path}` for {backend}")
             return cls._from_checkpoint(path, device, dtype, steps, context_noise, cuda_graph, compile_mode)
         video_to_video = bool(meta["model"]["cond_channels"])
-        shapes = {x["name"]: tuple(x["shape"]) for g in meta["graphs"].values() for x in g["inputs"] + g["outputs"]}
+        # a dynamic batch dim (-1) runs at the artifact's batch
+        shapes = {x["name"]: tuple(meta.get("batch", 1) if d == -1 else d for d in x["shape"])
+                  for g in meta["graphs"].values() for x in g["inputs"] + g["outputs"]}
         has_engine = all(g.get("engine") for g in meta["graphs"].values())
         if backend == "tensorrt" or (backend == "auto" and has_engine and _cuda_available()):
             if not has_engine:

@@ -179,3 +179,26 @@ def test_plugin_temporal_attention_export(tmp_path):
         build_engine(out / "denoise.onnx", tmp_path / "x.engine", BuildOptions(compute_capabilities=("sm89",)))
     with pytest.raises(Exception, match="needs --plugin-library"):
         build_artifact(CKPT_GEN, tmp_path / "p2", ArtifactOptions(backend="tensorrt-rtx", temporal_attention="plugin"))
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_dynamic_batch_artifact(tmp_path, precision):
+    """--max-batch: a dynamic batch dim in the ONNX graphs, a TensorRT profile in the engines;
+    ONNX Runtime runs the graphs at batch 1 (the runtime) and at batch 3."""
+    import onnxruntime as ort
+
+    out = tmp_path / precision
+    m = build_artifact(CKPT_GEN, out, ArtifactOptions(precision=precision, backend="tensorrt-rtx", gpus=("sm89",),
+                                                      batch=2, max_batch=4, **FAST))
+    assert m["max_batch"] == 4 and "--max-batch 4" in m["rebuild_command"]
+    for graph in G.GRAPHS:
+        meta = m["graphs"][graph]
+        assert all(x["shape"][0] == -1 for x in meta["inputs"]), meta["inputs"]
+        assert (out / meta["engine"]).stat().st_size > 100_000
+        session = ort.InferenceSession(str(out / meta["onnx"]))
+        kinds = {"tensor(int32)": np.int32, "tensor(float16)": np.float16, "tensor(float)": np.float32}
+        feed = {i.name: np.zeros([3] + list(i.shape[1:]), dtype=kinds[i.type]) for i in session.get_inputs()}
+        assert session.run(None, feed)[0].shape[0] == 3
+    with Pipeline.load(out, device="cpu") as pipe:  # the runtime runs it at the artifact's batch
+        pipe.reset(0)
+        assert pipe.step().shape == (32, 32, 3)
