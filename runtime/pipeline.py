@@ -194,7 +194,7 @@ class Pipeline:
                         self.graphs.append(g)
                     self._graph_ptrs = self._pointers()
                 except Exception as e:  # capture can fail on ops that sync or allocate; eager still works
-                    warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); running eagerly")
+                    warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); running eagerly", stacklevel=2)
                     self.graphs = []
                     torch.cuda.synchronize()
         self.state = "ready"

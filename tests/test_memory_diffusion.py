@@ -10,7 +10,6 @@ them over the dicts here and say in the commit why the numbers moved.
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
