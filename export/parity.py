@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 from mirage.runtime import graphs as G
+from mirage.runtime.backends import OrtBackend
+from mirage.runtime.report import psnr
 from mirage.train.data import SyntheticVideo, v2v_input
 from mirage.train.model import MirageUNet
 from mirage.train.rollout import rollout
@@ -21,25 +23,17 @@ from mirage.train.rollout import rollout
 # Bounds on ‖out − ref‖ / ‖ref‖ per precision (METHOD.md: fp32 far under 1e-3, half precision
 # around 1e-3..1e-2; INT8 Q/DQ of a small model is looser).
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "int8": 0.15}
-NP_DTYPES = {1: np.float32, 10: np.float16, 6: np.int32, 7: np.int64}
 
 
 class OrtGraphs:
     """Both graphs of an export, run by ONNX Runtime, behind the model's denoise/context_encode."""
 
     def __init__(self, cfg, files: dict[str, str | Path], providers: list[str] | None = None):
-        import onnxruntime as ort
-
-        self.cfg = cfg
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        self.sessions = {g: ort.InferenceSession(str(f), opts, providers=providers or ["CPUExecutionProvider"])
-                         for g, f in files.items()}
-        self.dtypes = {g: {i.name: _np_dtype(i.type) for i in s.get_inputs()} for g, s in self.sessions.items()}
+        self.cfg, self.backend = cfg, OrtBackend(files, providers)
 
     def run(self, graph: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        feed = {k: v.detach().cpu().numpy().astype(self.dtypes[graph][k]) for k, v in inputs.items()}
-        return torch.from_numpy(self.sessions[graph].run(None, feed)[0].astype(np.float32))
+        feed = {k: v.detach().cpu().numpy().astype(self.backend.dtypes[graph][k]) for k, v in inputs.items()}
+        return torch.from_numpy(self.backend.sessions[graph].run(None, feed)[0].astype(np.float32))
 
     def denoise(self, x_t, t, cond, memory, ages):
         values = {G.X_T: x_t, G.T: t.float(), G.COND: cond, G.MEMORY: memory, G.AGES: ages.int()}
@@ -47,11 +41,6 @@ class OrtGraphs:
 
     def context_encode(self, frame, t_ctx):
         return self.run(G.CONTEXT, {G.FRAME: frame, G.T_CTX: t_ctx.float()})
-
-
-def _np_dtype(onnx_type: str):
-    return {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
-            "tensor(int64)": np.int64}[onnx_type]
 
 
 @torch.no_grad()
@@ -83,11 +72,9 @@ def rollout_psnr(model: MirageUNet, graphs: OrtGraphs, frames: int = 50, steps: 
     cond = [v2v_input(f)[None] for f in clip] if cfg.cond_channels else None
     ref = torch.cat(list(rollout(model.float().cpu(), frames, steps=steps, seed=seed, cond=cond)))
     out = torch.cat(list(rollout(graphs, frames, steps=steps, seed=seed, cond=cond)))
-    mse = ((out - ref) ** 2).mean(dim=(1, 2, 3)).clamp(min=1e-12)
-    psnr = 10 * torch.log10(4.0 / mse)
-    report = {"frames": frames, "steps": steps, "psnr_mean_db": float(psnr.mean()), "psnr_min_db": float(psnr.min()),
-              "psnr_last10_db": float(psnr[-10:].mean())}
+    frame_psnr = psnr(out, ref)
+    report = {"frames": frames, "steps": steps, "psnr_mean_db": float(frame_psnr.mean()),
+              "psnr_min_db": float(frame_psnr.min()), "psnr_last10_db": float(frame_psnr[-10:].mean())}
     if cfg.cond_channels:  # against the ground truth too: what the precision costs in task quality
-        gt = lambda x: float((10 * torch.log10(4.0 / ((x - clip) ** 2).mean(dim=(1, 2, 3)))).mean())  # noqa: E731
-        report.update(task_psnr_torch_db=gt(ref), task_psnr_db=gt(out))
+        report.update(task_psnr_torch_db=float(psnr(ref, clip).mean()), task_psnr_db=float(psnr(out, clip).mean()))
     return report

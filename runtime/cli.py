@@ -13,7 +13,7 @@ import click
 import numpy as np
 
 from .pipeline import BACKENDS, Pipeline, PipelineError
-from .report import latency_summary, table, write_json
+from .report import latency_summary, psnr, table, write_json
 from .video_io import VideoError, iter_frames, write_video
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -102,8 +102,7 @@ def main(model, source, frames, steps, seed, output, backend, no_cuda_graph, com
                 times.append(t1 - t0)
                 out_frames.append(frame)
                 if truth is not None:
-                    mse = float(((frame - truth[n]) ** 2).mean())
-                    psnrs.append(10 * np.log10(4.0 / max(mse, 1e-12)))
+                    psnrs.append(float(psnr(frame, truth[n])))
                 bar.set_postfix(ms=f"{times[-1] * 1e3:.1f}")
                 bar.update(1)
                 t0 = time.perf_counter()

@@ -22,6 +22,13 @@ def latency_summary(frame_seconds: list[float], first_frame_seconds: float | Non
     return out
 
 
+def psnr(a, b) -> np.ndarray:
+    """Per-frame PSNR in dB of frames in [-1, 1] (peak-to-peak 2), averaged over the last three
+    axes: (..., H, W, C) or (..., C, H, W) arrays, numpy or torch (CPU)."""
+    err = (np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2
+    return 10 * np.log10(4.0 / np.maximum(err.mean(axis=(-3, -2, -1)), 1e-12))
+
+
 def table(rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

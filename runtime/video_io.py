@@ -41,11 +41,6 @@ def fit_square(frame_u8: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img)
 
 
-def is_video_source(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in VIDEO_EXTS or path.is_dir() and any(
-        p.suffix.lower() in IMAGE_EXTS for p in path.iterdir())
-
-
 def iter_frames(path: str | os.PathLike, size: int) -> Iterator[np.ndarray]:
     """Yield frames of a video file, an image folder, or a webcam (its index as a string,
     "0" -> /dev/video0 through ffmpeg's v4l2 input, Linux) as float (size, size, 3) arrays."""

@@ -20,15 +20,10 @@ import torch.nn.functional as F
 
 from mirage.train.checkpoint import load_checkpoint
 from mirage.train.data import SyntheticVideo, v2v_input
+from mirage.runtime.report import psnr
 from mirage.train.rollout import DEFAULT_CONTEXT_NOISE, DEFAULT_STEPS, rollout
 
 COLLAPSE_STD = 0.03  # a frame whose pixels vary less than this (in [-1, 1] units) is one flat color
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-frame PSNR in dB of (T, 3, H, W) frames in [-1, 1] (peak-to-peak 2)."""
-    mse = ((a - b) ** 2).mean(dim=(1, 2, 3)).clamp(min=1e-10)
-    return 10 * torch.log10(4.0 / mse)
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
