@@ -1,10 +1,16 @@
-"""ctypes access to libmirage_kernels.so, for tests and the PyTorch backend (torch tensors in, torch out)."""
+"""ctypes access to libmirage_kernels.so: for tests, and as the CUDA kernel of the PyTorch op
+`mirage::temporal_attention`, so the PyTorch backend (eager, compiled or graph-captured) runs the
+fused kernel (`use_in_torch`).
+
+The library is built with CMake: `cmake -S . -B build && cmake --build build` -> build/libmirage_kernels.so
+"""
 from __future__ import annotations
 
 import ctypes
 from pathlib import Path
 
 _DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
+_CUDA_ERRORS = {1: "cudaErrorInvalidValue (a shape or dtype the kernel does not support)"}
 
 
 class KernelError(RuntimeError):
@@ -12,23 +18,57 @@ class KernelError(RuntimeError):
 
 
 def load(path: str | Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    fn = lib.mirage_temporal_attention
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 7 + [ctypes.c_void_p]
+    path = Path(path)
+    if not path.is_file():
+        raise KernelError(f"{path}: no kernel library; build it with `cmake -S . -B build && cmake --build build`")
+    lib = ctypes.CDLL(str(path.resolve()))
+    args = [ctypes.c_int] + [ctypes.c_void_p] * 7 + [ctypes.c_int] * 7
+    lib.mirage_temporal_attention.argtypes = args + [ctypes.c_void_p]
+    lib.mirage_temporal_attention_strided.argtypes = args + [ctypes.c_int, ctypes.c_void_p]
+    lib.mirage_temporal_attention.restype = lib.mirage_temporal_attention_strided.restype = ctypes.c_int
     return lib
 
 
-def temporal_attention(lib, q, k_self, v_self, memory, ages, age_table, heads: int, token_offset: int, out=None):
-    """q/k_self/v_self (B, N, D), memory (B, K, 2, N_total, D), ages (B, K) int32, age_table (K+1, D)."""
+def temporal_attention(lib, q, k_self, v_self, memory, ages, age_table, heads: int, token_offset: int = 0,
+                       out=None):
+    """q/k_self/v_self (B, N, D) with unit channel stride and evenly spaced rows (e.g. chunks of
+    one (B, N, 3D) projection), memory (B, K, 2, N_total, D) or a token slice of it, ages (B, K)
+    int32, age_table (K+1, D). Launches on the current stream; returns out (B, N, D)."""
     import torch
 
     b, n, d = q.shape
-    out = torch.empty_like(q) if out is None else out
-    err = lib.mirage_temporal_attention(_DTYPES[str(q.dtype).split(".")[-1]], q.data_ptr(), k_self.data_ptr(),
-                                        v_self.data_ptr(), memory.data_ptr(), ages.data_ptr(), age_table.data_ptr(),
-                                        out.data_ptr(), b, n, d, memory.shape[1], heads, memory.shape[3],
-                                        token_offset, torch.cuda.current_stream().cuda_stream)
+    rows = q.stride(1)
+    if not all(t.stride() == (n * rows, rows, 1) for t in (q, k_self, v_self)):
+        q, k_self, v_self, rows = q.contiguous(), k_self.contiguous(), v_self.contiguous(), d
+    ctx = memory.shape[1]
+    total = memory.stride(2) // d  # a token slice of the ring buffer is read in place, at its own start
+    if memory.stride() != (ctx * 2 * total * d, 2 * total * d, total * d, d, 1):
+        memory, total = memory.contiguous(), memory.shape[3]
+    out = torch.empty(b, n, d, dtype=q.dtype, device=q.device) if out is None else out
+    err = lib.mirage_temporal_attention_strided(
+        _DTYPES[str(q.dtype).split(".")[-1]], q.data_ptr(), k_self.data_ptr(), v_self.data_ptr(), memory.data_ptr(),
+        ages.data_ptr(), age_table.contiguous().data_ptr(), out.data_ptr(), b, n, d, ctx, heads,
+        total, token_offset, rows, torch.cuda.current_stream(q.device).cuda_stream)
     if err != 0:
-        raise KernelError(f"mirage_temporal_attention returned CUDA error {err}")
+        raise KernelError(f"mirage_temporal_attention: CUDA error {err} {_CUDA_ERRORS.get(err, '')}".rstrip())
     return out
+
+
+_registered: dict[str, ctypes.CDLL] = {}
+
+
+def use_in_torch(path: str | Path) -> None:
+    """Give `mirage::temporal_attention` this library's kernel on CUDA tensors (once per process).
+    Models opt in per layer (`MirageUNet.use_temporal_attention_op()`); on other devices the op
+    keeps the stock-op implementation."""
+    if _registered:
+        return
+    import torch
+
+    lib = _registered.setdefault("lib", load(path))
+
+    @torch.library.register_kernel("mirage::temporal_attention", "cuda")
+    def _fused(q, k_self, v_self, mem, ages, age_table, heads):
+        if ages.dtype != torch.int32:
+            ages = ages.to(torch.int32)
+        return temporal_attention(lib, q, k_self, v_self, mem, ages.contiguous(), age_table, heads)

@@ -53,11 +53,22 @@ class TorchBackend:
 
     array = "torch"
 
-    def __init__(self, model, device: str, dtype: str = "float32", compile_mode: str | None = None):
+    def __init__(self, model, device: str, dtype: str = "float32", compile_mode: str | None = None,
+                 kernel_library: str | None = None):
         import torch
 
         self.device, self.dtype = str(device), dtype
         self.model = model.to(device=device, dtype=getattr(torch, dtype)).eval()
+        if kernel_library:  # temporal attention through the fused plugins_cpp kernel
+            if not self.device.startswith("cuda"):
+                raise BackendError(f"the fused kernel library runs on CUDA devices, not {device!r}")
+            from mirage.plugins_cpp import kernels
+
+            try:
+                kernels.use_in_torch(kernel_library)
+            except (OSError, kernels.KernelError) as e:
+                raise BackendError(f"{kernel_library}: {e}") from e
+            self.model.use_temporal_attention_op()
         self.denoise, self.context = self.model.denoise, self.model.context_encode
         if compile_mode:
             self.denoise = torch.compile(self.denoise, mode=compile_mode)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Iterator
 
 import click
 import numpy as np
@@ -26,23 +27,25 @@ class RunError(click.ClickException):
     exit_code = 2
 
 
-def _input_stream(source: str, size: int, frames: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(input frames, ground-truth frames) as (H, W, 3) float32 lists: the video-to-video input
-    is the frame's luma plus coarse chroma, so a clip's own colors are its ground truth."""
+def _input_stream(source: str, size: int, frames: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(input frame, ground-truth frame) pairs, (H, W, 3) float32, read as they are needed: the
+    video-to-video input is the frame's luma plus coarse chroma, so a clip's own colors are its
+    ground truth."""
     import torch
 
     from mirage.train.data import SyntheticVideo, v2v_input
 
     if source == "synthetic":
-        truth = SyntheticVideo(size, seed=12345).clip(0, frames)
+        video = SyntheticVideo(size, seed=12345)
+        truths = (video.clip(0, 1, start=n)[0] for n in range(frames))
     else:
-        try:
-            truth = np.stack([f for _, f in zip(range(frames), iter_frames(source, size))])
-        except VideoError as e:
-            raise RunError(str(e)) from e
-    chw = torch.from_numpy(np.ascontiguousarray(truth.transpose(0, 3, 1, 2)))
-    inputs = v2v_input(chw).permute(0, 2, 3, 1).numpy()
-    return list(inputs), list(truth)
+        truths = (f for _, f in zip(range(frames), iter_frames(source, size)))
+    try:
+        for truth in truths:
+            chw = torch.from_numpy(np.ascontiguousarray(truth.transpose(2, 0, 1)))[None]
+            yield v2v_input(chw)[0].permute(1, 2, 0).numpy(), truth
+    except VideoError as e:
+        raise RunError(str(e)) from e
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -63,30 +66,32 @@ def _input_stream(source: str, size: int, frames: int) -> tuple[list[np.ndarray]
 @click.option("--compile", "compile_", is_flag=True,
               help="PyTorch backend: generate the kernels with torch.compile (Inductor) and capture them in the "
                    "frame graph (the fastest PyTorch path on a GPU; compiling takes a minute).")
+@click.option("--kernel-library", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="PyTorch backend on CUDA: run temporal attention with the fused kernel of this "
+                   "libmirage_kernels.so (build it with CMake, see README).")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the latency report as JSON here.")
 @click.option("--fps", type=click.IntRange(min=1), default=16, help="Frame rate of the written video.")
-def main(model, source, frames, steps, seed, output, backend, no_cuda_graph, compile_, device, json_path, fps):
+def main(model, source, frames, steps, seed, output, backend, no_cuda_graph, compile_, kernel_library, device, json_path,
+         fps):
     """Generate a video with a Mirage checkpoint or exported artifact, one frame at a time,
     and report per-frame latency. Video-to-video models restore full color to an input stream."""
     from tqdm import tqdm
 
     try:
         pipe = Pipeline.load(model, backend=backend, device=device, steps=steps, cuda_graph=not no_cuda_graph,
-                             compile_mode="default" if compile_ else None)
+                             compile_mode="default" if compile_ else None, kernel_library=kernel_library)
     except (PipelineError, RuntimeError, ValueError) as e:
         raise RunError(str(e)) from e
-    truth = None
     with pipe:
         size = pipe.shapes["x_t"][2]
         if pipe.v2v:
-            inputs, truth = _input_stream(source or "synthetic", size, frames)
-            frames = len(inputs)
+            pairs = _input_stream(source or "synthetic", size, frames)
         elif source is not None:
             raise RunError(f"{model} is a generation model and takes no --input; use a video-to-video model")
         else:
-            inputs = [None] * frames
+            pairs = ((None, None) for _ in range(frames))
         gpu = hasattr(pipe, "torch") and str(pipe.backend.device).startswith("cuda")
         if gpu:
             pipe.torch.cuda.reset_peak_memory_stats()
@@ -96,16 +101,18 @@ def main(model, source, frames, steps, seed, output, backend, no_cuda_graph, com
         out_frames, times, psnrs = [], [], []
         with tqdm(total=frames, desc="frames", unit="frame") as bar:
             t0 = time.perf_counter()
-            for n, x in enumerate(inputs):
+            for x, truth in pairs:
                 frame = pipe.step(x)
                 t1 = time.perf_counter()
                 times.append(t1 - t0)
                 out_frames.append(frame)
                 if truth is not None:
-                    psnrs.append(float(psnr(frame, truth[n])))
+                    psnrs.append(float(psnr(frame, truth)))
                 bar.set_postfix(ms=f"{times[-1] * 1e3:.1f}")
                 bar.update(1)
                 t0 = time.perf_counter()
+        if not times:
+            raise RunError(f"{source}: no frames could be read")
         backend_name = type(pipe.backend).__name__.replace("Backend", "").lower()
         device_name = pipe.torch.cuda.get_device_name() if gpu else "cpu"
         peak = pipe.torch.cuda.max_memory_allocated() / 2**20 if gpu else None

@@ -60,7 +60,7 @@ class Pipeline:
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", device: str = "auto", dtype: str | None = None,
              steps: int = 4, context_noise: int = 100, cuda_graph: bool = True,
-             compile_mode: str | None = None) -> "Pipeline":
+             compile_mode: str | None = None, kernel_library: str | None = None) -> "Pipeline":
         """Open an artifact directory (ONNX / engines + manifest) or a checkpoint folder."""
         path = Path(path)
         if backend not in BACKENDS:
@@ -70,7 +70,11 @@ class Pipeline:
             if backend not in ("auto", "torch"):
                 raise PipelineError(f"{path} is a checkpoint: only the torch backend runs it; "
                                     f"export it with `mirage-export --checkpoint {path}` for {backend}")
-            return cls._from_checkpoint(path, device, dtype, steps, context_noise, cuda_graph, compile_mode)
+            return cls._from_checkpoint(path, device, dtype, steps, context_noise, cuda_graph, compile_mode,
+                                        kernel_library)
+        if kernel_library:
+            raise PipelineError("--kernel-library is for the torch backend (checkpoints); an artifact takes the "
+                                "fused kernel as the TensorRT plugin (`mirage-export --temporal-attention plugin`)")
         video_to_video = bool(meta["model"]["cond_channels"])
         # a dynamic batch dim (-1) runs at the artifact's batch
         shapes = {x["name"]: tuple(meta.get("batch", 1) if d == -1 else d for d in x["shape"])
@@ -88,7 +92,7 @@ class Pipeline:
         return cls(impl, shapes, video_to_video, steps, context_noise, cuda_graph)
 
     @classmethod
-    def _from_checkpoint(cls, path, device, dtype, steps, context_noise, cuda_graph, compile_mode):
+    def _from_checkpoint(cls, path, device, dtype, steps, context_noise, cuda_graph, compile_mode, kernel_library):
         try:
             import torch
         except ImportError as e:
@@ -97,19 +101,22 @@ class Pipeline:
 
         dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         model, _ = load_checkpoint(path)
-        return cls.from_model(model, dev, dtype, steps, context_noise, cuda_graph, compile_mode)
+        return cls.from_model(model, dev, dtype, steps, context_noise, cuda_graph, compile_mode,
+                              kernel_library=kernel_library)
 
     @classmethod
     def from_model(cls, model, device: str, dtype: str | None = None, steps: int = 4, context_noise: int = 100,
-                   cuda_graph: bool = True, compile_mode: str | None = None, batch: int = 1) -> "Pipeline":
-        """A pipeline around an in-memory MirageUNet (the PyTorch backend)."""
+                   cuda_graph: bool = True, compile_mode: str | None = None, batch: int = 1,
+                   kernel_library: str | None = None) -> "Pipeline":
+        """A pipeline around an in-memory MirageUNet (the PyTorch backend); `kernel_library`
+        (libmirage_kernels.so, CUDA only) runs temporal attention with the fused kernel."""
         cfg = model.cfg
         img = (batch, cfg.channels, cfg.image_size, cfg.image_size)
         shapes = {G.X_T: img, G.COND: img, G.V: img, G.FRAME: img, G.T: (batch,), G.T_CTX: (batch,),
                   G.MEMORY: (batch, cfg.context_frames, 2, cfg.memory_tokens, cfg.temporal_dim),
                   G.AGES: (batch, cfg.context_frames), G.KV: (batch, 2, cfg.memory_tokens, cfg.temporal_dim)}
         dtype = dtype or ("float16" if str(device).startswith("cuda") else "float32")
-        impl = TorchBackend(model, device, dtype, compile_mode)
+        impl = TorchBackend(model, device, dtype, compile_mode, kernel_library)
         return cls(impl, shapes, bool(cfg.cond_channels), steps, context_noise, cuda_graph)
 
     # -- allocate -----------------------------------------------------------------------------

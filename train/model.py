@@ -121,12 +121,14 @@ class TemporalAttention(nn.Module):
         # frame is the most recent (index 0 is never used: empty slots are masked out).
         self.age = nn.Embedding(context_frames + 1, dim)
         self.out = zero_init(nn.Linear(dim, ch))
+        self.use_op = False  # call mirage::temporal_attention (a fused CUDA kernel once plugins_cpp registers it)
 
     def forward(self, x: torch.Tensor, mem: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         tokens = self.norm(x).reshape(b, c, h * w).transpose(1, 2)  # (B, N, C)
         q, k_self, v_self = self.qkv(tokens).chunk(3, dim=-1)  # each (B, N, D)
-        core = torch.ops.mirage.temporal_attention if _EXPORT_MODE["plugin_temporal_attention"] else temporal_attention
+        op = self.use_op or _EXPORT_MODE["plugin_temporal_attention"]
+        core = torch.ops.mirage.temporal_attention if op else temporal_attention
         out = self.out(core(q, k_self, v_self, mem, ages, self.age.weight, self.heads))  # (B, N, C)
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
@@ -262,6 +264,13 @@ class MirageUNet(nn.Module):
         if self.grad_checkpoint and self.training:
             return checkpoint(block, h, emb, use_reentrant=False)
         return block(h, emb)
+
+    def use_temporal_attention_op(self, enabled: bool = True) -> None:
+        """Route temporal attention through the op `mirage::temporal_attention`; with
+        `mirage.plugins_cpp.kernels.use_in_torch(lib)` that op is the fused CUDA kernel."""
+        for m in self.modules():
+            if isinstance(m, TemporalAttention):
+                m.use_op = enabled
 
     def context_encode(self, frame: torch.Tensor, t_ctx: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) frame at noise level t_ctx (B,) -> kv (B, 2, N, D) for one ring-buffer slot."""

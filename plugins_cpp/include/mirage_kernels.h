@@ -19,11 +19,20 @@ typedef enum { MIRAGE_FP32 = 0, MIRAGE_FP16 = 1, MIRAGE_BF16 = 2 } MirageDType;
 //   age_table         : (K + 1, D)            age embedding added to memory keys
 //   out               : (B, N, D)
 // heads divides D; D / heads (the head width) is a power of two from 2 to 1024/heads; D <= 1024.
+// Loads are as wide as alignment allows (16 bytes when every pointer and row is 16-byte aligned).
 // Returns cudaSuccess, cudaErrorInvalidValue for unsupported shapes, or the launch error.
 cudaError_t mirage_temporal_attention(MirageDType dtype, const void* q, const void* k_self, const void* v_self,
                                       const void* memory, const int32_t* ages, const void* age_table, void* out,
                                       int batch, int tokens, int dim, int context, int heads, int total_tokens,
                                       int token_offset, cudaStream_t stream);
+
+// The same with q, k_self and v_self rows qkv_stride elements apart (>= dim): reads q/k/v straight
+// out of a fused (B, N, 3D) projection, as PyTorch's chunk() leaves them.
+cudaError_t mirage_temporal_attention_strided(MirageDType dtype, const void* q, const void* k_self,
+                                              const void* v_self, const void* memory, const int32_t* ages,
+                                              const void* age_table, void* out, int batch, int tokens, int dim,
+                                              int context, int heads, int total_tokens, int token_offset,
+                                              int qkv_stride, cudaStream_t stream);
 
 #ifdef __cplusplus
 }
