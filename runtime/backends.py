@@ -91,28 +91,31 @@ class TorchBackend:
 
 
 class TensorRTBackend:
-    """TensorRT (10.x / 11.x) or TensorRT-RTX engines on torch CUDA buffers.
+    """TensorRT (10.x / 11.x) or TensorRT-RTX engines on cuda-python device buffers (no torch).
 
-    Tensor addresses are bound once per buffer set (`bind`), so `run` is a bare
-    `execute_async_v3` on the current stream and the whole frame can be graph-captured.
+    Tensor addresses are bound once per buffer set, so `run` is a bare `execute_async_v3` on the
+    pipeline's compute stream (`self.stream`, set by the pipeline) and the whole frame is
+    captured in one CUDA graph with the loop's NVRTC kernels (runtime/gpu.py: CudaGpu).
     NOT EXECUTED in this project's workplace: full TensorRT is not installable there and
-    TensorRT-RTX does not run on its Hopper GPUs; everything around this class is tested.
+    TensorRT-RTX does not run on its Hopper GPUs; the buffers, kernels, streams and graphs around
+    it are (scripts/check_cuda_runtime.py).
     """
 
-    array = "torch"
+    array = "cuda"
 
     def __init__(self, artifact: Path, manifest: dict, device: str = "cuda"):
         from mirage.engine.build import load_backend
         from mirage.engine.manifest import check_engine_file, check_loadable
 
-        import torch
+        from .cuda import compute_capability
 
-        self.device = device
+        self.device = device if ":" in device else "cuda:0"
+        self.stream = None  # the pipeline's compute stream (a cudaStream_t), set before the first run
         trt = load_backend(manifest["backend"]["name"])
-        cc = "sm%d%d" % torch.cuda.get_device_capability(torch.device(device))
+        cc = "sm%d%d" % compute_capability(int(self.device.split(":")[1]))
         plugin = (manifest.get("plugin") or {}).get("path")
         check_loadable(manifest, trt.__version__, cc, plugin)
-        if plugin:
+        if plugin:  # before deserializing: the engine's plugin layers are looked up in the registry
             trt.get_plugin_registry().load_library(plugin)
         self.trt, self.logger = trt, trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
@@ -128,7 +131,6 @@ class TensorRTBackend:
             self.contexts[graph] = engine.create_execution_context()
             self.io[graph] = {x["name"]: x["dtype"] for x in meta["inputs"] + meta["outputs"]}
         self.bound: dict[str, dict[str, int]] = {g: {} for g in self.engines}
-        self.torch = torch
 
     def buffer_dtype(self, graph: str, name: str) -> str:
         return {"float": "float32", "float16": "float16", "int32": "int32", "int64": "int64"}[self.io[graph][name]]
@@ -136,12 +138,14 @@ class TensorRTBackend:
     def run(self, graph, inputs, output):
         ctx, bound = self.contexts[graph], self.bound[graph]
         out_name = G.V if graph == G.DENOISE else G.KV
-        for name, tensor in (*inputs.items(), (out_name, output)):
-            if bound.get(name) != tensor.data_ptr():  # rebinding only when a buffer moved
-                if not ctx.set_tensor_address(name, tensor.data_ptr()):
+        for name, buf in (*inputs.items(), (out_name, output)):
+            if bound.get(name) != buf.data_ptr():  # rebinding only when a buffer moved
+                if not ctx.set_tensor_address(name, buf.data_ptr()):
                     raise BackendError(f"TensorRT refused the address of {name!r}")
-                bound[name] = tensor.data_ptr()
-        if not ctx.execute_async_v3(self.torch.cuda.current_stream().cuda_stream):
+                bound[name] = buf.data_ptr()
+        if self.stream is None:
+            raise BackendError("TensorRTBackend.run before the pipeline set its stream")
+        if not ctx.execute_async_v3(int(self.stream)):
             raise BackendError(f"TensorRT execute_async_v3 failed for {graph}")
 
     def close(self):

@@ -92,11 +92,11 @@ def main(model, source, frames, steps, seed, output, backend, no_cuda_graph, com
             raise RunError(f"{model} is a generation model and takes no --input; use a video-to-video model")
         else:
             pairs = ((None, None) for _ in range(frames))
-        gpu = hasattr(pipe, "torch") and str(pipe.backend.device).startswith("cuda")
-        if gpu:
-            pipe.torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        pipe.reset(seed)
+        pipe.reset(seed)  # allocates, warms up and captures on first use
+        gpu = pipe.gpu
+        if gpu is not None:
+            gpu.reset_peak_memory()
         setup = time.perf_counter() - start
         out_frames, times, psnrs = [], [], []
         with tqdm(total=frames, desc="frames", unit="frame") as bar:
@@ -114,8 +114,8 @@ def main(model, source, frames, steps, seed, output, backend, no_cuda_graph, com
         if not times:
             raise RunError(f"{source}: no frames could be read")
         backend_name = type(pipe.backend).__name__.replace("Backend", "").lower()
-        device_name = pipe.torch.cuda.get_device_name() if gpu else "cpu"
-        peak = pipe.torch.cuda.max_memory_allocated() / 2**20 if gpu else None
+        device_name = gpu.device_name() if gpu else "cpu"
+        peak, peak_kind = gpu.memory_mb() if gpu else (None, "")
         graphs = bool(pipe.graphs)
     try:
         written = write_video(output, out_frames, fps=fps)
@@ -131,7 +131,7 @@ def main(model, source, frames, steps, seed, output, backend, no_cuda_graph, com
             ("time to first frame", f"{report['first_frame_ms']:.1f} ms (+ {report['setup_ms']:.0f} ms setup)"),
             ("per-frame median / p99", f"{report['median_ms']:.2f} / {report['p99_ms']:.2f} ms"),
             ("FPS", f"{report['fps']:.1f}"),
-            ("peak GPU memory", f"{peak:.0f} MiB" if peak is not None else "n/a (CPU)")]
+            ("GPU memory", f"{peak:.0f} MiB ({peak_kind})" if peak is not None else "n/a (CPU)")]
     if psnrs:
         rows.append(("PSNR vs. ground truth", f"{report['psnr_db']:.2f} dB"))
     click.echo(table(rows))

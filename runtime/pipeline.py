@@ -50,7 +50,8 @@ class Pipeline:
                  context_noise: int = 100, cuda_graph: bool = True):
         self.backend, self.shapes, self.v2v = backend, shapes, video_to_video
         self.schedule = Schedule.make(ddim_coefficients(steps), ALPHAS_CUMPROD[context_noise], context_noise)
-        self.cuda_graph = cuda_graph and backend.array == "torch" and str(backend.device).startswith("cuda")
+        self.cuda_graph = cuda_graph and str(backend.device).startswith("cuda")
+        self.gpu = None  # TorchGpu / CudaGpu once allocated on a GPU
         self.state = "loaded"
         self.graphs: list = []
         self.timeline: list[dict] = []  # per frame, GPU event times in ms (GPU path)
@@ -83,7 +84,7 @@ class Pipeline:
         if backend == "tensorrt" or (backend == "auto" and has_engine and _cuda_available()):
             if not has_engine:
                 raise PipelineError(f"{path} has no engines; build them with `mirage-export --backend tensorrt`")
-            impl = TensorRTBackend(path, meta, device="cuda" if device == "auto" else device)
+            impl = TensorRTBackend(path, meta, device="cuda:0" if device == "auto" else device)
         elif backend in ("auto", "onnxruntime"):
             impl = OrtBackend({g: path / m["onnx"] for g, m in meta["graphs"].items()})
         else:
@@ -123,87 +124,80 @@ class Pipeline:
     def _alloc(self, name: str, graph: str, shape=None, dtype=None):
         shape = shape or self.shapes[name]
         dtype = dtype or self.backend.buffer_dtype(graph, name)
+        if self.gpu is not None:
+            return self.gpu.zeros(shape, dtype)
         if self.backend.array == "numpy":
             return np.zeros(shape, dtype=dtype)
         import torch
 
         return torch.zeros(shape, dtype=getattr(torch, dtype), device=self.backend.device)
 
+    def _fill(self, buf, value: float) -> None:
+        if self.backend.array == "cuda":
+            self.gpu.ops.fill_(buf, value)
+        else:
+            buf[...] = value
+
     def allocate(self) -> None:
         if self.state == "closed":
             raise PipelineError("pipeline is closed; load a new one")
+        self.gpu = _gpu_for(self.backend)
         d, c = G.DENOISE, G.CONTEXT
         t = [self._alloc(G.T, d) for _ in self.schedule.timesteps]
         for buf, value in zip(t, self.schedule.timesteps):
-            buf[...] = value
+            self._fill(buf, value)
         t_ctx = self._alloc(G.T_CTX, c)
-        t_ctx[...] = self.schedule.t_ctx
+        self._fill(t_ctx, self.schedule.t_ctx)
         self.buf = Buffers(
             x=self._alloc(G.X_T, d), v=self._alloc(G.V, d), frame=self._alloc(G.X_T, d),
             noise=self._alloc(G.FRAME, c), ctx=self._alloc(G.FRAME, c), kv=self._alloc(G.KV, c),
             memory=self._alloc(G.MEMORY, d), ages=self._alloc(G.AGES, d),
             slot=self._alloc("slot", d, (1,), "int64"), t=t, t_ctx=t_ctx,
             cond=self._alloc(G.COND, d) if self.v2v else None)
-        if self.backend.array == "numpy":
+        if self.gpu is not None:
+            self.ops = self.gpu.ops
+            if self.backend.array == "cuda":
+                self.backend.stream = self.gpu.compute  # engines enqueue on the stream the graph captures
+            self._alloc_gpu_io()
+        elif self.backend.array == "numpy":
             self.ops = NumpyOps()
         else:
-            import torch
-
-            self.torch = torch
             self.ops = TorchOps(self.backend.device)
-            if str(self.backend.device).startswith("cuda"):
-                self._alloc_gpu_io()
         self.state = "allocated"
 
     def _alloc_gpu_io(self) -> None:
-        torch, b = self.torch, self.buf
-        self.copy_stream = torch.cuda.Stream(self.backend.device)
+        gpu, b = self.gpu, self.buf
         # Parity-indexed (frame n uses index n % 2) staging: device input/output and pinned host.
-        self.cond_stage = [torch.zeros_like(b.x) for _ in range(2)] if self.v2v else None
-        self.frame_out = [torch.zeros_like(b.x) for _ in range(2)]
-        self.host_in = [torch.zeros(b.x.shape, dtype=torch.float32, pin_memory=True) for _ in range(2)]
-        self.host_out = [torch.zeros(b.x.shape, dtype=torch.float32, pin_memory=True) for _ in range(2)]
-        ev = lambda: [torch.cuda.Event(enable_timing=True) for _ in range(2)]  # noqa: E731
+        self.cond_stage = [gpu.zeros(b.x.shape, _dtype_name(b.x)) for _ in range(2)] if self.v2v else None
+        self.frame_out = [gpu.zeros(b.x.shape, _dtype_name(b.x)) for _ in range(2)]
+        self.host_in = [gpu.pinned(b.x) for _ in range(2)]
+        self.host_out = [gpu.pinned(b.x) for _ in range(2)]
+        ev = lambda: [gpu.event() for _ in range(2)]  # noqa: E731
         self.ev_up, self.ev_start, self.ev_done, self.ev_down, self.ev_up0 = ev(), ev(), ev(), ev(), ev()
         self._pending: list[int] = []
 
     def _gpu_frame(self, k: int) -> None:
         """The body of graph k: the frame, reading staged input k and writing output k."""
         if self.v2v:
-            self.buf.cond.copy_(self.cond_stage[k])
+            self.gpu.copy(self.buf.cond, self.cond_stage[k])
         run_frame(self.backend, self.ops, self.buf, self.schedule)
-        self.frame_out[k].copy_(self.buf.frame)
+        self.gpu.copy(self.frame_out[k], self.buf.frame)
 
     # -- warm up + capture ---------------------------------------------------------------------
     def warm_up_and_capture(self) -> None:
         """One eager frame per graph (allocator, kernels, autotuning), then capture; eager on failure."""
         if self.state != "allocated":
             raise PipelineError(f"warm up needs an allocated pipeline (state: {self.state})")
-        if hasattr(self, "copy_stream"):
-            torch = self.torch
-            # Capture wants the warm-up on a side stream (PyTorch's rule); a compiled backend
-            # with its own CUDA graphs is warmed where it will run.
-            side = torch.cuda.Stream(self.backend.device) if self.cuda_graph else torch.cuda.current_stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for k in range(2):
-                    self._gpu_frame(k)
-            torch.cuda.current_stream().wait_stream(side)
-            torch.cuda.synchronize()
+        if self.gpu is not None:
+            self.gpu.warm_up(lambda: [self._gpu_frame(k) for k in range(2)], for_capture=self.cuda_graph)
             if self.cuda_graph:
                 try:
-                    pool = torch.cuda.graph_pool_handle()
-                    self.graphs = []
-                    for k in range(2):
-                        g = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(g, pool=pool):
-                            self._gpu_frame(k)
-                        self.graphs.append(g)
+                    self.graphs = [self.gpu.capture(lambda k=k: self._gpu_frame(k)) for k in range(2)]
                     self._graph_ptrs = self._pointers()
-                except Exception as e:  # capture can fail on ops that sync or allocate; eager still works
+                except Exception as e:  # noqa: BLE001 (capture can fail on ops that sync or allocate; eager still works)
                     warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); running eagerly", stacklevel=2)
                     self.graphs = []
-                    torch.cuda.synchronize()
+                    self.gpu.synchronize()
         self.state = "ready"
 
     def _pointers(self) -> list[int]:
@@ -221,9 +215,9 @@ class Pipeline:
             self.warm_up_and_capture()
         if self.state == "closed":
             raise PipelineError("pipeline is closed; load a new one")
-        if hasattr(self, "copy_stream"):
+        if self.gpu is not None:
             self._drain()
-            self.torch.cuda.synchronize()
+            self.gpu.synchronize()
         reset_memory(self.ops, self.buf)
         self.ops.seed(seed)
         self._frame = 0
@@ -245,9 +239,14 @@ class Pipeline:
                 raise PipelineError(f"input frame has shape {tuple(cond.shape)}, the model takes {expected}; "
                                     "resize it (mirage.runtime.video_io.fit_square)")
             chw = np.ascontiguousarray(np.asarray(cond, dtype=np.float32).transpose(2, 0, 1))[None]
-        if not hasattr(self, "copy_stream"):
+        if self.gpu is None:
             if chw is not None:
-                self.buf.cond[...] = chw if self.backend.array == "numpy" else self.torch.from_numpy(chw)
+                if self.backend.array == "numpy":
+                    self.buf.cond[...] = chw
+                else:
+                    import torch
+
+                    self.buf.cond[...] = torch.from_numpy(chw)
             run_frame(self.backend, self.ops, self.buf, self.schedule)
             self._cpu_result = self.buf.frame.copy() if self.backend.array == "numpy" else \
                 self.buf.frame.float().cpu().numpy()
@@ -256,47 +255,47 @@ class Pipeline:
         self._submit_gpu(chw)
 
     def _submit_gpu(self, chw: np.ndarray | None) -> None:
-        torch, k, compute = self.torch, self._frame % 2, self.torch.cuda.current_stream()
+        gpu, k = self.gpu, self._frame % 2
+        compute, copy = gpu.compute, gpu.copy_stream
         if len(self._pending) == 2:  # the host buffers of frame n-2 are about to be reused
             self.collect()
         if self.graphs and self._pointers() != self._graph_ptrs:
             raise PipelineError("a buffer moved since capture; the graphs are stale (reload the pipeline)")
-        with torch.cuda.stream(self.copy_stream):
-            self.ev_up0[k].record()
-            if chw is not None:
-                self.host_in[k].numpy()[...] = chw
-                self.copy_stream.wait_event(self.ev_done[k])  # graph n-2 finished reading stage k
-                self.cond_stage[k].copy_(self.host_in[k], non_blocking=True)
-            self.ev_up[k].record()
-        compute.wait_event(self.ev_up[k])
-        compute.wait_event(self.ev_down[k])  # frame n-2's output k has been downloaded
-        self.ev_start[k].record(compute)
+        gpu.record(self.ev_up0[k], copy)
+        if chw is not None:
+            self.host_in[k][...] = chw
+            gpu.wait(copy, self.ev_done[k])  # graph n-2 finished reading stage k
+            gpu.upload(self.cond_stage[k], self.host_in[k])
+        gpu.record(self.ev_up[k], copy)
+        gpu.wait(compute, self.ev_up[k])
+        gpu.wait(compute, self.ev_down[k])  # frame n-2's output k has been downloaded
+        gpu.record(self.ev_start[k], compute)
         if self.graphs:
-            self.graphs[k].replay()
+            gpu.replay(self.graphs[k])
         else:
             self._gpu_frame(k)
-        self.ev_done[k].record(compute)
-        with torch.cuda.stream(self.copy_stream):
-            self.copy_stream.wait_event(self.ev_done[k])
-            self.host_out[k].copy_(self.frame_out[k], non_blocking=True)
-            self.ev_down[k].record()
+        gpu.record(self.ev_done[k], compute)
+        gpu.wait(copy, self.ev_done[k])
+        gpu.download(self.host_out[k], self.frame_out[k])
+        gpu.record(self.ev_down[k], copy)
         self._pending.append(self._frame)
         self._frame += 1
 
     def collect(self) -> np.ndarray:
         """Wait for the oldest submitted frame and return it as (H, W, 3) float32."""
-        if not hasattr(self, "copy_stream"):
+        if self.gpu is None:
             return self._cpu_result[0].transpose(1, 2, 0).astype(np.float32)
         if not self._pending:
             raise PipelineError("collect() without a submitted frame")
         n = self._pending.pop(0)
-        k = n % 2
-        self.ev_down[k].synchronize()
-        self.timeline.append({"frame": n, "upload_ms": self.ev_up0[k].elapsed_time(self.ev_up[k]),
-                              "compute_ms": self.ev_start[k].elapsed_time(self.ev_done[k]),
-                              "download_ms": self.ev_done[k].elapsed_time(self.ev_down[k]),
-                              "upload_end_to_compute_start_ms": self.ev_up[k].elapsed_time(self.ev_start[k])})
-        return self.host_out[k][0].numpy().transpose(1, 2, 0).copy()
+        k, gpu = n % 2, self.gpu
+        gpu.sync_event(self.ev_down[k])
+        ms = gpu.elapsed_ms
+        self.timeline.append({"frame": n, "upload_ms": ms(self.ev_up0[k], self.ev_up[k]),
+                              "compute_ms": ms(self.ev_start[k], self.ev_done[k]),
+                              "download_ms": ms(self.ev_done[k], self.ev_down[k]),
+                              "upload_end_to_compute_start_ms": ms(self.ev_up[k], self.ev_start[k])})
+        return self.host_out[k][0].transpose(1, 2, 0).astype(np.float32)
 
     def _drain(self) -> None:
         while getattr(self, "_pending", None):
@@ -311,7 +310,7 @@ class Pipeline:
         """Frames for an input stream (or a frame count for generation), one frame in flight
         ahead: frame n+1's input uploads while frame n computes and downloads."""
         items = iter([None] * inputs) if isinstance(inputs, int) else iter(inputs)
-        gpu = hasattr(self, "copy_stream")
+        gpu = self.gpu is not None
         for cond in items:
             self.submit(cond)
             if not gpu or len(self._pending) == 2:
@@ -324,11 +323,13 @@ class Pipeline:
     def close(self) -> None:
         if self.state == "closed":
             return
-        if hasattr(self, "copy_stream"):
+        if self.gpu is not None:
             self._drain()
-            self.torch.cuda.synchronize()
+            self.gpu.synchronize()
         self.graphs = []
         self.backend.close()
+        if self.gpu is not None:
+            self.gpu.close()
         self.buf = None
         self.state = "closed"
 
@@ -337,6 +338,19 @@ class Pipeline:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _gpu_for(backend):
+    """The GPU plumbing matching the backend's buffers, or None on the CPU."""
+    if not str(backend.device).startswith("cuda"):
+        return None
+    from .gpu import CudaGpu, TorchGpu
+
+    return (TorchGpu if backend.array == "torch" else CudaGpu)(backend.device)
+
+
+def _dtype_name(buf) -> str:
+    return buf.dtype if isinstance(buf.dtype, str) else str(buf.dtype).split(".")[1]
 
 
 def _cuda_available() -> bool:

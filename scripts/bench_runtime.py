@@ -175,6 +175,43 @@ def throughput(name: str, batches: list[int], variant: str, kernel_library: str,
     return rows
 
 
+def profile(name: str, variant: str, kernel_library: str, top: int = 12) -> dict:
+    """Where a frame's GPU time goes: one frame of `variant` run eagerly (no frame graph, so the
+    profiler sees every kernel) -> kernels per frame, summed kernel time, the slowest kernels."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    spec = VARIANTS[variant]
+    model = random_model(name)
+    if spec.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+    with Pipeline.from_model(model, "cuda", spec["dtype"], cuda_graph=False, compile_mode=spec.get("compile"),
+                             kernel_library=kernel_library if spec.get("fused") else None) as pipe:
+        pipe.reset(0)
+        for _ in range(3):
+            pipe.step()
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            pipe.step()
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.device_time for e in kernels)  # us
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name, []).append(e.device_time)
+    rows = sorted(((sum(v), len(v), k) for k, v in by_name.items()), reverse=True)[:top]
+    res = {"variant": variant, "kernels_per_frame": len(kernels), "kernel_ms_per_frame": total / 1e3,
+           "mean_kernel_us": total / max(1, len(kernels)),
+           "top": [{"name": k[:90], "calls": n, "ms": t / 1e3, "share": t / total} for t, n, k in rows]}
+    model.use_temporal_attention_op(False)
+    torch.compiler.reset()
+    print(f"profile {name} {variant}: {res['kernels_per_frame']} kernels/frame, {res['kernel_ms_per_frame']:.3f} ms "
+          f"of kernel time (mean {res['mean_kernel_us']:.1f} us)", flush=True)
+    for r in res["top"]:
+        print(f"    {r['share'] * 100:5.1f}%  {r['ms']:7.3f} ms  x{r['calls']:<4} {r['name']}", flush=True)
+    return res
+
+
 def plot(report: dict, path: str) -> None:
     """Per-frame median latency per variant and config (log scale), the floor as a line."""
     import matplotlib
@@ -212,6 +249,8 @@ def main(argv=None) -> int:
     p.add_argument("--throughput-configs", default="", help="configs for the batched-streams table")
     p.add_argument("--throughput-batches", default="1,4,8,16")
     p.add_argument("--throughput-variant", default="runtime-fp16", choices=list(VARIANTS))
+    p.add_argument("--profile-variants", default="",
+                   help="also profile one eager frame of these variants per config (kernel count, top kernels)")
     p.add_argument("--plot", default="", help="also draw the latency per variant here (PNG, needs matplotlib)")
     p.add_argument("--plot-only", action="store_true", help="redraw --plot from an existing --json, no GPU")
     p.add_argument("--check-configs", default="tiny",
@@ -243,6 +282,7 @@ def main(argv=None) -> int:
         entry = {"parameters": parameter_count(model), "floor": floor(model, args.steps, report["peaks"]),
                  "variants": {}}
         print(f"{name}: floor {entry['floor']}", flush=True)
+        entry["profiles"] = [profile(name, v, args.kernel_library) for v in filter(None, args.profile_variants.split(","))]
         for variant in args.variants.split(","):
             spec = VARIANTS[variant]
             t = time.perf_counter()

@@ -18,7 +18,7 @@ from mirage.train.rollout import rollout
 
 
 def test_runtime_imports_without_torch():
-    code = ("import sys; sys.modules['torch'] = None; import mirage.runtime, mirage.runtime.video_io; "
+    code = ("import sys; sys.modules['torch'] = None; import mirage.runtime, mirage.runtime.video_io, mirage.runtime.cuda, mirage.runtime.gpu, mirage.runtime.backends; "
             "from mirage.runtime import Pipeline; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
@@ -136,3 +136,47 @@ def test_mirage_run_cli(tmp_path):
     assert r.exit_code == 2 and "broken.mp4" in r.output
     r = runner.invoke(main, [str(CKPT_GEN), "--input", "synthetic"])
     assert r.exit_code == 2 and "takes no --input" in r.output
+
+
+def test_cuda_call_names_the_failing_call():
+    """Every cuda-python call goes through one status check whose error names the call."""
+    rt = pytest.importorskip("cuda.bindings.runtime")
+    from mirage.runtime.cuda import CudaError, call
+
+    def cudaFakeAlloc(size):  # noqa: N802 (named like the CUDA call it stands in for)
+        return rt.cudaError_t.cudaErrorMemoryAllocation, None
+
+    with pytest.raises(CudaError, match=r"cudaFakeAlloc failed: cudaErrorMemoryAllocation"):
+        call(cudaFakeAlloc, 1 << 40)
+    assert call(lambda: (rt.cudaError_t.cudaSuccess, 7)) == 7
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_cuda_path_without_gpu_is_a_clear_error():
+    pytest.importorskip("cuda.bindings")
+    from mirage.runtime.cuda import CudaError
+    from mirage.runtime.gpu import CudaGpu
+
+    with pytest.raises(CudaError, match="cudaGetDeviceCount failed"):
+        CudaGpu("cuda:0")
+
+
+def test_fused_kernel_option_errors(tmp_path):
+    """The fused-kernel option is CUDA-only and names a missing library; the op route itself
+    (stock implementation off CUDA) gives the same frames as the module route."""
+    from mirage.plugins_cpp import kernels
+    from mirage.runtime.backends import BackendError
+
+    model, _ = load_checkpoint(CKPT_GEN)
+    with pytest.raises(BackendError, match="runs on CUDA devices"):
+        Pipeline.from_model(model, "cpu", kernel_library=str(tmp_path / "lib.so"))
+    with pytest.raises(kernels.KernelError, match="no kernel library"):
+        kernels.load(tmp_path / "missing.so")
+    outs = []
+    for use_op in (False, True):
+        model.use_temporal_attention_op(use_op)
+        with Pipeline.from_model(model, "cpu") as pipe:
+            pipe.reset(0)
+            outs.append(np.stack([pipe.step() for _ in range(3)]))
+    model.use_temporal_attention_op(False)
+    np.testing.assert_array_equal(outs[0], outs[1])

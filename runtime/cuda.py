@@ -1,0 +1,360 @@
+"""CUDA through cuda-python (`cuda.bindings`), no torch: the GPU path of engines that are not
+PyTorch (TensorRT). Every call goes through `call`, which checks its status and names the call
+in the error.
+
+    dev = Device(0)                                 # sets the device, compiles the loop kernels (NVRTC)
+    x = dev.empty((1, 3, 64, 64), "float16")        # DeviceBuffer: cudaMalloc'd once, freed by close()
+    h = dev.pinned((1, 3, 64, 64), "float32")       # numpy array over cudaMallocHost memory
+    s = dev.stream(); e = dev.event()
+    graph = dev.capture(s, lambda: ...)             # stream capture -> instantiated graph; graph.launch(s)
+
+The element-wise work of the frame loop (noise, the DDIM update, clamp, the ring-buffer write)
+is a handful of kernels compiled once with NVRTC (`CudaOps`), so a whole frame is captured.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+
+import numpy as np
+
+
+class CudaError(RuntimeError):
+    """A CUDA call failed; the message names the call and CUDA's error."""
+
+
+def _import():
+    try:
+        from cuda.bindings import driver, nvrtc, runtime
+    except ImportError as e:
+        raise CudaError("the cuda-python GPU path needs `pip install cuda-python` (cuda.bindings)") from e
+    return driver, nvrtc, runtime
+
+
+def call(fn, *args):
+    """Run one cuda-python call and check its status: returns the call's values (None, one, or a tuple)."""
+    result = fn(*args)
+    err, values = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
+    code = int(err)
+    if code != 0:
+        raise CudaError(f"{getattr(fn, '__name__', fn)} failed: {_error_text(err)}")
+    return None if not values else values[0] if len(values) == 1 else values
+
+
+def _error_text(err) -> str:
+    driver, nvrtc, runtime = _import()
+    if isinstance(err, runtime.cudaError_t):
+        return f"{err.name} ({runtime.cudaGetErrorString(err)[1].decode()})"
+    if isinstance(err, driver.CUresult):
+        desc = driver.cuGetErrorString(err)[1]
+        return f"{err.name} ({desc.decode() if desc else ''})"
+    if isinstance(err, nvrtc.nvrtcResult):
+        return err.name
+    return str(err)
+
+
+def compute_capability(index: int = 0) -> tuple[int, int]:
+    """(major, minor) of cuda:index, from the driver (what an engine's target must match)."""
+    rt = _import()[2]
+    attr = rt.cudaDeviceAttr
+    return (call(rt.cudaDeviceGetAttribute, attr.cudaDevAttrComputeCapabilityMajor, index),
+            call(rt.cudaDeviceGetAttribute, attr.cudaDevAttrComputeCapabilityMinor, index))
+
+
+_NP = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
+
+
+class DeviceBuffer:
+    """One device allocation with a shape and dtype; exposes __cuda_array_interface__ so that
+    other libraries (CuPy, PyTorch) can view it without a copy."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: str):
+        _, _, rt = _import()
+        self.shape, self.dtype = tuple(shape), dtype
+        self.nbytes = int(math.prod(self.shape)) * np.dtype(_NP[dtype]).itemsize
+        self.ptr = int(call(rt.cudaMalloc, max(self.nbytes, 1)))
+
+    @property
+    def size(self) -> int:
+        return int(math.prod(self.shape))
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        return {"shape": self.shape, "typestr": np.dtype(_NP[self.dtype]).str, "data": (self.ptr, False),
+                "version": 3}
+
+    def data_ptr(self) -> int:  # the name TensorRT binding code shares with torch tensors
+        return self.ptr
+
+    def free(self) -> None:
+        if self.ptr:
+            call(_import()[2].cudaFree, self.ptr)
+            self.ptr = 0
+
+
+class Graph:
+    """An instantiated CUDA graph, launched on a stream."""
+
+    def __init__(self, graph, exec_):
+        self.graph, self.exec = graph, exec_
+
+    def launch(self, stream) -> None:
+        call(_import()[2].cudaGraphLaunch, self.exec, stream)
+
+    def destroy(self) -> None:
+        rt = _import()[2]
+        call(rt.cudaGraphExecDestroy, self.exec)
+        call(rt.cudaGraphDestroy, self.graph)
+
+
+class Device:
+    """One GPU: allocations, streams, events and graphs, all freed by close()."""
+
+    def __init__(self, index: int = 0):
+        driver, _, rt = _import()
+        self.rt, self.driver, self.index = rt, driver, index
+        count = call(rt.cudaGetDeviceCount)
+        if index >= count:
+            raise CudaError(f"cuda:{index} requested but {count} CUDA device(s) are visible")
+        call(rt.cudaSetDevice, index)
+        call(rt.cudaFree, 0)  # creates the primary context, which the driver API (kernels) then uses
+        self.capability = compute_capability(index)
+        self._buffers: list[DeviceBuffer] = []
+        self._pinned: list[int] = []
+        self._streams, self._events, self._graphs = [], [], []
+
+    def empty(self, shape, dtype: str) -> DeviceBuffer:
+        buf = DeviceBuffer(shape, dtype)
+        self._buffers.append(buf)
+        return buf
+
+    def pinned(self, shape, dtype: str) -> np.ndarray:
+        """A numpy array over page-locked host memory (what async copies need to be async)."""
+        nbytes = int(math.prod(shape)) * np.dtype(_NP[dtype]).itemsize
+        ptr = int(call(self.rt.cudaMallocHost, nbytes))
+        self._pinned.append(ptr)
+        raw = (ctypes.c_byte * nbytes).from_address(ptr)
+        return np.frombuffer(raw, dtype=_NP[dtype]).reshape(shape)
+
+    def stream(self):
+        s = call(self.rt.cudaStreamCreateWithFlags, self.rt.cudaStreamNonBlocking)
+        self._streams.append(s)
+        return s
+
+    def event(self, timing: bool = True):
+        flags = self.rt.cudaEventDefault if timing else self.rt.cudaEventDisableTiming
+        e = call(self.rt.cudaEventCreateWithFlags, flags)
+        self._events.append(e)
+        return e
+
+    def record(self, event, stream) -> None:
+        call(self.rt.cudaEventRecord, event, stream)
+
+    def wait(self, stream, event) -> None:
+        call(self.rt.cudaStreamWaitEvent, stream, event, 0)
+
+    def elapsed_ms(self, start, end) -> float:
+        return float(call(self.rt.cudaEventElapsedTime, start, end))
+
+    def sync_event(self, event) -> None:
+        call(self.rt.cudaEventSynchronize, event)
+
+    def synchronize(self) -> None:
+        call(self.rt.cudaDeviceSynchronize)
+
+    def upload(self, dst: DeviceBuffer, src: np.ndarray, stream) -> None:
+        """Async host -> device copy (src should be pinned, see `pinned`)."""
+        self._check_copy(dst, src)
+        call(self.rt.cudaMemcpyAsync, dst.ptr, src.ctypes.data, dst.nbytes,
+             self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream)
+
+    def download(self, dst: np.ndarray, src: DeviceBuffer, stream) -> None:
+        self._check_copy(src, dst)
+        call(self.rt.cudaMemcpyAsync, dst.ctypes.data, src.ptr, src.nbytes,
+             self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream)
+
+    def copy(self, dst: DeviceBuffer, src: DeviceBuffer, stream) -> None:
+        if dst.nbytes != src.nbytes:
+            raise CudaError(f"copy of {src.nbytes} bytes into a buffer of {dst.nbytes}")
+        call(self.rt.cudaMemcpyAsync, dst.ptr, src.ptr, src.nbytes, self.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
+             stream)
+
+    @staticmethod
+    def _check_copy(dev: DeviceBuffer, host: np.ndarray) -> None:
+        if host.nbytes != dev.nbytes or not host.flags.c_contiguous:
+            raise CudaError(f"host array {host.shape} {host.dtype} does not match device buffer {dev.shape} "
+                            f"{dev.dtype} (or is not contiguous)")
+
+    def capture(self, stream, body) -> Graph:
+        """Record everything `body()` enqueues on `stream` into a graph (nothing runs yet). The
+        capture is always ended, so a failing body leaves the stream usable."""
+        call(self.rt.cudaStreamBeginCapture, stream, self.rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
+        try:
+            body()
+        finally:
+            graph = call(self.rt.cudaStreamEndCapture, stream)
+        exec_ = call(self.rt.cudaGraphInstantiate, graph, 0)
+        g = Graph(graph, exec_)
+        self._graphs.append(g)
+        return g
+
+    def close(self) -> None:
+        """Free everything this device object allocated (after a synchronize)."""
+        self.synchronize()
+        for g in self._graphs:
+            g.destroy()
+        for e in self._events:
+            call(self.rt.cudaEventDestroy, e)
+        for s in self._streams:
+            call(self.rt.cudaStreamDestroy, s)
+        for b in self._buffers:
+            b.free()
+        for p in self._pinned:
+            call(self.rt.cudaFreeHost, p)
+        self._graphs, self._events, self._streams, self._buffers, self._pinned = [], [], [], [], []
+
+
+# The loop's element-wise kernels. Half precision goes through PTX conversions so the source needs
+# no headers (NVRTC ships none for cuda_fp16.h on every install).
+_KERNELS = r"""
+typedef unsigned short half_t;
+__device__ __forceinline__ float h2f(half_t h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+__device__ __forceinline__ half_t f2h(float f) { half_t h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+__device__ __forceinline__ float ld(const float* p, long i) { return p[i]; }
+__device__ __forceinline__ float ld(const half_t* p, long i) { return h2f(p[i]); }
+__device__ __forceinline__ void st(float* p, long i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(half_t* p, long i, float v) { p[i] = f2h(v); }
+
+// splitmix64: a counter-based generator, so a replayed graph draws fresh noise from the counter
+__device__ __forceinline__ unsigned long long mix(unsigned long long z) {
+  z += 0x9E3779B97F4A7C15ull; z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull; return z ^ (z >> 31);
+}
+template <typename T> __device__ void randn(T* out, long n, const unsigned long long* state) {
+  long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  unsigned long long r = mix(state[0] ^ mix(state[1] * 0x100000000ull + i));
+  float u1 = ((r >> 40) + 1.0f) * (1.0f / 16777217.0f), u2 = ((r & 0xFFFFFFull) + 0.5f) * (1.0f / 16777216.0f);
+  st(out, i, sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2));  // Box-Muller
+}
+template <typename T, typename S> __device__ void lincomb(T* dst, float a, const S* x, float b, const T* y, long n) {
+  long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+  if (i < n) st(dst, i, a * ld(x, i) + b * ld(y, i));
+}
+template <typename T> __device__ void clamp1(T* dst, const T* src, long n) {
+  long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+  if (i < n) st(dst, i, fminf(fmaxf(ld(src, i), -1.0f), 1.0f));
+}
+// memory (B, K, S) with S = 2*N*D elements per slot; kv (B, S); slot[0] is the slot to write
+template <typename T> __device__ void ring_copy(T* memory, const T* kv, const long long* slot, int k, long s, long n) {
+  long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+  if (i < n) { long b = i / s, e = i % s; memory[(b * k + slot[0]) * s + e] = kv[i]; }
+}
+extern "C" {
+__global__ void randn_f32(float* o, long n, const unsigned long long* s) { randn(o, n, s); }
+__global__ void randn_f16(half_t* o, long n, const unsigned long long* s) { randn(o, n, s); }
+__global__ void advance(unsigned long long* s) { if (threadIdx.x == 0) s[1] += 1; }  // one draw per randn launch
+__global__ void lincomb_f32(float* d, float a, const float* x, float b, const float* y, long n) { lincomb(d, a, x, b, y, n); }
+__global__ void lincomb_f16(half_t* d, float a, const half_t* x, float b, const half_t* y, long n) { lincomb(d, a, x, b, y, n); }
+__global__ void clamp_f32(float* d, const float* s, long n) { clamp1(d, s, n); }
+__global__ void clamp_f16(half_t* d, const half_t* s, long n) { clamp1(d, s, n); }
+__global__ void ring_copy_f32(float* m, const float* kv, const long long* slot, int k, long s, long n) { ring_copy(m, kv, slot, k, s, n); }
+__global__ void ring_copy_f16(half_t* m, const half_t* kv, const long long* slot, int k, long s, long n) { ring_copy(m, kv, slot, k, s, n); }
+// after the copy: every filled slot ages by one, the written slot becomes age 1, the slot advances
+__global__ void ring_advance(int* ages, long long* slot, int batch, int k) {
+  if (threadIdx.x != 0) return;
+  for (int i = 0; i < batch * k; ++i) ages[i] += ages[i] > 0;
+  for (int b = 0; b < batch; ++b) ages[b * k + slot[0]] = 1;
+  slot[0] = (slot[0] + 1) % k;
+}
+__global__ void fill_f32(float* d, float v, long n) { long i = blockIdx.x * (long)blockDim.x + threadIdx.x; if (i < n) d[i] = v; }
+__global__ void zero_bytes(unsigned char* d, long n) { long i = blockIdx.x * (long)blockDim.x + threadIdx.x; if (i < n) d[i] = 0; }
+}
+"""
+
+_SUFFIX = {"float32": "f32", "float16": "f16"}
+
+
+class CudaOps:
+    """The frame loop's `Ops` on DeviceBuffers: kernels launched on one stream (the compute
+    stream), so they are captured with the engine calls into the frame graph."""
+
+    THREADS = 256
+
+    def __init__(self, device: Device, stream, seed: int = 0):
+        self.dev, self.stream = device, stream
+        driver, nvrtc, _ = _import()
+        self.driver = driver
+        major, minor = device.capability
+        prog = call(nvrtc.nvrtcCreateProgram, _KERNELS.encode(), b"mirage_loop.cu", 0, [], [])
+        opts = [f"--gpu-architecture=sm_{major}{minor}".encode(), b"-std=c++17", b"--use_fast_math"]
+        try:
+            call(nvrtc.nvrtcCompileProgram, prog, len(opts), opts)
+        except CudaError as e:
+            size = call(nvrtc.nvrtcGetProgramLogSize, prog)
+            log = b" " * size
+            call(nvrtc.nvrtcGetProgramLog, prog, log)
+            raise CudaError(f"{e}\n{log.decode(errors='replace')}") from e
+        cubin = b" " * call(nvrtc.nvrtcGetCUBINSize, prog)
+        call(nvrtc.nvrtcGetCUBIN, prog, cubin)
+        call(nvrtc.nvrtcDestroyProgram, prog)
+        self.module = call(driver.cuModuleLoadData, cubin)
+        self.fn = {}
+        self.rng = device.empty((2,), "int64")  # (seed, draw counter) of the counter-based generator
+        self.seed(seed)
+
+    def _launch(self, name: str, n: int, *args) -> None:
+        fn = self.fn.get(name)
+        if fn is None:
+            fn = self.fn[name] = call(self.driver.cuModuleGetFunction, self.module, name.encode())
+        values, types = zip(*args)
+        grid = max(1, (n + self.THREADS - 1) // self.THREADS)
+        call(self.driver.cuLaunchKernel, fn, grid, 1, 1, self.THREADS, 1, 1, 0, self.stream, (values, types), 0)
+
+    @staticmethod
+    def _p(buf: DeviceBuffer):
+        return buf.ptr, ctypes.c_void_p
+
+    @staticmethod
+    def _n(n: int):
+        return n, ctypes.c_long
+
+    def seed(self, seed: int) -> None:
+        host = np.array([seed, 0], dtype=np.int64)
+        call(self.dev.rt.cudaMemcpy, self.rng.ptr, host.ctypes.data, 16, self.dev.rt.cudaMemcpyKind.cudaMemcpyHostToDevice)
+
+    def randn_(self, buf):
+        self._launch(f"randn_{_SUFFIX[buf.dtype]}", buf.size, self._p(buf), self._n(buf.size), self._p(self.rng))
+        self._launch("advance", 1, self._p(self.rng))
+
+    def lincomb_(self, dst, a, x, b, y):
+        if not (dst.dtype == x.dtype == y.dtype and dst.size == x.size == y.size):
+            raise CudaError(f"lincomb of {x.dtype}{x.shape} and {y.dtype}{y.shape} into {dst.dtype}{dst.shape}")
+        self._launch(f"lincomb_{_SUFFIX[dst.dtype]}", dst.size, self._p(dst), (a, ctypes.c_float), self._p(x),
+                     (b, ctypes.c_float), self._p(y), self._n(dst.size))
+
+    def clamp_(self, dst, src):
+        self._launch(f"clamp_{_SUFFIX[dst.dtype]}", dst.size, self._p(dst), self._p(src), self._n(dst.size))
+
+    def ring_write_(self, memory, ages, slot, kv):
+        batch, k = memory.shape[0], memory.shape[1]
+        per_slot = kv.size // batch
+        self._launch(f"ring_copy_{_SUFFIX[memory.dtype]}", kv.size, self._p(memory), self._p(kv), self._p(slot),
+                     (k, ctypes.c_int), self._n(per_slot), self._n(kv.size))
+        self._launch("ring_advance", batch, self._p(ages), self._p(slot), (batch, ctypes.c_int), (k, ctypes.c_int))
+
+    def zero_(self, buf):
+        self._launch("zero_bytes", buf.nbytes, self._p(buf), self._n(buf.nbytes))
+
+    def fill_(self, buf, value: float):
+        if buf.dtype != "float32":
+            raise CudaError(f"fill_ writes float32 buffers, not {buf.dtype}")
+        self._launch("fill_f32", buf.size, self._p(buf), (value, ctypes.c_float), self._n(buf.size))
+
+    def copy_(self, dst, src):
+        self.dev.copy(dst, src, self.stream)
+
+    def close(self) -> None:
+        if getattr(self, "module", None) is not None:
+            call(self.driver.cuModuleUnload, self.module)
+            self.module = None
