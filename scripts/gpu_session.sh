@@ -12,7 +12,7 @@ for stage in $STAGES; do
   case $stage in
     build) cmake -S . -B build -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null && cmake --build build -j >/dev/null ;;
     kernels) python scripts/check_kernels.py --build build --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
-    bench) python scripts/bench_runtime.py --configs "${CONFIGS:-tiny,base}" ${VARIANTS:+--variants "$VARIANTS"} \
+    bench) python scripts/bench_runtime.py --configs "${CONFIGS-tiny,base}" ${VARIANTS:+--variants "$VARIANTS"} \
              --check-configs "${CHECK_CONFIGS:-}" --throughput-configs "${THROUGHPUT_CONFIGS:-}" \
              --throughput-variant "${THROUGHPUT_VARIANT:-runtime-fp16}" \
              --throughput-batches "${THROUGHPUT_BATCHES:-1,4,8,16}" --profile-variants "${PROFILE_VARIANTS:-}" --kernel-library build/libmirage_kernels.so \

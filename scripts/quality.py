@@ -60,33 +60,58 @@ def reference_clips(size: int, frames: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(clip).permute(0, 3, 1, 2)  # (T, 3, H, W)
 
 
-def evaluate(model_path: str | Path, frames: int = 500, window: int = 50, steps: int = DEFAULT_STEPS,
-             context_noise: int = DEFAULT_CONTEXT_NOISE, seed: int = 0, device: str = "cpu") -> dict:
-    model, meta = load_checkpoint(model_path, device)
+def rollout_frames(model_path: str | Path, frames: int, steps: int, context_noise: int, seed: int, device: str,
+                   truth_seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(output frames, ground-truth frames) (T, 3, H, W) and the model's {name, task, size}: a
+    checkpoint rolls out in PyTorch, an artifact (manifest.json) through the runtime with ONNX
+    Runtime, on the same synthetic inputs."""
+    path = Path(model_path)
+    if (path / "manifest.json").is_file():
+        from mirage.runtime import Pipeline
+
+        manifest = json.loads((path / "manifest.json").read_text())
+        with Pipeline.load(path, backend="onnxruntime", steps=steps, context_noise=context_noise) as pipe:
+            size = pipe.shapes["x_t"][2]
+            truth = reference_clips(size, frames, seed=truth_seed)
+            inputs = ([v2v_input(f[None])[0].permute(1, 2, 0).numpy() for f in truth] if pipe.v2v else frames)
+            pipe.reset(seed)
+            out = torch.from_numpy(np.stack(list(pipe.stream(inputs)))).permute(0, 3, 1, 2)
+            info = {"name": manifest["model"].get("name", "?"), "task": "v2v" if pipe.v2v else "generate",
+                    "size": size, "precision": manifest.get("precision")}
+        return out, truth, info
+    model, _ = load_checkpoint(model_path, device)
     cfg = model.cfg
-    truth = reference_clips(cfg.image_size, frames, seed=10_000 + seed)
+    truth = reference_clips(cfg.image_size, frames, seed=truth_seed)
     cond = (v2v_input(f)[None] for f in truth) if cfg.cond_channels else None
     out = torch.cat([f.float().cpu() for f in rollout(model, frames, steps=steps, seed=seed, cond=cond,
                                                       context_noise=context_noise)])
+    return out, truth, {"name": cfg.name, "task": cfg.task, "size": cfg.image_size, "precision": "fp32"}
+
+
+def evaluate(model_path: str | Path, frames: int = 500, window: int = 50, steps: int = DEFAULT_STEPS,
+             context_noise: int = DEFAULT_CONTEXT_NOISE, seed: int = 0, device: str = "cpu") -> dict:
+    out, truth, info = rollout_frames(model_path, frames, steps, context_noise, seed, device, 10_000 + seed)
+    v2v = info["task"] == "v2v"
     windows = []
     # The data's own statistics, over 20 independent clips (a generated video is not one of them).
-    clips = [frame_stats(reference_clips(cfg.image_size, window, seed=20_000 + i)) for i in range(20)]
+    clips = [frame_stats(reference_clips(info["size"], window, seed=20_000 + i)) for i in range(20)]
     ref = {k: np.mean([c[k] for c in clips], axis=0) for k in clips[0]}
     for start in range(0, frames - window + 1, window):
         w, t = out[start:start + window], truth[start:start + window]
         row = {"start": start, "end": start + window}
-        if cfg.cond_channels:
+        if v2v:
             row.update(psnr=float(psnr(w, t).mean()), ssim=float(ssim(w, t).mean()))
         stats = frame_stats(w)
         row.update(hist_distance=float(0.5 * np.abs(stats["hist"] - ref["hist"]).sum(axis=1).mean()),
                    sharpness=stats["sharpness"], motion=stats["motion"], collapsed=stats["collapsed"])
         windows.append(row)
-    report = {"model": str(model_path), "config": cfg.name, "task": cfg.task, "frames": frames, "window": window,
+    report = {"model": str(model_path), "config": info["name"], "task": info["task"],
+              "precision": info["precision"], "frames": frames, "window": window,
               "steps": steps, "context_noise": context_noise, "seed": seed,
               "data": {"sharpness": float(ref["sharpness"]), "motion": float(ref["motion"]),
                        "hist_distance": float(np.mean([0.5 * np.abs(c["hist"] - ref["hist"]).sum(axis=1).mean()
                                                        for c in clips]))}, "windows": windows}
-    if cfg.cond_channels:
+    if v2v:
         report["drift_db"] = windows[-1]["psnr"] - windows[0]["psnr"]
     return report
 
@@ -114,7 +139,7 @@ def plot(report: dict, path: str | Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="checkpoint folder")
+    p.add_argument("model", help="checkpoint folder, or an artifact folder of mirage-export (run with ONNX Runtime)")
     p.add_argument("--frames", type=int, default=500)
     p.add_argument("--window", type=int, default=50)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
