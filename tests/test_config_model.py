@@ -182,6 +182,13 @@ def _denoise(model, x, t, memory, ages):
         return model.denoise(x, t, None, memory, ages)
 
 
+def _seeded_inputs(cfg, batch: int, seed: int):
+    """A seeded generator and, drawn from it in this order, x and a full random memory; t from _inputs."""
+    g = torch.Generator().manual_seed(seed)
+    x, t, _, memory, _ = _inputs(cfg, batch)
+    return g, torch.randn(x.shape, generator=g), t, torch.randn(memory.shape, generator=g)
+
+
 def test_temporal_out_projection_is_live(memory_model):
     # Guard for the tests below: memory must be able to influence the output at all.
     outs = [m.out.weight.abs().max().item() for m in memory_model.modules()
@@ -191,11 +198,8 @@ def test_temporal_out_projection_is_live(memory_model):
 
 def test_empty_slots_are_masked(memory_model):
     cfg = memory_model.cfg
-    g = torch.Generator().manual_seed(0)
-    x, t, _, memory, ages = _inputs(cfg, 2)
-    x = torch.randn(x.shape, generator=g)
-    mem_a = torch.randn(memory.shape, generator=g)
-    mem_b = 3 * torch.randn(memory.shape, generator=g)
+    g, x, t, mem_a = _seeded_inputs(cfg, 2, seed=0)
+    mem_b = 3 * torch.randn(mem_a.shape, generator=g)
     ages = torch.zeros(2, cfg.context_frames, dtype=torch.long)
     out_a = _denoise(memory_model, x, t, mem_a, ages)
     out_b = _denoise(memory_model, x, t, mem_b, ages)
@@ -211,10 +215,7 @@ def test_empty_slots_are_masked(memory_model):
 
 def test_valid_slot_changes_output(memory_model):
     cfg = memory_model.cfg
-    g = torch.Generator().manual_seed(1)
-    x, t, _, memory, _ = _inputs(cfg, 1)
-    x = torch.randn(x.shape, generator=g)
-    mem_a = torch.randn(memory.shape, generator=g)
+    g, x, t, mem_a = _seeded_inputs(cfg, 1, seed=1)
     ages = torch.tensor([[0, 0, 1, 0]])
     mem_b = mem_a.clone()
     mem_b[:, 2] = torch.randn(mem_b[:, 2].shape, generator=g)
@@ -228,10 +229,7 @@ def test_valid_slot_changes_output(memory_model):
 
 def test_slot_order_invariance(memory_model):
     cfg = memory_model.cfg
-    g = torch.Generator().manual_seed(2)
-    x, t, _, memory, _ = _inputs(cfg, 2)
-    x = torch.randn(x.shape, generator=g)
-    memory = torch.randn(memory.shape, generator=g)
+    _, x, t, memory = _seeded_inputs(cfg, 2, seed=2)
     ages = torch.tensor([[3, 0, 1, 2], [4, 2, 3, 1]])
     perm = torch.tensor([2, 0, 3, 1])
     out = _denoise(memory_model, x, t, memory, ages)
