@@ -272,6 +272,31 @@ __global__ void zero_bytes(unsigned char* d, long n) { long i = blockIdx.x * (lo
 }
 """
 
+def compile_module(source: str, name: str, capability: tuple[int, int]):
+    """NVRTC-compile CUDA C++ `source` for one compute capability and load it (the current
+    context's module); a compile error carries NVRTC's log."""
+    driver, nvrtc, _ = _import()
+    prog = call(nvrtc.nvrtcCreateProgram, source.encode(), name.encode(), 0, [], [])
+    opts = [f"--gpu-architecture=sm_{capability[0]}{capability[1]}".encode(), b"-std=c++17", b"--use_fast_math"]
+    try:
+        call(nvrtc.nvrtcCompileProgram, prog, len(opts), opts)
+    except CudaError as e:
+        log = b" " * call(nvrtc.nvrtcGetProgramLogSize, prog)
+        call(nvrtc.nvrtcGetProgramLog, prog, log)
+        raise CudaError(f"{e}\n{log.decode(errors='replace')}") from e
+    cubin = b" " * call(nvrtc.nvrtcGetCUBINSize, prog)
+    call(nvrtc.nvrtcGetCUBIN, prog, cubin)
+    call(nvrtc.nvrtcDestroyProgram, prog)
+    return call(driver.cuModuleLoadData, cubin)
+
+
+def launch(fn, n: int, args, stream, threads: int = 256) -> None:
+    """Launch `fn` over n elements (1-D grid) on `stream`; args are (value, ctypes type) pairs."""
+    values, types = zip(*args)
+    call(_import()[0].cuLaunchKernel, fn, max(1, (n + threads - 1) // threads), 1, 1, threads, 1, 1, 0, stream,
+         (values, types), 0)
+
+
 _SUFFIX = {"float32": "f32", "float16": "f16"}
 
 
@@ -279,26 +304,10 @@ class CudaOps:
     """The frame loop's `Ops` on DeviceBuffers: kernels launched on one stream (the compute
     stream), so they are captured with the engine calls into the frame graph."""
 
-    THREADS = 256
-
     def __init__(self, device: Device, stream, seed: int = 0):
         self.dev, self.stream = device, stream
-        driver, nvrtc, _ = _import()
-        self.driver = driver
-        major, minor = device.capability
-        prog = call(nvrtc.nvrtcCreateProgram, _KERNELS.encode(), b"mirage_loop.cu", 0, [], [])
-        opts = [f"--gpu-architecture=sm_{major}{minor}".encode(), b"-std=c++17", b"--use_fast_math"]
-        try:
-            call(nvrtc.nvrtcCompileProgram, prog, len(opts), opts)
-        except CudaError as e:
-            size = call(nvrtc.nvrtcGetProgramLogSize, prog)
-            log = b" " * size
-            call(nvrtc.nvrtcGetProgramLog, prog, log)
-            raise CudaError(f"{e}\n{log.decode(errors='replace')}") from e
-        cubin = b" " * call(nvrtc.nvrtcGetCUBINSize, prog)
-        call(nvrtc.nvrtcGetCUBIN, prog, cubin)
-        call(nvrtc.nvrtcDestroyProgram, prog)
-        self.module = call(driver.cuModuleLoadData, cubin)
+        self.driver = _import()[0]
+        self.module = compile_module(_KERNELS, "mirage_loop.cu", device.capability)
         self.fn = {}
         self.rng = device.empty((2,), "int64")  # (seed, draw counter) of the counter-based generator
         self.seed(seed)
@@ -307,9 +316,7 @@ class CudaOps:
         fn = self.fn.get(name)
         if fn is None:
             fn = self.fn[name] = call(self.driver.cuModuleGetFunction, self.module, name.encode())
-        values, types = zip(*args)
-        grid = max(1, (n + self.THREADS - 1) // self.THREADS)
-        call(self.driver.cuLaunchKernel, fn, grid, 1, 1, self.THREADS, 1, 1, 0, self.stream, (values, types), 0)
+        launch(fn, n, args, self.stream)
 
     @staticmethod
     def _p(buf: DeviceBuffer):
@@ -350,9 +357,6 @@ class CudaOps:
         if buf.dtype != "float32":
             raise CudaError(f"fill_ writes float32 buffers, not {buf.dtype}")
         self._launch("fill_f32", buf.size, self._p(buf), (value, ctypes.c_float), self._n(buf.size))
-
-    def copy_(self, dst, src):
-        self.dev.copy(dst, src, self.stream)
 
     def close(self) -> None:
         if getattr(self, "module", None) is not None:

@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from mirage.runtime import graphs as G
-from mirage.runtime.cuda import CudaError, call
+from mirage.runtime.cuda import CudaError, call, launch
 from mirage.runtime.gpu import CudaGpu
 from mirage.runtime.loop import NumpyOps
 from mirage.runtime.pipeline import Pipeline, PipelineError
@@ -50,41 +50,31 @@ class StandInEngine:
     array = "cuda"
 
     def __init__(self, shapes):
-        from cuda.bindings import driver, nvrtc, runtime
+        from cuda.bindings import driver, runtime
 
-        from mirage.runtime.cuda import compute_capability
+        from mirage.runtime.cuda import compile_module, compute_capability
 
         call(runtime.cudaSetDevice, 0)
         call(runtime.cudaFree, 0)  # the primary context, which the module below is loaded into
-
         self.device, self.stream, self.shapes, self.driver = "cuda:0", None, shapes, driver
-        prog = call(nvrtc.nvrtcCreateProgram, STANDIN.encode(), b"standin.cu", 0, [], [])
-        major, minor = compute_capability(0)
-        call(nvrtc.nvrtcCompileProgram, prog, 1, [f"--gpu-architecture=sm_{major}{minor}".encode()])
-        cubin = b" " * call(nvrtc.nvrtcGetCUBINSize, prog)
-        call(nvrtc.nvrtcGetCUBIN, prog, cubin)
-        self.module = call(driver.cuModuleLoadData, cubin)
+        self.module = compile_module(STANDIN, "standin.cu", compute_capability(0))
         self.fn = {g: call(driver.cuModuleGetFunction, self.module, g.encode()) for g in ("denoise", "encode")}
 
     def buffer_dtype(self, graph, name):
         return {G.AGES: "int32"}.get(name, "float32")
-
-    def _launch(self, fn, n, args):
-        values, types = zip(*args)
-        call(self.driver.cuLaunchKernel, fn, (n + 255) // 256, 1, 1, 256, 1, 1, 0, self.stream, (values, types), 0)
 
     def run(self, graph, inputs, output):
         p = lambda b: (b.ptr if b is not None else 0, ctypes.c_void_p)  # noqa: E731
         if graph == G.DENOISE:
             mem = inputs[G.MEMORY]
             slot = mem.size // (mem.shape[0] * mem.shape[1])
-            self._launch(self.fn["denoise"], output.size,
-                         [p(inputs[G.X_T]), p(inputs[G.T]), p(inputs.get(G.COND)), p(mem), p(inputs[G.AGES]),
-                          p(output), (output.size, ctypes.c_long), (slot, ctypes.c_long), (mem.shape[1], ctypes.c_int)])
+            launch(self.fn["denoise"], output.size,
+                   [p(inputs[G.X_T]), p(inputs[G.T]), p(inputs.get(G.COND)), p(mem), p(inputs[G.AGES]), p(output),
+                    (output.size, ctypes.c_long), (slot, ctypes.c_long), (mem.shape[1], ctypes.c_int)], self.stream)
         else:
             frame = inputs[G.FRAME]
-            self._launch(self.fn["encode"], output.size, [p(frame), p(inputs[G.T_CTX]), p(output),
-                                                          (output.size, ctypes.c_long), (frame.size, ctypes.c_long)])
+            launch(self.fn["encode"], output.size, [p(frame), p(inputs[G.T_CTX]), p(output),
+                                                    (output.size, ctypes.c_long), (frame.size, ctypes.c_long)], self.stream)
 
     def close(self):
         call(self.driver.cuModuleUnload, self.module)
