@@ -48,6 +48,24 @@ VARIANTS = {  # graph: the runtime's whole-frame CUDA graph; compile: torch.comp
 }
 
 
+def variant_pipeline(model: MirageUNet, variant: str, kernel_library: str, **overrides) -> Pipeline:
+    """The pipeline of one VARIANTS entry around `model`, which it changes in place (dtype,
+    channels-last, the fused-op route): `restore` undoes that before the next variant."""
+    spec = VARIANTS[variant]
+    if spec.get("channels_last"):
+        model.to(memory_format=torch.channels_last)
+    options = {"cuda_graph": spec["graph"], "compile_mode": spec.get("compile"),
+               "kernel_library": kernel_library if spec.get("fused") else None, **overrides}
+    return Pipeline.from_model(model, "cuda", spec["dtype"], **options)
+
+
+def restore(model: MirageUNet) -> None:
+    """Back to fp32, contiguous, stock temporal attention, and no compiled code cached."""
+    model.float().to(memory_format=torch.contiguous_format)
+    model.use_temporal_attention_op(False)
+    torch.compiler.reset()
+
+
 def measured_peaks() -> dict:
     """Copy bandwidth (bytes read + written) and bf16 matmul rate, measured here."""
     x = torch.empty(1 << 28, dtype=torch.float32, device="cuda").normal_()
@@ -157,19 +175,16 @@ def overlap(name: str, frames: int = 200) -> dict:
 def throughput(name: str, batches: list[int], variant: str, kernel_library: str, frames: int = 50) -> list[dict]:
     """B independent generation streams batched into one call, with one runtime variant (each
     batch size is a new capture, and for Inductor variants a new compile)."""
-    rows, spec = [], VARIANTS[variant]
+    rows = []
     model = random_model(name)
     for b in batches:
-        with Pipeline.from_model(model, "cuda", spec["dtype"], batch=b, cuda_graph=spec["graph"],
-                                 compile_mode=spec.get("compile"),
-                                 kernel_library=kernel_library if spec.get("fused") else None) as pipe:
+        with variant_pipeline(model, variant, kernel_library, batch=b) as pipe:
             r = time_pipeline(pipe, frames, warmup=3)
         fps_total = b * 1e3 / r["median_ms"]
         rows.append({"batch": b, "variant": variant, "median_ms": r["median_ms"], "p99_ms": r["p99_ms"],
                      "frames_per_s": fps_total, "streams_at_30fps": b if r["p99_ms"] <= 1e3 / 30 else 0,
                      "peak_mem_mb": r["peak_mem_mb"]})
-        model = model.float()
-        torch.compiler.reset()
+        restore(model)
         print(f"  throughput {name} {variant} B={b:<3} {r['median_ms']:8.3f} ms/call (p99 {r['p99_ms']:.3f})  "
               f"{fps_total:8.1f} frames/s  30-FPS streams: {rows[-1]['streams_at_30fps']}", flush=True)
     return rows
@@ -181,12 +196,8 @@ def profile(name: str, variant: str, kernel_library: str, top: int = 12) -> dict
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    spec = VARIANTS[variant]
     model = random_model(name)
-    if spec.get("channels_last"):
-        model = model.to(memory_format=torch.channels_last)
-    with Pipeline.from_model(model, "cuda", spec["dtype"], cuda_graph=False, compile_mode=spec.get("compile"),
-                             kernel_library=kernel_library if spec.get("fused") else None) as pipe:
+    with variant_pipeline(model, variant, kernel_library, cuda_graph=False) as pipe:
         pipe.reset(0)
         for _ in range(3):
             pipe.step()
@@ -203,8 +214,7 @@ def profile(name: str, variant: str, kernel_library: str, top: int = 12) -> dict
     res = {"variant": variant, "kernels_per_frame": len(kernels), "kernel_ms_per_frame": total / 1e3,
            "mean_kernel_us": total / max(1, len(kernels)),
            "top": [{"name": k[:90], "calls": n, "ms": t / 1e3, "share": t / total} for t, n, k in rows]}
-    model.use_temporal_attention_op(False)
-    torch.compiler.reset()
+    restore(model)
     print(f"profile {name} {variant}: {res['kernels_per_frame']} kernels/frame, {res['kernel_ms_per_frame']:.3f} ms "
           f"of kernel time (mean {res['mean_kernel_us']:.1f} us)", flush=True)
     for r in res["top"]:
@@ -284,15 +294,10 @@ def main(argv=None) -> int:
         print(f"{name}: floor {entry['floor']}", flush=True)
         entry["profiles"] = [profile(name, v, args.kernel_library) for v in filter(None, args.profile_variants.split(","))]
         for variant in args.variants.split(","):
-            spec = VARIANTS[variant]
             t = time.perf_counter()
-            if spec.get("channels_last"):
-                model = model.to(memory_format=torch.channels_last)
-            pipe = Pipeline.from_model(model, "cuda", spec["dtype"], steps=args.steps, cuda_graph=spec["graph"],
-                                       compile_mode=spec.get("compile"),
-                                       kernel_library=args.kernel_library if spec.get("fused") else None)
+            pipe = variant_pipeline(model, variant, args.kernel_library, steps=args.steps)
             frames = args.frames if name != "seed880m" else max(30, args.frames // 2)
-            res = time_pipeline(pipe, frames, warmup=5 if spec.get("compile") else 3)
+            res = time_pipeline(pipe, frames, warmup=5 if VARIANTS[variant].get("compile") else 3)
             res["setup_s"] = time.perf_counter() - t  # compile time for compile-*, capture for runtime-*
             res["frame_graph_captured"] = bool(pipe.graphs)
             pipe.close()
@@ -300,9 +305,7 @@ def main(argv=None) -> int:
             print(f"  {variant:<22} median {res['median_ms']:8.3f} ms  p99 {res['p99_ms']:8.3f}  "
                   f"fps {res['fps']:8.1f}  setup {res['setup_s']:6.1f} s  mem {res['peak_mem_mb']:8.0f} MiB",
                   flush=True)
-            model = model.float().to(memory_format=torch.contiguous_format)
-            model.use_temporal_attention_op(False)
-            torch.compiler.reset()
+            restore(model)
         report["configs"][name] = entry
         with open(args.json, "w") as f:  # after every config: a cut-short run still leaves its numbers
             json.dump(report, f, indent=2)
