@@ -6,7 +6,7 @@
     DIR/denoise.layers.json       per-layer view of each engine
     DIR/timing.cache              full TensorRT only (TensorRT-RTX's timing cache is a no-op)
 
-Stages, in order: export -> quantize (int8) -> parity -> build. Each reports to `progress`.
+Stages, in order: export -> quantize (int8, fp8) -> parity -> build. Each reports to `progress`.
 """
 from __future__ import annotations
 
@@ -27,25 +27,25 @@ from mirage.train.config import to_json
 
 from mirage.export.onnx_export import ExportError, ExportOptions, activation_range, export_graph, record_rollout_inputs
 from mirage.export.parity import TOLERANCE, OrtGraphs, rollout_psnr, tensor_parity
-from mirage.export.quantize import quantize_int8
+from mirage.export.quantize import MODES as QUANTIZED, quantize_qdq
 
 from .build import BuildOptions, build_engine, load_backend
 from .compare import compare_engine, skip_reason
 from .manifest import sha256_file, write_manifest
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", *QUANTIZED)
 BACKENDS = ("onnx", "tensorrt-rtx", "tensorrt")
 FP16_MAX = 65504.0
 
 
 @dataclasses.dataclass(frozen=True)
 class ArtifactOptions:
-    precision: str = "fp16"  # fp32 | fp16 | int8
+    precision: str = "fp16"  # fp32 | fp16 | int8 | fp8
     backend: str = "onnx"  # onnx (no engine) | tensorrt-rtx | tensorrt
     batch: int = 1  # batch of the graphs (with max_batch: TensorRT's optimal batch)
     max_batch: int | None = None  # None: static batch; else a dynamic batch dim in [1, max_batch]
     gpus: tuple[str, ...] = ()  # TensorRT-RTX compute-capability targets, e.g. ("sm89", "sm120"); () = its default
-    calibration_frames: int = 8  # rollout frames whose inputs calibrate INT8 (x DDIM steps samples)
+    calibration_frames: int = 8  # rollout frames whose inputs calibrate INT8/FP8 (x DDIM steps samples)
     parity_frames: int = 50  # length of the rollout-level parity check
     optimization_level: int = 3  # TensorRT builder optimization level (0-5)
     workspace_mb: int = 1024  # TensorRT workspace limit
@@ -100,8 +100,8 @@ def build_artifact(checkpoint: str | Path, out: str | Path, options: ArtifactOpt
     if o.backend not in BACKENDS:
         raise ExportError(f"backend {o.backend!r}: choose one of {', '.join(BACKENDS)}")
     plugin_mode = o.temporal_attention == "plugin"
-    if plugin_mode and o.precision == "int8":
-        raise ExportError("--temporal-attention plugin is for fp32/fp16; INT8 graphs use the stock-op attention")
+    if plugin_mode and o.precision in QUANTIZED:
+        raise ExportError("--temporal-attention plugin is for fp32/fp16; INT8/FP8 graphs use the stock-op attention")
     if plugin_mode and o.backend != "onnx" and not o.plugin_library:
         raise ExportError("--temporal-attention plugin needs --plugin-library (the plugins_cpp TensorRT plugin .so) "
                           "to build engines")
@@ -117,12 +117,12 @@ def build_artifact(checkpoint: str | Path, out: str | Path, options: ArtifactOpt
     files: dict[str, Path] = {g: out / G.onnx_file(g) for g in G.GRAPHS}
     for graph in G.GRAPHS:
         progress(f"export {graph} ({o.precision})")
-        if o.precision == "int8":
+        if o.precision in QUANTIZED:
             with tempfile.TemporaryDirectory() as tmp:
                 fp32 = export_graph(model, graph, Path(tmp) / G.onnx_file(graph),
                                     ExportOptions("fp32", o.batch, o.max_batch, decompose_attention=False))
-                progress(f"quantize {graph} (INT8 Q/DQ, {len(calib[graph])} calibration samples)")
-                quantize_int8(fp32, files[graph], calib[graph])
+                progress(f"quantize {graph} ({o.precision.upper()} Q/DQ, {len(calib[graph])} calibration samples)")
+                quantize_qdq(fp32, files[graph], calib[graph], o.precision)
         else:
             export_graph(model, graph, files[graph], ExportOptions(o.precision, o.batch, o.max_batch,
                                                                    temporal_attention=o.temporal_attention))

@@ -28,8 +28,9 @@ def _gpus(ctx, param, value: str | None) -> tuple[str, ...]:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path), default=DEFAULT_CHECKPOINT,
               help="Checkpoint folder (config.json + model.safetensors).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp16",
-              help="fp32 reference; fp16; int8 = explicit Q/DQ calibrated on real rollout inputs (needs ModelOpt).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "fp8"]), default="fp16",
+              help="fp32 reference; fp16; int8 / fp8 = explicit Q/DQ (INT8, or FP8 E4M3 for Ada/Hopper/Blackwell) "
+                   "calibrated on real rollout inputs (needs ModelOpt).")
 @click.option("--backend", type=click.Choice(["onnx", "tensorrt-rtx", "tensorrt"]), default="onnx",
               help="onnx: graphs only. tensorrt-rtx builds on the CPU (no GPU needed); tensorrt needs its GPU.")
 @click.option("--gpu", "gpus", callback=_gpus, default=None,
@@ -47,7 +48,7 @@ def _gpus(ctx, param, value: str | None) -> tuple[str, ...]:
 @click.option("--temporal-attention", type=click.Choice(["onnx", "plugin"]), default="onnx",
               help="onnx: stock ops (opset-23 Attention); plugin: one custom node per layer for the plugins_cpp "
                    "TensorRT plugin (needs --plugin-library to build engines).")
-@click.option("--calib-frames", type=click.IntRange(min=1), default=8, help="Rollout frames for INT8 calibration.")
+@click.option("--calib-frames", type=click.IntRange(min=1), default=8, help="Rollout frames for INT8/FP8 calibration.")
 @click.option("--parity-frames", type=click.IntRange(min=2), default=50, help="Frames of the rollout parity check.")
 def main(checkpoint, precision, backend, gpus, out, batch, max_batch, opt_level, workspace_mb, plugin_library,
          temporal_attention, calib_frames, parity_frames):

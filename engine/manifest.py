@@ -8,7 +8,7 @@ rebuilds the artifact for this machine (TensorRT's own refusal is a log line and
 Schema (format 1; `validate_manifest` checks every key is present):
 
     format, mirage_version, created, model {ModelConfig fields},
-    checkpoint {path, sha256}, precision fp32|fp16|int8, temporal_attention onnx|plugin,
+    checkpoint {path, sha256}, precision fp32|fp16|int8|fp8, temporal_attention onnx|plugin,
     graphs {denoise | context_encode: {onnx, onnx_sha256, inputs [{name, shape, dtype}],
             outputs [...], engine (null for ONNX-only), engine_sha256, layers}},
     backend {name onnx|tensorrt-rtx|tensorrt, version}, target {compute_capabilities [...]},

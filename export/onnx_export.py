@@ -11,7 +11,7 @@ engine serving 1..max_batch independent streams through an optimization profile)
   GroupNormalization (opset 21+) accumulates its statistics in fp32 (stash_type=1), and
   `activation_range` measures the largest activation on real rollout inputs so the margin
   to fp16's 65504 is a number, not a hope.
-* int8: see `quantize.py` (explicit Q/DQ on top of the fp32-with-`Attention` graph).
+* int8, fp8: see `quantize.py` (explicit Q/DQ on top of the fp32-with-`Attention` graph).
 
 Every float input is in the graph's precision, except the timesteps `t` / `t_ctx` (float32:
 they become sinusoidal embeddings and need the range) and `ages` (int32).
@@ -43,7 +43,7 @@ class ExportError(ValueError):
 
 @dataclass(frozen=True)
 class ExportOptions:
-    precision: str = "fp32"  # fp32 | fp16 (int8 is built on fp32 by quantize.py)
+    precision: str = "fp32"  # fp32 | fp16 (int8/fp8 are built on fp32 by quantize.py)
     batch: int = 1  # batch traced (and TensorRT's optimal batch): independent streams served by one call
     max_batch: int | None = None  # None: static batch; else the batch dim is dynamic in [1, max_batch]
     decompose_attention: bool | None = None  # None: decompose exactly when fp32 (see module docstring)
@@ -97,7 +97,7 @@ def graph_module(model: MirageUNet, graph: str) -> nn.Module:
 def export_graph(model: MirageUNet, graph: str, path: str | Path, options: ExportOptions) -> Path:
     """Export one graph to `path`; returns the path."""
     if options.precision not in DTYPES:
-        raise ExportError(f"precision {options.precision!r}: export takes fp32 or fp16 (int8 quantizes fp32)")
+        raise ExportError(f"precision {options.precision!r}: export takes fp32 or fp16 (int8/fp8 quantize fp32)")
     dtype = DTYPES[options.precision]
     net = copy.deepcopy(model).to("cpu", dtype).eval()
     module = graph_module(net, graph)

@@ -23,13 +23,9 @@ class OrtBackend:
 
     def __init__(self, files: dict[str, Path], providers: list[str] | None = None):
         try:
-            import onnxruntime as ort
+            self.sessions = {g: ort_session(f, providers) for g, f in files.items()}
         except ImportError as e:
             raise BackendError("the onnxruntime backend needs `pip install onnxruntime`") from e
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        self.sessions = {g: ort.InferenceSession(str(f), opts, providers=providers or ["CPUExecutionProvider"])
-                         for g, f in files.items()}
         self.output = {g: s.get_outputs()[0].name for g, s in self.sessions.items()}
         self.dtypes = {g: {i.name: _NP[i.type] for i in s.get_inputs()} for g, s in self.sessions.items()}
 
@@ -43,6 +39,20 @@ class OrtBackend:
 
     def close(self):
         self.sessions.clear()
+
+
+def ort_session(path: Path, providers: list[str] | None = None):
+    """An ONNX Runtime session of one graph file, with the workaround every Mirage graph needs."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    # ONNX Runtime 1.32's MatMulAddFusion turns a 3-D MatMul+Add (a Linear on tokens) between
+    # INT8 Q/DQ pairs into a Gemm with a mistyped QuantizeLinear, and the session then fails to
+    # load ("output_dtype INT8 does not match y_zero_point type UINT8"). The fusion is a small
+    # CPU win; without it every precision loads.
+    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"],
+                                disabled_optimizers=["MatMulAddFusion"])
 
 
 _NP = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int32)": "int32", "tensor(int64)": "int64"}

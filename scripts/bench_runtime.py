@@ -14,6 +14,9 @@ Per config (batch 1, 4 DDIM steps, 64x64 except tiny's 32x32), per-frame latency
                   its own CUDA graphs), captured inside the runtime's frame graph
   runtime-inductor-fused-fp16  the same with the fused temporal-attention kernel (Inductor calls
                   it as an opaque op)
+  runtime-inductor-cl-fp16     Inductor kernels on channels-last weights and activations
+  runtime-inductor-cl-freeze-fp16  the same with Inductor's freezing (weights become constants it
+                  can pre-layout and fold)
 and the floor: max(FLOPs / measured bf16 matmul peak, weight+activation bytes / measured copy
 bandwidth). Weights are random (speed does not depend on their values). Prints a table
 last and writes JSON.
@@ -28,6 +31,7 @@ import time
 
 import numpy as np
 import torch
+import torch._inductor.config
 
 from mirage.runtime import Pipeline
 from mirage.train.config import get_config
@@ -45,6 +49,8 @@ VARIANTS = {  # graph: the runtime's whole-frame CUDA graph; compile: torch.comp
     "runtime-inductor-fp16": {"dtype": "float16", "graph": True, "compile": "default"},
     "runtime-inductor-fused-fp16": {"dtype": "float16", "graph": True, "compile": "default", "fused": True},
     "runtime-inductor-cl-fp16": {"dtype": "float16", "graph": True, "compile": "default", "channels_last": True},
+    "runtime-inductor-cl-freeze-fp16": {"dtype": "float16", "graph": True, "compile": "default",
+                                        "channels_last": True, "freeze": True},
 }
 
 
@@ -52,6 +58,7 @@ def variant_pipeline(model: MirageUNet, variant: str, kernel_library: str, **ove
     """The pipeline of one VARIANTS entry around `model`, which it changes in place (dtype,
     channels-last, the fused-op route): `restore` undoes that before the next variant."""
     spec = VARIANTS[variant]
+    torch._inductor.config.freezing = bool(spec.get("freeze"))  # read when the first call compiles
     if spec.get("channels_last"):
         model.to(memory_format=torch.channels_last)
     options = {"cuda_graph": spec["graph"], "compile_mode": spec.get("compile"),
@@ -63,6 +70,7 @@ def restore(model: MirageUNet) -> None:
     """Back to fp32, contiguous, stock temporal attention, and no compiled code cached."""
     model.float().to(memory_format=torch.contiguous_format)
     model.use_temporal_attention_op(False)
+    torch._inductor.config.freezing = False
     torch.compiler.reset()
 
 
@@ -222,6 +230,32 @@ def profile(name: str, variant: str, kernel_library: str, top: int = 12) -> dict
     return res
 
 
+def markdown_table(report: dict) -> str:
+    """Per config and variant: latency, FPS, memory, the share of the floor reached and the
+    speed-up over compile-fp16 (the PyTorch user's bar) and over eager-fp32 (the seed loop)."""
+    lines = [f"{report['device']}, torch {report['torch']}, batch 1, {report['steps']} DDIM steps, {report['date']}", "",
+             "| config | variant | median ms | p99 ms | FPS | first frame ms | peak MiB | setup s | % of floor "
+             "| vs compile-fp16 | vs eager-fp32 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, entry in report["configs"].items():
+        fl = entry["floor"]["floor_ms"]
+        bars = {k: entry["variants"].get(k, {}).get("median_ms") for k in ("compile-fp16", "eager-fp32")}
+        for variant, r in entry["variants"].items():
+            vs = [f"{bar / r['median_ms']:.2f}x" if bar else "-" for bar in bars.values()]
+            lines.append(f"| {name} | {variant} | {r['median_ms']:.2f} | {r['p99_ms']:.2f} | {r['fps']:.1f} "
+                         f"| {r['first_frame_ms']:.0f} | {r['peak_mem_mb']:.0f} | {r['setup_s']:.1f} "
+                         f"| {100 * fl / r['median_ms']:.1f}% | {vs[0]} | {vs[1]} |")
+        bound = "memory" if fl == entry["floor"]["memory_ms"] else "math"
+        lines.append(f"| {name} | floor ({bound}-bound) | {fl:.3f} | | | | | | 100% | | |")
+    for key, rows in report.items():
+        if key.startswith("throughput_"):
+            lines += ["", f"Throughput, {key[len('throughput_'):]} ({rows[0].get('variant', 'runtime-fp16')}): B streams batched per call", "",
+                      "| B | median ms / call | p99 ms | frames/s per GPU | 30-FPS streams served | peak MiB |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {r['batch']} | {r['median_ms']:.2f} | {r['p99_ms']:.2f} | {r['frames_per_s']:.0f} "
+                      f"| {r['streams_at_30fps']} | {r['peak_mem_mb']:.0f} |" for r in rows]
+    return "\n".join(lines)
+
+
 def plot(report: dict, path: str) -> None:
     """Per-frame median latency per variant and config (log scale), the floor as a line."""
     import matplotlib
@@ -261,13 +295,22 @@ def main(argv=None) -> int:
     p.add_argument("--throughput-variant", default="runtime-fp16", choices=list(VARIANTS))
     p.add_argument("--profile-variants", default="",
                    help="also profile one eager frame of these variants per config (kernel count, top kernels)")
+    p.add_argument("--markdown", default="", help="also write the results as a markdown table here")
+    p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
+                   help="let cuDNN time its convolution algorithms once per shape (every variant alike)")
     p.add_argument("--plot", default="", help="also draw the latency per variant here (PNG, needs matplotlib)")
-    p.add_argument("--plot-only", action="store_true", help="redraw --plot from an existing --json, no GPU")
+    p.add_argument("--plot-only", action="store_true",
+                   help="redraw --plot / --markdown from an existing --json, no GPU")
     p.add_argument("--check-configs", default="tiny",
                    help="configs for the graph-vs-eager and copy-overlap checks ('' to skip them)")
     args = p.parse_args(argv)
-    if args.plot_only:
-        plot(json.loads(open(args.json).read()), args.plot)
+    if args.plot_only:  # redraw from a finished run
+        report = json.loads(open(args.json).read())
+        if args.plot:
+            plot(report, args.plot)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(markdown_table(report) + "\n")
         return 0
     if not torch.cuda.is_available():
         p.error("this benchmark needs a CUDA GPU")
@@ -275,7 +318,9 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 in the seed-style loop
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": args.steps,
+              "cudnn_benchmark": args.cudnn_benchmark,
               "date": time.strftime("%Y-%m-%d"), "peaks": measured_peaks(), "configs": {}}
     print(f"device {report['device']}: copy {report['peaks']['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
           f"bf16 matmul {report['peaks']['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
@@ -311,15 +356,11 @@ def main(argv=None) -> int:
             json.dump(report, f, indent=2)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=2)
-    print(f"\n{'config':<9} {'variant':<28} {'median ms':>10} {'p99 ms':>9} {'FPS':>8} {'% floor':>8} {'vs compile':>10}")
-    for name, entry in report["configs"].items():
-        fl = entry["floor"]["floor_ms"]
-        comp = entry["variants"].get("compile-fp16", {}).get("median_ms")
-        for variant, r in entry["variants"].items():
-            speed = f"{comp / r['median_ms']:.2f}x" if comp else "-"
-            print(f"{name:<9} {variant:<28} {r['median_ms']:>10.3f} {r['p99_ms']:>9.3f} {r['fps']:>8.1f} "
-                  f"{100 * fl / r['median_ms']:>7.1f}% {speed:>10}")
-        print(f"{name:<9} {'floor':<28} {fl:>10.3f}   ({'memory' if fl == entry['floor']['memory_ms'] else 'math'}-bound)")
+    table = markdown_table(report)
+    print("\n" + table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
     if args.plot:
         try:
             plot(report, args.plot)

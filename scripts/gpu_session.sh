@@ -16,7 +16,7 @@ for stage in $STAGES; do
              --check-configs "${CHECK_CONFIGS:-}" --throughput-configs "${THROUGHPUT_CONFIGS:-}" \
              --throughput-variant "${THROUGHPUT_VARIANT:-runtime-fp16}" \
              --throughput-batches "${THROUGHPUT_BATCHES:-1,4,8,16}" --profile-variants "${PROFILE_VARIANTS:-}" --kernel-library build/libmirage_kernels.so \
-             --json "$OUT/bench${TAG:-}.json" 2>&1 | tee "$OUT/bench${TAG:-}.log" ;;
+             --json "$OUT/bench${TAG:-}.json" --markdown "$OUT/bench${TAG:-}.md" 2>&1 | tee "$OUT/bench${TAG:-}.log" ;;
     cuda) python scripts/check_cuda_runtime.py --json "$OUT/cuda_runtime.json" 2>&1 | tee "$OUT/cuda_runtime.log" ;;
     *) echo "unknown stage $stage (build, kernels, bench, cuda)"; exit 2 ;;
   esac

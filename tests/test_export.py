@@ -21,27 +21,28 @@ FAST = dict(calibration_frames=2, parity_frames=10)
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    """fp16 and int8 artifacts of the generation model with real TensorRT-RTX engines, and an
-    fp32 ONNX-only artifact of the video-to-video model."""
+    """fp16, int8 and fp8 artifacts of the generation model with real TensorRT-RTX engines, and
+    an fp32 ONNX-only artifact of the video-to-video model."""
     root = tmp_path_factory.mktemp("artifacts")
     out = {}
     for name, ckpt, precision, backend in [("fp16", CKPT_GEN, "fp16", "tensorrt-rtx"),
                                            ("int8", CKPT_GEN, "int8", "tensorrt-rtx"),
+                                           ("fp8", CKPT_GEN, "fp8", "tensorrt-rtx"),
                                            ("fp32-v2v", CKPT_V2V, "fp32", "onnx")]:
         build_artifact(ckpt, root / name, ArtifactOptions(precision=precision, backend=backend, gpus=("sm89",), **FAST))
         out[name] = root / name
     return out
 
 
-@pytest.mark.parametrize("name, bound", [("fp16", 1e-2), ("int8", 0.35), ("fp32-v2v", 1e-4)])
+@pytest.mark.parametrize("name, bound", [("fp16", 1e-2), ("int8", 0.35), ("fp8", 0.15), ("fp32-v2v", 1e-4)])
 def test_parity_per_precision(artifacts, name, bound):
     parity = read_manifest(artifacts[name])["parity"]
     for output in (G.V, G.KV):
         assert 0 <= parity["tensors"][output]["rel"] < bound, parity["tensors"]
     psnr = parity["rollout"]["psnr_mean_db"]
     # fp32 reproduces the PyTorch rollout; fp16 is far above visible error; INT8 of this tiny
-    # model is visibly off (about 22 dB) and bounded so that a regression shows.
-    assert psnr > {"fp16": 35, "int8": 18, "fp32-v2v": 80}[name]
+    # model is visibly off (about 22 dB) and bounded so that a regression shows; FP8 sits between.
+    assert psnr > {"fp16": 35, "int8": 18, "fp8": 30, "fp32-v2v": 80}[name]
 
 
 def test_fp16_activations_have_headroom(artifacts):
@@ -49,7 +50,7 @@ def test_fp16_activations_have_headroom(artifacts):
     assert parity["fp16_activation_peak"] > 0 and parity["fp16_headroom"] > 10
 
 
-@pytest.mark.parametrize("name", ["fp16", "int8"])
+@pytest.mark.parametrize("name", ["fp16", "int8", "fp8"])
 def test_engines_and_manifest_complete(artifacts, name):
     folder = artifacts[name]
     m = read_manifest(folder)
@@ -66,8 +67,10 @@ def test_engines_and_manifest_complete(artifacts, name):
         layers = json.loads((folder / meta["layers"]).read_text())
         types = {layer["type"] for layer in layers["layers"]}
         assert "CONVOLUTION" in types
-        if name == "int8":
+        if name in ("int8", "fp8"):
             assert {"QUANTIZE", "DEQUANTIZE"} <= types
+            quantized = {out for layer in layers["layers"] if layer["type"] == "QUANTIZE" for out in layer["outputs"]}
+            assert quantized == {name.upper()}, quantized
         if name == "fp16" and graph == G.DENOISE:
             assert any("ATTENTION" in t for t in types), types
     assert "mirage-export --checkpoint" in m["rebuild_command"]
@@ -185,7 +188,7 @@ def test_plugin_temporal_attention_export(tmp_path):
 def test_dynamic_batch_artifact(tmp_path, precision):
     """--max-batch: a dynamic batch dim in the ONNX graphs, a TensorRT profile in the engines;
     ONNX Runtime runs the graphs at batch 1 (the runtime) and at batch 3."""
-    import onnxruntime as ort
+    from mirage.runtime.backends import ort_session
 
     out = tmp_path / precision
     m = build_artifact(CKPT_GEN, out, ArtifactOptions(precision=precision, backend="tensorrt-rtx", gpus=("sm89",),
@@ -195,7 +198,7 @@ def test_dynamic_batch_artifact(tmp_path, precision):
         meta = m["graphs"][graph]
         assert all(x["shape"][0] == -1 for x in meta["inputs"]), meta["inputs"]
         assert (out / meta["engine"]).stat().st_size > 100_000
-        session = ort.InferenceSession(str(out / meta["onnx"]))
+        session = ort_session(out / meta["onnx"])
         kinds = {"tensor(int32)": np.int32, "tensor(float16)": np.float16, "tensor(float)": np.float32}
         feed = {i.name: np.zeros([3] + list(i.shape[1:]), dtype=kinds[i.type]) for i in session.get_inputs()}
         assert session.run(None, feed)[0].shape[0] == 3

@@ -97,16 +97,25 @@ class SpatialAttention(nn.Module):
         super().__init__()
         self.heads = max(1, ch // head_dim)
         self.norm = nn.GroupNorm(groups, ch)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.proj = zero_init(nn.Conv2d(ch, ch, 1))
+        self.qkv = nn.Linear(ch, 3 * ch)
+        self.proj = zero_init(nn.Linear(ch, ch))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, HW, dh)
-        out = attention(q, k, v)
-        out = out.transpose(-1, -2).reshape(b, c, h, w)
-        return x + self.proj(out)
+        # Token-major projections so that q, k, v have a unit-stride head dim: flash/cuDNN SDPA
+        # need it, and without it CUDA takes the math path, which runs fp16 attention as fp32 GEMMs.
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        q, k, v = self.qkv(tokens).unflatten(2, (3, self.heads, c // self.heads)).permute(2, 0, 3, 1, 4)  # (B, heads, HW, dh)
+        out = self.proj(attention(q, k, v).transpose(1, 2).flatten(2))  # (B, HW, C)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the projections were Linear hold them as 1x1 convs.
+        for name in ("qkv.weight", "proj.weight"):
+            w = state_dict.get(prefix + name)
+            if w is not None and w.dim() == 4:
+                state_dict[prefix + name] = w.flatten(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class TemporalAttention(nn.Module):
@@ -137,18 +146,21 @@ def temporal_attention(q: torch.Tensor, k_self: torch.Tensor, v_self: torch.Tens
                        ages: torch.Tensor, age_table: torch.Tensor, heads: int) -> torch.Tensor:
     """Per-pixel attention of q (B, N, D) over the K memory slots mem (B, K, 2, N, D), whose keys
     get the age embedding age_table[ages], plus the pixel's own key/value; empty slots
-    (age 0) are masked. Returns (B, N, D). This is the unit the TensorRT plugin fuses."""
+    (age 0) are masked. Returns (B, N, D). This is the unit the TensorRT plugin fuses.
+
+    One query against K+1 keys per pixel is too small for a GEMM: written as broadcast products
+    and sums it stays in the model's precision and fuses into a few element-wise kernels (SDPA
+    would take its math path, in fp32 GEMMs)."""
     b, n, d = q.shape
-    kslots = mem.shape[1]
+    dh = d // heads
     mem_k = mem[:, :, 0] + F.embedding(ages, age_table)[:, :, None, :]  # (B, K, N, D)
-    keys = torch.cat([mem_k.transpose(1, 2), k_self[:, :, None]], dim=2)  # (B, N, K+1, D)
-    vals = torch.cat([mem[:, :, 1].transpose(1, 2), v_self[:, :, None]], dim=2)
-    keys = keys.reshape(b * n, kslots + 1, heads, d // heads).transpose(1, 2)  # (B*N, heads, K+1, dh)
-    vals = vals.reshape(b * n, kslots + 1, heads, d // heads).transpose(1, 2)
-    q = q.reshape(b * n, 1, heads, d // heads).transpose(1, 2)  # (B*N, heads, 1, dh)
+    keys = torch.cat([mem_k, k_self[:, None]], dim=1).unflatten(3, (heads, dh))  # (B, K+1, N, heads, dh)
+    vals = torch.cat([mem[:, :, 1], v_self[:, None]], dim=1).unflatten(3, (heads, dh))
+    scores = (keys * q.unflatten(2, (heads, dh))[:, None]).sum(-1) * dh ** -0.5  # (B, K+1, N, heads)
     valid = torch.cat([ages > 0, torch.ones_like(ages[:, :1], dtype=torch.bool)], dim=1)  # (B, K+1)
-    mask = valid[:, None, None, None, :].expand(b, n, 1, 1, kslots + 1).reshape(b * n, 1, 1, kslots + 1)
-    return attention(q, keys, vals, mask).reshape(b, n, d)  # (B*N, heads, 1, dh) -> (B, N, D)
+    scores = scores.masked_fill(~valid[:, :, None, None], float("-inf"))
+    weights = scores.softmax(dim=1)[..., None]  # (B, K+1, N, heads, 1)
+    return (weights * vals).sum(1).flatten(2)  # (B, N, D)
 
 
 # The same computation as one opaque op: exported as a single custom ONNX node that the
