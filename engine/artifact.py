@@ -35,6 +35,7 @@ from .manifest import sha256_file, write_manifest
 
 PRECISIONS = ("fp32", "fp16", *QUANTIZED)
 BACKENDS = ("onnx", "tensorrt-rtx", "tensorrt")
+FP8_TARGETS = ("sm89", "sm120")  # TensorRT-RTX targets with FP8 tensor cores (Ada, Blackwell)
 FP16_MAX = 65504.0
 
 
@@ -99,6 +100,12 @@ def build_artifact(checkpoint: str | Path, out: str | Path, options: ArtifactOpt
         raise ExportError(f"precision {o.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if o.backend not in BACKENDS:
         raise ExportError(f"backend {o.backend!r}: choose one of {', '.join(BACKENDS)}")
+    if o.precision == "fp8" and o.backend == "tensorrt-rtx":
+        lacking = [g for g in o.gpus if g not in FP8_TARGETS]
+        if lacking:
+            raise ExportError(f"--precision fp8: {', '.join(lacking)} have no FP8 tensor cores; "
+                              f"use --gpu {','.join(FP8_TARGETS)} (or a subset)")
+        o = dataclasses.replace(o, gpus=o.gpus or FP8_TARGETS)  # the default set includes sm80/sm86
     plugin_mode = o.temporal_attention == "plugin"
     if plugin_mode and o.precision in QUANTIZED:
         raise ExportError("--temporal-attention plugin is for fp32/fp16; INT8/FP8 graphs use the stock-op attention")

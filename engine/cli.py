@@ -34,7 +34,8 @@ def _gpus(ctx, param, value: str | None) -> tuple[str, ...]:
 @click.option("--backend", type=click.Choice(["onnx", "tensorrt-rtx", "tensorrt"]), default="onnx",
               help="onnx: graphs only. tensorrt-rtx builds on the CPU (no GPU needed); tensorrt needs its GPU.")
 @click.option("--gpu", "gpus", callback=_gpus, default=None,
-              help="TensorRT-RTX target compute capabilities, comma-separated (sm80,sm86,sm89,sm120).")
+              help="TensorRT-RTX target compute capabilities, comma-separated (sm80,sm86,sm89,sm120; "
+                   "fp8 defaults to sm89,sm120, the targets with FP8 tensor cores).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("artifacts/tiny"),
               help="Artifact folder to write.")
 @click.option("--batch", type=click.IntRange(1, 256), default=1,

@@ -332,6 +332,8 @@ def main(argv=None) -> int:
     for name in filter(None, args.throughput_configs.split(",")):
         report[f"throughput_{name}"] = throughput(name, [int(b) for b in args.throughput_batches.split(",")],
                                                   args.throughput_variant, args.kernel_library)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
     for name in filter(None, args.configs.split(",")):
         model = random_model(name)
         entry = {"parameters": parameter_count(model), "floor": floor(model, args.steps, report["peaks"]),

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from conftest import CKPT_GEN, CKPT_V2V
 from mirage.engine.artifact import ArtifactOptions, build_artifact
 from mirage.engine.cli import main as export_main
+from mirage.export.onnx_export import ExportError
 from mirage.engine.manifest import EngineError, check_engine_file, check_loadable, read_manifest, validate_manifest
 from mirage.runtime import Pipeline
 from mirage.runtime import graphs as G
@@ -159,6 +160,16 @@ def test_corrupt_onnx_is_refused_by_the_builder(tmp_path):
         build_engine(bad, tmp_path / "bad.engine", BuildOptions(compute_capabilities=("sm90",)))
     with pytest.raises(EngineError, match="plugin library not found"):
         build_engine(bad, tmp_path / "bad.engine", BuildOptions(plugin_library=str(tmp_path / "nope.so")))
+
+
+def test_fp8_engines_need_fp8_targets(tmp_path):
+    """TensorRT-RTX cannot compile FP8 for sm80/sm86: refused before any work, in one line."""
+    with pytest.raises(ExportError, match="no FP8 tensor cores"):
+        build_artifact(CKPT_GEN, tmp_path / "a", ArtifactOptions(precision="fp8", backend="tensorrt-rtx", gpus=("sm86",)))
+    result = CliRunner().invoke(export_main, ["--checkpoint", str(CKPT_GEN), "--precision", "fp8", "--backend",
+                                              "tensorrt-rtx", "--gpu", "sm80,sm89", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "sm80 have no FP8 tensor cores" in result.output, result.output
+    assert not (tmp_path / "b").exists()
 
 
 def test_plugin_temporal_attention_export(tmp_path):
