@@ -42,8 +42,9 @@ def test_parity_per_precision(artifacts, name, bound):
         assert 0 <= parity["tensors"][output]["rel"] < bound, parity["tensors"]
     psnr = parity["rollout"]["psnr_mean_db"]
     # fp32 reproduces the PyTorch rollout; fp16 is far above visible error; INT8 of this tiny
-    # model is visibly off (about 22 dB) and bounded so that a regression shows; FP8 sits between.
-    assert psnr > {"fp16": 35, "int8": 18, "fp8": 30, "fp32-v2v": 80}[name]
+    # model is visibly off (about 22 dB) and bounded so that a regression shows; FP8 sits between
+    # (about 30 dB over 20 frames).
+    assert psnr > {"fp16": 35, "int8": 18, "fp8": 26, "fp32-v2v": 80}[name]
 
 
 def test_fp16_activations_have_headroom(artifacts):
