@@ -61,6 +61,7 @@ def main(checkpoint, precision, backend, gpus, out, batch, max_batch, opt_level,
     """
     from mirage.export.onnx_export import ExportError
     from mirage.export.quantize import QuantizeError
+    from mirage.runtime.backends import BackendError
     from mirage.train.checkpoint import CheckpointError
 
     from .artifact import ArtifactOptions, artifact_files, build_artifact
@@ -81,7 +82,7 @@ def main(checkpoint, precision, backend, gpus, out, batch, max_batch, opt_level,
 
     try:
         manifest = build_artifact(checkpoint, out, options, progress)
-    except (ExportError, QuantizeError, CheckpointError, EngineError) as e:
+    except (ExportError, QuantizeError, CheckpointError, EngineError, BackendError) as e:
         raise ExportFailed(str(e)) from e
     par = manifest["parity"]
     click.echo(f"\nartifact {out}  ({manifest['precision']}, backend {manifest['backend']['name']}"

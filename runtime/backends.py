@@ -51,8 +51,11 @@ def ort_session(path: Path, providers: list[str] | None = None):
     # INT8 Q/DQ pairs into a Gemm with a mistyped QuantizeLinear, and the session then fails to
     # load ("output_dtype INT8 does not match y_zero_point type UINT8"). The fusion is a small
     # CPU win; without it every precision loads.
-    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"],
-                                disabled_optimizers=["MatMulAddFusion"])
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"],
+                                    disabled_optimizers=["MatMulAddFusion"])
+    except Exception as e:  # onnxruntime raises its own pybind types (Fail, InvalidGraph, NoSuchFile, ...)
+        raise BackendError(f"{path}: ONNX Runtime cannot load this graph ({type(e).__name__}: {e})") from e
 
 
 _NP = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int32)": "int32", "tensor(int64)": "int64"}

@@ -8,6 +8,7 @@ import torch
 
 from conftest import CKPT_GEN, CKPT_V2V
 from mirage.runtime import Pipeline, PipelineError
+from mirage.runtime.backends import BackendError, OrtBackend
 from mirage.runtime.loop import NumpyOps, Schedule, TorchOps
 from mirage.runtime.schedule import ALPHAS_CUMPROD, ddim_coefficients
 from mirage.train.checkpoint import load_checkpoint
@@ -102,6 +103,10 @@ def test_lifecycle_errors(tmp_path):
         Pipeline.load(CKPT_GEN, backend="nope")
     with pytest.raises(PipelineError, match="only the torch backend"):
         Pipeline.load(CKPT_GEN, backend="onnxruntime")
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a graph")
+    with pytest.raises(BackendError, match="broken.onnx: ONNX Runtime cannot load this graph"):
+        OrtBackend({"denoise": broken})
 
 
 def test_video_to_video_input_errors():
