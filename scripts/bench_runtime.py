@@ -272,9 +272,10 @@ def plot(report: dict, path: str) -> None:
         ax.axvline(entry["floor"]["floor_ms"], color="tab:red", ls="--", label="floor")
         ax.set_xscale("log")
         ax.set_xlabel("median ms / frame (log)")
-        ax.set_title(f"{name} ({report['device']}, {report['steps']} steps)")
+        ax.set_title(name)
         ax.invert_yaxis()
         ax.legend(loc="lower right")
+    fig.suptitle(f"{report['device']}, batch 1, {report['steps']} DDIM steps, {report['date']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
