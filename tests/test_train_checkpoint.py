@@ -227,10 +227,10 @@ def test_cli_unknown_config():
 
 
 def test_cli_missing_data_folder(tmp_path):
-    runner = CliRunner()
-    with runner.isolated_filesystem(temp_dir=tmp_path):
-        result = runner.invoke(main, ["--data", "/nonexistent", "--steps", "1"])
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["--data", "/nonexistent", "--steps", "1", "--out", str(out)])
     assert result.exit_code == 2, result.output
+    assert not out.exists()  # refused before writing anything
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and errors[0].startswith("Error: /nonexistent: not a folder"), result.stderr
     assert "Traceback" not in result.output
