@@ -73,12 +73,10 @@ def main(checkpoint, precision, backend, gpus, out, batch, max_batch, opt_level,
                               calibration_frames=calib_frames, parity_frames=parity_frames,
                               optimization_level=opt_level, workspace_mb=workspace_mb, plugin_library=plugin_library,
                               temporal_attention=temporal_attention)
-    start, last = time.perf_counter(), [time.perf_counter()]
+    start = time.perf_counter()
 
     def progress(stage: str) -> None:
-        now = time.perf_counter()
-        click.echo(f"[{now - start:6.1f}s] {stage}", err=True)
-        last[0] = now
+        click.echo(f"[{time.perf_counter() - start:6.1f}s] {stage}", err=True)
 
     try:
         manifest = build_artifact(checkpoint, out, options, progress)

@@ -28,6 +28,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -256,6 +257,20 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def write_report(report: dict, args) -> None:
+    """The finished report: the markdown table printed (and written with --markdown), the plot
+    drawn with --plot. Both a GPU run and --plot-only end here."""
+    table = markdown_table(report)
+    print("\n" + table)
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+    if args.plot:
+        try:
+            plot(report, args.plot)
+        except ImportError:
+            print(f"no matplotlib here: draw it elsewhere with --plot-only --json {args.json} --plot {args.plot}")
+
+
 def plot(report: dict, path: str) -> None:
     """Per-frame median latency per variant and config (log scale), the floor as a line."""
     import matplotlib
@@ -306,12 +321,7 @@ def main(argv=None) -> int:
                    help="configs for the graph-vs-eager and copy-overlap checks ('' to skip them)")
     args = p.parse_args(argv)
     if args.plot_only:  # redraw from a finished run
-        report = json.loads(open(args.json).read())
-        if args.plot:
-            plot(report, args.plot)
-        if args.markdown:
-            with open(args.markdown, "w") as f:
-                f.write(markdown_table(report) + "\n")
+        write_report(json.loads(Path(args.json).read_text()), args)
         return 0
     if not torch.cuda.is_available():
         p.error("this benchmark needs a CUDA GPU")
@@ -323,6 +333,10 @@ def main(argv=None) -> int:
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": args.steps,
               "cudnn_benchmark": args.cudnn_benchmark,
               "date": time.strftime("%Y-%m-%d"), "peaks": measured_peaks(), "configs": {}}
+
+    def save() -> None:  # after the throughput table and every config: a cut-short run keeps its numbers
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
     print(f"device {report['device']}: copy {report['peaks']['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
           f"bf16 matmul {report['peaks']['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
     for name in filter(None, args.check_configs.split(",")):
@@ -333,8 +347,7 @@ def main(argv=None) -> int:
     for name in filter(None, args.throughput_configs.split(",")):
         report[f"throughput_{name}"] = throughput(name, [int(b) for b in args.throughput_batches.split(",")],
                                                   args.throughput_variant, args.kernel_library)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        save()
     for name in filter(None, args.configs.split(",")):
         model = random_model(name)
         entry = {"parameters": parameter_count(model), "floor": floor(model, args.steps, report["peaks"]),
@@ -355,20 +368,9 @@ def main(argv=None) -> int:
                   flush=True)
             restore(model)
         report["configs"][name] = entry
-        with open(args.json, "w") as f:  # after every config: a cut-short run still leaves its numbers
-            json.dump(report, f, indent=2)
-    with open(args.json, "w") as f:
-        json.dump(report, f, indent=2)
-    table = markdown_table(report)
-    print("\n" + table)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table + "\n")
-    if args.plot:
-        try:
-            plot(report, args.plot)
-        except ImportError:
-            print(f"no matplotlib here: draw it elsewhere with --plot-only --json {args.json} --plot {args.plot}")
+        save()
+    save()
+    write_report(report, args)
     return 0
 
 

@@ -50,14 +50,11 @@ def plugin_temporal_attention():
     return _export_mode("plugin_temporal_attention")
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) [masked]) v over the last two dims; mask is boolean, True = attend."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over the last two dims."""
     if not _EXPORT_MODE["decomposed_attention"]:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(dim=-1) @ v
+        return F.scaled_dot_product_attention(q, k, v)
+    return ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).softmax(dim=-1) @ v
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -151,8 +148,7 @@ def temporal_attention(q: torch.Tensor, k_self: torch.Tensor, v_self: torch.Tens
     One query against K+1 keys per pixel is too small for a GEMM: written as broadcast products
     and sums it stays in the model's precision and fuses into a few element-wise kernels (SDPA
     would take its math path, in fp32 GEMMs)."""
-    b, n, d = q.shape
-    dh = d // heads
+    dh = q.shape[-1] // heads
     mem_k = mem[:, :, 0] + F.embedding(ages, age_table)[:, :, None, :]  # (B, K, N, D)
     keys = torch.cat([mem_k, k_self[:, None]], dim=1).unflatten(3, (heads, dh))  # (B, K+1, N, heads, dh)
     vals = torch.cat([mem[:, :, 1], v_self[:, None]], dim=1).unflatten(3, (heads, dh))
