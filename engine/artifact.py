@@ -21,17 +21,17 @@ from typing import Callable
 import torch
 
 from mirage import __version__
-from mirage.runtime import graphs as G
+from mirage.core import graphs as G
 from mirage.train.checkpoint import WEIGHTS, load_checkpoint
-from mirage.train.config import to_json
+from mirage.core.config import to_json
 
 from mirage.export.onnx_export import ExportError, ExportOptions, activation_range, export_graph, record_rollout_inputs
 from mirage.export.parity import TOLERANCE, OrtGraphs, rollout_psnr, tensor_parity
 from mirage.export.quantize import MODES as QUANTIZED, quantize_qdq
 
-from .build import BuildOptions, build_engine, load_backend
-from .compare import compare_engine, skip_reason
-from .manifest import sha256_file, write_manifest
+from mirage.engine.build import BuildOptions, build_engine, load_backend
+from mirage.engine.compare import compare_engine, skip_reason
+from mirage.engine.manifest import sha256_file, write_manifest
 
 PRECISIONS = ("fp32", "fp16", *QUANTIZED)
 BACKENDS = ("onnx", "tensorrt-rtx", "tensorrt")

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from mirage.runtime.graphs import layers_file
+from mirage.core.graphs import layers_file
 
-from .manifest import EngineError
+from mirage.engine.manifest import EngineError
 
 # backend name -> (Python module, pyproject extra that installs it)
 MODULES = {"tensorrt-rtx": ("tensorrt_rtx", "tensorrt-rtx"), "tensorrt": ("tensorrt", "tensorrt")}

@@ -22,7 +22,7 @@ import json
 import shlex
 from pathlib import Path
 
-from mirage.runtime.graphs import GRAPHS, MANIFEST
+from mirage.core.graphs import GRAPHS, MANIFEST
 
 
 class EngineError(ValueError):

@@ -1,6 +1,6 @@
 """Export the two graphs of a Mirage model to ONNX: `denoise` and `context_encode`.
 
-Tensor names come from `mirage.runtime.graphs`, shared with the engine builder and runtime.
+Tensor names come from `mirage.core.graphs`, shared with the engine builder and runtime.
 Shapes are static (batch B, the model's resolution and memory size) because static shapes
 give TensorRT the best engines; `max_batch` makes the batch dimension dynamic instead (one
 engine serving 1..max_batch independent streams through an optimization profile). Precisions:
@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mirage.runtime import graphs as G
-from mirage.train.model import MirageUNet, decomposed_attention, plugin_temporal_attention
+from mirage.core import graphs as G
+from mirage.model.unet import MirageUNet, decomposed_attention, plugin_temporal_attention
 from mirage.train.rollout import DEFAULT_CONTEXT_NOISE, DEFAULT_STEPS, rollout
 from mirage.train.data import SyntheticVideo, v2v_input
 

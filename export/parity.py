@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mirage.runtime import graphs as G
+from mirage.core import graphs as G
 from mirage.runtime.backends import OrtBackend
-from mirage.runtime.report import psnr
+from mirage.core.report import psnr
 from mirage.train.data import SyntheticVideo, v2v_input
-from mirage.train.model import MirageUNet
+from mirage.model.unet import MirageUNet
 from mirage.train.rollout import rollout
 
 # Bounds on ‖out − ref‖ / ‖ref‖ per precision (METHOD.md: fp32 far under 1e-3, half precision
@@ -46,7 +46,7 @@ class OrtGraphs:
 @torch.no_grad()
 def tensor_parity(model: MirageUNet, graphs: OrtGraphs, calls: dict[str, list[dict[str, torch.Tensor]]]) -> dict:
     """Worst relative and absolute error per graph output over the recorded inputs."""
-    from .onnx_export import graph_module
+    from mirage.export.onnx_export import graph_module
 
     report = {}
     for graph, inputs in calls.items():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import graphs as G
+from mirage.core import graphs as G
 
 
 class BackendError(RuntimeError):
@@ -120,7 +120,7 @@ class TensorRTBackend:
         from mirage.engine.build import load_backend
         from mirage.engine.manifest import check_engine_file, check_loadable
 
-        from .cuda import compute_capability
+        from mirage.runtime.cuda import compute_capability
 
         self.device = device if ":" in device else "cuda:0"
         self.stream = None  # the pipeline's compute stream (a cudaStream_t), set before the first run

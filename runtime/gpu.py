@@ -18,7 +18,7 @@ class TorchGpu:
     def __init__(self, device: str, seed: int = 0):
         import torch
 
-        from .loop import TorchOps
+        from mirage.model.torch_ops import TorchOps
 
         self.torch, self.device = torch, torch.device(device)
         self.compute = torch.cuda.current_stream(self.device)
@@ -106,7 +106,7 @@ class CudaGpu:
     array = "cuda"
 
     def __init__(self, device: str, seed: int = 0):
-        from .cuda import CudaOps, Device
+        from mirage.runtime.cuda import CudaOps, Device
 
         index = int(device.split(":")[1]) if ":" in device else 0
         self.dev = Device(index)
@@ -161,7 +161,7 @@ class CudaGpu:
         graph.launch(self.compute)
 
     def device_name(self) -> str:
-        from .cuda import call
+        from mirage.runtime.cuda import call
 
         props = call(self.dev.rt.cudaGetDeviceProperties, self.dev.index)
         return props.name.split(b"\0", 1)[0].decode()
@@ -170,7 +170,7 @@ class CudaGpu:
         pass  # no allocator statistics outside PyTorch: memory_mb reports what is in use
 
     def memory_mb(self) -> tuple[float, str]:
-        from .cuda import call
+        from mirage.runtime.cuda import call
 
         free, total = call(self.dev.rt.cudaMemGetInfo)
         return (total - free) / 2**20, "in use on the device (cudaMemGetInfo)"

@@ -22,10 +22,10 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from . import graphs as G
-from .backends import BackendError, OrtBackend, TensorRTBackend, TorchBackend
-from .loop import Buffers, NumpyOps, Schedule, TorchOps, reset_memory, run_frame
-from .schedule import ALPHAS_CUMPROD, ddim_coefficients
+from mirage.core import graphs as G
+from mirage.runtime.backends import BackendError, OrtBackend, TensorRTBackend, TorchBackend
+from mirage.core.loop import Buffers, NumpyOps, Schedule, reset_memory, run_frame
+from mirage.core.schedule import ALPHAS_CUMPROD, ddim_coefficients
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
 
@@ -162,6 +162,8 @@ class Pipeline:
         elif self.backend.array == "numpy":
             self.ops = NumpyOps()
         else:
+            from mirage.model.torch_ops import TorchOps
+
             self.ops = TorchOps(self.backend.device)
         self.state = "allocated"
 
@@ -237,7 +239,7 @@ class Pipeline:
             expected = self.shapes[G.X_T][2:] + (3,)
             if tuple(cond.shape) != expected:
                 raise PipelineError(f"input frame has shape {tuple(cond.shape)}, the model takes {expected}; "
-                                    "resize it (mirage.runtime.video_io.fit_square)")
+                                    "resize it (mirage.core.video_io.fit_square)")
             chw = np.ascontiguousarray(np.asarray(cond, dtype=np.float32).transpose(2, 0, 1))[None]
         if self.gpu is None:
             if chw is not None:
@@ -344,7 +346,7 @@ def _gpu_for(backend):
     """The GPU plumbing matching the backend's buffers, or None on the CPU."""
     if not str(backend.device).startswith("cuda"):
         return None
-    from .gpu import CudaGpu, TorchGpu
+    from mirage.runtime.gpu import CudaGpu, TorchGpu
 
     return (TorchGpu if backend.array == "torch" else CudaGpu)(backend.device)
 

@@ -35,8 +35,8 @@ import torch
 import torch._inductor.config
 
 from mirage.runtime import Pipeline
-from mirage.train.config import get_config
-from mirage.train.model import MirageUNet, parameter_count
+from mirage.core.config import get_config
+from mirage.model.unet import MirageUNet, parameter_count
 
 
 VARIANTS = {  # graph: the runtime's whole-frame CUDA graph; compile: torch.compile mode

@@ -21,10 +21,10 @@ import time
 
 import numpy as np
 
-from mirage.runtime import graphs as G
+from mirage.core import graphs as G
 from mirage.runtime.cuda import CudaError, call, launch
 from mirage.runtime.gpu import CudaGpu
-from mirage.runtime.loop import NumpyOps
+from mirage.core.loop import NumpyOps
 from mirage.runtime.pipeline import Pipeline, PipelineError
 
 STANDIN = r"""

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from mirage.plugins_cpp import kernels
-from mirage.train.model import temporal_attention
+from mirage.model.unet import temporal_attention
 
 BOUNDS = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from mirage.train.checkpoint import load_checkpoint
 from mirage.train.data import SyntheticVideo, v2v_input
-from mirage.runtime.report import psnr
+from mirage.core.report import psnr
 from mirage.train.rollout import DEFAULT_CONTEXT_NOISE, DEFAULT_STEPS, rollout
 
 COLLAPSE_STD = 0.03  # a frame whose pixels vary less than this (in [-1, 1] units) is one flat color

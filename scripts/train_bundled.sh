@@ -11,7 +11,7 @@ mkdir -p "$out"
 pids=()
 for task in $tasks; do
   name=tiny; [ "$task" = v2v ] && name=tiny-v2v
-  $py -m mirage.train.cli --config tiny --task "$task" --steps "$steps" --batch-size 128 --lr 2e-3 \
+  $py -m mirage.cli.train --config tiny --task "$task" --steps "$steps" --batch-size 128 --lr 2e-3 \
       --precision bf16 --device auto --workers 7 --out "$out/$name" > "$out/$name.log" 2>&1 &
   pids+=($!)
 done

@@ -35,8 +35,8 @@ def v2v_model():
 def randomized_tiny(task: str = "generate", seed: int = 0):
     """A tiny model whose zero-initialised output projections are randomised, so every branch
     (temporal attention included) affects the output."""
-    from mirage.train.config import get_config
-    from mirage.train.model import MirageUNet
+    from mirage.core.config import get_config
+    from mirage.model.unet import MirageUNet
 
     torch.manual_seed(seed)
     model = MirageUNet(get_config("tiny", task)).eval()

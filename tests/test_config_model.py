@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from mirage.train.config import (CONFIGS, ConfigError, ModelConfig, TrainConfig, check_same, from_json,
+from mirage.core.config import (CONFIGS, ConfigError, ModelConfig, TrainConfig, check_same, from_json,
                                  get_config, to_json)
-from mirage.train.model import MirageUNet, parameter_count
+from mirage.model.unet import MirageUNet, parameter_count
 
 # Stated ranges: tiny trains on a laptop; seed880m matches the roadmap baseline (~880M).
 PARAM_RANGES = {

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mirage.runtime.video_io import VideoError, iter_frames, write_video
+from mirage.core.video_io import VideoError, iter_frames, write_video
 from mirage.train.data import YCBCR, ClipStream, DataError, SyntheticVideo, VideoFolder, make_source, v2v_input
 
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -176,7 +176,7 @@ def test_iter_frames_errors(tmp_path):
 
 
 def test_missing_webcam_is_a_clear_error():
-    from mirage.runtime.video_io import VideoError, iter_frames
+    from mirage.core.video_io import VideoError, iter_frames
 
     with pytest.raises(VideoError, match="/dev/video97: no such webcam"):
         next(iter_frames("97", 32))

@@ -21,7 +21,7 @@ from mirage.engine.build import (NETWORK_VIEW, BuildOptions, build_engine, engin
                                  gpu_compute_capability, load_backend, network_layers)
 from mirage.engine.manifest import (EngineError, check_engine_file, check_loadable, read_manifest,  # noqa: E402
                                     sha256_file, validate_manifest, write_manifest)
-from mirage.runtime import graphs as G  # noqa: E402
+from mirage.core import graphs as G  # noqa: E402
 
 SM89 = BuildOptions(compute_capabilities=("sm89",))  # one target: the fastest build
 

@@ -8,11 +8,11 @@ from click.testing import CliRunner
 
 from conftest import CKPT_GEN, CKPT_V2V
 from mirage.engine.artifact import ArtifactOptions, build_artifact
-from mirage.engine.cli import main as export_main
+from mirage.cli.export import main as export_main
 from mirage.export.onnx_export import ExportError
 from mirage.engine.manifest import EngineError, check_engine_file, check_loadable, read_manifest, validate_manifest
 from mirage.runtime import Pipeline
-from mirage.runtime import graphs as G
+from mirage.core import graphs as G
 
 trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (pip install tensorrt-rtx-cu13) builds the engines")
 pytest.importorskip("modelopt.onnx.quantization", reason="INT8 needs NVIDIA ModelOpt (pip install -e .[quantize])")

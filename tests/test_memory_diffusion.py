@@ -14,10 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mirage.train.diffusion import (ALPHAS_CUMPROD, T, alpha_sigma, ddim_coefficients, ddim_sample, ddim_timesteps,
+from mirage.model.diffusion import (ALPHAS_CUMPROD, T, alpha_sigma, ddim_coefficients, ddim_sample, ddim_timesteps,
                                     q_sample, v_target)
 from mirage.train.memory import empty_memory, ring_write
-from mirage.train.config import get_config
+from mirage.core.config import get_config
 from mirage.train.rollout import rollout
 
 # ---- ring buffer ---------------------------------------------------------------------------

@@ -9,17 +9,18 @@ import torch
 from conftest import CKPT_GEN, CKPT_V2V
 from mirage.runtime import Pipeline, PipelineError
 from mirage.runtime.backends import BackendError, OrtBackend
-from mirage.runtime.loop import NumpyOps, Schedule, TorchOps
-from mirage.runtime.schedule import ALPHAS_CUMPROD, ddim_coefficients
+from mirage.core.loop import NumpyOps, Schedule
+from mirage.model.torch_ops import TorchOps
+from mirage.core.schedule import ALPHAS_CUMPROD, ddim_coefficients
 from mirage.train.checkpoint import load_checkpoint
 from mirage.train.data import SyntheticVideo, v2v_input
-from mirage.train.diffusion import ddim_update
+from mirage.model.diffusion import ddim_update
 from mirage.train.memory import ring_write
 from mirage.train.rollout import rollout
 
 
 def test_runtime_imports_without_torch():
-    code = ("import sys; sys.modules['torch'] = None; import mirage.runtime, mirage.runtime.video_io, mirage.runtime.cuda, mirage.runtime.gpu, mirage.runtime.backends; "
+    code = ("import sys; sys.modules['torch'] = None; import mirage.runtime, mirage.core.video_io, mirage.runtime.cuda, mirage.runtime.gpu, mirage.runtime.backends; "
             "from mirage.runtime import Pipeline; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
@@ -123,7 +124,7 @@ def test_mirage_run_cli(tmp_path):
 
     from click.testing import CliRunner
 
-    from mirage.runtime.cli import main
+    from mirage.cli.run import main
 
     runner = CliRunner()
     report = tmp_path / "r.json"

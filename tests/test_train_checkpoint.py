@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 
 from mirage.train.checkpoint import (CONFIG, STATE, WEIGHTS, CheckpointError, load_checkpoint, load_train_state,
                                      read_meta, save_checkpoint)
-from mirage.train.cli import main
-from mirage.train.config import ConfigError, ModelConfig, TrainConfig, from_json, get_config
+from mirage.cli.train import main
+from mirage.core.config import ConfigError, ModelConfig, TrainConfig, from_json, get_config
 from mirage.train.data import SyntheticVideo
-from mirage.train.model import MirageUNet
+from mirage.model.unet import MirageUNet
 from mirage.train.trainer import TrainStep, lr_at, train
 
 from conftest import CKPT_GEN, CKPT_V2V
@@ -252,7 +252,7 @@ def test_torchrun_ddp_on_cpu(tmp_path):
     import sys
 
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "mirage.train.cli",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "mirage.cli.train",
            "--steps", "2", "--batch-size", "2", "--device", "cpu", "--out", str(out), "--no-resume"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -261,7 +261,7 @@ def test_torchrun_ddp_on_cpu(tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    from mirage.train.model import MirageUNet
+    from mirage.model.unet import MirageUNet
     from mirage.train.trainer import TrainStep
 
     torch.manual_seed(0)

@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from mirage import __version__
 
-from .config import ConfigError, ModelConfig, TrainConfig, from_json, to_json
-from .model import MirageUNet
+from mirage.core.config import ConfigError, ModelConfig, TrainConfig, from_json, to_json
+from mirage.model.unet import MirageUNet
 
 CONFIG, WEIGHTS, STATE = "config.json", "model.safetensors", "train_state.safetensors"
 

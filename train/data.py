@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mirage.runtime.video_io import IMAGE_EXTS, VIDEO_EXTS, VideoError, iter_frames
+from mirage.core.video_io import IMAGE_EXTS, VIDEO_EXTS, VideoError, iter_frames
 
 # RGB per shape class: circle, square, triangle, ring, cross, diamond.
 PALETTE = np.array([[0.95, 0.25, 0.2], [0.2, 0.8, 0.3], [0.25, 0.4, 0.95],

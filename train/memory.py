@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import ModelConfig
+from mirage.core.config import ModelConfig
 
 
 def empty_memory(cfg: ModelConfig, batch: int, device: torch.device | str = "cpu",

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import STATE, load_train_state, read_meta, save_checkpoint
-from .config import ModelConfig, TrainConfig, check_same, from_json
-from .data import ClipStream, make_source, v2v_input
-from .diffusion import T, q_sample, v_target
-from .model import MirageUNet, parameter_count
+from mirage.train.checkpoint import STATE, load_train_state, read_meta, save_checkpoint
+from mirage.core.config import ModelConfig, TrainConfig, check_same, from_json
+from mirage.train.data import ClipStream, make_source, v2v_input
+from mirage.model.diffusion import T, q_sample, v_target
+from mirage.model.unet import MirageUNet, parameter_count
 
 
 class TrainStep(nn.Module):

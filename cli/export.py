@@ -64,8 +64,8 @@ def main(checkpoint, precision, backend, gpus, out, batch, max_batch, opt_level,
     from mirage.runtime.backends import BackendError
     from mirage.train.checkpoint import CheckpointError
 
-    from .artifact import ArtifactOptions, artifact_files, build_artifact
-    from .manifest import EngineError
+    from mirage.engine.artifact import ArtifactOptions, artifact_files, build_artifact
+    from mirage.engine.manifest import EngineError
 
     if max_batch is not None and batch > max_batch:
         raise ExportFailed(f"--batch {batch} is larger than --max-batch {max_batch}")

@@ -13,9 +13,9 @@ from typing import Iterator
 import click
 import numpy as np
 
-from .pipeline import BACKENDS, Pipeline, PipelineError
-from .report import latency_summary, psnr, table, write_json
-from .video_io import VideoError, iter_frames, write_video
+from mirage.runtime.pipeline import BACKENDS, Pipeline, PipelineError
+from mirage.core.report import latency_summary, psnr, table, write_json
+from mirage.core.video_io import VideoError, iter_frames, write_video
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny"

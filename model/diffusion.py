@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from mirage.runtime import schedule
+from mirage.core import schedule
 
 T = schedule.T
 ALPHAS_CUMPROD = torch.tensor(schedule.ALPHAS_CUMPROD, dtype=torch.float64)
@@ -49,7 +49,7 @@ def v_target(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tens
 
 
 def ddim_coefficients(steps: int, eta: float = 0.0) -> torch.Tensor:
-    """Per-step coefficients, a (steps, 6) float64 table: see runtime.schedule.ddim_coefficients."""
+    """Per-step coefficients, a (steps, 6) float64 table: see mirage.core.schedule.ddim_coefficients."""
     return torch.tensor(schedule.ddim_coefficients(steps, eta), dtype=torch.float64)
 
 

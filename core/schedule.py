@@ -1,6 +1,6 @@
 """The noise schedule and DDIM coefficient table in plain Python (the runtime has no torch).
 
-mirage.train.diffusion builds its tensors from these functions, so training, the reference
+mirage.model.diffusion builds its tensors from these functions, so training, the reference
 sampler and every runtime backend share one definition. Notation as in train/diffusion.py.
 """
 from __future__ import annotations

@@ -5,8 +5,8 @@ import json
 
 import click
 
-from .config import CONFIGS, TASKS, ConfigError, TrainConfig, get_config
-from .model import MirageUNet, parameter_count
+from mirage.core.config import CONFIGS, TASKS, ConfigError, TrainConfig, get_config
+from mirage.model.unet import MirageUNet, parameter_count
 
 
 class MirageError(click.ClickException):
@@ -41,11 +41,11 @@ def main(config_name, task, data, out, steps, batch_size, lr, precision, grad_ch
     """Train a Mirage video diffusion model into a checkpoint folder (safetensors + config JSON).
 
     Runs on the CPU by default; uses the GPU with --device cuda (or auto), and all GPUs when
-    launched with `torchrun --nproc-per-node N -m mirage.train.cli ...`.
+    launched with `torchrun --nproc-per-node N -m mirage.cli.train ...`.
     """
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .trainer import train
+    from mirage.train.checkpoint import CheckpointError
+    from mirage.train.data import DataError
+    from mirage.train.trainer import train
 
     try:
         cfg = get_config(config_name, task)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelConfig
+from mirage.core.config import ModelConfig
 
 
 _EXPORT_MODE = {"decomposed_attention": False, "plugin_temporal_attention": False}

@@ -1,0 +1,1 @@
+"""The command-line tools (the top layer): mirage-train, mirage-export, mirage-run, mirage-serve."""

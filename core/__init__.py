@@ -1,0 +1,1 @@
+"""The torch-free bottom layer: configs, graph specs, schedule, the frame loop, video I/O, reports."""
