@@ -6,6 +6,7 @@ ring buffer, CUDA graphs and streams, is shared (loop.py, pipeline.py).
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from mirage.core import graphs as G
@@ -81,7 +82,7 @@ class TorchBackend:
                 kernels.use_in_torch(kernel_library)
             except (OSError, kernels.KernelError) as e:
                 raise BackendError(f"{kernel_library}: {e}") from e
-            self.model.use_temporal_attention_op()
+            self.model = self.model.with_attention(dataclasses.replace(self.model.attention, temporal="op"))
         self.denoise, self.context = self.model.denoise, self.model.context_encode
         if compile_mode:
             self.denoise = torch.compile(self.denoise, mode=compile_mode)

@@ -11,6 +11,7 @@ from mirage.runtime import Pipeline, PipelineError
 from mirage.runtime.backends import BackendError, OrtBackend
 from mirage.core.loop import NumpyOps, Schedule
 from mirage.model.torch_ops import TorchOps
+from mirage.model.unet import AttentionImpl
 from mirage.core.schedule import ALPHAS_CUMPROD, ddim_coefficients
 from mirage.train.checkpoint import load_checkpoint
 from mirage.train.data import SyntheticVideo, v2v_input
@@ -179,10 +180,8 @@ def test_fused_kernel_option_errors(tmp_path):
     with pytest.raises(kernels.KernelError, match="no kernel library"):
         kernels.load(tmp_path / "missing.so")
     outs = []
-    for use_op in (False, True):
-        model.use_temporal_attention_op(use_op)
-        with Pipeline.from_model(model, "cpu") as pipe:
+    for temporal in ("torch", "op"):
+        with Pipeline.from_model(model.with_attention(AttentionImpl(temporal=temporal)), "cpu") as pipe:
             pipe.reset(0)
             outs.append(np.stack([pipe.step() for _ in range(3)]))
-    model.use_temporal_attention_op(False)
     np.testing.assert_array_equal(outs[0], outs[1])
