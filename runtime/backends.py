@@ -112,7 +112,7 @@ class TensorRTBackend:
     captured in one CUDA graph with the loop's NVRTC kernels (runtime/gpu.py: CudaGpu).
     NOT EXECUTED in this project's workplace: full TensorRT is not installable there and
     TensorRT-RTX does not run on its Hopper GPUs; the buffers, kernels, streams and graphs around
-    it are (scripts/check_cuda_runtime.py).
+    it are (tests/gpu/test_gpu_cuda_runtime.py).
     """
 
     array = "cuda"

@@ -302,7 +302,7 @@ def main(argv=None) -> int:
                    "runtime-fused-fp16,runtime-inductor-fp16,runtime-inductor-fused-fp16",
                    help=f"comma-separated, from: {', '.join(VARIANTS)}")
     p.add_argument("--kernel-library", default="build/libmirage_kernels.so",
-                   help="libmirage_kernels.so for the *-fused variants (scripts/check_kernels.py builds it)")
+                   help="libmirage_kernels.so for the *-fused variants (gpu_session.sh STAGES=build builds it)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--frames", type=int, default=100)
     p.add_argument("--json", default="bench.json")
