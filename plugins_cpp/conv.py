@@ -1,0 +1,155 @@
+"""`mirage::conv3x3`: a 3x3 / stride 1 / pad 1 convolution with packed, optionally FP8 weights, for
+the weight-bound layers of a batch-1 denoiser. On CUDA it runs the Triton split-K implicit GEMM
+of conv_triton.py; elsewhere (and as the reference) the same numbers through `F.conv2d`.
+
+    conv = PackedConv3x3.from_conv(model_conv, weights="fp8")   # packs once ("native": conv's dtype)
+    y = conv(x)                        # == model_conv(x) up to the weights' rounding
+    y = conv(x, residual=skip)         # the residual add fused into the epilogue
+
+Packed weight: (9 CIN, COUT), row = 3x3 tap * CIN + input channel, output channel innermost (the
+layout the kernel streams). FP8: E4M3 with one fp32 scale per output channel (amax / 448).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite E4M3 value
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(COUT, CIN, 3, 3) -> (9 CIN, COUT), contiguous."""
+    cout, cin = weight.shape[:2]
+    return weight.permute(2, 3, 1, 0).reshape(9 * cin, cout).contiguous()  # (ky, kx, ci) x co
+
+
+def quantize_fp8(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed weight -> (E4M3 weight, fp32 scale per output channel (COUT,)); an all-zero channel
+    gets scale 1 (so that dequantising is exact)."""
+    amax = packed.float().abs().amax(dim=0)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (packed.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def unpack_weight(packed: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Packed (and dequantised, fp32 if scaled) -> (COUT, CIN, 3, 3)."""
+    w = packed.float() * scale if scale is not None else packed
+    cin = w.shape[0] // 9
+    return w.reshape(3, 3, cin, -1).permute(3, 2, 0, 1)
+
+
+def conv3x3_reference(x, weight, scale, bias, residual) -> torch.Tensor:
+    """The op's meaning in stock PyTorch, fp32 accumulation, cast to x's dtype."""
+    w = unpack_weight(weight, scale).float()
+    out = F.conv2d(x.float(), w, None if bias is None else bias.float(), padding=1)
+    if residual is not None:
+        out = out + residual.float()
+    return out.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class ConvConfig:
+    """One launch of the Triton kernel: output tile, K block, split of the K blocks, warps, stages."""
+
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 64
+    split: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def default_config(pixels: int, cin: int, cout: int, sms: int) -> ConvConfig:
+    """Enough programs for about two per SM: the output tiles times a split of the 9 CIN / 64 K
+    blocks, each split keeping at least 4 of them (scripts/bench_conv.py sweeps the alternatives)."""
+    block_m, block_n, block_k = 64, 64, 64
+    tiles = -(-pixels // block_m) * -(-cout // block_n)
+    k_blocks = 9 * -(-cin // block_k)
+    split = max(1, min(-(-2 * sms // tiles), k_blocks // 4))
+    return ConvConfig(block_m, block_n, block_k, split)
+
+
+def conv3x3_triton(x, weight, scale, bias, residual, config: ConvConfig | None = None) -> torch.Tensor:
+    """The Triton kernel; returns (B, COUT, H, W) in channels-last memory (the kernel's (M, COUT) rows)."""
+    import triton
+
+    from mirage.plugins_cpp import conv_triton
+
+    b, cin, h, w = x.shape
+    cout = weight.shape[1]
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"conv3x3 on CUDA takes fp16 or bf16 activations, not {x.dtype}")
+    if weight.shape[0] != 9 * cin:
+        raise ValueError(f"packed weight {tuple(weight.shape)} does not fit {cin} input channels (9 x CIN rows)")
+    if config is None:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
+        config = default_config(b * h * w, cin, cout, sms)
+    m = b * h * w
+    out = torch.empty(b, h, w, cout, dtype=x.dtype, device=x.device)  # (M, COUT) rows
+    k_blocks = 9 * triton.cdiv(cin, config.block_k)
+    per_split = triton.cdiv(k_blocks, config.split)
+    split = triton.cdiv(k_blocks, per_split)  # no empty programs
+    acc = torch.zeros(m, cout, dtype=torch.float32, device=x.device) if split > 1 else out
+    rs = residual.stride() if residual is not None else (0, 0, 0, 0)
+    grid = (triton.cdiv(m, config.block_m), triton.cdiv(cout, config.block_n), split)
+    flags = dict(HAS_BIAS=bias is not None, HAS_RES=residual is not None)
+    conv_triton.conv3x3_kernel[grid](
+        x, weight, scale, bias, residual, out, acc, b, h, w, cin, cout, *x.stride(), *rs, per_split,
+        HAS_SCALE=scale is not None, SPLIT_K=split > 1, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages, **flags)
+    if split > 1:
+        grid = (triton.cdiv(m, 32), triton.cdiv(cout, 128))
+        conv_triton.split_epilogue_kernel[grid](acc, bias, residual, out, b, h, w, cout, *rs, BLOCK_M=32,
+                                                BLOCK_N=128, **flags)
+    return out.permute(0, 3, 1, 2)  # (B, COUT, H, W), channels-last
+
+
+@torch.library.custom_op("mirage::conv3x3", mutates_args=())
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
+            residual: torch.Tensor | None) -> torch.Tensor:
+    """x (B, CIN, H, W), packed weight (9 CIN, COUT) fp16/bf16 or E4M3 with scale (COUT,) fp32,
+    bias (COUT,), residual broadcastable to (B, COUT, H, W) -> (B, COUT, H, W) in x's dtype."""
+    if residual is not None:
+        residual = residual.expand(x.shape[0], weight.shape[1], *x.shape[2:])
+    if x.is_cuda:
+        return conv3x3_triton(x, weight, scale, bias, residual)
+    return conv3x3_reference(x, weight, scale, bias, residual).contiguous(memory_format=torch.channels_last)
+
+
+@conv3x3.register_fake
+def _(x, weight, scale, bias, residual):
+    b, _, h, w = x.shape
+    return x.new_empty(b, h, w, weight.shape[1]).permute(0, 3, 1, 2)
+
+
+class PackedConv3x3(nn.Module):
+    """An nn.Conv2d(CIN, COUT, 3, padding=1) with packed weights, run by `mirage::conv3x3`."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, weights: str = "native") -> "PackedConv3x3":
+        """weights: "native" (conv's own dtype) or "fp8" (E4M3 + per-output-channel scales)."""
+        if conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (1, 1) or conv.groups != 1 \
+                or conv.dilation != (1, 1):
+            raise ValueError(f"{conv}: PackedConv3x3 takes 3x3, stride 1, padding 1, ungrouped convolutions")
+        if weights not in ("native", "fp8"):
+            raise ValueError(f"weights {weights!r}: choose native or fp8")
+        with torch.no_grad():
+            packed = pack_weight(conv.weight.detach())
+            scale = None
+            if weights == "fp8":
+                packed, scale = quantize_fp8(packed)
+            bias = None if conv.bias is None else conv.bias.detach().clone()
+        return cls(packed, scale, bias)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.ops.mirage.conv3x3(x, self.weight, self.scale, self.bias, residual)
