@@ -12,6 +12,7 @@ layout the kernel streams). FP8: E4M3 with one fp32 scale per output channel (am
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +86,8 @@ def conv3x3_triton(x, weight, scale, bias, residual, config: ConvConfig | None =
         raise ValueError(f"conv3x3 on CUDA takes fp16 or bf16 activations, not {x.dtype}")
     if weight.shape[0] != 9 * cin:
         raise ValueError(f"packed weight {tuple(weight.shape)} does not fit {cin} input channels (9 x CIN rows)")
+    if x.stride(1) != 1:  # the kernel reads channel rows: a small copy of the activations, not the weights
+        x = x.contiguous(memory_format=torch.channels_last)
     if config is None:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
         config = default_config(b * h * w, cin, cout, sms)
@@ -93,17 +96,17 @@ def conv3x3_triton(x, weight, scale, bias, residual, config: ConvConfig | None =
     k_blocks = 9 * triton.cdiv(cin, config.block_k)
     per_split = triton.cdiv(k_blocks, config.split)
     split = triton.cdiv(k_blocks, per_split)  # no empty programs
-    acc = torch.zeros(m, cout, dtype=torch.float32, device=x.device) if split > 1 else out
+    partials = torch.empty(split, m, cout, dtype=torch.float32, device=x.device) if split > 1 else out
     rs = residual.stride() if residual is not None else (0, 0, 0, 0)
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(cout, config.block_n), split)
     flags = dict(HAS_BIAS=bias is not None, HAS_RES=residual is not None)
     conv_triton.conv3x3_kernel[grid](
-        x, weight, scale, bias, residual, out, acc, b, h, w, cin, cout, *x.stride(), *rs, per_split,
+        x, weight, scale, bias, residual, out, partials, b, h, w, cin, cout, *x.stride(), *rs, per_split,
         HAS_SCALE=scale is not None, SPLIT_K=split > 1, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages, **flags)
     if split > 1:
         grid = (triton.cdiv(m, 32), triton.cdiv(cout, 128))
-        conv_triton.split_epilogue_kernel[grid](acc, bias, residual, out, b, h, w, cout, *rs, BLOCK_M=32,
+        conv_triton.split_epilogue_kernel[grid](partials, bias, residual, out, b, h, w, cout, split, *rs, BLOCK_M=32,
                                                 BLOCK_N=128, **flags)
     return out.permute(0, 3, 1, 2)  # (B, COUT, H, W), channels-last
 
@@ -153,3 +156,34 @@ class PackedConv3x3(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         return torch.ops.mirage.conv3x3(x, self.weight, self.scale, self.bias, residual)
+
+
+def pack_convolutions(model: nn.Module, run: Callable[[], object], max_pixels: int = 256,
+                      weights: str = "native") -> list[str]:
+    """Replace, in place, every 3x3 / stride 1 / padding 1 nn.Conv2d of `model` whose input has at
+    most `max_pixels` pixels per image during `run()` (one forward pass) by a PackedConv3x3 of its
+    weights; returns the replaced modules' names. Pack last: a later `model.half()` would convert
+    FP8 weights too (float8 counts as floating point)."""
+    pixels: dict[str, int] = {}
+
+    def record(name: str):
+        def hook(module, args):  # a pre-hook returning None leaves the call alone
+            pixels.setdefault(name, args[0].shape[2] * args[0].shape[3])
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    replaced = []
+    for name, n in pixels.items():
+        conv = model.get_submodule(name)
+        if n <= max_pixels and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1) \
+                and conv.groups == 1 and conv.dilation == (1, 1):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, PackedConv3x3.from_conv(conv, weights))
+            replaced.append(name)
+    return replaced

@@ -9,9 +9,11 @@ A is never materialised: each K block is one tap and BLOCK_K input channels, rea
 its strides (coalesced when x is channels-last). W is packed once as (9 CIN, COUT), output channel
 innermost, in fp16/bf16 or FP8 E4M3 with a per-output-channel scale (dequantised in registers, the
 scale applied once to the accumulator). The K blocks are split over SPLIT programs per output tile
-so that every SM streams weights; with SPLIT > 1 the partial sums meet in an fp32 buffer
-(atomics, in L2) and a second kernel adds bias and residual and casts. The number of splits is a
-run-time value (the grid), so tuning it compiles nothing new.
+so that every SM streams weights; with SPLIT > 1 each split stores its fp32 partial tile in a
+workspace (SPLIT, M, COUT) and a second kernel sums the splits in a fixed order (deterministic, unlike
+atomics: graph replay stays bit-identical to eager), adds bias and residual and casts. The
+workspace is small and written just before it is read, so it lives in L2. The number of splits
+is a run-time value (the grid), so tuning it compiles nothing new.
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ def conv3x3_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr, acc_ptr,
         _epilogue(acc, offs_m, offs_n, ok, b, y, x, bias_ptr, res_ptr, out_ptr, COUT, srb, src, srh, srw,
                   HAS_BIAS, HAS_RES)
     else:
-        tl.atomic_add(acc_ptr + offs_m[:, None] * COUT + offs_n[None, :], acc, mask=ok, sem="relaxed")
+        tl.store(acc_ptr + (pid_k * M + offs_m)[:, None] * COUT + offs_n[None, :], acc, mask=ok)
 
 
 @triton.jit
@@ -69,15 +71,17 @@ def _epilogue(acc, offs_m, offs_n, ok, b, y, x, bias_ptr, res_ptr, out_ptr, COUT
 
 
 @triton.jit
-def split_epilogue_kernel(acc_ptr, bias_ptr, res_ptr, out_ptr, B, H, W, COUT, srb, src, srh, srw,
+def split_epilogue_kernel(acc_ptr, bias_ptr, res_ptr, out_ptr, B, H, W, COUT, splits, srb, src, srh, srw,
                           HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr):
-    """The split-K sums (fp32, (M, COUT)) + bias + residual -> out."""
+    """The split-K partials (fp32, (splits, M, COUT)), summed in split order, + bias + residual -> out."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     M = B * H * W
     ok = (offs_m < M)[:, None] & (offs_n < COUT)[None, :]
     b, y, x = offs_m // (H * W), (offs_m // W) % H, offs_m % W
-    acc = tl.load(acc_ptr + offs_m[:, None] * COUT + offs_n[None, :], mask=ok, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(splits):
+        acc += tl.load(acc_ptr + (s * M + offs_m)[:, None] * COUT + offs_n[None, :], mask=ok, other=0.0)
     _epilogue(acc, offs_m, offs_n, ok, b, y, x, bias_ptr, res_ptr, out_ptr, COUT, srb, src, srh, srw,
               HAS_BIAS, HAS_RES)

@@ -64,3 +64,22 @@ def test_packed_conv_refuses_other_convolutions():
         PackedConv3x3.from_conv(nn.Conv2d(8, 8, 3, stride=2, padding=1))
     with pytest.raises(ValueError, match="choose native or fp8"):
         PackedConv3x3.from_conv(_conv(), "int4")
+
+
+def test_pack_convolutions_swaps_the_small_levels(make_random_tiny):
+    """The tiny denoiser with its 8x8 3x3 convolutions packed gives the same output (off CUDA the
+    op is F.conv2d of the same weights); other convolutions stay nn.Conv2d."""
+    from mirage.plugins_cpp.conv import pack_convolutions
+
+    model = make_random_tiny("generate", seed=0)
+    cfg = model.cfg
+    x = torch.randn(1, cfg.channels, cfg.image_size, cfg.image_size)
+    memory = torch.randn(1, cfg.context_frames, 2, cfg.memory_tokens, cfg.temporal_dim)
+    args = (x, torch.tensor([500.0]), None, memory, torch.tensor([[1, 0, 2, 0]]))
+    with torch.no_grad():
+        ref = model.denoise(*args)
+    names = pack_convolutions(model, lambda: model.denoise(*args), max_pixels=64)
+    assert names and all(isinstance(model.get_submodule(n), PackedConv3x3) for n in names)
+    assert isinstance(model.in_conv, nn.Conv2d) and "in_conv" not in names  # 32x32: not weight-bound
+    with torch.no_grad():
+        torch.testing.assert_close(model.denoise(*args), ref, rtol=1e-5, atol=1e-5)
