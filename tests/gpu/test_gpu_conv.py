@@ -99,7 +99,7 @@ def test_conv_refuses_fp32_activations():
         packed(x)
 
 
-@pytest.mark.parametrize("weights, bound", [("native", 1e-2), ("fp8", 8e-2)])
+@pytest.mark.parametrize("weights, bound", [("native", 1e-2), ("fp8", 2e-2)])  # CPU reference path: fp8 1.8e-3
 def test_packed_denoiser_matches_stock(make_random_tiny, weights, bound):
     """The tiny denoiser in fp16 with its 16x16 and 8x8 convolutions packed: the output stays
     within fp16 (native) or E4M3 (fp8) rounding of the stock model's."""
