@@ -17,8 +17,9 @@ trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX builds the engine
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+from mirage.core.device import sm_name
 from mirage.engine.build import (NETWORK_VIEW, BuildOptions, build_engine, engine_layers,  # noqa: E402
-                                 gpu_compute_capability, load_backend, network_layers)
+                                 load_backend, network_layers)
 from mirage.engine.manifest import (EngineError, check_engine_file, check_loadable, read_manifest,  # noqa: E402
                                     sha256_file, validate_manifest, write_manifest)
 from mirage.core import graphs as G  # noqa: E402
@@ -97,7 +98,7 @@ def test_conv_engine_is_written_with_its_summary_and_layer_view(conv_engine):
     assert any(m.strip().startswith("build denoise.engine") for m in messages), messages
     view = json.loads((folder / G.layers_file("denoise")).read_text())
     assert summary["layers"] == G.layers_file("denoise") and view["source"] == summary["layer_view"]
-    if gpu_compute_capability() is None:
+    if sm_name() is None:
         assert view["source"] == NETWORK_VIEW
         assert engine_layers(engine.read_bytes(), "tensorrt-rtx") is None
         assert {"CONVOLUTION", "ACTIVATION"} <= {layer["type"] for layer in view["layers"]}

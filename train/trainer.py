@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mirage.train.checkpoint import STATE, load_train_state, read_meta, save_checkpoint
-from mirage.core.config import ModelConfig, TrainConfig, check_same, from_json
+from mirage.core.config import ConfigError, ModelConfig, TrainConfig, check_same, from_json
 from mirage.train.data import ClipStream, make_source, v2v_input
 from mirage.model.diffusion import T, q_sample, v_target
 from mirage.model.unet import MirageUNet, parameter_count
@@ -83,7 +83,7 @@ def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+        raise ConfigError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU; use --device cpu")
     return torch.device(device)
 
 
