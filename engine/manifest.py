@@ -144,14 +144,6 @@ def _bad_value(m: dict) -> str | None:
     return None
 
 
-def check_engine_file(path: str | Path, expected_sha256: str | None) -> None:
-    path = Path(path)
-    if not path.is_file():
-        raise EngineError(f"{path}: engine file missing; rebuild the artifact with mirage-export")
-    if expected_sha256 and sha256_file(path) != expected_sha256:
-        raise EngineError(f"{path}: corrupt or modified engine (hash differs from {MANIFEST}); rebuild it")
-
-
 # ---------------------------------------------------------------------------------------------
 # Can this engine load here?
 
@@ -195,8 +187,10 @@ def export_command(checkpoint: str | Path, out: str | Path, options: dict) -> st
 
 
 def rebuild_command(m: dict, folder: str | Path | None = None) -> str:
-    """The command that rebuilds this artifact (into `folder`, default its recorded place)."""
-    return export_command(m["checkpoint"]["path"], folder or m.get("out", "DIR"), m.get("options") or {
+    """The command that rebuilds this artifact into `folder` (where it is now), or the recorded one."""
+    if folder is None and m.get("rebuild_command"):
+        return m["rebuild_command"]
+    return export_command(m["checkpoint"]["path"], folder or "DIR", m.get("options") or {
         "precision": m.get("precision"), "backend": (m.get("backend") or {}).get("name")})
 
 
