@@ -18,8 +18,6 @@ they become sinusoidal embeddings and need the range) and `ages` (int32).
 """
 from __future__ import annotations
 
-import copy
-from contextlib import nullcontext
 import logging
 import warnings
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ from torch import nn
 
 from mirage.core import graphs as G
 from mirage.core.errors import MirageError
-from mirage.model.unet import MirageUNet, decomposed_attention, plugin_temporal_attention
+from mirage.model.unet import AttentionImpl, MirageUNet
 from mirage.train.rollout import DEFAULT_CONTEXT_NOISE, DEFAULT_STEPS, rollout
 from mirage.train.data import SyntheticVideo, v2v_input
 
@@ -102,28 +100,28 @@ def export_graph(model: MirageUNet, graph: str, path: str | Path, options: Expor
     if options.precision not in DTYPES:
         raise ExportError(f"precision {options.precision!r}: export takes fp32 or fp16 (int8/fp8 quantize fp32)")
     dtype = DTYPES[options.precision]
-    net = copy.deepcopy(model).to("cpu", dtype).eval()
+    decompose = options.precision == "fp32" if options.decompose_attention is None else options.decompose_attention
+    plugin = options.temporal_attention == "plugin"
+    impl = AttentionImpl(spatial="decomposed" if decompose else "sdpa", temporal="op" if plugin else "torch")
+    net = model.with_attention(impl).to("cpu", dtype).eval()  # shares model's weights until .to converts them
     module = graph_module(net, graph)
     # torch.export specializes a dim it traces at size 1, so a dynamic batch is traced at >= 2
     dynamic = options.max_batch is not None and options.max_batch > 1
     inputs = example_inputs(net, graph, max(options.batch, 2) if dynamic else options.batch, dtype)
     output = G.V if graph == G.DENOISE else G.KV
-    decompose = options.precision == "fp32" if options.decompose_attention is None else options.decompose_attention
     big = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
     path = Path(path)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not the user's business
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        plugin = options.temporal_attention == "plugin"
-        with decomposed_attention() if decompose else nullcontext(), plugin_temporal_attention() if plugin else nullcontext():
-            try:
-                program = torch.onnx.export(module, tuple(inputs.values()), dynamo=True, opset_version=options.opset,
-                                            input_names=list(inputs), output_names=[output], verbose=False,
-                                            custom_translation_table=_plugin_translation() if plugin else None,
-                                            dynamic_shapes=_batch_dims(graph, inputs, options))
-            except Exception as e:  # the exporter raises many types; all mean "this graph did not export"
-                raise ExportError(f"{graph}: torch.onnx.export failed ({type(e).__name__}: "
-                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+        try:
+            program = torch.onnx.export(module, tuple(inputs.values()), dynamo=True, opset_version=options.opset,
+                                        input_names=list(inputs), output_names=[output], verbose=False,
+                                        custom_translation_table=_plugin_translation() if plugin else None,
+                                        dynamic_shapes=_batch_dims(graph, inputs, options))
+        except Exception as e:  # the exporter raises many types; all mean "this graph did not export"
+            raise ExportError(f"{graph}: torch.onnx.export failed ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
         program.save(str(path), external_data=big)
     return path
 

@@ -6,6 +6,8 @@ CUDA graph) is a Pipeline option and a `mirage-run --fast` flag, not benchmark-o
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from mirage.core import graphs as G
@@ -31,7 +33,7 @@ class TorchBackend:
                 kernels.use_in_torch(kernel_library)
             except (OSError, kernels.KernelError) as e:
                 raise BackendError(f"{kernel_library}: {e}") from e
-            self.model.use_temporal_attention_op()
+            self.model = self.model.with_attention(dataclasses.replace(self.model.attention, temporal="op"))
         self.denoise, self.context = self.model.denoise, self.model.context_encode
         if freeze and not compile_mode:
             raise BackendError("freezing is an Inductor option: it needs a compile mode")

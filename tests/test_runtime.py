@@ -11,6 +11,7 @@ from mirage.core.config import PipelineOptions
 from mirage.core.errors import BackendError
 from mirage.core.loop import NumpyOps, Schedule, normal
 from mirage.core.ort import OrtBackend
+from mirage.model.unet import AttentionImpl
 from mirage.core.schedule import ALPHAS_CUMPROD, ddim_coefficients
 from mirage.core.synthetic import SyntheticVideo
 from mirage.model.diffusion import ddim_update
@@ -207,10 +208,8 @@ def test_fused_kernel_option_errors(tmp_path):
     with pytest.raises(kernels.KernelError, match="no kernel library"):
         kernels.load(tmp_path / "missing.so")
     outs = []
-    for use_op in (False, True):
-        model.use_temporal_attention_op(use_op)
-        with Pipeline.from_model(model, "cpu") as pipe:
+    for temporal in ("torch", "op"):
+        with Pipeline.from_model(model.with_attention(AttentionImpl(temporal=temporal)), "cpu") as pipe:
             pipe.reset(0)
             outs.append(np.stack([pipe.step() for _ in range(3)]))
-    model.use_temporal_attention_op(False)
     np.testing.assert_array_equal(outs[0], outs[1])
