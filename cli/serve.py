@@ -49,8 +49,10 @@ def main(model, host, port, slots, token, device, backend, deadline_ms, batch_wa
     browsers and WebSocket clients: open http://HOST:PORT/ for the page (webcam, video file or a
     synthetic source). All streams advance together, one batched step per frame, in a pool of
     --slots streams. Protocol, limits and benchmark: docs/SERVING.md."""
-    from aiohttp import web
-
+    try:
+        from aiohttp import web
+    except ImportError as e:
+        raise ServeCliError("mirage-serve needs aiohttp: pip install 'mirage-video[serve]'") from e
     from mirage.runtime.pool import StreamPool
     from mirage.runtime.server import ServerOptions, make_app
 

@@ -224,7 +224,10 @@ class Server:
                                 "video_to_video": self.pool.video_to_video, "slots": self.pool.slots,
                                 "deadline_ms": self.options.deadline_ms,
                                 "max_frame_bytes": self.options.max_frame_bytes})
+            log.info("stream in slot %d attached (seed %d, %s)", slot, seed, request.remote)
             async for msg in ws:
+                if msg.type == WSMsgType.ERROR:  # e.g. over the hard size cap: aiohttp closes it (1009)
+                    break
                 await self.receive(stream, msg, time.monotonic())
         finally:
             del self.streams[slot]
@@ -233,6 +236,7 @@ class Server:
             with suppress(asyncio.CancelledError):
                 await sender
             await self.in_step_thread(self.pool.detach, slot)
+            log.info("stream in slot %d detached: %s", slot, stream.counts)
         return ws
 
     async def receive(self, stream: Stream, msg, received: float) -> None:
