@@ -16,11 +16,12 @@ from typing import Iterable, Iterator
 
 import torch
 
+from mirage.core import schedule
 from mirage.model.diffusion import ddim_sample, q_sample
 from mirage.train.memory import empty_memory, ring_write
 from mirage.model.unet import MirageUNet
 
-DEFAULT_STEPS = 4  # DDIM steps per frame (docs/QUALITY.md: quality vs. steps)
+DEFAULT_STEPS = schedule.DEFAULT_STEPS  # DDIM steps per frame
 DEFAULT_CONTEXT_NOISE = 100  # t_ctx used at inference, inside the training range [0, context_noise_max]
 
 
