@@ -55,7 +55,8 @@ def _input_stream(source: str, size: int, frames: int) -> Iterator[tuple[np.ndar
                    "(0 = /dev/video0, Linux) or 'synthetic' (the default for them). Frames are center-cropped "
                    "and resized to the model's size.")
 @click.option("--frames", type=click.IntRange(min=1), default=48, help="Frames to generate.")
-@click.option("--steps", type=click.IntRange(1, 1000), default=4, help="DDIM steps per frame.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=None,
+              help="DDIM steps per frame; default: the model's own (a distilled student records it), else 4.")
 @click.option("--seed", type=int, default=0, help="Noise seed: the same seed gives the same video.")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("mirage.gif"),
               help="Where to write: .mp4, .gif, or a folder for PNG frames.")
@@ -122,7 +123,7 @@ def main(model, source, frames, steps, seed, output, backend, no_cuda_graph, com
     except VideoError as e:
         raise RunError(str(e)) from e
     report = {"model": str(model), "backend": backend_name, "device": device_name, "cuda_graph": graphs,
-              "steps": steps, "seed": seed, "setup_ms": setup * 1e3, **latency_summary(times, times[0]),
+              "steps": len(pipe.schedule.timesteps), "seed": seed, "setup_ms": setup * 1e3, **latency_summary(times, times[0]),
               "output": str(output), "written": written, "peak_gpu_mb": peak}
     if psnrs:
         report["psnr_db"] = float(np.mean(psnrs))

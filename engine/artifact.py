@@ -199,6 +199,7 @@ def build_artifact(checkpoint: str | Path, out: str | Path, options: ArtifactOpt
         "model": to_json(model.cfg),
         "checkpoint": {"path": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint / WEIGHTS),
                        "step": meta.get("step")},
+        **({"sampling_steps": meta["sampling_steps"]} if meta.get("sampling_steps") else {}),  # a student's steps
         "precision": o.precision,
         "temporal_attention": o.temporal_attention,
         "batch": o.batch,

@@ -25,7 +25,7 @@ import numpy as np
 from mirage.core import graphs as G
 from mirage.runtime.backends import BackendError, OrtBackend, TensorRTBackend, TorchBackend
 from mirage.core.loop import Buffers, NumpyOps, Schedule, reset_memory, run_frame
-from mirage.core.schedule import ALPHAS_CUMPROD, ddim_coefficients
+from mirage.core.schedule import ALPHAS_CUMPROD, ddim_coefficients, default_steps
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
 
@@ -60,13 +60,15 @@ class Pipeline:
     # -- load ---------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", device: str = "auto", dtype: str | None = None,
-             steps: int = 4, context_noise: int = 100, cuda_graph: bool = True,
+             steps: int | None = None, context_noise: int = 100, cuda_graph: bool = True,
              compile_mode: str | None = None, kernel_library: str | None = None) -> "Pipeline":
-        """Open an artifact directory (ONNX / engines + manifest) or a checkpoint folder."""
+        """Open an artifact directory (ONNX / engines + manifest) or a checkpoint folder; steps=None
+        samples with the model's recorded step count (a distilled student's), else 4."""
         path = Path(path)
         if backend not in BACKENDS:
             raise PipelineError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         kind, meta = _source(path)
+        steps = steps or default_steps(meta)
         if kind == "checkpoint":
             if backend not in ("auto", "torch"):
                 raise PipelineError(f"{path} is a checkpoint: only the torch backend runs it; "

@@ -113,3 +113,16 @@ def test_cli_distill_and_self_forcing_errors(tmp_path, make_random_tiny):
                                    "--batch-size", "2", "--device", "cpu", "--out", str(tmp_path / "s1")])
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.output[ok.output.index('{"step"'):])["sampling_steps"] == 1  # after the progress bar
+
+
+def test_runtime_and_quality_sample_a_student_with_its_own_steps(tmp_path, make_random_tiny):
+    from mirage.runtime import Pipeline
+    from mirage.runtime.quality import evaluate
+
+    model = make_random_tiny()
+    save_checkpoint(tmp_path / "student", model, model, TrainConfig(), step=1, extra={"sampling_steps": 2})
+    with Pipeline.load(tmp_path / "student", device="cpu") as pipe:
+        assert len(pipe.schedule.timesteps) == 2
+    with Pipeline.load(tmp_path / "student", device="cpu", steps=3) as pipe:
+        assert len(pipe.schedule.timesteps) == 3
+    assert evaluate(tmp_path / "student", frames=3, window=3)["steps"] == 2
