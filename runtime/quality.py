@@ -72,11 +72,11 @@ def rollout_frames(model_path: str | Path, frames: int, steps: int, context_nois
     artifact = "graphs" in meta
     options = PipelineOptions(dtype=None if artifact else "float32", steps=steps, context_noise=context_noise)
     with Pipeline.load(path, backend="onnxruntime" if artifact else "torch", device=device, options=options) as pipe:
-        size = pipe.shapes["x_t"][2]
+        size = pipe.frame_shape[0]
         truth = reference_clip(size, frames, truth_seed)
         pipe.reset(seed)
-        out = np.stack(list(pipe.stream(list(v2v_inputs(truth)) if pipe.v2v else frames)))
-        info = {"name": meta["model"].get("name", "?"), "task": "v2v" if pipe.v2v else "generate", "size": size,
+        out = np.stack(list(pipe.stream(list(v2v_inputs(truth)) if pipe.video_to_video else frames)))
+        info = {"name": meta["model"].get("name", "?"), "task": "v2v" if pipe.video_to_video else "generate", "size": size,
                 "precision": meta.get("precision", "fp32")}
     return out, truth, info
 
