@@ -33,7 +33,7 @@ def main(model, frames, window, steps, context_noise, seed, device, json_path, p
 
     from mirage.core.config import ConfigError
     from mirage.core.report import write_json
-    from mirage.runtime.backends import BackendError
+    from mirage.core.errors import BackendError
     from mirage.runtime.pipeline import PipelineError
     from mirage.runtime.quality import QualityError, evaluate, format_table, plot
     from mirage.train.checkpoint import CheckpointError

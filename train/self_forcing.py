@@ -26,7 +26,8 @@ import torch
 from mirage.model.diffusion import ddim_sample, q_sample
 from mirage.model.unet import MirageUNet
 from mirage.train.data import v2v_input
-from mirage.train.memory import empty_memory, ring_write
+from mirage.core import graphs as G
+from mirage.model.torch_ops import TorchOps
 
 
 def is_self_forced_step(seed: int, step: int, prob: float) -> bool:
@@ -43,12 +44,16 @@ def self_forced_context(model: MirageUNet, clips: torch.Tensor, horizon: int, st
     b, k = clips.shape[0], clips.shape[1] - 1
     if not 1 <= horizon <= k:
         raise ValueError(f"self-forcing horizon {horizon} must be between 1 and context_frames={k}")
-    memory, ages = empty_memory(model.cfg, b, clips.device)
+    spec = G.model_graphs(model.cfg, b)[G.DENOISE]
+    memory = torch.zeros(spec.tensor(G.MEMORY).shape, device=clips.device)
+    ages = torch.zeros(spec.tensor(G.AGES).shape, device=clips.device, dtype=torch.long)
+    slot = torch.zeros(b, device=clips.device, dtype=torch.long)
+    ops = TorchOps(clips.device)
     t_ctx = torch.full((b,), context_noise, device=clips.device, dtype=torch.long)
 
-    def remember(frame: torch.Tensor, n: int) -> None:  # as the runtime: noise, encode, ring write
+    def remember(frame: torch.Tensor, n: int) -> None:  # as the runtime: noise, encode, the loop's ring write
         ctx = q_sample(frame, t_ctx, torch.randn_like(frame)) if context_noise > 0 else frame
-        ring_write(memory, ages, model.context_encode(ctx, t_ctx), n)
+        ops.ring_write_(memory, ages, slot, model.context_encode(ctx, t_ctx).to(memory.dtype))
 
     for n in range(k - horizon):
         remember(clips[:, n], n)
