@@ -9,11 +9,13 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
+from mirage.core.errors import MirageError
+
 _DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
 _CUDA_ERRORS = {1: "cudaErrorInvalidValue (a shape or dtype the kernel does not support)"}
 
 
-class KernelError(RuntimeError):
+class KernelError(MirageError, RuntimeError):
     pass
 
 

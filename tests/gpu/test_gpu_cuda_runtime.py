@@ -33,8 +33,15 @@ extern "C" __global__ void encode(const float* frame, const float* t_ctx, float*
   if (i < n) kv[i] = 0.5f * frame[i % m] + 1e-4f * t_ctx[0];
 }
 """
-SHAPES = {G.X_T: (1, 3, 64, 64), G.COND: (1, 3, 64, 64), G.V: (1, 3, 64, 64), G.FRAME: (1, 3, 64, 64),
-          G.T: (1,), G.T_CTX: (1,), G.MEMORY: (1, 8, 2, 64, 32), G.AGES: (1, 8), G.KV: (1, 2, 64, 32)}
+
+
+def _specs(v2v: bool) -> dict:
+    """The stand-in's graphs: 64x64 frames, 8 memory slots of 2 x 64 x 32."""
+    t, f, img = G.TensorSpec, "float32", (1, 3, 64, 64)
+    inputs = [t(G.X_T, img, f), t(G.T, (1,), f)] + ([t(G.COND, img, f)] if v2v else []) + \
+        [t(G.MEMORY, (1, 8, 2, 64, 32), f), t(G.AGES, (1, 8), "int32")]
+    return {G.DENOISE: G.GraphSpec(G.DENOISE, tuple(inputs), (t(G.V, img, f),)),
+            G.CONTEXT: G.GraphSpec(G.CONTEXT, (t(G.FRAME, img, f), t(G.T_CTX, (1,), f)), (t(G.KV, (1, 2, 64, 32), f),))}
 FRAMES = 12
 
 
@@ -64,6 +71,9 @@ class StandInEngine:
 
     def buffer_dtype(self, graph, name):
         return {G.AGES: "int32"}.get(name, "float32")
+
+    def use_stream(self, stream):
+        self.stream = stream
 
     def run(self, graph, inputs, output):
         p = lambda b: (b.ptr if b is not None else 0, ctypes.c_void_p)  # noqa: E731
@@ -125,14 +135,18 @@ def test_lincomb_and_clamp(gpu, dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_noise_moments_fresh_and_reproducible(gpu, dtype):
-    noise = gpu.zeros((1 << 20,), dtype)
+    from mirage.core.loop import normal
+
+    noise, rng = gpu.zeros((1, 1 << 20), dtype), gpu.zeros((1, 2), "int64")
     draws = []
     for reseed in (True, False, True):
         if reseed:
-            gpu.ops.seed(5)
-        gpu.ops.randn_(noise)
-        draws.append(_to_host(gpu, noise).astype(np.float64))
+            _from_host(gpu, rng, np.array([[5, 0]], np.int64))
+        gpu.ops.randn_(noise, rng)
+        draws.append(_to_host(gpu, noise)[0].astype(np.float64))
     a, b, c = draws
+    # the loop's generator: the same numbers as numpy's implementation (fast-math rounding aside)
+    np.testing.assert_allclose(a, normal(5, 0, 1 << 20), atol=2e-3 if dtype == "float16" else 1e-4)
     assert abs(a.mean()) < 5e-3 and abs(a.std() - 1) < 5e-3
     assert abs(((a - a.mean()) ** 4).mean() / a.var() ** 2 - 3) < 0.05  # Gaussian tails, not uniform
     assert abs(np.corrcoef(a, b)[0, 1]) < 5e-3  # a fresh draw each call
@@ -141,9 +155,10 @@ def test_noise_moments_fresh_and_reproducible(gpu, dtype):
 
 def test_ring_write_matches_numpy(gpu):
     rng, k, shape = np.random.default_rng(1), 4, (2, 4, 2, 5, 8)
-    memory, ages, slot = gpu.zeros(shape, "float32"), gpu.zeros((2, k), "int32"), gpu.zeros((1,), "int64")
+    memory, ages, slot = gpu.zeros(shape, "float32"), gpu.zeros((2, k), "int32"), gpu.zeros((2,), "int64")
     kv = gpu.zeros((2, 2, 5, 8), "float32")
-    ref_mem, ref_ages, ref_slot = np.zeros(shape, np.float32), np.zeros((2, k), np.int32), np.zeros(1, np.int64)
+    ref_mem, ref_ages, ref_slot = np.zeros(shape, np.float32), np.zeros((2, k), np.int32), np.array([0, 2], np.int64)
+    _from_host(gpu, slot, ref_slot)  # rows write at different positions
     for frame in range(k + 3):  # wraps around
         kvs = rng.standard_normal((2, 2, 5, 8)).astype(np.float32)
         _from_host(gpu, kv, kvs)
@@ -155,17 +170,19 @@ def test_ring_write_matches_numpy(gpu):
 
 
 def _pipeline(cuda, graph: bool, v2v: bool):
+    from types import SimpleNamespace
+
+    from mirage.core.config import PipelineOptions
     from mirage.runtime.pipeline import Pipeline
 
-    pipe = Pipeline(StandInEngine(cuda), SHAPES, video_to_video=v2v, steps=4, cuda_graph=graph)
+    cfg = SimpleNamespace(image_size=64, channels=3, cond_channels=3 if v2v else 0)
+    pipe = Pipeline(StandInEngine(cuda), cfg, _specs(v2v), PipelineOptions(steps=4, cuda_graph=graph))
     pipe.reset(3)
     return pipe
 
 
 @pytest.mark.parametrize("v2v", [False, True], ids=["generation", "v2v"])
 def test_pipeline_graph_replay_equals_eager(cuda, v2v):
-    from mirage.runtime.pipeline import PipelineError
-
     inputs = [np.random.default_rng(i).uniform(-1, 1, (64, 64, 3)).astype(np.float32) for i in range(FRAMES)]
     feed = lambda n: inputs[n] if v2v else None  # noqa: E731
     eager_pipe = _pipeline(cuda, graph=False, v2v=v2v)
@@ -180,8 +197,8 @@ def test_pipeline_graph_replay_equals_eager(cuda, v2v):
         pipe.reset(3)
         streamed = np.stack(list(pipe.stream(inputs if v2v else FRAMES)))
         np.testing.assert_array_equal(streamed, graph)
-        pipe.buf.x = pipe.gpu.zeros(pipe.buf.x.shape, "float32")  # a moved buffer: never replay a stale graph
-        with pytest.raises(PipelineError, match="stale"):
+        pipe.buf.x = pipe.execution.gpu.zeros(pipe.buf.x.shape, "float32")  # a moved buffer: never replay a stale graph
+        with pytest.raises(RuntimeError, match="stale"):
             pipe.step(feed(0))
     finally:
         pipe.close()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from mirage.core.config import PipelineOptions
 from mirage.model.unet import AttentionImpl
 from mirage.runtime import Pipeline
 
@@ -16,7 +17,8 @@ FRAMES = 5
 
 
 def _frames(model, dtype: str, cuda_graph: bool, inputs=None, kernel_library=None) -> tuple[np.ndarray, int]:
-    with Pipeline.from_model(model, "cuda", dtype, cuda_graph=cuda_graph, kernel_library=kernel_library) as pipe:
+    options = PipelineOptions(dtype=dtype, cuda_graph=cuda_graph, kernel_library=kernel_library)
+    with Pipeline.from_model(model, "cuda", options) as pipe:
         pipe.reset(3)
         frames = np.stack([pipe.step(None if inputs is None else inputs[n]) for n in range(FRAMES)])
         return frames, len(pipe.graphs)
