@@ -21,7 +21,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# Sizes that only enter index math are not specialised on (one compile serves every layer shape of a
+# tile config); CIN, COUT and x's strides are, since their alignment decides the load width.
+@triton.jit(do_not_specialize=["B", "H", "W", "blocks_per_split", "srb", "src", "srh", "srw"])
 def conv3x3_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr, acc_ptr,
                    B, H, W, CIN, COUT, sxb, sxc, sxh, sxw, srb, src, srh, srw, blocks_per_split,
                    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
@@ -70,7 +72,7 @@ def _epilogue(acc, offs_m, offs_n, ok, b, y, x, bias_ptr, res_ptr, out_ptr, COUT
     tl.store(out_ptr + offs_m[:, None] * COUT + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "H", "W", "splits", "srb", "src", "srh", "srw"])
 def split_epilogue_kernel(acc_ptr, bias_ptr, res_ptr, out_ptr, B, H, W, COUT, splits, srb, src, srh, srw,
                           HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr):
