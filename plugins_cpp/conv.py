@@ -130,11 +130,15 @@ def _(x, weight, scale, bias, residual):
 
 
 class PackedConv3x3(nn.Module):
-    """An nn.Conv2d(CIN, COUT, 3, padding=1) with packed weights, run by `mirage::conv3x3`."""
+    """An nn.Conv2d(CIN, COUT, 3, padding=1) with packed weights, run by `mirage::conv3x3`. Native
+    weights follow the model's `.to(dtype)` like any buffer; FP8 weights are kept as their bytes
+    (uint8), which no dtype conversion touches, so a model can be packed before the runtime moves
+    it to its device and precision."""
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None):
         super().__init__()
-        self.register_buffer("weight", weight)
+        self.fp8 = weight.dtype == FP8
+        self.register_buffer("weight", weight.view(torch.uint8) if self.fp8 else weight)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", bias)
 
@@ -154,16 +158,21 @@ class PackedConv3x3(nn.Module):
             bias = None if conv.bias is None else conv.bias.detach().clone()
         return cls(packed, scale, bias)
 
+    @property
+    def typed_weight(self) -> torch.Tensor:
+        """The packed weight as the op takes it: native, or E4M3 (a view of the stored bytes)."""
+        return self.weight.view(FP8) if self.fp8 else self.weight
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.ops.mirage.conv3x3(x, self.weight, self.scale, self.bias, residual)
+        return torch.ops.mirage.conv3x3(x, self.typed_weight, self.scale, self.bias, residual)
 
 
 def pack_convolutions(model: nn.Module, run: Callable[[], object], max_pixels: int = 256,
                       weights: str = "native") -> list[str]:
     """Replace, in place, every 3x3 / stride 1 / padding 1 nn.Conv2d of `model` whose input has at
     most `max_pixels` pixels per image during `run()` (one forward pass) by a PackedConv3x3 of its
-    weights; returns the replaced modules' names. Pack last: a later `model.half()` would convert
-    FP8 weights too (float8 counts as floating point)."""
+    weights; returns the replaced modules' names. The model can then go to another device and dtype
+    (the runtime's TorchBackend does that), FP8 weights stay FP8."""
     pixels: dict[str, int] = {}
 
     def record(name: str):

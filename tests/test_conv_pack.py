@@ -44,10 +44,14 @@ def test_fp8_weights_per_output_channel():
     rel = norm(deq - conv.weight) / norm(conv.weight).clamp_min(1e-12)
     assert rel.max() < 0.05 and rel[torch.arange(40) != 5].min() > 0  # E4M3: 3 mantissa bits, really rounded
     x = torch.randn(1, 24, 8, 8)
+    packed = PackedConv3x3.from_conv(conv, "fp8")
     with torch.no_grad():
-        out = PackedConv3x3.from_conv(conv, "fp8")(x)
+        out = packed(x)
         ref = conv(x)
     assert ((out - ref).norm() / ref.norm()).item() < 0.05
+    packed.half()  # the runtime converts models after packing: FP8 weights must stay FP8
+    assert packed.typed_weight.dtype == torch.float8_e4m3fn and torch.equal(packed.typed_weight.view(torch.uint8),
+                                                                             w8.view(torch.uint8))
 
 
 def test_reference_keeps_the_activation_dtype():

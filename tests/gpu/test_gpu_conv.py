@@ -37,7 +37,7 @@ def _case(b, cin, cout, h, w, dtype, weights, layout="nchw", seed=0):
 
 
 def _check(out, packed, x, residual):
-    ref = conv3x3_reference(x, packed.weight, packed.scale, packed.bias, residual)
+    ref = conv3x3_reference(x, packed.typed_weight, packed.scale, packed.bias, residual)
     assert out.shape == ref.shape and out.dtype == x.dtype and torch.isfinite(out).all()
     rel = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
     assert rel < BOUND[x.dtype], f"relative error {rel:.2e}"
@@ -69,9 +69,9 @@ def test_conv_layouts_epilogues_and_configs(layout, residual, config):
     res = {"none": None, "full": torch.randn(b, cout, h, w, generator=g, device="cuda").half(),
            "shift": torch.randn(b, cout, 1, 1, generator=g, device="cuda").half().expand(b, cout, h, w)}[residual]
     with torch.no_grad():
-        out = conv3x3_triton(x, packed.weight, packed.scale, packed.bias, res, config)
+        out = conv3x3_triton(x, packed.typed_weight, packed.scale, packed.bias, res, config)
         _check(out, packed, x, res)
-        again = conv3x3_triton(x, packed.weight, packed.scale, packed.bias, res, config)
+        again = conv3x3_triton(x, packed.typed_weight, packed.scale, packed.bias, res, config)
     assert torch.equal(out, again)  # split-K sums in a fixed order: deterministic
 
 
