@@ -11,7 +11,10 @@ layout the kernel streams). FP8: E4M3 with one fp32 scale per output channel (am
 """
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -20,6 +23,9 @@ from torch import nn
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite E4M3 value
+# Measured per GPU model and layer shape by `scripts/bench_conv.py --tuned`: the fastest launch, and
+# whether it beats cuDNN at all ({device name: {shape_key: {"config", "triton_us", "cudnn_us"}}}).
+TUNED = Path(__file__).with_name("conv_tuned.json")
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -74,6 +80,19 @@ def default_config(pixels: int, cin: int, cout: int, sms: int) -> ConvConfig:
     return ConvConfig(block_m, block_n, block_k, split)
 
 
+def shape_key(pixels: int, cin: int, cout: int, fp8: bool) -> str:
+    """A layer shape as the tuned table names it (pixels = batch x H x W)."""
+    return f"{pixels}px {cin}->{cout} {'fp8' if fp8 else 'native'}"
+
+
+@functools.cache
+def tuned(device_name: str) -> dict[str, dict]:
+    """The tuned table's entries for one GPU model; empty where it was never measured."""
+    if not TUNED.is_file():
+        return {}
+    return json.loads(TUNED.read_text()).get(device_name, {})
+
+
 def conv3x3_triton(x, weight, scale, bias, residual, config: ConvConfig | None = None) -> torch.Tensor:
     """The Triton kernel; returns (B, COUT, H, W) in channels-last memory (the kernel's (M, COUT) rows)."""
     import triton
@@ -89,8 +108,10 @@ def conv3x3_triton(x, weight, scale, bias, residual, config: ConvConfig | None =
     if x.stride(1) != 1:  # the kernel reads channel rows: a small copy of the activations, not the weights
         x = x.contiguous(memory_format=torch.channels_last)
     if config is None:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
-        config = default_config(b * h * w, cin, cout, sms)
+        props = torch.cuda.get_device_properties(x.device) if x.is_cuda else None
+        entry = tuned(props.name).get(shape_key(b * h * w, cin, cout, weight.dtype == FP8)) if props else None
+        config = ConvConfig(**entry["config"]) if entry else \
+            default_config(b * h * w, cin, cout, props.multi_processor_count if props else 132)
     m = b * h * w
     out = torch.empty(b, h, w, cout, dtype=x.dtype, device=x.device)  # (M, COUT) rows
     k_blocks = 9 * triton.cdiv(cin, config.block_k)
@@ -168,16 +189,18 @@ class PackedConv3x3(nn.Module):
 
 
 def pack_convolutions(model: nn.Module, run: Callable[[], object], max_pixels: int = 256,
-                      weights: str = "native") -> list[str]:
+                      weights: str = "native", device_name: str | None = None) -> list[str]:
     """Replace, in place, every 3x3 / stride 1 / padding 1 nn.Conv2d of `model` whose input has at
     most `max_pixels` pixels per image during `run()` (one forward pass) by a PackedConv3x3 of its
-    weights; returns the replaced modules' names. The model can then go to another device and dtype
-    (the runtime's TorchBackend does that), FP8 weights stay FP8."""
-    pixels: dict[str, int] = {}
+    weights; returns the replaced modules' names. With `device_name` (torch.cuda.get_device_name()),
+    a layer whose shape the tuned table measured cuDNN to be faster on that GPU stays nn.Conv2d.
+    The model can then go to another device and dtype (the runtime's TorchBackend does that), FP8
+    weights stay FP8."""
+    seen: dict[str, tuple[int, int]] = {}  # name -> (batch, pixels per image)
 
     def record(name: str):
         def hook(module, args):  # a pre-hook returning None leaves the call alone
-            pixels.setdefault(name, args[0].shape[2] * args[0].shape[3])
+            seen.setdefault(name, (args[0].shape[0], args[0].shape[2] * args[0].shape[3]))
         return hook
 
     hooks = [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
@@ -187,9 +210,13 @@ def pack_convolutions(model: nn.Module, run: Callable[[], object], max_pixels: i
     finally:
         for h in hooks:
             h.remove()
+    measured = tuned(device_name) if device_name else {}
     replaced = []
-    for name, n in pixels.items():
+    for name, (batch, n) in seen.items():
         conv = model.get_submodule(name)
+        entry = measured.get(shape_key(batch * n, conv.in_channels, conv.out_channels, weights == "fp8"))
+        if entry and entry["cudnn_us"] <= entry["triton_us"]:
+            continue
         if n <= max_pixels and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1) \
                 and conv.groups == 1 and conv.dilation == (1, 1):
             parent, _, attr = name.rpartition(".")

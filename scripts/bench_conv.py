@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from mirage.core.config import get_config
 from mirage.model.unet import MirageUNet
 from mirage.plugins_cpp.bench import copy_bandwidth, device_ms
-from mirage.plugins_cpp.conv import ConvConfig, conv3x3_triton, default_config, pack_weight, quantize_fp8
+from mirage.plugins_cpp.conv import ConvConfig, conv3x3_triton, default_config, pack_weight, quantize_fp8, shape_key
 
 
 def conv_shapes(name: str, max_pixels: int) -> dict[tuple[int, int, int, int], int]:
@@ -79,7 +79,8 @@ def bench_shape(h, w, cin, cout, l2_bytes, sms, peak) -> dict:
     kinds = {"fp16": (native, None), "fp8": (fp8, scale)}
     wbytes = {k: wq.numel() * wq.element_size() for k, (wq, _) in kinds.items()}
     copies = {k: max(2, math.ceil(3 * l2_bytes / v)) for k, v in wbytes.items()}  # every call misses L2
-    row = {"shape": f"{h}x{w} {cin}->{cout}", "weight_MB_fp16": wbytes["fp16"] / 1e6}
+    row = {"shape": f"{h}x{w} {cin}->{cout}", "pixels": h * w, "cin": cin, "cout": cout,
+           "weight_MB_fp16": wbytes["fp16"] / 1e6}
 
     cudnn = [weight.clone().contiguous(memory_format=torch.channels_last) for _ in range(copies["fp16"])]
     fn = cycled([functools.partial(F.conv2d, x, wc, bias, padding=1) for wc in cudnn])
@@ -113,6 +114,8 @@ def main() -> None:
     p.add_argument("--max-pixels", type=int, default=256, help="layers up to this many pixels (16x16)")
     p.add_argument("--steps", type=int, default=4, help="denoiser calls per frame, for the per-frame sums")
     p.add_argument("--out", default="conv.json")
+    p.add_argument("--tuned", help="merge this GPU's best launches into this table (plugins_cpp/conv_tuned.json "
+                                   "is the one mirage::conv3x3 and pack_convolutions read)")
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
     props = torch.cuda.get_device_properties(0)
@@ -139,6 +142,20 @@ def main() -> None:
           + ", ".join(f"{k.removesuffix('_us')} {v / 1e3:.2f} ms" for k, v in totals.items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
+    if args.tuned:
+        write_tuned(Path(args.tuned), props.name, report["layers"])
+
+
+def write_tuned(path: Path, device: str, layers: list[dict]) -> None:
+    """Merge each layer's fastest launch (and cuDNN's time, so slower shapes can stay cuDNN) into the table."""
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    entries = table.setdefault(device, {})
+    for row in layers:
+        for kind in ("fp16", "fp8"):
+            key = shape_key(row["pixels"], row["cin"], row["cout"], kind == "fp8")
+            entries[key] = {"config": row[f"triton_{kind}_config"], "triton_us": round(row[f"triton_{kind}_us"], 2),
+                            "cudnn_us": round(row["cudnn_us"], 2)}
+    path.write_text(json.dumps(table, indent=1, sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ for stage in $STAGES; do
              --throughput-variant "${THROUGHPUT_VARIANT:-runtime-fp16}" \
              --throughput-batches "${THROUGHPUT_BATCHES:-1,4,8,16}" --profile-variants "${PROFILE_VARIANTS:-}" --kernel-library build/libmirage_kernels.so \
              --json "$OUT/bench${TAG:-}.json" --markdown "$OUT/bench${TAG:-}.md" 2>&1 | tee "$OUT/bench${TAG:-}.log" ;;
-    conv) python scripts/bench_conv.py --out "$OUT/conv.json" 2>&1 | tee "$OUT/conv.log" ;;
+    conv) python scripts/bench_conv.py --out "$OUT/conv.json" --tuned "$OUT/conv_tuned.json" 2>&1 | tee "$OUT/conv.log" ;;
     *) echo "unknown stage $stage (build, tests, kernels, conv, bench)"; exit 2 ;;
   esac
 done

@@ -87,3 +87,28 @@ def test_pack_convolutions_swaps_the_small_levels(make_random_tiny):
     assert isinstance(model.in_conv, nn.Conv2d) and "in_conv" not in names  # 32x32: not weight-bound
     with torch.no_grad():
         torch.testing.assert_close(model.denoise(*args), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_tuned_table_keeps_cudnn_where_it_is_faster(make_random_tiny, tmp_path, monkeypatch):
+    """pack_convolutions with a device name skips the shapes the tuned table measured cuDNN to win."""
+    import json
+
+    from mirage.plugins_cpp import conv
+
+    model = make_random_tiny("generate", seed=0)
+    cfg = model.cfg
+    args = (torch.randn(1, cfg.channels, cfg.image_size, cfg.image_size), torch.tensor([500.0]), None,
+            torch.randn(1, cfg.context_frames, 2, cfg.memory_tokens, cfg.temporal_dim), torch.tensor([[1, 0, 2, 0]]))
+    tiny_64 = cfg.base_channels * cfg.channel_mults[-1]  # the 8x8 level's width
+    table = {"GPU X": {conv.shape_key(64, tiny_64, tiny_64, False): {"config": {}, "triton_us": 9.0, "cudnn_us": 5.0}}}
+    monkeypatch.setattr(conv, "TUNED", tmp_path / "conv_tuned.json")
+    (tmp_path / "conv_tuned.json").write_text(json.dumps(table))
+    conv.tuned.cache_clear()
+    try:
+        assert conv.pack_convolutions(make_random_tiny("generate", seed=0), lambda: None, 64) == []  # no call seen
+        packed = conv.pack_convolutions(model, lambda: model.denoise(*args), 64, device_name="GPU X")
+        kept = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)
+                and m.in_channels == m.out_channels == tiny_64 and n.startswith(("mid", "down.2", "up.0"))]
+        assert packed and kept and not set(kept) & set(packed)
+    finally:
+        conv.tuned.cache_clear()
