@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from triton.runtime.errors import OutOfResources
 
 from mirage.core.config import get_config
 from mirage.model.unet import MirageUNet
@@ -60,7 +61,9 @@ def sweep(pixels: int, cin: int, cout: int, sms: int) -> list[ConvConfig]:
     for block_m, block_n, block_k in itertools.product((64, 128) if pixels > 64 else (64,), (64, 128), (64, 128)):
         tiles = math.ceil(pixels / block_m) * math.ceil(cout / block_n)
         base = max(1, min(math.ceil(2 * sms / tiles), 9 * math.ceil(cin / block_k) // 4))
-        configs += [ConvConfig(block_m, block_n, block_k, split) for split in (base, 2 * base)]
+        stage_bytes = 2 * (block_m + block_n) * block_k  # one 16-bit A and W tile in shared memory
+        stages = max(2, min(4, (160 << 10) // stage_bytes))
+        configs += [ConvConfig(block_m, block_n, block_k, split, num_stages=stages) for split in (base, 2 * base)]
     return list(dict.fromkeys(configs))
 
 
@@ -96,7 +99,10 @@ def bench_shape(h, w, cin, cout, l2_bytes, sms, peak) -> dict:
         timed = {}
         for config in sweep(h * w, cin, cout, sms):
             fn = cycled([functools.partial(conv3x3_triton, x, wc, sc, bias, None, config) for wc in weights])
-            timed[config] = 1e3 * device_ms(fn, calls=4 * len(weights))
+            try:
+                timed[config] = 1e3 * device_ms(fn, calls=4 * len(weights))
+            except OutOfResources as e:  # a tile config this GPU cannot hold: not a candidate
+                print(f"  skipped {config}: {e}", flush=True)
         config = min(timed, key=timed.get)
         us = timed[config]
         out = conv3x3_triton(x, wq, sc, bias, None, config).float()

@@ -58,7 +58,7 @@ def test_conv_matches_reference(shape, dtype, weights):
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "misaligned"])
 @pytest.mark.parametrize("residual", ["none", "full", "shift"])
-@pytest.mark.parametrize("config", [None, ConvConfig(split=1), ConvConfig(64, 128, 128, split=7),
+@pytest.mark.parametrize("config", [None, ConvConfig(split=1), ConvConfig(64, 128, 128, split=7, num_stages=3),
                                     ConvConfig(32, 64, 32, split=100, num_stages=3)],
                          ids=["default", "no_split", "wide_split7", "small_split_max"])
 def test_conv_layouts_epilogues_and_configs(layout, residual, config):
