@@ -21,11 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mirage.core.errors import MirageError
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite E4M3 value
 # Measured per GPU model and layer shape by `scripts/bench_conv.py --tuned`: the fastest launch, and
 # whether it beats cuDNN at all ({device name: {shape_key: {"config", "triton_us", "cudnn_us"}}}).
 TUNED = Path(__file__).with_name("conv_tuned.json")
+
+
+class ConvError(MirageError, ValueError):
+    """A packed-convolution setting a user chose that cannot work (weight format, activation dtype)."""
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -102,7 +108,8 @@ def conv3x3_triton(x, weight, scale, bias, residual, config: ConvConfig | None =
     b, cin, h, w = x.shape
     cout = weight.shape[1]
     if x.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"conv3x3 on CUDA takes fp16 or bf16 activations, not {x.dtype}")
+        raise ConvError(f"packed convolutions on CUDA take float16 or bfloat16 activations, not {x.dtype}: "
+                        "run the model in half precision or do not pack it")
     if weight.shape[0] != 9 * cin:
         raise ValueError(f"packed weight {tuple(weight.shape)} does not fit {cin} input channels (9 x CIN rows)")
     if x.stride(1) != 1:  # the kernel reads channel rows: a small copy of the activations, not the weights
@@ -170,7 +177,7 @@ class PackedConv3x3(nn.Module):
                 or conv.dilation != (1, 1):
             raise ValueError(f"{conv}: PackedConv3x3 takes 3x3, stride 1, padding 1, ungrouped convolutions")
         if weights not in ("native", "fp8"):
-            raise ValueError(f"weights {weights!r}: choose native or fp8")
+            raise ConvError(f"weights {weights!r}: choose native or fp8")
         with torch.no_grad():
             packed = pack_weight(conv.weight.detach())
             scale = None

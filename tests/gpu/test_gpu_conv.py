@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from mirage.plugins_cpp.conv import ConvConfig, PackedConv3x3, conv3x3_reference
+from mirage.plugins_cpp.conv import ConvConfig, ConvError, PackedConv3x3, conv3x3_reference
 
 pytestmark = pytest.mark.gpu
 
@@ -95,7 +95,7 @@ def test_conv_in_a_cuda_graph():
 
 def test_conv_refuses_fp32_activations():
     packed, x, _ = _case(1, 64, 64, 8, 8, torch.float32, "native")
-    with pytest.raises(ValueError, match="fp16 or bf16"):
+    with pytest.raises(ConvError, match="float16 or bfloat16"):
         packed(x)
 
 
