@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from mirage.runtime.pipeline import PipelineError
+from mirage.core.errors import MirageError
 from mirage.runtime.pool import PoolFull
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -56,7 +56,7 @@ FORMATS = {JPEG: "JPEG", PNG: "PNG", RAW: "raw RGB"}
 log = logging.getLogger("mirage.serve")
 
 
-class ServeError(PipelineError):
+class ServeError(MirageError):
     """A user error: bad server options, or a bad frame from a client (the message says which)."""
 
 

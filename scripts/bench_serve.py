@@ -50,7 +50,7 @@ def start_server(args, slots: int, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "mirage.cli.serve", args.model, "--port", str(port), "--slots", str(slots),
            "--device", args.device, "--backend", args.backend, "--deadline-ms", str(args.deadline_ms),
-           "--batch-wait-ms", str(args.batch_wait_ms)]
+           "--batch-wait-ms", str(args.batch_wait_ms)] + (["--fast"] if args.fast else [])
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + args.startup_s
@@ -171,6 +171,7 @@ def main() -> None:
     p.add_argument("model", nargs="?", default=str(ROOT / "checkpoints" / "tiny-v2v"))
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default="auto")
+    p.add_argument("--fast", action="store_true", help="mirage-serve --fast (Inductor, GPU)")
     p.add_argument("--counts", default="1,2,4,8,16,24,32,48,64", help="stream counts to try, in order")
     p.add_argument("--fps", type=float, default=30.0, help="frames per second each client sends")
     p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per count")
@@ -217,6 +218,7 @@ def main() -> None:
     today = datetime.date.today().isoformat()
     path = args.json or ROOT / "docs" / "bench" / f"{today}_serve_{slug(device)}.json"
     path.write_text(json.dumps({"date": today, "device": device, "model": args.model, "backend": args.backend,
+                                "fast": args.fast,
                                 "batch_wait_ms": args.batch_wait_ms, "deadline_ms": args.deadline_ms,
                                 "command": " ".join(sys.argv), "fps": args.fps, "seconds": args.seconds,
                                 "max_p99_ms": args.max_p99_ms, "kept_up": max(kept_up) if kept_up else 0,
