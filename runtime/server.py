@@ -9,7 +9,7 @@ to test, debug and measure.
 Routes
     GET /          the page (static/index.html)              the token is checked when one is set
     GET /static/*  its script
-    GET /health    JSON: slots, active, fps, size, video_to_video
+    GET /health    JSON: slots, active, fps and busy (last second), size, video_to_video
     GET /ws        WebSocket, one stream per connection     ?token=...&seed=N
 
 Protocol (docs/SERVING.md has it in full)
@@ -170,7 +170,7 @@ class Server:
         self.pool, self.options = pool, options
         self.streams: dict[int, Stream] = {}
         self.wake = asyncio.Event()  # a frame arrived or a stream left
-        self.step_times: collections.deque[float] = collections.deque()
+        self.steps: collections.deque[tuple[float, float]] = collections.deque()  # (end, seconds) of recent steps
         self.step_thread = ThreadPoolExecutor(1, thread_name_prefix="mirage-step")
         self.codec = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="mirage-codec")
 
@@ -180,11 +180,13 @@ class Server:
     def in_codec_thread(self, fn, *args):
         return asyncio.get_running_loop().run_in_executor(self.codec, fn, *args)
 
-    def fps(self) -> int:
-        """Pool steps in the last second (each advances every stream by one frame)."""
-        while self.step_times and time.monotonic() - self.step_times[0] > 1.0:
-            self.step_times.popleft()
-        return len(self.step_times)
+    def load(self) -> dict:
+        """Over the last second: pool steps (each advances every stream by one frame), and the share of
+        the time spent inside pool.step (near 1: the model is the bound; well below with streams
+        waiting: the server or the clients are)."""
+        while self.steps and time.monotonic() - self.steps[0][0] > 1.0:
+            self.steps.popleft()
+        return {"fps": len(self.steps), "busy": round(sum(d for _, d in self.steps), 3)}
 
     def check_token(self, request: web.Request) -> None:
         token = self.options.token
@@ -198,7 +200,7 @@ class Server:
 
     async def health(self, request: web.Request) -> web.Response:
         h, w, _ = self.pool.frame_shape
-        return web.json_response({"slots": self.pool.slots, "active": len(self.pool.active), "fps": self.fps(),
+        return web.json_response({"slots": self.pool.slots, "active": len(self.pool.active), **self.load(),
                                   "width": w, "height": h, "video_to_video": self.pool.video_to_video})
 
     # -- one client ------------------------------------------------------------------------------
@@ -273,7 +275,7 @@ class Server:
                 if loop.time() >= next_stats:
                     next_stats = loop.time() + self.options.stats_interval_s
                     await stream.ws.send_json({"type": "stats", "streams": len(self.streams),
-                                               "slots": self.pool.slots, "fps": self.fps(), **stream.counts})
+                                               "slots": self.pool.slots, **self.load(), **stream.counts})
         except ConnectionError:  # the client left; its handler cleans up
             return
 
@@ -282,6 +284,7 @@ class Server:
         while True:
             batch = await self.next_batch()
             inputs = {s.slot: f.pixels for s, f in batch} if self.pool.video_to_video else {}
+            start = time.monotonic()
             try:
                 outputs = await self.in_step_thread(self.pool.step, inputs)
             except Exception:  # noqa: BLE001 (a bug: log it, tell those clients, keep serving the others)
@@ -292,7 +295,8 @@ class Server:
                         await s.ws.send_json({"type": "error", "message": f"frame {f.id}: the server failed to "
                                               "compute it (its log has the traceback)"})
                 continue
-            self.step_times.append(time.monotonic())
+            end = time.monotonic()
+            self.steps.append((end, end - start))
             for s, f in batch:
                 if self.streams.get(s.slot) is not s:  # it left during the step
                     continue

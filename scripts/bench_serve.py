@@ -1,7 +1,7 @@
 """Load test of `mirage-serve`: how many 30-FPS streams one server keeps up with.
 
     python scripts/bench_serve.py                                   # bundled tiny-v2v on the CPU
-    python scripts/bench_serve.py artifacts/base --device cuda --counts 1,2,4,8,16,24,32
+    python scripts/bench_serve.py --random base --device cuda --fast --counts 1,2,4,8,16,24,32
 
 For each stream count N (doubling by default), a fresh `mirage-serve MODEL --slots N` on
 127.0.0.1 (a subprocess, so that the clients do not share its interpreter), then N synthetic
@@ -64,6 +64,19 @@ def start_server(args, slots: int, log: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)
     proc.kill()
     sys.exit(f"mirage-serve did not answer within {args.startup_s} s:\n{log.read_text()[-3000:]}")
+
+
+def random_checkpoint(config: str, folder: Path) -> str:
+    """A video-to-video checkpoint of `config` with random weights (speed does not depend on them)."""
+    import torch
+
+    from mirage.core.config import TrainConfig, get_config
+    from mirage.model.unet import MirageUNet
+    from mirage.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = MirageUNet(get_config(config, "v2v")).eval()
+    return str(save_checkpoint(folder / config, model, model, TrainConfig(), step=0))
 
 
 def synthetic_jpegs(size: int, count: int, seed: int) -> list[bytes]:
@@ -131,10 +144,18 @@ async def client(url: str, index: int, args, window: tuple[float, float], stop: 
     return result
 
 
-async def load(url: str, streams: int, args) -> list[dict]:
+async def load(url: str, streams: int, args) -> tuple[list[dict], dict]:
+    """Each client's results, and the server's /health from the middle of the measured window."""
     now = time.perf_counter()
     window = (now + args.warmup_s, now + args.warmup_s + args.seconds)
-    return await asyncio.gather(*(client(url, i, args, window, window[1]) for i in range(streams)))
+
+    async def health() -> dict:
+        await asyncio.sleep(args.warmup_s + args.seconds / 2)
+        async with ClientSession() as session, session.get(url + "/health") as r:
+            return await r.json()
+    *results, mid = await asyncio.gather(*(client(url, i, args, window, window[1]) for i in range(streams)),
+                                         health())
+    return results, mid
 
 
 def summarize(streams: int, results: list[dict], health: dict, args) -> dict:
@@ -147,7 +168,8 @@ def summarize(streams: int, results: list[dict], health: dict, args) -> dict:
             "sent": sum(r["sent"] for r in results), "answered": int(sum(len(r["latencies_ms"]) for r in results)),
             "dropped": sum(r["sent"] - len(r["latencies_ms"]) for r in results),
             "crossed": sum(r["crossed"] for r in results), "client_late_sends": sum(r["late_sends"] for r in results),
-            "server_steps_per_s": health.get("fps"), **{f"server_{k}": v for k, v in server.items()}}
+            "server_steps_per_s": health["fps"], "server_busy": health["busy"],
+            **{f"server_{k}": v for k, v in server.items()}}
 
 
 def device_name(device: str) -> str:
@@ -169,6 +191,8 @@ def slug(text: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=str(ROOT / "checkpoints" / "tiny-v2v"))
+    p.add_argument("--random", metavar="CONFIG", help="serve a random-weight video-to-video checkpoint of this "
+                   "config (tiny, small, base, seed880m) instead of MODEL")
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default="auto")
     p.add_argument("--fast", action="store_true", help="mirage-serve --fast (Inductor, GPU)")
@@ -187,12 +211,12 @@ def main() -> None:
     device = device_name(args.device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        if args.random:
+            args.model = random_checkpoint(args.random, Path(tmp))
         for streams in (int(c) for c in args.counts.split(",")):
             proc, url = start_server(args, streams, Path(tmp) / f"serve_{streams}.log")
             try:
-                results = asyncio.run(load(url, streams, args))
-                with urllib.request.urlopen(url + "/health", timeout=5) as r:
-                    health = json.load(r)
+                results, health = asyncio.run(load(url, streams, args))
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
@@ -200,14 +224,14 @@ def main() -> None:
             rows.append(row)
             print(f"N={streams:3d}  fps/stream min {row['fps_min']:5.1f} mean {row['fps_mean']:5.1f}  "
                   f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  dropped {row['dropped']}  "
-                  f"crossed {row['crossed']}", flush=True)
+                  f"crossed {row['crossed']}  pool busy {row['server_busy']:.2f}", flush=True)
             if row["p99_ms"] > args.max_p99_ms or row["fps_min"] < 0.95 * args.fps:
                 break
 
     header = ("streams", "fps/stream min", "mean", "p50 ms", "p99 ms", "sent", "dropped", "crossed",
-              "srv stale", "srv late", "client late sends")
+              "srv stale", "srv late", "srv steps/s", "srv busy", "client late sends")
     keys = ("streams", "fps_min", "fps_mean", "p50_ms", "p99_ms", "sent", "dropped", "crossed", "server_stale",
-            "server_late", "client_late_sends")
+            "server_late", "server_steps_per_s", "server_busy", "client_late_sends")
     print(f"\nmirage-serve {args.model} on {device}, {args.fps:g} FPS per client, {args.seconds:g} s measured\n")
     print(" | ".join(header))
     for row in rows:
@@ -216,8 +240,8 @@ def main() -> None:
     print(f"\nmost streams kept up (p99 <= {args.max_p99_ms:g} ms, every stream >= 95% of {args.fps:g} FPS): "
           f"{max(kept_up) if kept_up else 'none'}")
     today = datetime.date.today().isoformat()
-    path = args.json or ROOT / "docs" / "bench" / f"{today}_serve_{slug(device)}.json"
-    path.write_text(json.dumps({"date": today, "device": device, "model": args.model, "backend": args.backend,
+    path = args.json or ROOT / "docs" / "bench" / f"{today}_serve_{slug(device)}_{Path(args.model).name}.json"
+    path.write_text(json.dumps({"date": today, "device": device, "model": args.model, "random_weights": bool(args.random), "backend": args.backend,
                                 "fast": args.fast,
                                 "batch_wait_ms": args.batch_wait_ms, "deadline_ms": args.deadline_ms,
                                 "command": " ".join(sys.argv), "fps": args.fps, "seconds": args.seconds,
