@@ -47,6 +47,7 @@ import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from mirage.core.errors import MirageError
+from mirage.core.video_io import v2v_input
 from mirage.runtime.pool import PoolFull
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -92,7 +93,7 @@ class Frame:
     fmt: int
     client_ts: float
     received: float                # server monotonic clock, for the deadline
-    pixels: np.ndarray | None      # (H, W, 3) float32 in [-1, 1]; None: a generation model's request
+    pixels: np.ndarray | None      # the model's input, (H, W, 3) float32; None: a generation model's request
 
 
 def decode_frame(data: bytes, shape: tuple[int, int, int], video_to_video: bool, max_bytes: int,
@@ -112,8 +113,10 @@ def decode_frame(data: bytes, shape: tuple[int, int, int], video_to_video: bool,
         return Frame(frame_id, fmt, client_ts, received, None)
     if not payload:
         raise ServeError(f"frame {frame_id}: this video-to-video model needs an input image after the header")
-    rgb = _rgb(payload, fmt, shape, frame_id)
-    return Frame(frame_id, fmt, client_ts, received, rgb.astype(np.float32) / 127.5 - 1.0)
+    rgb = _rgb(payload, fmt, shape, frame_id).astype(np.float32) / 127.5 - 1.0  # (H, W, 3) in [-1, 1]
+    # clients send a plain RGB frame; the model's input is made from it as mirage-run makes it:
+    # luma at full resolution plus coarse chroma (the video-to-video task the models are trained on)
+    return Frame(frame_id, fmt, client_ts, received, v2v_input(rgb))
 
 
 def _rgb(payload: memoryview, fmt: int, shape: tuple[int, int, int], frame_id: int) -> np.ndarray:
