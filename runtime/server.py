@@ -154,7 +154,8 @@ def encode_frame(frame: Frame, pixels: np.ndarray) -> bytes:
 
 # -- the server ------------------------------------------------------------------------------------
 COUNTS = ("received", "stale", "late", "sent", "unsent", "errors")
-# stale: replaced by a newer input before its step; late: past the deadline when its step started;
+# stale: replaced by a newer input before its step; late: past the deadline when its step started
+# (at most every other frame of a stream);
 # unsent: an output replaced by a newer one before the client could take it
 
 
@@ -165,6 +166,7 @@ class Stream:
     pending: Frame | None = None                            # newest input, not yet stepped
     outbox: tuple[Frame, np.ndarray] | None = None          # newest output, not yet sent
     ready: asyncio.Event = field(default_factory=asyncio.Event)  # the outbox has a frame
+    dropped_late: bool = False                              # its last frame was dropped past the deadline
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
 
 
@@ -310,7 +312,9 @@ class Server:
 
     async def next_batch(self) -> list[tuple[Stream, Frame]]:
         """Wait for a frame, then up to batch_wait_ms for every stream's; take the pending frames,
-        dropping (and counting) those older than the deadline."""
+        dropping (and counting) those older than the deadline, but never two of a stream in a row:
+        when steps take longer than the deadline, a stream whose frames always arrive early in a
+        step would otherwise have every frame dropped and starve while the others stream on."""
         while True:
             await self.wait_until(lambda: any(s.pending is not None for s in self.streams.values()))
             await self.wait_until(lambda: all(s.pending is not None for s in self.streams.values()),
@@ -320,10 +324,12 @@ class Server:
                 frame, s.pending = s.pending, None
                 if frame is None:
                     continue
-                if (now - frame.received) * 1e3 > self.options.deadline_ms:
+                late = (now - frame.received) * 1e3 > self.options.deadline_ms
+                if late and not s.dropped_late:
                     s.counts["late"] += 1
                 else:
                     batch.append((s, frame))
+                s.dropped_late = late and not s.dropped_late
             if batch:
                 return batch
 

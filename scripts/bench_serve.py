@@ -172,6 +172,10 @@ def summarize(streams: int, results: list[dict], health: dict, args) -> dict:
             **{f"server_{k}": v for k, v in server.items()}}
 
 
+def keeps_up(row: dict, args) -> bool:
+    return row["p99_ms"] <= args.max_p99_ms and row["fps_min"] >= 0.95 * args.fps
+
+
 def device_name(device: str) -> str:
     if device.startswith("cuda") or device == "auto":
         try:
@@ -205,10 +209,11 @@ def main() -> None:
     p.add_argument("--deadline-ms", type=float, default=100.0)
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="the server's --batch-wait-ms")
     p.add_argument("--max-p99-ms", type=float, default=33.0)
-    p.add_argument("--json", type=Path, default=None, help="default: docs/bench/DATE_serve_DEVICE.json")
+    p.add_argument("--json", type=Path, default=None, help="default: docs/bench/DATE_serve_DEVICE_MODEL.json")
     args = p.parse_args()
 
     device = device_name(args.device)
+    label = args.random or Path(args.model).name
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.random:
@@ -225,28 +230,27 @@ def main() -> None:
             print(f"N={streams:3d}  fps/stream min {row['fps_min']:5.1f} mean {row['fps_mean']:5.1f}  "
                   f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  dropped {row['dropped']}  "
                   f"crossed {row['crossed']}  pool busy {row['server_busy']:.2f}", flush=True)
-            if row["p99_ms"] > args.max_p99_ms or row["fps_min"] < 0.95 * args.fps:
+            if not keeps_up(row, args):
                 break
 
-    header = ("streams", "fps/stream min", "mean", "p50 ms", "p99 ms", "sent", "dropped", "crossed",
-              "srv stale", "srv late", "srv steps/s", "srv busy", "client late sends")
-    keys = ("streams", "fps_min", "fps_mean", "p50_ms", "p99_ms", "sent", "dropped", "crossed", "server_stale",
-            "server_late", "server_steps_per_s", "server_busy", "client_late_sends")
-    print(f"\nmirage-serve {args.model} on {device}, {args.fps:g} FPS per client, {args.seconds:g} s measured\n")
-    print(" | ".join(header))
+    columns = {"streams": "streams", "fps_min": "fps/stream min", "fps_mean": "mean", "p50_ms": "p50 ms",
+               "p99_ms": "p99 ms", "sent": "sent", "dropped": "dropped", "crossed": "crossed",
+               "server_stale": "srv stale", "server_late": "srv late", "server_steps_per_s": "srv steps/s",
+               "server_busy": "srv busy", "client_late_sends": "client late sends"}
+    print(f"\nmirage-serve {label} on {device}, {args.fps:g} FPS per client, {args.seconds:g} s measured\n")
+    print(" | ".join(columns.values()))
     for row in rows:
-        print(" | ".join(f"{row[k]:.1f}" if isinstance(row[k], float) else str(row[k]) for k in keys))
-    kept_up = [r["streams"] for r in rows if r["p99_ms"] <= args.max_p99_ms and r["fps_min"] >= 0.95 * args.fps]
-    print(f"\nmost streams kept up (p99 <= {args.max_p99_ms:g} ms, every stream >= 95% of {args.fps:g} FPS): "
-          f"{max(kept_up) if kept_up else 'none'}")
+        print(" | ".join(f"{row[k]:.2f}" if isinstance(row[k], float) else str(row[k]) for k in columns))
+    best = max([r["streams"] for r in rows if keeps_up(r, args)], default=0)
+    print(f"\nmost streams kept up (p99 <= {args.max_p99_ms:g} ms, every stream >= 95% of {args.fps:g} FPS): {best}")
     today = datetime.date.today().isoformat()
-    path = args.json or ROOT / "docs" / "bench" / f"{today}_serve_{slug(device)}_{Path(args.model).name}.json"
-    path.write_text(json.dumps({"date": today, "device": device, "model": args.model, "random_weights": bool(args.random), "backend": args.backend,
-                                "fast": args.fast,
-                                "batch_wait_ms": args.batch_wait_ms, "deadline_ms": args.deadline_ms,
-                                "command": " ".join(sys.argv), "fps": args.fps, "seconds": args.seconds,
-                                "max_p99_ms": args.max_p99_ms, "kept_up": max(kept_up) if kept_up else 0,
-                                "rows": rows}, indent=2))
+    path = args.json or ROOT / "docs" / "bench" / f"{today}_serve_{slug(device)}_{label}.json"
+    report = {"date": today, "device": device, "model": label, "random_weights": bool(args.random),
+              "command": " ".join(sys.argv), "kept_up": best,
+              **{k: getattr(args, k) for k in ("backend", "fast", "fps", "seconds", "batch_wait_ms", "deadline_ms",
+                                               "max_p99_ms")},
+              "rows": rows}
+    path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
 
 
