@@ -211,10 +211,10 @@ class Server:
     # -- one client ------------------------------------------------------------------------------
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
         self.check_token(request)
-        try:
-            seed = int(request.query.get("seed", "0"))
-        except ValueError:
-            raise web.HTTPBadRequest(text=f"seed={request.query['seed']!r}: give an integer\n") from None
+        seed = request.query.get("seed", "0")
+        if not seed.isdigit():
+            raise web.HTTPBadRequest(text=f"seed={seed!r}: give a non-negative integer\n")
+        seed = int(seed)
         ws = web.WebSocketResponse(max_msg_size=2 * self.options.max_frame_bytes + HEADER.size, heartbeat=10.0)
         await ws.prepare(request)
         try:
