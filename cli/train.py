@@ -6,14 +6,15 @@ import json
 import click
 
 from mirage.cli.errors import UserError
-from mirage.core.config import CONFIGS, TASKS, TrainConfig, get_config
+from mirage.core.config import CONFIGS, TASKS, ConfigError, ModelConfig, TrainConfig, check_same, from_json, get_config
 from mirage.core.errors import MirageError
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default="tiny",
-              help="Model size. 'tiny' trains on a laptop CPU in minutes.")
-@click.option("--task", type=click.Choice(TASKS), default="generate",
+@click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default=None, show_default="tiny",
+              help="Model size. 'tiny' trains on a laptop CPU in minutes. With --init-from / --distill-from: that "
+                   "checkpoint's.")
+@click.option("--task", type=click.Choice(TASKS), default=None, show_default="generate",
               help="generate: frames from the context memory alone; v2v: restore full color to an input stream (luma + coarse chroma) frame by frame.")
 @click.option("--data", default="synthetic",
               help="'synthetic' (made on the fly) or a folder of videos / image-sequence sub-folders.")
@@ -26,32 +27,60 @@ from mirage.core.errors import MirageError
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=False, help="Recompute ResBlocks to save memory.")
 @click.option("--context-noise-max", type=click.IntRange(0, 999), default=TrainConfig.context_noise_max,
               help="History augmentation: context frames are noised to t_ctx ~ U[0, this]. 0 turns it off.")
+@click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Fine-tune: start from this checkpoint's weights (its model config; a fresh optimizer).")
+@click.option("--self-forcing-prob", type=click.FloatRange(0, 1), default=TrainConfig.self_forcing_prob,
+              help="Fraction of steps trained on the model's own rollouts: the newest context frames are its own, "
+                   "generated with the runtime's DDIM steps and context noise (no gradient through them).")
+@click.option("--self-forcing-horizon", type=click.IntRange(min=1), default=TrainConfig.self_forcing_horizon,
+              help="Frames the model generates itself before the loss frame (at most the context length).")
+@click.option("--distill-from", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Progressive distillation: train a student of this teacher checkpoint (which it starts from) "
+                   "to sample in --student-steps steps what the teacher does in twice as many.")
+@click.option("--student-steps", type=click.IntRange(min=1), default=None,
+              help="The student's DDIM steps (with --distill-from); recorded in its checkpoint, and mirage-run "
+                   "uses it when --steps is not given.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, help="Data-loading worker processes.")
 @click.option("--resume/--no-resume", default=True, help="Continue from --out if it holds a checkpoint.")
 @click.option("--seed", type=int, default=0)
 @click.option("--dry-run", is_flag=True, help="Print the config and parameter count, train nothing.")
 def main(config_name, task, data, out, steps, batch_size, lr, precision, grad_checkpoint, context_noise_max,
-         device, workers, resume, seed, dry_run):
+         init_from, self_forcing_prob, self_forcing_horizon, distill_from, student_steps, device, workers, resume, seed,
+         dry_run):
     """Train a Mirage video diffusion model into a checkpoint folder (safetensors + config JSON).
 
     Runs on the CPU by default; uses the GPU with --device cuda (or auto), and all GPUs when
     launched with `torchrun --nproc-per-node N -m mirage.cli.train ...`.
     """
+    from mirage.core.schedule import default_steps
     from mirage.model.unet import MirageUNet, parameter_count
+    from mirage.train.checkpoint import read_meta
     from mirage.train.trainer import train
 
     try:
-        cfg = get_config(config_name, task)
+        source = distill_from or init_from
+        cfg = get_config(config_name or "tiny", task or "generate")
+        if source:  # the model is the checkpoint's; an explicit --config / --task must agree with it
+            saved = from_json(ModelConfig, read_meta(source)["model"])
+            if config_name or task:
+                check_same(saved, get_config(config_name or saved.name, task or saved.task))
+            cfg = saved
+        if student_steps and not distill_from:
+            raise ConfigError("--student-steps needs --distill-from TEACHER")
         tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, precision=precision,
                            grad_checkpoint=grad_checkpoint, context_noise_max=context_noise_max,
                            context_noise_prob=TrainConfig.context_noise_prob if context_noise_max else 0.0,
-                           data=data, seed=seed)
+                           data=data, seed=seed, init_from=init_from or "", distill_from=distill_from or "",
+                           student_steps=student_steps or 0, self_forcing_prob=self_forcing_prob,
+                           self_forcing_horizon=self_forcing_horizon,
+                           self_forcing_steps=student_steps or (default_steps(read_meta(source)) if source else
+                                                                TrainConfig.self_forcing_steps))
         import torch
 
         with torch.device("meta"):
             params = parameter_count(MirageUNet(cfg))
-        click.echo(f"model {cfg.name} ({task}): {params / 1e6:.2f}M parameters", err=True)
+        click.echo(f"model {cfg.name} ({cfg.task}): {params / 1e6:.2f}M parameters", err=True)
         if dry_run:
             click.echo(json.dumps({"model": cfg.__dict__, "train": tcfg.__dict__}, indent=2, default=list))
             return

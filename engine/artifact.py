@@ -231,6 +231,7 @@ def _build(model, meta: dict, checkpoint: Path, out: Path, stage: Path, o: Artif
         "options": options,
         "checkpoint": {"path": str(checkpoint), "sha256": sha256_file(checkpoint / WEIGHTS),
                        "step": meta.get("step")},
+        **({"sampling_steps": meta["sampling_steps"]} if meta.get("sampling_steps") else {}),  # a student's steps
         "precision": o.precision,
         "temporal_attention": o.temporal_attention,
         "graphs": graphs_meta,

@@ -14,6 +14,8 @@ runtime.pool.StreamPool builds on). Buffers are allocated once from the graphs' 
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -23,6 +25,7 @@ from mirage.core import graphs as G
 from mirage.core.config import ModelConfig, PipelineOptions
 from mirage.core.errors import BackendError, MirageError
 from mirage.core.loop import Buffers, Schedule, make_buffers
+from mirage.core.schedule import DEFAULT_STEPS, default_steps
 from mirage.runtime.execution import CpuExecution, GpuExecution
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
@@ -35,7 +38,7 @@ class PipelineError(MirageError):
 class Pipeline:
     def __init__(self, backend, cfg: ModelConfig, specs: dict[str, G.GraphSpec], options: PipelineOptions):
         self.backend, self.cfg, self.specs, self.options = backend, cfg, specs, options
-        self.schedule = Schedule.ddim(options.steps, options.context_noise)
+        self.schedule = Schedule.ddim(options.steps or DEFAULT_STEPS, options.context_noise)
         on_gpu = str(backend.device).startswith("cuda")
         self.execution = GpuExecution(backend, self.schedule, options.cuda_graph) if on_gpu \
             else CpuExecution(backend, self.schedule)
@@ -50,6 +53,12 @@ class Pipeline:
         path = Path(path)
         if backend not in BACKENDS:
             raise PipelineError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        for meta_file in (path / G.MANIFEST, path / "config.json"):  # a distilled student records its steps
+            if options.steps is None and meta_file.is_file():
+                try:
+                    options = dataclasses.replace(options, steps=default_steps(json.loads(meta_file.read_text())))
+                except (ValueError, TypeError):
+                    pass  # unreadable here: the loaders below name the problem
         if (path / G.MANIFEST).is_file():
             from mirage.runtime.artifact import open_artifact
 
