@@ -283,6 +283,16 @@ def test_the_token_guards_the_page_and_the_socket(v2v_pool):
     run(scenario)
 
 
+def test_a_bad_seed_is_refused(v2v_pool):
+    async def scenario():
+        async with serving(v2v_pool) as client:
+            for seed in ("-1", "x"):
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await client.ws_connect("/ws", params={"seed": seed})
+                assert refused.value.status == 400
+    run(scenario)
+
+
 def test_a_reachable_host_needs_a_token():
     for host in ("127.0.0.1", "::1", "localhost"):
         ServerOptions(host=host)
