@@ -96,14 +96,19 @@ def synthetic_jpegs(size: int, count: int, seed: int) -> list[bytes]:
     return out
 
 
+class Busy(Exception):
+    """The server answered busy."""
+
+
 async def client(url: str, index: int, args, window: tuple[float, float], stop: float) -> dict:
     """One stream: send on a 1/fps schedule until `stop`; replies to frames sent inside `window` count."""
     period, start, end = 1.0 / args.fps, *window
-    result = {"sent": 0, "latencies_ms": [], "crossed": 0, "late_sends": 0, "server": {}}
+    result = {"sent": 0, "latencies_ms": [], "crossed": 0, "late_sends": 0, "max_gap_ms": 0.0, "server": {}}
+    last_reply = None
     async with ClientSession() as session, session.ws_connect(url.replace("http", "ws") + "/ws") as ws:
         hello = await ws.receive_json()
-        if hello["type"] != "hello":
-            raise RuntimeError(f"client {index}: {hello}")
+        if hello["type"] == "busy":
+            raise Busy(hello["message"])
         v2v = hello["video_to_video"]
         frames = synthetic_jpegs(hello["width"], 16, index) if v2v else [b""]
 
@@ -121,6 +126,7 @@ async def client(url: str, index: int, args, window: tuple[float, float], stop: 
                 n, tick = n + 1, tick + period
 
         async def receive():
+            nonlocal last_reply
             async for msg in ws:
                 if msg.type == WSMsgType.TEXT:
                     data = json.loads(msg.data)
@@ -132,8 +138,12 @@ async def client(url: str, index: int, args, window: tuple[float, float], stop: 
                 frame_id, _, ts = HEADER.unpack_from(msg.data)
                 if frame_id >> 24 != index:
                     result["crossed"] += 1
+                now = time.perf_counter()
                 if start <= ts / 1e3 < end:
-                    result["latencies_ms"].append(time.perf_counter() * 1e3 - ts)
+                    result["latencies_ms"].append(now * 1e3 - ts)
+                    if last_reply is not None:  # the longest wait between two frames: a stall shows here
+                        result["max_gap_ms"] = max(result["max_gap_ms"], (now - last_reply) * 1e3)
+                last_reply = now
 
         receiver = asyncio.create_task(receive())
         await send()
@@ -144,10 +154,24 @@ async def client(url: str, index: int, args, window: tuple[float, float], stop: 
     return result
 
 
+CHURN = 255  # the client index of the stream that comes and goes
+
+
+async def churn(url: str, args, stop: float) -> None:
+    """--churn: one more stream attaching, sending for 0.3 s and detaching, over and over; the
+    measured streams' longest gap between frames shows what each attach and detach costs them."""
+    while time.perf_counter() < stop:
+        try:
+            await client(url, CHURN, args, (0.0, 0.0), min(stop, time.perf_counter() + 0.3))
+        except Busy:  # its previous connection's slot is not detached yet
+            await asyncio.sleep(0.05)
+
+
 async def load(url: str, streams: int, args) -> tuple[list[dict], dict]:
     """Each client's results, and the server's /health from the middle of the measured window."""
     now = time.perf_counter()
     window = (now + args.warmup_s, now + args.warmup_s + args.seconds)
+    churning = asyncio.create_task(churn(url, args, window[1])) if args.churn else None
 
     async def health() -> dict:
         await asyncio.sleep(args.warmup_s + args.seconds / 2)
@@ -155,6 +179,8 @@ async def load(url: str, streams: int, args) -> tuple[list[dict], dict]:
             return await r.json()
     *results, mid = await asyncio.gather(*(client(url, i, args, window, window[1]) for i in range(streams)),
                                          health())
+    if churning:
+        await churning
     return results, mid
 
 
@@ -168,7 +194,9 @@ def summarize(streams: int, results: list[dict], health: dict, args) -> dict:
             "sent": sum(r["sent"] for r in results), "answered": int(sum(len(r["latencies_ms"]) for r in results)),
             "dropped": sum(r["sent"] - len(r["latencies_ms"]) for r in results),
             "crossed": sum(r["crossed"] for r in results), "client_late_sends": sum(r["late_sends"] for r in results),
+            "max_gap_ms": max(r["max_gap_ms"] for r in results),
             "server_steps_per_s": health["fps"], "server_busy": health["busy"],
+            "server_step_ms": 1e3 * health["busy"] / health["fps"] if health["fps"] else None,
             **{f"server_{k}": v for k, v in server.items()}}
 
 
@@ -208,6 +236,8 @@ def main() -> None:
     p.add_argument("--startup-s", type=float, default=300.0, help="how long the server may take to load")
     p.add_argument("--deadline-ms", type=float, default=100.0)
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="the server's --batch-wait-ms")
+    p.add_argument("--churn", action="store_true", help="one more stream attaching and detaching all along "
+                   "(a spare slot), to see what that costs the others (max gap)")
     p.add_argument("--max-p99-ms", type=float, default=33.0)
     p.add_argument("--json", type=Path, default=None, help="default: docs/bench/DATE_serve_DEVICE_MODEL.json")
     args = p.parse_args()
@@ -219,7 +249,7 @@ def main() -> None:
         if args.random:
             args.model = random_checkpoint(args.random, Path(tmp))
         for streams in (int(c) for c in args.counts.split(",")):
-            proc, url = start_server(args, streams, Path(tmp) / f"serve_{streams}.log")
+            proc, url = start_server(args, streams + args.churn, Path(tmp) / f"serve_{streams}.log")
             try:
                 results, health = asyncio.run(load(url, streams, args))
             finally:
@@ -236,7 +266,8 @@ def main() -> None:
     columns = {"streams": "streams", "fps_min": "fps/stream min", "fps_mean": "mean", "p50_ms": "p50 ms",
                "p99_ms": "p99 ms", "sent": "sent", "dropped": "dropped", "crossed": "crossed",
                "server_stale": "srv stale", "server_late": "srv late", "server_steps_per_s": "srv steps/s",
-               "server_busy": "srv busy", "client_late_sends": "client late sends"}
+               "server_busy": "srv busy", "server_step_ms": "srv step ms", "max_gap_ms": "max gap ms",
+               "client_late_sends": "client late sends"}
     print(f"\nmirage-serve {label} on {device}, {args.fps:g} FPS per client, {args.seconds:g} s measured\n")
     print(" | ".join(columns.values()))
     for row in rows:
@@ -248,7 +279,7 @@ def main() -> None:
     report = {"date": today, "device": device, "model": label, "random_weights": bool(args.random),
               "command": " ".join(sys.argv), "kept_up": best,
               **{k: getattr(args, k) for k in ("backend", "fast", "fps", "seconds", "batch_wait_ms", "deadline_ms",
-                                               "max_p99_ms")},
+                                               "max_p99_ms", "churn")},
               "rows": rows}
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
