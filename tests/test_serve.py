@@ -19,7 +19,7 @@ from PIL import Image  # noqa: E402
 from mirage.cli.serve import main as serve_cli  # noqa: E402
 from mirage.runtime.pool import StreamPool  # noqa: E402
 from mirage.core.video_io import v2v_input  # noqa: E402
-from mirage.runtime.server import (HEADER, JPEG, RAW, Frame, ServeError, ServerOptions, encode_frame,  # noqa: E402
+from mirage.runtime.server import (HEADER, JPEG, PNG, RAW, Frame, ServeError, ServerOptions, encode_frame,  # noqa: E402
                                    make_app)
 
 from conftest import CKPT_GEN, CKPT_V2V  # noqa: E402
@@ -116,6 +116,11 @@ def test_frames_come_back_with_their_ids_shape_and_timestamps(v2v_pool):
                 frame_id, ts, body = await reply(b)
                 assert (frame_id, ts) == (100 + n, 5.5)
                 assert Image.open(io.BytesIO(body)).size == (SIZE, SIZE)
+            png = io.BytesIO()
+            Image.fromarray(inputs(4, 1)[0]).save(png, format="PNG")
+            await b.send_bytes(message(200, png.getvalue(), PNG))  # PNG in, PNG out
+            frame_id, _, body = await reply(b)
+            assert frame_id == 200 and Image.open(io.BytesIO(body)).format == "PNG"
             for ws in (a, b):
                 await ws.close()
             page = await client.get("/")
