@@ -189,9 +189,11 @@ class Server:
         """Over the last second: pool steps (each advances every stream by one frame), and the share of
         the time spent inside pool.step (near 1: the model is the bound; well below with streams
         waiting: the server or the clients are)."""
-        while self.steps and time.monotonic() - self.steps[0][0] > 1.0:
+        since = time.monotonic() - 1.0
+        while self.steps and self.steps[0][0] < since:
             self.steps.popleft()
-        return {"fps": len(self.steps), "busy": round(sum(d for _, d in self.steps), 3)}
+        inside = sum(min(seconds, end - since) for end, seconds in self.steps)  # a step may start before `since`
+        return {"fps": len(self.steps), "busy": round(inside, 3)}
 
     def check_token(self, request: web.Request) -> None:
         token = self.options.token
