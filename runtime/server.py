@@ -9,7 +9,7 @@ to test, debug and measure.
 Routes
     GET /          the page (static/index.html)              the token is checked when one is set
     GET /static/*  its script
-    GET /health    JSON: slots, active, fps and busy (last second), size, video_to_video
+    GET /health    JSON: slots, active, fps, busy and step_ms (last second), size, video_to_video
     GET /ws        WebSocket, one stream per connection     ?token=...&seed=N
 
 Protocol (docs/SERVING.md has it in full)
@@ -186,14 +186,15 @@ class Server:
         return asyncio.get_running_loop().run_in_executor(self.codec, fn, *args)
 
     def load(self) -> dict:
-        """Over the last second: pool steps (each advances every stream by one frame), and the share of
+        """Over the last second: pool steps (each advances every stream by one frame), the share of
         the time spent inside pool.step (near 1: the model is the bound; well below with streams
-        waiting: the server or the clients are)."""
+        waiting: the server or the clients are), and the mean step in ms."""
         since = time.monotonic() - 1.0
         while self.steps and self.steps[0][0] < since:
             self.steps.popleft()
         inside = sum(min(seconds, end - since) for end, seconds in self.steps)  # a step may start before `since`
-        return {"fps": len(self.steps), "busy": round(inside, 3)}
+        mean_ms = 1e3 * sum(seconds for _, seconds in self.steps) / len(self.steps) if self.steps else None
+        return {"fps": len(self.steps), "busy": round(inside, 3), "step_ms": mean_ms}
 
     def check_token(self, request: web.Request) -> None:
         token = self.options.token

@@ -196,7 +196,7 @@ def summarize(streams: int, results: list[dict], health: dict, args) -> dict:
             "crossed": sum(r["crossed"] for r in results), "client_late_sends": sum(r["late_sends"] for r in results),
             "max_gap_ms": max(r["max_gap_ms"] for r in results),
             "server_steps_per_s": health["fps"], "server_busy": health["busy"],
-            "server_step_ms": 1e3 * health["busy"] / health["fps"] if health["fps"] else None,
+            "server_step_ms": health["step_ms"],
             **{f"server_{k}": v for k, v in server.items()}}
 
 

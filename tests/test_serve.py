@@ -108,7 +108,7 @@ def test_frames_come_back_with_their_ids_shape_and_timestamps(v2v_pool):
             assert hello["type"] == "hello" and (hello["width"], hello["height"]) == (SIZE, SIZE)
             assert hello["video_to_video"] is True
             health = await (await client.get("/health")).json()
-            assert (health["slots"], health["active"]) == (3, 2)
+            assert (health["slots"], health["active"]) == (3, 2) and {"fps", "busy", "step_ms"} <= health.keys()
             raw = await lockstep(a, inputs(1))
             assert len(raw) == 4 and raw[0].std() > 0
             for n, rgb in enumerate(inputs(2, 3)):  # JPEG in, JPEG out
