@@ -167,6 +167,7 @@ class Stream:
     outbox: tuple[Frame, np.ndarray] | None = None          # newest output, not yet sent
     ready: asyncio.Event = field(default_factory=asyncio.Event)  # the outbox has a frame
     dropped_late: bool = False                              # its last frame was dropped past the deadline
+    last_frame: float = field(default_factory=time.monotonic)  # when its last frame arrived (or it connected)
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
 
 
@@ -266,6 +267,7 @@ class Server:
         if stream.pending is not None:
             stream.counts["stale"] += 1
         stream.pending = frame
+        stream.last_frame = received
         self.wake.set()
 
     async def send_loop(self, stream: Stream) -> None:
@@ -314,14 +316,15 @@ class Server:
                 s.ready.set()
 
     async def next_batch(self) -> list[tuple[Stream, Frame]]:
-        """Wait for a frame, then up to batch_wait_ms for every stream's; take the pending frames,
+        """Wait for a frame, then up to batch_wait_ms for every sending stream's; take the pending frames,
         dropping (and counting) those older than the deadline, but never two of a stream in a row:
         when steps take longer than the deadline, a stream whose frames always arrive early in a
         step would otherwise have every frame dropped and starve while the others stream on."""
         while True:
             await self.wait_until(lambda: any(s.pending is not None for s in self.streams.values()))
-            await self.wait_until(lambda: all(s.pending is not None for s in self.streams.values()),
-                                  self.options.batch_wait_ms / 1e3)
+            # a stream silent for a second (a client that has not started, or stopped sending) is not waited for
+            sending = [s for s in self.streams.values() if time.monotonic() - s.last_frame < 1.0]
+            await self.wait_until(lambda: all(s.pending is not None for s in sending), self.options.batch_wait_ms / 1e3)
             now, batch = time.monotonic(), []
             for s in self.streams.values():
                 frame, s.pending = s.pending, None

@@ -187,6 +187,21 @@ def test_every_frame_is_answered_or_counted_as_dropped(v2v_pool):
     assert sum(stats[k] for k in ("sent", "unsent", "stale", "late")) == 6
 
 
+def test_a_silent_client_does_not_hold_up_the_others(v2v_pool):
+    """The batch wait waits for streams that send; a client silent for a second is not waited for."""
+    async def scenario():
+        async with serving(v2v_pool, batch_wait_ms=3000) as client:
+            (silent, _), (sender, _) = await connect(client), await connect(client)
+            await asyncio.sleep(1.1)
+            start = asyncio.get_running_loop().time()
+            await lockstep(sender, inputs(40, 3))
+            elapsed = asyncio.get_running_loop().time() - start
+            for ws in (silent, sender):
+                await ws.close()
+            return elapsed
+    assert run(scenario) < 2.5  # waiting for the silent one would take 3 s per frame
+
+
 def test_a_full_pool_answers_busy_and_a_freed_slot_is_reused(v2v_pool):
     async def scenario():
         async with serving(v2v_pool) as client:
