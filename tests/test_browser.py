@@ -1,7 +1,8 @@
 """The page in a real browser: Debian's chromium, headless, with Chrome's fake camera, against
 `mirage-serve` (the bundled checkpoints on the CPU) on 127.0.0.1: the webcam, a video file and the
-synthetic source through tiny-v2v, and tiny (generation). Skipped where /usr/bin/chromium is
-absent (.ci/run installs it). Saves the screenshot docs/serve_screenshot.png."""
+synthetic source through tiny-v2v, and tiny (generation). The webcam's screenshot goes to tmp_path,
+or to docs/serve_screenshot.png with MIRAGE_UPDATE_SCREENSHOT=1 (so that a test run leaves the
+tree clean). Skipped where /usr/bin/chromium is absent (.ci/run installs it)."""
 from __future__ import annotations
 
 import json
@@ -113,7 +114,8 @@ def test_the_page_streams_a_webcam_a_video_file_and_a_synthetic_source(browser, 
         run_source(browser, "webcam", 5)
         assert "video-to-video" in browser.find_element(By.ID, "status").text
         assert browser.find_element(By.ID, "streams").text == "1 of 2"
-        browser.save_screenshot(str(SCREENSHOT))
+        shot = SCREENSHOT if os.environ.get("MIRAGE_UPDATE_SCREENSHOT") else tmp_path / SCREENSHOT.name
+        assert browser.save_screenshot(str(shot)) and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         stop(browser)
         run_source(browser, "synthetic", 2)
         stop(browser)
