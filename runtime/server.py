@@ -240,6 +240,8 @@ class Server:
                 if msg.type == WSMsgType.ERROR:  # e.g. over the hard size cap: aiohttp closes it (1009)
                     break
                 await self.receive(stream, msg, time.monotonic())
+        except ConnectionError:  # it left while we answered it
+            pass
         finally:
             del self.streams[slot]
             self.wake.set()  # the stepper may be waiting for this stream's frame
