@@ -38,9 +38,11 @@ DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
               help="The fastest PyTorch path on a GPU (as mirage-run --fast): float16, Inductor kernels over "
                    "channels-last weights with freezing, in the frame's CUDA graph. Compiling takes minutes.")
 @click.option("--deadline-ms", type=click.FloatRange(min=0, min_open=True), default=100.0,
-              help="A frame that has waited longer than this when its step starts is dropped (and counted).")
+              help="A frame that has waited longer than this when its step starts is dropped and counted "
+                   "(never two of a stream in a row).")
 @click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=5.0,
-              help="After the first pending frame, how long a step waits for every other stream's frame.")
+              help="After the first pending frame, how long a step waits for the frames of the other streams "
+                   "that are sending (0: step at once).")
 @click.option("--max-frame-bytes", type=click.IntRange(min=1024), default=1 << 20,
               help="A larger frame is answered with an error; a message over twice this closes that connection.")
 def main(model, host, port, slots, token, device, backend, fast, deadline_ms, batch_wait_ms, max_frame_bytes):
