@@ -20,7 +20,8 @@ Protocol (docs/SERVING.md has it in full)
             model's client sends the header alone to ask for its next frame.
 
 Flow of a frame
-    receiver (one per client)  decode in a codec thread -> the stream's ONE pending frame (newest wins)
+    receiver (one per client)  the stream's ONE undecoded message (newest wins)
+    decoder  (one per client)  decode in a codec thread -> the stream's ONE pending frame (newest wins)
     stepper  (one task)        gather pending frames, drop those past the deadline, pool.step in the
                                step thread -> each stream's ONE outbox frame (newest wins)
     sender   (one per client)  encode in a codec thread -> send; a stats message every second
@@ -154,7 +155,7 @@ def encode_frame(frame: Frame, pixels: np.ndarray) -> bytes:
 
 # -- the server ------------------------------------------------------------------------------------
 COUNTS = ("received", "stale", "late", "sent", "unsent", "errors")
-# stale: replaced by a newer input before its step; late: past the deadline when its step started
+# stale: replaced by a newer input before its decode or its step; late: past the deadline when its step started
 # (at most every other frame of a stream);
 # unsent: an output replaced by a newer one before the client could take it
 
@@ -163,7 +164,9 @@ COUNTS = ("received", "stale", "late", "sent", "unsent", "errors")
 class Stream:
     slot: int
     ws: web.WebSocketResponse
-    pending: Frame | None = None                            # newest input, not yet stepped
+    raw: tuple[bytes, float] | None = None                  # newest message and its arrival, not yet decoded
+    raw_ready: asyncio.Event = field(default_factory=asyncio.Event)  # `raw` has a message
+    pending: Frame | None = None                            # newest decoded input, not yet stepped
     outbox: tuple[Frame, np.ndarray] | None = None          # newest output, not yet sent
     ready: asyncio.Event = field(default_factory=asyncio.Event)  # the outbox has a frame
     dropped_late: bool = False                              # its last frame was dropped past the deadline
@@ -228,7 +231,7 @@ class Server:
             await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"busy")
             return ws
         stream = self.streams[slot] = Stream(slot, ws)
-        sender = asyncio.create_task(self.send_loop(stream))
+        helpers = [asyncio.create_task(self.decode_loop(stream)), asyncio.create_task(self.send_loop(stream))]
         try:
             h, w, _ = self.pool.frame_shape
             await ws.send_json({"type": "hello", "slot": slot, "seed": seed, "width": w, "height": h,
@@ -245,32 +248,49 @@ class Server:
         finally:
             del self.streams[slot]
             self.wake.set()  # the stepper may be waiting for this stream's frame
-            sender.cancel()
-            with suppress(asyncio.CancelledError):
-                await sender
+            for task in helpers:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
             await self.in_step_thread(self.pool.detach, slot)
             log.info("stream in slot %d detached: %s", slot, stream.counts)
         return ws
 
     async def receive(self, stream: Stream, msg, received: float) -> None:
+        """Keep the newest message only: a client sending faster than frames are decoded and stepped
+        loses its older ones here, before any work is spent on them."""
         if msg.type != WSMsgType.BINARY:
             stream.counts["errors"] += 1
             await stream.ws.send_json({"type": "error", "message": "send frames as binary messages: a 16-byte "
                                        "header, then the image (docs/SERVING.md)"})
             return
         stream.counts["received"] += 1
-        try:
-            frame = await self.in_codec_thread(decode_frame, msg.data, self.pool.frame_shape,
-                                               self.pool.video_to_video, self.options.max_frame_bytes, received)
-        except ServeError as e:
-            stream.counts["errors"] += 1
-            await stream.ws.send_json({"type": "error", "message": str(e)})
-            return
-        if stream.pending is not None:
+        if stream.raw is not None:
             stream.counts["stale"] += 1
-        stream.pending = frame
-        stream.last_frame = received
-        self.wake.set()
+        stream.raw = (msg.data, received)
+        stream.raw_ready.set()
+
+    async def decode_loop(self, stream: Stream) -> None:
+        try:
+            while True:
+                await stream.raw_ready.wait()
+                stream.raw_ready.clear()
+                (data, received), stream.raw = stream.raw, None
+                try:
+                    frame = await self.in_codec_thread(decode_frame, data, self.pool.frame_shape,
+                                                       self.pool.video_to_video, self.options.max_frame_bytes,
+                                                       received)
+                except ServeError as e:
+                    stream.counts["errors"] += 1
+                    await stream.ws.send_json({"type": "error", "message": str(e)})
+                    continue
+                if stream.pending is not None:
+                    stream.counts["stale"] += 1
+                stream.pending = frame
+                stream.last_frame = received
+                self.wake.set()
+        except ConnectionError:  # the client left; its handler cleans up
+            return
 
     async def send_loop(self, stream: Stream) -> None:
         loop = asyncio.get_running_loop()
