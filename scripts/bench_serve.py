@@ -12,6 +12,9 @@ JPEG decode, queueing, the batched step, JPEG encode, both socket hops), frames 
 window, never answered), frames crossed (a reply with another client's id: must be 0), and the
 server's own counts (stale, late, unsent). Stops after the first N where p99 > --max-p99-ms or the
 slowest stream delivers under 95% of --fps. Prints a table, writes JSON to docs/bench/.
+
+--null-step-ms MS puts a pool that computes nothing (each step sleeps MS) behind the same server:
+the server's own ceiling (codecs, event loop, threads) on this machine's CPU, at --null-size pixels.
 """
 from __future__ import annotations
 
@@ -48,9 +51,13 @@ def free_port() -> int:
 
 def start_server(args, slots: int, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "mirage.cli.serve", args.model, "--port", str(port), "--slots", str(slots),
-           "--device", args.device, "--backend", args.backend, "--deadline-ms", str(args.deadline_ms),
-           "--batch-wait-ms", str(args.batch_wait_ms)] + (["--fast"] if args.fast else [])
+    if args.null_step_ms is not None:  # this script's own NullPool behind the same server
+        cmd = [sys.executable, __file__, "--serve-null", f"{port},{slots},{args.null_size},{args.null_step_ms}",
+               "--deadline-ms", str(args.deadline_ms), "--batch-wait-ms", str(args.batch_wait_ms)]
+    else:
+        cmd = [sys.executable, "-m", "mirage.cli.serve", args.model, "--port", str(port), "--slots", str(slots),
+               "--device", args.device, "--backend", args.backend, "--deadline-ms", str(args.deadline_ms),
+               "--batch-wait-ms", str(args.batch_wait_ms)] + (["--fast"] if args.fast else [])
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + args.startup_s
@@ -64,6 +71,46 @@ def start_server(args, slots: int, log: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)
     proc.kill()
     sys.exit(f"mirage-serve did not answer within {args.startup_s} s:\n{log.read_text()[-3000:]}")
+
+
+class NullPool:
+    """A StreamPool that computes nothing: each step sleeps `step_ms` and returns the inputs, so the
+    load test measures the server alone (codecs, event loop, threads) at a given frame size."""
+
+    def __init__(self, slots: int, size: int, step_ms: float):
+        self.slots, self.frame_shape, self.video_to_video = slots, (size, size, 3), True
+        self.active: list[int] = []
+        self.step_ms = step_ms
+        self.last = np.zeros((slots, size, size, 3), np.float32)
+
+    def attach(self, seed: int = 0) -> int:
+        from mirage.runtime.pool import PoolFull
+
+        free = [s for s in range(self.slots) if s not in self.active]
+        if not free:
+            raise PoolFull(f"all {self.slots} stream slots are busy")
+        self.active.append(free[0])
+        return free[0]
+
+    def detach(self, slot: int) -> None:
+        self.active.remove(slot)
+
+    def step(self, inputs: dict) -> dict:
+        for slot, frame in inputs.items():
+            self.last[slot] = frame
+        time.sleep(self.step_ms / 1e3)
+        return {slot: self.last[slot].copy() for slot in self.active}
+
+
+def serve_null(spec: str, args) -> None:
+    from aiohttp import web
+
+    from mirage.runtime.server import ServerOptions, make_app
+
+    port, slots, size, step_ms = spec.split(",")
+    pool = NullPool(int(slots), int(size), float(step_ms))
+    options = ServerOptions(port=int(port), deadline_ms=args.deadline_ms, batch_wait_ms=args.batch_wait_ms)
+    web.run_app(make_app(pool, options), host="127.0.0.1", port=int(port), print=None)
 
 
 def random_checkpoint(config: str, folder: Path) -> str:
@@ -238,12 +285,19 @@ def main() -> None:
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="the server's --batch-wait-ms")
     p.add_argument("--churn", action="store_true", help="one more stream attaching and detaching all along "
                    "(a spare slot), to see what that costs the others (max gap)")
+    p.add_argument("--null-step-ms", type=float, default=None,
+                   help="serve a pool that computes nothing, each step sleeping this long: the server alone")
+    p.add_argument("--null-size", type=int, default=64, help="frame size of --null-step-ms")
+    p.add_argument("--serve-null", help=argparse.SUPPRESS)  # PORT,SLOTS,SIZE,STEP_MS: the subprocess side
     p.add_argument("--max-p99-ms", type=float, default=33.0)
     p.add_argument("--json", type=Path, default=None, help="default: docs/bench/DATE_serve_DEVICE_MODEL.json")
     args = p.parse_args()
+    if args.serve_null:
+        return serve_null(args.serve_null, args)
 
-    device = device_name(args.device)
-    label = args.random or Path(args.model).name
+    device = device_name("cpu" if args.null_step_ms is not None else args.device)
+    label = args.random or (f"null-{args.null_size}px-{args.null_step_ms:g}ms" if args.null_step_ms is not None
+                            else Path(args.model).name)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.random:
@@ -279,7 +333,7 @@ def main() -> None:
     report = {"date": today, "device": device, "model": label, "random_weights": bool(args.random),
               "command": " ".join(sys.argv), "kept_up": best,
               **{k: getattr(args, k) for k in ("backend", "fast", "fps", "seconds", "batch_wait_ms", "deadline_ms",
-                                               "max_p99_ms", "churn")},
+                                               "max_p99_ms", "churn", "null_step_ms", "null_size")},
               "rows": rows}
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
