@@ -289,6 +289,8 @@ def main() -> None:
                    help="serve a pool that computes nothing, each step sleeping this long: the server alone")
     p.add_argument("--null-size", type=int, default=64, help="frame size of --null-step-ms")
     p.add_argument("--serve-null", help=argparse.SUPPRESS)  # PORT,SLOTS,SIZE,STEP_MS: the subprocess side
+    p.add_argument("--keep-going", action="store_true", help="measure every count, not only up to the first "
+                   "that fails the p99 / FPS rule")
     p.add_argument("--max-p99-ms", type=float, default=33.0)
     p.add_argument("--json", type=Path, default=None, help="default: docs/bench/DATE_serve_DEVICE_MODEL.json")
     args = p.parse_args()
@@ -314,7 +316,7 @@ def main() -> None:
             print(f"N={streams:3d}  fps/stream min {row['fps_min']:5.1f} mean {row['fps_mean']:5.1f}  "
                   f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  dropped {row['dropped']}  "
                   f"crossed {row['crossed']}  pool busy {row['server_busy']:.2f}", flush=True)
-            if not keeps_up(row, args):
+            if not keeps_up(row, args) and not args.keep_going:
                 break
 
     columns = {"streams": "streams", "fps_min": "fps/stream min", "fps_mean": "mean", "p50_ms": "p50 ms",
