@@ -92,7 +92,7 @@ class Pipeline:
         on_gpu = str(device).startswith("cuda")
         dtype = options.dtype or ("float16" if on_gpu else "float32")
         impl = TorchBackend(model, device, dtype, options.compile, options.channels_last, options.freeze,
-                            options.kernel_library)
+                            options.kernel_library, options.precompute_time)
         precision = "fp16" if dtype == "float16" else "fp32"
         return cls(impl, model.cfg, G.model_graphs(model.cfg, options.batch, precision=precision), options)
 
