@@ -69,9 +69,14 @@ def browser(tmp_path):
                  "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'chromium'}",
                  "--window-size=1000,760"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(str(CHROMEDRIVER)))
     yield driver
-    driver.quit()
+    try:
+        errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, f"the page logged errors: {errors}"  # an exception in app.js, a failed request
+    finally:
+        driver.quit()
 
 
 def run_source(browser, source: str, seconds: float, file: Path | None = None) -> int:
