@@ -34,11 +34,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(model: Path):
-    """`mirage-serve MODEL` on a free loopback port, 2 slots, CPU; yields its URL."""
+def serving(model: Path, *options: str):
+    """`mirage-serve MODEL OPTIONS` on a free loopback port, 2 slots, CPU; yields its URL."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mirage.cli.serve", str(model), "--port", str(port),
-                             "--device", "cpu", "--slots", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             "--device", "cpu", "--slots", "2", *options],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             # as conftest.py: one intra-op thread is fastest for these tiny tensors on a shared CPU
                             env={**os.environ, "OMP_NUM_THREADS": os.environ.get("MIRAGE_TEST_THREADS", "1")})
     url = f"http://127.0.0.1:{port}"
@@ -127,10 +128,10 @@ def test_the_page_streams_a_webcam_a_video_file_and_a_synthetic_source(browser, 
         run_source(browser, "file", 2, clip)
 
 
-def test_a_generation_model_streams_without_input(browser):
+def test_a_generation_model_streams_without_input_behind_a_token(browser):
     from selenium.webdriver.common.by import By
 
-    with serving(CKPT_GEN) as url:
-        browser.get(url + "/")
+    with serving(CKPT_GEN, "--token", "s3cret") as url:
+        browser.get(url + "/?token=s3cret")  # the page passes its query on to /ws
         run_source(browser, "synthetic", 3)
         assert "generation" in browser.find_element(By.ID, "status").text
