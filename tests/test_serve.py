@@ -17,8 +17,8 @@ from click.testing import CliRunner  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from mirage.cli.serve import main as serve_cli  # noqa: E402
-from mirage.runtime.pool import StreamPool  # noqa: E402
 from mirage.core.video_io import v2v_input  # noqa: E402
+from mirage.runtime.pool import StreamPool  # noqa: E402
 from mirage.runtime.server import (HEADER, JPEG, PNG, RAW, Frame, ServeError, ServerOptions, encode_frame,  # noqa: E402
                                    make_app)
 
@@ -43,10 +43,7 @@ def gen_pool():
 
 
 def run(scenario, timeout: float = TIMEOUT):
-    async def bounded():
-        async with asyncio.timeout(timeout):
-            return await scenario()
-    return asyncio.run(bounded())
+    return asyncio.run(asyncio.wait_for(scenario(), timeout))
 
 
 @asynccontextmanager
