@@ -48,12 +48,13 @@ def self_forced_context(model: MirageUNet, clips: torch.Tensor, horizon: int, st
     memory = torch.zeros(spec.tensor(G.MEMORY).shape, device=clips.device)
     ages = torch.zeros(spec.tensor(G.AGES).shape, device=clips.device, dtype=torch.long)
     slot = torch.zeros(b, device=clips.device, dtype=torch.long)
+    every_row = torch.ones(b, device=clips.device, dtype=torch.long)
     ops = TorchOps(clips.device)
     t_ctx = torch.full((b,), context_noise, device=clips.device, dtype=torch.long)
 
     def remember(frame: torch.Tensor, n: int) -> None:  # as the runtime: noise, encode, the loop's ring write
         ctx = q_sample(frame, t_ctx, torch.randn_like(frame)) if context_noise > 0 else frame
-        ops.ring_write_(memory, ages, slot, model.context_encode(ctx, t_ctx).to(memory.dtype))
+        ops.ring_write_(memory, ages, slot, model.context_encode(ctx, t_ctx).to(memory.dtype), every_row)
 
     for n in range(k - horizon):
         remember(clips[:, n], n)
