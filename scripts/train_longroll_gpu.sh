@@ -14,6 +14,7 @@ set -euo pipefail
 STEPS=${STEPS:-1200}  # optimizer steps of every training run
 FRAMES=${FRAMES:-500}
 LIMIT=${LIMIT:-230}  # seconds per training run at most: a checkpoint is saved every 500 steps
+ROOT=$PWD
 W=$(mktemp -d /tmp/longroll.XXXX)
 mkdir -p "${OUT:=longroll-out}" && OUT=$(cd "$OUT" && pwd)
 py=${PYTHON:-python3}
@@ -59,6 +60,14 @@ wait
 
 { for f in "$W"/*.log; do echo "== $(basename "$f")"; tail -c 600 "$f" | tr '\r' '\n' | tail -n 2; done
   for f in "$W"/q-*.txt; do echo "== $(basename "$f")"; cat "$f"; done; } | tee "$OUT/tables.txt"
-(cd "$W" && tar czf "$OUT/reports.tar.gz" q-*.json *.log gpu.txt)
-(cd "$W" && tar cf "$OUT/ckpt-gen.tar" --ignore-failed-read gen-sf/config.json gen-sf/model.safetensors gen-ft/config.json gen-ft/model.safetensors)
-(cd "$W" && tar cf "$OUT/ckpt-v2v.tar" --ignore-failed-read v2v-s2/config.json v2v-s2/model.safetensors v2v-s1/config.json v2v-s1/model.safetensors)
+plot() {  # METRIC REPORT...: drift curves beside the tables, W/METRIC-FIRST.png
+  local metric=$1; shift
+  $py "$ROOT/scripts/plot_quality.py" "$@" --metric "$metric" --out "$metric-${1%.json}.png" >/dev/null 2>&1 || true
+}
+cd "$W"
+for m in sharpness_ratio motion_ratio flicker_ratio feature_distance; do plot "$m" q-gen-base.json q-gen-ft.json q-gen-sf.json; done
+plot psnr q-v2v-t4.json q-v2v-t2.json q-v2v-t1.json q-v2v-s2.json q-v2v-s1.json
+shopt -s nullglob
+tar czf "$OUT/reports.tar.gz" q-*.json *.log *.png gpu.txt
+tar cf "$OUT/ckpt-gen.tar" --ignore-failed-read gen-{sf,ft}/{config.json,model.safetensors}
+tar cf "$OUT/ckpt-v2v.tar" --ignore-failed-read v2v-s{2,1}/{config.json,model.safetensors}

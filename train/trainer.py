@@ -139,14 +139,14 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
     start_from = tcfg.init_from or tcfg.distill_from
     sampling_steps = tcfg.student_steps or None  # what the runtime samples the result with by default
     if start_from:  # fine-tuning and distillation start from the EMA weights (a resume below overrides them)
-        source, source_meta = load_checkpoint(start_from, dev)
-        check_same(source.cfg, model_cfg)
-        model.load_state_dict(source.state_dict())
-        sampling_steps = sampling_steps or source_meta.get("sampling_steps")
+        start_model, start_meta = load_checkpoint(start_from, dev)
+        check_same(start_model.cfg, model_cfg)
+        model.load_state_dict(start_model.state_dict())
+        sampling_steps = sampling_steps or start_meta.get("sampling_steps")
     teacher = None
     if tcfg.distill_from:
-        check_teacher(source_meta, tcfg.student_steps, tcfg.distill_from)
-        teacher = source.eval().requires_grad_(False)
+        check_teacher(start_meta, tcfg.student_steps, tcfg.distill_from)
+        teacher = start_model.requires_grad_(False)  # in eval mode, as loaded
     if tcfg.self_forcing_prob and not 1 <= tcfg.self_forcing_horizon <= model_cfg.context_frames:
         raise ConfigError(f"self_forcing_horizon={tcfg.self_forcing_horizon}: choose 1 to context_frames="
                           f"{model_cfg.context_frames}")
