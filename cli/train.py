@@ -5,14 +5,9 @@ import json
 
 import click
 
+from mirage.cli.errors import UserError
 from mirage.core.config import CONFIGS, TASKS, ConfigError, ModelConfig, TrainConfig, check_same, from_json, get_config
-from mirage.model.unet import MirageUNet, parameter_count
-
-
-class MirageError(click.ClickException):
-    """A user error: one line on stderr, exit status 2."""
-
-    exit_code = 2
+from mirage.core.errors import MirageError
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -59,8 +54,8 @@ def main(config_name, task, data, out, steps, batch_size, lr, precision, grad_ch
     launched with `torchrun --nproc-per-node N -m mirage.cli.train ...`.
     """
     from mirage.core.schedule import default_steps
-    from mirage.train.checkpoint import CheckpointError, read_meta
-    from mirage.train.data import DataError
+    from mirage.model.unet import MirageUNet, parameter_count
+    from mirage.train.checkpoint import read_meta
     from mirage.train.trainer import train
 
     try:
@@ -90,8 +85,8 @@ def main(config_name, task, data, out, steps, batch_size, lr, precision, grad_ch
             click.echo(json.dumps({"model": cfg.__dict__, "train": tcfg.__dict__}, indent=2, default=list))
             return
         summary = train(cfg, tcfg, out, resume=resume, device=device, workers=workers)
-    except (ConfigError, DataError, CheckpointError, RuntimeError) as e:
-        raise MirageError(str(e)) from e
+    except MirageError as e:
+        raise UserError(str(e)) from e
     click.echo(json.dumps(summary))
 
 

@@ -10,8 +10,10 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
+from mirage.core.errors import MirageError
 
-class ConfigError(ValueError):
+
+class ConfigError(MirageError, ValueError):
     """A config name or value a user asked for does not exist or does not fit."""
 
 
@@ -173,3 +175,36 @@ def check_same(saved: ModelConfig, wanted: ModelConfig) -> None:
 
 def dumps(cfg) -> str:
     return json.dumps(to_json(cfg), indent=2)
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How a Pipeline runs a model (mirage.runtime.Pipeline, `mirage-run` flags)."""
+
+    steps: int = 4  # DDIM steps per frame
+    context_noise: int = 100  # t_ctx: history augmentation at inference, inside the training range
+    batch: int = 1  # rows = independent streams advanced together (stream slots)
+    cuda_graph: bool = True  # capture the whole frame in one CUDA graph (GPU)
+    dtype: str | None = None  # PyTorch backend: float32 | float16 | bfloat16; None = float16 on CUDA, float32 on CPU
+    compile: str | None = None  # PyTorch backend: a torch.compile mode ("default" = Inductor kernels in the frame graph)
+    channels_last: bool = False  # PyTorch backend: channels-last weights and activations
+    freeze: bool = False  # PyTorch backend: Inductor freezing (weights as constants), needs `compile`
+    kernel_library: str | None = None  # PyTorch backend on CUDA: libmirage_kernels.so for temporal attention
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.steps <= 1000:
+            raise ConfigError(f"steps={self.steps}: choose between 1 and 1000")
+        if not 0 <= self.context_noise < 1000:
+            raise ConfigError(f"context_noise={self.context_noise}: choose between 0 and 999")
+        if self.batch < 1:
+            raise ConfigError(f"batch={self.batch}: must be at least 1")
+        if self.dtype not in (None, "float32", "float16", "bfloat16"):
+            raise ConfigError(f"dtype={self.dtype!r}: choose float32, float16 or bfloat16")
+        if self.freeze and not self.compile:
+            raise ConfigError("freeze needs compile (freezing is an Inductor option)")
+
+    @classmethod
+    def fastest(cls, **changes) -> "PipelineOptions":
+        """The fastest PyTorch configuration measured on an H100 (docs/PERF.md): Inductor kernels
+        over channels-last weights, frozen, inside the frame's CUDA graph, in float16."""
+        return dataclasses.replace(cls(dtype="float16", compile="default", channels_last=True, freeze=True), **changes)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from mirage.core import metrics as M
+from mirage.core.config import PipelineOptions
 from mirage.core.schedule import default_steps
 from mirage.runtime.pipeline import Pipeline
 
@@ -69,13 +70,13 @@ def rollout_frames(model_path: str | Path, frames: int, steps: int, context_nois
     path = Path(model_path)
     meta = _meta(path)
     artifact = "graphs" in meta
-    with Pipeline.load(path, backend="onnxruntime" if artifact else "torch", device=device, dtype=None if artifact
-                       else "float32", steps=steps, context_noise=context_noise) as pipe:
-        size = pipe.shapes["x_t"][2]
+    options = PipelineOptions(dtype=None if artifact else "float32", steps=steps, context_noise=context_noise)
+    with Pipeline.load(path, backend="onnxruntime" if artifact else "torch", device=device, options=options) as pipe:
+        size = pipe.frame_shape[0]
         truth = reference_clip(size, frames, truth_seed)
         pipe.reset(seed)
-        out = np.stack(list(pipe.stream(list(v2v_inputs(truth)) if pipe.v2v else frames)))
-        info = {"name": meta["model"].get("name", "?"), "task": "v2v" if pipe.v2v else "generate", "size": size,
+        out = np.stack(list(pipe.stream(list(v2v_inputs(truth)) if pipe.video_to_video else frames)))
+        info = {"name": meta["model"].get("name", "?"), "task": "v2v" if pipe.video_to_video else "generate", "size": size,
                 "precision": meta.get("precision", "fp32")}
     return out, truth, info
 

@@ -57,7 +57,7 @@ VARIANTS = {  # graph: the runtime's whole-frame CUDA graph; compile: torch.comp
 
 def variant_pipeline(model: MirageUNet, variant: str, kernel_library: str, **overrides) -> Pipeline:
     """The pipeline of one VARIANTS entry around `model`, which it changes in place (dtype,
-    channels-last, the fused-op route): `restore` undoes that before the next variant."""
+    channels-last): `restore` undoes that before the next variant."""
     spec = VARIANTS[variant]
     torch._inductor.config.freezing = bool(spec.get("freeze"))  # read when the first call compiles
     if spec.get("channels_last"):
@@ -68,9 +68,9 @@ def variant_pipeline(model: MirageUNet, variant: str, kernel_library: str, **ove
 
 
 def restore(model: MirageUNet) -> None:
-    """Back to fp32, contiguous, stock temporal attention, and no compiled code cached."""
+    """Back to fp32, contiguous, and no compiled code cached (the fused-op route is a twin of the model
+    that the backend keeps, so `model` itself still runs stock temporal attention)."""
     model.float().to(memory_format=torch.contiguous_format)
-    model.use_temporal_attention_op(False)
     torch._inductor.config.freezing = False
     torch.compiler.reset()
 
@@ -302,7 +302,7 @@ def main(argv=None) -> int:
                    "runtime-fused-fp16,runtime-inductor-fp16,runtime-inductor-fused-fp16",
                    help=f"comma-separated, from: {', '.join(VARIANTS)}")
     p.add_argument("--kernel-library", default="build/libmirage_kernels.so",
-                   help="libmirage_kernels.so for the *-fused variants (scripts/check_kernels.py builds it)")
+                   help="libmirage_kernels.so for the *-fused variants (gpu_session.sh STAGES=build builds it)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--frames", type=int, default=100)
     p.add_argument("--json", default="bench.json")
