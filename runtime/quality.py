@@ -24,6 +24,7 @@ import numpy as np
 
 from mirage.core import metrics as M
 from mirage.core.config import PipelineOptions
+from mirage.core.errors import MirageError
 from mirage.core.schedule import default_steps
 from mirage.runtime.pipeline import Pipeline
 
@@ -35,7 +36,7 @@ STAT_COLUMNS = ["hist_distance", "feature_distance", "sharpness", "sharpness_rat
                 "flicker", "flicker_ratio", "collapsed"]
 
 
-class QualityError(ValueError):
+class QualityError(MirageError, ValueError):
     """A quality run a user asked for that cannot work (bad sizes); the message says what to change."""
 
 

@@ -116,6 +116,7 @@ def test_cli_distill_and_self_forcing_errors(tmp_path, make_random_tiny):
 
 
 def test_runtime_and_quality_sample_a_student_with_its_own_steps(tmp_path, make_random_tiny):
+    from mirage.core.config import PipelineOptions
     from mirage.runtime import Pipeline
     from mirage.runtime.quality import evaluate
 
@@ -123,6 +124,6 @@ def test_runtime_and_quality_sample_a_student_with_its_own_steps(tmp_path, make_
     save_checkpoint(tmp_path / "student", model, model, TrainConfig(), step=1, extra={"sampling_steps": 2})
     with Pipeline.load(tmp_path / "student", device="cpu") as pipe:
         assert len(pipe.schedule.timesteps) == 2
-    with Pipeline.load(tmp_path / "student", device="cpu", steps=3) as pipe:
+    with Pipeline.load(tmp_path / "student", device="cpu", options=PipelineOptions(steps=3)) as pipe:
         assert len(pipe.schedule.timesteps) == 3
     assert evaluate(tmp_path / "student", frames=3, window=3)["steps"] == 2

@@ -24,9 +24,9 @@ import random
 import torch
 
 from mirage.model.diffusion import ddim_sample, q_sample
+from mirage.model.torch_ops import TorchOps
 from mirage.model.unet import MirageUNet
 from mirage.train.data import v2v_input
-from mirage.train.memory import empty_memory, ring_write
 
 
 def is_self_forced_step(seed: int, step: int, prob: float) -> bool:
@@ -43,20 +43,24 @@ def self_forced_context(model: MirageUNet, clips: torch.Tensor, horizon: int, st
     b, k = clips.shape[0], clips.shape[1] - 1
     if not 1 <= horizon <= k:
         raise ValueError(f"self-forcing horizon {horizon} must be between 1 and context_frames={k}")
-    memory, ages = empty_memory(model.cfg, b, clips.device)
-    t_ctx = torch.full((b,), context_noise, device=clips.device, dtype=torch.long)
+    cfg, dev = model.cfg, clips.device
+    memory = torch.zeros(b, k, 2, cfg.memory_tokens, cfg.temporal_dim, device=dev)  # the ring buffer, empty
+    ages = torch.zeros(b, k, dtype=torch.long, device=dev)
+    slot = torch.zeros(b, dtype=torch.long, device=dev)
+    ops = TorchOps(dev)
+    t_ctx = torch.full((b,), context_noise, device=dev, dtype=torch.long)
 
-    def remember(frame: torch.Tensor, n: int) -> None:  # as the runtime: noise, encode, ring write
+    def remember(frame: torch.Tensor) -> None:  # as the runtime: noise, encode, ring write
         ctx = q_sample(frame, t_ctx, torch.randn_like(frame)) if context_noise > 0 else frame
-        ring_write(memory, ages, model.context_encode(ctx, t_ctx), n)
+        ops.ring_write_(memory, ages, slot, model.context_encode(ctx, t_ctx).to(memory.dtype))
 
     for n in range(k - horizon):
-        remember(clips[:, n], n)
+        remember(clips[:, n])
     generated = []
     for n in range(k - horizon, k):
-        cond = v2v_input(clips[:, n]) if model.cfg.cond_channels else None
+        cond = v2v_input(clips[:, n]) if cfg.cond_channels else None
         frame = ddim_sample(lambda x, t, c: model.denoise(x, t, c, memory, ages), torch.randn_like(clips[:, n]),
                             steps, cond).clamp(-1, 1).to(clips.dtype)
         generated.append(frame)
-        remember(frame, n)
+        remember(frame)
     return torch.cat([clips[:, :k - horizon], torch.stack(generated, dim=1)], dim=1)
