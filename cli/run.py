@@ -64,7 +64,8 @@ class _Stop:
                    "(0 = /dev/video0, Linux) or 'synthetic' (the default for them). Frames are center-cropped "
                    "and resized to the model's size.")
 @click.option("--frames", type=click.IntRange(min=1), default=48, help="Frames to generate.")
-@click.option("--steps", type=click.IntRange(1, 1000), default=4, help="DDIM steps per frame.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=None,
+              help="DDIM steps per frame; default: the model's own (a distilled student records it), else 4.")
 @click.option("--seed", type=int, default=0, help="Noise seed: the same seed gives the same video on every backend.")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("mirage.gif"),
               help="Where to write: .mp4, .gif, or a folder name (no suffix) for PNG frames. Written as frames "
@@ -146,7 +147,7 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
         click.echo(f"interrupted ({signal.Signals(stop.signal).name}) after {len(times)} of {frames} frames; "
                    f"{output} holds them", err=True)
     report = {"model": str(model), "backend": backend_name, "device": device_name, "cuda_graph": graphs,
-              "options": options.__dict__, "steps": steps, "seed": seed, "setup_ms": setup * 1e3,
+              "options": options.__dict__, "steps": pipe.options.steps, "seed": seed, "setup_ms": setup * 1e3,
               **latency_summary(times, times[0]), "output": str(output), "written": writer.count,
               "peak_gpu_mb": peak, "interrupted": stop.signal is not None}
     if psnrs:

@@ -181,7 +181,7 @@ def dumps(cfg) -> str:
 class PipelineOptions:
     """How a Pipeline runs a model (mirage.runtime.Pipeline, `mirage-run` flags)."""
 
-    steps: int = 4  # DDIM steps per frame
+    steps: int | None = None  # DDIM steps per frame; None = the model's recorded sampling_steps (a student's), else 4
     context_noise: int = 100  # t_ctx: history augmentation at inference, inside the training range
     batch: int = 1  # rows = independent streams advanced together (stream slots)
     cuda_graph: bool = True  # capture the whole frame in one CUDA graph (GPU)
@@ -192,7 +192,7 @@ class PipelineOptions:
     kernel_library: str | None = None  # PyTorch backend on CUDA: libmirage_kernels.so for temporal attention
 
     def __post_init__(self) -> None:
-        if not 1 <= self.steps <= 1000:
+        if self.steps is not None and not 1 <= self.steps <= 1000:
             raise ConfigError(f"steps={self.steps}: choose between 1 and 1000")
         if not 0 <= self.context_noise < 1000:
             raise ConfigError(f"context_noise={self.context_noise}: choose between 0 and 999")

@@ -14,6 +14,7 @@ runtime.pool.StreamPool builds on). Buffers are allocated once from the graphs' 
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -23,6 +24,7 @@ from mirage.core import graphs as G
 from mirage.core.config import ModelConfig, PipelineOptions
 from mirage.core.errors import BackendError, MirageError
 from mirage.core.loop import Buffers, Schedule, make_buffers
+from mirage.core.schedule import DEFAULT_STEPS, default_steps
 from mirage.runtime.execution import CpuExecution, GpuExecution
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
@@ -35,7 +37,7 @@ class PipelineError(MirageError):
 class Pipeline:
     def __init__(self, backend, cfg: ModelConfig, specs: dict[str, G.GraphSpec], options: PipelineOptions):
         self.backend, self.cfg, self.specs, self.options = backend, cfg, specs, options
-        self.schedule = Schedule.ddim(options.steps, options.context_noise)
+        self.schedule = Schedule.ddim(options.steps or DEFAULT_STEPS, options.context_noise)
         on_gpu = str(backend.device).startswith("cuda")
         self.execution = GpuExecution(backend, self.schedule, options.cuda_graph) if on_gpu \
             else CpuExecution(backend, self.schedule)
@@ -53,6 +55,9 @@ class Pipeline:
         if (path / G.MANIFEST).is_file():
             from mirage.runtime.artifact import open_artifact
 
+            from mirage.engine.manifest import read_manifest
+
+            options = _with_model_steps(options, read_manifest(path))
             impl, cfg, specs = open_artifact(path, backend, device, options)
             return cls(impl, cfg, specs, options)
         if (path / "config.json").is_file():
@@ -65,8 +70,8 @@ class Pipeline:
                 raise BackendError("running a checkpoint needs PyTorch; or export it to an artifact") from e
             from mirage.train.checkpoint import load_checkpoint
 
-            model, _ = load_checkpoint(path)
-            return cls.from_model(model, device, options)
+            model, meta = load_checkpoint(path)
+            return cls.from_model(model, device, _with_model_steps(options, meta))
         raise PipelineError(f"{path}: neither an artifact (manifest.json) nor a checkpoint (config.json)")
 
     @classmethod
@@ -235,5 +240,10 @@ class Pipeline:
         while self.execution.pending:
             self.execution.collect()
 
+
+
+def _with_model_steps(options: PipelineOptions, meta: dict) -> PipelineOptions:
+    """Options whose unset step count is the model's own (config.json's or the manifest's sampling_steps)."""
+    return options if options.steps else dataclasses.replace(options, steps=default_steps(meta))
 
 __all__ = ["Pipeline", "PipelineError", "BACKENDS"]
