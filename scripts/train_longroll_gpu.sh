@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Issue 18 on one GPU (about 8 minutes on an H100): fine-tune the bundled generator on its own
 # rollouts, distil the bundled video-to-video model to 2 and then 1 DDIM steps, and score
-# everything with mirage-quality over 500 frames on the CPU (the same numbers the CPU gives,
-# so they compare with docs/QUALITY.md), baselines included.
+# everything, baselines included, with mirage-quality over 500 frames in 8 independent streams
+# (one generated video is one sample: single-seed generation metrics vary by 2x between seeds)
+# on the GPU in float32.
 #
 #   bash scripts/train_longroll_gpu.sh          # results in $OUT (the device tool's folder) or ./longroll-out
-#   STEPS=1200 FRAMES=500 SF_PROB=0.5 SF_HORIZON=2 bash scripts/train_longroll_gpu.sh
+#   STEPS=1200 FRAMES=500 STREAMS=8 SF_PROB=0.5 SF_HORIZON=2 bash scripts/train_longroll_gpu.sh
+#   DEVICE=cpu STEPS=2 BATCH=2 FRAMES=6 WINDOW=3 STREAMS=2 PYTHON=.venv/bin/python ...   # a smoke test on the CPU
 #
 # $OUT gets 4 files: tables.txt (every quality table and training summary), reports.tar.gz (the
 # quality JSONs, for scripts/plot_quality.py, and the training logs), ckpt-gen.tar (the
@@ -28,9 +30,10 @@ train() {  # NAME ARGS...: one run, bf16, batch 128, at the lr of a fine-tune
   timeout "$LIMIT" $py -m mirage.cli.train --batch-size "${BATCH:-128}" --precision bf16 --device "${DEVICE:-cuda}" --workers 3 \
     --steps "$STEPS" --lr "${LR:-5e-4}" --out "$W/$name" "$@" > "$W/$name.log" 2>&1 || echo "train $name: exit $?" >> "$W/$name.log"
 }
-quality() {  # NAME MODEL ARGS...: the report of a checkpoint, on the CPU
+quality() {  # NAME MODEL ARGS...: the report of a checkpoint, STREAMS rollouts (seeds 0..STREAMS-1) as one batch
   local name=$1; shift
-  OMP_NUM_THREADS=1 $py -m mirage.cli.quality "$@" --frames "$FRAMES" --window "${WINDOW:-50}" --device cpu --json "$W/q-$name.json" \
+  OMP_NUM_THREADS=1 $py -m mirage.cli.quality "$@" --frames "$FRAMES" --window "${WINDOW:-50}" --streams "${STREAMS:-8}" \
+    --device "${QDEVICE:-${DEVICE:-cuda}}" --json "$W/q-$name.json" \
     > "$W/q-$name.txt" 2>&1 || echo "quality $name: exit $?" >> "$W/q-$name.txt"
 }
 
