@@ -9,9 +9,10 @@
 #   STEPS=1200 FRAMES=500 STREAMS=8 SF_PROB=0.5 SF_HORIZON=2 bash scripts/train_longroll_gpu.sh
 #   DEVICE=cpu STEPS=2 BATCH=2 FRAMES=6 WINDOW=3 STREAMS=2 PYTHON=.venv/bin/python ...   # a smoke test on the CPU
 #
-# $OUT gets 4 files: tables.txt (every quality table and training summary), reports.tar.gz (the
-# quality JSONs, for scripts/plot_quality.py, and the training logs), ckpt-gen.tar (the
-# self-forced generator and its plain fine-tuned control), ckpt-v2v.tar (the 2- and 1-step students).
+# $OUT gets 5 files: tables.txt (every quality table and training summary), reports.tar.gz (the
+# quality JSONs, for scripts/plot_quality.py, the training logs and drift plots), ckpt-gen-sf.tar
+# (the two self-forced generators), ckpt-gen-ft.tar (the plain fine-tuned control), ckpt-v2v.tar
+# (the 2- and 1-step students).
 set -euo pipefail
 STEPS=${STEPS:-1200}  # optimizer steps of every training run
 FRAMES=${FRAMES:-500}
@@ -37,10 +38,14 @@ quality() {  # NAME MODEL ARGS...: the report of a checkpoint, STREAMS rollouts 
     > "$W/q-$name.txt" 2>&1 || echo "quality $name: exit $?" >> "$W/q-$name.txt"
 }
 
-# 1. in parallel: the generator fine-tuned with self-forcing and, as a control, without; the
+# 1. in parallel: the generator fine-tuned with self-forcing (from pure noise, and SDEdit-anchored
+#    at strength 0.5) and, as a control, without; the
 #    2-step student of the 4-step video-to-video model; the baselines' reports
 train gen-sf --init-from checkpoints/tiny --self-forcing-prob "${SF_PROB:-0.5}" --self-forcing-horizon "${SF_HORIZON:-2}" &
 sf=$!
+train gen-sfa --init-from checkpoints/tiny --self-forcing-prob "${SF_PROB:-0.5}" --self-forcing-horizon "${SF_HORIZON:-2}" \
+  --self-forcing-strength "${SF_STRENGTH:-0.5}" &
+sfa=$!
 train gen-ft --init-from checkpoints/tiny &
 ft=$!
 train v2v-s2 --distill-from checkpoints/tiny-v2v --student-steps 2 &
@@ -54,8 +59,9 @@ wait $s2
 train v2v-s1 --distill-from "$W/v2v-s2" --student-steps 1 &
 s1=$!
 quality v2v-s2 "$W/v2v-s2" &
-wait $sf $ft
+wait $sf $sfa $ft
 quality gen-sf "$W/gen-sf" &
+quality gen-sfa "$W/gen-sfa" &
 quality gen-ft "$W/gen-ft" &
 wait $s1
 quality v2v-s1 "$W/v2v-s1"
@@ -68,9 +74,10 @@ plot() {  # METRIC REPORT...: drift curves beside the tables, W/METRIC-FIRST.png
   $py "$ROOT/scripts/plot_quality.py" "$@" --metric "$metric" --out "$metric-${1%.json}.png" >/dev/null 2>&1 || true
 }
 cd "$W"
-for m in sharpness_ratio motion_ratio flicker_ratio feature_distance; do plot "$m" q-gen-base.json q-gen-ft.json q-gen-sf.json; done
+for m in sharpness_ratio motion_ratio flicker_ratio feature_distance; do plot "$m" q-gen-base.json q-gen-ft.json q-gen-sf.json q-gen-sfa.json; done
 plot psnr q-v2v-t4.json q-v2v-t2.json q-v2v-t1.json q-v2v-s2.json q-v2v-s1.json
 shopt -s nullglob
 tar czf "$OUT/reports.tar.gz" q-*.json *.log *.png gpu.txt
-tar cf "$OUT/ckpt-gen.tar" --ignore-failed-read gen-{sf,ft}/{config.json,model.safetensors}
+tar cf "$OUT/ckpt-gen-sf.tar" --ignore-failed-read gen-{sf,sfa}/{config.json,model.safetensors}
+tar cf "$OUT/ckpt-gen-ft.tar" --ignore-failed-read gen-ft/{config.json,model.safetensors}
 tar cf "$OUT/ckpt-v2v.tar" --ignore-failed-read v2v-s{2,1}/{config.json,model.safetensors}

@@ -55,7 +55,7 @@ class TrainStep(nn.Module):
         ctx, target = clips[:, :k], clips[:, k]  # (B, K, 3, H, W), (B, 3, H, W)
         if self_forced:
             ctx = self_forced_context(self.model, clips, tcfg.self_forcing_horizon, tcfg.self_forcing_steps,
-                                      tcfg.self_forcing_context_noise)
+                                      tcfg.self_forcing_context_noise, tcfg.self_forcing_strength)
         # 1. valid slots: the n most recent context frames (all of them after a self-forced unroll); frame j is K - j old
         n_valid = torch.randint(1, k + 1, (b,), device=dev)
         n_valid = torch.where(torch.rand(b, device=dev) < tcfg.empty_context_prob, 0, n_valid)
