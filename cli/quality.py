@@ -33,12 +33,11 @@ def main(model, frames, window, steps, context_noise, seed, streams, device, jso
     window, PSNR/SSIM against ground truth (video-to-video) and distribution statistics against
     the data: histogram and feature distances, sharpness, motion, flicker (and their ratios to
     the data's), collapsed frames. Definitions: docs/QUALITY.md."""
-    import torch
-
     from mirage.core.report import write_json
     from mirage.runtime.quality import evaluate, format_table, plot
 
-    torch.manual_seed(0)
+    if json_path is not None and not json_path.parent.is_dir():
+        raise UserError(f"--json {json_path}: folder {json_path.parent} does not exist")
     try:
         report = evaluate(model, frames, window, steps, context_noise, seed, device, streams)
     except MirageError as e:

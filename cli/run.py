@@ -147,7 +147,7 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
         click.echo(f"interrupted ({signal.Signals(stop.signal).name}) after {len(times)} of {frames} frames; "
                    f"{output} holds them", err=True)
     report = {"model": str(model), "backend": backend_name, "device": device_name, "cuda_graph": graphs,
-              "options": options.__dict__, "steps": pipe.options.steps, "seed": seed, "setup_ms": setup * 1e3,
+              "options": options.__dict__, "steps": len(pipe.schedule.timesteps), "seed": seed, "setup_ms": setup * 1e3,
               **latency_summary(times, times[0]), "output": str(output), "written": writer.count,
               "peak_gpu_mb": peak, "interrupted": stop.signal is not None}
     if psnrs:

@@ -184,7 +184,7 @@ def dumps(cfg) -> str:
 class PipelineOptions:
     """How a Pipeline runs a model (mirage.runtime.Pipeline, `mirage-run` flags)."""
 
-    steps: int | None = None  # DDIM steps per frame; None = the model's recorded sampling_steps (a student's), else 4
+    steps: int | None = None  # DDIM steps per frame; None: the model's recorded sampling_steps, else 4
     context_noise: int = 100  # t_ctx: history augmentation at inference, inside the training range
     batch: int = 1  # rows = independent streams advanced together (stream slots)
     cuda_graph: bool = True  # capture the whole frame in one CUDA graph (GPU)
@@ -193,6 +193,7 @@ class PipelineOptions:
     channels_last: bool = False  # PyTorch backend: channels-last weights and activations
     freeze: bool = False  # PyTorch backend: Inductor freezing (weights as constants), needs `compile`
     kernel_library: str | None = None  # PyTorch backend on CUDA: libmirage_kernels.so for temporal attention
+    precompute_time: bool = False  # PyTorch backend: the time MLP and ResBlock time projections once per step
 
     def __post_init__(self) -> None:
         if self.steps is not None and not 1 <= self.steps <= 1000:
@@ -209,5 +210,7 @@ class PipelineOptions:
     @classmethod
     def fastest(cls, **changes) -> "PipelineOptions":
         """The fastest PyTorch configuration measured on an H100 (docs/PERF.md): Inductor kernels
-        over channels-last weights, frozen, inside the frame's CUDA graph, in float16."""
-        return dataclasses.replace(cls(dtype="float16", compile="default", channels_last=True, freeze=True), **changes)
+        over channels-last weights, frozen, inside the frame's CUDA graph, in float16, with the
+        timestep-only work computed once per step."""
+        return dataclasses.replace(cls(dtype="float16", compile="default", channels_last=True, freeze=True,
+                                       precompute_time=True), **changes)

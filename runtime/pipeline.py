@@ -15,6 +15,7 @@ runtime.pool.StreamPool builds on). Buffers are allocated once from the graphs' 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -52,12 +53,15 @@ class Pipeline:
         path = Path(path)
         if backend not in BACKENDS:
             raise PipelineError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        for meta_file in (path / G.MANIFEST, path / "config.json"):  # a distilled student records its steps
+            if options.steps is None and meta_file.is_file():
+                try:
+                    options = dataclasses.replace(options, steps=default_steps(json.loads(meta_file.read_text())))
+                except (ValueError, TypeError):
+                    pass  # unreadable here: the loaders below name the problem
         if (path / G.MANIFEST).is_file():
             from mirage.runtime.artifact import open_artifact
 
-            from mirage.engine.manifest import read_manifest
-
-            options = _with_model_steps(options, read_manifest(path))
             impl, cfg, specs = open_artifact(path, backend, device, options)
             return cls(impl, cfg, specs, options)
         if (path / "config.json").is_file():
@@ -70,8 +74,8 @@ class Pipeline:
                 raise BackendError("running a checkpoint needs PyTorch; or export it to an artifact") from e
             from mirage.train.checkpoint import load_checkpoint
 
-            model, meta = load_checkpoint(path)
-            return cls.from_model(model, device, _with_model_steps(options, meta))
+            model, _ = load_checkpoint(path)
+            return cls.from_model(model, device, options)
         raise PipelineError(f"{path}: neither an artifact (manifest.json) nor a checkpoint (config.json)")
 
     @classmethod
@@ -88,7 +92,7 @@ class Pipeline:
         on_gpu = str(device).startswith("cuda")
         dtype = options.dtype or ("float16" if on_gpu else "float32")
         impl = TorchBackend(model, device, dtype, options.compile, options.channels_last, options.freeze,
-                            options.kernel_library)
+                            options.kernel_library, options.precompute_time)
         precision = "fp16" if dtype == "float16" else "fp32"
         return cls(impl, model.cfg, G.model_graphs(model.cfg, options.batch, precision=precision), options)
 
@@ -240,10 +244,5 @@ class Pipeline:
         while self.execution.pending:
             self.execution.collect()
 
-
-
-def _with_model_steps(options: PipelineOptions, meta: dict) -> PipelineOptions:
-    """Options whose unset step count is the model's own (config.json's or the manifest's sampling_steps)."""
-    return options if options.steps else dataclasses.replace(options, steps=default_steps(meta))
 
 __all__ = ["Pipeline", "PipelineError", "BACKENDS"]

@@ -135,8 +135,7 @@ def test_cli_distill_and_self_forcing_errors(tmp_path, make_random_tiny):
 
 
 def test_runtime_and_quality_sample_a_student_with_its_own_steps(tmp_path, make_random_tiny):
-    from mirage.core.config import PipelineOptions
-    from mirage.runtime import Pipeline
+    from mirage.runtime import Pipeline, PipelineOptions
     from mirage.runtime.quality import evaluate
 
     model = make_random_tiny()

@@ -27,6 +27,7 @@ import random
 
 import torch
 
+from mirage.core import graphs as G
 from mirage.model.diffusion import ddim_sample, ddim_timesteps, q_sample
 from mirage.model.torch_ops import TorchOps
 from mirage.model.unet import MirageUNet
@@ -51,15 +52,16 @@ def self_forced_context(model: MirageUNet, clips: torch.Tensor, horizon: int, st
     first = round((1 - strength) * steps)  # strength 1: every step, from t = T-1 where x_t is pure noise
     if not 0 <= first < steps:
         raise ValueError(f"self-forcing strength {strength} leaves none of {steps} DDIM steps; raise it")
-    t_start = torch.full((b,), ddim_timesteps(steps)[first], device=clips.device, dtype=torch.long)
-    cfg, dev = model.cfg, clips.device
-    memory = torch.zeros(b, k, 2, cfg.memory_tokens, cfg.temporal_dim, device=dev)  # the ring buffer, empty
-    ages = torch.zeros(b, k, dtype=torch.long, device=dev)
-    slot = torch.zeros(b, dtype=torch.long, device=dev)
+    dev = clips.device
+    t_start = torch.full((b,), ddim_timesteps(steps)[first], device=dev, dtype=torch.long)
+    spec = G.model_graphs(model.cfg, b)[G.DENOISE]
+    memory = torch.zeros(spec.tensor(G.MEMORY).shape, device=dev)  # the ring buffer, empty
+    ages = torch.zeros(spec.tensor(G.AGES).shape, device=dev, dtype=torch.long)
+    slot = torch.zeros(b, device=dev, dtype=torch.long)
     ops = TorchOps(dev)
     t_ctx = torch.full((b,), context_noise, device=dev, dtype=torch.long)
 
-    def remember(frame: torch.Tensor) -> None:  # as the runtime: noise, encode, ring write
+    def remember(frame: torch.Tensor) -> None:  # as the runtime: noise, encode, the loop's ring write
         ctx = q_sample(frame, t_ctx, torch.randn_like(frame)) if context_noise > 0 else frame
         ops.ring_write_(memory, ages, slot, model.context_encode(ctx, t_ctx).to(memory.dtype))
 
@@ -67,7 +69,7 @@ def self_forced_context(model: MirageUNet, clips: torch.Tensor, horizon: int, st
         remember(clips[:, n])
     generated = []
     for n in range(k - horizon, k):
-        cond = v2v_input(clips[:, n]) if cfg.cond_channels else None
+        cond = v2v_input(clips[:, n]) if model.cfg.cond_channels else None
         x_start = q_sample(clips[:, n], t_start, torch.randn_like(clips[:, n]))  # ᾱ_{T-1} = 0: pure noise at strength 1
         frame = ddim_sample(lambda x, t, c: model.denoise(x, t, c, memory, ages), x_start, steps, cond,
                             first_step=first).clamp(-1, 1).to(clips.dtype)
