@@ -34,6 +34,11 @@ from mirage.core.errors import MirageError
                    "generated with the runtime's DDIM steps and context noise (no gradient through them).")
 @click.option("--self-forcing-horizon", type=click.IntRange(min=1), default=TrainConfig.self_forcing_horizon,
               help="Frames the model generates itself before the loss frame (at most the context length).")
+@click.option("--self-forcing-strength", type=click.FloatRange(0, 1, min_open=True),
+              default=TrainConfig.self_forcing_strength,
+              help="1: the model generates those frames from pure noise; below 1: from the real frames partly noised "
+                   "(SDEdit), so they keep the real content and carry the model's own errors (generation: keeps the "
+                   "loss target predictable).")
 @click.option("--distill-from", type=click.Path(exists=True, file_okay=False), default=None,
               help="Progressive distillation: train a student of this teacher checkpoint (which it starts from) "
                    "to sample in --student-steps steps what the teacher does in twice as many.")
@@ -46,8 +51,8 @@ from mirage.core.errors import MirageError
 @click.option("--seed", type=int, default=0)
 @click.option("--dry-run", is_flag=True, help="Print the config and parameter count, train nothing.")
 def main(config_name, task, data, out, steps, batch_size, lr, precision, grad_checkpoint, context_noise_max,
-         init_from, self_forcing_prob, self_forcing_horizon, distill_from, student_steps, device, workers, resume, seed,
-         dry_run):
+         init_from, self_forcing_prob, self_forcing_horizon, self_forcing_strength, distill_from, student_steps, device,
+         workers, resume, seed, dry_run):
     """Train a Mirage video diffusion model into a checkpoint folder (safetensors + config JSON).
 
     Runs on the CPU by default; uses the GPU with --device cuda (or auto), and all GPUs when
@@ -73,7 +78,7 @@ def main(config_name, task, data, out, steps, batch_size, lr, precision, grad_ch
                            context_noise_prob=TrainConfig.context_noise_prob if context_noise_max else 0.0,
                            data=data, seed=seed, init_from=init_from or "", distill_from=distill_from or "",
                            student_steps=student_steps or 0, self_forcing_prob=self_forcing_prob,
-                           self_forcing_horizon=self_forcing_horizon,
+                           self_forcing_horizon=self_forcing_horizon, self_forcing_strength=self_forcing_strength,
                            self_forcing_steps=student_steps or (default_steps(read_meta(source)) if source else
                                                                 TrainConfig.self_forcing_steps))
         import torch

@@ -129,6 +129,7 @@ class TrainConfig:
     self_forcing_horizon: int = 2  # frames the model generates itself before the loss frame (1..context_frames)
     self_forcing_steps: int = 4  # DDIM steps per generated frame: the runtime's
     self_forcing_context_noise: int = 100  # t_ctx of the generated frames' context: the runtime's
+    self_forcing_strength: float = 1.0  # 1: generate from pure noise; s < 1: from the real frame partly noised (SDEdit)
     distill_from: str = ""  # teacher checkpoint of progressive distillation (train/distill.py); the student starts from it
     student_steps: int = 0  # the student's DDIM steps N (the teacher takes 2N); 0 = no distillation
     seed: int = 0
@@ -142,6 +143,8 @@ class TrainConfig:
             raise ConfigError("steps and batch_size must be positive")
         if not 0 <= self.self_forcing_prob <= 1:
             raise ConfigError(f"self_forcing_prob={self.self_forcing_prob}: choose a fraction in [0, 1]")
+        if not 0 < self.self_forcing_strength <= 1:
+            raise ConfigError(f"self_forcing_strength={self.self_forcing_strength}: choose a value in (0, 1]")
         if self.self_forcing_horizon < 1 or self.self_forcing_steps < 1:
             raise ConfigError("self_forcing_horizon and self_forcing_steps must be positive")
         if bool(self.distill_from) != (self.student_steps > 0):

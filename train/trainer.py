@@ -55,7 +55,7 @@ class TrainStep(nn.Module):
         ctx, target = clips[:, :k], clips[:, k]  # (B, K, 3, H, W), (B, 3, H, W)
         if self_forced:
             ctx = self_forced_context(self.model, clips, tcfg.self_forcing_horizon, tcfg.self_forcing_steps,
-                                      tcfg.self_forcing_context_noise)
+                                      tcfg.self_forcing_context_noise, tcfg.self_forcing_strength)
         # 1. valid slots: the n most recent context frames (all of them after a self-forced unroll); frame j is K - j old
         n_valid = torch.randint(1, k + 1, (b,), device=dev)
         n_valid = torch.where(torch.rand(b, device=dev) < tcfg.empty_context_prob, 0, n_valid)
@@ -139,14 +139,14 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
     start_from = tcfg.init_from or tcfg.distill_from
     sampling_steps = tcfg.student_steps or None  # what the runtime samples the result with by default
     if start_from:  # fine-tuning and distillation start from the EMA weights (a resume below overrides them)
-        source, source_meta = load_checkpoint(start_from, dev)
-        check_same(source.cfg, model_cfg)
-        model.load_state_dict(source.state_dict())
-        sampling_steps = sampling_steps or source_meta.get("sampling_steps")
+        start_model, start_meta = load_checkpoint(start_from, dev)
+        check_same(start_model.cfg, model_cfg)
+        model.load_state_dict(start_model.state_dict())
+        sampling_steps = sampling_steps or start_meta.get("sampling_steps")
     teacher = None
     if tcfg.distill_from:
-        check_teacher(source_meta, tcfg.student_steps, tcfg.distill_from)
-        teacher = source.eval().requires_grad_(False)
+        check_teacher(start_meta, tcfg.student_steps, tcfg.distill_from)
+        teacher = start_model.requires_grad_(False)  # in eval mode, as loaded
     if tcfg.self_forcing_prob and not 1 <= tcfg.self_forcing_horizon <= model_cfg.context_frames:
         raise ConfigError(f"self_forcing_horizon={tcfg.self_forcing_horizon}: choose 1 to context_frames="
                           f"{model_cfg.context_frames}")
