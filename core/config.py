@@ -20,8 +20,8 @@ class ConfigError(MirageError, ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "tiny"
-    image_size: int = 32  # frames are square, image_size x image_size
-    channels: int = 3  # RGB
+    image_size: int = 32  # the denoiser's square working size: pixels, or latents for a latent model
+    channels: int = 3  # RGB, or the autoencoder's latent channels
     cond_channels: int = 0  # 0: generation; 3: video-to-video (conditioning frame concatenated to x_t)
     base_channels: int = 32  # width of the first U-Net level
     channel_mults: tuple[int, ...] = (1, 2, 2)  # width multiplier per level; each level after the first halves H, W
@@ -34,6 +34,12 @@ class ModelConfig:
     context_frames: int = 4  # K: slots in the context ring buffer
     norm_groups: int = 8  # GroupNorm groups
     prediction: str = "v"  # v-prediction: well-posed at every noise level, incl. zero terminal SNR
+    # Latent models: the frozen autoencoder (a mirage-train --stage autoencoder folder; a relative
+    # path is looked up from the working folder, then from the package) and the sha256 of its
+    # model.safetensors, which every load checks. frame_size = image_size * its downscale.
+    autoencoder: str = ""
+    autoencoder_sha256: str = ""
+    frame_size: int = 0  # output frames are frame_size x frame_size RGB; 0 = image_size (a pixel model)
 
     def __post_init__(self) -> None:
         levels = len(self.channel_mults)
@@ -46,6 +52,16 @@ class ModelConfig:
                               f"for {levels} levels")
         if self.temporal_dim % self.temporal_heads:
             raise ConfigError(f"temporal_dim={self.temporal_dim} not divisible by temporal_heads={self.temporal_heads}")
+        for attr in ("image_size", "channels", "base_channels", "num_res_blocks", "head_dim", "temporal_dim",
+                     "temporal_heads", "context_frames", "norm_groups"):
+            if not isinstance(getattr(self, attr), int) or getattr(self, attr) < 1:
+                raise ConfigError(f"{attr}={getattr(self, attr)!r} must be a positive integer")
+        if not self.channel_mults or min(self.channel_mults) < 1:
+            raise ConfigError(f"channel_mults={self.channel_mults} must be positive multipliers")
+        if bool(self.autoencoder) != bool(self.frame_size):
+            raise ConfigError("a latent model needs both autoencoder and frame_size; a pixel model neither")
+        if self.frame_size and (self.frame_size % self.image_size or self.frame_size <= self.image_size):
+            raise ConfigError(f"frame_size={self.frame_size} must be a multiple > 1 of image_size={self.image_size}")
         if self.cond_channels not in (0, self.channels):
             raise ConfigError(f"cond_channels must be 0 (generation) or {self.channels} (video-to-video)")
         if self.prediction != "v":
@@ -57,6 +73,15 @@ class ModelConfig:
             ch = self.base_channels * self.channel_mults[lvl]
             if ch % self.head_dim:
                 raise ConfigError(f"level {lvl} has {ch} channels, not divisible by head_dim={self.head_dim}")
+
+    @property
+    def latent(self) -> bool:
+        return bool(self.autoencoder)
+
+    @property
+    def pixels(self) -> int:
+        """Side of the RGB frames the model makes (and, video-to-video, takes)."""
+        return self.frame_size or self.image_size
 
     @property
     def level_sizes(self) -> tuple[int, ...]:
@@ -101,6 +126,17 @@ CONFIGS: dict[str, ModelConfig] = {
                             num_res_blocks=3, attn_levels=(1, 2, 3), temporal_levels=(2, 3), head_dim=64,
                             temporal_dim=256, temporal_heads=8, context_frames=8, norm_groups=32),
 }
+# Latent configs: the same U-Nets on the 8x-downscaled 4-channel latents of the bundled autoencoder
+# (checkpoints/ae-tiny; point `autoencoder` at a full TAESD-width one for quality).
+LATENT_AE = "checkpoints/ae-tiny"
+CONFIGS["tiny-64"] = dataclasses.replace(CONFIGS["tiny"], name="tiny-64", image_size=8, channels=4, channel_mults=(1, 2),
+                                         attn_levels=(1,), temporal_levels=(0, 1), autoencoder=LATENT_AE, frame_size=64)
+CONFIGS["small-256"] = dataclasses.replace(CONFIGS["small"], name="small-256", image_size=32, channels=4,
+                                           autoencoder=LATENT_AE, frame_size=256)
+CONFIGS["base-512"] = dataclasses.replace(CONFIGS["base"], name="base-512", channels=4, autoencoder=LATENT_AE,
+                                          frame_size=512)
+CONFIGS["seed880m-512"] = dataclasses.replace(CONFIGS["seed880m"], name="seed880m-512", channels=4,
+                                              autoencoder=LATENT_AE, frame_size=512)
 
 
 def get_config(name: str, task: str = "generate") -> ModelConfig:
