@@ -5,7 +5,7 @@ import json
 
 import click
 
-from mirage.core.config import CONFIGS, TASKS, ConfigError, TrainConfig, get_config
+from mirage.core.config import AE_CONFIGS, CONFIGS, TASKS, ConfigError, TrainConfig, get_ae_config, get_config
 from mirage.model.unet import MirageUNet, parameter_count
 
 
@@ -16,13 +16,23 @@ class MirageError(click.ClickException):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--stage", type=click.Choice(["diffusion", "autoencoder"]), default="diffusion",
+              help="diffusion: the video model; autoencoder: the latent autoencoder (TAESD layout) on single frames.")
+@click.option("--ae-config", type=click.Choice(list(AE_CONFIGS)), default="taesd-tiny",
+              help="Autoencoder size (--stage autoencoder). 'taesd-tiny' trains on a CPU in minutes.")
+@click.option("--crop", type=click.IntRange(min=16), default=128,
+              help="Frame size the autoencoder trains on (--stage autoencoder); it is fully convolutional.")
+@click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=TrainConfig.ema_decay,
+              help="EMA of weights; 0 turns it off.")
 @click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default="tiny",
               help="Model size. 'tiny' trains on a laptop CPU in minutes.")
 @click.option("--task", type=click.Choice(TASKS), default="generate",
               help="generate: frames from the context memory alone; v2v: restore full color to an input stream (luma + coarse chroma) frame by frame.")
-@click.option("--data", default="synthetic",
-              help="'synthetic' (made on the fly) or a folder of videos / image-sequence sub-folders.")
-@click.option("--out", type=click.Path(file_okay=False), default="runs/tiny", help="Checkpoint folder.")
+@click.option("--data", default=None,
+              help="'synthetic', 'detailed' (camera-like, any size), 'photos' (scikit-image's photographs) or a folder "
+                   "of videos / image-sequence sub-folders. Default: synthetic (diffusion), detailed (autoencoder).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Checkpoint folder. Default: runs/<config> (diffusion), runs/<ae-config> (autoencoder).")
 @click.option("--steps", type=click.IntRange(min=1), default=TrainConfig.steps, help="Optimizer steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size, help="Clips per step (per GPU).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=TrainConfig.lr, help="Peak learning rate.")
@@ -36,8 +46,8 @@ class MirageError(click.ClickException):
 @click.option("--resume/--no-resume", default=True, help="Continue from --out if it holds a checkpoint.")
 @click.option("--seed", type=int, default=0)
 @click.option("--dry-run", is_flag=True, help="Print the config and parameter count, train nothing.")
-def main(config_name, task, data, out, steps, batch_size, lr, precision, grad_checkpoint, context_noise_max,
-         device, workers, resume, seed, dry_run):
+def main(stage, ae_config, crop, ema_decay, config_name, task, data, out, steps, batch_size, lr, precision,
+         grad_checkpoint, context_noise_max, device, workers, resume, seed, dry_run):
     """Train a Mirage video diffusion model into a checkpoint folder (safetensors + config JSON).
 
     Runs on the CPU by default; uses the GPU with --device cuda (or auto), and all GPUs when
@@ -47,10 +57,14 @@ def main(config_name, task, data, out, steps, batch_size, lr, precision, grad_ch
     from mirage.train.data import DataError
     from mirage.train.trainer import train
 
+    if stage == "autoencoder":
+        return _autoencoder_stage(ae_config, data or "detailed", out or f"runs/{ae_config}", steps, batch_size, lr, precision, ema_decay,
+                                  crop, device, seed, dry_run)
+    data, out = data or "synthetic", out or f"runs/{config_name}"
     try:
         cfg = get_config(config_name, task)
         tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, precision=precision,
-                           grad_checkpoint=grad_checkpoint, context_noise_max=context_noise_max,
+                           ema_decay=ema_decay, grad_checkpoint=grad_checkpoint, context_noise_max=context_noise_max,
                            context_noise_prob=TrainConfig.context_noise_prob if context_noise_max else 0.0,
                            data=data, seed=seed)
         import torch
@@ -63,6 +77,29 @@ def main(config_name, task, data, out, steps, batch_size, lr, precision, grad_ch
             return
         summary = train(cfg, tcfg, out, resume=resume, device=device, workers=workers)
     except (ConfigError, DataError, CheckpointError, RuntimeError) as e:
+        raise MirageError(str(e)) from e
+    click.echo(json.dumps(summary))
+
+
+def _autoencoder_stage(ae_config, data, out, steps, batch_size, lr, precision, ema_decay, crop, device, seed,
+                       dry_run) -> None:
+    from mirage.model.autoencoder import AutoencoderError
+    from mirage.train.autoencoder import train_autoencoder
+    from mirage.train.checkpoint import CheckpointError
+    from mirage.train.data import DataError
+
+    try:
+        cfg = get_ae_config(ae_config)
+        if crop % cfg.downscale:
+            raise ConfigError(f"--crop {crop} must be a multiple of the autoencoder's downscale {cfg.downscale}")
+        tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, precision=precision, ema_decay=ema_decay,
+                           data=data, seed=seed)
+        if dry_run:
+            click.echo(json.dumps({"autoencoder": cfg.__dict__, "train": tcfg.__dict__, "crop": crop}, indent=2,
+                                  default=list))
+            return
+        summary = train_autoencoder(cfg, tcfg, out, crop=crop, device=device)
+    except (ConfigError, DataError, CheckpointError, AutoencoderError, RuntimeError) as e:
         raise MirageError(str(e)) from e
     click.echo(json.dumps(summary))
 
