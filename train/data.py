@@ -136,10 +136,12 @@ def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """One (h, w) texture in [0, 1] with pixel-scale detail: noise, stripes, checkers or glyph text."""
     kind = int(rng.integers(5))
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    if kind == 0:  # grain: noise at 1-3 px, upsampled by repetition
-        k = int(rng.integers(1, 4))
-        grain = rng.random((h // k + 1, w // k + 1), dtype=np.float32)
-        return 0.5 + (grain.repeat(k, 0).repeat(k, 1)[:h, :w] - 0.5) * rng.uniform(0.3, 0.9)
+    if kind == 0:  # grain: smooth noise with 1.5-4 px features (i.i.d. pixel noise no codec keeps is left out)
+        k, side = rng.uniform(1.5, 4.0), max(h, w)
+        grain = rng.random((int(side / k) + 2, int(side / k) + 2, 1), dtype=np.float32)
+        zero = np.zeros(1, np.float32)
+        grain = camera_view(grain, zero, zero, zero + side / k, side)[0, :h, :w, 0]  # bilinear upsampling
+        return 0.5 + (grain - 0.5) * rng.uniform(0.3, 0.9)
     if kind in (1, 2):  # stripes (smooth or hard) at 3-20 px per period, any orientation
         theta, period = rng.uniform(0, np.pi), rng.uniform(3, 20)
         wave = np.sin(2 * np.pi * (x * math.cos(theta) + y * math.sin(theta)) / period)
