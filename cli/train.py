@@ -32,7 +32,7 @@ class MirageError(click.ClickException):
               help="'synthetic', 'detailed' (camera-like, any size), 'photos' (scikit-image's photographs) or a folder "
                    "of videos / image-sequence sub-folders. Default: synthetic (diffusion), detailed (autoencoder).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Checkpoint folder. Default: runs/<config> (diffusion), runs/<ae-config> (autoencoder).")
+              help="Checkpoint folder. Default: runs/tiny (diffusion), runs/<ae-config> (autoencoder).")
 @click.option("--steps", type=click.IntRange(min=1), default=TrainConfig.steps, help="Optimizer steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size, help="Clips per step (per GPU).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=TrainConfig.lr, help="Peak learning rate.")
@@ -58,9 +58,9 @@ def main(stage, ae_config, crop, ema_decay, config_name, task, data, out, steps,
     from mirage.train.trainer import train
 
     if stage == "autoencoder":
-        return _autoencoder_stage(ae_config, data or "detailed", out or f"runs/{ae_config}", steps, batch_size, lr, precision, ema_decay,
-                                  crop, device, seed, dry_run)
-    data, out = data or "synthetic", out or f"runs/{config_name}"
+        return _autoencoder_stage(ae_config, data or "detailed", out or f"runs/{ae_config}", steps, batch_size, lr,
+                                  precision, ema_decay, crop, device, workers, resume, seed, dry_run)
+    data, out = data or "synthetic", out or "runs/tiny"
     try:
         cfg = get_config(config_name, task)
         tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, precision=precision,
@@ -81,8 +81,8 @@ def main(stage, ae_config, crop, ema_decay, config_name, task, data, out, steps,
     click.echo(json.dumps(summary))
 
 
-def _autoencoder_stage(ae_config, data, out, steps, batch_size, lr, precision, ema_decay, crop, device, seed,
-                       dry_run) -> None:
+def _autoencoder_stage(ae_config, data, out, steps, batch_size, lr, precision, ema_decay, crop, device, workers,
+                       resume, seed, dry_run) -> None:
     from mirage.model.autoencoder import AutoencoderError
     from mirage.train.autoencoder import train_autoencoder
     from mirage.train.checkpoint import CheckpointError
@@ -98,7 +98,7 @@ def _autoencoder_stage(ae_config, data, out, steps, batch_size, lr, precision, e
             click.echo(json.dumps({"autoencoder": cfg.__dict__, "train": tcfg.__dict__, "crop": crop}, indent=2,
                                   default=list))
             return
-        summary = train_autoencoder(cfg, tcfg, out, crop=crop, device=device)
+        summary = train_autoencoder(cfg, tcfg, out, crop=crop, device=device, workers=workers, resume=resume)
     except (ConfigError, DataError, CheckpointError, AutoencoderError, RuntimeError) as e:
         raise MirageError(str(e)) from e
     click.echo(json.dumps(summary))

@@ -32,7 +32,7 @@ from mirage.model.autoencoder import TAESD_WEIGHTS, Autoencoder, AutoencoderErro
     load_taesd_folder, load_weights
 from mirage.model.ssim import ms_ssim
 from mirage.train.checkpoint import CONFIG, WEIGHTS, CheckpointError, _atomic
-from mirage.train.data import make_source
+from mirage.train.data import ClipStream, make_source
 from mirage.train.trainer import ema_update, lr_at, pick_device
 
 SSIM_MIX = 0.84
@@ -53,30 +53,32 @@ def latent_reg(latents: torch.Tensor) -> torch.Tensor:
 
 
 def train_autoencoder(cfg: AutoencoderConfig, tcfg: TrainConfig, out: str | Path, crop: int = 128,
-                      device: str = "auto", progress: bool = True) -> dict:
+                      device: str = "auto", workers: int = 0, resume: bool = True, progress: bool = True) -> dict:
     """Train on crop x crop frames of tcfg.data into checkpoint folder `out`; returns a summary.
+    `workers` processes make the frames (a GPU outruns one CPU core making 256x256 detailed frames).
 
-    A checkpoint already in `out` must have the same config (else CheckpointError naming both
-    values); training then starts from its weights (the optimizer state is not kept)."""
+    With resume, a checkpoint already in `out` must have the same config (else CheckpointError
+    naming both values) and training starts from its weights (the optimizer state is not kept)."""
     out, dev = Path(out), pick_device(device)
     torch.manual_seed(tcfg.seed)
     model = build_autoencoder(cfg)
     start_step = 0
-    if (out / CONFIG).is_file():
+    if resume and (out / CONFIG).is_file():
         saved, meta = load_autoencoder(out, expect=cfg)
         model.load_state_dict(saved.state_dict())
         start_step = meta["step"]
     model = model.to(dev).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False) if tcfg.ema_decay else None
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.99))
-    source = make_source(tcfg.data, crop, 1, tcfg.seed)
-    rng = torch.Generator().manual_seed(tcfg.seed + start_step)
+    stream = ClipStream(make_source(tcfg.data, crop, 1, tcfg.seed), 1, seed=tcfg.seed + 1000 * start_step)
+    loader = iter(torch.utils.data.DataLoader(stream, batch_size=tcfg.batch_size, num_workers=workers,
+                                              pin_memory=dev.type == "cuda"))
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.precision)
     scaler = torch.amp.GradScaler(dev.type, enabled=tcfg.precision == "fp16")
     losses: list[float] = []
     begin = time.perf_counter()
     for step in range(tcfg.steps):
-        frames = sample_frames(source, tcfg.batch_size, rng).to(dev, non_blocking=True)
+        frames = next(loader)[:, 0].to(dev, non_blocking=True)  # (B, 1, 3, H, W) clips of one frame
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tcfg)
         with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -105,13 +107,6 @@ def train_autoencoder(cfg: AutoencoderConfig, tcfg: TrainConfig, out: str | Path
     recent = losses[-tcfg.log_every:]
     return {"step": start_step + tcfg.steps, "loss": sum(recent) / len(recent), "first_loss": losses[0],
             "seconds": time.perf_counter() - begin, "out": str(out)}
-
-
-def sample_frames(source, batch: int, rng: torch.Generator) -> torch.Tensor:
-    """(batch, 3, S, S) frames at random clip indices and times of a data source."""
-    picks = torch.randint(0, 2**31 - 1, (batch, 2), generator=rng).tolist()
-    frames = [torch.from_numpy(source.clip(index, 1, start % 200)[0]) for index, start in picks]
-    return torch.stack(frames).permute(0, 3, 1, 2).contiguous()  # (B, H, W, 3) -> (B, 3, H, W)
 
 
 def save_autoencoder(out: str | Path, model: Autoencoder, tcfg: TrainConfig | None, step: int,
