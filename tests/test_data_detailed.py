@@ -84,3 +84,17 @@ def test_camera_view_is_bilinear_resampling():
 def test_make_source_names():
     assert isinstance(make_source("detailed", 32, 4), DetailedVideo)
     assert isinstance(make_source("photos", 32, 4), PhotoPans)
+
+
+@pytest.mark.parametrize("size", [32, 256])
+def test_video_folder_at_any_size(tmp_path, size):
+    from PIL import Image
+
+    from mirage.train.data import VideoFolder
+
+    seq = tmp_path / "clip"
+    seq.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((90, 120, 3), 40 * i, np.uint8)).save(seq / f"{i:03d}.png")
+    clip = VideoFolder(tmp_path, size, min_frames=2).clip(0, 2)
+    assert clip.shape == (2, size, size, 3) and clip.dtype == np.float32
