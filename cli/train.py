@@ -22,6 +22,8 @@ class MirageError(click.ClickException):
               help="Autoencoder size (--stage autoencoder). 'taesd-tiny' trains on a CPU in minutes.")
 @click.option("--crop", type=click.IntRange(min=16), default=128,
               help="Frame size the autoencoder trains on (--stage autoencoder); it is fully convolutional.")
+@click.option("--ssim-mix", type=click.FloatRange(0, 1), default=0.84,
+              help="Autoencoder loss: (1 - a) L1 + a (1 - MS-SSIM); this is a (--stage autoencoder).")
 @click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=TrainConfig.ema_decay,
               help="EMA of weights; 0 turns it off.")
 @click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default="tiny",
@@ -46,7 +48,7 @@ class MirageError(click.ClickException):
 @click.option("--resume/--no-resume", default=True, help="Continue from --out if it holds a checkpoint.")
 @click.option("--seed", type=int, default=0)
 @click.option("--dry-run", is_flag=True, help="Print the config and parameter count, train nothing.")
-def main(stage, ae_config, crop, ema_decay, config_name, task, data, out, steps, batch_size, lr, precision,
+def main(stage, ae_config, crop, ssim_mix, ema_decay, config_name, task, data, out, steps, batch_size, lr, precision,
          grad_checkpoint, context_noise_max, device, workers, resume, seed, dry_run):
     """Train a Mirage video diffusion model into a checkpoint folder (safetensors + config JSON).
 
@@ -59,7 +61,7 @@ def main(stage, ae_config, crop, ema_decay, config_name, task, data, out, steps,
 
     if stage == "autoencoder":
         return _autoencoder_stage(ae_config, data or "detailed", out or f"runs/{ae_config}", steps, batch_size, lr,
-                                  precision, ema_decay, crop, device, workers, resume, seed, dry_run)
+                                  precision, ema_decay, ssim_mix, crop, device, workers, resume, seed, dry_run)
     data, out = data or "synthetic", out or "runs/tiny"
     try:
         cfg = get_config(config_name, task)
@@ -81,8 +83,8 @@ def main(stage, ae_config, crop, ema_decay, config_name, task, data, out, steps,
     click.echo(json.dumps(summary))
 
 
-def _autoencoder_stage(ae_config, data, out, steps, batch_size, lr, precision, ema_decay, crop, device, workers,
-                       resume, seed, dry_run) -> None:
+def _autoencoder_stage(ae_config, data, out, steps, batch_size, lr, precision, ema_decay, ssim_mix, crop, device,
+                       workers, resume, seed, dry_run) -> None:
     from mirage.model.autoencoder import AutoencoderError
     from mirage.train.autoencoder import train_autoencoder
     from mirage.train.checkpoint import CheckpointError
@@ -95,10 +97,11 @@ def _autoencoder_stage(ae_config, data, out, steps, batch_size, lr, precision, e
         tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, precision=precision, ema_decay=ema_decay,
                            data=data, seed=seed)
         if dry_run:
-            click.echo(json.dumps({"autoencoder": cfg.__dict__, "train": tcfg.__dict__, "crop": crop}, indent=2,
-                                  default=list))
+            click.echo(json.dumps({"autoencoder": cfg.__dict__, "train": tcfg.__dict__, "crop": crop,
+                                   "ssim_mix": ssim_mix}, indent=2, default=list))
             return
-        summary = train_autoencoder(cfg, tcfg, out, crop=crop, device=device, workers=workers, resume=resume)
+        summary = train_autoencoder(cfg, tcfg, out, crop=crop, device=device, workers=workers, resume=resume,
+                                    ssim_mix=ssim_mix)
     except (ConfigError, DataError, CheckpointError, AutoencoderError, RuntimeError) as e:
         raise MirageError(str(e)) from e
     click.echo(json.dumps(summary))

@@ -35,15 +35,15 @@ from mirage.train.checkpoint import CONFIG, WEIGHTS, CheckpointError, _atomic
 from mirage.train.data import ClipStream, make_source
 from mirage.train.trainer import ema_update, lr_at, pick_device
 
-SSIM_MIX = 0.84
+SSIM_MIX = 0.84  # the default a
 LATENT_REG = 0.01
 
 
-def reconstruction_loss(recon: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+def reconstruction_loss(recon: torch.Tensor, frames: torch.Tensor, mix: float = SSIM_MIX) -> torch.Tensor:
     """(1 - a) L1 + a (1 - MS-SSIM) between (B, 3, H, W) frames in [-1, 1]; MS-SSIM on [0, 1] images."""
     l1 = (recon - frames).abs().mean()
     structural = 1 - ms_ssim((recon.clamp(-1, 1) + 1) / 2, (frames + 1) / 2).mean()
-    return (1 - SSIM_MIX) * l1 + SSIM_MIX * structural
+    return (1 - mix) * l1 + mix * structural
 
 
 def latent_reg(latents: torch.Tensor) -> torch.Tensor:
@@ -53,7 +53,8 @@ def latent_reg(latents: torch.Tensor) -> torch.Tensor:
 
 
 def train_autoencoder(cfg: AutoencoderConfig, tcfg: TrainConfig, out: str | Path, crop: int = 128,
-                      device: str = "auto", workers: int = 0, resume: bool = True, progress: bool = True) -> dict:
+                      device: str = "auto", workers: int = 0, resume: bool = True, ssim_mix: float = SSIM_MIX,
+                      progress: bool = True) -> dict:
     """Train on crop x crop frames of tcfg.data into checkpoint folder `out`; returns a summary.
     `workers` processes make the frames (a GPU outruns one CPU core making 256x256 detailed frames).
 
@@ -84,7 +85,7 @@ def train_autoencoder(cfg: AutoencoderConfig, tcfg: TrainConfig, out: str | Path
         with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             latents = model.encode(frames)
             recon = model.decode(latents)
-        loss = reconstruction_loss(recon.float(), frames) + LATENT_REG * latent_reg(latents.float())
+        loss = reconstruction_loss(recon.float(), frames, ssim_mix) + LATENT_REG * latent_reg(latents.float())
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
@@ -102,7 +103,7 @@ def train_autoencoder(cfg: AutoencoderConfig, tcfg: TrainConfig, out: str | Path
         if (step + 1) % tcfg.save_every == 0 or last:
             recent = losses[-tcfg.log_every:]
             save_autoencoder(out, ema or model, tcfg, start_step + step + 1, extra={
-                "loss": sum(recent) / len(recent), "crop": crop, "device": str(dev),
+                "loss": sum(recent) / len(recent), "crop": crop, "ssim_mix": ssim_mix, "device": str(dev),
                 "train_seconds": time.perf_counter() - begin})
     recent = losses[-tcfg.log_every:]
     return {"step": start_step + tcfg.steps, "loss": sum(recent) / len(recent), "first_loss": losses[0],
