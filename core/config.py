@@ -165,8 +165,9 @@ class AutoencoderConfig:
 
     Every encoder level after the first halves H and W, so the latent grid is image_size / downscale
     with downscale = 2 ** (levels - 1). The diffusion model sees `(raw - shift) * scaling_factor`
-    (diffusers' convention); the trained configs here keep 1.0 / 0.0 because training holds the
-    latents near unit variance, and a TAESD folder brings its own values.
+    (diffusers' convention). TAESD's own latents need none (1.0 / 0.0) and a TAESD folder brings
+    its own values; a model trained here is only pulled towards unit variance by its loss, so
+    measure its latents before choosing a scaling for a latent config.
     """
 
     name: str = "taesd-tiny"
