@@ -5,14 +5,10 @@ import json
 
 import click
 
-from mirage.core.config import AE_CONFIGS, CONFIGS, TASKS, ConfigError, TrainConfig, get_ae_config, get_config
-from mirage.model.unet import MirageUNet, parameter_count
-
-
-class MirageError(click.ClickException):
-    """A user error: one line on stderr, exit status 2."""
-
-    exit_code = 2
+from mirage.cli.errors import UserError
+from mirage.core.config import (AE_CONFIGS, CONFIGS, TASKS, ConfigError, ModelConfig, TrainConfig, check_same, from_json,
+                                get_ae_config, get_config)
+from mirage.core.errors import MirageError
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -26,9 +22,10 @@ class MirageError(click.ClickException):
               help="Autoencoder loss: (1 - a) L1 + a (1 - MS-SSIM); this is a (--stage autoencoder).")
 @click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=TrainConfig.ema_decay,
               help="EMA of weights; 0 turns it off.")
-@click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default="tiny",
-              help="Model size. 'tiny' trains on a laptop CPU in minutes.")
-@click.option("--task", type=click.Choice(TASKS), default="generate",
+@click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default=None, show_default="tiny",
+              help="Model size. 'tiny' trains on a laptop CPU in minutes. With --init-from / --distill-from: that "
+                   "checkpoint's.")
+@click.option("--task", type=click.Choice(TASKS), default=None, show_default="generate",
               help="generate: frames from the context memory alone; v2v: restore full color to an input stream (luma + coarse chroma) frame by frame.")
 @click.option("--data", default=None,
               help="'synthetic', 'detailed' (camera-like, any size), 'photos' (scikit-image's photographs) or a folder "
@@ -43,20 +40,35 @@ class MirageError(click.ClickException):
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=False, help="Recompute ResBlocks to save memory.")
 @click.option("--context-noise-max", type=click.IntRange(0, 999), default=TrainConfig.context_noise_max,
               help="History augmentation: context frames are noised to t_ctx ~ U[0, this]. 0 turns it off.")
+@click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Fine-tune: start from this checkpoint's weights (its model config; a fresh optimizer).")
+@click.option("--self-forcing-prob", type=click.FloatRange(0, 1), default=TrainConfig.self_forcing_prob,
+              help="Fraction of steps trained on the model's own rollouts: the newest context frames are its own, "
+                   "generated with the runtime's DDIM steps and context noise (no gradient through them).")
+@click.option("--self-forcing-horizon", type=click.IntRange(min=1), default=TrainConfig.self_forcing_horizon,
+              help="Frames the model generates itself before the loss frame (at most the context length).")
+@click.option("--distill-from", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Progressive distillation: train a student of this teacher checkpoint (which it starts from) "
+                   "to sample in --student-steps steps what the teacher does in twice as many.")
+@click.option("--student-steps", type=click.IntRange(min=1), default=None,
+              help="The student's DDIM steps (with --distill-from); recorded in its checkpoint, and mirage-run "
+                   "uses it when --steps is not given.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, help="Data-loading worker processes.")
 @click.option("--resume/--no-resume", default=True, help="Continue from --out if it holds a checkpoint.")
 @click.option("--seed", type=int, default=0)
 @click.option("--dry-run", is_flag=True, help="Print the config and parameter count, train nothing.")
-def main(stage, ae_config, crop, ssim_mix, ema_decay, config_name, task, data, out, steps, batch_size, lr, precision,
-         grad_checkpoint, context_noise_max, device, workers, resume, seed, dry_run):
+def main(stage, ae_config, crop, ssim_mix, ema_decay, config_name, task, data, out, steps, batch_size, lr, precision, grad_checkpoint, context_noise_max,
+         init_from, self_forcing_prob, self_forcing_horizon, distill_from, student_steps, device, workers, resume, seed,
+         dry_run):
     """Train a Mirage video diffusion model into a checkpoint folder (safetensors + config JSON).
 
     Runs on the CPU by default; uses the GPU with --device cuda (or auto), and all GPUs when
     launched with `torchrun --nproc-per-node N -m mirage.cli.train ...`.
     """
-    from mirage.train.checkpoint import CheckpointError
-    from mirage.train.data import DataError
+    from mirage.core.schedule import default_steps
+    from mirage.model.unet import MirageUNet, parameter_count
+    from mirage.train.checkpoint import read_meta
     from mirage.train.trainer import train
 
     if stage == "autoencoder":
@@ -64,31 +76,40 @@ def main(stage, ae_config, crop, ssim_mix, ema_decay, config_name, task, data, o
                                   precision, ema_decay, ssim_mix, crop, device, workers, resume, seed, dry_run)
     data, out = data or "synthetic", out or "runs/tiny"
     try:
-        cfg = get_config(config_name, task)
+        source = distill_from or init_from
+        cfg = get_config(config_name or "tiny", task or "generate")
+        if source:  # the model is the checkpoint's; an explicit --config / --task must agree with it
+            saved = from_json(ModelConfig, read_meta(source)["model"])
+            if config_name or task:
+                check_same(saved, get_config(config_name or saved.name, task or saved.task))
+            cfg = saved
+        if student_steps and not distill_from:
+            raise ConfigError("--student-steps needs --distill-from TEACHER")
         tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, precision=precision,
                            ema_decay=ema_decay, grad_checkpoint=grad_checkpoint, context_noise_max=context_noise_max,
                            context_noise_prob=TrainConfig.context_noise_prob if context_noise_max else 0.0,
-                           data=data, seed=seed)
+                           data=data, seed=seed, init_from=init_from or "", distill_from=distill_from or "",
+                           student_steps=student_steps or 0, self_forcing_prob=self_forcing_prob,
+                           self_forcing_horizon=self_forcing_horizon,
+                           self_forcing_steps=student_steps or (default_steps(read_meta(source)) if source else
+                                                                TrainConfig.self_forcing_steps))
         import torch
 
         with torch.device("meta"):
             params = parameter_count(MirageUNet(cfg))
-        click.echo(f"model {cfg.name} ({task}): {params / 1e6:.2f}M parameters", err=True)
+        click.echo(f"model {cfg.name} ({cfg.task}): {params / 1e6:.2f}M parameters", err=True)
         if dry_run:
             click.echo(json.dumps({"model": cfg.__dict__, "train": tcfg.__dict__}, indent=2, default=list))
             return
         summary = train(cfg, tcfg, out, resume=resume, device=device, workers=workers)
-    except (ConfigError, DataError, CheckpointError, RuntimeError) as e:
-        raise MirageError(str(e)) from e
+    except MirageError as e:
+        raise UserError(str(e)) from e
     click.echo(json.dumps(summary))
 
 
 def _autoencoder_stage(ae_config, data, out, steps, batch_size, lr, precision, ema_decay, ssim_mix, crop, device,
                        workers, resume, seed, dry_run) -> None:
-    from mirage.model.autoencoder import AutoencoderError
     from mirage.train.autoencoder import train_autoencoder
-    from mirage.train.checkpoint import CheckpointError
-    from mirage.train.data import DataError
 
     try:
         cfg = get_ae_config(ae_config)
@@ -102,8 +123,8 @@ def _autoencoder_stage(ae_config, data, out, steps, batch_size, lr, precision, e
             return
         summary = train_autoencoder(cfg, tcfg, out, crop=crop, device=device, workers=workers, resume=resume,
                                     ssim_mix=ssim_mix)
-    except (ConfigError, DataError, CheckpointError, AutoencoderError, RuntimeError) as e:
-        raise MirageError(str(e)) from e
+    except MirageError as e:
+        raise UserError(str(e)) from e
     click.echo(json.dumps(summary))
 
 

@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mirage.core.errors import MirageError
+
 CALIBRATION_METHOD = "max"  # "entropy" is ModelOpt's default; on these small graphs max gave equal PSNR, faster
 
 
-class QuantizeError(RuntimeError):
+class QuantizeError(MirageError, RuntimeError):
     """ModelOpt is missing or failed; the message says what to install or which graph failed."""
 
 

@@ -20,13 +20,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mirage.core.config import AutoencoderConfig, ConfigError
+from mirage.core.errors import MirageError
 
 TAESD_CONFIG, TAESD_WEIGHTS = "config.json", "diffusion_pytorch_model.safetensors"
 # AutoencoderTiny options our config does not carry; a folder that changes them is refused, not misread.
 TAESD_FIXED = {"act_fn": "relu", "upsample_fn": "nearest", "upsampling_scaling_factor": 2}
 
 
-class AutoencoderError(ValueError):
+class AutoencoderError(MirageError, ValueError):
     """An autoencoder folder or weights file that cannot be used; the message names the path."""
 
 

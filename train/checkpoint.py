@@ -19,13 +19,14 @@ from safetensors.torch import load_file, save_file
 
 from mirage import __version__
 
+from mirage.core.errors import MirageError
 from mirage.core.config import ConfigError, ModelConfig, TrainConfig, from_json, to_json
 from mirage.model.unet import MirageUNet
 
 CONFIG, WEIGHTS, STATE = "config.json", "model.safetensors", "train_state.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MirageError, ValueError):
     """A checkpoint that is missing, incomplete or unreadable; the message names the file."""
 
 
