@@ -76,6 +76,9 @@ class Pipeline:
 
             model, _ = load_checkpoint(path)
             return cls.from_model(model, device, options)
+        if any(path.glob("*.onnx")):
+            raise PipelineError(f"{path}: ONNX graphs without a manifest.json (an incomplete artifact); rebuild it "
+                                f"with `mirage-export --checkpoint CHECKPOINT --out {path}`")
         raise PipelineError(f"{path}: neither an artifact (manifest.json) nor a checkpoint (config.json)")
 
     @classmethod
