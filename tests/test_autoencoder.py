@@ -270,3 +270,20 @@ def test_bundled_ae_tiny_loads_and_reconstructs():
         quality = psnr((model(x).clamp(-1, 1) + 1) / 2, (x + 1) / 2)
     assert meta["step"] == 1500
     assert quality.min().item() > 14  # measured: 18.0 dB here; an untrained taesd-tiny gives 7.2 dB
+
+
+def test_reconstruction_quality_report():
+    from mirage.train.ae_eval import reconstruction_quality
+    from mirage.train.data import DetailedVideo
+
+    model = randomized(build_autoencoder(SMALL))
+    row = reconstruction_quality(model, "detailed", 32, seed=7, clips=2, frames=2)
+    assert (row["data"], row["size"], row["seed"], row["frames"]) == ("detailed", 32, 7, 4)
+    source, recon = row["example"]
+    assert source.shape == recon.shape == (32, 32, 3) and source.dtype == np.uint8
+    video = np.concatenate([DetailedVideo(32, seed=7).clip(i, 2) for i in range(2)])
+    x = torch.from_numpy(video).permute(0, 3, 1, 2)  # (4, 3, 32, 32)
+    with torch.no_grad():
+        manual = psnr((model(x).clamp(-1, 1) + 1) / 2, (x + 1) / 2)
+    assert row["psnr"] == pytest.approx(manual.mean().item(), abs=1e-4)
+    assert row["psnr_min"] == pytest.approx(manual.min().item(), abs=1e-4)
