@@ -102,7 +102,7 @@ def train_autoencoder(cfg: AutoencoderConfig, tcfg: TrainConfig, out: str | Path
                   f"({time.perf_counter() - begin:.0f} s)", flush=True)
         if (step + 1) % tcfg.save_every == 0 or last:
             recent = losses[-tcfg.log_every:]
-            save_autoencoder(out, ema or model, tcfg, start_step + step + 1, extra={
+            save_autoencoder(out, ema if ema is not None else model, tcfg, start_step + step + 1, extra={
                 "loss": sum(recent) / len(recent), "crop": crop, "ssim_mix": ssim_mix, "device": str(dev),
                 "train_seconds": time.perf_counter() - begin})
     recent = losses[-tcfg.log_every:]
