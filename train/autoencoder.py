@@ -5,8 +5,9 @@ reconstruction with the input frame only:
 
     loss = (1 - a) * L1 + a * (1 - MS-SSIM) + w * latent_reg,   a = 0.84 (Zhao et al. 2017's mix)
 
-latent_reg pulls every latent channel to zero mean and unit variance over the batch, so the
-diffusion model can take the latents as they are (scaling_factor 1, shift 0, like TAESD's own).
+latent_reg pulls every latent channel towards zero mean and unit variance over the batch, so the
+diffusion model can take latents about as they are (the bundled ae-tiny stopped at std 0.4-0.6:
+measure before choosing a latent config's scaling_factor).
 There is no adversarial term: it is only worth its cost where L1 + MS-SSIM leave visible blur,
 which was not measured here.
 

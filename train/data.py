@@ -6,7 +6,7 @@ background is gray. The video-to-video task (`v2v_input`: full-resolution luma p
 chroma in, full color out) has an exact ground truth, so PSNR measures it.
 
 Detailed clips (`DetailedVideo`, up to 512x512 and beyond) add what a camera gives: a world
-of fine textures (pixel noise, stripes, checkers, text-like glyphs) seen through a panning and
+of fine textures (smooth grain, stripes, checkers, text-like glyphs) seen through a panning and
 zooming camera, changing light, and foreground shapes that occlude it. Texture scales are in
 pixels, so a 128x128 clip has the same per-pixel detail as a 512x512 one (an autoencoder trained
 on small frames sees the statistics of large ones). `PhotoPans` pans and zooms slowly over the
