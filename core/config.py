@@ -250,3 +250,79 @@ class PipelineOptions:
         timestep-only work computed once per step."""
         return dataclasses.replace(cls(dtype="float16", compile="default", channels_last=True, freeze=True,
                                        precompute_time=True), **changes)
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """A TAESD-layout autoencoder (diffusers' AutoencoderTiny): frames in [-1, 1] <-> latents.
+
+    Every encoder level after the first halves H and W, so the latent grid is image_size / downscale
+    with downscale = 2 ** (levels - 1). The diffusion model sees `(raw - shift) * scaling_factor`
+    (diffusers' convention). TAESD's own latents need none (1.0 / 0.0) and a TAESD folder brings
+    its own values; a model trained here is only pulled towards unit variance by its loss, so
+    measure its latents before choosing a scaling for a latent config.
+    """
+
+    name: str = "taesd-tiny"
+    image_size: int = 512  # the frame size exports and latent configs use; the network is fully convolutional
+    channels: int = 3  # RGB
+    latent_channels: int = 4
+    encoder_block_out_channels: tuple[int, ...] = (16, 16, 16, 16)  # one width per level (all equal)
+    decoder_block_out_channels: tuple[int, ...] = (16, 16, 16, 16)
+    num_encoder_blocks: tuple[int, ...] = (1, 2, 2, 2)  # AutoencoderTinyBlocks per level (3 convs each)
+    num_decoder_blocks: tuple[int, ...] = (2, 2, 2, 1)
+    scaling_factor: float = 1.0
+    shift: float = 0.0
+    weights: str = ""  # a local TAESD folder in diffusers layout (config.json + diffusion_pytorch_model.safetensors)
+    sha256: str = ""  # of that folder's safetensors file; empty: not checked
+
+    def __post_init__(self) -> None:
+        for side in ("encoder", "decoder"):
+            widths, blocks = getattr(self, f"{side}_block_out_channels"), getattr(self, f"num_{side}_blocks")
+            if len(widths) != len(blocks) or len(widths) < 2:
+                raise ConfigError(f"{side}: {len(widths)} widths and {len(blocks)} block counts; "
+                                  "give the same number (at least 2) of each")
+            if min(widths) < 1 or min(blocks) < 0:
+                raise ConfigError(f"{side}: widths {widths} must be positive and block counts {blocks} not negative")
+            if len(set(widths)) != 1:  # AutoencoderTiny's level convs map width[i] -> width[i]: no width changes
+                raise ConfigError(f"{side}: widths {widths} differ; AutoencoderTiny needs one width for all levels")
+        if len(self.encoder_block_out_channels) != len(self.decoder_block_out_channels):
+            raise ConfigError(f"encoder has {len(self.encoder_block_out_channels)} levels, decoder "
+                              f"{len(self.decoder_block_out_channels)}: they must match to invert the downscaling")
+        if self.channels < 1 or self.latent_channels < 1:
+            raise ConfigError(f"channels={self.channels} and latent_channels={self.latent_channels} must be positive")
+        if self.image_size < self.downscale or self.image_size % self.downscale:
+            raise ConfigError(f"image_size={self.image_size} must be a positive multiple of downscale={self.downscale}")
+        if not self.scaling_factor > 0:
+            raise ConfigError(f"scaling_factor={self.scaling_factor} must be positive")
+        if self.sha256 and (len(self.sha256) != 64 or set(self.sha256) - set("0123456789abcdef")):
+            raise ConfigError(f"sha256={self.sha256!r} is not 64 lowercase hex digits")
+        if self.sha256 and not self.weights:
+            raise ConfigError("sha256 is set but weights is empty: name the TAESD folder it belongs to")
+
+    @property
+    def downscale(self) -> int:
+        return 2 ** (len(self.encoder_block_out_channels) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.downscale
+
+    def with_weights(self, folder: str, sha256: str = "") -> "AutoencoderConfig":
+        return dataclasses.replace(self, weights=folder, sha256=sha256)
+
+
+AE_CONFIGS: dict[str, AutoencoderConfig] = {
+    # TAESD's published layout (madebyollin/taesd, ~1.2M parameters per side): 64 channels, 4 latents, 8x down.
+    "taesd": AutoencoderConfig(name="taesd", encoder_block_out_channels=(64, 64, 64, 64),
+                               decoder_block_out_channels=(64, 64, 64, 64), num_encoder_blocks=(1, 3, 3, 3),
+                               num_decoder_blocks=(3, 3, 3, 1)),
+    # Narrow and shallow: trains on a 2-core CPU in minutes; the bundled checkpoints/ae-tiny.
+    "taesd-tiny": AutoencoderConfig(),
+}
+
+
+def get_ae_config(name: str) -> AutoencoderConfig:
+    if name not in AE_CONFIGS:
+        raise ConfigError(f"unknown autoencoder config {name!r}; choose one of {', '.join(AE_CONFIGS)}")
+    return AE_CONFIGS[name]
