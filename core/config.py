@@ -40,6 +40,7 @@ class ModelConfig:
     autoencoder: str = ""
     autoencoder_sha256: str = ""
     frame_size: int = 0  # output frames are frame_size x frame_size RGB; 0 = image_size (a pixel model)
+    latent_scale: float = 1.0  # the denoiser sees encode(frame) * latent_scale (near unit variance)
 
     def __post_init__(self) -> None:
         levels = len(self.channel_mults)
@@ -60,6 +61,8 @@ class ModelConfig:
             raise ConfigError(f"channel_mults={self.channel_mults} must be positive multipliers")
         if bool(self.autoencoder) != bool(self.frame_size):
             raise ConfigError("a latent model needs both autoencoder and frame_size; a pixel model neither")
+        if not self.latent_scale > 0:
+            raise ConfigError(f"latent_scale={self.latent_scale} must be positive")
         if self.frame_size and (self.frame_size % self.image_size or self.frame_size <= self.image_size):
             raise ConfigError(f"frame_size={self.frame_size} must be a multiple > 1 of image_size={self.image_size}")
         if self.cond_channels not in (0, self.channels):
@@ -129,14 +132,16 @@ CONFIGS: dict[str, ModelConfig] = {
 # Latent configs: the same U-Nets on the 8x-downscaled 4-channel latents of the bundled autoencoder
 # (checkpoints/ae-tiny; point `autoencoder` at a full TAESD-width one for quality).
 LATENT_AE = "checkpoints/ae-tiny"
+LATENT_SCALE = 2.0  # ae-tiny's latents have a per-channel std of 0.4-0.6 (docs/QUALITY.md)
 CONFIGS["tiny-64"] = dataclasses.replace(CONFIGS["tiny"], name="tiny-64", image_size=8, channels=4, channel_mults=(1, 2),
-                                         attn_levels=(1,), temporal_levels=(0, 1), autoencoder=LATENT_AE, frame_size=64)
+                                         attn_levels=(1,), temporal_levels=(0, 1), autoencoder=LATENT_AE, frame_size=64,
+                                         latent_scale=LATENT_SCALE)
 CONFIGS["small-256"] = dataclasses.replace(CONFIGS["small"], name="small-256", image_size=32, channels=4,
-                                           autoencoder=LATENT_AE, frame_size=256)
+                                           autoencoder=LATENT_AE, frame_size=256, latent_scale=LATENT_SCALE)
 CONFIGS["base-512"] = dataclasses.replace(CONFIGS["base"], name="base-512", channels=4, autoencoder=LATENT_AE,
-                                          frame_size=512)
+                                          frame_size=512, latent_scale=LATENT_SCALE)
 CONFIGS["seed880m-512"] = dataclasses.replace(CONFIGS["seed880m"], name="seed880m-512", channels=4,
-                                              autoencoder=LATENT_AE, frame_size=512)
+                                              autoencoder=LATENT_AE, frame_size=512, latent_scale=LATENT_SCALE)
 
 
 def get_config(name: str, task: str = "generate") -> ModelConfig:

@@ -6,7 +6,7 @@ Per frame (paper notation in mirage.model.diffusion; eta = 0), for every row b o
     1. x ~ N(0, I)                                   (x_T)
     2. for each DDIM step i:  v = denoise(x, t_i, cond, memory, ages)
                               x = p_i x + q_i v       (the DDIM update folded into two scalars)
-    3. frame = clamp(x, -1, 1)
+    3. frame = clamp(x, -1, 1)                      (a latent model keeps x: its context is the latent)
     4. ctx = α_c frame + σ_c noise                    (history augmentation at inference)
     5. kv = context_encode(ctx, t_ctx); memory[b, slot_b] = kv_b; ages_b += (ages_b > 0);
        ages[b, slot_b] = 1; slot_b = (slot_b + 1) mod K
@@ -116,7 +116,14 @@ class Buffers:
     advance: Array  # (B,) int64, 1 = the row commits this frame, 0 = held
     t: list[Array]  # per DDIM step, (B,) float32 timesteps
     t_ctx: Array  # (B,) float32
-    cond: Array | None  # (B, C, H, W) video-to-video input, or None
+    cond: Array | None  # (B, C, H, W) video-to-video input of the denoiser, or None
+    image: Array | None = None  # latent models: (B, 3, S, S) the decoder's output
+    cond_image: Array | None = None  # latent video-to-video: (B, 3, S, S) the input frame, encoded into cond
+
+    @property
+    def input(self) -> Array | None:
+        """The buffer a frame's input is staged into."""
+        return self.cond_image if self.cond_image is not None else self.cond
 
     def denoise_inputs(self, step: int) -> dict[str, Array]:
         values = {G.X_T: self.x, G.T: self.t[step], G.COND: self.cond, G.MEMORY: self.memory, G.AGES: self.ages}
@@ -126,26 +133,35 @@ class Buffers:
     def all(self) -> list[Array]:
         """Every buffer (for the stale-graph check: a captured graph holds their addresses)."""
         return [self.x, self.v, self.frame, self.noise, self.ctx, self.kv, self.memory, self.ages, self.slot,
-                self.rng, self.advance, *self.t, self.t_ctx] + ([self.cond] if self.cond is not None else [])
+                self.rng, self.advance, *self.t, self.t_ctx] + \
+            [b for b in (self.cond, self.image, self.cond_image) if b is not None]
 
 
 def run_frame(backend: Backend, ops: Ops, buf: Buffers, sched: Schedule, callback: Callback | None = None) -> None:
     """One frame for every row of the buffers. `callback` (k-diffusion style) sees each graph call."""
+    latent = buf.image is not None
+    if buf.cond_image is not None:  # 6: the input frame into the latent space
+        _run(backend, G.ENCODE, {G.IMAGE: buf.cond_image}, buf.cond, callback)
     ops.randn_(buf.x, buf.rng, buf.advance)  # 1
     for i in range(len(sched.timesteps)):  # 2
-        inputs = buf.denoise_inputs(i)
-        backend.run(G.DENOISE, inputs, buf.v)
-        if callback is not None:
-            callback({"graph": G.DENOISE, "step": i, "inputs": inputs, "output": buf.v})
+        _run(backend, G.DENOISE, buf.denoise_inputs(i), buf.v, callback, step=i)
         ops.lincomb_(buf.x, sched.p[i], buf.x, sched.q[i], buf.v)
-    ops.clamp_(buf.frame, buf.x)  # 3
+    if not latent:
+        ops.clamp_(buf.frame, buf.x)  # 3
     ops.randn_(buf.noise, buf.rng, buf.advance)  # 4
-    ops.lincomb_(buf.ctx, sched.ctx_alpha, buf.frame, sched.ctx_sigma, buf.noise)
-    inputs = {G.FRAME: buf.ctx, G.T_CTX: buf.t_ctx}
-    backend.run(G.CONTEXT, inputs, buf.kv)  # 5
-    if callback is not None:
-        callback({"graph": G.CONTEXT, "step": None, "inputs": inputs, "output": buf.kv})
+    ops.lincomb_(buf.ctx, sched.ctx_alpha, buf.x if latent else buf.frame, sched.ctx_sigma, buf.noise)
+    _run(backend, G.CONTEXT, {G.FRAME: buf.ctx, G.T_CTX: buf.t_ctx}, buf.kv, callback)  # 5
     ops.ring_write_(buf.memory, buf.ages, buf.slot, buf.kv, buf.advance)
+    if latent:  # 6
+        _run(backend, G.DECODE, {G.Z: buf.x}, buf.image, callback)
+        ops.clamp_(buf.frame, buf.image)
+
+
+def _run(backend: Backend, graph: str, inputs: dict, output: Array, callback: Callback | None,
+         step: int | None = None) -> None:
+    backend.run(graph, inputs, output)
+    if callback is not None:
+        callback({"graph": graph, "step": step, "inputs": inputs, "output": output})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +243,9 @@ def make_buffers(specs: dict, schedule: Schedule, alloc: Callable, fill: Callabl
     cond = new(d, G.COND) if G.COND in d.input_names else None
     advance = alloc((b,), "int64")
     fill(advance, 1)
-    return Buffers(x=new(d, G.X_T), v=new(d, G.V), frame=new(d, G.X_T), noise=new(c, G.FRAME), ctx=new(c, G.FRAME),
-                   kv=new(c, G.KV), memory=new(d, G.MEMORY), ages=new(d, G.AGES), slot=alloc((b,), "int64"),
-                   rng=alloc((b, 2), "int64"), advance=advance, t=t, t_ctx=t_ctx, cond=cond)
+    dec = specs.get(G.DECODE)
+    return Buffers(x=new(d, G.X_T), v=new(d, G.V), frame=new(dec, G.IMAGE) if dec else new(d, G.X_T),
+                   noise=new(c, G.FRAME), ctx=new(c, G.FRAME), kv=new(c, G.KV), memory=new(d, G.MEMORY),
+                   ages=new(d, G.AGES), slot=alloc((b,), "int64"), rng=alloc((b, 2), "int64"), advance=advance, t=t,
+                   t_ctx=t_ctx, cond=cond, image=new(dec, G.IMAGE) if dec else None,
+                   cond_image=new(specs[G.ENCODE], G.IMAGE) if G.ENCODE in specs else None)

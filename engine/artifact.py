@@ -27,13 +27,15 @@ from mirage import __version__
 from mirage.core import graphs as G
 from mirage.core.config import to_json
 from mirage.core.graphs import PRECISIONS
+from mirage.core.tolerances import PARITY as TOLERANCE
 from mirage.engine.build import BuildOptions, build_engine, load_backend
 from mirage.engine.compare import compare_engine, skip_reason
 from mirage.engine.manifest import BACKENDS, FP8_TARGETS, RTX_TARGETS, export_command, sha256_file, write_manifest
 from mirage.export.onnx_export import ExportError, ExportOptions, activation_range, export_graph, record_rollout_inputs
-from mirage.export.parity import TOLERANCE, rollout_psnr, tensor_parity
+from mirage.export.parity import rollout_psnr, tensor_parity
 from mirage.export.quantize import MODES as QUANTIZED, quantize_qdq
 from mirage.train.checkpoint import WEIGHTS, load_checkpoint
+from mirage.train.codec import load_codec
 
 FP16_MAX = 65504.0
 
@@ -144,27 +146,29 @@ def _build(model, meta: dict, checkpoint: Path, out: Path, stage: Path, o: Artif
     calib = record_rollout_inputs(model, o.calibration_frames, seed=0)
     check = record_rollout_inputs(model, 3, seed=1)  # parity on inputs the calibration never saw
 
-    files: dict[str, Path] = {g: stage / G.onnx_file(g) for g in G.GRAPHS}
-    for graph in G.GRAPHS:
+    codec = load_codec(model.cfg) if model.cfg.latent else None
+    files: dict[str, Path] = {g: stage / G.onnx_file(g) for g in specs}
+    for graph in specs:
         progress(f"export {graph} ({o.precision})")
-        if o.precision in QUANTIZED:
+        if o.precision in QUANTIZED and graph in G.GRAPHS:
             with tempfile.TemporaryDirectory() as tmp:
                 fp32 = export_graph(model, graph, Path(tmp) / G.onnx_file(graph),
                                     ExportOptions("fp32", o.batch, o.max_batch, decompose_attention=False))
                 progress(f"quantize {graph} ({o.precision.upper()} Q/DQ, {len(calib[graph])} calibration samples)")
                 quantize_qdq(fp32, files[graph], calib[graph], o.precision)
-        else:
-            export_graph(model, graph, files[graph], ExportOptions(o.precision, o.batch, o.max_batch,
-                                                                   temporal_attention=o.temporal_attention))
+        else:  # 8-bit artifacts keep the autoencoder in fp32 (their graphs' I/O is fp32)
+            precision = o.precision if o.precision in ("fp32", "fp16") else "fp32"
+            export_graph(model, graph, files[graph], ExportOptions(precision, o.batch, o.max_batch,
+                                                                   temporal_attention=o.temporal_attention), codec)
 
     progress("parity vs. PyTorch (ONNX Runtime, CPU)")
     with tempfile.TemporaryDirectory() as tmp:
         checked = files
         if plugin_mode:  # ONNX Runtime has no kernel for the plugin node: check the stock-op twin
-            checked = {g: export_graph(model, g, Path(tmp) / G.onnx_file(g),
-                                       ExportOptions(o.precision, o.batch, o.max_batch))
-                       for g in G.GRAPHS}
-        tensors = tensor_parity(model, checked, check)
+            checked = {**files, **{g: export_graph(model, g, Path(tmp) / G.onnx_file(g),
+                                                   ExportOptions(o.precision, o.batch, o.max_batch))
+                                   for g in G.GRAPHS}}
+        tensors = tensor_parity(model, checked, check, codec)
         frames = rollout_psnr(model, checked, o.parity_frames)
     passed = frames["finite"] and all(t["rel"] <= TOLERANCE[o.precision] for t in tensors.values())
     parity = {"tolerance_rel": TOLERANCE[o.precision], "tensors": tensors, "rollout": frames, "passed": passed,
@@ -177,12 +181,12 @@ def _build(model, meta: dict, checkpoint: Path, out: Path, stage: Path, o: Artif
                           f"{frames['psnr_mean_db']:.1f} dB); nothing was written. Check the checkpoint, or pass "
                           "--allow-parity-failure to write it anyway (recorded in the manifest)")
     if o.precision == "fp16":
-        peak = activation_range(model, calib)
+        peak = activation_range(model, calib, codec)
         parity["fp16_activation_peak"] = peak
         parity["fp16_headroom"] = FP16_MAX / max(peak, 1e-12)
 
     graphs_meta: dict[str, dict] = {}
-    for graph in G.GRAPHS:
+    for graph in specs:
         inputs, outputs = specs[graph].io()
         if _io(files[graph]) != (inputs, outputs):  # the exporter must have written what the spec says
             raise ExportError(f"{graph}: the exported ONNX graph's inputs/outputs {_io(files[graph])} differ from "
@@ -201,7 +205,7 @@ def _build(model, meta: dict, checkpoint: Path, out: Path, stage: Path, o: Artif
                              plugin_library=o.plugin_library, timing_cache=o.backend == "tensorrt",
                              **({"compute_capabilities": tuple(o.gpus)} if o.gpus else {}))
         build_meta = dataclasses.asdict(bopts)
-        for graph in G.GRAPHS:
+        for graph in specs:
             progress(f"build {graph} engine ({o.backend} {trt.__version__})")
             engine = stage / G.engine_file(graph)
             summary = build_engine(files[graph], engine, bopts, timing_cache_path=stage / G.TIMING_CACHE,
@@ -211,7 +215,7 @@ def _build(model, meta: dict, checkpoint: Path, out: Path, stage: Path, o: Artif
         if o.plugin_library:
             plugin = {"path": str(Path(o.plugin_library).resolve()), "sha256": sha256_file(Path(o.plugin_library))}
         reason = skip_reason(o.backend)
-        for graph in G.GRAPHS:
+        for graph in specs:
             if reason:
                 graphs_meta[graph]["polygraphy"] = {"skipped": reason}
                 continue

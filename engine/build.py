@@ -12,7 +12,6 @@ the engine inspector.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import json
 import time

@@ -18,7 +18,6 @@ Schema (format 2; `validate_manifest` checks every key is present and every valu
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shlex
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from mirage import __version__
 from mirage.core.errors import MirageError
+from mirage.core.files import sha256_file
 from mirage.core.graphs import GRAPHS, MANIFEST, PRECISIONS
 
 
@@ -53,14 +53,6 @@ RTX_UNSUPPORTED = {"sm90": "Hopper"}
 
 # ---------------------------------------------------------------------------------------------
 # Files
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):  # engines can be GBs: never read whole
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_manifest(folder: str | Path, data: dict) -> Path:
@@ -102,7 +94,7 @@ def validate_manifest(m: dict) -> None:
         missing += [f"plugin.{k}" for k in ("path", "sha256") if k not in m["plugin"]]
     graphs = m.get("graphs")
     if isinstance(graphs, dict):
-        missing += [f"graphs.{g}" for g in GRAPHS if g not in graphs]
+        missing += [f"graphs.{g}" for g in GRAPHS if g not in graphs]  # the autoencoder's: engine.verify
         for graph, meta in graphs.items():
             missing += [f"graphs.{graph}.{k}" for k in GRAPH_REQUIRED if k not in meta]
     if missing:

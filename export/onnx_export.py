@@ -18,6 +18,7 @@ they become sinusoidal embeddings and need the range) and `ages` (int32).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from dataclasses import dataclass
@@ -91,12 +92,29 @@ def example_inputs(model: MirageUNet, graph: str, batch: int = 1, dtype: torch.d
     return values
 
 
-def graph_module(model: MirageUNet, graph: str) -> nn.Module:
+class CodecGraph(nn.Module):
+    """One half of a latent model's autoencoder (encode or decode) as a graph."""
+
+    def __init__(self, codec: nn.Module, graph: str):
+        super().__init__()
+        self.codec, self.fn = codec, codec.encode if graph == G.ENCODE else codec.decode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def graph_module(model: MirageUNet, graph: str, codec: nn.Module | None = None) -> nn.Module:
+    """The module one exported graph traces; `codec` (model.latent.LatentCodec) for encode/decode."""
+    if graph in (G.ENCODE, G.DECODE):
+        if codec is None:
+            raise ExportError(f"graph {graph} needs the latent model's autoencoder")
+        return CodecGraph(codec, graph).eval()
     return (DenoiseGraph if graph == G.DENOISE else ContextGraph)(model).eval()
 
 
-def export_graph(model: MirageUNet, graph: str, path: str | Path, options: ExportOptions) -> Path:
-    """Export one graph to `path`; returns the path."""
+def export_graph(model: MirageUNet, graph: str, path: str | Path, options: ExportOptions,
+                 codec: nn.Module | None = None) -> Path:
+    """Export one graph to `path` (`codec`: a latent model's autoencoder, for encode/decode); returns the path."""
     if options.precision not in DTYPES:
         raise ExportError(f"precision {options.precision!r}: export takes fp32 or fp16 (int8/fp8 quantize fp32)")
     dtype = DTYPES[options.precision]
@@ -104,11 +122,11 @@ def export_graph(model: MirageUNet, graph: str, path: str | Path, options: Expor
     plugin = options.temporal_attention == "plugin"
     impl = AttentionImpl(spatial="decomposed" if decompose else "sdpa", temporal="op" if plugin else "torch")
     net = model.with_attention(impl).to("cpu", dtype).eval()  # shares model's weights until .to converts them
-    module = graph_module(net, graph)
+    module = graph_module(net, graph, None if codec is None else copy.deepcopy(codec).to("cpu", dtype).eval())
     # torch.export specializes a dim it traces at size 1, so a dynamic batch is traced at >= 2
     dynamic = options.max_batch is not None and options.max_batch > 1
     inputs = example_inputs(net, graph, max(options.batch, 2) if dynamic else options.batch, dtype)
-    output = G.V if graph == G.DENOISE else G.KV
+    output = G.model_graphs(net.cfg)[graph].output.name
     big = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
     path = Path(path)
     with warnings.catch_warnings(), torch.no_grad():
@@ -171,7 +189,7 @@ def _register_plugin_schema(onnx) -> None:
 def record_rollout_inputs(model: MirageUNet, frames: int = 8, steps: int = DEFAULT_STEPS, seed: int = 0,
                           context_noise: int = DEFAULT_CONTEXT_NOISE) -> dict[str, list[dict[str, torch.Tensor]]]:
     """Inputs both graphs see during a real rollout (fp32, CPU): for parity and calibration."""
-    calls: dict[str, list] = {G.DENOISE: [], G.CONTEXT: []}
+    calls: dict[str, list] = {g: [] for g in G.model_graphs(model.cfg)}
 
     def record(event: dict) -> None:  # memory and x change in place later: keep copies
         calls[event["graph"]].append({k: v.clone() for k, v in event["inputs"].items()})
@@ -187,12 +205,13 @@ def synthetic_cond(cfg, frames: int, seed: int) -> list[torch.Tensor] | None:
     """Video-to-video inputs of a synthetic clip (1, C, H, W) each; None for generation models."""
     if not cfg.cond_channels:
         return None
-    clip = torch.from_numpy(SyntheticVideo(cfg.image_size, seed=seed).clip(0, frames)).permute(0, 3, 1, 2)
+    clip = torch.from_numpy(SyntheticVideo(cfg.pixels, seed=seed).clip(0, frames)).permute(0, 3, 1, 2)
     return [v2v_input(f)[None] for f in clip]
 
 
 @torch.no_grad()
-def activation_range(model: MirageUNet, calls: dict[str, list[dict[str, torch.Tensor]]]) -> float:
+def activation_range(model: MirageUNet, calls: dict[str, list[dict[str, torch.Tensor]]],
+                     codec: nn.Module | None = None) -> float:
     """Largest |activation| of any module output over the recorded real inputs (fp32)."""
     peak = 0.0
 
@@ -201,10 +220,11 @@ def activation_range(model: MirageUNet, calls: dict[str, list[dict[str, torch.Te
         if isinstance(output, torch.Tensor) and output.is_floating_point():
             peak = max(peak, float(output.detach().abs().max()))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    modules = list(model.modules()) + (list(codec.modules()) if codec is not None else [])
+    handles = [m.register_forward_hook(hook) for m in modules]
     try:
         for graph, inputs in calls.items():
-            module = graph_module(model, graph)
+            module = graph_module(model, graph, codec)
             for x in inputs:
                 module(*x.values())
     finally:

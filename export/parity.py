@@ -17,21 +17,21 @@ from mirage.core import graphs as G
 from mirage.core.loop import NumpyOps, Schedule, make_buffers, run_frame
 from mirage.core.ort import OrtBackend
 from mirage.core.report import psnr
-from mirage.core.tolerances import PARITY as TOLERANCE
 from mirage.model.unet import MirageUNet
 from mirage.train.data import SyntheticVideo, v2v_input
 from mirage.train.rollout import rollout
 
 
 @torch.no_grad()
-def tensor_parity(model: MirageUNet, files: dict[str, Path], calls: dict[str, list[dict[str, torch.Tensor]]]) -> dict:
+def tensor_parity(model: MirageUNet, files: dict[str, Path], calls: dict[str, list[dict[str, torch.Tensor]]],
+                  codec: torch.nn.Module | None = None) -> dict:
     """Worst relative and absolute error per graph output over the recorded inputs."""
     from .onnx_export import graph_module
 
     ort = OrtBackend(files)
     report = {}
     for graph, inputs in calls.items():
-        module = graph_module(model.float(), graph)
+        module = graph_module(model.float(), graph, codec)
         rel, absolute = 0.0, 0.0
         for x in inputs:
             ref = module(*x.values()).float()
@@ -42,7 +42,7 @@ def tensor_parity(model: MirageUNet, files: dict[str, Path], calls: dict[str, li
                 break
             rel = max(rel, float((out - ref).norm() / ref.norm().clamp(min=1e-12)))
             absolute = max(absolute, float((out - ref).abs().max()))
-        report[G.V if graph == G.DENOISE else G.KV] = {"rel": rel, "max_abs": absolute, "calls": len(inputs)}
+        report[G.model_graphs(model.cfg)[graph].output.name] = {"rel": rel, "max_abs": absolute, "calls": len(inputs)}
     ort.close()
     return report
 
@@ -57,7 +57,7 @@ def ort_rollout(files: dict[str, Path], cfg, frames: int, steps: int, seed: int,
     out = []
     for n in range(frames):
         if cond is not None:
-            buf.cond[...] = cond[n]
+            buf.input[...] = cond[n]
         run_frame(ort, ops, buf, sched)
         out.append(buf.frame[0].astype(np.float32))
     ort.close()
@@ -68,7 +68,7 @@ def ort_rollout(files: dict[str, Path], cfg, frames: int, steps: int, seed: int,
 def rollout_psnr(model: MirageUNet, files: dict[str, Path], frames: int = 50, steps: int = 4, seed: int = 0) -> dict:
     """PSNR (dB) of an ONNX Runtime rollout against the PyTorch rollout: the same loop, noise and inputs."""
     cfg = model.cfg
-    clip = torch.from_numpy(SyntheticVideo(cfg.image_size, seed=777).clip(0, frames)).permute(0, 3, 1, 2)
+    clip = torch.from_numpy(SyntheticVideo(cfg.pixels, seed=777).clip(0, frames)).permute(0, 3, 1, 2)
     cond = [v2v_input(f)[None] for f in clip] if cfg.cond_channels else None
     ref = torch.cat(list(rollout(model.float().cpu(), frames, steps=steps, seed=seed, cond=cond))).numpy()
     out = ort_rollout(files, cfg, frames, steps, seed, [c.numpy() for c in cond] if cond else None)

@@ -20,7 +20,7 @@ class TorchBackend:
 
     def __init__(self, model: MirageUNet, device: str, dtype: str = "float32", compile_mode: str | None = None,
                  channels_last: bool = False, freeze: bool = False, kernel_library: str | None = None,
-                 precompute_time: bool = False):
+                 precompute_time: bool = False, codec=None):
         self.device, self.dtype = str(device), dtype
         self.model = model.to(device=device, dtype=getattr(torch, dtype)).eval()
         if channels_last:
@@ -42,6 +42,10 @@ class TorchBackend:
         self._shifts: dict[int, tuple] = {}
         self.denoise = self.model.denoise_shifted if precompute_time else self.model.denoise
         self.context = self.model.context_encode
+        # a latent model's frozen autoencoder (model.latent.LatentCodec): compiled with the rest
+        self.codec = None if codec is None else codec.to(device=device, dtype=getattr(torch, dtype)).eval()
+        if self.codec is not None:
+            self.encode, self.decode = self.codec.encode, self.codec.decode
         if freeze and not compile_mode:
             raise BackendError("freezing is an Inductor option: it needs a compile mode")
         if compile_mode:
@@ -50,6 +54,8 @@ class TorchBackend:
             kwargs = {"options": {"freezing": True}} if freeze else {"mode": compile_mode}
             self.denoise = torch.compile(self.denoise, **kwargs)
             self.context = torch.compile(self.context, **kwargs)
+            if self.codec is not None:
+                self.encode, self.decode = (torch.compile(f, **kwargs) for f in (self.encode, self.decode))
         self.no_grad = torch.no_grad()
 
     def buffer_dtype(self, graph: str, name: str) -> str:
@@ -63,8 +69,12 @@ class TorchBackend:
             if graph == G.DENOISE:
                 t = self._time(inputs[G.T]) if self.precompute_time else inputs[G.T]
                 out = self.denoise(inputs[G.X_T], t, inputs.get(G.COND), inputs[G.MEMORY], inputs[G.AGES])
-            else:
+            elif graph == G.CONTEXT:
                 out = self.context(inputs[G.FRAME], inputs[G.T_CTX])
+            elif graph == G.ENCODE:
+                out = self.encode(inputs[G.IMAGE])
+            else:
+                out = self.decode(inputs[G.Z])
             output.copy_(out)
 
     def _time(self, t: torch.Tensor) -> tuple:
@@ -76,4 +86,4 @@ class TorchBackend:
         return self._shifts[key]
 
     def close(self):
-        self.model = self.denoise = self.context = None
+        self.model = self.denoise = self.context = self.codec = None

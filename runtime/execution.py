@@ -59,7 +59,7 @@ class CpuExecution:
     def submit(self, cond: np.ndarray | None, advance: np.ndarray) -> None:
         numpy = self.backend.array == "numpy"
         if cond is not None:
-            self.buf.cond[...] = cond if numpy else _torch().from_numpy(cond)
+            self.buf.input[...] = cond if numpy else _torch().from_numpy(cond)
         self.buf.advance[...] = advance if numpy else _torch().from_numpy(advance)
         run_frame(self.backend, self.ops, self.buf, self.schedule)
         # a copy: the next frame overwrites the buffer
@@ -111,16 +111,16 @@ class GpuExecution:
 
     def prepare(self, buf: Buffers) -> None:
         gpu, self.buf = self.gpu, buf
-        dtype = _dtype_name(buf.x)
         # Parity-indexed staging: device input/output and pinned host buffers.
-        self.cond_stage = [gpu.zeros(buf.x.shape, dtype) for _ in range(2)] if buf.cond is not None else None
+        self.cond_stage = None if buf.input is None else \
+            [gpu.zeros(buf.input.shape, _dtype_name(buf.input)) for _ in range(2)]
         self.advance_stage = [gpu.zeros(buf.advance.shape, "int64") for _ in range(2)]
         for stage in self.advance_stage:
             gpu.fill(stage, 1)
         self.host_advance = [gpu.pinned(buf.advance) for _ in range(2)]
-        self.frame_out = [gpu.zeros(buf.x.shape, dtype) for _ in range(2)]
-        self.host_in = [gpu.pinned(buf.x) for _ in range(2)]
-        self.host_out = [gpu.pinned(buf.x) for _ in range(2)]
+        self.frame_out = [gpu.zeros(buf.frame.shape, _dtype_name(buf.frame)) for _ in range(2)]
+        self.host_in = [gpu.pinned(buf.input) for _ in range(2)] if buf.input is not None else None
+        self.host_out = [gpu.pinned(buf.frame) for _ in range(2)]
         ev = lambda: [gpu.event() for _ in range(2)]  # noqa: E731
         self.ev_up, self.ev_start, self.ev_done, self.ev_down, self.ev_up0 = ev(), ev(), ev(), ev(), ev()
         # One eager frame per graph (allocator, kernels, autotuning), then capture; eager on failure.
@@ -137,7 +137,7 @@ class GpuExecution:
     def _frame_body(self, k: int) -> None:
         """Graph k: the frame, reading staged input k and writing output k."""
         if self.cond_stage is not None:
-            self.gpu.copy(self.buf.cond, self.cond_stage[k])
+            self.gpu.copy(self.buf.input, self.cond_stage[k])
         self.gpu.copy(self.buf.advance, self.advance_stage[k])
         run_frame(self.backend, self.ops, self.buf, self.schedule)
         self.gpu.copy(self.frame_out[k], self.buf.frame)

@@ -83,7 +83,8 @@ class Pipeline:
 
     @classmethod
     def from_model(cls, model, device: str = "auto", options: PipelineOptions = PipelineOptions()) -> "Pipeline":
-        """A pipeline around an in-memory MirageUNet (the PyTorch backend)."""
+        """A pipeline around an in-memory MirageUNet (the PyTorch backend); a latent model's frozen
+        autoencoder is loaded from its config."""
         import torch
 
         from mirage.model.torch_backend import TorchBackend
@@ -94,8 +95,13 @@ class Pipeline:
             raise BackendError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU; use --device cpu")
         on_gpu = str(device).startswith("cuda")
         dtype = options.dtype or ("float16" if on_gpu else "float32")
+        codec = None
+        if model.cfg.latent:
+            from mirage.train.codec import load_codec
+
+            codec = load_codec(model.cfg)
         impl = TorchBackend(model, device, dtype, options.compile, options.channels_last, options.freeze,
-                            options.kernel_library, options.precompute_time)
+                            options.kernel_library, options.precompute_time, codec)
         precision = "fp16" if dtype == "float16" else "fp32"
         return cls(impl, model.cfg, G.model_graphs(model.cfg, options.batch, precision=precision), options)
 
@@ -110,7 +116,7 @@ class Pipeline:
 
     @property
     def frame_shape(self) -> tuple[int, int, int]:
-        return (self.cfg.image_size, self.cfg.image_size, self.cfg.channels)
+        return (self.cfg.pixels, self.cfg.pixels, G.RGB)
 
     @property
     def graphs(self) -> list:

@@ -18,7 +18,6 @@ Checkpoint folder:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -28,11 +27,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mirage import __version__
-from mirage.core.config import AutoencoderConfig, ConfigError, TrainConfig, from_json, to_json
-from mirage.model.autoencoder import TAESD_WEIGHTS, Autoencoder, AutoencoderError, build_autoencoder, \
-    load_taesd_folder, load_weights
+from mirage.core.config import AutoencoderConfig, TrainConfig, to_json
+from mirage.model.autoencoder import Autoencoder, build_autoencoder
 from mirage.model.ssim import ms_ssim
 from mirage.train.checkpoint import CONFIG, WEIGHTS, CheckpointError, _atomic
+from mirage.train.codec import load_autoencoder
 from mirage.train.data import ClipStream, make_source
 from mirage.train.trainer import ema_update, lr_at, pick_device
 
@@ -124,41 +123,6 @@ def save_autoencoder(out: str | Path, model: Autoencoder, tcfg: TrainConfig | No
     _atomic(out / WEIGHTS, lambda p: save_file(weights, p))
     _atomic(out / CONFIG, lambda p: p.write_text(json.dumps(meta, indent=2)))
     return out
-
-
-def load_autoencoder(path: str | Path, expect: AutoencoderConfig | None = None,
-                     device: str | torch.device = "cpu") -> tuple[Autoencoder, dict]:
-    """An autoencoder in eval mode from a Mirage checkpoint folder or a diffusers-layout TAESD folder.
-    With `expect`, a checkpoint whose config differs is refused, naming both values."""
-    folder = Path(path)
-    if (folder / TAESD_WEIGHTS).is_file():
-        model = load_taesd_folder(folder)
-        meta = {"autoencoder": to_json(model.cfg), "step": None}
-    else:
-        if not (folder / CONFIG).is_file():
-            raise CheckpointError(f"{folder}: not an autoencoder checkpoint (no {CONFIG}); train one with "
-                                  "`mirage-train --stage autoencoder` or pass a TAESD folder")
-        try:
-            meta = json.loads((folder / CONFIG).read_text())
-            cfg = from_json(AutoencoderConfig, meta["autoencoder"])
-        except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as e:
-            raise CheckpointError(f"{folder / CONFIG}: not an autoencoder config ({e!r})") from e
-        model = Autoencoder(cfg)
-        try:
-            load_weights(model.taesd, folder / WEIGHTS)
-        except AutoencoderError as e:
-            raise CheckpointError(str(e)) from e
-    if expect is not None:
-        check_same_autoencoder(model.cfg, expect)
-    return model.to(device).eval(), meta
-
-
-def check_same_autoencoder(saved: AutoencoderConfig, wanted: AutoencoderConfig) -> None:
-    """Refuse an autoencoder whose config differs from the one asked for, naming both values."""
-    diffs = [f"{f.name}: checkpoint has {getattr(saved, f.name)!r}, asked for {getattr(wanted, f.name)!r}"
-             for f in dataclasses.fields(AutoencoderConfig) if getattr(saved, f.name) != getattr(wanted, f.name)]
-    if diffs:
-        raise CheckpointError("autoencoder config mismatch; " + "; ".join(diffs))
 
 
 @torch.no_grad()

@@ -35,14 +35,19 @@ def rollout(model: MirageUNet, num_frames: int, *, steps: int = DEFAULT_STEPS, s
                          if cfg.cond_channels else "this generation model takes no input stream")
     param = next(model.parameters())
     device, dtype = param.device, str(param.dtype).split(".")[1]
-    backend = TorchBackend(model, str(device), dtype)
+    codec = None
+    if cfg.latent:
+        from mirage.train.codec import load_codec
+
+        codec = load_codec(cfg)
+    backend = TorchBackend(model, str(device), dtype, codec=codec)
     ops, sched = TorchOps(device), Schedule.ddim(steps, context_noise)
     specs = G.model_graphs(cfg, batch, precision="fp16" if dtype == "float16" else "fp32")
     buf = make_buffers(specs, sched, lambda shape, dt: torch.zeros(shape, dtype=getattr(torch, dt), device=device),
                        lambda b, value: b.fill_(value), backend.buffer_dtype)
     for b in range(batch):
         ops.reset_row_(buf, b, seed + b)
-    shape = tuple(buf.x.shape)
+    shape = tuple(buf.input.shape) if buf.input is not None else None
     cond_iter = iter(cond) if cond is not None else None
     for n in range(num_frames):
         if cond_iter is not None:
@@ -51,6 +56,6 @@ def rollout(model: MirageUNet, num_frames: int, *, steps: int = DEFAULT_STEPS, s
                 return
             if tuple(c.shape) != shape:
                 raise ValueError(f"input frame {n} has shape {tuple(c.shape)}, the model takes {shape}")
-            buf.cond.copy_(c)
+            buf.input.copy_(c)
         run_frame(backend, ops, buf, sched, callback)
         yield buf.frame.clone()
