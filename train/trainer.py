@@ -20,6 +20,7 @@ Two variants, configured in TrainConfig:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import time
@@ -33,6 +34,7 @@ from tqdm import tqdm
 
 from mirage.train.checkpoint import STATE, load_checkpoint, load_train_state, read_meta, save_checkpoint
 from mirage.core.config import ConfigError, ModelConfig, TrainConfig, check_same, from_json
+from mirage.train.codec import autoencoder_sha256, load_codec
 from mirage.train.data import ClipStream, make_source, v2v_input
 from mirage.train.distill import check_teacher, distill_target, step_table
 from mirage.train.self_forcing import is_self_forced_step, self_forced_context
@@ -43,16 +45,23 @@ from mirage.model.unet import MirageUNet, parameter_count
 class TrainStep(nn.Module):
     """The loss as a module forward, so DistributedDataParallel sees one call per step."""
 
-    def __init__(self, model: MirageUNet, tcfg: TrainConfig, teacher: MirageUNet | None = None):
+    def __init__(self, model: MirageUNet, tcfg: TrainConfig, teacher: MirageUNet | None = None, codec=None):
         super().__init__()
         self.model, self.tcfg = model, tcfg
         self.teacher = [teacher] if teacher is not None else []  # a list: not a submodule, so DDP and the optimizer skip it
+        self.codec = [codec] if codec is not None else []  # a latent model's frozen autoencoder (same reason)
 
     def forward(self, clips: torch.Tensor, self_forced: bool = False) -> torch.Tensor:
         cfg, tcfg, dev = self.model.cfg, self.tcfg, clips.device
         b, length = clips.shape[:2]
         k = length - 1
-        ctx, target = clips[:, :k], clips[:, k]  # (B, K, 3, H, W), (B, 3, H, W)
+        cond_pixels = v2v_input(clips[:, k]) if cfg.cond_channels else None  # (B, 3, S, S)
+        if self.codec:  # a latent model learns on the frozen encoder's latents, conditioned on the encoded input
+            with torch.no_grad():
+                encode = self.codec[0].encode
+                clips = encode(clips.flatten(0, 1)).unflatten(0, (b, length))  # (B, K+1, C, H, W)
+                cond_pixels = encode(cond_pixels) if cond_pixels is not None else None
+        ctx, target = clips[:, :k], clips[:, k]  # (B, K, C, H, W), (B, C, H, W)
         if self_forced:
             ctx = self_forced_context(self.model, clips, tcfg.self_forcing_horizon, tcfg.self_forcing_steps,
                                       tcfg.self_forcing_context_noise, tcfg.self_forcing_strength)
@@ -80,7 +89,7 @@ class TrainStep(nn.Module):
         else:
             t = torch.randint(0, T, (b,), device=dev)
         eps = torch.randn_like(target)
-        cond = v2v_input(target) if cfg.cond_channels else None
+        cond = cond_pixels
         x_t = q_sample(target, t, eps)
         if self.teacher:
             teacher = self.teacher[0]
@@ -134,6 +143,11 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)
     torch.manual_seed(tcfg.seed + rank)
+    codec = None
+    if model_cfg.latent:  # record which autoencoder the model learns the latents of: loads check it
+        model_cfg = dataclasses.replace(model_cfg, autoencoder_sha256=model_cfg.autoencoder_sha256
+                                        or autoencoder_sha256(model_cfg.autoencoder))
+        codec = load_codec(model_cfg, dev)
     model = MirageUNet(model_cfg).to(dev)
     model.grad_checkpoint = tcfg.grad_checkpoint
     start_from = tcfg.init_from or tcfg.distill_from
@@ -157,11 +171,11 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
         check_same(from_json(ModelConfig, read_meta(out)["model"]), model_cfg)
         meta = load_train_state(out, model, ema, opt)
         step, elapsed = meta["step"], meta.get("train_seconds", 0.0)
-    source = make_source(tcfg.data, model_cfg.image_size, model_cfg.context_frames + 1, tcfg.seed)
+    source = make_source(tcfg.data, model_cfg.pixels, model_cfg.context_frames + 1, tcfg.seed)
     stream = ClipStream(source, model_cfg.context_frames + 1, seed=tcfg.seed + 1000 * step, rank=rank)
     loader = iter(torch.utils.data.DataLoader(stream, batch_size=tcfg.batch_size, num_workers=workers,
                                               pin_memory=dev.type == "cuda"))
-    step_fn: nn.Module = TrainStep(model, tcfg, teacher)
+    step_fn: nn.Module = TrainStep(model, tcfg, teacher, codec)
     if world > 1:
         step_fn = nn.parallel.DistributedDataParallel(step_fn, device_ids=[dev] if dev.type == "cuda" else None)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.precision)

@@ -1,0 +1,128 @@
+"""Latent models on the CPU (tiny-64: 8x8x4 latents of the bundled autoencoder, 64x64 frames):
+configs, the frame loop with encode/decode, training on latents, the autoencoder's hash, export
+of all four graphs and engines built for them."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from mirage.core import graphs as G
+from mirage.core.config import ConfigError, ModelConfig, TrainConfig, get_config
+from mirage.core.synthetic import SyntheticVideo
+from mirage.core.video_io import v2v_input
+from mirage.engine.artifact import ArtifactOptions, build_artifact
+from mirage.model.unet import MirageUNet
+from mirage.runtime import Pipeline
+from mirage.train.checkpoint import CheckpointError, save_checkpoint
+from mirage.train.codec import load_codec
+from mirage.train.rollout import rollout
+
+
+def _model(task: str, **changes) -> MirageUNet:
+    torch.manual_seed(0)
+    model = MirageUNet(dataclasses.replace(get_config("tiny-64", task), **changes)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def _inputs(n: int) -> list[np.ndarray]:
+    return [v2v_input(f) for f in SyntheticVideo(64, seed=3).clip(0, n)]
+
+
+def test_latent_configs():
+    for name, pixels, latents in [("small-256", 256, 32), ("base-512", 512, 64), ("seed880m-512", 512, 64)]:
+        cfg = get_config(name, "v2v")
+        assert (cfg.pixels, cfg.image_size, cfg.channels, cfg.cond_channels) == (pixels, latents, 4, 4)
+        specs = G.model_graphs(cfg)
+        assert specs[G.DECODE].output.shape == (1, 3, pixels, pixels) and specs[G.ENCODE].output.shape[1:] == (4, latents, latents)
+    assert G.ENCODE not in G.model_graphs(get_config("base-512"))  # generation decodes only
+    with pytest.raises(ConfigError, match="both autoencoder and frame_size"):
+        ModelConfig(autoencoder="checkpoints/ae-tiny")
+    with pytest.raises(ConfigError, match="multiple > 1 of image_size"):
+        dataclasses.replace(get_config("tiny-64"), frame_size=60)
+    with pytest.raises(ConfigError, match="must be a positive integer"):
+        ModelConfig(image_size=0)
+
+
+@pytest.mark.parametrize("task", ["generate", "v2v"])
+def test_pipeline_runs_the_latent_frame_and_matches_the_reference(task):
+    model = _model(task)
+    inputs = _inputs(3) if task == "v2v" else [None] * 3
+    with Pipeline.from_model(model, "cpu") as pipe:
+        assert pipe.frame_shape == (64, 64, 3)
+        pipe.reset(2)
+        out = np.stack([pipe.step(x) for x in inputs])
+    cond = [torch.from_numpy(x).permute(2, 0, 1)[None] for x in inputs] if task == "v2v" else None
+    ref = np.stack([f[0].permute(1, 2, 0).numpy() for f in rollout(model, 3, seed=2, cond=cond)])
+    np.testing.assert_array_equal(out, ref)
+    assert out.min() >= -1 and out.max() <= 1 and out.std() > 0.01
+
+
+def test_the_decoder_makes_the_frame():
+    """The frame is decode(x_0): swapping in another decoder changes it."""
+    model = _model("generate")
+    codec = load_codec(model.cfg)
+    calls = []
+    list(rollout(model, 1, seed=0, callback=lambda e: calls.append(e["graph"])))
+    assert calls == [G.DENOISE] * 4 + [G.CONTEXT, G.DECODE]
+    with torch.no_grad():
+        assert codec.decode(torch.zeros(1, 4, 8, 8)).shape == (1, 3, 64, 64)
+
+
+def test_a_changed_autoencoder_is_refused(tmp_path):
+    ae = tmp_path / "ae"
+    shutil.copytree(_bundled_ae(), ae)
+    model = _model("generate", autoencoder=str(ae), autoencoder_sha256="0" * 64)
+    with pytest.raises(CheckpointError, match="not the one this model was trained with"):
+        load_codec(model.cfg)
+
+
+def _bundled_ae():
+    from mirage.train.codec import resolve_autoencoder
+
+    return resolve_autoencoder(get_config("tiny-64").autoencoder)
+
+
+def test_training_on_latents_records_the_autoencoder(tmp_path):
+    from mirage.train.trainer import train
+
+    summary = train(get_config("tiny-64", "v2v"), TrainConfig(steps=2, batch_size=2, log_every=1, save_every=2),
+                    tmp_path / "run", device="cpu", progress=False)
+    assert np.isfinite(summary["loss"])
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["model"]
+    assert len(saved["autoencoder_sha256"]) == 64
+    with Pipeline.load(tmp_path / "run", device="cpu") as pipe:
+        pipe.reset(0)
+        assert pipe.step(_inputs(1)[0]).shape == (64, 64, 3)
+
+
+def test_export_writes_and_checks_all_four_graphs(tmp_path):
+    model = _model("v2v")
+    save_checkpoint(tmp_path / "ckpt", model, model, TrainConfig(), step=1)
+    m = build_artifact(tmp_path / "ckpt", tmp_path / "art",
+                       ArtifactOptions(precision="fp32", calibration_frames=2, parity_frames=3))
+    assert set(m["graphs"]) == {G.DENOISE, G.CONTEXT, G.ENCODE, G.DECODE}
+    assert all(t["rel"] < 1e-4 for t in m["parity"]["tensors"].values()), m["parity"]["tensors"]
+    outs = []
+    for path in (tmp_path / "art", tmp_path / "ckpt"):  # ONNX Runtime (no torch needed) vs PyTorch
+        with Pipeline.load(path, device="cpu") as pipe:
+            pipe.reset(1)
+            outs.append(np.stack([pipe.step(x) for x in _inputs(3)]))
+    assert np.abs(outs[0] - outs[1]).max() < 1e-4
+
+
+def test_tensorrt_rtx_builds_the_autoencoder_engines(tmp_path):
+    pytest.importorskip("tensorrt_rtx")
+    model = _model("v2v")
+    save_checkpoint(tmp_path / "ckpt", model, model, TrainConfig(), step=1)
+    m = build_artifact(tmp_path / "ckpt", tmp_path / "art", ArtifactOptions(
+        precision="fp16", backend="tensorrt-rtx", gpus=("sm89",), calibration_frames=2, parity_frames=3))
+    for graph in (G.ENCODE, G.DECODE):
+        assert (tmp_path / "art" / m["graphs"][graph]["engine"]).stat().st_size > 10_000
