@@ -117,26 +117,94 @@ def floor(model: MirageUNet, steps: int, peaks: dict) -> dict:
 
 
 def time_pipeline(pipe: Pipeline, frames: int, warmup: int) -> dict:
+    """Host-timed synchronous steps (what a caller of step() waits), plus the GPU-event split of a
+    frame into input upload, the frame graph's compute and the output download."""
     torch.cuda.reset_peak_memory_stats()
+    cond = np.zeros(pipe.frame_shape, np.float32) if pipe.video_to_video else None
     t0 = time.perf_counter()
     pipe.reset(0)
-    pipe.step()
+    pipe.step(cond)
     first = time.perf_counter() - t0
     for _ in range(warmup):
-        pipe.step()
+        pipe.step(cond)
+    pipe.timeline.clear()
     times = []
     for _ in range(frames):
         t = time.perf_counter()
-        pipe.step()
+        pipe.step(cond)
         times.append((time.perf_counter() - t) * 1e3)
+    split = {f"{k}_median": statistics.median(f[k] for f in pipe.timeline)
+             for k in ("upload_ms", "compute_ms", "download_ms")} if pipe.timeline else {}
     return {"median_ms": statistics.median(times), "p99_ms": float(np.percentile(times, 99)),
             "fps": 1e3 / statistics.mean(times), "first_frame_ms": first * 1e3,
-            "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20}
+            "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20, **split}
 
 
-def random_model(name: str) -> MirageUNet:
+def codec_stages(name: str, reps: int = 200) -> dict:
+    """encode / decode of a latent config's TAESD-shaped autoencoder at batch 1, fp16, each replayed
+    as a CUDA graph (eager kernels, and Inductor's with channels-last), timed with CUDA events."""
+    from mirage.train.codec import load_codec
+
+    cfg = random_model(name, "v2v").cfg
+    out = {}
+    for compiled in (False, True):
+        codec = load_codec(cfg, "cuda").half()
+        if compiled:
+            codec.to(memory_format=torch.channels_last)
+        for stage, shape in (("encode", (1, 3, cfg.pixels, cfg.pixels)), ("decode", (1, cfg.channels, cfg.image_size,
+                                                                                     cfg.image_size))):
+            fn = getattr(codec, stage)
+            fn = torch.compile(fn) if compiled else fn
+            x = torch.randn(shape, device="cuda", dtype=torch.float16)
+            with torch.no_grad():
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(3):
+                        fn(x)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    fn(x)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            times = []
+            for _ in range(reps):
+                start.record()
+                graph.replay()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            out[f"{stage}_{'inductor_cl' if compiled else 'eager'}_ms"] = statistics.median(times)
+        torch.compiler.reset()
+    return out
+
+
+_RANDOM_AE: dict[str, str] = {}
+
+
+def random_autoencoder() -> str:
+    """A TAESD-shaped autoencoder (64 channels, 1.2M parameters per side) with random weights, saved
+    once per run: timing needs its shape, not trained weights."""
+    if "taesd" not in _RANDOM_AE:
+        import tempfile
+
+        from mirage.core.config import get_ae_config
+        from mirage.model.autoencoder import build_autoencoder
+        from mirage.train.autoencoder import save_autoencoder
+
+        torch.manual_seed(0)
+        folder = Path(tempfile.mkdtemp(prefix="taesd-random-"))
+        save_autoencoder(folder, build_autoencoder(get_ae_config("taesd")), None, 0)
+        _RANDOM_AE["taesd"] = str(folder)
+    return _RANDOM_AE["taesd"]
+
+
+def random_model(name: str, task: str = "generate") -> MirageUNet:
     torch.manual_seed(0)
-    model = MirageUNet(get_config(name))
+    cfg = get_config(name, task)
+    if cfg.latent:
+        cfg = dataclasses.replace(cfg, autoencoder=random_autoencoder(), latent_scale=1.0)
+    model = MirageUNet(cfg)
     with torch.no_grad():
         for p in model.parameters():
             if not p.abs().sum():  # zero-initialised output layers: give them real values
@@ -319,6 +387,9 @@ def main(argv=None) -> int:
     p.add_argument("--plot", default="", help="also draw the latency per variant here (PNG, needs matplotlib)")
     p.add_argument("--plot-only", action="store_true",
                    help="redraw --plot / --markdown from an existing --json, no GPU")
+    p.add_argument("--task", default="generate", choices=["generate", "v2v"],
+                   help="v2v: the timed frames include the input upload (and, for latent configs, the encoder)")
+    p.add_argument("--stage-configs", default="", help="latent configs whose encode/decode are timed alone")
     p.add_argument("--check-configs", default="tiny",
                    help="configs for the graph-vs-eager and copy-overlap checks ('' to skip them)")
     args = p.parse_args(argv)
@@ -350,8 +421,12 @@ def main(argv=None) -> int:
         report[f"throughput_{name}"] = throughput(name, [int(b) for b in args.throughput_batches.split(",")],
                                                   args.throughput_variant, args.kernel_library)
         save()
+    for name in filter(None, args.stage_configs.split(",")):
+        report[f"codec_stages_{name}"] = codec_stages(name)
+        print(f"codec stages ({name}):", report[f"codec_stages_{name}"], flush=True)
+        save()
     for name in filter(None, args.configs.split(",")):
-        model = random_model(name)
+        model = random_model(name, args.task)
         entry = {"parameters": parameter_count(model), "floor": floor(model, args.steps, report["peaks"]),
                  "variants": {}}
         print(f"{name}: floor {entry['floor']}", flush=True)
@@ -359,7 +434,7 @@ def main(argv=None) -> int:
         for variant in args.variants.split(","):
             t = time.perf_counter()
             pipe = variant_pipeline(model, variant, args.kernel_library, steps=args.steps)
-            frames = args.frames if name != "seed880m" else max(30, args.frames // 2)
+            frames = args.frames if not name.startswith("seed880m") else max(30, args.frames // 2)
             res = time_pipeline(pipe, frames, warmup=5 if VARIANTS[variant].get("compile") or VARIANTS[variant].get("preset") else 3)
             res["setup_s"] = time.perf_counter() - t  # compile time for compile-*, capture for runtime-*
             res["frame_graph_captured"] = bool(pipe.graphs)
