@@ -120,18 +120,18 @@ def time_pipeline(pipe: Pipeline, frames: int, warmup: int) -> dict:
     """Host-timed synchronous steps (what a caller of step() waits), plus the GPU-event split of a
     frame into input upload, the frame graph's compute and the output download."""
     torch.cuda.reset_peak_memory_stats()
-    cond = np.zeros(pipe.frame_shape, np.float32) if pipe.video_to_video else None
+    cond = np.zeros((pipe.batch, *pipe.frame_shape), np.float32) if pipe.video_to_video else None
     t0 = time.perf_counter()
     pipe.reset(0)
-    pipe.step(cond)
+    pipe.step_batch(cond)
     first = time.perf_counter() - t0
     for _ in range(warmup):
-        pipe.step(cond)
+        pipe.step_batch(cond)
     pipe.timeline.clear()
     times = []
     for _ in range(frames):
         t = time.perf_counter()
-        pipe.step(cond)
+        pipe.step_batch(cond)
         times.append((time.perf_counter() - t) * 1e3)
     split = {f"{k}_median": statistics.median(f[k] for f in pipe.timeline)
              for k in ("upload_ms", "compute_ms", "download_ms")} if pipe.timeline else {}
