@@ -104,8 +104,8 @@ def floor(model: MirageUNet, steps: int, peaks: dict) -> dict:
 
     pipe = Pipeline.from_model(model, "cuda", PipelineOptions(dtype="float16", steps=steps, cuda_graph=False))
     pipe.reset(0)
-    with FlopCounterMode(display=False) as counter:
-        pipe.step()
+    with FlopCounterMode(display=False) as counter:  # the whole frame: codec included for latent models
+        pipe.step(np.zeros(pipe.frame_shape, np.float32) if pipe.video_to_video else None)
     flops = counter.get_total_flops()
     weights = parameter_count(model) * 2
     ctx_weights = parameter_count(model.context) * 2
