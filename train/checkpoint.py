@@ -45,6 +45,7 @@ from mirage.model.unet import MirageUNet
 CONFIG, WEIGHTS, STATE = "config.json", "model.safetensors", "train_state.safetensors"
 JOURNAL = ".save-journal.json"
 TMP = ".tmp"
+PROBE = ".write-probe-"
 
 
 class CheckpointError(ValueError):
@@ -71,7 +72,7 @@ def sha256_file(path: Path) -> str:
 def check_writable(out: str | Path) -> Path:
     """Create `out` and prove a file can be written there, before any training work."""
     out = Path(out)
-    probe = out / f".write-probe-{os.getpid()}"
+    probe = out / f"{PROBE}{os.getpid()}"
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
@@ -83,7 +84,9 @@ def check_writable(out: str | Path) -> Path:
 
 
 def _leftovers(folder: Path) -> list[Path]:
-    return [folder / (name + TMP) for name in (CONFIG, WEIGHTS, STATE, JOURNAL) if (folder / (name + TMP)).exists()]
+    """Files an interrupted save or writability probe can leave; only ours, never a user's."""
+    tmps = [folder / (name + TMP) for name in (CONFIG, WEIGHTS, STATE, JOURNAL) if (folder / (name + TMP)).exists()]
+    return tmps + (sorted(folder.glob(f"{PROBE}*")) if folder.is_dir() else [])
 
 
 def recover(folder: str | Path) -> None:
