@@ -35,16 +35,16 @@ def artifacts(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name, bound", [("fp16", 1e-2), ("int8", 0.35), ("fp8", 0.15), ("fp32-v2v", 1e-4)])
+@pytest.mark.parametrize("name, bound", [("fp16", 1e-2), ("int8", 0.05), ("fp8", 0.15), ("fp32-v2v", 1e-4)])
 def test_parity_per_precision(artifacts, name, bound):
     parity = read_manifest(artifacts[name])["parity"]
     for output in (G.V, G.KV):
         assert 0 <= parity["tensors"][output]["rel"] < bound, parity["tensors"]
     psnr = parity["rollout"]["psnr_mean_db"]
-    # fp32 reproduces the PyTorch rollout; fp16 is far above visible error; INT8 of this tiny
-    # model is visibly off (about 22 dB) and bounded so that a regression shows; FP8 sits between
-    # (about 30 dB over 20 frames).
-    assert psnr > {"fp16": 35, "int8": 18, "fp8": 26, "fp32-v2v": 80}[name]
+    # fp32 reproduces the PyTorch rollout; fp16 is far above visible error; INT8 with its recipe
+    # (sensitive layers in fp16, quantize.py) measured v 0.013 and 39.8 dB over these 10 frames
+    # (ModelOpt's default placement: 0.27 and about 22 dB); FP8 about 30 dB over 20 frames.
+    assert psnr > {"fp16": 35, "int8": 30, "fp8": 26, "fp32-v2v": 80}[name]
 
 
 def test_fp16_activations_have_headroom(artifacts):
