@@ -6,32 +6,32 @@ from pathlib import Path
 
 import click
 
+from mirage.cli.errors import UserError
+from mirage.core.errors import MirageError
+from mirage.core.graphs import PRECISIONS
+from mirage.engine.manifest import BACKENDS, RTX_TARGETS
+
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny"
-
-
-class ExportFailed(click.ClickException):
-    """A user error: one line on stderr, exit status 2."""
-
-    exit_code = 2
 
 
 def _gpus(ctx, param, value: str | None) -> tuple[str, ...]:
     if not value:
         return ()
     gpus = tuple(v.strip().lower().replace("_", "") for v in value.split(",") if v.strip())
-    bad = [g for g in gpus if not (g.startswith("sm") and g[2:].isdigit())]
+    bad = [g for g in gpus if g not in RTX_TARGETS]
     if bad:
-        raise click.BadParameter(f"{', '.join(bad)}: write compute capabilities as sm89, sm120, ...")
+        raise click.BadParameter(f"{', '.join(bad)}: TensorRT-RTX targets are {', '.join(RTX_TARGETS)} "
+                                 "(for another GPU build with --backend tensorrt on it)")
     return gpus
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path), default=DEFAULT_CHECKPOINT,
               help="Checkpoint folder (config.json + model.safetensors).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "fp8"]), default="fp16",
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp16",
               help="fp32 reference; fp16; int8 / fp8 = explicit Q/DQ (INT8, or FP8 E4M3 for Ada/Hopper/Blackwell) "
                    "calibrated on real rollout inputs (needs ModelOpt).")
-@click.option("--backend", type=click.Choice(["onnx", "tensorrt-rtx", "tensorrt"]), default="onnx",
+@click.option("--backend", type=click.Choice(BACKENDS), default="onnx",
               help="onnx: graphs only. tensorrt-rtx builds on the CPU (no GPU needed); tensorrt needs its GPU.")
 @click.option("--gpu", "gpus", callback=_gpus, default=None,
               help="TensorRT-RTX target compute capabilities, comma-separated (sm80,sm86,sm89,sm120; "
@@ -51,28 +51,24 @@ def _gpus(ctx, param, value: str | None) -> tuple[str, ...]:
                    "TensorRT plugin (needs --plugin-library to build engines).")
 @click.option("--calib-frames", type=click.IntRange(min=1), default=8, help="Rollout frames for INT8/FP8 calibration.")
 @click.option("--parity-frames", type=click.IntRange(min=2), default=50, help="Frames of the rollout parity check.")
+@click.option("--allow-parity-failure", is_flag=True,
+              help="Write the artifact even if it fails parity against PyTorch (recorded in the manifest).")
 def main(checkpoint, precision, backend, gpus, out, batch, max_batch, opt_level, workspace_mb, plugin_library,
-         temporal_attention, calib_frames, parity_frames):
+         temporal_attention, calib_frames, parity_frames, allow_parity_failure):
     """Export a Mirage checkpoint to ONNX, check it against PyTorch, and build TensorRT engines.
 
     Writes OUT/manifest.json, the ONNX graphs, and (TensorRT backends) the engines with a
     per-layer view of each. Parity is ONNX Runtime on the CPU against PyTorch, per tensor and
     as the PSNR of a whole rollout.
     """
-    from mirage.export.onnx_export import ExportError
-    from mirage.export.quantize import QuantizeError
-    from mirage.runtime.backends import BackendError
-    from mirage.train.checkpoint import CheckpointError
-
     from mirage.engine.artifact import ArtifactOptions, artifact_files, build_artifact
-    from mirage.engine.manifest import EngineError
 
     if max_batch is not None and batch > max_batch:
-        raise ExportFailed(f"--batch {batch} is larger than --max-batch {max_batch}")
+        raise UserError(f"--batch {batch} is larger than --max-batch {max_batch}")
     options = ArtifactOptions(precision=precision, backend=backend, batch=batch, max_batch=max_batch, gpus=gpus,
                               calibration_frames=calib_frames, parity_frames=parity_frames,
                               optimization_level=opt_level, workspace_mb=workspace_mb, plugin_library=plugin_library,
-                              temporal_attention=temporal_attention)
+                              temporal_attention=temporal_attention, allow_parity_failure=allow_parity_failure)
     start = time.perf_counter()
 
     def progress(stage: str) -> None:
@@ -80,8 +76,8 @@ def main(checkpoint, precision, backend, gpus, out, batch, max_batch, opt_level,
 
     try:
         manifest = build_artifact(checkpoint, out, options, progress)
-    except (ExportError, QuantizeError, CheckpointError, EngineError, BackendError) as e:
-        raise ExportFailed(str(e)) from e
+    except MirageError as e:
+        raise UserError(str(e)) from e
     par = manifest["parity"]
     click.echo(f"\nartifact {out}  ({manifest['precision']}, backend {manifest['backend']['name']}"
                f"{' ' + manifest['backend']['version'] if manifest['backend']['version'] else ''}, "
@@ -98,8 +94,9 @@ def main(checkpoint, precision, backend, gpus, out, batch, max_batch, opt_level,
     if "fp16_headroom" in par:
         click.echo(f"  fp16: largest activation {par['fp16_activation_peak']:.1f} ({par['fp16_headroom']:.0f}x "
                    "below the fp16 maximum)")
-    if not par["passed"]:
-        click.echo("warning: a tensor is over its parity tolerance; judge by the rollout PSNR above", err=True)
+    if par["override"]:
+        click.echo("warning: parity FAILED; written anyway because of --allow-parity-failure (recorded in the "
+                   "manifest)", err=True)
 
 
 if __name__ == "__main__":

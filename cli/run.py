@@ -2,10 +2,11 @@
 
     mirage-run                                  # bundled tiny model, CPU, 48 frames -> mirage.gif
     mirage-run checkpoints/tiny-v2v --input synthetic --frames 500 --output v2v.mp4
-    mirage-run CKPT --input clip.mp4 --device cuda --json report.json
+    mirage-run CKPT --input clip.mp4 --device cuda --fast --json report.json
 """
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Iterator
@@ -13,39 +14,47 @@ from typing import Iterator
 import click
 import numpy as np
 
-from mirage.runtime.pipeline import BACKENDS, Pipeline, PipelineError
+from mirage.cli.errors import UserError
+from mirage.core.config import PipelineOptions
+from mirage.core.errors import MirageError
 from mirage.core.report import latency_summary, psnr, table, write_json
-from mirage.core.video_io import VideoError, iter_frames, write_video
+from mirage.core.synthetic import SyntheticVideo
+from mirage.core.video_io import VideoWriter, iter_frames, v2v_input
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny"
-
-
-class RunError(click.ClickException):
-    """A user error: one line on stderr, exit status 2."""
-
-    exit_code = 2
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")  # mirage.runtime.pipeline.BACKENDS, without importing it
 
 
 def _input_stream(source: str, size: int, frames: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(input frame, ground-truth frame) pairs, (H, W, 3) float32, read as they are needed: the
     video-to-video input is the frame's luma plus coarse chroma, so a clip's own colors are its
     ground truth."""
-    import torch
-
-    from mirage.train.data import SyntheticVideo, v2v_input
-
     if source == "synthetic":
         video = SyntheticVideo(size, seed=12345)
         truths = (video.clip(0, 1, start=n)[0] for n in range(frames))
     else:
         truths = (f for _, f in zip(range(frames), iter_frames(source, size)))
-    try:
-        for truth in truths:
-            chw = torch.from_numpy(np.ascontiguousarray(truth.transpose(2, 0, 1)))[None]
-            yield v2v_input(chw)[0].permute(1, 2, 0).numpy(), truth
-    except VideoError as e:
-        raise RunError(str(e)) from e
+    for truth in truths:
+        yield v2v_input(truth), truth
+
+
+class _Stop:
+    """Ctrl-C / SIGTERM end the run after the frame in progress; the output keeps the frames made."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, _frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -55,17 +64,23 @@ def _input_stream(source: str, size: int, frames: int) -> Iterator[tuple[np.ndar
                    "(0 = /dev/video0, Linux) or 'synthetic' (the default for them). Frames are center-cropped "
                    "and resized to the model's size.")
 @click.option("--frames", type=click.IntRange(min=1), default=48, help="Frames to generate.")
-@click.option("--steps", type=click.IntRange(1, 1000), default=4, help="DDIM steps per frame.")
-@click.option("--seed", type=int, default=0, help="Noise seed: the same seed gives the same video.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=None,
+              help="DDIM steps per frame; default: the model's own (a distilled student records it), else 4.")
+@click.option("--seed", type=int, default=0, help="Noise seed: the same seed gives the same video on every backend.")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("mirage.gif"),
-              help="Where to write: .mp4, .gif, or a folder for PNG frames.")
+              help="Where to write: .mp4, .gif, or a folder name (no suffix) for PNG frames. Written as frames "
+                   "arrive; Ctrl-C keeps the frames made so far.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto",
               help="auto: TensorRT for an artifact with engines on a GPU, else ONNX Runtime for an artifact, "
                    "PyTorch for a checkpoint.")
+@click.option("--fast", is_flag=True,
+              help="The fastest PyTorch path on a GPU (docs/PERF.md): float16, Inductor kernels over "
+                   "channels-last weights with freezing, captured in the frame's CUDA graph. Compiling takes "
+                   "a minute or two before the first frame.")
 @click.option("--no-cuda-graph", is_flag=True, help="Run each frame eagerly instead of replaying a CUDA graph.")
 @click.option("--compile", "compile_", is_flag=True,
-              help="PyTorch backend: generate the kernels with torch.compile (Inductor) and capture them in the "
-                   "frame graph (the fastest PyTorch path on a GPU; compiling takes a minute).")
+              help="PyTorch backend: Inductor kernels (torch.compile) captured in the frame graph, without the "
+                   "rest of --fast.")
 @click.option("--kernel-library", type=click.Path(exists=True, dir_okay=False), default=None,
               help="PyTorch backend on CUDA: run temporal attention with the fused kernel of this "
                    "libmirage_kernels.so (build it with CMake, see README).")
@@ -73,60 +88,71 @@ def _input_stream(source: str, size: int, frames: int) -> Iterator[tuple[np.ndar
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the latency report as JSON here.")
 @click.option("--fps", type=click.IntRange(min=1), default=16, help="Frame rate of the written video.")
-def main(model, source, frames, steps, seed, output, backend, no_cuda_graph, compile_, kernel_library, device, json_path,
-         fps):
+def main(model, source, frames, steps, seed, output, backend, fast, no_cuda_graph, compile_, kernel_library, device,
+         json_path, fps):
     """Generate a video with a Mirage checkpoint or exported artifact, one frame at a time,
     and report per-frame latency. Video-to-video models restore full color to an input stream."""
+    try:
+        _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_graph, compile_, kernel_library,
+             device, json_path, fps)
+    except MirageError as e:
+        raise UserError(str(e)) from e
+
+
+def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_graph, compile_, kernel_library, device,
+         json_path, fps):
     from tqdm import tqdm
 
-    try:
-        pipe = Pipeline.load(model, backend=backend, device=device, steps=steps, cuda_graph=not no_cuda_graph,
-                             compile_mode="default" if compile_ else None, kernel_library=kernel_library)
-    except (PipelineError, RuntimeError, ValueError) as e:
-        raise RunError(str(e)) from e
-    with pipe:
-        size = pipe.shapes["x_t"][2]
-        if pipe.v2v:
+    from mirage.runtime import Pipeline
+
+    if json_path is not None and not json_path.parent.is_dir():
+        raise UserError(f"--json {json_path}: folder {json_path.parent} does not exist")
+    options = PipelineOptions.fastest() if fast else PipelineOptions(compile="default" if compile_ else None)
+    options = PipelineOptions(**{**options.__dict__, "steps": steps, "cuda_graph": not no_cuda_graph,
+                                 "kernel_library": kernel_library})
+    writer = VideoWriter(output, fps=fps)  # the path and format are checked before any frame is made
+    pipe = Pipeline.load(model, backend=backend, device=device, options=options)
+    with pipe, writer, _Stop() as stop:
+        size = pipe.frame_shape[0]
+        if pipe.video_to_video:
             pairs = _input_stream(source or "synthetic", size, frames)
         elif source is not None:
-            raise RunError(f"{model} is a generation model and takes no --input; use a video-to-video model")
+            raise UserError(f"{model} is a generation model and takes no --input; use a video-to-video model")
         else:
             pairs = ((None, None) for _ in range(frames))
         start = time.perf_counter()
         pipe.reset(seed)  # allocates, warms up and captures on first use
-        gpu = pipe.gpu
-        if gpu is not None:
-            gpu.reset_peak_memory()
         setup = time.perf_counter() - start
-        out_frames, times, psnrs = [], [], []
+        times, psnrs = [], []
         with tqdm(total=frames, desc="frames", unit="frame") as bar:
             t0 = time.perf_counter()
             for x, truth in pairs:
                 frame = pipe.step(x)
                 t1 = time.perf_counter()
                 times.append(t1 - t0)
-                out_frames.append(frame)
+                writer.write(frame)
                 if truth is not None:
                     psnrs.append(float(psnr(frame, truth)))
                 bar.set_postfix(ms=f"{times[-1] * 1e3:.1f}")
                 bar.update(1)
+                if stop.signal is not None:
+                    break
                 t0 = time.perf_counter()
         if not times:
-            raise RunError(f"{source}: no frames could be read")
+            raise UserError(f"{source}: no frames could be read")
         backend_name = type(pipe.backend).__name__.replace("Backend", "").lower()
-        device_name = gpu.device_name() if gpu else "cpu"
-        peak, peak_kind = gpu.memory_mb() if gpu else (None, "")
+        device_name, peak, peak_kind = pipe.describe()
         graphs = bool(pipe.graphs)
-    try:
-        written = write_video(output, out_frames, fps=fps)
-    except VideoError as e:
-        raise RunError(str(e)) from e
+    if stop.signal is not None:
+        click.echo(f"interrupted ({signal.Signals(stop.signal).name}) after {len(times)} of {frames} frames; "
+                   f"{output} holds them", err=True)
     report = {"model": str(model), "backend": backend_name, "device": device_name, "cuda_graph": graphs,
-              "steps": steps, "seed": seed, "setup_ms": setup * 1e3, **latency_summary(times, times[0]),
-              "output": str(output), "written": written, "peak_gpu_mb": peak}
+              "options": options.__dict__, "steps": len(pipe.schedule.timesteps), "seed": seed, "setup_ms": setup * 1e3,
+              **latency_summary(times, times[0]), "output": str(output), "written": writer.count,
+              "peak_gpu_mb": peak, "interrupted": stop.signal is not None}
     if psnrs:
         report["psnr_db"] = float(np.mean(psnrs))
-    rows = [("output", f"{output} ({written} frames)"),
+    rows = [("output", f"{output} ({writer.count} frames)"),
             ("backend / device", f"{backend_name} / {device_name}{' (CUDA graph)' if graphs else ''}"),
             ("time to first frame", f"{report['first_frame_ms']:.1f} ms (+ {report['setup_ms']:.0f} ms setup)"),
             ("per-frame median / p99", f"{report['median_ms']:.2f} / {report['p99_ms']:.2f} ms"),
@@ -137,6 +163,8 @@ def main(model, source, frames, steps, seed, output, backend, no_cuda_graph, com
     click.echo(table(rows))
     if json_path:
         write_json(json_path, report)
+    if stop.signal is not None:
+        raise SystemExit(128 + stop.signal)
 
 
 if __name__ == "__main__":

@@ -17,52 +17,45 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from mirage.core.config import CONFIGS, TASKS, ConfigError, TrainConfig, get_config
-from mirage.model.unet import MirageUNet, parameter_count
+from mirage.cli.errors import UserError
+from mirage.core.config import CONFIGS, TASKS, ConfigError, ModelConfig, TrainConfig, check_same, from_json, get_config
+from mirage.core.errors import MirageError
 
 
-class MirageError(click.ClickException):
-    """A user error: one line on stderr, exit status 2."""
-
-    exit_code = 2
-
-
-# command-line option -> TrainConfig field it sets
-TRAIN_OPTIONS = {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "precision": "precision",
-                 "grad_checkpoint": "grad_checkpoint", "context_noise_max": "context_noise_max", "data": "data",
-                 "seed": "seed", "save_minutes": "save_minutes"}
+# command-line option -> the TrainConfig fields it sets
+TRAIN_OPTIONS = {"steps": ["steps"], "batch_size": ["batch_size"], "lr": ["lr"], "precision": ["precision"],
+                 "grad_checkpoint": ["grad_checkpoint"], "context_noise_max": ["context_noise_max", "context_noise_prob"],
+                 "data": ["data"], "seed": ["seed"], "save_minutes": ["save_minutes"], "init_from": ["init_from"],
+                 "self_forcing_prob": ["self_forcing_prob"], "self_forcing_horizon": ["self_forcing_horizon"],
+                 "distill_from": ["distill_from", "self_forcing_steps"],
+                 "student_steps": ["student_steps", "self_forcing_steps"]}
 
 
 def _given(ctx: click.Context, name: str) -> bool:
     return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
 
 
-def _configs(ctx: click.Context, saved: dict | None):
-    """Model and train configs: from the options, or, resuming, the checkpoint's values for
-    every option not given."""
-    from mirage.core.config import from_json
+def _resumed(ctx: click.Context, saved: dict, cfg: ModelConfig, tcfg: TrainConfig) -> tuple[ModelConfig, TrainConfig]:
+    """Resuming: the checkpoint's configs, with only the options given on the command line taken
+    from this run (`cfg`, `tcfg`); the trainer says which of them differ."""
     from mirage.train.checkpoint import CheckpointError, model_config
 
-    p = ctx.params
-    options = {field: p[opt] for opt, field in TRAIN_OPTIONS.items() if saved is None or _given(ctx, opt)}
-    if "context_noise_max" in options:  # 0 turns history augmentation off entirely
-        options["context_noise_prob"] = TrainConfig.context_noise_prob if options["context_noise_max"] else 0.0
-    if saved is None:
-        return get_config(p["config_name"], p["task"]), TrainConfig(**options)
-    model_given = _given(ctx, "config_name") or _given(ctx, "task")
-    out = p["out"]
-    cfg = get_config(p["config_name"], p["task"]) if model_given else model_config(saved, out)
+    out = ctx.params["out"]
+    model_given = _given(ctx, "config_name") or _given(ctx, "task") or _given(ctx, "init_from") \
+        or _given(ctx, "distill_from")
+    given = {field: getattr(tcfg, field) for opt, fields in TRAIN_OPTIONS.items() if _given(ctx, opt) for field in fields}
     try:
-        tcfg = dataclasses.replace(from_json(TrainConfig, saved["train"]), **options)
+        saved_tcfg = dataclasses.replace(from_json(TrainConfig, saved["train"]), **given)
     except (KeyError, ConfigError) as e:
-        raise CheckpointError(f"{out}/config.json: bad train config ({e})") from e
-    return cfg, tcfg
+        raise CheckpointError(f"{out / 'config.json'}: bad train config ({e})") from e
+    return (cfg if model_given else model_config(saved, out)), saved_tcfg
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default="tiny",
-              help="Model size. 'tiny' trains on a laptop CPU in minutes.")
-@click.option("--task", type=click.Choice(TASKS), default="generate",
+@click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default=None, show_default="tiny",
+              help="Model size. 'tiny' trains on a laptop CPU in minutes. With --init-from / --distill-from: that "
+                   "checkpoint's.")
+@click.option("--task", type=click.Choice(TASKS), default=None, show_default="generate",
               help="generate: frames from the context memory alone; v2v: restore full color to an input stream (luma + coarse chroma) frame by frame.")
 @click.option("--data", default="synthetic",
               help="'synthetic' (made on the fly) or a folder of videos / image-sequence sub-folders.")
@@ -78,6 +71,19 @@ def _configs(ctx: click.Context, saved: dict | None):
               help="History augmentation: context frames are noised to t_ctx ~ U[0, this]. 0 turns it off.")
 @click.option("--save-minutes", type=click.FloatRange(min=0, min_open=True), default=TrainConfig.save_minutes,
               help=f"Save a checkpoint at least this often (wall clock), besides every {TrainConfig.save_every} steps and at the end.")
+@click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Fine-tune: start from this checkpoint's weights (its model config; a fresh optimizer).")
+@click.option("--self-forcing-prob", type=click.FloatRange(0, 1), default=TrainConfig.self_forcing_prob,
+              help="Fraction of steps trained on the model's own rollouts: the newest context frames are its own, "
+                   "generated with the runtime's DDIM steps and context noise (no gradient through them).")
+@click.option("--self-forcing-horizon", type=click.IntRange(min=1), default=TrainConfig.self_forcing_horizon,
+              help="Frames the model generates itself before the loss frame (at most the context length).")
+@click.option("--distill-from", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Progressive distillation: train a student of this teacher checkpoint (which it starts from) "
+                   "to sample in --student-steps steps what the teacher does in twice as many.")
+@click.option("--student-steps", type=click.IntRange(min=1), default=None,
+              help="The student's DDIM steps (with --distill-from); recorded in its checkpoint, and mirage-run "
+                   "uses it when --steps is not given.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, help="Data-loading worker processes.")
 @click.option("--resume/--no-resume", default=True,
@@ -86,19 +92,38 @@ def _configs(ctx: click.Context, saved: dict | None):
 @click.option("--dry-run", is_flag=True, help="Print the config and parameter count, train nothing.")
 @click.pass_context
 def main(ctx, config_name, task, data, out, steps, batch_size, lr, precision, grad_checkpoint, context_noise_max,
-         save_minutes, device, workers, resume, seed, dry_run):
+         save_minutes, init_from, self_forcing_prob, self_forcing_horizon, distill_from, student_steps, device, workers,
+         resume, seed, dry_run):
     """Train a Mirage video diffusion model into a checkpoint folder (safetensors + config JSON).
 
     Runs on the CPU by default; uses the GPU with --device cuda (or auto), and all GPUs when
     launched with `torchrun --nproc-per-node N -m mirage.cli.train ...`. Ctrl-C saves and exits.
     """
-    from mirage.train.checkpoint import CONFIG, CheckpointError, read_meta
-    from mirage.train.data import DataError
+    from mirage.core.schedule import default_steps
+    from mirage.model.unet import MirageUNet, parameter_count
+    from mirage.train.checkpoint import CONFIG, read_meta
     from mirage.train.trainer import train
 
     try:
-        saved = read_meta(out) if resume and (out / CONFIG).is_file() else None
-        cfg, tcfg = _configs(ctx, saved)
+        source = distill_from or init_from
+        cfg = get_config(config_name or "tiny", task or "generate")
+        if source:  # the model is the checkpoint's; an explicit --config / --task must agree with it
+            saved = from_json(ModelConfig, read_meta(source)["model"])
+            if config_name or task:
+                check_same(saved, get_config(config_name or saved.name, task or saved.task))
+            cfg = saved
+        if student_steps and not distill_from:
+            raise ConfigError("--student-steps needs --distill-from TEACHER")
+        tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, precision=precision,
+                           grad_checkpoint=grad_checkpoint, context_noise_max=context_noise_max,
+                           context_noise_prob=TrainConfig.context_noise_prob if context_noise_max else 0.0,
+                           data=data, seed=seed, save_minutes=save_minutes, init_from=init_from or "",
+                           distill_from=distill_from or "", student_steps=student_steps or 0,
+                           self_forcing_prob=self_forcing_prob, self_forcing_horizon=self_forcing_horizon,
+                           self_forcing_steps=student_steps or (default_steps(read_meta(source)) if source else
+                                                                TrainConfig.self_forcing_steps))
+        if resume and (out / CONFIG).is_file():
+            cfg, tcfg = _resumed(ctx, read_meta(out), cfg, tcfg)
         import torch
 
         with torch.device("meta"):
@@ -108,8 +133,8 @@ def main(ctx, config_name, task, data, out, steps, batch_size, lr, precision, gr
             click.echo(json.dumps({"model": cfg.__dict__, "train": tcfg.__dict__}, indent=2, default=list))
             return
         summary = train(cfg, tcfg, out, resume=resume, device=device, workers=workers)
-    except (ConfigError, DataError, CheckpointError) as e:
-        raise MirageError(str(e)) from e
+    except MirageError as e:
+        raise UserError(str(e)) from e
     click.echo(json.dumps(summary))
     if summary["stopped_by"]:
         click.echo(f"stopped by {summary['stopped_by']} at step {summary['step']} of {tcfg.steps}; checkpoint saved "

@@ -11,10 +11,11 @@ import json
 import typing
 from dataclasses import dataclass
 
+from mirage.core.errors import MirageError
 from mirage.core.schedule import T
 
 
-class ConfigError(ValueError):
+class ConfigError(MirageError, ValueError):
     """A config name or value a user asked for does not exist or does not fit."""
 
 
@@ -169,6 +170,13 @@ class TrainConfig:
     context_noise_prob: float = 0.9  # fraction of clips whose context is noise-augmented
     empty_context_prob: float = 0.1  # fraction of clips trained with an empty memory (first frame)
     data: str = "synthetic"  # 'synthetic' or a folder of videos / image sequences
+    init_from: str = ""  # checkpoint whose (EMA) weights training starts from: fine-tuning
+    self_forcing_prob: float = 0.0  # fraction of steps whose context holds the model's own frames (train/self_forcing.py)
+    self_forcing_horizon: int = 2  # frames the model generates itself before the loss frame (1..context_frames)
+    self_forcing_steps: int = 4  # DDIM steps per generated frame: the runtime's
+    self_forcing_context_noise: int = 100  # t_ctx of the generated frames' context: the runtime's
+    distill_from: str = ""  # teacher checkpoint of progressive distillation (train/distill.py); the student starts from it
+    student_steps: int = 0  # the student's DDIM steps N (the teacher takes 2N); 0 = no distillation
     seed: int = 0
     log_every: int = 50
     save_every: int = 500  # save a checkpoint every this many steps ...
@@ -191,10 +199,20 @@ class TrainConfig:
             "context_noise_prob": probability,
             "empty_context_prob": probability,
             "data": (bool, "'synthetic' or a folder"),
+            "self_forcing_prob": probability,
+            "self_forcing_horizon": (_positive, ">= 1"),
+            "self_forcing_steps": (_positive, ">= 1"),
+            "self_forcing_context_noise": (lambda v: 0 <= v < T, f"in [0, {T - 1}]"),
+            "student_steps": (lambda v: v >= 0, ">= 0"),
             "log_every": (_positive, ">= 1"),
             "save_every": (_positive, ">= 1"),
             "save_minutes": (_positive, "> 0"),
         })
+        if bool(self.distill_from) != (self.student_steps > 0):
+            raise ConfigError("distillation needs both a teacher (distill_from / --distill-from) and "
+                              "student_steps >= 1 (--student-steps)")
+        if self.distill_from and self.init_from:
+            raise ConfigError("a distilled student starts from its teacher; drop init_from (--init-from)")
 
 
 def to_json(cfg) -> dict:
@@ -223,3 +241,36 @@ def check_same(saved: ModelConfig, wanted: ModelConfig) -> None:
 
 def dumps(cfg) -> str:
     return json.dumps(to_json(cfg), indent=2)
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How a Pipeline runs a model (mirage.runtime.Pipeline, `mirage-run` flags)."""
+
+    steps: int | None = None  # DDIM steps per frame; None: the model's recorded sampling_steps, else 4
+    context_noise: int = 100  # t_ctx: history augmentation at inference, inside the training range
+    batch: int = 1  # rows = independent streams advanced together (stream slots)
+    cuda_graph: bool = True  # capture the whole frame in one CUDA graph (GPU)
+    dtype: str | None = None  # PyTorch backend: float32 | float16 | bfloat16; None = float16 on CUDA, float32 on CPU
+    compile: str | None = None  # PyTorch backend: a torch.compile mode ("default" = Inductor kernels in the frame graph)
+    channels_last: bool = False  # PyTorch backend: channels-last weights and activations
+    freeze: bool = False  # PyTorch backend: Inductor freezing (weights as constants), needs `compile`
+    kernel_library: str | None = None  # PyTorch backend on CUDA: libmirage_kernels.so for temporal attention
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and not 1 <= self.steps <= 1000:
+            raise ConfigError(f"steps={self.steps}: choose between 1 and 1000")
+        if not 0 <= self.context_noise < 1000:
+            raise ConfigError(f"context_noise={self.context_noise}: choose between 0 and 999")
+        if self.batch < 1:
+            raise ConfigError(f"batch={self.batch}: must be at least 1")
+        if self.dtype not in (None, "float32", "float16", "bfloat16"):
+            raise ConfigError(f"dtype={self.dtype!r}: choose float32, float16 or bfloat16")
+        if self.freeze and not self.compile:
+            raise ConfigError("freeze needs compile (freezing is an Inductor option)")
+
+    @classmethod
+    def fastest(cls, **changes) -> "PipelineOptions":
+        """The fastest PyTorch configuration measured on an H100 (docs/PERF.md): Inductor kernels
+        over channels-last weights, frozen, inside the frame's CUDA graph, in float16."""
+        return dataclasses.replace(cls(dtype="float16", compile="default", channels_last=True, freeze=True), **changes)

@@ -1,25 +1,26 @@
-"""Names shared by the exporter, the engine builder and the runtime (no torch here).
+"""One spec per exported graph: names, shapes, dtypes, the dynamic batch axis and TensorRT's
+profile, derived from the model config. The exporter, the engine builder, the manifest checks
+and the runtime's buffers all read these specs; nothing else writes a shape table.
 
 Two graphs make a frame: `denoise` runs once per DDIM step, `context_encode` once per frame.
+
+    denoise(x_t, t, [cond], memory, ages) -> v          (B, C, H, W) ... -> (B, C, H, W)
+    context_encode(frame, t_ctx) -> kv                  (B, C, H, W), (B,) -> (B, 2, N, D)
 """
+from __future__ import annotations
+
+from dataclasses import dataclass
 
 DENOISE = "denoise"
 CONTEXT = "context_encode"
 GRAPHS = (DENOISE, CONTEXT)
 
-# denoise(x_t, t, [cond], memory, ages) -> v
 X_T, T, COND, MEMORY, AGES, V = "x_t", "t", "cond", "memory", "ages", "v"
-# context_encode(frame, t_ctx) -> kv
 FRAME, T_CTX, KV = "frame", "t_ctx", "kv"
 
-
-def denoise_inputs(video_to_video: bool) -> tuple[str, ...]:
-    return (X_T, T, COND, MEMORY, AGES) if video_to_video else (X_T, T, MEMORY, AGES)
-
-
-CONTEXT_INPUTS = (FRAME, T_CTX)
-
+# Files of an artifact folder (mirage-export).
 MANIFEST = "manifest.json"
+TIMING_CACHE = "timing.cache"
 
 
 def onnx_file(graph: str) -> str:
@@ -34,8 +35,84 @@ def layers_file(graph: str) -> str:
     return f"{graph}.layers.json"
 
 
-TIMING_CACHE = "timing.cache"
+def runtime_cache_file(graph: str) -> str:
+    """TensorRT-RTX's JIT kernel cache for one engine, kept beside it and reused on the next load."""
+    return f"{graph}.runtime.cache"
+
 
 # The temporal-attention TensorRT plugin (plugins_cpp/): the custom ONNX node's op_type, and
 # the plugin_version / plugin_namespace attributes the TensorRT ONNX parser matches it by.
 PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE = "MirageTemporalAttention", "1", "mirage"
+
+# Graph precisions. Float tensors of an fp16 graph are float16; the 8-bit Q/DQ graphs keep fp32 I/O.
+PRECISIONS = ("fp32", "fp16", "int8", "fp8")
+# ONNX's element-type names (TensorProto) <-> the numpy names the specs use
+ONNX_DTYPES = {"float": "float32", "float16": "float16", "int32": "int32", "int64": "int64"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]  # batch first, at the spec's batch
+    dtype: str  # numpy name: float32 | float16 | int32
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch: int | None = None  # None: static batch; else dim 0 of every tensor is dynamic in [1, max_batch]
+
+    @property
+    def tensors(self) -> tuple[TensorSpec, ...]:
+        return self.inputs + self.outputs
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(x.name for x in self.inputs)
+
+    @property
+    def output(self) -> TensorSpec:
+        return self.outputs[0]
+
+    def tensor(self, name: str) -> TensorSpec:
+        for x in self.tensors:
+            if x.name == name:
+                return x
+        raise KeyError(f"{self.name} has no tensor {name!r}")
+
+    def io(self) -> tuple[list[dict], list[dict]]:
+        """(inputs, outputs) as the manifest records them: a dynamic batch dim is -1."""
+        def desc(xs):
+            return [{"name": x.name, "dtype": x.dtype,
+                     "shape": [-1 if (i == 0 and self.max_batch) else d for i, d in enumerate(x.shape)]} for x in xs]
+        return desc(self.inputs), desc(self.outputs)
+
+    def profile(self) -> dict[str, tuple[tuple[int, ...], ...]] | None:
+        """TensorRT optimization profile (min, opt, max) per input, or None for static shapes."""
+        if not self.max_batch:
+            return None
+        return {x.name: tuple((b,) + x.shape[1:] for b in (1, x.shape[0], self.max_batch)) for x in self.inputs}
+
+
+def model_graphs(cfg, batch: int = 1, max_batch: int | None = None, precision: str = "fp32") -> dict[str, GraphSpec]:
+    """The specs of a model's graphs. `cfg` is a mirage.core.config.ModelConfig; `batch` is the
+    batch the buffers are allocated at (TensorRT's optimum when the batch is dynamic)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if max_batch is not None and not 1 <= batch <= max_batch:
+        raise ValueError(f"batch {batch} must lie in [1, max_batch={max_batch}]")
+    f = "float16" if precision == "fp16" else "float32"
+    img = (batch, cfg.channels, cfg.image_size, cfg.image_size)
+    memory = TensorSpec(MEMORY, (batch, cfg.context_frames, 2, cfg.memory_tokens, cfg.temporal_dim), f)
+    denoise_in = [TensorSpec(X_T, img, f), TensorSpec(T, (batch,), "float32")]
+    if cfg.cond_channels:
+        denoise_in.append(TensorSpec(COND, (batch, cfg.cond_channels, cfg.image_size, cfg.image_size), f))
+    denoise_in += [memory, TensorSpec(AGES, (batch, cfg.context_frames), "int32")]
+    dyn = max_batch if max_batch and max_batch > 1 else None
+    return {
+        DENOISE: GraphSpec(DENOISE, tuple(denoise_in), (TensorSpec(V, img, f),), dyn),
+        CONTEXT: GraphSpec(CONTEXT, (TensorSpec(FRAME, img, f), TensorSpec(T_CTX, (batch,), "float32")),
+                           (TensorSpec(KV, (batch, 2, cfg.memory_tokens, cfg.temporal_dim), f),), dyn),
+    }

@@ -1,46 +1,69 @@
 """One frame of the Mirage loop, written once for every backend and array library.
 
-Per frame (paper notation in mirage.model.diffusion; eta = 0):
+Per frame (paper notation in mirage.model.diffusion; eta = 0), for every row b of the batch
+(a row is one independent stream: its own memory, ages, slot and noise seed):
 
     1. x ~ N(0, I)                                   (x_T)
     2. for each DDIM step i:  v = denoise(x, t_i, cond, memory, ages)
                               x = p_i x + q_i v       (the DDIM update folded into two scalars)
     3. frame = clamp(x, -1, 1)
     4. ctx = α_c frame + σ_c noise                    (history augmentation at inference)
-    5. kv = context_encode(ctx, t_ctx); memory[slot] = kv; ages += (ages > 0); ages[slot] = 1;
-       slot = (slot + 1) mod K
+    5. kv = context_encode(ctx, t_ctx); memory[b, slot_b] = kv_b; ages_b += (ages_b > 0);
+       ages[b, slot_b] = 1; slot_b = (slot_b + 1) mod K
 
-Every tensor is a buffer allocated once, and the slot index lives in a buffer too, so the
-whole frame can be captured in one CUDA graph and replayed with no host work in between.
-`Ops` does the element-wise work for one array library (numpy on the CPU, torch anywhere);
-a backend only runs graphs on buffers (`backend.run(graph, inputs, output)`).
+Every tensor is a buffer allocated once, and the slot indices and noise counters live in
+buffers too, so the whole frame can be captured in one CUDA graph and replayed with no host
+work in between. `Ops` does the element-wise work for one array library (numpy here, torch in
+mirage.model.torch_ops, NVRTC kernels in mirage.runtime.cuda); a backend only runs graphs on
+buffers. The noise is drawn by the loop, not the backend, from a counter-based generator
+(`normal`) that every Ops implements identically: the same seed gives the same video on every
+backend, and a row's noise depends on its own seed and frame count alone.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from mirage.core import graphs as G
 
-Array = Any  # numpy.ndarray or torch.Tensor: the loop never looks inside
+Array = Any  # numpy.ndarray, torch.Tensor or runtime.cuda.DeviceBuffer: the loop never looks inside
 
 
 class Backend(Protocol):
+    """What the pipeline needs of a backend: where its buffers live and how to run a graph."""
+
+    array: str  # "numpy" | "torch" | "cuda" (raw device pointers): the array library of its buffers
+    device: str  # "cpu" | "cuda:N"
+
+    def buffer_dtype(self, graph: str, name: str) -> str:
+        """numpy dtype name of the buffer for tensor `name` of `graph`."""
+
+    def use_stream(self, stream) -> None:
+        """The stream graphs are enqueued on (GPU backends; the one the frame graph captures)."""
+
     def run(self, graph: str, inputs: dict[str, Array], output: Array) -> None:
         """Run `graph` on the input buffers, writing into `output` (asynchronously where the device allows)."""
 
+    def close(self) -> None: ...
+
 
 class Ops(Protocol):
-    def randn_(self, buf: Array) -> None: ...
+    def randn_(self, buf: Array, rng: Array) -> None:
+        """Fill buf (B, ...) with N(0, 1) from each row's (seed, counter) in rng (B, 2) int64; counters += 1."""
 
     def lincomb_(self, dst: Array, a: float, x: Array, b: float, y: Array) -> None: ...
 
     def clamp_(self, dst: Array, src: Array) -> None: ...
 
-    def ring_write_(self, memory: Array, ages: Array, slot: Array, kv: Array) -> None: ...
+    def ring_write_(self, memory: Array, ages: Array, slot: Array, kv: Array) -> None:
+        """memory[b, slot[b]] = kv[b]; filled slots age by one, the written one becomes 1; slot += 1 mod K."""
 
-    def zero_(self, buf: Array) -> None: ...
+    def reset_row_(self, buf: "Buffers", row: int, seed: int) -> None:
+        """Empty row `row`'s memory, ages and slot, and restart its noise at (seed, 0)."""
+
+
+Callback = Callable[[dict], None]  # {"graph", "step" (DDIM step index; None for context_encode), "inputs", "output"}
 
 
 @dataclass(frozen=True)
@@ -56,7 +79,7 @@ class Schedule:
 
     @classmethod
     def make(cls, coefficients: list[list[float]], abar_ctx: float, t_ctx: float) -> "Schedule":
-        """From rows [t, α_t, σ_t, α_prev, c_eps, c_rand] of diffusion.ddim_coefficients (eta = 0)."""
+        """From rows [t, α_t, σ_t, α_prev, c_eps, c_rand] of schedule.ddim_coefficients (eta = 0)."""
         if any(row[5] > 0 for row in coefficients):
             raise ValueError("the runtime loop is deterministic DDIM (eta = 0)")
         # x_prev = α_prev x̂_0 + c_eps ε̂ with x̂_0 = α_t x - σ_t v and ε̂ = σ_t x + α_t v
@@ -65,10 +88,16 @@ class Schedule:
         return cls(tuple(float(r[0]) for r in coefficients), p, q, float(t_ctx), math.sqrt(abar_ctx),
                    math.sqrt(1 - abar_ctx))
 
+    @classmethod
+    def ddim(cls, steps: int, context_noise: int) -> "Schedule":
+        from mirage.core.schedule import ALPHAS_CUMPROD, ddim_coefficients
+
+        return cls.make(ddim_coefficients(steps), ALPHAS_CUMPROD[context_noise], context_noise)
+
 
 @dataclass
 class Buffers:
-    """Every buffer one frame touches; allocated once by the pipeline."""
+    """Every buffer one frame touches; allocated once by the pipeline (shapes: core.graphs specs)."""
 
     x: Array  # (B, C, H, W) x_t, updated in place
     v: Array  # (B, C, H, W) denoiser output
@@ -78,48 +107,83 @@ class Buffers:
     kv: Array  # (B, 2, N, D) one memory slot
     memory: Array  # (B, K, 2, N, D) the ring buffer
     ages: Array  # (B, K) int32, 0 = empty
-    slot: Array  # (1,) int64, next slot to write
+    slot: Array  # (B,) int64, next slot to write per row
+    rng: Array  # (B, 2) int64, per row (seed, draws so far)
     t: list[Array]  # per DDIM step, (B,) float32 timesteps
     t_ctx: Array  # (B,) float32
     cond: Array | None  # (B, C, H, W) video-to-video input, or None
 
     def denoise_inputs(self, step: int) -> dict[str, Array]:
         values = {G.X_T: self.x, G.T: self.t[step], G.COND: self.cond, G.MEMORY: self.memory, G.AGES: self.ages}
-        return {k: values[k] for k in G.denoise_inputs(self.cond is not None)}
+        names = (G.X_T, G.T, G.COND, G.MEMORY, G.AGES) if self.cond is not None else (G.X_T, G.T, G.MEMORY, G.AGES)
+        return {k: values[k] for k in names}
+
+    def all(self) -> list[Array]:
+        """Every buffer (for the stale-graph check: a captured graph holds their addresses)."""
+        return [self.x, self.v, self.frame, self.noise, self.ctx, self.kv, self.memory, self.ages, self.slot,
+                self.rng, *self.t, self.t_ctx] + ([self.cond] if self.cond is not None else [])
 
 
-def run_frame(backend: Backend, ops: Ops, buf: Buffers, sched: Schedule) -> None:
-    ops.randn_(buf.x)  # 1
+def run_frame(backend: Backend, ops: Ops, buf: Buffers, sched: Schedule, callback: Callback | None = None) -> None:
+    """One frame for every row of the buffers. `callback` (k-diffusion style) sees each graph call."""
+    ops.randn_(buf.x, buf.rng)  # 1
     for i in range(len(sched.timesteps)):  # 2
-        backend.run(G.DENOISE, buf.denoise_inputs(i), buf.v)
+        inputs = buf.denoise_inputs(i)
+        backend.run(G.DENOISE, inputs, buf.v)
+        if callback is not None:
+            callback({"graph": G.DENOISE, "step": i, "inputs": inputs, "output": buf.v})
         ops.lincomb_(buf.x, sched.p[i], buf.x, sched.q[i], buf.v)
     ops.clamp_(buf.frame, buf.x)  # 3
-    ops.randn_(buf.noise)  # 4
+    ops.randn_(buf.noise, buf.rng)  # 4
     ops.lincomb_(buf.ctx, sched.ctx_alpha, buf.frame, sched.ctx_sigma, buf.noise)
-    backend.run(G.CONTEXT, {G.FRAME: buf.ctx, G.T_CTX: buf.t_ctx}, buf.kv)  # 5
+    inputs = {G.FRAME: buf.ctx, G.T_CTX: buf.t_ctx}
+    backend.run(G.CONTEXT, inputs, buf.kv)  # 5
+    if callback is not None:
+        callback({"graph": G.CONTEXT, "step": None, "inputs": inputs, "output": buf.kv})
     ops.ring_write_(buf.memory, buf.ages, buf.slot, buf.kv)
 
 
-def reset_memory(ops: Ops, buf: Buffers) -> None:
-    ops.zero_(buf.memory)
-    ops.zero_(buf.ages)
-    ops.zero_(buf.slot)
+# ---------------------------------------------------------------------------------------------
+# The counter-based normal generator (splitmix64 + Box-Muller). Element j of row b at draw c:
+#   r = mix(seed_b ^ mix(c * 2^32 + j)),  u1 = (r >> 40 + 1) / (2^24 + 1),  u2 = (r & (2^24 - 1) + 0.5) / 2^24
+#   n = sqrt(-2 ln u1) cos(2π u2)
+# mirage.model.torch_ops and runtime.cuda implement the same formula.
+GOLDEN_GAMMA, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _mix(z):
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        z = z + np.uint64(GOLDEN_GAMMA)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(MIX1)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(MIX2)
+    return z ^ (z >> np.uint64(31))
+
+
+def normal(seed: int, counter: int, n: int):
+    """n float32 draws of row (seed, counter), numpy."""
+    import numpy as np
+
+    j = np.arange(n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        r = _mix(np.uint64(seed & (2**64 - 1)) ^ _mix(np.uint64(counter) * np.uint64(1 << 32) + j))
+    u1 = ((r >> np.uint64(40)).astype(np.float32) + np.float32(1)) * np.float32(1 / 16777217)
+    u2 = ((r & np.uint64(0xFFFFFF)).astype(np.float32) + np.float32(0.5)) * np.float32(1 / 16777216)
+    return np.sqrt(np.float32(-2) * np.log(u1)) * np.cos(np.float32(2 * math.pi) * u2)
 
 
 class NumpyOps:
-    def __init__(self, seed: int = 0):
+    def __init__(self):
         import numpy as np
 
-        self.np, self.rng = np, np.random.default_rng(seed)
+        self.np = np
 
-    def seed(self, seed: int) -> None:
-        self.rng = self.np.random.default_rng(seed)
-
-    def randn_(self, buf):
-        if buf.dtype == self.np.float32:
-            self.rng.standard_normal(out=buf, dtype=self.np.float32)
-        else:
-            buf[...] = self.rng.standard_normal(buf.shape, dtype=self.np.float32)
+    def randn_(self, buf, rng):
+        n = buf[0].size
+        for b in range(buf.shape[0]):
+            buf[b] = normal(int(rng[b, 0]), int(rng[b, 1]), n).reshape(buf.shape[1:])
+        rng[:, 1] += 1
 
     def lincomb_(self, dst, a, x, b, y):
         self.np.add(a * x, b * y, out=dst, casting="unsafe")
@@ -128,11 +192,34 @@ class NumpyOps:
         self.np.clip(src, -1.0, 1.0, out=dst, casting="unsafe")
 
     def ring_write_(self, memory, ages, slot, kv):
-        s = int(slot[0])
-        memory[:, s] = kv
+        rows = self.np.arange(memory.shape[0])
+        memory[rows, slot] = kv
         ages += ages > 0
-        ages[:, s] = 1
-        slot[0] = (s + 1) % memory.shape[1]
+        ages[rows, slot] = 1
+        slot[:] = (slot + 1) % memory.shape[1]
 
-    def zero_(self, buf):
-        buf[...] = 0
+    def reset_row_(self, buf, row, seed):
+        buf.memory[row] = 0
+        buf.ages[row] = 0
+        buf.slot[row] = 0
+        buf.rng[row] = (seed, 0)
+
+
+def make_buffers(specs: dict, schedule: Schedule, alloc: Callable, fill: Callable, dtype_of: Callable) -> Buffers:
+    """Every buffer of a frame at the specs' shapes: alloc(shape, dtype) makes a zeroed buffer,
+    fill(buf, value) sets one, dtype_of(graph, name) is the backend's dtype for a tensor."""
+    d, c = specs[G.DENOISE], specs[G.CONTEXT]
+
+    def new(spec, name):
+        return alloc(spec.tensor(name).shape, dtype_of(spec.name, name))
+
+    b = d.inputs[0].shape[0]
+    t = [new(d, G.T) for _ in schedule.timesteps]
+    for buf, value in zip(t, schedule.timesteps):
+        fill(buf, value)
+    t_ctx = new(c, G.T_CTX)
+    fill(t_ctx, schedule.t_ctx)
+    cond = new(d, G.COND) if G.COND in d.input_names else None
+    return Buffers(x=new(d, G.X_T), v=new(d, G.V), frame=new(d, G.X_T), noise=new(c, G.FRAME), ctx=new(c, G.FRAME),
+                   kv=new(c, G.KV), memory=new(d, G.MEMORY), ages=new(d, G.AGES), slot=alloc((b,), "int64"),
+                   rng=alloc((b, 2), "int64"), t=t, t_ctx=t_ctx, cond=cond)

@@ -41,3 +41,12 @@ def ddim_coefficients(steps: int, eta: float = 0.0) -> list[list[float]]:
         rows.append([float(t), math.sqrt(abar_t), math.sqrt(1 - abar_t), math.sqrt(abar_prev),
                      math.sqrt(max(0.0, 1 - abar_prev - s * s)), s])
     return rows
+
+
+DEFAULT_STEPS = 4  # DDIM steps per frame of a model that records none (docs/QUALITY.md: quality vs. steps)
+
+
+def default_steps(meta: dict) -> int:
+    """The step count a model samples with by default: the `sampling_steps` its checkpoint
+    config.json (or artifact manifest) records — a distilled student records its own — else 4."""
+    return int(meta.get("sampling_steps") or DEFAULT_STEPS)

@@ -12,11 +12,16 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from mirage.core.errors import MirageError
+
+# RGB -> (Y, Cb, Cr) rows (BT.601), applied to [-1, 1] values: Y stays in [-1, 1], Cb/Cr near 0.
+YCBCR = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], dtype=np.float32)
+
 VIDEO_EXTS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".gif")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-class VideoError(ValueError):
+class VideoError(MirageError, ValueError):
     """A video or image folder that cannot be read or written; the message names the path."""
 
 
@@ -88,51 +93,92 @@ def _read_ffmpeg(source: str, size: int, input_params: list[str] | None = None) 
         raise VideoError(f"{source}: video has no frames")
 
 
-def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: int = 16, scale: int = 4) -> int:
-    """Write frames ([-1, 1] floats) to .mp4 / .gif, or to a folder of PNGs for any other path.
+OUTPUT_FORMATS = (".mp4", ".gif")  # or a folder (no suffix) of PNG frames
 
-    Small frames are upscaled `scale` times with nearest-neighbour so a 32x32 demo is visible.
-    Returns the number of frames written.
+
+class VideoWriter:
+    """Frames ([-1, 1] floats) streamed to .mp4 / .gif, or to a folder of PNGs for a path with no
+    suffix. The path and its format are checked when the writer opens, before any frame is made;
+    `close()` finishes a valid file with the frames written so far (also after an interruption).
+
+    Small frames are upscaled `scale` times with nearest-neighbour so a 32x32 demo is visible
+    (None: to at least 128 pixels wide).
     """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    try:
-        if suffix not in (".mp4", ".gif"):
-            path.mkdir(parents=True, exist_ok=True)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise VideoError(f"{path}: cannot create output ({e.strerror})") from e
-    from PIL import Image
 
-    def big(frame: np.ndarray) -> np.ndarray:
-        u8 = to_uint8(frame)
-        return np.repeat(np.repeat(u8, scale, axis=0), scale, axis=1) if scale > 1 else u8
-
-    n = 0
-    if suffix == ".mp4":
-        import imageio_ffmpeg
-
-        writer = None
+    def __init__(self, path: str | os.PathLike, fps: int = 16, scale: int | None = None):
+        self.path, self.fps, self.scale, self.count = Path(path), fps, scale, 0
+        self.suffix = self.path.suffix.lower()
+        if self.suffix and self.suffix not in OUTPUT_FORMATS:
+            raise VideoError(f"{self.path}: cannot write {self.suffix} videos; use .mp4, .gif or a folder name "
+                             "(no suffix) for PNG frames")
+        target = self.path.parent if self.suffix else self.path
         try:
-            for frame in frames:
-                u8 = big(frame)
-                if writer is None:
-                    writer = imageio_ffmpeg.write_frames(str(path), (u8.shape[1], u8.shape[0]), fps=fps,
-                                                         macro_block_size=1, quality=8)
-                    writer.send(None)
-                writer.send(np.ascontiguousarray(u8))
-                n += 1
-        finally:
-            if writer is not None:
-                writer.close()
-    elif suffix == ".gif":
-        images = [Image.fromarray(big(f)) for f in frames]
-        if images:
-            images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-        n = len(images)
-    else:
+            target.mkdir(parents=True, exist_ok=True)
+            probe = target / f".mirage-write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            raise VideoError(f"{self.path}: cannot write here ({e.strerror})") from e
+        self._ffmpeg = None
+        self._gif: list = []
+
+    def write(self, frame: np.ndarray) -> None:
+        u8 = to_uint8(frame)
+        if self.scale is None:
+            self.scale = max(1, 128 // u8.shape[1])
+        if self.scale > 1:
+            u8 = np.repeat(np.repeat(u8, self.scale, axis=0), self.scale, axis=1)
+        if self.suffix == ".mp4":
+            if self._ffmpeg is None:
+                import imageio_ffmpeg
+
+                self._ffmpeg = imageio_ffmpeg.write_frames(str(self.path), (u8.shape[1], u8.shape[0]), fps=self.fps,
+                                                           macro_block_size=1, quality=8)
+                self._ffmpeg.send(None)
+            self._ffmpeg.send(np.ascontiguousarray(u8))
+        elif self.suffix == ".gif":
+            self._gif.append(u8)  # Pillow writes a GIF in one go; uint8 frames are small
+        else:
+            from PIL import Image
+
+            Image.fromarray(u8).save(self.path / f"{self.count:05d}.png")
+        self.count += 1
+
+    def close(self) -> int:
+        """Finish the file; returns the number of frames written."""
+        if self._ffmpeg is not None:
+            self._ffmpeg.close()
+            self._ffmpeg = None
+        if self._gif:
+            from PIL import Image
+
+            images = [Image.fromarray(f) for f in self._gif]
+            images[0].save(self.path, save_all=True, append_images=images[1:], duration=int(1000 / self.fps), loop=0)
+            self._gif = []
+        return self.count
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: int = 16, scale: int | None = None) -> int:
+    """Write all `frames` with a VideoWriter; returns the number written."""
+    with VideoWriter(path, fps, scale) as writer:
         for frame in frames:
-            Image.fromarray(big(frame)).save(path / f"{n:05d}.png")
-            n += 1
-    return n
+            writer.write(frame)
+    return writer.count
+
+
+def v2v_input(frame: np.ndarray, chroma_factor: int = 4) -> np.ndarray:
+    """The video-to-video input of an (H, W, 3) frame in [-1, 1]: (Y, Cb, Cr) channels, luma at
+    full resolution, chroma averaged over chroma_factor x chroma_factor blocks (numpy twin of
+    mirage.train.data.v2v_input, which training runs on torch tensors; a test keeps them equal)."""
+    ycc = frame @ YCBCR.T  # (H, W, 3): Y, Cb, Cr
+    h, w = frame.shape[:2]
+    f = chroma_factor
+    coarse = ycc[:, :, 1:].reshape(h // f, f, w // f, f, 2).mean(axis=(1, 3))  # (H/f, W/f, 2)
+    ycc[:, :, 1:] = np.repeat(np.repeat(coarse, f, axis=0), f, axis=1)
+    return ycc.astype(np.float32)

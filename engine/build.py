@@ -12,18 +12,16 @@ the engine inspector.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import importlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from mirage.core.device import sm_name
 from mirage.core.graphs import layers_file
-
 from mirage.engine.manifest import EngineError
 
 # backend name -> (Python module, pyproject extra that installs it)
@@ -277,7 +275,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
     if options.backend == "tensorrt-rtx":
         targets = list(options.compute_capabilities)  # [] = the library's default set
     else:  # full TensorRT: an engine is for the GPU it is built on
-        targets = [c for c in [gpu_compute_capability()] if c]
+        targets = [c for c in [sm_name()] if c]
     say(f"  build {engine_path.name} for {', '.join(targets) or 'the default targets'}")
     start = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
@@ -292,7 +290,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
         Path(timing_cache_path).write_bytes(bytes(config.get_timing_cache().serialize()))
 
     layers = engine_layers(plan, options.backend)
-    source = INSPECTOR_VIEW if layers is not None else REFUSED_VIEW if gpu_compute_capability() else NETWORK_VIEW
+    source = INSPECTOR_VIEW if layers is not None else REFUSED_VIEW if sm_name() else NETWORK_VIEW
     view = {"source": source, "layers": layers if layers is not None else _layer_table(network)}
     view_path = engine_path.with_name(layers_file(engine_path.stem))
     view_path.write_text(json.dumps(view, indent=1))
@@ -312,7 +310,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
 
 def engine_layers(engine_bytes: bytes, backend: str) -> list | None:
     """The engine inspector's per-layer JSON where this machine's GPU can deserialize the engine; else None."""
-    if gpu_compute_capability() is None:
+    if sm_name() is None:
         return None  # without a driver, TensorRT-RTX logs a fatal-looking CUDA error and returns None
     trt = load_backend(backend)
     runtime = trt.Runtime(_logger(trt))
@@ -324,25 +322,3 @@ def engine_layers(engine_bytes: bytes, backend: str) -> list | None:
         return None
     info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
     return info.get("Layers", []) if isinstance(info, dict) else info
-
-
-@functools.lru_cache(maxsize=None)
-def gpu_compute_capability() -> str | None:
-    """'sm89' for this process's first GPU, from the CUDA driver API; None without a GPU or driver.
-
-    ctypes rather than torch or cuda-python: it answers on any machine, with nothing installed.
-    """
-    try:
-        cuda = ctypes.CDLL("nvcuda.dll" if os.name == "nt" else "libcuda.so.1")
-    except OSError:
-        return None
-    device, count, major, minor = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
-    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value == 0:
-        return None
-    if cuda.cuDeviceGet(ctypes.byref(device), 0) != 0:
-        return None
-    # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76 (cuda.h)
-    if (cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, device) != 0
-            or cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, device) != 0):
-        return None
-    return f"sm{major.value}{minor.value}"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-# Per precision (rtol, atol) on every output; 8-bit is judged by rollout PSNR, so it is loose here.
-TOLERANCES = {"fp32": (1e-3, 1e-3), "fp16": (1e-2, 1e-2), "int8": (0.2, 0.2), "fp8": (0.1, 0.1)}
+from mirage.core.tolerances import ENGINE
+
 
 
 def skip_reason(backend: str) -> str | None:
@@ -33,11 +33,11 @@ def compare_engine(onnx_path: Path, engine_path: Path, feeds: list[dict[str, np.
     """Run both on the same recorded inputs; report pass/fail and the worst errors per output."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
-    from mirage.runtime.backends import ort_session
+    from mirage.core.ort import ort_session
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
     from polygraphy.comparator import Comparator, CompareFunc
 
-    rtol, atol = TOLERANCES[precision]
+    rtol, atol = ENGINE[precision]
     runners = [OnnxrtRunner(ort_session(onnx_path)),
                TrtRunner(EngineFromBytes(Path(engine_path).read_bytes()))]
     results = Comparator.run(runners, data_loader=feeds)

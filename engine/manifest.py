@@ -5,9 +5,10 @@ and the plugin library it was parsed with. The manifest records all three, and
 `check_loadable` refuses a mismatch before TensorRT does, with the exact command that
 rebuilds the artifact for this machine (TensorRT's own refusal is a log line and a None).
 
-Schema (format 1; `validate_manifest` checks every key is present):
+Schema (format 2; `validate_manifest` checks every key is present and every value's meaning):
 
-    format, mirage_version, created, model {ModelConfig fields},
+    format, mirage_version, created, model {ModelConfig fields}, batch, max_batch,
+    options {the ArtifactOptions it was built with: what `rebuild_command` replays},
     checkpoint {path, sha256}, precision fp32|fp16|int8|fp8, temporal_attention onnx|plugin,
     graphs {denoise | context_encode: {onnx, onnx_sha256, inputs [{name, shape, dtype}],
             outputs [...], engine (null for ONNX-only), engine_sha256, layers}},
@@ -19,19 +20,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shlex
 from pathlib import Path
 
-from mirage.core.graphs import GRAPHS, MANIFEST
+from mirage import __version__
+from mirage.core.errors import MirageError
+from mirage.core.graphs import GRAPHS, MANIFEST, PRECISIONS
 
 
-class EngineError(ValueError):
+class EngineError(MirageError, ValueError):
     """An engine or artifact that cannot be built or loaded here; one line that says what to do."""
 
 
-FORMAT = 1
+FORMAT = 2
+BACKENDS = ("onnx", "tensorrt-rtx", "tensorrt")  # what mirage-export builds
+# TensorRT-RTX 1.7 build targets; FP8 needs the ones with FP8 tensor cores (Ada, Blackwell)
+RTX_TARGETS = ("sm80", "sm86", "sm89", "sm120")
+FP8_TARGETS = ("sm89", "sm120")
 
-REQUIRED = ("format", "mirage_version", "created", "model", "checkpoint", "precision", "temporal_attention", "graphs",
+REQUIRED = ("format", "mirage_version", "created", "model", "batch", "max_batch", "options", "checkpoint", "precision",
+            "temporal_attention", "graphs",
             "backend", "target", "plugin", "build_options", "build_seconds", "parity", "rebuild_command")
 # keys inside the nested objects (the plugin is null for artifacts without one, so it has none here)
 NESTED_REQUIRED = {"checkpoint": ("path", "sha256"), "backend": ("name", "version"),
@@ -75,15 +84,16 @@ def read_manifest(folder: str | Path) -> dict:
         raise EngineError(f"{path}: corrupt JSON ({e}); rebuild the artifact with mirage-export") from e
     if not isinstance(data, dict):
         raise EngineError(f"{path}: not a Mirage manifest (a JSON object is expected)")
-    if data.get("format") != FORMAT:
-        raise EngineError(f"{path}: manifest format {data.get('format')!r}, this Mirage reads format {FORMAT}; "
-                          "rebuild the artifact with mirage-export")
-    validate_manifest(data)
+    try:
+        validate_manifest(data)
+    except EngineError as e:
+        raise EngineError(f"{path}: {e}") from e
     return data
 
 
 def validate_manifest(m: dict) -> None:
-    """Raise EngineError naming every missing key (dotted for nested ones)."""
+    """Raise EngineError naming every missing key (dotted for nested ones), then the first value
+    that cannot be right."""
     missing = [k for k in REQUIRED if k not in m]
     for key, inner in NESTED_REQUIRED.items():
         if isinstance(m.get(key), dict):
@@ -97,14 +107,41 @@ def validate_manifest(m: dict) -> None:
             missing += [f"graphs.{graph}.{k}" for k in GRAPH_REQUIRED if k not in meta]
     if missing:
         raise EngineError(f"manifest is incomplete: missing {', '.join(missing)}")
+    bad = _bad_value(m)
+    if bad:
+        raise EngineError(f"manifest: {bad}; rebuild the artifact with mirage-export")
 
 
-def check_engine_file(path: str | Path, expected_sha256: str | None) -> None:
-    path = Path(path)
-    if not path.is_file():
-        raise EngineError(f"{path}: engine file missing; rebuild the artifact with mirage-export")
-    if expected_sha256 and sha256_file(path) != expected_sha256:
-        raise EngineError(f"{path}: corrupt or modified engine (hash differs from {MANIFEST}); rebuild it")
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", str(v))[:3])
+
+
+def _bad_value(m: dict) -> str | None:
+    if m["format"] != FORMAT:
+        return f"format {m['format']!r}, this Mirage reads format {FORMAT}"
+    if _version(m["mirage_version"]) > _version(__version__):
+        return f"written by Mirage {m['mirage_version']}, newer than this one ({__version__})"
+    if m["precision"] not in PRECISIONS:
+        return f"precision {m['precision']!r} is not one of {', '.join(PRECISIONS)}"
+    backend = m["backend"]
+    if not isinstance(backend, dict) or backend.get("name") not in BACKENDS:
+        return f"backend {backend!r} is not one of {', '.join(BACKENDS)}"
+    if not isinstance(m["batch"], int) or m["batch"] < 1 or not (m["max_batch"] is None or isinstance(m["max_batch"], int)):
+        return f"batch {m['batch']!r} / max_batch {m['max_batch']!r} are not batch sizes"
+    if not isinstance(m["graphs"], dict) or not all(isinstance(g, dict) for g in m["graphs"].values()):
+        return "graphs is not a table of graphs"
+    for graph, meta in m["graphs"].items():
+        if not meta.get("onnx") or not meta.get("onnx_sha256"):
+            return f"graph {graph} records no ONNX file or hash"
+    if backend["name"] != "onnx":
+        if not backend.get("version"):
+            return f"backend {backend['name']} records no version"
+        if not m["target"].get("compute_capabilities"):
+            return "no target compute capabilities are recorded for the engines"
+        for graph, meta in m["graphs"].items():
+            if not meta.get("engine") or not meta.get("engine_sha256"):
+                return f"graph {graph} records no engine file or hash"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,12 +159,39 @@ def normalize_cc(cc: str) -> str:
     return f"sm{s}"
 
 
+# mirage-export's flags for the recorded ArtifactOptions fields (defaults are left out)
+_FLAGS = {"precision": "--precision", "backend": "--backend", "gpus": "--gpu", "batch": "--batch",
+          "max_batch": "--max-batch", "optimization_level": "--opt-level", "workspace_mb": "--workspace-mb",
+          "plugin_library": "--plugin-library", "temporal_attention": "--temporal-attention",
+          "calibration_frames": "--calib-frames", "parity_frames": "--parity-frames"}
+_FLAG_DEFAULTS = {"batch": 1, "max_batch": None, "optimization_level": 3, "workspace_mb": 1024, "gpus": (),
+                  "plugin_library": None, "temporal_attention": "onnx", "calibration_frames": 8, "parity_frames": 50}
+_SWITCHES = {"allow_parity_failure": "--allow-parity-failure", "experimental_int8": "--experimental-int8"}
+
+
+def export_command(checkpoint: str | Path, out: str | Path, options: dict) -> str:
+    """The mirage-export command line that builds `options` (ArtifactOptions as a dict) again,
+    with absolute paths so that it works from any folder."""
+    cmd = ["mirage-export", "--checkpoint", str(Path(checkpoint).resolve()), "--out", str(Path(out).resolve())]
+    for key, flag in _FLAGS.items():
+        value = options.get(key, _FLAG_DEFAULTS.get(key))
+        if key in _FLAG_DEFAULTS and value in (_FLAG_DEFAULTS[key], None, [], ()):
+            continue
+        if key == "gpus":
+            value = ",".join(value)
+        elif key == "plugin_library":
+            value = str(Path(value).resolve())
+        cmd += [flag, str(value)]
+    cmd += [flag for key, flag in _SWITCHES.items() if options.get(key)]
+    return shlex.join(cmd)
+
+
 def rebuild_command(m: dict, folder: str | Path | None = None) -> str:
-    """The exporter's recorded command, else one built from the manifest's own fields."""
-    if m.get("rebuild_command"):
+    """The command that rebuilds this artifact into `folder` (where it is now), or the recorded one."""
+    if folder is None and m.get("rebuild_command"):
         return m["rebuild_command"]
-    return shlex.join(["mirage-export", "--checkpoint", str(m["checkpoint"]["path"]), "--precision", m["precision"],
-                       "--backend", m["backend"]["name"], "--out", str(folder or "DIR")])
+    return export_command(m["checkpoint"]["path"], folder or "DIR", m.get("options") or {
+        "precision": m.get("precision"), "backend": (m.get("backend") or {}).get("name")})
 
 
 def _with_option(command: str, flag: str, value: str | None) -> str:
@@ -173,8 +237,12 @@ def check_loadable(manifest: dict, backend_version: str, gpu_cc: str | None, plu
     if cc and targets and cc not in targets:
         # TensorRT-RTX builds for any listed GPU from here (keep the old ones, add this one);
         # full TensorRT builds for the GPU it runs on
-        fixed = _with_option(command, "--gpu", ",".join(targets + [cc])) if backend == "tensorrt-rtx" else command
-        where = "" if backend == "tensorrt-rtx" else " (on this GPU)"
+        # full TensorRT builds for the GPU it runs on; so does RTX's fallback for a GPU it cannot target
+        allowed = FP8_TARGETS if m["precision"] == "fp8" else RTX_TARGETS
+        rtx = backend == "tensorrt-rtx" and cc in allowed
+        fixed = _with_option(command, "--gpu", ",".join(targets + [cc])) if rtx else \
+            _with_option(_with_option(command, "--gpu", None), "--backend", "tensorrt")
+        where = "" if rtx else " (with full TensorRT, on this GPU)"
         raise EngineError(f"engine targets compute capabilities [{', '.join(targets)}] but this GPU is {cc}; "
                           f"rebuild{where}: {fixed}")
     _check_plugin(m.get("plugin"), plugin_path, command)

@@ -18,8 +18,6 @@ they become sinusoidal embeddings and need the range) and `ages` (int32).
 """
 from __future__ import annotations
 
-import copy
-from contextlib import nullcontext
 import logging
 import warnings
 from dataclasses import dataclass
@@ -29,7 +27,8 @@ import torch
 from torch import nn
 
 from mirage.core import graphs as G
-from mirage.model.unet import MirageUNet, decomposed_attention, plugin_temporal_attention
+from mirage.core.errors import MirageError
+from mirage.model.unet import AttentionImpl, MirageUNet
 from mirage.train.rollout import DEFAULT_CONTEXT_NOISE, DEFAULT_STEPS, rollout
 from mirage.train.data import SyntheticVideo, v2v_input
 
@@ -37,7 +36,7 @@ EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to a side file (ONNX prot
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
-class ExportError(ValueError):
+class ExportError(MirageError, ValueError):
     """The model could not be exported; the message says which graph and why."""
 
 
@@ -60,7 +59,7 @@ class ExportOptions:
 class DenoiseGraph(nn.Module):
     def __init__(self, model: MirageUNet):
         super().__init__()
-        self.model, self.names = model, G.denoise_inputs(bool(model.cfg.cond_channels))
+        self.model, self.names = model, G.model_graphs(model.cfg)[G.DENOISE].input_names
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         x = dict(zip(self.names, inputs))
@@ -70,7 +69,7 @@ class DenoiseGraph(nn.Module):
 class ContextGraph(nn.Module):
     def __init__(self, model: MirageUNet):
         super().__init__()
-        self.model, self.names = model, G.CONTEXT_INPUTS
+        self.model, self.names = model, G.model_graphs(model.cfg)[G.CONTEXT].input_names
 
     def forward(self, frame: torch.Tensor, t_ctx: torch.Tensor) -> torch.Tensor:
         return self.model.context_encode(frame, t_ctx)
@@ -78,16 +77,18 @@ class ContextGraph(nn.Module):
 
 def example_inputs(model: MirageUNet, graph: str, batch: int = 1, dtype: torch.dtype = torch.float32,
                    seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random inputs of the right shapes and dtypes (for tracing and smoke tests)."""
-    cfg, g = model.cfg, torch.Generator().manual_seed(seed)
-    img = (batch, cfg.channels, cfg.image_size, cfg.image_size)
-    if graph == G.CONTEXT:
-        return {G.FRAME: torch.randn(img, generator=g).to(dtype), G.T_CTX: torch.full((batch,), 100.0)}
-    x = {G.X_T: torch.randn(img, generator=g).to(dtype), G.T: torch.full((batch,), 499.0),
-         G.COND: torch.randn(img, generator=g).to(dtype),
-         G.MEMORY: torch.randn(batch, cfg.context_frames, 2, cfg.memory_tokens, cfg.temporal_dim, generator=g).to(dtype),
-         G.AGES: torch.arange(cfg.context_frames, dtype=torch.int32).repeat(batch, 1)}
-    return {k: x[k] for k in G.denoise_inputs(bool(cfg.cond_channels))}
+    """Random inputs at the graph's spec (for tracing and smoke tests): floats in `dtype`,
+    timesteps mid-range, ages a full memory."""
+    spec, g = G.model_graphs(model.cfg, batch)[graph], torch.Generator().manual_seed(seed)
+    values = {}
+    for x in spec.inputs:
+        if x.name in (G.T, G.T_CTX):
+            values[x.name] = torch.full(x.shape, 499.0 if x.name == G.T else 100.0)
+        elif x.name == G.AGES:
+            values[x.name] = torch.arange(x.shape[1], dtype=torch.int32).repeat(x.shape[0], 1)
+        else:
+            values[x.name] = torch.randn(x.shape, generator=g).to(dtype)
+    return values
 
 
 def graph_module(model: MirageUNet, graph: str) -> nn.Module:
@@ -99,28 +100,28 @@ def export_graph(model: MirageUNet, graph: str, path: str | Path, options: Expor
     if options.precision not in DTYPES:
         raise ExportError(f"precision {options.precision!r}: export takes fp32 or fp16 (int8/fp8 quantize fp32)")
     dtype = DTYPES[options.precision]
-    net = copy.deepcopy(model).to("cpu", dtype).eval()
+    decompose = options.precision == "fp32" if options.decompose_attention is None else options.decompose_attention
+    plugin = options.temporal_attention == "plugin"
+    impl = AttentionImpl(spatial="decomposed" if decompose else "sdpa", temporal="op" if plugin else "torch")
+    net = model.with_attention(impl).to("cpu", dtype).eval()  # shares model's weights until .to converts them
     module = graph_module(net, graph)
     # torch.export specializes a dim it traces at size 1, so a dynamic batch is traced at >= 2
     dynamic = options.max_batch is not None and options.max_batch > 1
     inputs = example_inputs(net, graph, max(options.batch, 2) if dynamic else options.batch, dtype)
     output = G.V if graph == G.DENOISE else G.KV
-    decompose = options.precision == "fp32" if options.decompose_attention is None else options.decompose_attention
     big = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
     path = Path(path)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not the user's business
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        plugin = options.temporal_attention == "plugin"
-        with decomposed_attention() if decompose else nullcontext(), plugin_temporal_attention() if plugin else nullcontext():
-            try:
-                program = torch.onnx.export(module, tuple(inputs.values()), dynamo=True, opset_version=options.opset,
-                                            input_names=list(inputs), output_names=[output], verbose=False,
-                                            custom_translation_table=_plugin_translation() if plugin else None,
-                                            dynamic_shapes=_batch_dims(graph, inputs, options))
-            except Exception as e:  # the exporter raises many types; all mean "this graph did not export"
-                raise ExportError(f"{graph}: torch.onnx.export failed ({type(e).__name__}: "
-                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+        try:
+            program = torch.onnx.export(module, tuple(inputs.values()), dynamo=True, opset_version=options.opset,
+                                        input_names=list(inputs), output_names=[output], verbose=False,
+                                        custom_translation_table=_plugin_translation() if plugin else None,
+                                        dynamic_shapes=_batch_dims(graph, inputs, options))
+        except Exception as e:  # the exporter raises many types; all mean "this graph did not export"
+            raise ExportError(f"{graph}: torch.onnx.export failed ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
         program.save(str(path), external_data=big)
     return path
 
@@ -171,30 +172,23 @@ def record_rollout_inputs(model: MirageUNet, frames: int = 8, steps: int = DEFAU
                           context_noise: int = DEFAULT_CONTEXT_NOISE) -> dict[str, list[dict[str, torch.Tensor]]]:
     """Inputs both graphs see during a real rollout (fp32, CPU): for parity and calibration."""
     calls: dict[str, list] = {G.DENOISE: [], G.CONTEXT: []}
-    cfg = model.cfg
 
-    class Recorder:
-        def __init__(self):
-            self.cfg = cfg
-
-        def denoise(self, x_t, t, cond, memory, ages):
-            names = G.denoise_inputs(bool(cfg.cond_channels))
-            values = {G.X_T: x_t, G.T: t.float(), G.COND: cond, G.MEMORY: memory, G.AGES: ages.int()}
-            calls[G.DENOISE].append({k: values[k].clone() for k in names})  # memory changes in place later
-            return model.denoise(x_t, t, cond, memory, ages)
-
-        def context_encode(self, frame, t_ctx):
-            calls[G.CONTEXT].append({G.FRAME: frame.clone(), G.T_CTX: t_ctx.float()})
-            return model.context_encode(frame, t_ctx)
+    def record(event: dict) -> None:  # memory and x change in place later: keep copies
+        calls[event["graph"]].append({k: v.clone() for k, v in event["inputs"].items()})
 
     model = model.to("cpu").float().eval()
-    cond = None
-    if cfg.cond_channels:
-        clip = torch.from_numpy(SyntheticVideo(cfg.image_size, seed=4242 + seed).clip(0, frames)).permute(0, 3, 1, 2)
-        cond = [v2v_input(f)[None] for f in clip]
-    for _ in rollout(Recorder(), frames, steps=steps, seed=seed, cond=cond, context_noise=context_noise):
+    for _ in rollout(model, frames, steps=steps, seed=seed, cond=synthetic_cond(model.cfg, frames, 4242 + seed),
+                     context_noise=context_noise, callback=record):
         pass
     return calls
+
+
+def synthetic_cond(cfg, frames: int, seed: int) -> list[torch.Tensor] | None:
+    """Video-to-video inputs of a synthetic clip (1, C, H, W) each; None for generation models."""
+    if not cfg.cond_channels:
+        return None
+    clip = torch.from_numpy(SyntheticVideo(cfg.image_size, seed=seed).clip(0, frames)).permute(0, 3, 1, 2)
+    return [v2v_input(f)[None] for f in clip]
 
 
 @torch.no_grad()

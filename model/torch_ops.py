@@ -1,40 +1,74 @@
-"""The frame loop's element-wise work (mirage.core.loop.Ops) as torch ops."""
+"""The frame loop's element-wise work (mirage.core.loop.Ops) as torch ops.
+
+Every op is CUDA-graph safe: slot indices and noise counters are device tensors, so a replayed
+graph needs no host sync and no Python-side branch. The noise is the counter-based generator of
+mirage.core.loop.normal, written in int64 arithmetic (torch has no uint64 shifts): products wrap
+modulo 2^64 as the unsigned ones do, and right shifts are made logical with a mask.
+"""
 from __future__ import annotations
+
+import math
 
 import torch
 
+from mirage.core.loop import GOLDEN_GAMMA, MIX1, MIX2
+
+
+def _s64(u: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    return u - (1 << 64) if u >= 1 << 63 else u
+
+
+def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    z = z + _s64(GOLDEN_GAMMA)
+    z = (z ^ _shr(z, 30)) * _s64(MIX1)
+    z = (z ^ _shr(z, 27)) * _s64(MIX2)
+    return z ^ _shr(z, 31)
+
+
+def normal_rows(rng: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, n) float32 draws of each row's (seed, counter) in rng (B, 2) int64."""
+    j = torch.arange(n, device=rng.device, dtype=torch.int64)
+    r = _mix(rng[:, :1] ^ _mix(rng[:, 1:] * (1 << 32) + j))  # (B, n)
+    u1 = (_shr(r, 40).float() + 1.0) * (1.0 / 16777217.0)
+    u2 = ((r & 0xFFFFFF).float() + 0.5) * (1.0 / 16777216.0)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2 * math.pi) * u2)
+
 
 class TorchOps:
-    """Element-wise work as torch ops on the buffers' device; every op is CUDA-graph safe
-    (the slot index is a device tensor, so no host sync and no Python-side branch)."""
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self._rows: dict[int, torch.Tensor] = {}  # batch -> arange(batch), made before any capture
 
-    def __init__(self, device, seed: int = 0):
-        self.torch, self.device = torch, torch.device(device)
-        # On CUDA the default generator is the graph-safe one (a captured graph draws fresh
-        # noise at every replay); a private generator would need registering with each graph.
-        self.gen = None if self.device.type == "cuda" else torch.Generator()
-        self.seed(seed)
+    def _arange(self, b: int) -> torch.Tensor:
+        if b not in self._rows:
+            self._rows[b] = torch.arange(b, device=self.device)
+        return self._rows[b]
 
-    def seed(self, seed: int) -> None:
-        if self.gen is None:
-            self.torch.cuda.manual_seed(seed)
-        else:
-            self.gen.manual_seed(seed)
-
-    def randn_(self, buf):
-        buf.normal_(generator=self.gen)
+    def randn_(self, buf, rng):
+        buf.copy_(normal_rows(rng, buf[0].numel()).view(buf.shape))
+        rng[:, 1] += 1
 
     def lincomb_(self, dst, a, x, b, y):
-        self.torch.add(x * a, y, alpha=b, out=dst) if dst.dtype == x.dtype else dst.copy_(x * a + y * b)
+        torch.add(x * a, y, alpha=b, out=dst) if dst.dtype == x.dtype else dst.copy_(x * a + y * b)
 
     def clamp_(self, dst, src):
-        self.torch.clamp(src, -1.0, 1.0, out=dst)
+        torch.clamp(src, -1.0, 1.0, out=dst)
 
     def ring_write_(self, memory, ages, slot, kv):
-        memory.index_copy_(1, slot, kv.unsqueeze(1))
+        rows = self._arange(memory.shape[0])
+        memory.index_put_((rows, slot), kv)
         ages.add_((ages > 0).to(ages.dtype))
-        ages.index_fill_(1, slot, 1)
+        ages.scatter_(1, slot[:, None], 1)
         slot.add_(1).remainder_(memory.shape[1])
 
-    def zero_(self, buf):
-        buf.zero_()
+    def reset_row_(self, buf, row, seed):
+        buf.memory[row].zero_()
+        buf.ages[row].zero_()
+        buf.slot[row] = 0
+        buf.rng[row, 0] = _s64(seed % (1 << 64))
+        buf.rng[row, 1] = 0

@@ -18,6 +18,8 @@ import math
 
 import numpy as np
 
+from mirage.core.device import compute_capability
+
 
 class CudaError(RuntimeError):
     """A CUDA call failed; the message names the call and CUDA's error."""
@@ -51,14 +53,6 @@ def _error_text(err) -> str:
     if isinstance(err, nvrtc.nvrtcResult):
         return err.name
     return str(err)
-
-
-def compute_capability(index: int = 0) -> tuple[int, int]:
-    """(major, minor) of cuda:index, from the driver (what an engine's target must match)."""
-    rt = _import()[2]
-    attr = rt.cudaDeviceAttr
-    return (call(rt.cudaDeviceGetAttribute, attr.cudaDevAttrComputeCapabilityMajor, index),
-            call(rt.cudaDeviceGetAttribute, attr.cudaDevAttrComputeCapabilityMinor, index))
 
 
 _NP = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
@@ -119,6 +113,8 @@ class Device:
         call(rt.cudaSetDevice, index)
         call(rt.cudaFree, 0)  # creates the primary context, which the driver API (kernels) then uses
         self.capability = compute_capability(index)
+        if self.capability is None:
+            raise CudaError(f"no CUDA device {index}")
         self._buffers: list[DeviceBuffer] = []
         self._pinned: list[int] = []
         self._streams, self._events, self._graphs = [], [], []
@@ -230,10 +226,13 @@ __device__ __forceinline__ unsigned long long mix(unsigned long long z) {
   z += 0x9E3779B97F4A7C15ull; z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull; return z ^ (z >> 31);
 }
-template <typename T> __device__ void randn(T* out, long n, const unsigned long long* state) {
+// mirage.core.loop.normal: row b of `out` (rows x per_row) from its (seed, counter) = state[2b], state[2b+1]
+template <typename T> __device__ void randn(T* out, long per_row, long n, const long long* state) {
   long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
   if (i >= n) return;
-  unsigned long long r = mix(state[0] ^ mix(state[1] * 0x100000000ull + i));
+  long b = i / per_row, j = i % per_row;
+  unsigned long long seed = (unsigned long long)state[2 * b], counter = (unsigned long long)state[2 * b + 1];
+  unsigned long long r = mix(seed ^ mix(counter * 0x100000000ull + j));
   float u1 = ((r >> 40) + 1.0f) * (1.0f / 16777217.0f), u2 = ((r & 0xFFFFFFull) + 0.5f) * (1.0f / 16777216.0f);
   st(out, i, sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2));  // Box-Muller
 }
@@ -245,27 +244,29 @@ template <typename T> __device__ void clamp1(T* dst, const T* src, long n) {
   long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
   if (i < n) st(dst, i, fminf(fmaxf(ld(src, i), -1.0f), 1.0f));
 }
-// memory (B, K, S) with S = 2*N*D elements per slot; kv (B, S); slot[0] is the slot to write
+// memory (B, K, S) with S = 2*N*D elements per slot; kv (B, S); slot[b] is row b's slot to write
 template <typename T> __device__ void ring_copy(T* memory, const T* kv, const long long* slot, int k, long s, long n) {
   long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
-  if (i < n) { long b = i / s, e = i % s; memory[(b * k + slot[0]) * s + e] = kv[i]; }
+  if (i < n) { long b = i / s, e = i % s; memory[(b * k + slot[b]) * s + e] = kv[i]; }
 }
 extern "C" {
-__global__ void randn_f32(float* o, long n, const unsigned long long* s) { randn(o, n, s); }
-__global__ void randn_f16(half_t* o, long n, const unsigned long long* s) { randn(o, n, s); }
-__global__ void advance(unsigned long long* s) { if (threadIdx.x == 0) s[1] += 1; }  // one draw per randn launch
+__global__ void randn_f32(float* o, long per_row, long n, const long long* s) { randn(o, per_row, n, s); }
+__global__ void randn_f16(half_t* o, long per_row, long n, const long long* s) { randn(o, per_row, n, s); }
+// one draw per randn launch: every row's counter advances
+__global__ void advance(long long* s, int rows) { int b = blockIdx.x * blockDim.x + threadIdx.x; if (b < rows) s[2 * b + 1] += 1; }
 __global__ void lincomb_f32(float* d, float a, const float* x, float b, const float* y, long n) { lincomb(d, a, x, b, y, n); }
 __global__ void lincomb_f16(half_t* d, float a, const half_t* x, float b, const half_t* y, long n) { lincomb(d, a, x, b, y, n); }
 __global__ void clamp_f32(float* d, const float* s, long n) { clamp1(d, s, n); }
 __global__ void clamp_f16(half_t* d, const half_t* s, long n) { clamp1(d, s, n); }
 __global__ void ring_copy_f32(float* m, const float* kv, const long long* slot, int k, long s, long n) { ring_copy(m, kv, slot, k, s, n); }
 __global__ void ring_copy_f16(half_t* m, const half_t* kv, const long long* slot, int k, long s, long n) { ring_copy(m, kv, slot, k, s, n); }
-// after the copy: every filled slot ages by one, the written slot becomes age 1, the slot advances
+// after the copy, per row: every filled slot ages by one, the written slot becomes age 1, the slot advances
 __global__ void ring_advance(int* ages, long long* slot, int batch, int k) {
-  if (threadIdx.x != 0) return;
-  for (int i = 0; i < batch * k; ++i) ages[i] += ages[i] > 0;
-  for (int b = 0; b < batch; ++b) ages[b * k + slot[0]] = 1;
-  slot[0] = (slot[0] + 1) % k;
+  int b = blockIdx.x * blockDim.x + threadIdx.x;
+  if (b >= batch) return;
+  for (int i = 0; i < k; ++i) ages[b * k + i] += ages[b * k + i] > 0;
+  ages[b * k + slot[b]] = 1;
+  slot[b] = (slot[b] + 1) % k;
 }
 __global__ void fill_f32(float* d, float v, long n) { long i = blockIdx.x * (long)blockDim.x + threadIdx.x; if (i < n) d[i] = v; }
 __global__ void zero_bytes(unsigned char* d, long n) { long i = blockIdx.x * (long)blockDim.x + threadIdx.x; if (i < n) d[i] = 0; }
@@ -304,13 +305,11 @@ class CudaOps:
     """The frame loop's `Ops` on DeviceBuffers: kernels launched on one stream (the compute
     stream), so they are captured with the engine calls into the frame graph."""
 
-    def __init__(self, device: Device, stream, seed: int = 0):
+    def __init__(self, device: Device, stream):
         self.dev, self.stream = device, stream
         self.driver = _import()[0]
         self.module = compile_module(_KERNELS, "mirage_loop.cu", device.capability)
         self.fn = {}
-        self.rng = device.empty((2,), "int64")  # (seed, draw counter) of the counter-based generator
-        self.seed(seed)
 
     def _launch(self, name: str, n: int, *args) -> None:
         fn = self.fn.get(name)
@@ -319,20 +318,18 @@ class CudaOps:
         launch(fn, n, args, self.stream)
 
     @staticmethod
-    def _p(buf: DeviceBuffer):
-        return buf.ptr, ctypes.c_void_p
+    def _p(buf: DeviceBuffer, offset: int = 0):
+        return buf.ptr + offset, ctypes.c_void_p
 
     @staticmethod
     def _n(n: int):
         return n, ctypes.c_long
 
-    def seed(self, seed: int) -> None:
-        host = np.array([seed, 0], dtype=np.int64)
-        call(self.dev.rt.cudaMemcpy, self.rng.ptr, host.ctypes.data, 16, self.dev.rt.cudaMemcpyKind.cudaMemcpyHostToDevice)
-
-    def randn_(self, buf):
-        self._launch(f"randn_{_SUFFIX[buf.dtype]}", buf.size, self._p(buf), self._n(buf.size), self._p(self.rng))
-        self._launch("advance", 1, self._p(self.rng))
+    def randn_(self, buf, rng):
+        rows = buf.shape[0]
+        self._launch(f"randn_{_SUFFIX[buf.dtype]}", buf.size, self._p(buf), self._n(buf.size // rows),
+                     self._n(buf.size), self._p(rng))
+        self._launch("advance", rows, self._p(rng), (rows, ctypes.c_int))
 
     def lincomb_(self, dst, a, x, b, y):
         if not (dst.dtype == x.dtype == y.dtype and dst.size == x.size == y.size):
@@ -350,8 +347,18 @@ class CudaOps:
                      (k, ctypes.c_int), self._n(per_slot), self._n(kv.size))
         self._launch("ring_advance", batch, self._p(ages), self._p(slot), (batch, ctypes.c_int), (k, ctypes.c_int))
 
-    def zero_(self, buf):
-        self._launch("zero_bytes", buf.nbytes, self._p(buf), self._n(buf.nbytes))
+    def zero_(self, buf, offset: int = 0, nbytes: int | None = None):
+        n = buf.nbytes - offset if nbytes is None else nbytes
+        self._launch("zero_bytes", n, self._p(buf, offset), self._n(n))
+
+    def reset_row_(self, buf, row: int, seed: int):
+        for b in (buf.memory, buf.ages, buf.slot, buf.rng):
+            per_row = b.nbytes // b.shape[0]
+            self.zero_(b, row * per_row, per_row)
+        host = np.array([seed % (1 << 64)], dtype=np.uint64).view(np.int64)  # the seed's 64 bits
+        call(self.dev.rt.cudaMemcpyAsync, buf.rng.ptr + 16 * row, host.ctypes.data, 8,
+             self.dev.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream)
+        call(self.dev.rt.cudaStreamSynchronize, self.stream)  # `host` is pageable and about to go away
 
     def fill_(self, buf, value: float):
         if buf.dtype != "float32":

@@ -15,7 +15,7 @@ import numpy as np
 class TorchGpu:
     array = "torch"
 
-    def __init__(self, device: str, seed: int = 0):
+    def __init__(self, device: str):
         import torch
 
         from mirage.model.torch_ops import TorchOps
@@ -23,12 +23,16 @@ class TorchGpu:
         self.torch, self.device = torch, torch.device(device)
         self.compute = torch.cuda.current_stream(self.device)
         self.copy_stream = torch.cuda.Stream(self.device)
-        self.ops = TorchOps(self.device, seed)
+        self.ops = TorchOps(self.device)
         self._pinned: dict[int, object] = {}  # numpy view address -> its pinned tensor
         self._pool = None
 
     def zeros(self, shape, dtype: str):
         return self.torch.zeros(shape, dtype=getattr(self.torch, dtype), device=self.device)
+
+    def fill(self, buf, value: float) -> None:
+        buf.fill_(value)
+
 
     def pinned(self, like) -> np.ndarray:
         """Host staging for `like`: float32 (the device copy converts to like's dtype)."""
@@ -105,19 +109,23 @@ class TorchGpu:
 class CudaGpu:
     array = "cuda"
 
-    def __init__(self, device: str, seed: int = 0):
+    def __init__(self, device: str):
         from mirage.runtime.cuda import CudaOps, Device
 
         index = int(device.split(":")[1]) if ":" in device else 0
         self.dev = Device(index)
         self.device = f"cuda:{index}"
         self.compute, self.copy_stream = self.dev.stream(), self.dev.stream()
-        self.ops = CudaOps(self.dev, self.compute, seed)
+        self.ops = CudaOps(self.dev, self.compute)
 
     def zeros(self, shape, dtype: str):
         buf = self.dev.empty(shape, dtype)
         self.ops.zero_(buf)
         return buf
+
+    def fill(self, buf, value: float) -> None:
+        self.ops.fill_(buf, value)
+
 
     def pinned(self, like) -> np.ndarray:
         """Host staging in like's dtype: a raw async copy does not convert."""

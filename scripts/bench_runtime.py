@@ -24,6 +24,7 @@ last and writes JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -32,10 +33,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch._inductor.config
 
 from mirage.runtime import Pipeline
-from mirage.core.config import get_config
+from mirage.core.config import PipelineOptions, get_config
 from mirage.model.unet import MirageUNet, parameter_count
 
 
@@ -57,21 +57,18 @@ VARIANTS = {  # graph: the runtime's whole-frame CUDA graph; compile: torch.comp
 
 def variant_pipeline(model: MirageUNet, variant: str, kernel_library: str, **overrides) -> Pipeline:
     """The pipeline of one VARIANTS entry around `model`, which it changes in place (dtype,
-    channels-last, the fused-op route): `restore` undoes that before the next variant."""
+    channels-last): `restore` undoes that before the next variant."""
     spec = VARIANTS[variant]
-    torch._inductor.config.freezing = bool(spec.get("freeze"))  # read when the first call compiles
-    if spec.get("channels_last"):
-        model.to(memory_format=torch.channels_last)
-    options = {"cuda_graph": spec["graph"], "compile_mode": spec.get("compile"),
-               "kernel_library": kernel_library if spec.get("fused") else None, **overrides}
-    return Pipeline.from_model(model, "cuda", spec["dtype"], **options)
+    options = PipelineOptions(dtype=spec["dtype"], cuda_graph=spec["graph"], compile=spec.get("compile"),
+                              channels_last=bool(spec.get("channels_last")), freeze=bool(spec.get("freeze")),
+                              kernel_library=kernel_library if spec.get("fused") else None)
+    return Pipeline.from_model(model, "cuda", dataclasses.replace(options, **overrides))
 
 
 def restore(model: MirageUNet) -> None:
-    """Back to fp32, contiguous, stock temporal attention, and no compiled code cached."""
+    """Back to fp32, contiguous, and no compiled code cached (the fused-op route is a twin of the model
+    that the backend keeps, so `model` itself still runs stock temporal attention)."""
     model.float().to(memory_format=torch.contiguous_format)
-    model.use_temporal_attention_op(False)
-    torch._inductor.config.freezing = False
     torch.compiler.reset()
 
 
@@ -101,7 +98,7 @@ def measured_peaks() -> dict:
 def floor(model: MirageUNet, steps: int, peaks: dict) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
-    pipe = Pipeline.from_model(model, "cuda", "float16", steps=steps, cuda_graph=False)
+    pipe = Pipeline.from_model(model, "cuda", PipelineOptions(dtype="float16", steps=steps, cuda_graph=False))
     pipe.reset(0)
     with FlopCounterMode(display=False) as counter:
         pipe.step()
@@ -148,7 +145,8 @@ def graph_vs_eager(name: str, kernel_library: str, frames: int = 5) -> dict:
     fused temporal-attention kernel and the stock ops (both graph-replayed)."""
     outs = {}
     for key, graph, lib in (("eager", False, None), ("graph", True, None), ("graph_fused", True, kernel_library)):
-        with Pipeline.from_model(random_model(name), "cuda", "float32", cuda_graph=graph, kernel_library=lib) as pipe:
+        with Pipeline.from_model(random_model(name), "cuda",
+                                 PipelineOptions(dtype="float32", cuda_graph=graph, kernel_library=lib)) as pipe:
             pipe.reset(0)
             outs[key] = np.stack([pipe.step() for _ in range(frames)])
     diff = lambda a, b: float(np.abs(outs[a] - outs[b]).max())  # noqa: E731
@@ -162,7 +160,7 @@ def overlap(name: str, frames: int = 200) -> dict:
     size = model.cfg.image_size
     inputs = [np.random.default_rng(i).uniform(-1, 1, (size, size, 3)).astype(np.float32) for i in range(frames)]
     res = {}
-    with Pipeline.from_model(model, "cuda", "float16") as pipe:
+    with Pipeline.from_model(model, "cuda", PipelineOptions(dtype="float16")) as pipe:
         for mode in ("step", "stream"):
             pipe.reset(0)
             list(pipe.stream(inputs[:10]))
@@ -302,7 +300,7 @@ def main(argv=None) -> int:
                    "runtime-fused-fp16,runtime-inductor-fp16,runtime-inductor-fused-fp16",
                    help=f"comma-separated, from: {', '.join(VARIANTS)}")
     p.add_argument("--kernel-library", default="build/libmirage_kernels.so",
-                   help="libmirage_kernels.so for the *-fused variants (scripts/check_kernels.py builds it)")
+                   help="libmirage_kernels.so for the *-fused variants (gpu_session.sh STAGES=build builds it)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--frames", type=int, default=100)
     p.add_argument("--json", default="bench.json")

@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
 # One GPU session: build + check + time the kernels, then benchmark the runtime; logs and JSON
 # go to $OUT (the device tool's output folder) or ./gpu-out.
-#   STAGES="kernels bench" CONFIGS=tiny,base [VARIANTS=... PROFILE_VARIANTS=... TAG=_x] scripts/gpu_session.sh
-# (stages: build = the kernel library only; kernels = build + check + time it; bench; cuda)
+#   STAGES="tests kernels bench" CONFIGS=tiny,base [VARIANTS=... PROFILE_VARIANTS=... TAG=_x] scripts/gpu_session.sh
+# (stages: build = the kernel library only, for this GPU's architecture; tests = the tests/gpu suite;
+#  kernels = build + time the fused kernel; bench)
 set -euo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"kernels bench"}
+STAGES=${STAGES:-"tests kernels bench"}
+ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 for stage in $STAGES; do
   case $stage in
-    build) cmake -S . -B build -DCMAKE_CUDA_ARCHITECTURES=90 >/dev/null && cmake --build build -j >/dev/null ;;
-    kernels) python scripts/check_kernels.py --build build --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" ;;
+    build) cmake -S . -B build -DCMAKE_CUDA_ARCHITECTURES="$ARCH" >/dev/null && cmake --build build -j >/dev/null ;;
+    tests) python -m pytest tests/gpu -m gpu -q -rs 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    kernels) cmake -S . -B build -DCMAKE_CUDA_ARCHITECTURES="$ARCH" >/dev/null && cmake --build build -j >/dev/null
+             python scripts/bench_temporal_attention.py --library build/libmirage_kernels.so \
+               --json "$OUT/temporal_attention.json" 2>&1 | tee "$OUT/temporal_attention.log" ;;
     bench) python scripts/bench_runtime.py --configs "${CONFIGS-tiny,base}" ${VARIANTS:+--variants "$VARIANTS"} \
              --check-configs "${CHECK_CONFIGS:-}" --throughput-configs "${THROUGHPUT_CONFIGS:-}" \
              --throughput-variant "${THROUGHPUT_VARIANT:-runtime-fp16}" \
              --throughput-batches "${THROUGHPUT_BATCHES:-1,4,8,16}" --profile-variants "${PROFILE_VARIANTS:-}" --kernel-library build/libmirage_kernels.so \
              --json "$OUT/bench${TAG:-}.json" --markdown "$OUT/bench${TAG:-}.md" 2>&1 | tee "$OUT/bench${TAG:-}.log" ;;
-    cuda) python scripts/check_cuda_runtime.py --json "$OUT/cuda_runtime.json" 2>&1 | tee "$OUT/cuda_runtime.log" ;;
-    *) echo "unknown stage $stage (build, kernels, bench, cuda)"; exit 2 ;;
+    *) echo "unknown stage $stage (build, tests, kernels, bench)"; exit 2 ;;
   esac
 done

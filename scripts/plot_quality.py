@@ -11,8 +11,9 @@ import sys
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("reports", nargs="+", help="JSON from scripts/quality.py, each as PATH[:LABEL]")
-    p.add_argument("--metric", default="psnr", help="a per-window key: psnr, ssim, sharpness, motion, ...")
+    p.add_argument("reports", nargs="+", help="JSON reports of mirage-quality, each as PATH[:LABEL]")
+    p.add_argument("--metric", default="psnr",
+                   help="a per-window key: psnr, ssim, sharpness_ratio, motion_ratio, flicker_ratio, feature_distance, ...")
     p.add_argument("--title", default="")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)

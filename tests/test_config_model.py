@@ -9,7 +9,7 @@ import torch
 
 from mirage.core.config import (CONFIGS, ConfigError, ModelConfig, TrainConfig, check_same, from_json,
                                  get_config, to_json)
-from mirage.model.unet import MirageUNet, parameter_count
+from mirage.model.unet import AttentionImpl, MirageUNet, TemporalAttention, parameter_count
 
 # Stated ranges: tiny trains on a laptop; seed880m matches the roadmap baseline (~880M).
 PARAM_RANGES = {
@@ -238,3 +238,67 @@ def test_slot_order_invariance(memory_model):
     # ages carry the order: permuting the ages alone (same memory) is a different input
     out_ages = _denoise(memory_model, x, t, memory, ages[:, perm])
     assert (out - out_ages).abs().max().item() > 1e-4
+
+
+# ---- interfaces fixed at construction: attention implementations, memory slices, time table ----
+
+def test_attention_impl_rejects_unknown_names():
+    with pytest.raises(ConfigError, match="spatial attention 'flash'"):
+        AttentionImpl(spatial="flash")
+    with pytest.raises(ConfigError, match="temporal attention 'cuda'"):
+        AttentionImpl(temporal="cuda")
+
+
+def test_with_attention_shares_weights_and_matches(make_random_tiny):
+    model = make_random_tiny("generate", seed=3)
+    cfg = model.cfg
+    _, x, t, memory = _seeded_inputs(cfg, 2, seed=3)
+    ages = torch.tensor([[3, 0, 1, 2], [4, 2, 3, 1]])
+    ref = _denoise(model, x, t, memory, ages)
+    decomposed = model.with_attention(AttentionImpl(spatial="decomposed"))
+    op = model.with_attention(AttentionImpl(temporal="op"))
+    assert decomposed.attention.spatial == "decomposed" and model.attention == AttentionImpl()
+    assert decomposed.in_conv.weight.data_ptr() == model.in_conv.weight.data_ptr()  # shared, not copied
+    assert not decomposed.training and all(m.use_op for m in op.modules() if isinstance(m, TemporalAttention))
+    assert torch.allclose(_denoise(decomposed, x, t, memory, ages), ref, atol=1e-5)
+    assert torch.equal(_denoise(op, x, t, memory, ages), ref)  # off CUDA the op runs the same function
+    # converting the twin leaves the original alone
+    decomposed.half()
+    assert model.in_conv.weight.dtype == torch.float32
+
+
+def test_each_temporal_layer_reads_its_own_memory_slice(make_random_tiny):
+    model = make_random_tiny("generate", seed=4)
+    cfg = model.cfg
+    layers = [m for m in model.modules() if isinstance(m, TemporalAttention)]
+    slices = [slice(m.start, m.stop) for m in layers]  # registration order: down, middle, up
+    assert slices == list(model.memory_slices)
+    assert [s.stop - s.start for s in slices] == list(cfg.memory_layers)
+    assert slices[0].start == 0 and slices[-1].stop == cfg.memory_tokens
+    seen = []
+    for m in layers:  # the H*W of the features each layer sees is the width of its slice
+        m.register_forward_pre_hook(lambda mod, args: seen.append((mod, args[0].shape[2] * args[0].shape[3])))
+    _, x, t, memory = _seeded_inputs(cfg, 1, seed=4)
+    _denoise(model, x, t, memory, torch.ones(1, cfg.context_frames, dtype=torch.long))
+    assert sorted((m.stop - m.start, n) for m, n in seen) == sorted((n, n) for n in cfg.memory_layers)
+    assert all(m.stop - m.start == n for m, n in seen)
+
+
+@pytest.mark.parametrize("task", ["generate", "v2v"])
+def test_time_table_matches_plain_denoise(make_random_tiny, task):
+    model = make_random_tiny(task, seed=5)
+    cfg = model.cfg
+    x, _, cond, memory, ages = _inputs(cfg, 2)
+    ages[:, :3] = torch.tensor([1, 3, 2])
+    timesteps = torch.tensor([999.0, 749.0, 499.0, 249.0])
+    table = model.time_table(timesteps)
+    assert table.timesteps == (999.0, 749.0, 499.0, 249.0)
+    assert len(table.shifts) == len(model.time_blocks) and table.shifts[0].shape[0] == 4
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            plain = model.denoise(x, t.repeat(2), cond, memory, ages)
+            hoisted = model.denoise_shifted(x, table.step(i), cond, memory, ages)
+            torch.testing.assert_close(hoisted, plain, rtol=1e-5, atol=1e-6)
+        # a wrong step is a different input: the table is really used
+        other = model.denoise_shifted(x, table.step(0), cond, memory, ages)
+        assert (other - plain).abs().max().item() > 1e-3

@@ -17,9 +17,11 @@ trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX builds the engine
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+from mirage.core.device import sm_name
 from mirage.engine.build import (NETWORK_VIEW, BuildOptions, build_engine, engine_layers,  # noqa: E402
-                                 gpu_compute_capability, load_backend, network_layers)
-from mirage.engine.manifest import (EngineError, check_engine_file, check_loadable, read_manifest,  # noqa: E402
+                                 load_backend, network_layers)
+from mirage.engine.verify import SIDECAR, verify_file  # noqa: E402
+from mirage.engine.manifest import (EngineError, check_loadable, read_manifest,  # noqa: E402
                                     sha256_file, validate_manifest, write_manifest)
 from mirage.core import graphs as G  # noqa: E402
 
@@ -97,7 +99,7 @@ def test_conv_engine_is_written_with_its_summary_and_layer_view(conv_engine):
     assert any(m.strip().startswith("build denoise.engine") for m in messages), messages
     view = json.loads((folder / G.layers_file("denoise")).read_text())
     assert summary["layers"] == G.layers_file("denoise") and view["source"] == summary["layer_view"]
-    if gpu_compute_capability() is None:
+    if sm_name() is None:
         assert view["source"] == NETWORK_VIEW
         assert engine_layers(engine.read_bytes(), "tensorrt-rtx") is None
         assert {"CONVOLUTION", "ACTIVATION"} <= {layer["type"] for layer in view["layers"]}
@@ -189,17 +191,19 @@ def test_missing_backend_names_the_install_command(monkeypatch):
 
 def _manifest(folder, engine_sha: str) -> dict:
     """A complete manifest as the exporter writes it, around one real engine."""
-    io = {"inputs": [{"name": "x", "shape": [1, 3, 16, 16], "dtype": "float"}],
-          "outputs": [{"name": "y", "shape": [1, 8, 16, 16], "dtype": "float"}]}
+    io = {"inputs": [{"name": "x", "shape": [1, 3, 16, 16], "dtype": "float32"}],
+          "outputs": [{"name": "y", "shape": [1, 8, 16, 16], "dtype": "float32"}]}
     graphs = {g: {"onnx": G.onnx_file(g), "onnx_sha256": "0" * 64, **io, "engine": G.engine_file(g),
                   "engine_sha256": engine_sha, "layers": G.layers_file(g)} for g in G.GRAPHS}
-    return {"format": 1, "mirage_version": "0.1.0", "created": "2026-11-25T00:00:00+00:00", "model": {"name": "tiny"},
+    return {"format": 2, "mirage_version": "0.1.0", "created": "2026-11-25T00:00:00+00:00", "model": {"name": "tiny"},
+            "batch": 1, "max_batch": None,
+            "options": {"precision": "fp16", "backend": "tensorrt-rtx", "gpus": ["sm89", "sm120"]},
             "checkpoint": {"path": "/ckpt/tiny", "sha256": "1" * 64}, "precision": "fp16",
             "temporal_attention": "onnx", "graphs": graphs, "backend": {"name": "tensorrt-rtx", "version": "1.7.1.116"},
             "target": {"compute_capabilities": ["sm89", "sm120"]}, "plugin": None, "build_options": {},
             "build_seconds": 1.5, "parity": {"passed": True},
-            "rebuild_command": f"mirage-export --checkpoint /ckpt/tiny --precision fp16 --backend tensorrt-rtx "
-                               f"--out {folder} --gpu sm89,sm120"}
+            "rebuild_command": f"mirage-export --checkpoint /ckpt/tiny --out {folder} --precision fp16 "
+                               f"--backend tensorrt-rtx --gpu sm89,sm120"}
 
 
 def test_manifest_round_trip_and_completeness(conv_engine, tmp_path):
@@ -219,7 +223,7 @@ def test_manifest_round_trip_and_completeness(conv_engine, tmp_path):
 def test_missing_or_corrupt_manifest(tmp_path):
     with pytest.raises(EngineError, match=r"no manifest.json; build it with `mirage-export --checkpoint"):
         read_manifest(tmp_path)
-    (tmp_path / G.MANIFEST).write_text('{"format": 1, "graphs": ')
+    (tmp_path / G.MANIFEST).write_text('{"format": 2, "graphs": ')
     with pytest.raises(EngineError, match="corrupt JSON"):
         read_manifest(tmp_path)
 
@@ -238,11 +242,10 @@ def test_check_loadable_refusals(tmp_path):
                                           r"rebuild: .*--gpu sm89,sm120,sm86$"):
         check_loadable(m, "1.7.1.116", "sm86", None)
 
-    # without a recorded command one is built from the manifest
-    bare = {k: v for k, v in m.items() if k != "rebuild_command"}
-    with pytest.raises(EngineError, match=r"rebuild: mirage-export --checkpoint /ckpt/tiny --precision fp16 "
-                                          r"--backend tensorrt-rtx --out /art$"):
-        check_loadable(bare, "1.8.0", None, None, folder="/art")
+    # for an artifact in another folder, the command is built from the recorded options
+    with pytest.raises(EngineError, match=r"rebuild: mirage-export --checkpoint /ckpt/tiny --out /art --precision fp16 "
+                                          r"--backend tensorrt-rtx --gpu sm89,sm120$"):
+        check_loadable(m, "1.8.0", None, None, folder="/art")
 
 
 def test_check_loadable_plugin(tmp_path):
@@ -258,16 +261,20 @@ def test_check_loadable_plugin(tmp_path):
         check_loadable(m, "1.7.1.116", "sm89", str(tmp_path / "absent.so"))
 
 
-def test_check_engine_file(conv_engine, tmp_path):
+def test_verify_file(conv_engine, tmp_path):
     folder, _, _ = conv_engine
     engine = tmp_path / "denoise.engine"
     engine.write_bytes((folder / "denoise.engine").read_bytes())
     digest = sha256_file(engine)
-    check_engine_file(engine, digest)
+    verify_file(engine, digest, tmp_path, "REBUILD")
+    assert (tmp_path / SIDECAR).is_file()  # the next load trusts the unchanged size and mtime
     with open(engine, "r+b") as f:  # flip a few bytes in the middle
         f.seek(1000)
         f.write(b"\x00\x01\x02")
-    with pytest.raises(EngineError, match="corrupt or modified engine"):
-        check_engine_file(engine, digest)
-    with pytest.raises(EngineError, match="engine file missing"):
-        check_engine_file(tmp_path / "context_encode.engine", digest)
+    with pytest.raises(EngineError, match="corrupt or modified .*rebuild: REBUILD"):
+        verify_file(engine, digest, tmp_path, "REBUILD")
+    engine.unlink()
+    with pytest.raises(EngineError, match="missing; rebuild: REBUILD"):
+        verify_file(engine, digest, tmp_path, "REBUILD")
+    with pytest.raises(EngineError, match="records no hash"):
+        verify_file(engine, None, tmp_path, "REBUILD")

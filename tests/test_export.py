@@ -10,7 +10,9 @@ from conftest import CKPT_GEN, CKPT_V2V
 from mirage.engine.artifact import ArtifactOptions, build_artifact
 from mirage.cli.export import main as export_main
 from mirage.export.onnx_export import ExportError
-from mirage.engine.manifest import EngineError, check_engine_file, check_loadable, read_manifest, validate_manifest
+from mirage.engine.manifest import EngineError, check_loadable, read_manifest, validate_manifest
+from mirage.engine.verify import verify_file
+from mirage.core.config import get_config
 from mirage.runtime import Pipeline
 from mirage.core import graphs as G
 
@@ -30,7 +32,9 @@ def artifacts(tmp_path_factory):
                                            ("int8", CKPT_GEN, "int8", "tensorrt-rtx"),
                                            ("fp8", CKPT_GEN, "fp8", "tensorrt-rtx"),
                                            ("fp32-v2v", CKPT_V2V, "fp32", "onnx")]:
-        build_artifact(ckpt, root / name, ArtifactOptions(precision=precision, backend=backend, gpus=("sm89",), **FAST))
+        # INT8 of the tiny model fails its parity tolerance (README): written with the override
+        build_artifact(ckpt, root / name, ArtifactOptions(precision=precision, backend=backend, gpus=("sm89",),
+                                                          allow_parity_failure=name == "int8", **FAST))
         out[name] = root / name
     return out
 
@@ -63,9 +67,9 @@ def test_engines_and_manifest_complete(artifacts, name):
         meta = m["graphs"][graph]
         engine = folder / meta["engine"]
         assert engine.stat().st_size > 100_000
-        check_engine_file(engine, meta["engine_sha256"])
+        verify_file(engine, meta["engine_sha256"], folder, "REBUILD")
         names = [x["name"] for x in meta["inputs"]]
-        assert names == list(G.denoise_inputs(False) if graph == G.DENOISE else G.CONTEXT_INPUTS)
+        assert names == list(G.model_graphs(get_config("tiny"))[graph].input_names)
         layers = json.loads((folder / meta["layers"]).read_text())
         types = {layer["type"] for layer in layers["layers"]}
         assert "CONVOLUTION" in types
@@ -102,32 +106,23 @@ def test_mismatched_manifest_is_refused(artifacts, tmp_path):
         f.seek(1000)
         f.write(b"\x00\x01\x02")
     with pytest.raises(EngineError, match="corrupt or modified"):
-        check_engine_file(broken / "denoise.engine", m["graphs"]["denoise"]["engine_sha256"])
+        verify_file(broken / "denoise.engine", m["graphs"]["denoise"]["engine_sha256"], broken, "REBUILD")
     del m["graphs"]["denoise"]["onnx_sha256"]
     with pytest.raises(EngineError, match="graphs.denoise.onnx_sha256"):
         validate_manifest(m)
 
 
 def test_ort_and_torch_backends_agree_on_an_artifact(artifacts):
-    """The runtime's ONNX Runtime backend on the fp32 artifact vs. its PyTorch backend on the checkpoint."""
-    from mirage.train.data import SyntheticVideo, v2v_input
-    import torch
+    """The same seed gives the same video on the ONNX Runtime backend (an fp32 artifact) and the
+    PyTorch backend (its checkpoint): the loop draws the noise, not the backend."""
+    from mirage.core.synthetic import SyntheticVideo
+    from mirage.core.video_io import v2v_input
 
-    clip = torch.from_numpy(SyntheticVideo(32, seed=9).clip(0, 3)).permute(0, 3, 1, 2)
-    inputs = [v2v_input(f).permute(1, 2, 0).numpy() for f in clip]
+    inputs = [v2v_input(f) for f in SyntheticVideo(32, seed=9).clip(0, 3)]
     outs = []
     for path, backend in [(artifacts["fp32-v2v"], "onnxruntime"), (CKPT_V2V, "torch")]:
         with Pipeline.load(path, backend=backend, device="cpu") as pipe:
             pipe.reset(4)
-            # numpy and torch draw different noise for one seed: feed both the same draws, so
-            # what is compared is the backends running the same loop
-            rng = np.random.default_rng(4)
-
-            def same_noise(buf, rng=rng):
-                draw = rng.standard_normal(tuple(buf.shape)).astype(np.float32)
-                buf[...] = draw if isinstance(buf, np.ndarray) else torch.from_numpy(draw)
-
-            pipe.ops.randn_ = same_noise
             outs.append(np.stack(list(pipe.stream(inputs))))
     assert np.abs(outs[0] - outs[1]).max() < 1e-4
 
@@ -144,6 +139,8 @@ def test_cli_bad_inputs(tmp_path):
     assert r.exit_code == 2 and "not writable" in r.output
     r = runner.invoke(export_main, ["--gpu", "hopper"])
     assert r.exit_code == 2 and "sm89" in r.output
+    r = runner.invoke(export_main, ["--gpu", "sm90", "--backend", "tensorrt-rtx"])  # refused before any work
+    assert r.exit_code == 2 and "TensorRT-RTX targets are" in r.output
     empty = tmp_path / "empty_ckpt"
     empty.mkdir()
     r = runner.invoke(export_main, ["--checkpoint", str(empty), "--out", str(tmp_path / "o")])
@@ -192,15 +189,18 @@ def test_plugin_temporal_attention_export(tmp_path):
 
     with pytest.raises(EngineError, match="Plugin not found"):
         build_engine(out / "denoise.onnx", tmp_path / "x.engine", BuildOptions(compute_capabilities=("sm89",)))
-    with pytest.raises(Exception, match="needs --plugin-library"):
-        build_artifact(CKPT_GEN, tmp_path / "p2", ArtifactOptions(backend="tensorrt-rtx", temporal_attention="plugin"))
+    with pytest.raises(ExportError, match="needs --plugin-library"):
+        build_artifact(CKPT_GEN, tmp_path / "p2", ArtifactOptions(backend="tensorrt", temporal_attention="plugin"))
+    with pytest.raises(ExportError, match="TensorRT-RTX supports no plugins"):  # refused before any work
+        build_artifact(CKPT_GEN, tmp_path / "p3", ArtifactOptions(backend="tensorrt-rtx", temporal_attention="plugin",
+                                                                  plugin_library=str(out / "denoise.onnx")))
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_dynamic_batch_artifact(tmp_path, precision):
     """--max-batch: a dynamic batch dim in the ONNX graphs, a TensorRT profile in the engines;
     ONNX Runtime runs the graphs at batch 1 (the runtime) and at batch 3."""
-    from mirage.runtime.backends import ort_session
+    from mirage.core.ort import ort_session
 
     out = tmp_path / precision
     m = build_artifact(CKPT_GEN, out, ArtifactOptions(precision=precision, backend="tensorrt-rtx", gpus=("sm89",),

@@ -18,6 +18,6 @@ def test_kernel_library_compiles(tmp_path):
     lib = tmp_path / "libmirage_kernels.so"
     assert lib.stat().st_size > 50_000
     symbols = subprocess.run(["nm", "-D", str(lib)], capture_output=True, text=True).stdout
-    assert "mirage_temporal_attention" in symbols
+    assert "mirage_temporal_attention" in symbols and "mirage_temporal_attention_config" in symbols
     for arch in ("sm_80", "sm_86", "sm_89", "sm_90", "sm_120"):  # the default targets are embedded
         assert arch.encode() in lib.read_bytes(), arch

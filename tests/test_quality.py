@@ -1,37 +1,83 @@
-"""A short version of scripts/quality.py on the bundled models: bounds a collapse would break."""
-import sys
-from pathlib import Path
+"""A short version of `mirage-quality` on the bundled models: bounds a collapse would break; the metrics on
+frames whose answer is known."""
+import json
 
+import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from conftest import CKPT_GEN, CKPT_V2V
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import quality  # noqa: E402  (scripts/ is not a package)
+from mirage.cli.quality import main as quality_cli
+from mirage.core import metrics as M
+from mirage.runtime.quality import evaluate
 
 
 def test_video_to_video_holds_up():
-    report = quality.evaluate(CKPT_V2V, frames=60, window=20)
+    report = evaluate(CKPT_V2V, frames=60, window=20)
     psnr = [w["psnr"] for w in report["windows"]]
     assert len(psnr) == 3 and min(psnr) > 33, psnr  # 500-frame runs measure ~39 dB (docs/QUALITY.md)
     assert abs(report["drift_db"]) < 2
-    assert all(w["collapsed"] == 0 for w in report["windows"])
+    assert report["collapsed_frames"] == 0 and report["steps"] == 4
 
 
 def test_generation_stays_alive():
-    report = quality.evaluate(CKPT_GEN, frames=60, window=20)
+    report = evaluate(CKPT_GEN, frames=60, window=20)
     data = report["data"]
     for w in report["windows"]:
         assert w["collapsed"] == 0
-        assert w["sharpness"] > 0.4 * data["sharpness"]  # a blur-out or flat frames fall far below
-        assert 0.3 * data["motion"] < w["motion"] < 3 * data["motion"]  # frozen or exploding video fails
+        assert w["sharpness_ratio"] > 0.4  # a blur-out or flat frames fall far below
+        assert 0.3 < w["motion_ratio"] < 3  # frozen or exploding video fails
         assert w["hist_distance"] < 2 * data["hist_distance"]
+        assert w["feature_distance"] < 3 * data["feature_distance"]
+        assert w["sharpness_ratio"] == pytest.approx(w["sharpness"] / data["sharpness"])
 
 
 def test_psnr_and_ssim_are_right():
-    import torch
+    rng = np.random.default_rng(0)
+    a = rng.uniform(-1, 1, (2, 16, 16, 3))
+    assert np.allclose(M.ssim(a, a), 1)
+    assert M.ssim(a, -a).max() < 0.1
+    assert M.psnr(a, a + 0.02).mean() == pytest.approx(10 * np.log10(4 / 0.0004), rel=1e-6)
 
-    a = torch.rand(2, 3, 16, 16) * 2 - 1
-    assert torch.allclose(quality.ssim(a, a), torch.ones(2))
-    assert quality.psnr(a, a + 0.02).mean().item() == pytest.approx(10 * torch.log10(torch.tensor(4 / 0.0004)).item(),
-                                                                    rel=1e-4)
+
+def test_frame_statistics_on_known_videos():
+    flat = np.zeros((5, 8, 8, 3))
+    assert M.sharpness(flat) == 0 and M.motion(flat) == 0 and M.collapsed(flat).all()
+    step = np.zeros((1, 8, 8, 3))
+    step[:, :, 4:] = 1  # one vertical edge: the Laplacian is +-1 on the two columns beside it
+    assert M.sharpness(step) == pytest.approx(2 / 6)
+    ramp = np.arange(6, dtype=float)[:, None, None, None] * 0.1 * np.ones((6, 4, 4, 3))  # constant change
+    assert M.motion(ramp) == pytest.approx(0.1) and M.flicker(ramp) == pytest.approx(0)
+    blink = np.where(np.arange(6) % 2, 0.5, -0.5)[:, None, None, None] * np.ones((6, 4, 4, 3))
+    assert M.motion(blink) == pytest.approx(1) and M.flicker(blink) == pytest.approx(2)
+    assert not M.collapsed(np.random.default_rng(0).uniform(-1, 1, (3, 8, 8, 3))).any()
+
+
+def test_histogram_and_feature_distances():
+    rng = np.random.default_rng(1)
+    a, b = rng.uniform(-1, 1, (40, 16, 16, 3)), rng.uniform(-1, 1, (40, 16, 16, 3))
+    assert M.histogram_distance(M.colour_histogram(a), M.colour_histogram(a)) == 0
+    assert M.histogram_distance(M.colour_histogram(np.full((1, 4, 4, 3), -0.9)),
+                                M.colour_histogram(np.full((1, 4, 4, 3), 0.9))) == 1
+    feats = M.RandomConvFeatures()
+    fa, fb = M.feature_stats(feats(a)), M.feature_stats(feats(b))
+    assert M.frechet_distance(fa, fa) == pytest.approx(0, abs=1e-6)
+    blurred = (a + np.roll(a, 1, axis=1) + np.roll(a, 1, axis=2) + np.roll(a, (1, 1), axis=(1, 2))) / 4
+    same_kind, blur = M.frechet_distance(fa, fb), M.frechet_distance(fa, M.feature_stats(feats(blurred)))
+    assert blur > 10 * same_kind  # two noise videos look alike to the bank; blur does not
+    # Gaussians with known parameters: |mu1-mu2|^2 + tr(c1 + c2 - 2 sqrt(c1 c2)) for commuting c1, c2
+    c1, c2 = np.diag([1.0, 4.0]), np.diag([9.0, 1.0])
+    assert M.frechet_distance((np.zeros(2), c1), (np.ones(2), c2)) == pytest.approx(2 + (1 + 9 - 6) + (4 + 1 - 4))
+
+
+def test_cli_writes_the_report_and_refuses_bad_sizes(tmp_path):
+    out = tmp_path / "q.json"
+    result = CliRunner().invoke(quality_cli, [str(CKPT_GEN), "--frames", "6", "--window", "3", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert [w["start"] for w in report["windows"]] == [0, 3] and "flicker_ratio" in report["windows"][0]
+    assert "flicker_ratio" in result.output
+    bad = CliRunner().invoke(quality_cli, [str(CKPT_GEN), "--frames", "4", "--window", "5"])
+    assert bad.exit_code == 2 and "window" in bad.output and "Traceback" not in bad.output
+    empty = CliRunner().invoke(quality_cli, [str(tmp_path)])
+    assert empty.exit_code == 2 and "neither an artifact" in empty.output

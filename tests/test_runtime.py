@@ -1,4 +1,4 @@
-"""The runtime's loop, ring buffer and lifecycle on the CPU (the GPU half runs in scripts/bench_runtime.py)."""
+"""The runtime's loop, ring buffer, noise and lifecycle on the CPU (the GPU half is tests/gpu)."""
 import subprocess
 import sys
 
@@ -7,20 +7,24 @@ import pytest
 import torch
 
 from conftest import CKPT_GEN, CKPT_V2V
-from mirage.runtime import Pipeline, PipelineError
-from mirage.runtime.backends import BackendError, OrtBackend
-from mirage.core.loop import NumpyOps, Schedule
-from mirage.model.torch_ops import TorchOps
+from mirage.core.config import PipelineOptions
+from mirage.core.errors import BackendError
+from mirage.core.loop import NumpyOps, Schedule, normal
+from mirage.core.ort import OrtBackend
+from mirage.model.unet import AttentionImpl
 from mirage.core.schedule import ALPHAS_CUMPROD, ddim_coefficients
-from mirage.train.checkpoint import load_checkpoint
-from mirage.train.data import SyntheticVideo, v2v_input
+from mirage.core.synthetic import SyntheticVideo
 from mirage.model.diffusion import ddim_update
-from mirage.train.memory import ring_write
+from mirage.model.torch_ops import TorchOps, normal_rows
+from mirage.runtime import Pipeline, PipelineError
+from mirage.train.checkpoint import load_checkpoint
+from mirage.train.data import v2v_input
 from mirage.train.rollout import rollout
 
 
 def test_runtime_imports_without_torch():
-    code = ("import sys; sys.modules['torch'] = None; import mirage.runtime, mirage.core.video_io, mirage.runtime.cuda, mirage.runtime.gpu, mirage.runtime.backends; "
+    code = ("import sys; sys.modules['torch'] = None; import mirage.runtime, mirage.core.video_io, mirage.runtime.cuda, "
+            "mirage.runtime.gpu, mirage.runtime.tensorrt, mirage.runtime.artifact, mirage.cli.run; "
             "from mirage.runtime import Pipeline; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
@@ -40,23 +44,49 @@ def test_schedule_rejects_stochastic_ddim():
         Schedule.make(ddim_coefficients(4, eta=1.0), 0.9, 100)
 
 
+def _ring_reference(k: int, frames: int) -> tuple[list[int], list[list[int]]]:
+    """Slot written and ages after each frame, by hand: frame n goes to slot n mod K, the slot
+    written n' frames ago has age n - n' + 1, a never-written slot age 0."""
+    slots, ages = [], []
+    for n in range(frames):
+        slots.append(n % k)
+        last = {s: m for m, s in enumerate(slots)}
+        ages.append([n - last[s] + 1 if s in last else 0 for s in range(k)])
+    return slots, ages
+
+
 @pytest.mark.parametrize("ops_name", ["numpy", "torch"])
 def test_ring_write_ops_match_reference(ops_name):
+    """Rows advance independently: row 1 starts two frames later than row 0."""
     b, k, n, d = 2, 3, 5, 4
-    ref_mem, ref_ages = torch.zeros(b, k, 2, n, d), torch.zeros(b, k, dtype=torch.long)
     if ops_name == "numpy":
-        ops, mem, ages, slot = NumpyOps(), np.zeros((b, k, 2, n, d), np.float32), np.zeros((b, k), np.int32), \
-            np.zeros(1, np.int64)
+        ops, zeros, to = NumpyOps(), (lambda shape, dt: np.zeros(shape, dt)), (lambda x: x.numpy())
     else:
-        ops, mem, ages, slot = TorchOps("cpu"), torch.zeros(b, k, 2, n, d), torch.zeros(b, k, dtype=torch.int32), \
-            torch.zeros(1, dtype=torch.long)
+        ops, zeros, to = TorchOps("cpu"), (lambda shape, dt: torch.zeros(shape, dtype=getattr(torch, dt))), (lambda x: x)
+    mem, ages, slot = zeros((b, k, 2, n, d), "float32"), zeros((b, k), "int32"), zeros((b,), "int64")
+    slot[1] = k - 1  # row 1's write position differs from row 0's
+    kvs = []
     for frame in range(2 * k + 1):  # wraps around twice
         kv = torch.randn(b, 2, n, d)
-        ring_write(ref_mem, ref_ages, kv, frame)
-        ops.ring_write_(mem, ages, slot, kv.numpy() if ops_name == "numpy" else kv)
-        assert np.array_equal(np.asarray(ages), ref_ages.numpy())
-        assert np.allclose(np.asarray(mem), ref_mem.numpy())
-        assert int(slot[0]) == (frame + 1) % k
+        kvs.append(kv)
+        ops.ring_write_(mem, ages, slot, to(kv))
+    ref_slots, ref_ages = _ring_reference(k, 2 * k + 1)
+    assert np.array_equal(np.asarray(ages)[0], ref_ages[-1])
+    assert int(slot[0]) == (2 * k + 1) % k and int(slot[1]) == (k - 1 + 2 * k + 1) % k
+    for s in range(k):  # each slot holds the last kv written to it, per row
+        last0 = max(m for m, x in enumerate(ref_slots) if x == s)
+        assert np.allclose(np.asarray(mem)[0, s], kvs[last0][0].numpy())
+        last1 = max(m for m in range(2 * k + 1) if (k - 1 + m) % k == s)
+        assert np.allclose(np.asarray(mem)[1, s], kvs[last1][1].numpy())
+
+
+def test_noise_is_the_same_on_numpy_and_torch_and_per_row():
+    rng = torch.tensor([[7, 0], [7, 3], [8, 0]])
+    rows = normal_rows(rng, 4096).numpy()
+    for (seed, count), row in zip(rng.tolist(), rows):
+        assert np.abs(normal(seed, count, 4096) - row).max() < 1e-5
+    assert abs(rows[0].mean()) < 0.05 and abs(rows[0].std() - 1) < 0.05  # standard normal
+    assert not np.allclose(rows[0], rows[1]) and not np.allclose(rows[0], rows[2])  # counter and seed both matter
 
 
 def test_pipeline_matches_reference_rollout():
@@ -163,7 +193,7 @@ def test_cuda_path_without_gpu_is_a_clear_error():
     from mirage.runtime.cuda import CudaError
     from mirage.runtime.gpu import CudaGpu
 
-    with pytest.raises(CudaError, match="cudaGetDeviceCount failed"):
+    with pytest.raises(CudaError, match="cudaGetDeviceCount failed|no CUDA device 0"):
         CudaGpu("cuda:0")
 
 
@@ -171,18 +201,15 @@ def test_fused_kernel_option_errors(tmp_path):
     """The fused-kernel option is CUDA-only and names a missing library; the op route itself
     (stock implementation off CUDA) gives the same frames as the module route."""
     from mirage.plugins_cpp import kernels
-    from mirage.runtime.backends import BackendError
 
     model, _ = load_checkpoint(CKPT_GEN)
     with pytest.raises(BackendError, match="runs on CUDA devices"):
-        Pipeline.from_model(model, "cpu", kernel_library=str(tmp_path / "lib.so"))
+        Pipeline.from_model(model, "cpu", PipelineOptions(kernel_library=str(tmp_path / "lib.so")))
     with pytest.raises(kernels.KernelError, match="no kernel library"):
         kernels.load(tmp_path / "missing.so")
     outs = []
-    for use_op in (False, True):
-        model.use_temporal_attention_op(use_op)
-        with Pipeline.from_model(model, "cpu") as pipe:
+    for temporal in ("torch", "op"):
+        with Pipeline.from_model(model.with_attention(AttentionImpl(temporal=temporal)), "cpu") as pipe:
             pipe.reset(0)
             outs.append(np.stack([pipe.step() for _ in range(3)]))
-    model.use_temporal_attention_op(False)
     np.testing.assert_array_equal(outs[0], outs[1])

@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from mirage import __version__
 
+from mirage.core.errors import MirageError
 from mirage.core.config import ConfigError, ModelConfig, TrainConfig, from_json, to_json
 from mirage.model.unet import MirageUNet
 
@@ -48,7 +49,7 @@ TMP = ".tmp"
 PROBE = ".write-probe-"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MirageError, ValueError):
     """A checkpoint that is missing, incomplete, corrupt or unwritable; the message names the file."""
 
 

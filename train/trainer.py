@@ -11,6 +11,14 @@ One step on a batch of clips (B, K+1, 3, H, W), K = context_frames:
     2. history augmentation: context frames are noised to a random level t_ctx which the
        context encoder sees as an input (Diffusion Forcing / MirageLSD style)
     3. the last frame is noised to a random t and the model predicts v; loss = MSE
+
+Two variants, configured in TrainConfig:
+
+- self-forcing (a fraction `self_forcing_prob` of the steps): the last `self_forcing_horizon`
+  context frames are the model's own, generated without gradient (train/self_forcing.py), and
+  every context slot is valid
+- distillation (`distill_from`, `student_steps` N): t is one of the student's N timesteps and
+  the target is where two DDIM steps of the frozen teacher land (train/distill.py)
 """
 from __future__ import annotations
 
@@ -31,11 +39,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from mirage.train.checkpoint import (CONFIG, STATE, CheckpointError, check_writable, load_train_state, model_config,
-                                     read_meta, save_checkpoint)
+from mirage.train.checkpoint import (CONFIG, STATE, CheckpointError, check_writable, load_checkpoint, load_train_state,
+                                     model_config, read_meta, save_checkpoint)
 from mirage.core.config import ConfigError, ModelConfig, TrainConfig, check_same, from_json
 from mirage.train.resources import check_fits
 from mirage.train.data import ClipStream, make_source, v2v_input
+from mirage.train.distill import check_teacher, distill_target, step_table
+from mirage.train.self_forcing import is_self_forced_step, self_forced_context
 from mirage.model.diffusion import T, q_sample, v_target
 from mirage.model.unet import MirageUNet, parameter_count
 
@@ -43,18 +53,24 @@ from mirage.model.unet import MirageUNet, parameter_count
 class TrainStep(nn.Module):
     """The loss as a module forward, so DistributedDataParallel sees one call per step."""
 
-    def __init__(self, model: MirageUNet, tcfg: TrainConfig):
+    def __init__(self, model: MirageUNet, tcfg: TrainConfig, teacher: MirageUNet | None = None):
         super().__init__()
         self.model, self.tcfg = model, tcfg
+        self.teacher = [teacher] if teacher is not None else []  # a list: not a submodule, so DDP and the optimizer skip it
 
-    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+    def forward(self, clips: torch.Tensor, self_forced: bool = False) -> torch.Tensor:
         cfg, tcfg, dev = self.model.cfg, self.tcfg, clips.device
         b, length = clips.shape[:2]
         k = length - 1
         ctx, target = clips[:, :k], clips[:, k]  # (B, K, 3, H, W), (B, 3, H, W)
-        # 1. valid slots: the n most recent context frames; frame j is K - j frames old
+        if self_forced:
+            ctx = self_forced_context(self.model, clips, tcfg.self_forcing_horizon, tcfg.self_forcing_steps,
+                                      tcfg.self_forcing_context_noise)
+        # 1. valid slots: the n most recent context frames (all of them after a self-forced unroll); frame j is K - j old
         n_valid = torch.randint(1, k + 1, (b,), device=dev)
         n_valid = torch.where(torch.rand(b, device=dev) < tcfg.empty_context_prob, 0, n_valid)
+        if self_forced:
+            n_valid = torch.full_like(n_valid, k)
         age = torch.arange(k, 0, -1, device=dev).expand(b, k)  # (B, K): [K, ..., 1]
         ages = torch.where(age <= n_valid[:, None], age, 0)
         perm = torch.argsort(torch.rand(b, k, device=dev), dim=1)  # random slot order
@@ -65,14 +81,27 @@ class TrainStep(nn.Module):
         t_ctx = torch.where(torch.rand(b, device=dev) < tcfg.context_noise_prob, t_ctx, 0)
         t_ctx = t_ctx.repeat_interleave(k)  # (B*K,)
         flat = ctx.flatten(0, 1)  # (B*K, 3, H, W)
-        kv = self.model.context_encode(q_sample(flat, t_ctx, torch.randn_like(flat)), t_ctx)
-        memory = kv.reshape(b, k, *kv.shape[1:])  # (B, K, 2, N, D)
+        noised = q_sample(flat, t_ctx, torch.randn_like(flat))
+        memory = self.model.context_encode(noised, t_ctx).unflatten(0, (b, k))  # (B, K, 2, N, D)
         # 3. denoising loss on the target frame
-        t = torch.randint(0, T, (b,), device=dev)
+        if self.teacher:  # the student's own timesteps
+            index = torch.randint(0, tcfg.student_steps, (b,), device=dev)
+            t = step_table(tcfg.student_steps).to(dev)[index, 0].long()
+        else:
+            t = torch.randint(0, T, (b,), device=dev)
         eps = torch.randn_like(target)
         cond = v2v_input(target) if cfg.cond_channels else None
-        v = self.model.denoise(q_sample(target, t, eps), t, cond, memory, ages)
-        return F.mse_loss(v.float(), v_target(target, t, eps))
+        x_t = q_sample(target, t, eps)
+        if self.teacher:
+            teacher = self.teacher[0]
+            with torch.no_grad():
+                t_memory = teacher.context_encode(noised, t_ctx).unflatten(0, (b, k))
+                goal = distill_target(lambda x, t_: teacher.denoise(x, t_, cond, t_memory, ages), x_t, index,
+                                      tcfg.student_steps)
+        else:
+            goal = v_target(target, t, eps)
+        v = self.model.denoise(x_t, t, cond, memory, ages)
+        return F.mse_loss(v.float(), goal)
 
 
 def lr_at(step: int, tcfg: TrainConfig) -> float:
@@ -171,13 +200,27 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)
-    source = make_source(tcfg.data, model_cfg.image_size, model_cfg.context_frames + 1, tcfg.seed)
+    clip_source = make_source(tcfg.data, model_cfg.image_size, model_cfg.context_frames + 1, tcfg.seed)
     if rank == 0:
         check_writable(out)  # before any work: an unwritable --out would otherwise fail at the first save
     check_fits(model_cfg, tcfg, dev)
     torch.manual_seed(tcfg.seed + rank)
     model = MirageUNet(model_cfg).to(dev)
     model.grad_checkpoint = tcfg.grad_checkpoint
+    start_from = tcfg.init_from or tcfg.distill_from
+    sampling_steps = tcfg.student_steps or None  # what the runtime samples the result with by default
+    if start_from:  # fine-tuning and distillation start from the EMA weights (a resume below overrides them)
+        source, source_meta = load_checkpoint(start_from, dev)
+        check_same(source.cfg, model_cfg)
+        model.load_state_dict(source.state_dict())
+        sampling_steps = sampling_steps or source_meta.get("sampling_steps")
+    teacher = None
+    if tcfg.distill_from:
+        check_teacher(source_meta, tcfg.student_steps, tcfg.distill_from)
+        teacher = source.eval().requires_grad_(False)
+    if tcfg.self_forcing_prob and not 1 <= tcfg.self_forcing_horizon <= model_cfg.context_frames:
+        raise ConfigError(f"self_forcing_horizon={tcfg.self_forcing_horizon}: choose 1 to context_frames="
+                          f"{model_cfg.context_frames}")
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.99))
     step, elapsed, saved_loss, resumes = 0, 0.0, float("nan"), []
@@ -197,7 +240,8 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
         if step >= tcfg.steps:
             log(f"{out}: nothing left to train (step {step} of {tcfg.steps}); pass a larger --steps to train on")
             return {"step": step, "loss": saved_loss, "first_loss": float("nan"), "seconds": elapsed,
-                    "parameters": parameter_count(model), "out": str(out), "stopped_by": None, "trained_steps": 0}
+                    "parameters": parameter_count(model), "out": str(out), "self_forced_steps": 0,
+                    "sampling_steps": sampling_steps, "stopped_by": None, "trained_steps": 0}
         said = "; ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
         log(f"{out}: resuming at step {step} of {tcfg.steps}"
             + (f"; train config changed: {said} (recorded in {CONFIG})" if changes else ""))
@@ -205,17 +249,17 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
             resumes = [*resumes, {"step": step, "changes": changes}]
     elif (out / CONFIG).is_file():
         log(f"{out}: --no-resume: starting over; the checkpoint there is replaced at the first save")
-    stream = ClipStream(source, model_cfg.context_frames + 1, seed=tcfg.seed + 1000 * step, rank=rank)
+    stream = ClipStream(clip_source, model_cfg.context_frames + 1, seed=tcfg.seed + 1000 * step, rank=rank)
     loader = iter(torch.utils.data.DataLoader(stream, batch_size=tcfg.batch_size, num_workers=workers,
                                               pin_memory=dev.type == "cuda"))
-    step_fn: nn.Module = TrainStep(model, tcfg)
+    step_fn: nn.Module = TrainStep(model, tcfg, teacher)
     if world > 1:
         step_fn = nn.parallel.DistributedDataParallel(step_fn, device_ids=[dev] if dev.type == "cuda" else None)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.precision)
     scaler = torch.amp.GradScaler(dev.type, enabled=tcfg.precision == "fp16")
     losses: list[float] = []
     start = last_save = time.monotonic()
-    stopped = False
+    stopped, self_forced_steps = False, 0
     model.train()
     with StopOnSignal(log) as stop, tqdm(total=tcfg.steps, initial=step, disable=not progress or rank != 0,
                                          desc="train", unit="step") as bar:
@@ -224,8 +268,10 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, tcfg)
             autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+            self_forced = is_self_forced_step(tcfg.seed, step, tcfg.self_forcing_prob)
             with autocast:
-                loss = step_fn(clips)
+                loss = step_fn(clips, self_forced)
+            self_forced_steps += self_forced
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
@@ -246,9 +292,11 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
                 save_checkpoint(out, model, ema, tcfg, step, opt, extra={
                     "loss": sum(recent) / len(recent), "train_seconds": elapsed + time.monotonic() - start,
                     "parameters": parameter_count(model), "device": str(dev), "world_size": world,
+                    **({"sampling_steps": sampling_steps} if sampling_steps else {}),
                     **({"resumes": resumes} if resumes else {})})
                 last_save = time.monotonic()
     recent = losses[-tcfg.log_every:] or [float("nan")]
     return {"step": step, "loss": sum(recent) / len(recent), "first_loss": losses[0] if losses else float("nan"),
             "seconds": elapsed + time.monotonic() - start, "parameters": parameter_count(model), "out": str(out),
+            "self_forced_steps": self_forced_steps, "sampling_steps": sampling_steps,
             "stopped_by": stop.received if stopped else None, "trained_steps": len(losses)}

@@ -3,7 +3,8 @@
 // the pixel's own key/value with one VEC-wide load each (16 bytes when the pointers allow), so
 // every byte of the ring buffer is read once, coalesced, with no intermediate tensors. Scores
 // are reduced per head with warp shuffles (through shared memory when a head spans several
-// warps); softmax and accumulation run in fp32.
+// warps); softmax and accumulation run in fp32. A slot is valid when its age lies in [1, K]; any
+// other age (0 = empty, or out of range) masks it, and neither its memory nor the age table is read.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math.h>
@@ -46,6 +47,10 @@ __global__ void temporal_attention_kernel(const T* __restrict__ q, const T* __re
   pixel = live ? pixel : pixels - 1;  // the tail computes a duplicate so that every lane joins the shuffles
   const int b = pixel / tokens, n = pixel % tokens, c = local * VEC;
   const int width = group < 32 ? group : 32;
+  // The shuffles name exactly the lanes this block has: a block of 8 threads (a small pixel) fills
+  // only part of its warp, and naming absent lanes in the mask is undefined behaviour.
+  const int lanes = min(32, static_cast<int>(blockDim.x) - static_cast<int>(threadIdx.x & ~31u));
+  const unsigned mask = lanes == 32 ? 0xffffffffu : (1u << lanes) - 1u;
   const size_t row = static_cast<size_t>(pixel) * qkv_stride + c;
   const size_t slot_stride = 2ull * total_tokens * dim;  // between slots k and k + 1
   const T* mem = memory + static_cast<size_t>(b) * context * slot_stride + static_cast<size_t>(token_offset + n) * dim + c;
@@ -56,20 +61,27 @@ __global__ void temporal_attention_kernel(const T* __restrict__ q, const T* __re
 #pragma unroll
   for (int i = 0; i < VEC; ++i) qv[i] *= scale;
   float score[MIRAGE_MAX_CONTEXT + 1];
+  unsigned valid = 0;  // bit j: slot j holds a frame (K <= 32)
 #pragma unroll 4
   for (int j = 0; j <= context; ++j) {
-    if (j < context) {
+    const int age = j < context ? age_row[j] : 0;
+    if (age >= 1 && age <= context) {
+      valid |= 1u << j;
       load<T, VEC>(mem + j * slot_stride, x);
-      load<T, VEC>(age_table + static_cast<size_t>(age_row[j]) * dim + c, e);
-    } else {
+      load<T, VEC>(age_table + static_cast<size_t>(age) * dim + c, e);
+    } else if (j == context) {
       load<T, VEC>(k_self + row, x);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) e[i] = 0.f;
+    } else {  // masked slot: read nothing (it may hold garbage or NaN); its score is never used
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) x[i] = e[i] = 0.f;
     }
     float s = 0.f;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) s += qv[i] * (x[i] + e[i]);
-    for (int off = width / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off, width);
+    // Unconditional: lanes of one warp may belong to pixels of different batch rows (other ages).
+    for (int off = width / 2; off > 0; off >>= 1) s += __shfl_xor_sync(mask, s, off, width);
     score[j] = s;
   }
   if (group > 32) {  // combine the warps of a head through shared memory
@@ -86,12 +98,12 @@ __global__ void temporal_attention_kernel(const T* __restrict__ q, const T* __re
   }
   float peak = score[context];  // the pixel itself is always valid
   for (int j = 0; j < context; ++j)
-    if (age_row[j] > 0) peak = fmaxf(peak, score[j]);
+    if (valid >> j & 1u) peak = fmaxf(peak, score[j]);
   float total = 0.f, acc[VEC];
 #pragma unroll
   for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
   for (int j = 0; j <= context; ++j) {
-    if (j < context && age_row[j] <= 0) continue;  // empty slot: masked
+    if (j < context && !(valid >> j & 1u)) continue;  // masked slot
     const float p = __expf(score[j] - peak);
     total += p;
     load<T, VEC>(j < context ? mem + j * slot_stride + static_cast<size_t>(total_tokens) * dim : v_self + row, x);
@@ -107,31 +119,20 @@ __global__ void temporal_attention_kernel(const T* __restrict__ q, const T* __re
 
 bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
-template <typename T, int VEC>
-cudaError_t launch(const void* q, const void* ks, const void* vs, const void* mem, const int32_t* ages,
-                   const void* table, void* out, int batch, int tokens, int dim, int context, int heads,
-                   int total_tokens, int token_offset, int qkv_stride, cudaStream_t stream) {
-  const int head_dim = dim / heads, per_pixel = dim / VEC, pixels = batch * tokens;
-  // Several pixels per block when a pixel needs few threads (aiming at 128-thread blocks), but
-  // never fewer blocks than the pixels / 256 that keep every SM of a large GPU busy.
-  int per_block = head_dim / VEC > 32 ? 1 : (per_pixel >= 128 ? 1 : 128 / per_pixel);
-  while (per_block > 1 && (pixels + per_block - 1) / per_block < 256) per_block /= 2;
-  const int threads = per_block * per_pixel, blocks = (pixels + per_block - 1) / per_block;
-  const size_t shared = head_dim / VEC > 32 ? sizeof(float) * (context + 1) * (threads / 32) : 0;
-  temporal_attention_kernel<T, VEC><<<blocks, threads, shared, stream>>>(
-      static_cast<const T*>(q), static_cast<const T*>(ks), static_cast<const T*>(vs), static_cast<const T*>(mem),
-      ages, static_cast<const T*>(table), static_cast<T*>(out), pixels, tokens, dim, context, head_dim,
-      total_tokens, token_offset, qkv_stride, rsqrtf(static_cast<float>(head_dim)));
-  return cudaGetLastError();
-}
+struct Config {
+  int vec;                // elements per thread and load
+  int threads, blocks;    // threads per block (per_block pixels x dim / vec), blocks
+  size_t shared;          // bytes of shared memory (heads spanning several warps)
+};
 
 // The widest VEC (up to 16 bytes) that divides the head width and every row and keeps each
-// pointer aligned; 1 (scalar loads) otherwise.
+// pointer aligned, 1 (scalar loads) otherwise; several pixels per block when a pixel needs few
+// threads (aiming at 128-thread blocks), but never fewer blocks than the pixels / 256 that keep
+// every SM of a large GPU busy. Blocks need not be whole warps (the kernel masks its shuffles).
 template <typename T>
-cudaError_t dispatch(const void* q, const void* ks, const void* vs, const void* mem, const int32_t* ages,
-                     const void* table, void* out, int batch, int tokens, int dim, int context, int heads,
-                     int total_tokens, int token_offset, int qkv_stride, cudaStream_t stream) {
-  const int head_dim = dim / heads;
+Config configure(const void* q, const void* ks, const void* vs, const void* mem, const void* table, const void* out,
+                 int batch, int tokens, int dim, int context, int heads, int qkv_stride) {
+  const int head_dim = dim / heads, pixels = batch * tokens;
   int vec = 16 / static_cast<int>(sizeof(T));
   for (; vec > 1; vec /= 2) {
     const size_t bytes = vec * sizeof(T);
@@ -139,15 +140,50 @@ cudaError_t dispatch(const void* q, const void* ks, const void* vs, const void* 
         aligned(vs, bytes) && aligned(mem, bytes) && aligned(table, bytes) && aligned(out, bytes))
       break;
   }
+  const int per_pixel = dim / vec;
+  const bool multi_warp = head_dim / vec > 32;  // a head spans several warps: one pixel per block
+  int per_block = multi_warp || per_pixel >= 128 ? 1 : 128 / per_pixel;
+  while (per_block > 1 && (pixels + per_block - 1) / per_block < 256) per_block /= 2;
+  const int threads = per_block * per_pixel;
+  const size_t shared = multi_warp ? sizeof(float) * (context + 1) * (threads / 32) : 0;
+  return {vec, threads, (pixels + per_block - 1) / per_block, shared};
+}
+
+template <typename T, int VEC>
+cudaError_t launch(const Config& cfg, const void* q, const void* ks, const void* vs, const void* mem,
+                   const int32_t* ages, const void* table, void* out, int batch, int tokens, int dim, int context,
+                   int heads, int total_tokens, int token_offset, int qkv_stride, cudaStream_t stream) {
+  const int head_dim = dim / heads;
+  temporal_attention_kernel<T, VEC><<<cfg.blocks, cfg.threads, cfg.shared, stream>>>(
+      static_cast<const T*>(q), static_cast<const T*>(ks), static_cast<const T*>(vs), static_cast<const T*>(mem),
+      ages, static_cast<const T*>(table), static_cast<T*>(out), batch * tokens, tokens, dim, context, head_dim,
+      total_tokens, token_offset, qkv_stride, rsqrtf(static_cast<float>(head_dim)));
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t dispatch(const void* q, const void* ks, const void* vs, const void* mem, const int32_t* ages,
+                     const void* table, void* out, int batch, int tokens, int dim, int context, int heads,
+                     int total_tokens, int token_offset, int qkv_stride, cudaStream_t stream) {
+  const Config cfg = configure<T>(q, ks, vs, mem, table, out, batch, tokens, dim, context, heads, qkv_stride);
   auto go = [&](auto width) {
-    return launch<T, decltype(width)::value>(q, ks, vs, mem, ages, table, out, batch, tokens, dim, context, heads,
-                                             total_tokens, token_offset, qkv_stride, stream);
+    return launch<T, decltype(width)::value>(cfg, q, ks, vs, mem, ages, table, out, batch, tokens, dim, context,
+                                             heads, total_tokens, token_offset, qkv_stride, stream);
   };
   if constexpr (sizeof(T) <= 2)
-    if (vec == 8) return go(std::integral_constant<int, 8>{});
-  if (vec == 4) return go(std::integral_constant<int, 4>{});
-  if (vec == 2) return go(std::integral_constant<int, 2>{});
+    if (cfg.vec == 8) return go(std::integral_constant<int, 8>{});
+  if (cfg.vec == 4) return go(std::integral_constant<int, 4>{});
+  if (cfg.vec == 2) return go(std::integral_constant<int, 2>{});
   return go(std::integral_constant<int, 1>{});
+}
+
+bool supported(int batch, int tokens, int dim, int context, int heads, int total_tokens, int token_offset,
+               int qkv_stride) {
+  const int head_dim = heads > 0 ? dim / heads : 0;
+  const bool pow2 = head_dim >= 2 && (head_dim & (head_dim - 1)) == 0;
+  return batch >= 1 && tokens >= 1 && context >= 1 && context <= MIRAGE_MAX_CONTEXT && heads >= 1 &&
+         dim % heads == 0 && pow2 && dim <= 1024 && dim % 32 == 0 && token_offset >= 0 &&
+         token_offset + tokens <= total_tokens && qkv_stride >= dim;
 }
 
 }  // namespace
@@ -158,11 +194,7 @@ extern "C" cudaError_t mirage_temporal_attention_strided(MirageDType dtype, cons
                                                          int batch, int tokens, int dim, int context, int heads,
                                                          int total_tokens, int token_offset, int qkv_stride,
                                                          cudaStream_t stream) {
-  const int head_dim = heads > 0 ? dim / heads : 0;
-  const bool pow2 = head_dim >= 2 && (head_dim & (head_dim - 1)) == 0;
-  if (batch < 1 || tokens < 1 || context < 1 || context > MIRAGE_MAX_CONTEXT || heads < 1 || dim % heads ||
-      !pow2 || dim > 1024 || dim % 32 || token_offset < 0 || token_offset + tokens > total_tokens ||
-      qkv_stride < dim)
+  if (!supported(batch, tokens, dim, context, heads, total_tokens, token_offset, qkv_stride))
     return cudaErrorInvalidValue;
   switch (dtype) {
     case MIRAGE_FP32: return dispatch<float>(q, k_self, v_self, memory, ages, age_table, out, batch, tokens, dim,
@@ -174,6 +206,28 @@ extern "C" cudaError_t mirage_temporal_attention_strided(MirageDType dtype, cons
                                                       qkv_stride, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+extern "C" cudaError_t mirage_temporal_attention_config(MirageDType dtype, const void* q, const void* k_self,
+                                                        const void* v_self, const void* memory, const void* age_table,
+                                                        const void* out, int batch, int tokens, int dim, int context,
+                                                        int heads, int total_tokens, int token_offset, int qkv_stride,
+                                                        int* vec, int* threads) {
+  if (!supported(batch, tokens, dim, context, heads, total_tokens, token_offset, qkv_stride))
+    return cudaErrorInvalidValue;
+  Config cfg{};
+  switch (dtype) {
+    case MIRAGE_FP32: cfg = configure<float>(q, k_self, v_self, memory, age_table, out, batch, tokens, dim, context,
+                                             heads, qkv_stride); break;
+    case MIRAGE_FP16: cfg = configure<__half>(q, k_self, v_self, memory, age_table, out, batch, tokens, dim,
+                                              context, heads, qkv_stride); break;
+    case MIRAGE_BF16: cfg = configure<__nv_bfloat16>(q, k_self, v_self, memory, age_table, out, batch, tokens, dim,
+                                                      context, heads, qkv_stride); break;
+    default: return cudaErrorInvalidValue;
+  }
+  *vec = cfg.vec;
+  *threads = cfg.threads;
+  return cudaSuccess;
 }
 
 extern "C" cudaError_t mirage_temporal_attention(MirageDType dtype, const void* q, const void* k_self,

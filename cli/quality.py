@@ -1,0 +1,54 @@
+"""`mirage-quality`: score a checkpoint or artifact over a long rollout, window by window.
+
+    mirage-quality checkpoints/tiny --frames 500 --json q.json --plot q.png
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mirage.cli.train import MirageError
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--frames", type=click.IntRange(min=3), default=500, help="Frames to roll out.")
+@click.option("--window", type=click.IntRange(min=3), default=50, help="Frames per scored window.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=None,
+              help="DDIM steps per frame; default: the model's own (a distilled student records it), else 4.")
+@click.option("--context-noise", type=click.IntRange(0, 999), default=100, help="Inference context noise t_ctx.")
+@click.option("--seed", type=int, default=0, help="Noise seed of the rollout.")
+@click.option("--device", default="cpu", help="cpu, cuda or cuda:N (checkpoints; artifacts run with ONNX Runtime).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the report here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a PNG of the metrics over frame index here (needs matplotlib).")
+def main(model, frames, window, steps, context_noise, seed, device, json_path, plot_path):
+    """Roll MODEL (checkpoint folder, or artifact folder of mirage-export) out and print, per
+    window, PSNR/SSIM against ground truth (video-to-video) and distribution statistics against
+    the data: histogram and feature distances, sharpness, motion, flicker (and their ratios to
+    the data's), collapsed frames. Definitions: docs/QUALITY.md."""
+    import torch
+
+    from mirage.core.config import ConfigError
+    from mirage.core.report import write_json
+    from mirage.core.errors import BackendError
+    from mirage.runtime.pipeline import PipelineError
+    from mirage.runtime.quality import QualityError, evaluate, format_table, plot
+    from mirage.train.checkpoint import CheckpointError
+
+    torch.manual_seed(0)
+    try:
+        report = evaluate(model, frames, window, steps, context_noise, seed, device)
+    except (QualityError, PipelineError, BackendError, CheckpointError, ConfigError) as e:
+        raise MirageError(str(e)) from e
+    click.echo(format_table(report))
+    if json_path:
+        write_json(json_path, report)
+    if plot_path:
+        plot(report, plot_path)
+
+
+if __name__ == "__main__":
+    main()

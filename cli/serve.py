@@ -1,0 +1,76 @@
+"""`mirage-serve`: live streams through one model over HTTP + WebSocket, with a browser page.
+
+    mirage-serve                                   # bundled tiny-v2v, CPU, http://127.0.0.1:8000/
+    mirage-serve artifacts/base --slots 16 --device cuda
+    mirage-serve CKPT --host 0.0.0.0 --token SECRET   # reachable from other machines: a token is required
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from mirage.runtime.pipeline import BACKENDS, PipelineError
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
+
+
+class ServeCliError(click.ClickException):
+    """A user error: one line on stderr, exit status 2."""
+
+    exit_code = 2
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("model", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path),
+                default=DEFAULT_MODEL)
+@click.option("--host", default="127.0.0.1",
+              help="Address to bind. Anything but loopback (127.0.0.1, ::1, localhost) requires --token.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, help="TCP port.")
+@click.option("--slots", type=click.IntRange(1, 1024), default=4,
+              help="Concurrent streams: the pool's batch. One more client is answered 'busy'.")
+@click.option("--token", default=None, envvar="MIRAGE_SERVE_TOKEN",
+              help="Access token, checked on the page (/?token=...) and the WebSocket. Also read from "
+                   "$MIRAGE_SERVE_TOKEN.")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto",
+              help="auto: TensorRT for an artifact with engines on a GPU, else ONNX Runtime for an artifact, "
+                   "PyTorch for a checkpoint.")
+@click.option("--deadline-ms", type=click.FloatRange(min=0, min_open=True), default=100.0,
+              help="A frame that has waited longer than this when its step starts is dropped (and counted).")
+@click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=5.0,
+              help="After the first pending frame, how long a step waits for every other stream's frame.")
+@click.option("--max-frame-bytes", type=click.IntRange(min=1024), default=1 << 20,
+              help="A larger frame is answered with an error; a message over twice this closes that connection.")
+def main(model, host, port, slots, token, device, backend, deadline_ms, batch_wait_ms, max_frame_bytes):
+    """Serve MODEL (a checkpoint folder or an exported artifact; default: the bundled tiny-v2v) to
+    browsers and WebSocket clients: open http://HOST:PORT/ for the page (webcam, video file or a
+    synthetic source). All streams advance together, one batched step per frame, in a pool of
+    --slots streams. Protocol, limits and benchmark: docs/SERVING.md."""
+    try:
+        from aiohttp import web
+    except ImportError as e:
+        raise ServeCliError("mirage-serve needs aiohttp: pip install 'mirage-video[serve]'") from e
+    from mirage.runtime.pool import StreamPool
+    from mirage.runtime.server import ServerOptions, make_app
+
+    try:  # the options first: a refused binding should not wait for a model to load
+        options = ServerOptions(host=host, port=port, token=token, deadline_ms=deadline_ms,
+                                batch_wait_ms=batch_wait_ms, max_frame_bytes=max_frame_bytes)
+        pool = StreamPool.open(model, slots, backend=backend, device=device)
+    except (PipelineError, ValueError) as e:
+        raise ServeCliError(str(e)) from e
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    shown = "localhost" if host in ("127.0.0.1", "::1") else host
+    click.echo(f"mirage-serve: {model} in {slots} slots; open http://{shown}:{port}/"
+               + (f"?token={token}" if token else ""))
+    try:
+        web.run_app(make_app(pool, options), host=host, port=port, print=None)
+    finally:
+        pool.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Verify an artifact's files before anything runs them: every recorded hash, and every graph's
+names, shapes and dtypes against the spec derived from the manifest's model config.
+
+Hashing a multi-GB engine takes seconds, so a verified file's (size, mtime_ns, sha256) is kept in
+a sidecar, `.verified.json`, beside it: later loads trust an unchanged size and mtime and hash
+only what changed. A read-only folder is hashed every time (the sidecar is an optimisation).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mirage.core import graphs as G
+from mirage.core.config import ConfigError, ModelConfig, from_json
+from mirage.engine.manifest import EngineError, rebuild_command, sha256_file
+
+SIDECAR = ".verified.json"
+
+
+def _sidecar(folder: Path) -> dict:
+    try:
+        return json.loads((folder / SIDECAR).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def verify_file(path: Path, expected: str | None, folder: Path, rebuild: str) -> None:
+    """Refuse a missing file or one whose sha256 differs from the manifest's."""
+    if not expected:
+        raise EngineError(f"{path.name}: the manifest records no hash for it; rebuild: {rebuild}")
+    if not path.is_file():
+        raise EngineError(f"{path}: missing; rebuild: {rebuild}")
+    stat, known = path.stat(), _sidecar(folder)
+    entry = known.get(path.name)
+    if entry and entry[:2] == [stat.st_size, stat.st_mtime_ns] and entry[2] == expected:
+        return
+    actual = sha256_file(path)
+    if actual != expected:
+        raise EngineError(f"{path}: corrupt or modified (its sha256 differs from the manifest's); rebuild: {rebuild}")
+    known[path.name] = [stat.st_size, stat.st_mtime_ns, actual]
+    try:
+        (folder / SIDECAR).write_text(json.dumps(known))
+    except OSError:
+        pass
+
+
+def artifact_specs(manifest: dict) -> tuple[ModelConfig, dict[str, G.GraphSpec]]:
+    """The model config and graph specs an artifact's manifest describes."""
+    try:
+        cfg = from_json(ModelConfig, manifest["model"])
+    except (ConfigError, TypeError) as e:
+        raise EngineError(f"manifest: bad model config ({e})") from e
+    try:
+        specs = G.model_graphs(cfg, manifest["batch"], manifest["max_batch"], manifest["precision"])
+    except ValueError as e:
+        raise EngineError(f"manifest: {e}") from e
+    return cfg, specs
+
+
+def verify_artifact(folder: Path, manifest: dict, engines: bool) -> tuple[ModelConfig, dict[str, G.GraphSpec]]:
+    """Check the graph set and each graph's recorded I/O against the spec, then the ONNX (and,
+    with `engines`, engine) hashes. Returns (config, specs)."""
+    folder = Path(folder)
+    rebuild = rebuild_command(manifest, folder)
+    cfg, specs = artifact_specs(manifest)
+    if set(manifest["graphs"]) != set(specs):
+        raise EngineError(f"manifest lists graphs {sorted(manifest['graphs'])}, the model has {sorted(specs)}; "
+                          f"rebuild: {rebuild}")
+    for name, spec in specs.items():
+        meta = manifest["graphs"][name]
+        want_in, want_out = spec.io()
+        if meta["inputs"] != want_in or meta["outputs"] != want_out:
+            raise EngineError(f"{name}: the manifest's inputs/outputs differ from what the model config implies "
+                              f"({_diff(meta['inputs'] + meta['outputs'], want_in + want_out)}); rebuild: {rebuild}")
+        verify_file(folder / meta["onnx"], meta["onnx_sha256"], folder, rebuild)
+        if engines:
+            verify_file(folder / meta["engine"], meta["engine_sha256"], folder, rebuild)
+    return cfg, specs
+
+
+def check_signature(graph: str, actual: tuple[list[dict], list[dict]], spec: G.GraphSpec, rebuild: str) -> None:
+    """The I/O a loaded graph really has (e.g. ONNX Runtime's view) against its spec."""
+    want = spec.io()
+    have = [[{**x, "shape": [-1 if isinstance(d, str) else d for d in x["shape"]]} for x in xs] for xs in actual]
+    if have[0] != want[0] or have[1] != want[1]:
+        raise EngineError(f"{graph}: the graph file's inputs/outputs differ from the manifest "
+                          f"({_diff(have[0] + have[1], want[0] + want[1])}); rebuild: {rebuild}")
+
+
+def _diff(have: list[dict], want: list[dict]) -> str:
+    by_name = {x["name"]: x for x in have}
+    for w in want:
+        h = by_name.get(w["name"])
+        if h is None:
+            return f"no tensor {w['name']!r}"
+        if h != w:
+            return f"{w['name']}: {h['dtype']}{h['shape']} where {w['dtype']}{w['shape']} is expected"
+    return f"tensors {sorted(by_name)} where {[w['name'] for w in want]} are expected"

@@ -1,0 +1,63 @@
+"""The PyTorch model as a backend of the frame loop: torch buffers, eager or compiled.
+
+The knobs are mirage.core.config.PipelineOptions fields, so the fastest configuration measured
+in docs/PERF.md (Inductor kernels over channels-last weights, frozen, captured in the frame's
+CUDA graph) is a Pipeline option and a `mirage-run --fast` flag, not benchmark-only code.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from mirage.core import graphs as G
+from mirage.core.errors import BackendError
+from mirage.model.unet import MirageUNet
+
+
+class TorchBackend:
+    array = "torch"
+
+    def __init__(self, model: MirageUNet, device: str, dtype: str = "float32", compile_mode: str | None = None,
+                 channels_last: bool = False, freeze: bool = False, kernel_library: str | None = None):
+        self.device, self.dtype = str(device), dtype
+        self.model = model.to(device=device, dtype=getattr(torch, dtype)).eval()
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if kernel_library:  # temporal attention through the fused plugins_cpp kernel
+            if not self.device.startswith("cuda"):
+                raise BackendError(f"the fused kernel library runs on CUDA devices, not {device!r}")
+            from mirage.plugins_cpp import kernels
+
+            try:
+                kernels.use_in_torch(kernel_library)
+            except (OSError, kernels.KernelError) as e:
+                raise BackendError(f"{kernel_library}: {e}") from e
+            self.model = self.model.with_attention(dataclasses.replace(self.model.attention, temporal="op"))
+        self.denoise, self.context = self.model.denoise, self.model.context_encode
+        if freeze and not compile_mode:
+            raise BackendError("freezing is an Inductor option: it needs a compile mode")
+        if compile_mode:
+            # Inductor's freezing (weights become constants it can fold and re-layout) is an
+            # options-dict setting, and torch.compile takes either a mode or options.
+            kwargs = {"options": {"freezing": True}} if freeze else {"mode": compile_mode}
+            self.denoise = torch.compile(self.denoise, **kwargs)
+            self.context = torch.compile(self.context, **kwargs)
+        self.no_grad = torch.no_grad()
+
+    def buffer_dtype(self, graph: str, name: str) -> str:
+        return {G.T: "float32", G.T_CTX: "float32", G.AGES: "int32"}.get(name, self.dtype)
+
+    def use_stream(self, stream) -> None:
+        pass  # torch enqueues on its current stream, which the pipeline's GPU plumbing sets
+
+    def run(self, graph, inputs, output):
+        with self.no_grad:
+            if graph == G.DENOISE:
+                out = self.denoise(inputs[G.X_T], inputs[G.T], inputs.get(G.COND), inputs[G.MEMORY], inputs[G.AGES])
+            else:
+                out = self.context(inputs[G.FRAME], inputs[G.T_CTX])
+            output.copy_(out)
+
+    def close(self):
+        self.model = self.denoise = self.context = None

@@ -1,0 +1,202 @@
+"""How frames execute: eagerly on the CPU, or as captured CUDA graphs on a GPU. Two small classes
+behind one interface, so the Pipeline has no "is there a GPU" branches.
+
+    ex.alloc(shape, dtype) / ex.fill(buf, value)   buffers where the backend computes
+    ex.prepare(buf)                                  warm up and capture (GPU); nothing (CPU)
+    ex.submit(cond)                                  start a frame for every row; cond (B, C, H, W) float32 or None
+    ex.collect() -> (B, C, H, W) float32             the oldest submitted frame
+    ex.pending                                       frames submitted and not collected
+    ex.reset_rows(rows, seeds)                       empty rows' memory and restart their noise (between frames)
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from mirage.core.loop import Buffers, NumpyOps, Schedule, run_frame
+
+
+class CpuExecution:
+    """The loop run eagerly, one frame at a time (ONNX Runtime on numpy, PyTorch on CPU tensors)."""
+
+    graphs: list = []
+    timeline: list = []
+
+    def __init__(self, backend, schedule: Schedule):
+        self.backend, self.schedule = backend, schedule
+        if backend.array == "numpy":
+            self.ops = NumpyOps()
+        else:
+            from mirage.model.torch_ops import TorchOps
+
+            self.ops = TorchOps(backend.device)
+        self._result: np.ndarray | None = None
+
+    def alloc(self, shape, dtype: str):
+        if self.backend.array == "numpy":
+            return np.zeros(shape, dtype=dtype)
+        import torch
+
+        return torch.zeros(shape, dtype=getattr(torch, dtype), device=self.backend.device)
+
+    def fill(self, buf, value: float) -> None:
+        buf[...] = value
+
+    def prepare(self, buf: Buffers) -> None:
+        self.buf = buf
+
+    @property
+    def pending(self) -> int:
+        return int(self._result is not None)
+
+    def submit(self, cond: np.ndarray | None) -> None:
+        if cond is not None:
+            self.buf.cond[...] = cond if self.backend.array == "numpy" else _torch().from_numpy(cond)
+        run_frame(self.backend, self.ops, self.buf, self.schedule)
+        frame = self.buf.frame
+        # a copy: the next frame overwrites the buffer
+        self._result = frame.astype(np.float32) if self.backend.array == "numpy" else \
+            frame.to("cpu", _torch().float32, copy=True).numpy()
+
+    def collect(self) -> np.ndarray:
+        result, self._result = self._result, None
+        return result
+
+    def reset_rows(self, rows, seeds) -> None:
+        for row, seed in zip(rows, seeds):
+            self.ops.reset_row_(self.buf, row, seed)
+
+    def describe(self) -> tuple[str, float | None, str]:
+        return "cpu", None, ""
+
+    def close(self) -> None:
+        self._result = None
+
+
+class GpuExecution:
+    """The whole frame (all DDIM steps, the update, the context encode, the ring write) as one
+    CUDA graph. Two graphs alternate by frame parity k = n % 2, so frame n+1's input uploads and
+    frame n's output downloads on a copy stream while the other graph computes; pinned host
+    buffers and events order them. `gpu` is runtime.gpu's TorchGpu (PyTorch backend) or CudaGpu
+    (engines on raw device pointers)."""
+
+    def __init__(self, backend, schedule: Schedule, cuda_graph: bool):
+        from mirage.runtime.gpu import CudaGpu, TorchGpu
+
+        self.backend, self.schedule, self.cuda_graph = backend, schedule, cuda_graph
+        self.gpu = (TorchGpu if backend.array == "torch" else CudaGpu)(backend.device)
+        self.ops = self.gpu.ops
+        backend.use_stream(self.gpu.compute)  # engines enqueue on the stream the graph captures
+        self.graphs: list = []
+        self.timeline: list[dict] = []  # per frame, GPU event times in ms
+        self._pending: list[int] = []
+        self._frame = 0
+
+    def alloc(self, shape, dtype: str):
+        return self.gpu.zeros(shape, dtype)
+
+    def fill(self, buf, value: float) -> None:
+        self.gpu.fill(buf, value)
+
+    def prepare(self, buf: Buffers) -> None:
+        gpu, self.buf = self.gpu, buf
+        dtype = _dtype_name(buf.x)
+        # Parity-indexed staging: device input/output and pinned host buffers.
+        self.cond_stage = [gpu.zeros(buf.x.shape, dtype) for _ in range(2)] if buf.cond is not None else None
+        self.frame_out = [gpu.zeros(buf.x.shape, dtype) for _ in range(2)]
+        self.host_in = [gpu.pinned(buf.x) for _ in range(2)]
+        self.host_out = [gpu.pinned(buf.x) for _ in range(2)]
+        ev = lambda: [gpu.event() for _ in range(2)]  # noqa: E731
+        self.ev_up, self.ev_start, self.ev_done, self.ev_down, self.ev_up0 = ev(), ev(), ev(), ev(), ev()
+        # One eager frame per graph (allocator, kernels, autotuning), then capture; eager on failure.
+        gpu.warm_up(lambda: [self._frame_body(k) for k in range(2)], for_capture=self.cuda_graph)
+        if self.cuda_graph:
+            try:
+                self.graphs = [gpu.capture(lambda k=k: self._frame_body(k)) for k in range(2)]
+                self._captured = self._pointers()
+            except Exception as e:  # noqa: BLE001 (capture fails on ops that sync or allocate; eager still works)
+                warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {e}); running eagerly", stacklevel=3)
+                self.graphs = []
+                gpu.synchronize()
+
+    def _frame_body(self, k: int) -> None:
+        """Graph k: the frame, reading staged input k and writing output k."""
+        if self.cond_stage is not None:
+            self.gpu.copy(self.buf.cond, self.cond_stage[k])
+        run_frame(self.backend, self.ops, self.buf, self.schedule)
+        self.gpu.copy(self.frame_out[k], self.buf.frame)
+
+    def _pointers(self) -> list[int]:
+        extra = self.frame_out + (self.cond_stage or [])
+        return [t.data_ptr() for t in self.buf.all() + extra]
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def submit(self, cond: np.ndarray | None) -> None:
+        gpu, k = self.gpu, self._frame % 2
+        compute, copy = gpu.compute, gpu.copy_stream
+        if len(self._pending) == 2:  # the host buffers of frame n-2 are about to be reused
+            raise RuntimeError("two frames in flight: collect() before submitting a third")
+        if self.graphs and self._pointers() != self._captured:
+            raise RuntimeError("a buffer moved since capture; the graphs are stale")
+        gpu.record(self.ev_up0[k], copy)
+        if cond is not None:
+            self.host_in[k][...] = cond
+            gpu.wait(copy, self.ev_done[k])  # graph n-2 finished reading stage k
+            gpu.upload(self.cond_stage[k], self.host_in[k])
+        gpu.record(self.ev_up[k], copy)
+        gpu.wait(compute, self.ev_up[k])
+        gpu.wait(compute, self.ev_down[k])  # frame n-2's output k has been downloaded
+        gpu.record(self.ev_start[k], compute)
+        if self.graphs:
+            gpu.replay(self.graphs[k])
+        else:
+            self._frame_body(k)
+        gpu.record(self.ev_done[k], compute)
+        gpu.wait(copy, self.ev_done[k])
+        gpu.download(self.host_out[k], self.frame_out[k])
+        gpu.record(self.ev_down[k], copy)
+        self._pending.append(self._frame)
+        self._frame += 1
+
+    def collect(self) -> np.ndarray:
+        n = self._pending.pop(0)
+        k, gpu = n % 2, self.gpu
+        gpu.sync_event(self.ev_down[k])
+        ms = gpu.elapsed_ms
+        self.timeline.append({"frame": n, "upload_ms": ms(self.ev_up0[k], self.ev_up[k]),
+                              "compute_ms": ms(self.ev_start[k], self.ev_done[k]),
+                              "download_ms": ms(self.ev_done[k], self.ev_down[k]),
+                              "upload_end_to_compute_start_ms": ms(self.ev_up[k], self.ev_start[k])})
+        return self.host_out[k].astype(np.float32)
+
+    def reset_rows(self, rows, seeds) -> None:
+        """Between frames (pending frames stay valid: their outputs are already staged)."""
+        self.gpu.synchronize()
+        for row, seed in zip(rows, seeds):
+            self.ops.reset_row_(self.buf, row, seed)
+        self.gpu.synchronize()
+
+    def describe(self) -> tuple[str, float | None, str]:
+        """(device name, peak memory in MiB, what the memory number means)."""
+        return (self.gpu.device_name(), *self.gpu.memory_mb())
+
+    def close(self) -> None:
+        while self._pending:
+            self.collect()
+        self.gpu.synchronize()
+        self.graphs = []
+        self.gpu.close()
+
+
+def _dtype_name(buf) -> str:
+    return buf.dtype if isinstance(buf.dtype, str) else str(buf.dtype).split(".")[1]
+
+
+def _torch():
+    import torch
+
+    return torch

@@ -1,0 +1,79 @@
+"""Stream slots: B independent streams advanced by one batched frame (one CUDA-graph replay on a GPU).
+
+    pool = StreamPool.open("checkpoints/tiny-v2v", slots=8)
+    a = pool.attach(seed=1)                     # a free slot: fresh memory, its own noise seed
+    outs = pool.step({a: frame})                 # every attached slot advances one frame
+    pool.detach(a)
+
+Each slot is one row of a Pipeline of batch B: its own ring buffer, ages, slot index and noise
+counter, so a stream's frames depend only on its own seed and inputs. Attaching or detaching
+resets that row between frames; the captured graph is never recaptured. A free row still
+computes (a captured graph has a fixed batch): its output is dropped, and it costs what a busy
+row costs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mirage.core.config import PipelineOptions
+from mirage.core.errors import MirageError
+from mirage.runtime.pipeline import Pipeline, PipelineError
+
+
+class PoolFull(MirageError):
+    """Every slot of the pool is taken."""
+
+
+class StreamPool:
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+        self.slots = pipeline.batch
+        self.frame_shape = pipeline.frame_shape
+        self.video_to_video = pipeline.video_to_video
+        self.active: list[int] = []
+        self._inputs = np.zeros((self.slots, *self.frame_shape), np.float32)  # each slot's latest input
+        pipeline.reset(0)
+
+    @classmethod
+    def open(cls, path: str | Path, slots: int, backend: str = "auto", device: str = "auto",
+             options: PipelineOptions = PipelineOptions()) -> "StreamPool":
+        return cls(Pipeline.load(path, backend, device, PipelineOptions(**{**options.__dict__, "batch": slots})))
+
+    def attach(self, seed: int = 0) -> int:
+        free = [s for s in range(self.slots) if s not in self.active]
+        if not free:
+            raise PoolFull(f"all {self.slots} stream slots are busy")
+        slot = free[0]
+        self.pipeline.reset_row(slot, seed)
+        self._inputs[slot] = 0
+        self.active.append(slot)
+        return slot
+
+    def detach(self, slot: int) -> None:
+        if slot not in self.active:
+            raise PipelineError(f"slot {slot} is not attached")
+        self.active.remove(slot)
+
+    def step(self, inputs: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
+        """Advance every attached slot one frame; returns {slot: (H, W, 3) float32 in [-1, 1]}."""
+        for slot, frame in (inputs or {}).items():
+            if slot not in self.active:
+                raise PipelineError(f"slot {slot} is not attached")
+            if tuple(np.shape(frame)) != self.frame_shape:
+                raise PipelineError(f"input frame has shape {tuple(np.shape(frame))}, the model takes "
+                                    f"{self.frame_shape}")
+            self._inputs[slot] = frame
+        out = self.pipeline.step_batch(self._inputs if self.video_to_video else None)
+        return {slot: out[slot] for slot in self.active}
+
+    def close(self) -> None:
+        self.pipeline.close()
+        self.active = []
+
+    def __enter__(self) -> "StreamPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

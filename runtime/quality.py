@@ -1,0 +1,173 @@
+"""Long-rollout quality: does a model hold up over 500+ frames?
+
+    mirage-quality checkpoints/tiny-v2v --frames 500 --json q.json --plot q.png
+
+A checkpoint or an exported artifact rolls out through the runtime `Pipeline` (PyTorch for a
+checkpoint, ONNX Runtime for an artifact) on synthetic inputs, and every window of frames is
+scored (metrics in mirage.core.metrics):
+
+- video-to-video models against the synthetic ground truth: PSNR, SSIM;
+- every model against the data by distribution statistics: colour-histogram distance,
+  random-conv feature (Fréchet) distance, sharpness, motion and flicker — each also as a ratio
+  to the data's value — and collapsed frames.
+
+The data's statistics come from 20 independent synthetic clips of one window's length; the
+`data` entry's distances are those of one such clip to the pool, the scale a window's distance
+is read against.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from mirage.core import metrics as M
+from mirage.core.config import PipelineOptions
+from mirage.core.schedule import default_steps
+from mirage.runtime.pipeline import Pipeline
+
+DEFAULT_CONTEXT_NOISE = 100  # as mirage.train.rollout and the runtime
+DATA_CLIPS = 20
+RATIOS = ("sharpness", "motion", "flicker")
+TABLE_COLUMNS = {"v2v": ["psnr", "ssim"], "generate": []}
+STAT_COLUMNS = ["hist_distance", "feature_distance", "sharpness", "sharpness_ratio", "motion", "motion_ratio",
+                "flicker", "flicker_ratio", "collapsed"]
+
+
+class QualityError(ValueError):
+    """A quality run a user asked for that cannot work (bad sizes); the message says what to change."""
+
+
+def _meta(path: Path) -> dict:
+    for name in ("manifest.json", "config.json"):
+        if (path / name).is_file():
+            return json.loads((path / name).read_text())
+    return {}  # Pipeline.load names the problem
+
+
+def reference_clip(size: int, frames: int, seed: int) -> np.ndarray:
+    """(T, H, W, 3) synthetic frames in [-1, 1]."""
+    from mirage.train.data import SyntheticVideo
+
+    return SyntheticVideo(size, seed=seed).clip(0, frames)
+
+
+def v2v_inputs(truth: np.ndarray) -> np.ndarray:
+    """The video-to-video input (luma + coarse chroma) of (T, H, W, 3) frames."""
+    import torch
+
+    from mirage.train.data import v2v_input
+
+    chw = torch.from_numpy(np.ascontiguousarray(truth)).permute(0, 3, 1, 2)
+    return v2v_input(chw).permute(0, 2, 3, 1).numpy()
+
+
+def rollout_frames(model_path: str | Path, frames: int, steps: int, context_noise: int, seed: int, device: str,
+                   truth_seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(output frames, ground-truth frames), each (T, H, W, 3), and the model's {name, task, size,
+    precision}. Video-to-video models take the ground truth's input; generation models ignore it."""
+    path = Path(model_path)
+    meta = _meta(path)
+    artifact = "graphs" in meta
+    options = PipelineOptions(dtype=None if artifact else "float32", steps=steps, context_noise=context_noise)
+    with Pipeline.load(path, backend="onnxruntime" if artifact else "torch", device=device, options=options) as pipe:
+        size = pipe.frame_shape[0]
+        truth = reference_clip(size, frames, truth_seed)
+        pipe.reset(seed)
+        out = np.stack(list(pipe.stream(list(v2v_inputs(truth)) if pipe.video_to_video else frames)))
+        info = {"name": meta["model"].get("name", "?"), "task": "v2v" if pipe.video_to_video else "generate", "size": size,
+                "precision": meta.get("precision", "fp32")}
+    return out, truth, info
+
+
+def data_statistics(size: int, window: int, features: M.RandomConvFeatures) -> dict:
+    """The data's per-window statistics (means over DATA_CLIPS clips) and its reference pool."""
+    clips = [reference_clip(size, window, 20_000 + i) for i in range(DATA_CLIPS)]
+    hists = [M.colour_histogram(c) for c in clips]
+    feats = [features(c) for c in clips]
+    hist, pool = np.mean(hists, axis=0), M.feature_stats(np.concatenate(feats))
+    return {
+        "hist": hist, "features": pool,
+        "summary": {
+            "sharpness": float(np.mean([M.sharpness(c) for c in clips])),
+            "motion": float(np.mean([M.motion(c) for c in clips])),
+            "flicker": float(np.mean([M.flicker(c) for c in clips])),
+            "hist_distance": float(np.mean([M.histogram_distance(h, hist) for h in hists])),
+            "feature_distance": float(np.mean([M.frechet_distance(M.feature_stats(f), pool) for f in feats])),
+        },
+    }
+
+
+def window_row(out: np.ndarray, truth: np.ndarray | None, data: dict, features: M.RandomConvFeatures) -> dict:
+    """The metrics of one window of frames (and its ground truth, video-to-video)."""
+    ref = data["summary"]
+    row = {}
+    if truth is not None:
+        row.update(psnr=float(M.psnr(out, truth).mean()), ssim=float(M.ssim(out, truth).mean()))
+    row.update(hist_distance=M.histogram_distance(M.colour_histogram(out), data["hist"]),
+               feature_distance=M.frechet_distance(M.feature_stats(features(out)), data["features"]),
+               sharpness=M.sharpness(out), motion=M.motion(out), flicker=M.flicker(out),
+               collapsed=float(M.collapsed(out).mean()))
+    for key in RATIOS:
+        row[f"{key}_ratio"] = row[key] / ref[key]
+    return row
+
+
+def evaluate(model_path: str | Path, frames: int = 500, window: int = 50, steps: int | None = None,
+             context_noise: int = DEFAULT_CONTEXT_NOISE, seed: int = 0, device: str = "cpu") -> dict:
+    """Roll `model_path` out for `frames` frames and score every window; steps=None uses the
+    model's own step count (a distilled student records it), else 4."""
+    if window < 3 or frames < window:
+        raise QualityError(f"--window {window} / --frames {frames}: need 3 <= window <= frames")
+    steps = steps or default_steps(_meta(Path(model_path)))
+    out, truth, info = rollout_frames(model_path, frames, steps, context_noise, seed, device, 10_000 + seed)
+    v2v = info["task"] == "v2v"
+    features = M.RandomConvFeatures()
+    data = data_statistics(info["size"], window, features)
+    windows = [{"start": s, "end": s + window,
+                **window_row(out[s:s + window], truth[s:s + window] if v2v else None, data, features)}
+               for s in range(0, frames - window + 1, window)]
+    report = {"model": str(model_path), "config": info["name"], "task": info["task"],
+              "precision": info["precision"], "frames": frames, "window": window, "steps": steps,
+              "context_noise": context_noise, "seed": seed, "data": data["summary"], "windows": windows,
+              "collapsed_frames": int(M.collapsed(out).sum())}
+    if v2v:
+        report["drift_db"] = windows[-1]["psnr"] - windows[0]["psnr"]
+    return report
+
+
+def format_table(report: dict) -> str:
+    cols = TABLE_COLUMNS[report["task"]] + STAT_COLUMNS
+    lines = [f"{'frames':>9} " + " ".join(f"{c:>16}" for c in cols)]
+    lines += [f"{w['start']:>4}-{w['end']:<4} " + " ".join(f"{w[c]:>16.4f}" for c in cols) for w in report["windows"]]
+    d = report["data"]
+    lines.append(f"data: hist_distance {d['hist_distance']:.4f} and feature_distance {d['feature_distance']:.4f} "
+                 f"(one clip vs. the pool of {DATA_CLIPS}), sharpness {d['sharpness']:.4f}, motion {d['motion']:.4f}, "
+                 f"flicker {d['flicker']:.4f}")
+    lines.append(f"collapsed frames: {report['collapsed_frames']} of {report['frames']}")
+    if "drift_db" in report:
+        lines.append(f"drift (last window - first window): {report['drift_db']:+.2f} dB")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: str | Path) -> None:
+    """A PNG of the per-window metrics over frame index, the data's value dashed (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = TABLE_COLUMNS[report["task"]] + ["hist_distance", "feature_distance", "sharpness", "motion", "flicker"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3))
+    mid = [(w["start"] + w["end"]) / 2 for w in report["windows"]]
+    for ax, key in zip(np.atleast_1d(axes), keys):
+        ax.plot(mid, [w[key] for w in report["windows"]], marker="o")
+        if key in report["data"]:
+            ax.axhline(report["data"][key], color="gray", linestyle="--", label="data")
+            ax.legend()
+        ax.set_xlabel("frame")
+        ax.set_title(key)
+    fig.suptitle(f"{report['config']} {report['task']}: {report['frames']} frames, {report['steps']} steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

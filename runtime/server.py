@@ -1,0 +1,368 @@
+"""`mirage-serve`'s server: many live streams through one StreamPool, over HTTP + WebSocket.
+
+Why aiohttp: one small, well-kept dependency gives an asyncio HTTP server, WebSockets and static
+files in one process and one event loop, and a test client for all three. FastAPI would add
+uvicorn, starlette and pydantic for the same four routes; WebRTC through aiortc would add codecs,
+ICE and DTLS that loopback and LAN use do not need, while JPEG frames over a WebSocket are simple
+to test, debug and measure.
+
+Routes
+    GET /          the page (static/index.html)              the token is checked when one is set
+    GET /static/*  its script
+    GET /health    JSON: slots, active, fps, size, video_to_video
+    GET /ws        WebSocket, one stream per connection     ?token=...&seed=N
+
+Protocol (docs/SERVING.md has it in full)
+    text    JSON control messages, server -> client: hello, busy, error, stats
+    binary  frames, both ways: a 16-byte little-endian header, then the image bytes
+            uint32 frame id | uint8 format (1 JPEG, 2 PNG, 3 raw RGB) | 3 zero bytes | float64 timestamp
+            The reply to a frame carries its id and timestamp back, in the same format. A generation
+            model's client sends the header alone to ask for its next frame.
+
+Flow of a frame
+    receiver (one per client)  decode in a codec thread -> the stream's ONE pending frame (newest wins)
+    stepper  (one task)        gather pending frames, drop those past the deadline, pool.step in the
+                               step thread -> each stream's ONE outbox frame (newest wins)
+    sender   (one per client)  encode in a codec thread -> send; a stats message every second
+Nothing on the event loop touches pixels; the pool is driven from one thread only (step, attach and
+detach are serialized there, so an attach waits for at most the step in flight).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+import io
+import ipaddress
+import logging
+import os
+import struct
+import time
+from contextlib import suppress
+from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from mirage.runtime.pipeline import PipelineError
+from mirage.runtime.pool import PoolFull
+
+STATIC = Path(__file__).resolve().parent / "static"
+HEADER = struct.Struct("<IB3xd")  # frame id, format, 3 pad bytes, client timestamp (any clock, echoed as is)
+JPEG, PNG, RAW = 1, 2, 3
+FORMATS = {JPEG: "JPEG", PNG: "PNG", RAW: "raw RGB"}
+log = logging.getLogger("mirage.serve")
+
+
+class ServeError(PipelineError):
+    """A user error: bad server options, or a bad frame from a client (the message says which)."""
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None      # required for a non-loopback host; checked on / and /ws
+    deadline_ms: float = 100.0    # a frame that has waited longer than this when its step starts is dropped
+    max_frame_bytes: int = 1 << 20  # a larger frame gets an error; a message over twice this closes the socket
+    batch_wait_ms: float = 5.0    # how long the stepper waits for every stream's frame before stepping without
+    stats_interval_s: float = 1.0
+
+    def __post_init__(self):
+        if not self.token and not is_loopback(self.host):
+            raise ServeError(f"--host {self.host} is reachable from other machines: pass --token SECRET as well "
+                             f"(clients then open /?token=SECRET), or bind 127.0.0.1")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
+# -- frames: pure functions, run in codec threads ------------------------------------------------
+@dataclass(frozen=True)
+class Frame:
+    id: int
+    fmt: int
+    client_ts: float
+    received: float                # server monotonic clock, for the deadline
+    pixels: np.ndarray | None      # (H, W, 3) float32 in [-1, 1]; None: a generation model's request
+
+
+def decode_frame(data: bytes, shape: tuple[int, int, int], video_to_video: bool, max_bytes: int,
+                 received: float) -> Frame:
+    """A client's binary message -> Frame; ServeError names what is wrong with it."""
+    if len(data) < HEADER.size:
+        raise ServeError(f"a frame message is a {HEADER.size}-byte header, then the image; got {len(data)} bytes")
+    frame_id, fmt, client_ts = HEADER.unpack_from(data)
+    if fmt not in FORMATS:
+        raise ServeError(f"frame {frame_id}: format byte {fmt}; use 1 (JPEG), 2 (PNG) or 3 (raw RGB)")
+    payload = memoryview(data)[HEADER.size:]
+    if len(payload) > max_bytes:
+        raise ServeError(f"frame {frame_id}: {len(payload)} bytes, over the server's limit of {max_bytes}")
+    if not video_to_video:
+        if payload:
+            raise ServeError(f"frame {frame_id}: this generation model takes no input; send the header alone")
+        return Frame(frame_id, fmt, client_ts, received, None)
+    if not payload:
+        raise ServeError(f"frame {frame_id}: this video-to-video model needs an input image after the header")
+    rgb = _rgb(payload, fmt, shape, frame_id)
+    return Frame(frame_id, fmt, client_ts, received, rgb.astype(np.float32) / 127.5 - 1.0)
+
+
+def _rgb(payload: memoryview, fmt: int, shape: tuple[int, int, int], frame_id: int) -> np.ndarray:
+    h, w, _ = shape
+    if fmt == RAW:
+        if len(payload) != h * w * 3:
+            raise ServeError(f"frame {frame_id}: {len(payload)} raw bytes; the model takes {w}x{h} RGB "
+                             f"= {h * w * 3} bytes")
+        return np.frombuffer(payload, np.uint8).reshape(h, w, 3)
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(payload))  # reads the header only: the size is checked before decoding
+        if image.size != (w, h):
+            raise ServeError(f"frame {frame_id}: {image.size[0]}x{image.size[1]} image; the model takes {w}x{h} "
+                             "(resize it before sending)")
+        return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ServeError(f"frame {frame_id}: not a readable {FORMATS[fmt]} image ({e})") from e
+
+
+def encode_frame(frame: Frame, pixels: np.ndarray) -> bytes:
+    """The reply to `frame`: its header echoed, then `pixels` ((H, W, 3) in [-1, 1]) in the frame's format."""
+    rgb = np.clip((pixels + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    if frame.fmt == RAW:
+        body = rgb.tobytes()
+    else:
+        from PIL import Image
+
+        out = io.BytesIO()
+        Image.fromarray(rgb).save(out, format=FORMATS[frame.fmt], quality=90)
+        body = out.getvalue()
+    return HEADER.pack(frame.id, frame.fmt, frame.client_ts) + body
+
+
+# -- the server ------------------------------------------------------------------------------------
+COUNTS = ("received", "stale", "late", "sent", "unsent", "errors")
+# stale: replaced by a newer input before its step; late: past the deadline when its step started;
+# unsent: an output replaced by a newer one before the client could take it
+
+
+@dataclass(eq=False)
+class Stream:
+    slot: int
+    ws: web.WebSocketResponse
+    pending: Frame | None = None                            # newest input, not yet stepped
+    outbox: tuple[Frame, np.ndarray] | None = None          # newest output, not yet sent
+    ready: asyncio.Event = field(default_factory=asyncio.Event)  # the outbox has a frame
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
+
+
+class Server:
+    def __init__(self, pool, options: ServerOptions):
+        self.pool, self.options = pool, options
+        self.streams: dict[int, Stream] = {}
+        self.wake = asyncio.Event()  # a frame arrived or a stream left
+        self.step_times: collections.deque[float] = collections.deque()
+        self.step_thread = ThreadPoolExecutor(1, thread_name_prefix="mirage-step")
+        self.codec = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="mirage-codec")
+
+    def in_step_thread(self, fn, *args):
+        return asyncio.get_running_loop().run_in_executor(self.step_thread, fn, *args)
+
+    def in_codec_thread(self, fn, *args):
+        return asyncio.get_running_loop().run_in_executor(self.codec, fn, *args)
+
+    def fps(self) -> int:
+        """Pool steps in the last second (each advances every stream by one frame)."""
+        while self.step_times and time.monotonic() - self.step_times[0] > 1.0:
+            self.step_times.popleft()
+        return len(self.step_times)
+
+    def check_token(self, request: web.Request) -> None:
+        token = self.options.token
+        if token and not hmac.compare_digest(request.query.get("token", "").encode(), token.encode()):
+            raise web.HTTPUnauthorized(text="missing or wrong token: open the page as /?token=SECRET\n")
+
+    # -- HTTP ----------------------------------------------------------------------------------------
+    async def index(self, request: web.Request) -> web.StreamResponse:
+        self.check_token(request)
+        return web.FileResponse(STATIC / "index.html")
+
+    async def health(self, request: web.Request) -> web.Response:
+        h, w, _ = self.pool.frame_shape
+        return web.json_response({"slots": self.pool.slots, "active": len(self.pool.active), "fps": self.fps(),
+                                  "width": w, "height": h, "video_to_video": self.pool.video_to_video})
+
+    # -- one client ------------------------------------------------------------------------------
+    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+        self.check_token(request)
+        try:
+            seed = int(request.query.get("seed", "0"))
+        except ValueError:
+            raise web.HTTPBadRequest(text=f"seed={request.query['seed']!r}: give an integer\n") from None
+        ws = web.WebSocketResponse(max_msg_size=2 * self.options.max_frame_bytes + HEADER.size, heartbeat=10.0)
+        await ws.prepare(request)
+        try:
+            slot = await self.in_step_thread(self.pool.attach, seed)
+        except PoolFull as e:
+            await ws.send_json({"type": "busy", "message": str(e), "slots": self.pool.slots})
+            await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"busy")
+            return ws
+        stream = self.streams[slot] = Stream(slot, ws)
+        sender = asyncio.create_task(self.send_loop(stream))
+        try:
+            h, w, _ = self.pool.frame_shape
+            await ws.send_json({"type": "hello", "slot": slot, "seed": seed, "width": w, "height": h,
+                                "video_to_video": self.pool.video_to_video, "slots": self.pool.slots,
+                                "deadline_ms": self.options.deadline_ms,
+                                "max_frame_bytes": self.options.max_frame_bytes})
+            log.info("stream in slot %d attached (seed %d, %s)", slot, seed, request.remote)
+            async for msg in ws:
+                if msg.type == WSMsgType.ERROR:  # e.g. over the hard size cap: aiohttp closes it (1009)
+                    break
+                await self.receive(stream, msg, time.monotonic())
+        finally:
+            del self.streams[slot]
+            self.wake.set()  # the stepper may be waiting for this stream's frame
+            sender.cancel()
+            with suppress(asyncio.CancelledError):
+                await sender
+            await self.in_step_thread(self.pool.detach, slot)
+            log.info("stream in slot %d detached: %s", slot, stream.counts)
+        return ws
+
+    async def receive(self, stream: Stream, msg, received: float) -> None:
+        if msg.type != WSMsgType.BINARY:
+            stream.counts["errors"] += 1
+            await stream.ws.send_json({"type": "error", "message": "send frames as binary messages: a 16-byte "
+                                       "header, then the image (docs/SERVING.md)"})
+            return
+        stream.counts["received"] += 1
+        try:
+            frame = await self.in_codec_thread(decode_frame, msg.data, self.pool.frame_shape,
+                                               self.pool.video_to_video, self.options.max_frame_bytes, received)
+        except ServeError as e:
+            stream.counts["errors"] += 1
+            await stream.ws.send_json({"type": "error", "message": str(e)})
+            return
+        if stream.pending is not None:
+            stream.counts["stale"] += 1
+        stream.pending = frame
+        self.wake.set()
+
+    async def send_loop(self, stream: Stream) -> None:
+        loop = asyncio.get_running_loop()
+        next_stats = loop.time() + self.options.stats_interval_s
+        try:
+            while True:
+                with suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stream.ready.wait(), max(0.0, next_stats - loop.time()))
+                stream.ready.clear()
+                if stream.outbox is not None:
+                    (frame, pixels), stream.outbox = stream.outbox, None
+                    await stream.ws.send_bytes(await self.in_codec_thread(encode_frame, frame, pixels))
+                    stream.counts["sent"] += 1
+                if loop.time() >= next_stats:
+                    next_stats = loop.time() + self.options.stats_interval_s
+                    await stream.ws.send_json({"type": "stats", "streams": len(self.streams),
+                                               "slots": self.pool.slots, "fps": self.fps(), **stream.counts})
+        except ConnectionError:  # the client left; its handler cleans up
+            return
+
+    # -- the stepper -------------------------------------------------------------------------------
+    async def stepper(self) -> None:
+        while True:
+            batch = await self.next_batch()
+            inputs = {s.slot: f.pixels for s, f in batch} if self.pool.video_to_video else {}
+            try:
+                outputs = await self.in_step_thread(self.pool.step, inputs)
+            except Exception:  # noqa: BLE001 (a bug: log it, tell those clients, keep serving the others)
+                log.exception("pool.step failed")
+                for s, f in batch:
+                    s.counts["errors"] += 1
+                    with suppress(ConnectionError):
+                        await s.ws.send_json({"type": "error", "message": f"frame {f.id}: the server failed to "
+                                              "compute it (its log has the traceback)"})
+                continue
+            self.step_times.append(time.monotonic())
+            for s, f in batch:
+                if self.streams.get(s.slot) is not s:  # it left during the step
+                    continue
+                if s.outbox is not None:
+                    s.counts["unsent"] += 1
+                s.outbox = (f, outputs[s.slot])
+                s.ready.set()
+
+    async def next_batch(self) -> list[tuple[Stream, Frame]]:
+        """Wait for a frame, then up to batch_wait_ms for every stream's; take the pending frames,
+        dropping (and counting) those older than the deadline."""
+        while True:
+            await self.wait_until(lambda: any(s.pending is not None for s in self.streams.values()))
+            await self.wait_until(lambda: all(s.pending is not None for s in self.streams.values()),
+                                  self.options.batch_wait_ms / 1e3)
+            now, batch = time.monotonic(), []
+            for s in self.streams.values():
+                frame, s.pending = s.pending, None
+                if frame is None:
+                    continue
+                if (now - frame.received) * 1e3 > self.options.deadline_ms:
+                    s.counts["late"] += 1
+                else:
+                    batch.append((s, frame))
+            if batch:
+                return batch
+
+    async def wait_until(self, condition, timeout: float | None = None) -> None:
+        end = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        while not condition():
+            self.wake.clear()
+            left = None if end is None else end - asyncio.get_running_loop().time()
+            if left is not None and left <= 0:
+                return
+            try:
+                await asyncio.wait_for(self.wake.wait(), left)
+            except asyncio.TimeoutError:
+                return
+
+    # -- lifetime ----------------------------------------------------------------------------------
+    async def lifetime(self, app: web.Application):
+        stepper = asyncio.create_task(self.stepper())
+        yield
+        stepper.cancel()
+        with suppress(asyncio.CancelledError):
+            await stepper
+        self.step_thread.shutdown()
+        self.codec.shutdown()
+
+    async def close_streams(self, app: web.Application) -> None:
+        for s in list(self.streams.values()):
+            await s.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+
+
+SERVER = web.AppKey("server", Server)
+
+
+def make_app(pool, options: ServerOptions = ServerOptions()) -> web.Application:
+    """The aiohttp application serving `pool` (a mirage.runtime.pool.StreamPool, opened and closed by
+    the caller)."""
+    server = Server(pool, options)
+    app = web.Application()
+    app[SERVER] = server
+    app.router.add_get("/", server.index)
+    app.router.add_get("/health", server.health)
+    app.router.add_get("/ws", server.websocket)
+    app.router.add_static("/static", STATIC)
+    app.cleanup_ctx.append(server.lifetime)
+    app.on_shutdown.append(server.close_streams)
+    return app
+
+
+__all__ = ["ServerOptions", "ServeError", "make_app", "decode_frame", "encode_frame", "HEADER", "JPEG", "PNG", "RAW"]

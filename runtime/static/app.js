@@ -1,0 +1,156 @@
+// Mirage live page: a source (webcam, video file or synthetic) drawn at the model's size -> JPEG
+// frames over /ws -> the model's frames back onto a canvas. Protocol: docs/SERVING.md.
+// Each frame is a 16-byte little-endian header (uint32 id, uint8 format, 3 zero bytes, float64
+// timestamp) and a JPEG; the server echoes id and timestamp, so latency = now - timestamp.
+"use strict";
+
+const HEADER_BYTES = 16, JPEG = 1, SEND_FPS = 30;
+const MAX_BUFFERED = 256 * 1024; // bytes queued in the socket: above this a frame is skipped, not queued
+const $ = (id) => document.getElementById(id);
+const inputCanvas = $("input"), outputCanvas = $("output");
+const inputCtx = inputCanvas.getContext("2d"), outputCtx = outputCanvas.getContext("2d");
+
+let ws = null, model = null, draw = null, timer = null, nextId = 0, lastDrawn = -1;
+const arrivals = []; // [time, latency ms] of the frames received in the last second
+let received = 0;
+
+function status(text) { $("status").textContent = text; }
+
+function header(id, timestamp) {
+  const buf = new ArrayBuffer(HEADER_BYTES), view = new DataView(buf);
+  view.setUint32(0, id, true);
+  view.setUint8(4, JPEG);
+  view.setFloat64(8, timestamp, true);
+  return buf;
+}
+
+// -- sources: each is a draw(ctx, w, h) that paints the current frame -------------------------------
+async function openSource(kind) {
+  if (kind === "synthetic") return synthetic;
+  const video = $("video");
+  if (kind === "webcam") {
+    video.srcObject = await navigator.mediaDevices.getUserMedia({ video: { width: 640, height: 480 }, audio: false });
+  } else {
+    const file = $("file").files[0];
+    if (!file) throw new Error("choose a video file first");
+    video.srcObject = null;
+    video.src = URL.createObjectURL(file);
+  }
+  await video.play();
+  return (ctx, w, h) => { // center crop to a square, scaled to the model's size
+    const side = Math.min(video.videoWidth, video.videoHeight);
+    ctx.drawImage(video, (video.videoWidth - side) / 2, (video.videoHeight - side) / 2, side, side, 0, 0, w, h);
+  };
+}
+
+function synthetic(ctx, w, h) { // three discs circling over a drifting two-color gradient
+  const t = performance.now() / 1000;
+  const g = ctx.createLinearGradient(0, 0, w, h);
+  g.addColorStop(0, `hsl(${(t * 40) % 360}, 70%, 45%)`);
+  g.addColorStop(1, `hsl(${(t * 40 + 180) % 360}, 70%, 30%)`);
+  ctx.fillStyle = g;
+  ctx.fillRect(0, 0, w, h);
+  for (let k = 0; k < 3; k++) {
+    ctx.fillStyle = `hsl(${(k * 120 + t * 60) % 360}, 80%, 60%)`;
+    ctx.beginPath();
+    ctx.arc(w * (0.5 + 0.33 * Math.sin(t * (0.7 + 0.3 * k) + 2 * k)), h * (0.5 + 0.33 * Math.cos(t * (0.9 + 0.2 * k))),
+            w * 0.13, 0, 2 * Math.PI);
+    ctx.fill();
+  }
+}
+
+function stopSource() {
+  const video = $("video");
+  if (video.srcObject) video.srcObject.getTracks().forEach((track) => track.stop());
+  video.srcObject = null;
+  video.pause();
+}
+
+// -- the socket ----------------------------------------------------------------------------------------
+function connect() {
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  ws = new WebSocket(`${scheme}://${location.host}/ws${location.search}`); // passes ?token= and ?seed= on
+  ws.binaryType = "arraybuffer";
+  ws.onmessage = (e) => (typeof e.data === "string" ? onControl(JSON.parse(e.data)) : onFrame(e.data));
+  ws.onclose = (e) => {
+    stop();
+    if (e.code !== 1000) status(`connection closed (${e.code}${e.reason ? ": " + e.reason : ""})`);
+  };
+}
+
+function onControl(msg) {
+  if (msg.type === "hello") {
+    model = msg;
+    for (const c of [inputCanvas, outputCanvas]) [c.width, c.height] = [msg.width, msg.height];
+    status(`stream in slot ${msg.slot} of ${msg.slots}: ${msg.width}x${msg.height}, ` +
+           (msg.video_to_video ? "video-to-video" : "generation (no input is sent)"));
+    timer = setInterval(sendFrame, 1000 / SEND_FPS);
+  } else if (msg.type === "busy") {
+    status(`server busy: ${msg.message}`);
+  } else if (msg.type === "error") {
+    status(`server: ${msg.message}`);
+  } else if (msg.type === "stats") {
+    $("streams").textContent = `${msg.streams} of ${msg.slots}`;
+    $("server-fps").textContent = msg.fps;
+    $("dropped").textContent = `${msg.stale} / ${msg.late}`;
+  }
+}
+
+function sendFrame() {
+  if (ws.readyState !== WebSocket.OPEN || ws.bufferedAmount > MAX_BUFFERED) return;
+  const id = nextId++, timestamp = performance.now();
+  if (!model.video_to_video) { ws.send(header(id, timestamp)); return; }
+  draw(inputCtx, model.width, model.height);
+  inputCanvas.toBlob((jpeg) => {
+    if (jpeg && ws.readyState === WebSocket.OPEN) ws.send(new Blob([header(id, timestamp), jpeg]));
+  }, "image/jpeg", 0.9);
+}
+
+async function onFrame(data) {
+  const view = new DataView(data);
+  const id = view.getUint32(0, true), latency = performance.now() - view.getFloat64(8, true);
+  const bitmap = await createImageBitmap(new Blob([data.slice(HEADER_BYTES)], { type: "image/jpeg" }));
+  if (id > lastDrawn) { // decoding is asynchronous: never draw an older frame over a newer one
+    outputCtx.drawImage(bitmap, 0, 0);
+    lastDrawn = id;
+  }
+  bitmap.close();
+  arrivals.push([performance.now(), latency]);
+  $("frames-received").textContent = ++received;
+}
+
+function showRates() { // FPS and median latency over the last second
+  const now = performance.now();
+  while (arrivals.length && now - arrivals[0][0] > 1000) arrivals.shift();
+  $("fps").textContent = arrivals.length;
+  const sorted = arrivals.map((a) => a[1]).sort((a, b) => a - b);
+  $("latency").textContent = sorted.length ? `${sorted[sorted.length >> 1].toFixed(1)} ms` : "–";
+}
+
+// -- controls --------------------------------------------------------------------------------------------
+async function start() {
+  try {
+    draw = await openSource($("source").value);
+  } catch (e) {
+    status(`cannot open the source: ${e.message}`);
+    return;
+  }
+  $("start").disabled = true;
+  $("stop").disabled = false;
+  status("connecting…");
+  connect();
+}
+
+function stop() {
+  clearInterval(timer);
+  timer = null;
+  if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000);
+  stopSource();
+  $("start").disabled = false;
+  $("stop").disabled = true;
+}
+
+$("source").onchange = () => { $("file").hidden = $("source").value !== "file"; };
+$("start").onclick = start;
+$("stop").onclick = () => { stop(); status("stopped"); };
+setInterval(showRates, 500);

@@ -1,0 +1,211 @@
+"""The torch-free GPU path (cuda-python buffers, NVRTC loop kernels, streams, events, graphs):
+everything the TensorRT backend runs on, without TensorRT.
+
+1. The loop kernels (CudaOps) against numpy: lincomb / clamp (fp32, fp16), the noise (moments,
+   fresh per draw, reproducible from the seed), the ring-buffer write over K + 3 frames.
+2. The Pipeline on CudaGpu with a stand-in engine: two NVRTC kernels that read every input the
+   real graphs read (x_t, t, cond, memory, ages / frame, t_ctx). Graph replay equals eager bit for
+   bit, stream() equals step(), a moved buffer is refused, a bad device is a clear error.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+
+from mirage.core import graphs as G
+from mirage.core.loop import NumpyOps
+
+pytestmark = pytest.mark.gpu
+
+STANDIN = r"""
+extern "C" __global__ void denoise(const float* x, const float* t, const float* cond, const float* mem,
+                                   const int* ages, float* v, long n, long slot, int k) {
+  long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float m = 0.f;
+  for (int j = 0; j < k; ++j) if (ages[j] > 0) m += mem[j * slot + i % slot] / ages[j];
+  v[i] = 0.3f * x[i] - 1e-4f * t[0] + 0.2f * m + (cond ? 0.1f * cond[i] : 0.f);
+}
+extern "C" __global__ void encode(const float* frame, const float* t_ctx, float* kv, long n, long m) {
+  long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+  if (i < n) kv[i] = 0.5f * frame[i % m] + 1e-4f * t_ctx[0];
+}
+"""
+
+
+def _specs(v2v: bool) -> dict:
+    """The stand-in's graphs: 64x64 frames, 8 memory slots of 2 x 64 x 32."""
+    t, f, img = G.TensorSpec, "float32", (1, 3, 64, 64)
+    inputs = [t(G.X_T, img, f), t(G.T, (1,), f)] + ([t(G.COND, img, f)] if v2v else []) + \
+        [t(G.MEMORY, (1, 8, 2, 64, 32), f), t(G.AGES, (1, 8), "int32")]
+    return {G.DENOISE: G.GraphSpec(G.DENOISE, tuple(inputs), (t(G.V, img, f),)),
+            G.CONTEXT: G.GraphSpec(G.CONTEXT, (t(G.FRAME, img, f), t(G.T_CTX, (1,), f)), (t(G.KV, (1, 2, 64, 32), f),))}
+FRAMES = 12
+
+
+@pytest.fixture(scope="module")
+def cuda():
+    """mirage.runtime.cuda, when cuda-python is installed."""
+    pytest.importorskip("cuda.bindings", reason="the torch-free GPU path needs cuda-python (pip install -e .[cuda])")
+    from mirage.runtime import cuda
+
+    return cuda
+
+
+class StandInEngine:
+    """A backend with the TensorRT backend's contract (array "cuda", device pointers, the
+    pipeline's stream), running two small NVRTC kernels instead of engines."""
+
+    array = "cuda"
+
+    def __init__(self, cuda):
+        from cuda.bindings import driver, runtime
+
+        cuda.call(runtime.cudaSetDevice, 0)
+        cuda.call(runtime.cudaFree, 0)  # the primary context, which the module below is loaded into
+        self.cuda, self.driver, self.device, self.stream = cuda, driver, "cuda:0", None
+        self.module = cuda.compile_module(STANDIN, "standin.cu", cuda.compute_capability(0))
+        self.fn = {g: cuda.call(driver.cuModuleGetFunction, self.module, g.encode()) for g in ("denoise", "encode")}
+
+    def buffer_dtype(self, graph, name):
+        return {G.AGES: "int32"}.get(name, "float32")
+
+    def use_stream(self, stream):
+        self.stream = stream
+
+    def run(self, graph, inputs, output):
+        p = lambda b: (b.ptr if b is not None else 0, ctypes.c_void_p)  # noqa: E731
+        if graph == G.DENOISE:
+            mem = inputs[G.MEMORY]
+            slot = mem.size // (mem.shape[0] * mem.shape[1])
+            self.cuda.launch(self.fn["denoise"], output.size,
+                             [p(inputs[G.X_T]), p(inputs[G.T]), p(inputs.get(G.COND)), p(mem), p(inputs[G.AGES]),
+                              p(output), (output.size, ctypes.c_long), (slot, ctypes.c_long),
+                              (mem.shape[1], ctypes.c_int)], self.stream)
+        else:
+            frame = inputs[G.FRAME]
+            self.cuda.launch(self.fn["encode"], output.size,
+                             [p(frame), p(inputs[G.T_CTX]), p(output), (output.size, ctypes.c_long),
+                              (frame.size, ctypes.c_long)], self.stream)
+
+    def close(self):
+        self.cuda.call(self.driver.cuModuleUnload, self.module)
+
+
+def _to_host(gpu, buf) -> np.ndarray:
+    host = gpu.pinned(buf)
+    gpu.synchronize()
+    gpu.dev.download(host, buf, gpu.compute)
+    gpu.synchronize()
+    return host.copy()
+
+
+def _from_host(gpu, buf, array: np.ndarray) -> None:
+    host = gpu.pinned(buf)
+    host[...] = array
+    gpu.dev.upload(buf, host, gpu.compute)
+    gpu.synchronize()
+
+
+@pytest.fixture
+def gpu(cuda):
+    from mirage.runtime.gpu import CudaGpu
+
+    gpu = CudaGpu("cuda:0")
+    yield gpu
+    gpu.close()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_lincomb_and_clamp(gpu, dtype):
+    rng = np.random.default_rng(0)
+    x, y, out = (gpu.zeros((2, 3, 17, 19), dtype) for _ in range(3))
+    xs, ys = (rng.standard_normal((2, 3, 17, 19)).astype(dtype) * 2 for _ in range(2))
+    _from_host(gpu, x, xs)
+    _from_host(gpu, y, ys)
+    gpu.ops.lincomb_(out, 0.7, x, -1.3, y)
+    ref = (0.7 * xs.astype(np.float32) - 1.3 * ys.astype(np.float32)).astype(dtype)
+    tol = dict(rtol=1e-6, atol=1e-5) if dtype == "float32" else dict(rtol=2e-3, atol=2e-3)  # fp16: 1 ulp
+    np.testing.assert_allclose(_to_host(gpu, out).astype(np.float32), ref.astype(np.float32), **tol)
+    gpu.ops.clamp_(out, x)
+    np.testing.assert_array_equal(_to_host(gpu, out), np.clip(xs, -1, 1))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_noise_moments_fresh_and_reproducible(gpu, dtype):
+    from mirage.core.loop import normal
+
+    noise, rng = gpu.zeros((1, 1 << 20), dtype), gpu.zeros((1, 2), "int64")
+    draws = []
+    for reseed in (True, False, True):
+        if reseed:
+            _from_host(gpu, rng, np.array([[5, 0]], np.int64))
+        gpu.ops.randn_(noise, rng)
+        draws.append(_to_host(gpu, noise)[0].astype(np.float64))
+    a, b, c = draws
+    # the loop's generator: the same numbers as numpy's implementation (fast-math rounding aside)
+    np.testing.assert_allclose(a, normal(5, 0, 1 << 20), atol=2e-3 if dtype == "float16" else 1e-4)
+    assert abs(a.mean()) < 5e-3 and abs(a.std() - 1) < 5e-3
+    assert abs(((a - a.mean()) ** 4).mean() / a.var() ** 2 - 3) < 0.05  # Gaussian tails, not uniform
+    assert abs(np.corrcoef(a, b)[0, 1]) < 5e-3  # a fresh draw each call
+    np.testing.assert_array_equal(a, c)  # the same seed, the same noise
+
+
+def test_ring_write_matches_numpy(gpu):
+    rng, k, shape = np.random.default_rng(1), 4, (2, 4, 2, 5, 8)
+    memory, ages, slot = gpu.zeros(shape, "float32"), gpu.zeros((2, k), "int32"), gpu.zeros((2,), "int64")
+    kv = gpu.zeros((2, 2, 5, 8), "float32")
+    ref_mem, ref_ages, ref_slot = np.zeros(shape, np.float32), np.zeros((2, k), np.int32), np.array([0, 2], np.int64)
+    _from_host(gpu, slot, ref_slot)  # rows write at different positions
+    for frame in range(k + 3):  # wraps around
+        kvs = rng.standard_normal((2, 2, 5, 8)).astype(np.float32)
+        _from_host(gpu, kv, kvs)
+        gpu.ops.ring_write_(memory, ages, slot, kv)
+        NumpyOps().ring_write_(ref_mem, ref_ages, ref_slot, kvs)
+        np.testing.assert_array_equal(_to_host(gpu, memory), ref_mem, err_msg=f"frame {frame}")
+        np.testing.assert_array_equal(_to_host(gpu, ages), ref_ages, err_msg=f"frame {frame}")
+        np.testing.assert_array_equal(_to_host(gpu, slot), ref_slot, err_msg=f"frame {frame}")
+
+
+def _pipeline(cuda, graph: bool, v2v: bool):
+    from types import SimpleNamespace
+
+    from mirage.core.config import PipelineOptions
+    from mirage.runtime.pipeline import Pipeline
+
+    cfg = SimpleNamespace(image_size=64, channels=3, cond_channels=3 if v2v else 0)
+    pipe = Pipeline(StandInEngine(cuda), cfg, _specs(v2v), PipelineOptions(steps=4, cuda_graph=graph))
+    pipe.reset(3)
+    return pipe
+
+
+@pytest.mark.parametrize("v2v", [False, True], ids=["generation", "v2v"])
+def test_pipeline_graph_replay_equals_eager(cuda, v2v):
+    inputs = [np.random.default_rng(i).uniform(-1, 1, (64, 64, 3)).astype(np.float32) for i in range(FRAMES)]
+    feed = lambda n: inputs[n] if v2v else None  # noqa: E731
+    eager_pipe = _pipeline(cuda, graph=False, v2v=v2v)
+    eager = np.stack([eager_pipe.step(feed(n)) for n in range(FRAMES)])
+    eager_pipe.close()
+    pipe = _pipeline(cuda, graph=True, v2v=v2v)
+    try:
+        assert pipe.graphs, "the frame graph was not captured"
+        graph = np.stack([pipe.step(feed(n)) for n in range(FRAMES)])
+        np.testing.assert_array_equal(graph, eager)
+        assert np.abs(graph[0] - graph[1]).max() > 0  # fresh noise and a growing memory: frames differ
+        pipe.reset(3)
+        streamed = np.stack(list(pipe.stream(inputs if v2v else FRAMES)))
+        np.testing.assert_array_equal(streamed, graph)
+        pipe.buf.x = pipe.execution.gpu.zeros(pipe.buf.x.shape, "float32")  # a moved buffer: never replay a stale graph
+        with pytest.raises(RuntimeError, match="stale"):
+            pipe.step(feed(0))
+    finally:
+        pipe.close()
+
+
+def test_bad_device_is_a_clear_error(cuda):
+    from mirage.runtime.gpu import CudaGpu
+
+    with pytest.raises(cuda.CudaError, match="cuda:99"):
+        CudaGpu("cuda:99")

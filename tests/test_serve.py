@@ -1,0 +1,288 @@
+"""mirage-serve on the CPU: the real StreamPool with the bundled 32x32 checkpoints, the aiohttp app on
+127.0.0.1 in-process, WebSocket clients from aiohttp. Every scenario runs under a 10 s timeout."""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from contextlib import asynccontextmanager
+
+import numpy as np
+import pytest
+
+aiohttp = pytest.importorskip("aiohttp")
+from aiohttp import WSMsgType  # noqa: E402
+from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from mirage.cli.serve import main as serve_cli  # noqa: E402
+from mirage.runtime.pool import StreamPool  # noqa: E402
+from mirage.runtime.server import HEADER, JPEG, RAW, ServeError, ServerOptions, make_app  # noqa: E402
+
+from conftest import CKPT_GEN, CKPT_V2V  # noqa: E402
+
+SIZE = 32
+TIMEOUT = 10.0
+
+
+@pytest.fixture(scope="module")
+def v2v_pool():
+    pool = StreamPool.open(CKPT_V2V, slots=3, device="cpu")
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="module")
+def gen_pool():
+    pool = StreamPool.open(CKPT_GEN, slots=1, device="cpu")
+    yield pool
+    pool.close()
+
+
+def run(scenario, timeout: float = TIMEOUT):
+    async def bounded():
+        async with asyncio.timeout(timeout):
+            return await scenario()
+    return asyncio.run(bounded())
+
+
+@asynccontextmanager
+async def serving(pool, **options):
+    options.setdefault("deadline_ms", 5000.0)  # a shared CI machine may stall a step; lockstep clients lose nothing
+    async with TestClient(TestServer(make_app(pool, ServerOptions(**options)), host="127.0.0.1")) as client:
+        yield client
+
+
+def inputs(seed: int, n: int = 4) -> list[np.ndarray]:
+    """n random (32, 32, 3) uint8 frames."""
+    return list(np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8))
+
+
+def message(frame_id: int, body: bytes = b"", fmt: int = RAW, ts: float = 0.0) -> bytes:
+    return HEADER.pack(frame_id, fmt, ts) + body
+
+
+def jpeg(rgb: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(rgb).save(out, format="JPEG")
+    return out.getvalue()
+
+
+async def connect(client, **query):
+    ws = await client.ws_connect("/ws", params={k: str(v) for k, v in query.items()})
+    hello = await ws.receive_json()
+    return ws, hello
+
+
+async def reply(ws):
+    """The next frame (id, timestamp, payload) or error message; stats messages are skipped."""
+    while True:
+        msg = await ws.receive()
+        if msg.type == WSMsgType.BINARY:
+            frame_id, fmt, ts = HEADER.unpack_from(msg.data)
+            return frame_id, ts, msg.data[HEADER.size:]
+        assert msg.type == WSMsgType.TEXT, msg
+        data = json.loads(msg.data)
+        if data["type"] != "stats":
+            return data
+
+
+async def lockstep(ws, frames: list[np.ndarray]) -> list[np.ndarray]:
+    """Send each frame raw, wait for its reply, return the outputs as (32, 32, 3) uint8."""
+    out = []
+    for n, rgb in enumerate(frames):
+        await ws.send_bytes(message(n, rgb.tobytes(), ts=1000.0 + n))
+        frame_id, ts, body = await reply(ws)
+        assert (frame_id, ts) == (n, 1000.0 + n)
+        out.append(np.frombuffer(body, np.uint8).reshape(SIZE, SIZE, 3))
+    return out
+
+
+def test_frames_come_back_with_their_ids_shape_and_timestamps(v2v_pool):
+    async def scenario():
+        async with serving(v2v_pool) as client:
+            (a, hello), (b, _) = await connect(client), await connect(client)
+            assert hello["type"] == "hello" and (hello["width"], hello["height"]) == (SIZE, SIZE)
+            assert hello["video_to_video"] is True
+            health = await (await client.get("/health")).json()
+            assert (health["slots"], health["active"]) == (3, 2)
+            raw = await lockstep(a, inputs(1))
+            assert len(raw) == 4 and raw[0].std() > 0
+            for n, rgb in enumerate(inputs(2, 3)):  # JPEG in, JPEG out
+                await b.send_bytes(message(100 + n, jpeg(rgb), JPEG, ts=5.5))
+                frame_id, ts, body = await reply(b)
+                assert (frame_id, ts) == (100 + n, 5.5)
+                assert Image.open(io.BytesIO(body)).size == (SIZE, SIZE)
+            for ws in (a, b):
+                await ws.close()
+            page = await client.get("/")
+            assert page.status == 200 and "<canvas" in await page.text()
+            script = await client.get("/static/app.js")
+            assert script.status == 200
+    run(scenario)
+
+
+def test_a_stream_gets_the_same_frames_alone_and_beside_others(v2v_pool):
+    """Same seed and inputs: identical bytes alone, and beside a twin and a stranger (different seed and
+    inputs). A long batch wait makes every step hold one fresh frame of each stream, so the slots advance
+    in lockstep in both runs."""
+    async def scenario():
+        async with serving(v2v_pool, batch_wait_ms=3000) as client:
+            ws, _ = await connect(client, seed=7)
+            alone = await lockstep(ws, inputs(3))
+            await ws.close()
+            (a, _), (b, _), (c, _) = [await connect(client, seed=s) for s in (7, 7, 8)]
+            together = await asyncio.gather(lockstep(a, inputs(3)), lockstep(b, inputs(3)),
+                                            lockstep(c, inputs(4)))
+            for ws in (a, b, c):
+                await ws.close()
+            return alone, together
+    alone, (twin_a, twin_b, stranger) = run(scenario)
+    for n in range(4):
+        np.testing.assert_array_equal(twin_a[n], alone[n])
+        np.testing.assert_array_equal(twin_b[n], alone[n])
+    assert not np.array_equal(stranger[1], alone[1])  # the check can fail: different streams differ
+
+
+def test_every_frame_is_answered_or_counted_as_dropped(v2v_pool):
+    """Frames sent back to back: the newest is always answered; each other one is answered, replaced
+    by a newer one (stale) or past the deadline (late), and the stats message says how many."""
+    async def scenario(deadline_ms):
+        async with serving(v2v_pool, deadline_ms=deadline_ms, stats_interval_s=0.2) as client:
+            ws, _ = await connect(client)
+            for n, rgb in enumerate(inputs(30, 6)):
+                await ws.send_bytes(message(n, rgb.tobytes()))
+            answered, stats = [], None
+            while stats is None or stats["received"] < 6 or stats["sent"] + stats["stale"] + stats["late"] < 6:
+                msg = await ws.receive()
+                if msg.type == WSMsgType.BINARY:
+                    answered.append(HEADER.unpack_from(msg.data)[0])
+                else:
+                    stats = json.loads(msg.data)
+            await ws.close()
+            return answered, stats
+    answered, stats = run(lambda: scenario(5000.0))
+    assert answered[-1] == 5 and answered == sorted(answered)
+    assert stats["sent"] == len(answered) and stats["sent"] + stats["stale"] + stats["late"] == 6
+    answered, stats = run(lambda: scenario(1e-3))  # nothing can make a 1 us deadline
+    assert answered == [] and stats["late"] + stats["stale"] == 6 and stats["late"] >= 1
+
+
+def test_a_full_pool_answers_busy_and_a_freed_slot_is_reused(v2v_pool):
+    async def scenario():
+        async with serving(v2v_pool) as client:
+            held = [await connect(client) for _ in range(3)]
+            ws = await client.ws_connect("/ws")
+            busy = await ws.receive_json()
+            assert busy["type"] == "busy" and "3" in busy["message"]
+            closed = await ws.receive()
+            assert closed.type == WSMsgType.CLOSE and closed.data == 1013  # try again later
+            await held[0][0].close()
+            ws, hello = await connect(client)
+            assert hello["type"] == "hello"
+            for w in [ws] + [w for w, _ in held[1:]]:
+                await w.close()
+    run(scenario)
+
+
+def test_bad_frames_get_an_error_and_nothing_else_is_disturbed(v2v_pool):
+    max_bytes = 4096
+
+    async def scenario():
+        async with serving(v2v_pool, max_frame_bytes=max_bytes) as client:
+            (good, _), (bad, _) = await connect(client), await connect(client)
+            small = np.zeros((16, 16, 3), np.uint8)
+            cases = {"3 bytes": b"abc",
+                     "format byte 9": message(0, b"x", fmt=9),
+                     "16x16 image": message(1, jpeg(small), JPEG),
+                     "768 raw bytes": message(2, small.tobytes()),
+                     "not a readable JPEG": message(3, b"garbage" * 10, JPEG),
+                     "over the server's limit": message(4, bytes(max_bytes + 1)),
+                     "needs an input image": message(5)}
+            outputs = []
+            for n, (expected, data) in enumerate(cases.items()):
+                await bad.send_bytes(data)
+                answer = await reply(bad)
+                assert answer["type"] == "error" and expected in answer["message"], (expected, answer)
+                outputs += await lockstep(good, inputs(10 + n, 1))  # the neighbour streams on meanwhile
+            await bad.send_str("hello?")
+            assert (await reply(bad))["type"] == "error"
+            assert len(await lockstep(bad, inputs(5, 2))) == 2  # the bad client itself carries on
+            await bad.send_bytes(message(6, bytes(3 * max_bytes)))  # too big to read at all: closed
+            closed = await bad.receive()
+            assert closed.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.ERROR)
+            assert len(await lockstep(good, inputs(20, 2))) == 2
+            await good.close()
+            return outputs
+    assert len(run(scenario)) == 7
+
+
+def test_a_vanished_client_frees_its_slot(v2v_pool):
+    async def active(client):
+        return (await (await client.get("/health")).json())["active"]
+
+    async def scenario():
+        async with serving(v2v_pool) as client:
+            ws, _ = await connect(client)
+            await lockstep(ws, inputs(6, 1))
+            assert await active(client) == 1
+            ws._response.connection.transport.abort()  # no close frame: the TCP connection just ends
+            for _ in range(100):
+                if await active(client) == 0:
+                    return True
+                await asyncio.sleep(0.05)
+            return False
+    assert run(scenario)
+
+
+def test_a_generation_model_streams_on_request(gen_pool):
+    async def scenario():
+        async with serving(gen_pool) as client:
+            ws, hello = await connect(client, seed=3)
+            assert hello["video_to_video"] is False
+            frames = []
+            for n in range(3):
+                await ws.send_bytes(message(n, fmt=RAW))
+                frame_id, _, body = await reply(ws)
+                assert frame_id == n
+                frames.append(np.frombuffer(body, np.uint8))
+            await ws.send_bytes(message(9, b"\0" * 10))
+            assert "takes no input" in (await reply(ws))["message"]
+            await ws.close()
+            return frames
+    frames = run(scenario)
+    assert frames[0].size == SIZE * SIZE * 3 and not np.array_equal(frames[0], frames[1])
+
+
+def test_the_token_guards_the_page_and_the_socket(v2v_pool):
+    async def scenario():
+        async with serving(v2v_pool, token="s3cret") as client:
+            assert (await client.get("/")).status == 401
+            assert (await client.get("/", params={"token": "wrong"})).status == 401
+            assert (await client.get("/", params={"token": "s3cret"})).status == 200
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await client.ws_connect("/ws")
+            assert refused.value.status == 401
+            ws, hello = await connect(client, token="s3cret")
+            assert hello["type"] == "hello"
+            await ws.close()
+    run(scenario)
+
+
+def test_a_reachable_host_needs_a_token():
+    for host in ("127.0.0.1", "::1", "localhost"):
+        ServerOptions(host=host)
+    ServerOptions(host="0.0.0.0", token="s3cret")
+    with pytest.raises(ServeError, match="--token"):
+        ServerOptions(host="0.0.0.0")
+    result = CliRunner().invoke(serve_cli, ["--host", "0.0.0.0"])
+    assert result.exit_code == 2 and "--token" in result.output and "Traceback" not in result.output
+
+
+def test_cli_help_names_every_option():
+    result = CliRunner().invoke(serve_cli, ["--help"])
+    assert result.exit_code == 0
+    for option in ("--host", "--port", "--slots", "--token", "--device", "--backend", "--deadline-ms",
+                   "--max-frame-bytes"):
+        assert option in result.output
