@@ -200,6 +200,9 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)
+    if tcfg.self_forcing_prob and not 1 <= tcfg.self_forcing_horizon <= model_cfg.context_frames:
+        raise ConfigError(f"self_forcing_horizon={tcfg.self_forcing_horizon}: choose 1 to context_frames="
+                          f"{model_cfg.context_frames}")
     clip_source = make_source(tcfg.data, model_cfg.image_size, model_cfg.context_frames + 1, tcfg.seed)
     if rank == 0:
         check_writable(out)  # before any work: an unwritable --out would otherwise fail at the first save
@@ -218,9 +221,6 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
     if tcfg.distill_from:
         check_teacher(source_meta, tcfg.student_steps, tcfg.distill_from)
         teacher = source.eval().requires_grad_(False)
-    if tcfg.self_forcing_prob and not 1 <= tcfg.self_forcing_horizon <= model_cfg.context_frames:
-        raise ConfigError(f"self_forcing_horizon={tcfg.self_forcing_horizon}: choose 1 to context_frames="
-                          f"{model_cfg.context_frames}")
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.99))
     step, elapsed, saved_loss, resumes = 0, 0.0, float("nan"), []
