@@ -13,9 +13,9 @@ import numpy as np  # noqa: E402
 from conftest import randomized_tiny  # noqa: E402
 
 from mirage.core import graphs as G  # noqa: E402
+from mirage.core.ort import ort_session  # noqa: E402
 from mirage.export.onnx_export import ExportOptions, export_graph, record_rollout_inputs  # noqa: E402
 from mirage.export.quantize import int8_sensitive_nodes, quantize_qdq  # noqa: E402
-from mirage.runtime.backends import ort_session  # noqa: E402
 
 SENSITIVE = re.compile(r"model\.(in_conv|out\.\d+|up\.2\.\S+)\.weight")  # tiny has 3 levels: up.2 is full resolution
 
