@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from mirage.cli.train import MirageError
+from mirage.cli.errors import UserError
+from mirage.core.errors import MirageError
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -29,20 +30,15 @@ def main(model, frames, window, steps, context_noise, seed, device, json_path, p
     window, PSNR/SSIM against ground truth (video-to-video) and distribution statistics against
     the data: histogram and feature distances, sharpness, motion, flicker (and their ratios to
     the data's), collapsed frames. Definitions: docs/QUALITY.md."""
-    import torch
-
-    from mirage.core.config import ConfigError
     from mirage.core.report import write_json
-    from mirage.core.errors import BackendError
-    from mirage.runtime.pipeline import PipelineError
-    from mirage.runtime.quality import QualityError, evaluate, format_table, plot
-    from mirage.train.checkpoint import CheckpointError
+    from mirage.runtime.quality import evaluate, format_table, plot
 
-    torch.manual_seed(0)
+    if json_path is not None and not json_path.parent.is_dir():
+        raise UserError(f"--json {json_path}: folder {json_path.parent} does not exist")
     try:
         report = evaluate(model, frames, window, steps, context_noise, seed, device)
-    except (QualityError, PipelineError, BackendError, CheckpointError, ConfigError) as e:
-        raise MirageError(str(e)) from e
+    except MirageError as e:
+        raise UserError(str(e)) from e
     click.echo(format_table(report))
     if json_path:
         write_json(json_path, report)

@@ -11,16 +11,12 @@ from pathlib import Path
 
 import click
 
-from mirage.runtime.pipeline import BACKENDS, PipelineError
+from mirage.cli.errors import UserError
+from mirage.cli.run import BACKENDS, PACKAGE_ROOT
+from mirage.core.config import PipelineOptions
+from mirage.core.errors import MirageError
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
-
-
-class ServeCliError(click.ClickException):
-    """A user error: one line on stderr, exit status 2."""
-
-    exit_code = 2
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -38,13 +34,18 @@ class ServeCliError(click.ClickException):
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto",
               help="auto: TensorRT for an artifact with engines on a GPU, else ONNX Runtime for an artifact, "
                    "PyTorch for a checkpoint.")
+@click.option("--fast", is_flag=True,
+              help="The fastest PyTorch path on a GPU (as mirage-run --fast): float16, Inductor kernels over "
+                   "channels-last weights with freezing, in the frame's CUDA graph. Compiling takes minutes.")
 @click.option("--deadline-ms", type=click.FloatRange(min=0, min_open=True), default=100.0,
-              help="A frame that has waited longer than this when its step starts is dropped (and counted).")
+              help="A frame that has waited longer than this when its step starts is dropped and counted "
+                   "(never two of a stream in a row).")
 @click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=5.0,
-              help="After the first pending frame, how long a step waits for every other stream's frame.")
+              help="After the first pending frame, how long a step waits for the frames of the other streams "
+                   "that are sending (0: step at once).")
 @click.option("--max-frame-bytes", type=click.IntRange(min=1024), default=1 << 20,
               help="A larger frame is answered with an error; a message over twice this closes that connection.")
-def main(model, host, port, slots, token, device, backend, deadline_ms, batch_wait_ms, max_frame_bytes):
+def main(model, host, port, slots, token, device, backend, fast, deadline_ms, batch_wait_ms, max_frame_bytes):
     """Serve MODEL (a checkpoint folder or an exported artifact; default: the bundled tiny-v2v) to
     browsers and WebSocket clients: open http://HOST:PORT/ for the page (webcam, video file or a
     synthetic source). All streams advance together, one batched step per frame, in a pool of
@@ -52,16 +53,17 @@ def main(model, host, port, slots, token, device, backend, deadline_ms, batch_wa
     try:
         from aiohttp import web
     except ImportError as e:
-        raise ServeCliError("mirage-serve needs aiohttp: pip install 'mirage-video[serve]'") from e
+        raise UserError("mirage-serve needs aiohttp: pip install 'mirage-video[serve]'") from e
     from mirage.runtime.pool import StreamPool
     from mirage.runtime.server import ServerOptions, make_app
 
     try:  # the options first: a refused binding should not wait for a model to load
         options = ServerOptions(host=host, port=port, token=token, deadline_ms=deadline_ms,
                                 batch_wait_ms=batch_wait_ms, max_frame_bytes=max_frame_bytes)
-        pool = StreamPool.open(model, slots, backend=backend, device=device)
-    except (PipelineError, ValueError) as e:
-        raise ServeCliError(str(e)) from e
+        pool = StreamPool.open(model, slots, backend=backend, device=device,
+                               options=PipelineOptions.fastest() if fast else PipelineOptions())
+    except MirageError as e:
+        raise UserError(str(e)) from e
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
     click.echo(f"mirage-serve: {model} in {slots} slots; open http://{shown}:{port}/"

@@ -256,6 +256,7 @@ class PipelineOptions:
     channels_last: bool = False  # PyTorch backend: channels-last weights and activations
     freeze: bool = False  # PyTorch backend: Inductor freezing (weights as constants), needs `compile`
     kernel_library: str | None = None  # PyTorch backend on CUDA: libmirage_kernels.so for temporal attention
+    precompute_time: bool = False  # PyTorch backend: the time MLP and ResBlock time projections once per step
 
     def __post_init__(self) -> None:
         if self.steps is not None and not 1 <= self.steps <= 1000:
@@ -272,5 +273,7 @@ class PipelineOptions:
     @classmethod
     def fastest(cls, **changes) -> "PipelineOptions":
         """The fastest PyTorch configuration measured on an H100 (docs/PERF.md): Inductor kernels
-        over channels-last weights, frozen, inside the frame's CUDA graph, in float16."""
-        return dataclasses.replace(cls(dtype="float16", compile="default", channels_last=True, freeze=True), **changes)
+        over channels-last weights, frozen, inside the frame's CUDA graph, in float16, with the
+        timestep-only work computed once per step."""
+        return dataclasses.replace(cls(dtype="float16", compile="default", channels_last=True, freeze=True,
+                                       precompute_time=True), **changes)

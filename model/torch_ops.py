@@ -43,6 +43,9 @@ class TorchOps:
     def __init__(self, device):
         self.device = torch.device(device)
         self._rows: dict[int, torch.Tensor] = {}  # batch -> arange(batch), made before any capture
+        # ~25 integer ops: one fused kernel on a GPU (compiled on the first, eager, frame), so the
+        # noise costs a frame outside a CUDA graph what torch.randn would
+        self._normal = torch.compile(normal_rows, dynamic=False) if self.device.type == "cuda" else normal_rows
 
     def _arange(self, b: int) -> torch.Tensor:
         if b not in self._rows:
@@ -50,7 +53,7 @@ class TorchOps:
         return self._rows[b]
 
     def randn_(self, buf, rng):
-        buf.copy_(normal_rows(rng, buf[0].numel()).view(buf.shape))
+        buf.copy_(self._normal(rng, buf[0].numel()).view(buf.shape))
         rng[:, 1] += 1
 
     def lincomb_(self, dst, a, x, b, y):

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mirage.core.config import ConfigError, ModelConfig
+from mirage.plugins_cpp.conv import PackedConv3x3
 
 
 SPATIAL_IMPLS = ("sdpa", "decomposed")
@@ -90,9 +91,22 @@ class ResBlock(nn.Module):
         return self.emb(emb)[:, :, None, None]
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x))) + shift
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = conv_add(self.conv1, F.silu(self.norm1(x)), shift)
+        h = F.silu(self.norm2(h))
+        if isinstance(self.conv2, PackedConv3x3):
+            return self.conv2(h, residual=self.skip(x))
+        # Stock path in the original order (conv2, then skip): the exported graph's node order, which
+        # ModelOpt's INT8 calibration is sensitive to, stays as it was.
+        h = self.conv2(h)
         return self.skip(x) + h
+
+
+def conv_add(conv: nn.Module, x: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+    """conv(x) + add (add broadcastable to the output). A PackedConv3x3 (`plugins_cpp.conv.
+    pack_convolutions`) adds it in its epilogue instead of a separate kernel."""
+    if isinstance(conv, PackedConv3x3):
+        return conv(x, residual=add)
+    return conv(x) + add
 
 
 class SpatialAttention(nn.Module):

@@ -14,7 +14,12 @@ import warnings
 
 import numpy as np
 
+from mirage.core.errors import MirageError
 from mirage.core.loop import Buffers, NumpyOps, Schedule, run_frame
+
+
+class NonFiniteError(MirageError):
+    """A graph produced NaN or Inf: the run stops rather than write a black video."""
 
 
 class CpuExecution:
@@ -54,10 +59,12 @@ class CpuExecution:
         if cond is not None:
             self.buf.cond[...] = cond if self.backend.array == "numpy" else _torch().from_numpy(cond)
         run_frame(self.backend, self.ops, self.buf, self.schedule)
-        frame = self.buf.frame
         # a copy: the next frame overwrites the buffer
-        self._result = frame.astype(np.float32) if self.backend.array == "numpy" else \
-            frame.to("cpu", _torch().float32, copy=True).numpy()
+        self._result, kv = (_host(b, self.backend.array) for b in (self.buf.frame, self.buf.kv))
+        for graph, out in (("denoise", self._result), ("context_encode", kv)):
+            if not np.isfinite(out).all():
+                raise NonFiniteError(f"the {graph} graph produced non-finite values (NaN or Inf); the model or "
+                                     "artifact is broken: re-export it, or check the checkpoint's weights")
 
     def collect(self) -> np.ndarray:
         result, self._result = self._result, None
@@ -171,7 +178,11 @@ class GpuExecution:
                               "compute_ms": ms(self.ev_start[k], self.ev_done[k]),
                               "download_ms": ms(self.ev_done[k], self.ev_down[k]),
                               "upload_end_to_compute_start_ms": ms(self.ev_up[k], self.ev_start[k])})
-        return self.host_out[k].astype(np.float32)
+        frame = self.host_out[k].astype(np.float32)
+        if not np.isfinite(frame).all():  # the graph's output is all the host sees of a GPU frame
+            raise NonFiniteError("the frame is non-finite (NaN or Inf): the denoise or context_encode graph "
+                                 "produced it; the model or artifact is broken: re-export it, or check the weights")
+        return frame
 
     def reset_rows(self, rows, seeds) -> None:
         """Between frames (pending frames stay valid: their outputs are already staged)."""
@@ -194,6 +205,11 @@ class GpuExecution:
 
 def _dtype_name(buf) -> str:
     return buf.dtype if isinstance(buf.dtype, str) else str(buf.dtype).split(".")[1]
+
+
+def _host(buf, array: str) -> np.ndarray:
+    """A float32 host copy of a CPU buffer (numpy or torch)."""
+    return buf.astype(np.float32) if array == "numpy" else buf.to("cpu", _torch().float32, copy=True).numpy()
 
 
 def _torch():

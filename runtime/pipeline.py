@@ -76,6 +76,9 @@ class Pipeline:
 
             model, _ = load_checkpoint(path)
             return cls.from_model(model, device, options)
+        if any(path.glob("*.onnx")):
+            raise PipelineError(f"{path}: ONNX graphs without a manifest.json (an incomplete artifact); rebuild it "
+                                f"with `mirage-export --checkpoint CHECKPOINT --out {path}`")
         raise PipelineError(f"{path}: neither an artifact (manifest.json) nor a checkpoint (config.json)")
 
     @classmethod
@@ -92,7 +95,7 @@ class Pipeline:
         on_gpu = str(device).startswith("cuda")
         dtype = options.dtype or ("float16" if on_gpu else "float32")
         impl = TorchBackend(model, device, dtype, options.compile, options.channels_last, options.freeze,
-                            options.kernel_library)
+                            options.kernel_library, options.precompute_time)
         precision = "fp16" if dtype == "float16" else "fp32"
         return cls(impl, model.cfg, G.model_graphs(model.cfg, options.batch, precision=precision), options)
 

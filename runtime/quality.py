@@ -24,6 +24,9 @@ import numpy as np
 
 from mirage.core import metrics as M
 from mirage.core.config import PipelineOptions
+from mirage.core.errors import MirageError
+from mirage.core.synthetic import SyntheticVideo
+from mirage.core.video_io import v2v_input
 from mirage.core.schedule import default_steps
 from mirage.runtime.pipeline import Pipeline
 
@@ -35,7 +38,7 @@ STAT_COLUMNS = ["hist_distance", "feature_distance", "sharpness", "sharpness_rat
                 "flicker", "flicker_ratio", "collapsed"]
 
 
-class QualityError(ValueError):
+class QualityError(MirageError, ValueError):
     """A quality run a user asked for that cannot work (bad sizes); the message says what to change."""
 
 
@@ -48,19 +51,12 @@ def _meta(path: Path) -> dict:
 
 def reference_clip(size: int, frames: int, seed: int) -> np.ndarray:
     """(T, H, W, 3) synthetic frames in [-1, 1]."""
-    from mirage.train.data import SyntheticVideo
-
     return SyntheticVideo(size, seed=seed).clip(0, frames)
 
 
 def v2v_inputs(truth: np.ndarray) -> np.ndarray:
     """The video-to-video input (luma + coarse chroma) of (T, H, W, 3) frames."""
-    import torch
-
-    from mirage.train.data import v2v_input
-
-    chw = torch.from_numpy(np.ascontiguousarray(truth)).permute(0, 3, 1, 2)
-    return v2v_input(chw).permute(0, 2, 3, 1).numpy()
+    return np.stack([v2v_input(f) for f in truth])
 
 
 def rollout_frames(model_path: str | Path, frames: int, steps: int, context_noise: int, seed: int, device: str,

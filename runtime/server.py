@@ -9,7 +9,7 @@ to test, debug and measure.
 Routes
     GET /          the page (static/index.html)              the token is checked when one is set
     GET /static/*  its script
-    GET /health    JSON: slots, active, fps, size, video_to_video
+    GET /health    JSON: slots, active, fps, busy and step_ms (last second), size, video_to_video
     GET /ws        WebSocket, one stream per connection     ?token=...&seed=N
 
 Protocol (docs/SERVING.md has it in full)
@@ -20,7 +20,8 @@ Protocol (docs/SERVING.md has it in full)
             model's client sends the header alone to ask for its next frame.
 
 Flow of a frame
-    receiver (one per client)  decode in a codec thread -> the stream's ONE pending frame (newest wins)
+    receiver (one per client)  the stream's ONE undecoded message (newest wins)
+    decoder  (one per client)  decode in a codec thread -> the stream's ONE pending frame (newest wins)
     stepper  (one task)        gather pending frames, drop those past the deadline, pool.step in the
                                step thread -> each stream's ONE outbox frame (newest wins)
     sender   (one per client)  encode in a codec thread -> send; a stats message every second
@@ -38,15 +39,16 @@ import logging
 import os
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from mirage.runtime.pipeline import PipelineError
+from mirage.core.errors import MirageError
+from mirage.core.video_io import v2v_input
 from mirage.runtime.pool import PoolFull
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -56,7 +58,7 @@ FORMATS = {JPEG: "JPEG", PNG: "PNG", RAW: "raw RGB"}
 log = logging.getLogger("mirage.serve")
 
 
-class ServeError(PipelineError):
+class ServeError(MirageError):
     """A user error: bad server options, or a bad frame from a client (the message says which)."""
 
 
@@ -92,7 +94,7 @@ class Frame:
     fmt: int
     client_ts: float
     received: float                # server monotonic clock, for the deadline
-    pixels: np.ndarray | None      # (H, W, 3) float32 in [-1, 1]; None: a generation model's request
+    pixels: np.ndarray | None      # the model's input, (H, W, 3) float32; None: a generation model's request
 
 
 def decode_frame(data: bytes, shape: tuple[int, int, int], video_to_video: bool, max_bytes: int,
@@ -112,8 +114,10 @@ def decode_frame(data: bytes, shape: tuple[int, int, int], video_to_video: bool,
         return Frame(frame_id, fmt, client_ts, received, None)
     if not payload:
         raise ServeError(f"frame {frame_id}: this video-to-video model needs an input image after the header")
-    rgb = _rgb(payload, fmt, shape, frame_id)
-    return Frame(frame_id, fmt, client_ts, received, rgb.astype(np.float32) / 127.5 - 1.0)
+    rgb = _rgb(payload, fmt, shape, frame_id).astype(np.float32) / 127.5 - 1.0  # (H, W, 3) in [-1, 1]
+    # clients send a plain RGB frame; the model's input is made from it as mirage-run makes it:
+    # luma at full resolution plus coarse chroma (the video-to-video task the models are trained on)
+    return Frame(frame_id, fmt, client_ts, received, v2v_input(rgb))
 
 
 def _rgb(payload: memoryview, fmt: int, shape: tuple[int, int, int], frame_id: int) -> np.ndarray:
@@ -151,7 +155,8 @@ def encode_frame(frame: Frame, pixels: np.ndarray) -> bytes:
 
 # -- the server ------------------------------------------------------------------------------------
 COUNTS = ("received", "stale", "late", "sent", "unsent", "errors")
-# stale: replaced by a newer input before its step; late: past the deadline when its step started;
+# stale: replaced by a newer input before its decode or its step; late: past the deadline when its step started
+# (at most every other frame of a stream);
 # unsent: an output replaced by a newer one before the client could take it
 
 
@@ -159,9 +164,13 @@ COUNTS = ("received", "stale", "late", "sent", "unsent", "errors")
 class Stream:
     slot: int
     ws: web.WebSocketResponse
-    pending: Frame | None = None                            # newest input, not yet stepped
+    raw: tuple[bytes, float] | None = None                  # newest message and its arrival, not yet decoded
+    raw_ready: asyncio.Event = field(default_factory=asyncio.Event)  # `raw` has a message
+    pending: Frame | None = None                            # newest decoded input, not yet stepped
     outbox: tuple[Frame, np.ndarray] | None = None          # newest output, not yet sent
     ready: asyncio.Event = field(default_factory=asyncio.Event)  # the outbox has a frame
+    dropped_late: bool = False                              # its last frame was dropped past the deadline
+    last_frame: float = field(default_factory=time.monotonic)  # when its last frame arrived (or it connected)
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
 
 
@@ -170,7 +179,7 @@ class Server:
         self.pool, self.options = pool, options
         self.streams: dict[int, Stream] = {}
         self.wake = asyncio.Event()  # a frame arrived or a stream left
-        self.step_times: collections.deque[float] = collections.deque()
+        self.steps: collections.deque[tuple[float, float]] = collections.deque()  # (end, seconds) of recent steps
         self.step_thread = ThreadPoolExecutor(1, thread_name_prefix="mirage-step")
         self.codec = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="mirage-codec")
 
@@ -180,11 +189,16 @@ class Server:
     def in_codec_thread(self, fn, *args):
         return asyncio.get_running_loop().run_in_executor(self.codec, fn, *args)
 
-    def fps(self) -> int:
-        """Pool steps in the last second (each advances every stream by one frame)."""
-        while self.step_times and time.monotonic() - self.step_times[0] > 1.0:
-            self.step_times.popleft()
-        return len(self.step_times)
+    def load(self) -> dict:
+        """Over the last second: pool steps (each advances every stream by one frame), the share of
+        the time spent inside pool.step (near 1: the model is the bound; well below with streams
+        waiting: the server or the clients are), and the mean step in ms."""
+        since = time.monotonic() - 1.0
+        while self.steps and self.steps[0][0] < since:
+            self.steps.popleft()
+        inside = sum(min(seconds, end - since) for end, seconds in self.steps)  # a step may start before `since`
+        mean_ms = 1e3 * sum(seconds for _, seconds in self.steps) / len(self.steps) if self.steps else None
+        return {"fps": len(self.steps), "busy": round(inside, 3), "step_ms": mean_ms}
 
     def check_token(self, request: web.Request) -> None:
         token = self.options.token
@@ -198,16 +212,16 @@ class Server:
 
     async def health(self, request: web.Request) -> web.Response:
         h, w, _ = self.pool.frame_shape
-        return web.json_response({"slots": self.pool.slots, "active": len(self.pool.active), "fps": self.fps(),
+        return web.json_response({"slots": self.pool.slots, "active": len(self.pool.active), **self.load(),
                                   "width": w, "height": h, "video_to_video": self.pool.video_to_video})
 
     # -- one client ------------------------------------------------------------------------------
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
         self.check_token(request)
-        try:
-            seed = int(request.query.get("seed", "0"))
-        except ValueError:
-            raise web.HTTPBadRequest(text=f"seed={request.query['seed']!r}: give an integer\n") from None
+        seed = request.query.get("seed", "0")
+        if not seed.isdigit():
+            raise web.HTTPBadRequest(text=f"seed={seed!r}: give a non-negative integer\n")
+        seed = int(seed)
         ws = web.WebSocketResponse(max_msg_size=2 * self.options.max_frame_bytes + HEADER.size, heartbeat=10.0)
         await ws.prepare(request)
         try:
@@ -217,7 +231,7 @@ class Server:
             await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"busy")
             return ws
         stream = self.streams[slot] = Stream(slot, ws)
-        sender = asyncio.create_task(self.send_loop(stream))
+        helpers = [asyncio.create_task(self.decode_loop(stream)), asyncio.create_task(self.send_loop(stream))]
         try:
             h, w, _ = self.pool.frame_shape
             await ws.send_json({"type": "hello", "slot": slot, "seed": seed, "width": w, "height": h,
@@ -229,34 +243,54 @@ class Server:
                 if msg.type == WSMsgType.ERROR:  # e.g. over the hard size cap: aiohttp closes it (1009)
                     break
                 await self.receive(stream, msg, time.monotonic())
+        except ConnectionError:  # it left while we answered it
+            pass
         finally:
             del self.streams[slot]
             self.wake.set()  # the stepper may be waiting for this stream's frame
-            sender.cancel()
-            with suppress(asyncio.CancelledError):
-                await sender
+            for task in helpers:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
             await self.in_step_thread(self.pool.detach, slot)
             log.info("stream in slot %d detached: %s", slot, stream.counts)
         return ws
 
     async def receive(self, stream: Stream, msg, received: float) -> None:
+        """Keep the newest message only: a client sending faster than frames are decoded and stepped
+        loses its older ones here, before any work is spent on them."""
         if msg.type != WSMsgType.BINARY:
             stream.counts["errors"] += 1
             await stream.ws.send_json({"type": "error", "message": "send frames as binary messages: a 16-byte "
                                        "header, then the image (docs/SERVING.md)"})
             return
         stream.counts["received"] += 1
-        try:
-            frame = await self.in_codec_thread(decode_frame, msg.data, self.pool.frame_shape,
-                                               self.pool.video_to_video, self.options.max_frame_bytes, received)
-        except ServeError as e:
-            stream.counts["errors"] += 1
-            await stream.ws.send_json({"type": "error", "message": str(e)})
-            return
-        if stream.pending is not None:
+        if stream.raw is not None:
             stream.counts["stale"] += 1
-        stream.pending = frame
-        self.wake.set()
+        stream.raw = (msg.data, received)
+        stream.raw_ready.set()
+
+    async def decode_loop(self, stream: Stream) -> None:
+        try:
+            while True:
+                await stream.raw_ready.wait()
+                stream.raw_ready.clear()
+                (data, received), stream.raw = stream.raw, None
+                try:
+                    frame = await self.in_codec_thread(decode_frame, data, self.pool.frame_shape,
+                                                       self.pool.video_to_video, self.options.max_frame_bytes,
+                                                       received)
+                except ServeError as e:
+                    stream.counts["errors"] += 1
+                    await stream.ws.send_json({"type": "error", "message": str(e)})
+                    continue
+                if stream.pending is not None:
+                    stream.counts["stale"] += 1
+                stream.pending = frame
+                stream.last_frame = received
+                self.wake.set()
+        except ConnectionError:  # the client left; its handler cleans up
+            return
 
     async def send_loop(self, stream: Stream) -> None:
         loop = asyncio.get_running_loop()
@@ -273,7 +307,7 @@ class Server:
                 if loop.time() >= next_stats:
                     next_stats = loop.time() + self.options.stats_interval_s
                     await stream.ws.send_json({"type": "stats", "streams": len(self.streams),
-                                               "slots": self.pool.slots, "fps": self.fps(), **stream.counts})
+                                               "slots": self.pool.slots, **self.load(), **stream.counts})
         except ConnectionError:  # the client left; its handler cleans up
             return
 
@@ -282,6 +316,7 @@ class Server:
         while True:
             batch = await self.next_batch()
             inputs = {s.slot: f.pixels for s, f in batch} if self.pool.video_to_video else {}
+            start = time.monotonic()
             try:
                 outputs = await self.in_step_thread(self.pool.step, inputs)
             except Exception:  # noqa: BLE001 (a bug: log it, tell those clients, keep serving the others)
@@ -292,7 +327,8 @@ class Server:
                         await s.ws.send_json({"type": "error", "message": f"frame {f.id}: the server failed to "
                                               "compute it (its log has the traceback)"})
                 continue
-            self.step_times.append(time.monotonic())
+            end = time.monotonic()
+            self.steps.append((end, end - start))
             for s, f in batch:
                 if self.streams.get(s.slot) is not s:  # it left during the step
                     continue
@@ -302,21 +338,26 @@ class Server:
                 s.ready.set()
 
     async def next_batch(self) -> list[tuple[Stream, Frame]]:
-        """Wait for a frame, then up to batch_wait_ms for every stream's; take the pending frames,
-        dropping (and counting) those older than the deadline."""
+        """Wait for a frame, then up to batch_wait_ms for every sending stream's; take the pending frames,
+        dropping (and counting) those older than the deadline, but never two of a stream in a row:
+        when steps take longer than the deadline, a stream whose frames always arrive early in a
+        step would otherwise have every frame dropped and starve while the others stream on."""
         while True:
             await self.wait_until(lambda: any(s.pending is not None for s in self.streams.values()))
-            await self.wait_until(lambda: all(s.pending is not None for s in self.streams.values()),
-                                  self.options.batch_wait_ms / 1e3)
+            # a stream silent for a second (a client that has not started, or stopped sending) is not waited for
+            sending = [s for s in self.streams.values() if time.monotonic() - s.last_frame < 1.0]
+            await self.wait_until(lambda: all(s.pending is not None for s in sending), self.options.batch_wait_ms / 1e3)
             now, batch = time.monotonic(), []
             for s in self.streams.values():
                 frame, s.pending = s.pending, None
                 if frame is None:
                     continue
-                if (now - frame.received) * 1e3 > self.options.deadline_ms:
+                late = (now - frame.received) * 1e3 > self.options.deadline_ms
+                if late and not s.dropped_late:
                     s.counts["late"] += 1
                 else:
                     batch.append((s, frame))
+                s.dropped_late = late and not s.dropped_late
             if batch:
                 return batch
 

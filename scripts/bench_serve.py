@@ -1,7 +1,7 @@
 """Load test of `mirage-serve`: how many 30-FPS streams one server keeps up with.
 
     python scripts/bench_serve.py                                   # bundled tiny-v2v on the CPU
-    python scripts/bench_serve.py artifacts/base --device cuda --counts 1,2,4,8,16,24,32
+    python scripts/bench_serve.py --random base --device cuda --fast --counts 1,2,4,8,16,24,32
 
 For each stream count N (doubling by default), a fresh `mirage-serve MODEL --slots N` on
 127.0.0.1 (a subprocess, so that the clients do not share its interpreter), then N synthetic
@@ -12,6 +12,9 @@ JPEG decode, queueing, the batched step, JPEG encode, both socket hops), frames 
 window, never answered), frames crossed (a reply with another client's id: must be 0), and the
 server's own counts (stale, late, unsent). Stops after the first N where p99 > --max-p99-ms or the
 slowest stream delivers under 95% of --fps. Prints a table, writes JSON to docs/bench/.
+
+--null-step-ms MS puts a pool that computes nothing (each step sleeps MS) behind the same server:
+the server's own ceiling (codecs, event loop, threads) on this machine's CPU, at --null-size pixels.
 """
 from __future__ import annotations
 
@@ -48,9 +51,13 @@ def free_port() -> int:
 
 def start_server(args, slots: int, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "mirage.cli.serve", args.model, "--port", str(port), "--slots", str(slots),
-           "--device", args.device, "--backend", args.backend, "--deadline-ms", str(args.deadline_ms),
-           "--batch-wait-ms", str(args.batch_wait_ms)]
+    if args.null_step_ms is not None:  # this script's own NullPool behind the same server
+        cmd = [sys.executable, __file__, "--serve-null", f"{port},{slots},{args.null_size},{args.null_step_ms}",
+               "--deadline-ms", str(args.deadline_ms), "--batch-wait-ms", str(args.batch_wait_ms)]
+    else:
+        cmd = [sys.executable, "-m", "mirage.cli.serve", args.model, "--port", str(port), "--slots", str(slots),
+               "--device", args.device, "--backend", args.backend, "--deadline-ms", str(args.deadline_ms),
+               "--batch-wait-ms", str(args.batch_wait_ms)] + (["--fast"] if args.fast else [])
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + args.startup_s
@@ -64,6 +71,59 @@ def start_server(args, slots: int, log: Path) -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)
     proc.kill()
     sys.exit(f"mirage-serve did not answer within {args.startup_s} s:\n{log.read_text()[-3000:]}")
+
+
+class NullPool:
+    """A StreamPool that computes nothing: each step sleeps `step_ms` and returns the inputs, so the
+    load test measures the server alone (codecs, event loop, threads) at a given frame size."""
+
+    def __init__(self, slots: int, size: int, step_ms: float):
+        self.slots, self.frame_shape, self.video_to_video = slots, (size, size, 3), True
+        self.active: list[int] = []
+        self.step_ms = step_ms
+        self.last = np.zeros((slots, size, size, 3), np.float32)
+
+    def attach(self, seed: int = 0) -> int:
+        from mirage.runtime.pool import PoolFull
+
+        free = [s for s in range(self.slots) if s not in self.active]
+        if not free:
+            raise PoolFull(f"all {self.slots} stream slots are busy")
+        self.active.append(free[0])
+        return free[0]
+
+    def detach(self, slot: int) -> None:
+        self.active.remove(slot)
+
+    def step(self, inputs: dict) -> dict:
+        for slot, frame in inputs.items():
+            self.last[slot] = frame
+        time.sleep(self.step_ms / 1e3)
+        return {slot: self.last[slot].copy() for slot in self.active}
+
+
+def serve_null(spec: str, args) -> None:
+    from aiohttp import web
+
+    from mirage.runtime.server import ServerOptions, make_app
+
+    port, slots, size, step_ms = spec.split(",")
+    pool = NullPool(int(slots), int(size), float(step_ms))
+    options = ServerOptions(port=int(port), deadline_ms=args.deadline_ms, batch_wait_ms=args.batch_wait_ms)
+    web.run_app(make_app(pool, options), host="127.0.0.1", port=int(port), print=None)
+
+
+def random_checkpoint(config: str, folder: Path) -> str:
+    """A video-to-video checkpoint of `config` with random weights (speed does not depend on them)."""
+    import torch
+
+    from mirage.core.config import TrainConfig, get_config
+    from mirage.model.unet import MirageUNet
+    from mirage.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = MirageUNet(get_config(config, "v2v")).eval()
+    return str(save_checkpoint(folder / config, model, model, TrainConfig(), step=0))
 
 
 def synthetic_jpegs(size: int, count: int, seed: int) -> list[bytes]:
@@ -83,14 +143,19 @@ def synthetic_jpegs(size: int, count: int, seed: int) -> list[bytes]:
     return out
 
 
+class Busy(Exception):
+    """The server answered busy."""
+
+
 async def client(url: str, index: int, args, window: tuple[float, float], stop: float) -> dict:
     """One stream: send on a 1/fps schedule until `stop`; replies to frames sent inside `window` count."""
     period, start, end = 1.0 / args.fps, *window
-    result = {"sent": 0, "latencies_ms": [], "crossed": 0, "late_sends": 0, "server": {}}
+    result = {"sent": 0, "latencies_ms": [], "crossed": 0, "late_sends": 0, "max_gap_ms": 0.0, "server": {}}
+    last_reply = None
     async with ClientSession() as session, session.ws_connect(url.replace("http", "ws") + "/ws") as ws:
         hello = await ws.receive_json()
-        if hello["type"] != "hello":
-            raise RuntimeError(f"client {index}: {hello}")
+        if hello["type"] == "busy":
+            raise Busy(hello["message"])
         v2v = hello["video_to_video"]
         frames = synthetic_jpegs(hello["width"], 16, index) if v2v else [b""]
 
@@ -108,6 +173,7 @@ async def client(url: str, index: int, args, window: tuple[float, float], stop: 
                 n, tick = n + 1, tick + period
 
         async def receive():
+            nonlocal last_reply
             async for msg in ws:
                 if msg.type == WSMsgType.TEXT:
                     data = json.loads(msg.data)
@@ -119,8 +185,12 @@ async def client(url: str, index: int, args, window: tuple[float, float], stop: 
                 frame_id, _, ts = HEADER.unpack_from(msg.data)
                 if frame_id >> 24 != index:
                     result["crossed"] += 1
+                now = time.perf_counter()
                 if start <= ts / 1e3 < end:
-                    result["latencies_ms"].append(time.perf_counter() * 1e3 - ts)
+                    result["latencies_ms"].append(now * 1e3 - ts)
+                    if last_reply is not None:  # the longest wait between two frames: a stall shows here
+                        result["max_gap_ms"] = max(result["max_gap_ms"], (now - last_reply) * 1e3)
+                last_reply = now
 
         receiver = asyncio.create_task(receive())
         await send()
@@ -131,10 +201,34 @@ async def client(url: str, index: int, args, window: tuple[float, float], stop: 
     return result
 
 
-async def load(url: str, streams: int, args) -> list[dict]:
+CHURN = 255  # the client index of the stream that comes and goes
+
+
+async def churn(url: str, args, stop: float) -> None:
+    """--churn: one more stream attaching, sending for 0.3 s and detaching, over and over; the
+    measured streams' longest gap between frames shows what each attach and detach costs them."""
+    while time.perf_counter() < stop:
+        try:
+            await client(url, CHURN, args, (0.0, 0.0), min(stop, time.perf_counter() + 0.3))
+        except Busy:  # its previous connection's slot is not detached yet
+            await asyncio.sleep(0.05)
+
+
+async def load(url: str, streams: int, args) -> tuple[list[dict], dict]:
+    """Each client's results, and the server's /health from the middle of the measured window."""
     now = time.perf_counter()
     window = (now + args.warmup_s, now + args.warmup_s + args.seconds)
-    return await asyncio.gather(*(client(url, i, args, window, window[1]) for i in range(streams)))
+    churning = asyncio.create_task(churn(url, args, window[1])) if args.churn else None
+
+    async def health() -> dict:
+        await asyncio.sleep(args.warmup_s + args.seconds / 2)
+        async with ClientSession() as session, session.get(url + "/health") as r:
+            return await r.json()
+    *results, mid = await asyncio.gather(*(client(url, i, args, window, window[1]) for i in range(streams)),
+                                         health())
+    if churning:
+        await churning
+    return results, mid
 
 
 def summarize(streams: int, results: list[dict], health: dict, args) -> dict:
@@ -147,7 +241,14 @@ def summarize(streams: int, results: list[dict], health: dict, args) -> dict:
             "sent": sum(r["sent"] for r in results), "answered": int(sum(len(r["latencies_ms"]) for r in results)),
             "dropped": sum(r["sent"] - len(r["latencies_ms"]) for r in results),
             "crossed": sum(r["crossed"] for r in results), "client_late_sends": sum(r["late_sends"] for r in results),
-            "server_steps_per_s": health.get("fps"), **{f"server_{k}": v for k, v in server.items()}}
+            "max_gap_ms": max(r["max_gap_ms"] for r in results),
+            "server_steps_per_s": health["fps"], "server_busy": health["busy"],
+            "server_step_ms": health["step_ms"],
+            **{f"server_{k}": v for k, v in server.items()}}
+
+
+def keeps_up(row: dict, args) -> bool:
+    return row["p99_ms"] <= args.max_p99_ms and row["fps_min"] >= 0.95 * args.fps
 
 
 def device_name(device: str) -> str:
@@ -169,8 +270,11 @@ def slug(text: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=str(ROOT / "checkpoints" / "tiny-v2v"))
+    p.add_argument("--random", metavar="CONFIG", help="serve a random-weight video-to-video checkpoint of this "
+                   "config (tiny, small, base, seed880m) instead of MODEL")
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default="auto")
+    p.add_argument("--fast", action="store_true", help="mirage-serve --fast (Inductor, GPU)")
     p.add_argument("--counts", default="1,2,4,8,16,24,32,48,64", help="stream counts to try, in order")
     p.add_argument("--fps", type=float, default=30.0, help="frames per second each client sends")
     p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per count")
@@ -179,19 +283,31 @@ def main() -> None:
     p.add_argument("--startup-s", type=float, default=300.0, help="how long the server may take to load")
     p.add_argument("--deadline-ms", type=float, default=100.0)
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="the server's --batch-wait-ms")
+    p.add_argument("--churn", action="store_true", help="one more stream attaching and detaching all along "
+                   "(a spare slot), to see what that costs the others (max gap)")
+    p.add_argument("--null-step-ms", type=float, default=None,
+                   help="serve a pool that computes nothing, each step sleeping this long: the server alone")
+    p.add_argument("--null-size", type=int, default=64, help="frame size of --null-step-ms")
+    p.add_argument("--serve-null", help=argparse.SUPPRESS)  # PORT,SLOTS,SIZE,STEP_MS: the subprocess side
+    p.add_argument("--keep-going", action="store_true", help="measure every count, not only up to the first "
+                   "that fails the p99 / FPS rule")
     p.add_argument("--max-p99-ms", type=float, default=33.0)
-    p.add_argument("--json", type=Path, default=None, help="default: docs/bench/DATE_serve_DEVICE.json")
+    p.add_argument("--json", type=Path, default=None, help="default: docs/bench/DATE_serve_DEVICE_MODEL.json")
     args = p.parse_args()
+    if args.serve_null:
+        return serve_null(args.serve_null, args)
 
-    device = device_name(args.device)
+    device = device_name("cpu" if args.null_step_ms is not None else args.device)
+    label = args.random or (f"null-{args.null_size}px-{args.null_step_ms:g}ms" if args.null_step_ms is not None
+                            else Path(args.model).name)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        if args.random:
+            args.model = random_checkpoint(args.random, Path(tmp))
         for streams in (int(c) for c in args.counts.split(",")):
-            proc, url = start_server(args, streams, Path(tmp) / f"serve_{streams}.log")
+            proc, url = start_server(args, streams + args.churn, Path(tmp) / f"serve_{streams}.log")
             try:
-                results = asyncio.run(load(url, streams, args))
-                with urllib.request.urlopen(url + "/health", timeout=5) as r:
-                    health = json.load(r)
+                results, health = asyncio.run(load(url, streams, args))
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
@@ -199,28 +315,29 @@ def main() -> None:
             rows.append(row)
             print(f"N={streams:3d}  fps/stream min {row['fps_min']:5.1f} mean {row['fps_mean']:5.1f}  "
                   f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  dropped {row['dropped']}  "
-                  f"crossed {row['crossed']}", flush=True)
-            if row["p99_ms"] > args.max_p99_ms or row["fps_min"] < 0.95 * args.fps:
+                  f"crossed {row['crossed']}  pool busy {row['server_busy']:.2f}", flush=True)
+            if not keeps_up(row, args) and not args.keep_going:
                 break
 
-    header = ("streams", "fps/stream min", "mean", "p50 ms", "p99 ms", "sent", "dropped", "crossed",
-              "srv stale", "srv late", "client late sends")
-    keys = ("streams", "fps_min", "fps_mean", "p50_ms", "p99_ms", "sent", "dropped", "crossed", "server_stale",
-            "server_late", "client_late_sends")
-    print(f"\nmirage-serve {args.model} on {device}, {args.fps:g} FPS per client, {args.seconds:g} s measured\n")
-    print(" | ".join(header))
+    columns = {"streams": "streams", "fps_min": "fps/stream min", "fps_mean": "mean", "p50_ms": "p50 ms",
+               "p99_ms": "p99 ms", "sent": "sent", "dropped": "dropped", "crossed": "crossed",
+               "server_stale": "srv stale", "server_late": "srv late", "server_steps_per_s": "srv steps/s",
+               "server_busy": "srv busy", "server_step_ms": "srv step ms", "max_gap_ms": "max gap ms",
+               "client_late_sends": "client late sends"}
+    print(f"\nmirage-serve {label} on {device}, {args.fps:g} FPS per client, {args.seconds:g} s measured\n")
+    print(" | ".join(columns.values()))
     for row in rows:
-        print(" | ".join(f"{row[k]:.1f}" if isinstance(row[k], float) else str(row[k]) for k in keys))
-    kept_up = [r["streams"] for r in rows if r["p99_ms"] <= args.max_p99_ms and r["fps_min"] >= 0.95 * args.fps]
-    print(f"\nmost streams kept up (p99 <= {args.max_p99_ms:g} ms, every stream >= 95% of {args.fps:g} FPS): "
-          f"{max(kept_up) if kept_up else 'none'}")
+        print(" | ".join(f"{row[k]:.2f}" if isinstance(row[k], float) else str(row[k]) for k in columns))
+    best = max([r["streams"] for r in rows if keeps_up(r, args)], default=0)
+    print(f"\nmost streams kept up (p99 <= {args.max_p99_ms:g} ms, every stream >= 95% of {args.fps:g} FPS): {best}")
     today = datetime.date.today().isoformat()
-    path = args.json or ROOT / "docs" / "bench" / f"{today}_serve_{slug(device)}.json"
-    path.write_text(json.dumps({"date": today, "device": device, "model": args.model, "backend": args.backend,
-                                "batch_wait_ms": args.batch_wait_ms, "deadline_ms": args.deadline_ms,
-                                "command": " ".join(sys.argv), "fps": args.fps, "seconds": args.seconds,
-                                "max_p99_ms": args.max_p99_ms, "kept_up": max(kept_up) if kept_up else 0,
-                                "rows": rows}, indent=2))
+    path = args.json or ROOT / "docs" / "bench" / f"{today}_serve_{slug(device)}_{label}.json"
+    report = {"date": today, "device": device, "model": label, "random_weights": bool(args.random),
+              "command": " ".join(sys.argv), "kept_up": best,
+              **{k: getattr(args, k) for k in ("backend", "fast", "fps", "seconds", "batch_wait_ms", "deadline_ms",
+                                               "max_p99_ms", "churn", "null_step_ms", "null_size")},
+              "rows": rows}
+    path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
 
 

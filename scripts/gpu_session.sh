@@ -3,7 +3,7 @@
 # go to $OUT (the device tool's output folder) or ./gpu-out.
 #   STAGES="tests kernels bench" CONFIGS=tiny,base [VARIANTS=... PROFILE_VARIANTS=... TAG=_x] scripts/gpu_session.sh
 # (stages: build = the kernel library only, for this GPU's architecture; tests = the tests/gpu suite;
-#  kernels = build + time the fused kernel; bench)
+#  kernels = build + time the fused kernel; conv = cuDNN vs the Triton conv per seed880m layer; bench)
 set -euo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -22,6 +22,7 @@ for stage in $STAGES; do
              --throughput-variant "${THROUGHPUT_VARIANT:-runtime-fp16}" \
              --throughput-batches "${THROUGHPUT_BATCHES:-1,4,8,16}" --profile-variants "${PROFILE_VARIANTS:-}" --kernel-library build/libmirage_kernels.so \
              --json "$OUT/bench${TAG:-}.json" --markdown "$OUT/bench${TAG:-}.md" 2>&1 | tee "$OUT/bench${TAG:-}.log" ;;
-    *) echo "unknown stage $stage (build, tests, kernels, bench)"; exit 2 ;;
+    conv) python scripts/bench_conv.py --out "$OUT/conv.json" --tuned "$OUT/conv_tuned.json" 2>&1 | tee "$OUT/conv.log" ;;
+    *) echo "unknown stage $stage (build, tests, kernels, conv, bench)"; exit 2 ;;
   esac
 done

@@ -1,19 +1,24 @@
 """The page in a real browser: Debian's chromium, headless, with Chrome's fake camera, against
-`mirage-serve` (the bundled tiny-v2v on the CPU) on 127.0.0.1. Skipped where /usr/bin/chromium is
-absent (.ci/run installs it). Saves the screenshot docs/serve_screenshot.png."""
+`mirage-serve` (the bundled checkpoints on the CPU) on 127.0.0.1: the webcam, a video file and the
+synthetic source through tiny-v2v, and tiny (generation). The webcam's screenshot goes to tmp_path,
+or to docs/serve_screenshot.png with MIRAGE_UPDATE_SCREENSHOT=1 (so that a test run leaves the
+tree clean). Skipped where /usr/bin/chromium is absent (.ci/run installs it)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from conftest import CKPT_V2V, ROOT
+from conftest import CKPT_GEN, CKPT_V2V, ROOT
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
@@ -28,11 +33,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server():
+@contextmanager
+def serving(model: Path, *options: str):
+    """`mirage-serve MODEL OPTIONS` on a free loopback port, 2 slots, CPU; yields its URL."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mirage.cli.serve", str(CKPT_V2V), "--port", str(port),
-                             "--device", "cpu", "--slots", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "mirage.cli.serve", str(model), "--port", str(port),
+                             "--device", "cpu", "--slots", "2", *options],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            # as conftest.py: one intra-op thread is fastest for these tiny tensors on a shared CPU
+                            env={**os.environ, "OMP_NUM_THREADS": os.environ.get("MIRAGE_TEST_THREADS", "1")})
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(300):  # up to 30 s: import torch, load the model
@@ -61,22 +70,68 @@ def browser(tmp_path):
                  "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'chromium'}",
                  "--window-size=1000,760"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(str(CHROMEDRIVER)))
     yield driver
-    driver.quit()
+    try:
+        errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, f"the page logged errors: {errors}"  # an exception in app.js, a failed request
+    finally:
+        driver.quit()
 
 
-def test_the_page_streams_the_fake_webcam_through_the_model(server, browser):
+def run_source(browser, source: str, seconds: float, file: Path | None = None) -> int:
+    """Pick `source` on the page, start, wait, stop; the frames received meanwhile."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    browser.get(server + "/")
-    Select(browser.find_element(By.ID, "source")).select_by_value("webcam")
+    before = int(browser.find_element(By.ID, "frames-received").text)
+    Select(browser.find_element(By.ID, "source")).select_by_value(source)
+    if file is not None:
+        browser.find_element(By.ID, "file").send_keys(str(file))
     browser.find_element(By.ID, "start").click()
-    time.sleep(5)
-    received = int(browser.find_element(By.ID, "frames-received").text)
-    status = browser.find_element(By.ID, "status").text
-    assert received >= 10, f"{received} frames in 5 s; the page says: {status}"
-    assert "video-to-video" in status
-    assert browser.find_element(By.ID, "streams").text == "1 of 2"
-    browser.save_screenshot(str(SCREENSHOT))
+    time.sleep(seconds)
+    received = int(browser.find_element(By.ID, "frames-received").text) - before
+    assert received >= 3, f"{source}: {received} frames in {seconds} s; the page says: " \
+                          f"{browser.find_element(By.ID, 'status').text}"
+    return received
+
+
+def stop(browser) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.find_element(By.ID, "stop").click()
+    time.sleep(0.3)
+
+
+def test_the_page_streams_a_webcam_a_video_file_and_a_synthetic_source(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    from mirage.core.video_io import VideoWriter
+
+    clip = tmp_path / "clip.mp4"
+    with VideoWriter(clip, fps=10) as writer:  # 2 s of a moving bar, 128x128 H.264
+        for n in range(20):
+            frame = np.full((32, 32, 3), -1.0, np.float32)
+            frame[:, n:n + 8] = [1.0, 0.5, -0.5]
+            writer.write(frame)
+    with serving(CKPT_V2V) as url:
+        browser.get(url + "/")
+        run_source(browser, "webcam", 5)
+        assert "video-to-video" in browser.find_element(By.ID, "status").text
+        assert browser.find_element(By.ID, "streams").text == "1 of 2"
+        shot = SCREENSHOT if os.environ.get("MIRAGE_UPDATE_SCREENSHOT") else tmp_path / SCREENSHOT.name
+        assert browser.save_screenshot(str(shot)) and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        stop(browser)
+        run_source(browser, "synthetic", 2)
+        stop(browser)
+        run_source(browser, "file", 2, clip)
+
+
+def test_a_generation_model_streams_without_input_behind_a_token(browser):
+    from selenium.webdriver.common.by import By
+
+    with serving(CKPT_GEN, "--token", "s3cret") as url:
+        browser.get(url + "/?token=s3cret")  # the page passes its query on to /ws
+        run_source(browser, "synthetic", 3)
+        assert "generation" in browser.find_element(By.ID, "status").text

@@ -59,6 +59,18 @@ def test_v2v_input_chroma_is_block_average():
     assert torch.equal(x[:, 1:, ::4, ::4].repeat_interleave(4, -1).repeat_interleave(4, -2), x[:, 1:])
 
 
+@pytest.mark.parametrize("shape", [(32, 32), (48, 64)])
+def test_v2v_input_numpy_twin_equals_torch(shape):
+    """mirage.core.video_io.v2v_input (numpy + PIL: mirage-run, mirage-serve) = the training one."""
+    from mirage.core.video_io import v2v_input as v2v_numpy
+
+    frame = np.random.default_rng(0).uniform(-1, 1, (*shape, 3)).astype(np.float32)
+    expected = v2v_input(torch.from_numpy(frame).permute(2, 0, 1)).permute(1, 2, 0).numpy()  # (H, W, 3)
+    got = v2v_numpy(frame)
+    assert got.dtype == np.float32 and got.shape == frame.shape
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
 def test_v2v_input_of_gray_is_luma_and_no_chroma():
     # A gray frame (R = G = B) goes in as itself with zero chroma: exactly the classic grayscale input.
     g = torch.rand(2, 1, 16, 16) * 2 - 1

@@ -204,7 +204,8 @@ def test_dynamic_batch_artifact(tmp_path, precision):
 
     out = tmp_path / precision
     m = build_artifact(CKPT_GEN, out, ArtifactOptions(precision=precision, backend="tensorrt-rtx", gpus=("sm89",),
-                                                      batch=2, max_batch=4, **FAST))
+                                                      batch=2, max_batch=4, allow_parity_failure=precision == "int8",
+                                                      **FAST))
     assert m["max_batch"] == 4 and "--max-batch 4" in m["rebuild_command"]
     for graph in G.GRAPHS:
         meta = m["graphs"][graph]

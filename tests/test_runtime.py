@@ -213,3 +213,18 @@ def test_fused_kernel_option_errors(tmp_path):
             pipe.reset(0)
             outs.append(np.stack([pipe.step() for _ in range(3)]))
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_precomputed_time_shifts_give_the_same_frames():
+    """PipelineOptions.precompute_time: the per-step constants computed once, same video."""
+    model, _ = load_checkpoint(CKPT_V2V)
+    inputs = [v2v_input(f).permute(1, 2, 0).numpy() for f in
+              torch.from_numpy(SyntheticVideo(32, seed=2).clip(0, 3)).permute(0, 3, 1, 2)]
+    outs = []
+    for precompute in (False, True):
+        with Pipeline.from_model(model, "cpu", PipelineOptions(precompute_time=precompute)) as pipe:
+            pipe.reset(1)
+            outs.append(np.stack([pipe.step(x) for x in inputs]))
+            if precompute:
+                assert len(pipe.backend._shifts) == 4  # one table entry per DDIM step buffer
+    assert np.abs(outs[0] - outs[1]).max() < 1e-5

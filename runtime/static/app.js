@@ -74,7 +74,8 @@ function connect() {
   ws.onmessage = (e) => (typeof e.data === "string" ? onControl(JSON.parse(e.data)) : onFrame(e.data));
   ws.onclose = (e) => {
     stop();
-    if (e.code !== 1000) status(`connection closed (${e.code}${e.reason ? ": " + e.reason : ""})`);
+    // 1000: we closed it; 1013: "busy", already shown
+    if (e.code !== 1000 && e.code !== 1013) status(`connection closed (${e.code}${e.reason ? ": " + e.reason : ""})`);
   };
 }
 

@@ -74,3 +74,32 @@ def test_op_route_matches_stock_attention(make_random_tiny, kernel_library):
             assert torch.isfinite(out).all()
             rel = ((out - ref).norm() / ref.norm()).item()
             assert rel < bound, f"{dtype}, ages {ages.tolist()}: relative difference {rel:.2e}"
+
+
+def test_time_table_on_the_gpu(make_random_tiny):
+    """The hoisted time shifts give the plain denoiser's output in fp16 on CUDA, and a CUDA graph
+    of one step reads its table row (the step is fixed at capture)."""
+    model = make_random_tiny("v2v", seed=4).cuda().half()
+    cfg, g = model.cfg, torch.Generator(device="cuda").manual_seed(1)
+    img = (1, cfg.channels, cfg.image_size, cfg.image_size)
+    x, cond = (torch.randn(img, generator=g, device="cuda").half() for _ in range(2))
+    memory = torch.randn(1, cfg.context_frames, 2, cfg.memory_tokens, cfg.temporal_dim, generator=g,
+                         device="cuda").half()
+    ages = torch.tensor([[2, 1, 0, 0]], device="cuda")
+    timesteps = torch.tensor([999.0, 666.0, 333.0, 0.0], device="cuda")
+    table = model.time_table(timesteps)
+    with torch.no_grad():
+        plain = [model.denoise(x, t[None], cond, memory, ages) for t in timesteps]
+        for i, want in enumerate(plain):
+            torch.testing.assert_close(model.denoise_shifted(x, table.step(i), cond, memory, ages), want,
+                                       rtol=2e-3, atol=2e-3)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            model.denoise_shifted(x, table.step(2), cond, memory, ages)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model.denoise_shifted(x, table.step(2), cond, memory, ages)
+        graph.replay()
+    torch.testing.assert_close(out, plain[2], rtol=2e-3, atol=2e-3)

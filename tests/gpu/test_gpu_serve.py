@@ -1,0 +1,87 @@
+"""mirage-serve on the GPU. The server opens the StreamPool (allocating and capturing its graphs) in
+the main thread but steps, attaches and detaches it from its step thread, a worker thread whose
+current CUDA device and stream are the defaults: stepping from there must give the frames that
+stepping from the main thread gives, on cuda:0 and (two GPUs) on cuda:1. Then four clients through
+the real server on 127.0.0.1."""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mirage.runtime.pool import StreamPool
+
+pytestmark = pytest.mark.gpu
+
+CKPT_V2V = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny-v2v"
+FRAMES = 5
+
+
+def _inputs(seed: int) -> list[np.ndarray]:
+    return [np.random.default_rng(seed * 100 + n).uniform(-1, 1, (32, 32, 3)).astype(np.float32)
+            for n in range(FRAMES)]
+
+
+def _run(pool: StreamPool, call) -> np.ndarray:
+    """Two streams (seeds 1, 2) for FRAMES frames; `call(fn, *args)` runs each pool call somewhere."""
+    a, b = call(pool.attach, 1), call(pool.attach, 2)
+    ins_a, ins_b = _inputs(1), _inputs(2)
+    out = [call(pool.step, {a: ins_a[n], b: ins_b[n]}) for n in range(FRAMES)]
+    call(pool.detach, a)
+    call(pool.detach, b)
+    return np.stack([[o[a], o[b]] for o in out])  # (FRAMES, 2, 32, 32, 3)
+
+
+@pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
+def test_stepping_from_a_worker_thread_gives_the_main_threads_frames(device):
+    if int(device[-1]) >= torch.cuda.device_count():
+        pytest.skip(f"{device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    with StreamPool.open(CKPT_V2V, slots=2, device=device) as pool:
+        main = _run(pool, lambda fn, *args: fn(*args))
+    with StreamPool.open(CKPT_V2V, slots=2, device=device) as pool, ThreadPoolExecutor(1) as thread:
+        worker = _run(pool, lambda fn, *args: thread.submit(fn, *args).result())
+    assert np.abs(main[:, 0] - main[:, 1]).max() > 1e-2  # two streams that differ: the check can fail
+    np.testing.assert_array_equal(worker, main)
+
+
+def test_four_clients_through_the_server():
+    pytest.importorskip("aiohttp")
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from mirage.runtime.server import HEADER, RAW, ServerOptions, make_app
+
+    async def lockstep(ws, frames):
+        out = []
+        for n, rgb in enumerate(frames):
+            await ws.send_bytes(HEADER.pack(n, RAW, float(n)) + rgb.tobytes())
+            while True:
+                msg = await ws.receive()
+                if isinstance(msg.data, bytes):
+                    break
+                assert '"error"' not in msg.data, msg.data
+            assert HEADER.unpack_from(msg.data)[0] == n
+            out.append(np.frombuffer(msg.data[HEADER.size:], np.uint8).reshape(32, 32, 3))
+        return np.stack(out)
+
+    async def scenario(pool):
+        app = make_app(pool, ServerOptions(batch_wait_ms=3000, deadline_ms=5000))
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            sockets = [await client.ws_connect("/ws", params={"seed": str(s)}) for s in (7, 7, 8, 9)]
+            for ws in sockets:
+                assert (await ws.receive_json())["type"] == "hello"
+            frames = [np.random.default_rng(s).integers(0, 256, (FRAMES, 32, 32, 3), dtype=np.uint8)
+                      for s in (3, 3, 4, 5)]
+            outs = await asyncio.gather(*(lockstep(ws, f) for ws, f in zip(sockets, frames)))
+            for ws in sockets:
+                await ws.close()
+            return outs
+
+    with StreamPool.open(CKPT_V2V, slots=4, device="cuda") as pool:
+        twin_a, twin_b, other, _ = asyncio.run(asyncio.wait_for(scenario(pool), 60))
+    # same seed and inputs in two rows of one batch: equal up to fp16 rounding (a level or two of uint8)
+    assert np.abs(twin_a.astype(int) - twin_b).max() <= 2
+    assert np.abs(twin_a.astype(int) - other).max() > 10

@@ -1,0 +1,230 @@
+"""Fault suite for artifacts and runs: every file of an artifact corrupted, truncated or removed,
+every manifest field edited, exports failed and interrupted by injection, runs interrupted and
+pointed at outputs they cannot write. Each case asserts its exact outcome: one clear error (exit 2
+from the CLI), the previous artifact intact, or a valid partial output."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import CKPT_GEN, CKPT_V2V
+from mirage.cli.run import main as run_main
+from mirage.core import graphs as G
+from mirage.core.config import PipelineOptions
+from mirage.engine.artifact import ArtifactOptions, build_artifact
+from mirage.core.errors import MirageError
+from mirage.engine.manifest import sha256_file
+from mirage.runtime import Pipeline
+from mirage.runtime.execution import NonFiniteError
+
+FAST = dict(calibration_frames=2, parity_frames=3)
+FILES = ("manifest.json", "denoise.onnx", "context_encode.onnx")
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("a") / "tiny"
+    build_artifact(CKPT_GEN, out, ArtifactOptions(precision="fp32", **FAST))
+    return out
+
+
+def _copy(artifact: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "art"
+    shutil.copytree(artifact, dst)
+    return dst
+
+
+def _refused(folder: Path, match: str) -> None:
+    with pytest.raises(MirageError, match=match):
+        Pipeline.load(folder, device="cpu")
+    r = CliRunner().invoke(run_main, [str(folder), "--frames", "1", "--output", str(folder.parent / "o.gif")])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert not (folder.parent / "o.gif").exists()
+
+
+@pytest.mark.parametrize("name", FILES)
+@pytest.mark.parametrize("fault", ["flip", "truncate", "remove"])
+def test_broken_file_is_refused(artifact, tmp_path, name, fault):
+    art = _copy(artifact, tmp_path)
+    path = art / name
+    if fault == "flip":
+        data = bytearray(path.read_bytes())
+        mid = len(data) // 2
+        data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+        path.write_bytes(bytes(data))
+    elif fault == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.unlink()
+    if name == "manifest.json":
+        _refused(art, "corrupt JSON|manifest|without a manifest.json")
+    else:
+        _refused(art, "corrupt or modified|missing")
+
+
+EDITS = {  # manifest field -> (edit, what the refusal says)
+    "format": (lambda m: m.update(format=9), "format 9"),
+    "mirage_version": (lambda m: m.update(mirage_version="9.9.9"), "newer than this one"),
+    "precision": (lambda m: m.update(precision="fp4"), "precision 'fp4'"),
+    "onnx_sha256": (lambda m: m["graphs"]["denoise"].update(onnx_sha256="0" * 64), "corrupt or modified"),
+    "backend": (lambda m: m.update(backend={"name": "tensorrt", "version": None}), "records no version"),
+    "targets": (lambda m: m.update(backend={"name": "tensorrt", "version": "10.0"},
+                                   target={"compute_capabilities": []}), "no target compute capabilities"),
+    "engine": (lambda m: m.update(backend={"name": "tensorrt", "version": "10.0"},
+                                  target={"compute_capabilities": ["sm90"]}), "records no engine"),
+    "batch": (lambda m: m.update(batch=0), "not batch sizes"),
+    "model": (lambda m: m["model"].update(image_size=64), "differ from what the model config implies"),
+    "bad_config": (lambda m: m["model"].update(channel_mults=[1, 2, 2, 2, 2, 2, 2]), "bad model config"),
+    "dtype": (lambda m: m["graphs"]["denoise"]["inputs"][0].update(dtype="float16"), "differ from what"),
+    "missing_graph": (lambda m: m["graphs"].pop("context_encode"), "missing graphs.context_encode"),
+    "missing_key": (lambda m: m.pop("options"), "missing options"),
+}
+
+
+@pytest.mark.parametrize("field", list(EDITS))
+def test_edited_manifest_is_refused(artifact, tmp_path, field):
+    art = _copy(artifact, tmp_path)
+    m = json.loads((art / G.MANIFEST).read_text())
+    edit, match = EDITS[field]
+    edit(m)
+    (art / G.MANIFEST).write_text(json.dumps(m))
+    _refused(art, match)
+
+
+def test_other_precisions_onnx_files_are_refused(artifact, tmp_path):
+    """An fp16 graph copied into the fp32 artifact: its hash no longer matches."""
+    art = _copy(artifact, tmp_path)
+    fp16 = tmp_path / "fp16"
+    build_artifact(CKPT_GEN, fp16, ArtifactOptions(precision="fp16", **FAST))
+    shutil.copy(fp16 / "denoise.onnx", art / "denoise.onnx")
+    _refused(art, "corrupt or modified")
+
+
+def test_verified_hashes_are_remembered(artifact, tmp_path):
+    art = _copy(artifact, tmp_path)
+    with Pipeline.load(art, device="cpu"):
+        pass
+    sidecar = json.loads((art / ".verified.json").read_text())
+    assert set(sidecar) == {"denoise.onnx", "context_encode.onnx"}
+
+
+def _fingerprint(folder: Path) -> dict:
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != ".verified.json"}
+
+
+@pytest.mark.parametrize("fault", [KeyboardInterrupt, RuntimeError])
+def test_failed_or_interrupted_export_keeps_the_previous_artifact(artifact, tmp_path, monkeypatch, fault):
+    art = _copy(artifact, tmp_path)
+    before = _fingerprint(art)
+    import mirage.engine.artifact as A
+
+    real, calls = A.export_graph, []
+
+    def export_then_fail(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # after the first graph was written into the staging folder
+            raise fault("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(A, "export_graph", export_then_fail)
+    with pytest.raises(fault, match="injected"):
+        build_artifact(CKPT_GEN, art, ArtifactOptions(precision="fp16", **FAST))
+    assert _fingerprint(art) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no staging folder left behind
+
+
+def test_parity_failure_writes_nothing_unless_overridden(artifact, tmp_path, monkeypatch):
+    import mirage.engine.artifact as A
+
+    art = _copy(artifact, tmp_path)
+    before = _fingerprint(art)
+    broken = {"v": {"rel": float("inf"), "max_abs": float("inf"), "calls": 1},
+              "kv": {"rel": 0.0, "max_abs": 0.0, "calls": 1}}
+    monkeypatch.setattr(A, "tensor_parity", lambda *a: broken)
+    with pytest.raises(A.ExportError, match="parity failed"):
+        build_artifact(CKPT_GEN, art, ArtifactOptions(precision="fp32", **FAST))
+    assert _fingerprint(art) == before
+    m = build_artifact(CKPT_GEN, art, ArtifactOptions(precision="fp32", allow_parity_failure=True, **FAST))
+    assert m["parity"]["passed"] is False and m["parity"]["override"] is True
+    assert "--allow-parity-failure" in m["rebuild_command"]
+
+
+def test_a_folder_that_is_not_an_artifact_is_never_replaced(tmp_path):
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("not an artifact")
+    with pytest.raises(Exception, match="not a Mirage artifact"):
+        build_artifact(CKPT_GEN, keep, ArtifactOptions(precision="fp32", **FAST))
+    assert (keep / "notes.txt").read_text() == "not an artifact"
+
+
+def test_non_finite_weights_stop_the_run_naming_the_graph(make_random_tiny):
+    model = make_random_tiny()
+    with torch.no_grad():
+        model.out[-1].weight.fill_(float("nan"))
+    with Pipeline.from_model(model, "cpu") as pipe:
+        pipe.reset(0)
+        with pytest.raises(NonFiniteError, match="denoise graph produced non-finite"):
+            pipe.step()
+
+
+def test_interrupted_run_keeps_the_frames_made(tmp_path, monkeypatch):
+    """SIGINT (delivered to this process after the third frame): the output holds three frames."""
+    real = Pipeline.step
+    count = []
+
+    def step_then_interrupt(self, cond=None):
+        frame = real(self, cond)
+        count.append(1)
+        if len(count) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return frame
+
+    monkeypatch.setattr(Pipeline, "step", step_then_interrupt)
+    out = tmp_path / "frames"
+    r = CliRunner().invoke(run_main, [str(CKPT_V2V), "--frames", "50", "--output", str(out)])
+    assert r.exit_code == 128 + signal.SIGINT, r.output
+    assert len(list(out.glob("*.png"))) == 3 and "interrupted (SIGINT) after 3 of 50 frames" in r.output
+
+
+def test_outputs_are_checked_before_any_frame(tmp_path, monkeypatch):
+    monkeypatch.setattr(Pipeline, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    runner = CliRunner()
+    r = runner.invoke(run_main, ["--output", str(tmp_path / "out.avi")])
+    assert r.exit_code == 2 and "cannot write .avi videos" in r.output
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = runner.invoke(run_main, ["--output", str(blocker / "out.gif")])
+    assert r.exit_code == 2 and "cannot write here" in r.output
+    r = runner.invoke(run_main, ["--json", str(tmp_path / "missing" / "r.json")])
+    assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_gif_output_is_valid_after_an_interrupted_run(tmp_path):
+    from mirage.core.video_io import VideoWriter
+
+    with VideoWriter(tmp_path / "v.gif") as w:
+        for value in (-0.5, 0.5):
+            w.write(np.full((32, 32, 3), value, np.float32))
+    from PIL import Image
+
+    assert Image.open(tmp_path / "v.gif").n_frames == 2
+
+
+def test_same_seed_same_video_across_backends(artifact):
+    """Noise is drawn by the runtime: the fp32 artifact on ONNX Runtime and its checkpoint on
+    PyTorch give the same frames for one seed."""
+    outs = []
+    for path in (artifact, CKPT_GEN):
+        with Pipeline.load(path, device="cpu", options=PipelineOptions(steps=2)) as pipe:
+            pipe.reset(11)
+            outs.append(np.stack([pipe.step() for _ in range(3)]))
+    assert np.abs(outs[0] - outs[1]).max() < 1e-4
