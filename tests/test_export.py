@@ -46,7 +46,7 @@ def test_parity_per_precision(artifacts, name, bound):
         assert 0 <= parity["tensors"][output]["rel"] < bound, parity["tensors"]
     psnr = parity["rollout"]["psnr_mean_db"]
     # fp32 reproduces the PyTorch rollout; fp16 is far above visible error; INT8 with its recipe
-    # (sensitive layers in fp16, quantize.py) measured v 0.013 and 39.8 dB over these 10 frames
+    # (sensitive layers in fp16, quantize.py) measured v 0.013-0.019 and 40-41 dB over these 10 frames
     # (ModelOpt's default placement: 0.27 and about 22 dB); FP8 about 30 dB over 20 frames.
     assert psnr > {"fp16": 35, "int8": 30, "fp8": 26, "fp32-v2v": 80}[name]
 
