@@ -19,13 +19,16 @@ from mirage.core.errors import MirageError
 @click.option("--steps", type=click.IntRange(1, 1000), default=None,
               help="DDIM steps per frame; default: the model's own (a distilled student records it), else 4.")
 @click.option("--context-noise", type=click.IntRange(0, 999), default=100, help="Inference context noise t_ctx.")
-@click.option("--seed", type=int, default=0, help="Noise seed of the rollout.")
+@click.option("--seed", type=int, default=0, help="Noise seed of the (first) rollout.")
+@click.option("--streams", type=click.IntRange(min=1), default=1,
+              help="Independent rollouts (seeds SEED, SEED+1, ...) run together as a batch; every metric is their "
+                   "mean. One generated video is one sample: use 8 or more to compare generation models.")
 @click.option("--device", default="cpu", help="cpu, cuda or cuda:N (checkpoints; artifacts run with ONNX Runtime).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the report here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a PNG of the metrics over frame index here (needs matplotlib).")
-def main(model, frames, window, steps, context_noise, seed, device, json_path, plot_path):
+def main(model, frames, window, steps, context_noise, seed, streams, device, json_path, plot_path):
     """Roll MODEL (checkpoint folder, or artifact folder of mirage-export) out and print, per
     window, PSNR/SSIM against ground truth (video-to-video) and distribution statistics against
     the data: histogram and feature distances, sharpness, motion, flicker (and their ratios to
@@ -36,7 +39,7 @@ def main(model, frames, window, steps, context_noise, seed, device, json_path, p
     if json_path is not None and not json_path.parent.is_dir():
         raise UserError(f"--json {json_path}: folder {json_path.parent} does not exist")
     try:
-        report = evaluate(model, frames, window, steps, context_noise, seed, device)
+        report = evaluate(model, frames, window, steps, context_noise, seed, device, streams)
     except MirageError as e:
         raise UserError(str(e)) from e
     click.echo(format_table(report))

@@ -18,7 +18,8 @@ import click
 from click.core import ParameterSource
 
 from mirage.cli.errors import UserError
-from mirage.core.config import CONFIGS, TASKS, ConfigError, ModelConfig, TrainConfig, check_same, from_json, get_config
+from mirage.core.config import (AE_CONFIGS, CONFIGS, TASKS, ConfigError, ModelConfig, TrainConfig, check_same, from_json,
+                                get_ae_config, get_config)
 from mirage.core.errors import MirageError
 
 
@@ -27,6 +28,7 @@ TRAIN_OPTIONS = {"steps": ["steps"], "batch_size": ["batch_size"], "lr": ["lr"],
                  "grad_checkpoint": ["grad_checkpoint"], "context_noise_max": ["context_noise_max", "context_noise_prob"],
                  "data": ["data"], "seed": ["seed"], "save_minutes": ["save_minutes"], "init_from": ["init_from"],
                  "self_forcing_prob": ["self_forcing_prob"], "self_forcing_horizon": ["self_forcing_horizon"],
+                 "self_forcing_strength": ["self_forcing_strength"], "ema_decay": ["ema_decay"],
                  "distill_from": ["distill_from", "self_forcing_steps"],
                  "student_steps": ["student_steps", "self_forcing_steps"]}
 
@@ -35,12 +37,12 @@ def _given(ctx: click.Context, name: str) -> bool:
     return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
 
 
-def _resumed(ctx: click.Context, saved: dict, cfg: ModelConfig, tcfg: TrainConfig) -> tuple[ModelConfig, TrainConfig]:
+def _resumed(ctx: click.Context, out: Path, saved: dict, cfg: ModelConfig,
+             tcfg: TrainConfig) -> tuple[ModelConfig, TrainConfig]:
     """Resuming: the checkpoint's configs, with only the options given on the command line taken
     from this run (`cfg`, `tcfg`); the trainer says which of them differ."""
     from mirage.train.checkpoint import CheckpointError, model_config
 
-    out = ctx.params["out"]
     model_given = _given(ctx, "config_name") or _given(ctx, "task") or _given(ctx, "init_from") \
         or _given(ctx, "distill_from")
     given = {field: getattr(tcfg, field) for opt, fields in TRAIN_OPTIONS.items() if _given(ctx, opt) for field in fields}
@@ -52,15 +54,26 @@ def _resumed(ctx: click.Context, saved: dict, cfg: ModelConfig, tcfg: TrainConfi
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--stage", type=click.Choice(["diffusion", "autoencoder"]), default="diffusion",
+              help="diffusion: the video model; autoencoder: the latent autoencoder (TAESD layout) on single frames.")
+@click.option("--ae-config", type=click.Choice(list(AE_CONFIGS)), default="taesd-tiny",
+              help="Autoencoder size (--stage autoencoder). 'taesd-tiny' trains on a CPU in minutes.")
+@click.option("--crop", type=click.IntRange(min=16), default=128,
+              help="Frame size the autoencoder trains on (--stage autoencoder); it is fully convolutional.")
+@click.option("--ssim-mix", type=click.FloatRange(0, 1), default=0.84,
+              help="Autoencoder loss: (1 - a) L1 + a (1 - MS-SSIM); this is a (--stage autoencoder).")
+@click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=TrainConfig.ema_decay,
+              help="EMA of weights; 0 turns it off.")
 @click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default=None, show_default="tiny",
               help="Model size. 'tiny' trains on a laptop CPU in minutes. With --init-from / --distill-from: that "
                    "checkpoint's.")
 @click.option("--task", type=click.Choice(TASKS), default=None, show_default="generate",
               help="generate: frames from the context memory alone; v2v: restore full color to an input stream (luma + coarse chroma) frame by frame.")
-@click.option("--data", default="synthetic",
-              help="'synthetic' (made on the fly) or a folder of videos / image-sequence sub-folders.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="runs/tiny",
-              help="Checkpoint folder.")
+@click.option("--data", default=None,
+              help="'synthetic', 'detailed' (camera-like, any size), 'photos' (scikit-image's photographs) or a folder "
+                   "of videos / image-sequence sub-folders. Default: synthetic (diffusion), detailed (autoencoder).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Checkpoint folder. Default: runs/tiny (diffusion), runs/<ae-config> (autoencoder).")
 @click.option("--steps", type=click.IntRange(min=1), default=TrainConfig.steps, help="Optimizer steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size, help="Clips per step (per GPU).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=TrainConfig.lr, help="Peak learning rate.")
@@ -78,6 +91,11 @@ def _resumed(ctx: click.Context, saved: dict, cfg: ModelConfig, tcfg: TrainConfi
                    "generated with the runtime's DDIM steps and context noise (no gradient through them).")
 @click.option("--self-forcing-horizon", type=click.IntRange(min=1), default=TrainConfig.self_forcing_horizon,
               help="Frames the model generates itself before the loss frame (at most the context length).")
+@click.option("--self-forcing-strength", type=click.FloatRange(0, 1, min_open=True),
+              default=TrainConfig.self_forcing_strength,
+              help="1: the model generates those frames from pure noise; below 1: from the real frames partly noised "
+                   "(SDEdit), so they keep the real content and carry the model's own errors (generation: keeps the "
+                   "loss target predictable).")
 @click.option("--distill-from", type=click.Path(exists=True, file_okay=False), default=None,
               help="Progressive distillation: train a student of this teacher checkpoint (which it starts from) "
                    "to sample in --student-steps steps what the teacher does in twice as many.")
@@ -91,9 +109,9 @@ def _resumed(ctx: click.Context, saved: dict, cfg: ModelConfig, tcfg: TrainConfi
 @click.option("--seed", type=int, default=0)
 @click.option("--dry-run", is_flag=True, help="Print the config and parameter count, train nothing.")
 @click.pass_context
-def main(ctx, config_name, task, data, out, steps, batch_size, lr, precision, grad_checkpoint, context_noise_max,
-         save_minutes, init_from, self_forcing_prob, self_forcing_horizon, distill_from, student_steps, device, workers,
-         resume, seed, dry_run):
+def main(ctx, stage, ae_config, crop, ssim_mix, ema_decay, config_name, task, data, out, steps, batch_size, lr,
+         precision, grad_checkpoint, context_noise_max, save_minutes, init_from, self_forcing_prob, self_forcing_horizon,
+         self_forcing_strength, distill_from, student_steps, device, workers, resume, seed, dry_run):
     """Train a Mirage video diffusion model into a checkpoint folder (safetensors + config JSON).
 
     Runs on the CPU by default; uses the GPU with --device cuda (or auto), and all GPUs when
@@ -104,6 +122,10 @@ def main(ctx, config_name, task, data, out, steps, batch_size, lr, precision, gr
     from mirage.train.checkpoint import CONFIG, read_meta
     from mirage.train.trainer import train
 
+    if stage == "autoencoder":
+        return _autoencoder_stage(ae_config, data or "detailed", out or f"runs/{ae_config}", steps, batch_size, lr,
+                                  precision, ema_decay, ssim_mix, crop, device, workers, resume, seed, dry_run)
+    data, out = data or "synthetic", out or Path("runs/tiny")
     try:
         source = distill_from or init_from
         cfg = get_config(config_name or "tiny", task or "generate")
@@ -115,15 +137,16 @@ def main(ctx, config_name, task, data, out, steps, batch_size, lr, precision, gr
         if student_steps and not distill_from:
             raise ConfigError("--student-steps needs --distill-from TEACHER")
         tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, precision=precision,
-                           grad_checkpoint=grad_checkpoint, context_noise_max=context_noise_max,
+                           ema_decay=ema_decay, grad_checkpoint=grad_checkpoint, context_noise_max=context_noise_max,
                            context_noise_prob=TrainConfig.context_noise_prob if context_noise_max else 0.0,
                            data=data, seed=seed, save_minutes=save_minutes, init_from=init_from or "",
                            distill_from=distill_from or "", student_steps=student_steps or 0,
                            self_forcing_prob=self_forcing_prob, self_forcing_horizon=self_forcing_horizon,
+                           self_forcing_strength=self_forcing_strength,
                            self_forcing_steps=student_steps or (default_steps(read_meta(source)) if source else
                                                                 TrainConfig.self_forcing_steps))
         if resume and (out / CONFIG).is_file():
-            cfg, tcfg = _resumed(ctx, read_meta(out), cfg, tcfg)
+            cfg, tcfg = _resumed(ctx, out, read_meta(out), cfg, tcfg)
         import torch
 
         with torch.device("meta"):
@@ -140,6 +163,27 @@ def main(ctx, config_name, task, data, out, steps, batch_size, lr, precision, gr
         click.echo(f"stopped by {summary['stopped_by']} at step {summary['step']} of {tcfg.steps}; checkpoint saved "
                    f"in {out}; resume with: {shlex.join(['mirage-train', '--out', str(out)])}", err=True)
         ctx.exit(128 + signal.Signals[summary["stopped_by"]].value)
+
+
+def _autoencoder_stage(ae_config, data, out, steps, batch_size, lr, precision, ema_decay, ssim_mix, crop, device,
+                       workers, resume, seed, dry_run) -> None:
+    from mirage.train.autoencoder import train_autoencoder
+
+    try:
+        cfg = get_ae_config(ae_config)
+        if crop % cfg.downscale:
+            raise ConfigError(f"--crop {crop} must be a multiple of the autoencoder's downscale {cfg.downscale}")
+        tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, precision=precision, ema_decay=ema_decay,
+                           data=data, seed=seed)
+        if dry_run:
+            click.echo(json.dumps({"autoencoder": cfg.__dict__, "train": tcfg.__dict__, "crop": crop,
+                                   "ssim_mix": ssim_mix}, indent=2, default=list))
+            return
+        summary = train_autoencoder(cfg, tcfg, out, crop=crop, device=device, workers=workers, resume=resume,
+                                    ssim_mix=ssim_mix)
+    except MirageError as e:
+        raise UserError(str(e)) from e
+    click.echo(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -52,8 +52,8 @@ def _positive(v) -> bool:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "tiny"
-    image_size: int = 32  # frames are square, image_size x image_size
-    channels: int = 3  # RGB
+    image_size: int = 32  # the denoiser's square working size: pixels, or latents for a latent model
+    channels: int = 3  # RGB, or the autoencoder's latent channels
     cond_channels: int = 0  # 0: generation; 3: video-to-video (conditioning frame concatenated to x_t)
     base_channels: int = 32  # width of the first U-Net level
     channel_mults: tuple[int, ...] = (1, 2, 2)  # width multiplier per level; each level after the first halves H, W
@@ -66,6 +66,12 @@ class ModelConfig:
     context_frames: int = 4  # K: slots in the context ring buffer
     norm_groups: int = 8  # GroupNorm groups
     prediction: str = "v"  # v-prediction: well-posed at every noise level, incl. zero terminal SNR
+    # Latent models: the frozen autoencoder (a mirage-train --stage autoencoder folder; a relative
+    # path is looked up from the working folder, then from the package) and the sha256 of its
+    # model.safetensors, which every load checks. frame_size = image_size * its downscale.
+    autoencoder: str = ""
+    autoencoder_sha256: str = ""
+    frame_size: int = 0  # output frames are frame_size x frame_size RGB; 0 = image_size (a pixel model)
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -81,6 +87,7 @@ class ModelConfig:
             "temporal_heads": (_positive, ">= 1"),
             "context_frames": (_positive, ">= 1 (slots in the context memory)"),
             "norm_groups": (_positive, ">= 1"),
+            "frame_size": (lambda v: v >= 0, ">= 0 (0: a pixel model)"),
         })
         levels = len(self.channel_mults)
         for attr in ("attn_levels", "temporal_levels"):
@@ -92,6 +99,10 @@ class ModelConfig:
                               f"for {levels} levels")
         if self.temporal_dim % self.temporal_heads:
             raise ConfigError(f"temporal_dim={self.temporal_dim} not divisible by temporal_heads={self.temporal_heads}")
+        if bool(self.autoencoder) != bool(self.frame_size):
+            raise ConfigError("a latent model needs both autoencoder and frame_size; a pixel model neither")
+        if self.frame_size and (self.frame_size % self.image_size or self.frame_size <= self.image_size):
+            raise ConfigError(f"frame_size={self.frame_size} must be a multiple > 1 of image_size={self.image_size}")
         if self.cond_channels not in (0, self.channels):
             raise ConfigError(f"cond_channels must be 0 (generation) or {self.channels} (video-to-video)")
         if self.prediction != "v":
@@ -103,6 +114,15 @@ class ModelConfig:
             ch = self.base_channels * self.channel_mults[lvl]
             if ch % self.head_dim:
                 raise ConfigError(f"level {lvl} has {ch} channels, not divisible by head_dim={self.head_dim}")
+
+    @property
+    def latent(self) -> bool:
+        return bool(self.autoencoder)
+
+    @property
+    def pixels(self) -> int:
+        """Side of the RGB frames the model makes (and, video-to-video, takes)."""
+        return self.frame_size or self.image_size
 
     @property
     def level_sizes(self) -> tuple[int, ...]:
@@ -147,6 +167,17 @@ CONFIGS: dict[str, ModelConfig] = {
                             num_res_blocks=3, attn_levels=(1, 2, 3), temporal_levels=(2, 3), head_dim=64,
                             temporal_dim=256, temporal_heads=8, context_frames=8, norm_groups=32),
 }
+# Latent configs: the same U-Nets on the 8x-downscaled 4-channel latents of the bundled autoencoder
+# (checkpoints/ae-tiny; point `autoencoder` at a full TAESD-width one for quality).
+LATENT_AE = "checkpoints/ae-tiny"
+CONFIGS["tiny-64"] = dataclasses.replace(CONFIGS["tiny"], name="tiny-64", image_size=8, channels=4, channel_mults=(1, 2),
+                                         attn_levels=(1,), temporal_levels=(0, 1), autoencoder=LATENT_AE, frame_size=64)
+CONFIGS["small-256"] = dataclasses.replace(CONFIGS["small"], name="small-256", image_size=32, channels=4,
+                                           autoencoder=LATENT_AE, frame_size=256)
+CONFIGS["base-512"] = dataclasses.replace(CONFIGS["base"], name="base-512", channels=4, autoencoder=LATENT_AE,
+                                          frame_size=512)
+CONFIGS["seed880m-512"] = dataclasses.replace(CONFIGS["seed880m"], name="seed880m-512", channels=4,
+                                              autoencoder=LATENT_AE, frame_size=512)
 
 
 def get_config(name: str, task: str = "generate") -> ModelConfig:
@@ -175,6 +206,7 @@ class TrainConfig:
     self_forcing_horizon: int = 2  # frames the model generates itself before the loss frame (1..context_frames)
     self_forcing_steps: int = 4  # DDIM steps per generated frame: the runtime's
     self_forcing_context_noise: int = 100  # t_ctx of the generated frames' context: the runtime's
+    self_forcing_strength: float = 1.0  # 1: generate from pure noise; s < 1: from the real frame partly noised (SDEdit)
     distill_from: str = ""  # teacher checkpoint of progressive distillation (train/distill.py); the student starts from it
     student_steps: int = 0  # the student's DDIM steps N (the teacher takes 2N); 0 = no distillation
     seed: int = 0
@@ -200,6 +232,7 @@ class TrainConfig:
             "empty_context_prob": probability,
             "data": (bool, "'synthetic' or a folder"),
             "self_forcing_prob": probability,
+            "self_forcing_strength": (lambda v: 0 < v <= 1, "in (0, 1]"),
             "self_forcing_horizon": (_positive, ">= 1"),
             "self_forcing_steps": (_positive, ">= 1"),
             "self_forcing_context_noise": (lambda v: 0 <= v < T, f"in [0, {T - 1}]"),
@@ -277,3 +310,79 @@ class PipelineOptions:
         timestep-only work computed once per step."""
         return dataclasses.replace(cls(dtype="float16", compile="default", channels_last=True, freeze=True,
                                        precompute_time=True), **changes)
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """A TAESD-layout autoencoder (diffusers' AutoencoderTiny): frames in [-1, 1] <-> latents.
+
+    Every encoder level after the first halves H and W, so the latent grid is image_size / downscale
+    with downscale = 2 ** (levels - 1). The diffusion model sees `(raw - shift) * scaling_factor`
+    (diffusers' convention). TAESD's own latents need none (1.0 / 0.0) and a TAESD folder brings
+    its own values; a model trained here is only pulled towards unit variance by its loss, so
+    measure its latents before choosing a scaling for a latent config.
+    """
+
+    name: str = "taesd-tiny"
+    image_size: int = 512  # the frame size exports and latent configs use; the network is fully convolutional
+    channels: int = 3  # RGB
+    latent_channels: int = 4
+    encoder_block_out_channels: tuple[int, ...] = (16, 16, 16, 16)  # one width per level (all equal)
+    decoder_block_out_channels: tuple[int, ...] = (16, 16, 16, 16)
+    num_encoder_blocks: tuple[int, ...] = (1, 2, 2, 2)  # AutoencoderTinyBlocks per level (3 convs each)
+    num_decoder_blocks: tuple[int, ...] = (2, 2, 2, 1)
+    scaling_factor: float = 1.0
+    shift: float = 0.0
+    weights: str = ""  # a local TAESD folder in diffusers layout (config.json + diffusion_pytorch_model.safetensors)
+    sha256: str = ""  # of that folder's safetensors file; empty: not checked
+
+    def __post_init__(self) -> None:
+        for side in ("encoder", "decoder"):
+            widths, blocks = getattr(self, f"{side}_block_out_channels"), getattr(self, f"num_{side}_blocks")
+            if len(widths) != len(blocks) or len(widths) < 2:
+                raise ConfigError(f"{side}: {len(widths)} widths and {len(blocks)} block counts; "
+                                  "give the same number (at least 2) of each")
+            if min(widths) < 1 or min(blocks) < 0:
+                raise ConfigError(f"{side}: widths {widths} must be positive and block counts {blocks} not negative")
+            if len(set(widths)) != 1:  # AutoencoderTiny's level convs map width[i] -> width[i]: no width changes
+                raise ConfigError(f"{side}: widths {widths} differ; AutoencoderTiny needs one width for all levels")
+        if len(self.encoder_block_out_channels) != len(self.decoder_block_out_channels):
+            raise ConfigError(f"encoder has {len(self.encoder_block_out_channels)} levels, decoder "
+                              f"{len(self.decoder_block_out_channels)}: they must match to invert the downscaling")
+        if self.channels < 1 or self.latent_channels < 1:
+            raise ConfigError(f"channels={self.channels} and latent_channels={self.latent_channels} must be positive")
+        if self.image_size < self.downscale or self.image_size % self.downscale:
+            raise ConfigError(f"image_size={self.image_size} must be a positive multiple of downscale={self.downscale}")
+        if not self.scaling_factor > 0:
+            raise ConfigError(f"scaling_factor={self.scaling_factor} must be positive")
+        if self.sha256 and (len(self.sha256) != 64 or set(self.sha256) - set("0123456789abcdef")):
+            raise ConfigError(f"sha256={self.sha256!r} is not 64 lowercase hex digits")
+        if self.sha256 and not self.weights:
+            raise ConfigError("sha256 is set but weights is empty: name the TAESD folder it belongs to")
+
+    @property
+    def downscale(self) -> int:
+        return 2 ** (len(self.encoder_block_out_channels) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.downscale
+
+    def with_weights(self, folder: str, sha256: str = "") -> "AutoencoderConfig":
+        return dataclasses.replace(self, weights=folder, sha256=sha256)
+
+
+AE_CONFIGS: dict[str, AutoencoderConfig] = {
+    # TAESD's published layout (madebyollin/taesd, ~1.2M parameters per side): 64 channels, 4 latents, 8x down.
+    "taesd": AutoencoderConfig(name="taesd", encoder_block_out_channels=(64, 64, 64, 64),
+                               decoder_block_out_channels=(64, 64, 64, 64), num_encoder_blocks=(1, 3, 3, 3),
+                               num_decoder_blocks=(3, 3, 3, 1)),
+    # Narrow and shallow: trains on a 2-core CPU in minutes; the bundled checkpoints/ae-tiny.
+    "taesd-tiny": AutoencoderConfig(),
+}
+
+
+def get_ae_config(name: str) -> AutoencoderConfig:
+    if name not in AE_CONFIGS:
+        raise ConfigError(f"unknown autoencoder config {name!r}; choose one of {', '.join(AE_CONFIGS)}")
+    return AE_CONFIGS[name]

@@ -3,9 +3,13 @@ profile, derived from the model config. The exporter, the engine builder, the ma
 and the runtime's buffers all read these specs; nothing else writes a shape table.
 
 Two graphs make a frame: `denoise` runs once per DDIM step, `context_encode` once per frame.
+A latent model adds the autoencoder's two halves: `decode` once per frame, and for
+video-to-video `encode` of the input frame.
 
     denoise(x_t, t, [cond], memory, ages) -> v          (B, C, H, W) ... -> (B, C, H, W)
     context_encode(frame, t_ctx) -> kv                  (B, C, H, W), (B,) -> (B, 2, N, D)
+    encode(image) -> z                                  (B, 3, S, S) -> (B, C, H, W), S = H * downscale
+    decode(z) -> image                                  (B, C, H, W) -> (B, 3, S, S)
 """
 from __future__ import annotations
 
@@ -13,10 +17,14 @@ from dataclasses import dataclass
 
 DENOISE = "denoise"
 CONTEXT = "context_encode"
-GRAPHS = (DENOISE, CONTEXT)
+ENCODE = "encode"
+DECODE = "decode"
+GRAPHS = (DENOISE, CONTEXT)  # every model's; model_graphs adds the autoencoder's
 
 X_T, T, COND, MEMORY, AGES, V = "x_t", "t", "cond", "memory", "ages", "v"
 FRAME, T_CTX, KV = "frame", "t_ctx", "kv"
+IMAGE, Z = "image", "z"
+RGB = 3
 
 # Files of an artifact folder (mirage-export).
 MANIFEST = "manifest.json"
@@ -111,8 +119,14 @@ def model_graphs(cfg, batch: int = 1, max_batch: int | None = None, precision: s
         denoise_in.append(TensorSpec(COND, (batch, cfg.cond_channels, cfg.image_size, cfg.image_size), f))
     denoise_in += [memory, TensorSpec(AGES, (batch, cfg.context_frames), "int32")]
     dyn = max_batch if max_batch and max_batch > 1 else None
-    return {
+    specs = {
         DENOISE: GraphSpec(DENOISE, tuple(denoise_in), (TensorSpec(V, img, f),), dyn),
         CONTEXT: GraphSpec(CONTEXT, (TensorSpec(FRAME, img, f), TensorSpec(T_CTX, (batch,), "float32")),
                            (TensorSpec(KV, (batch, 2, cfg.memory_tokens, cfg.temporal_dim), f),), dyn),
     }
+    if cfg.frame_size:
+        rgb, z = TensorSpec(IMAGE, (batch, RGB, cfg.frame_size, cfg.frame_size), f), TensorSpec(Z, img, f)
+        if cfg.cond_channels:
+            specs[ENCODE] = GraphSpec(ENCODE, (rgb,), (z,), dyn)
+        specs[DECODE] = GraphSpec(DECODE, (z,), (rgb,), dyn)
+    return specs

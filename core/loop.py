@@ -11,8 +11,10 @@ Per frame (paper notation in mirage.model.diffusion; eta = 0), for every row b o
     5. kv = context_encode(ctx, t_ctx); memory[b, slot_b] = kv_b; ages_b += (ages_b > 0);
        ages[b, slot_b] = 1; slot_b = (slot_b + 1) mod K
 
-Every tensor is a buffer allocated once, and the slot indices and noise counters live in
-buffers too, so the whole frame can be captured in one CUDA graph and replayed with no host
+A row whose `advance` flag is 0 is computed but commits nothing (no ring write, no noise
+draw counted): its stream is held, and its next frame is the one it would have had (stream
+slots that wait for an input). Every tensor is a buffer allocated once, and the slot indices,
+noise counters and advance flags live in buffers too, so the whole frame can be captured in one CUDA graph and replayed with no host
 work in between. `Ops` does the element-wise work for one array library (numpy here, torch in
 mirage.model.torch_ops, NVRTC kernels in mirage.runtime.cuda); a backend only runs graphs on
 buffers. The noise is drawn by the loop, not the backend, from a counter-based generator
@@ -49,18 +51,20 @@ class Backend(Protocol):
 
 
 class Ops(Protocol):
-    def randn_(self, buf: Array, rng: Array) -> None:
-        """Fill buf (B, ...) with N(0, 1) from each row's (seed, counter) in rng (B, 2) int64; counters += 1."""
+    def randn_(self, buf: Array, rng: Array, advance: Array) -> None:
+        """Fill buf (B, ...) with N(0, 1) from each row's (seed, counter) in rng (B, 2) int64;
+        counters += advance (B,)."""
 
     def lincomb_(self, dst: Array, a: float, x: Array, b: float, y: Array) -> None: ...
 
     def clamp_(self, dst: Array, src: Array) -> None: ...
 
-    def ring_write_(self, memory: Array, ages: Array, slot: Array, kv: Array) -> None:
-        """memory[b, slot[b]] = kv[b]; filled slots age by one, the written one becomes 1; slot += 1 mod K."""
+    def ring_write_(self, memory: Array, ages: Array, slot: Array, kv: Array, advance: Array) -> None:
+        """For rows with advance[b] = 1: memory[b, slot[b]] = kv[b]; filled slots age by one, the
+        written one becomes 1; slot += 1 mod K. Other rows are left as they are."""
 
     def reset_row_(self, buf: "Buffers", row: int, seed: int) -> None:
-        """Empty row `row`'s memory, ages and slot, and restart its noise at (seed, 0)."""
+        """Empty row `row`'s memory, ages and slot, and restart its noise at (seed, 0) (advance unchanged)."""
 
 
 Callback = Callable[[dict], None]  # {"graph", "step" (DDIM step index; None for context_encode), "inputs", "output"}
@@ -109,6 +113,7 @@ class Buffers:
     ages: Array  # (B, K) int32, 0 = empty
     slot: Array  # (B,) int64, next slot to write per row
     rng: Array  # (B, 2) int64, per row (seed, draws so far)
+    advance: Array  # (B,) int64, 1 = the row commits this frame, 0 = held
     t: list[Array]  # per DDIM step, (B,) float32 timesteps
     t_ctx: Array  # (B,) float32
     cond: Array | None  # (B, C, H, W) video-to-video input, or None
@@ -121,12 +126,12 @@ class Buffers:
     def all(self) -> list[Array]:
         """Every buffer (for the stale-graph check: a captured graph holds their addresses)."""
         return [self.x, self.v, self.frame, self.noise, self.ctx, self.kv, self.memory, self.ages, self.slot,
-                self.rng, *self.t, self.t_ctx] + ([self.cond] if self.cond is not None else [])
+                self.rng, self.advance, *self.t, self.t_ctx] + ([self.cond] if self.cond is not None else [])
 
 
 def run_frame(backend: Backend, ops: Ops, buf: Buffers, sched: Schedule, callback: Callback | None = None) -> None:
     """One frame for every row of the buffers. `callback` (k-diffusion style) sees each graph call."""
-    ops.randn_(buf.x, buf.rng)  # 1
+    ops.randn_(buf.x, buf.rng, buf.advance)  # 1
     for i in range(len(sched.timesteps)):  # 2
         inputs = buf.denoise_inputs(i)
         backend.run(G.DENOISE, inputs, buf.v)
@@ -134,13 +139,13 @@ def run_frame(backend: Backend, ops: Ops, buf: Buffers, sched: Schedule, callbac
             callback({"graph": G.DENOISE, "step": i, "inputs": inputs, "output": buf.v})
         ops.lincomb_(buf.x, sched.p[i], buf.x, sched.q[i], buf.v)
     ops.clamp_(buf.frame, buf.x)  # 3
-    ops.randn_(buf.noise, buf.rng)  # 4
+    ops.randn_(buf.noise, buf.rng, buf.advance)  # 4
     ops.lincomb_(buf.ctx, sched.ctx_alpha, buf.frame, sched.ctx_sigma, buf.noise)
     inputs = {G.FRAME: buf.ctx, G.T_CTX: buf.t_ctx}
     backend.run(G.CONTEXT, inputs, buf.kv)  # 5
     if callback is not None:
         callback({"graph": G.CONTEXT, "step": None, "inputs": inputs, "output": buf.kv})
-    ops.ring_write_(buf.memory, buf.ages, buf.slot, buf.kv)
+    ops.ring_write_(buf.memory, buf.ages, buf.slot, buf.kv, buf.advance)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,11 +184,11 @@ class NumpyOps:
 
         self.np = np
 
-    def randn_(self, buf, rng):
+    def randn_(self, buf, rng, advance):
         n = buf[0].size
         for b in range(buf.shape[0]):
             buf[b] = normal(int(rng[b, 0]), int(rng[b, 1]), n).reshape(buf.shape[1:])
-        rng[:, 1] += 1
+        rng[:, 1] += advance
 
     def lincomb_(self, dst, a, x, b, y):
         self.np.add(a * x, b * y, out=dst, casting="unsafe")
@@ -191,12 +196,12 @@ class NumpyOps:
     def clamp_(self, dst, src):
         self.np.clip(src, -1.0, 1.0, out=dst, casting="unsafe")
 
-    def ring_write_(self, memory, ages, slot, kv):
-        rows = self.np.arange(memory.shape[0])
-        memory[rows, slot] = kv
-        ages += ages > 0
-        ages[rows, slot] = 1
-        slot[:] = (slot + 1) % memory.shape[1]
+    def ring_write_(self, memory, ages, slot, kv, advance):
+        rows = self.np.flatnonzero(advance)
+        memory[rows, slot[rows]] = kv[rows]
+        ages[rows] += ages[rows] > 0
+        ages[rows, slot[rows]] = 1
+        slot[rows] = (slot[rows] + 1) % memory.shape[1]
 
     def reset_row_(self, buf, row, seed):
         buf.memory[row] = 0
@@ -220,6 +225,8 @@ def make_buffers(specs: dict, schedule: Schedule, alloc: Callable, fill: Callabl
     t_ctx = new(c, G.T_CTX)
     fill(t_ctx, schedule.t_ctx)
     cond = new(d, G.COND) if G.COND in d.input_names else None
+    advance = alloc((b,), "int64")
+    fill(advance, 1)
     return Buffers(x=new(d, G.X_T), v=new(d, G.V), frame=new(d, G.X_T), noise=new(c, G.FRAME), ctx=new(c, G.FRAME),
                    kv=new(c, G.KV), memory=new(d, G.MEMORY), ages=new(d, G.AGES), slot=alloc((b,), "int64"),
-                   rng=alloc((b, 2), "int64"), t=t, t_ctx=t_ctx, cond=cond)
+                   rng=alloc((b, 2), "int64"), advance=advance, t=t, t_ctx=t_ctx, cond=cond)

@@ -67,11 +67,13 @@ def ddim_update(x_t: torch.Tensor, v: torch.Tensor, coef: torch.Tensor, noise: t
 
 
 def ddim_sample(denoise: Denoiser, x_T: torch.Tensor, steps: int, cond: torch.Tensor | None = None,
-                eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Run `steps` DDIM steps from x_T (pure noise) and return x̂_0 (not clamped)."""
+                eta: float = 0.0, generator: torch.Generator | None = None, first_step: int = 0) -> torch.Tensor:
+    """Run `steps` DDIM steps from x_T (pure noise) and return x̂_0 (not clamped). With
+    first_step = i > 0, x_T is a sample at the i-th timestep instead (x_t of a partly noised
+    frame, SDEdit) and only steps i .. steps-1 run."""
     coefs = ddim_coefficients(steps, eta)
     x = x_T
-    for row in coefs:
+    for row in coefs[first_step:]:
         t = torch.full((x.shape[0],), int(row[0]), device=x.device, dtype=torch.long)
         v = denoise(x, t, cond).float()
         noise = torch.randn(x.shape, generator=generator).to(x.device) if row[5] > 0 else None

@@ -52,9 +52,9 @@ class TorchOps:
             self._rows[b] = torch.arange(b, device=self.device)
         return self._rows[b]
 
-    def randn_(self, buf, rng):
+    def randn_(self, buf, rng, advance):
         buf.copy_(self._normal(rng, buf[0].numel()).view(buf.shape))
-        rng[:, 1] += 1
+        rng[:, 1] += advance
 
     def lincomb_(self, dst, a, x, b, y):
         torch.add(x * a, y, alpha=b, out=dst) if dst.dtype == x.dtype else dst.copy_(x * a + y * b)
@@ -62,12 +62,15 @@ class TorchOps:
     def clamp_(self, dst, src):
         torch.clamp(src, -1.0, 1.0, out=dst)
 
-    def ring_write_(self, memory, ages, slot, kv):
-        rows = self._arange(memory.shape[0])
-        memory.index_put_((rows, slot), kv)
-        ages.add_((ages > 0).to(ages.dtype))
-        ages.scatter_(1, slot[:, None], 1)
-        slot.add_(1).remainder_(memory.shape[1])
+    def ring_write_(self, memory, ages, slot, kv, advance):
+        # held rows (advance 0) write back what they hold: no branch, so the op is graph safe
+        rows, go = self._arange(memory.shape[0]), advance.bool()
+        kept = memory[rows, slot]  # (B, 2, N, D)
+        keep_shape = (-1,) + (1,) * (kv.dim() - 1)  # go per row, broadcast over (2, N, D)
+        memory.index_put_((rows, slot), torch.where(go.view(keep_shape), kv.to(memory.dtype), kept))
+        ages.add_(((ages > 0) & go[:, None]).to(ages.dtype))
+        ages.scatter_(1, slot[:, None], torch.where(go[:, None], 1, ages.gather(1, slot[:, None])))
+        slot.add_(advance).remainder_(memory.shape[1])
 
     def reset_row_(self, buf, row, seed):
         buf.memory[row].zero_()

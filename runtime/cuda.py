@@ -245,29 +245,34 @@ template <typename T> __device__ void clamp1(T* dst, const T* src, long n) {
   if (i < n) st(dst, i, fminf(fmaxf(ld(src, i), -1.0f), 1.0f));
 }
 // memory (B, K, S) with S = 2*N*D elements per slot; kv (B, S); slot[b] is row b's slot to write
-template <typename T> __device__ void ring_copy(T* memory, const T* kv, const long long* slot, int k, long s, long n) {
+// rows with advance[b] = 0 are held: nothing of theirs is written
+template <typename T> __device__ void ring_copy(T* memory, const T* kv, const long long* slot, const long long* advance,
+                                               int k, long s, long n) {
   long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
-  if (i < n) { long b = i / s, e = i % s; memory[(b * k + slot[b]) * s + e] = kv[i]; }
+  if (i < n) { long b = i / s, e = i % s; if (advance[b]) memory[(b * k + slot[b]) * s + e] = kv[i]; }
 }
 extern "C" {
 __global__ void randn_f32(float* o, long per_row, long n, const long long* s) { randn(o, per_row, n, s); }
 __global__ void randn_f16(half_t* o, long per_row, long n, const long long* s) { randn(o, per_row, n, s); }
-// one draw per randn launch: every row's counter advances
-__global__ void advance(long long* s, int rows) { int b = blockIdx.x * blockDim.x + threadIdx.x; if (b < rows) s[2 * b + 1] += 1; }
+// one draw per randn launch: the counter of every row that advances
+__global__ void advance(long long* s, const long long* adv, int rows) {
+  int b = blockIdx.x * blockDim.x + threadIdx.x; if (b < rows) s[2 * b + 1] += adv[b];
+}
 __global__ void lincomb_f32(float* d, float a, const float* x, float b, const float* y, long n) { lincomb(d, a, x, b, y, n); }
 __global__ void lincomb_f16(half_t* d, float a, const half_t* x, float b, const half_t* y, long n) { lincomb(d, a, x, b, y, n); }
 __global__ void clamp_f32(float* d, const float* s, long n) { clamp1(d, s, n); }
 __global__ void clamp_f16(half_t* d, const half_t* s, long n) { clamp1(d, s, n); }
-__global__ void ring_copy_f32(float* m, const float* kv, const long long* slot, int k, long s, long n) { ring_copy(m, kv, slot, k, s, n); }
-__global__ void ring_copy_f16(half_t* m, const half_t* kv, const long long* slot, int k, long s, long n) { ring_copy(m, kv, slot, k, s, n); }
+__global__ void ring_copy_f32(float* m, const float* kv, const long long* slot, const long long* a, int k, long s, long n) { ring_copy(m, kv, slot, a, k, s, n); }
+__global__ void ring_copy_f16(half_t* m, const half_t* kv, const long long* slot, const long long* a, int k, long s, long n) { ring_copy(m, kv, slot, a, k, s, n); }
 // after the copy, per row: every filled slot ages by one, the written slot becomes age 1, the slot advances
-__global__ void ring_advance(int* ages, long long* slot, int batch, int k) {
+__global__ void ring_advance(int* ages, long long* slot, const long long* advance, int batch, int k) {
   int b = blockIdx.x * blockDim.x + threadIdx.x;
-  if (b >= batch) return;
+  if (b >= batch || !advance[b]) return;
   for (int i = 0; i < k; ++i) ages[b * k + i] += ages[b * k + i] > 0;
   ages[b * k + slot[b]] = 1;
   slot[b] = (slot[b] + 1) % k;
 }
+__global__ void fill_i64(long long* d, long long v, long n) { long i = blockIdx.x * (long)blockDim.x + threadIdx.x; if (i < n) d[i] = v; }
 __global__ void fill_f32(float* d, float v, long n) { long i = blockIdx.x * (long)blockDim.x + threadIdx.x; if (i < n) d[i] = v; }
 __global__ void zero_bytes(unsigned char* d, long n) { long i = blockIdx.x * (long)blockDim.x + threadIdx.x; if (i < n) d[i] = 0; }
 }
@@ -325,11 +330,11 @@ class CudaOps:
     def _n(n: int):
         return n, ctypes.c_long
 
-    def randn_(self, buf, rng):
+    def randn_(self, buf, rng, advance):
         rows = buf.shape[0]
         self._launch(f"randn_{_SUFFIX[buf.dtype]}", buf.size, self._p(buf), self._n(buf.size // rows),
                      self._n(buf.size), self._p(rng))
-        self._launch("advance", rows, self._p(rng), (rows, ctypes.c_int))
+        self._launch("advance", rows, self._p(rng), self._p(advance), (rows, ctypes.c_int))
 
     def lincomb_(self, dst, a, x, b, y):
         if not (dst.dtype == x.dtype == y.dtype and dst.size == x.size == y.size):
@@ -340,12 +345,13 @@ class CudaOps:
     def clamp_(self, dst, src):
         self._launch(f"clamp_{_SUFFIX[dst.dtype]}", dst.size, self._p(dst), self._p(src), self._n(dst.size))
 
-    def ring_write_(self, memory, ages, slot, kv):
+    def ring_write_(self, memory, ages, slot, kv, advance):
         batch, k = memory.shape[0], memory.shape[1]
         per_slot = kv.size // batch
         self._launch(f"ring_copy_{_SUFFIX[memory.dtype]}", kv.size, self._p(memory), self._p(kv), self._p(slot),
-                     (k, ctypes.c_int), self._n(per_slot), self._n(kv.size))
-        self._launch("ring_advance", batch, self._p(ages), self._p(slot), (batch, ctypes.c_int), (k, ctypes.c_int))
+                     self._p(advance), (k, ctypes.c_int), self._n(per_slot), self._n(kv.size))
+        self._launch("ring_advance", batch, self._p(ages), self._p(slot), self._p(advance), (batch, ctypes.c_int),
+                     (k, ctypes.c_int))
 
     def zero_(self, buf, offset: int = 0, nbytes: int | None = None):
         n = buf.nbytes - offset if nbytes is None else nbytes
@@ -361,8 +367,11 @@ class CudaOps:
         call(self.dev.rt.cudaStreamSynchronize, self.stream)  # `host` is pageable and about to go away
 
     def fill_(self, buf, value: float):
+        if buf.dtype == "int64":
+            self._launch("fill_i64", buf.size, self._p(buf), (int(value), ctypes.c_longlong), self._n(buf.size))
+            return
         if buf.dtype != "float32":
-            raise CudaError(f"fill_ writes float32 buffers, not {buf.dtype}")
+            raise CudaError(f"fill_ writes float32 and int64 buffers, not {buf.dtype}")
         self._launch("fill_f32", buf.size, self._p(buf), (value, ctypes.c_float), self._n(buf.size))
 
     def close(self) -> None:

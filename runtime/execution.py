@@ -3,7 +3,8 @@ behind one interface, so the Pipeline has no "is there a GPU" branches.
 
     ex.alloc(shape, dtype) / ex.fill(buf, value)   buffers where the backend computes
     ex.prepare(buf)                                  warm up and capture (GPU); nothing (CPU)
-    ex.submit(cond)                                  start a frame for every row; cond (B, C, H, W) float32 or None
+    ex.submit(cond, advance)                         start a frame for every row; cond (B, C, H, W) float32 or None,
+                                                     advance (B,) int64: 1 = the row commits the frame, 0 = held
     ex.collect() -> (B, C, H, W) float32             the oldest submitted frame
     ex.pending                                       frames submitted and not collected
     ex.reset_rows(rows, seeds)                       empty rows' memory and restart their noise (between frames)
@@ -55,9 +56,11 @@ class CpuExecution:
     def pending(self) -> int:
         return int(self._result is not None)
 
-    def submit(self, cond: np.ndarray | None) -> None:
+    def submit(self, cond: np.ndarray | None, advance: np.ndarray) -> None:
+        numpy = self.backend.array == "numpy"
         if cond is not None:
-            self.buf.cond[...] = cond if self.backend.array == "numpy" else _torch().from_numpy(cond)
+            self.buf.cond[...] = cond if numpy else _torch().from_numpy(cond)
+        self.buf.advance[...] = advance if numpy else _torch().from_numpy(advance)
         run_frame(self.backend, self.ops, self.buf, self.schedule)
         # a copy: the next frame overwrites the buffer
         self._result, kv = (_host(b, self.backend.array) for b in (self.buf.frame, self.buf.kv))
@@ -111,6 +114,10 @@ class GpuExecution:
         dtype = _dtype_name(buf.x)
         # Parity-indexed staging: device input/output and pinned host buffers.
         self.cond_stage = [gpu.zeros(buf.x.shape, dtype) for _ in range(2)] if buf.cond is not None else None
+        self.advance_stage = [gpu.zeros(buf.advance.shape, "int64") for _ in range(2)]
+        for stage in self.advance_stage:
+            gpu.fill(stage, 1)
+        self.host_advance = [gpu.pinned(buf.advance) for _ in range(2)]
         self.frame_out = [gpu.zeros(buf.x.shape, dtype) for _ in range(2)]
         self.host_in = [gpu.pinned(buf.x) for _ in range(2)]
         self.host_out = [gpu.pinned(buf.x) for _ in range(2)]
@@ -131,18 +138,19 @@ class GpuExecution:
         """Graph k: the frame, reading staged input k and writing output k."""
         if self.cond_stage is not None:
             self.gpu.copy(self.buf.cond, self.cond_stage[k])
+        self.gpu.copy(self.buf.advance, self.advance_stage[k])
         run_frame(self.backend, self.ops, self.buf, self.schedule)
         self.gpu.copy(self.frame_out[k], self.buf.frame)
 
     def _pointers(self) -> list[int]:
-        extra = self.frame_out + (self.cond_stage or [])
+        extra = self.frame_out + self.advance_stage + (self.cond_stage or [])
         return [t.data_ptr() for t in self.buf.all() + extra]
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
-    def submit(self, cond: np.ndarray | None) -> None:
+    def submit(self, cond: np.ndarray | None, advance: np.ndarray) -> None:
         gpu, k = self.gpu, self._frame % 2
         compute, copy = gpu.compute, gpu.copy_stream
         if len(self._pending) == 2:  # the host buffers of frame n-2 are about to be reused
@@ -150,10 +158,12 @@ class GpuExecution:
         if self.graphs and self._pointers() != self._captured:
             raise RuntimeError("a buffer moved since capture; the graphs are stale")
         gpu.record(self.ev_up0[k], copy)
+        gpu.wait(copy, self.ev_done[k])  # graph n-2 finished reading stage k
         if cond is not None:
             self.host_in[k][...] = cond
-            gpu.wait(copy, self.ev_done[k])  # graph n-2 finished reading stage k
             gpu.upload(self.cond_stage[k], self.host_in[k])
+        self.host_advance[k][...] = advance
+        gpu.upload(self.advance_stage[k], self.host_advance[k])
         gpu.record(self.ev_up[k], copy)
         gpu.wait(compute, self.ev_up[k])
         gpu.wait(compute, self.ev_down[k])  # frame n-2's output k has been downloaded

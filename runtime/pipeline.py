@@ -150,9 +150,11 @@ class Pipeline:
             raise PipelineError(f"row {row} outside the pipeline's batch of {self.batch}")
         self.execution.reset_rows([row], [seed])
 
-    def submit_batch(self, cond: np.ndarray | None = None) -> None:
+    def submit_batch(self, cond: np.ndarray | None = None, advance: np.ndarray | None = None) -> None:
         """Start a frame for every row (GPU: asynchronously). `cond`: (B, H, W, 3) input frames in
-        [-1, 1] for video-to-video models, None for generation."""
+        [-1, 1] for video-to-video models, None for generation. `advance` (B,) of 0/1, default all
+        1: a row with 0 is computed but commits nothing (its memory, ages and noise stay), so its
+        stream is held this frame."""
         self._require("ready", "step")
         if self.execution.pending >= 2:
             raise PipelineError("two frames are in flight: collect() one before submitting another")
@@ -166,7 +168,10 @@ class Pipeline:
                 raise PipelineError(f"input frames have shape {tuple(cond.shape)}, the model takes {expected[1:]} "
                                     f"per row; resize them (mirage.core.video_io.fit_square)")
             chw = np.ascontiguousarray(np.asarray(cond, dtype=np.float32).transpose(0, 3, 1, 2))
-        self.execution.submit(chw)
+        rows = np.ones(self.batch, np.int64) if advance is None else np.asarray(advance, np.int64)
+        if rows.shape != (self.batch,) or not np.isin(rows, (0, 1)).all():
+            raise PipelineError(f"advance must be {self.batch} flags of 0 or 1")
+        self.execution.submit(chw, rows)
 
     def collect_batch(self) -> np.ndarray:
         """Wait for the oldest submitted frame: (B, H, W, 3) float32."""
@@ -174,8 +179,8 @@ class Pipeline:
             raise PipelineError("collect() without a submitted frame")
         return self.execution.collect().transpose(0, 2, 3, 1)
 
-    def step_batch(self, cond: np.ndarray | None = None) -> np.ndarray:
-        self.submit_batch(cond)
+    def step_batch(self, cond: np.ndarray | None = None, advance: np.ndarray | None = None) -> np.ndarray:
+        self.submit_batch(cond, advance)
         return self.collect_batch()
 
     def submit(self, cond: np.ndarray | None = None) -> None:

@@ -7,9 +7,11 @@
 
 Each slot is one row of a Pipeline of batch B: its own ring buffer, ages, slot index and noise
 counter, so a stream's frames depend only on its own seed and inputs. Attaching or detaching
-resets that row between frames; the captured graph is never recaptured. A free row still
-computes (a captured graph has a fixed batch): its output is dropped, and it costs what a busy
-row costs.
+resets that row between frames; the captured graph is never recaptured. A step advances the
+slots it has inputs for (video-to-video; every attached slot for generation): the others are
+held (computed, nothing committed), so a stream's video does not depend on when its neighbours
+send. A free row still computes (a captured graph has a fixed batch): its output is dropped, and
+it costs what a busy row costs.
 """
 from __future__ import annotations
 
@@ -57,7 +59,8 @@ class StreamPool:
         self.active.remove(slot)
 
     def step(self, inputs: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
-        """Advance every attached slot one frame; returns {slot: (H, W, 3) float32 in [-1, 1]}."""
+        """Advance the slots given inputs (video-to-video) or every attached slot (generation) one
+        frame; returns {slot: (H, W, 3) float32 in [-1, 1]} for the slots that advanced."""
         for slot, frame in (inputs or {}).items():
             if slot not in self.active:
                 raise PipelineError(f"slot {slot} is not attached")
@@ -65,8 +68,11 @@ class StreamPool:
                 raise PipelineError(f"input frame has shape {tuple(np.shape(frame))}, the model takes "
                                     f"{self.frame_shape}")
             self._inputs[slot] = frame
-        out = self.pipeline.step_batch(self._inputs if self.video_to_video else None)
-        return {slot: out[slot] for slot in self.active}
+        moving = list(inputs or {}) if self.video_to_video else list(self.active)
+        advance = np.zeros(self.slots, np.int64)
+        advance[moving] = 1
+        out = self.pipeline.step_batch(self._inputs if self.video_to_video else None, advance)
+        return {slot: out[slot] for slot in moving}
 
     def close(self) -> None:
         self.pipeline.close()

@@ -60,21 +60,26 @@ def v2v_inputs(truth: np.ndarray) -> np.ndarray:
 
 
 def rollout_frames(model_path: str | Path, frames: int, steps: int, context_noise: int, seed: int, device: str,
-                   truth_seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(output frames, ground-truth frames), each (T, H, W, 3), and the model's {name, task, size,
-    precision}. Video-to-video models take the ground truth's input; generation models ignore it."""
+                   truth_seed: int, streams: int = 1) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(output frames (S, T, H, W, 3) of `streams` rollouts seeded seed .. seed+S-1, ground-truth
+    frames (T, H, W, 3)) and the model's {name, task, size, precision}. Video-to-video models take
+    the ground truth's input in every stream; generation models ignore it."""
     path = Path(model_path)
     meta = _meta(path)
     artifact = "graphs" in meta
-    options = PipelineOptions(dtype=None if artifact else "float32", steps=steps, context_noise=context_noise)
+    options = PipelineOptions(dtype=None if artifact else "float32", steps=steps, context_noise=context_noise,
+                              batch=streams)
     with Pipeline.load(path, backend="onnxruntime" if artifact else "torch", device=device, options=options) as pipe:
         size = pipe.frame_shape[0]
         truth = reference_clip(size, frames, truth_seed)
-        pipe.reset(seed)
-        out = np.stack(list(pipe.stream(list(v2v_inputs(truth)) if pipe.video_to_video else frames)))
+        pipe.reset(seed)  # row b is seeded with seed + b
+        if pipe.video_to_video:
+            out = [pipe.step_batch(np.repeat(x[None], streams, axis=0)) for x in v2v_inputs(truth)]
+        else:
+            out = [pipe.step_batch() for _ in range(frames)]
         info = {"name": meta["model"].get("name", "?"), "task": "v2v" if pipe.video_to_video else "generate", "size": size,
                 "precision": meta.get("precision", "fp32")}
-    return out, truth, info
+    return np.stack(out, axis=1), truth, info  # (S, T, H, W, 3)
 
 
 def data_statistics(size: int, window: int, features: M.RandomConvFeatures) -> dict:
@@ -111,23 +116,28 @@ def window_row(out: np.ndarray, truth: np.ndarray | None, data: dict, features: 
 
 
 def evaluate(model_path: str | Path, frames: int = 500, window: int = 50, steps: int | None = None,
-             context_noise: int = DEFAULT_CONTEXT_NOISE, seed: int = 0, device: str = "cpu") -> dict:
-    """Roll `model_path` out for `frames` frames and score every window; steps=None uses the
-    model's own step count (a distilled student records it), else 4."""
+             context_noise: int = DEFAULT_CONTEXT_NOISE, seed: int = 0, device: str = "cpu", streams: int = 1) -> dict:
+    """Roll `model_path` out for `frames` frames in `streams` independent streams (seeds seed ..
+    seed+streams-1) and score every window: each metric is the mean over the streams, `std` its
+    spread. steps=None uses the model's own step count (a distilled student records it), else 4."""
     if window < 3 or frames < window:
         raise QualityError(f"--window {window} / --frames {frames}: need 3 <= window <= frames")
+    if streams < 1:
+        raise QualityError(f"--streams {streams}: need at least 1")
     steps = steps or default_steps(_meta(Path(model_path)))
-    out, truth, info = rollout_frames(model_path, frames, steps, context_noise, seed, device, 10_000 + seed)
+    out, truth, info = rollout_frames(model_path, frames, steps, context_noise, seed, device, 10_000 + seed, streams)
     v2v = info["task"] == "v2v"
     features = M.RandomConvFeatures()
     data = data_statistics(info["size"], window, features)
-    windows = [{"start": s, "end": s + window,
-                **window_row(out[s:s + window], truth[s:s + window] if v2v else None, data, features)}
-               for s in range(0, frames - window + 1, window)]
+    windows = []
+    for s in range(0, frames - window + 1, window):
+        rows = [window_row(video[s:s + window], truth[s:s + window] if v2v else None, data, features) for video in out]
+        windows.append({"start": s, "end": s + window, **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]},
+                        "std": {k: float(np.std([r[k] for r in rows])) for k in rows[0]}})
     report = {"model": str(model_path), "config": info["name"], "task": info["task"],
               "precision": info["precision"], "frames": frames, "window": window, "steps": steps,
-              "context_noise": context_noise, "seed": seed, "data": data["summary"], "windows": windows,
-              "collapsed_frames": int(M.collapsed(out).sum())}
+              "context_noise": context_noise, "seed": seed, "streams": streams, "data": data["summary"],
+              "windows": windows, "collapsed_frames": int(sum(M.collapsed(video).sum() for video in out))}
     if v2v:
         report["drift_db"] = windows[-1]["psnr"] - windows[0]["psnr"]
     return report
@@ -141,7 +151,11 @@ def format_table(report: dict) -> str:
     lines.append(f"data: hist_distance {d['hist_distance']:.4f} and feature_distance {d['feature_distance']:.4f} "
                  f"(one clip vs. the pool of {DATA_CLIPS}), sharpness {d['sharpness']:.4f}, motion {d['motion']:.4f}, "
                  f"flicker {d['flicker']:.4f}")
-    lines.append(f"collapsed frames: {report['collapsed_frames']} of {report['frames']}")
+    streams = report.get("streams", 1)
+    if streams > 1:
+        lines.insert(0, f"means over {streams} streams (seeds {report['seed']}..{report['seed'] + streams - 1}); "
+                        "per-window spread in the JSON's std")
+    lines.append(f"collapsed frames: {report['collapsed_frames']} of {report['frames'] * streams}")
     if "drift_db" in report:
         lines.append(f"drift (last window - first window): {report['drift_db']:+.2f} dB")
     return "\n".join(lines)

@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # Issue 18 on one GPU (about 8 minutes on an H100): fine-tune the bundled generator on its own
 # rollouts, distil the bundled video-to-video model to 2 and then 1 DDIM steps, and score
-# everything with mirage-quality over 500 frames on the CPU (the same numbers the CPU gives,
-# so they compare with docs/QUALITY.md), baselines included.
+# everything, baselines included, with mirage-quality over 500 frames in 8 independent streams
+# (one generated video is one sample: single-seed generation metrics vary by 2x between seeds)
+# on the GPU in float32.
 #
 #   bash scripts/train_longroll_gpu.sh          # results in $OUT (the device tool's folder) or ./longroll-out
-#   STEPS=1200 FRAMES=500 SF_PROB=0.5 SF_HORIZON=2 bash scripts/train_longroll_gpu.sh
+#   STEPS=1200 FRAMES=500 STREAMS=8 SF_PROB=0.5 SF_HORIZON=2 bash scripts/train_longroll_gpu.sh
+#   DEVICE=cpu STEPS=2 BATCH=2 FRAMES=6 WINDOW=3 STREAMS=2 PYTHON=.venv/bin/python ...   # a smoke test on the CPU
 #
-# $OUT gets 4 files: tables.txt (every quality table and training summary), reports.tar.gz (the
-# quality JSONs, for scripts/plot_quality.py, and the training logs), ckpt-gen.tar (the
-# self-forced generator and its plain fine-tuned control), ckpt-v2v.tar (the 2- and 1-step students).
+# $OUT gets 5 files: tables.txt (every quality table and training summary), reports.tar.gz (the
+# quality JSONs, for scripts/plot_quality.py, the training logs and drift plots), ckpt-gen-sf.tar
+# (the two self-forced generators), ckpt-gen-ft.tar (the plain fine-tuned control), ckpt-v2v.tar
+# (the 2- and 1-step students).
 set -euo pipefail
 STEPS=${STEPS:-1200}  # optimizer steps of every training run
 FRAMES=${FRAMES:-500}
 LIMIT=${LIMIT:-230}  # seconds per training run at most: a checkpoint is saved every 500 steps
+ROOT=$PWD
 W=$(mktemp -d /tmp/longroll.XXXX)
 mkdir -p "${OUT:=longroll-out}" && OUT=$(cd "$OUT" && pwd)
 py=${PYTHON:-python3}
@@ -27,16 +31,21 @@ train() {  # NAME ARGS...: one run, bf16, batch 128, at the lr of a fine-tune
   timeout "$LIMIT" $py -m mirage.cli.train --batch-size "${BATCH:-128}" --precision bf16 --device "${DEVICE:-cuda}" --workers 3 \
     --steps "$STEPS" --lr "${LR:-5e-4}" --out "$W/$name" "$@" > "$W/$name.log" 2>&1 || echo "train $name: exit $?" >> "$W/$name.log"
 }
-quality() {  # NAME MODEL ARGS...: the report of a checkpoint, on the CPU
+quality() {  # NAME MODEL ARGS...: the report of a checkpoint, STREAMS rollouts (seeds 0..STREAMS-1) as one batch
   local name=$1; shift
-  OMP_NUM_THREADS=1 $py -m mirage.cli.quality "$@" --frames "$FRAMES" --window "${WINDOW:-50}" --device cpu --json "$W/q-$name.json" \
+  OMP_NUM_THREADS=1 $py -m mirage.cli.quality "$@" --frames "$FRAMES" --window "${WINDOW:-50}" --streams "${STREAMS:-8}" \
+    --device "${QDEVICE:-${DEVICE:-cuda}}" --json "$W/q-$name.json" \
     > "$W/q-$name.txt" 2>&1 || echo "quality $name: exit $?" >> "$W/q-$name.txt"
 }
 
-# 1. in parallel: the generator fine-tuned with self-forcing and, as a control, without; the
+# 1. in parallel: the generator fine-tuned with self-forcing (from pure noise, and SDEdit-anchored
+#    at strength 0.5) and, as a control, without; the
 #    2-step student of the 4-step video-to-video model; the baselines' reports
 train gen-sf --init-from checkpoints/tiny --self-forcing-prob "${SF_PROB:-0.5}" --self-forcing-horizon "${SF_HORIZON:-2}" &
 sf=$!
+train gen-sfa --init-from checkpoints/tiny --self-forcing-prob "${SF_PROB:-0.5}" --self-forcing-horizon "${SF_HORIZON:-2}" \
+  --self-forcing-strength "${SF_STRENGTH:-0.5}" &
+sfa=$!
 train gen-ft --init-from checkpoints/tiny &
 ft=$!
 train v2v-s2 --distill-from checkpoints/tiny-v2v --student-steps 2 &
@@ -50,8 +59,9 @@ wait $s2
 train v2v-s1 --distill-from "$W/v2v-s2" --student-steps 1 &
 s1=$!
 quality v2v-s2 "$W/v2v-s2" &
-wait $sf $ft
+wait $sf $sfa $ft
 quality gen-sf "$W/gen-sf" &
+quality gen-sfa "$W/gen-sfa" &
 quality gen-ft "$W/gen-ft" &
 wait $s1
 quality v2v-s1 "$W/v2v-s1"
@@ -59,6 +69,15 @@ wait
 
 { for f in "$W"/*.log; do echo "== $(basename "$f")"; tail -c 600 "$f" | tr '\r' '\n' | tail -n 2; done
   for f in "$W"/q-*.txt; do echo "== $(basename "$f")"; cat "$f"; done; } | tee "$OUT/tables.txt"
-(cd "$W" && tar czf "$OUT/reports.tar.gz" q-*.json *.log gpu.txt)
-(cd "$W" && tar cf "$OUT/ckpt-gen.tar" --ignore-failed-read gen-sf/config.json gen-sf/model.safetensors gen-ft/config.json gen-ft/model.safetensors)
-(cd "$W" && tar cf "$OUT/ckpt-v2v.tar" --ignore-failed-read v2v-s2/config.json v2v-s2/model.safetensors v2v-s1/config.json v2v-s1/model.safetensors)
+plot() {  # METRIC REPORT...: drift curves beside the tables, W/METRIC-FIRST.png
+  local metric=$1; shift
+  $py "$ROOT/scripts/plot_quality.py" "$@" --metric "$metric" --out "$metric-${1%.json}.png" >/dev/null 2>&1 || true
+}
+cd "$W"
+for m in sharpness_ratio motion_ratio flicker_ratio feature_distance; do plot "$m" q-gen-base.json q-gen-ft.json q-gen-sf.json q-gen-sfa.json; done
+plot psnr q-v2v-t4.json q-v2v-t2.json q-v2v-t1.json q-v2v-s2.json q-v2v-s1.json
+shopt -s nullglob
+tar czf "$OUT/reports.tar.gz" q-*.json *.log *.png gpu.txt
+tar cf "$OUT/ckpt-gen-sf.tar" --ignore-failed-read gen-{sf,sfa}/{config.json,model.safetensors}
+tar cf "$OUT/ckpt-gen-ft.tar" --ignore-failed-read gen-ft/{config.json,model.safetensors}
+tar cf "$OUT/ckpt-v2v.tar" --ignore-failed-read v2v-s{2,1}/{config.json,model.safetensors}

@@ -17,6 +17,11 @@ PARAM_RANGES = {
     "small": (18e6, 25e6),
     "base": (90e6, 120e6),
     "seed880m": (850e6, 920e6),
+    # latent configs: the same U-Nets on 4-channel latents (tiny-64 has two levels)
+    "tiny-64": (0.8e6, 1.1e6),
+    "small-256": (18e6, 25e6),
+    "base-512": (90e6, 120e6),
+    "seed880m-512": (850e6, 920e6),
 }
 
 
@@ -28,7 +33,7 @@ def test_every_named_config_has_a_stated_range():
 @pytest.mark.parametrize("name", sorted(PARAM_RANGES))
 def test_parameter_counts(name, task):
     cfg = get_config(name, task)
-    assert cfg.cond_channels == (3 if task == "v2v" else 0)
+    assert cfg.cond_channels == (cfg.channels if task == "v2v" else 0)
     assert cfg.task == task
     with torch.device("meta"):
         model = MirageUNet(cfg)
@@ -38,12 +43,12 @@ def test_parameter_counts(name, task):
 
 
 def test_v2v_adds_exactly_the_conditioning_input_weights():
-    # The only difference is in_conv taking 3 more input channels: 3 * 3 * 3 * base_channels weights.
+    # The only difference is in_conv taking C more input channels: C * 3 * 3 * base_channels weights.
     for name in CONFIGS:
         with torch.device("meta"):
             gen = parameter_count(MirageUNet(get_config(name, "generate")))
             v2v = parameter_count(MirageUNet(get_config(name, "v2v")))
-        assert v2v - gen == 3 * 9 * CONFIGS[name].base_channels
+        assert v2v - gen == CONFIGS[name].channels * 9 * CONFIGS[name].base_channels
 
 
 def test_tiny_memory_layout():

@@ -35,6 +35,21 @@ def test_self_forced_context_is_the_models_own_and_carries_no_gradient(make_rand
         self_forced_context(model, clips, horizon=5, steps=2, context_noise=100)
 
 
+def test_self_forced_context_at_lower_strength_starts_from_the_real_frames(make_random_tiny):
+    model = make_random_tiny().train()
+    clips = _clips()
+    errors = {}
+    for strength in (1.0, 0.5, 0.25):
+        torch.manual_seed(0)
+        ctx = self_forced_context(model, clips, horizon=2, steps=4, context_noise=100, strength=strength)
+        errors[strength] = (ctx[:, 2:] - clips[:, 2:4]).abs().mean().item()
+    assert errors[0.25] < errors[0.5] < errors[1.0]  # less noise added, closer to the real frames
+    with pytest.raises(ValueError, match="strength 0.1 leaves none of 4"):
+        self_forced_context(model, clips, horizon=2, steps=4, context_noise=100, strength=0.1)
+    with pytest.raises(ConfigError, match="self_forcing_strength=0"):
+        TrainConfig(self_forcing_strength=0)
+
+
 def test_self_forced_step_backpropagates_only_through_the_last_frame(make_random_tiny):
     model = make_random_tiny().train()
     calls = []  # (graph, grad enabled) per call
@@ -48,6 +63,10 @@ def test_self_forced_step_backpropagates_only_through_the_last_frame(make_random
     # then one context encode (the whole context) and one denoise with gradient
     assert calls.count(("encode", False)) == 4 and calls.count(("denoise", False)) == 6
     assert calls[-2:] == [("encode", True), ("denoise", True)]
+    calls.clear()  # at strength 0.5 each generated frame runs the second of the 2 steps only
+    TrainStep(model, TrainConfig(self_forcing_prob=1.0, self_forcing_horizon=3, self_forcing_steps=2,
+                                 self_forcing_strength=0.5))(_clips(), self_forced=True)
+    assert calls.count(("denoise", False)) == 3
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 

@@ -56,3 +56,21 @@ def test_attach_detach_and_full_pool():
         assert set(pool.step()) == {b}
         c = pool.attach(4)
         assert c == a and set(pool.step()) == {b, c}
+
+
+def test_a_stream_without_input_is_held_not_advanced():
+    """Stream a sends every step, b every other step: each gets exactly its own video, as if alone."""
+    a_in, b_in = _inputs(4, 1), _inputs(2, 2)
+    with StreamPool.open(CKPT_V2V, slots=2, device="cpu") as pool:
+        solo = pool.attach(seed=9)
+        alone_b = [pool.step({solo: y})[solo] for y in b_in]
+        pool.detach(solo)
+        a, b = pool.attach(seed=5), pool.attach(seed=9)
+        got_b = []
+        for n, x in enumerate(a_in):
+            out = pool.step({a: x, b: b_in[n // 2]} if n % 2 == 0 else {a: x})
+            assert set(out) == ({a, b} if n % 2 == 0 else {a})
+            if b in out:
+                got_b.append(out[b])
+    for f, g in zip(alone_b, got_b):
+        np.testing.assert_array_equal(f, g)

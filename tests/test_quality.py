@@ -81,3 +81,13 @@ def test_cli_writes_the_report_and_refuses_bad_sizes(tmp_path):
     assert bad.exit_code == 2 and "window" in bad.output and "Traceback" not in bad.output
     empty = CliRunner().invoke(quality_cli, [str(tmp_path)])
     assert empty.exit_code == 2 and "neither an artifact" in empty.output
+
+
+def test_streams_are_independent_seeds_averaged():
+    both = evaluate(CKPT_GEN, frames=6, window=3, seed=5, streams=2)
+    one = [evaluate(CKPT_GEN, frames=6, window=3, seed=s) for s in (5, 6)]
+    for w, a, b in zip(both["windows"], one[0]["windows"], one[1]["windows"]):
+        for key in ("sharpness", "motion", "hist_distance", "feature_distance"):
+            assert w[key] == pytest.approx((a[key] + b[key]) / 2, rel=1e-3), key
+            assert w["std"][key] == pytest.approx(abs(a[key] - b[key]) / 2, rel=1e-2, abs=1e-6), key
+    assert a["sharpness"] != b["sharpness"]  # two seeds, two videos

@@ -64,12 +64,14 @@ def test_ring_write_ops_match_reference(ops_name):
     else:
         ops, zeros, to = TorchOps("cpu"), (lambda shape, dt: torch.zeros(shape, dtype=getattr(torch, dt))), (lambda x: x)
     mem, ages, slot = zeros((b, k, 2, n, d), "float32"), zeros((b, k), "int32"), zeros((b,), "int64")
+    advance = zeros((b,), "int64")
+    advance[:] = 1
     slot[1] = k - 1  # row 1's write position differs from row 0's
     kvs = []
     for frame in range(2 * k + 1):  # wraps around twice
         kv = torch.randn(b, 2, n, d)
         kvs.append(kv)
-        ops.ring_write_(mem, ages, slot, to(kv))
+        ops.ring_write_(mem, ages, slot, to(kv), advance)
     ref_slots, ref_ages = _ring_reference(k, 2 * k + 1)
     assert np.array_equal(np.asarray(ages)[0], ref_ages[-1])
     assert int(slot[0]) == (2 * k + 1) % k and int(slot[1]) == (k - 1 + 2 * k + 1) % k
@@ -78,6 +80,26 @@ def test_ring_write_ops_match_reference(ops_name):
         assert np.allclose(np.asarray(mem)[0, s], kvs[last0][0].numpy())
         last1 = max(m for m in range(2 * k + 1) if (k - 1 + m) % k == s)
         assert np.allclose(np.asarray(mem)[1, s], kvs[last1][1].numpy())
+
+
+@pytest.mark.parametrize("ops_name", ["numpy", "torch"])
+def test_a_held_row_commits_nothing(ops_name):
+    """advance = 0: the row's memory, ages, slot and noise counter stay as they were."""
+    b, k, n, d = 2, 3, 2, 2
+    if ops_name == "numpy":
+        ops, zeros, to = NumpyOps(), (lambda shape, dt: np.zeros(shape, dt)), (lambda x: x.numpy())
+    else:
+        ops, zeros, to = TorchOps("cpu"), (lambda shape, dt: torch.zeros(shape, dtype=getattr(torch, dt))), (lambda x: x)
+    mem, ages, slot, rng = zeros((b, k, 2, n, d), "float32"), zeros((b, k), "int32"), zeros((b,), "int64"), \
+        zeros((b, 2), "int64")
+    advance, noise = zeros((b,), "int64"), zeros((b, 5), "float32")
+    advance[0] = 1
+    for _ in range(2):
+        ops.ring_write_(mem, ages, slot, to(torch.ones(b, 2, n, d)), advance)
+        ops.randn_(noise, rng, advance)
+    assert np.asarray(ages).tolist() == [[2, 1, 0], [0, 0, 0]]
+    assert np.asarray(slot).tolist() == [2, 0] and np.asarray(rng)[:, 1].tolist() == [2, 0]
+    assert np.asarray(mem)[1].sum() == 0
 
 
 def test_noise_is_the_same_on_numpy_and_torch_and_per_row():

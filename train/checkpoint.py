@@ -120,10 +120,37 @@ def recover(folder: str | Path) -> None:
                               "make the folder writable and retry") from e
 
 
-def save_checkpoint(out: str | Path, model: MirageUNet, ema: MirageUNet, train_cfg: TrainConfig, step: int,
-                    optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None) -> Path:
+def save_unit(out: str | Path, tensors: dict[str, dict[str, torch.Tensor]], meta: dict,
+              delete: tuple[str, ...] = ()) -> Path:
+    """Save safetensors files {file name: tensors} and config.json (`meta`, plus each file's sha256
+    and size under "files") into `out` as one unit, deleting the files in `delete` in the same
+    commit (see the module docstring)."""
     out = check_writable(out)
     recover(out)
+    step = meta.get("step")
+    try:
+        meta = {**meta, "files": {}}
+        for name, values in tensors.items():
+            tmp = out / (name + TMP)
+            save_file(values, str(tmp))
+            _fsync(tmp)
+            meta["files"][name] = {"sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}
+        (out / (CONFIG + TMP)).write_text(json.dumps(meta, indent=2))
+        _fsync(out / (CONFIG + TMP))
+        plan = {"step": step, "files": [*tensors, CONFIG], "delete": list(delete)}
+        (out / (JOURNAL + TMP)).write_text(json.dumps(plan))
+        _fsync(out / (JOURNAL + TMP))
+        os.replace(out / (JOURNAL + TMP), out / JOURNAL)  # the commit point
+        _fsync(out)
+    except OSError as e:
+        raise CheckpointError(f"{out}: saving step {step} failed ({e.strerror}); the previous checkpoint "
+                              "there is intact") from e
+    recover(out)  # roll forward: the same code that finishes a save interrupted after the commit
+    return out
+
+
+def save_checkpoint(out: str | Path, model: MirageUNet, ema: MirageUNet, train_cfg: TrainConfig, step: int,
+                    optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None) -> Path:
     meta = {"model": to_json(model.cfg), "train": to_json(train_cfg), "step": step,
             "mirage_version": __version__, **(extra or {})}
     tensors = {WEIGHTS: {k: v.detach().contiguous() for k, v in ema.state_dict().items()}}
@@ -135,26 +162,8 @@ def save_checkpoint(out: str | Path, model: MirageUNet, ema: MirageUNet, train_c
                 state[f"opt.{idx}.{name}"] = torch.as_tensor(value).contiguous()
         meta["param_groups"] = opt["param_groups"]
         tensors[STATE] = state
-    try:
-        meta["files"] = {}
-        for name, values in tensors.items():
-            tmp = out / (name + TMP)
-            save_file(values, str(tmp))
-            _fsync(tmp)
-            meta["files"][name] = {"sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}
-        (out / (CONFIG + TMP)).write_text(json.dumps(meta, indent=2))
-        _fsync(out / (CONFIG + TMP))
-        # a weights-only save must not leave an older step's train state beside it
-        plan = {"step": step, "files": [*tensors, CONFIG], "delete": [] if optimizer is not None else [STATE]}
-        (out / (JOURNAL + TMP)).write_text(json.dumps(plan))
-        _fsync(out / (JOURNAL + TMP))
-        os.replace(out / (JOURNAL + TMP), out / JOURNAL)  # the commit point
-        _fsync(out)
-    except OSError as e:
-        raise CheckpointError(f"{out}: saving step {step} failed ({e.strerror}); the previous checkpoint "
-                              "there is intact") from e
-    recover(out)  # roll forward: the same code that finishes a save interrupted after the commit
-    return out
+    # a weights-only save must not leave an older step's train state beside it
+    return save_unit(out, tensors, meta, delete=() if optimizer is not None else (STATE,))
 
 
 def _folder(path: str | Path) -> Path:

@@ -65,7 +65,7 @@ class TrainStep(nn.Module):
         ctx, target = clips[:, :k], clips[:, k]  # (B, K, 3, H, W), (B, 3, H, W)
         if self_forced:
             ctx = self_forced_context(self.model, clips, tcfg.self_forcing_horizon, tcfg.self_forcing_steps,
-                                      tcfg.self_forcing_context_noise)
+                                      tcfg.self_forcing_context_noise, tcfg.self_forcing_strength)
         # 1. valid slots: the n most recent context frames (all of them after a self-forced unroll); frame j is K - j old
         n_valid = torch.randint(1, k + 1, (b,), device=dev)
         n_valid = torch.where(torch.rand(b, device=dev) < tcfg.empty_context_prob, 0, n_valid)
@@ -203,7 +203,7 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
     if tcfg.self_forcing_prob and not 1 <= tcfg.self_forcing_horizon <= model_cfg.context_frames:
         raise ConfigError(f"self_forcing_horizon={tcfg.self_forcing_horizon}: choose 1 to context_frames="
                           f"{model_cfg.context_frames}")
-    clip_source = make_source(tcfg.data, model_cfg.image_size, model_cfg.context_frames + 1, tcfg.seed)
+    source = make_source(tcfg.data, model_cfg.image_size, model_cfg.context_frames + 1, tcfg.seed)
     if rank == 0:
         check_writable(out)  # before any work: an unwritable --out would otherwise fail at the first save
     check_fits(model_cfg, tcfg, dev)
@@ -213,14 +213,14 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
     start_from = tcfg.init_from or tcfg.distill_from
     sampling_steps = tcfg.student_steps or None  # what the runtime samples the result with by default
     if start_from:  # fine-tuning and distillation start from the EMA weights (a resume below overrides them)
-        source, source_meta = load_checkpoint(start_from, dev)
-        check_same(source.cfg, model_cfg)
-        model.load_state_dict(source.state_dict())
-        sampling_steps = sampling_steps or source_meta.get("sampling_steps")
+        start_model, start_meta = load_checkpoint(start_from, dev)
+        check_same(start_model.cfg, model_cfg)
+        model.load_state_dict(start_model.state_dict())
+        sampling_steps = sampling_steps or start_meta.get("sampling_steps")
     teacher = None
     if tcfg.distill_from:
-        check_teacher(source_meta, tcfg.student_steps, tcfg.distill_from)
-        teacher = source.eval().requires_grad_(False)
+        check_teacher(start_meta, tcfg.student_steps, tcfg.distill_from)
+        teacher = start_model.requires_grad_(False)  # in eval mode, as loaded
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.99))
     step, elapsed, saved_loss, resumes = 0, 0.0, float("nan"), []
@@ -249,7 +249,7 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
             resumes = [*resumes, {"step": step, "changes": changes}]
     elif (out / CONFIG).is_file():
         log(f"{out}: --no-resume: starting over; the checkpoint there is replaced at the first save")
-    stream = ClipStream(clip_source, model_cfg.context_frames + 1, seed=tcfg.seed + 1000 * step, rank=rank)
+    stream = ClipStream(source, model_cfg.context_frames + 1, seed=tcfg.seed + 1000 * step, rank=rank)
     loader = iter(torch.utils.data.DataLoader(stream, batch_size=tcfg.batch_size, num_workers=workers,
                                               pin_memory=dev.type == "cuda"))
     step_fn: nn.Module = TrainStep(model, tcfg, teacher)

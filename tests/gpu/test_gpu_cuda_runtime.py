@@ -137,12 +137,13 @@ def test_lincomb_and_clamp(gpu, dtype):
 def test_noise_moments_fresh_and_reproducible(gpu, dtype):
     from mirage.core.loop import normal
 
-    noise, rng = gpu.zeros((1, 1 << 20), dtype), gpu.zeros((1, 2), "int64")
+    noise, rng, advance = gpu.zeros((1, 1 << 20), dtype), gpu.zeros((1, 2), "int64"), gpu.zeros((1,), "int64")
+    gpu.fill(advance, 1)
     draws = []
     for reseed in (True, False, True):
         if reseed:
             _from_host(gpu, rng, np.array([[5, 0]], np.int64))
-        gpu.ops.randn_(noise, rng)
+        gpu.ops.randn_(noise, rng, advance)
         draws.append(_to_host(gpu, noise)[0].astype(np.float64))
     a, b, c = draws
     # the loop's generator: the same numbers as numpy's implementation (fast-math rounding aside)
@@ -159,11 +160,17 @@ def test_ring_write_matches_numpy(gpu):
     kv = gpu.zeros((2, 2, 5, 8), "float32")
     ref_mem, ref_ages, ref_slot = np.zeros(shape, np.float32), np.zeros((2, k), np.int32), np.array([0, 2], np.int64)
     _from_host(gpu, slot, ref_slot)  # rows write at different positions
+    advance, ref_advance = gpu.zeros((2,), "int64"), np.array([1, 1], np.int64)
+    gpu.fill(advance, 1)
     for frame in range(k + 3):  # wraps around
         kvs = rng.standard_normal((2, 2, 5, 8)).astype(np.float32)
         _from_host(gpu, kv, kvs)
-        gpu.ops.ring_write_(memory, ages, slot, kv)
-        NumpyOps().ring_write_(ref_mem, ref_ages, ref_slot, kvs)
+        if frame == k:  # hold row 1 for one frame
+            ref_advance[1] = 0
+        _from_host(gpu, advance, ref_advance)
+        gpu.ops.ring_write_(memory, ages, slot, kv, advance)
+        NumpyOps().ring_write_(ref_mem, ref_ages, ref_slot, kvs, ref_advance)
+        ref_advance[1] = 1
         np.testing.assert_array_equal(_to_host(gpu, memory), ref_mem, err_msg=f"frame {frame}")
         np.testing.assert_array_equal(_to_host(gpu, ages), ref_ages, err_msg=f"frame {frame}")
         np.testing.assert_array_equal(_to_host(gpu, slot), ref_slot, err_msg=f"frame {frame}")

@@ -1,0 +1,161 @@
+"""The autoencoder stage: train a TAESD-layout autoencoder from scratch on frames, and its checkpoints.
+
+No pretrained network is available here (nothing can be downloaded), so the losses compare the
+reconstruction with the input frame only:
+
+    loss = (1 - a) * L1 + a * (1 - MS-SSIM) + w * latent_reg,   a = 0.84 (Zhao et al. 2017's mix)
+
+latent_reg pulls every latent channel towards zero mean and unit variance over the batch, so the
+diffusion model can take latents about as they are (the bundled ae-tiny stopped at std 0.4-0.6:
+measure before choosing a latent config's scaling_factor).
+There is no adversarial term: it is only worth its cost where L1 + MS-SSIM leave visible blur,
+which was not measured here.
+
+Checkpoint folder:
+    config.json          {"autoencoder": AutoencoderConfig, "train": TrainConfig, "step": ..., ...}
+    model.safetensors    AutoencoderTiny weights (EMA when on), diffusers' key names
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mirage import __version__
+from mirage.core.config import AutoencoderConfig, ConfigError, TrainConfig, from_json, to_json
+from mirage.model.autoencoder import TAESD_WEIGHTS, Autoencoder, AutoencoderError, build_autoencoder, \
+    load_taesd_folder, load_weights
+from mirage.model.ssim import ms_ssim
+from mirage.train.checkpoint import CONFIG, WEIGHTS, CheckpointError, recover, save_unit
+from mirage.train.data import ClipStream, make_source
+from mirage.train.trainer import ema_update, lr_at, pick_device
+
+SSIM_MIX = 0.84  # the default a
+LATENT_REG = 0.01
+
+
+def reconstruction_loss(recon: torch.Tensor, frames: torch.Tensor, mix: float = SSIM_MIX) -> torch.Tensor:
+    """(1 - a) L1 + a (1 - MS-SSIM) between (B, 3, H, W) frames in [-1, 1]; MS-SSIM on [0, 1] images."""
+    l1 = (recon - frames).abs().mean()
+    structural = 1 - ms_ssim((recon.clamp(-1, 1) + 1) / 2, (frames + 1) / 2).mean()
+    return (1 - mix) * l1 + mix * structural
+
+
+def latent_reg(latents: torch.Tensor) -> torch.Tensor:
+    """Mean over channels of mean^2 + (std - 1)^2, statistics over batch and positions."""
+    flat = latents.transpose(0, 1).flatten(1)  # (C, B*h*w)
+    return (flat.mean(1).pow(2) + (flat.std(1) - 1).pow(2)).mean()
+
+
+def train_autoencoder(cfg: AutoencoderConfig, tcfg: TrainConfig, out: str | Path, crop: int = 128,
+                      device: str = "auto", workers: int = 0, resume: bool = True, ssim_mix: float = SSIM_MIX,
+                      progress: bool = True) -> dict:
+    """Train on crop x crop frames of tcfg.data into checkpoint folder `out`; returns a summary.
+    `workers` processes make the frames (a GPU outruns one CPU core making 256x256 detailed frames).
+
+    With resume, a checkpoint already in `out` must have the same config (else CheckpointError
+    naming both values) and training starts from its weights (the optimizer state is not kept)."""
+    out, dev = Path(out), pick_device(device)
+    torch.manual_seed(tcfg.seed)
+    model = build_autoencoder(cfg)
+    start_step = 0
+    if resume and (out / CONFIG).is_file():
+        saved, meta = load_autoencoder(out, expect=cfg)
+        model.load_state_dict(saved.state_dict())
+        start_step = meta["step"]
+    model = model.to(dev).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if tcfg.ema_decay else None
+    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.99))
+    stream = ClipStream(make_source(tcfg.data, crop, 1, tcfg.seed), 1, seed=tcfg.seed + 1000 * start_step)
+    loader = iter(torch.utils.data.DataLoader(stream, batch_size=tcfg.batch_size, num_workers=workers,
+                                              pin_memory=dev.type == "cuda"))
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.precision)
+    scaler = torch.amp.GradScaler(dev.type, enabled=tcfg.precision == "fp16")
+    losses: list[float] = []
+    begin = time.perf_counter()
+    for step in range(tcfg.steps):
+        frames = next(loader)[:, 0].to(dev, non_blocking=True)  # (B, 1, 3, H, W) clips of one frame
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, tcfg)
+        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            latents = model.encode(frames)
+            recon = model.decode(latents)
+        loss = reconstruction_loss(recon.float(), frames, ssim_mix) + LATENT_REG * latent_reg(latents.float())
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        if ema is not None:
+            ema_update(ema, model, min(tcfg.ema_decay, (1 + step) / (10 + step)))
+        losses.append(loss.item())
+        last = step + 1 == tcfg.steps
+        if progress and ((step + 1) % tcfg.log_every == 0 or last):
+            recent = losses[-tcfg.log_every:]
+            print(f"step {start_step + step + 1}: loss {sum(recent) / len(recent):.4f} "
+                  f"({time.perf_counter() - begin:.0f} s)", flush=True)
+        if (step + 1) % tcfg.save_every == 0 or last:
+            recent = losses[-tcfg.log_every:]
+            save_autoencoder(out, ema if ema is not None else model, tcfg, start_step + step + 1, extra={
+                "loss": sum(recent) / len(recent), "crop": crop, "ssim_mix": ssim_mix, "device": str(dev),
+                "train_seconds": time.perf_counter() - begin})
+    recent = losses[-tcfg.log_every:]
+    return {"step": start_step + tcfg.steps, "loss": sum(recent) / len(recent), "first_loss": losses[0],
+            "seconds": time.perf_counter() - begin, "out": str(out)}
+
+
+def save_autoencoder(out: str | Path, model: Autoencoder, tcfg: TrainConfig | None, step: int,
+                     extra: dict | None = None) -> Path:
+    meta = {"autoencoder": to_json(model.cfg), "train": to_json(tcfg) if tcfg else None, "step": step,
+            "mirage_version": __version__, **(extra or {})}
+    weights = {k: v.detach().float().contiguous().cpu() for k, v in model.taesd.state_dict().items()}
+    return save_unit(out, {WEIGHTS: weights}, meta)  # one unit with its hash, like a diffusion checkpoint
+
+
+def load_autoencoder(path: str | Path, expect: AutoencoderConfig | None = None,
+                     device: str | torch.device = "cpu") -> tuple[Autoencoder, dict]:
+    """An autoencoder in eval mode from a Mirage checkpoint folder or a diffusers-layout TAESD folder.
+    With `expect`, a checkpoint whose config differs is refused, naming both values."""
+    folder = Path(path)
+    if (folder / TAESD_WEIGHTS).is_file():
+        model = load_taesd_folder(folder)
+        meta = {"autoencoder": to_json(model.cfg), "step": None}
+    else:
+        recover(folder)  # finish or discard a save that was interrupted
+        if not (folder / CONFIG).is_file():
+            raise CheckpointError(f"{folder}: not an autoencoder checkpoint (no {CONFIG}); train one with "
+                                  "`mirage-train --stage autoencoder` or pass a TAESD folder")
+        try:
+            meta = json.loads((folder / CONFIG).read_text())
+            cfg = from_json(AutoencoderConfig, meta["autoencoder"])
+        except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as e:
+            raise CheckpointError(f"{folder / CONFIG}: not an autoencoder config ({e!r})") from e
+        model = Autoencoder(cfg)
+        try:
+            load_weights(model.taesd, folder / WEIGHTS)
+        except AutoencoderError as e:
+            raise CheckpointError(str(e)) from e
+    if expect is not None:
+        check_same_autoencoder(model.cfg, expect)
+    return model.to(device).eval(), meta
+
+
+def check_same_autoencoder(saved: AutoencoderConfig, wanted: AutoencoderConfig) -> None:
+    """Refuse an autoencoder whose config differs from the one asked for, naming both values."""
+    diffs = [f"{f.name}: checkpoint has {getattr(saved, f.name)!r}, asked for {getattr(wanted, f.name)!r}"
+             for f in dataclasses.fields(AutoencoderConfig) if getattr(saved, f.name) != getattr(wanted, f.name)]
+    if diffs:
+        raise CheckpointError("autoencoder config mismatch; " + "; ".join(diffs))
+
+
+@torch.no_grad()
+def reconstruct(model: Autoencoder, frames: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    """Decode(encode(frames)) clamped to [-1, 1], in chunks: (N, 3, H, W) -> (N, 3, H, W)."""
+    return torch.cat([model(chunk).clamp(-1, 1) for chunk in frames.split(batch)])
+
