@@ -1,14 +1,56 @@
-"""`mirage-train`: train a Mirage model on synthetic video or a folder of videos."""
+"""`mirage-train`: train a Mirage model on synthetic video or a folder of videos.
+
+Ctrl-C (SIGINT) or SIGTERM finishes the step in progress, saves a checkpoint, prints where and
+how to resume, and exits with the shell's status for that signal (130 / 143), so scripts and
+schedulers still see that the run did not finish. Resuming into a checkpoint folder takes every
+option not given on the command line from the checkpoint, so `mirage-train --out DIR` continues
+a run as it was; options given and different from the checkpoint are said in one line.
+"""
 from __future__ import annotations
 
+import dataclasses
 import json
+import shlex
+import signal
+from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from mirage.cli.errors import UserError
 from mirage.core.config import (AE_CONFIGS, CONFIGS, TASKS, ConfigError, ModelConfig, TrainConfig, check_same, from_json,
                                 get_ae_config, get_config)
 from mirage.core.errors import MirageError
+
+
+# command-line option -> the TrainConfig fields it sets
+TRAIN_OPTIONS = {"steps": ["steps"], "batch_size": ["batch_size"], "lr": ["lr"], "precision": ["precision"],
+                 "grad_checkpoint": ["grad_checkpoint"], "context_noise_max": ["context_noise_max", "context_noise_prob"],
+                 "data": ["data"], "seed": ["seed"], "save_minutes": ["save_minutes"], "init_from": ["init_from"],
+                 "self_forcing_prob": ["self_forcing_prob"], "self_forcing_horizon": ["self_forcing_horizon"],
+                 "self_forcing_strength": ["self_forcing_strength"], "ema_decay": ["ema_decay"],
+                 "distill_from": ["distill_from", "self_forcing_steps"],
+                 "student_steps": ["student_steps", "self_forcing_steps"]}
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+
+
+def _resumed(ctx: click.Context, out: Path, saved: dict, cfg: ModelConfig,
+             tcfg: TrainConfig) -> tuple[ModelConfig, TrainConfig]:
+    """Resuming: the checkpoint's configs, with only the options given on the command line taken
+    from this run (`cfg`, `tcfg`); the trainer says which of them differ."""
+    from mirage.train.checkpoint import CheckpointError, model_config
+
+    model_given = _given(ctx, "config_name") or _given(ctx, "task") or _given(ctx, "init_from") \
+        or _given(ctx, "distill_from")
+    given = {field: getattr(tcfg, field) for opt, fields in TRAIN_OPTIONS.items() if _given(ctx, opt) for field in fields}
+    try:
+        saved_tcfg = dataclasses.replace(from_json(TrainConfig, saved["train"]), **given)
+    except (KeyError, ConfigError) as e:
+        raise CheckpointError(f"{out / 'config.json'}: bad train config ({e})") from e
+    return (cfg if model_given else model_config(saved, out)), saved_tcfg
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -30,7 +72,7 @@ from mirage.core.errors import MirageError
 @click.option("--data", default=None,
               help="'synthetic', 'detailed' (camera-like, any size), 'photos' (scikit-image's photographs) or a folder "
                    "of videos / image-sequence sub-folders. Default: synthetic (diffusion), detailed (autoencoder).")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Checkpoint folder. Default: runs/tiny (diffusion), runs/<ae-config> (autoencoder).")
 @click.option("--steps", type=click.IntRange(min=1), default=TrainConfig.steps, help="Optimizer steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size, help="Clips per step (per GPU).")
@@ -40,6 +82,8 @@ from mirage.core.errors import MirageError
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=False, help="Recompute ResBlocks to save memory.")
 @click.option("--context-noise-max", type=click.IntRange(0, 999), default=TrainConfig.context_noise_max,
               help="History augmentation: context frames are noised to t_ctx ~ U[0, this]. 0 turns it off.")
+@click.option("--save-minutes", type=click.FloatRange(min=0, min_open=True), default=TrainConfig.save_minutes,
+              help=f"Save a checkpoint at least this often (wall clock), besides every {TrainConfig.save_every} steps and at the end.")
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None,
               help="Fine-tune: start from this checkpoint's weights (its model config; a fresh optimizer).")
 @click.option("--self-forcing-prob", type=click.FloatRange(0, 1), default=TrainConfig.self_forcing_prob,
@@ -60,26 +104,28 @@ from mirage.core.errors import MirageError
                    "uses it when --steps is not given.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, help="Data-loading worker processes.")
-@click.option("--resume/--no-resume", default=True, help="Continue from --out if it holds a checkpoint.")
+@click.option("--resume/--no-resume", default=True,
+              help="Continue from --out if it holds a checkpoint (options not given are taken from it).")
 @click.option("--seed", type=int, default=0)
 @click.option("--dry-run", is_flag=True, help="Print the config and parameter count, train nothing.")
-def main(stage, ae_config, crop, ssim_mix, ema_decay, config_name, task, data, out, steps, batch_size, lr, precision,
-         grad_checkpoint, context_noise_max, init_from, self_forcing_prob, self_forcing_horizon, self_forcing_strength,
-         distill_from, student_steps, device, workers, resume, seed, dry_run):
+@click.pass_context
+def main(ctx, stage, ae_config, crop, ssim_mix, ema_decay, config_name, task, data, out, steps, batch_size, lr,
+         precision, grad_checkpoint, context_noise_max, save_minutes, init_from, self_forcing_prob, self_forcing_horizon,
+         self_forcing_strength, distill_from, student_steps, device, workers, resume, seed, dry_run):
     """Train a Mirage video diffusion model into a checkpoint folder (safetensors + config JSON).
 
     Runs on the CPU by default; uses the GPU with --device cuda (or auto), and all GPUs when
-    launched with `torchrun --nproc-per-node N -m mirage.cli.train ...`.
+    launched with `torchrun --nproc-per-node N -m mirage.cli.train ...`. Ctrl-C saves and exits.
     """
     from mirage.core.schedule import default_steps
     from mirage.model.unet import MirageUNet, parameter_count
-    from mirage.train.checkpoint import read_meta
+    from mirage.train.checkpoint import CONFIG, read_meta
     from mirage.train.trainer import train
 
     if stage == "autoencoder":
         return _autoencoder_stage(ae_config, data or "detailed", out or f"runs/{ae_config}", steps, batch_size, lr,
                                   precision, ema_decay, ssim_mix, crop, device, workers, resume, seed, dry_run)
-    data, out = data or "synthetic", out or "runs/tiny"
+    data, out = data or "synthetic", out or Path("runs/tiny")
     try:
         source = distill_from or init_from
         cfg = get_config(config_name or "tiny", task or "generate")
@@ -93,11 +139,14 @@ def main(stage, ae_config, crop, ssim_mix, ema_decay, config_name, task, data, o
         tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, precision=precision,
                            ema_decay=ema_decay, grad_checkpoint=grad_checkpoint, context_noise_max=context_noise_max,
                            context_noise_prob=TrainConfig.context_noise_prob if context_noise_max else 0.0,
-                           data=data, seed=seed, init_from=init_from or "", distill_from=distill_from or "",
-                           student_steps=student_steps or 0, self_forcing_prob=self_forcing_prob,
-                           self_forcing_horizon=self_forcing_horizon, self_forcing_strength=self_forcing_strength,
+                           data=data, seed=seed, save_minutes=save_minutes, init_from=init_from or "",
+                           distill_from=distill_from or "", student_steps=student_steps or 0,
+                           self_forcing_prob=self_forcing_prob, self_forcing_horizon=self_forcing_horizon,
+                           self_forcing_strength=self_forcing_strength,
                            self_forcing_steps=student_steps or (default_steps(read_meta(source)) if source else
                                                                 TrainConfig.self_forcing_steps))
+        if resume and (out / CONFIG).is_file():
+            cfg, tcfg = _resumed(ctx, out, read_meta(out), cfg, tcfg)
         import torch
 
         with torch.device("meta"):
@@ -110,6 +159,10 @@ def main(stage, ae_config, crop, ssim_mix, ema_decay, config_name, task, data, o
     except MirageError as e:
         raise UserError(str(e)) from e
     click.echo(json.dumps(summary))
+    if summary["stopped_by"]:
+        click.echo(f"stopped by {summary['stopped_by']} at step {summary['step']} of {tcfg.steps}; checkpoint saved "
+                   f"in {out}; resume with: {shlex.join(['mirage-train', '--out', str(out)])}", err=True)
+        ctx.exit(128 + signal.Signals[summary["stopped_by"]].value)
 
 
 def _autoencoder_stage(ae_config, data, out, steps, batch_size, lr, precision, ema_decay, ssim_mix, crop, device,

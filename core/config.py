@@ -8,13 +8,45 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass
 
 from mirage.core.errors import MirageError
+from mirage.core.schedule import T
 
 
 class ConfigError(MirageError, ValueError):
     """A config name or value a user asked for does not exist or does not fit."""
+
+
+def _check_types(cfg) -> None:
+    """Every field holds a value of its annotated type (a config.json edited by hand may not)."""
+    for name, kind in typing.get_type_hints(type(cfg)).items():
+        value = getattr(cfg, name)
+        if typing.get_origin(kind) is tuple:
+            ok = isinstance(value, tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            want = "a list of integers"
+        elif kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            want = "a number"
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            want = "an integer"
+        else:
+            ok, want = isinstance(value, kind), f"a {kind.__name__}"
+        if not ok:
+            raise ConfigError(f"{type(cfg).__name__}.{name}={value!r} must be {want}")
+
+
+def _check_ranges(cfg, rules: dict[str, tuple[typing.Callable[[typing.Any], bool], str]]) -> None:
+    """`rules`: field -> (predicate, what it must be); the first failing field is the error."""
+    for name, (ok, must) in rules.items():
+        if not ok(getattr(cfg, name)):
+            raise ConfigError(f"{type(cfg).__name__}.{name}={getattr(cfg, name)!r} must be {must}")
+
+
+def _positive(v) -> bool:
+    return v > 0
 
 
 @dataclass(frozen=True)
@@ -43,6 +75,21 @@ class ModelConfig:
     latent_scale: float = 1.0  # the denoiser sees encode(frame) * latent_scale (near unit variance)
 
     def __post_init__(self) -> None:
+        _check_types(self)
+        _check_ranges(self, {
+            "name": (bool, "a non-empty name"),
+            "image_size": (_positive, "> 0"),
+            "channels": (_positive, "> 0"),
+            "base_channels": (_positive, "> 0"),
+            "channel_mults": (lambda m: len(m) > 0 and min(m) > 0, "a non-empty list of positive multipliers"),
+            "num_res_blocks": (_positive, ">= 1"),
+            "head_dim": (_positive, "> 0"),
+            "temporal_dim": (_positive, "> 0"),
+            "temporal_heads": (_positive, ">= 1"),
+            "context_frames": (_positive, ">= 1 (slots in the context memory)"),
+            "norm_groups": (_positive, ">= 1"),
+            "frame_size": (lambda v: v >= 0, ">= 0 (0: a pixel model)"),
+        })
         levels = len(self.channel_mults)
         for attr in ("attn_levels", "temporal_levels"):
             bad = [lvl for lvl in getattr(self, attr) if not 0 <= lvl < levels]
@@ -53,12 +100,6 @@ class ModelConfig:
                               f"for {levels} levels")
         if self.temporal_dim % self.temporal_heads:
             raise ConfigError(f"temporal_dim={self.temporal_dim} not divisible by temporal_heads={self.temporal_heads}")
-        for attr in ("image_size", "channels", "base_channels", "num_res_blocks", "head_dim", "temporal_dim",
-                     "temporal_heads", "context_frames", "norm_groups"):
-            if not isinstance(getattr(self, attr), int) or getattr(self, attr) < 1:
-                raise ConfigError(f"{attr}={getattr(self, attr)!r} must be a positive integer")
-        if not self.channel_mults or min(self.channel_mults) < 1:
-            raise ConfigError(f"channel_mults={self.channel_mults} must be positive multipliers")
         if bool(self.autoencoder) != bool(self.frame_size):
             raise ConfigError("a latent model needs both autoencoder and frame_size; a pixel model neither")
         if not self.latent_scale > 0:
@@ -175,19 +216,36 @@ class TrainConfig:
     student_steps: int = 0  # the student's DDIM steps N (the teacher takes 2N); 0 = no distillation
     seed: int = 0
     log_every: int = 50
-    save_every: int = 500
+    save_every: int = 500  # save a checkpoint every this many steps ...
+    save_minutes: float = 10.0  # ... and at least this often in wall-clock time
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"precision={self.precision!r}; choose fp32, bf16 or fp16")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ConfigError("steps and batch_size must be positive")
-        if not 0 <= self.self_forcing_prob <= 1:
-            raise ConfigError(f"self_forcing_prob={self.self_forcing_prob}: choose a fraction in [0, 1]")
-        if not 0 < self.self_forcing_strength <= 1:
-            raise ConfigError(f"self_forcing_strength={self.self_forcing_strength}: choose a value in (0, 1]")
-        if self.self_forcing_horizon < 1 or self.self_forcing_steps < 1:
-            raise ConfigError("self_forcing_horizon and self_forcing_steps must be positive")
+        probability = (lambda p: 0 <= p <= 1, "in [0, 1]")
+        _check_ranges(self, {
+            "steps": (_positive, ">= 1"),
+            "batch_size": (_positive, ">= 1"),
+            "lr": (_positive, "> 0"),
+            "warmup": (lambda v: v >= 0, ">= 0"),
+            "weight_decay": (lambda v: v >= 0, ">= 0"),
+            "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
+            "grad_clip": (_positive, "> 0"),
+            "context_noise_max": (lambda v: 0 <= v < T, f"in [0, {T - 1}]"),
+            "context_noise_prob": probability,
+            "empty_context_prob": probability,
+            "data": (bool, "'synthetic' or a folder"),
+            "self_forcing_prob": probability,
+            "self_forcing_strength": (lambda v: 0 < v <= 1, "in (0, 1]"),
+            "self_forcing_horizon": (_positive, ">= 1"),
+            "self_forcing_steps": (_positive, ">= 1"),
+            "self_forcing_context_noise": (lambda v: 0 <= v < T, f"in [0, {T - 1}]"),
+            "student_steps": (lambda v: v >= 0, ">= 0"),
+            "log_every": (_positive, ">= 1"),
+            "save_every": (_positive, ">= 1"),
+            "save_minutes": (_positive, "> 0"),
+        })
         if bool(self.distill_from) != (self.student_steps > 0):
             raise ConfigError("distillation needs both a teacher (distill_from / --distill-from) and "
                               "student_steps >= 1 (--student-steps)")
@@ -201,6 +259,8 @@ def to_json(cfg) -> dict:
 
 def from_json(cls, data: dict):
     """Build a frozen config from JSON, turning lists back into tuples; unknown keys are an error."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cls.__name__} must be a JSON object, not {type(data).__name__}")
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(names)
     if unknown:

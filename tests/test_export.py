@@ -32,23 +32,21 @@ def artifacts(tmp_path_factory):
                                            ("int8", CKPT_GEN, "int8", "tensorrt-rtx"),
                                            ("fp8", CKPT_GEN, "fp8", "tensorrt-rtx"),
                                            ("fp32-v2v", CKPT_V2V, "fp32", "onnx")]:
-        # INT8 of the tiny model fails its parity tolerance (README): written with the override
-        build_artifact(ckpt, root / name, ArtifactOptions(precision=precision, backend=backend, gpus=("sm89",),
-                                                          allow_parity_failure=name == "int8", **FAST))
+        build_artifact(ckpt, root / name, ArtifactOptions(precision=precision, backend=backend, gpus=("sm89",), **FAST))
         out[name] = root / name
     return out
 
 
-@pytest.mark.parametrize("name, bound", [("fp16", 1e-2), ("int8", 0.35), ("fp8", 0.15), ("fp32-v2v", 1e-4)])
+@pytest.mark.parametrize("name, bound", [("fp16", 1e-2), ("int8", 0.05), ("fp8", 0.15), ("fp32-v2v", 1e-4)])
 def test_parity_per_precision(artifacts, name, bound):
     parity = read_manifest(artifacts[name])["parity"]
     for output in (G.V, G.KV):
         assert 0 <= parity["tensors"][output]["rel"] < bound, parity["tensors"]
     psnr = parity["rollout"]["psnr_mean_db"]
-    # fp32 reproduces the PyTorch rollout; fp16 is far above visible error; INT8 of this tiny
-    # model is visibly off (about 22 dB) and bounded so that a regression shows; FP8 sits between
-    # (about 30 dB over 20 frames).
-    assert psnr > {"fp16": 35, "int8": 18, "fp8": 26, "fp32-v2v": 80}[name]
+    # fp32 reproduces the PyTorch rollout; fp16 is far above visible error; INT8 with its recipe
+    # (sensitive layers in fp16, quantize.py) measured v 0.013-0.019 and 40-41 dB over these 10 frames
+    # (ModelOpt's default placement: 0.27 and about 22 dB); FP8 about 30 dB over 20 frames.
+    assert psnr > {"fp16": 35, "int8": 30, "fp8": 26, "fp32-v2v": 80}[name]
 
 
 def test_fp16_activations_have_headroom(artifacts):
@@ -204,8 +202,7 @@ def test_dynamic_batch_artifact(tmp_path, precision):
 
     out = tmp_path / precision
     m = build_artifact(CKPT_GEN, out, ArtifactOptions(precision=precision, backend="tensorrt-rtx", gpus=("sm89",),
-                                                      batch=2, max_batch=4, allow_parity_failure=precision == "int8",
-                                                      **FAST))
+                                                      batch=2, max_batch=4, **FAST))
     assert m["max_batch"] == 4 and "--max-batch 4" in m["rebuild_command"]
     for graph in G.GRAPHS:
         meta = m["graphs"][graph]

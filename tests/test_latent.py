@@ -47,7 +47,7 @@ def test_latent_configs():
         ModelConfig(autoencoder="checkpoints/ae-tiny")
     with pytest.raises(ConfigError, match="multiple > 1 of image_size"):
         dataclasses.replace(get_config("tiny-64"), frame_size=60)
-    with pytest.raises(ConfigError, match="must be a positive integer"):
+    with pytest.raises(ConfigError, match="image_size=0 must be > 0"):
         ModelConfig(image_size=0)
 
 

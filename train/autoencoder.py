@@ -18,19 +18,17 @@ Checkpoint folder:
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from mirage import __version__
 from mirage.core.config import AutoencoderConfig, TrainConfig, to_json
 from mirage.model.autoencoder import Autoencoder, build_autoencoder
 from mirage.model.ssim import ms_ssim
-from mirage.train.checkpoint import CONFIG, WEIGHTS, CheckpointError, _atomic
+from mirage.train.checkpoint import CONFIG, WEIGHTS, save_unit
 from mirage.train.codec import load_autoencoder
 from mirage.train.data import ClipStream, make_source
 from mirage.train.trainer import ema_update, lr_at, pick_device
@@ -112,17 +110,10 @@ def train_autoencoder(cfg: AutoencoderConfig, tcfg: TrainConfig, out: str | Path
 
 def save_autoencoder(out: str | Path, model: Autoencoder, tcfg: TrainConfig | None, step: int,
                      extra: dict | None = None) -> Path:
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CheckpointError(f"{out}: cannot create checkpoint folder ({e.strerror})") from e
     meta = {"autoencoder": to_json(model.cfg), "train": to_json(tcfg) if tcfg else None, "step": step,
             "mirage_version": __version__, **(extra or {})}
     weights = {k: v.detach().float().contiguous().cpu() for k, v in model.taesd.state_dict().items()}
-    _atomic(out / WEIGHTS, lambda p: save_file(weights, p))
-    _atomic(out / CONFIG, lambda p: p.write_text(json.dumps(meta, indent=2)))
-    return out
+    return save_unit(out, {WEIGHTS: weights}, meta)  # one unit with its hash, like a diffusion checkpoint
 
 
 @torch.no_grad()

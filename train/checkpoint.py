@@ -1,14 +1,34 @@
-"""Checkpoints: a folder with safetensors weights and the configs as JSON.
+"""Checkpoints: a folder with safetensors weights and the configs as JSON, saved as one unit.
 
-    config.json              {"model": ModelConfig, "train": TrainConfig, "step": ..., ...}
+    config.json              {"model": ModelConfig, "train": TrainConfig, "step": ...,
+                              "files": {name: {"sha256", "bytes"}}, ...}
     model.safetensors        EMA weights: what sampling and export use
     train_state.safetensors  raw weights + AdamW moments, only needed to resume training
 
-Writes go to a temporary file first and are renamed into place, so an interrupted save
-never leaves a half-written checkpoint behind.
+A save is all-or-nothing, through a redo journal inside the folder:
+
+    1. every file is written to NAME.tmp and fsynced; config.json records each weights file's
+       sha256 and size
+    2. .save-journal.json (the names to commit and the step) is written, fsynced, and the folder
+       fsynced: from here on the new checkpoint is complete on disk
+    3. each NAME.tmp is renamed onto NAME, the folder fsynced, the journal removed
+
+Whoever opens the folder next (`recover`, called by every load and save) finishes an
+interrupted save deterministically: a journal means "roll forward" (rename the .tmp files it
+lists that are still there, an idempotent step), no journal means "the save never committed"
+(delete the .tmp files; the previous checkpoint was never touched). So a kill at any point
+leaves either the old or the new step, never a mix. The alternative, writing a sibling folder
+and swapping it in by renaming folders, was not taken: it cannot replace a folder that is a
+mount point (a container volume, the usual place for checkpoints) or keep files a user put
+beside the checkpoint, and it leaves a moment where the folder does not exist at all.
+
+Safetensors has no checksum, so garbage written into a weights file can still parse; the
+recorded sha256 catches it, and non-finite tensors are refused as well (the only check left
+for checkpoints saved before hashes were recorded).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -24,28 +44,116 @@ from mirage.core.config import ConfigError, ModelConfig, TrainConfig, from_json,
 from mirage.model.unet import MirageUNet
 
 CONFIG, WEIGHTS, STATE = "config.json", "model.safetensors", "train_state.safetensors"
+JOURNAL = ".save-journal.json"
+TMP = ".tmp"
+PROBE = ".write-probe-"
 
 
 class CheckpointError(MirageError, ValueError):
-    """A checkpoint that is missing, incomplete or unreadable; the message names the file."""
+    """A checkpoint that is missing, incomplete, corrupt or unwritable; the message names the file."""
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_writable(out: str | Path) -> Path:
+    """Create `out` and prove a file can be written there, before any training work."""
+    out = Path(out)
+    probe = out / f"{PROBE}{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"{out}: checkpoint folder is not writable ({e.strerror}); "
+                              "choose another --out or fix its permissions") from e
+    return out
+
+
+def _leftovers(folder: Path) -> list[Path]:
+    """Files an interrupted save or writability probe can leave; only ours, never a user's."""
+    tmps = [folder / (name + TMP) for name in (CONFIG, WEIGHTS, STATE, JOURNAL) if (folder / (name + TMP)).exists()]
+    return tmps + (sorted(folder.glob(f"{PROBE}*")) if folder.is_dir() else [])
+
+
+def recover(folder: str | Path) -> None:
+    """Finish or discard an interrupted save in `folder` (see the module docstring)."""
+    folder = Path(folder)
+    journal = folder / JOURNAL
+    if not journal.exists() and not _leftovers(folder):
+        return
+    try:
+        if journal.exists():
+            try:
+                plan = json.loads(journal.read_text())
+                commit, delete = list(plan["files"]), list(plan["delete"])
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                # renamed into place only once complete and flushed: unreadable means the disk is corrupt
+                raise CheckpointError(f"{journal}: unreadable save journal ({e}); the checkpoint cannot be "
+                                      "trusted, restore it from a copy or retrain") from e
+            for name in commit:
+                if (folder / (name + TMP)).exists():
+                    os.replace(folder / (name + TMP), folder / name)
+            for name in delete:
+                (folder / name).unlink(missing_ok=True)
+            _fsync(folder)
+            journal.unlink()
+        for tmp in _leftovers(folder):
+            tmp.unlink()
+        _fsync(folder)
+    except OSError as e:
+        raise CheckpointError(f"{folder}: an interrupted save left files that cannot be cleaned up ({e.strerror}); "
+                              "make the folder writable and retry") from e
+
+
+def save_unit(out: str | Path, tensors: dict[str, dict[str, torch.Tensor]], meta: dict,
+              delete: tuple[str, ...] = ()) -> Path:
+    """Save safetensors files {file name: tensors} and config.json (`meta`, plus each file's sha256
+    and size under "files") into `out` as one unit, deleting the files in `delete` in the same
+    commit (see the module docstring)."""
+    out = check_writable(out)
+    recover(out)
+    step = meta.get("step")
+    try:
+        meta = {**meta, "files": {}}
+        for name, values in tensors.items():
+            tmp = out / (name + TMP)
+            save_file(values, str(tmp))
+            _fsync(tmp)
+            meta["files"][name] = {"sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}
+        (out / (CONFIG + TMP)).write_text(json.dumps(meta, indent=2))
+        _fsync(out / (CONFIG + TMP))
+        plan = {"step": step, "files": [*tensors, CONFIG], "delete": list(delete)}
+        (out / (JOURNAL + TMP)).write_text(json.dumps(plan))
+        _fsync(out / (JOURNAL + TMP))
+        os.replace(out / (JOURNAL + TMP), out / JOURNAL)  # the commit point
+        _fsync(out)
+    except OSError as e:
+        raise CheckpointError(f"{out}: saving step {step} failed ({e.strerror}); the previous checkpoint "
+                              "there is intact") from e
+    recover(out)  # roll forward: the same code that finishes a save interrupted after the commit
+    return out
 
 
 def save_checkpoint(out: str | Path, model: MirageUNet, ema: MirageUNet, train_cfg: TrainConfig, step: int,
                     optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None) -> Path:
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CheckpointError(f"{out}: cannot create checkpoint folder ({e.strerror})") from e
     meta = {"model": to_json(model.cfg), "train": to_json(train_cfg), "step": step,
             "mirage_version": __version__, **(extra or {})}
-    _atomic(out / WEIGHTS, lambda p: save_file({k: v.detach().contiguous() for k, v in ema.state_dict().items()}, p))
+    tensors = {WEIGHTS: {k: v.detach().contiguous() for k, v in ema.state_dict().items()}}
     if optimizer is not None:
         state = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
         opt = optimizer.state_dict()
@@ -53,44 +161,83 @@ def save_checkpoint(out: str | Path, model: MirageUNet, ema: MirageUNet, train_c
             for name, value in slots.items():
                 state[f"opt.{idx}.{name}"] = torch.as_tensor(value).contiguous()
         meta["param_groups"] = opt["param_groups"]
-        _atomic(out / STATE, lambda p: save_file(state, p))
-    _atomic(out / CONFIG, lambda p: p.write_text(json.dumps(meta, indent=2)))
-    return out
+        tensors[STATE] = state
+    # a weights-only save must not leave an older step's train state beside it
+    return save_unit(out, tensors, meta, delete=() if optimizer is not None else (STATE,))
+
+
+def _folder(path: str | Path) -> Path:
+    folder = Path(path)
+    return folder.parent if folder.suffix == ".safetensors" else folder
 
 
 def read_meta(path: str | Path) -> dict:
-    folder = Path(path)
-    folder = folder.parent if folder.suffix == ".safetensors" else folder
+    folder = _folder(path)
+    recover(folder)
     if not (folder / CONFIG).is_file():
         raise CheckpointError(f"{folder}: not a Mirage checkpoint (no {CONFIG}); "
                               "train one with `mirage-train` or pass the bundled checkpoints/tiny")
     try:
-        return json.loads((folder / CONFIG).read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads((folder / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{folder / CONFIG}: corrupt JSON ({e})") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{folder / CONFIG}: no \"model\" section; not a Mirage checkpoint config")
+    if not isinstance(meta.get("step", 0), int) or meta.get("step", 0) < 0:
+        raise CheckpointError(f"{folder / CONFIG}: step={meta['step']!r} must be a non-negative integer")
+    files = meta.get("files", {})
+    if not (isinstance(files, dict) and all(isinstance(r, dict) and isinstance(r.get("sha256"), str)
+                                            and isinstance(r.get("bytes"), int) for r in files.values())):
+        raise CheckpointError(f"{folder / CONFIG}: \"files\" must map file names to {{\"sha256\", \"bytes\"}}")
+    return meta
+
+
+def model_config(meta: dict, folder: Path) -> ModelConfig:
+    try:
+        return from_json(ModelConfig, meta["model"])
+    except ConfigError as e:
+        raise CheckpointError(f"{folder / CONFIG}: bad model config ({e})") from e
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[MirageUNet, dict]:
     """Load the EMA model of a checkpoint folder (or its model.safetensors) in eval mode."""
-    folder = Path(path)
-    folder = folder.parent if folder.suffix == ".safetensors" else folder
+    folder = _folder(path)
     meta = read_meta(folder)
-    try:
-        cfg = from_json(ModelConfig, meta["model"])
-    except (KeyError, TypeError, ConfigError) as e:
-        raise CheckpointError(f"{folder / CONFIG}: bad model config ({e})") from e
-    model = MirageUNet(cfg)
-    _load_into(model, folder / WEIGHTS, prefix="")
+    model = MirageUNet(model_config(meta, folder))
+    _load_into(model, folder / WEIGHTS, meta, prefix="")
     return model.to(device).eval(), meta
 
 
-def _load_into(model: torch.nn.Module, file: Path, prefix: str) -> dict:
+def _verified(file: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """The tensors of `file`, after checking its recorded size and hash (when recorded) and
+    that every floating-point value is finite."""
     if not file.is_file():
         raise CheckpointError(f"{file}: missing")
+    recorded = meta.get("files", {}).get(file.name)
+    if "files" in meta and recorded is None:
+        raise CheckpointError(f"{file}: not part of the checkpoint {CONFIG} describes (left from another save); "
+                              "delete it or retrain")
+    if recorded is not None:
+        size = file.stat().st_size
+        if size != recorded["bytes"]:
+            raise CheckpointError(f"{file}: {size} bytes, but {CONFIG} recorded {recorded['bytes']} "
+                                  "(truncated or replaced); restore it or retrain")
+        if sha256_file(file) != recorded["sha256"]:
+            raise CheckpointError(f"{file}: sha256 differs from the one {CONFIG} recorded at save "
+                                  "(the file is corrupt); restore it or retrain")
     try:
         tensors = load_file(str(file))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: unreadable safetensors ({e})") from e
+    for name, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"{file}: tensor {name} holds NaN or infinite values; "
+                                  "the checkpoint is corrupt or training diverged")
+    return tensors
+
+
+def _load_into(model: torch.nn.Module, file: Path, meta: dict, prefix: str) -> dict:
+    tensors = _verified(file, meta)
     weights = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     try:
         result = model.load_state_dict(weights, strict=False)
@@ -107,12 +254,17 @@ def load_train_state(folder: str | Path, model: MirageUNet, ema: MirageUNet,
     """Restore raw weights, EMA weights and AdamW state for resuming; returns the meta dict."""
     folder = Path(folder)
     meta = read_meta(folder)
-    _load_into(ema, folder / WEIGHTS, prefix="")
-    tensors = _load_into(model, folder / STATE, prefix="model.")
+    _load_into(ema, folder / WEIGHTS, meta, prefix="")
+    tensors = _load_into(model, folder / STATE, meta, prefix="model.")
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("opt."):
             _, idx, name = key.split(".", 2)
             state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if "param_groups" not in meta:
+        raise CheckpointError(f"{folder / CONFIG}: no optimizer param_groups; this checkpoint cannot resume training")
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder}: optimizer state does not fit the model ({e})") from e
     return meta

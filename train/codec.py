@@ -12,7 +12,7 @@ from mirage.core.config import AutoencoderConfig, ConfigError, ModelConfig, from
 from mirage.model.autoencoder import TAESD_WEIGHTS, Autoencoder, AutoencoderError, load_taesd_folder, load_weights
 from mirage.model.latent import LatentCodec
 from mirage.core.files import sha256_file
-from mirage.train.checkpoint import CONFIG, WEIGHTS, CheckpointError
+from mirage.train.checkpoint import CONFIG, WEIGHTS, CheckpointError, recover
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,6 +26,7 @@ def load_autoencoder(path: str | Path, expect: AutoencoderConfig | None = None,
         model = load_taesd_folder(folder)
         meta = {"autoencoder": to_json(model.cfg), "step": None}
     else:
+        recover(folder)  # finish or discard a save that was interrupted
         if not (folder / CONFIG).is_file():
             raise CheckpointError(f"{folder}: not an autoencoder checkpoint (no {CONFIG}); train one with "
                                   "`mirage-train --stage autoencoder` or pass a TAESD folder")

@@ -1,5 +1,8 @@
 """The training loop: AdamW, EMA, autocast, grad clipping, resumable checkpoints, DDP.
 
+Checkpoints are saved every `save_every` steps, every `save_minutes` of wall-clock time, at the
+end, and when SIGINT / SIGTERM asks the run to stop (after the step in progress).
+
 One step on a batch of clips (B, K+1, 3, H, W), K = context_frames:
 
     1. the first K frames are the context; the most recent n of them are valid (n = 0 with
@@ -23,18 +26,24 @@ import copy
 import dataclasses
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from mirage.train.checkpoint import STATE, load_checkpoint, load_train_state, read_meta, save_checkpoint
+from mirage.train.checkpoint import (CONFIG, STATE, CheckpointError, check_writable, load_checkpoint, load_train_state,
+                                     model_config, read_meta, save_checkpoint)
 from mirage.core.config import ConfigError, ModelConfig, TrainConfig, check_same, from_json
 from mirage.train.codec import autoencoder_sha256, load_codec
+from mirage.train.resources import check_fits
 from mirage.train.data import ClipStream, make_source, v2v_input
 from mirage.train.distill import check_teacher, distill_target, step_table
 from mirage.train.self_forcing import is_self_forced_step, self_forced_context
@@ -55,12 +64,14 @@ class TrainStep(nn.Module):
         cfg, tcfg, dev = self.model.cfg, self.tcfg, clips.device
         b, length = clips.shape[:2]
         k = length - 1
-        cond_pixels = v2v_input(clips[:, k]) if cfg.cond_channels else None  # (B, 3, S, S)
+        cond_pixels = v2v_input(clips[:, k]) if cfg.cond_channels and not cfg.latent else None
         if self.codec:  # a latent model learns on the frozen encoder's latents, conditioned on the encoded input
             with torch.no_grad():
                 encode = self.codec[0].encode
+                cond_pixels = encode(v2v_input(clips[:, k])) if cfg.cond_channels else None  # (B, C, H, W)
                 clips = encode(clips.flatten(0, 1)).unflatten(0, (b, length))  # (B, K+1, C, H, W)
-                cond_pixels = encode(cond_pixels) if cond_pixels is not None else None
+        elif cfg.latent and cfg.cond_channels:  # latent clips without the codec (the memory estimate): shapes only
+            cond_pixels = torch.zeros_like(clips[:, k])
         ctx, target = clips[:, :k], clips[:, k]  # (B, K, C, H, W), (B, C, H, W)
         if self_forced:
             ctx = self_forced_context(self.model, clips, tcfg.self_forcing_horizon, tcfg.self_forcing_steps,
@@ -121,8 +132,11 @@ def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU; use --device cpu")
-    return torch.device(device)
+        raise ConfigError(f"--device {device}: PyTorch sees no CUDA GPU here; use --device cpu (or auto)")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {device!r}: not a device; use auto, cpu, cuda or cuda:N") from e
 
 
 def _distributed() -> tuple[int, int]:
@@ -133,15 +147,76 @@ def _distributed() -> tuple[int, int]:
     return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
 
 
+class StopOnSignal:
+    """SIGINT (Ctrl-C) and SIGTERM become a request the loop honours between steps: it finishes
+    the step, saves and returns. A second Ctrl-C stops at once (KeyboardInterrupt), unsaved.
+    Handlers are installed only in the main thread (Python allows no other)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log, self.received, self.previous = log, None, {}
+
+    def __enter__(self) -> "StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, _frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        self.log(f"{self.received}: finishing this step, then saving a checkpoint"
+                 + (" (Ctrl-C again quits without saving)" if signum == signal.SIGINT else ""))
+
+
+def _stop_everywhere(stop: StopOnSignal, world: int, dev: torch.device) -> bool:
+    """Every rank stops at the same step if any rank was signalled (torchrun forwards signals,
+    but not necessarily between the same two steps)."""
+    if world == 1:
+        return stop.received is not None
+    flag = torch.tensor([stop.received is not None], dtype=torch.int32, device=dev)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def config_changes(saved: TrainConfig, wanted: TrainConfig) -> dict[str, list]:
+    """Train-config fields that differ between the checkpoint and this run: {field: [saved, new]}."""
+    return {f.name: [getattr(saved, f.name), getattr(wanted, f.name)] for f in dataclasses.fields(TrainConfig)
+            if getattr(saved, f.name) != getattr(wanted, f.name)}
+
+
+def _stderr(message: str) -> None:
+    tqdm.write(message, file=sys.stderr)  # on its own line, above any progress bar
+
+
 def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bool = False,
-          device: str = "auto", workers: int = 0, progress: bool = True) -> dict:
-    """Train (or resume) into checkpoint folder `out`; returns a summary of the run."""
+          device: str = "auto", workers: int = 0, progress: bool = True,
+          log: Callable[[str], None] = _stderr) -> dict:
+    """Train (or resume) into checkpoint folder `out`; returns a summary of the run.
+
+    The summary's "stopped_by" names the signal (SIGINT / SIGTERM) if one ended the run early;
+    the checkpoint then holds the last finished step. Resuming says in one `log` line what it
+    does: the step it continues from, train-config changes (also recorded in config.json under
+    "resumes"), or that nothing is left to train.
+    """
     out = Path(out)
     rank, world = _distributed()
     dev = pick_device(device)
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)
+    if tcfg.self_forcing_prob and not 1 <= tcfg.self_forcing_horizon <= model_cfg.context_frames:
+        raise ConfigError(f"self_forcing_horizon={tcfg.self_forcing_horizon}: choose 1 to context_frames="
+                          f"{model_cfg.context_frames}")
+    source = make_source(tcfg.data, model_cfg.pixels, model_cfg.context_frames + 1, tcfg.seed)
+    if rank == 0:
+        check_writable(out)  # before any work: an unwritable --out would otherwise fail at the first save
+    check_fits(model_cfg, tcfg, dev)
     torch.manual_seed(tcfg.seed + rank)
     codec = None
     if model_cfg.latent:  # record which autoencoder the model learns the latents of: loads check it
@@ -161,17 +236,34 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
     if tcfg.distill_from:
         check_teacher(start_meta, tcfg.student_steps, tcfg.distill_from)
         teacher = start_model.requires_grad_(False)  # in eval mode, as loaded
-    if tcfg.self_forcing_prob and not 1 <= tcfg.self_forcing_horizon <= model_cfg.context_frames:
-        raise ConfigError(f"self_forcing_horizon={tcfg.self_forcing_horizon}: choose 1 to context_frames="
-                          f"{model_cfg.context_frames}")
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.99))
-    step, elapsed = 0, 0.0
-    if resume and (out / STATE).is_file():
-        check_same(from_json(ModelConfig, read_meta(out)["model"]), model_cfg)
+    step, elapsed, saved_loss, resumes = 0, 0.0, float("nan"), []
+    if resume and (out / CONFIG).is_file():
+        meta = read_meta(out)
+        check_same(model_config(meta, out), model_cfg)
+        if not (out / STATE).is_file():
+            raise CheckpointError(f"{out}: holds weights but no {STATE}, so training cannot resume there; "
+                                  "choose another --out, or pass --no-resume to start over and replace it")
         meta = load_train_state(out, model, ema, opt)
-        step, elapsed = meta["step"], meta.get("train_seconds", 0.0)
-    source = make_source(tcfg.data, model_cfg.pixels, model_cfg.context_frames + 1, tcfg.seed)
+        step, elapsed, saved_loss = meta["step"], meta.get("train_seconds", 0.0), meta.get("loss", float("nan"))
+        try:
+            changes = config_changes(from_json(TrainConfig, meta["train"]), tcfg)
+        except (KeyError, ConfigError) as e:
+            raise CheckpointError(f"{out / CONFIG}: bad train config ({e})") from e
+        resumes = meta.get("resumes", [])
+        if step >= tcfg.steps:
+            log(f"{out}: nothing left to train (step {step} of {tcfg.steps}); pass a larger --steps to train on")
+            return {"step": step, "loss": saved_loss, "first_loss": float("nan"), "seconds": elapsed,
+                    "parameters": parameter_count(model), "out": str(out), "self_forced_steps": 0,
+                    "sampling_steps": sampling_steps, "stopped_by": None, "trained_steps": 0}
+        said = "; ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
+        log(f"{out}: resuming at step {step} of {tcfg.steps}"
+            + (f"; train config changed: {said} (recorded in {CONFIG})" if changes else ""))
+        if changes:
+            resumes = [*resumes, {"step": step, "changes": changes}]
+    elif (out / CONFIG).is_file():
+        log(f"{out}: --no-resume: starting over; the checkpoint there is replaced at the first save")
     stream = ClipStream(source, model_cfg.context_frames + 1, seed=tcfg.seed + 1000 * step, rank=rank)
     loader = iter(torch.utils.data.DataLoader(stream, batch_size=tcfg.batch_size, num_workers=workers,
                                               pin_memory=dev.type == "cuda"))
@@ -181,39 +273,45 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.precision)
     scaler = torch.amp.GradScaler(dev.type, enabled=tcfg.precision == "fp16")
     losses: list[float] = []
-    self_forced_steps = 0
-    bar = tqdm(total=tcfg.steps, initial=step, disable=not progress or rank != 0, desc="train", unit="step")
-    start = time.perf_counter()
+    start = last_save = time.monotonic()
+    stopped, self_forced_steps = False, 0
     model.train()
-    while step < tcfg.steps:
-        clips = next(loader).to(dev, non_blocking=True)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, tcfg)
-        autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-        self_forced = is_self_forced_step(tcfg.seed, step, tcfg.self_forcing_prob)
-        with autocast:
-            loss = step_fn(clips, self_forced)
-        self_forced_steps += self_forced
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        step += 1
-        ema_update(ema, model, min(tcfg.ema_decay, (1 + step) / (10 + step)))
-        losses.append(loss.item())
-        bar.update(1)
-        if step % tcfg.log_every == 0 or step == tcfg.steps:
-            bar.set_postfix(loss=f"{sum(losses[-tcfg.log_every:]) / len(losses[-tcfg.log_every:]):.4f}")
-        if rank == 0 and (step % tcfg.save_every == 0 or step == tcfg.steps):
-            recent = losses[-tcfg.log_every:]
-            save_checkpoint(out, model, ema, tcfg, step, opt, extra={
-                "loss": sum(recent) / len(recent), "train_seconds": elapsed + time.perf_counter() - start,
-                "parameters": parameter_count(model), "device": str(dev), "world_size": world,
-                **({"sampling_steps": sampling_steps} if sampling_steps else {})})
-    bar.close()
+    with StopOnSignal(log) as stop, tqdm(total=tcfg.steps, initial=step, disable=not progress or rank != 0,
+                                         desc="train", unit="step") as bar:
+        while step < tcfg.steps and not stopped:
+            clips = next(loader).to(dev, non_blocking=True)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, tcfg)
+            autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+            self_forced = is_self_forced_step(tcfg.seed, step, tcfg.self_forcing_prob)
+            with autocast:
+                loss = step_fn(clips, self_forced)
+            self_forced_steps += self_forced
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            step += 1
+            ema_update(ema, model, min(tcfg.ema_decay, (1 + step) / (10 + step)))
+            losses.append(loss.item())
+            bar.update(1)
+            if step % tcfg.log_every == 0 or step == tcfg.steps:
+                bar.set_postfix(loss=f"{sum(losses[-tcfg.log_every:]) / len(losses[-tcfg.log_every:]):.4f}")
+            stopped = _stop_everywhere(stop, world, dev)
+            due = (step % tcfg.save_every == 0 or step == tcfg.steps or stopped
+                   or time.monotonic() - last_save >= 60 * tcfg.save_minutes)
+            if rank == 0 and due:
+                recent = losses[-tcfg.log_every:]
+                save_checkpoint(out, model, ema, tcfg, step, opt, extra={
+                    "loss": sum(recent) / len(recent), "train_seconds": elapsed + time.monotonic() - start,
+                    "parameters": parameter_count(model), "device": str(dev), "world_size": world,
+                    **({"sampling_steps": sampling_steps} if sampling_steps else {}),
+                    **({"resumes": resumes} if resumes else {})})
+                last_save = time.monotonic()
     recent = losses[-tcfg.log_every:] or [float("nan")]
     return {"step": step, "loss": sum(recent) / len(recent), "first_loss": losses[0] if losses else float("nan"),
-            "seconds": elapsed + time.perf_counter() - start, "parameters": parameter_count(model), "out": str(out),
-            "self_forced_steps": self_forced_steps, "sampling_steps": sampling_steps}
+            "seconds": elapsed + time.monotonic() - start, "parameters": parameter_count(model), "out": str(out),
+            "self_forced_steps": self_forced_steps, "sampling_steps": sampling_steps,
+            "stopped_by": stop.received if stopped else None, "trained_steps": len(losses)}
