@@ -140,9 +140,10 @@ def time_pipeline(pipe: Pipeline, frames: int, warmup: int) -> dict:
             "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20, **split}
 
 
-def codec_stages(name: str, reps: int = 200) -> dict:
+def codec_stages(name: str) -> dict:
     """encode / decode of a latent config's TAESD-shaped autoencoder at batch 1, fp16, each replayed
     as a CUDA graph (eager kernels, and Inductor's with channels-last), timed with CUDA events."""
+    from mirage.plugins_cpp.bench import device_ms
     from mirage.train.codec import load_codec
 
     cfg = random_model(name, "v2v").cfg
@@ -151,30 +152,12 @@ def codec_stages(name: str, reps: int = 200) -> dict:
         codec = load_codec(cfg, "cuda").half()
         if compiled:
             codec.to(memory_format=torch.channels_last)
-        for stage, shape in (("encode", (1, 3, cfg.pixels, cfg.pixels)), ("decode", (1, cfg.channels, cfg.image_size,
-                                                                                     cfg.image_size))):
-            fn = getattr(codec, stage)
-            fn = torch.compile(fn) if compiled else fn
+        for stage, shape in (("encode", (1, 3, cfg.pixels, cfg.pixels)),
+                             ("decode", (1, cfg.channels, cfg.image_size, cfg.image_size))):
+            fn = torch.compile(getattr(codec, stage)) if compiled else getattr(codec, stage)
             x = torch.randn(shape, device="cuda", dtype=torch.float16)
             with torch.no_grad():
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(3):
-                        fn(x)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    fn(x)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            times = []
-            for _ in range(reps):
-                start.record()
-                graph.replay()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            out[f"{stage}_{'inductor_cl' if compiled else 'eager'}_ms"] = statistics.median(times)
+                out[f"{stage}_{'inductor_cl' if compiled else 'eager'}_ms"] = device_ms(lambda: fn(x), calls=10)
         torch.compiler.reset()
     return out
 

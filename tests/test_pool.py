@@ -13,13 +13,19 @@ def _inputs(n: int, seed: int) -> list[np.ndarray]:
     return [v2v_input(f) for f in SyntheticVideo(32, seed=seed).clip(0, n)]
 
 
+def _alone(pool: StreamPool, seed: int, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """A stream's frames with the rest of the pool free; the slot is freed after."""
+    slot = pool.attach(seed=seed)
+    frames = [pool.step({slot: x})[slot] for x in inputs]
+    pool.detach(slot)
+    return frames
+
+
 def test_a_stream_is_the_same_alone_and_beside_others():
     """Same seed and inputs: identical bytes whether the stream's neighbours are free or busy."""
     a_in, b_in = _inputs(4, 1), _inputs(4, 2)
     with StreamPool.open(CKPT_V2V, slots=3, device="cpu") as pool:
-        a = pool.attach(seed=5)
-        alone = [pool.step({a: x})[a] for x in a_in]
-        pool.detach(a)
+        alone = _alone(pool, 5, a_in)
         b = pool.attach(seed=9)  # takes slot 0: the stream under test moves to slot 1
         a = pool.attach(seed=5)
         assert a != b
@@ -62,9 +68,7 @@ def test_a_stream_without_input_is_held_not_advanced():
     """Stream a sends every step, b every other step: each gets exactly its own video, as if alone."""
     a_in, b_in = _inputs(4, 1), _inputs(2, 2)
     with StreamPool.open(CKPT_V2V, slots=2, device="cpu") as pool:
-        solo = pool.attach(seed=9)
-        alone_b = [pool.step({solo: y})[solo] for y in b_in]
-        pool.detach(solo)
+        alone_b = _alone(pool, 9, b_in)
         a, b = pool.attach(seed=5), pool.attach(seed=9)
         got_b = []
         for n, x in enumerate(a_in):

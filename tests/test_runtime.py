@@ -55,14 +55,18 @@ def _ring_reference(k: int, frames: int) -> tuple[list[int], list[list[int]]]:
     return slots, ages
 
 
+def _ops(name: str):
+    """(ops, zeros(shape, dtype), torch tensor -> that library's array) for numpy or torch."""
+    if name == "numpy":
+        return NumpyOps(), (lambda shape, dt: np.zeros(shape, dt)), (lambda x: x.numpy())
+    return TorchOps("cpu"), (lambda shape, dt: torch.zeros(shape, dtype=getattr(torch, dt))), (lambda x: x)
+
+
 @pytest.mark.parametrize("ops_name", ["numpy", "torch"])
 def test_ring_write_ops_match_reference(ops_name):
     """Rows advance independently: row 1 starts two frames later than row 0."""
     b, k, n, d = 2, 3, 5, 4
-    if ops_name == "numpy":
-        ops, zeros, to = NumpyOps(), (lambda shape, dt: np.zeros(shape, dt)), (lambda x: x.numpy())
-    else:
-        ops, zeros, to = TorchOps("cpu"), (lambda shape, dt: torch.zeros(shape, dtype=getattr(torch, dt))), (lambda x: x)
+    ops, zeros, to = _ops(ops_name)
     mem, ages, slot = zeros((b, k, 2, n, d), "float32"), zeros((b, k), "int32"), zeros((b,), "int64")
     advance = zeros((b,), "int64")
     advance[:] = 1
@@ -86,10 +90,7 @@ def test_ring_write_ops_match_reference(ops_name):
 def test_a_held_row_commits_nothing(ops_name):
     """advance = 0: the row's memory, ages, slot and noise counter stay as they were."""
     b, k, n, d = 2, 3, 2, 2
-    if ops_name == "numpy":
-        ops, zeros, to = NumpyOps(), (lambda shape, dt: np.zeros(shape, dt)), (lambda x: x.numpy())
-    else:
-        ops, zeros, to = TorchOps("cpu"), (lambda shape, dt: torch.zeros(shape, dtype=getattr(torch, dt))), (lambda x: x)
+    ops, zeros, to = _ops(ops_name)
     mem, ages, slot, rng = zeros((b, k, 2, n, d), "float32"), zeros((b, k), "int32"), zeros((b,), "int64"), \
         zeros((b, 2), "int64")
     advance, noise = zeros((b,), "int64"), zeros((b, 5), "float32")

@@ -31,7 +31,7 @@ from mirage.model.ssim import ms_ssim
 from mirage.train.checkpoint import CONFIG, WEIGHTS, save_unit
 from mirage.train.codec import load_autoencoder
 from mirage.train.data import ClipStream, make_source
-from mirage.train.trainer import ema_update, lr_at, pick_device
+from mirage.train.trainer import ema_update, lr_at, optimizer_step, pick_device
 
 SSIM_MIX = 0.84  # the default a
 LATENT_REG = 0.01
@@ -84,12 +84,7 @@ def train_autoencoder(cfg: AutoencoderConfig, tcfg: TrainConfig, out: str | Path
             latents = model.encode(frames)
             recon = model.decode(latents)
         loss = reconstruction_loss(recon.float(), frames, ssim_mix) + LATENT_REG * latent_reg(latents.float())
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        scaler.step(opt)
-        scaler.update()
+        optimizer_step(opt, scaler, loss, model, tcfg.grad_clip)
         if ema is not None:
             ema_update(ema, model, min(tcfg.ema_decay, (1 + step) / (10 + step)))
         losses.append(loss.item())

@@ -122,6 +122,17 @@ def lr_at(step: int, tcfg: TrainConfig) -> float:
     return tcfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor, model: nn.Module,
+                   grad_clip: float) -> None:
+    """Backward (scaled for fp16 autocast), clip the gradient norm, step."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(opt)
+    scaler.update()
+
+
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters()):
@@ -287,12 +298,7 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
             with autocast:
                 loss = step_fn(clips, self_forced)
             self_forced_steps += self_forced
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
+            optimizer_step(opt, scaler, loss, model, tcfg.grad_clip)
             step += 1
             ema_update(ema, model, min(tcfg.ema_decay, (1 + step) / (10 + step)))
             losses.append(loss.item())
