@@ -14,6 +14,7 @@ from typing import Iterator
 import click
 import numpy as np
 
+from mirage.cli import options as shared
 from mirage.cli.errors import UserError
 from mirage.core.config import PipelineOptions
 from mirage.core.errors import MirageError
@@ -23,7 +24,6 @@ from mirage.core.video_io import VideoWriter, iter_frames, v2v_input
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny"
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")  # mirage.runtime.pipeline.BACKENDS, without importing it
 
 
 def _input_stream(source: str, size: int, frames: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -70,13 +70,8 @@ class _Stop:
 @click.option("--output", type=click.Path(path_type=Path), default=Path("mirage.gif"),
               help="Where to write: .mp4, .gif, or a folder name (no suffix) for PNG frames. Written as frames "
                    "arrive; Ctrl-C keeps the frames made so far.")
-@click.option("--backend", type=click.Choice(BACKENDS), default="auto",
-              help="auto: TensorRT for an artifact with engines on a GPU, else ONNX Runtime for an artifact, "
-                   "PyTorch for a checkpoint.")
-@click.option("--fast", is_flag=True,
-              help="The fastest PyTorch path on a GPU (docs/PERF.md): float16, Inductor kernels over "
-                   "channels-last weights with freezing, captured in the frame's CUDA graph. Compiling takes "
-                   "a minute or two before the first frame.")
+@shared.backend
+@shared.fast
 @click.option("--no-cuda-graph", is_flag=True, help="Run each frame eagerly instead of replaying a CUDA graph.")
 @click.option("--compile", "compile_", is_flag=True,
               help="PyTorch backend: Inductor kernels (torch.compile) captured in the frame graph, without the "

@@ -2,6 +2,7 @@
 
     mirage-serve                                   # bundled tiny-v2v, CPU, http://127.0.0.1:8000/
     mirage-serve artifacts/base --slots 16 --device cuda
+    mirage-serve CKPT --slots 16 --device cuda:0,cuda:1   # one pool per GPU, streams to the least-loaded one
     mirage-serve CKPT --host 0.0.0.0 --token SECRET   # reachable from other machines: a token is required
 """
 from __future__ import annotations
@@ -12,7 +13,8 @@ from pathlib import Path
 import click
 
 from mirage.cli.errors import UserError
-from mirage.cli.run import BACKENDS, PACKAGE_ROOT
+from mirage.cli import options as shared
+from mirage.cli.run import PACKAGE_ROOT
 from mirage.core.config import PipelineOptions
 from mirage.core.errors import MirageError
 
@@ -30,13 +32,11 @@ DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
 @click.option("--token", default=None, envvar="MIRAGE_SERVE_TOKEN",
               help="Access token, checked on the page (/?token=...) and the WebSocket. Also read from "
                    "$MIRAGE_SERVE_TOKEN.")
-@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
-@click.option("--backend", type=click.Choice(BACKENDS), default="auto",
-              help="auto: TensorRT for an artifact with engines on a GPU, else ONNX Runtime for an artifact, "
-                   "PyTorch for a checkpoint.")
-@click.option("--fast", is_flag=True,
-              help="The fastest PyTorch path on a GPU (as mirage-run --fast): float16, Inductor kernels over "
-                   "channels-last weights with freezing, in the frame's CUDA graph. Compiling takes minutes.")
+@click.option("--device", "devices", default="auto",
+              help="auto, cpu, cuda or cuda:N; several, comma-separated (cuda:0,cuda:1), give one pool of "
+                   "--slots streams per device, a new stream going to the least-loaded one.")
+@shared.backend
+@shared.fast
 @click.option("--deadline-ms", type=click.FloatRange(min=0, min_open=True), default=100.0,
               help="A frame that has waited longer than this when its step starts is dropped and counted "
                    "(never two of a stream in a row).")
@@ -45,7 +45,7 @@ DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
                    "that are sending (0: step at once).")
 @click.option("--max-frame-bytes", type=click.IntRange(min=1024), default=1 << 20,
               help="A larger frame is answered with an error; a message over twice this closes that connection.")
-def main(model, host, port, slots, token, device, backend, fast, deadline_ms, batch_wait_ms, max_frame_bytes):
+def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, batch_wait_ms, max_frame_bytes):
     """Serve MODEL (a checkpoint folder or an exported artifact; default: the bundled tiny-v2v) to
     browsers and WebSocket clients: open http://HOST:PORT/ for the page (webcam, video file or a
     synthetic source). All streams advance together, one batched step per frame, in a pool of
@@ -54,19 +54,23 @@ def main(model, host, port, slots, token, device, backend, fast, deadline_ms, ba
         from aiohttp import web
     except ImportError as e:
         raise UserError("mirage-serve needs aiohttp: pip install 'mirage-video[serve]'") from e
-    from mirage.runtime.pool import StreamPool
+    from mirage.runtime.pool import PoolGroup, StreamPool
     from mirage.runtime.server import ServerOptions, make_app
 
+    devices = [d.strip() for d in devices.split(",") if d.strip()]
+    if len(set(devices)) != len(devices) or not devices:
+        raise UserError(f"--device {','.join(devices)}: name each device once")
     try:  # the options first: a refused binding should not wait for a model to load
         options = ServerOptions(host=host, port=port, token=token, deadline_ms=deadline_ms,
                                 batch_wait_ms=batch_wait_ms, max_frame_bytes=max_frame_bytes)
-        pool = StreamPool.open(model, slots, backend=backend, device=device,
-                               options=PipelineOptions.fastest() if fast else PipelineOptions())
+        pipeline = PipelineOptions.fastest() if fast else PipelineOptions()
+        pool = StreamPool.open(model, slots, backend=backend, device=devices[0], options=pipeline) if len(devices) == 1 \
+            else PoolGroup.open(model, slots, devices, backend=backend, options=pipeline)
     except MirageError as e:
         raise UserError(str(e)) from e
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
-    click.echo(f"mirage-serve: {model} in {slots} slots; open http://{shown}:{port}/"
+    click.echo(f"mirage-serve: {model} in {pool.slots} slots on {', '.join(devices)}; open http://{shown}:{port}/"
                + (f"?token={token}" if token else ""))
     try:
         web.run_app(make_app(pool, options), host=host, port=port, print=None)

@@ -83,3 +83,68 @@ class StreamPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class PoolGroup:
+    """One StreamPool per device (one per GPU of a host) behind the StreamPool interface: a new
+    stream goes to the least-loaded pool, and a step advances every pool that has streams at once,
+    each in its own thread (the pools' frame graphs run concurrently on their GPUs). A stream's
+    slot number is its pool's offset plus its slot in that pool."""
+
+    def __init__(self, pools: list[StreamPool]):
+        if not pools or len({(p.frame_shape, p.video_to_video) for p in pools}) != 1:
+            raise PipelineError("a pool group needs one or more pools of the same model")
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pools = pools
+        self.offsets = [sum(p.slots for p in pools[:i]) for i in range(len(pools))]
+        self.slots = sum(p.slots for p in pools)
+        self.frame_shape, self.video_to_video = pools[0].frame_shape, pools[0].video_to_video
+        self._threads = ThreadPoolExecutor(len(pools), thread_name_prefix="mirage-pool")
+
+    @classmethod
+    def open(cls, path: str | Path, slots: int, devices: list[str], backend: str = "auto",
+             options: PipelineOptions = PipelineOptions()) -> "PoolGroup":
+        """`slots` per device."""
+        return cls([StreamPool.open(path, slots, backend, device, options) for device in devices])
+
+    @property
+    def active(self) -> list[int]:
+        return [off + s for off, pool in zip(self.offsets, self.pools) for s in pool.active]
+
+    def _locate(self, slot: int) -> tuple[StreamPool, int]:
+        for off, pool in zip(self.offsets, self.pools):
+            if off <= slot < off + pool.slots:
+                return pool, slot - off
+        raise PipelineError(f"slot {slot} is not in this group of {self.slots}")
+
+    def attach(self, seed: int = 0) -> int:
+        free = [(len(p.active), i) for i, p in enumerate(self.pools) if len(p.active) < p.slots]
+        if not free:
+            raise PoolFull(f"all {self.slots} stream slots on {len(self.pools)} devices are busy")
+        i = min(free)[1]  # least loaded, the first such device on a tie
+        return self.offsets[i] + self.pools[i].attach(seed)
+
+    def detach(self, slot: int) -> None:
+        pool, local = self._locate(slot)
+        pool.detach(local)
+
+    def step(self, inputs: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
+        per_pool: dict[int, dict[int, np.ndarray]] = {i: {} for i in range(len(self.pools))}
+        for slot, frame in (inputs or {}).items():
+            pool, local = self._locate(slot)
+            per_pool[self.pools.index(pool)][local] = frame
+        busy = [i for i, p in enumerate(self.pools) if (per_pool[i] if self.video_to_video else p.active)]
+        futures = {i: self._threads.submit(self.pools[i].step, per_pool[i]) for i in busy}
+        return {self.offsets[i] + s: frame for i, f in futures.items() for s, frame in f.result().items()}
+
+    def close(self) -> None:
+        self._threads.shutdown()
+        for pool in self.pools:
+            pool.close()
+
+    def __enter__(self) -> "PoolGroup":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -30,7 +30,7 @@ import mirage.train.trainer as trainer
 from mirage.cli.train import main as train_cli
 from mirage.core.config import ConfigError, ModelConfig, TrainConfig
 from mirage.model.unet import MirageUNet
-from mirage.train.checkpoint import (CONFIG, JOURNAL, STATE, TMP, WEIGHTS, CheckpointError, load_checkpoint,
+from mirage.train.checkpoint import (CONFIG, JOURNAL, STATE, WEIGHTS, CheckpointError, load_checkpoint,
                                      load_train_state, read_meta, save_checkpoint)
 from mirage.train.resources import check_fits, needed_bytes
 

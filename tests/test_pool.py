@@ -78,3 +78,24 @@ def test_a_stream_without_input_is_held_not_advanced():
                 got_b.append(out[b])
     for f, g in zip(alone_b, got_b):
         np.testing.assert_array_equal(f, g)
+
+
+def test_a_group_places_streams_on_the_least_loaded_pool_and_keeps_them_apart():
+    """Two pools (two devices on a GPU host; two CPU pools here): streams alternate between them,
+    each stream's video is the one it gets alone, and the group is full when both pools are."""
+    from mirage.runtime.pool import PoolGroup
+
+    a_in, b_in = _inputs(3, 1), _inputs(3, 2)
+    with StreamPool.open(CKPT_V2V, slots=2, device="cpu") as single:  # the same batch as each pool below
+        alone = _alone(single, 5, a_in)
+    with PoolGroup.open(CKPT_V2V, slots=2, devices=["cpu", "cpu"]) as group:
+        a, b, c = group.attach(5), group.attach(7), group.attach(9)
+        assert [group._locate(s)[0] for s in (a, b, c)] == [group.pools[0], group.pools[1], group.pools[0]]
+        got = [group.step({a: x, b: y, c: y}) for x, y in zip(a_in, b_in)]
+        group.attach(11)
+        with pytest.raises(PoolFull, match="4 stream slots on 2 devices"):
+            group.attach(13)
+        group.detach(b)
+        assert sorted(group.active) == sorted([a, c, group.offsets[1] + 1])
+    for f, out in zip(alone, got):
+        np.testing.assert_array_equal(f, out[a])

@@ -345,3 +345,33 @@ def test_cli_help_names_every_option():
     for option in ("--host", "--port", "--slots", "--token", "--device", "--backend", "--deadline-ms",
                    "--max-frame-bytes"):
         assert option in result.output
+
+
+def test_one_pool_per_device_behind_one_server():
+    """--device a,b: the server drives a PoolGroup; two clients land on two pools, and each gets
+    the frames it gets from a single pool of the same batch (two CPU pools stand in for two GPUs)."""
+    from mirage.runtime.pool import PoolGroup
+
+    frames = inputs(4, n=2)
+
+    async def scenario(pool):
+        async with serving(pool) as client:
+            (a, hello), (b, _) = await connect(client, seed=3), await connect(client, seed=4)
+            assert hello["slots"] == pool.slots
+            outs = await asyncio.gather(lockstep(a, frames), lockstep(b, frames))
+            return outs, sorted(pool.active)
+
+    with PoolGroup.open(CKPT_V2V, slots=1, devices=["cpu", "cpu"]) as group:
+        (got_a, got_b), active = run(lambda: scenario(group))
+        assert active == [0, 1]  # one stream on each pool
+    with StreamPool.open(CKPT_V2V, slots=1, device="cpu") as single:
+        want = []
+        for seed in (3, 4):
+            async def one(seed=seed):
+                async with serving(single) as client:
+                    ws, _ = await connect(client, seed=seed)
+                    return await lockstep(ws, frames)
+            want.append(run(one))
+    for got, exp in zip((got_a, got_b), want):
+        for g, e in zip(got, exp):
+            np.testing.assert_array_equal(g, e)

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from mirage import __version__
 from mirage.core.config import AutoencoderConfig, TrainConfig, to_json

@@ -1,0 +1,16 @@
+"""Options every command that runs a model shares (mirage-run, mirage-serve): one definition each."""
+from __future__ import annotations
+
+import click
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")  # mirage.runtime.pipeline.BACKENDS, without importing it
+
+backend = click.option(
+    "--backend", type=click.Choice(BACKENDS), default="auto",
+    help="auto: TensorRT for an artifact with engines on a GPU, else ONNX Runtime for an artifact, PyTorch for a "
+         "checkpoint.")
+fast = click.option(
+    "--fast", is_flag=True,
+    help="The fastest PyTorch path on a GPU (docs/PERF.md): float16, Inductor kernels over channels-last weights "
+         "with freezing, the timestep-only work once per step, all in the frame's CUDA graph. Compiling takes a "
+         "minute or two before the first frame.")
