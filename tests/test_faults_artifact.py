@@ -228,3 +228,14 @@ def test_same_seed_same_video_across_backends(artifact):
             pipe.reset(11)
             outs.append(np.stack([pipe.step() for _ in range(3)]))
     assert np.abs(outs[0] - outs[1]).max() < 1e-4
+
+
+def test_a_model_too_large_for_memory_is_refused_before_allocating(tmp_path):
+    """A config edited to ~3 TB of weights: one line naming the size, not the OS killing the process."""
+    ckpt = tmp_path / "huge"
+    shutil.copytree(CKPT_GEN, ckpt)
+    meta = json.loads((ckpt / "config.json").read_text())
+    meta["model"].update(base_channels=16384, channel_mults=[1, 2, 4])
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    r = CliRunner().invoke(run_main, [str(ckpt), "--frames", "1", "--output", str(tmp_path / "o.gif")])
+    assert r.exit_code == 2 and "GiB of fp32 weights" in r.output, r.output

@@ -42,6 +42,7 @@ from mirage import __version__
 from mirage.core.errors import MirageError
 from mirage.core.config import ConfigError, ModelConfig, TrainConfig, from_json, to_json
 from mirage.model.unet import MirageUNet
+from mirage.train.resources import check_weights_fit
 
 CONFIG, WEIGHTS, STATE = "config.json", "model.safetensors", "train_state.safetensors"
 JOURNAL = ".save-journal.json"
@@ -203,7 +204,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     """Load the EMA model of a checkpoint folder (or its model.safetensors) in eval mode."""
     folder = _folder(path)
     meta = read_meta(folder)
-    model = MirageUNet(model_config(meta, folder))
+    cfg = model_config(meta, folder)
+    check_weights_fit(cfg)
+    model = MirageUNet(cfg)
     _load_into(model, folder / WEIGHTS, meta, prefix="")
     return model.to(device).eval(), meta
 

@@ -92,3 +92,15 @@ def check_fits(cfg: ModelConfig, tcfg: TrainConfig, device: torch.device) -> Non
                           f"({weights / gib:.1f} GiB weights + optimizer, {activations / gib:.1f} GiB activations), "
                           f"but {device.type} has {free / gib:.1f} GiB free; lower --batch-size, add "
                           "--grad-checkpoint or --precision bf16, or pick a smaller --config")
+
+
+def check_weights_fit(cfg: ModelConfig) -> None:
+    """Refuse, in one line, a model whose fp32 weights alone exceed the host memory left (before
+    they are allocated, so the OS does not kill the process without a word)."""
+    with torch.device("meta"):
+        weights = 4 * parameter_count(MirageUNet(cfg))
+    free = available_bytes(torch.device("cpu"))
+    if weights > free:
+        gib = 2 ** 30
+        raise ConfigError(f"model {cfg.name} has {weights / gib:.1f} GiB of fp32 weights, but this machine has "
+                          f"{free / gib:.1f} GiB of memory free")
