@@ -102,9 +102,9 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
 
     if json_path is not None and not json_path.parent.is_dir():
         raise UserError(f"--json {json_path}: folder {json_path.parent} does not exist")
-    options = PipelineOptions.fastest() if fast else PipelineOptions(compile="default" if compile_ else None)
-    options = PipelineOptions(**{**options.__dict__, "steps": steps, "cuda_graph": not no_cuda_graph,
-                                 "kernel_library": kernel_library})
+    common = dict(steps=steps, cuda_graph=not no_cuda_graph, kernel_library=kernel_library)
+    options = PipelineOptions.fastest(**common) if fast else \
+        PipelineOptions(compile="default" if compile_ else None, **common)
     writer = VideoWriter(output, fps=fps)  # the path and format are checked before any frame is made
     pipe = Pipeline.load(model, backend=backend, device=device, options=options)
     with pipe, writer, _Stop() as stop:

@@ -172,6 +172,13 @@ def _run(backend: Backend, graph: str, inputs: dict, output: Array, callback: Ca
 GOLDEN_GAMMA, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
+def int64_bits(value: int) -> int:
+    """The int64 with the low 64 bits of `value`: how a seed (any Python int) is stored in rng[b, 0],
+    and how torch, which has no uint64 arithmetic, holds the generator's constants."""
+    u = value % (1 << 64)
+    return u - (1 << 64) if u >= 1 << 63 else u
+
+
 def _mix(z):
     import numpy as np
 
@@ -223,7 +230,7 @@ class NumpyOps:
         buf.memory[row] = 0
         buf.ages[row] = 0
         buf.slot[row] = 0
-        buf.rng[row] = (seed, 0)
+        buf.rng[row] = (int64_bits(seed), 0)
 
 
 def make_buffers(specs: dict, schedule: Schedule, alloc: Callable, fill: Callable, dtype_of: Callable) -> Buffers:

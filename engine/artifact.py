@@ -108,6 +108,9 @@ def build_artifact(checkpoint: str | Path, out: str | Path, options: ArtifactOpt
     """Run every stage in a staging folder, then put it in place of `out`; returns the manifest."""
     checkpoint, out = Path(checkpoint).resolve(), Path(out).resolve()
     o = check_options(options)
+    replaceable = out.is_dir() and ((out / G.MANIFEST).is_file() or not any(out.iterdir()))
+    if out.exists() and not replaceable:  # checked before any work; such a path is never replaced
+        raise ExportError(f"{out} exists and is not a Mirage artifact; choose another --out or remove it")
     model, meta = load_checkpoint(checkpoint)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -127,8 +130,6 @@ def _replace(stage: Path, out: Path) -> None:
     """Swap the finished stage in for `out` (two renames; the old folder is removed after)."""
     old = None
     if out.exists():
-        if not (out / G.MANIFEST).is_file() and any(out.iterdir()):
-            raise ExportError(f"{out} exists and is not a Mirage artifact; choose another --out or remove it")
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
     os.replace(stage, out)

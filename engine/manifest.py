@@ -186,7 +186,7 @@ def rebuild_command(m: dict, folder: str | Path | None = None) -> str:
         "precision": m.get("precision"), "backend": (m.get("backend") or {}).get("name")})
 
 
-def _with_option(command: str, flag: str, value: str | None) -> str:
+def with_option(command: str, flag: str, value: str | None) -> str:
     """`command` with `flag value` set (replacing an existing one), or removed when value is None."""
     words, out, i = shlex.split(command), [], 0
     while i < len(words):
@@ -214,12 +214,12 @@ def check_loadable(manifest: dict, backend_version: str, gpu_cc: str | None, plu
     command = rebuild_command(m, folder)
     if backend not in ("tensorrt-rtx", "tensorrt"):
         raise EngineError(f"the artifact has no TensorRT engines (backend {backend}); rebuild: "
-                          + _with_option(command, "--backend", "tensorrt-rtx"))
+                          + with_option(command, "--backend", "tensorrt-rtx"))
     cc = normalize_cc(gpu_cc) if gpu_cc else None
 
     # first, since no rebuild with TensorRT-RTX can help here
     if backend == "tensorrt-rtx" and cc in RTX_UNSUPPORTED:
-        full = _with_option(_with_option(command, "--gpu", None), "--backend", "tensorrt")
+        full = with_option(with_option(command, "--gpu", None), "--backend", "tensorrt")
         raise EngineError(f"this GPU is {cc} ({RTX_UNSUPPORTED[cc]}): TensorRT-RTX does not run on "
                           f"{RTX_UNSUPPORTED[cc]}; full TensorRT is needed: {full}")
     if built_version and built_version != backend_version:
@@ -232,8 +232,8 @@ def check_loadable(manifest: dict, backend_version: str, gpu_cc: str | None, plu
         # full TensorRT builds for the GPU it runs on; so does RTX's fallback for a GPU it cannot target
         allowed = FP8_TARGETS if m["precision"] == "fp8" else RTX_TARGETS
         rtx = backend == "tensorrt-rtx" and cc in allowed
-        fixed = _with_option(command, "--gpu", ",".join(targets + [cc])) if rtx else \
-            _with_option(_with_option(command, "--gpu", None), "--backend", "tensorrt")
+        fixed = with_option(command, "--gpu", ",".join(targets + [cc])) if rtx else \
+            with_option(with_option(command, "--gpu", None), "--backend", "tensorrt")
         where = "" if rtx else " (with full TensorRT, on this GPU)"
         raise EngineError(f"engine targets compute capabilities [{', '.join(targets)}] but this GPU is {cc}; "
                           f"rebuild{where}: {fixed}")

@@ -46,8 +46,6 @@ class TorchBackend:
         self.codec = None if codec is None else codec.to(device=device, dtype=getattr(torch, dtype)).eval()
         if self.codec is not None:
             self.encode, self.decode = self.codec.encode, self.codec.decode
-        if freeze and not compile_mode:
-            raise BackendError("freezing is an Inductor option: it needs a compile mode")
         if compile_mode:
             # Inductor's freezing (weights become constants it can fold and re-layout) is an
             # options-dict setting, and torch.compile takes either a mode or options.

@@ -11,12 +11,7 @@ import math
 
 import torch
 
-from mirage.core.loop import GOLDEN_GAMMA, MIX1, MIX2
-
-
-def _s64(u: int) -> int:
-    """An unsigned 64-bit constant as the int64 with the same bits."""
-    return u - (1 << 64) if u >= 1 << 63 else u
+from mirage.core.loop import GOLDEN_GAMMA, MIX1, MIX2, int64_bits
 
 
 def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
@@ -24,9 +19,9 @@ def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _mix(z: torch.Tensor) -> torch.Tensor:
-    z = z + _s64(GOLDEN_GAMMA)
-    z = (z ^ _shr(z, 30)) * _s64(MIX1)
-    z = (z ^ _shr(z, 27)) * _s64(MIX2)
+    z = z + int64_bits(GOLDEN_GAMMA)
+    z = (z ^ _shr(z, 30)) * int64_bits(MIX1)
+    z = (z ^ _shr(z, 27)) * int64_bits(MIX2)
     return z ^ _shr(z, 31)
 
 
@@ -76,5 +71,5 @@ class TorchOps:
         buf.memory[row].zero_()
         buf.ages[row].zero_()
         buf.slot[row] = 0
-        buf.rng[row, 0] = _s64(seed % (1 << 64))
+        buf.rng[row, 0] = int64_bits(seed)
         buf.rng[row, 1] = 0

@@ -10,12 +10,12 @@ from mirage.core.graphs import model_graphs
 from mirage.core.device import cuda_available
 from mirage.core.errors import BackendError
 from mirage.core.ort import OrtBackend
-from mirage.engine.manifest import EngineError, read_manifest, rebuild_command, sha256_file
+from mirage.engine.manifest import EngineError, read_manifest, rebuild_command, sha256_file, with_option
 from mirage.engine.verify import check_signature, verify_artifact
 
 
 def open_artifact(path: Path, backend: str, device: str, options: PipelineOptions):
-    """(backend, model config, graph specs) for an artifact folder."""
+    """(backend, model config, graph specs, manifest) for an artifact folder."""
     manifest = read_manifest(path)
     rebuild = rebuild_command(manifest, path)
     has_engine = manifest["backend"]["name"] != "onnx"
@@ -31,7 +31,7 @@ def open_artifact(path: Path, backend: str, device: str, options: PipelineOption
         raise BackendError(f"{path} is an artifact; the torch backend runs checkpoints (pass the checkpoint "
                            f"folder {manifest['checkpoint']['path']})")
     if use_trt and not has_engine:
-        raise EngineError(f"{path} has no engines; rebuild: {rebuild.replace('--backend onnx', '')} --backend tensorrt")
+        raise EngineError(f"{path} has no engines; rebuild: {with_option(rebuild, '--backend', 'tensorrt')}")
     cfg, recorded = verify_artifact(path, manifest, engines=use_trt)
     _warn_if_checkpoint_changed(manifest)
     # buffers at the batch asked for (a dynamic-batch artifact runs any batch up to its max)
@@ -39,11 +39,12 @@ def open_artifact(path: Path, backend: str, device: str, options: PipelineOption
     if use_trt:
         from mirage.runtime.tensorrt import TensorRTBackend
 
-        return TensorRTBackend(path, manifest, specs, device="cuda:0" if device == "auto" else device), cfg, specs
+        impl = TensorRTBackend(path, manifest, specs, device="cuda:0" if device == "auto" else device)
+        return impl, cfg, specs, manifest
     impl = OrtBackend({g: path / m["onnx"] for g, m in manifest["graphs"].items()})
     for graph in specs:
         check_signature(graph, impl.signature(graph), recorded[graph], rebuild)
-    return impl, cfg, specs
+    return impl, cfg, specs, manifest
 
 
 def _warn_if_checkpoint_changed(manifest: dict) -> None:

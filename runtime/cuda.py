@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from mirage.core.device import compute_capability
+from mirage.core.loop import int64_bits
 
 
 class CudaError(RuntimeError):
@@ -361,7 +362,7 @@ class CudaOps:
         for b in (buf.memory, buf.ages, buf.slot, buf.rng):
             per_row = b.nbytes // b.shape[0]
             self.zero_(b, row * per_row, per_row)
-        host = np.array([seed % (1 << 64)], dtype=np.uint64).view(np.int64)  # the seed's 64 bits
+        host = np.array([int64_bits(seed)], dtype=np.int64)
         call(self.dev.rt.cudaMemcpyAsync, buf.rng.ptr + 16 * row, host.ctypes.data, 8,
              self.dev.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream)
         call(self.dev.rt.cudaStreamSynchronize, self.stream)  # `host` is pageable and about to go away

@@ -15,6 +15,7 @@ import warnings
 
 import numpy as np
 
+from mirage.core import graphs as G
 from mirage.core.errors import MirageError
 from mirage.core.loop import Buffers, NumpyOps, Schedule, run_frame
 
@@ -26,11 +27,10 @@ class NonFiniteError(MirageError):
 class CpuExecution:
     """The loop run eagerly, one frame at a time (ONNX Runtime on numpy, PyTorch on CPU tensors)."""
 
-    graphs: list = []
-    timeline: list = []
-
     def __init__(self, backend, schedule: Schedule):
         self.backend, self.schedule = backend, schedule
+        self.graphs: list = []  # no CUDA graphs on the CPU
+        self.timeline: list[dict] = []  # nor GPU events
         if backend.array == "numpy":
             self.ops = NumpyOps()
         else:
@@ -62,10 +62,11 @@ class CpuExecution:
             self.buf.input[...] = cond if numpy else _torch().from_numpy(cond)
         self.buf.advance[...] = advance if numpy else _torch().from_numpy(advance)
         run_frame(self.backend, self.ops, self.buf, self.schedule)
-        # a copy: the next frame overwrites the buffer
-        self._result, kv = (_host(b, self.backend.array) for b in (self.buf.frame, self.buf.kv))
-        for graph, out in (("denoise", self._result), ("context_encode", kv)):
-            if not np.isfinite(out).all():
+        self._result = _host(self.buf.frame, numpy)  # a copy: the next frame overwrites the buffer
+        frame_graph = G.DECODE if self.buf.image is not None else G.DENOISE
+        for graph, finite in ((frame_graph, np.isfinite(self._result).all()),
+                              (G.CONTEXT, _finite(self.buf.kv, numpy))):
+            if not finite:
                 raise NonFiniteError(f"the {graph} graph produced non-finite values (NaN or Inf); the model or "
                                      "artifact is broken: re-export it, or check the checkpoint's weights")
 
@@ -153,8 +154,6 @@ class GpuExecution:
     def submit(self, cond: np.ndarray | None, advance: np.ndarray) -> None:
         gpu, k = self.gpu, self._frame % 2
         compute, copy = gpu.compute, gpu.copy_stream
-        if len(self._pending) == 2:  # the host buffers of frame n-2 are about to be reused
-            raise RuntimeError("two frames in flight: collect() before submitting a third")
         if self.graphs and self._pointers() != self._captured:
             raise RuntimeError("a buffer moved since capture; the graphs are stale")
         gpu.record(self.ev_up0[k], copy)
@@ -217,9 +216,13 @@ def _dtype_name(buf) -> str:
     return buf.dtype if isinstance(buf.dtype, str) else str(buf.dtype).split(".")[1]
 
 
-def _host(buf, array: str) -> np.ndarray:
+def _host(buf, numpy: bool) -> np.ndarray:
     """A float32 host copy of a CPU buffer (numpy or torch)."""
-    return buf.astype(np.float32) if array == "numpy" else buf.to("cpu", _torch().float32, copy=True).numpy()
+    return buf.astype(np.float32) if numpy else buf.to("cpu", _torch().float32, copy=True).numpy()
+
+
+def _finite(buf, numpy: bool) -> bool:
+    return bool(np.isfinite(buf).all()) if numpy else bool(_torch().isfinite(buf).all())
 
 
 def _torch():

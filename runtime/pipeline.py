@@ -15,7 +15,6 @@ runtime.pool.StreamPool builds on). Buffers are allocated once from the graphs' 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -53,17 +52,11 @@ class Pipeline:
         path = Path(path)
         if backend not in BACKENDS:
             raise PipelineError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-        for meta_file in (path / G.MANIFEST, path / "config.json"):  # a distilled student records its steps
-            if options.steps is None and meta_file.is_file():
-                try:
-                    options = dataclasses.replace(options, steps=default_steps(json.loads(meta_file.read_text())))
-                except (ValueError, TypeError):
-                    pass  # unreadable here: the loaders below name the problem
         if (path / G.MANIFEST).is_file():
             from mirage.runtime.artifact import open_artifact
 
-            impl, cfg, specs = open_artifact(path, backend, device, options)
-            return cls(impl, cfg, specs, options)
+            impl, cfg, specs, manifest = open_artifact(path, backend, device, options)
+            return cls(impl, cfg, specs, _model_steps(options, manifest))
         if (path / "config.json").is_file():
             if backend not in ("auto", "torch"):
                 raise PipelineError(f"{path} is a checkpoint: only the torch backend runs it; "
@@ -74,8 +67,8 @@ class Pipeline:
                 raise BackendError("running a checkpoint needs PyTorch; or export it to an artifact") from e
             from mirage.train.checkpoint import load_checkpoint
 
-            model, _ = load_checkpoint(path)
-            return cls.from_model(model, device, options)
+            model, meta = load_checkpoint(path)
+            return cls.from_model(model, device, _model_steps(options, meta))
         if any(path.glob("*.onnx")):
             raise PipelineError(f"{path}: ONNX graphs without a manifest.json (an incomplete artifact); rebuild it "
                                 f"with `mirage-export --checkpoint CHECKPOINT --out {path}`")
@@ -257,6 +250,11 @@ class Pipeline:
     def _drain(self) -> None:
         while self.execution.pending:
             self.execution.collect()
+
+
+def _model_steps(options: PipelineOptions, meta: dict) -> PipelineOptions:
+    """Options whose unset step count is the model's own (a distilled student records it)."""
+    return options if options.steps is not None else dataclasses.replace(options, steps=default_steps(meta))
 
 
 __all__ = ["Pipeline", "PipelineError", "BACKENDS"]

@@ -15,6 +15,7 @@ it costs what a busy row costs.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ class StreamPool:
     @classmethod
     def open(cls, path: str | Path, slots: int, backend: str = "auto", device: str = "auto",
              options: PipelineOptions = PipelineOptions()) -> "StreamPool":
-        return cls(Pipeline.load(path, backend, device, PipelineOptions(**{**options.__dict__, "batch": slots})))
+        return cls(Pipeline.load(path, backend, device, dataclasses.replace(options, batch=slots)))
 
     def attach(self, seed: int = 0) -> int:
         free = [s for s in range(self.slots) if s not in self.active]

@@ -157,13 +157,21 @@ def test_parity_failure_writes_nothing_unless_overridden(artifact, tmp_path, mon
     assert "--allow-parity-failure" in m["rebuild_command"]
 
 
-def test_a_folder_that_is_not_an_artifact_is_never_replaced(tmp_path):
+def test_a_folder_that_is_not_an_artifact_is_never_replaced(tmp_path, monkeypatch):
+    """Refused before any work (no checkpoint is even loaded), for a foreign folder and for a file."""
+    import mirage.engine.artifact as A
+
+    monkeypatch.setattr(A, "load_checkpoint", lambda *a: pytest.fail("work began"))
     keep = tmp_path / "mine"
     keep.mkdir()
     (keep / "notes.txt").write_text("not an artifact")
-    with pytest.raises(Exception, match="not a Mirage artifact"):
-        build_artifact(CKPT_GEN, keep, ArtifactOptions(precision="fp32", **FAST))
-    assert (keep / "notes.txt").read_text() == "not an artifact"
+    a_file = tmp_path / "file"
+    a_file.write_text("a file")
+    for out in (keep, a_file):
+        with pytest.raises(A.ExportError, match="not a Mirage artifact"):
+            build_artifact(CKPT_GEN, out, ArtifactOptions(precision="fp32", **FAST))
+    assert (keep / "notes.txt").read_text() == "not an artifact" and a_file.read_text() == "a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "mine"]
 
 
 def test_non_finite_weights_stop_the_run_naming_the_graph(make_random_tiny):

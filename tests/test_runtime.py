@@ -251,3 +251,21 @@ def test_precomputed_time_shifts_give_the_same_frames():
             if precompute:
                 assert len(pipe.backend._shifts) == 4  # one table entry per DDIM step buffer
     assert np.abs(outs[0] - outs[1]).max() < 1e-5
+
+
+def test_any_int_is_a_seed_on_every_ops():
+    """Seeds beyond int64 (or negative) are stored by their 64 bits, the same on numpy and torch."""
+    from types import SimpleNamespace
+
+    for seed in (-3, 2 ** 63 + 7, 2 ** 70):
+        rows = []
+        for ops, zeros in ((NumpyOps(), lambda s, d: np.zeros(s, d)),
+                           (TorchOps("cpu"), lambda s, d: torch.zeros(s, dtype=getattr(torch, d)))):
+            buf = SimpleNamespace(memory=zeros((1, 2), "float32"), ages=zeros((1, 2), "int32"),
+                                  slot=zeros((1,), "int64"), rng=zeros((1, 2), "int64"))
+            ops.reset_row_(buf, 0, seed)
+            noise = zeros((1, 64), "float32")
+            ops.randn_(noise, buf.rng, zeros((1,), "int64"))
+            rows.append(np.asarray(noise))
+        assert np.abs(rows[0] - rows[1]).max() < 1e-5
+        assert np.abs(rows[0][0] - normal(seed, 0, 64)).max() < 1e-5
