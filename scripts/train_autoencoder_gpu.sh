@@ -14,12 +14,13 @@ set -euo pipefail
 OUT=${OUT:-gpu-out}
 RUN=${RUN:-runs/ae-taesd}
 mkdir -p "$OUT"
-python -c "import diffusers, skimage" 2>/dev/null || pip install -q --no-index --find-links .whl diffusers scikit-image
+PY=${PYTHON:-python3}
+$PY -c "import diffusers, skimage" 2>/dev/null || $PY -m pip install -q --no-index --find-links .whl diffusers scikit-image
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 # 256^2 crops: every MS-SSIM scale fits (>= 176 px) and 14 workers keep up with making detailed frames
-timeout "${TRAIN_SECONDS:-480}" mirage-train --stage autoencoder --ae-config taesd --data detailed --crop 256 \
+timeout "${TRAIN_SECONDS:-480}" $PY -m mirage.cli.train --stage autoencoder --ae-config taesd --data detailed --crop 256 \
   --batch-size 32 --steps "${STEPS:-8000}" --lr 1e-3 --precision bf16 --ema-decay 0.999 --workers 14 \
   --device cuda --seed 0 --out "$RUN" 2>&1 | tee "$OUT/train.log" || true
-python scripts/eval_autoencoder.py "$RUN" --sizes 256 512 --device cuda --threads 8 \
+$PY scripts/eval_autoencoder.py "$RUN" --sizes 256 512 --device cuda --threads 8 \
   --json "$OUT/ae-taesd-h100.json" --png "$OUT/png" 2>&1 | tee "$OUT/eval.log"
 cp -r "$RUN" "$OUT/ae-taesd"
