@@ -23,12 +23,17 @@ from mirage.core.errors import MirageError
 @click.option("--streams", type=click.IntRange(min=1), default=1,
               help="Independent rollouts (seeds SEED, SEED+1, ...) run together as a batch; every metric is their "
                    "mean. One generated video is one sample: use 8 or more to compare generation models.")
+@click.option("--data", type=click.Choice(["synthetic", "detailed", "photos"]), default="synthetic",
+              help="Clips the rollout is scored on (and, video-to-video, takes its input from): the shapes video, "
+                   "the camera-like detailed video, or pans over scikit-image's photographs.")
+@click.option("--examples", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for PNGs of the first, middle and last frame (video-to-video: input | output | truth).")
 @click.option("--device", default="cpu", help="cpu, cuda or cuda:N (checkpoints; artifacts run with ONNX Runtime).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the report here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a PNG of the metrics over frame index here (needs matplotlib).")
-def main(model, frames, window, steps, context_noise, seed, streams, device, json_path, plot_path):
+def main(model, frames, window, steps, context_noise, seed, streams, data, examples, device, json_path, plot_path):
     """Roll MODEL (checkpoint folder, or artifact folder of mirage-export) out and print, per
     window, PSNR/SSIM against ground truth (video-to-video) and distribution statistics against
     the data: histogram and feature distances, sharpness, motion, flicker (and their ratios to
@@ -39,7 +44,7 @@ def main(model, frames, window, steps, context_noise, seed, streams, device, jso
     if json_path is not None and not json_path.parent.is_dir():
         raise UserError(f"--json {json_path}: folder {json_path.parent} does not exist")
     try:
-        report = evaluate(model, frames, window, steps, context_noise, seed, device, streams)
+        report = evaluate(model, frames, window, steps, context_noise, seed, device, streams, data, examples)
     except MirageError as e:
         raise UserError(str(e)) from e
     click.echo(format_table(report))

@@ -123,8 +123,9 @@ def main(ctx, stage, ae_config, crop, ssim_mix, ema_decay, config_name, task, da
     from mirage.train.trainer import train
 
     if stage == "autoencoder":
-        return _autoencoder_stage(ae_config, data or "detailed", out or f"runs/{ae_config}", steps, batch_size, lr,
-                                  precision, ema_decay, ssim_mix, crop, device, workers, resume, seed, dry_run)
+        return _autoencoder_stage(ctx, ae_config, data or "detailed", out or f"runs/{ae_config}", steps, batch_size, lr,
+                                  precision, ema_decay, ssim_mix, crop, device, workers, resume, seed, save_minutes,
+                                  dry_run)
     data, out = data or "synthetic", out or Path("runs/tiny")
     try:
         source = distill_from or init_from
@@ -158,15 +159,20 @@ def main(ctx, stage, ae_config, crop, ssim_mix, ema_decay, config_name, task, da
         summary = train(cfg, tcfg, out, resume=resume, device=device, workers=workers)
     except MirageError as e:
         raise UserError(str(e)) from e
+    _finish(ctx, summary, tcfg.steps, out, ["mirage-train", "--out", str(out)])
+
+
+def _finish(ctx, summary: dict, steps: int, out, resume: list[str]) -> None:
+    """Print the summary; a run a signal stopped says where it saved and exits 128 + the signal."""
     click.echo(json.dumps(summary))
     if summary["stopped_by"]:
-        click.echo(f"stopped by {summary['stopped_by']} at step {summary['step']} of {tcfg.steps}; checkpoint saved "
-                   f"in {out}; resume with: {shlex.join(['mirage-train', '--out', str(out)])}", err=True)
+        click.echo(f"stopped by {summary['stopped_by']} at step {summary['step']} of {steps}; checkpoint saved "
+                   f"in {out}; resume with: {shlex.join(resume)}", err=True)
         ctx.exit(128 + signal.Signals[summary["stopped_by"]].value)
 
 
-def _autoencoder_stage(ae_config, data, out, steps, batch_size, lr, precision, ema_decay, ssim_mix, crop, device,
-                       workers, resume, seed, dry_run) -> None:
+def _autoencoder_stage(ctx, ae_config, data, out, steps, batch_size, lr, precision, ema_decay, ssim_mix, crop,
+                       device, workers, resume, seed, save_minutes, dry_run) -> None:
     from mirage.train.autoencoder import train_autoencoder
 
     try:
@@ -174,7 +180,7 @@ def _autoencoder_stage(ae_config, data, out, steps, batch_size, lr, precision, e
         if crop % cfg.downscale:
             raise ConfigError(f"--crop {crop} must be a multiple of the autoencoder's downscale {cfg.downscale}")
         tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, precision=precision, ema_decay=ema_decay,
-                           data=data, seed=seed)
+                           data=data, seed=seed, save_minutes=save_minutes)
         if dry_run:
             click.echo(json.dumps({"autoencoder": cfg.__dict__, "train": tcfg.__dict__, "crop": crop,
                                    "ssim_mix": ssim_mix}, indent=2, default=list))
@@ -183,7 +189,8 @@ def _autoencoder_stage(ae_config, data, out, steps, batch_size, lr, precision, e
                                     ssim_mix=ssim_mix)
     except MirageError as e:
         raise UserError(str(e)) from e
-    click.echo(json.dumps(summary))
+    _finish(ctx, summary, steps, out, ["mirage-train", "--stage", "autoencoder", "--ae-config", ae_config,
+                                       "--out", str(out), "--steps", str(steps)])
 
 
 if __name__ == "__main__":

@@ -170,20 +170,22 @@ CONFIGS: dict[str, ModelConfig] = {
                             num_res_blocks=3, attn_levels=(1, 2, 3), temporal_levels=(2, 3), head_dim=64,
                             temporal_dim=256, temporal_heads=8, context_frames=8, norm_groups=32),
 }
-# Latent configs: the same U-Nets on the 8x-downscaled 4-channel latents of the bundled autoencoder
-# (checkpoints/ae-tiny; point `autoencoder` at a full TAESD-width one for quality).
-LATENT_AE = "checkpoints/ae-tiny"
-LATENT_SCALE = 2.0  # ae-tiny's latents have a per-channel std of 0.4-0.6 (docs/QUALITY.md)
+# Latent configs: the same U-Nets on 8x-downscaled 4-channel latents. tiny-64 uses the narrow
+# ae-tiny so that it trains and runs on a laptop CPU; the 256^2 and 512^2 configs use ae-taesd, the
+# full-width TAESD layout trained on the GPU machine (docs/QUALITY.md: 39.5 dB on held-out synthetic
+# 512^2 frames against ae-tiny's 19-20 dB). latent_scale brings each autoencoder's latents to about
+# unit variance (measured on detailed frames: ae-tiny's std 0.4-0.6, ae-taesd's 0.8).
+LATENT_AE, LATENT_SCALE = "checkpoints/ae-tiny", 2.0
+TAESD_AE, TAESD_SCALE = "checkpoints/ae-taesd", 1.25
 CONFIGS["tiny-64"] = dataclasses.replace(CONFIGS["tiny"], name="tiny-64", image_size=8, channels=4, channel_mults=(1, 2),
                                          attn_levels=(1,), temporal_levels=(0, 1), autoencoder=LATENT_AE, frame_size=64,
                                          latent_scale=LATENT_SCALE)
 CONFIGS["small-256"] = dataclasses.replace(CONFIGS["small"], name="small-256", image_size=32, channels=4,
-                                           autoencoder=LATENT_AE, frame_size=256, latent_scale=LATENT_SCALE)
-CONFIGS["base-512"] = dataclasses.replace(CONFIGS["base"], name="base-512", channels=4, autoencoder=LATENT_AE,
-                                          frame_size=512, latent_scale=LATENT_SCALE)
+                                           autoencoder=TAESD_AE, frame_size=256, latent_scale=TAESD_SCALE)
+CONFIGS["base-512"] = dataclasses.replace(CONFIGS["base"], name="base-512", channels=4, autoencoder=TAESD_AE,
+                                          frame_size=512, latent_scale=TAESD_SCALE)
 CONFIGS["seed880m-512"] = dataclasses.replace(CONFIGS["seed880m"], name="seed880m-512", channels=4,
-                                              autoencoder=LATENT_AE, frame_size=512, latent_scale=LATENT_SCALE)
-
+                                              autoencoder=TAESD_AE, frame_size=512, latent_scale=TAESD_SCALE)
 
 def get_config(name: str, task: str = "generate") -> ModelConfig:
     if name not in CONFIGS:

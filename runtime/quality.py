@@ -25,10 +25,10 @@ import numpy as np
 from mirage.core import metrics as M
 from mirage.core.config import PipelineOptions
 from mirage.core.errors import MirageError
-from mirage.core.synthetic import SyntheticVideo
-from mirage.core.video_io import v2v_input
+from mirage.core.video_io import v2v_input, write_video
 from mirage.core.schedule import default_steps
 from mirage.runtime.pipeline import Pipeline
+from mirage.train.data import SOURCES, make_source
 
 DEFAULT_CONTEXT_NOISE = 100  # as mirage.train.rollout and the runtime
 DATA_CLIPS = 20
@@ -49,9 +49,9 @@ def _meta(path: Path) -> dict:
     return {}  # Pipeline.load names the problem
 
 
-def reference_clip(size: int, frames: int, seed: int) -> np.ndarray:
-    """(T, H, W, 3) synthetic frames in [-1, 1]."""
-    return SyntheticVideo(size, seed=seed).clip(0, frames)
+def reference_clip(size: int, frames: int, seed: int, data: str = "synthetic") -> np.ndarray:
+    """(T, H, W, 3) frames in [-1, 1] of a made-on-the-fly source (mirage.train.data.SOURCES)."""
+    return make_source(data, size, frames, seed).clip(0, frames)
 
 
 def v2v_inputs(truth: np.ndarray) -> np.ndarray:
@@ -60,7 +60,7 @@ def v2v_inputs(truth: np.ndarray) -> np.ndarray:
 
 
 def rollout_frames(model_path: str | Path, frames: int, steps: int, context_noise: int, seed: int, device: str,
-                   truth_seed: int, streams: int = 1) -> tuple[np.ndarray, np.ndarray, dict]:
+                   truth_seed: int, streams: int = 1, data: str = "synthetic") -> tuple[np.ndarray, np.ndarray, dict]:
     """(output frames (S, T, H, W, 3) of `streams` rollouts seeded seed .. seed+S-1, ground-truth
     frames (T, H, W, 3)) and the model's {name, task, size, precision}. Video-to-video models take
     the ground truth's input in every stream; generation models ignore it."""
@@ -71,7 +71,7 @@ def rollout_frames(model_path: str | Path, frames: int, steps: int, context_nois
                               batch=streams)
     with Pipeline.load(path, backend="onnxruntime" if artifact else "torch", device=device, options=options) as pipe:
         size = pipe.frame_shape[0]
-        truth = reference_clip(size, frames, truth_seed)
+        truth = reference_clip(size, frames, truth_seed, data)
         pipe.reset(seed)  # row b is seeded with seed + b
         if pipe.video_to_video:
             out = [pipe.step_batch(np.repeat(x[None], streams, axis=0)) for x in v2v_inputs(truth)]
@@ -82,9 +82,9 @@ def rollout_frames(model_path: str | Path, frames: int, steps: int, context_nois
     return np.stack(out, axis=1), truth, info  # (S, T, H, W, 3)
 
 
-def data_statistics(size: int, window: int, features: M.RandomConvFeatures) -> dict:
+def data_statistics(size: int, window: int, features: M.RandomConvFeatures, data: str = "synthetic") -> dict:
     """The data's per-window statistics (means over DATA_CLIPS clips) and its reference pool."""
-    clips = [reference_clip(size, window, 20_000 + i) for i in range(DATA_CLIPS)]
+    clips = [reference_clip(size, window, 20_000 + i, data) for i in range(DATA_CLIPS)]
     hists = [M.colour_histogram(c) for c in clips]
     feats = [features(c) for c in clips]
     hist, pool = np.mean(hists, axis=0), M.feature_stats(np.concatenate(feats))
@@ -116,19 +116,28 @@ def window_row(out: np.ndarray, truth: np.ndarray | None, data: dict, features: 
 
 
 def evaluate(model_path: str | Path, frames: int = 500, window: int = 50, steps: int | None = None,
-             context_noise: int = DEFAULT_CONTEXT_NOISE, seed: int = 0, device: str = "cpu", streams: int = 1) -> dict:
+             context_noise: int = DEFAULT_CONTEXT_NOISE, seed: int = 0, device: str = "cpu", streams: int = 1,
+             data: str = "synthetic", examples: str | Path | None = None) -> dict:
     """Roll `model_path` out for `frames` frames in `streams` independent streams (seeds seed ..
-    seed+streams-1) and score every window: each metric is the mean over the streams, `std` its
-    spread. steps=None uses the model's own step count (a distilled student records it), else 4."""
+    seed+streams-1) on clips of `data` and score every window: each metric is the mean over the
+    streams, `std` its spread. steps=None uses the model's own step count (a distilled student
+    records it), else 4. `examples`: a folder for PNGs of stream 0's first, middle and last frame
+    (video-to-video: input | output | ground truth side by side)."""
     if window < 3 or frames < window:
         raise QualityError(f"--window {window} / --frames {frames}: need 3 <= window <= frames")
     if streams < 1:
         raise QualityError(f"--streams {streams}: need at least 1")
     steps = steps or default_steps(_meta(Path(model_path)))
-    out, truth, info = rollout_frames(model_path, frames, steps, context_noise, seed, device, 10_000 + seed, streams)
+    if data not in SOURCES:
+        raise QualityError(f"--data {data!r}: choose one of {', '.join(SOURCES)}")
+    source = data  # `data` below is the data's statistics
+    out, truth, info = rollout_frames(model_path, frames, steps, context_noise, seed, device, 10_000 + seed, streams,
+                                      source)
     v2v = info["task"] == "v2v"
+    if examples is not None:
+        write_examples(examples, out[0], truth if v2v else None)
     features = M.RandomConvFeatures()
-    data = data_statistics(info["size"], window, features)
+    data = data_statistics(info["size"], window, features, source)
     windows = []
     for s in range(0, frames - window + 1, window):
         rows = [window_row(video[s:s + window], truth[s:s + window] if v2v else None, data, features) for video in out]
@@ -136,11 +145,24 @@ def evaluate(model_path: str | Path, frames: int = 500, window: int = 50, steps:
                         "std": {k: float(np.std([r[k] for r in rows])) for k in rows[0]}})
     report = {"model": str(model_path), "config": info["name"], "task": info["task"],
               "precision": info["precision"], "frames": frames, "window": window, "steps": steps,
-              "context_noise": context_noise, "seed": seed, "streams": streams, "data": data["summary"],
+              "context_noise": context_noise, "seed": seed, "streams": streams, "source": source,
+              "data": data["summary"],
               "windows": windows, "collapsed_frames": int(sum(M.collapsed(video).sum() for video in out))}
     if v2v:
         report["drift_db"] = windows[-1]["psnr"] - windows[0]["psnr"]
     return report
+
+
+def write_examples(folder: str | Path, video: np.ndarray, truth: np.ndarray | None) -> list[int]:
+    """PNGs (folder/00000.png ...) of the first, middle and last frame of `video` (T, H, W, 3); with
+    a ground truth, each is input | output | truth. Returns the frame indices."""
+    picks = sorted({0, len(video) // 2, len(video) - 1})
+    if truth is None:
+        strips = [video[i] for i in picks]
+    else:
+        strips = [np.concatenate([v2v_input(truth[i]), video[i], truth[i]], axis=1) for i in picks]
+    write_video(folder, strips, scale=1)
+    return picks
 
 
 def format_table(report: dict) -> str:

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -196,10 +200,37 @@ def test_training_reduces_the_loss_on_a_fixed_batch(tmp_path):
         after = reconstruction_loss(trained(batch), batch).item()
     assert after < 0.9 * before, (before, after)  # measured: 0.978 -> 0.826
     assert meta["crop"] == 32 and meta["train"]["steps"] == 40
-    # a second run continues from the checkpoint's weights and counts on; --no-resume starts afresh
-    more = dataclasses.replace(tcfg, steps=2)
-    assert train_autoencoder(SMALL, more, tmp_path, crop=32, device="cpu", progress=False)["step"] == 42
-    assert train_autoencoder(SMALL, more, tmp_path, crop=32, device="cpu", resume=False, progress=False)["step"] == 2
+    # a second run continues from the checkpoint's step to the total; --no-resume starts afresh
+    more = dataclasses.replace(tcfg, steps=42)
+    resumed = train_autoencoder(SMALL, more, tmp_path, crop=32, device="cpu", progress=False)
+    assert (resumed["step"], resumed["trained_steps"]) == (42, 2)
+    fresh = dataclasses.replace(tcfg, steps=2)
+    assert train_autoencoder(SMALL, fresh, tmp_path, crop=32, device="cpu", resume=False, progress=False)["step"] == 2
+
+
+def test_sigterm_to_the_process_group_saves_the_step_reached(tmp_path):
+    """`timeout` and Ctrl-C signal the whole process group, data workers included: the workers
+    ignore it, the loop saves the step it reached and the command exits 143 with a resume line."""
+    out = tmp_path / "ae"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mirage.cli.train", "--stage", "autoencoder", "--steps", "100000",
+                             "--batch-size", "1", "--crop", "32", "--workers", "1", "--device", "cpu",
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # its own process group, as under `timeout`
+    seen = ""
+    while "step 50:" not in seen:  # the first log line: 50 steps done
+        line = proc.stdout.readline()
+        assert line, f"mirage-train ended early: {proc.stderr.read()[-2000:]}"
+        seen += line
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr and "DataLoader worker" not in stderr
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["stopped_by"] == "SIGTERM" and summary["step"] >= 50
+    _, meta = load_autoencoder(out)
+    assert meta["step"] == summary["step"]
+    assert f"resume with: mirage-train --stage autoencoder --ae-config taesd-tiny --out {out}" in stderr
 
 
 def test_cli_autoencoder_stage(tmp_path):

@@ -91,3 +91,28 @@ def test_streams_are_independent_seeds_averaged():
             assert w[key] == pytest.approx((a[key] + b[key]) / 2, rel=1e-3), key
             assert w["std"][key] == pytest.approx(abs(a[key] - b[key]) / 2, rel=1e-2, abs=1e-6), key
     assert a["sharpness"] != b["sharpness"]  # two seeds, two videos
+
+
+def test_detailed_data_and_example_frames(tmp_path):
+    """--data picks the clips the rollout is scored on; --examples writes input | output | truth strips."""
+    from PIL import Image
+
+    from mirage.runtime.quality import reference_clip
+
+    folder = tmp_path / "examples"
+    args = [str(CKPT_V2V), "--frames", "6", "--window", "3", "--data", "detailed", "--examples", str(folder),
+            "--json", str(tmp_path / "q.json")]
+    result = CliRunner().invoke(quality_cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "q.json").read_text())
+    assert report["source"] == "detailed"
+    pngs = sorted(folder.glob("*.png"))
+    assert len(pngs) == 3  # frames 0, 3 and 5
+    strip = np.asarray(Image.open(pngs[-1]))
+    size = 32  # the bundled tiny-v2v
+    assert strip.shape == (size, 3 * size, 3)
+    truth = reference_clip(size, 6, 10_000, "detailed")[5]
+    assert np.abs(strip[:, 2 * size:].astype(int) - (truth + 1) * 127.5).max() <= 1  # the right is the truth
+    assert not np.array_equal(reference_clip(size, 6, 10_000, "synthetic"), reference_clip(size, 6, 10_000, "detailed"))
+    bad = CliRunner().invoke(quality_cli, [str(CKPT_V2V), "--data", "nope"])
+    assert bad.exit_code == 2 and "nope" in bad.output

@@ -29,8 +29,8 @@ from mirage.model.autoencoder import Autoencoder, build_autoencoder
 from mirage.model.ssim import ms_ssim
 from mirage.train.checkpoint import CONFIG, WEIGHTS, save_unit
 from mirage.train.codec import load_autoencoder
-from mirage.train.data import ClipStream, make_source
-from mirage.train.trainer import ema_update, lr_at, optimizer_step, pick_device
+from mirage.train.data import ClipStream, batches, make_source
+from mirage.train.trainer import StopOnSignal, ema_update, lr_at, optimizer_step, pick_device
 
 SSIM_MIX = 0.84  # the default a
 LATENT_REG = 0.01
@@ -52,54 +52,61 @@ def latent_reg(latents: torch.Tensor) -> torch.Tensor:
 def train_autoencoder(cfg: AutoencoderConfig, tcfg: TrainConfig, out: str | Path, crop: int = 128,
                       device: str = "auto", workers: int = 0, resume: bool = True, ssim_mix: float = SSIM_MIX,
                       progress: bool = True) -> dict:
-    """Train on crop x crop frames of tcfg.data into checkpoint folder `out`; returns a summary.
-    `workers` processes make the frames (a GPU outruns one CPU core making 256x256 detailed frames).
+    """Train on crop x crop frames of tcfg.data into checkpoint folder `out` until step tcfg.steps;
+    returns a summary. `workers` processes make the frames (a GPU outruns one CPU core making
+    256x256 detailed frames).
 
     With resume, a checkpoint already in `out` must have the same config (else CheckpointError
-    naming both values) and training starts from its weights (the optimizer state is not kept)."""
+    naming both values) and training continues from its step and weights (the optimizer state is
+    not kept). Saves every tcfg.save_every steps, every tcfg.save_minutes and when SIGINT / SIGTERM
+    asks it to stop (the summary's "stopped_by" names the signal)."""
     out, dev = Path(out), pick_device(device)
     torch.manual_seed(tcfg.seed)
     model = build_autoencoder(cfg)
-    start_step = 0
+    step = 0
     if resume and (out / CONFIG).is_file():
         saved, meta = load_autoencoder(out, expect=cfg)
         model.load_state_dict(saved.state_dict())
-        start_step = meta["step"]
+        step = meta["step"]
     model = model.to(dev).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False) if tcfg.ema_decay else None
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.99))
-    stream = ClipStream(make_source(tcfg.data, crop, 1, tcfg.seed), 1, seed=tcfg.seed + 1000 * start_step)
-    loader = iter(torch.utils.data.DataLoader(stream, batch_size=tcfg.batch_size, num_workers=workers,
-                                              pin_memory=dev.type == "cuda"))
+    stream = ClipStream(make_source(tcfg.data, crop, 1, tcfg.seed), 1, seed=tcfg.seed + 1000 * step)
+    loader = batches(stream, tcfg.batch_size, workers, pin_memory=dev.type == "cuda")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.precision)
     scaler = torch.amp.GradScaler(dev.type, enabled=tcfg.precision == "fp16")
     losses: list[float] = []
-    begin = time.perf_counter()
-    for step in range(tcfg.steps):
-        frames = next(loader)[:, 0].to(dev, non_blocking=True)  # (B, 1, 3, H, W) clips of one frame
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, tcfg)
-        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            latents = model.encode(frames)
-            recon = model.decode(latents)
-        loss = reconstruction_loss(recon.float(), frames, ssim_mix) + LATENT_REG * latent_reg(latents.float())
-        optimizer_step(opt, scaler, loss, model, tcfg.grad_clip)
-        if ema is not None:
-            ema_update(ema, model, min(tcfg.ema_decay, (1 + step) / (10 + step)))
-        losses.append(loss.item())
-        last = step + 1 == tcfg.steps
-        if progress and ((step + 1) % tcfg.log_every == 0 or last):
+    begin = last_save = time.perf_counter()
+    stopped = False
+    with StopOnSignal(print if progress else lambda _: None) as stop:
+        while step < tcfg.steps and not stopped:
+            frames = next(loader)[:, 0].to(dev, non_blocking=True)  # (B, 1, 3, H, W) clips of one frame
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, tcfg)
+            with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                latents = model.encode(frames)
+                recon = model.decode(latents)
+            loss = reconstruction_loss(recon.float(), frames, ssim_mix) + LATENT_REG * latent_reg(latents.float())
+            optimizer_step(opt, scaler, loss, model, tcfg.grad_clip)
+            step += 1
+            if ema is not None:
+                ema_update(ema, model, min(tcfg.ema_decay, step / (9 + step)))
+            losses.append(loss.item())
+            stopped = stop.received is not None
             recent = losses[-tcfg.log_every:]
-            print(f"step {start_step + step + 1}: loss {sum(recent) / len(recent):.4f} "
-                  f"({time.perf_counter() - begin:.0f} s)", flush=True)
-        if (step + 1) % tcfg.save_every == 0 or last:
-            recent = losses[-tcfg.log_every:]
-            save_autoencoder(out, ema if ema is not None else model, tcfg, start_step + step + 1, extra={
-                "loss": sum(recent) / len(recent), "crop": crop, "ssim_mix": ssim_mix, "device": str(dev),
-                "train_seconds": time.perf_counter() - begin})
-    recent = losses[-tcfg.log_every:]
-    return {"step": start_step + tcfg.steps, "loss": sum(recent) / len(recent), "first_loss": losses[0],
-            "seconds": time.perf_counter() - begin, "out": str(out)}
+            if progress and (step % tcfg.log_every == 0 or step == tcfg.steps):
+                print(f"step {step}: loss {sum(recent) / len(recent):.4f} ({time.perf_counter() - begin:.0f} s)",
+                      flush=True)
+            if (step % tcfg.save_every == 0 or step == tcfg.steps or stopped
+                    or time.perf_counter() - last_save >= 60 * tcfg.save_minutes):
+                save_autoencoder(out, ema if ema is not None else model, tcfg, step, extra={
+                    "loss": sum(recent) / len(recent), "crop": crop, "ssim_mix": ssim_mix, "device": str(dev),
+                    "train_seconds": time.perf_counter() - begin})
+                last_save = time.perf_counter()
+    recent = losses[-tcfg.log_every:] or [float("nan")]
+    return {"step": step, "loss": sum(recent) / len(recent), "first_loss": losses[0] if losses else float("nan"),
+            "seconds": time.perf_counter() - begin, "out": str(out), "stopped_by": stop.received if stopped else None,
+            "trained_steps": len(losses)}
 
 
 def save_autoencoder(out: str | Path, model: Autoencoder, tcfg: TrainConfig | None, step: int,

@@ -18,6 +18,7 @@ Every source returns clips as float32 arrays (T, H, W, 3) in [-1, 1].
 from __future__ import annotations
 
 import math
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -287,6 +288,19 @@ class ClipStream(torch.utils.data.IterableDataset):
         while True:
             clip = self.source.clip(int(rng.integers(2**31)), self.length, int(rng.integers(self.max_start)))
             yield torch.from_numpy(np.ascontiguousarray(clip.transpose(0, 3, 1, 2)))  # (T, 3, H, W)
+
+
+def batches(stream: torch.utils.data.IterableDataset, batch_size: int, workers: int, pin_memory: bool):
+    """An endless iterator of batches of `stream`, made by `workers` processes. The workers ignore
+    SIGINT and SIGTERM: Ctrl-C and `timeout` signal the whole process group, and a worker that died
+    of it would end the run with a DataLoader error before the training loop could save."""
+    return iter(torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
+                                            worker_init_fn=_ignore_stop_signals if workers else None))
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
 
 
 SOURCES = {"synthetic": SyntheticVideo, "detailed": DetailedVideo, "photos": PhotoPans}

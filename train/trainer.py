@@ -44,7 +44,7 @@ from mirage.train.checkpoint import (CONFIG, STATE, CheckpointError, check_writa
 from mirage.core.config import ConfigError, ModelConfig, TrainConfig, check_same, from_json
 from mirage.train.codec import autoencoder_sha256, load_codec
 from mirage.train.resources import check_fits
-from mirage.train.data import ClipStream, make_source, v2v_input
+from mirage.train.data import ClipStream, batches, make_source, v2v_input
 from mirage.train.distill import check_teacher, distill_target, step_table
 from mirage.train.self_forcing import is_self_forced_step, self_forced_context
 from mirage.model.diffusion import T, q_sample, v_target
@@ -276,8 +276,7 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
     elif (out / CONFIG).is_file():
         log(f"{out}: --no-resume: starting over; the checkpoint there is replaced at the first save")
     stream = ClipStream(source, model_cfg.context_frames + 1, seed=tcfg.seed + 1000 * step, rank=rank)
-    loader = iter(torch.utils.data.DataLoader(stream, batch_size=tcfg.batch_size, num_workers=workers,
-                                              pin_memory=dev.type == "cuda"))
+    loader = batches(stream, tcfg.batch_size, workers, pin_memory=dev.type == "cuda")
     step_fn: nn.Module = TrainStep(model, tcfg, teacher, codec)
     if world > 1:
         step_fn = nn.parallel.DistributedDataParallel(step_fn, device_ids=[dev] if dev.type == "cuda" else None)

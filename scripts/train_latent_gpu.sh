@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Issue 15 on the GPU machine: a 512x512 video-to-video model on ae-taesd's latents, trained with
+# DDP over every GPU of the machine for TRAIN_SECONDS, then scored by mirage-quality over FRAMES
+# frames on held-out camera-like clips and on photo pans, with example frames (input | output | truth).
+#
+#   bash scripts/train_latent_gpu.sh                  # results in $OUT (the device tool's folder) or ./latent-out
+#   CONFIG=tiny-64 STEPS=4 BATCH=2 FRAMES=6 WINDOW=3 TRAIN_SECONDS=120 DEVICE=cpu bash scripts/train_latent_gpu.sh   # CPU smoke test
+#
+# $OUT gets latent.tgz (train.log, the quality reports and tables, the example PNGs) and the tables
+# in tables.txt. The checkpoint stays in $RUN (base-512 is ~400 MB: too large to bundle).
+set -euo pipefail
+OUT=${OUT:-latent-out}
+RUN=${RUN:-runs/latent-v2v}
+PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+W=$(mktemp -d /tmp/latent.XXXX)
+if [ "$DEVICE" = cuda ]; then
+  GPUS=${GPUS:-$(nvidia-smi -L | wc -l)}
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$W/gpu.txt"
+else
+  GPUS=1
+fi
+WORKERS=${WORKERS:-$(( ($(nproc) - 2) / GPUS ))}  # detailed 512^2 clips are made on the CPU: the bound here
+# The run stops by itself at STEPS, or at TRAIN_SECONDS with a saved checkpoint (SIGTERM to the group).
+timeout "${TRAIN_SECONDS:-330}" $PY -m torch.distributed.run --standalone --nproc-per-node "$GPUS" -m mirage.cli.train \
+  --config "${CONFIG:-base-512}" --task v2v --data detailed --batch-size "${BATCH:-16}" --steps "${STEPS:-2000}" \
+  --lr "${LR:-5e-4}" --precision bf16 --workers "$WORKERS" --device "$DEVICE" --save-minutes 2 --out "$RUN" \
+  > "$W/train.log" 2>&1 || echo "train: exit $?" >> "$W/train.log"
+tail -c 2000 "$W/train.log" | tr '\r' '\n' | tail -n 4
+for data in detailed photos; do  # in parallel: the metrics run on the CPU
+  OMP_NUM_THREADS=4 $PY -m mirage.cli.quality "$RUN" --frames "${FRAMES:-500}" --window "${WINDOW:-50}" \
+    --streams "${STREAMS:-1}" --data "$data" --device "$DEVICE" --examples "$W/examples-$data" --json "$W/q-$data.json" \
+    > "$W/q-$data.txt" 2>&1 || echo "quality $data: exit $?" >> "$W/q-$data.txt" &
+done
+wait
+cp "$RUN/config.json" "$W/checkpoint-config.json" 2>/dev/null || true
+cat "$W"/q-*.txt | tee "$OUT/tables.txt"
+tar czf "$OUT/latent.tgz" -C "$W" .
