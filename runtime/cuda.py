@@ -254,14 +254,15 @@ template <typename T> __device__ void ring_copy(T* memory, const T* kv, const lo
 }
 // mirage.core.video_io.to_uint8 of (B, C, HW) into (B, HW, C) bytes, one rounding per op as numpy
 // does it (the _rn intrinsics: --use_fast_math would fuse a multiply-add); finite[b], set to 1
-// before, drops to 0 where row b holds a NaN or Inf (NaN fails the comparison)
+// before, drops to 0 where row b holds a NaN or Inf (all exponent bits set: a bit test, which no
+// floating-point assumption of fast math can fold away)
 template <typename T> __device__ void to_u8(unsigned char* dst, unsigned char* finite, const T* src, int c, long hw,
                                             long n) {
   long i = blockIdx.x * (long)blockDim.x + threadIdx.x;  // dst index ((b * hw) + p) * c + ch
   if (i >= n) return;
   long ch = i % c, p = (i / c) % hw, b = i / (c * hw);
   float x = ld(src, (b * c + ch) * hw + p);
-  if (!(fabsf(x) <= 3.402823466e+38f)) finite[b] = 0;
+  if ((__float_as_uint(x) & 0x7F800000u) == 0x7F800000u) finite[b] = 0;
   float y = __fadd_rn(__fmul_rn(__fadd_rn(x, 1.0f), 127.5f), 0.5f);
   dst[i] = (unsigned char)fminf(fmaxf(y, 0.0f), 255.0f);  // truncates, as numpy's astype
 }
