@@ -20,7 +20,7 @@ from mirage.core.config import PipelineOptions
 from mirage.core.errors import MirageError
 from mirage.core.report import latency_summary, psnr, table, write_json
 from mirage.core.synthetic import SyntheticVideo
-from mirage.core.video_io import VideoWriter, iter_frames, v2v_input
+from mirage.core.video_io import VideoWriter, iter_frames, to_float, v2v_input
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny"
@@ -102,7 +102,8 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
 
     if json_path is not None and not json_path.parent.is_dir():
         raise UserError(f"--json {json_path}: folder {json_path.parent} does not exist")
-    common = dict(steps=steps, cuda_graph=not no_cuda_graph, kernel_library=kernel_library)
+    # the video is written as bytes: the frame graph makes them, and only they cross PCIe
+    common = dict(steps=steps, cuda_graph=not no_cuda_graph, kernel_library=kernel_library, frames="uint8")
     options = PipelineOptions.fastest(**common) if fast else \
         PipelineOptions(compile="default" if compile_ else None, **common)
     writer = VideoWriter(output, fps=fps)  # the path and format are checked before any frame is made
@@ -127,7 +128,7 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
                 times.append(t1 - t0)
                 writer.write(frame)
                 if truth is not None:
-                    psnrs.append(float(psnr(frame, truth)))
+                    psnrs.append(float(psnr(to_float(frame), truth)))  # of the frame as written
                 bar.set_postfix(ms=f"{times[-1] * 1e3:.1f}")
                 bar.update(1)
                 if stop.signal is not None:

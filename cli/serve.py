@@ -63,7 +63,8 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
     try:  # the options first: a refused binding should not wait for a model to load
         options = ServerOptions(host=host, port=port, token=token, deadline_ms=deadline_ms,
                                 batch_wait_ms=batch_wait_ms, max_frame_bytes=max_frame_bytes)
-        pipeline = PipelineOptions.fastest() if fast else PipelineOptions()
+        # float frames: runtime.server converts them itself (uint8 frames are not wired into it yet)
+        pipeline = PipelineOptions.fastest(frames="float32") if fast else PipelineOptions()
         pool = StreamPool.open(model, slots, backend=backend, device=devices[0], options=pipeline) if len(devices) == 1 \
             else PoolGroup.open(model, slots, devices, backend=backend, options=pipeline)
     except MirageError as e:

@@ -283,6 +283,9 @@ def dumps(cfg) -> str:
     return json.dumps(to_json(cfg), indent=2)
 
 
+FRAME_FORMATS = ("float32", "uint8")  # PipelineOptions.frames
+
+
 @dataclass(frozen=True)
 class PipelineOptions:
     """How a Pipeline runs a model (mirage.runtime.Pipeline, `mirage-run` flags)."""
@@ -297,6 +300,9 @@ class PipelineOptions:
     freeze: bool = False  # PyTorch backend: Inductor freezing (weights as constants), needs `compile`
     kernel_library: str | None = None  # PyTorch backend on CUDA: libmirage_kernels.so for temporal attention
     precompute_time: bool = False  # PyTorch backend: the time MLP and ResBlock time projections once per step
+    # Host frames: "float32" (H, W, 3) in [-1, 1], or "uint8" (H, W, 3) 0..255 as mirage.core.video_io.to_uint8
+    # maps them, converted inside the frame (the CUDA graph on a GPU) so only bytes cross PCIe, both ways
+    frames: str = "float32"
 
     def __post_init__(self) -> None:
         if self.steps is not None and not 1 <= self.steps <= 1000:
@@ -309,14 +315,16 @@ class PipelineOptions:
             raise ConfigError(f"dtype={self.dtype!r}: choose float32, float16 or bfloat16")
         if self.freeze and not self.compile:
             raise ConfigError("freeze needs compile (freezing is an Inductor option)")
+        if self.frames not in FRAME_FORMATS:
+            raise ConfigError(f"frames={self.frames!r}: choose {' or '.join(FRAME_FORMATS)}")
 
     @classmethod
     def fastest(cls, **changes) -> "PipelineOptions":
         """The fastest PyTorch configuration measured on an H100 (docs/PERF.md): Inductor kernels
         over channels-last weights, frozen, inside the frame's CUDA graph, in float16, with the
-        timestep-only work computed once per step."""
+        timestep-only work computed once per step; frames cross PCIe as uint8."""
         return dataclasses.replace(cls(dtype="float16", compile="default", channels_last=True, freeze=True,
-                                       precompute_time=True), **changes)
+                                       precompute_time=True, frames="uint8"), **changes)
 
 
 @dataclass(frozen=True)

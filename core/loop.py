@@ -66,6 +66,14 @@ class Ops(Protocol):
     def reset_row_(self, buf: "Buffers", row: int, seed: int) -> None:
         """Empty row `row`'s memory, ages and slot, and restart its noise at (seed, 0) (advance unchanged)."""
 
+    def to_uint8_(self, dst: Array, finite: Array, src: Array) -> None:
+        """A frame for the host as bytes: dst (B, H, W, 3) uint8 = src (B, 3, H, W) mapped as
+        mirage.core.video_io.to_uint8 maps a float32 frame; finite (B,) uint8 = 1 where row b of src is
+        all finite (bytes cannot carry a NaN, and a NaN frame must still stop the run)."""
+
+    def to_float_(self, dst: Array, src: Array) -> None:
+        """An input frame from the host's bytes: dst (B, 3, H, W) = video_io.to_float of src (B, H, W, 3) uint8."""
+
 
 Callback = Callable[[dict], None]  # {"graph", "step" (DDIM step index; None for context_encode), "inputs", "output"}
 
@@ -231,6 +239,19 @@ class NumpyOps:
         buf.ages[row] = 0
         buf.slot[row] = 0
         buf.rng[row] = (int64_bits(seed), 0)
+
+    def to_uint8_(self, dst, finite, src):
+        from mirage.core.video_io import to_uint8
+
+        frame = src.astype(self.np.float32)  # as a float frame reaches the host
+        finite[...] = self.np.isfinite(frame).reshape(len(frame), -1).all(axis=1)
+        with self.np.errstate(invalid="ignore"):  # a non-finite row's bytes are garbage, and flagged
+            dst[...] = to_uint8(frame.transpose(0, 2, 3, 1))
+
+    def to_float_(self, dst, src):
+        from mirage.core.video_io import to_float
+
+        dst[...] = to_float(src).transpose(0, 3, 1, 2)
 
 
 def make_buffers(specs: dict, schedule: Schedule, alloc: Callable, fill: Callable, dtype_of: Callable) -> Buffers:

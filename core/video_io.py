@@ -97,7 +97,7 @@ OUTPUT_FORMATS = (".mp4", ".gif")  # or a folder (no suffix) of PNG frames
 
 
 class VideoWriter:
-    """Frames ([-1, 1] floats) streamed to .mp4 / .gif, or to a folder of PNGs for a path with no
+    """Frames ([-1, 1] floats, or uint8 as to_uint8 makes them) streamed to .mp4 / .gif, or to a folder of PNGs for a path with no
     suffix. The path and its format are checked when the writer opens, before any frame is made;
     `close()` finishes a valid file with the frames written so far (also after an interruption).
 
@@ -123,7 +123,7 @@ class VideoWriter:
         self._gif: list = []
 
     def write(self, frame: np.ndarray) -> None:
-        u8 = to_uint8(frame)
+        u8 = frame if frame.dtype == np.uint8 else to_uint8(frame)
         if self.scale is None:
             self.scale = max(1, 128 // u8.shape[1])
         if self.scale > 1:

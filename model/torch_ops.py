@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from mirage.core.loop import GOLDEN_GAMMA, MIX1, MIX2, int64_bits
+from mirage.core.video_io import to_float
 
 
 def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
@@ -41,6 +43,8 @@ class TorchOps:
         # ~25 integer ops: one fused kernel on a GPU (compiled on the first, eager, frame), so the
         # noise costs a frame outside a CUDA graph what torch.randn would
         self._normal = torch.compile(normal_rows, dynamic=False) if self.device.type == "cuda" else normal_rows
+        # video_io.to_float of every byte: a lookup gives its values exactly (a division on the GPU need not)
+        self._to_float = torch.from_numpy(to_float(np.arange(256, dtype=np.uint8))).to(self.device)
 
     def _arange(self, b: int) -> torch.Tensor:
         if b not in self._rows:
@@ -73,3 +77,13 @@ class TorchOps:
         buf.slot[row] = 0
         buf.rng[row, 0] = int64_bits(seed)
         buf.rng[row, 1] = 0
+
+    def to_uint8_(self, dst, finite, src):
+        # mirage.core.video_io.to_uint8 on float32, one op per rounding as numpy does it (no fused multiply-add)
+        x = src.float()
+        finite.copy_(torch.isfinite(x).flatten(1).all(dim=1))
+        y = ((x + 1.0) * 127.5 + 0.5).clamp_(0, 255)
+        dst.copy_(y.permute(0, 2, 3, 1))  # (B, H, W, 3); float -> uint8 truncates, as numpy's astype
+
+    def to_float_(self, dst, src):
+        dst.copy_(self._to_float[src.long()].permute(0, 3, 1, 2))  # (B, H, W, 3) bytes -> (B, 3, H, W)

@@ -56,7 +56,7 @@ def _error_text(err) -> str:
     return str(err)
 
 
-_NP = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
+_NP = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64, "uint8": np.uint8}
 
 
 class DeviceBuffer:
@@ -252,7 +252,33 @@ template <typename T> __device__ void ring_copy(T* memory, const T* kv, const lo
   long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
   if (i < n) { long b = i / s, e = i % s; if (advance[b]) memory[(b * k + slot[b]) * s + e] = kv[i]; }
 }
+// mirage.core.video_io.to_uint8 of (B, C, HW) into (B, HW, C) bytes, one rounding per op as numpy
+// does it (the _rn intrinsics: --use_fast_math would fuse a multiply-add); finite[b], set to 1
+// before, drops to 0 where row b holds a NaN or Inf (all exponent bits set: a bit test, which no
+// floating-point assumption of fast math can fold away)
+template <typename T> __device__ void to_u8(unsigned char* dst, unsigned char* finite, const T* src, int c, long hw,
+                                            long n) {
+  long i = blockIdx.x * (long)blockDim.x + threadIdx.x;  // dst index ((b * hw) + p) * c + ch
+  if (i >= n) return;
+  long ch = i % c, p = (i / c) % hw, b = i / (c * hw);
+  float x = ld(src, (b * c + ch) * hw + p);
+  if ((__float_as_uint(x) & 0x7F800000u) == 0x7F800000u) finite[b] = 0;
+  float y = __fadd_rn(__fmul_rn(__fadd_rn(x, 1.0f), 127.5f), 0.5f);
+  dst[i] = (unsigned char)fminf(fmaxf(y, 0.0f), 255.0f);  // truncates, as numpy's astype
+}
+// video_io.to_float of (B, HW, C) bytes into (B, C, HW): lut[v] = to_float(v), exact
+template <typename T> __device__ void from_u8(T* dst, const unsigned char* src, const float* lut, int c, long hw,
+                                              long n) {
+  long i = blockIdx.x * (long)blockDim.x + threadIdx.x;  // dst index (b * c + ch) * hw + p
+  if (i >= n) return;
+  long p = i % hw, ch = (i / hw) % c, b = i / (c * hw);
+  st(dst, i, lut[src[(b * hw + p) * c + ch]]);
+}
 extern "C" {
+__global__ void to_u8_f32(unsigned char* d, unsigned char* f, const float* s, int c, long hw, long n) { to_u8(d, f, s, c, hw, n); }
+__global__ void to_u8_f16(unsigned char* d, unsigned char* f, const half_t* s, int c, long hw, long n) { to_u8(d, f, s, c, hw, n); }
+__global__ void from_u8_f32(float* d, const unsigned char* s, const float* lut, int c, long hw, long n) { from_u8(d, s, lut, c, hw, n); }
+__global__ void from_u8_f16(half_t* d, const unsigned char* s, const float* lut, int c, long hw, long n) { from_u8(d, s, lut, c, hw, n); }
 __global__ void randn_f32(float* o, long per_row, long n, const long long* s) { randn(o, per_row, n, s); }
 __global__ void randn_f16(half_t* o, long per_row, long n, const long long* s) { randn(o, per_row, n, s); }
 // one draw per randn launch: the counter of every row that advances
@@ -275,7 +301,7 @@ __global__ void ring_advance(int* ages, long long* slot, const long long* advanc
 }
 __global__ void fill_i64(long long* d, long long v, long n) { long i = blockIdx.x * (long)blockDim.x + threadIdx.x; if (i < n) d[i] = v; }
 __global__ void fill_f32(float* d, float v, long n) { long i = blockIdx.x * (long)blockDim.x + threadIdx.x; if (i < n) d[i] = v; }
-__global__ void zero_bytes(unsigned char* d, long n) { long i = blockIdx.x * (long)blockDim.x + threadIdx.x; if (i < n) d[i] = 0; }
+__global__ void fill_u8(unsigned char* d, int v, long n) { long i = blockIdx.x * (long)blockDim.x + threadIdx.x; if (i < n) d[i] = v; }
 }
 """
 
@@ -316,6 +342,13 @@ class CudaOps:
         self.driver = _import()[0]
         self.module = compile_module(_KERNELS, "mirage_loop.cu", device.capability)
         self.fn = {}
+        # video_io.to_float of every byte, for from_u8 (a table is exact; a fast-math division is not)
+        from mirage.core.video_io import to_float
+
+        table = to_float(np.arange(256, dtype=np.uint8))
+        self.to_float_table = device.empty(table.shape, "float32")
+        call(device.rt.cudaMemcpy, self.to_float_table.ptr, table.ctypes.data, table.nbytes,
+             device.rt.cudaMemcpyKind.cudaMemcpyHostToDevice)
 
     def _launch(self, name: str, n: int, *args) -> None:
         fn = self.fn.get(name)
@@ -356,7 +389,22 @@ class CudaOps:
 
     def zero_(self, buf, offset: int = 0, nbytes: int | None = None):
         n = buf.nbytes - offset if nbytes is None else nbytes
-        self._launch("zero_bytes", n, self._p(buf, offset), self._n(n))
+        self._launch("fill_u8", n, self._p(buf, offset), (0, ctypes.c_int), self._n(n))
+
+    def to_uint8_(self, dst, finite, src):
+        b, c, h, w = src.shape
+        if dst.dtype != "uint8" or dst.shape != (b, h, w, c) or finite.dtype != "uint8" or finite.shape != (b,):
+            raise CudaError(f"to_uint8_ of {src.dtype}{src.shape} into {dst.dtype}{dst.shape}, {finite.dtype}{finite.shape}")
+        self._launch("fill_u8", b, self._p(finite), (1, ctypes.c_int), self._n(b))
+        self._launch(f"to_u8_{_SUFFIX[src.dtype]}", src.size, self._p(dst), self._p(finite), self._p(src),
+                     (c, ctypes.c_int), self._n(h * w), self._n(src.size))
+
+    def to_float_(self, dst, src):
+        b, c, h, w = dst.shape
+        if src.dtype != "uint8" or src.shape != (b, h, w, c):
+            raise CudaError(f"to_float_ of {src.dtype}{src.shape} into {dst.dtype}{dst.shape}")
+        self._launch(f"from_u8_{_SUFFIX[dst.dtype]}", dst.size, self._p(dst), self._p(src), self._p(self.to_float_table),
+                     (c, ctypes.c_int), self._n(h * w), self._n(dst.size))
 
     def reset_row_(self, buf, row: int, seed: int):
         for b in (buf.memory, buf.ages, buf.slot, buf.rng):

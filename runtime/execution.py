@@ -3,11 +3,16 @@ behind one interface, so the Pipeline has no "is there a GPU" branches.
 
     ex.alloc(shape, dtype) / ex.fill(buf, value)   buffers where the backend computes
     ex.prepare(buf)                                  warm up and capture (GPU); nothing (CPU)
-    ex.submit(cond, advance)                         start a frame for every row; cond (B, C, H, W) float32 or None,
-                                                     advance (B,) int64: 1 = the row commits the frame, 0 = held
-    ex.collect() -> (B, C, H, W) float32             the oldest submitted frame
+    ex.submit(cond, advance)                         start a frame for every row; cond None or, by `frames`,
+                                                     (B, C, H, W) float32 or (B, H, W, C) uint8; advance (B,) int64:
+                                                     1 = the row commits the frame, 0 = held
+    ex.collect() -> (B, H, W, C) float32 or uint8    the oldest submitted frame
     ex.pending                                       frames submitted and not collected
     ex.reset_rows(rows, seeds)                       empty rows' memory and restart their noise (between frames)
+
+With frames "uint8" (PipelineOptions.frames) the frame's own ops convert (inside the CUDA graph on
+a GPU): bytes in, bytes and a per-row finite flag out, so no float frame crosses PCIe and a NaN
+frame still raises.
 """
 from __future__ import annotations
 
@@ -27,8 +32,8 @@ class NonFiniteError(MirageError):
 class CpuExecution:
     """The loop run eagerly, one frame at a time (ONNX Runtime on numpy, PyTorch on CPU tensors)."""
 
-    def __init__(self, backend, schedule: Schedule):
-        self.backend, self.schedule = backend, schedule
+    def __init__(self, backend, schedule: Schedule, frames: str):
+        self.backend, self.schedule, self.frames = backend, schedule, frames
         self.graphs: list = []  # no CUDA graphs on the CPU
         self.timeline: list[dict] = []  # nor GPU events
         if backend.array == "numpy":
@@ -51,22 +56,33 @@ class CpuExecution:
 
     def prepare(self, buf: Buffers) -> None:
         self.buf = buf
+        if self.frames == "uint8":  # the bytes and finite flags the ops make, as on a GPU
+            b, c, h, w = buf.frame.shape
+            self.frame_u8, self.finite = self.alloc((b, h, w, c), "uint8"), self.alloc((b,), "uint8")
 
     @property
     def pending(self) -> int:
         return int(self._result is not None)
 
     def submit(self, cond: np.ndarray | None, advance: np.ndarray) -> None:
-        numpy = self.backend.array == "numpy"
+        numpy, u8 = self.backend.array == "numpy", self.frames == "uint8"
         if cond is not None:
-            self.buf.input[...] = cond if numpy else _torch().from_numpy(cond)
+            staged = cond if numpy else _torch().from_numpy(cond)
+            if u8:
+                self.ops.to_float_(self.buf.input, staged)
+            else:
+                self.buf.input[...] = staged
         self.buf.advance[...] = advance if numpy else _torch().from_numpy(advance)
         run_frame(self.backend, self.ops, self.buf, self.schedule)
-        self._result = _host(self.buf.frame, numpy)  # a copy: the next frame overwrites the buffer
+        if u8:
+            self.ops.to_uint8_(self.frame_u8, self.finite, self.buf.frame)
+            self._result, finite = _bytes(self.frame_u8, numpy), _bytes(self.finite, numpy).all()
+        else:
+            self._result = _host(self.buf.frame, numpy).transpose(0, 2, 3, 1)  # (B, H, W, C)
+            finite = np.isfinite(self._result).all()
         frame_graph = G.DECODE if self.buf.image is not None else G.DENOISE
-        for graph, finite in ((frame_graph, np.isfinite(self._result).all()),
-                              (G.CONTEXT, _finite(self.buf.kv, numpy))):
-            if not finite:
+        for graph, ok in ((frame_graph, finite), (G.CONTEXT, _finite(self.buf.kv, numpy))):
+            if not ok:
                 raise NonFiniteError(f"the {graph} graph produced non-finite values (NaN or Inf); the model or "
                                      "artifact is broken: re-export it, or check the checkpoint's weights")
 
@@ -92,10 +108,10 @@ class GpuExecution:
     buffers and events order them. `gpu` is runtime.gpu's TorchGpu (PyTorch backend) or CudaGpu
     (engines on raw device pointers)."""
 
-    def __init__(self, backend, schedule: Schedule, cuda_graph: bool):
+    def __init__(self, backend, schedule: Schedule, cuda_graph: bool, frames: str):
         from mirage.runtime.gpu import CudaGpu, TorchGpu
 
-        self.backend, self.schedule, self.cuda_graph = backend, schedule, cuda_graph
+        self.backend, self.schedule, self.cuda_graph, self.frames = backend, schedule, cuda_graph, frames
         self.gpu = (TorchGpu if backend.array == "torch" else CudaGpu)(backend.device)
         self.ops = self.gpu.ops
         backend.use_stream(self.gpu.compute)  # engines enqueue on the stream the graph captures
@@ -112,16 +128,24 @@ class GpuExecution:
 
     def prepare(self, buf: Buffers) -> None:
         gpu, self.buf = self.gpu, buf
-        # Parity-indexed staging: device input/output and pinned host buffers.
-        self.cond_stage = None if buf.input is None else \
-            [gpu.zeros(buf.input.shape, _dtype_name(buf.input)) for _ in range(2)]
+        # Parity-indexed staging: device input/output and pinned host buffers; with uint8 frames the
+        # stages hold (B, H, W, C) bytes and the frame's ops convert, plus a (B,) finite flag per frame.
+        def stage(like):
+            b, c, h, w = like.shape
+            u8 = self.frames == "uint8"
+            return gpu.zeros((b, h, w, c), "uint8") if u8 else gpu.zeros(like.shape, _dtype_name(like))
+
+        self.cond_stage = None if buf.input is None else [stage(buf.input) for _ in range(2)]
         self.advance_stage = [gpu.zeros(buf.advance.shape, "int64") for _ in range(2)]
-        for stage in self.advance_stage:
-            gpu.fill(stage, 1)
+        for advance in self.advance_stage:
+            gpu.fill(advance, 1)
         self.host_advance = [gpu.pinned(buf.advance) for _ in range(2)]
-        self.frame_out = [gpu.zeros(buf.frame.shape, _dtype_name(buf.frame)) for _ in range(2)]
-        self.host_in = [gpu.pinned(buf.input) for _ in range(2)] if buf.input is not None else None
-        self.host_out = [gpu.pinned(buf.frame) for _ in range(2)]
+        self.frame_out = [stage(buf.frame) for _ in range(2)]
+        self.finite_out = [gpu.zeros((buf.frame.shape[0],), "uint8") for _ in range(2)] \
+            if self.frames == "uint8" else []
+        self.host_in = None if self.cond_stage is None else [gpu.pinned(s) for s in self.cond_stage]
+        self.host_out = [gpu.pinned(s) for s in self.frame_out]
+        self.host_finite = [gpu.pinned(s) for s in self.finite_out]
         ev = lambda: [gpu.event() for _ in range(2)]  # noqa: E731
         self.ev_up, self.ev_start, self.ev_done, self.ev_down, self.ev_up0 = ev(), ev(), ev(), ev(), ev()
         # One eager frame per graph (allocator, kernels, autotuning), then capture; eager on failure.
@@ -137,14 +161,21 @@ class GpuExecution:
 
     def _frame_body(self, k: int) -> None:
         """Graph k: the frame, reading staged input k and writing output k."""
+        u8 = self.frames == "uint8"
         if self.cond_stage is not None:
-            self.gpu.copy(self.buf.input, self.cond_stage[k])
+            if u8:
+                self.ops.to_float_(self.buf.input, self.cond_stage[k])
+            else:
+                self.gpu.copy(self.buf.input, self.cond_stage[k])
         self.gpu.copy(self.buf.advance, self.advance_stage[k])
         run_frame(self.backend, self.ops, self.buf, self.schedule)
-        self.gpu.copy(self.frame_out[k], self.buf.frame)
+        if u8:
+            self.ops.to_uint8_(self.frame_out[k], self.finite_out[k], self.buf.frame)
+        else:
+            self.gpu.copy(self.frame_out[k], self.buf.frame)
 
     def _pointers(self) -> list[int]:
-        extra = self.frame_out + self.advance_stage + (self.cond_stage or [])
+        extra = self.frame_out + self.finite_out + self.advance_stage + (self.cond_stage or [])
         return [t.data_ptr() for t in self.buf.all() + extra]
 
     @property
@@ -174,6 +205,8 @@ class GpuExecution:
         gpu.record(self.ev_done[k], compute)
         gpu.wait(copy, self.ev_done[k])
         gpu.download(self.host_out[k], self.frame_out[k])
+        if self.finite_out:
+            gpu.download(self.host_finite[k], self.finite_out[k])
         gpu.record(self.ev_down[k], copy)
         self._pending.append(self._frame)
         self._frame += 1
@@ -187,8 +220,12 @@ class GpuExecution:
                               "compute_ms": ms(self.ev_start[k], self.ev_done[k]),
                               "download_ms": ms(self.ev_done[k], self.ev_down[k]),
                               "upload_end_to_compute_start_ms": ms(self.ev_up[k], self.ev_start[k])})
-        frame = self.host_out[k].astype(np.float32)
-        if not np.isfinite(frame).all():  # the graph's output is all the host sees of a GPU frame
+        if self.frames == "uint8":
+            frame, finite = self.host_out[k].copy(), self.host_finite[k].all()  # a copy: frame n+2 reuses stage k
+        else:
+            frame = self.host_out[k].astype(np.float32).transpose(0, 2, 3, 1)  # (B, H, W, C)
+            finite = np.isfinite(frame).all()
+        if not finite:  # the frame (or its flags) is all the host sees of a GPU frame
             raise NonFiniteError("the frame is non-finite (NaN or Inf): the denoise or context_encode graph "
                                  "produced it; the model or artifact is broken: re-export it, or check the weights")
         return frame
@@ -219,6 +256,11 @@ def _dtype_name(buf) -> str:
 def _host(buf, numpy: bool) -> np.ndarray:
     """A float32 host copy of a CPU buffer (numpy or torch)."""
     return buf.astype(np.float32) if numpy else buf.to("cpu", _torch().float32, copy=True).numpy()
+
+
+def _bytes(buf, numpy: bool) -> np.ndarray:
+    """A host copy of a uint8 CPU buffer (numpy or torch)."""
+    return buf.copy() if numpy else buf.numpy().copy()
 
 
 def _finite(buf, numpy: bool) -> bool:

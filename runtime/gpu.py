@@ -35,8 +35,9 @@ class TorchGpu:
 
 
     def pinned(self, like) -> np.ndarray:
-        """Host staging for `like`: float32 (the device copy converts to like's dtype)."""
-        t = self.torch.zeros(tuple(like.shape), dtype=self.torch.float32, pin_memory=True)
+        """Host staging for `like`: bytes for uint8, else float32 (the device copy converts to like's dtype)."""
+        dtype = self.torch.uint8 if like.dtype == self.torch.uint8 else self.torch.float32
+        t = self.torch.zeros(tuple(like.shape), dtype=dtype, pin_memory=True)
         view = t.numpy()
         self._pinned[view.ctypes.data] = t
         return view

@@ -7,6 +7,10 @@
         pipe.reset(seed=0)
         frames = [pipe.step() for _ in range(48)]      # (H, W, 3) float32 in [-1, 1]
 
+Frames are (H, W, 3) float32 in [-1, 1], or uint8 0..255 with PipelineOptions(frames="uint8")
+(mirage.core.video_io.to_uint8's mapping, made inside the frame's CUDA graph so only bytes cross
+PCIe); input frames may be either in both modes.
+
 A pipeline of batch B advances B independent rows (streams) per frame; `step_batch` takes and
 returns (B, H, W, 3), and `reset_row` restarts one row without touching the others (what
 runtime.pool.StreamPool builds on). Buffers are allocated once from the graphs' specs
@@ -25,6 +29,7 @@ from mirage.core.config import ModelConfig, PipelineOptions
 from mirage.core.errors import BackendError, MirageError
 from mirage.core.loop import Buffers, Schedule, make_buffers
 from mirage.core.schedule import DEFAULT_STEPS, default_steps
+from mirage.core.video_io import to_float, to_uint8
 from mirage.runtime.execution import CpuExecution, GpuExecution
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
@@ -39,8 +44,8 @@ class Pipeline:
         self.backend, self.cfg, self.specs, self.options = backend, cfg, specs, options
         self.schedule = Schedule.ddim(options.steps or DEFAULT_STEPS, options.context_noise)
         on_gpu = str(backend.device).startswith("cuda")
-        self.execution = GpuExecution(backend, self.schedule, options.cuda_graph) if on_gpu \
-            else CpuExecution(backend, self.schedule)
+        self.execution = GpuExecution(backend, self.schedule, options.cuda_graph, options.frames) if on_gpu \
+            else CpuExecution(backend, self.schedule, options.frames)
         self.buf: Buffers | None = None
         self.state = "loaded"
 
@@ -150,8 +155,9 @@ class Pipeline:
         self.execution.reset_rows([row], [seed])
 
     def submit_batch(self, cond: np.ndarray | None = None, advance: np.ndarray | None = None) -> None:
-        """Start a frame for every row (GPU: asynchronously). `cond`: (B, H, W, 3) input frames in
-        [-1, 1] for video-to-video models, None for generation. `advance` (B,) of 0/1, default all
+        """Start a frame for every row (GPU: asynchronously). `cond`: (B, H, W, 3) input frames for
+        video-to-video models (float in [-1, 1] or uint8 0..255; with uint8 frames a float input is
+        rounded to bytes first, video_io.to_uint8), None for generation. `advance` (B,) of 0/1, default all
         1: a row with 0 is computed but commits nothing (its memory, ages and noise stay), so its
         stream is held this frame."""
         self._require("ready", "step")
@@ -160,23 +166,23 @@ class Pipeline:
         if self.video_to_video != (cond is not None):
             raise PipelineError("this video-to-video model needs an input frame" if self.video_to_video
                                 else "this generation model takes no input frame")
-        chw = None
+        staged = None
         if cond is not None:
             expected = (self.batch, *self.frame_shape)
             if tuple(cond.shape) != expected:
                 raise PipelineError(f"input frames have shape {tuple(cond.shape)}, the model takes {expected[1:]} "
                                     f"per row; resize them (mirage.core.video_io.fit_square)")
-            chw = np.ascontiguousarray(np.asarray(cond, dtype=np.float32).transpose(0, 3, 1, 2))
+            staged = self._staged(np.asarray(cond))
         rows = np.ones(self.batch, np.int64) if advance is None else np.asarray(advance, np.int64)
         if rows.shape != (self.batch,) or not np.isin(rows, (0, 1)).all():
             raise PipelineError(f"advance must be {self.batch} flags of 0 or 1")
-        self.execution.submit(chw, rows)
+        self.execution.submit(staged, rows)
 
     def collect_batch(self) -> np.ndarray:
-        """Wait for the oldest submitted frame: (B, H, W, 3) float32."""
+        """Wait for the oldest submitted frame: (B, H, W, 3) float32, or uint8 (PipelineOptions.frames)."""
         if self.execution.pending == 0:
             raise PipelineError("collect() without a submitted frame")
-        return self.execution.collect().transpose(0, 2, 3, 1)
+        return self.execution.collect()
 
     def step_batch(self, cond: np.ndarray | None = None, advance: np.ndarray | None = None) -> np.ndarray:
         self.submit_batch(cond, advance)
@@ -194,7 +200,7 @@ class Pipeline:
         return self.collect_batch()[0]
 
     def step(self, cond: np.ndarray | None = None) -> np.ndarray:
-        """One frame, synchronously: (H, W, 3) float32 in [-1, 1]."""
+        """One frame, synchronously: (H, W, 3) float32 in [-1, 1], or uint8 (PipelineOptions.frames)."""
         self.submit(cond)
         return self.collect()
 
@@ -246,6 +252,14 @@ class Pipeline:
     def _single(self) -> None:
         if self.batch != 1:
             raise PipelineError(f"this pipeline has {self.batch} rows: use submit_batch / step_batch")
+
+    def _staged(self, cond: np.ndarray) -> np.ndarray:
+        """Input frames (B, H, W, 3) as the execution stages them: bytes as they are (uint8 frames),
+        else (B, 3, H, W) float32."""
+        if self.options.frames == "uint8":
+            return np.ascontiguousarray(cond if cond.dtype == np.uint8 else to_uint8(cond))
+        floats = to_float(cond) if cond.dtype == np.uint8 else cond.astype(np.float32, copy=False)
+        return np.ascontiguousarray(floats.transpose(0, 3, 1, 2))
 
     def _drain(self) -> None:
         while self.execution.pending:

@@ -6,6 +6,9 @@ everything the TensorRT backend runs on, without TensorRT.
 2. The Pipeline on CudaGpu with a stand-in engine: two NVRTC kernels that read every input the
    real graphs read (x_t, t, cond, memory, ages / frame, t_ctx). Graph replay equals eager bit for
    bit, stream() equals step(), a moved buffer is refused, a bad device is a clear error.
+3. Frames as bytes (PipelineOptions(frames="uint8")): the to_uint8_ / to_float_ kernels against
+   numpy's mapping (every float16 value, NaN flags), and the byte frames of the captured graph
+   against the float frames mapped on the host.
 """
 from __future__ import annotations
 
@@ -176,14 +179,14 @@ def test_ring_write_matches_numpy(gpu):
         np.testing.assert_array_equal(_to_host(gpu, slot), ref_slot, err_msg=f"frame {frame}")
 
 
-def _pipeline(cuda, graph: bool, v2v: bool):
+def _pipeline(cuda, graph: bool, v2v: bool, frames: str = "float32"):
     from types import SimpleNamespace
 
     from mirage.core.config import PipelineOptions
     from mirage.runtime.pipeline import Pipeline
 
-    cfg = SimpleNamespace(image_size=64, channels=3, cond_channels=3 if v2v else 0)
-    pipe = Pipeline(StandInEngine(cuda), cfg, _specs(v2v), PipelineOptions(steps=4, cuda_graph=graph))
+    cfg = SimpleNamespace(image_size=64, pixels=64, channels=3, cond_channels=3 if v2v else 0)
+    pipe = Pipeline(StandInEngine(cuda), cfg, _specs(v2v), PipelineOptions(steps=4, cuda_graph=graph, frames=frames))
     pipe.reset(3)
     return pipe
 
@@ -209,6 +212,49 @@ def test_pipeline_graph_replay_equals_eager(cuda, v2v):
             pipe.step(feed(0))
     finally:
         pipe.close()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_byte_kernels_make_the_host_mapping(gpu, dtype):
+    from mirage.core.video_io import to_float, to_uint8
+
+    every_half = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)  # infinities and NaNs too
+    edges = (np.arange(256, dtype=np.float32) - 0.5) / np.float32(127.5) - 1  # where a byte changes
+    near = [np.nextafter(edges, np.float32(side)) for side in (-2, 2)]
+    values = np.concatenate([every_half, edges, *near])
+    values = values[:len(values) // 24 * 24].reshape(1, 3, 8, -1)
+    src_host = np.concatenate([values, np.clip(values, -1, 1)]).astype(dtype)  # row 0 non-finite, row 1 finite
+    b, c, h, w = src_host.shape
+    src, dst, finite = gpu.zeros(src_host.shape, dtype), gpu.zeros((b, h, w, c), "uint8"), gpu.zeros((b,), "uint8")
+    _from_host(gpu, src, src_host)
+    gpu.ops.to_uint8_(dst, finite, src)
+    with np.errstate(invalid="ignore"):
+        expected = to_uint8(src_host.astype(np.float32).transpose(0, 2, 3, 1))
+    got, ok = _to_host(gpu, dst), np.isfinite(src_host.transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(got[ok], expected[ok])
+    np.testing.assert_array_equal(_to_host(gpu, finite), [0, 1])
+    u8 = np.random.default_rng(1).integers(0, 256, (2, 17, 19, 3), dtype=np.uint8)
+    u8_dev, back = gpu.zeros(u8.shape, "uint8"), gpu.zeros((2, 3, 17, 19), dtype)
+    _from_host(gpu, u8_dev, u8)
+    gpu.ops.to_float_(back, u8_dev)
+    np.testing.assert_array_equal(_to_host(gpu, back), to_float(u8).transpose(0, 3, 1, 2).astype(dtype))
+
+
+@pytest.mark.parametrize("v2v", [False, True], ids=["generation", "v2v"])
+def test_byte_frames_of_the_graph_are_the_float_frames_mapped(cuda, v2v):
+    from mirage.core.video_io import to_uint8
+
+    inputs = [np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8) for i in range(FRAMES)]
+    outs = {}
+    for frames in ("float32", "uint8"):
+        pipe = _pipeline(cuda, graph=True, v2v=v2v, frames=frames)
+        try:
+            assert pipe.graphs, "the frame graph was not captured"
+            outs[frames] = np.stack(list(pipe.stream(inputs if v2v else FRAMES)))
+        finally:
+            pipe.close()
+    assert outs["uint8"].dtype == np.uint8 and outs["uint8"].std() > 1
+    np.testing.assert_array_equal(outs["uint8"], to_uint8(outs["float32"]))
 
 
 def test_bad_device_is_a_clear_error(cuda):

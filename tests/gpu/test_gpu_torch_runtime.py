@@ -1,6 +1,8 @@
 """The PyTorch backend on the GPU: the whole frame captured in one CUDA graph gives the frames of
 the eager loop, with the stock temporal attention and with the fused kernel (the op
-`mirage::temporal_attention` registered by `kernels.use_in_torch`), which matches the stock op."""
+`mirage::temporal_attention` registered by `kernels.use_in_torch`), which matches the stock op.
+Frames as bytes (PipelineOptions(frames="uint8"), converted inside the graph) are the float frames
+mapped on the host, and a NaN frame still raises."""
 from __future__ import annotations
 
 import numpy as np
@@ -37,6 +39,37 @@ def test_frame_graph_matches_eager(make_random_tiny, task, dtype):
     assert captured == 2, "the frame graph was not captured (the pipeline fell back to eager)"
     assert np.abs(eager[0] - eager[1]).max() > 1e-3  # frames differ: the comparison below means something
     np.testing.assert_array_equal(graph, eager)  # the same kernels on the same buffers
+
+
+@pytest.mark.parametrize("task", ["generate", "v2v"])
+def test_byte_frames_in_the_frame_graph(make_random_tiny, task):
+    from mirage.core.video_io import to_uint8
+
+    inputs = [np.random.default_rng(n).integers(0, 256, (32, 32, 3), dtype=np.uint8) for n in range(FRAMES)]
+    outs = {}
+    for frames in ("float32", "uint8"):
+        options = PipelineOptions(dtype="float16", frames=frames)
+        with Pipeline.from_model(make_random_tiny(task, seed=0), "cuda", options) as pipe:
+            pipe.reset(3)
+            outs[frames] = np.stack(list(pipe.stream(inputs if task == "v2v" else FRAMES)))
+            assert len(pipe.graphs) == 2, "the frame graph was not captured"
+    assert outs["uint8"].dtype == np.uint8 and outs["uint8"].std() > 1
+    # the same float32 ops on the same fp16 frame: one byte at most (expected: none)
+    diff = np.abs(outs["uint8"].astype(np.int16) - to_uint8(outs["float32"]))
+    assert diff.max() <= 1, diff.max()
+
+
+def test_a_nan_frame_raises_with_byte_frames(make_random_tiny):
+    from mirage.runtime.execution import NonFiniteError
+
+    model = make_random_tiny("generate", seed=0)
+    with torch.no_grad():
+        model.out[-1].weight.fill_(float("nan"))
+    with Pipeline.from_model(model, "cuda", PipelineOptions(dtype="float16", frames="uint8")) as pipe:
+        pipe.reset(0)
+        assert len(pipe.graphs) == 2
+        with pytest.raises(NonFiniteError, match="non-finite"):
+            pipe.step()
 
 
 def test_fused_kernel_in_the_frame_graph(make_random_tiny, kernel_library):
