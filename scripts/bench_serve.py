@@ -38,7 +38,7 @@ import numpy as np
 from aiohttp import ClientSession, WSMsgType
 from PIL import Image
 
-from mirage.runtime.server import HEADER, JPEG
+from mirage.runtime.server import HEADER, JPEG, ServerOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,12 +52,15 @@ def free_port() -> int:
 def start_server(args, slots: int, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     if args.null_step_ms is not None:  # this script's own NullPool behind the same server
-        cmd = [sys.executable, __file__, "--serve-null", f"{port},{slots},{args.null_size},{args.null_step_ms}",
-               "--deadline-ms", str(args.deadline_ms), "--batch-wait-ms", str(args.batch_wait_ms)]
+        cmd = [sys.executable, __file__, "--serve-null",
+               f"{port},{slots},{args.null_size},{args.null_step_ms},{args.null_gil_calls}",
+               "--deadline-ms", str(args.deadline_ms), "--batch-wait-ms", str(args.batch_wait_ms),
+               "--calibrate-steps", str(args.calibrate_steps), "--switch-interval-ms", str(args.switch_interval_ms)]
     else:
         cmd = [sys.executable, "-m", "mirage.cli.serve", args.model, "--port", str(port), "--slots", str(slots),
                "--device", args.device, "--backend", args.backend, "--deadline-ms", str(args.deadline_ms),
-               "--batch-wait-ms", str(args.batch_wait_ms)] + (["--fast"] if args.fast else [])
+               "--batch-wait-ms", str(args.batch_wait_ms), "--calibrate-steps", str(args.calibrate_steps)] \
+            + (["--fast"] if args.fast else [])
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + args.startup_s
@@ -75,12 +78,16 @@ def start_server(args, slots: int, log: Path) -> tuple[subprocess.Popen, str]:
 
 class NullPool:
     """A StreamPool that computes nothing: each step sleeps `step_ms` and returns the inputs, so the
-    load test measures the server alone (codecs, event loop, threads) at a given frame size."""
+    load test measures the server alone (codecs, event loop, threads) at a given frame size. With
+    gil_calls > 0 the sleep is cut into that many parts, each a release and re-acquisition of the
+    GIL, as a GPU step's host side makes one per CUDA call (uploads, events, the graph launch, the
+    wait): what the server's other threads then cost the step shows as /health's pool stage
+    above the idle step."""
 
-    def __init__(self, slots: int, size: int, step_ms: float):
+    def __init__(self, slots: int, size: int, step_ms: float, gil_calls: int = 0):
         self.slots, self.frame_shape, self.video_to_video = slots, (size, size, 3), True
         self.active: list[int] = []
-        self.step_ms = step_ms
+        self.step_ms, self.gil_calls = step_ms, gil_calls
         self.last = np.zeros((slots, size, size, 3), np.float32)
 
     def attach(self, seed: int = 0) -> int:
@@ -98,7 +105,8 @@ class NullPool:
     def step(self, inputs: dict) -> dict:
         for slot, frame in inputs.items():
             self.last[slot] = frame
-        time.sleep(self.step_ms / 1e3)
+        for _ in range(max(1, self.gil_calls)):
+            time.sleep(self.step_ms / 1e3 / max(1, self.gil_calls))
         return {slot: self.last[slot].copy() for slot in self.active}
 
 
@@ -107,9 +115,10 @@ def serve_null(spec: str, args) -> None:
 
     from mirage.runtime.server import ServerOptions, make_app
 
-    port, slots, size, step_ms = spec.split(",")
-    pool = NullPool(int(slots), int(size), float(step_ms))
-    options = ServerOptions(port=int(port), deadline_ms=args.deadline_ms, batch_wait_ms=args.batch_wait_ms)
+    port, slots, size, step_ms, gil_calls = spec.split(",")
+    pool = NullPool(int(slots), int(size), float(step_ms), int(gil_calls))
+    options = ServerOptions(port=int(port), deadline_ms=args.deadline_ms, batch_wait_ms=args.batch_wait_ms,
+                            calibrate_steps=args.calibrate_steps, switch_interval_ms=args.switch_interval_ms)
     web.run_app(make_app(pool, options), host="127.0.0.1", port=int(port), print=None)
 
 
@@ -243,7 +252,9 @@ def summarize(streams: int, results: list[dict], health: dict, args) -> dict:
             "crossed": sum(r["crossed"] for r in results), "client_late_sends": sum(r["late_sends"] for r in results),
             "max_gap_ms": max(r["max_gap_ms"] for r in results),
             "server_steps_per_s": health["fps"], "server_busy": health["busy"],
-            "server_step_ms": health["step_ms"],
+            "server_step_ms": health["step_ms"], "idle_step_ms": health.get("idle_step_ms"),
+            **{f"{name}_ms": stage["mean_ms"] for name, stage in health.get("stages", {}).items()},
+            **{f"{name}_max_ms": stage["max_ms"] for name, stage in health.get("stages", {}).items()},
             **{f"server_{k}": v for k, v in server.items()}}
 
 
@@ -288,6 +299,12 @@ def main() -> None:
     p.add_argument("--null-step-ms", type=float, default=None,
                    help="serve a pool that computes nothing, each step sleeping this long: the server alone")
     p.add_argument("--null-size", type=int, default=64, help="frame size of --null-step-ms")
+    p.add_argument("--null-gil-calls", type=int, default=0, help="--null-step-ms's sleep cut into this many GIL "
+                   "releases, as a GPU step's CUDA calls make (0: one sleep)")
+    p.add_argument("--switch-interval-ms", type=float, default=ServerOptions.switch_interval_ms,
+                   help="the null server's GIL switch interval (mirage-serve keeps ServerOptions' default)")
+    p.add_argument("--calibrate-steps", type=int, default=20, help="the server times this many idle-pool steps "
+                   "at start (idle step ms: the bare step, to set the served one against)")
     p.add_argument("--serve-null", help=argparse.SUPPRESS)  # PORT,SLOTS,SIZE,STEP_MS: the subprocess side
     p.add_argument("--keep-going", action="store_true", help="measure every count, not only up to the first "
                    "that fails the p99 / FPS rule")
@@ -324,10 +341,19 @@ def main() -> None:
                "server_stale": "srv stale", "server_late": "srv late", "server_steps_per_s": "srv steps/s",
                "server_busy": "srv busy", "server_step_ms": "srv step ms", "max_gap_ms": "max gap ms",
                "client_late_sends": "client late sends"}
+    # where a frame's time goes in the server (means over one second mid-window, ms): stage -> column
+    stages = {"idle_step_ms": "idle step", "pool_ms": "pool (in step thread)", "step_ms": "step (stepper wall)",
+              "decode_ms": "decode", "queue_ms": "queue", "outbox_ms": "outbox", "encode_ms": "encode",
+              "send_ms": "send", "pool_max_ms": "pool max", "queue_max_ms": "queue max"}
     print(f"\nmirage-serve {label} on {device}, {args.fps:g} FPS per client, {args.seconds:g} s measured\n")
     print(" | ".join(columns.values()))
     for row in rows:
         print(" | ".join(f"{row[k]:.2f}" if isinstance(row[k], float) else str(row[k]) for k in columns))
+    print("\nper-stage means, ms (idle step: the bare pool in the server process before any stream; pool: the "
+          "served step inside the step thread; step - pool: the handoff; queue: decoded -> step start)\n")
+    print(" | ".join(["streams", *stages.values()]))
+    for row in rows:
+        print(" | ".join([str(row["streams"]), *("-" if row.get(k) is None else f"{row[k]:.2f}" for k in stages)]))
     best = max([r["streams"] for r in rows if keeps_up(r, args)], default=0)
     print(f"\nmost streams kept up (p99 <= {args.max_p99_ms:g} ms, every stream >= 95% of {args.fps:g} FPS): {best}")
     today = datetime.date.today().isoformat()
@@ -335,7 +361,8 @@ def main() -> None:
     report = {"date": today, "device": device, "model": label, "random_weights": bool(args.random),
               "command": " ".join(sys.argv), "kept_up": best,
               **{k: getattr(args, k) for k in ("backend", "fast", "fps", "seconds", "batch_wait_ms", "deadline_ms",
-                                               "max_p99_ms", "churn", "null_step_ms", "null_size")},
+                                               "max_p99_ms", "churn", "null_step_ms", "null_size",
+                                               "null_gil_calls", "calibrate_steps", "switch_interval_ms")},
               "rows": rows}
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
