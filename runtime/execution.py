@@ -20,6 +20,9 @@ from mirage.core.errors import MirageError
 from mirage.core.loop import Buffers, NumpyOps, Schedule, run_frame
 
 
+TIMELINE_KEEP = 1000  # frames of GPU event times kept: a server steps for hours, its timeline must not grow
+
+
 class NonFiniteError(MirageError):
     """A graph produced NaN or Inf: the run stops rather than write a black video."""
 
@@ -187,6 +190,7 @@ class GpuExecution:
                               "compute_ms": ms(self.ev_start[k], self.ev_done[k]),
                               "download_ms": ms(self.ev_done[k], self.ev_down[k]),
                               "upload_end_to_compute_start_ms": ms(self.ev_up[k], self.ev_start[k])})
+        del self.timeline[:-TIMELINE_KEEP]
         frame = self.host_out[k].astype(np.float32)
         if not np.isfinite(frame).all():  # the graph's output is all the host sees of a GPU frame
             raise NonFiniteError("the frame is non-finite (NaN or Inf): the denoise or context_encode graph "

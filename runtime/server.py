@@ -22,8 +22,10 @@ Protocol (docs/SERVING.md has it in full)
 Flow of a frame
     receiver (one per client)  the stream's ONE undecoded message (newest wins)
     decoder  (one per client)  decode in a codec thread -> the stream's ONE pending frame (newest wins)
-    stepper  (one task)        gather pending frames, drop those past the deadline, pool.step in the
-                               step thread -> each stream's ONE outbox frame (newest wins)
+    stepper  (one task)        gather pending frames, drop those past the deadline, pool.submit in the
+                               step thread; pool.collect in the collect thread (up to pool.depth steps in
+                               flight: a GPU launches the next step while this one computes)
+                               -> each stream's ONE outbox frame, uint8 RGB (newest wins)
     sender   (one per client)  encode in a codec thread -> send; a stats message every second
 Nothing on the event loop touches pixels; the pool is driven from one thread only (step, attach and
 detach are serialized there, so an attach waits for at most the step in flight).
@@ -181,8 +183,9 @@ STAGES = ("decode", "queue", "step", "pool", "outbox", "encode", "send")
 # per frame: decode (in a codec thread: the image and v2v_input), queue (decoded -> its step starts: the wait
 # for the step in flight and the batch wait), outbox (its step ended -> its encode starts), encode (in a codec
 # thread), send (the socket write); per step: step (the stepper's wall time around the step thread's call)
-# and pool (inside the step thread: pool.step and the batch's uint8 conversion). step - pool is the handoff
-# between the event loop and the step thread (thread wake-ups, the GIL).
+# and pool (inside the step and collect threads: pool.submit, pool.collect with its wait for the GPU, and the
+# batch's uint8 conversion). step - pool is the handoff between the event loop and those threads (wake-ups, the
+# GIL) and, with two steps in flight, the wait for the step ahead.
 
 
 class Recent:
@@ -227,10 +230,18 @@ class Server:
         self.pool, self.options = pool, options
         self.streams: dict[int, Stream] = {}
         self.wake = asyncio.Event()  # a frame arrived or a stream left
-        self.steps: collections.deque[tuple[float, float]] = collections.deque()  # (end, seconds) of recent steps
+        self.steps: collections.deque[tuple[float, float]] = collections.deque()  # (end, seconds in flight, not
+        # counting the overlap with the step before) of recent steps
         self.stages = {name: Recent() for name in STAGES}
         self.idle_step_ms: float | None = None  # set by calibrate()
+        self.last_step_end = 0.0
+        self.step_s = 0.0    # a step's time in flight (not counting the wait for the step ahead), recent mean
+        self.submit_s = 0.0  # a submit's time in the step thread, recent mean
+        self.due = 0.0       # when the steps in flight are expected to be done
+        # the pool is submitted to from one thread (which also attaches and detaches) and collected from another,
+        # so that a step's launch and its inputs' copies overlap the step in flight (pool.depth: 2 on a GPU)
         self.step_thread = ThreadPoolExecutor(1, thread_name_prefix="mirage-step")
+        self.collect_thread = ThreadPoolExecutor(1, thread_name_prefix="mirage-collect")
         self.codec = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="mirage-codec")
 
     def timed(self, stage: str, start: float) -> float:
@@ -238,40 +249,54 @@ class Server:
         self.stages[stage].add(now - start, now)
         return now
 
-    def step_pool(self, inputs: dict) -> tuple[dict[int, np.ndarray], float]:
-        """In the step thread: one pool step, its outputs as uint8 RGB (one pass over the batch), the seconds taken."""
+    def submit_pool(self, inputs: dict) -> float:
+        """In the step thread: start a pool step (on a GPU it returns once launched); the seconds taken."""
         start = time.monotonic()
-        outputs = self.pool.step(inputs)
+        self.pool.submit(inputs)
+        return time.monotonic() - start
+
+    def collect_pool(self) -> tuple[dict[int, np.ndarray], float]:
+        """In the collect thread: the oldest step's outputs as uint8 RGB (one pass over the batch), the seconds taken."""
+        start = time.monotonic()
+        outputs = self.pool.collect()
         slots = list(outputs)
         rgb = rgb8(np.stack([outputs[s] for s in slots])) if slots else []  # (n, H, W, 3) uint8
         return dict(zip(slots, rgb)), time.monotonic() - start
+
+    def step_pool(self, inputs: dict) -> float:
+        """A whole step, synchronously (the calibration's): its seconds."""
+        return self.submit_pool(inputs) + self.collect_pool()[1]
 
     def calibrate(self) -> None:
         """In the step thread, before any stream: the idle pool's step (every row computed, none committed)."""
         inputs = {}
         self.step_pool(inputs)  # warm: first-call costs stay out of the number
-        seconds = [self.step_pool(inputs)[1] for _ in range(self.options.calibrate_steps)]
+        seconds = [self.step_pool(inputs) for _ in range(self.options.calibrate_steps)]
         self.idle_step_ms = 1e3 * sorted(seconds)[len(seconds) // 2]
         log.info("idle pool step: %.2f ms (median of %d)", self.idle_step_ms, len(seconds))
 
     def in_step_thread(self, fn, *args):
         return asyncio.get_running_loop().run_in_executor(self.step_thread, fn, *args)
 
+    def in_collect_thread(self, fn, *args):
+        return asyncio.get_running_loop().run_in_executor(self.collect_thread, fn, *args)
+
     def in_codec_thread(self, fn, *args):
         return asyncio.get_running_loop().run_in_executor(self.codec, fn, *args)
 
     def load(self) -> dict:
         """Over the last second: pool steps (each advances every stream by one frame), the share of
-        the time spent inside pool.step (near 1: the model is the bound; well below with streams
-        waiting: the server or the clients are), and the mean step in ms."""
-        since = time.monotonic() - 1.0
+        the time with a pool step in flight (near 1: the model is the bound; well below with streams
+        waiting: the server or the clients are), the mean step in ms (from its submit to its outputs),
+        the idle pool's step (calibrate) and each stage's count, mean and maximum (STAGES)."""
+        now = time.monotonic()
+        since = now - 1.0
         while self.steps and self.steps[0][0] < since:
             self.steps.popleft()
         inside = sum(min(seconds, end - since) for end, seconds in self.steps)  # a step may start before `since`
-        mean_ms = 1e3 * sum(seconds for _, seconds in self.steps) / len(self.steps) if self.steps else None
-        now = time.monotonic()
-        return {"fps": len(self.steps), "busy": round(inside, 3), "step_ms": mean_ms, "idle_step_ms": self.idle_step_ms,
-                "stages": {name: recent.summary(now) for name, recent in self.stages.items()}}
+        stages = {name: recent.summary(now) for name, recent in self.stages.items()}
+        return {"fps": len(self.steps), "busy": round(inside, 3), "step_ms": stages["step"]["mean_ms"],
+                "idle_step_ms": self.idle_step_ms, "stages": stages}
 
     def check_token(self, request: web.Request) -> None:
         token = self.options.token
@@ -393,35 +418,63 @@ class Server:
 
     # -- the stepper -------------------------------------------------------------------------------
     async def stepper(self) -> None:
-        while True:
-            batch = await self.next_batch()
-            inputs = {s.slot: f.pixels for s, f in batch} if self.pool.video_to_video else {}
-            start = time.monotonic()
-            for _, f in batch:
-                self.stages["queue"].add(start - f.decoded, start)
-            try:
-                outputs, inside = await self.in_step_thread(self.step_pool, inputs)
-            except Exception:  # noqa: BLE001 (a bug: log it, tell those clients, keep serving the others)
-                log.exception("pool.step failed")
-                for s, f in batch:
-                    s.counts["errors"] += 1
-                    with suppress(ConnectionError):
-                        await s.ws.send_json({"type": "error", "message": f"frame {f.id}: the server failed to "
-                                              "compute it (its log has the traceback)"})
-                continue
-            end = self.timed("step", start)
-            self.stages["pool"].add(inside, end)
-            self.steps.append((end, end - start))
-            for s, f in batch:
-                if self.streams.get(s.slot) is not s:  # it left during the step
+        """Submit each batch as soon as it is ready, with up to pool.depth steps in flight; each
+        in-flight step is finished (collected, handed to its streams) by its own task, in order."""
+        in_flight: collections.deque[asyncio.Task] = collections.deque()
+        try:
+            while True:
+                batch = await self.next_batch()
+                while len(in_flight) >= self.pool.depth:
+                    await in_flight.popleft()
+                inputs = {s.slot: f.pixels for s, f in batch} if self.pool.video_to_video else {}
+                start = time.monotonic()
+                for _, f in batch:
+                    self.stages["queue"].add(start - f.decoded, start)
+                try:
+                    submit_s = await self.in_step_thread(self.submit_pool, inputs)
+                except Exception:  # noqa: BLE001 (a bug: log it, tell those clients, keep serving the others)
+                    await self.failed(batch)
                     continue
-                if s.outbox is not None:
-                    s.counts["unsent"] += 1
-                s.outbox = (f, outputs[s.slot], end)
-                s.ready.set()
+                self.submit_s += 0.1 * (submit_s - self.submit_s)
+                self.due = max(start, self.due) + self.step_s
+                in_flight.append(asyncio.create_task(self.finish(batch, start, submit_s)))
+        finally:
+            for task in in_flight:
+                task.cancel()
+
+    async def finish(self, batch: list[tuple[Stream, Frame]], start: float, submit_s: float) -> None:
+        try:
+            outputs, collect_s = await self.in_collect_thread(self.collect_pool)
+        except Exception:  # noqa: BLE001 (as in stepper)
+            await self.failed(batch)
+            return
+        end = self.timed("step", start)
+        self.stages["pool"].add(submit_s + collect_s, end)
+        alone = end - max(start, self.last_step_end)  # in-flight steps overlap: count that time once
+        self.steps.append((end, alone))
+        self.step_s += 0.1 * (alone - self.step_s)
+        self.last_step_end = end
+        for s, f in batch:
+            if self.streams.get(s.slot) is not s:  # it left during the step
+                continue
+            if s.outbox is not None:
+                s.counts["unsent"] += 1
+            s.outbox = (f, outputs[s.slot], end)
+            s.ready.set()
+
+    async def failed(self, batch: list[tuple[Stream, Frame]]) -> None:
+        log.exception("a pool step failed")
+        for s, f in batch:
+            s.counts["errors"] += 1
+            with suppress(ConnectionError):
+                await s.ws.send_json({"type": "error", "message": f"frame {f.id}: the server failed to "
+                                      "compute it (its log has the traceback)"})
 
     async def next_batch(self) -> list[tuple[Stream, Frame]]:
-        """Wait for a frame, then up to batch_wait_ms for every sending stream's; take the pending frames,
+        """Wait for a frame, then up to batch_wait_ms for every sending stream's (with a step in flight: up
+        to that step's expected end, so that the next step goes in full, just in time to follow it on the
+        GPU, rather than as an early, emptier step that holds the GPU and every frame behind it); take the
+        pending frames,
         dropping (and counting) those older than the deadline, but never two of a stream in a row:
         when steps take longer than the deadline, a stream whose frames always arrive early in a
         step would otherwise have every frame dropped and starve while the others stream on."""
@@ -429,7 +482,8 @@ class Server:
             await self.wait_until(lambda: any(s.pending is not None for s in self.streams.values()))
             # a stream silent for a second (a client that has not started, or stopped sending) is not waited for
             sending = [s for s in self.streams.values() if time.monotonic() - s.last_frame < 1.0]
-            await self.wait_until(lambda: all(s.pending is not None for s in sending), self.options.batch_wait_ms / 1e3)
+            wait = max(self.options.batch_wait_ms / 1e3, self.due - self.submit_s - time.monotonic())
+            await self.wait_until(lambda: all(s.pending is not None for s in sending), wait)
             now, batch = time.monotonic(), []
             for s in self.streams.values():
                 frame, s.pending = s.pending, None
@@ -469,6 +523,7 @@ class Server:
             await stepper
         sys.setswitchinterval(switch_interval)
         self.step_thread.shutdown()
+        self.collect_thread.shutdown()
         self.codec.shutdown()
 
     async def close_streams(self, app: web.Application) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import datetime
 import io
 import json
@@ -53,7 +54,7 @@ def start_server(args, slots: int, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     if args.null_step_ms is not None:  # this script's own NullPool behind the same server
         cmd = [sys.executable, __file__, "--serve-null",
-               f"{port},{slots},{args.null_size},{args.null_step_ms},{args.null_gil_calls}",
+               f"{port},{slots},{args.null_size},{args.null_step_ms},{args.null_gil_calls},{args.null_depth}",
                "--deadline-ms", str(args.deadline_ms), "--batch-wait-ms", str(args.batch_wait_ms),
                "--calibrate-steps", str(args.calibrate_steps), "--switch-interval-ms", str(args.switch_interval_ms)]
     else:
@@ -77,18 +78,22 @@ def start_server(args, slots: int, log: Path) -> tuple[subprocess.Popen, str]:
 
 
 class NullPool:
-    """A StreamPool that computes nothing: each step sleeps `step_ms` and returns the inputs, so the
-    load test measures the server alone (codecs, event loop, threads) at a given frame size. With
-    gil_calls > 0 the sleep is cut into that many parts, each a release and re-acquisition of the
-    GIL, as a GPU step's host side makes one per CUDA call (uploads, events, the graph launch, the
-    wait): what the server's other threads then cost the step shows as /health's pool stage
-    above the idle step."""
+    """A StreamPool that computes nothing, so that the load test measures the server alone (codecs,
+    event loop, threads) at a given frame size: a GPU stand-in whose steps each take `step_ms`, one
+    after the other, from their submit (two in flight, as a GPU pool). collect() sleeps until its
+    step is done; with gil_calls > 0 the sleep is cut into that many parts, each a release and
+    re-acquisition of the GIL, as a GPU step's host side makes one per CUDA call (uploads, events,
+    the graph launch, the wait): what the server's other threads then cost the step shows as
+    /health's pool stage above the idle step."""
 
-    def __init__(self, slots: int, size: int, step_ms: float, gil_calls: int = 0):
+    def __init__(self, slots: int, size: int, step_ms: float, gil_calls: int = 0, depth: int = 2):
+        self.depth = depth
         self.slots, self.frame_shape, self.video_to_video = slots, (size, size, 3), True
         self.active: list[int] = []
-        self.step_ms, self.gil_calls = step_ms, gil_calls
+        self.step_s, self.gil_calls = step_ms / 1e3, max(1, gil_calls)
         self.last = np.zeros((slots, size, size, 3), np.float32)
+        self.in_flight: collections.deque[tuple[float, dict]] = collections.deque()  # (done at, outputs)
+        self.free_at = 0.0  # when the "GPU" has finished every step submitted so far
 
     def attach(self, seed: int = 0) -> int:
         from mirage.runtime.pool import PoolFull
@@ -102,12 +107,21 @@ class NullPool:
     def detach(self, slot: int) -> None:
         self.active.remove(slot)
 
-    def step(self, inputs: dict) -> dict:
+    def submit(self, inputs: dict) -> None:
         for slot, frame in inputs.items():
             self.last[slot] = frame
-        for _ in range(max(1, self.gil_calls)):
-            time.sleep(self.step_ms / 1e3 / max(1, self.gil_calls))
-        return {slot: self.last[slot].copy() for slot in self.active}
+        self.free_at = max(time.monotonic(), self.free_at) + self.step_s  # the "GPU" runs one step at a time
+        self.in_flight.append((self.free_at, {slot: self.last[slot].copy() for slot in inputs}))
+
+    def collect(self) -> dict:
+        done, outputs = self.in_flight.popleft()
+        for part in range(self.gil_calls, 0, -1):
+            time.sleep(max(0.0, done - time.monotonic()) / part)
+        return outputs
+
+    def step(self, inputs: dict) -> dict:
+        self.submit(inputs)
+        return self.collect()
 
 
 def serve_null(spec: str, args) -> None:
@@ -115,8 +129,8 @@ def serve_null(spec: str, args) -> None:
 
     from mirage.runtime.server import ServerOptions, make_app
 
-    port, slots, size, step_ms, gil_calls = spec.split(",")
-    pool = NullPool(int(slots), int(size), float(step_ms), int(gil_calls))
+    port, slots, size, step_ms, gil_calls, depth = spec.split(",")
+    pool = NullPool(int(slots), int(size), float(step_ms), int(gil_calls), int(depth))
     options = ServerOptions(port=int(port), deadline_ms=args.deadline_ms, batch_wait_ms=args.batch_wait_ms,
                             calibrate_steps=args.calibrate_steps, switch_interval_ms=args.switch_interval_ms)
     web.run_app(make_app(pool, options), host="127.0.0.1", port=int(port), print=None)
@@ -301,6 +315,8 @@ def main() -> None:
     p.add_argument("--null-size", type=int, default=64, help="frame size of --null-step-ms")
     p.add_argument("--null-gil-calls", type=int, default=0, help="--null-step-ms's sleep cut into this many GIL "
                    "releases, as a GPU step's CUDA calls make (0: one sleep)")
+    p.add_argument("--null-depth", type=int, default=2, help="--null-step-ms's steps in flight at once (2 as a GPU "
+                   "pool; 1: the server waits for each step before submitting the next)")
     p.add_argument("--switch-interval-ms", type=float, default=ServerOptions.switch_interval_ms,
                    help="the null server's GIL switch interval (mirage-serve keeps ServerOptions' default)")
     p.add_argument("--calibrate-steps", type=int, default=20, help="the server times this many idle-pool steps "
@@ -362,7 +378,8 @@ def main() -> None:
               "command": " ".join(sys.argv), "kept_up": best,
               **{k: getattr(args, k) for k in ("backend", "fast", "fps", "seconds", "batch_wait_ms", "deadline_ms",
                                                "max_p99_ms", "churn", "null_step_ms", "null_size",
-                                               "null_gil_calls", "calibrate_steps", "switch_interval_ms")},
+                                               "null_gil_calls", "null_depth", "calibrate_steps",
+                                               "switch_interval_ms")},
               "rows": rows}
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
