@@ -5,7 +5,7 @@
 
 For each stream count N (doubling by default), a fresh `mirage-serve MODEL --slots N` on
 127.0.0.1 (a subprocess, so that the clients do not share its interpreter), then N synthetic
-WebSocket clients, each sending JPEG frames at the model's size at --fps on its own random phase,
+WebSocket clients, each sending JPEG (or --format raw) frames at the model's size at --fps on its own random phase,
 with perf_counter timestamps that the server echoes. After --warmup seconds, --seconds of
 measurement: per-stream delivered FPS, p50/p99 frame latency (send to reply, the whole loop:
 JPEG decode, queueing, the batched step, JPEG encode, both socket hops), frames dropped (sent in the
@@ -39,7 +39,7 @@ import numpy as np
 from aiohttp import ClientSession, WSMsgType
 from PIL import Image
 
-from mirage.runtime.server import HEADER, JPEG, ServerOptions
+from mirage.runtime.server import HEADER, JPEG, RAW, ServerOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -149,8 +149,8 @@ def random_checkpoint(config: str, folder: Path) -> str:
     return str(save_checkpoint(folder / config, model, model, TrainConfig(), step=0))
 
 
-def synthetic_jpegs(size: int, count: int, seed: int) -> list[bytes]:
-    """`count` JPEGs of a moving disc on a gradient, (size, size) RGB."""
+def synthetic_frames(size: int, count: int, seed: int, fmt: str = "jpeg") -> list[bytes]:
+    """`count` frames of a moving disc on a gradient, (size, size) RGB, as JPEGs or raw bytes."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / size
     base = rng.uniform(0, 255, 3)
@@ -160,6 +160,9 @@ def synthetic_jpegs(size: int, count: int, seed: int) -> list[bytes]:
         disc = ((xx - cx) ** 2 + (yy - cy) ** 2) < 0.02
         rgb = np.stack([base[0] * xx, base[1] * yy, base[2] * (1 - xx)], -1)  # (size, size, 3)
         rgb[disc] = 255 - base
+        if fmt == "raw":
+            out.append(rgb.astype(np.uint8).tobytes())
+            continue
         buf = io.BytesIO()
         Image.fromarray(rgb.astype(np.uint8)).save(buf, format="JPEG", quality=90)
         out.append(buf.getvalue())
@@ -180,7 +183,8 @@ async def client(url: str, index: int, args, window: tuple[float, float], stop: 
         if hello["type"] == "busy":
             raise Busy(hello["message"])
         v2v = hello["video_to_video"]
-        frames = synthetic_jpegs(hello["width"], 16, index) if v2v else [b""]
+        frames = synthetic_frames(hello["width"], 16, index, args.format) if v2v else [b""]
+        fmt = RAW if args.format == "raw" else JPEG
 
         async def send():
             tick = time.perf_counter() + random.uniform(0, period)
@@ -190,7 +194,7 @@ async def client(url: str, index: int, args, window: tuple[float, float], stop: 
                 now = time.perf_counter()
                 if now - tick > period:  # this client fell behind its schedule: the load generator is the bound
                     result["late_sends"] += 1
-                await ws.send_bytes(HEADER.pack((index << 24) | n, JPEG, now * 1e3) + frames[n % len(frames)])
+                await ws.send_bytes(HEADER.pack((index << 24) | n, fmt, now * 1e3) + frames[n % len(frames)])
                 if start <= now < end:
                     result["sent"] += 1
                 n, tick = n + 1, tick + period
@@ -301,6 +305,8 @@ def main() -> None:
     p.add_argument("--backend", default="auto")
     p.add_argument("--fast", action="store_true", help="mirage-serve --fast (Inductor, GPU)")
     p.add_argument("--counts", default="1,2,4,8,16,24,32,48,64", help="stream counts to try, in order")
+    p.add_argument("--format", choices=("jpeg", "raw"), default="jpeg", help="what the clients send (and get "
+                   "back): JPEG as the page does, or raw RGB, which costs the server no codec")
     p.add_argument("--fps", type=float, default=30.0, help="frames per second each client sends")
     p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per count")
     p.add_argument("--warmup-s", type=float, default=3.0)
@@ -376,7 +382,7 @@ def main() -> None:
     path = args.json or ROOT / "docs" / "bench" / f"{today}_serve_{slug(device)}_{label}.json"
     report = {"date": today, "device": device, "model": label, "random_weights": bool(args.random),
               "command": " ".join(sys.argv), "kept_up": best,
-              **{k: getattr(args, k) for k in ("backend", "fast", "fps", "seconds", "batch_wait_ms", "deadline_ms",
+              **{k: getattr(args, k) for k in ("backend", "fast", "format", "fps", "seconds", "batch_wait_ms", "deadline_ms",
                                                "max_p99_ms", "churn", "null_step_ms", "null_size",
                                                "null_gil_calls", "null_depth", "calibrate_steps",
                                                "switch_interval_ms")},
