@@ -118,7 +118,8 @@ class PoolGroup:
         self.frame_shape, self.video_to_video = pools[0].frame_shape, pools[0].video_to_video
         self.depth = min(p.depth for p in pools)
         self._busy: collections.deque[list[int]] = collections.deque()  # per step in flight: the pools it runs on
-        self._threads = ThreadPoolExecutor(len(pools), thread_name_prefix="mirage-pool")
+        # a submit and a collect per pool at once (the server submits and collects from two threads)
+        self._threads = ThreadPoolExecutor(2 * len(pools), thread_name_prefix="mirage-pool")
 
     @classmethod
     def open(cls, path: str | Path, slots: int, devices: list[str], backend: str = "auto",
