@@ -45,7 +45,11 @@ DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
                    "that are sending (0: step at once).")
 @click.option("--max-frame-bytes", type=click.IntRange(min=1024), default=1 << 20,
               help="A larger frame is answered with an error; a message over twice this closes that connection.")
-def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, batch_wait_ms, max_frame_bytes):
+@click.option("--calibrate-steps", type=click.IntRange(min=0), default=0,
+              help="At start, time this many steps of the idle pool: /health's idle_step_ms, the bare step to set "
+                   "the served one against (scripts/bench_serve.py passes it).")
+def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, batch_wait_ms, max_frame_bytes,
+         calibrate_steps):
     """Serve MODEL (a checkpoint folder or an exported artifact; default: the bundled tiny-v2v) to
     browsers and WebSocket clients: open http://HOST:PORT/ for the page (webcam, video file or a
     synthetic source). All streams advance together, one batched step per frame, in a pool of
@@ -62,9 +66,9 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
         raise UserError(f"--device {','.join(devices)}: name each device once")
     try:  # the options first: a refused binding should not wait for a model to load
         options = ServerOptions(host=host, port=port, token=token, deadline_ms=deadline_ms,
-                                batch_wait_ms=batch_wait_ms, max_frame_bytes=max_frame_bytes)
-        # float frames: runtime.server converts them itself (uint8 frames are not wired into it yet)
-        pipeline = PipelineOptions.fastest(frames="float32") if fast else PipelineOptions()
+                                batch_wait_ms=batch_wait_ms, max_frame_bytes=max_frame_bytes,
+                                calibrate_steps=calibrate_steps)
+        pipeline = PipelineOptions.fastest() if fast else PipelineOptions()
         pool = StreamPool.open(model, slots, backend=backend, device=devices[0], options=pipeline) if len(devices) == 1 \
             else PoolGroup.open(model, slots, devices, backend=backend, options=pipeline)
     except MirageError as e:

@@ -25,6 +25,9 @@ from mirage.core.errors import MirageError
 from mirage.core.loop import Buffers, NumpyOps, Schedule, run_frame
 
 
+TIMELINE_KEEP = 1000  # frames of GPU event times kept: a server steps for hours, its timeline must not grow
+
+
 class NonFiniteError(MirageError):
     """A graph produced NaN or Inf: the run stops rather than write a black video."""
 
@@ -220,6 +223,7 @@ class GpuExecution:
                               "compute_ms": ms(self.ev_start[k], self.ev_done[k]),
                               "download_ms": ms(self.ev_done[k], self.ev_down[k]),
                               "upload_end_to_compute_start_ms": ms(self.ev_up[k], self.ev_start[k])})
+        del self.timeline[:-TIMELINE_KEEP]
         if self.frames == "uint8":
             frame, finite = self.host_out[k].copy(), self.host_finite[k].all()  # a copy: frame n+2 reuses stage k
         else:

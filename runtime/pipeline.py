@@ -117,6 +117,12 @@ class Pipeline:
         return (self.cfg.pixels, self.cfg.pixels, G.RGB)
 
     @property
+    def depth(self) -> int:
+        """Frames that may be in flight (submitted, not collected): two on a GPU, where frame n+1's
+        input uploads while frame n computes and downloads; one on the CPU, where submit computes."""
+        return 2 if isinstance(self.execution, GpuExecution) else 1
+
+    @property
     def graphs(self) -> list:
         """The captured CUDA graphs ([] when frames run eagerly)."""
         return self.execution.graphs if self.state == "ready" else []
@@ -208,10 +214,9 @@ class Pipeline:
         """Frames for an input stream (or a frame count for generation), one frame in flight
         ahead on a GPU: frame n+1's input uploads while frame n computes and downloads."""
         items = iter([None] * inputs) if isinstance(inputs, int) else iter(inputs)
-        depth = 2 if isinstance(self.execution, GpuExecution) else 1
         for cond in items:
             self.submit(cond)
-            if self.execution.pending == depth:
+            if self.execution.pending == self.depth:
                 yield self.collect()
         while self.execution.pending:
             yield self.collect()

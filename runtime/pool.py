@@ -15,6 +15,7 @@ it costs what a busy row costs.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 from pathlib import Path
 
@@ -37,6 +38,8 @@ class StreamPool:
         self.video_to_video = pipeline.video_to_video
         self.active: list[int] = []
         self._inputs = np.zeros((self.slots, *self.frame_shape), np.float32)  # each slot's latest input
+        self._moving: collections.deque[list[int]] = collections.deque()  # per frame in flight: the slots it advances
+        self.depth = pipeline.depth  # steps in flight at once: submit() the next before collect()ing this one
         pipeline.reset(0)
 
     @classmethod
@@ -62,6 +65,12 @@ class StreamPool:
     def step(self, inputs: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
         """Advance the slots given inputs (video-to-video) or every attached slot (generation) one
         frame; returns {slot: (H, W, 3) float32 in [-1, 1]} for the slots that advanced."""
+        self.submit(inputs)
+        return self.collect()
+
+    def submit(self, inputs: dict[int, np.ndarray] | None = None) -> None:
+        """Start step() without waiting for it (GPU: asynchronously); up to `depth` steps in flight.
+        submit and collect may run in two threads (the server's), attach and detach in submit's."""
         for slot, frame in (inputs or {}).items():
             if slot not in self.active:
                 raise PipelineError(f"slot {slot} is not attached")
@@ -72,7 +81,13 @@ class StreamPool:
         moving = list(inputs or {}) if self.video_to_video else list(self.active)
         advance = np.zeros(self.slots, np.int64)
         advance[moving] = 1
-        out = self.pipeline.step_batch(self._inputs if self.video_to_video else None, advance)
+        self.pipeline.submit_batch(self._inputs if self.video_to_video else None, advance)
+        self._moving.append(moving)
+
+    def collect(self) -> dict[int, np.ndarray]:
+        """The oldest submitted step's outputs, as step() returns them."""
+        moving = self._moving.popleft()  # first: a step that fails is still taken off the queue
+        out = self.pipeline.collect_batch()  # (B, H, W, 3)
         return {slot: out[slot] for slot in moving}
 
     def close(self) -> None:
@@ -101,7 +116,10 @@ class PoolGroup:
         self.offsets = [sum(p.slots for p in pools[:i]) for i in range(len(pools))]
         self.slots = sum(p.slots for p in pools)
         self.frame_shape, self.video_to_video = pools[0].frame_shape, pools[0].video_to_video
-        self._threads = ThreadPoolExecutor(len(pools), thread_name_prefix="mirage-pool")
+        self.depth = min(p.depth for p in pools)
+        self._busy: collections.deque[list[int]] = collections.deque()  # per step in flight: the pools it runs on
+        # a submit and a collect per pool at once (the server submits and collects from two threads)
+        self._threads = ThreadPoolExecutor(2 * len(pools), thread_name_prefix="mirage-pool")
 
     @classmethod
     def open(cls, path: str | Path, slots: int, devices: list[str], backend: str = "auto",
@@ -131,12 +149,21 @@ class PoolGroup:
         pool.detach(local)
 
     def step(self, inputs: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
+        self.submit(inputs)
+        return self.collect()
+
+    def submit(self, inputs: dict[int, np.ndarray] | None = None) -> None:
         per_pool: dict[int, dict[int, np.ndarray]] = {i: {} for i in range(len(self.pools))}
         for slot, frame in (inputs or {}).items():
             pool, local = self._locate(slot)
             per_pool[self.pools.index(pool)][local] = frame
         busy = [i for i, p in enumerate(self.pools) if (per_pool[i] if self.video_to_video else p.active)]
-        futures = {i: self._threads.submit(self.pools[i].step, per_pool[i]) for i in busy}
+        for f in [self._threads.submit(self.pools[i].submit, per_pool[i]) for i in busy]:
+            f.result()  # the pools' submits run at once (a CPU pool computes its frame in submit)
+        self._busy.append(busy)
+
+    def collect(self) -> dict[int, np.ndarray]:
+        futures = {i: self._threads.submit(self.pools[i].collect) for i in self._busy.popleft()}
         return {self.offsets[i] + s: frame for i, f in futures.items() for s, frame in f.result().items()}
 
     def close(self) -> None:

@@ -22,8 +22,10 @@ Protocol (docs/SERVING.md has it in full)
 Flow of a frame
     receiver (one per client)  the stream's ONE undecoded message (newest wins)
     decoder  (one per client)  decode in a codec thread -> the stream's ONE pending frame (newest wins)
-    stepper  (one task)        gather pending frames, drop those past the deadline, pool.step in the
-                               step thread -> each stream's ONE outbox frame (newest wins)
+    stepper  (one task)        gather pending frames, drop those past the deadline, pool.submit in the
+                               step thread; pool.collect in the collect thread (up to pool.depth steps in
+                               flight: a GPU launches the next step while this one computes)
+                               -> each stream's ONE outbox frame, uint8 RGB (newest wins)
     sender   (one per client)  encode in a codec thread -> send; a stats message every second
 Nothing on the event loop touches pixels; the pool is driven from one thread only (step, attach and
 detach are serialized there, so an attach waits for at most the step in flight).
@@ -38,6 +40,7 @@ import ipaddress
 import logging
 import os
 import struct
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
@@ -71,6 +74,10 @@ class ServerOptions:
     max_frame_bytes: int = 1 << 20  # a larger frame gets an error; a message over twice this closes the socket
     batch_wait_ms: float = 5.0    # how long the stepper waits for every stream's frame before stepping without
     stats_interval_s: float = 1.0
+    calibrate_steps: int = 0      # at start, time this many steps of the idle pool (nothing commits): /health's
+                                  # idle_step_ms, the bare pool's step in this process to set the served one against
+    switch_interval_ms: float = 0.5  # the GIL's switch interval (Python's default 5 ms): how long the step thread,
+                                     # back from a GPU call, may wait for the GIL while codec threads run Python
 
     def __post_init__(self):
         if not self.token and not is_loopback(self.host):
@@ -95,6 +102,7 @@ class Frame:
     client_ts: float
     received: float                # server monotonic clock, for the deadline
     pixels: np.ndarray | None      # the model's input, (H, W, 3) float32; None: a generation model's request
+    decoded: float = 0.0           # server monotonic clock when its decode ended (for the queue-wait stage)
 
 
 def decode_frame(data: bytes, shape: tuple[int, int, int], video_to_video: bool, max_bytes: int,
@@ -111,13 +119,14 @@ def decode_frame(data: bytes, shape: tuple[int, int, int], video_to_video: bool,
     if not video_to_video:
         if payload:
             raise ServeError(f"frame {frame_id}: this generation model takes no input; send the header alone")
-        return Frame(frame_id, fmt, client_ts, received, None)
+        return Frame(frame_id, fmt, client_ts, received, None, time.monotonic())
     if not payload:
         raise ServeError(f"frame {frame_id}: this video-to-video model needs an input image after the header")
-    rgb = _rgb(payload, fmt, shape, frame_id).astype(np.float32) / 127.5 - 1.0  # (H, W, 3) in [-1, 1]
     # clients send a plain RGB frame; the model's input is made from it as mirage-run makes it:
-    # luma at full resolution plus coarse chroma (the video-to-video task the models are trained on)
-    return Frame(frame_id, fmt, client_ts, received, v2v_input(rgb))
+    # luma at full resolution plus coarse chroma (the video-to-video task the models are trained on).
+    # The one line to change when the pipeline takes uint8 frames (PipelineOptions frames="uint8").
+    pixels = v2v_input(_rgb(payload, fmt, shape, frame_id).astype(np.float32) / 127.5 - 1.0)  # (H, W, 3) in [-1, 1]
+    return Frame(frame_id, fmt, client_ts, received, pixels, time.monotonic())
 
 
 def _rgb(payload: memoryview, fmt: int, shape: tuple[int, int, int], frame_id: int) -> np.ndarray:
@@ -139,9 +148,19 @@ def _rgb(payload: memoryview, fmt: int, shape: tuple[int, int, int], frame_id: i
         raise ServeError(f"frame {frame_id}: not a readable {FORMATS[fmt]} image ({e})") from e
 
 
+def rgb8(frames: np.ndarray) -> np.ndarray:
+    """Model frames (..., H, W, 3) in [-1, 1] -> uint8 RGB; uint8 frames (a pipeline with frames="uint8")
+    pass through as they are. The server runs it once per step on the whole batch, in the step thread:
+    one vectorized pass instead of one per stream in the codec threads."""
+    if frames.dtype == np.uint8:
+        return frames
+    return np.clip((frames + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+
+
 def encode_frame(frame: Frame, pixels: np.ndarray) -> bytes:
-    """The reply to `frame`: its header echoed, then `pixels` ((H, W, 3) in [-1, 1]) in the frame's format."""
-    rgb = np.clip((pixels + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    """The reply to `frame`: its header echoed, then `pixels` ((H, W, 3) in [-1, 1], or uint8 RGB) in the
+    frame's format."""
+    rgb = rgb8(pixels)
     if frame.fmt == RAW:
         body = rgb.tobytes()
     else:
@@ -153,7 +172,39 @@ def encode_frame(frame: Frame, pixels: np.ndarray) -> bytes:
     return HEADER.pack(frame.id, frame.fmt, frame.client_ts) + body
 
 
+def timed_call(fn, *args):
+    """fn(*args) and the seconds it took (run in a codec thread: the stage's own work, not its wait)."""
+    start = time.monotonic()
+    return fn(*args), time.monotonic() - start
+
+
 # -- the server ------------------------------------------------------------------------------------
+STAGES = ("decode", "queue", "step", "pool", "outbox", "encode", "send")
+# per frame: decode (in a codec thread: the image and v2v_input), queue (decoded -> its step starts: the wait
+# for the step in flight and the batch wait), outbox (its step ended -> its encode starts), encode (in a codec
+# thread), send (the socket write); per step: step (the stepper's wall time around the step thread's call)
+# and pool (inside the step and collect threads: pool.submit, pool.collect with its wait for the GPU, and the
+# batch's uint8 conversion). step - pool is the handoff between the event loop and those threads (wake-ups, the
+# GIL) and, with two steps in flight, the wait for the step ahead.
+
+
+class Recent:
+    """Timed samples of the last second, for /health: their count, mean and maximum."""
+
+    def __init__(self):
+        self.samples: collections.deque[tuple[float, float]] = collections.deque()  # (monotonic time, value)
+
+    def add(self, value: float, now: float) -> None:
+        self.samples.append((now, value))
+
+    def summary(self, now: float) -> dict:
+        while self.samples and self.samples[0][0] < now - 1.0:
+            self.samples.popleft()
+        values = [v for _, v in self.samples]
+        return {"n": len(values), "mean_ms": 1e3 * sum(values) / len(values) if values else None,
+                "max_ms": 1e3 * max(values) if values else None}
+
+
 COUNTS = ("received", "stale", "late", "sent", "unsent", "errors")
 # stale: replaced by a newer input before its decode or its step; late: past the deadline when its step started
 # (at most every other frame of a stream);
@@ -167,7 +218,7 @@ class Stream:
     raw: tuple[bytes, float] | None = None                  # newest message and its arrival, not yet decoded
     raw_ready: asyncio.Event = field(default_factory=asyncio.Event)  # `raw` has a message
     pending: Frame | None = None                            # newest decoded input, not yet stepped
-    outbox: tuple[Frame, np.ndarray] | None = None          # newest output, not yet sent
+    outbox: tuple[Frame, np.ndarray, float] | None = None   # newest output (uint8 RGB) and when its step ended
     ready: asyncio.Event = field(default_factory=asyncio.Event)  # the outbox has a frame
     dropped_late: bool = False                              # its last frame was dropped past the deadline
     last_frame: float = field(default_factory=time.monotonic)  # when its last frame arrived (or it connected)
@@ -179,26 +230,73 @@ class Server:
         self.pool, self.options = pool, options
         self.streams: dict[int, Stream] = {}
         self.wake = asyncio.Event()  # a frame arrived or a stream left
-        self.steps: collections.deque[tuple[float, float]] = collections.deque()  # (end, seconds) of recent steps
+        self.steps: collections.deque[tuple[float, float]] = collections.deque()  # (end, seconds in flight, not
+        # counting the overlap with the step before) of recent steps
+        self.stages = {name: Recent() for name in STAGES}
+        self.idle_step_ms: float | None = None  # set by calibrate()
+        self.last_step_end = 0.0
+        self.step_s = 0.0    # a step's time in flight (not counting the wait for the step ahead), recent mean
+        self.submit_s = 0.0  # a submit's time in the step thread, recent mean
+        self.due = 0.0       # when the steps in flight are expected to be done
+        # the pool is submitted to from one thread (which also attaches and detaches) and collected from another,
+        # so that a step's launch and its inputs' copies overlap the step in flight (pool.depth: 2 on a GPU)
         self.step_thread = ThreadPoolExecutor(1, thread_name_prefix="mirage-step")
+        self.collect_thread = ThreadPoolExecutor(1, thread_name_prefix="mirage-collect")
         self.codec = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="mirage-codec")
+
+    def timed(self, stage: str, start: float) -> float:
+        now = time.monotonic()
+        self.stages[stage].add(now - start, now)
+        return now
+
+    def submit_pool(self, inputs: dict) -> float:
+        """In the step thread: start a pool step (on a GPU it returns once launched); the seconds taken."""
+        start = time.monotonic()
+        self.pool.submit(inputs)
+        return time.monotonic() - start
+
+    def collect_pool(self) -> tuple[dict[int, np.ndarray], float]:
+        """In the collect thread: the oldest step's outputs as uint8 RGB (one pass over the batch), the seconds taken."""
+        start = time.monotonic()
+        outputs = self.pool.collect()
+        slots = list(outputs)
+        rgb = rgb8(np.stack([outputs[s] for s in slots])) if slots else []  # (n, H, W, 3) uint8
+        return dict(zip(slots, rgb)), time.monotonic() - start
+
+    def step_pool(self, inputs: dict) -> float:
+        """A whole step, synchronously (the calibration's): its seconds."""
+        return self.submit_pool(inputs) + self.collect_pool()[1]
+
+    def calibrate(self) -> None:
+        """In the step thread, before any stream: the idle pool's step (every row computed, none committed)."""
+        inputs = {}
+        self.step_pool(inputs)  # warm: first-call costs stay out of the number
+        seconds = [self.step_pool(inputs) for _ in range(self.options.calibrate_steps)]
+        self.idle_step_ms = 1e3 * sorted(seconds)[len(seconds) // 2]
+        log.info("idle pool step: %.2f ms (median of %d)", self.idle_step_ms, len(seconds))
 
     def in_step_thread(self, fn, *args):
         return asyncio.get_running_loop().run_in_executor(self.step_thread, fn, *args)
+
+    def in_collect_thread(self, fn, *args):
+        return asyncio.get_running_loop().run_in_executor(self.collect_thread, fn, *args)
 
     def in_codec_thread(self, fn, *args):
         return asyncio.get_running_loop().run_in_executor(self.codec, fn, *args)
 
     def load(self) -> dict:
         """Over the last second: pool steps (each advances every stream by one frame), the share of
-        the time spent inside pool.step (near 1: the model is the bound; well below with streams
-        waiting: the server or the clients are), and the mean step in ms."""
-        since = time.monotonic() - 1.0
+        the time with a pool step in flight (near 1: the model is the bound; well below with streams
+        waiting: the server or the clients are), the mean step in ms (from its submit to its outputs),
+        the idle pool's step (calibrate) and each stage's count, mean and maximum (STAGES)."""
+        now = time.monotonic()
+        since = now - 1.0
         while self.steps and self.steps[0][0] < since:
             self.steps.popleft()
         inside = sum(min(seconds, end - since) for end, seconds in self.steps)  # a step may start before `since`
-        mean_ms = 1e3 * sum(seconds for _, seconds in self.steps) / len(self.steps) if self.steps else None
-        return {"fps": len(self.steps), "busy": round(inside, 3), "step_ms": mean_ms}
+        stages = {name: recent.summary(now) for name, recent in self.stages.items()}
+        return {"fps": len(self.steps), "busy": round(inside, 3), "step_ms": stages["step"]["mean_ms"],
+                "idle_step_ms": self.idle_step_ms, "stages": stages}
 
     def check_token(self, request: web.Request) -> None:
         token = self.options.token
@@ -277,13 +375,15 @@ class Server:
                 stream.raw_ready.clear()
                 (data, received), stream.raw = stream.raw, None
                 try:
-                    frame = await self.in_codec_thread(decode_frame, data, self.pool.frame_shape,
+                    frame = await self.in_codec_thread(timed_call, decode_frame, data, self.pool.frame_shape,
                                                        self.pool.video_to_video, self.options.max_frame_bytes,
                                                        received)
                 except ServeError as e:
                     stream.counts["errors"] += 1
                     await stream.ws.send_json({"type": "error", "message": str(e)})
                     continue
+                frame, seconds = frame
+                self.stages["decode"].add(seconds, frame.decoded)
                 if stream.pending is not None:
                     stream.counts["stale"] += 1
                 stream.pending = frame
@@ -301,8 +401,13 @@ class Server:
                     await asyncio.wait_for(stream.ready.wait(), max(0.0, next_stats - loop.time()))
                 stream.ready.clear()
                 if stream.outbox is not None:
-                    (frame, pixels), stream.outbox = stream.outbox, None
-                    await stream.ws.send_bytes(await self.in_codec_thread(encode_frame, frame, pixels))
+                    (frame, pixels, stepped), stream.outbox = stream.outbox, None
+                    self.timed("outbox", stepped)
+                    data, seconds = await self.in_codec_thread(timed_call, encode_frame, frame, pixels)
+                    self.stages["encode"].add(seconds, time.monotonic())
+                    start = time.monotonic()
+                    await stream.ws.send_bytes(data)
+                    self.timed("send", start)
                     stream.counts["sent"] += 1
                 if loop.time() >= next_stats:
                     next_stats = loop.time() + self.options.stats_interval_s
@@ -313,32 +418,63 @@ class Server:
 
     # -- the stepper -------------------------------------------------------------------------------
     async def stepper(self) -> None:
-        while True:
-            batch = await self.next_batch()
-            inputs = {s.slot: f.pixels for s, f in batch} if self.pool.video_to_video else {}
-            start = time.monotonic()
-            try:
-                outputs = await self.in_step_thread(self.pool.step, inputs)
-            except Exception:  # noqa: BLE001 (a bug: log it, tell those clients, keep serving the others)
-                log.exception("pool.step failed")
-                for s, f in batch:
-                    s.counts["errors"] += 1
-                    with suppress(ConnectionError):
-                        await s.ws.send_json({"type": "error", "message": f"frame {f.id}: the server failed to "
-                                              "compute it (its log has the traceback)"})
-                continue
-            end = time.monotonic()
-            self.steps.append((end, end - start))
-            for s, f in batch:
-                if self.streams.get(s.slot) is not s:  # it left during the step
+        """Submit each batch as soon as it is ready, with up to pool.depth steps in flight; each
+        in-flight step is finished (collected, handed to its streams) by its own task, in order."""
+        in_flight: collections.deque[asyncio.Task] = collections.deque()
+        try:
+            while True:
+                batch = await self.next_batch()
+                while len(in_flight) >= self.pool.depth:
+                    await in_flight.popleft()
+                inputs = {s.slot: f.pixels for s, f in batch} if self.pool.video_to_video else {}
+                start = time.monotonic()
+                for _, f in batch:
+                    self.stages["queue"].add(start - f.decoded, start)
+                try:
+                    submit_s = await self.in_step_thread(self.submit_pool, inputs)
+                except Exception:  # noqa: BLE001 (a bug: log it, tell those clients, keep serving the others)
+                    await self.failed(batch)
                     continue
-                if s.outbox is not None:
-                    s.counts["unsent"] += 1
-                s.outbox = (f, outputs[s.slot])
-                s.ready.set()
+                self.submit_s += 0.1 * (submit_s - self.submit_s)
+                self.due = max(start, self.due) + self.step_s
+                in_flight.append(asyncio.create_task(self.finish(batch, start, submit_s)))
+        finally:
+            for task in in_flight:
+                task.cancel()
+
+    async def finish(self, batch: list[tuple[Stream, Frame]], start: float, submit_s: float) -> None:
+        try:
+            outputs, collect_s = await self.in_collect_thread(self.collect_pool)
+        except Exception:  # noqa: BLE001 (as in stepper)
+            await self.failed(batch)
+            return
+        end = self.timed("step", start)
+        self.stages["pool"].add(submit_s + collect_s, end)
+        alone = end - max(start, self.last_step_end)  # in-flight steps overlap: count that time once
+        self.steps.append((end, alone))
+        self.step_s += 0.1 * (alone - self.step_s)
+        self.last_step_end = end
+        for s, f in batch:
+            if self.streams.get(s.slot) is not s:  # it left during the step
+                continue
+            if s.outbox is not None:
+                s.counts["unsent"] += 1
+            s.outbox = (f, outputs[s.slot], end)
+            s.ready.set()
+
+    async def failed(self, batch: list[tuple[Stream, Frame]]) -> None:
+        log.exception("a pool step failed")
+        for s, f in batch:
+            s.counts["errors"] += 1
+            with suppress(ConnectionError):
+                await s.ws.send_json({"type": "error", "message": f"frame {f.id}: the server failed to "
+                                      "compute it (its log has the traceback)"})
 
     async def next_batch(self) -> list[tuple[Stream, Frame]]:
-        """Wait for a frame, then up to batch_wait_ms for every sending stream's; take the pending frames,
+        """Wait for a frame, then up to batch_wait_ms for every sending stream's (with a step in flight: up
+        to that step's expected end, so that the next step goes in full, just in time to follow it on the
+        GPU, rather than as an early, emptier step that holds the GPU and every frame behind it); take the
+        pending frames,
         dropping (and counting) those older than the deadline, but never two of a stream in a row:
         when steps take longer than the deadline, a stream whose frames always arrive early in a
         step would otherwise have every frame dropped and starve while the others stream on."""
@@ -346,7 +482,8 @@ class Server:
             await self.wait_until(lambda: any(s.pending is not None for s in self.streams.values()))
             # a stream silent for a second (a client that has not started, or stopped sending) is not waited for
             sending = [s for s in self.streams.values() if time.monotonic() - s.last_frame < 1.0]
-            await self.wait_until(lambda: all(s.pending is not None for s in sending), self.options.batch_wait_ms / 1e3)
+            wait = max(self.options.batch_wait_ms / 1e3, self.due - self.submit_s - time.monotonic())
+            await self.wait_until(lambda: all(s.pending is not None for s in sending), wait)
             now, batch = time.monotonic(), []
             for s in self.streams.values():
                 frame, s.pending = s.pending, None
@@ -375,12 +512,18 @@ class Server:
 
     # -- lifetime ----------------------------------------------------------------------------------
     async def lifetime(self, app: web.Application):
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(self.options.switch_interval_ms / 1e3)
+        if self.options.calibrate_steps:
+            await self.in_step_thread(self.calibrate)
         stepper = asyncio.create_task(self.stepper())
         yield
         stepper.cancel()
         with suppress(asyncio.CancelledError):
             await stepper
+        sys.setswitchinterval(switch_interval)
         self.step_thread.shutdown()
+        self.collect_thread.shutdown()
         self.codec.shutdown()
 
     async def close_streams(self, app: web.Application) -> None:

@@ -5,7 +5,7 @@
 
 For each stream count N (doubling by default), a fresh `mirage-serve MODEL --slots N` on
 127.0.0.1 (a subprocess, so that the clients do not share its interpreter), then N synthetic
-WebSocket clients, each sending JPEG frames at the model's size at --fps on its own random phase,
+WebSocket clients, each sending JPEG (or --format raw) frames at the model's size at --fps on its own random phase,
 with perf_counter timestamps that the server echoes. After --warmup seconds, --seconds of
 measurement: per-stream delivered FPS, p50/p99 frame latency (send to reply, the whole loop:
 JPEG decode, queueing, the batched step, JPEG encode, both socket hops), frames dropped (sent in the
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import datetime
 import io
 import json
@@ -38,7 +39,7 @@ import numpy as np
 from aiohttp import ClientSession, WSMsgType
 from PIL import Image
 
-from mirage.runtime.server import HEADER, JPEG
+from mirage.runtime.server import HEADER, JPEG, RAW, ServerOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,12 +53,15 @@ def free_port() -> int:
 def start_server(args, slots: int, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     if args.null_step_ms is not None:  # this script's own NullPool behind the same server
-        cmd = [sys.executable, __file__, "--serve-null", f"{port},{slots},{args.null_size},{args.null_step_ms}",
-               "--deadline-ms", str(args.deadline_ms), "--batch-wait-ms", str(args.batch_wait_ms)]
+        cmd = [sys.executable, __file__, "--serve-null",
+               f"{port},{slots},{args.null_size},{args.null_step_ms},{args.null_gil_calls},{args.null_depth}",
+               "--deadline-ms", str(args.deadline_ms), "--batch-wait-ms", str(args.batch_wait_ms),
+               "--calibrate-steps", str(args.calibrate_steps), "--switch-interval-ms", str(args.switch_interval_ms)]
     else:
         cmd = [sys.executable, "-m", "mirage.cli.serve", args.model, "--port", str(port), "--slots", str(slots),
                "--device", args.device, "--backend", args.backend, "--deadline-ms", str(args.deadline_ms),
-               "--batch-wait-ms", str(args.batch_wait_ms)] + (["--fast"] if args.fast else [])
+               "--batch-wait-ms", str(args.batch_wait_ms), "--calibrate-steps", str(args.calibrate_steps)] \
+            + (["--fast"] if args.fast else [])
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     end = time.monotonic() + args.startup_s
@@ -74,14 +78,22 @@ def start_server(args, slots: int, log: Path) -> tuple[subprocess.Popen, str]:
 
 
 class NullPool:
-    """A StreamPool that computes nothing: each step sleeps `step_ms` and returns the inputs, so the
-    load test measures the server alone (codecs, event loop, threads) at a given frame size."""
+    """A StreamPool that computes nothing, so that the load test measures the server alone (codecs,
+    event loop, threads) at a given frame size: a GPU stand-in whose steps each take `step_ms`, one
+    after the other, from their submit (two in flight, as a GPU pool). collect() sleeps until its
+    step is done; with gil_calls > 0 the sleep is cut into that many parts, each a release and
+    re-acquisition of the GIL, as a GPU step's host side makes one per CUDA call (uploads, events,
+    the graph launch, the wait): what the server's other threads then cost the step shows as
+    /health's pool stage above the idle step."""
 
-    def __init__(self, slots: int, size: int, step_ms: float):
+    def __init__(self, slots: int, size: int, step_ms: float, gil_calls: int = 0, depth: int = 2):
+        self.depth = depth
         self.slots, self.frame_shape, self.video_to_video = slots, (size, size, 3), True
         self.active: list[int] = []
-        self.step_ms = step_ms
+        self.step_s, self.gil_calls = step_ms / 1e3, max(1, gil_calls)
         self.last = np.zeros((slots, size, size, 3), np.float32)
+        self.in_flight: collections.deque[tuple[float, dict]] = collections.deque()  # (done at, outputs)
+        self.free_at = 0.0  # when the "GPU" has finished every step submitted so far
 
     def attach(self, seed: int = 0) -> int:
         from mirage.runtime.pool import PoolFull
@@ -95,11 +107,21 @@ class NullPool:
     def detach(self, slot: int) -> None:
         self.active.remove(slot)
 
-    def step(self, inputs: dict) -> dict:
+    def submit(self, inputs: dict) -> None:
         for slot, frame in inputs.items():
             self.last[slot] = frame
-        time.sleep(self.step_ms / 1e3)
-        return {slot: self.last[slot].copy() for slot in self.active}
+        self.free_at = max(time.monotonic(), self.free_at) + self.step_s  # the "GPU" runs one step at a time
+        self.in_flight.append((self.free_at, {slot: self.last[slot].copy() for slot in inputs}))
+
+    def collect(self) -> dict:
+        done, outputs = self.in_flight.popleft()
+        for part in range(self.gil_calls, 0, -1):
+            time.sleep(max(0.0, done - time.monotonic()) / part)
+        return outputs
+
+    def step(self, inputs: dict) -> dict:
+        self.submit(inputs)
+        return self.collect()
 
 
 def serve_null(spec: str, args) -> None:
@@ -107,9 +129,10 @@ def serve_null(spec: str, args) -> None:
 
     from mirage.runtime.server import ServerOptions, make_app
 
-    port, slots, size, step_ms = spec.split(",")
-    pool = NullPool(int(slots), int(size), float(step_ms))
-    options = ServerOptions(port=int(port), deadline_ms=args.deadline_ms, batch_wait_ms=args.batch_wait_ms)
+    port, slots, size, step_ms, gil_calls, depth = spec.split(",")
+    pool = NullPool(int(slots), int(size), float(step_ms), int(gil_calls), int(depth))
+    options = ServerOptions(port=int(port), deadline_ms=args.deadline_ms, batch_wait_ms=args.batch_wait_ms,
+                            calibrate_steps=args.calibrate_steps, switch_interval_ms=args.switch_interval_ms)
     web.run_app(make_app(pool, options), host="127.0.0.1", port=int(port), print=None)
 
 
@@ -126,8 +149,8 @@ def random_checkpoint(config: str, folder: Path) -> str:
     return str(save_checkpoint(folder / config, model, model, TrainConfig(), step=0))
 
 
-def synthetic_jpegs(size: int, count: int, seed: int) -> list[bytes]:
-    """`count` JPEGs of a moving disc on a gradient, (size, size) RGB."""
+def synthetic_frames(size: int, count: int, seed: int, fmt: str = "jpeg") -> list[bytes]:
+    """`count` frames of a moving disc on a gradient, (size, size) RGB, as JPEGs or raw bytes."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / size
     base = rng.uniform(0, 255, 3)
@@ -137,6 +160,9 @@ def synthetic_jpegs(size: int, count: int, seed: int) -> list[bytes]:
         disc = ((xx - cx) ** 2 + (yy - cy) ** 2) < 0.02
         rgb = np.stack([base[0] * xx, base[1] * yy, base[2] * (1 - xx)], -1)  # (size, size, 3)
         rgb[disc] = 255 - base
+        if fmt == "raw":
+            out.append(rgb.astype(np.uint8).tobytes())
+            continue
         buf = io.BytesIO()
         Image.fromarray(rgb.astype(np.uint8)).save(buf, format="JPEG", quality=90)
         out.append(buf.getvalue())
@@ -157,7 +183,8 @@ async def client(url: str, index: int, args, window: tuple[float, float], stop: 
         if hello["type"] == "busy":
             raise Busy(hello["message"])
         v2v = hello["video_to_video"]
-        frames = synthetic_jpegs(hello["width"], 16, index) if v2v else [b""]
+        frames = synthetic_frames(hello["width"], 16, index, args.format) if v2v else [b""]
+        fmt = RAW if args.format == "raw" else JPEG
 
         async def send():
             tick = time.perf_counter() + random.uniform(0, period)
@@ -167,7 +194,7 @@ async def client(url: str, index: int, args, window: tuple[float, float], stop: 
                 now = time.perf_counter()
                 if now - tick > period:  # this client fell behind its schedule: the load generator is the bound
                     result["late_sends"] += 1
-                await ws.send_bytes(HEADER.pack((index << 24) | n, JPEG, now * 1e3) + frames[n % len(frames)])
+                await ws.send_bytes(HEADER.pack((index << 24) | n, fmt, now * 1e3) + frames[n % len(frames)])
                 if start <= now < end:
                     result["sent"] += 1
                 n, tick = n + 1, tick + period
@@ -243,7 +270,9 @@ def summarize(streams: int, results: list[dict], health: dict, args) -> dict:
             "crossed": sum(r["crossed"] for r in results), "client_late_sends": sum(r["late_sends"] for r in results),
             "max_gap_ms": max(r["max_gap_ms"] for r in results),
             "server_steps_per_s": health["fps"], "server_busy": health["busy"],
-            "server_step_ms": health["step_ms"],
+            "server_step_ms": health["step_ms"], "idle_step_ms": health.get("idle_step_ms"),
+            **{f"{name}_ms": stage["mean_ms"] for name, stage in health.get("stages", {}).items()},
+            **{f"{name}_max_ms": stage["max_ms"] for name, stage in health.get("stages", {}).items()},
             **{f"server_{k}": v for k, v in server.items()}}
 
 
@@ -276,6 +305,8 @@ def main() -> None:
     p.add_argument("--backend", default="auto")
     p.add_argument("--fast", action="store_true", help="mirage-serve --fast (Inductor, GPU)")
     p.add_argument("--counts", default="1,2,4,8,16,24,32,48,64", help="stream counts to try, in order")
+    p.add_argument("--format", choices=("jpeg", "raw"), default="jpeg", help="what the clients send (and get "
+                   "back): JPEG as the page does, or raw RGB, which costs the server no codec")
     p.add_argument("--fps", type=float, default=30.0, help="frames per second each client sends")
     p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per count")
     p.add_argument("--warmup-s", type=float, default=3.0)
@@ -288,6 +319,14 @@ def main() -> None:
     p.add_argument("--null-step-ms", type=float, default=None,
                    help="serve a pool that computes nothing, each step sleeping this long: the server alone")
     p.add_argument("--null-size", type=int, default=64, help="frame size of --null-step-ms")
+    p.add_argument("--null-gil-calls", type=int, default=0, help="--null-step-ms's sleep cut into this many GIL "
+                   "releases, as a GPU step's CUDA calls make (0: one sleep)")
+    p.add_argument("--null-depth", type=int, default=2, help="--null-step-ms's steps in flight at once (2 as a GPU "
+                   "pool; 1: the server waits for each step before submitting the next)")
+    p.add_argument("--switch-interval-ms", type=float, default=ServerOptions.switch_interval_ms,
+                   help="the null server's GIL switch interval (mirage-serve keeps ServerOptions' default)")
+    p.add_argument("--calibrate-steps", type=int, default=20, help="the server times this many idle-pool steps "
+                   "at start (idle step ms: the bare step, to set the served one against)")
     p.add_argument("--serve-null", help=argparse.SUPPRESS)  # PORT,SLOTS,SIZE,STEP_MS: the subprocess side
     p.add_argument("--keep-going", action="store_true", help="measure every count, not only up to the first "
                    "that fails the p99 / FPS rule")
@@ -324,18 +363,29 @@ def main() -> None:
                "server_stale": "srv stale", "server_late": "srv late", "server_steps_per_s": "srv steps/s",
                "server_busy": "srv busy", "server_step_ms": "srv step ms", "max_gap_ms": "max gap ms",
                "client_late_sends": "client late sends"}
+    # where a frame's time goes in the server (means over one second mid-window, ms): stage -> column
+    stages = {"idle_step_ms": "idle step", "pool_ms": "pool (in step thread)", "step_ms": "step (stepper wall)",
+              "decode_ms": "decode", "queue_ms": "queue", "outbox_ms": "outbox", "encode_ms": "encode",
+              "send_ms": "send", "pool_max_ms": "pool max", "queue_max_ms": "queue max"}
     print(f"\nmirage-serve {label} on {device}, {args.fps:g} FPS per client, {args.seconds:g} s measured\n")
     print(" | ".join(columns.values()))
     for row in rows:
         print(" | ".join(f"{row[k]:.2f}" if isinstance(row[k], float) else str(row[k]) for k in columns))
+    print("\nper-stage means, ms (idle step: the bare pool in the server process before any stream; pool: the "
+          "served step inside the step thread; step - pool: the handoff; queue: decoded -> step start)\n")
+    print(" | ".join(["streams", *stages.values()]))
+    for row in rows:
+        print(" | ".join([str(row["streams"]), *("-" if row.get(k) is None else f"{row[k]:.2f}" for k in stages)]))
     best = max([r["streams"] for r in rows if keeps_up(r, args)], default=0)
     print(f"\nmost streams kept up (p99 <= {args.max_p99_ms:g} ms, every stream >= 95% of {args.fps:g} FPS): {best}")
     today = datetime.date.today().isoformat()
     path = args.json or ROOT / "docs" / "bench" / f"{today}_serve_{slug(device)}_{label}.json"
     report = {"date": today, "device": device, "model": label, "random_weights": bool(args.random),
               "command": " ".join(sys.argv), "kept_up": best,
-              **{k: getattr(args, k) for k in ("backend", "fast", "fps", "seconds", "batch_wait_ms", "deadline_ms",
-                                               "max_p99_ms", "churn", "null_step_ms", "null_size")},
+              **{k: getattr(args, k) for k in ("backend", "fast", "format", "fps", "seconds", "batch_wait_ms", "deadline_ms",
+                                               "max_p99_ms", "churn", "null_step_ms", "null_size",
+                                               "null_gil_calls", "null_depth", "calibrate_steps",
+                                               "switch_interval_ms")},
               "rows": rows}
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")

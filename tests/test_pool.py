@@ -51,6 +51,25 @@ def test_pool_matches_a_single_stream_pipeline():
         assert np.abs(f - g).max() < 1e-5  # batch 1 and batch 2 may pick different CPU kernels
 
 
+def test_submit_then_collect_is_step():
+    """The server's split form of step(): the same frames, and only the slots that advanced."""
+    frames = _inputs(3, 4)
+    with StreamPool.open(CKPT_V2V, slots=2, device="cpu") as pool:
+        assert pool.depth == 1  # on the CPU a submit computes the frame
+        s = pool.attach(seed=3)
+        stepped = [pool.step({s: x})[s] for x in frames]
+        pool.detach(s)
+        s = pool.attach(seed=3)
+        split = []
+        for x in frames:
+            pool.submit({s: x})
+            out = pool.collect()
+            assert set(out) == {s}
+            split.append(out[s])
+    for f, g in zip(stepped, split):
+        np.testing.assert_array_equal(f, g)
+
+
 def test_attach_detach_and_full_pool():
     with StreamPool.open(CKPT_GEN, slots=2, device="cpu") as pool:
         a, b = pool.attach(1), pool.attach(2)

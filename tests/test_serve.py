@@ -19,8 +19,8 @@ from PIL import Image  # noqa: E402
 from mirage.cli.serve import main as serve_cli  # noqa: E402
 from mirage.core.video_io import v2v_input  # noqa: E402
 from mirage.runtime.pool import StreamPool  # noqa: E402
-from mirage.runtime.server import (HEADER, JPEG, PNG, RAW, Frame, ServeError, ServerOptions, encode_frame,  # noqa: E402
-                                   make_app)
+from mirage.runtime.server import (HEADER, JPEG, PNG, RAW, STAGES, Frame, ServeError, ServerOptions,  # noqa: E402
+                                   encode_frame, make_app, rgb8)
 
 from conftest import CKPT_GEN, CKPT_V2V  # noqa: E402
 
@@ -125,6 +125,79 @@ def test_frames_come_back_with_their_ids_shape_and_timestamps(v2v_pool):
             script = await client.get("/static/app.js")
             assert script.status == 200
     run(scenario)
+
+
+def test_health_splits_a_frame_s_time_into_stages_and_times_the_idle_pool(v2v_pool):
+    async def scenario():
+        async with serving(v2v_pool, calibrate_steps=2) as client:
+            health = await (await client.get("/health")).json()
+            assert health["idle_step_ms"] > 0 and all(health["stages"][s]["n"] == 0 for s in STAGES)
+            ws, _ = await connect(client)
+            await lockstep(ws, inputs(7, 3))
+            stages = (await (await client.get("/health")).json())["stages"]
+            assert set(stages) == set(STAGES)
+            assert stages["decode"]["n"] == stages["queue"]["n"] == 3 and stages["step"]["n"] == stages["pool"]["n"] == 3
+            assert stages["encode"]["n"] == stages["send"]["n"] >= 2  # the third reply's send may still be timing
+            # the stepper's wall time around the step thread's call holds the time inside it
+            assert stages["step"]["mean_ms"] >= stages["pool"]["mean_ms"] > 0
+            await ws.close()
+    run(scenario)
+
+
+class HandshakePool:
+    """Two steps in flight (a GPU pool's depth) and no model: the first step's collect() returns
+    only once a second step has been submitted, or after 3 s; a server that collects before it
+    submits again therefore logs the calls in another order."""
+
+    depth, slots, frame_shape, video_to_video = 2, 1, (SIZE, SIZE, 3), True
+
+    def __init__(self):
+        import threading
+
+        self.active, self.calls, self.in_flight, self.second = [], [], [], threading.Event()
+
+    def attach(self, seed: int = 0) -> int:
+        self.active.append(0)
+        return 0
+
+    def detach(self, slot: int) -> None:
+        self.active.remove(slot)
+
+    def submit(self, inputs: dict) -> None:
+        self.calls.append("submit")
+        self.in_flight.append(dict(inputs))
+        if self.calls.count("submit") == 2:
+            self.second.set()
+
+    def collect(self) -> dict:
+        if "collect" not in self.calls:
+            self.second.wait(3.0)
+        self.calls.append("collect")
+        return self.in_flight.pop(0)
+
+
+def test_the_next_step_is_submitted_while_one_is_in_flight():
+    pool = HandshakePool()
+
+    async def scenario():
+        async with serving(pool, batch_wait_ms=0) as client:
+            ws, _ = await connect(client)
+            for n, rgb in enumerate(inputs(8, 2)[:2]):
+                await ws.send_bytes(message(n, rgb.tobytes()))
+                await asyncio.sleep(0.2)  # the first step is in flight when the second frame arrives
+            while (await reply(ws))[0] != 1:  # frame 0's reply may be replaced by frame 1's (newest wins)
+                pass
+            await ws.close()
+    run(scenario)
+    assert pool.calls[:3] == ["submit", "submit", "collect"]
+
+
+def test_rgb8_converts_model_frames_once_and_passes_uint8_through():
+    frames = np.linspace(-1.2, 1.2, 2 * 4 * 4 * 3, dtype=np.float32).reshape(2, 4, 4, 3)  # (B, H, W, 3)
+    rgb = rgb8(frames)
+    assert rgb.dtype == np.uint8 and (rgb[0, 0, 0, 0], rgb[-1, -1, -1, -1]) == (0, 255)
+    assert rgb8(rgb) is rgb  # a pipeline with uint8 frames costs nothing here
+    assert encode_frame(Frame(1, RAW, 0.0, 0.0, None), frames[1]) == encode_frame(Frame(1, RAW, 0.0, 0.0, None), rgb[1])
 
 
 def test_a_stream_gets_the_same_frames_alone_and_beside_others(v2v_pool):

@@ -1,8 +1,9 @@
 """mirage-serve on the GPU. The server opens the StreamPool (allocating and capturing its graphs) in
 the main thread but steps, attaches and detaches it from its step thread, a worker thread whose
 current CUDA device and stream are the defaults: stepping from there must give the frames that
-stepping from the main thread gives, on cuda:0 and (two GPUs) on cuda:1. Then four clients through
-the real server on 127.0.0.1."""
+stepping from the main thread gives, on cuda:0 and (two GPUs) on cuda:1; so must the server's
+pipelined form, two steps in flight, submitted from one thread and collected from another. Then
+four clients through the real server on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
@@ -46,6 +47,33 @@ def test_stepping_from_a_worker_thread_gives_the_main_threads_frames(device):
         worker = _run(pool, lambda fn, *args: thread.submit(fn, *args).result())
     assert np.abs(main[:, 0] - main[:, 1]).max() > 1e-2  # two streams that differ: the check can fail
     np.testing.assert_array_equal(worker, main)
+
+
+def _run_pipelined(pool: StreamPool, submitter: ThreadPoolExecutor, collector: ThreadPoolExecutor) -> np.ndarray:
+    """_run's frames as the server makes them: step n+1 submitted before step n is collected."""
+    a, b = submitter.submit(pool.attach, 1).result(), submitter.submit(pool.attach, 2).result()
+    ins_a, ins_b = _inputs(1), _inputs(2)
+    assert pool.depth == 2
+    out, pending = [], []
+    for n in range(FRAMES):
+        submitter.submit(pool.submit, {a: ins_a[n], b: ins_b[n]}).result()
+        pending.append(collector.submit(pool.collect))
+        if len(pending) == pool.depth:
+            out.append(pending.pop(0).result())
+    out += [f.result() for f in pending]
+    return np.stack([[o[a], o[b]] for o in out])  # (FRAMES, 2, 32, 32, 3)
+
+
+@pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
+def test_two_steps_in_flight_from_two_threads_give_the_same_frames(device):
+    if int(device[-1]) >= torch.cuda.device_count():
+        pytest.skip(f"{device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    with StreamPool.open(CKPT_V2V, slots=2, device=device) as pool:
+        main = _run(pool, lambda fn, *args: fn(*args))
+    with StreamPool.open(CKPT_V2V, slots=2, device=device) as pool, ThreadPoolExecutor(1) as submitter, \
+            ThreadPoolExecutor(1) as collector:
+        pipelined = _run_pipelined(pool, submitter, collector)
+    np.testing.assert_array_equal(pipelined, main)
 
 
 def test_four_clients_through_the_server():
