@@ -118,8 +118,9 @@ class PoolGroup:
         self.frame_shape, self.video_to_video = pools[0].frame_shape, pools[0].video_to_video
         self.depth = min(p.depth for p in pools)
         self._busy: collections.deque[list[int]] = collections.deque()  # per step in flight: the pools it runs on
-        # a submit and a collect per pool at once (the server submits and collects from two threads)
-        self._threads = ThreadPoolExecutor(2 * len(pools), thread_name_prefix="mirage-pool")
+        # one thread per pool, so that everything done to pool i (submit, collect) happens in thread i: a
+        # collect from another thread than the submit's gave wrong frames on an H100 (runtime/server.py)
+        self._threads = [ThreadPoolExecutor(1, thread_name_prefix=f"mirage-pool{i}") for i in range(len(pools))]
 
     @classmethod
     def open(cls, path: str | Path, slots: int, devices: list[str], backend: str = "auto",
@@ -158,16 +159,17 @@ class PoolGroup:
             pool, local = self._locate(slot)
             per_pool[self.pools.index(pool)][local] = frame
         busy = [i for i, p in enumerate(self.pools) if (per_pool[i] if self.video_to_video else p.active)]
-        for f in [self._threads.submit(self.pools[i].submit, per_pool[i]) for i in busy]:
+        for f in [self._threads[i].submit(self.pools[i].submit, per_pool[i]) for i in busy]:
             f.result()  # the pools' submits run at once (a CPU pool computes its frame in submit)
         self._busy.append(busy)
 
     def collect(self) -> dict[int, np.ndarray]:
-        futures = {i: self._threads.submit(self.pools[i].collect) for i in self._busy.popleft()}
+        futures = {i: self._threads[i].submit(self.pools[i].collect) for i in self._busy.popleft()}
         return {self.offsets[i] + s: frame for i, f in futures.items() for s, frame in f.result().items()}
 
     def close(self) -> None:
-        self._threads.shutdown()
+        for thread in self._threads:
+            thread.shutdown()
         for pool in self.pools:
             pool.close()
 

@@ -238,10 +238,13 @@ class Server:
         self.step_s = 0.0    # a step's time in flight (not counting the wait for the step ahead), recent mean
         self.submit_s = 0.0  # a submit's time in the step thread, recent mean
         self.due = 0.0       # when the steps in flight are expected to be done
-        # the pool is submitted to from one thread (which also attaches and detaches) and collected from another,
-        # so that a step's launch and its inputs' copies overlap the step in flight (pool.depth: 2 on a GPU)
+        # One thread touches the pool: submits, collects, attaches and detaches, in the order the event loop
+        # asks for them. Collecting from a second thread while the first submitted (to overlap a step's
+        # launch with the step in flight) gave wrong frames on an H100 with captured graphs
+        # (tests/gpu/test_gpu_serve.py, 2026-11-25; the cause is not established), so collects queue
+        # behind submits in this thread and the GPU idles for the host's turnaround between steps.
         self.step_thread = ThreadPoolExecutor(1, thread_name_prefix="mirage-step")
-        self.collect_thread = ThreadPoolExecutor(1, thread_name_prefix="mirage-collect")
+        self.collect_thread = self.step_thread
         self.codec = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="mirage-codec")
 
     def timed(self, stage: str, start: float) -> float:
@@ -256,7 +259,7 @@ class Server:
         return time.monotonic() - start
 
     def collect_pool(self) -> tuple[dict[int, np.ndarray], float]:
-        """In the collect thread: the oldest step's outputs as uint8 RGB (one pass over the batch), the seconds taken."""
+        """In the step thread: the oldest step's outputs as uint8 RGB (one pass over the batch), the seconds taken."""
         start = time.monotonic()
         outputs = self.pool.collect()
         slots = list(outputs)

@@ -223,7 +223,7 @@ def test_byte_kernels_make_the_host_mapping(gpu, dtype):
     near = [np.nextafter(edges, np.float32(side)) for side in (-2, 2)]
     values = np.concatenate([every_half, edges, *near])
     values = values[:len(values) // 24 * 24].reshape(1, 3, 8, -1)
-    src_host = np.concatenate([values, np.clip(values, -1, 1)]).astype(dtype)  # row 0 non-finite, row 1 finite
+    src_host = np.concatenate([values, np.clip(np.nan_to_num(values), -1, 1)]).astype(dtype)  # row 0 non-finite, row 1 finite
     b, c, h, w = src_host.shape
     src, dst, finite = gpu.zeros(src_host.shape, dtype), gpu.zeros((b, h, w, c), "uint8"), gpu.zeros((b,), "uint8")
     _from_host(gpu, src, src_host)
