@@ -116,3 +116,17 @@ def test_detailed_data_and_example_frames(tmp_path):
     assert not np.array_equal(reference_clip(size, 6, 10_000, "synthetic"), reference_clip(size, 6, 10_000, "detailed"))
     bad = CliRunner().invoke(quality_cli, [str(CKPT_V2V), "--data", "nope"])
     assert bad.exit_code == 2 and "nope" in bad.output
+
+
+def test_the_bundled_one_step_student_matches_its_teacher():
+    """checkpoints/tiny-v2v-1step, distilled from tiny-v2v (4 steps) through a 2-step student on an
+    H100: it samples in one step by default and keeps the teacher's quality (500 frames x 8 streams
+    on the GPU: 39.24 dB against the teacher's 39.20)."""
+    from conftest import ROOT
+
+    student = evaluate(ROOT / "checkpoints" / "tiny-v2v-1step", frames=40, window=20)
+    teacher = evaluate(CKPT_V2V, frames=40, window=20)
+    assert student["steps"] == 1 and teacher["steps"] == 4
+    s, t = (np.mean([w["psnr"] for w in r["windows"]]) for r in (student, teacher))
+    assert s > t - 0.5, (s, t)  # the teacher with 1 step loses ~6 dB (33.4 dB measured)
+    assert student["collapsed_frames"] == 0
