@@ -188,3 +188,9 @@ def v2v_input(frame: np.ndarray, chroma_factor: int = 4) -> np.ndarray:
         plane = Image.fromarray(np.ascontiguousarray(ycc[:, :, c]))  # (H, W) float32: mode "F"
         ycc[:, :, c] = np.asarray(plane.resize((w // f, h // f), Image.BOX).resize((w, h), Image.NEAREST))
     return ycc
+
+
+def v2v_input_rgb(ycc: np.ndarray) -> np.ndarray:
+    """An (H, W, 3) v2v_input back in RGB ([-1, 1]): the picture the model is given (full-resolution
+    luma, colour in chroma_factor-pixel blocks), for showing beside its output."""
+    return ycc @ np.linalg.inv(YCBCR).T.astype(np.float32)

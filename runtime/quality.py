@@ -25,7 +25,7 @@ import numpy as np
 from mirage.core import metrics as M
 from mirage.core.config import PipelineOptions
 from mirage.core.errors import MirageError
-from mirage.core.video_io import v2v_input, write_video
+from mirage.core.video_io import v2v_input, v2v_input_rgb, write_video
 from mirage.core.schedule import default_steps
 from mirage.runtime.pipeline import Pipeline
 from mirage.train.data import SOURCES, make_source
@@ -155,12 +155,12 @@ def evaluate(model_path: str | Path, frames: int = 500, window: int = 50, steps:
 
 def write_examples(folder: str | Path, video: np.ndarray, truth: np.ndarray | None) -> list[int]:
     """PNGs (folder/00000.png ...) of the first, middle and last frame of `video` (T, H, W, 3); with
-    a ground truth, each is input | output | truth. Returns the frame indices."""
+    a ground truth, each is input (in RGB) | output | truth. Returns the frame indices."""
     picks = sorted({0, len(video) // 2, len(video) - 1})
     if truth is None:
         strips = [video[i] for i in picks]
     else:
-        strips = [np.concatenate([v2v_input(truth[i]), video[i], truth[i]], axis=1) for i in picks]
+        strips = [np.concatenate([v2v_input_rgb(v2v_input(truth[i])), video[i], truth[i]], axis=1) for i in picks]
     write_video(folder, strips, scale=1)
     return picks
 

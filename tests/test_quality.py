@@ -113,6 +113,9 @@ def test_detailed_data_and_example_frames(tmp_path):
     assert strip.shape == (size, 3 * size, 3)
     truth = reference_clip(size, 6, 10_000, "detailed")[5]
     assert np.abs(strip[:, 2 * size:].astype(int) - (truth + 1) * 127.5).max() <= 1  # the right is the truth
+    gray = strip[:, :size].astype(int)  # the input, in RGB: luma of the truth, colour in 4x4 blocks
+    luma = (truth + 1) * 127.5 @ np.array([0.299, 0.587, 0.114])
+    assert np.abs(gray @ np.array([0.299, 0.587, 0.114]) - luma).max() <= 2
     assert not np.array_equal(reference_clip(size, 6, 10_000, "synthetic"), reference_clip(size, 6, 10_000, "detailed"))
     bad = CliRunner().invoke(quality_cli, [str(CKPT_V2V), "--data", "nope"])
     assert bad.exit_code == 2 and "nope" in bad.output
