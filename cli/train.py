@@ -30,7 +30,7 @@ TRAIN_OPTIONS = {"steps": ["steps"], "batch_size": ["batch_size"], "lr": ["lr"],
                  "self_forcing_prob": ["self_forcing_prob"], "self_forcing_horizon": ["self_forcing_horizon"],
                  "self_forcing_strength": ["self_forcing_strength"], "ema_decay": ["ema_decay"],
                  "distill_from": ["distill_from", "self_forcing_steps"],
-                 "student_steps": ["student_steps", "self_forcing_steps"]}
+                 "student_steps": ["student_steps", "self_forcing_steps"], "latent_cache": ["latent_cache"]}
 
 
 def _given(ctx: click.Context, name: str) -> bool:
@@ -84,6 +84,10 @@ def _resumed(ctx: click.Context, out: Path, saved: dict, cfg: ModelConfig,
               help="History augmentation: context frames are noised to t_ctx ~ U[0, this]. 0 turns it off.")
 @click.option("--save-minutes", type=click.FloatRange(min=0, min_open=True), default=TrainConfig.save_minutes,
               help=f"Save a checkpoint at least this often (wall clock), besides every {TrainConfig.save_every} steps and at the end.")
+@click.option("--latent-cache", type=click.IntRange(min=0), default=TrainConfig.latent_cache, metavar="CLIPS",
+              help="Latent models: make and encode this many clips once, then train on their latents (no frames "
+                   "made or encoded per step; each clip is seen about steps x batch / CLIPS times). 0: fresh clips "
+                   "every step.")
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None,
               help="Fine-tune: start from this checkpoint's weights (its model config; a fresh optimizer).")
 @click.option("--self-forcing-prob", type=click.FloatRange(0, 1), default=TrainConfig.self_forcing_prob,
@@ -110,8 +114,9 @@ def _resumed(ctx: click.Context, out: Path, saved: dict, cfg: ModelConfig,
 @click.option("--dry-run", is_flag=True, help="Print the config and parameter count, train nothing.")
 @click.pass_context
 def main(ctx, stage, ae_config, crop, ssim_mix, ema_decay, config_name, task, data, out, steps, batch_size, lr,
-         precision, grad_checkpoint, context_noise_max, save_minutes, init_from, self_forcing_prob, self_forcing_horizon,
-         self_forcing_strength, distill_from, student_steps, device, workers, resume, seed, dry_run):
+         precision, grad_checkpoint, context_noise_max, save_minutes, latent_cache, init_from, self_forcing_prob,
+         self_forcing_horizon, self_forcing_strength, distill_from, student_steps, device, workers, resume, seed,
+         dry_run):
     """Train a Mirage video diffusion model into a checkpoint folder (safetensors + config JSON).
 
     Runs on the CPU by default; uses the GPU with --device cuda (or auto), and all GPUs when
@@ -140,7 +145,8 @@ def main(ctx, stage, ae_config, crop, ssim_mix, ema_decay, config_name, task, da
         tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, precision=precision,
                            ema_decay=ema_decay, grad_checkpoint=grad_checkpoint, context_noise_max=context_noise_max,
                            context_noise_prob=TrainConfig.context_noise_prob if context_noise_max else 0.0,
-                           data=data, seed=seed, save_minutes=save_minutes, init_from=init_from or "",
+                           data=data, seed=seed, save_minutes=save_minutes, latent_cache=latent_cache,
+                           init_from=init_from or "",
                            distill_from=distill_from or "", student_steps=student_steps or 0,
                            self_forcing_prob=self_forcing_prob, self_forcing_horizon=self_forcing_horizon,
                            self_forcing_strength=self_forcing_strength,

@@ -180,6 +180,9 @@ TAESD_AE, TAESD_SCALE = "checkpoints/ae-taesd", 1.25
 CONFIGS["tiny-64"] = dataclasses.replace(CONFIGS["tiny"], name="tiny-64", image_size=8, channels=4, channel_mults=(1, 2),
                                          attn_levels=(1,), temporal_levels=(0, 1), autoencoder=LATENT_AE, frame_size=64,
                                          latent_scale=LATENT_SCALE)
+# The CPU demo at 128x128: tiny-64's U-Net on 16x16 latents of ae-taesd (its decoder is most of a CPU frame).
+CONFIGS["tiny-128"] = dataclasses.replace(CONFIGS["tiny-64"], name="tiny-128", image_size=16, autoencoder=TAESD_AE,
+                                          frame_size=128, latent_scale=TAESD_SCALE)
 CONFIGS["small-256"] = dataclasses.replace(CONFIGS["small"], name="small-256", image_size=32, channels=4,
                                            autoencoder=TAESD_AE, frame_size=256, latent_scale=TAESD_SCALE)
 CONFIGS["base-512"] = dataclasses.replace(CONFIGS["base"], name="base-512", channels=4, autoencoder=TAESD_AE,
@@ -220,6 +223,7 @@ class TrainConfig:
     log_every: int = 50
     save_every: int = 500  # save a checkpoint every this many steps ...
     save_minutes: float = 10.0  # ... and at least this often in wall-clock time
+    latent_cache: int = 0  # latent models: encode this many clips once and train on them (0: encode every batch)
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -247,6 +251,7 @@ class TrainConfig:
             "log_every": (_positive, ">= 1"),
             "save_every": (_positive, ">= 1"),
             "save_minutes": (_positive, "> 0"),
+            "latent_cache": (lambda v: v >= 0, ">= 0"),
         })
         if bool(self.distill_from) != (self.student_steps > 0):
             raise ConfigError("distillation needs both a teacher (distill_from / --distill-from) and "

@@ -140,3 +140,61 @@ def test_the_bundled_latent_model_restores_colour_at_64x64():
         out = np.stack([pipe.step(v2v_input(f)) for f in truth])
     assert out.shape == (6, 64, 64, 3)
     assert psnr(out, truth).mean() > 18  # measured 21.9 dB over 48 frames
+
+
+def _frame_clips(n: int, length: int = 5) -> torch.Tensor:
+    """(n, length, 3, 64, 64) synthetic clips in [-1, 1]."""
+    clips = [SyntheticVideo(64, seed=20 + i).clip(0, length) for i in range(n)]
+    return torch.from_numpy(np.stack(clips)).permute(0, 1, 4, 2, 3).contiguous()
+
+
+def test_the_latent_cache_holds_the_encoded_clips_and_gives_the_same_loss():
+    from mirage.train.latent_cache import LatentCache, encode_batch
+    from mirage.train.trainer import TrainStep
+
+    cfg = get_config("tiny-64", "v2v")
+    codec = load_codec(cfg)
+    frames = _frame_clips(5)
+    cache = LatentCache.build(iter(frames.split(2)), codec, 5, v2v=True, device=torch.device("cpu"), progress=False)
+    latents, cond = encode_batch(codec, frames, v2v=True)
+    assert cache.latents.shape == (5, 5, 4, 8, 8) and cache.cond.shape == (5, 4, 8, 8)
+    torch.testing.assert_close(cache.latents, latents)
+    torch.testing.assert_close(cache.cond, codec.encode(torch.from_numpy(np.stack(
+        [v2v_input(f) for f in frames[:, -1].permute(0, 2, 3, 1).numpy()])).permute(0, 3, 1, 2)), atol=1e-5, rtol=0)
+    drawn, drawn_cond = next(cache.batches(3, seed=0))
+    rows = [int(torch.nonzero((cache.latents == d).flatten(1).all(1))[0]) for d in drawn]  # each drawn clip is one of the cache's
+    torch.testing.assert_close(drawn_cond, cache.cond[rows])
+    # one step's loss is the same whether the step encodes the frames or takes the cached latents
+    model, tcfg = _model("v2v"), TrainConfig(steps=1, batch_size=5)
+    torch.manual_seed(7)
+    encoding = TrainStep(model, tcfg, codec=codec)(frames)
+    torch.manual_seed(7)
+    cached = TrainStep(model, tcfg)(cache.latents, cond=cache.cond)
+    torch.testing.assert_close(cached, encoding)
+
+
+def test_training_with_a_latent_cache_encodes_only_once(tmp_path, monkeypatch):
+    from mirage.model.latent import LatentCodec
+    from mirage.train.trainer import train
+
+    calls = []
+    encode = LatentCodec.encode
+    monkeypatch.setattr(LatentCodec, "encode", lambda self, x: calls.append(len(x)) or encode(self, x))
+    tcfg = TrainConfig(steps=6, batch_size=2, latent_cache=3, log_every=1, save_every=6)
+    summary = train(get_config("tiny-64", "v2v"), tcfg, tmp_path / "run", device="cpu", progress=False)
+    assert summary["step"] == 6 and np.isfinite(summary["loss"])
+    # the cache's 3 clips in batches of 2 (the last cut to 1): frames (5 a clip) and the input frame
+    assert calls == [2, 10, 1, 5]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["train"]["latent_cache"] == 3
+
+
+def test_a_latent_cache_or_self_forcing_that_cannot_work_is_refused(tmp_path):
+    from mirage.train.trainer import train
+
+    with pytest.raises(ConfigError, match="works on pixels"):
+        train(get_config("tiny", "v2v"), TrainConfig(steps=1, batch_size=1, latent_cache=2), tmp_path / "a",
+              device="cpu", progress=False)
+    with pytest.raises(ConfigError, match="self-forcing a latent video-to-video"):
+        train(get_config("tiny-64", "v2v"), TrainConfig(steps=1, batch_size=1, self_forcing_prob=0.5), tmp_path / "b",
+              device="cpu", progress=False)

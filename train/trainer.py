@@ -45,6 +45,7 @@ from mirage.core.config import ConfigError, ModelConfig, TrainConfig, check_same
 from mirage.train.codec import autoencoder_sha256, load_codec
 from mirage.train.resources import check_fits
 from mirage.train.data import ClipStream, batches, make_source, v2v_input
+from mirage.train.latent_cache import LatentCache, encode_batch
 from mirage.train.distill import check_teacher, distill_target, step_table
 from mirage.train.self_forcing import is_self_forced_step, self_forced_context
 from mirage.model.diffusion import T, q_sample, v_target
@@ -60,18 +61,16 @@ class TrainStep(nn.Module):
         self.teacher = [teacher] if teacher is not None else []  # a list: not a submodule, so DDP and the optimizer skip it
         self.codec = [codec] if codec is not None else []  # a latent model's frozen autoencoder (same reason)
 
-    def forward(self, clips: torch.Tensor, self_forced: bool = False) -> torch.Tensor:
+    def forward(self, clips: torch.Tensor, self_forced: bool = False, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """`clips` (B, K+1, C, H, W): frames, or a latent model's latents (from a LatentCache, with
+        their encoded input `cond` for video-to-video)."""
         cfg, tcfg, dev = self.model.cfg, self.tcfg, clips.device
         b, length = clips.shape[:2]
         k = length - 1
-        cond_pixels = v2v_input(clips[:, k]) if cfg.cond_channels and not cfg.latent else None
         if self.codec:  # a latent model learns on the frozen encoder's latents, conditioned on the encoded input
-            with torch.no_grad():
-                encode = self.codec[0].encode
-                cond_pixels = encode(v2v_input(clips[:, k])) if cfg.cond_channels else None  # (B, C, H, W)
-                clips = encode(clips.flatten(0, 1)).unflatten(0, (b, length))  # (B, K+1, C, H, W)
-        elif cfg.latent and cfg.cond_channels:  # latent clips without the codec (the memory estimate): shapes only
-            cond_pixels = torch.zeros_like(clips[:, k])
+            clips, cond = encode_batch(self.codec[0], clips, bool(cfg.cond_channels))
+        elif cond is None and cfg.cond_channels:  # pixels; or latents without a codec (the memory estimate): shapes
+            cond = torch.zeros_like(clips[:, k]) if cfg.latent else v2v_input(clips[:, k])
         ctx, target = clips[:, :k], clips[:, k]  # (B, K, C, H, W), (B, C, H, W)
         if self_forced:
             ctx = self_forced_context(self.model, clips, tcfg.self_forcing_horizon, tcfg.self_forcing_steps,
@@ -100,7 +99,6 @@ class TrainStep(nn.Module):
         else:
             t = torch.randint(0, T, (b,), device=dev)
         eps = torch.randn_like(target)
-        cond = cond_pixels
         x_t = q_sample(target, t, eps)
         if self.teacher:
             teacher = self.teacher[0]
@@ -224,6 +222,12 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
     if tcfg.self_forcing_prob and not 1 <= tcfg.self_forcing_horizon <= model_cfg.context_frames:
         raise ConfigError(f"self_forcing_horizon={tcfg.self_forcing_horizon}: choose 1 to context_frames="
                           f"{model_cfg.context_frames}")
+    if tcfg.self_forcing_prob and model_cfg.latent and model_cfg.cond_channels:
+        raise ConfigError("self-forcing a latent video-to-video model is not supported: its generated context frames "
+                          "would each need their own encoded input frame; train it without --self-forcing-prob")
+    if tcfg.latent_cache and not model_cfg.latent:
+        raise ConfigError(f"latent_cache={tcfg.latent_cache} (--latent-cache): model {model_cfg.name} works on pixels; "
+                          "only latent models encode their clips")
     source = make_source(tcfg.data, model_cfg.pixels, model_cfg.context_frames + 1, tcfg.seed)
     if rank == 0:
         check_writable(out)  # before any work: an unwritable --out would otherwise fail at the first save
@@ -276,7 +280,14 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
     elif (out / CONFIG).is_file():
         log(f"{out}: --no-resume: starting over; the checkpoint there is replaced at the first save")
     stream = ClipStream(source, model_cfg.context_frames + 1, seed=tcfg.seed + 1000 * step, rank=rank)
-    loader = batches(stream, tcfg.batch_size, workers, pin_memory=dev.type == "cuda")
+    frames = batches(stream, tcfg.batch_size, workers, pin_memory=dev.type == "cuda")
+    if tcfg.latent_cache:  # encode clips once, then train on their latents (mirage.train.latent_cache)
+        cache = LatentCache.build(frames, codec, tcfg.latent_cache, bool(model_cfg.cond_channels), dev,
+                                  progress and rank == 0)
+        del frames  # stops its worker processes
+        loader, codec = cache.batches(tcfg.batch_size, seed=tcfg.seed + 1000 * step + rank), None
+    else:
+        loader = ((clips.to(dev, non_blocking=True), None) for clips in frames)
     step_fn: nn.Module = TrainStep(model, tcfg, teacher, codec)
     if world > 1:
         step_fn = nn.parallel.DistributedDataParallel(step_fn, device_ids=[dev] if dev.type == "cuda" else None)
@@ -289,13 +300,13 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
     with StopOnSignal(log) as stop, tqdm(total=tcfg.steps, initial=step, disable=not progress or rank != 0,
                                          desc="train", unit="step") as bar:
         while step < tcfg.steps and not stopped:
-            clips = next(loader).to(dev, non_blocking=True)
+            clips, cond = next(loader)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, tcfg)
             autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext()
             self_forced = is_self_forced_step(tcfg.seed, step, tcfg.self_forcing_prob)
             with autocast:
-                loss = step_fn(clips, self_forced)
+                loss = step_fn(clips, self_forced, cond)
             self_forced_steps += self_forced
             optimizer_step(opt, scaler, loss, model, tcfg.grad_clip)
             step += 1
