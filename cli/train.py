@@ -85,9 +85,9 @@ def _resumed(ctx: click.Context, out: Path, saved: dict, cfg: ModelConfig,
 @click.option("--save-minutes", type=click.FloatRange(min=0, min_open=True), default=TrainConfig.save_minutes,
               help=f"Save a checkpoint at least this often (wall clock), besides every {TrainConfig.save_every} steps and at the end.")
 @click.option("--latent-cache", type=click.IntRange(min=0), default=TrainConfig.latent_cache, metavar="CLIPS",
-              help="Latent models: make and encode this many clips once, then train on their latents (no frames "
-                   "made or encoded per step; each clip is seen about steps x batch / CLIPS times). 0: fresh clips "
-                   "every step.")
+              help="Latent models: make and encode this many clips once (per process under torchrun), then train "
+                   "on their latents (no frames made or encoded per step; each clip is seen about steps x batch / "
+                   "CLIPS times). 0: fresh clips every step.")
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None,
               help="Fine-tune: start from this checkpoint's weights (its model config; a fresh optimizer).")
 @click.option("--self-forcing-prob", type=click.FloatRange(0, 1), default=TrainConfig.self_forcing_prob,
@@ -195,8 +195,21 @@ def _autoencoder_stage(ctx, ae_config, data, out, steps, batch_size, lr, precisi
                                     ssim_mix=ssim_mix)
     except MirageError as e:
         raise UserError(str(e)) from e
-    _finish(ctx, summary, steps, out, ["mirage-train", "--stage", "autoencoder", "--ae-config", ae_config,
-                                       "--out", str(out), "--steps", str(steps)])
+    # the autoencoder stage takes nothing back from its checkpoint: the resume line repeats every option given
+    _finish(ctx, summary, steps, out, ["mirage-train", *_given_options(ctx)])
+
+
+def _given_options(ctx: click.Context) -> list[str]:
+    """The options this command was given, as command-line arguments."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        if isinstance(param, click.Option) and _given(ctx, param.name):
+            value = ctx.params[param.name]
+            if param.is_flag:
+                args += (param.opts if value else param.secondary_opts)[:1]
+            else:
+                args += [param.opts[0], str(value)]
+    return args
 
 
 if __name__ == "__main__":

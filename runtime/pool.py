@@ -64,13 +64,15 @@ class StreamPool:
 
     def step(self, inputs: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
         """Advance the slots given inputs (video-to-video) or every attached slot (generation) one
-        frame; returns {slot: (H, W, 3) float32 in [-1, 1]} for the slots that advanced."""
+        frame; returns {slot: (H, W, 3) frame} for the slots that advanced (float32 in [-1, 1], or uint8
+        with PipelineOptions(frames="uint8"))."""
         self.submit(inputs)
         return self.collect()
 
     def submit(self, inputs: dict[int, np.ndarray] | None = None) -> None:
         """Start step() without waiting for it (GPU: asynchronously); up to `depth` steps in flight.
-        submit and collect may run in two threads (the server's), attach and detach in submit's."""
+        Call submit, collect, attach and detach from one thread (on a GPU, a collect from another thread
+        than the submit's gave wrong frames: runtime/server.py)."""
         for slot, frame in (inputs or {}).items():
             if slot not in self.active:
                 raise PipelineError(f"slot {slot} is not attached")
@@ -118,8 +120,8 @@ class PoolGroup:
         self.frame_shape, self.video_to_video = pools[0].frame_shape, pools[0].video_to_video
         self.depth = min(p.depth for p in pools)
         self._busy: collections.deque[list[int]] = collections.deque()  # per step in flight: the pools it runs on
-        # one thread per pool, so that everything done to pool i (submit, collect) happens in thread i: a
-        # collect from another thread than the submit's gave wrong frames on an H100 (runtime/server.py)
+        # one thread per pool, so that everything done to pool i (attach, detach, submit, collect) happens in
+        # thread i: a collect from another thread than the submit's gave wrong frames on an H100 (runtime/server.py)
         self._threads = [ThreadPoolExecutor(1, thread_name_prefix=f"mirage-pool{i}") for i in range(len(pools))]
 
     @classmethod
@@ -143,11 +145,12 @@ class PoolGroup:
         if not free:
             raise PoolFull(f"all {self.slots} stream slots on {len(self.pools)} devices are busy")
         i = min(free)[1]  # least loaded, the first such device on a tie
-        return self.offsets[i] + self.pools[i].attach(seed)
+        return self.offsets[i] + self._threads[i].submit(self.pools[i].attach, seed).result()
 
     def detach(self, slot: int) -> None:
         pool, local = self._locate(slot)
-        pool.detach(local)
+        i = self.pools.index(pool)
+        self._threads[i].submit(pool.detach, local).result()
 
     def step(self, inputs: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
         self.submit(inputs)
@@ -159,8 +162,13 @@ class PoolGroup:
             pool, local = self._locate(slot)
             per_pool[self.pools.index(pool)][local] = frame
         busy = [i for i, p in enumerate(self.pools) if (per_pool[i] if self.video_to_video else p.active)]
-        for f in [self._threads[i].submit(self.pools[i].submit, per_pool[i]) for i in busy]:
-            f.result()  # the pools' submits run at once (a CPU pool computes its frame in submit)
+        futures = {i: self._threads[i].submit(self.pools[i].submit, per_pool[i]) for i in busy}  # all at once
+        failed = [i for i, f in futures.items() if f.exception() is not None]  # (a CPU pool computes in submit)
+        if failed:  # the pools whose submit went through hold a step: drop it, so that all stay in step
+            for i in busy:
+                if i not in failed:
+                    self._threads[i].submit(self.pools[i].collect).result()
+            futures[failed[0]].result()  # raises the first failure
         self._busy.append(busy)
 
     def collect(self) -> dict[int, np.ndarray]:

@@ -9,7 +9,8 @@ to test, debug and measure.
 Routes
     GET /          the page (static/index.html)              the token is checked when one is set
     GET /static/*  its script
-    GET /health    JSON: slots, active, fps, busy and step_ms (last second), size, video_to_video
+    GET /health    JSON: slots, active, fps, busy and step_ms (last second), width, height, video_to_video,
+                   idle_step_ms and the per-stage timing (stages)
     GET /ws        WebSocket, one stream per connection     ?token=...&seed=N
 
 Protocol (docs/SERVING.md has it in full)
@@ -22,9 +23,8 @@ Protocol (docs/SERVING.md has it in full)
 Flow of a frame
     receiver (one per client)  the stream's ONE undecoded message (newest wins)
     decoder  (one per client)  decode in a codec thread -> the stream's ONE pending frame (newest wins)
-    stepper  (one task)        gather pending frames, drop those past the deadline, pool.submit in the
-                               step thread; pool.collect in the collect thread (up to pool.depth steps in
-                               flight: a GPU launches the next step while this one computes)
+    stepper  (one task)        gather pending frames, drop those past the deadline, pool.submit and then
+                               pool.collect in the step thread
                                -> each stream's ONE outbox frame, uint8 RGB (newest wins)
     sender   (one per client)  encode in a codec thread -> send; a stats message every second
 Nothing on the event loop touches pixels; the pool is driven from one thread only (step, attach and
@@ -183,9 +183,8 @@ STAGES = ("decode", "queue", "step", "pool", "outbox", "encode", "send")
 # per frame: decode (in a codec thread: the image and v2v_input), queue (decoded -> its step starts: the wait
 # for the step in flight and the batch wait), outbox (its step ended -> its encode starts), encode (in a codec
 # thread), send (the socket write); per step: step (the stepper's wall time around the step thread's call)
-# and pool (inside the step and collect threads: pool.submit, pool.collect with its wait for the GPU, and the
-# batch's uint8 conversion). step - pool is the handoff between the event loop and those threads (wake-ups, the
-# GIL) and, with two steps in flight, the wait for the step ahead.
+# and pool (inside the step thread: pool.submit, pool.collect with its wait for the GPU, and the batch's uint8
+# conversion). step - pool is the handoff between the event loop and that thread (wake-ups, the GIL).
 
 
 class Recent:
@@ -239,12 +238,12 @@ class Server:
         self.submit_s = 0.0  # a submit's time in the step thread, recent mean
         self.due = 0.0       # when the steps in flight are expected to be done
         # One thread touches the pool: submits, collects, attaches and detaches, in the order the event loop
-        # asks for them. Collecting from a second thread while the first submitted (to overlap a step's
-        # launch with the step in flight) gave wrong frames on an H100 with captured graphs
-        # (tests/gpu/test_gpu_serve.py, 2026-11-25; the cause is not established), so collects queue
-        # behind submits in this thread and the GPU idles for the host's turnaround between steps.
+        # asks for them. Collecting in a second thread while the first submitted the next step (so that a
+        # step's launch overlapped the step in flight) gave wrong frames on an H100 with captured graphs
+        # (tests/gpu/test_gpu_serve.py, 2026-11-25; the cause is not established). A step's collect is
+        # queued as soon as it is submitted, so the next submit waits for it: the GPU idles for the host's
+        # turnaround between steps.
         self.step_thread = ThreadPoolExecutor(1, thread_name_prefix="mirage-step")
-        self.collect_thread = self.step_thread
         self.codec = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="mirage-codec")
 
     def timed(self, stage: str, start: float) -> float:
@@ -280,9 +279,6 @@ class Server:
 
     def in_step_thread(self, fn, *args):
         return asyncio.get_running_loop().run_in_executor(self.step_thread, fn, *args)
-
-    def in_collect_thread(self, fn, *args):
-        return asyncio.get_running_loop().run_in_executor(self.collect_thread, fn, *args)
 
     def in_codec_thread(self, fn, *args):
         return asyncio.get_running_loop().run_in_executor(self.codec, fn, *args)
@@ -429,6 +425,10 @@ class Server:
                 batch = await self.next_batch()
                 while len(in_flight) >= self.pool.depth:
                     await in_flight.popleft()
+                # streams that left while this batch waited: their slots are detached (or reused) by now
+                batch = [(s, f) for s, f in batch if self.streams.get(s.slot) is s]
+                if not batch:
+                    continue
                 inputs = {s.slot: f.pixels for s, f in batch} if self.pool.video_to_video else {}
                 start = time.monotonic()
                 for _, f in batch:
@@ -447,7 +447,7 @@ class Server:
 
     async def finish(self, batch: list[tuple[Stream, Frame]], start: float, submit_s: float) -> None:
         try:
-            outputs, collect_s = await self.in_collect_thread(self.collect_pool)
+            outputs, collect_s = await self.in_step_thread(self.collect_pool)
         except Exception:  # noqa: BLE001 (as in stepper)
             await self.failed(batch)
             return
@@ -475,9 +475,9 @@ class Server:
 
     async def next_batch(self) -> list[tuple[Stream, Frame]]:
         """Wait for a frame, then up to batch_wait_ms for every sending stream's (with a step in flight: up
-        to that step's expected end, so that the next step goes in full, just in time to follow it on the
-        GPU, rather than as an early, emptier step that holds the GPU and every frame behind it); take the
-        pending frames,
+        to that step's expected end, so that the next step goes in full rather than as an early, emptier
+        step that holds the GPU and every frame behind it; what this wait gains on a GPU since the pool
+        is driven from one thread is not measured); take the pending frames,
         dropping (and counting) those older than the deadline, but never two of a stream in a row:
         when steps take longer than the deadline, a stream whose frames always arrive early in a
         step would otherwise have every frame dropped and starve while the others stream on."""
@@ -526,7 +526,6 @@ class Server:
             await stepper
         sys.setswitchinterval(switch_interval)
         self.step_thread.shutdown()
-        self.collect_thread.shutdown()
         self.codec.shutdown()
 
     async def close_streams(self, app: web.Application) -> None:

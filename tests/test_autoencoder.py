@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -230,7 +231,11 @@ def test_sigterm_to_the_process_group_saves_the_step_reached(tmp_path):
     assert summary["stopped_by"] == "SIGTERM" and summary["step"] >= 50
     _, meta = load_autoencoder(out)
     assert meta["step"] == summary["step"]
-    assert f"resume with: mirage-train --stage autoencoder --ae-config taesd-tiny --out {out}" in stderr
+    resume = shlex.split(stderr.split("resume with: ")[1].splitlines()[0])
+    assert resume[0] == "mirage-train"
+    given = dict(zip(resume[1::2], resume[2::2]))  # every option given comes back, so a resume changes nothing
+    assert given == {"--stage": "autoencoder", "--steps": "100000", "--batch-size": "1", "--crop": "32",
+                     "--workers": "1", "--device": "cpu", "--out": str(out)}
 
 
 def test_cli_autoencoder_stage(tmp_path):

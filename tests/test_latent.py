@@ -198,3 +198,15 @@ def test_a_latent_cache_or_self_forcing_that_cannot_work_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="self-forcing a latent video-to-video"):
         train(get_config("tiny-64", "v2v"), TrainConfig(steps=1, batch_size=1, self_forcing_prob=0.5), tmp_path / "b",
               device="cpu", progress=False)
+
+
+def test_ctrl_c_while_making_the_cache_is_one_line():
+    from mirage.train.latent_cache import CacheInterrupted, LatentCache
+
+    def frames():
+        yield _frame_clips(1)
+        raise KeyboardInterrupt
+
+    with pytest.raises(CacheInterrupted, match=r"\(1 of 3 clips\): nothing was trained or saved"):
+        LatentCache.build(frames(), load_codec(get_config("tiny-64", "v2v")), 3, v2v=True, device=torch.device("cpu"),
+                          progress=False)

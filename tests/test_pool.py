@@ -6,6 +6,7 @@ from conftest import CKPT_GEN, CKPT_V2V
 from mirage.core.synthetic import SyntheticVideo
 from mirage.core.video_io import v2v_input
 from mirage.runtime import Pipeline
+from mirage.runtime.pipeline import PipelineError
 from mirage.runtime.pool import PoolFull, StreamPool
 
 
@@ -118,3 +119,25 @@ def test_a_group_places_streams_on_the_least_loaded_pool_and_keeps_them_apart():
         assert sorted(group.active) == sorted([a, c, group.offsets[1] + 1])
     for f, out in zip(alone, got):
         np.testing.assert_array_equal(f, out[a])
+
+
+def test_a_group_stays_in_step_after_one_pool_refuses_a_step():
+    """A bad frame for one pool fails the group's step; the other pool's half of it is dropped, so
+    the next step's outputs are that step's own (a pool left with an uncollected step would hand
+    back the previous frames from then on)."""
+    from mirage.runtime.pool import PoolGroup
+
+    a_in, b_in = _inputs(3, 1), _inputs(3, 2)
+    with PoolGroup.open(CKPT_V2V, slots=1, devices=["cpu", "cpu"]) as group:
+        a, b = group.attach(5), group.attach(7)
+        first = group.step({a: a_in[0], b: b_in[0]})
+        with pytest.raises(PipelineError, match="shape"):
+            group.submit({a: a_in[1], b: b_in[1][:8]})  # pool 1 refuses its frame; pool 0 computed one
+        assert [p.pipeline.execution.pending for p in group.pools] == [0, 0]  # nothing left in flight
+        second = group.step({a: a_in[1], b: b_in[1]})
+        assert not np.array_equal(second[a], first[a])  # not the frame the failed step left behind
+    with PoolGroup.open(CKPT_V2V, slots=1, devices=["cpu", "cpu"]) as group:  # the same steps, no failure
+        a, b = group.attach(5), group.attach(7)
+        group.step({a: a_in[0], b: b_in[0]})
+        clean = group.step({a: a_in[1], b: b_in[1]})
+    np.testing.assert_array_equal(second[b], clean[b])

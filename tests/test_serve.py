@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import time
 from contextlib import asynccontextmanager
 
 import numpy as np
@@ -18,6 +19,7 @@ from PIL import Image  # noqa: E402
 
 from mirage.cli.serve import main as serve_cli  # noqa: E402
 from mirage.core.video_io import v2v_input  # noqa: E402
+from mirage.runtime.pipeline import PipelineError  # noqa: E402
 from mirage.runtime.pool import StreamPool  # noqa: E402
 from mirage.runtime.server import (HEADER, JPEG, PNG, RAW, STAGES, Frame, ServeError, ServerOptions,  # noqa: E402
                                    encode_frame, make_app, rgb8)
@@ -190,8 +192,51 @@ def test_one_thread_drives_the_pool():
             await ws.close()
     run(scenario)
     names = [c for c, _ in pool.calls]
-    assert {"attach", "submit", "collect"} <= set(names)
+    assert {"attach", "submit", "collect", "detach"} <= set(names)
     assert len({thread for _, thread in pool.calls}) == 1, pool.calls
+
+
+class SlowPool(ThreadLogPool):
+    """One step in flight (a CPU pool's depth) whose collect takes 0.3 s; a submit naming a detached
+    slot fails, as StreamPool's does."""
+
+    depth, slots = 1, 2
+
+    def attach(self, seed: int = 0) -> int:
+        slot = min({0, 1} - set(self.active))
+        self.active.append(slot)
+        return slot
+
+    def submit(self, inputs: dict) -> None:
+        missing = set(inputs) - set(self.active)
+        if missing:
+            raise PipelineError(f"slot {missing.pop()} is not attached")
+        super().submit(inputs)
+
+    def collect(self) -> dict:
+        time.sleep(0.3)
+        return super().collect()
+
+
+def test_a_client_leaving_while_its_frame_waits_disturbs_no_other():
+    """A frame gathered for the next step whose client then leaves (while the step ahead computes)
+    is dropped from the step, so the other streams' frames in it are computed."""
+    pool = SlowPool()
+
+    async def scenario():
+        async with serving(pool, batch_wait_ms=50) as client:
+            (a, _), (b, _) = await connect(client), await connect(client)
+            frames = inputs(8, 2)
+            for n in range(2):  # frame 1 of both is gathered while frame 0's step computes
+                await a.send_bytes(message(n, frames[n].tobytes()))
+                await b.send_bytes(message(n, frames[n].tobytes()))
+                await asyncio.sleep(0.1)
+            await a.close()
+            got = [await reply(b) for _ in range(2)]
+            assert all(isinstance(g, tuple) for g in got), got  # frames, not "the server failed" errors
+            assert [g[0] for g in got] == [0, 1]
+    run(scenario)
+    assert "detach" in [c for c, _ in pool.calls]
 
 
 def test_rgb8_converts_model_frames_once_and_passes_uint8_through():

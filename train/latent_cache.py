@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
+from mirage.core.errors import MirageError
 from mirage.train.data import v2v_input
 
 
@@ -29,6 +30,10 @@ def encode_batch(codec, clips: torch.Tensor, v2v: bool) -> tuple[torch.Tensor, t
     with torch.no_grad():
         cond = codec.encode(v2v_input(clips[:, -1])) if v2v else None
         return codec.encode(clips.flatten(0, 1)).unflatten(0, (b, length)), cond
+
+
+class CacheInterrupted(MirageError):
+    """Ctrl-C while the cache was being made, before any training step."""
 
 
 @dataclass
@@ -42,13 +47,17 @@ class LatentCache:
         """Encode the first n clips of `frame_batches` (batches of (B, K+1, 3, H, W) frames)."""
         latents, conds, have = [], [], 0
         with tqdm(total=n, desc="encode clips", unit="clip", disable=not progress) as bar:
-            while have < n:
-                clips = next(frame_batches)[: n - have].to(device, non_blocking=True)
-                z, cond = encode_batch(codec, clips, v2v)
-                latents.append(z)
-                conds.append(cond)
-                have += len(z)
-                bar.update(len(z))
+            try:
+                while have < n:
+                    clips = next(frame_batches)[: n - have].to(device, non_blocking=True)
+                    z, cond = encode_batch(codec, clips, v2v)
+                    latents.append(z)
+                    conds.append(cond)
+                    have += len(z)
+                    bar.update(len(z))
+            except KeyboardInterrupt:  # before the first step: there is nothing to save
+                raise CacheInterrupted(f"interrupted while encoding the latent cache ({have} of {n} clips): "
+                                       "nothing was trained or saved") from None
         return cls(torch.cat(latents), torch.cat(conds) if v2v else None)
 
     def batches(self, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:

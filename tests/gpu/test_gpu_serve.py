@@ -1,9 +1,9 @@
 """mirage-serve on the GPU. The server opens the StreamPool (allocating and capturing its graphs) in
 the main thread but steps, attaches and detaches it from its step thread, a worker thread whose
 current CUDA device and stream are the defaults: stepping from there must give the frames that
-stepping from the main thread gives, on cuda:0 and (two GPUs) on cuda:1; so must the server's
-pipelined form, two steps in flight, submitted from one thread and collected from another. Then
-four clients through the real server on 127.0.0.1."""
+stepping from the main thread gives, on cuda:0 and (two GPUs) on cuda:1; so must two steps in flight
+driven from one worker thread (collecting from a second thread gave wrong frames on an H100,
+2026-11-25). Then four clients through the real server on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
