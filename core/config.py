@@ -180,9 +180,12 @@ TAESD_AE, TAESD_SCALE = "checkpoints/ae-taesd", 1.25
 CONFIGS["tiny-64"] = dataclasses.replace(CONFIGS["tiny"], name="tiny-64", image_size=8, channels=4, channel_mults=(1, 2),
                                          attn_levels=(1,), temporal_levels=(0, 1), autoencoder=LATENT_AE, frame_size=64,
                                          latent_scale=LATENT_SCALE)
-# The CPU demo at 128x128: tiny-64's U-Net on 16x16 latents of ae-taesd (its decoder is most of a CPU frame).
+# CPU demos: tiny-64's U-Net on 16x16 latents of ae-taesd (128x128 frames), tiny's on 32x32 latents (256x256);
+# ae-taesd's encoder and decoder are most of such a frame's time on a CPU.
 CONFIGS["tiny-128"] = dataclasses.replace(CONFIGS["tiny-64"], name="tiny-128", image_size=16, autoencoder=TAESD_AE,
                                           frame_size=128, latent_scale=TAESD_SCALE)
+CONFIGS["tiny-256"] = dataclasses.replace(CONFIGS["tiny"], name="tiny-256", channels=4, autoencoder=TAESD_AE,
+                                          frame_size=256, latent_scale=TAESD_SCALE)
 CONFIGS["small-256"] = dataclasses.replace(CONFIGS["small"], name="small-256", image_size=32, channels=4,
                                            autoencoder=TAESD_AE, frame_size=256, latent_scale=TAESD_SCALE)
 CONFIGS["base-512"] = dataclasses.replace(CONFIGS["base"], name="base-512", channels=4, autoencoder=TAESD_AE,

@@ -20,6 +20,7 @@ PARAM_RANGES = {
     # latent configs: the same U-Nets on 4-channel latents (tiny-64 has two levels)
     "tiny-64": (0.8e6, 1.1e6),
     "tiny-128": (0.8e6, 1.1e6),
+    "tiny-256": (1.3e6, 1.7e6),
     "small-256": (18e6, 25e6),
     "base-512": (90e6, 120e6),
     "seed880m-512": (850e6, 920e6),
