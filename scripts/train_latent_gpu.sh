@@ -6,18 +6,20 @@
 #   bash scripts/train_latent_gpu.sh                  # results in $OUT (the device tool's folder) or ./latent-out
 #   CONFIG=tiny-64 STEPS=4 BATCH=2 FRAMES=6 WINDOW=3 LATENT_CACHE=4 TRAIN_SECONDS=120 DEVICE=cpu bash scripts/train_latent_gpu.sh   # CPU smoke test
 #
-# $OUT gets latent.tgz (train.log, the quality reports and tables, the example PNGs) and the tables
-# in tables.txt. The checkpoint stays in $RUN (base-512 is ~400 MB: too large to bundle).
+# $OUT gets each result as soon as it exists, so a command cut by a time limit keeps what was done:
+# train.log, q-{detailed,photos}.{txt,json} (the quality tables and reports), then examples.tgz (the
+# example PNGs) — seven files at most, as the device tool brings back eight. The checkpoint stays in
+# $RUN (base-512 is ~400 MB: too large to bundle).
 set -euo pipefail
 OUT=${OUT:-latent-out}
 RUN=${RUN:-runs/latent-v2v}
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-W=$(mktemp -d /tmp/latent.XXXX)
+W=$(mktemp -d /tmp/latent.XXXX)  # the example PNGs, packed at the end
 if [ "$DEVICE" = cuda ]; then
   GPUS=${GPUS:-$(nvidia-smi -L | wc -l)}
-  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$W/gpu.txt"
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$OUT/gpu.txt"
 else
   GPUS=1
 fi
@@ -29,14 +31,13 @@ timeout "${TRAIN_SECONDS:-330}" $PY -m torch.distributed.run --standalone --npro
   --config "${CONFIG:-base-512}" --task v2v --data detailed --batch-size "${BATCH:-16}" --steps "${STEPS:-2000}" \
   --lr "${LR:-5e-4}" --precision bf16 --workers "$WORKERS" --device "$DEVICE" --save-minutes 2 --out "$RUN" \
   --latent-cache "${LATENT_CACHE:-4000}" \
-  > "$W/train.log" 2>&1 || echo "train: exit $?" >> "$W/train.log"
-tail -c 2000 "$W/train.log" | tr '\r' '\n' | tail -n 4
+  > "$OUT/train.log" 2>&1 || echo "train: exit $?" >> "$OUT/train.log"
+tail -c 2000 "$OUT/train.log" | tr '\r' '\n' | tail -n 4
 for data in detailed photos; do  # in parallel: the metrics run on the CPU
   OMP_NUM_THREADS=4 $PY -m mirage.cli.quality "$RUN" --frames "${FRAMES:-500}" --window "${WINDOW:-50}" \
-    --streams "${STREAMS:-1}" --data "$data" --device "$DEVICE" --examples "$W/examples-$data" --json "$W/q-$data.json" \
-    > "$W/q-$data.txt" 2>&1 || echo "quality $data: exit $?" >> "$W/q-$data.txt" &
+    --streams "${STREAMS:-1}" --data "$data" --device "$DEVICE" --examples "$W/examples-$data" \
+    --json "$OUT/q-$data.json" > "$OUT/q-$data.txt" 2>&1 || echo "quality $data: exit $?" >> "$OUT/q-$data.txt" &
 done
 wait
-cp "$RUN/config.json" "$W/checkpoint-config.json" 2>/dev/null || true
-cat "$W"/q-*.txt | tee "$OUT/tables.txt"
-tar czf "$OUT/latent.tgz" -C "$W" .
+cat "$OUT"/q-*.txt
+tar czf "$OUT/examples.tgz" -C "$W" .
