@@ -193,6 +193,7 @@ CONFIGS["base-512"] = dataclasses.replace(CONFIGS["base"], name="base-512", chan
 CONFIGS["seed880m-512"] = dataclasses.replace(CONFIGS["seed880m"], name="seed880m-512", channels=4,
                                               autoencoder=TAESD_AE, frame_size=512, latent_scale=TAESD_SCALE)
 
+
 def get_config(name: str, task: str = "generate") -> ModelConfig:
     if name not in CONFIGS:
         raise ConfigError(f"unknown model config {name!r}; choose one of {', '.join(CONFIGS)}")

@@ -137,18 +137,18 @@ def evaluate(model_path: str | Path, frames: int = 500, window: int = 50, steps:
     steps = steps or default_steps(_meta(Path(model_path)))
     if data not in SOURCES:
         raise QualityError(f"--data {data!r}: choose one of {', '.join(SOURCES)}")
-    source = data  # `data` below is the data's statistics
     out, truth, info = rollout_frames(model_path, frames, steps, context_noise, seed, device, 10_000 + seed, streams,
-                                      source)
+                                      data)
     v2v = info["task"] == "v2v"
     if examples is not None:
         write_examples(examples, out[0], truth if v2v else None)
     features = M.RandomConvFeatures()
-    data = data_statistics(info["size"], window, features, source)
+    reference = data_statistics(info["size"], window, features, data)
     starts = range(0, frames - window + 1, window)
     with _threads() as pool:  # every (window, stream) scored side by side: at 512x512 SSIM alone is ~0.2 s a frame
         scored = list(pool.map(lambda job: window_row(out[job[1], job[0]:job[0] + window],
-                                                      truth[job[0]:job[0] + window] if v2v else None, data, features),
+                                                      truth[job[0]:job[0] + window] if v2v else None, reference,
+                                                      features),
                                [(s, b) for s in starts for b in range(len(out))]))  # (window, stream) pairs
     windows = []
     for i, s in enumerate(starts):
@@ -157,8 +157,8 @@ def evaluate(model_path: str | Path, frames: int = 500, window: int = 50, steps:
                         "std": {k: float(np.std([r[k] for r in rows])) for k in rows[0]}})
     report = {"model": str(model_path), "config": info["name"], "task": info["task"],
               "precision": info["precision"], "frames": frames, "window": window, "steps": steps,
-              "context_noise": context_noise, "seed": seed, "streams": streams, "source": source,
-              "data": data["summary"],
+              "context_noise": context_noise, "seed": seed, "streams": streams, "source": data,
+              "data": reference["summary"],
               "windows": windows, "collapsed_frames": int(sum(M.collapsed(video).sum() for video in out))}
     if v2v:
         report["drift_db"] = windows[-1]["psnr"] - windows[0]["psnr"]

@@ -51,7 +51,7 @@ import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from mirage.core.errors import MirageError
-from mirage.core.video_io import v2v_input
+from mirage.core.video_io import to_float, to_uint8, v2v_input
 from mirage.runtime.pool import PoolFull
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -123,9 +123,8 @@ def decode_frame(data: bytes, shape: tuple[int, int, int], video_to_video: bool,
     if not payload:
         raise ServeError(f"frame {frame_id}: this video-to-video model needs an input image after the header")
     # clients send a plain RGB frame; the model's input is made from it as mirage-run makes it:
-    # luma at full resolution plus coarse chroma (the video-to-video task the models are trained on).
-    # The one line to change when the pipeline takes uint8 frames (PipelineOptions frames="uint8").
-    pixels = v2v_input(_rgb(payload, fmt, shape, frame_id).astype(np.float32) / 127.5 - 1.0)  # (H, W, 3) in [-1, 1]
+    # luma at full resolution plus coarse chroma (the video-to-video task the models are trained on)
+    pixels = v2v_input(to_float(_rgb(payload, fmt, shape, frame_id)))  # (H, W, 3) in [-1, 1]
     return Frame(frame_id, fmt, client_ts, received, pixels, time.monotonic())
 
 
@@ -152,9 +151,7 @@ def rgb8(frames: np.ndarray) -> np.ndarray:
     """Model frames (..., H, W, 3) in [-1, 1] -> uint8 RGB; uint8 frames (a pipeline with frames="uint8")
     pass through as they are. The server runs it once per step on the whole batch, in the step thread:
     one vectorized pass instead of one per stream in the codec threads."""
-    if frames.dtype == np.uint8:
-        return frames
-    return np.clip((frames + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    return frames if frames.dtype == np.uint8 else to_uint8(frames)
 
 
 def encode_frame(frame: Frame, pixels: np.ndarray) -> bytes:
