@@ -23,7 +23,8 @@ DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 W=$(mktemp -d /tmp/latent.XXXX)  # reports and example PNGs, packed at the end
 if [ "$DEVICE" = cuda ]; then
-  GPUS=${GPUS:-$(nvidia-smi -L | wc -l)}
+  # every GPU the process sees (nvidia-smi ignores CUDA_VISIBLE_DEVICES)
+  GPUS=${GPUS:-$($PY -c "import torch; print(torch.cuda.device_count())")}
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$W/gpu.txt"
 else
   GPUS=1
