@@ -45,9 +45,9 @@ DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
                    "that are sending (0: step at once).")
 @click.option("--max-frame-bytes", type=click.IntRange(min=1024), default=1 << 20,
               help="A larger frame is answered with an error; a message over twice this closes that connection.")
-@click.option("--calibrate-steps", type=click.IntRange(min=0), default=0,
-              help="At start, time this many steps of the idle pool: /health's idle_step_ms, the bare step to set "
-                   "the served one against (scripts/bench_serve.py passes it).")
+@click.option("--calibrate-steps", type=click.IntRange(min=0), default=10, show_default=True,
+              help="At start, time this many steps of the idle pool: the step time the server plans batches with "
+                   "(with two steps in flight on a GPU), and /health's idle_step_ms. 0: learn it from served steps.")
 def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, batch_wait_ms, max_frame_bytes,
          calibrate_steps):
     """Serve MODEL (a checkpoint folder or an exported artifact; default: the bundled tiny-v2v) to

@@ -75,7 +75,8 @@ class ServerOptions:
     batch_wait_ms: float = 5.0    # how long the stepper waits for every stream's frame before stepping without
     stats_interval_s: float = 1.0
     calibrate_steps: int = 0      # at start, time this many steps of the idle pool (nothing commits): /health's
-                                  # idle_step_ms, the bare pool's step in this process to set the served one against
+                                  # idle_step_ms, the bare pool's step in this process to set the served one against,
+                                  # and the step time the stepper plans with (mirage-serve: 10)
     switch_interval_ms: float = 0.5  # the GIL's switch interval (Python's default 5 ms): how long the step thread,
                                      # back from a GPU call, may wait for the GIL while codec threads run Python
 
@@ -231,7 +232,10 @@ class Server:
         self.stages = {name: Recent() for name in STAGES}
         self.idle_step_ms: float | None = None  # set by calibrate()
         self.last_step_end = 0.0
-        self.step_s = 0.0    # a step's time in flight (not counting the wait for the step ahead), recent mean
+        self.step_s = 0.0    # a step's time in flight (not counting the wait for the step ahead): the idle pool's
+        # step once calibrated (a held step's collect waits for the next submit, so its measured time holds that
+        # wait too; learning from it lengthened `due`, then the hold, then the step: 24 streams fell to 18 FPS
+        # on an H100), else a recent mean
         self.submit_s = 0.0  # a submit's time in the step thread, recent mean
         self.due = 0.0       # when the steps in flight are expected to be done
         # One thread touches the pool: submits, collects, attaches and detaches, in the order the event loop
@@ -271,7 +275,7 @@ class Server:
         self.step_pool(inputs)  # warm: first-call costs stay out of the number
         seconds = [self.step_pool(inputs) for _ in range(self.options.calibrate_steps)]
         self.idle_step_ms = 1e3 * sorted(seconds)[len(seconds) // 2]
-        self.step_s = self.idle_step_ms / 1e3  # the first steps' expected end (`due`), before steps are timed
+        self.step_s = self.idle_step_ms / 1e3  # what `due` counts on from now on
         log.info("idle pool step: %.2f ms (median of %d)", self.idle_step_ms, len(seconds))
 
     def in_step_thread(self, fn, *args):
@@ -471,7 +475,8 @@ class Server:
         self.stages["pool"].add(submit_s + collect_s, end)
         alone = end - max(start, self.last_step_end)  # in-flight steps overlap: count that time once
         self.steps.append((end, alone))
-        self.step_s += 0.1 * (alone - self.step_s)
+        if self.idle_step_ms is None:  # not calibrated: learn it (a CPU pool, depth 1, holds no step)
+            self.step_s += 0.1 * (alone - self.step_s)
         self.last_step_end = end
         for s, f in batch:
             if self.streams.get(s.slot) is not s:  # it left during the step
