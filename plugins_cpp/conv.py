@@ -62,13 +62,31 @@ def unpack_weight(packed: torch.Tensor, scale: torch.Tensor | None) -> torch.Ten
 
 def group_norm_stats(x: torch.Tensor, groups: int, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, C, H, W) -> mean, rstd (B, G) in fp32, as F.group_norm computes them: biased variance over
-    each group's channels and pixels, rstd = 1 / sqrt(var + eps)."""
+    each group's channels and pixels, rstd = 1 / sqrt(var + eps). On CUDA one Triton kernel
+    (group_norm_stats_triton), elsewhere stock PyTorch."""
     b, c = x.shape[:2]
     if c % groups:
         raise ConvError(f"{groups} groups do not divide {c} channels: choose a group count that divides them")
+    if x.is_cuda:
+        return group_norm_stats_triton(x, groups, eps)
     grouped = x.float().permute(0, 2, 3, 1).reshape(b, -1, groups, c // groups)  # (B, HW, G, C/G): a view if NHWC
     var, mean = torch.var_mean(grouped, dim=(1, 3), correction=0)
     return mean, torch.rsqrt(var + eps)
+
+
+def group_norm_stats_triton(x: torch.Tensor, groups: int, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """group_norm_stats in one launch (one program per (batch, group)), x in any layout."""
+    import triton
+
+    from mirage.plugins_cpp import conv_triton
+
+    b, c, h, w = x.shape
+    mean = torch.empty(b, groups, dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    block_c = triton.next_power_of_2(c // groups)
+    conv_triton.group_stats_kernel[(b * groups,)](x, mean, rstd, c, h * w, w, *x.stride(), c // groups, eps,
+                                                  BLOCK_P=max(1, 2048 // block_c), BLOCK_C=block_c)
+    return mean, rstd
 
 
 def check_prologue(x, mean, rstd, gamma, beta) -> bool:

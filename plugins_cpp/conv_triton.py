@@ -112,3 +112,31 @@ def split_epilogue_kernel(acc_ptr, bias_ptr, res_ptr, out_ptr, B, H, W, COUT, sp
         acc += tl.load(acc_ptr + (s * M + offs_m)[:, None] * COUT + offs_n[None, :], mask=ok, other=0.0)
     _epilogue(acc, offs_m, offs_n, ok, b, y, x, bias_ptr, res_ptr, out_ptr, COUT, srb, src, srh, srw,
               HAS_BIAS, HAS_RES)
+
+
+@triton.jit(do_not_specialize=["HW", "W", "sxb", "sxh", "sxw", "CPG", "eps"])
+def group_stats_kernel(x_ptr, mean_ptr, rstd_ptr, CIN, HW, W, sxb, sxc, sxh, sxw, CPG, eps,
+                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """GroupNorm statistics of one (batch, group) per program: the fp32 mean of x[b, g CPG:(g + 1) CPG]
+    over every pixel, then rstd = 1 / sqrt(mean of (x - mean)^2 + eps) in a second pass (x is small
+    and still in cache; no cancellation of a sum of squares)."""
+    pid = tl.program_id(0)
+    b, g = pid // (CIN // CPG), pid % (CIN // CPG)
+    c = tl.arange(0, BLOCK_C)
+    base = x_ptr + b * sxb + (g * CPG + c)[None, :] * sxc
+    total = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for p0 in range(0, HW, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        ok = (p < HW)[:, None] & (c < CPG)[None, :]
+        total += tl.load(base + (p // W)[:, None] * sxh + (p % W)[:, None] * sxw, mask=ok, other=0.0).to(tl.float32)
+    mean = tl.sum(tl.sum(total, axis=1), axis=0) / (HW * CPG)
+    total = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for p0 in range(0, HW, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        ok = (p < HW)[:, None] & (c < CPG)[None, :]
+        v = tl.load(base + (p // W)[:, None] * sxh + (p % W)[:, None] * sxw, mask=ok, other=0.0).to(tl.float32)
+        d = tl.where(ok, v - mean, 0.0)
+        total += d * d
+    var = tl.sum(tl.sum(total, axis=1), axis=0) / (HW * CPG)
+    tl.store(mean_ptr + pid, mean)
+    tl.store(rstd_ptr + pid, 1.0 / tl.sqrt(var + eps))

@@ -87,6 +87,22 @@ def _prologue(x, groups, g) -> dict:
     return dict(mean=mean, rstd=rstd, gamma=gamma, beta=torch.randn(cin, generator=g, device="cuda").to(x.dtype))
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 30, 5, 7, 5), (1, 960, 16, 16, 32), (1, 3072, 8, 8, 32), (3, 12, 1, 1, 3),
+                                   (2, 64, 40, 40, 1)], ids=lambda s: "b{}_{}_{}x{}_g{}".format(*s))
+def test_group_norm_stats_kernel(shape, layout):
+    """The Triton statistics (one launch) against F.group_norm's in float64, on rows with a mean far
+    from 0 (fp32 F.group_norm itself can be ~1e-4 off there: it is not the yardstick)."""
+    b, c, h, w, groups = shape
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = (torch.randn(b, c, h, w, generator=g, device="cuda") * 3 + 40).half()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    mean, rstd = group_norm_stats(x, groups, 1e-3)
+    normed = ((x.double().reshape(b, groups, -1) - mean[..., None]) * rstd[..., None]).reshape(x.shape)
+    torch.testing.assert_close(normed, F.group_norm(x.double(), groups, eps=1e-3), rtol=1e-5, atol=1e-5)
+
+
 PROLOGUE_SHAPES = [(2, 200, 136, 6, 10, 8), (2, 30, 24, 5, 7, 5), (1, 960, 1536, 8, 8, 32),
                    (2, 1920, 960, 16, 16, 32)]  # (b, cin, cout, h, w, groups): tails in M, K and the groups
 
