@@ -64,14 +64,26 @@ def group_norm_stats(x: torch.Tensor, groups: int, eps: float = 1e-5) -> tuple[t
     """(B, C, H, W) -> mean, rstd (B, G) in fp32, as F.group_norm computes them: biased variance over
     each group's channels and pixels, rstd = 1 / sqrt(var + eps). On CUDA one Triton kernel
     (group_norm_stats_triton), elsewhere stock PyTorch."""
-    b, c = x.shape[:2]
-    if c % groups:
-        raise ConvError(f"{groups} groups do not divide {c} channels: choose a group count that divides them")
+    if x.shape[1] % groups:
+        raise ConvError(f"{groups} groups do not divide {x.shape[1]} channels: choose a group count that divides them")
+    return torch.ops.mirage.group_norm_stats(x, groups, eps)
+
+
+@torch.library.custom_op("mirage::group_norm_stats", mutates_args=())
+def _group_norm_stats(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """An op, so that torch.compile and CUDA graphs see one opaque call, like mirage::conv3x3."""
     if x.is_cuda:
         return group_norm_stats_triton(x, groups, eps)
+    b, c = x.shape[:2]
     grouped = x.float().permute(0, 2, 3, 1).reshape(b, -1, groups, c // groups)  # (B, HW, G, C/G): a view if NHWC
     var, mean = torch.var_mean(grouped, dim=(1, 3), correction=0)
     return mean, torch.rsqrt(var + eps)
+
+
+@_group_norm_stats.register_fake
+def _(x, groups, eps):
+    mean = x.new_empty(x.shape[0], groups, dtype=torch.float32)
+    return mean, torch.empty_like(mean)
 
 
 def group_norm_stats_triton(x: torch.Tensor, groups: int, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,7 +273,7 @@ class PackedConv3x3(nn.Module):
         self.register_buffer("weight", weight.view(torch.uint8) if self.fp8 else weight)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", bias)
-        self.groups, self.eps = (norm.groups, norm.eps) if norm else (None, None)
+        self.norm_groups, self.norm_eps = (norm.groups, norm.eps) if norm else (None, None)
         self.register_buffer("norm_weight", norm.weight if norm else None)
         self.register_buffer("norm_bias", norm.bias if norm else None)
 
@@ -293,9 +305,9 @@ class PackedConv3x3(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """conv(x) + residual, or with a norm conv(silu(group_norm(x))) + residual (the statistics
         are one small reduction over x here, the normalised tensor is never written)."""
-        if self.groups is None:
+        if self.norm_groups is None:
             return torch.ops.mirage.conv3x3(x, self.typed_weight, self.scale, self.bias, residual)
-        mean, rstd = group_norm_stats(x, self.groups, self.eps)
+        mean, rstd = group_norm_stats(x, self.norm_groups, self.norm_eps)
         return torch.ops.mirage.conv3x3(x, self.typed_weight, self.scale, self.bias, residual, mean, rstd,
                                         self.norm_weight, self.norm_bias)
 

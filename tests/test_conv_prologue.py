@@ -103,6 +103,7 @@ def test_op_registration_with_and_without_prologue():
     gamma, beta = torch.randn(8), torch.randn(8)
     torch.library.opcheck(torch.ops.mirage.conv3x3.default, (x, weight, None, bias, None))
     torch.library.opcheck(torch.ops.mirage.conv3x3.default, (x, weight, None, bias, None, mean, rstd, gamma, beta))
+    torch.library.opcheck(torch.ops.mirage.group_norm_stats.default, (x, 2, 1e-5))
 
 
 def test_prologue_refuses_what_cannot_work():
