@@ -235,11 +235,10 @@ class Server:
         self.submit_s = 0.0  # a submit's time in the step thread, recent mean
         self.due = 0.0       # when the steps in flight are expected to be done
         # One thread touches the pool: submits, collects, attaches and detaches, in the order the event loop
-        # asks for them. Collecting in a second thread while the first submitted the next step (so that a
-        # step's launch overlapped the step in flight) gave wrong frames on an H100 with captured graphs
-        # (tests/gpu/test_gpu_serve.py, 2026-11-25; the cause is not established). A step's collect is
-        # queued as soon as it is submitted, so the next submit waits for it: the GPU idles for the host's
-        # turnaround between steps.
+        # asks for them (collecting in a second thread while the first submitted gave wrong frames on an
+        # H100 with captured graphs, tests/gpu/test_gpu_serve.py, 2026-11-25). With two steps in flight
+        # (a GPU pool) the stepper queues step n's collect only after step n+1's submit, so the GPU
+        # computes step n+1 while this thread waits for and converts step n.
         self.step_thread = ThreadPoolExecutor(1, thread_name_prefix="mirage-step")
         self.codec = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="mirage-codec")
 
@@ -272,6 +271,7 @@ class Server:
         self.step_pool(inputs)  # warm: first-call costs stay out of the number
         seconds = [self.step_pool(inputs) for _ in range(self.options.calibrate_steps)]
         self.idle_step_ms = 1e3 * sorted(seconds)[len(seconds) // 2]
+        self.step_s = self.idle_step_ms / 1e3  # the first steps' expected end (`due`), before steps are timed
         log.info("idle pool step: %.2f ms (median of %d)", self.idle_step_ms, len(seconds))
 
     def in_step_thread(self, fn, *args):
@@ -415,13 +415,28 @@ class Server:
     # -- the stepper -------------------------------------------------------------------------------
     async def stepper(self) -> None:
         """Submit each batch as soon as it is ready, with up to pool.depth steps in flight; each
-        in-flight step is finished (collected, handed to its streams) by its own task, in order."""
-        in_flight: collections.deque[asyncio.Task] = collections.deque()
+        in-flight step is finished (collected, handed to its streams) by its own task, in order. With
+        depth 2 the newest step is `held`: its collect is queued in the step thread behind the next
+        step's submit (or once it is due with no next batch), never ahead of it."""
+        in_flight: collections.deque[asyncio.Task] = collections.deque()  # steps whose collect is queued
+        held = None  # (batch, start, submit_s) of a submitted step whose collect is not queued yet
+
+        def release() -> None:
+            nonlocal held
+            in_flight.append(asyncio.create_task(self.finish(*held)))
+            held = None
+
         try:
             while True:
-                batch = await self.next_batch()
-                while len(in_flight) >= self.pool.depth:
-                    await in_flight.popleft()
+                batch = await self.next_batch(until=None if held is None else self.due)
+                if batch is None:  # the held step is due and no frame came: collect it
+                    release()
+                    continue
+                while len(in_flight) + (held is not None) >= self.pool.depth:
+                    if in_flight:
+                        await in_flight.popleft()
+                    else:
+                        release()
                 # streams that left while this batch waited: their slots are detached (or reused) by now
                 batch = [(s, f) for s, f in batch if self.streams.get(s.slot) is s]
                 if not batch:
@@ -437,7 +452,11 @@ class Server:
                     continue
                 self.submit_s += 0.1 * (submit_s - self.submit_s)
                 self.due = max(start, self.due) + self.step_s
-                in_flight.append(asyncio.create_task(self.finish(batch, start, submit_s)))
+                if held is not None:
+                    release()  # queued behind this submit in the step thread
+                held = (batch, start, submit_s)
+                if self.pool.depth == 1:  # nothing to overlap (a CPU pool computes in submit)
+                    release()
         finally:
             for task in in_flight:
                 task.cancel()
@@ -470,16 +489,19 @@ class Server:
                 await s.ws.send_json({"type": "error", "message": f"frame {f.id}: the server failed to "
                                       "compute it (its log has the traceback)"})
 
-    async def next_batch(self) -> list[tuple[Stream, Frame]]:
-        """Wait for a frame, then up to batch_wait_ms for every sending stream's (with a step in flight: up
-        to that step's expected end, so that the next step goes in full rather than as an early, emptier
-        step that holds the GPU and every frame behind it; what this wait gains on a GPU since the pool
-        is driven from one thread is not measured); take the pending frames,
+    async def next_batch(self, until: float | None = None) -> list[tuple[Stream, Frame]] | None:
+        """Wait for a frame (None if none came by `until`, a time.monotonic(), when given), then up to
+        batch_wait_ms for every sending stream's (with a step in flight: up to that step's expected end,
+        so that the next step goes in full rather than as an early, emptier step that holds the GPU and
+        every frame behind it); take the pending frames,
         dropping (and counting) those older than the deadline, but never two of a stream in a row:
         when steps take longer than the deadline, a stream whose frames always arrive early in a
         step would otherwise have every frame dropped and starve while the others stream on."""
         while True:
-            await self.wait_until(lambda: any(s.pending is not None for s in self.streams.values()))
+            pending = lambda: any(s.pending is not None for s in self.streams.values())  # noqa: E731
+            await self.wait_until(pending, None if until is None else until - time.monotonic())
+            if not pending():
+                return None
             # a stream silent for a second (a client that has not started, or stopped sending) is not waited for
             sending = [s for s in self.streams.values() if time.monotonic() - s.last_frame < 1.0]
             wait = max(self.options.batch_wait_ms / 1e3, self.due - self.submit_s - time.monotonic())

@@ -8,7 +8,11 @@
 #   bash scripts/train_longroll_gpu.sh          # results in $OUT (the device tool's folder) or ./longroll-out
 #   STEPS=1200 FRAMES=500 STREAMS=8 SF_PROB=0.5 SF_HORIZON=2 bash scripts/train_longroll_gpu.sh
 #   DEVICE=cpu STEPS=2 BATCH=2 FRAMES=6 WINDOW=3 STREAMS=2 PYTHON=.venv/bin/python ...   # a smoke test on the CPU
+#   PARTS=v2v TEACHER_CONFIG=base TEACHER_STEPS=3000 bash scripts/train_longroll_gpu.sh
+#       # the students of another config: its 4-step video-to-video teacher is trained first
+#       # (TEACHER_LIMIT seconds at most), then distilled as above
 #
+# PARTS: "gen v2v" (default), "gen" (the generator's runs) or "v2v" (the students).
 # $OUT gets 5 files: tables.txt (every quality table and training summary), reports.tar.gz (the
 # quality JSONs, for scripts/plot_quality.py, the training logs and drift plots), ckpt-gen-sf.tar
 # (the two self-forced generators), ckpt-gen-ft.tar (the plain fine-tuned control), ckpt-v2v.tar
@@ -38,33 +42,41 @@ quality() {  # NAME MODEL ARGS...: the report of a checkpoint, STREAMS rollouts 
     > "$W/q-$name.txt" 2>&1 || echo "quality $name: exit $?" >> "$W/q-$name.txt"
 }
 
-# 1. in parallel: the generator fine-tuned with self-forcing (from pure noise, and SDEdit-anchored
-#    at strength 0.5) and, as a control, without; the
-#    2-step student of the 4-step video-to-video model; the baselines' reports
-train gen-sf --init-from checkpoints/tiny --self-forcing-prob "${SF_PROB:-0.5}" --self-forcing-horizon "${SF_HORIZON:-2}" &
-sf=$!
-train gen-sfa --init-from checkpoints/tiny --self-forcing-prob "${SF_PROB:-0.5}" --self-forcing-horizon "${SF_HORIZON:-2}" \
-  --self-forcing-strength "${SF_STRENGTH:-0.5}" &
-sfa=$!
-train gen-ft --init-from checkpoints/tiny &
-ft=$!
-train v2v-s2 --distill-from checkpoints/tiny-v2v --student-steps 2 &
-s2=$!
-quality gen-base checkpoints/tiny &
-quality v2v-t4 checkpoints/tiny-v2v &
-quality v2v-t2 checkpoints/tiny-v2v --steps 2 &
-quality v2v-t1 checkpoints/tiny-v2v --steps 1 &
-# 2. the 1-step student of the 2-step one, then every new model's report
-wait $s2
-train v2v-s1 --distill-from "$W/v2v-s2" --student-steps 1 &
-s1=$!
-quality v2v-s2 "$W/v2v-s2" &
-wait $sf $sfa $ft
-quality gen-sf "$W/gen-sf" &
-quality gen-sfa "$W/gen-sfa" &
-quality gen-ft "$W/gen-ft" &
-wait $s1
-quality v2v-s1 "$W/v2v-s1"
+PARTS=${PARTS:-gen v2v}
+TEACHER=checkpoints/tiny-v2v
+generator() {
+  # the generator fine-tuned with self-forcing (from pure noise, and SDEdit-anchored at strength 0.5)
+  # and, as a control, without, in parallel; then their reports
+  train gen-sf --init-from checkpoints/tiny --self-forcing-prob "${SF_PROB:-0.5}" --self-forcing-horizon "${SF_HORIZON:-2}" &
+  train gen-sfa --init-from checkpoints/tiny --self-forcing-prob "${SF_PROB:-0.5}" --self-forcing-horizon "${SF_HORIZON:-2}" \
+    --self-forcing-strength "${SF_STRENGTH:-0.5}" &
+  train gen-ft --init-from checkpoints/tiny &
+  quality gen-base checkpoints/tiny &
+  wait
+  quality gen-sf "$W/gen-sf" &
+  quality gen-sfa "$W/gen-sfa" &
+  quality gen-ft "$W/gen-ft" &
+  wait
+}
+students() {
+  # the 2-step student of the 4-step video-to-video teacher (trained first for TEACHER_CONFIG), then
+  # the 1-step student of the 2-step one; the teacher's reports at 4, 2 and 1 steps beside theirs
+  if [ -n "${TEACHER_CONFIG:-}" ]; then
+    LIMIT=${TEACHER_LIMIT:-$LIMIT} train v2v-t4 --config "$TEACHER_CONFIG" --task v2v --steps "${TEACHER_STEPS:-$STEPS}"
+    TEACHER=$W/v2v-t4
+  fi
+  train v2v-s2 --distill-from "$TEACHER" --student-steps 2 &
+  quality v2v-t4 "$TEACHER" &
+  quality v2v-t2 "$TEACHER" --steps 2 &
+  quality v2v-t1 "$TEACHER" --steps 1 &
+  wait
+  train v2v-s1 --distill-from "$W/v2v-s2" --student-steps 1 &
+  quality v2v-s2 "$W/v2v-s2" &
+  wait
+  quality v2v-s1 "$W/v2v-s1"
+}
+case " $PARTS " in *" gen "*) generator & ;; esac
+case " $PARTS " in *" v2v "*) students & ;; esac
 wait
 
 { for f in "$W"/*.log; do echo "== $(basename "$f")"; tail -c 600 "$f" | tr '\r' '\n' | tail -n 2; done
@@ -78,6 +90,7 @@ for m in sharpness_ratio motion_ratio flicker_ratio feature_distance; do plot "$
 plot psnr q-v2v-t4.json q-v2v-t2.json q-v2v-t1.json q-v2v-s2.json q-v2v-s1.json
 shopt -s nullglob
 tar czf "$OUT/reports.tar.gz" q-*.json *.log *.png gpu.txt
+[ "${CKPTS:-1}" = 1 ] || exit 0  # CKPTS=0: no checkpoints back (a base model's are over the device tool's 16 MiB)
 tar cf "$OUT/ckpt-gen-sf.tar" --ignore-failed-read gen-{sf,sfa}/{config.json,model.safetensors}
 tar cf "$OUT/ckpt-gen-ft.tar" --ignore-failed-read gen-ft/{config.json,model.safetensors}
 tar cf "$OUT/ckpt-v2v.tar" --ignore-failed-read v2v-s{2,1}/{config.json,model.safetensors}
