@@ -5,14 +5,9 @@ of conv_triton.py; elsewhere (and as the reference) the same numbers through `F.
     conv = PackedConv3x3.from_conv(model_conv, weights="fp8")   # packs once ("native": conv's dtype)
     y = conv(x)                        # == model_conv(x) up to the weights' rounding
     y = conv(x, residual=skip)         # the residual add fused into the epilogue
-    conv = PackedConv3x3.from_conv(model_conv, norm=group_norm)  # GroupNorm + SiLU fused into the input loads
-    y = conv(x)                        # == model_conv(F.silu(group_norm(x)))
 
 Packed weight: (9 CIN, COUT), row = 3x3 tap * CIN + input channel, output channel innermost (the
 layout the kernel streams). FP8: E4M3 with one fp32 scale per output channel (amax / 448).
-Prologue (optional): the input is x' = silu((x - mean[b, g]) * rstd[b, g] * gamma[c] + beta[c]), the
-GroupNorm-apply of precomputed fp32 statistics (B, G) (`group_norm_stats`), computed as x is loaded;
-the zero padding applies to x', so the border contributes 0, as in conv(silu(group_norm(x))).
 """
 from __future__ import annotations
 
@@ -60,80 +55,10 @@ def unpack_weight(packed: torch.Tensor, scale: torch.Tensor | None) -> torch.Ten
     return w.reshape(3, 3, cin, -1).permute(3, 2, 0, 1)
 
 
-def group_norm_stats(x: torch.Tensor, groups: int, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, C, H, W) -> mean, rstd (B, G) in fp32, as F.group_norm computes them: biased variance over
-    each group's channels and pixels, rstd = 1 / sqrt(var + eps). On CUDA one Triton kernel
-    (group_norm_stats_triton), elsewhere stock PyTorch."""
-    if x.shape[1] % groups:
-        raise ConvError(f"{groups} groups do not divide {x.shape[1]} channels: choose a group count that divides them")
-    return torch.ops.mirage.group_norm_stats(x, groups, eps)
-
-
-@torch.library.custom_op("mirage::group_norm_stats", mutates_args=())
-def _group_norm_stats(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """An op, so that torch.compile and CUDA graphs see one opaque call, like mirage::conv3x3."""
-    if x.is_cuda:
-        return group_norm_stats_triton(x, groups, eps)
-    b, c = x.shape[:2]
-    grouped = x.float().permute(0, 2, 3, 1).reshape(b, -1, groups, c // groups)  # (B, HW, G, C/G): a view if NHWC
-    var, mean = torch.var_mean(grouped, dim=(1, 3), correction=0)
-    return mean, torch.rsqrt(var + eps)
-
-
-@_group_norm_stats.register_fake
-def _(x, groups, eps):
-    mean = x.new_empty(x.shape[0], groups, dtype=torch.float32)
-    return mean, torch.empty_like(mean)
-
-
-def group_norm_stats_triton(x: torch.Tensor, groups: int, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """group_norm_stats in one launch (one program per (batch, group)), x in any layout."""
-    import triton
-
-    from mirage.plugins_cpp import conv_triton
-
-    b, c, h, w = x.shape
-    mean = torch.empty(b, groups, dtype=torch.float32, device=x.device)
-    rstd = torch.empty_like(mean)
-    block_c = triton.next_power_of_2(c // groups)
-    conv_triton.group_stats_kernel[(b * groups,)](x, mean, rstd, c, h * w, w, *x.stride(), c // groups, eps,
-                                                  BLOCK_P=max(1, 2048 // block_c), BLOCK_C=block_c)
-    return mean, rstd
-
-
-def check_prologue(x, mean, rstd, gamma, beta) -> bool:
-    """Whether the GroupNorm + SiLU prologue is on; its four tensors come together and fit x."""
-    given = [t is not None for t in (mean, rstd, gamma, beta)]
-    if not any(given):
-        return False
-    b, c = x.shape[:2]
-    if not all(given):
-        raise ConvError("the GroupNorm prologue takes mean, rstd, gamma and beta together: pass all four or none")
-    if mean.dtype != torch.float32 or mean.ndim != 2 or mean.shape[0] != b or c % mean.shape[1] \
-            or rstd.shape != mean.shape or rstd.dtype != torch.float32:
-        raise ConvError(f"GroupNorm statistics mean {tuple(mean.shape)} {mean.dtype}, rstd {tuple(rstd.shape)} "
-                        f"{rstd.dtype} do not fit x {tuple(x.shape)}: pass float32 (B, G) with G dividing the "
-                        "channels (group_norm_stats)")
-    if gamma.shape != (c,) or beta.shape != (c,):
-        raise ConvError(f"GroupNorm gamma {tuple(gamma.shape)} / beta {tuple(beta.shape)} do not fit {c} channels")
-    return True
-
-
-def group_norm_silu(x, mean, rstd, gamma, beta) -> torch.Tensor:
-    """silu(group_norm(x)) in fp32 from given statistics (B, G) and per-channel gamma, beta (C,)."""
-    b, c = x.shape[:2]
-    groups = mean.shape[1]
-    grouped = x.float().reshape(b, groups, c // groups, -1)  # (B, G, C/G, HW)
-    normed = ((grouped - mean[..., None, None]) * rstd[..., None, None]).reshape(x.shape)
-    return F.silu(normed * gamma.float()[:, None, None] + beta.float()[:, None, None])
-
-
-def conv3x3_reference(x, weight, scale, bias, residual, mean=None, rstd=None, gamma=None, beta=None) -> torch.Tensor:
-    """The op's meaning in stock PyTorch, fp32 accumulation, cast to x's dtype. With the prologue,
-    the convolution's input is silu(group_norm(x)) in fp32, zero-padded after the activation."""
+def conv3x3_reference(x, weight, scale, bias, residual) -> torch.Tensor:
+    """The op's meaning in stock PyTorch, fp32 accumulation, cast to x's dtype."""
     w = unpack_weight(weight, scale).float()
-    a = group_norm_silu(x, mean, rstd, gamma, beta) if check_prologue(x, mean, rstd, gamma, beta) else x.float()
-    out = F.conv2d(a, w, None if bias is None else bias.float(), padding=1)
+    out = F.conv2d(x.float(), w, None if bias is None else bias.float(), padding=1)
     if residual is not None:
         out = out + residual.float()
     return out.to(x.dtype)
@@ -174,10 +99,8 @@ def tuned(device_name: str) -> dict[str, dict]:
     return json.loads(TUNED.read_text()).get(device_name, {})
 
 
-def conv3x3_triton(x, weight, scale, bias, residual, config: ConvConfig | None = None, *, mean=None, rstd=None,
-                   gamma=None, beta=None) -> torch.Tensor:
-    """The Triton kernel, with the GroupNorm + SiLU prologue where mean, rstd, gamma and beta are
-    given; returns (B, COUT, H, W) in channels-last memory (the kernel's (M, COUT) rows)."""
+def conv3x3_triton(x, weight, scale, bias, residual, config: ConvConfig | None = None) -> torch.Tensor:
+    """The Triton kernel; returns (B, COUT, H, W) in channels-last memory (the kernel's (M, COUT) rows)."""
     import triton
 
     from mirage.plugins_cpp import conv_triton
@@ -189,7 +112,6 @@ def conv3x3_triton(x, weight, scale, bias, residual, config: ConvConfig | None =
                         "run the model in half precision or do not pack it")
     if weight.shape[0] != 9 * cin:
         raise ValueError(f"packed weight {tuple(weight.shape)} does not fit {cin} input channels (9 x CIN rows)")
-    norm = check_prologue(x, mean, rstd, gamma, beta)
     if x.stride(1) != 1:  # the kernel reads channel rows: a small copy of the activations, not the weights
         x = x.contiguous(memory_format=torch.channels_last)
     if config is None:
@@ -206,12 +128,9 @@ def conv3x3_triton(x, weight, scale, bias, residual, config: ConvConfig | None =
     rs = residual.stride() if residual is not None else (0, 0, 0, 0)
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(cout, config.block_n), split)
     flags = dict(HAS_BIAS=bias is not None, HAS_RES=residual is not None)
-    # mean, rstd, gamma, beta (indexed as contiguous) and the channels per group
-    prologue = [t.contiguous() for t in (mean, rstd, gamma, beta)] + [cin // mean.shape[1]] if norm else \
-        [None] * 4 + [1]
     conv_triton.conv3x3_kernel[grid](
-        x, weight, scale, bias, residual, out, partials, b, h, w, cin, cout, *x.stride(), *rs, per_split, *prologue,
-        HAS_SCALE=scale is not None, SPLIT_K=split > 1, NORM=norm, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        x, weight, scale, bias, residual, out, partials, b, h, w, cin, cout, *x.stride(), *rs, per_split,
+        HAS_SCALE=scale is not None, SPLIT_K=split > 1, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages, **flags)
     if split > 1:
         grid = (triton.cdiv(m, 32), triton.cdiv(cout, 128))
@@ -222,42 +141,20 @@ def conv3x3_triton(x, weight, scale, bias, residual, config: ConvConfig | None =
 
 @torch.library.custom_op("mirage::conv3x3", mutates_args=())
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
-            residual: torch.Tensor | None, mean: torch.Tensor | None = None, rstd: torch.Tensor | None = None,
-            gamma: torch.Tensor | None = None, beta: torch.Tensor | None = None) -> torch.Tensor:
+            residual: torch.Tensor | None) -> torch.Tensor:
     """x (B, CIN, H, W), packed weight (9 CIN, COUT) fp16/bf16 or E4M3 with scale (COUT,) fp32,
-    bias (COUT,), residual broadcastable to (B, COUT, H, W) -> (B, COUT, H, W) in x's dtype.
-    Prologue (all four or none): GroupNorm statistics mean, rstd (B, G) fp32 and gamma, beta (CIN,):
-    the convolution's input is silu((x - mean) * rstd * gamma + beta) instead of x."""
+    bias (COUT,), residual broadcastable to (B, COUT, H, W) -> (B, COUT, H, W) in x's dtype."""
     if residual is not None:
         residual = residual.expand(x.shape[0], weight.shape[1], *x.shape[2:])
     if x.is_cuda:
-        return conv3x3_triton(x, weight, scale, bias, residual, mean=mean, rstd=rstd, gamma=gamma, beta=beta)
-    return conv3x3_reference(x, weight, scale, bias, residual, mean, rstd, gamma,
-                             beta).contiguous(memory_format=torch.channels_last)
+        return conv3x3_triton(x, weight, scale, bias, residual)
+    return conv3x3_reference(x, weight, scale, bias, residual).contiguous(memory_format=torch.channels_last)
 
 
 @conv3x3.register_fake
-def _(x, weight, scale, bias, residual, mean=None, rstd=None, gamma=None, beta=None):
+def _(x, weight, scale, bias, residual):
     b, _, h, w = x.shape
     return x.new_empty(b, h, w, weight.shape[1]).permute(0, 3, 1, 2)
-
-
-@dataclass(frozen=True)
-class GroupNormPrologue:
-    """A GroupNorm's settings and affine parameters (ones and zeros if it has none), detached."""
-
-    groups: int
-    eps: float
-    weight: torch.Tensor
-    bias: torch.Tensor
-
-    @classmethod
-    def of(cls, norm: nn.GroupNorm, like: torch.Tensor) -> "GroupNormPrologue":
-        """`like`: the dtype and device for the ones and zeros of a GroupNorm without affine parameters."""
-        if not norm.affine:
-            c = norm.num_channels
-            return cls(norm.num_groups, norm.eps, like.new_ones(c), like.new_zeros(c))
-        return cls(norm.num_groups, norm.eps, norm.weight.detach().clone(), norm.bias.detach().clone())
 
 
 class PackedConv3x3(nn.Module):
@@ -266,36 +163,28 @@ class PackedConv3x3(nn.Module):
     (uint8), which no dtype conversion touches, so a model can be packed before the runtime moves
     it to its device and precision."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
-                 norm: GroupNormPrologue | None = None):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None):
         super().__init__()
         self.fp8 = weight.dtype == FP8
         self.register_buffer("weight", weight.view(torch.uint8) if self.fp8 else weight)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", bias)
-        self.norm_groups, self.norm_eps = (norm.groups, norm.eps) if norm else (None, None)
-        self.register_buffer("norm_weight", norm.weight if norm else None)
-        self.register_buffer("norm_bias", norm.bias if norm else None)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, weights: str = "native", norm: nn.GroupNorm | None = None) -> "PackedConv3x3":
-        """weights: "native" (conv's own dtype) or "fp8" (E4M3 + per-output-channel scales); norm: the
-        GroupNorm whose output, through SiLU, is conv's input (fused into the kernel's input loads)."""
+    def from_conv(cls, conv: nn.Conv2d, weights: str = "native") -> "PackedConv3x3":
+        """weights: "native" (conv's own dtype) or "fp8" (E4M3 + per-output-channel scales)."""
         if conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (1, 1) or conv.groups != 1 \
                 or conv.dilation != (1, 1):
             raise ValueError(f"{conv}: PackedConv3x3 takes 3x3, stride 1, padding 1, ungrouped convolutions")
         if weights not in ("native", "fp8"):
             raise ConvError(f"weights {weights!r}: choose native or fp8")
-        if norm is not None and norm.num_channels != conv.in_channels:
-            raise ConvError(f"{norm} normalises {norm.num_channels} channels but {conv} takes {conv.in_channels}: "
-                            "pass the GroupNorm that feeds this convolution")
         with torch.no_grad():
             packed = pack_weight(conv.weight.detach())
             scale = None
             if weights == "fp8":
                 packed, scale = quantize_fp8(packed)
             bias = None if conv.bias is None else conv.bias.detach().clone()
-        return cls(packed, scale, bias, None if norm is None else GroupNormPrologue.of(norm, conv.weight))
+        return cls(packed, scale, bias)
 
     @property
     def typed_weight(self) -> torch.Tensor:
@@ -303,13 +192,7 @@ class PackedConv3x3(nn.Module):
         return self.weight.view(FP8) if self.fp8 else self.weight
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """conv(x) + residual, or with a norm conv(silu(group_norm(x))) + residual (the statistics
-        are one small reduction over x here, the normalised tensor is never written)."""
-        if self.norm_groups is None:
-            return torch.ops.mirage.conv3x3(x, self.typed_weight, self.scale, self.bias, residual)
-        mean, rstd = group_norm_stats(x, self.norm_groups, self.norm_eps)
-        return torch.ops.mirage.conv3x3(x, self.typed_weight, self.scale, self.bias, residual, mean, rstd,
-                                        self.norm_weight, self.norm_bias)
+        return torch.ops.mirage.conv3x3(x, self.typed_weight, self.scale, self.bias, residual)
 
 
 def pack_convolutions(model: nn.Module, run: Callable[[], object], max_pixels: int = 256,

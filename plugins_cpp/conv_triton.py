@@ -14,11 +14,6 @@ workspace (SPLIT, M, COUT) and a second kernel sums the splits in a fixed order 
 atomics: graph replay stays bit-identical to eager), adds bias and residual and casts. The
 workspace is small and written just before it is read, so it lives in L2. The number of splits
 is a run-time value (the grid), so tuning it compiles nothing new.
-
-With NORM (a compile-time flag: without it the kernel is the same code as before), each A tile is
-transformed in registers as it is loaded, silu((x - mean[b, g]) * rstd[b, g] * gamma[c] + beta[c])
-in fp32 from precomputed GroupNorm statistics (B, G), then masked to zero outside the image, so
-conv(silu(group_norm(x))) runs without writing the normalised tensor.
 """
 from __future__ import annotations
 
@@ -28,13 +23,11 @@ import triton.language as tl
 
 # Sizes that only enter index math are not specialised on (one compile serves every layer shape of a
 # tile config); CIN, COUT and x's strides are, since their alignment decides the load width.
-@triton.jit(do_not_specialize=["B", "H", "W", "blocks_per_split", "srb", "src", "srh", "srw", "CPG"])
+@triton.jit(do_not_specialize=["B", "H", "W", "blocks_per_split", "srb", "src", "srh", "srw"])
 def conv3x3_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr, acc_ptr,
                    B, H, W, CIN, COUT, sxb, sxc, sxh, sxw, srb, src, srh, srw, blocks_per_split,
-                   mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, CPG,
                    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                   SPLIT_K: tl.constexpr, NORM: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     M = B * H * W
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -53,9 +46,6 @@ def conv3x3_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr, acc_ptr,
         c_ok = ci < CIN
         a = tl.load(x_ptr + b[:, None] * sxb + iy[:, None] * sxh + ix[:, None] * sxw + ci[None, :] * sxc,
                     mask=pix_ok[:, None] & c_ok[None, :], other=0.0)
-        if NORM:
-            a = _group_norm_silu(a, b, ci, pix_ok[:, None] & c_ok[None, :], c_ok, mean_ptr, rstd_ptr, gamma_ptr,
-                                 beta_ptr, CIN // CPG, CPG)
         w = tl.load(w_ptr + (tap * CIN + ci)[:, None] * COUT + offs_n[None, :],
                     mask=c_ok[:, None] & n_ok[None, :], other=0.0)
         acc += tl.dot(a, w.to(a.dtype))
@@ -67,21 +57,6 @@ def conv3x3_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr, acc_ptr,
                   HAS_BIAS, HAS_RES)
     else:
         tl.store(acc_ptr + (pid_k * M + offs_m)[:, None] * COUT + offs_n[None, :], acc, mask=ok)
-
-
-@triton.jit
-def _group_norm_silu(a, b, ci, ok, c_ok, mean_ptr, rstd_ptr, gamma_ptr, beta_ptr, G, CPG):
-    """x tile (BLOCK_M, BLOCK_K) -> silu((x - mean[b, g]) * rstd[b, g] * gamma[c] + beta[c]) in fp32, g = c // CPG,
-    then 0 where `ok` is false: the convolution pads the activated tensor, so the padding (and the channel
-    tail) comes after the activation, not before; cast back to x's dtype for the MMA."""
-    stat = b[:, None] * G + (ci // CPG)[None, :]  # (BLOCK_M, BLOCK_K) rows of the (B, G) statistics
-    mean = tl.load(mean_ptr + stat, mask=ok, other=0.0)
-    rstd = tl.load(rstd_ptr + stat, mask=ok, other=0.0)
-    gamma = tl.load(gamma_ptr + ci, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    beta = tl.load(beta_ptr + ci, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    v = (a.to(tl.float32) - mean) * (rstd * gamma) + beta
-    v = v * tl.sigmoid(v)
-    return tl.where(ok, v, 0.0).to(a.dtype)
 
 
 @triton.jit
@@ -112,31 +87,3 @@ def split_epilogue_kernel(acc_ptr, bias_ptr, res_ptr, out_ptr, B, H, W, COUT, sp
         acc += tl.load(acc_ptr + (s * M + offs_m)[:, None] * COUT + offs_n[None, :], mask=ok, other=0.0)
     _epilogue(acc, offs_m, offs_n, ok, b, y, x, bias_ptr, res_ptr, out_ptr, COUT, srb, src, srh, srw,
               HAS_BIAS, HAS_RES)
-
-
-@triton.jit(do_not_specialize=["HW", "W", "sxb", "sxh", "sxw", "CPG", "eps"])
-def group_stats_kernel(x_ptr, mean_ptr, rstd_ptr, CIN, HW, W, sxb, sxc, sxh, sxw, CPG, eps,
-                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """GroupNorm statistics of one (batch, group) per program: the fp32 mean of x[b, g CPG:(g + 1) CPG]
-    over every pixel, then rstd = 1 / sqrt(mean of (x - mean)^2 + eps) in a second pass (x is small
-    and still in cache; no cancellation of a sum of squares)."""
-    pid = tl.program_id(0)
-    b, g = pid // (CIN // CPG), pid % (CIN // CPG)
-    c = tl.arange(0, BLOCK_C)
-    base = x_ptr + b * sxb + (g * CPG + c)[None, :] * sxc
-    total = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    for p0 in range(0, HW, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        ok = (p < HW)[:, None] & (c < CPG)[None, :]
-        total += tl.load(base + (p // W)[:, None] * sxh + (p % W)[:, None] * sxw, mask=ok, other=0.0).to(tl.float32)
-    mean = tl.sum(tl.sum(total, axis=1), axis=0) / (HW * CPG)
-    total = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    for p0 in range(0, HW, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        ok = (p < HW)[:, None] & (c < CPG)[None, :]
-        v = tl.load(base + (p // W)[:, None] * sxh + (p % W)[:, None] * sxw, mask=ok, other=0.0).to(tl.float32)
-        d = tl.where(ok, v - mean, 0.0)
-        total += d * d
-    var = tl.sum(tl.sum(total, axis=1), axis=0) / (HW * CPG)
-    tl.store(mean_ptr + pid, mean)
-    tl.store(rstd_ptr + pid, 1.0 / tl.sqrt(var + eps))
