@@ -65,6 +65,9 @@ class ServeError(MirageError):
     """A user error: bad server options, or a bad frame from a client (the message says which)."""
 
 
+MIN_CALIBRATE_STEPS = 3  # what a GPU pool is calibrated with when calibrate_steps is 0
+
+
 @dataclass(frozen=True)
 class ServerOptions:
     host: str = "127.0.0.1"
@@ -76,7 +79,8 @@ class ServerOptions:
     stats_interval_s: float = 1.0
     calibrate_steps: int = 0      # at start, time this many steps of the idle pool (nothing commits): /health's
                                   # idle_step_ms, the bare pool's step in this process to set the served one against,
-                                  # and the step time the stepper plans with (mirage-serve: 10)
+                                  # and the step time the stepper plans with (mirage-serve: 10; a GPU pool gets
+                                  # MIN_CALIBRATE_STEPS when 0, as its held steps cannot be timed)
     switch_interval_ms: float = 0.5  # the GIL's switch interval (Python's default 5 ms): how long the step thread,
                                      # back from a GPU call, may wait for the GIL while codec threads run Python
 
@@ -269,11 +273,11 @@ class Server:
         """A whole step, synchronously (the calibration's): its seconds."""
         return self.submit_pool(inputs) + self.collect_pool()[1]
 
-    def calibrate(self) -> None:
+    def calibrate(self, steps: int) -> None:
         """In the step thread, before any stream: the idle pool's step (every row computed, none committed)."""
         inputs = {}
         self.step_pool(inputs)  # warm: first-call costs stay out of the number
-        seconds = [self.step_pool(inputs) for _ in range(self.options.calibrate_steps)]
+        seconds = [self.step_pool(inputs) for _ in range(steps)]
         self.idle_step_ms = 1e3 * sorted(seconds)[len(seconds) // 2]
         self.step_s = self.idle_step_ms / 1e3  # what `due` counts on from now on
         log.info("idle pool step: %.2f ms (median of %d)", self.idle_step_ms, len(seconds))
@@ -475,7 +479,7 @@ class Server:
         self.stages["pool"].add(submit_s + collect_s, end)
         alone = end - max(start, self.last_step_end)  # in-flight steps overlap: count that time once
         self.steps.append((end, alone))
-        if self.idle_step_ms is None:  # not calibrated: learn it (a CPU pool, depth 1, holds no step)
+        if self.idle_step_ms is None:  # not calibrated, so a CPU pool (depth 1, no held step): learn it
             self.step_s += 0.1 * (alone - self.step_s)
         self.last_step_end = end
         for s, f in batch:
@@ -541,8 +545,10 @@ class Server:
     async def lifetime(self, app: web.Application):
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(self.options.switch_interval_ms / 1e3)
-        if self.options.calibrate_steps:
-            await self.in_step_thread(self.calibrate)
+        # a pool that holds steps (depth 2) is always calibrated: the plan must not come from held steps
+        steps = self.options.calibrate_steps or (MIN_CALIBRATE_STEPS if self.pool.depth > 1 else 0)
+        if steps:
+            await self.in_step_thread(self.calibrate, steps)
         stepper = asyncio.create_task(self.stepper())
         yield
         stepper.cancel()

@@ -238,6 +238,16 @@ def test_the_next_step_is_submitted_before_the_step_ahead_is_collected():
     assert at_collect[:-1] == [1] * (len(at_collect) - 1), served
 
 
+def test_a_pool_that_holds_steps_is_always_calibrated(v2v_pool):
+    """The stepper plans a held step's end with the idle pool's step: a GPU-like pool (depth 2) is
+    timed even with calibrate_steps=0; a CPU pool (depth 1) is not, and learns from served steps."""
+    async def idle_step_ms(pool):
+        async with serving(pool, calibrate_steps=0) as client:
+            return (await (await client.get("/health")).json())["idle_step_ms"]
+    assert run(lambda: idle_step_ms(ThreadLogPool())) is not None
+    assert v2v_pool.depth == 1 and run(lambda: idle_step_ms(v2v_pool)) is None
+
+
 class SlowPool(ThreadLogPool):
     """One step in flight (a CPU pool's depth) whose collect takes 0.3 s; a submit naming a detached
     slot fails, as StreamPool's does."""
