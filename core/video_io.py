@@ -33,6 +33,12 @@ def to_uint8(frame: np.ndarray) -> np.ndarray:
     return np.clip((frame + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
 
 
+def as_uint8(frame: np.ndarray) -> np.ndarray:
+    """A frame as bytes: float frames in [-1, 1] through to_uint8; uint8 frames (a pipeline with
+    frames="uint8") as they are, no copy."""
+    return frame if frame.dtype == np.uint8 else to_uint8(frame)
+
+
 def fit_square(frame_u8: np.ndarray, size: int) -> np.ndarray:
     """Center-crop to a square, then resize to size x size (bicubic)."""
     from PIL import Image
@@ -123,7 +129,7 @@ class VideoWriter:
         self._gif: list = []
 
     def write(self, frame: np.ndarray) -> None:
-        u8 = frame if frame.dtype == np.uint8 else to_uint8(frame)
+        u8 = as_uint8(frame)
         if self.scale is None:
             self.scale = max(1, 128 // u8.shape[1])
         if self.scale > 1:

@@ -29,7 +29,7 @@ from mirage.core.config import ModelConfig, PipelineOptions
 from mirage.core.errors import BackendError, MirageError
 from mirage.core.loop import Buffers, Schedule, make_buffers
 from mirage.core.schedule import DEFAULT_STEPS, default_steps
-from mirage.core.video_io import to_float, to_uint8
+from mirage.core.video_io import as_uint8, to_float
 from mirage.runtime.execution import CpuExecution, GpuExecution
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
@@ -262,7 +262,7 @@ class Pipeline:
         """Input frames (B, H, W, 3) as the execution stages them: bytes as they are (uint8 frames),
         else (B, 3, H, W) float32."""
         if self.options.frames == "uint8":
-            return np.ascontiguousarray(cond if cond.dtype == np.uint8 else to_uint8(cond))
+            return np.ascontiguousarray(as_uint8(cond))
         floats = to_float(cond) if cond.dtype == np.uint8 else cond.astype(np.float32, copy=False)
         return np.ascontiguousarray(floats.transpose(0, 3, 1, 2))
 

@@ -52,7 +52,7 @@ import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from mirage.core.errors import MirageError
-from mirage.core.video_io import to_float, to_uint8, v2v_input
+from mirage.core.video_io import as_uint8, to_float, v2v_input
 from mirage.runtime.pool import PoolFull
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -153,17 +153,10 @@ def _rgb(payload: memoryview, fmt: int, shape: tuple[int, int, int], frame_id: i
         raise ServeError(f"frame {frame_id}: not a readable {FORMATS[fmt]} image ({e})") from e
 
 
-def rgb8(frames: np.ndarray) -> np.ndarray:
-    """Model frames (..., H, W, 3) in [-1, 1] -> uint8 RGB; uint8 frames (a pipeline with frames="uint8")
-    pass through as they are. The server runs it once per step on the whole batch, in the step thread:
-    one vectorized pass instead of one per stream in the codec threads."""
-    return frames if frames.dtype == np.uint8 else to_uint8(frames)
-
-
 def encode_frame(frame: Frame, pixels: np.ndarray) -> bytes:
     """The reply to `frame`: its header echoed, then `pixels` ((H, W, 3) in [-1, 1], or uint8 RGB) in the
     frame's format."""
-    rgb = rgb8(pixels)
+    rgb = as_uint8(pixels)
     if frame.fmt == RAW:
         body = rgb.tobytes()
     else:
@@ -245,10 +238,10 @@ class Server:
         self.stages = {name: Recent() for name in STAGES}
         self.idle_step_ms: float | None = None  # set by calibrate()
         self.last_step_end = 0.0
-        self.step_s = 0.0    # a step's time in flight (not counting the wait for the step ahead): the idle pool's
-        # step once calibrated (a held step's collect waits for the next submit, so its measured time holds that
-        # wait too; learning from it lengthened `due`, then the hold, then the step: 24 streams fell to 18 FPS
-        # on an H100), else a recent mean
+        self.step_s = 0.0    # the step time the stepper plans with (`due`): on a pool that holds steps (a GPU)
+        # the calibrated period of idle steps kept two in flight, never learned (a held step's collect waits for
+        # the next submit, so its measured time holds that wait too; learning from it lengthened `due`, then the
+        # hold, then the step: 24 streams fell to 18 FPS on an H100); on a CPU pool a recent mean of served steps
         self.submit_s = 0.0  # a submit's time in the step thread, recent mean
         self.due = 0.0       # when the steps in flight are expected to be done
         # One thread touches the pool: submits, collects, attaches and detaches, in the order the event loop
@@ -271,11 +264,12 @@ class Server:
         return time.monotonic() - start
 
     def collect_pool(self) -> tuple[dict[int, np.ndarray], float]:
-        """In the step thread: the oldest step's outputs as uint8 RGB (one pass over the batch), the seconds taken."""
+        """In the step thread: the oldest step's outputs as uint8 RGB, the seconds taken. One vectorized
+        conversion of the whole batch here, instead of one per stream in the codec threads."""
         start = time.monotonic()
         outputs = self.pool.collect()
         slots = list(outputs)
-        rgb = rgb8(np.stack([outputs[s] for s in slots])) if slots else []  # (n, H, W, 3) uint8
+        rgb = as_uint8(np.stack([outputs[s] for s in slots])) if slots else []  # (n, H, W, 3) uint8
         return dict(zip(slots, rgb)), time.monotonic() - start
 
     def step_pool(self, inputs: dict) -> float:
@@ -288,17 +282,19 @@ class Server:
         self.step_pool(inputs)  # warm: first-call costs stay out of the number
         seconds = [self.step_pool(inputs) for _ in range(steps)]
         self.idle_step_ms = 1e3 * sorted(seconds)[len(seconds) // 2]
-        self.step_s = self.idle_step_ms / 1e3  # what `due` counts on from now on
-        if self.pool.depth > 1:  # plan with the period of steps kept two in flight, as the stepper keeps them
-            start = time.monotonic()
-            self.submit_pool(inputs)
-            for _ in range(steps - 1):
-                self.submit_pool(inputs)
-                self.collect_pool()
-            self.collect_pool()
-            self.step_s = (time.monotonic() - start) / steps
+        self.step_s = self.pipelined_step_s(steps) if self.pool.depth > 1 else self.idle_step_ms / 1e3
         log.info("idle pool step: %.2f ms (median of %d), planned step %.2f ms", self.idle_step_ms, len(seconds),
                  1e3 * self.step_s)
+
+    def pipelined_step_s(self, steps: int) -> float:
+        """In the step thread: the period of idle steps kept two in flight, as the stepper keeps them."""
+        start = time.monotonic()
+        self.submit_pool({})
+        for _ in range(steps - 1):
+            self.submit_pool({})
+            self.collect_pool()
+        self.collect_pool()
+        return (time.monotonic() - start) / steps
 
     def in_step_thread(self, fn, *args):
         return asyncio.get_running_loop().run_in_executor(self.step_thread, fn, *args)
@@ -523,8 +519,8 @@ class Server:
         dropping (and counting) those older than the deadline, but never two of a stream in a row:
         when steps take longer than the deadline, a stream whose frames always arrive early in a
         step would otherwise have every frame dropped and starve while the others stream on."""
+        pending = lambda: any(s.pending is not None for s in self.streams.values())  # noqa: E731
         while True:
-            pending = lambda: any(s.pending is not None for s in self.streams.values())  # noqa: E731
             await self.wait_until(pending, None if until is None else until - time.monotonic())
             if not pending():
                 return None

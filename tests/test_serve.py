@@ -18,11 +18,11 @@ from click.testing import CliRunner  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from mirage.cli.serve import main as serve_cli  # noqa: E402
-from mirage.core.video_io import v2v_input  # noqa: E402
+from mirage.core.video_io import as_uint8, v2v_input  # noqa: E402
 from mirage.runtime.pipeline import PipelineError  # noqa: E402
 from mirage.runtime.pool import StreamPool  # noqa: E402
 from mirage.runtime.server import (HEADER, JPEG, PNG, RAW, STAGES, Frame, ServeError, ServerOptions,  # noqa: E402
-                                   encode_frame, make_app, rgb8)
+                                   encode_frame, make_app)
 
 from conftest import CKPT_GEN, CKPT_V2V  # noqa: E402
 
@@ -227,7 +227,7 @@ def test_the_next_step_is_submitted_before_the_step_ahead_is_collected():
             ids = [g[0] for g in got]
             assert ids == sorted(ids)
             for n, _, payload in got:  # the pool hands back its input: the server's model input of frame n
-                expected = rgb8(v2v_input(frames[n].astype(np.float32) / 127.5 - 1)[None])[0]
+                expected = as_uint8(v2v_input(frames[n].astype(np.float32) / 127.5 - 1)[None])[0]
                 np.testing.assert_array_equal(np.frombuffer(payload, np.uint8).reshape(SIZE, SIZE, 3), expected)
             assert (await (await client.get("/health")).json())["plan_step_ms"] == plan
             await ws.close()
@@ -295,11 +295,11 @@ def test_a_client_leaving_while_its_frame_waits_disturbs_no_other():
     assert "detach" in [c for c, _ in pool.calls]
 
 
-def test_rgb8_converts_model_frames_once_and_passes_uint8_through():
+def test_as_uint8_converts_model_frames_and_passes_uint8_through():
     frames = np.linspace(-1.2, 1.2, 2 * 4 * 4 * 3, dtype=np.float32).reshape(2, 4, 4, 3)  # (B, H, W, 3)
-    rgb = rgb8(frames)
+    rgb = as_uint8(frames)
     assert rgb.dtype == np.uint8 and (rgb[0, 0, 0, 0], rgb[-1, -1, -1, -1]) == (0, 255)
-    assert rgb8(rgb) is rgb  # a pipeline with uint8 frames costs nothing here
+    assert as_uint8(rgb) is rgb  # a pipeline with uint8 frames costs nothing here
     assert encode_frame(Frame(1, RAW, 0.0, 0.0, None), frames[1]) == encode_frame(Frame(1, RAW, 0.0, 0.0, None), rgb[1])
 
 
