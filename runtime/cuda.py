@@ -407,13 +407,14 @@ class CudaOps:
                      (c, ctypes.c_int), self._n(h * w), self._n(dst.size))
 
     def reset_row_(self, buf, row: int, seed: int):
+        """Kernels on the compute stream, nothing more: the seed is a kernel argument (cuLaunchKernel
+        copies it at the launch), where a copy from host memory would need that memory kept alive
+        until the copy ran, and a wait to know when."""
         for b in (buf.memory, buf.ages, buf.slot, buf.rng):
             per_row = b.nbytes // b.shape[0]
             self.zero_(b, row * per_row, per_row)
-        host = np.array([int64_bits(seed)], dtype=np.int64)
-        call(self.dev.rt.cudaMemcpyAsync, buf.rng.ptr + 16 * row, host.ctypes.data, 8,
-             self.dev.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream)
-        call(self.dev.rt.cudaStreamSynchronize, self.stream)  # `host` is pageable and about to go away
+        offset = buf.rng.nbytes // buf.rng.shape[0] * row  # bytes; rng (B, 2) int64: (seed, counter), zeroed above
+        self._launch("fill_i64", 1, self._p(buf.rng, offset), (int64_bits(seed), ctypes.c_longlong), self._n(1))
 
     def fill_(self, buf, value: float):
         if buf.dtype == "int64":

@@ -154,7 +154,9 @@ class Pipeline:
         self.execution.timeline.clear()
 
     def reset_row(self, row: int, seed: int) -> None:
-        """Restart row `row` alone (a new stream in that slot); the other rows carry on."""
+        """Restart row `row` alone (a new stream in that slot); the other rows carry on. Frames already
+        submitted finish with the old row, the next submitted starts the new one (on a GPU the reset is
+        enqueued between them, without waiting for the frames in flight)."""
         self._require("ready", "reset a row")
         if not 0 <= row < self.batch:
             raise PipelineError(f"row {row} outside the pipeline's batch of {self.batch}")

@@ -6,8 +6,9 @@
     pool.detach(a)
 
 Each slot is one row of a Pipeline of batch B: its own ring buffer, ages, slot index and noise
-counter, so a stream's frames depend only on its own seed and inputs. Attaching or detaching
-resets that row between frames; the captured graph is never recaptured. A step advances the
+counter, so a stream's frames depend only on its own seed and inputs. Attaching resets that row
+for the next step submitted (steps in flight finish with the old one; on a GPU the reset is
+queued behind them, the step thread does not wait); the captured graph is never recaptured. A step advances the
 slots it has inputs for (video-to-video; every attached slot for generation): the others are
 held (computed, nothing committed), so a stream's video does not depend on when its neighbours
 send. A free row still computes (a captured graph has a fixed batch): its output is dropped, and

@@ -1,4 +1,5 @@
 """The runtime's loop, ring buffer, noise and lifecycle on the CPU (the GPU half is tests/gpu)."""
+import contextlib
 import subprocess
 import sys
 
@@ -269,3 +270,65 @@ def test_any_int_is_a_seed_on_every_ops():
             rows.append(np.asarray(noise))
         assert np.abs(rows[0] - rows[1]).max() < 1e-5
         assert np.abs(rows[0][0] - normal(seed, 0, 64)).max() < 1e-5
+
+
+class _StandInGpu:
+    """GpuExecution's GPU as CPU tensors, for what a CPU can check: host waits are refused, and each
+    row reset (TorchOps') notes whether it ran inside on_compute() (on a GPU: on the compute stream)."""
+
+    def __init__(self):
+        self.compute, self.ops, self.on_stream, self.resets = "compute", self, False, []
+
+    @contextlib.contextmanager
+    def on_compute(self):
+        self.on_stream = True
+        yield
+        self.on_stream = False
+
+    def synchronize(self):
+        raise AssertionError("a host wait: the steps in flight would drain")
+
+    def reset_row_(self, buf, row, seed):
+        self.resets.append((row, self.on_stream))
+        TorchOps("cpu").reset_row_(buf, row, seed)
+
+    def zeros(self, shape, dtype):
+        return torch.zeros(shape, dtype=getattr(torch, dtype))
+
+    def fill(self, buf, value):
+        buf.fill_(value)
+
+    def pinned(self, like):
+        return np.zeros(tuple(like.shape), np.float32)
+
+    def event(self):
+        return object()
+
+    def warm_up(self, body, for_capture):
+        pass  # nothing runs on the stand-in
+
+
+def test_a_gpu_row_reset_is_enqueued_on_the_compute_stream_without_a_wait():
+    """Issue 16: a synchronize in reset_rows drained both steps in flight on every attach."""
+    from types import SimpleNamespace
+
+    from mirage.core import graphs as G
+    from mirage.core.loop import make_buffers
+    from mirage.runtime.execution import GpuExecution
+
+    cfg = SimpleNamespace(channels=3, image_size=8, cond_channels=0, context_frames=2, memory_tokens=4,
+                          temporal_dim=4, frame_size=0)
+    backend = SimpleNamespace(array="torch", device="cuda:0", use_stream=lambda stream: None)
+    schedule, gpu = Schedule.ddim(2, 100), _StandInGpu()
+    ex = GpuExecution(backend, schedule, cuda_graph=False, frames="float32", gpu=gpu)
+    buf = make_buffers(G.model_graphs(cfg, batch=2), schedule, ex.alloc, ex.fill,
+                       lambda graph, name: "int32" if name == G.AGES else "float32")
+    ex.prepare(buf)
+    for b in (buf.memory, buf.ages, buf.slot, buf.rng):
+        b.fill_(5)
+    ex.reset_rows([1], [9])
+    assert gpu.resets == [(1, True)]
+    assert not buf.memory[1].any() and not buf.ages[1].any() and buf.slot[1] == 0
+    assert buf.rng[1].tolist() == [9, 0]
+    assert (buf.memory[0] == 5).all() and (buf.ages[0] == 5).all() and buf.slot[0] == 5  # the other row: as it was
+    assert buf.rng[0].tolist() == [5, 5]
