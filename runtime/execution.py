@@ -241,7 +241,7 @@ class GpuExecution:
         """Stream-ordered: the reset's writes are enqueued on the compute stream, behind the frames
         already submitted and ahead of the next one, and the call returns without waiting for the GPU.
         (A device synchronize here drained both steps in flight and blocked the server's step thread
-        on every attach: 16 streams of `base` fell from ~29 to 19 FPS under churn on an H100, issue 16.)
+        on every attach: under churn 16 streams of `base` got 19 FPS each on an H100, docs/SERVING.md.)
 
         Why stream order is enough:
         (a) the frames in flight read and write memory, ages, slot and rng inside their graph (or
