@@ -47,7 +47,8 @@ DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
               help="A larger frame is answered with an error; a message over twice this closes that connection.")
 @click.option("--calibrate-steps", type=click.IntRange(min=0), default=10, show_default=True,
               help="At start, time this many steps of the idle pool: the step time the server plans batches with "
-                   "(with two steps in flight on a GPU), and /health's idle_step_ms. 0: learn it from served steps.")
+                   "(with two steps in flight on a GPU), and /health's idle_step_ms. 0: a CPU pool learns it from "
+                   "served steps; a GPU pool is still timed, over 3 steps.")
 def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, batch_wait_ms, max_frame_bytes,
          calibrate_steps):
     """Serve MODEL (a checkpoint folder or an exported artifact; default: the bundled tiny-v2v) to

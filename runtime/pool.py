@@ -121,6 +121,9 @@ class PoolGroup:
         self.frame_shape, self.video_to_video = pools[0].frame_shape, pools[0].video_to_video
         self.depth = min(p.depth for p in pools)
         self._busy: collections.deque[list[int]] = collections.deque()  # per step in flight: the pools it runs on
+        # per pool: outputs of its steps in flight collected ahead of time, oldest first (a failed group
+        # submit drains the pools whose part went through: see submit)
+        self._ready: list[collections.deque[dict]] = [collections.deque() for _ in pools]
         # one thread per pool, so that everything done to pool i (attach, detach, submit, collect) happens in
         # thread i: a collect from another thread than the submit's gave wrong frames on an H100 (runtime/server.py)
         self._threads = [ThreadPoolExecutor(1, thread_name_prefix=f"mirage-pool{i}") for i in range(len(pools))]
@@ -163,17 +166,31 @@ class PoolGroup:
             pool, local = self._locate(slot)
             per_pool[self.pools.index(pool)][local] = frame
         busy = [i for i, p in enumerate(self.pools) if (per_pool[i] if self.video_to_video else p.active)]
+        # a step with no work anywhere is an idle step of every pool (computed, nothing committed): the one
+        # the server's calibration times, which would otherwise time nothing
+        busy = busy or list(range(len(self.pools)))
         futures = {i: self._threads[i].submit(self.pools[i].submit, per_pool[i]) for i in busy}  # all at once
         failed = [i for i, f in futures.items() if f.exception() is not None]  # (a CPU pool computes in submit)
         if failed:  # the pools whose submit went through hold a step: drop it, so that all stay in step
             for i in busy:
                 if i not in failed:
-                    self._threads[i].submit(self.pools[i].collect).result()
+                    self._threads[i].submit(self._drop_newest, i).result()
             futures[failed[0]].result()  # raises the first failure
         self._busy.append(busy)
 
+    def _drop_newest(self, i: int) -> None:
+        """In pool i's thread: collect all of its steps in flight, keep the outputs of the older ones
+        (the group's steps still to be collected) for collect(), drop the newest (a failed group step)."""
+        older = sum(i in pools for pools in self._busy) - len(self._ready[i])
+        for _ in range(older):
+            self._ready[i].append(self.pools[i].collect())
+        self.pools[i].collect()
+
+    def _collect(self, i: int) -> dict[int, np.ndarray]:
+        return self._ready[i].popleft() if self._ready[i] else self.pools[i].collect()
+
     def collect(self) -> dict[int, np.ndarray]:
-        futures = {i: self._threads[i].submit(self.pools[i].collect) for i in self._busy.popleft()}
+        futures = {i: self._threads[i].submit(self._collect, i) for i in self._busy.popleft()}
         return {self.offsets[i] + s: frame for i, f in futures.items() for s, frame in f.result().items()}
 
     def close(self) -> None:

@@ -10,7 +10,7 @@ Routes
     GET /          the page (static/index.html)              the token is checked when one is set
     GET /static/*  its script
     GET /health    JSON: slots, active, fps, busy and step_ms (last second), width, height, video_to_video,
-                   idle_step_ms and the per-stage timing (stages)
+                   idle_step_ms, plan_step_ms and the per-stage timing (stages)
     GET /ws        WebSocket, one stream per connection     ?token=...&seed=N
 
 Protocol (docs/SERVING.md has it in full)
@@ -23,12 +23,13 @@ Protocol (docs/SERVING.md has it in full)
 Flow of a frame
     receiver (one per client)  the stream's ONE undecoded message (newest wins)
     decoder  (one per client)  decode in a codec thread -> the stream's ONE pending frame (newest wins)
-    stepper  (one task)        gather pending frames, drop those past the deadline, pool.submit and then
-                               pool.collect in the step thread
+    stepper  (one task)        gather pending frames, drop those past the deadline, pool.submit in the step
+                               thread; with two steps in flight (a GPU pool) the newest step is held and
+                               its pool.collect queued behind the next submit
                                -> each stream's ONE outbox frame, uint8 RGB (newest wins)
     sender   (one per client)  encode in a codec thread -> send; a stats message every second
-Nothing on the event loop touches pixels; the pool is driven from one thread only (step, attach and
-detach are serialized there, so an attach waits for at most the step in flight).
+Nothing on the event loop touches pixels; the pool is driven from one thread only (submit, collect,
+attach and detach are serialized there; an attach resets its row after the steps in flight).
 """
 from __future__ import annotations
 
@@ -65,6 +66,9 @@ class ServeError(MirageError):
     """A user error: bad server options, or a bad frame from a client (the message says which)."""
 
 
+MIN_CALIBRATE_STEPS = 3  # what a GPU pool is calibrated with when calibrate_steps is 0
+
+
 @dataclass(frozen=True)
 class ServerOptions:
     host: str = "127.0.0.1"
@@ -76,7 +80,8 @@ class ServerOptions:
     stats_interval_s: float = 1.0
     calibrate_steps: int = 0      # at start, time this many steps of the idle pool (nothing commits): /health's
                                   # idle_step_ms, the bare pool's step in this process to set the served one against,
-                                  # and the step time the stepper plans with (mirage-serve: 10)
+                                  # and the step time the stepper plans with (mirage-serve: 10; a GPU pool gets
+                                  # MIN_CALIBRATE_STEPS when 0, as its held steps cannot be timed)
     switch_interval_ms: float = 0.5  # the GIL's switch interval (Python's default 5 ms): how long the step thread,
                                      # back from a GPU call, may wait for the GIL while codec threads run Python
 
@@ -222,6 +227,14 @@ class Stream:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
 
 
+async def settle(task: asyncio.Task) -> None:
+    """Wait for a step's finishing task; a bug in it is logged with its traceback, and the stepper goes on."""
+    try:
+        await task
+    except Exception:  # noqa: BLE001
+        log.exception("finishing a pool step failed")
+
+
 class Server:
     def __init__(self, pool, options: ServerOptions):
         self.pool, self.options = pool, options
@@ -269,14 +282,23 @@ class Server:
         """A whole step, synchronously (the calibration's): its seconds."""
         return self.submit_pool(inputs) + self.collect_pool()[1]
 
-    def calibrate(self) -> None:
+    def calibrate(self, steps: int) -> None:
         """In the step thread, before any stream: the idle pool's step (every row computed, none committed)."""
         inputs = {}
         self.step_pool(inputs)  # warm: first-call costs stay out of the number
-        seconds = [self.step_pool(inputs) for _ in range(self.options.calibrate_steps)]
+        seconds = [self.step_pool(inputs) for _ in range(steps)]
         self.idle_step_ms = 1e3 * sorted(seconds)[len(seconds) // 2]
         self.step_s = self.idle_step_ms / 1e3  # what `due` counts on from now on
-        log.info("idle pool step: %.2f ms (median of %d)", self.idle_step_ms, len(seconds))
+        if self.pool.depth > 1:  # plan with the period of steps kept two in flight, as the stepper keeps them
+            start = time.monotonic()
+            self.submit_pool(inputs)
+            for _ in range(steps - 1):
+                self.submit_pool(inputs)
+                self.collect_pool()
+            self.collect_pool()
+            self.step_s = (time.monotonic() - start) / steps
+        log.info("idle pool step: %.2f ms (median of %d), planned step %.2f ms", self.idle_step_ms, len(seconds),
+                 1e3 * self.step_s)
 
     def in_step_thread(self, fn, *args):
         return asyncio.get_running_loop().run_in_executor(self.step_thread, fn, *args)
@@ -286,9 +308,11 @@ class Server:
 
     def load(self) -> dict:
         """Over the last second: pool steps (each advances every stream by one frame), the share of
-        the time with a pool step in flight (near 1: the model is the bound; well below with streams
-        waiting: the server or the clients are), the mean step in ms (from its submit to its outputs),
-        the idle pool's step (calibrate) and each stage's count, mean and maximum (STAGES)."""
+        the time with a pool step in flight, the mean step in ms (from its submit to its outputs), the
+        idle pool's step (calibrate), the step the stepper plans with, and each stage's count, mean and
+        maximum (STAGES). On a pool that holds steps (a GPU) a step is in flight until its collect, which
+        waits for the next submit: `busy` and `step_ms` then include that hold and say nothing of the
+        GPU's own occupancy; on a CPU pool, busy near 1 means the model is the bound."""
         now = time.monotonic()
         since = now - 1.0
         while self.steps and self.steps[0][0] < since:
@@ -296,7 +320,7 @@ class Server:
         inside = sum(min(seconds, end - since) for end, seconds in self.steps)  # a step may start before `since`
         stages = {name: recent.summary(now) for name, recent in self.stages.items()}
         return {"fps": len(self.steps), "busy": round(inside, 3), "step_ms": stages["step"]["mean_ms"],
-                "idle_step_ms": self.idle_step_ms, "stages": stages}
+                "idle_step_ms": self.idle_step_ms, "plan_step_ms": round(1e3 * self.step_s, 3), "stages": stages}
 
     def check_token(self, request: web.Request) -> None:
         token = self.options.token
@@ -436,11 +460,8 @@ class Server:
                 if batch is None:  # the held step is due and no frame came: collect it
                     release()
                     continue
-                while len(in_flight) + (held is not None) >= self.pool.depth:
-                    if in_flight:
-                        await in_flight.popleft()
-                    else:
-                        release()
+                while len(in_flight) + (held is not None) >= self.pool.depth:  # held < depth: in_flight has one
+                    await settle(in_flight.popleft())
                 # streams that left while this batch waited: their slots are detached (or reused) by now
                 batch = [(s, f) for s, f in batch if self.streams.get(s.slot) is s]
                 if not batch:
@@ -475,8 +496,8 @@ class Server:
         self.stages["pool"].add(submit_s + collect_s, end)
         alone = end - max(start, self.last_step_end)  # in-flight steps overlap: count that time once
         self.steps.append((end, alone))
-        if self.idle_step_ms is None:  # not calibrated: learn it (a CPU pool, depth 1, holds no step)
-            self.step_s += 0.1 * (alone - self.step_s)
+        if self.pool.depth == 1:  # nothing held: learn it (a held step's time includes its hold, so a GPU pool
+            self.step_s += 0.1 * (alone - self.step_s)  # plans with its calibration)
         self.last_step_end = end
         for s, f in batch:
             if self.streams.get(s.slot) is not s:  # it left during the step
@@ -541,8 +562,10 @@ class Server:
     async def lifetime(self, app: web.Application):
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(self.options.switch_interval_ms / 1e3)
-        if self.options.calibrate_steps:
-            await self.in_step_thread(self.calibrate)
+        # a pool that holds steps (depth 2) is always calibrated: the plan must not come from held steps
+        steps = self.options.calibrate_steps or (MIN_CALIBRATE_STEPS if self.pool.depth > 1 else 0)
+        if steps:
+            await self.in_step_thread(self.calibrate, steps)
         stepper = asyncio.create_task(self.stepper())
         yield
         stepper.cancel()

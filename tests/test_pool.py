@@ -141,3 +141,53 @@ def test_a_group_stays_in_step_after_one_pool_refuses_a_step():
         group.step({a: a_in[0], b: b_in[0]})
         clean = group.step({a: a_in[1], b: b_in[1]})
     np.testing.assert_array_equal(second[b], clean[b])
+
+
+class _FakePool:
+    """A pool without a model that numbers its steps; submit number `fail_on` raises. Two steps in
+    flight, as on a GPU."""
+
+    slots, frame_shape, video_to_video, depth = 1, (4, 4, 3), True, 2
+
+    def __init__(self, fail_on: int = 0):
+        self.active, self.in_flight, self.submits, self.fail_on = [0], [], 0, fail_on
+
+    def submit(self, inputs: dict) -> None:
+        self.submits += 1
+        if self.submits == self.fail_on:
+            raise PipelineError("refused")
+        self.in_flight.append({slot: self.submits for slot in inputs} if inputs else {})
+
+    def collect(self) -> dict:
+        return self.in_flight.pop(0)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_group_refusing_a_step_behind_one_in_flight_keeps_each_step_s_frames():
+    """With a step in flight (not collected yet), the next group step fails on pool 1: pool 0's part
+    of it is dropped, and the step in flight still collects its own frames, then the next ones theirs."""
+    from mirage.runtime.pool import PoolGroup
+
+    group = PoolGroup([_FakePool(), _FakePool(fail_on=2)])
+    frame = np.zeros((4, 4, 3), np.float32)
+    group.submit({0: frame, 1: frame})                 # step 1 on both
+    with pytest.raises(PipelineError, match="refused"):
+        group.submit({0: frame, 1: frame})             # step 2: pool 1 refuses, pool 0 computed its part
+    assert group.collect() == {0: 1, 1: 1}             # step 1's frames (pool 0's step 2 is dropped)
+    group.submit({0: frame, 1: frame})
+    assert group.collect() == {0: 3, 1: 3}             # pool 0's third submit, pool 1's third
+    assert [p.in_flight for p in group.pools] == [[], []]
+    group.close()
+
+
+def test_a_group_step_without_work_is_an_idle_step_of_every_pool():
+    """What the server's calibration times: with no stream anywhere, every pool computes a step."""
+    from mirage.runtime.pool import PoolGroup
+
+    group = PoolGroup([_FakePool(), _FakePool()])
+    group.submit({})
+    assert [p.submits for p in group.pools] == [1, 1]
+    assert group.collect() == {}
+    group.close()

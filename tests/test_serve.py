@@ -197,22 +197,25 @@ def test_one_thread_drives_the_pool():
 
 
 class WaitingPool(ThreadLogPool):
-    """Two steps in flight (a GPU pool's depth) whose collect waits 0.15 s, as for a GPU step."""
+    """Two steps in flight (a GPU pool's depth) whose collect waits 0.3 s, as for a GPU step."""
 
     def collect(self) -> dict:
         self._log("collect")  # when the call starts
-        time.sleep(0.15)
+        time.sleep(0.3)
         return self.in_flight.pop(0)
 
 
 def test_the_next_step_is_submitted_before_the_step_ahead_is_collected():
     """With two steps in flight, step n+1's submit goes into the step thread ahead of step n's
     collect (the GPU computes n+1 while the host waits for n), never more than two steps in flight,
-    and every frame comes back in order."""
+    and every frame comes back in order. The plan is the calibrated step, never learned from held
+    steps (whose time includes the hold)."""
     pool = WaitingPool()
 
     async def scenario():
         async with serving(pool, batch_wait_ms=0, calibrate_steps=2) as client:
+            plan = (await (await client.get("/health")).json())["plan_step_ms"]
+            assert 250 < plan < 400  # two 0.3 s collects in 0.6 s: the period of steps kept two in flight
             ws, _ = await connect(client)
             frames = inputs(8, 8)
             for n, rgb in enumerate(frames):
@@ -226,16 +229,27 @@ def test_the_next_step_is_submitted_before_the_step_ahead_is_collected():
             for n, _, payload in got:  # the pool hands back its input: the server's model input of frame n
                 expected = rgb8(v2v_input(frames[n].astype(np.float32) / 127.5 - 1)[None])[0]
                 np.testing.assert_array_equal(np.frombuffer(payload, np.uint8).reshape(SIZE, SIZE, 3), expected)
+            assert (await (await client.get("/health")).json())["plan_step_ms"] == plan
             await ws.close()
     run(scenario)
     calls = [c for c, _ in pool.calls]
     served = [c for c in calls[calls.index("attach"):] if c in ("submit", "collect")]  # after the calibration
     in_flight = np.cumsum([1 if c == "submit" else -1 for c in served])  # after each call starts
     assert in_flight.max() == 2 and in_flight.min() >= 0, served
-    # frames arrive every 50 ms and a step takes 150 ms: every collect but the last waits with the
+    # frames arrive every 50 ms and a step takes 300 ms: every collect but the last waits with the
     # next step already submitted (at 1 in flight after it starts: the GPU would idle through it)
     at_collect = [n for c, n in zip(served, in_flight) if c == "collect"]
     assert at_collect[:-1] == [1] * (len(at_collect) - 1), served
+
+
+def test_a_pool_that_holds_steps_is_always_calibrated(v2v_pool):
+    """The stepper plans a held step's end with the idle pool's step: a GPU-like pool (depth 2) is
+    timed even with calibrate_steps=0; a CPU pool (depth 1) is not, and learns from served steps."""
+    async def idle_step_ms(pool):
+        async with serving(pool, calibrate_steps=0) as client:
+            return (await (await client.get("/health")).json())["idle_step_ms"]
+    assert run(lambda: idle_step_ms(ThreadLogPool())) is not None
+    assert v2v_pool.depth == 1 and run(lambda: idle_step_ms(v2v_pool)) is None
 
 
 class SlowPool(ThreadLogPool):
