@@ -111,7 +111,7 @@ class Device:
         count = call(rt.cudaGetDeviceCount)
         if index >= count:
             raise CudaError(f"cuda:{index} requested but {count} CUDA device(s) are visible")
-        call(rt.cudaSetDevice, index)
+        self.make_current()
         call(rt.cudaFree, 0)  # creates the primary context, which the driver API (kernels) then uses
         self.capability = compute_capability(index)
         if self.capability is None:
@@ -119,6 +119,14 @@ class Device:
         self._buffers: list[DeviceBuffer] = []
         self._pinned: list[int] = []
         self._streams, self._events, self._graphs = [], [], []
+
+    def make_current(self) -> None:
+        """Make this device's primary context current for the calling thread (cudaSetDevice does
+        so at once since CUDA 12). A runtime call binds a context implicitly, a kernel launch
+        (cuLaunchKernel, driver API) does not: in a thread whose first CUDA work is a launch it
+        fails with CUDA_ERROR_INVALID_CONTEXT. Cheap (a per-thread setting), so call it before
+        launching from any thread."""
+        call(self.rt.cudaSetDevice, self.index)
 
     def empty(self, shape, dtype: str) -> DeviceBuffer:
         buf = DeviceBuffer(shape, dtype)

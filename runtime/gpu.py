@@ -136,9 +136,14 @@ class CudaGpu:
     def fill(self, buf, value: float) -> None:
         self.ops.fill_(buf, value)
 
+    @contextlib.contextmanager
     def on_compute(self):
-        """Nothing to switch: CudaOps, copy and replay name the compute stream in every call."""
-        return contextlib.nullcontext()
+        """Make the device current for the calling thread: CudaOps' kernels are driver-API launches,
+        which need a current context, and the server's step thread may have made no CUDA call
+        before its first attach (Device.make_current). The stream needs no switch: CudaOps, copy
+        and replay name the compute stream in every call."""
+        self.dev.make_current()
+        yield
 
     def pinned(self, like) -> np.ndarray:
         """Host staging in like's dtype: a raw async copy does not convert."""

@@ -221,6 +221,33 @@ def test_cuda_path_without_gpu_is_a_clear_error():
         CudaGpu("cuda:0")
 
 
+def test_cuda_python_compute_work_makes_the_device_current_in_the_calling_thread():
+    """Issue 16: the loop kernels are driver-API launches, which need a current context, and a fresh
+    thread has none; the server's step thread may launch (an attach's row reset) before any runtime
+    call. on_compute() must set the pipeline's device in the thread that enters it, before its body."""
+    import threading
+    from types import SimpleNamespace
+
+    from mirage.runtime.cuda import Device
+    from mirage.runtime.gpu import CudaGpu
+
+    calls = []  # (thread, device) per cudaSetDevice
+    set_device = lambda index: calls.append((threading.get_ident(), index)) or (0,)  # noqa: E731 (status 0: success)
+    gpu = object.__new__(CudaGpu)  # no GPU here: only the device object the context manager uses
+    gpu.dev = object.__new__(Device)
+    gpu.dev.rt, gpu.dev.index = SimpleNamespace(cudaSetDevice=set_device), 1
+    seen = {}
+
+    def step_thread():
+        with gpu.on_compute():
+            seen["calls"], seen["thread"] = list(calls), threading.get_ident()
+
+    thread = threading.Thread(target=step_thread)
+    thread.start()
+    thread.join()
+    assert seen["calls"] == [(seen["thread"], 1)]
+
+
 def test_fused_kernel_option_errors(tmp_path):
     """The fused-kernel option is CUDA-only and names a missing library; the op route itself
     (stock implementation off CUDA) gives the same frames as the module route."""

@@ -155,18 +155,17 @@ def test_attaching_while_two_steps_are_in_flight_cuda_python():
     """The cuda-python backend (what TensorRT engines run on), with test_gpu_cuda_runtime's stand-in
     engine at batch 2."""
     pytest.importorskip("cuda.bindings", reason="the torch-free GPU path needs cuda-python (pip install -e .[cuda])")
-    from cuda.bindings import runtime
+    from cuda.bindings import driver
 
     from mirage.runtime import cuda
 
     from .test_gpu_cuda_runtime import _pipeline
 
-    # The thread's first CUDA call must be a runtime one, which makes the device's primary context
-    # current: the loop kernels' driver-API launches need one (the server's step thread first steps).
-    bind = lambda: cuda.call(runtime.cudaSetDevice, 0)  # noqa: E731
-    with StreamPool(_pipeline(cuda, graph=True, v2v=True, batch=2)) as pool, \
-            ThreadPoolExecutor(1, initializer=bind) as worker:
+    # The worker's first CUDA work is _drive's attach, whose row reset launches kernels (driver API):
+    # they need a current context, which a fresh thread lacks and CudaGpu.on_compute() must set.
+    with StreamPool(_pipeline(cuda, graph=True, v2v=True, batch=2)) as pool, ThreadPoolExecutor(1) as worker:
         assert pool.pipeline.graphs, "the frame graphs were not captured"
+        assert not int(worker.submit(cuda.call, driver.cuCtxGetCurrent).result()), "the worker has a context"
         _check_attach_in_flight(pool, worker)
 
 
