@@ -64,7 +64,9 @@ class Ops(Protocol):
         written one becomes 1; slot += 1 mod K. Other rows are left as they are."""
 
     def reset_row_(self, buf: "Buffers", row: int, seed: int) -> None:
-        """Empty row `row`'s memory, ages and slot, and restart its noise at (seed, 0) (advance unchanged)."""
+        """Empty row `row`'s memory, ages and slot, and restart its noise at (seed, 0) (advance unchanged).
+        On a GPU: enqueued on the current stream like a frame's ops, with no host wait (the execution
+        orders it between the frames in flight and the next: runtime.execution)."""
 
     def to_uint8_(self, dst: Array, finite: Array, src: Array) -> None:
         """A frame for the host as bytes: dst (B, H, W, 3) uint8 = src (B, 3, H, W) mapped as

@@ -72,11 +72,14 @@ class TorchOps:
         slot.add_(advance).remainder_(memory.shape[1])
 
     def reset_row_(self, buf, row, seed):
+        # fill_ of a Python number passes it to the kernel as an argument: on a GPU every write here is
+        # enqueued on the current stream and nothing waits. (`t[i] = number` copies a CPU scalar tensor
+        # into a CUDA one instead, which synchronizes the stream: pytorch/pytorch#186482.)
         buf.memory[row].zero_()
         buf.ages[row].zero_()
-        buf.slot[row] = 0
-        buf.rng[row, 0] = int64_bits(seed)
-        buf.rng[row, 1] = 0
+        buf.slot[row].fill_(0)
+        buf.rng[row, 0].fill_(int64_bits(seed))
+        buf.rng[row, 1].fill_(0)
 
     def to_uint8_(self, dst, finite, src):
         # mirage.core.video_io.to_uint8 on float32, one op per rounding as numpy does it (no fused multiply-add)

@@ -111,7 +111,7 @@ class Device:
         count = call(rt.cudaGetDeviceCount)
         if index >= count:
             raise CudaError(f"cuda:{index} requested but {count} CUDA device(s) are visible")
-        call(rt.cudaSetDevice, index)
+        self.make_current()
         call(rt.cudaFree, 0)  # creates the primary context, which the driver API (kernels) then uses
         self.capability = compute_capability(index)
         if self.capability is None:
@@ -119,6 +119,14 @@ class Device:
         self._buffers: list[DeviceBuffer] = []
         self._pinned: list[int] = []
         self._streams, self._events, self._graphs = [], [], []
+
+    def make_current(self) -> None:
+        """Make this device's primary context current for the calling thread (cudaSetDevice does
+        so at once since CUDA 12). A runtime call binds a context implicitly, a kernel launch
+        (cuLaunchKernel, driver API) does not: in a thread whose first CUDA work is a launch it
+        fails with CUDA_ERROR_INVALID_CONTEXT. Cheap (a per-thread setting), so call it before
+        launching from any thread."""
+        call(self.rt.cudaSetDevice, self.index)
 
     def empty(self, shape, dtype: str) -> DeviceBuffer:
         buf = DeviceBuffer(shape, dtype)
@@ -407,13 +415,14 @@ class CudaOps:
                      (c, ctypes.c_int), self._n(h * w), self._n(dst.size))
 
     def reset_row_(self, buf, row: int, seed: int):
+        """Kernels on the compute stream, nothing more: the seed is a kernel argument (cuLaunchKernel
+        copies it at the launch), where a copy from host memory would need that memory kept alive
+        until the copy ran, and a wait to know when."""
         for b in (buf.memory, buf.ages, buf.slot, buf.rng):
             per_row = b.nbytes // b.shape[0]
             self.zero_(b, row * per_row, per_row)
-        host = np.array([int64_bits(seed)], dtype=np.int64)
-        call(self.dev.rt.cudaMemcpyAsync, buf.rng.ptr + 16 * row, host.ctypes.data, 8,
-             self.dev.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream)
-        call(self.dev.rt.cudaStreamSynchronize, self.stream)  # `host` is pageable and about to go away
+        offset = buf.rng.nbytes // buf.rng.shape[0] * row  # bytes; rng (B, 2) int64: (seed, counter), zeroed above
+        self._launch("fill_i64", 1, self._p(buf.rng, offset), (int64_bits(seed), ctypes.c_longlong), self._n(1))
 
     def fill_(self, buf, value: float):
         if buf.dtype == "int64":

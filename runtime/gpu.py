@@ -5,9 +5,13 @@ implementations with one interface:
 - `CudaGpu`: through cuda-python (runtime.cuda), torch-free, for engines (TensorRT) that run on
   raw device pointers; the loop's element-wise work is NVRTC kernels (cuda.CudaOps).
 
-Both enqueue the frame on one compute stream and copies on a second (copy) stream.
+Both enqueue the frame on one compute stream and copies on a second (copy) stream; whatever
+writes the frame's buffers between frames (a row reset) goes on the compute stream too, inside
+`on_compute()`, so it is ordered with the frames without a host wait.
 """
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 
@@ -33,6 +37,11 @@ class TorchGpu:
     def fill(self, buf, value: float) -> None:
         buf.fill_(value)
 
+    def on_compute(self):
+        """Make the compute stream the calling thread's current one: torch ops (and a graph's replay)
+        enqueue on the current stream, and the server's step thread is a worker whose current stream is
+        the default one, not necessarily the stream that was current when the pipeline was built."""
+        return self.torch.cuda.stream(self.compute)
 
     def pinned(self, like) -> np.ndarray:
         """Host staging for `like`: bytes for uint8, else float32 (the device copy converts to like's dtype)."""
@@ -91,7 +100,7 @@ class TorchGpu:
         return graph
 
     def replay(self, graph) -> None:
-        graph.replay()
+        graph.replay()  # on the current stream: the caller is inside on_compute()
 
     def device_name(self) -> str:
         return self.torch.cuda.get_device_name(self.device)
@@ -127,6 +136,14 @@ class CudaGpu:
     def fill(self, buf, value: float) -> None:
         self.ops.fill_(buf, value)
 
+    @contextlib.contextmanager
+    def on_compute(self):
+        """Make the device current for the calling thread: CudaOps' kernels are driver-API launches,
+        which need a current context, and the server's step thread may have made no CUDA call
+        before its first attach (Device.make_current). The stream needs no switch: CudaOps, copy
+        and replay name the compute stream in every call."""
+        self.dev.make_current()
+        yield
 
     def pinned(self, like) -> np.ndarray:
         """Host staging in like's dtype: a raw async copy does not convert."""

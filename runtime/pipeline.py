@@ -142,7 +142,10 @@ class Pipeline:
     # -- replay -------------------------------------------------------------------------------
     def reset(self, seed: int = 0) -> None:
         """Empty the context memory of every row and reseed its noise (row b gets seed + b): the
-        next frame starts a new video. Allocates, warms up and captures on first use."""
+        next frame starts a new video. Allocates, warms up and captures on first use. On a GPU this
+        returns once the reset is enqueued on the compute stream, before it has run there: the
+        next frame is queued behind it, and every host read here (collect, close) waits for the GPU
+        first; code that reads the device buffers itself must synchronize before it does."""
         if self.state == "closed":
             raise PipelineError("pipeline is closed; load a new one")
         if self.state == "loaded":
@@ -154,7 +157,10 @@ class Pipeline:
         self.execution.timeline.clear()
 
     def reset_row(self, row: int, seed: int) -> None:
-        """Restart row `row` alone (a new stream in that slot); the other rows carry on."""
+        """Restart row `row` alone (a new stream in that slot); the other rows carry on. Frames already
+        submitted finish with the old row, the next submitted starts the new one (on a GPU the reset is
+        enqueued between them, without waiting for the frames in flight, and has not run when this
+        returns: see reset)."""
         self._require("ready", "reset a row")
         if not 0 <= row < self.batch:
             raise PipelineError(f"row {row} outside the pipeline's batch of {self.batch}")

@@ -6,12 +6,15 @@
     pool.detach(a)
 
 Each slot is one row of a Pipeline of batch B: its own ring buffer, ages, slot index and noise
-counter, so a stream's frames depend only on its own seed and inputs. Attaching or detaching
-resets that row between frames; the captured graph is never recaptured. A step advances the
-slots it has inputs for (video-to-video; every attached slot for generation): the others are
-held (computed, nothing committed), so a stream's video does not depend on when its neighbours
-send. A free row still computes (a captured graph has a fixed batch): its output is dropped, and
-it costs what a busy row costs.
+counter, so a stream's frames depend only on its own seed and inputs. Attaching resets that row
+for the next step submitted (steps in flight finish with the old one; on a GPU the reset is
+queued behind them, the step thread does not wait); the captured graph is never recaptured.
+Opening a pool resets every row the same way: on a GPU it returns before the reset has run, and
+every host read here (collect, close) waits for the GPU first. A step advances the slots it has
+inputs for (video-to-video; every attached slot for generation): the others are held (computed,
+nothing committed), so a stream's video does not depend on when its neighbours send. A free row
+still computes (a captured graph has a fixed batch): its output is dropped, and it costs what a
+busy row costs.
 """
 from __future__ import annotations
 
@@ -45,6 +48,8 @@ class StreamPool:
     @classmethod
     def open(cls, path: str | Path, slots: int, backend: str = "auto", device: str = "auto",
              options: PipelineOptions = PipelineOptions()) -> "StreamPool":
+        """A pool of `slots` rows, every row reset (Pipeline.reset: on a GPU enqueued, not yet run,
+        when this returns)."""
         return cls(Pipeline.load(path, backend, device, dataclasses.replace(options, batch=slots)))
 
     def attach(self, seed: int = 0) -> int:

@@ -1,4 +1,5 @@
 """The runtime's loop, ring buffer, noise and lifecycle on the CPU (the GPU half is tests/gpu)."""
+import contextlib
 import subprocess
 import sys
 
@@ -220,6 +221,33 @@ def test_cuda_path_without_gpu_is_a_clear_error():
         CudaGpu("cuda:0")
 
 
+def test_cuda_python_compute_work_makes_the_device_current_in_the_calling_thread():
+    """Issue 16: the loop kernels are driver-API launches, which need a current context, and a fresh
+    thread has none; the server's step thread may launch (an attach's row reset) before any runtime
+    call. on_compute() must set the pipeline's device in the thread that enters it, before its body."""
+    import threading
+    from types import SimpleNamespace
+
+    from mirage.runtime.cuda import Device
+    from mirage.runtime.gpu import CudaGpu
+
+    calls = []  # (thread, device) per cudaSetDevice
+    set_device = lambda index: calls.append((threading.get_ident(), index)) or (0,)  # noqa: E731 (status 0: success)
+    gpu = object.__new__(CudaGpu)  # no GPU here: only the device object the context manager uses
+    gpu.dev = object.__new__(Device)
+    gpu.dev.rt, gpu.dev.index = SimpleNamespace(cudaSetDevice=set_device), 1
+    seen = {}
+
+    def step_thread():
+        with gpu.on_compute():
+            seen["calls"], seen["thread"] = list(calls), threading.get_ident()
+
+    thread = threading.Thread(target=step_thread)
+    thread.start()
+    thread.join()
+    assert seen["calls"] == [(seen["thread"], 1)]
+
+
 def test_fused_kernel_option_errors(tmp_path):
     """The fused-kernel option is CUDA-only and names a missing library; the op route itself
     (stock implementation off CUDA) gives the same frames as the module route."""
@@ -269,3 +297,65 @@ def test_any_int_is_a_seed_on_every_ops():
             rows.append(np.asarray(noise))
         assert np.abs(rows[0] - rows[1]).max() < 1e-5
         assert np.abs(rows[0][0] - normal(seed, 0, 64)).max() < 1e-5
+
+
+class _StandInGpu:
+    """GpuExecution's GPU as CPU tensors, for what a CPU can check: host waits are refused, and each
+    row reset (TorchOps') notes whether it ran inside on_compute() (on a GPU: on the compute stream)."""
+
+    def __init__(self):
+        self.compute, self.ops, self.on_stream, self.resets = "compute", self, False, []
+
+    @contextlib.contextmanager
+    def on_compute(self):
+        self.on_stream = True
+        yield
+        self.on_stream = False
+
+    def synchronize(self):
+        raise AssertionError("a host wait: the steps in flight would drain")
+
+    def reset_row_(self, buf, row, seed):
+        self.resets.append((row, self.on_stream))
+        TorchOps("cpu").reset_row_(buf, row, seed)
+
+    def zeros(self, shape, dtype):
+        return torch.zeros(shape, dtype=getattr(torch, dtype))
+
+    def fill(self, buf, value):
+        buf.fill_(value)
+
+    def pinned(self, like):
+        return np.zeros(tuple(like.shape), np.float32)
+
+    def event(self):
+        return object()
+
+    def warm_up(self, body, for_capture):
+        pass  # nothing runs on the stand-in
+
+
+def test_a_gpu_row_reset_is_enqueued_on_the_compute_stream_without_a_wait():
+    """Issue 16: a synchronize in reset_rows drained both steps in flight on every attach."""
+    from types import SimpleNamespace
+
+    from mirage.core import graphs as G
+    from mirage.core.loop import make_buffers
+    from mirage.runtime.execution import GpuExecution
+
+    cfg = SimpleNamespace(channels=3, image_size=8, cond_channels=0, context_frames=2, memory_tokens=4,
+                          temporal_dim=4, frame_size=0)
+    backend = SimpleNamespace(array="torch", device="cuda:0", use_stream=lambda stream: None)
+    schedule, gpu = Schedule.ddim(2, 100), _StandInGpu()
+    ex = GpuExecution(backend, schedule, cuda_graph=False, frames="float32", gpu=gpu)
+    buf = make_buffers(G.model_graphs(cfg, batch=2), schedule, ex.alloc, ex.fill,
+                       lambda graph, name: "int32" if name == G.AGES else "float32")
+    ex.prepare(buf)
+    for b in (buf.memory, buf.ages, buf.slot, buf.rng):
+        b.fill_(5)
+    ex.reset_rows([1], [9])
+    assert gpu.resets == [(1, True)]
+    assert not buf.memory[1].any() and not buf.ages[1].any() and buf.slot[1] == 0
+    assert buf.rng[1].tolist() == [9, 0]
+    assert (buf.memory[0] == 5).all() and (buf.ages[0] == 5).all() and buf.slot[0] == 5  # the other row: as it was
+    assert buf.rng[0].tolist() == [5, 5]

@@ -4,8 +4,9 @@ everything the TensorRT backend runs on, without TensorRT.
 1. The loop kernels (CudaOps) against numpy: lincomb / clamp (fp32, fp16), the noise (moments,
    fresh per draw, reproducible from the seed), the ring-buffer write over K + 3 frames.
 2. The Pipeline on CudaGpu with a stand-in engine: two NVRTC kernels that read every input the
-   real graphs read (x_t, t, cond, memory, ages / frame, t_ctx). Graph replay equals eager bit for
-   bit, stream() equals step(), a moved buffer is refused, a bad device is a clear error.
+   real graphs read (x_t, t, cond, memory, ages / frame, t_ctx), each row its own. Graph replay
+   equals eager bit for bit, stream() equals step(), a moved buffer is refused, a bad device is a
+   clear error. (tests/gpu/test_gpu_serve.py runs a batch-2 stand-in through a StreamPool.)
 3. Frames as bytes (PipelineOptions(frames="uint8")): the to_uint8_ / to_float_ kernels against
    numpy's mapping (every float16 value, NaN flags), and the byte frames of the captured graph
    against the float frames mapped on the host.
@@ -23,28 +24,33 @@ from mirage.core.loop import NumpyOps
 pytestmark = pytest.mark.gpu
 
 STANDIN = r"""
+// row b = i / per_row reads only row b's timestep, memory, ages and frame: rows are independent streams
 extern "C" __global__ void denoise(const float* x, const float* t, const float* cond, const float* mem,
-                                   const int* ages, float* v, long n, long slot, int k) {
+                                   const int* ages, float* v, long n, long per_row, long slot, int k) {
   long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
   if (i >= n) return;
+  long b = i / per_row, e = i % per_row;
   float m = 0.f;
-  for (int j = 0; j < k; ++j) if (ages[j] > 0) m += mem[j * slot + i % slot] / ages[j];
-  v[i] = 0.3f * x[i] - 1e-4f * t[0] + 0.2f * m + (cond ? 0.1f * cond[i] : 0.f);
+  for (int j = 0; j < k; ++j) if (ages[b * k + j] > 0) m += mem[(b * k + j) * slot + e % slot] / ages[b * k + j];
+  v[i] = 0.3f * x[i] - 1e-4f * t[b] + 0.2f * m + (cond ? 0.1f * cond[i] : 0.f);
 }
-extern "C" __global__ void encode(const float* frame, const float* t_ctx, float* kv, long n, long m) {
+extern "C" __global__ void encode(const float* frame, const float* t_ctx, float* kv, long n, long per_row, long m) {
   long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
-  if (i < n) kv[i] = 0.5f * frame[i % m] + 1e-4f * t_ctx[0];
+  if (i >= n) return;
+  long b = i / per_row;
+  kv[i] = 0.5f * frame[b * m + i % per_row % m] + 1e-4f * t_ctx[b];
 }
 """
 
 
-def _specs(v2v: bool) -> dict:
-    """The stand-in's graphs: 64x64 frames, 8 memory slots of 2 x 64 x 32."""
-    t, f, img = G.TensorSpec, "float32", (1, 3, 64, 64)
-    inputs = [t(G.X_T, img, f), t(G.T, (1,), f)] + ([t(G.COND, img, f)] if v2v else []) + \
-        [t(G.MEMORY, (1, 8, 2, 64, 32), f), t(G.AGES, (1, 8), "int32")]
+def _specs(v2v: bool, batch: int = 1) -> dict:
+    """The stand-in's graphs: `batch` rows of 64x64 frames, 8 memory slots of 2 x 64 x 32."""
+    t, f, img = G.TensorSpec, "float32", (batch, 3, 64, 64)
+    inputs = [t(G.X_T, img, f), t(G.T, (batch,), f)] + ([t(G.COND, img, f)] if v2v else []) + \
+        [t(G.MEMORY, (batch, 8, 2, 64, 32), f), t(G.AGES, (batch, 8), "int32")]
     return {G.DENOISE: G.GraphSpec(G.DENOISE, tuple(inputs), (t(G.V, img, f),)),
-            G.CONTEXT: G.GraphSpec(G.CONTEXT, (t(G.FRAME, img, f), t(G.T_CTX, (1,), f)), (t(G.KV, (1, 2, 64, 32), f),))}
+            G.CONTEXT: G.GraphSpec(G.CONTEXT, (t(G.FRAME, img, f), t(G.T_CTX, (batch,), f)),
+                                   (t(G.KV, (batch, 2, 64, 32), f),))}
 FRAMES = 12
 
 
@@ -80,18 +86,19 @@ class StandInEngine:
 
     def run(self, graph, inputs, output):
         p = lambda b: (b.ptr if b is not None else 0, ctypes.c_void_p)  # noqa: E731
+        per_row = output.size // output.shape[0]
         if graph == G.DENOISE:
             mem = inputs[G.MEMORY]
             slot = mem.size // (mem.shape[0] * mem.shape[1])
             self.cuda.launch(self.fn["denoise"], output.size,
                              [p(inputs[G.X_T]), p(inputs[G.T]), p(inputs.get(G.COND)), p(mem), p(inputs[G.AGES]),
-                              p(output), (output.size, ctypes.c_long), (slot, ctypes.c_long),
-                              (mem.shape[1], ctypes.c_int)], self.stream)
+                              p(output), (output.size, ctypes.c_long), (per_row, ctypes.c_long),
+                              (slot, ctypes.c_long), (mem.shape[1], ctypes.c_int)], self.stream)
         else:
             frame = inputs[G.FRAME]
             self.cuda.launch(self.fn["encode"], output.size,
                              [p(frame), p(inputs[G.T_CTX]), p(output), (output.size, ctypes.c_long),
-                              (frame.size, ctypes.c_long)], self.stream)
+                              (per_row, ctypes.c_long), (frame.size // frame.shape[0], ctypes.c_long)], self.stream)
 
     def close(self):
         self.cuda.call(self.driver.cuModuleUnload, self.module)
@@ -179,14 +186,15 @@ def test_ring_write_matches_numpy(gpu):
         np.testing.assert_array_equal(_to_host(gpu, slot), ref_slot, err_msg=f"frame {frame}")
 
 
-def _pipeline(cuda, graph: bool, v2v: bool, frames: str = "float32"):
+def _pipeline(cuda, graph: bool, v2v: bool, frames: str = "float32", batch: int = 1):
     from types import SimpleNamespace
 
     from mirage.core.config import PipelineOptions
     from mirage.runtime.pipeline import Pipeline
 
     cfg = SimpleNamespace(image_size=64, pixels=64, channels=3, cond_channels=3 if v2v else 0)
-    pipe = Pipeline(StandInEngine(cuda), cfg, _specs(v2v), PipelineOptions(steps=4, cuda_graph=graph, frames=frames))
+    options = PipelineOptions(steps=4, cuda_graph=graph, frames=frames, batch=batch)
+    pipe = Pipeline(StandInEngine(cuda), cfg, _specs(v2v, batch), options)
     pipe.reset(3)
     return pipe
 
