@@ -252,6 +252,26 @@ def throughput(name: str, batches: list[int], variant: str, kernel_library: str,
     return rows
 
 
+# Kernel kinds by name, first match wins: cuDNN's convolutions are named "...fprop_implicit_gemm..."
+# and Inductor's fused GroupNorm kernels "triton_per_fused_native_group_norm...", so convolution and
+# normalisation are tested before GEMM and the generic Triton reductions.
+KERNEL_KINDS = (
+    ("convolution", ("fprop", "conv", "implicit_convolve", "mirage::conv")),
+    ("attention", ("flash", "fmha", "attention", "softmax", "temporal")),
+    ("normalization", ("group_norm", "groupnorm", "layer_norm", "norm")),
+    ("gemm", ("gemm", "matmul", "cutlass", "cublas", "_mm_", "bmm")),
+    ("layout/copy", ("copy", "memcpy", "memset", "fill", "nchwtonhwc", "nhwctonchw", "transpose", "cat")),
+    ("triton pointwise", ("triton_poi",)),
+    ("eager pointwise", ("elementwise",)),
+    ("triton reduction", ("triton_red", "triton_per")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
 def profile(name: str, variant: str, kernel_library: str, top: int = 12) -> dict:
     """Where a frame's GPU time goes: one frame of `variant` run eagerly (no frame graph, so the
     profiler sees every kernel) -> kernels per frame, summed kernel time, the slowest kernels."""
@@ -273,12 +293,19 @@ def profile(name: str, variant: str, kernel_library: str, top: int = 12) -> dict
     for e in kernels:
         by_name.setdefault(e.name, []).append(e.device_time)
     rows = sorted(((sum(v), len(v), k) for k, v in by_name.items()), reverse=True)[:top]
+    by_kind: dict[str, list[float]] = {}
+    for e in kernels:
+        by_kind.setdefault(kernel_kind(e.name), []).append(e.device_time)
     res = {"variant": variant, "kernels_per_frame": len(kernels), "kernel_ms_per_frame": total / 1e3,
            "mean_kernel_us": total / max(1, len(kernels)),
+           "by_kind": [{"kind": k, "calls": len(v), "ms": sum(v) / 1e3, "share": sum(v) / total}
+                       for k, v in sorted(by_kind.items(), key=lambda kv: -sum(kv[1]))],
            "top": [{"name": k[:90], "calls": n, "ms": t / 1e3, "share": t / total} for t, n, k in rows]}
     restore(model)
     print(f"profile {name} {variant}: {res['kernels_per_frame']} kernels/frame, {res['kernel_ms_per_frame']:.3f} ms "
           f"of kernel time (mean {res['mean_kernel_us']:.1f} us)", flush=True)
+    for r in res["by_kind"]:
+        print(f"  {r['kind']:>18}: {r['share'] * 100:5.1f}%  {r['ms']:7.3f} ms  x{r['calls']}", flush=True)
     for r in res["top"]:
         print(f"    {r['share'] * 100:5.1f}%  {r['ms']:7.3f} ms  x{r['calls']:<4} {r['name']}", flush=True)
     return res

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One GPU session: build + check + time the kernels, then benchmark the runtime; logs and JSON
 # go to $OUT (the device tool's output folder) or ./gpu-out.
-#   STAGES="tests kernels bench" CONFIGS=tiny,base [VARIANTS=... PROFILE_VARIANTS=... TAG=_x] scripts/gpu_session.sh
+#   STAGES="tests kernels bench" CONFIGS=tiny,base [VARIANTS=... PROFILE_VARIANTS=... STEPS=4 TAG=_x] scripts/gpu_session.sh
+#   STAGES="servetests serve" SERVE_CASES="base:16 base:16:churn base-512:8" scripts/gpu_session.sh
 # (stages: build = the kernel library only, for this GPU's architecture; tests = the tests/gpu suite;
-#  kernels = build + time the fused kernel; conv = cuDNN vs the Triton conv per seed880m layer; bench)
+#  kernels = build + time the fused kernel; conv = cuDNN vs the Triton conv per seed880m layer; bench;
+#  servetests = the serving and runtime GPU tests; serve = bench_serve, one server per CONFIG:STREAMS[:churn]
+#  case, each under its own SERVE_LIMIT seconds so that a slow case cannot cost the others their JSON)
 set -euo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -17,12 +20,20 @@ for stage in $STAGES; do
     kernels) cmake -S . -B build -DCMAKE_CUDA_ARCHITECTURES="$ARCH" >/dev/null && cmake --build build -j >/dev/null
              python scripts/bench_temporal_attention.py --library build/libmirage_kernels.so \
                --json "$OUT/temporal_attention.json" 2>&1 | tee "$OUT/temporal_attention.log" ;;
-    bench) python scripts/bench_runtime.py --configs "${CONFIGS-tiny,base}" ${VARIANTS:+--variants "$VARIANTS"} \
+    bench) python scripts/bench_runtime.py --configs "${CONFIGS-tiny,base}" ${VARIANTS:+--variants "$VARIANTS"} ${STEPS:+--steps "$STEPS"} \
              --check-configs "${CHECK_CONFIGS:-}" --throughput-configs "${THROUGHPUT_CONFIGS:-}" \
              --throughput-variant "${THROUGHPUT_VARIANT:-runtime-fp16}" \
              --throughput-batches "${THROUGHPUT_BATCHES:-1,4,8,16}" --profile-variants "${PROFILE_VARIANTS:-}" --kernel-library build/libmirage_kernels.so \
              --json "$OUT/bench${TAG:-}.json" --markdown "$OUT/bench${TAG:-}.md" 2>&1 | tee "$OUT/bench${TAG:-}.log" ;;
+    servetests) python -m pytest -q -rs tests/gpu/test_gpu_serve.py tests/gpu/test_gpu_cuda_runtime.py \
+                  tests/gpu/test_gpu_torch_runtime.py 2>&1 | tee "$OUT/serve_tests.log" || echo "servetests: failures" ;;
+    serve) for case in ${SERVE_CASES:-base:16}; do
+             IFS=: read -r cfg n churn <<< "$case"
+             timeout "${SERVE_LIMIT:-300}" python scripts/bench_serve.py --random "$cfg" --device cuda --fast --counts "$n" \
+               --keep-going --startup-s 200 ${churn:+--churn} --json "$OUT/serve_${cfg}_${n}${churn:+_churn}.json" \
+               2>&1 | tee "$OUT/serve_${cfg}_${n}${churn:+_churn}.log" || echo "serve $case: exit $?"
+           done ;;
     conv) python scripts/bench_conv.py --out "$OUT/conv.json" --tuned "$OUT/conv_tuned.json" 2>&1 | tee "$OUT/conv.log" ;;
-    *) echo "unknown stage $stage (build, tests, kernels, conv, bench)"; exit 2 ;;
+    *) echo "unknown stage $stage (build, tests, kernels, conv, bench, servetests, serve)"; exit 2 ;;
   esac
 done
