@@ -252,24 +252,27 @@ def throughput(name: str, batches: list[int], variant: str, kernel_library: str,
     return rows
 
 
-# Kernel kinds by name, first match wins: cuDNN's convolutions are named "...fprop_implicit_gemm..."
-# and Inductor's fused GroupNorm kernels "triton_per_fused_native_group_norm...", so convolution and
-# normalisation are tested before GEMM and the generic Triton reductions.
-KERNEL_KINDS = (
-    ("convolution", ("fprop", "conv", "implicit_convolve", "mirage::conv")),
-    ("attention", ("flash", "fmha", "attention", "softmax", "temporal")),
-    ("normalization", ("group_norm", "groupnorm", "layer_norm", "norm")),
-    ("gemm", ("gemm", "matmul", "cutlass", "cublas", "_mm_", "bmm")),
+# Kernel kinds by name. Inductor's kernels are named after the ops they fused
+# ("triton_poi_fused_add_convolution_3" is a bias add after a convolution), so they are classed by
+# their prefix; library kernels by name, first match wins (cuDNN's attention is called
+# "..._sdpa_..._flash_fprop_...", its convolutions "...fprop_implicit_gemm...", cuBLAS's Hopper
+# GEMMs "nvjet_...").
+LIBRARY_KINDS = (
+    ("attention", ("flash", "fmha", "sdpa", "attention", "softmax")),
+    ("convolution", ("fprop", "conv")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "cublas")),
     ("layout/copy", ("copy", "memcpy", "memset", "fill", "nchwtonhwc", "nhwctonchw", "transpose", "cat")),
-    ("triton pointwise", ("triton_poi",)),
+    ("normalization", ("norm",)),
     ("eager pointwise", ("elementwise",)),
-    ("triton reduction", ("triton_red", "triton_per")),
 )
 
 
 def kernel_kind(name: str) -> str:
     low = name.lower()
-    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+    if low.startswith("triton_"):
+        return ("triton norm" if "norm" in low else
+                "triton pointwise" if low.startswith("triton_poi") else "triton reduction")
+    return next((kind for kind, keys in LIBRARY_KINDS if any(k in low for k in keys)), "other")
 
 
 def profile(name: str, variant: str, kernel_library: str, top: int = 12) -> dict:
