@@ -12,7 +12,8 @@
 #       # the students of another config: its 4-step video-to-video teacher is trained first
 #       # (TEACHER_LIMIT seconds at most), then distilled as above
 #
-# PARTS: "gen v2v" (default), "gen" (the generator's runs) or "v2v" (the students).
+# PARTS: "gen v2v" (default), "gen" (the generator's runs) or "v2v" (the students); ONE_STEP=0 stops
+# the students after the 2-step one; WORKERS: data workers per training run (default 3).
 # $OUT gets 5 files: tables.txt (every quality table and training summary), reports.tar.gz (the
 # quality JSONs, for scripts/plot_quality.py, the training logs and drift plots), ckpt-gen-sf.tar
 # (the two self-forced generators), ckpt-gen-ft.tar (the plain fine-tuned control), ckpt-v2v.tar
@@ -32,7 +33,7 @@ fi
 
 train() {  # NAME ARGS...: one run, bf16, batch 128, at the lr of a fine-tune
   local name=$1; shift
-  timeout "$LIMIT" $py -m mirage.cli.train --batch-size "${BATCH:-128}" --precision bf16 --device "${DEVICE:-cuda}" --workers 3 \
+  timeout "$LIMIT" $py -m mirage.cli.train --batch-size "${BATCH:-128}" --precision bf16 --device "${DEVICE:-cuda}" --workers "${WORKERS:-3}" \
     --steps "$STEPS" --lr "${LR:-5e-4}" --out "$W/$name" "$@" > "$W/$name.log" 2>&1 || echo "train $name: exit $?" >> "$W/$name.log"
 }
 quality() {  # NAME MODEL ARGS...: the report of a checkpoint, STREAMS rollouts (seeds 0..STREAMS-1) as one batch
@@ -70,10 +71,10 @@ students() {
   quality v2v-t2 "$TEACHER" --steps 2 &
   quality v2v-t1 "$TEACHER" --steps 1 &
   wait
-  train v2v-s1 --distill-from "$W/v2v-s2" --student-steps 1 &
+  [ "${ONE_STEP:-1}" = 1 ] && train v2v-s1 --distill-from "$W/v2v-s2" --student-steps 1 &
   quality v2v-s2 "$W/v2v-s2" &
   wait
-  quality v2v-s1 "$W/v2v-s1"
+  [ "${ONE_STEP:-1}" = 1 ] && quality v2v-s1 "$W/v2v-s1"
 }
 case " $PARTS " in *" gen "*) generator & ;; esac
 case " $PARTS " in *" v2v "*) students & ;; esac
