@@ -13,7 +13,8 @@
 #       # (TEACHER_LIMIT seconds at most), then distilled as above
 #
 # PARTS: "gen v2v" (default), "gen" (the generator's runs) or "v2v" (the students); ONE_STEP=0 stops
-# the students after the 2-step one; WORKERS: data workers per training run (default 3).
+# the students after the 2-step one; WORKERS: data workers per training run (default 3); STUDENT_LR:
+# the students' learning rate (default LR: a teacher trained here from scratch can take a higher one).
 # $OUT gets 5 files: tables.txt (every quality table and training summary), reports.tar.gz (the
 # quality JSONs, for scripts/plot_quality.py, the training logs and drift plots), ckpt-gen-sf.tar
 # (the two self-forced generators), ckpt-gen-ft.tar (the plain fine-tuned control), ckpt-v2v.tar
@@ -66,12 +67,12 @@ students() {
     LIMIT=${TEACHER_LIMIT:-$LIMIT} train v2v-t4 --config "$TEACHER_CONFIG" --task v2v --steps "${TEACHER_STEPS:-$STEPS}"
     TEACHER=$W/v2v-t4
   fi
-  train v2v-s2 --distill-from "$TEACHER" --student-steps 2 &
+  LR=${STUDENT_LR:-${LR:-5e-4}} train v2v-s2 --distill-from "$TEACHER" --student-steps 2 &
   quality v2v-t4 "$TEACHER" &
   quality v2v-t2 "$TEACHER" --steps 2 &
   quality v2v-t1 "$TEACHER" --steps 1 &
   wait
-  [ "${ONE_STEP:-1}" = 1 ] && train v2v-s1 --distill-from "$W/v2v-s2" --student-steps 1 &
+  [ "${ONE_STEP:-1}" = 1 ] && LR=${STUDENT_LR:-${LR:-5e-4}} train v2v-s1 --distill-from "$W/v2v-s2" --student-steps 1 &
   quality v2v-s2 "$W/v2v-s2" &
   wait
   [ "${ONE_STEP:-1}" = 1 ] && quality v2v-s1 "$W/v2v-s1"
