@@ -200,6 +200,9 @@ def get_config(name: str, task: str = "generate") -> ModelConfig:
     return CONFIGS[name].with_task(task)
 
 
+DMD_EXITS = ("random", "last")  # TrainConfig.dmd_exit
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 2000  # optimizer steps
@@ -226,6 +229,7 @@ class TrainConfig:
     dmd_from: str = ""  # teacher of distribution matching distillation (train/dmd.py): G, real and fake score start from it
     dmd_fake_updates: int = 5  # DMD: fake-score steps, each on a fresh sample of G, per generator step (DMD2: 5)
     dmd_regression: float = 0.0  # DMD: weight of the ordinary v-loss on real clips added to G's loss (an anchor)
+    dmd_exit: str = "random"  # DMD: G's DDIM step with gradient: "random" (Self-Forcing) or "last" (the runtime's output)
     seed: int = 0
     log_every: int = 50
     save_every: int = 500  # save a checkpoint every this many steps ...
@@ -236,6 +240,8 @@ class TrainConfig:
         _check_types(self)
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"precision={self.precision!r}; choose fp32, bf16 or fp16")
+        if self.dmd_exit not in DMD_EXITS:
+            raise ConfigError(f"dmd_exit={self.dmd_exit!r}; choose {' or '.join(DMD_EXITS)}")
         probability = (lambda p: 0 <= p <= 1, "in [0, 1]")
         _check_ranges(self, {
             "steps": (_positive, ">= 1"),

@@ -86,6 +86,12 @@ def test_sample_backpropagates_through_one_denoiser_call(make_random_tiny):
         exits.add(calls.count(("denoise", False)))
         assert sample.x0.requires_grad and sample.x0.shape == (2, 3, 32, 32)
     assert exits <= {0, 1, 2, 3} and len(exits) > 1
+    dmd.tcfg = TrainConfig(self_forcing_steps=4, dmd_exit="last")  # the runtime's frame: after all 3 earlier steps
+    for seed in range(3):
+        torch.manual_seed(seed)
+        calls.clear()
+        dmd.sample(_clips(), None, self_forced=False, grad=True)
+        assert calls.count(("denoise", False)) == 3 and calls[-1] == ("denoise", True)
     calls.clear()
     assert not dmd.sample(_clips(), None, self_forced=False, grad=False).x0.requires_grad
     assert all(not grad for _, grad in calls)
@@ -211,12 +217,13 @@ def test_cli_dmd_errors(tmp_path):
                            "drop distill_from"),
                           (["--dmd-regression", "0.1"], "--dmd-regression need(s) --dmd-from"),
                           (["--dmd-fake-updates", "3"], "--dmd-fake-updates need(s) --dmd-from"),
+                          (["--dmd-exit", "last"], "--dmd-exit need(s) --dmd-from"),
                           (["--dmd-from", str(CKPT_GEN), "--dmd-fake-updates", "0"], "--dmd-fake-updates"),
                           (["--dmd-from", str(tmp_path / "nowhere")], "--dmd-from")):
         bad = runner.invoke(train_cli, [*args, *out])
         assert bad.exit_code == 2 and message in bad.output and "Traceback" not in bad.output, (args, bad.output)
-    for field, value in (("dmd_fake_updates", 0), ("dmd_regression", -0.5)):
-        with pytest.raises(ConfigError, match=f"{field}={value}"):
+    for field, value in (("dmd_fake_updates", 0), ("dmd_regression", -0.5), ("dmd_exit", "first")):
+        with pytest.raises(ConfigError, match=f"{field}={value!r}"):
             TrainConfig(dmd_from="t", **{field: value})
     ok = runner.invoke(train_cli, ["--dmd-from", str(CKPT_GEN), "--dmd-fake-updates", "1", "--steps", "1",
                                    "--batch-size", "2", *out])

@@ -19,9 +19,10 @@ One generator step:
 
     1. G's sample: from x_T ~ N(0, I), G runs its DDIM steps 0 .. e-1 without gradient and step e
        with it; x_0^G is that step's x̂_0 = α_t x_t - σ_t v. The exit step e is uniform over
-       0 .. N-1, as in Self-Forcing: with e = N-1 always (the runtime's full sample), only G's
-       last, least noisy timestep would ever be trained, yet the first steps decide the frame
-       and its sharpness. Memory stays that of one denoiser call with gradient.
+       0 .. N-1 (dmd_exit "random"), as in Self-Forcing: with e = N-1 always ("last", the
+       runtime's full sample, as DMD2's backward simulation) only G's last, least noisy timestep
+       is trained, yet the first steps decide the frame and its sharpness. Either way memory
+       stays that of one denoiser call with gradient.
     2. t ~ U[t_min, t_max] (DMD2: 2% .. 98% of T), ε ~ N(0, I), x_t = α_t sg(x_0^G) + σ_t ε
     3. x̂_0^real(x_t), x̂_0^fake(x_t), both without gradient
     4. the gradient of KL(p_G,t || p_data,t) with respect to the sample is the score difference
@@ -124,11 +125,12 @@ class DMD:
             ctx = self_forced_context(self.model, clips, tcfg.self_forcing_horizon, tcfg.self_forcing_steps,
                                       tcfg.self_forcing_context_noise, tcfg.self_forcing_strength)
         context = sample_context(ctx, tcfg, all_valid=self_forced)
-        exit_step = int(torch.randint(0, tcfg.self_forcing_steps, ()))
+        steps = tcfg.self_forcing_steps
+        exit_step = steps - 1 if tcfg.dmd_exit == "last" else int(torch.randint(0, steps, ()))
         with torch.set_grad_enabled(grad):
             memory = context.memory(self.model)  # with gradient: G's context encoder learns too
             x0 = generator_sample(lambda x, t, c: self.model.denoise(x, t, c, memory, context.ages),
-                                  torch.randn_like(clips[:, -1]), tcfg.self_forcing_steps, exit_step, cond)
+                                  torch.randn_like(clips[:, -1]), steps, exit_step, cond)
         return Sample(x0, context, cond)
 
     def _x0(self, score: MirageUNet, x_t: torch.Tensor, t: torch.Tensor, sample: Sample) -> torch.Tensor:
