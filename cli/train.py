@@ -18,8 +18,8 @@ import click
 from click.core import ParameterSource
 
 from mirage.cli.errors import UserError
-from mirage.core.config import (AE_CONFIGS, CONFIGS, TASKS, ConfigError, ModelConfig, TrainConfig, check_same, from_json,
-                                get_ae_config, get_config)
+from mirage.core.config import (AE_CONFIGS, CONFIGS, DMD_EXITS, TASKS, ConfigError, ModelConfig, TrainConfig, check_same,
+                                from_json, get_ae_config, get_config)
 from mirage.core.errors import MirageError
 
 
@@ -30,7 +30,9 @@ TRAIN_OPTIONS = {"steps": ["steps"], "batch_size": ["batch_size"], "lr": ["lr"],
                  "self_forcing_prob": ["self_forcing_prob"], "self_forcing_horizon": ["self_forcing_horizon"],
                  "self_forcing_strength": ["self_forcing_strength"], "ema_decay": ["ema_decay"],
                  "distill_from": ["distill_from", "self_forcing_steps"],
-                 "student_steps": ["student_steps", "self_forcing_steps"], "latent_cache": ["latent_cache"]}
+                 "student_steps": ["student_steps", "self_forcing_steps"], "latent_cache": ["latent_cache"],
+                 "dmd_from": ["dmd_from", "self_forcing_steps"], "dmd_fake_updates": ["dmd_fake_updates"],
+                 "dmd_regression": ["dmd_regression"], "dmd_exit": ["dmd_exit"]}
 
 
 def _given(ctx: click.Context, name: str) -> bool:
@@ -44,7 +46,7 @@ def _resumed(ctx: click.Context, out: Path, saved: dict, cfg: ModelConfig,
     from mirage.train.checkpoint import CheckpointError, model_config
 
     model_given = _given(ctx, "config_name") or _given(ctx, "task") or _given(ctx, "init_from") \
-        or _given(ctx, "distill_from")
+        or _given(ctx, "distill_from") or _given(ctx, "dmd_from")
     given = {field: getattr(tcfg, field) for opt, fields in TRAIN_OPTIONS.items() if _given(ctx, opt) for field in fields}
     try:
         saved_tcfg = dataclasses.replace(from_json(TrainConfig, saved["train"]), **given)
@@ -106,6 +108,17 @@ def _resumed(ctx: click.Context, out: Path, saved: dict, cfg: ModelConfig,
 @click.option("--student-steps", type=click.IntRange(min=1), default=None,
               help="The student's DDIM steps (with --distill-from); recorded in its checkpoint, and mirage-run "
                    "uses it when --steps is not given.")
+@click.option("--dmd-from", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Distribution matching distillation (DMD2): fine-tune this checkpoint's model (which it starts "
+                   "from) on its own samples, pulled toward the checkpoint's frozen denoiser and away from a second "
+                   "copy trained on those samples. Add --self-forcing-prob to sample from its own context.")
+@click.option("--dmd-fake-updates", type=click.IntRange(min=1), default=TrainConfig.dmd_fake_updates,
+              help="With --dmd-from: fake-score steps (each on a fresh batch and sample) per generator step.")
+@click.option("--dmd-regression", type=click.FloatRange(min=0), default=TrainConfig.dmd_regression,
+              help="With --dmd-from: weight of the ordinary v-loss on real clips added to the generator's loss.")
+@click.option("--dmd-exit", type=click.Choice(DMD_EXITS), default=TrainConfig.dmd_exit,
+              help="With --dmd-from: the generator's DDIM step that gets the gradient (the earlier ones run without): "
+                   "random (Self-Forcing: every step learns) or last (the frame the runtime emits).")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, help="Data-loading worker processes.")
 @click.option("--resume/--no-resume", default=True,
@@ -115,8 +128,8 @@ def _resumed(ctx: click.Context, out: Path, saved: dict, cfg: ModelConfig,
 @click.pass_context
 def main(ctx, stage, ae_config, crop, ssim_mix, ema_decay, config_name, task, data, out, steps, batch_size, lr,
          precision, grad_checkpoint, context_noise_max, save_minutes, latent_cache, init_from, self_forcing_prob,
-         self_forcing_horizon, self_forcing_strength, distill_from, student_steps, device, workers, resume, seed,
-         dry_run):
+         self_forcing_horizon, self_forcing_strength, distill_from, student_steps, dmd_from, dmd_fake_updates,
+         dmd_regression, dmd_exit, device, workers, resume, seed, dry_run):
     """Train a Mirage video diffusion model into a checkpoint folder (safetensors + config JSON).
 
     Runs on the CPU by default; uses the GPU with --device cuda (or auto), and all GPUs when
@@ -133,7 +146,7 @@ def main(ctx, stage, ae_config, crop, ssim_mix, ema_decay, config_name, task, da
                                   dry_run)
     data, out = data or "synthetic", out or Path("runs/tiny")
     try:
-        source = distill_from or init_from
+        source = distill_from or init_from or dmd_from
         cfg = get_config(config_name or "tiny", task or "generate")
         if source:  # the model is the checkpoint's; an explicit --config / --task must agree with it
             saved = from_json(ModelConfig, read_meta(source)["model"])
@@ -148,12 +161,18 @@ def main(ctx, stage, ae_config, crop, ssim_mix, ema_decay, config_name, task, da
                            data=data, seed=seed, save_minutes=save_minutes, latent_cache=latent_cache,
                            init_from=init_from or "",
                            distill_from=distill_from or "", student_steps=student_steps or 0,
+                           dmd_from=dmd_from or "", dmd_fake_updates=dmd_fake_updates, dmd_regression=dmd_regression,
+                           dmd_exit=dmd_exit,
                            self_forcing_prob=self_forcing_prob, self_forcing_horizon=self_forcing_horizon,
                            self_forcing_strength=self_forcing_strength,
                            self_forcing_steps=student_steps or (default_steps(read_meta(source)) if source else
                                                                 TrainConfig.self_forcing_steps))
         if resume and (out / CONFIG).is_file():
             cfg, tcfg = _resumed(ctx, out, read_meta(out), cfg, tcfg)
+        dmd_only = [f"--{name.replace('_', '-')}" for name in ("dmd_fake_updates", "dmd_regression", "dmd_exit")
+                    if _given(ctx, name)]
+        if dmd_only and not tcfg.dmd_from:  # neither given nor resumed
+            raise ConfigError(f"{' and '.join(dmd_only)} need(s) --dmd-from TEACHER")
         import torch
 
         with torch.device("meta"):

@@ -200,6 +200,9 @@ def get_config(name: str, task: str = "generate") -> ModelConfig:
     return CONFIGS[name].with_task(task)
 
 
+DMD_EXITS = ("random", "last")  # TrainConfig.dmd_exit
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 2000  # optimizer steps
@@ -218,11 +221,15 @@ class TrainConfig:
     init_from: str = ""  # checkpoint whose (EMA) weights training starts from: fine-tuning
     self_forcing_prob: float = 0.0  # fraction of steps whose context holds the model's own frames (train/self_forcing.py)
     self_forcing_horizon: int = 2  # frames the model generates itself before the loss frame (1..context_frames)
-    self_forcing_steps: int = 4  # DDIM steps per generated frame: the runtime's
+    self_forcing_steps: int = 4  # DDIM steps per generated frame (self-forced context, DMD's sample): the runtime's
     self_forcing_context_noise: int = 100  # t_ctx of the generated frames' context: the runtime's
     self_forcing_strength: float = 1.0  # 1: generate from pure noise; s < 1: from the real frame partly noised (SDEdit)
     distill_from: str = ""  # teacher checkpoint of progressive distillation (train/distill.py); the student starts from it
     student_steps: int = 0  # the student's DDIM steps N (the teacher takes 2N); 0 = no distillation
+    dmd_from: str = ""  # teacher of distribution matching distillation (train/dmd.py): G, real and fake score start from it
+    dmd_fake_updates: int = 5  # DMD: fake-score steps, each on a fresh sample of G, per generator step (DMD2: 5)
+    dmd_regression: float = 0.0  # DMD: weight of the ordinary v-loss on real clips added to G's loss (an anchor)
+    dmd_exit: str = "random"  # DMD: G's DDIM step with gradient: "random" (Self-Forcing) or "last" (the runtime's output)
     seed: int = 0
     log_every: int = 50
     save_every: int = 500  # save a checkpoint every this many steps ...
@@ -233,6 +240,8 @@ class TrainConfig:
         _check_types(self)
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"precision={self.precision!r}; choose fp32, bf16 or fp16")
+        if self.dmd_exit not in DMD_EXITS:
+            raise ConfigError(f"dmd_exit={self.dmd_exit!r}; choose {' or '.join(DMD_EXITS)}")
         probability = (lambda p: 0 <= p <= 1, "in [0, 1]")
         _check_ranges(self, {
             "steps": (_positive, ">= 1"),
@@ -252,6 +261,8 @@ class TrainConfig:
             "self_forcing_steps": (_positive, ">= 1"),
             "self_forcing_context_noise": (lambda v: 0 <= v < T, f"in [0, {T - 1}]"),
             "student_steps": (lambda v: v >= 0, ">= 0"),
+            "dmd_fake_updates": (_positive, ">= 1"),
+            "dmd_regression": (lambda v: v >= 0, ">= 0"),
             "log_every": (_positive, ">= 1"),
             "save_every": (_positive, ">= 1"),
             "save_minutes": (_positive, "> 0"),
@@ -262,6 +273,9 @@ class TrainConfig:
                               "student_steps >= 1 (--student-steps)")
         if self.distill_from and self.init_from:
             raise ConfigError("a distilled student starts from its teacher; drop init_from (--init-from)")
+        if self.dmd_from and (self.init_from or self.distill_from):
+            raise ConfigError(f"dmd_from={self.dmd_from!r} (--dmd-from): the generator starts from its teacher; drop "
+                              + ("init_from (--init-from)" if self.init_from else "distill_from (--distill-from)"))
 
 
 def to_json(cfg) -> dict:

@@ -12,13 +12,21 @@
 #       # the students of another config: its 4-step video-to-video teacher is trained first
 #       # (TEACHER_LIMIT seconds at most), then distilled as above
 #
-# PARTS: "gen v2v" (default), "gen" (the generator's runs) or "v2v" (the students); ONE_STEP=0 stops
-# the students after the 2-step one; WORKERS: data workers per training run (default 3); STUDENT_LR:
-# the students' learning rate (default LR: a teacher trained here from scratch can take a higher one).
-# $OUT gets 5 files: tables.txt (every quality table and training summary), reports.tar.gz (the
-# quality JSONs, for scripts/plot_quality.py, the training logs and drift plots), ckpt-gen-sf.tar
-# (the two self-forced generators), ckpt-gen-ft.tar (the plain fine-tuned control), ckpt-v2v.tar
-# (the 2- and 1-step students).
+#   PARTS=dmd bash scripts/train_longroll_gpu.sh     # about 6 minutes: the generator by distribution matching
+#   DEVICE=cpu STEPS=2 BATCH=2 FRAMES=6 WINDOW=3 STREAMS=2 PARTS=dmd DMD_FAKE_UPDATES=1 PYTHON=... # its CPU smoke test
+#
+# PARTS: "gen v2v" (default), "gen" (the generator's runs), "v2v" (the students), "dmd" (the
+# generator fine-tuned by distribution matching, train/dmd.py: with its own frames as context and,
+# as a control, without; DMD_STEPS generator steps, default STEPS/3, as each also makes
+# DMD_FAKE_UPDATES (5) samples that train the fake score; lr DMD_LR, default 1e-4, as every
+# fine-tune of this converged model at 5e-4 made it worse), or any of them together. ONE_STEP=0
+# stops the students after the 2-step one; WORKERS: data workers per training run (default 3);
+# STUDENT_LR: the students' learning rate (default LR: a teacher trained here from scratch can take
+# a higher one).
+# $OUT gets up to 6 files: tables.txt (every quality table and training summary), reports.tar.gz
+# (the quality JSONs, for scripts/plot_quality.py, the training logs and drift plots),
+# ckpt-gen-sf.tar (the two self-forced generators), ckpt-gen-ft.tar (the plain fine-tuned control),
+# ckpt-gen-dmd.tar (the two DMD generators), ckpt-v2v.tar (the 2- and 1-step students).
 set -euo pipefail
 STEPS=${STEPS:-1200}  # optimizer steps of every training run
 FRAMES=${FRAMES:-500}
@@ -77,7 +85,21 @@ students() {
   wait
   [ "${ONE_STEP:-1}" = 1 ] && quality v2v-s1 "$W/v2v-s1"
 }
+distribution_matching() {
+  # DMD from the bundled generator, self-forced (its own frames as the newest context, every step) and
+  # not, in parallel; the bundled generator's report beside theirs unless the gen part makes it
+  local dmd=(--dmd-from checkpoints/tiny --dmd-fake-updates "${DMD_FAKE_UPDATES:-5}")
+  STEPS=${DMD_STEPS:-$(( (STEPS + 2) / 3 ))} LR=${DMD_LR:-1e-4} train gen-dmd-sf "${dmd[@]}" \
+    --self-forcing-prob "${DMD_SF_PROB:-1}" --self-forcing-horizon "${SF_HORIZON:-2}" &
+  STEPS=${DMD_STEPS:-$(( (STEPS + 2) / 3 ))} LR=${DMD_LR:-1e-4} train gen-dmd "${dmd[@]}" &
+  case " $PARTS " in *" gen "*) ;; *) quality gen-base checkpoints/tiny & ;; esac
+  wait
+  quality gen-dmd-sf "$W/gen-dmd-sf" &
+  quality gen-dmd "$W/gen-dmd" &
+  wait
+}
 case " $PARTS " in *" gen "*) generator & ;; esac
+case " $PARTS " in *" dmd "*) distribution_matching & ;; esac
 case " $PARTS " in *" v2v "*) students & ;; esac
 wait
 
@@ -88,11 +110,15 @@ plot() {  # METRIC REPORT...: drift curves beside the tables, W/METRIC-FIRST.png
   $py "$ROOT/scripts/plot_quality.py" "$@" --metric "$metric" --out "$metric-${1%.json}.png" >/dev/null 2>&1 || true
 }
 cd "$W"
-for m in sharpness_ratio motion_ratio flicker_ratio feature_distance; do plot "$m" q-gen-base.json q-gen-ft.json q-gen-sf.json q-gen-sfa.json; done
+for m in sharpness_ratio motion_ratio flicker_ratio feature_distance; do
+  plot "$m" q-gen-base.json q-gen-ft.json q-gen-sf.json q-gen-sfa.json
+  plot "$m" q-gen-dmd-sf.json q-gen-dmd.json q-gen-base.json  # named after its first report: no clash with the above
+done
 plot psnr q-v2v-t4.json q-v2v-t2.json q-v2v-t1.json q-v2v-s2.json q-v2v-s1.json
 shopt -s nullglob
 tar czf "$OUT/reports.tar.gz" q-*.json *.log *.png gpu.txt
 [ "${CKPTS:-1}" = 1 ] || exit 0  # CKPTS=0: no checkpoints back (a base model's are over the device tool's 16 MiB)
 tar cf "$OUT/ckpt-gen-sf.tar" --ignore-failed-read gen-{sf,sfa}/{config.json,model.safetensors}
 tar cf "$OUT/ckpt-gen-ft.tar" --ignore-failed-read gen-ft/{config.json,model.safetensors}
+tar cf "$OUT/ckpt-gen-dmd.tar" --ignore-failed-read gen-dmd{,-sf}/{config.json,model.safetensors}
 tar cf "$OUT/ckpt-v2v.tar" --ignore-failed-read v2v-s{2,1}/{config.json,model.safetensors}

@@ -3,7 +3,8 @@
     config.json              {"model": ModelConfig, "train": TrainConfig, "step": ...,
                               "files": {name: {"sha256", "bytes"}}, ...}
     model.safetensors        EMA weights: what sampling and export use
-    train_state.safetensors  raw weights + AdamW moments, only needed to resume training
+    train_state.safetensors  raw weights + AdamW moments (and those of a model trained beside it,
+                             DMD's fake score), only needed to resume training
 
 A save is all-or-nothing, through a redo journal inside the folder:
 
@@ -150,19 +151,33 @@ def save_unit(out: str | Path, tensors: dict[str, dict[str, torch.Tensor]], meta
     return out
 
 
+Trainable = tuple[torch.nn.Module, torch.optim.Optimizer]
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
+    return {f"{prefix}{idx}.{name}": torch.as_tensor(value).contiguous()
+            for idx, slots in optimizer.state_dict()["state"].items() for name, value in slots.items()}
+
+
 def save_checkpoint(out: str | Path, model: MirageUNet, ema: MirageUNet, train_cfg: TrainConfig, step: int,
-                    optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None) -> Path:
+                    optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None,
+                    aux: dict[str, Trainable] | None = None) -> Path:
+    """`aux`: other trained models a resume needs, by name, with their optimizers (DMD's fake
+    score): saved into the train state beside the model's, as NAME.model.* and NAME.opt.*."""
     meta = {"model": to_json(model.cfg), "train": to_json(train_cfg), "step": step,
             "mirage_version": __version__, **(extra or {})}
     tensors = {WEIGHTS: {k: v.detach().contiguous() for k, v in ema.state_dict().items()}}
     if optimizer is not None:
         state = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
-        opt = optimizer.state_dict()
-        for idx, slots in opt["state"].items():
-            for name, value in slots.items():
-                state[f"opt.{idx}.{name}"] = torch.as_tensor(value).contiguous()
-        meta["param_groups"] = opt["param_groups"]
+        state.update(_optimizer_tensors(optimizer, "opt."))
+        meta["param_groups"] = optimizer.state_dict()["param_groups"]
+        for name, (module, opt) in (aux or {}).items():
+            state.update({f"{name}.model.{k}": v.detach().contiguous() for k, v in module.state_dict().items()})
+            state.update(_optimizer_tensors(opt, f"{name}.opt."))
+            meta.setdefault("aux_param_groups", {})[name] = opt.state_dict()["param_groups"]
         tensors[STATE] = state
+    elif aux:
+        raise ValueError("aux models are train state: save them with the optimizer")
     # a weights-only save must not leave an older step's train state beside it
     return save_unit(out, tensors, meta, delete=() if optimizer is not None else (STATE,))
 
@@ -252,22 +267,35 @@ def _load_into(model: torch.nn.Module, file: Path, meta: dict, prefix: str) -> d
     return tensors
 
 
+def _restore_optimizer(folder: Path, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                       prefix: str, param_groups) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            idx, name = key[len(prefix):].split(".", 1)
+            state.setdefault(int(idx), {})[name] = value
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder}: optimizer state does not fit the model ({e})") from e
+
+
 def load_train_state(folder: str | Path, model: MirageUNet, ema: MirageUNet,
-                     optimizer: torch.optim.Optimizer) -> dict:
-    """Restore raw weights, EMA weights and AdamW state for resuming; returns the meta dict."""
+                     optimizer: torch.optim.Optimizer, aux: dict[str, Trainable] | None = None) -> dict:
+    """Restore raw weights, EMA weights and AdamW state (and those of the `aux` models, as
+    save_checkpoint wrote them) for resuming; returns the meta dict."""
     folder = Path(folder)
     meta = read_meta(folder)
     _load_into(ema, folder / WEIGHTS, meta, prefix="")
     tensors = _load_into(model, folder / STATE, meta, prefix="model.")
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
     if "param_groups" not in meta:
         raise CheckpointError(f"{folder / CONFIG}: no optimizer param_groups; this checkpoint cannot resume training")
-    try:
-        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{folder}: optimizer state does not fit the model ({e})") from e
+    _restore_optimizer(folder, optimizer, tensors, "opt.", meta["param_groups"])
+    for name, (module, opt) in (aux or {}).items():
+        groups = meta.get("aux_param_groups", {}).get(name)
+        if groups is None:
+            raise CheckpointError(f"{folder / STATE}: holds no {name} model, which this run trains beside the model "
+                                  "(was it saved by another kind of run?); choose another --out or pass --no-resume")
+        _load_into(module, folder / STATE, meta, prefix=f"{name}.model.")
+        _restore_optimizer(folder, opt, tensors, f"{name}.opt.", groups)
     return meta

@@ -9,16 +9,21 @@ One step on a batch of clips (B, K+1, 3, H, W), K = context_frames:
        probability empty_context_prob, so the model also learns the first frame of a video),
        placed in random ring slots with their ages
     2. history augmentation: context frames are noised to a random level t_ctx which the
-       context encoder sees as an input (Diffusion Forcing / MirageLSD style)
+       context encoder sees as an input (Diffusion Forcing / MirageLSD style); 1 and 2 are
+       train/context.py
     3. the last frame is noised to a random t and the model predicts v; loss = MSE
 
-Two variants, configured in TrainConfig:
+Three variants, configured in TrainConfig:
 
 - self-forcing (a fraction `self_forcing_prob` of the steps): the last `self_forcing_horizon`
   context frames are the model's own, generated without gradient (train/self_forcing.py), and
   every context slot is valid
 - distillation (`distill_from`, `student_steps` N): t is one of the student's N timesteps and
   the target is where two DDIM steps of the frozen teacher land (train/distill.py)
+- distribution matching (`dmd_from`): no per-frame target; the model samples frame K itself and
+  learns from the difference of a frozen teacher's and a trained fake score's denoisers, on
+  `dmd_fake_updates` batches per step (train/dmd.py, `dmd_step`); self-forcing gives it its own
+  context
 """
 from __future__ import annotations
 
@@ -46,7 +51,9 @@ from mirage.train.codec import autoencoder_sha256, load_codec
 from mirage.train.resources import check_fits
 from mirage.train.data import ClipStream, batches, make_source, v2v_input
 from mirage.train.latent_cache import LatentCache, encode_batch
+from mirage.train.context import sample_context
 from mirage.train.distill import check_teacher, distill_target, step_table
+from mirage.train.dmd import DMD
 from mirage.train.self_forcing import is_self_forced_step, self_forced_context
 from mirage.model.diffusion import T, q_sample, v_target
 from mirage.model.unet import MirageUNet, parameter_count
@@ -75,23 +82,8 @@ class TrainStep(nn.Module):
         if self_forced:
             ctx = self_forced_context(self.model, clips, tcfg.self_forcing_horizon, tcfg.self_forcing_steps,
                                       tcfg.self_forcing_context_noise, tcfg.self_forcing_strength)
-        # 1. valid slots: the n most recent context frames (all of them after a self-forced unroll); frame j is K - j old
-        n_valid = torch.randint(1, k + 1, (b,), device=dev)
-        n_valid = torch.where(torch.rand(b, device=dev) < tcfg.empty_context_prob, 0, n_valid)
-        if self_forced:
-            n_valid = torch.full_like(n_valid, k)
-        age = torch.arange(k, 0, -1, device=dev).expand(b, k)  # (B, K): [K, ..., 1]
-        ages = torch.where(age <= n_valid[:, None], age, 0)
-        perm = torch.argsort(torch.rand(b, k, device=dev), dim=1)  # random slot order
-        ages = ages.gather(1, perm)
-        ctx = ctx[torch.arange(b, device=dev)[:, None], perm]
-        # 2. history augmentation
-        t_ctx = torch.randint(0, tcfg.context_noise_max + 1, (b,), device=dev)
-        t_ctx = torch.where(torch.rand(b, device=dev) < tcfg.context_noise_prob, t_ctx, 0)
-        t_ctx = t_ctx.repeat_interleave(k)  # (B*K,)
-        flat = ctx.flatten(0, 1)  # (B*K, 3, H, W)
-        noised = q_sample(flat, t_ctx, torch.randn_like(flat))
-        memory = self.model.context_encode(noised, t_ctx).unflatten(0, (b, k))  # (B, K, 2, N, D)
+        context = sample_context(ctx, tcfg, all_valid=self_forced)  # steps 1 and 2 (train/context.py)
+        memory, ages = context.memory(self.model), context.ages
         # 3. denoising loss on the target frame
         if self.teacher:  # the student's own timesteps
             index = torch.randint(0, tcfg.student_steps, (b,), device=dev)
@@ -103,7 +95,7 @@ class TrainStep(nn.Module):
         if self.teacher:
             teacher = self.teacher[0]
             with torch.no_grad():
-                t_memory = teacher.context_encode(noised, t_ctx).unflatten(0, (b, k))
+                t_memory = context.memory(teacher)
                 goal = distill_target(lambda x, t_: teacher.denoise(x, t_, cond, t_memory, ages), x_t, index,
                                       tcfg.student_steps)
         else:
@@ -129,6 +121,32 @@ def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, los
     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(opt)
     scaler.update()
+
+
+def dmd_step(dmd: DMD, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor | None]],
+             opt: torch.optim.Optimizer, fake_opt: torch.optim.Optimizer,
+             scalers: tuple[torch.amp.GradScaler, torch.amp.GradScaler], autocast: Callable[[], object],
+             self_forced: bool, regression: TrainStep) -> tuple[float, float]:
+    """One generator step of DMD (train/dmd.py): `dmd_fake_updates` batches, each a fresh sample
+    of G that trains the fake score; the last one, sampled with gradient, trains G first (with
+    the real clips' v-loss weighted by dmd_regression added). Returns (G's loss, the mean fake loss)."""
+    tcfg, updates, fake_losses = dmd.tcfg, dmd.tcfg.dmd_fake_updates, []
+    for i in range(updates):
+        clips, cond = next_batch()
+        last = i == updates - 1
+        with autocast():
+            sample = dmd.sample(clips, cond, self_forced, grad=last)
+        if last:
+            with autocast():
+                loss = dmd.generator_loss(sample)
+                if tcfg.dmd_regression:
+                    loss = loss + tcfg.dmd_regression * regression(clips, False, cond)
+            optimizer_step(opt, scalers[0], loss, dmd.model, tcfg.grad_clip)
+        with autocast():
+            fake_loss = dmd.fake_loss(sample)
+        optimizer_step(fake_opt, scalers[1], fake_loss, dmd.fake, tcfg.grad_clip)
+        fake_losses.append(fake_loss.item())
+    return loss.item(), sum(fake_losses) / updates
 
 
 @torch.no_grad()
@@ -225,6 +243,9 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
     if tcfg.self_forcing_prob and model_cfg.latent and model_cfg.cond_channels:
         raise ConfigError("self-forcing a latent video-to-video model is not supported: its generated context frames "
                           "would each need their own encoded input frame; train it without --self-forcing-prob")
+    if tcfg.dmd_from and world > 1:
+        raise ConfigError(f"dmd_from={tcfg.dmd_from} (--dmd-from) trains in one process only (its fake score and "
+                          "two-time-scale steps are not wired for DDP); run it without torchrun")
     if tcfg.latent_cache and not model_cfg.latent:
         raise ConfigError(f"latent_cache={tcfg.latent_cache} (--latent-cache): model {model_cfg.name} works on pixels; "
                           "only latent models encode their clips")
@@ -240,7 +261,7 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
         codec = load_codec(model_cfg, dev)
     model = MirageUNet(model_cfg).to(dev)
     model.grad_checkpoint = tcfg.grad_checkpoint
-    start_from = tcfg.init_from or tcfg.distill_from
+    start_from = tcfg.init_from or tcfg.distill_from or tcfg.dmd_from
     sampling_steps = tcfg.student_steps or None  # what the runtime samples the result with by default
     if start_from:  # fine-tuning and distillation start from the EMA weights (a resume below overrides them)
         start_model, start_meta = load_checkpoint(start_from, dev)
@@ -252,7 +273,12 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
         check_teacher(start_meta, tcfg.student_steps, tcfg.distill_from)
         teacher = start_model.requires_grad_(False)  # in eval mode, as loaded
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.99))
+    adamw = lambda m: torch.optim.AdamW(m.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.99))
+    opt = adamw(model)
+    aux = {}  # models trained beside this one, with their optimizers: DMD's fake score, a trainable copy of the teacher
+    if tcfg.dmd_from:
+        fake = copy.deepcopy(start_model).train().requires_grad_(True)
+        aux = {"fake": (fake, adamw(fake))}
     step, elapsed, saved_loss, resumes = 0, 0.0, float("nan"), []
     if resume and (out / CONFIG).is_file():
         meta = read_meta(out)
@@ -260,7 +286,7 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
         if not (out / STATE).is_file():
             raise CheckpointError(f"{out}: holds weights but no {STATE}, so training cannot resume there; "
                                   "choose another --out, or pass --no-resume to start over and replace it")
-        meta = load_train_state(out, model, ema, opt)
+        meta = load_train_state(out, model, ema, opt, aux)
         step, elapsed, saved_loss = meta["step"], meta.get("train_seconds", 0.0), meta.get("loss", float("nan"))
         try:
             changes = config_changes(from_json(TrainConfig, meta["train"]), tcfg)
@@ -289,45 +315,62 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
     else:
         loader = ((clips.to(dev, non_blocking=True), None) for clips in frames)
     step_fn: nn.Module = TrainStep(model, tcfg, teacher, codec)
+    dmd = None
+    if tcfg.dmd_from:  # the real score is the teacher as loaded (EMA weights, eval mode), frozen
+        dmd = DMD(model, start_model.requires_grad_(False), aux["fake"][0], tcfg, codec)
     if world > 1:
         step_fn = nn.parallel.DistributedDataParallel(step_fn, device_ids=[dev] if dev.type == "cuda" else None)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.precision)
+    autocast = lambda: torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext()  # one per use
     scaler = torch.amp.GradScaler(dev.type, enabled=tcfg.precision == "fp16")
-    losses: list[float] = []
+    fake_scaler = torch.amp.GradScaler(dev.type, enabled=tcfg.precision == "fp16")  # DMD's fake score: its own scale
+    losses, fake_losses = [], []
     start = last_save = time.monotonic()
     stopped, self_forced_steps = False, 0
     model.train()
     with StopOnSignal(log) as stop, tqdm(total=tcfg.steps, initial=step, disable=not progress or rank != 0,
                                          desc="train", unit="step") as bar:
         while step < tcfg.steps and not stopped:
-            clips, cond = next(loader)
-            for group in opt.param_groups:
+            for group in [*opt.param_groups, *(group for _, o in aux.values() for group in o.param_groups)]:
                 group["lr"] = lr_at(step, tcfg)
-            autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext()
             self_forced = is_self_forced_step(tcfg.seed, step, tcfg.self_forcing_prob)
-            with autocast:
-                loss = step_fn(clips, self_forced, cond)
+            if dmd is not None:
+                loss, fake_loss = dmd_step(dmd, lambda: next(loader), opt, aux["fake"][1], (scaler, fake_scaler),
+                                           autocast, self_forced, step_fn)
+                fake_losses.append(fake_loss)
+            else:
+                clips, cond = next(loader)
+                with autocast():
+                    loss = step_fn(clips, self_forced, cond)
+                optimizer_step(opt, scaler, loss, model, tcfg.grad_clip)
+                loss = loss.item()
             self_forced_steps += self_forced
-            optimizer_step(opt, scaler, loss, model, tcfg.grad_clip)
             step += 1
             ema_update(ema, model, min(tcfg.ema_decay, (1 + step) / (10 + step)))
-            losses.append(loss.item())
+            losses.append(loss)
             bar.update(1)
             if step % tcfg.log_every == 0 or step == tcfg.steps:
-                bar.set_postfix(loss=f"{sum(losses[-tcfg.log_every:]) / len(losses[-tcfg.log_every:]):.4f}")
+                bar.set_postfix(loss=f"{_mean(losses[-tcfg.log_every:]):.4f}",
+                                **({"fake": f"{_mean(fake_losses[-tcfg.log_every:]):.4f}"} if fake_losses else {}))
             stopped = _stop_everywhere(stop, world, dev)
             due = (step % tcfg.save_every == 0 or step == tcfg.steps or stopped
                    or time.monotonic() - last_save >= 60 * tcfg.save_minutes)
             if rank == 0 and due:
                 recent = losses[-tcfg.log_every:]
-                save_checkpoint(out, model, ema, tcfg, step, opt, extra={
+                save_checkpoint(out, model, ema, tcfg, step, opt, aux=aux, extra={
                     "loss": sum(recent) / len(recent), "train_seconds": elapsed + time.monotonic() - start,
                     "parameters": parameter_count(model), "device": str(dev), "world_size": world,
                     **({"sampling_steps": sampling_steps} if sampling_steps else {}),
+                    **({"fake_loss": _mean(fake_losses[-tcfg.log_every:])} if fake_losses else {}),
                     **({"resumes": resumes} if resumes else {})})
                 last_save = time.monotonic()
     recent = losses[-tcfg.log_every:] or [float("nan")]
     return {"step": step, "loss": sum(recent) / len(recent), "first_loss": losses[0] if losses else float("nan"),
             "seconds": elapsed + time.monotonic() - start, "parameters": parameter_count(model), "out": str(out),
             "self_forced_steps": self_forced_steps, "sampling_steps": sampling_steps,
-            "stopped_by": stop.received if stopped else None, "trained_steps": len(losses)}
+            "stopped_by": stop.received if stopped else None, "trained_steps": len(losses),
+            **({"fake_loss": _mean(fake_losses[-tcfg.log_every:])} if fake_losses else {})}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
