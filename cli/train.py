@@ -18,7 +18,7 @@ import click
 from click.core import ParameterSource
 
 from mirage.cli.errors import UserError
-from mirage.core.config import (AE_CONFIGS, CONFIGS, DMD_EXITS, TASKS, ConfigError, ModelConfig, TrainConfig, check_same,
+from mirage.core.config import (AE_CONFIGS, CONFIGS, DMD_EXITS, DMD_LR, TASKS, ConfigError, ModelConfig, TrainConfig, check_same,
                                 from_json, get_ae_config, get_config)
 from mirage.core.errors import MirageError
 
@@ -78,7 +78,8 @@ def _resumed(ctx: click.Context, out: Path, saved: dict, cfg: ModelConfig,
               help="Checkpoint folder. Default: runs/tiny (diffusion), runs/<ae-config> (autoencoder).")
 @click.option("--steps", type=click.IntRange(min=1), default=TrainConfig.steps, help="Optimizer steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size, help="Clips per step (per GPU).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=TrainConfig.lr, help="Peak learning rate.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=TrainConfig.lr,
+              help=f"Peak learning rate (with --dmd-from: {DMD_LR:g} unless given).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
               help="Autocast precision (fp16 adds a gradient scaler).")
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=False, help="Recompute ResBlocks to save memory.")
@@ -155,6 +156,8 @@ def main(ctx, stage, ae_config, crop, ssim_mix, ema_decay, config_name, task, da
             cfg = saved
         if student_steps and not distill_from:
             raise ConfigError("--student-steps needs --distill-from TEACHER")
+        if dmd_from and not _given(ctx, "lr"):
+            lr = DMD_LR
         tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, precision=precision,
                            ema_decay=ema_decay, grad_checkpoint=grad_checkpoint, context_noise_max=context_noise_max,
                            context_noise_prob=TrainConfig.context_noise_prob if context_noise_max else 0.0,
@@ -204,6 +207,8 @@ def _autoencoder_stage(ctx, ae_config, data, out, steps, batch_size, lr, precisi
         cfg = get_ae_config(ae_config)
         if crop % cfg.downscale:
             raise ConfigError(f"--crop {crop} must be a multiple of the autoencoder's downscale {cfg.downscale}")
+        if dmd_from and not _given(ctx, "lr"):
+            lr = DMD_LR
         tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, precision=precision, ema_decay=ema_decay,
                            data=data, seed=seed, save_minutes=save_minutes)
         if dry_run:

@@ -201,6 +201,9 @@ def get_config(name: str, task: str = "generate") -> ModelConfig:
 
 
 DMD_EXITS = ("random", "last")  # TrainConfig.dmd_exit
+# mirage-train's lr with --dmd-from and no --lr: a fine-tune's. The from-scratch 1e-3 turns a
+# converged generator's frames to noise within 40 DMD steps (docs/QUALITY.md).
+DMD_LR = 1e-4
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from mirage.cli.train import main as train_cli
-from mirage.core.config import ConfigError, TrainConfig, get_config
+from mirage.core.config import DMD_LR, ConfigError, TrainConfig, get_config
 from mirage.model.diffusion import alpha_sigma, q_sample
 from mirage.train.checkpoint import CheckpointError, load_checkpoint, load_train_state, read_meta, save_checkpoint
 from mirage.train.dmd import DMD, T_MAX, T_MIN, dmd_gradient, generator_loss
@@ -230,3 +230,7 @@ def test_cli_dmd_errors(tmp_path):
     assert ok.exit_code == 0, ok.output
     summary = json.loads(ok.output[ok.output.index('{"step"'):])  # after the progress bar
     assert summary["trained_steps"] == 1 and read_meta(tmp_path / "x")["train"]["dmd_fake_updates"] == 1
+    assert read_meta(tmp_path / "x")["train"]["lr"] == DMD_LR  # a fine-tune's lr when --lr is not given
+    given = runner.invoke(train_cli, ["--dmd-from", str(CKPT_GEN), "--lr", "3e-5", "--dry-run",
+                                      "--out", str(tmp_path / "y"), "--device", "cpu"])
+    assert given.exit_code == 0 and json.loads(given.output[given.output.index("{"):])["train"]["lr"] == 3e-5
