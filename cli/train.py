@@ -207,8 +207,6 @@ def _autoencoder_stage(ctx, ae_config, data, out, steps, batch_size, lr, precisi
         cfg = get_ae_config(ae_config)
         if crop % cfg.downscale:
             raise ConfigError(f"--crop {crop} must be a multiple of the autoencoder's downscale {cfg.downscale}")
-        if dmd_from and not _given(ctx, "lr"):
-            lr = DMD_LR
         tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, precision=precision, ema_decay=ema_decay,
                            data=data, seed=seed, save_minutes=save_minutes)
         if dry_run:
