@@ -28,6 +28,13 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-256-v2v"
 
 
+def _check_source(source: str | None) -> str | None:
+    """--input is checked before the model loads: a missing file fails at once, not after setup."""
+    if source is not None and source != "synthetic" and not source.isdigit() and not Path(source).exists():
+        raise click.BadParameter(f"{source}: no such file or folder", param_hint="'--input'")
+    return source
+
+
 def _input_stream(source: str, size: int, frames: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(input frame, ground-truth frame) pairs, (H, W, 3) float32, read as they are needed: the
     video-to-video input is the frame's luma plus coarse chroma, so a clip's own colors are its
@@ -61,7 +68,7 @@ class _Stop:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("model", required=False, type=click.Path(exists=True, path_type=Path), default=DEFAULT_MODEL)
-@click.option("--input", "source", default=None,
+@click.option("--input", "source", default=None, callback=lambda ctx, param, value: _check_source(value),
               help="Input stream for video-to-video models: a video file, an image folder, a webcam index "
                    "(0 = /dev/video0, Linux) or 'synthetic' (the default for them). Frames are center-cropped "
                    "and resized to the model's size.")

@@ -190,7 +190,7 @@ def test_mirage_run_cli(tmp_path):
     assert r.exit_code == 0 and "PSNR vs. ground truth" in r.output
     assert len(list((tmp_path / "frames").glob("*.png"))) == 4
     r = runner.invoke(main, [str(CKPT_V2V), "--input", str(tmp_path / "missing.mp4")])
-    assert r.exit_code == 2 and "no such file" in r.output
+    assert r.exit_code == 2 and "no such file" in r.output and "frames:" not in r.output  # before any setup
     (tmp_path / "broken.mp4").write_bytes(b"not a video")
     r = runner.invoke(main, [str(CKPT_V2V), "--input", str(tmp_path / "broken.mp4"), "--output", str(tmp_path / "b.gif")])
     assert r.exit_code == 2 and "broken.mp4" in r.output
