@@ -255,7 +255,13 @@ def _verified(file: Path, meta: dict) -> dict[str, torch.Tensor]:
 
 
 def _load_into(model: torch.nn.Module, file: Path, meta: dict, prefix: str) -> dict:
+    """Verify `file`, load its `prefix`ed weights into `model`; returns all of the file's tensors."""
     tensors = _verified(file, meta)
+    _load_weights(model, tensors, file, prefix)
+    return tensors
+
+
+def _load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], file: Path, prefix: str) -> None:
     weights = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     try:
         result = model.load_state_dict(weights, strict=False)
@@ -264,7 +270,6 @@ def _load_into(model: torch.nn.Module, file: Path, meta: dict, prefix: str) -> d
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"{file}: weights do not fit the model config (missing {result.missing_keys[:3]}, "
                               f"unexpected {result.unexpected_keys[:3]})")
-    return tensors
 
 
 def _restore_optimizer(folder: Path, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
@@ -296,6 +301,6 @@ def load_train_state(folder: str | Path, model: MirageUNet, ema: MirageUNet,
         if groups is None:
             raise CheckpointError(f"{folder / STATE}: holds no {name} model, which this run trains beside the model "
                                   "(was it saved by another kind of run?); choose another --out or pass --no-resume")
-        _load_into(module, folder / STATE, meta, prefix=f"{name}.model.")
+        _load_weights(module, tensors, folder / STATE, prefix=f"{name}.model.")  # the state file is read once
         _restore_optimizer(folder, opt, tensors, f"{name}.opt.", groups)
     return meta
