@@ -356,16 +356,14 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
             due = (step % tcfg.save_every == 0 or step == tcfg.steps or stopped
                    or time.monotonic() - last_save >= 60 * tcfg.save_minutes)
             if rank == 0 and due:
-                recent = losses[-tcfg.log_every:]
                 save_checkpoint(out, model, ema, tcfg, step, opt, aux=aux, extra={
-                    "loss": sum(recent) / len(recent), "train_seconds": elapsed + time.monotonic() - start,
+                    "loss": _mean(losses[-tcfg.log_every:]), "train_seconds": elapsed + time.monotonic() - start,
                     "parameters": parameter_count(model), "device": str(dev), "world_size": world,
                     **({"sampling_steps": sampling_steps} if sampling_steps else {}),
                     **({"fake_loss": _mean(fake_losses[-tcfg.log_every:])} if fake_losses else {}),
                     **({"resumes": resumes} if resumes else {})})
                 last_save = time.monotonic()
-    recent = losses[-tcfg.log_every:] or [float("nan")]
-    return {"step": step, "loss": sum(recent) / len(recent), "first_loss": losses[0] if losses else float("nan"),
+    return {"step": step, "loss": _mean(losses[-tcfg.log_every:] or [float("nan")]), "first_loss": losses[0] if losses else float("nan"),
             "seconds": elapsed + time.monotonic() - start, "parameters": parameter_count(model), "out": str(out),
             "self_forced_steps": self_forced_steps, "sampling_steps": sampling_steps,
             "stopped_by": stop.received if stopped else None, "trained_steps": len(losses),
