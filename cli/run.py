@@ -20,7 +20,7 @@ from mirage.core.config import PipelineOptions
 from mirage.core.errors import MirageError
 from mirage.core.report import latency_summary, psnr, table, write_json
 from mirage.core.synthetic import SyntheticVideo
-from mirage.core.video_io import VideoWriter, iter_frames, to_float, v2v_input
+from mirage.core.video_io import VideoError, VideoWriter, check_source, iter_frames, to_float, v2v_input
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 # the default demo: 48 frames of 256x256 video-to-video took 32 s on this workplace's 2-core CPU, most of it the
@@ -30,8 +30,11 @@ DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-256-v2v"
 
 def _check_source(source: str | None) -> str | None:
     """--input is checked before the model loads: a missing file fails at once, not after setup."""
-    if source is not None and source != "synthetic" and not source.isdigit() and not Path(source).exists():
-        raise click.BadParameter(f"{source}: no such file or folder", param_hint="'--input'")
+    if source is not None and source != "synthetic":
+        try:
+            check_source(source)
+        except VideoError as e:
+            raise click.BadParameter(str(e), param_hint="'--input'") from e
     return source
 
 

@@ -52,15 +52,20 @@ def fit_square(frame_u8: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img)
 
 
+def check_source(path: str | os.PathLike) -> None:
+    """What iter_frames checks before it reads: a webcam index, or a path that exists."""
+    if not str(path).isdigit() and not Path(path).exists():
+        raise VideoError(f"{path}: no such file or folder")
+
+
 def iter_frames(path: str | os.PathLike, size: int) -> Iterator[np.ndarray]:
     """Yield frames of a video file, an image folder, or a webcam (its index as a string,
     "0" -> /dev/video0 through ffmpeg's v4l2 input, Linux) as float (size, size, 3) arrays."""
+    check_source(path)
     if str(path).isdigit():
         yield from _read_ffmpeg(f"/dev/video{path}", size, ["-f", "v4l2"])
         return
     path = Path(path)
-    if not path.exists():
-        raise VideoError(f"{path}: no such file or folder")
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
         if not files:
