@@ -13,20 +13,25 @@
 #       # (TEACHER_LIMIT seconds at most), then distilled as above
 #
 #   PARTS=dmd bash scripts/train_longroll_gpu.sh     # about 6 minutes: the generator by distribution matching
+#   PARTS=dmd DMD_REGRESSIONS="1 2 4" DMD_CONTROL=0 bash scripts/train_longroll_gpu.sh   # an anchor sweep
+#   PARTS="gen dmd" GEN_CONFIG=base TEACHER_STEPS=4000 TEACHER_LIMIT=240 ...  # another config's generator,
+#       # trained first from scratch, then fine-tuned as above
 #   DEVICE=cpu STEPS=2 BATCH=2 FRAMES=6 WINDOW=3 STREAMS=2 PARTS=dmd DMD_FAKE_UPDATES=1 PYTHON=... # its CPU smoke test
 #
 # PARTS: "gen v2v" (default), "gen" (the generator's runs), "v2v" (the students), "dmd" (the
-# generator fine-tuned by distribution matching, train/dmd.py: with its own frames as context and,
-# as a control, without; DMD_STEPS generator steps, default STEPS/3, as each also makes
-# DMD_FAKE_UPDATES (5) samples that train the fake score; lr DMD_LR, default 1e-4, as every
-# fine-tune of this converged model at 5e-4 made it worse), or any of them together. ONE_STEP=0
+# generator fine-tuned by distribution matching, train/dmd.py: with its own frames as context, one
+# run per anchor weight in DMD_REGRESSIONS (--dmd-regression, default "0"), and, as a control unless
+# DMD_CONTROL=0, without; DMD_EXIT: --dmd-exit; DMD_STEPS generator steps, default STEPS/3, as each
+# also makes DMD_FAKE_UPDATES (5) samples that train the fake score; lr DMD_LR, default 1e-4, as
+# every fine-tune of this converged model at 5e-4 made it worse), or any of them together. The
+# generator is checkpoints/tiny unless GEN_CONFIG names a config to train one of first. ONE_STEP=0
 # stops the students after the 2-step one; WORKERS: data workers per training run (default 3);
 # STUDENT_LR: the students' learning rate (default LR: a teacher trained here from scratch can take
 # a higher one).
 # $OUT gets up to 6 files: tables.txt (every quality table and training summary), reports.tar.gz
 # (the quality JSONs, for scripts/plot_quality.py, the training logs and drift plots),
 # ckpt-gen-sf.tar (the two self-forced generators), ckpt-gen-ft.tar (the plain fine-tuned control),
-# ckpt-gen-dmd.tar (the two DMD generators), ckpt-v2v.tar (the 2- and 1-step students).
+# ckpt-gen-dmd.tar (the DMD generators), ckpt-v2v.tar (the 2- and 1-step students).
 set -euo pipefail
 STEPS=${STEPS:-1200}  # optimizer steps of every training run
 FRAMES=${FRAMES:-500}
@@ -57,11 +62,11 @@ TEACHER=checkpoints/tiny-v2v
 generator() {
   # the generator fine-tuned with self-forcing (from pure noise, and SDEdit-anchored at strength 0.5)
   # and, as a control, without, in parallel; then their reports
-  train gen-sf --init-from checkpoints/tiny --self-forcing-prob "${SF_PROB:-0.5}" --self-forcing-horizon "${SF_HORIZON:-2}" &
-  train gen-sfa --init-from checkpoints/tiny --self-forcing-prob "${SF_PROB:-0.5}" --self-forcing-horizon "${SF_HORIZON:-2}" \
+  train gen-sf --init-from "$GEN_FROM" --self-forcing-prob "${SF_PROB:-0.5}" --self-forcing-horizon "${SF_HORIZON:-2}" &
+  train gen-sfa --init-from "$GEN_FROM" --self-forcing-prob "${SF_PROB:-0.5}" --self-forcing-horizon "${SF_HORIZON:-2}" \
     --self-forcing-strength "${SF_STRENGTH:-0.5}" &
-  train gen-ft --init-from checkpoints/tiny &
-  quality gen-base checkpoints/tiny &
+  train gen-ft --init-from "$GEN_FROM" &
+  quality gen-base "$GEN_FROM" &
   wait
   quality gen-sf "$W/gen-sf" &
   quality gen-sfa "$W/gen-sfa" &
@@ -86,18 +91,31 @@ students() {
   [ "${ONE_STEP:-1}" = 1 ] && quality v2v-s1 "$W/v2v-s1"
 }
 distribution_matching() {
-  # DMD from the bundled generator, self-forced (its own frames as the newest context, every step) and
-  # not, in parallel; the bundled generator's report beside theirs unless the gen part makes it
-  local dmd=(--dmd-from checkpoints/tiny --dmd-fake-updates "${DMD_FAKE_UPDATES:-5}")
-  STEPS=${DMD_STEPS:-$(( (STEPS + 2) / 3 ))} LR=${DMD_LR:-1e-4} train gen-dmd-sf "${dmd[@]}" \
-    --self-forcing-prob "${DMD_SF_PROB:-1}" --self-forcing-horizon "${SF_HORIZON:-2}" &
-  STEPS=${DMD_STEPS:-$(( (STEPS + 2) / 3 ))} LR=${DMD_LR:-1e-4} train gen-dmd "${dmd[@]}" &
-  case " $PARTS " in *" gen "*) ;; *) quality gen-base checkpoints/tiny & ;; esac
+  # DMD from the generator, self-forced (its own frames as the newest context, every step) at each
+  # anchor weight of DMD_REGRESSIONS, and (DMD_CONTROL=1) once not self-forced, all in parallel; the
+  # generator's own report beside theirs unless the gen part makes it
+  local dmd=(--dmd-from "$GEN_FROM" --dmd-fake-updates "${DMD_FAKE_UPDATES:-5}" --dmd-exit "${DMD_EXIT:-random}")
+  local runs=() r
+  for r in ${DMD_REGRESSIONS:-0}; do
+    STEPS=${DMD_STEPS:-$(( (STEPS + 2) / 3 ))} LR=${DMD_LR:-1e-4} train "gen-dmd-sf-r$r" "${dmd[@]}" \
+      --dmd-regression "$r" --self-forcing-prob "${DMD_SF_PROB:-1}" --self-forcing-horizon "${SF_HORIZON:-2}" &
+    runs+=("gen-dmd-sf-r$r")
+  done
+  if [ "${DMD_CONTROL:-1}" = 1 ]; then
+    STEPS=${DMD_STEPS:-$(( (STEPS + 2) / 3 ))} LR=${DMD_LR:-1e-4} train gen-dmd "${dmd[@]}" &
+    runs+=(gen-dmd)
+  fi
+  case " $PARTS " in *" gen "*) ;; *) quality gen-base "$GEN_FROM" & ;; esac
   wait
-  quality gen-dmd-sf "$W/gen-dmd-sf" &
-  quality gen-dmd "$W/gen-dmd" &
+  for r in "${runs[@]}"; do quality "$r" "$W/$r" & done
   wait
 }
+GEN_FROM=checkpoints/tiny
+if [ -n "${GEN_CONFIG:-}" ] && case " $PARTS " in *" gen "*|*" dmd "*) true ;; *) false ;; esac; then
+  # the generator of another config is trained first, from scratch, like TEACHER_CONFIG's teacher
+  LIMIT=${TEACHER_LIMIT:-$LIMIT} train gen-t --config "$GEN_CONFIG" --steps "${TEACHER_STEPS:-$STEPS}"
+  GEN_FROM=$W/gen-t
+fi
 case " $PARTS " in *" gen "*) generator & ;; esac
 case " $PARTS " in *" dmd "*) distribution_matching & ;; esac
 case " $PARTS " in *" v2v "*) students & ;; esac
@@ -112,7 +130,7 @@ plot() {  # METRIC REPORT...: drift curves beside the tables, W/METRIC-FIRST.png
 cd "$W"
 for m in sharpness_ratio motion_ratio flicker_ratio feature_distance; do
   plot "$m" q-gen-base.json q-gen-ft.json q-gen-sf.json q-gen-sfa.json
-  plot "$m" q-gen-dmd-sf.json q-gen-dmd.json q-gen-base.json  # named after its first report: no clash with the above
+  plot "$m" q-gen-dmd*.json q-gen-base.json  # named after its first report: no clash with the above
 done
 plot psnr q-v2v-t4.json q-v2v-t2.json q-v2v-t1.json q-v2v-s2.json q-v2v-s1.json
 shopt -s nullglob
@@ -120,5 +138,5 @@ tar czf "$OUT/reports.tar.gz" q-*.json *.log *.png gpu.txt
 [ "${CKPTS:-1}" = 1 ] || exit 0  # CKPTS=0: no checkpoints back (a base model's are over the device tool's 16 MiB)
 tar cf "$OUT/ckpt-gen-sf.tar" --ignore-failed-read gen-{sf,sfa}/{config.json,model.safetensors}
 tar cf "$OUT/ckpt-gen-ft.tar" --ignore-failed-read gen-ft/{config.json,model.safetensors}
-tar cf "$OUT/ckpt-gen-dmd.tar" --ignore-failed-read gen-dmd{,-sf}/{config.json,model.safetensors}
+tar cf "$OUT/ckpt-gen-dmd.tar" --ignore-failed-read gen-dmd*/{config.json,model.safetensors}
 tar cf "$OUT/ckpt-v2v.tar" --ignore-failed-read v2v-s{2,1}/{config.json,model.safetensors}
