@@ -27,7 +27,8 @@
 # generator is checkpoints/tiny unless GEN_CONFIG names a config to train one of first. ONE_STEP=0
 # stops the students after the 2-step one; WORKERS: data workers per training run (default 3);
 # STUDENT_LR: the students' learning rate (default LR: a teacher trained here from scratch can take
-# a higher one).
+# a higher one). TRAIN_ARGS and QUALITY_ARGS: more options for every training run and every report,
+# e.g. a 512² config's TRAIN_ARGS="--data detailed --latent-cache 1500" QUALITY_ARGS="--data detailed".
 # $OUT gets up to 6 files: tables.txt (every quality table and training summary), reports.tar.gz
 # (the quality JSONs, for scripts/plot_quality.py, the training logs and drift plots),
 # ckpt-gen-sf.tar (the two self-forced generators), ckpt-gen-ft.tar (the plain fine-tuned control),
@@ -48,12 +49,12 @@ fi
 train() {  # NAME ARGS...: one run, bf16, batch 128, at the lr of a fine-tune
   local name=$1; shift
   timeout "$LIMIT" $py -m mirage.cli.train --batch-size "${BATCH:-128}" --precision bf16 --device "${DEVICE:-cuda}" --workers "${WORKERS:-3}" \
-    --steps "$STEPS" --lr "${LR:-5e-4}" --out "$W/$name" "$@" > "$W/$name.log" 2>&1 || echo "train $name: exit $?" >> "$W/$name.log"
+    --steps "$STEPS" --lr "${LR:-5e-4}" --out "$W/$name" "$@" ${TRAIN_ARGS:-} > "$W/$name.log" 2>&1 || echo "train $name: exit $?" >> "$W/$name.log"
 }
 quality() {  # NAME MODEL ARGS...: the report of a checkpoint, STREAMS rollouts (seeds 0..STREAMS-1) as one batch
   local name=$1; shift
   OMP_NUM_THREADS=1 $py -m mirage.cli.quality "$@" --frames "$FRAMES" --window "${WINDOW:-50}" --streams "${STREAMS:-8}" \
-    --device "${QDEVICE:-${DEVICE:-cuda}}" --json "$W/q-$name.json" \
+    --device "${QDEVICE:-${DEVICE:-cuda}}" --json "$W/q-$name.json" ${QUALITY_ARGS:-} \
     > "$W/q-$name.txt" 2>&1 || echo "quality $name: exit $?" >> "$W/q-$name.txt"
 }
 
