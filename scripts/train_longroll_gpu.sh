@@ -137,7 +137,13 @@ plot psnr q-v2v-t4.json q-v2v-t2.json q-v2v-t1.json q-v2v-s2.json q-v2v-s1.json
 shopt -s nullglob
 tar czf "$OUT/reports.tar.gz" q-*.json *.log *.png gpu.txt
 [ "${CKPTS:-1}" = 1 ] || exit 0  # CKPTS=0: no checkpoints back (a base model's are over the device tool's 16 MiB)
-tar cf "$OUT/ckpt-gen-sf.tar" --ignore-failed-read gen-{sf,sfa}/{config.json,model.safetensors}
-tar cf "$OUT/ckpt-gen-ft.tar" --ignore-failed-read gen-ft/{config.json,model.safetensors}
-tar cf "$OUT/ckpt-gen-dmd.tar" --ignore-failed-read gen-dmd*/{config.json,model.safetensors}
-tar cf "$OUT/ckpt-v2v.tar" --ignore-failed-read v2v-s{2,1}/{config.json,model.safetensors}
+pack() {  # NAME FILE...: a tar of the checkpoint files that exist, none if there are none (the
+  # device tool brings back at most 8 files of at most 16 MiB: tiny's weights are 5.7 MB each)
+  local name=$1 f files=(); shift
+  for f in "$@"; do [ -e "$f" ] && files+=("$f"); done
+  [ ${#files[@]} = 0 ] || tar cf "$OUT/$name.tar" "${files[@]}"
+}
+pack ckpt-gen-sf gen-{sf,sfa}/{config.json,model.safetensors}
+pack ckpt-gen-ft gen-ft/{config.json,model.safetensors}
+pack ckpt-gen-dmd gen-dmd*/{config.json,model.safetensors}
+pack ckpt-v2v v2v-s{2,1}/{config.json,model.safetensors}
