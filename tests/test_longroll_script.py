@@ -1,0 +1,38 @@
+"""scripts/train_longroll_gpu.sh, the GPU driver of issue 18, in its CPU smoke mode: each of its
+knobs reaches the run it names, and only checkpoints that exist are packed (the device tool brings
+back at most 8 files, so an empty tar costs a result)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+from conftest import ROOT
+
+
+def test_dmd_sweep_of_another_configs_generator(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, DEVICE="cpu", STEPS="2", BATCH="2", FRAMES="6",
+               WINDOW="3", STREAMS="1", WORKERS="0", PARTS="dmd", GEN_CONFIG="tiny", TEACHER_STEPS="2",
+               DMD_REGRESSIONS="0 4", DMD_CONTROL="0", DMD_FAKE_UPDATES="1", TRAIN_ARGS="--seed 3",
+               QUALITY_ARGS="--seed 5", OMP_NUM_THREADS="1")
+    subprocess.run(["bash", "scripts/train_longroll_gpu.sh"], cwd=ROOT, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
+
+    assert sorted(p.name for p in out.glob("*.tar")) == ["ckpt-gen-dmd.tar"]  # no empty tars
+    with tarfile.open(out / "ckpt-gen-dmd.tar") as tar:
+        assert sorted(tar.getnames()) == [f"gen-dmd-sf-r{r}/{f}" for r in (0, 4)
+                                          for f in ("config.json", "model.safetensors")]
+        train = {r: json.load(tar.extractfile(f"gen-dmd-sf-r{r}/config.json"))["train"] for r in (0, 4)}
+    for r, cfg in train.items():
+        assert cfg["dmd_regression"] == r
+        assert cfg["dmd_from"].endswith("/gen-t")  # GEN_CONFIG's generator, trained first, not checkpoints/tiny
+        assert cfg["self_forcing_prob"] == 1.0 and cfg["seed"] == 3
+    with tarfile.open(out / "reports.tar.gz") as tar:
+        names = tar.getnames()
+        assert {"q-gen-base.json", "q-gen-dmd-sf-r0.json", "q-gen-dmd-sf-r4.json"} <= set(names)
+        assert "gen-t.log" in names
+        report = json.load(tar.extractfile("q-gen-dmd-sf-r4.json"))
+    assert report["seed"] == 5 and report["frames"] == 6
