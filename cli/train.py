@@ -116,7 +116,8 @@ def _resumed(ctx: click.Context, out: Path, saved: dict, cfg: ModelConfig,
 @click.option("--dmd-fake-updates", type=click.IntRange(min=1), default=TrainConfig.dmd_fake_updates,
               help="With --dmd-from: fake-score steps (each on a fresh batch and sample) per generator step.")
 @click.option("--dmd-regression", type=click.FloatRange(min=0), default=TrainConfig.dmd_regression,
-              help="With --dmd-from: weight of the ordinary v-loss on real clips added to the generator's loss.")
+              help="With --dmd-from: weight of the ordinary v-loss on real clips added to the generator's loss (an anchor: "
+                   "at 0 DMD overshoots into moving noise).")
 @click.option("--dmd-exit", type=click.Choice(DMD_EXITS), default=TrainConfig.dmd_exit,
               help="With --dmd-from: the generator's DDIM step that gets the gradient (the earlier ones run without): "
                    "random (Self-Forcing: every step learns) or last (the frame the runtime emits).")

@@ -231,7 +231,9 @@ class TrainConfig:
     student_steps: int = 0  # the student's DDIM steps N (the teacher takes 2N); 0 = no distillation
     dmd_from: str = ""  # teacher of distribution matching distillation (train/dmd.py): G, real and fake score start from it
     dmd_fake_updates: int = 5  # DMD: fake-score steps, each on a fresh sample of G, per generator step (DMD2: 5)
-    dmd_regression: float = 0.0  # DMD: weight of the ordinary v-loss on real clips added to G's loss (an anchor)
+    # DMD: weight of the ordinary v-loss on real clips added to G's loss (an anchor). Without it (0) DMD
+    # overshoots into moving noise; 4 held a 500-frame rollout within 10% (docs/QUALITY.md, eighth session)
+    dmd_regression: float = 4.0
     dmd_exit: str = "random"  # DMD: G's DDIM step with gradient: "random" (Self-Forcing) or "last" (the runtime's output)
     seed: int = 0
     log_every: int = 50

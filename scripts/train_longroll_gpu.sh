@@ -20,8 +20,8 @@
 #
 # PARTS: "gen v2v" (default), "gen" (the generator's runs), "v2v" (the students), "dmd" (the
 # generator fine-tuned by distribution matching, train/dmd.py: with its own frames as context, one
-# run per anchor weight in DMD_REGRESSIONS (--dmd-regression, default "0"), and, as a control unless
-# DMD_CONTROL=0, without; DMD_EXIT: --dmd-exit; DMD_STEPS generator steps, default STEPS/3, as each
+# run per anchor weight in DMD_REGRESSIONS (--dmd-regression, default "4"), and, as a control unless
+# DMD_CONTROL=0, without it (at the CLI's default anchor); DMD_EXIT: --dmd-exit; DMD_STEPS generator steps, default STEPS/3, as each
 # also makes DMD_FAKE_UPDATES (5) samples that train the fake score; lr DMD_LR, default 1e-4, as
 # every fine-tune of this converged model at 5e-4 made it worse), or any of them together. The
 # generator is checkpoints/tiny unless GEN_CONFIG names a config to train one of first. ONE_STEP=0
@@ -97,7 +97,7 @@ distribution_matching() {
   # generator's own report beside theirs unless the gen part makes it
   local dmd=(--dmd-from "$GEN_FROM" --dmd-fake-updates "${DMD_FAKE_UPDATES:-5}" --dmd-exit "${DMD_EXIT:-random}")
   local runs=() r
-  for r in ${DMD_REGRESSIONS:-0}; do
+  for r in ${DMD_REGRESSIONS:-4}; do
     STEPS=${DMD_STEPS:-$(( (STEPS + 2) / 3 ))} LR=${DMD_LR:-1e-4} train "gen-dmd-sf-r$r" "${dmd[@]}" \
       --dmd-regression "$r" --self-forcing-prob "${DMD_SF_PROB:-1}" --self-forcing-horizon "${SF_HORIZON:-2}" &
     runs+=("gen-dmd-sf-r$r")

@@ -103,7 +103,7 @@ def test_sample_backpropagates_through_one_denoiser_call(make_random_tiny):
 
 
 def test_fake_equal_to_real_leaves_the_generator_unmoved_unless_anchored(make_random_tiny):
-    tcfg = TrainConfig(weight_decay=0.0, dmd_fake_updates=1, **FAST)
+    tcfg = TrainConfig(weight_decay=0.0, dmd_fake_updates=1, dmd_regression=0.0, **FAST)
     dmd = _dmd(make_random_tiny, tcfg)
     fake_before = copy.deepcopy(dmd.fake.state_dict())
     before = copy.deepcopy(dmd.model.state_dict())
@@ -231,6 +231,7 @@ def test_cli_dmd_errors(tmp_path):
     summary = json.loads(ok.output[ok.output.index('{"step"'):])  # after the progress bar
     assert summary["trained_steps"] == 1 and read_meta(tmp_path / "x")["train"]["dmd_fake_updates"] == 1
     assert read_meta(tmp_path / "x")["train"]["lr"] == DMD_LR  # a fine-tune's lr when --lr is not given
+    assert read_meta(tmp_path / "x")["train"]["dmd_regression"] == 4.0  # anchored: unanchored DMD overshoots
     given = runner.invoke(train_cli, ["--dmd-from", str(CKPT_GEN), "--lr", "3e-5", "--dry-run",
                                       "--out", str(tmp_path / "y"), "--device", "cpu"])
     assert given.exit_code == 0 and json.loads(given.output[given.output.index("{"):])["train"]["lr"] == 3e-5
