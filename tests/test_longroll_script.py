@@ -36,3 +36,19 @@ def test_dmd_sweep_of_another_configs_generator(tmp_path):
         assert "gen-t.log" in names
         report = json.load(tar.extractfile("q-gen-dmd-sf-r4.json"))
     assert report["seed"] == 5 and report["frames"] == 6
+
+
+def test_blur_and_noise_move_the_data_on_the_sharpness_motion_plane(tmp_path):
+    """scripts/quality_blur_noise.py: the clean data scores 1.0; blur lowers sharpness faster than
+    motion (the ratio motion / sharpness grows with sigma); independent noise raises both."""
+    out = tmp_path / "rows.json"
+    subprocess.run([sys.executable, "scripts/quality_blur_noise.py", "--size", "16", "--frames", "6", "--json", str(out)],
+                   cwd=ROOT, check=True, stdout=subprocess.DEVNULL, timeout=300)
+    rows = {(r["sigma"], r["noise"]): r for r in json.loads(out.read_text())["rows"]}
+    clean = rows[0.0, 0.0]
+    assert clean["sharpness_ratio"] == clean["motion_ratio"] == clean["flicker_ratio"] == 1.0
+    blurred = [rows[s, 0.0] for s in (0.5, 0.9, 1.2)]
+    assert [r["sharpness_ratio"] for r in blurred] == sorted((r["sharpness_ratio"] for r in blurred), reverse=True)
+    ratio = [r["motion_ratio"] / r["sharpness_ratio"] for r in blurred]
+    assert 1 < ratio[0] < ratio[1] < ratio[2]
+    assert rows[0.0, 0.04]["sharpness_ratio"] > 1 and rows[0.0, 0.04]["motion_ratio"] > 1
