@@ -35,10 +35,19 @@ def blur(frames: np.ndarray, sigma: float) -> np.ndarray:
     return frames
 
 
+def at_least(low: int):
+    """An argparse type: an integer >= low, else a one-line usage error."""
+    def parse(text: str) -> int:
+        if not text.lstrip("-").isdigit() or int(text) < low:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {low}")
+        return int(text)
+    return parse
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", type=int, default=32)
-    ap.add_argument("--frames", type=int, default=50)
+    ap.add_argument("--size", type=at_least(16), default=32, help="frame size in pixels (at least 16)")
+    ap.add_argument("--frames", type=at_least(3), default=50, help="frames per clip (at least 3: flicker needs 3)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     clips = [reference_clip(args.size, args.frames, 20_000 + i) for i in range(DATA_CLIPS)]  # mirage-quality's data
