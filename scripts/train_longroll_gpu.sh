@@ -21,9 +21,10 @@
 # PARTS: "gen v2v" (default), "gen" (the generator's runs), "v2v" (the students), "dmd" (the
 # generator fine-tuned by distribution matching, train/dmd.py: with its own frames as context, one
 # run per anchor weight in DMD_REGRESSIONS (--dmd-regression, default "4"), and, as a control unless
-# DMD_CONTROL=0, without it (at the CLI's default anchor); DMD_EXIT: --dmd-exit; DMD_STEPS generator steps, default STEPS/3, as each
-# also makes DMD_FAKE_UPDATES (5) samples that train the fake score; lr DMD_LR, default 1e-4, as
-# every fine-tune of this converged model at 5e-4 made it worse), or any of them together. The
+# DMD_CONTROL=0, without them (at the CLI's default anchor); DMD_EXIT: --dmd-exit; DMD_STEPS
+# generator steps, default STEPS/3, as each also makes DMD_FAKE_UPDATES (5) samples that train the
+# fake score; lr DMD_LR, default 1e-4, as every fine-tune of this converged model at 5e-4 made it
+# worse), or any of them together. The
 # generator is checkpoints/tiny unless GEN_CONFIG names a config to train one of first. ONE_STEP=0
 # stops the students after the 2-step one; WORKERS: data workers per training run (default 3);
 # STUDENT_LR: the students' learning rate (default LR: a teacher trained here from scratch can take
