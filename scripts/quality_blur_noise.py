@@ -1,7 +1,8 @@
 """Where blur and noise put a video on the sharpness / motion plane: the data's own clips (the
 reference of mirage-quality's ratios) blurred by a Gaussian of each sigma, plus independent noise
-per frame, scored against the clean clips. It answers issue 18's question of which models can
-have sharpness and motion both within 10% of the data's (docs/QUALITY.md, eighth session).
+per frame, scored against the clean clips. It shows which mixes of blur and noise keep
+sharpness and motion both within 10% of the data's at one frame size, the test behind issue 18's
+missed generation target (docs/QUALITY.md, eighth session).
 
     python scripts/quality_blur_noise.py                 # 32x32 synthetic clips, as checkpoints/tiny's
     python scripts/quality_blur_noise.py --size 64 --json out.json
