@@ -1,6 +1,7 @@
-"""The context memory a training step conditions on: which ring slots hold frames, how old they
-are, and history augmentation. Shared by the v-loss step (trainer.TrainStep) and distribution
-matching (train/dmd.py), whose three models read one context through their own encoders.
+"""What a training step conditions frame K on: the video-to-video input, and the context memory:
+which ring slots hold frames, how old they are, and history augmentation. Shared by the v-loss
+step (trainer.TrainStep) and distribution matching (train/dmd.py), whose three models read one
+context through their own encoders (`training_context` is the front of both).
 
 For the K context frames (B, K, C, H, W) of clips whose frame K is the one to denoise:
 
@@ -21,6 +22,9 @@ import torch
 from mirage.core.config import TrainConfig
 from mirage.model.diffusion import q_sample
 from mirage.model.unet import MirageUNet
+from mirage.train.data import v2v_input
+from mirage.train.latent_cache import encode_batch
+from mirage.train.self_forcing import self_forced_context
 
 
 @dataclass(frozen=True)
@@ -55,3 +59,21 @@ def sample_context(ctx: torch.Tensor, tcfg: TrainConfig, all_valid: bool = False
     t_ctx = t_ctx.repeat_interleave(k)  # (B*K,)
     flat = ctx.flatten(0, 1)  # (B*K, C, H, W)
     return Context(q_sample(flat, t_ctx, torch.randn_like(flat)), t_ctx, ages)
+
+
+def training_context(model: MirageUNet, clips: torch.Tensor, cond: torch.Tensor | None, tcfg: TrainConfig,
+                     self_forced: bool, codec=None) -> tuple[torch.Tensor, torch.Tensor | None, Context]:
+    """For clips (B, K+1, C, H, W) (frames, or a latent model's latents from a LatentCache with
+    their encoded input `cond`): (the clips as the model sees them, a latent model's codec encoding
+    them; the video-to-video input of frame K; a random Context of frames 0..K-1, the last
+    `self_forcing_horizon` of them the model's own when `self_forced`)."""
+    cfg, k = model.cfg, clips.shape[1] - 1
+    if codec is not None:  # a latent model learns on the frozen encoder's latents, conditioned on the encoded input
+        clips, cond = encode_batch(codec, clips, bool(cfg.cond_channels))
+    elif cond is None and cfg.cond_channels:  # pixels; or latents without a codec (the memory estimate): shapes
+        cond = torch.zeros_like(clips[:, k]) if cfg.latent else v2v_input(clips[:, k])
+    ctx = clips[:, :k]  # (B, K, C, H, W)
+    if self_forced:
+        ctx = self_forced_context(model, clips, tcfg.self_forcing_horizon, tcfg.self_forcing_steps,
+                                  tcfg.self_forcing_context_noise, tcfg.self_forcing_strength)
+    return clips, cond, sample_context(ctx, tcfg, all_valid=self_forced)

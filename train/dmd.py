@@ -57,10 +57,7 @@ import torch.nn.functional as F
 from mirage.core.config import TrainConfig
 from mirage.model.diffusion import T, Denoiser, alpha_sigma, ddim_coefficients, ddim_update, q_sample, v_target
 from mirage.model.unet import MirageUNet
-from mirage.train.context import Context, sample_context
-from mirage.train.data import v2v_input
-from mirage.train.latent_cache import encode_batch
-from mirage.train.self_forcing import self_forced_context
+from mirage.train.context import Context, training_context
 
 T_MIN, T_MAX = 20, 980  # the generator loss's t range (DMD2's 2% .. 98%): the ends carry little signal
 
@@ -115,16 +112,9 @@ class DMD:
 
     def sample(self, clips: torch.Tensor, cond: torch.Tensor | None, self_forced: bool, grad: bool) -> Sample:
         """Step 1 for clips (B, K+1, C, H, W) (frames, or a latent model's latents with their `cond`)."""
-        cfg, tcfg = self.model.cfg, self.tcfg
-        if self.codec is not None:  # a latent model samples latents, conditioned on the encoded input
-            clips, cond = encode_batch(self.codec, clips, bool(cfg.cond_channels))
-        elif cond is None and cfg.cond_channels:
-            cond = v2v_input(clips[:, -1])
-        ctx = clips[:, :-1]  # (B, K, C, H, W)
-        if self_forced:
-            ctx = self_forced_context(self.model, clips, tcfg.self_forcing_horizon, tcfg.self_forcing_steps,
-                                      tcfg.self_forcing_context_noise, tcfg.self_forcing_strength)
-        context = sample_context(ctx, tcfg, all_valid=self_forced)
+        tcfg = self.tcfg
+        # a latent model samples latents, conditioned on the encoded input
+        clips, cond, context = training_context(self.model, clips, cond, tcfg, self_forced, self.codec)
         steps = tcfg.self_forcing_steps
         exit_step = steps - 1 if tcfg.dmd_exit == "last" else int(torch.randint(0, steps, ()))
         with torch.set_grad_enabled(grad):

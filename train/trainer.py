@@ -49,12 +49,12 @@ from mirage.train.checkpoint import (CONFIG, STATE, CheckpointError, check_writa
 from mirage.core.config import ConfigError, ModelConfig, TrainConfig, check_same, from_json
 from mirage.train.codec import autoencoder_sha256, load_codec
 from mirage.train.resources import check_fits
-from mirage.train.data import ClipStream, batches, make_source, v2v_input
-from mirage.train.latent_cache import LatentCache, encode_batch
-from mirage.train.context import sample_context
+from mirage.train.data import ClipStream, batches, make_source
+from mirage.train.latent_cache import LatentCache
+from mirage.train.context import training_context
 from mirage.train.distill import check_teacher, distill_target, step_table
 from mirage.train.dmd import DMD
-from mirage.train.self_forcing import is_self_forced_step, self_forced_context
+from mirage.train.self_forcing import is_self_forced_step
 from mirage.model.diffusion import T, q_sample, v_target
 from mirage.model.unet import MirageUNet, parameter_count
 
@@ -71,18 +71,10 @@ class TrainStep(nn.Module):
     def forward(self, clips: torch.Tensor, self_forced: bool = False, cond: torch.Tensor | None = None) -> torch.Tensor:
         """`clips` (B, K+1, C, H, W): frames, or a latent model's latents (from a LatentCache, with
         their encoded input `cond` for video-to-video)."""
-        cfg, tcfg, dev = self.model.cfg, self.tcfg, clips.device
-        b, length = clips.shape[:2]
-        k = length - 1
-        if self.codec:  # a latent model learns on the frozen encoder's latents, conditioned on the encoded input
-            clips, cond = encode_batch(self.codec[0], clips, bool(cfg.cond_channels))
-        elif cond is None and cfg.cond_channels:  # pixels; or latents without a codec (the memory estimate): shapes
-            cond = torch.zeros_like(clips[:, k]) if cfg.latent else v2v_input(clips[:, k])
-        ctx, target = clips[:, :k], clips[:, k]  # (B, K, C, H, W), (B, C, H, W)
-        if self_forced:
-            ctx = self_forced_context(self.model, clips, tcfg.self_forcing_horizon, tcfg.self_forcing_steps,
-                                      tcfg.self_forcing_context_noise, tcfg.self_forcing_strength)
-        context = sample_context(ctx, tcfg, all_valid=self_forced)  # steps 1 and 2 (train/context.py)
+        tcfg, dev, b = self.tcfg, clips.device, clips.shape[0]
+        clips, cond, context = training_context(self.model, clips, cond, tcfg, self_forced,  # steps 1 and 2
+                                                self.codec[0] if self.codec else None)
+        target = clips[:, -1]  # (B, C, H, W)
         memory, ages = context.memory(self.model), context.ages
         # 3. denoising loss on the target frame
         if self.teacher:  # the student's own timesteps
