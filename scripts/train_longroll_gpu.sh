@@ -97,14 +97,14 @@ distribution_matching() {
   # anchor weight of DMD_REGRESSIONS, and (DMD_CONTROL=1) once not self-forced, all in parallel; the
   # generator's own report beside theirs unless the gen part makes it
   local dmd=(--dmd-from "$GEN_FROM" --dmd-fake-updates "${DMD_FAKE_UPDATES:-5}" --dmd-exit "${DMD_EXIT:-random}")
-  local runs=() r
+  local runs=() r STEPS=${DMD_STEPS:-$(( (STEPS + 2) / 3 ))} LR=${DMD_LR:-1e-4}  # train() reads both
   for r in ${DMD_REGRESSIONS:-4}; do
-    STEPS=${DMD_STEPS:-$(( (STEPS + 2) / 3 ))} LR=${DMD_LR:-1e-4} train "gen-dmd-sf-r$r" "${dmd[@]}" \
-      --dmd-regression "$r" --self-forcing-prob "${DMD_SF_PROB:-1}" --self-forcing-horizon "${SF_HORIZON:-2}" &
+    train "gen-dmd-sf-r$r" "${dmd[@]}" --dmd-regression "$r" --self-forcing-prob "${DMD_SF_PROB:-1}" \
+      --self-forcing-horizon "${SF_HORIZON:-2}" &
     runs+=("gen-dmd-sf-r$r")
   done
   if [ "${DMD_CONTROL:-1}" = 1 ]; then
-    STEPS=${DMD_STEPS:-$(( (STEPS + 2) / 3 ))} LR=${DMD_LR:-1e-4} train gen-dmd "${dmd[@]}" &
+    train gen-dmd "${dmd[@]}" &
     runs+=(gen-dmd)
   fi
   case " $PARTS " in *" gen "*) ;; *) quality gen-base "$GEN_FROM" & ;; esac
