@@ -429,3 +429,191 @@ def get_ae_config(name: str) -> AutoencoderConfig:
     if name not in AE_CONFIGS:
         raise ConfigError(f"unknown autoencoder config {name!r}; choose one of {', '.join(AE_CONFIGS)}")
     return AE_CONFIGS[name]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The second model family: the chunk-causal video DiT on the Wan 2.1 layout (mirage.model.dit).
+
+WAN_VIDEO_FRAMES_PER_LATENT = 4  # Wan VAE: 4 video frames per latent frame, the first latent frame is 1 video frame
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """A Wan 2.1 text-to-video transformer run chunk-causally: blocks of `block_frames` latent frames,
+    each denoised in len(denoising_steps) flow-matching steps against a rolling KV cache.
+
+    Layout fields carry the names of Wan's `WanModel` config (dim, ffn_dim, num_heads, num_layers,
+    patch_size, in_dim/out_dim, text_dim, text_len, freq_dim, eps, qk_norm, cross_attn_norm), so a
+    published checkpoint's config maps onto them one to one.
+
+    The cache, as Self-Forcing and LongLive define it (their `local_attn_size`, `sink_size`): a block's
+    queries see `window_frames` latent frames of keys/values, the block itself and the `sink_frames`
+    first frames of the video included. Between blocks the cache therefore holds
+    `window_frames - block_frames` past frames: the sink (kept) and the most recent others (rolling).
+    """
+
+    name: str = "dit-tiny"
+    dim: int = 192  # transformer width
+    ffn_dim: int = 512  # FFN hidden width (tanh-GELU)
+    num_heads: int = 4  # dim / num_heads = head_dim, split 3 ways for 3-D RoPE (frame, height, width)
+    num_layers: int = 4
+    patch_size: tuple[int, ...] = (1, 2, 2)  # (frames, height, width) of one token, in latent pixels
+    in_dim: int = 16  # latent channels in (Wan VAE: 16)
+    out_dim: int = 16  # latent channels out (the velocity)
+    text_dim: int = 64  # width of the text encoder's embeddings (UMT5-XXL: 4096)
+    text_len: int = 16  # text tokens the model attends to; shorter prompts are zero-padded (Wan: 512)
+    freq_dim: int = 64  # width of the sinusoidal timestep embedding
+    eps: float = 1e-6  # LayerNorm / RMSNorm epsilon
+    qk_norm: bool = True  # RMSNorm over q and k (across heads) in both attentions
+    cross_attn_norm: bool = True  # an affine LayerNorm (norm3) before cross-attention
+    rope_theta: float = 10000.0
+    width: int = 128  # video pixels
+    height: int = 128
+    vae_stride: tuple[int, ...] = (4, 8, 8)  # (frames, height, width) per latent pixel of the video autoencoder
+    block_frames: int = 2  # latent frames denoised together (Self-Forcing: num_frame_per_block)
+    window_frames: int = 6  # frames a block's queries attend to, itself and the sink included (local_attn_size)
+    sink_frames: int = 0  # first frames kept in the cache for good (LongLive's attention sink)
+    # Sampling (Self-Forcing's configs/self_forcing_dmd.yaml): the step list, warped onto the shifted
+    # timesteps, and the timestep the clean block is labelled with in the cache-write pass.
+    denoising_steps: tuple[int, ...] = (1000, 750, 500, 250)
+    warp_denoising_step: bool = True
+    timestep_shift: float = 5.0
+    context_timestep: int = 0
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check_ranges(self, {
+            "name": (bool, "a non-empty name"),
+            "dim": (_positive, "> 0"), "ffn_dim": (_positive, "> 0"), "num_heads": (_positive, ">= 1"),
+            "num_layers": (_positive, ">= 1"), "in_dim": (_positive, "> 0"), "out_dim": (_positive, "> 0"),
+            "text_dim": (_positive, "> 0"), "text_len": (_positive, ">= 1"),
+            "freq_dim": (lambda v: v > 0 and v % 2 == 0, "a positive even number"),
+            "eps": (_positive, "> 0"), "rope_theta": (_positive, "> 0"),
+            "width": (_positive, "> 0"), "height": (_positive, "> 0"),
+            "block_frames": (_positive, ">= 1"), "sink_frames": (lambda v: v >= 0, ">= 0"),
+            "denoising_steps": (lambda s: len(s) > 0 and all(0 < v <= 1000 for v in s)
+                                and list(s) == sorted(s, reverse=True), "a falling list of steps in (0, 1000]"),
+            "timestep_shift": (_positive, "> 0"),
+            "context_timestep": (lambda v: 0 <= v < 1000, "in [0, 999]"),
+        })
+        for field in ("patch_size", "vae_stride"):
+            if len(getattr(self, field)) != 3 or min(getattr(self, field)) < 1:
+                raise ConfigError(f"{field}={getattr(self, field)} must be 3 positive integers (frames, height, width)")
+        if self.patch_size[0] != 1:
+            raise ConfigError(f"patch_size={self.patch_size}: the frame cache needs one latent frame per token (1, h, w)")
+        if self.dim % self.num_heads or (self.dim // self.num_heads) % 2 or self.dim // self.num_heads < 6:
+            raise ConfigError(f"dim={self.dim} / num_heads={self.num_heads} must be an even head width >= 6 (3-D RoPE)")
+        for side, pixels, axis in (("width", self.width, 2), ("height", self.height, 1)):
+            step = self.vae_stride[axis] * self.patch_size[axis]
+            if pixels % step:
+                raise ConfigError(f"{side}={pixels} is not divisible by {step} (VAE stride {self.vae_stride[axis]} "
+                                  f"x patch {self.patch_size[axis]}); choose a multiple of {step}")
+        rolling = self.window_frames - self.block_frames - self.sink_frames
+        if rolling < self.block_frames:
+            raise ConfigError(f"window_frames={self.window_frames} must hold the sink ({self.sink_frames}), the block "
+                              f"({self.block_frames}) and at least one past block ({self.block_frames}) to roll: "
+                              f"choose >= {self.sink_frames + 2 * self.block_frames}")
+
+    # --- shapes ----------------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def rope_dims(self) -> tuple[int, int, int]:
+        """Head-dim channels rotated by (frame, height, width) position, as Wan splits them:
+        height and width get 2·(head_dim // 6) each, the frame the rest (128 -> 44, 42, 42)."""
+        hw = 2 * (self.head_dim // 6)
+        return self.head_dim - 2 * hw, hw, hw
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        """(height, width) of a latent frame: 832x480 video -> 60x104 latents."""
+        return self.height // self.vae_stride[1], self.width // self.vae_stride[2]
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        h, w = self.latent_size
+        return h // self.patch_size[1], w // self.patch_size[2]
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Tokens of one latent frame (wan-1.3b at 832x480: 30 x 52 = 1560)."""
+        gh, gw = self.token_grid
+        return gh * gw
+
+    @property
+    def cache_frames(self) -> int:
+        """Past frames the cache holds between blocks: the sink plus the rolling part."""
+        return self.window_frames - self.block_frames
+
+    @property
+    def steps(self) -> int:
+        return len(self.denoising_steps)
+
+    def video_frames(self, latent_frames: int, first: bool) -> int:
+        """Video frames decoded from `latent_frames` (Wan VAE: 4 per latent frame, but the video's
+        first latent frame is a single video frame: 21 latent frames are an 81-frame clip)."""
+        return WAN_VIDEO_FRAMES_PER_LATENT * latent_frames - (WAN_VIDEO_FRAMES_PER_LATENT - 1 if first else 0)
+
+    # --- accounting (nanoGPT style: parameters, FLOPs from the layer shapes) ---------------------
+    def param_count(self) -> int:
+        """Parameters of mirage.model.dit.WanDiT (= Wan's WanModel for a t2v layout)."""
+        d, linear = self.dim, (lambda i, o: i * o + o)
+        patch = self.in_dim * d * self.patch_size[0] * self.patch_size[1] * self.patch_size[2] + d
+        embed = linear(self.text_dim, d) + linear(d, d) + linear(self.freq_dim, d) + linear(d, d) + linear(d, 6 * d)
+        attn = 4 * linear(d, d) + (2 * d if self.qk_norm else 0)
+        layer = 2 * attn + (2 * d if self.cross_attn_norm else 0) + linear(d, self.ffn_dim) + linear(self.ffn_dim, d) + 6 * d
+        head = linear(d, self.out_dim * self.patch_size[1] * self.patch_size[2]) + 2 * d
+        return patch + embed + self.num_layers * layer + head
+
+    def weight_bytes(self, bytes_per_param: int = 2) -> int:
+        return self.param_count() * bytes_per_param
+
+    def pass_flops(self, query_frames: int, past_frames: int, text_kv: bool = False) -> int:
+        """FLOPs of one forward over `query_frames` latent frames whose self-attention also sees
+        `past_frames` cached frames: every matmul (2 FLOPs per multiply-add) plus attention counted as
+        4·Lq·Lk·dim per layer for QKᵀ and PV over all keys it reads (no causal discount, softmax,
+        norms and elementwise work not counted). The cross-attention keys/values of the text are
+        computed once per prompt, so they count only with `text_kv`."""
+        d, layers = self.dim, self.num_layers
+        lq = query_frames * self.tokens_per_frame
+        lk = (query_frames + past_frames) * self.tokens_per_frame
+        per_token = 2 * (4 * d * d + 2 * d * d + 2 * d * self.ffn_dim)  # self q,k,v,o; cross q,o; FFN
+        attention = 4 * lq * lk * d + 4 * lq * self.text_len * d
+        body = layers * (lq * per_token + attention)
+        patch_io = 2 * lq * (self.in_dim + self.out_dim) * d * self.patch_size[1] * self.patch_size[2]
+        time_mlp = 2 * query_frames * (self.freq_dim * d + d * d + 6 * d * d)
+        text = (2 * self.text_len * (self.text_dim * d + d * d) + layers * 2 * 2 * self.text_len * d * d) if text_kv else 0
+        return body + patch_io + time_mlp + text
+
+    def block_flops(self, past_frames: int) -> int:
+        """FLOPs of one block: `steps` denoising passes plus the cache-write pass, each over
+        block_frames queries seeing `past_frames` cached frames."""
+        return (self.steps + 1) * self.pass_flops(self.block_frames, past_frames)
+
+    def past_frames(self, block_index: int) -> int:
+        """Cached frames block `block_index` (0-based) sees: all before it until the cache is full."""
+        return min(block_index * self.block_frames, self.cache_frames)
+
+
+DIT_CONFIGS: dict[str, DiTConfig] = {
+    # Tests and CPU training: ~2.5M parameters, 16x16 latent frames (128x128 video), 64 tokens per frame.
+    "dit-tiny": DiTConfig(),
+    # Wan2.1-T2V-1.3B (its config.json / Self-Forcing's wan/configs/wan_t2v_1_3B.py) at 832x480, run as
+    # Self-Forcing runs it (configs/self_forcing_dmd.yaml): blocks of 3 latent frames, 4 warped steps at
+    # shift 5, clean context (context_noise 0), a 21-frame window without sink (its 81-frame clip).
+    "wan-1.3b": DiTConfig(name="wan-1.3b", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, text_dim=4096,
+                          text_len=512, freq_dim=256, width=832, height=480, block_frames=3, window_frames=21,
+                          sink_frames=0),
+}
+# LongLive (NVlabs/LongLive configs/longlive_inference.yaml: local_attn_size 12, sink_size 3): the same
+# model with an attention sink of 3 frames and a 12-frame window, for long videos and prompt switches.
+DIT_CONFIGS["wan-1.3b-longlive"] = dataclasses.replace(DIT_CONFIGS["wan-1.3b"], name="wan-1.3b-longlive",
+                                                       window_frames=12, sink_frames=3)
+
+
+def get_dit_config(name: str) -> DiTConfig:
+    if name not in DIT_CONFIGS:
+        raise ConfigError(f"unknown DiT config {name!r}; choose one of {', '.join(DIT_CONFIGS)}")
+    return DIT_CONFIGS[name]
