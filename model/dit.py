@@ -68,6 +68,13 @@ class Rope(nn.Module):
         spatial = torch.cat([ah[:, None, :].expand(gh, gw, -1), aw[None, :, :].expand(gh, gw, -1)], dim=-1)
         self.register_buffer("spatial", spatial.reshape(gh * gw, -1), persistent=False)  # (T, (dh + dw) / 2) angles
 
+    def _apply(self, fn, recurse=True):
+        """Move the float64 angle tables with the module but never cast them (`model.to(bfloat16)` would
+        round the angles; Wan keeps its table out of the buffers for the same reason)."""
+        for name, buf in self._buffers.items():
+            self._buffers[name] = buf.to(fn(buf[:0]).device)
+        return self
+
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape (F·T, head_dim / 2), float32, for frames at `positions` (F,) int."""
         frame = positions.to(torch.float64)[:, None] * self.inv_freq_t  # (F, dt / 2)

@@ -81,14 +81,31 @@ class BlockStepper:
         self.model, self.cfg = model, model.cfg
         self.cache = RollingKVCache(model, batch, device, dtype)
         self.schedule = block_schedule(self.cfg.denoising_steps, self.cfg.timestep_shift, self.cfg.warp_denoising_step)
+        # Per-frame timesteps (B, N) of each step and of the cache-write pass, made once: tensors, not
+        # Python floats, so a compiled pass is one graph for every step
+        shape = (batch, self.cfg.block_frames)
+        self._timesteps = [torch.full(shape, t, device=device) for t, _, _ in self.schedule]
+        self._context_t = torch.full(shape, float(self.cfg.context_timestep), device=device)
+
+    def reset(self) -> None:
+        """Start a new video: an empty window at frame 0 (stale slots are never read: a slot is
+        written before any block's prefix includes it)."""
+        self.cache.frame.zero_()
+        self.cache.positions.fill_(-1)
+        self.cache.frames_written = 0
+
+    def compile(self, **options) -> None:
+        """Run each model pass through torch.compile (Inductor); one compilation per span."""
+        self._pass = torch.compile(self._pass, dynamic=False, **options)
 
     @torch.no_grad()
     def set_prompt(self, text: torch.Tensor) -> None:
         """The prompt's embeddings (B, ≤ text_len, text_dim) for the blocks that follow (no re-cache)."""
         self.cache.set_text(self.model.text_kv(text))
 
-    def _pass(self, x: torch.Tensor, t: float, slots: torch.Tensor, positions: torch.Tensor, span: int) -> torch.Tensor:
-        """One model pass over the block at timestep t: writes its keys/values into its slots and
+    def _pass(self, x: torch.Tensor, timesteps: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+              span: int) -> torch.Tensor:
+        """One model pass over the block at `timesteps` (B, N): writes its keys/values into its slots and
         attends over the first `span` slots; returns the velocity."""
         cache, tokens = self.cache, span * self.cfg.tokens_per_frame
         index = cache.token_index(slots)
@@ -98,7 +115,6 @@ class BlockStepper:
             cache.v[i].index_copy_(2, index, v)
             return F.scaled_dot_product_attention(q, cache.k[i, :, :, :tokens], cache.v[i, :, :, :tokens])
 
-        timesteps = torch.full(x.shape[:1] + x.shape[2:3], t, device=x.device)
         return self.model.run(x, timesteps, cache.text_kv(), positions, attend)
 
     def _block_frames(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,8 +128,8 @@ class BlockStepper:
         Reads and advances only device state (the frame position, the cache, the slot map)."""
         positions, slots = self._block_frames()
         x = noise[0]
-        for i, (t, sigma, sigma_next) in enumerate(self.schedule):
-            x0 = x - sigma * self._pass(x, t, slots, positions, span).float()
+        for i, (_, sigma, sigma_next) in enumerate(self.schedule):
+            x0 = x - sigma * self._pass(x, self._timesteps[i], slots, positions, span).float()
             if i + 1 < len(self.schedule):
                 x = (1 - sigma_next) * x0 + sigma_next * noise[i + 1]
         self.append_body(x0, span)
@@ -127,7 +143,7 @@ class BlockStepper:
         positions, slots = self._block_frames()
         cache.latents.index_copy_(2, slots, x0.float())
         cache.positions.index_copy_(0, slots, positions)
-        velocity = self._pass(x0, float(self.cfg.context_timestep), slots, positions, span)
+        velocity = self._pass(x0, self._context_t, slots, positions, span)
         cache.frame.add_(self.cfg.block_frames)
         return velocity
 
@@ -167,3 +183,53 @@ class BlockStepper:
         x = cache.latents[:, :, :held]
         timesteps = torch.full(x.shape[:1] + x.shape[2:3], float(self.cfg.context_timestep), device=x.device)
         self.model.run(x, timesteps, cache.text_kv(), positions, attend)
+
+
+class CapturedBlockStep:
+    """`stepper.step` as CUDA-graph replays: one graph per span, captured on first use (or all up front
+    with `capture_all`), with the noise copied into a static input. Needs a CUDA device. The latents
+    `step` returns are the graph's static output: valid until the next step."""
+
+    def __init__(self, stepper: BlockStepper):
+        self.stepper = stepper
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.pool = None  # one memory pool for all graphs: they replay one at a time
+
+
+    def spans(self) -> list[int]:
+        cfg = self.stepper.cfg
+        return sorted({min(f + cfg.block_frames, cfg.window_frames) for f in range(0, cfg.window_frames + 1, cfg.block_frames)})
+
+    @torch.no_grad()
+    def capture(self, span: int, noise: torch.Tensor) -> None:
+        """Warm up on a side stream (PyTorch's capture rule), then capture; the warm-up's writes land in
+        the slots the next real block writes before reading, and the frame position is restored."""
+        stepper, frame = self.stepper, self.stepper.cache.frame.clone()
+        static_noise = noise.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                stepper.block_body(static_noise, span)
+                stepper.cache.frame.copy_(frame)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        self.pool = self.pool or torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = stepper.block_body(static_noise, span)
+        self.graphs[span] = (graph, static_noise, out)
+
+    def capture_all(self, noise: torch.Tensor) -> None:
+        for span in self.spans():
+            self.capture(span, noise)
+
+    @torch.no_grad()
+    def step(self, noise: torch.Tensor) -> torch.Tensor:
+        span = self.stepper.cache.span
+        if span not in self.graphs:
+            self.capture(span, noise)
+        graph, static_noise, out = self.graphs[span]
+        static_noise.copy_(noise)
+        graph.replay()
+        self.stepper.cache.frames_written += self.stepper.cfg.block_frames
+        return out

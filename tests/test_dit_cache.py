@@ -31,6 +31,15 @@ def inputs(cfg, blocks, seed=1):
     return noise, texts
 
 
+def started(cfg, blocks):
+    """A random model, its inputs for `blocks` blocks, and a stepper on the first prompt."""
+    model = model_for(cfg)
+    noise, texts = inputs(cfg, blocks)
+    stepper = BlockStepper(model)
+    stepper.set_prompt(texts[0])
+    return model, noise, texts, stepper
+
+
 def masked_forward(model, x, t, text, positions):
     return model(x, t, text, mask=block_causal_mask(model.cfg, positions), positions=positions)
 
@@ -53,12 +62,9 @@ def reference_block(model, prefix, prefix_pos, noise, text):
 
 @pytest.mark.parametrize("cfg, blocks", [(FULL, 4), (ROLL, 5)])
 def test_cache_write_passes_equal_one_masked_forward(cfg, blocks):
-    model = model_for(cfg)
-    _, texts = inputs(cfg, blocks)
+    model, _, texts, stepper = started(cfg, blocks)
     frames = blocks * cfg.block_frames
     x = torch.randn(1, cfg.in_dim, frames, *cfg.latent_size, generator=torch.Generator().manual_seed(2))
-    stepper = BlockStepper(model)
-    stepper.set_prompt(texts[0])
     n = cfg.block_frames
     cached = torch.cat([stepper.append(x[:, :, b * n:(b + 1) * n]) for b in range(blocks)], dim=2)
     t = torch.full((1, frames), float(cfg.context_timestep))
@@ -72,10 +78,7 @@ def test_cache_write_passes_equal_one_masked_forward(cfg, blocks):
 
 @pytest.mark.parametrize("cfg, blocks", [(FULL, 4), (ROLL, 5)])
 def test_block_steps_equal_masked_forwards(cfg, blocks):
-    model = model_for(cfg)
-    noise, texts = inputs(cfg, blocks)
-    stepper = BlockStepper(model)
-    stepper.set_prompt(texts[0])
+    model, noise, texts, stepper = started(cfg, blocks)
     made = [stepper.step(noise[b]) for b in range(blocks)]
     with torch.no_grad():
         for b in range(blocks):
@@ -86,11 +89,7 @@ def test_block_steps_equal_masked_forwards(cfg, blocks):
 
 
 def test_recache_on_prompt_switch_equals_masked_forward_over_held_frames():
-    cfg = ROLL
-    model = model_for(cfg)
-    noise, texts = inputs(cfg, 5)
-    stepper = BlockStepper(model)
-    stepper.set_prompt(texts[0])
+    model, noise, texts, stepper = started(ROLL, 5)
     made = torch.cat([stepper.step(noise[b]) for b in range(4)], 2)  # frames 0..7; the ring holds 4..7
     held = torch.tensor([0, 1, 4, 5, 6, 7])
     assert sorted(stepper.cache.positions.tolist()) == held.tolist()
@@ -104,11 +103,7 @@ def test_recache_on_prompt_switch_equals_masked_forward_over_held_frames():
 
 
 def test_recache_with_the_same_prompt_keeps_an_unrolled_cache():
-    cfg = FULL
-    model = model_for(cfg)
-    noise, texts = inputs(cfg, 3)
-    stepper = BlockStepper(model)
-    stepper.set_prompt(texts[0])
+    _, noise, texts, stepper = started(FULL, 3)
     for b in range(3):
         stepper.step(noise[b])
     k, v = stepper.cache.k.clone(), stepper.cache.v.clone()
