@@ -111,3 +111,20 @@ def test_recache_with_the_same_prompt_keeps_an_unrolled_cache():
     assert (stepper.cache.k - k).abs().max() < TOL and (stepper.cache.v - v).abs().max() < TOL
     stepper.recache(texts[1])
     assert (stepper.cache.k - k).abs().max() > 100 * TOL
+
+
+def op_shapes(stepper, noise) -> list[tuple]:
+    with torch.profiler.profile(record_shapes=True) as prof:
+        stepper.step(noise)
+    return [(e.name, str(e.input_shapes)) for e in prof.events() if e.name.startswith("aten::")]
+
+
+def test_a_full_window_runs_the_same_shapes_every_block():
+    """Graph-capturable: once the window is full, consecutive blocks run the same ops on the same shapes
+    (the block's position and slots are device data); while it fills, the span grows."""
+    _, noise, _, stepper = started(ROLL, 6)
+    filling = [op_shapes(stepper, noise[b]) for b in range(2)]
+    assert filling[0] != filling[1]
+    stepper.step(noise[2])
+    full = [op_shapes(stepper, noise[b]) for b in range(3, 6)]
+    assert full[0] == full[1] == full[2] and len(full[0]) > 100
