@@ -3,11 +3,16 @@
 # go to $OUT (the device tool's output folder) or ./gpu-out.
 #   STAGES="tests kernels bench" CONFIGS=tiny,base [VARIANTS=... PROFILE_VARIANTS=... STEPS=4 TAG=_x] scripts/gpu_session.sh
 #   STAGES="servetests serve" SERVE_CASES="base:16 base:16:churn base-512:8" scripts/gpu_session.sh
+#   STAGES="dittests anchor dit" SELF_FORCING=.anchor/Self-Forcing [DIT_CONFIG=wan-1.3b DIT_BLOCKS=7 DIT_MODES=...] scripts/gpu_session.sh
 # (stages: build = the kernel library only, for this GPU's architecture; tests = the tests/gpu suite;
 #  kernels = build + time the fused kernel; conv = cuDNN vs the Triton conv per seed880m layer; bench;
 #  servetests = the serving and runtime GPU tests; serve = bench_serve, one server per CONFIG:STREAMS[:churn]
-#  case, each under its own SERVE_LIMIT seconds so that a slow case cannot cost the others their JSON)
+#  case, each under its own SERVE_LIMIT seconds so that a slow case cannot cost the others their JSON;
+#  dittests = the DiT's GPU tests; anchor = Self-Forcing's own code on the same clip (a checkout in $SELF_FORCING,
+#  never committed); dit = bench_dit for DIT_CONFIG)
 set -euo pipefail
+# the repository is the package `mirage` (package-dir mapping); without an install, a symlink named mirage on PYTHONPATH
+if ! python -c "import mirage" 2>/dev/null; then mkdir -p /tmp/mirage-pkg && ln -sfn "$PWD" /tmp/mirage-pkg/mirage && export PYTHONPATH=/tmp/mirage-pkg${PYTHONPATH:+:$PYTHONPATH}; fi
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 STAGES=${STAGES:-"tests kernels bench"}
@@ -34,6 +39,11 @@ for stage in $STAGES; do
                2>&1 | tee "$OUT/serve_${cfg}_${n}${churn:+_churn}.log" || echo "serve $case: exit $?"
            done ;;
     conv) python scripts/bench_conv.py --out "$OUT/conv.json" --tuned "$OUT/conv_tuned.json" 2>&1 | tee "$OUT/conv.log" ;;
-    *) echo "unknown stage $stage (build, tests, kernels, conv, bench, servetests, serve)"; exit 2 ;;
+    dittests) python -m pytest -q -rs tests/gpu/test_gpu_dit.py 2>&1 | tee "$OUT/dit_tests.log" || echo "dittests: failures" ;;
+    anchor) python scripts/anchor_self_forcing.py --self-forcing "${SELF_FORCING:?a Self-Forcing checkout}" --blocks "${DIT_BLOCKS:-7}" \
+              --json "$OUT/anchor_self_forcing.json" 2>&1 | tee "$OUT/anchor_self_forcing.log" || echo "anchor: exit $?" ;;
+    dit) python scripts/bench_dit.py --config "${DIT_CONFIG:-wan-1.3b}" --blocks "${DIT_BLOCKS:-7}" ${DIT_MODES:+--modes "$DIT_MODES"} \
+           --json "$OUT/dit_${DIT_CONFIG:-wan-1.3b}${TAG:-}.json" 2>&1 | tee "$OUT/dit_${DIT_CONFIG:-wan-1.3b}${TAG:-}.log" || echo "dit: exit $?" ;;
+    *) echo "unknown stage $stage (build, tests, kernels, conv, bench, servetests, serve, dittests, anchor, dit)"; exit 2 ;;
   esac
 done
