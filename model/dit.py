@@ -33,6 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mirage.core.config import DiTConfig
+from mirage.core.errors import MirageError
+
+class PromptError(MirageError, ValueError):
+    """Prompt embeddings of a shape the model does not take (another encoder's width, too many tokens)."""
+
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -197,9 +202,11 @@ class WanDiT(nn.Module):
     def text_kv(self, text: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's cross-attention keys/values of a prompt (computed once per prompt). Text shorter
         than text_len is zero-padded, as Wan pads its UMT5 embeddings (the pads are attended to)."""
-        pad = self.cfg.text_len - text.shape[1]
-        if pad < 0:
-            raise ValueError(f"text has {text.shape[1]} tokens, the model takes at most {self.cfg.text_len}")
+        cfg = self.cfg
+        if text.ndim != 3 or text.shape[2] != cfg.text_dim or text.shape[1] > cfg.text_len:
+            raise PromptError(f"prompt embeddings of shape {tuple(text.shape)}: {cfg.name} takes (batch, tokens <= "
+                              f"{cfg.text_len}, {cfg.text_dim})")
+        pad = cfg.text_len - text.shape[1]
         context = self.text_embedding(F.pad(text, (0, 0, 0, pad)).to(self.patch_embedding.weight.dtype))
         return [blk.cross_attn.keys_values(context) for blk in self.blocks]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mirage.core.config import ConfigError, DiTConfig, get_dit_config
-from mirage.model.dit import WanDiT
+from mirage.model.dit import PromptError, WanDiT
 from mirage.model.wan_keys import WanKeyError, diffusers_to_wan, wan_to_diffusers
 
 CFG = dataclasses.replace(get_dit_config("dit-tiny"), num_layers=2)
@@ -114,3 +114,9 @@ def test_config_accounting():
     with pytest.raises(ConfigError, match="unknown DiT config"):
         get_dit_config("wan-14b")
     assert lk > lq
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 65), (1, 17, 64), (16, 64)])
+def test_prompt_embeddings_of_another_shape_are_refused(shape):
+    with pytest.raises(PromptError, match=r"dit-tiny takes \(batch, tokens <= 16, 64\)"):
+        WanDiT(CFG).text_kv(torch.zeros(shape))
