@@ -95,7 +95,11 @@ class BlockStepper:
         self.cache.frames_written = 0
 
     def compile(self, **options) -> None:
-        """Run each model pass through torch.compile (Inductor); one compilation per span."""
+        """Run each model pass through torch.compile (Inductor): one compilation per span, so the
+        recompile limit is raised to the number of spans. Inductor fuses the cache writes into the
+        key/value epilogues, in place (checked in the generated code, CPU)."""
+        spans = self.cfg.window_frames // self.cfg.block_frames + 1
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, spans + 1)
         self._pass = torch.compile(self._pass, dynamic=False, **options)
 
     @torch.no_grad()
