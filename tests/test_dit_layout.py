@@ -11,7 +11,7 @@ from mirage.core.config import ConfigError, DiTConfig, get_dit_config
 from mirage.model.dit import PromptError, WanDiT
 from mirage.model.wan_keys import WanKeyError, diffusers_to_wan, wan_to_diffusers
 
-CFG = dataclasses.replace(get_dit_config("dit-tiny"), num_layers=2)
+CFG = dataclasses.replace(get_dit_config("dit-tiny"), num_layers=2, width=192)  # a 12x8 token grid: h and w differ
 
 
 def randomized(cfg: DiTConfig, seed: int = 0) -> WanDiT:
