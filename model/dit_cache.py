@@ -95,11 +95,11 @@ class BlockStepper:
         self.cache.frames_written = 0
 
     def compile(self, **options) -> None:
-        """Run each model pass through torch.compile (Inductor): one compilation per span, so the
-        recompile limit is raised to the number of spans. Inductor fuses the cache writes into the
-        key/value epilogues, in place (checked in the generated code, CPU)."""
-        spans = self.cfg.window_frames // self.cfg.block_frames + 1
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, spans + 1)
+        """Run each model pass through torch.compile (Inductor): one compilation per span. Dynamo keeps
+        its compilations per code object, shared by every stepper, so each call raises the recompile
+        limit by this stepper's spans. Inductor fuses the cache writes into the key/value epilogues,
+        in place (checked in the generated code, CPU)."""
+        torch._dynamo.config.recompile_limit += self.cfg.window_frames // self.cfg.block_frames + 2
         self._pass = torch.compile(self._pass, dynamic=False, **options)
 
     @torch.no_grad()
