@@ -4,7 +4,7 @@ Random weights in the published layout, one prompt of random text embeddings, ba
 `blocks` blocks from an empty cache, timed per block for each path:
 
     eager          the block step as PyTorch ops
-    compile        each model pass through torch.compile (Inductor)
+    compile        each layer through torch.compile (Inductor; one compilation serves all layers)
     graph          the eager block step captured as CUDA graphs (one per span)
     compile-graph  Inductor's kernels captured as CUDA graphs
 
