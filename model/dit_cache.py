@@ -178,8 +178,13 @@ class BlockStepper:
     def recache(self, text: torch.Tensor) -> None:
         """Prompt switch (LongLive's re-cache): the new prompt's text keys/values, and every held frame's
         keys/values recomputed from its clean latents under the new prompt, in one pass over the held
-        frames with the block-causal mask at their absolute positions (LongLive re-runs the frames of
-        its window with the new prompt, likewise at their own positions)."""
+        frames at their absolute positions with `block_causal_mask`, so that with an unchanged prompt
+        and an unturned ring the cache comes back as it was.
+
+        LongLive's own (pipeline/interactive_causal_inference.py, _recache_after_switch) differs in two
+        details: its cache path ignores the block mask, so the re-run frames see each other both ways,
+        and with `global_sink: false` (its interactive config) it zeroes the cache and its re-run does not
+        rewrite the sink slots once past them, which stay zero."""
         self.set_prompt(text)
         held, cache, tokens = self.cache.held, self.cache, self.cache.held * self.cfg.tokens_per_frame
         if not held:
