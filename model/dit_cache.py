@@ -206,19 +206,14 @@ class BlockStepper:
 
 
 class CapturedBlockStep:
-    """`stepper.step` as CUDA-graph replays: one graph per span, captured on first use (or all up front
-    with `capture_all`), with the noise copied into a static input. Needs a CUDA device. The latents
-    `step` returns are the graph's static output: valid until the next step."""
+    """`stepper.step` as CUDA-graph replays: one graph per span, captured on first use, with the noise
+    copied into a static input. Needs a CUDA device. The latents `step` returns are the graph's static
+    output: valid until the next step."""
 
     def __init__(self, stepper: BlockStepper):
         self.stepper = stepper
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.pool = None  # one memory pool for all graphs: they replay one at a time
-
-
-    def spans(self) -> list[int]:
-        cfg = self.stepper.cfg
-        return sorted({min(f + cfg.block_frames, cfg.window_frames) for f in range(0, cfg.window_frames + 1, cfg.block_frames)})
 
     @torch.no_grad()
     def capture(self, span: int, noise: torch.Tensor) -> None:
@@ -238,10 +233,6 @@ class CapturedBlockStep:
         with torch.cuda.graph(graph, pool=self.pool):
             out = stepper.block_body(static_noise, span)
         self.graphs[span] = (graph, static_noise, out)
-
-    def capture_all(self, noise: torch.Tensor) -> None:
-        for span in self.spans():
-            self.capture(span, noise)
 
     @torch.no_grad()
     def step(self, noise: torch.Tensor) -> torch.Tensor:
