@@ -19,11 +19,13 @@ key read, 2 FLOPs per multiply-add) at the matmul rate measured here (an 8192³ 
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import statistics
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mirage.core.config import ConfigError, DiTConfig
 from mirage.core.errors import BackendError
@@ -31,6 +33,9 @@ from mirage.model.dit import WanDiT
 from mirage.model.dit_cache import BlockStepper, CapturedBlockStep
 
 MODES = ("eager", "compile", "graph", "compile-graph")
+# SDPA backends the attention may be pinned to ("auto": PyTorch's own choice); flash-attn itself is absent
+ATTENTION = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
 
 def sync(device: torch.device) -> None:
@@ -131,11 +136,15 @@ def floor(cfg: DiTConfig, blocks: int, peak: float | None) -> dict:
     return out
 
 
-def run(cfg: DiTConfig, modes: list[str], blocks: int, device: str = "cuda", seed: int = 0) -> dict:
-    """The benchmark: every path over the same clip (same weights, prompt and noise)."""
+def run(cfg: DiTConfig, modes: list[str], blocks: int, device: str = "cuda", seed: int = 0,
+        attention: str = "auto") -> dict:
+    """The benchmark: every path over the same clip (same weights, prompt and noise), with every SDPA
+    call on the `attention` backend."""
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         raise ConfigError(f"modes {unknown or modes}: choose from {', '.join(MODES)}")
+    if attention not in ATTENTION:
+        raise ConfigError(f"attention {attention!r}: choose from {', '.join(ATTENTION)}")
     dev = torch.device(device)
     if dev.type != "cuda" and any(m.endswith("graph") for m in modes):
         raise BackendError(f"CUDA graphs need a CUDA device, not {device}: on the CPU choose eager or compile")
@@ -149,11 +158,13 @@ def run(cfg: DiTConfig, modes: list[str], blocks: int, device: str = "cuda", see
     report = {"config": cfg.name, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
               "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "batch": 1, "blocks": blocks,
               "resolution": f"{cfg.width}x{cfg.height}", "steps": cfg.steps, "block_frames": cfg.block_frames,
-              "window_frames": cfg.window_frames, "sink_frames": cfg.sink_frames,
+              "window_frames": cfg.window_frames, "sink_frames": cfg.sink_frames, "attention": attention,
               "floor": floor(cfg, blocks, peak), "modes": []}
     reference = None
     for mode in modes:
-        result, latents = bench_mode(model, mode, text, blocks, seed + 2, dtype, dev)
+        backend = ATTENTION[attention]
+        with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+            result, latents = bench_mode(model, mode, text, blocks, seed + 2, dtype, dev)
         reference = latents if reference is None else reference
         result["max_abs_diff_vs_first_mode"] = float((latents - reference).abs().max())
         if peak:
@@ -166,7 +177,7 @@ def table(report: dict) -> str:
     """One line per path: the numbers the issue's targets are stated in."""
     head = (f"{report['config']} on {report['device']} ({report['dtype']}, {report['resolution']}, batch 1, "
             f"{report['steps']} steps, blocks of {report['block_frames']}, {report['blocks']} blocks, "
-            f"window {report['window_frames']} / sink {report['sink_frames']}; "
+            f"window {report['window_frames']} / sink {report['sink_frames']}, SDPA {report['attention']}; "
             f"{report['floor']['mean_block_tflop']:.2f} TFLOP per block on average)")
     rows = [head, f"{'mode':<14}{'first ms':>10}{'median ms':>11}{'p99 ms':>9}{'mean ms':>9}{'video fps':>11}"
                   f"{'peak GB':>9}{'floor':>7}{'diff':>10}"]
