@@ -128,7 +128,9 @@ def bench_mode(model: WanDiT, mode: str, text: torch.Tensor, blocks: int, seed: 
 
 def floor(cfg: DiTConfig, blocks: int, peak: float | None) -> dict:
     flops = [cfg.block_flops(cfg.past_frames(b)) for b in range(blocks)]
-    out = {"block_flops": flops, "mean_block_tflop": sum(flops) / len(flops) / 1e12, "matmul_flops_per_s": peak,
+    attention = [(cfg.steps + 1) * cfg.attention_flops(cfg.block_frames, cfg.past_frames(b)) for b in range(blocks)]
+    out = {"block_flops": flops, "mean_block_tflop": sum(flops) / len(flops) / 1e12,
+           "attention_share_of_flops": sum(attention) / sum(flops), "matmul_flops_per_s": peak,
            "weight_bytes_bf16": cfg.weight_bytes(2), "params": cfg.param_count()}
     if peak:
         out["floor_ms"] = [f / peak * 1e3 for f in flops]

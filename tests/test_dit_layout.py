@@ -111,6 +111,7 @@ def test_config_accounting():
     assert 2.0e14 < wan.block_flops(18) < 2.05e14
     lq, lk, d = 3 * 1560, 21 * 1560, 1536
     assert wan.pass_flops(3, 18) - wan.pass_flops(3, 17) == 30 * 4 * lq * 1560 * d  # attention term
+    assert wan.attention_flops(3, 18) == 30 * 4 * lq * d * (lk + 512)  # QKᵀ and PV, self and cross
     with pytest.raises(ConfigError, match="unknown DiT config"):
         get_dit_config("wan-14b")
     assert lk > lq
