@@ -39,10 +39,10 @@ for stage in $STAGES; do
                2>&1 | tee "$OUT/serve_${cfg}_${n}${churn:+_churn}.log" || echo "serve $case: exit $?"
            done ;;
     conv) python scripts/bench_conv.py --out "$OUT/conv.json" --tuned "$OUT/conv_tuned.json" 2>&1 | tee "$OUT/conv.log" ;;
-    dittests) python -m pytest -q -rs tests/gpu/test_gpu_dit.py 2>&1 | tee "$OUT/dit_tests.log" || echo "dittests: failures" ;;
-    anchor) python scripts/anchor_self_forcing.py --self-forcing "${SELF_FORCING:?a Self-Forcing checkout}" --blocks "${DIT_BLOCKS:-7}" \
+    dittests) timeout "${DIT_LIMIT:-600}" python -m pytest -q -rs tests/gpu/test_gpu_dit.py 2>&1 | tee "$OUT/dit_tests.log" || echo "dittests: failures" ;;
+    anchor) timeout "${DIT_LIMIT:-600}" python scripts/anchor_self_forcing.py --self-forcing "${SELF_FORCING:?a Self-Forcing checkout}" --blocks "${DIT_BLOCKS:-7}" \
               --json "$OUT/anchor_self_forcing.json" 2>&1 | tee "$OUT/anchor_self_forcing.log" || echo "anchor: exit $?" ;;
-    dit) python scripts/bench_dit.py --config "${DIT_CONFIG:-wan-1.3b}" --blocks "${DIT_BLOCKS:-7}" ${DIT_MODES:+--modes "$DIT_MODES"} \
+    dit) timeout "${DIT_LIMIT:-600}" python scripts/bench_dit.py --config "${DIT_CONFIG:-wan-1.3b}" --blocks "${DIT_BLOCKS:-7}" ${DIT_MODES:+--modes "$DIT_MODES"} \
            --json "$OUT/dit_${DIT_CONFIG:-wan-1.3b}${TAG:-}.json" 2>&1 | tee "$OUT/dit_${DIT_CONFIG:-wan-1.3b}${TAG:-}.log" || echo "dit: exit $?" ;;
     *) echo "unknown stage $stage (build, tests, kernels, conv, bench, servetests, serve, dittests, anchor, dit)"; exit 2 ;;
   esac
