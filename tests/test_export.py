@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import CKPT_GEN, CKPT_V2V
-from mirage.engine.artifact import ArtifactOptions, build_artifact
+from mirage.bridge.artifact import ArtifactOptions, build_artifact
 from mirage.cli.export import main as export_main
 from mirage.export.onnx_export import ExportError
 from mirage.engine.manifest import EngineError, check_loadable, read_manifest, validate_manifest

@@ -19,7 +19,7 @@ from conftest import CKPT_GEN, CKPT_V2V
 from mirage.cli.run import main as run_main
 from mirage.core import graphs as G
 from mirage.core.config import PipelineOptions
-from mirage.engine.artifact import ArtifactOptions, build_artifact
+from mirage.bridge.artifact import ArtifactOptions, build_artifact
 from mirage.core.errors import MirageError
 from mirage.engine.manifest import sha256_file
 from mirage.runtime import Pipeline
@@ -124,7 +124,7 @@ def _fingerprint(folder: Path) -> dict:
 def test_failed_or_interrupted_export_keeps_the_previous_artifact(artifact, tmp_path, monkeypatch, fault):
     art = _copy(artifact, tmp_path)
     before = _fingerprint(art)
-    import mirage.engine.artifact as A
+    import mirage.bridge.artifact as A
 
     real, calls = A.export_graph, []
 
@@ -142,7 +142,7 @@ def test_failed_or_interrupted_export_keeps_the_previous_artifact(artifact, tmp_
 
 
 def test_parity_failure_writes_nothing_unless_overridden(artifact, tmp_path, monkeypatch):
-    import mirage.engine.artifact as A
+    import mirage.bridge.artifact as A
 
     art = _copy(artifact, tmp_path)
     before = _fingerprint(art)
@@ -159,7 +159,7 @@ def test_parity_failure_writes_nothing_unless_overridden(artifact, tmp_path, mon
 
 def test_a_folder_that_is_not_an_artifact_is_never_replaced(tmp_path, monkeypatch):
     """Refused before any work (no checkpoint is even loaded), for a foreign folder and for a file."""
-    import mirage.engine.artifact as A
+    import mirage.bridge.artifact as A
 
     monkeypatch.setattr(A, "load_checkpoint", lambda *a: pytest.fail("work began"))
     keep = tmp_path / "mine"

@@ -15,7 +15,7 @@ from mirage.core import graphs as G
 from mirage.core.config import ConfigError, ModelConfig, TrainConfig, get_config
 from mirage.core.synthetic import SyntheticVideo
 from mirage.core.video_io import v2v_input
-from mirage.engine.artifact import ArtifactOptions, build_artifact
+from mirage.bridge.artifact import ArtifactOptions, build_artifact
 from mirage.model.unet import MirageUNet
 from mirage.runtime import Pipeline
 from mirage.train.checkpoint import CheckpointError, save_checkpoint

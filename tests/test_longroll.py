@@ -136,7 +136,7 @@ def test_cli_distill_and_self_forcing_errors(tmp_path, make_random_tiny):
 
 def test_runtime_and_quality_sample_a_student_with_its_own_steps(tmp_path, make_random_tiny):
     from mirage.runtime import Pipeline, PipelineOptions
-    from mirage.runtime.quality import evaluate
+    from mirage.bridge.quality import evaluate
 
     model = make_random_tiny()
     save_checkpoint(tmp_path / "student", model, model, TrainConfig(), step=1, extra={"sampling_steps": 2})
