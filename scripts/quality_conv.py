@@ -22,7 +22,7 @@ import torch
 from mirage.core import metrics as M
 from mirage.core.config import PipelineOptions
 from mirage.plugins_cpp.conv import pack_convolutions
-from mirage.runtime.pipeline import Pipeline
+from mirage.bridge.pipeline import from_model
 from mirage.bridge.quality import reference_clip, v2v_inputs
 from mirage.train.checkpoint import load_checkpoint
 
@@ -39,7 +39,7 @@ def rollout(checkpoint: str, truth: np.ndarray, args, weights: str | None) -> tu
                    torch.zeros(1, cfg.context_frames, 2, cfg.memory_tokens, cfg.temporal_dim),
                    torch.zeros(1, cfg.context_frames, dtype=torch.long))
         packed = pack_convolutions(model.eval(), lambda: model.denoise(*example), args.max_pixels, weights)
-    with Pipeline.from_model(model, args.device, PipelineOptions(dtype=args.dtype)) as pipe:
+    with from_model(model, args.device, PipelineOptions(dtype=args.dtype)) as pipe:
         pipe.reset(args.seed)
         return np.stack(list(pipe.stream(list(v2v_inputs(truth))))), packed
 
