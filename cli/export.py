@@ -61,7 +61,7 @@ def main(checkpoint, precision, backend, gpus, out, batch, max_batch, opt_level,
     per-layer view of each. Parity is ONNX Runtime on the CPU against PyTorch, per tensor and
     as the PSNR of a whole rollout.
     """
-    from mirage.engine.artifact import ArtifactOptions, artifact_files, build_artifact
+    from mirage.bridge.artifact import ArtifactOptions, artifact_files, build_artifact
 
     if max_batch is not None and batch > max_batch:
         raise UserError(f"--batch {batch} is larger than --max-batch {max_batch}")

@@ -39,7 +39,7 @@ def main(model, frames, window, steps, context_noise, seed, streams, data, examp
     the data: histogram and feature distances, sharpness, motion, flicker (and their ratios to
     the data's), collapsed frames. Definitions: docs/QUALITY.md."""
     from mirage.core.report import write_json
-    from mirage.runtime.quality import evaluate, format_table, plot
+    from mirage.bridge.quality import evaluate, format_table, plot
 
     if json_path is not None and not json_path.parent.is_dir():
         raise UserError(f"--json {json_path}: folder {json_path.parent} does not exist")

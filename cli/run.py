@@ -114,7 +114,7 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
          json_path, fps):
     from tqdm import tqdm
 
-    from mirage.runtime import Pipeline
+    from mirage.bridge.pipeline import load_pipeline
 
     if json_path is not None and not json_path.parent.is_dir():
         raise UserError(f"--json {json_path}: folder {json_path.parent} does not exist")
@@ -123,7 +123,7 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
     options = PipelineOptions.fastest(**common) if fast else \
         PipelineOptions(compile="default" if compile_ else None, **common)
     writer = VideoWriter(output, fps=fps)  # the path and format are checked before any frame is made
-    pipe = Pipeline.load(model, backend=backend, device=device, options=options)
+    pipe = load_pipeline(model, backend=backend, device=device, options=options)
     with pipe, writer, _Stop() as stop:
         size = pipe.frame_shape[0]
         if pipe.video_to_video:

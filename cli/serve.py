@@ -59,6 +59,7 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
         from aiohttp import web
     except ImportError as e:
         raise UserError("mirage-serve needs aiohttp: pip install 'mirage-video[serve]'") from e
+    from mirage.bridge.pipeline import load_pipeline
     from mirage.runtime.pool import PoolGroup, StreamPool
     from mirage.runtime.server import ServerOptions, make_app
 
@@ -70,8 +71,9 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
                                 batch_wait_ms=batch_wait_ms, max_frame_bytes=max_frame_bytes,
                                 calibrate_steps=calibrate_steps)
         pipeline = PipelineOptions.fastest() if fast else PipelineOptions()
-        pool = StreamPool.open(model, slots, backend=backend, device=devices[0], options=pipeline) if len(devices) == 1 \
-            else PoolGroup.open(model, slots, devices, backend=backend, options=pipeline)
+        opened = dict(backend=backend, options=pipeline, load=load_pipeline)  # checkpoints run on the torch side
+        pool = StreamPool.open(model, slots, device=devices[0], **opened) if len(devices) == 1 \
+            else PoolGroup.open(model, slots, devices, **opened)
     except MirageError as e:
         raise UserError(str(e)) from e
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -35,8 +35,7 @@ Array = Any  # numpy.ndarray, torch.Tensor or runtime.cuda.DeviceBuffer: the loo
 class Backend(Protocol):
     """What the pipeline needs of a backend: where its buffers live and how to run a graph."""
 
-    array: str  # "numpy" | "torch" | "cuda" (raw device pointers): the array library of its buffers
-    device: str  # "cpu" | "cuda:N"
+    device: str  # "cpu" | "cuda:N": where its buffers live (made by the pipeline's plumbing: runtime.execution)
 
     def buffer_dtype(self, graph: str, name: str) -> str:
         """numpy dtype name of the buffer for tensor `name` of `graph`."""

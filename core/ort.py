@@ -32,7 +32,6 @@ def ort_session(path: Path, providers: list[str] | None = None):
 class OrtBackend:
     """ONNX Runtime on numpy buffers (CPU EP: the no-GPU default)."""
 
-    array = "numpy"
     device = "cpu"
 
     def __init__(self, files: dict[str, Path], providers: list[str] | None = None):

@@ -1,1 +1,3 @@
-"""TensorRT / TensorRT-RTX engine building."""
+"""TensorRT / TensorRT-RTX engines, on the deployment side (imports no torch): the builder (build.py), the
+manifest and its verification, the Engine lifecycle (check -> load -> bind -> execute). Building an
+artifact from a checkpoint is mirage.bridge.artifact."""

@@ -16,8 +16,6 @@ from mirage.model.unet import MirageUNet
 
 
 class TorchBackend:
-    array = "torch"
-
     def __init__(self, model: MirageUNet, device: str, dtype: str = "float32", compile_mode: str | None = None,
                  channels_last: bool = False, freeze: bool = False, kernel_library: str | None = None,
                  precompute_time: bool = False, codec=None):

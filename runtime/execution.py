@@ -34,27 +34,37 @@ class NonFiniteError(MirageError):
     """A graph produced NaN or Inf: the run stops rather than write a black video."""
 
 
-class CpuExecution:
-    """The loop run eagerly, one frame at a time (ONNX Runtime on numpy, PyTorch on CPU tensors)."""
+class NumpyCpu:
+    """CpuExecution's arrays as numpy arrays (ONNX Runtime); the PyTorch backend's are CPU tensors
+    (model/torch_device.py: TorchCpu, same interface)."""
 
-    def __init__(self, backend, schedule: Schedule, frames: str):
+    def __init__(self):
+        self.ops = NumpyOps()
+
+    def zeros(self, shape, dtype: str) -> np.ndarray:
+        return np.zeros(shape, dtype=dtype)
+
+    def from_host(self, array: np.ndarray) -> np.ndarray:
+        return array
+
+    def to_host(self, buf: np.ndarray) -> np.ndarray:
+        return buf
+
+
+class CpuExecution:
+    """The loop run eagerly, one frame at a time (ONNX Runtime on numpy, PyTorch on CPU tensors).
+    `cpu` makes and reads the buffers: NumpyCpu by default, the torch side's TorchCpu for torch."""
+
+    def __init__(self, backend, schedule: Schedule, frames: str, cpu=None):
         self.backend, self.schedule, self.frames = backend, schedule, frames
         self.graphs: list = []  # no CUDA graphs on the CPU
         self.timeline: list[dict] = []  # nor GPU events
-        if backend.array == "numpy":
-            self.ops = NumpyOps()
-        else:
-            from mirage.model.torch_ops import TorchOps
-
-            self.ops = TorchOps(backend.device)
+        self.cpu = cpu or NumpyCpu()
+        self.ops = self.cpu.ops
         self._result: np.ndarray | None = None
 
     def alloc(self, shape, dtype: str):
-        if self.backend.array == "numpy":
-            return np.zeros(shape, dtype=dtype)
-        import torch
-
-        return torch.zeros(shape, dtype=getattr(torch, dtype), device=self.backend.device)
+        return self.cpu.zeros(shape, dtype)
 
     def fill(self, buf, value: float) -> None:
         buf[...] = value
@@ -70,23 +80,23 @@ class CpuExecution:
         return int(self._result is not None)
 
     def submit(self, cond: np.ndarray | None, advance: np.ndarray) -> None:
-        numpy, u8 = self.backend.array == "numpy", self.frames == "uint8"
+        u8, host = self.frames == "uint8", self.cpu.to_host
         if cond is not None:
-            staged = cond if numpy else _torch().from_numpy(cond)
+            staged = self.cpu.from_host(cond)
             if u8:
                 self.ops.to_float_(self.buf.input, staged)
             else:
                 self.buf.input[...] = staged
-        self.buf.advance[...] = advance if numpy else _torch().from_numpy(advance)
+        self.buf.advance[...] = self.cpu.from_host(advance)
         run_frame(self.backend, self.ops, self.buf, self.schedule)
         if u8:
             self.ops.to_uint8_(self.frame_u8, self.finite, self.buf.frame)
-            self._result, finite = _bytes(self.frame_u8, numpy), _bytes(self.finite, numpy).all()
+            self._result, finite = host(self.frame_u8).copy(), host(self.finite).all()
         else:
-            self._result = _host(self.buf.frame, numpy).transpose(0, 2, 3, 1)  # (B, H, W, C)
+            self._result = host(self.buf.frame).astype(np.float32).transpose(0, 2, 3, 1)  # (B, H, W, C), a copy
             finite = np.isfinite(self._result).all()
         frame_graph = G.DECODE if self.buf.image is not None else G.DENOISE
-        for graph, ok in ((frame_graph, finite), (G.CONTEXT, _finite(self.buf.kv, numpy))):
+        for graph, ok in ((frame_graph, finite), (G.CONTEXT, np.isfinite(host(self.buf.kv)).all())):
             if not ok:
                 raise NonFiniteError(f"the {graph} graph produced non-finite values (NaN or Inf); the model or "
                                      "artifact is broken: re-export it, or check the checkpoint's weights")
@@ -110,14 +120,14 @@ class GpuExecution:
     """The whole frame (all DDIM steps, the update, the context encode, the ring write) as one
     CUDA graph. Two graphs alternate by frame parity k = n % 2, so frame n+1's input uploads and
     frame n's output downloads on a copy stream while the other graph computes; pinned host
-    buffers and events order them. `gpu` is runtime.gpu's TorchGpu (PyTorch backend) or CudaGpu
-    (engines on raw device pointers)."""
+    buffers and events order them. `gpu` is runtime.gpu's CudaGpu (engines on raw device pointers) by
+    default, the torch side's TorchGpu for the PyTorch backend (model/torch_device.py)."""
 
     def __init__(self, backend, schedule: Schedule, cuda_graph: bool, frames: str, gpu=None):
-        from mirage.runtime.gpu import CudaGpu, TorchGpu
+        from mirage.runtime.gpu import CudaGpu
 
         self.backend, self.schedule, self.cuda_graph, self.frames = backend, schedule, cuda_graph, frames
-        self.gpu = gpu or (TorchGpu if backend.array == "torch" else CudaGpu)(backend.device)
+        self.gpu = gpu or CudaGpu(backend.device)
         self.ops = self.gpu.ops
         backend.use_stream(self.gpu.compute)  # engines enqueue on the stream the graph captures
         self.graphs: list = []
@@ -277,23 +287,3 @@ class GpuExecution:
 
 def _dtype_name(buf) -> str:
     return buf.dtype if isinstance(buf.dtype, str) else str(buf.dtype).split(".")[1]
-
-
-def _host(buf, numpy: bool) -> np.ndarray:
-    """A float32 host copy of a CPU buffer (numpy or torch)."""
-    return buf.astype(np.float32) if numpy else buf.to("cpu", _torch().float32, copy=True).numpy()
-
-
-def _bytes(buf, numpy: bool) -> np.ndarray:
-    """A host copy of a uint8 CPU buffer (numpy or torch)."""
-    return buf.copy() if numpy else buf.numpy().copy()
-
-
-def _finite(buf, numpy: bool) -> bool:
-    return bool(np.isfinite(buf).all()) if numpy else bool(_torch().isfinite(buf).all())
-
-
-def _torch():
-    import torch
-
-    return torch

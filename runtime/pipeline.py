@@ -3,7 +3,7 @@
     load -> allocate -> warm up + capture -> replay ... -> close
 
     from mirage.runtime import Pipeline
-    with Pipeline.load("artifacts/tiny") as pipe:      # artifact dir or checkpoint folder
+    with Pipeline.load("artifacts/tiny") as pipe:      # an artifact folder (mirage-export)
         pipe.reset(seed=0)
         frames = [pipe.step() for _ in range(48)]      # (H, W, 3) float32 in [-1, 1]
 
@@ -15,18 +15,22 @@ A pipeline of batch B advances B independent rows (streams) per frame; `step_bat
 returns (B, H, W, 3), and `reset_row` restarts one row without touching the others (what
 runtime.pool.StreamPool builds on). Buffers are allocated once from the graphs' specs
 (mirage.core.graphs); frames run through runtime.execution (eager on the CPU, CUDA graphs on a GPU).
+
+The runtime imports no torch layer: a checkpoint or an in-memory model runs on the PyTorch backend
+through mirage.bridge.pipeline (load_pipeline, from_model), which hands its backend and array
+plumbing to this class.
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from mirage.core import graphs as G
 from mirage.core.config import ModelConfig, PipelineOptions
-from mirage.core.errors import BackendError, MirageError
+from mirage.core.errors import MirageError
 from mirage.core.loop import Buffers, Schedule, make_buffers
 from mirage.core.schedule import DEFAULT_STEPS, default_steps
 from mirage.core.video_io import as_uint8, to_float
@@ -40,20 +44,27 @@ class PipelineError(MirageError):
 
 
 class Pipeline:
-    def __init__(self, backend, cfg: ModelConfig, specs: dict[str, G.GraphSpec], options: PipelineOptions):
+    def __init__(self, backend, cfg: ModelConfig, specs: dict[str, G.GraphSpec], options: PipelineOptions,
+                 plumbing=None):
+        """`plumbing`: the arrays, ops (and on a GPU streams, events, graphs) of the backend's device;
+        None for ONNX Runtime (numpy) and TensorRT (raw device pointers, cuda-python), which the runtime
+        brings itself; the PyTorch backend's come from the torch side (model/torch_device.py)."""
         self.backend, self.cfg, self.specs, self.options = backend, cfg, specs, options
         self.schedule = Schedule.ddim(options.steps or DEFAULT_STEPS, options.context_noise)
         on_gpu = str(backend.device).startswith("cuda")
-        self.execution = GpuExecution(backend, self.schedule, options.cuda_graph, options.frames) if on_gpu \
-            else CpuExecution(backend, self.schedule, options.frames)
+        self.execution = GpuExecution(backend, self.schedule, options.cuda_graph, options.frames, plumbing) if on_gpu \
+            else CpuExecution(backend, self.schedule, options.frames, plumbing)
         self.buf: Buffers | None = None
         self.state = "loaded"
 
     # -- load ---------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", device: str = "auto",
-             options: PipelineOptions = PipelineOptions()) -> "Pipeline":
-        """Open an artifact directory (ONNX / engines + manifest) or a checkpoint folder."""
+             options: PipelineOptions = PipelineOptions(),
+             checkpoint: Callable[[Path, str, str, PipelineOptions], "Pipeline"] | None = None) -> "Pipeline":
+        """Open an artifact directory (ONNX / engines + manifest). A checkpoint folder is opened by
+        `checkpoint(path, backend, device, options)`, the torch side's opener that
+        mirage.bridge.pipeline.load_pipeline passes; without it a checkpoint is refused."""
         path = Path(path)
         if backend not in BACKENDS:
             raise PipelineError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -61,47 +72,20 @@ class Pipeline:
             from mirage.runtime.artifact import open_artifact
 
             impl, cfg, specs, manifest = open_artifact(path, backend, device, options)
-            return cls(impl, cfg, specs, _model_steps(options, manifest))
+            return cls(impl, cfg, specs, model_steps(options, manifest))
         if (path / "config.json").is_file():
             if backend not in ("auto", "torch"):
                 raise PipelineError(f"{path} is a checkpoint: only the torch backend runs it; "
                                     f"export it with `mirage-export --checkpoint {path}` for {backend}")
-            try:
-                import torch  # noqa: F401
-            except ImportError as e:
-                raise BackendError("running a checkpoint needs PyTorch; or export it to an artifact") from e
-            from mirage.train.checkpoint import load_checkpoint
-
-            model, meta = load_checkpoint(path)
-            return cls.from_model(model, device, _model_steps(options, meta))
+            if checkpoint is None:
+                raise PipelineError(f"{path} is a checkpoint: the torch-free runtime runs artifacts; open it with "
+                                    f"mirage.bridge.pipeline.load_pipeline (PyTorch), or export it with "
+                                    f"`mirage-export --checkpoint {path}`")
+            return checkpoint(path, backend, device, options)
         if any(path.glob("*.onnx")):
             raise PipelineError(f"{path}: ONNX graphs without a manifest.json (an incomplete artifact); rebuild it "
                                 f"with `mirage-export --checkpoint CHECKPOINT --out {path}`")
         raise PipelineError(f"{path}: neither an artifact (manifest.json) nor a checkpoint (config.json)")
-
-    @classmethod
-    def from_model(cls, model, device: str = "auto", options: PipelineOptions = PipelineOptions()) -> "Pipeline":
-        """A pipeline around an in-memory MirageUNet (the PyTorch backend); a latent model's frozen
-        autoencoder is loaded from its config."""
-        import torch
-
-        from mirage.model.torch_backend import TorchBackend
-
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device.startswith("cuda") and not torch.cuda.is_available():
-            raise BackendError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU; use --device cpu")
-        on_gpu = str(device).startswith("cuda")
-        dtype = options.dtype or ("float16" if on_gpu else "float32")
-        codec = None
-        if model.cfg.latent:
-            from mirage.train.codec import load_codec
-
-            codec = load_codec(model.cfg)
-        impl = TorchBackend(model, device, dtype, options.compile, options.channels_last, options.freeze,
-                            options.kernel_library, options.precompute_time, codec)
-        precision = "fp16" if dtype == "float16" else "fp32"
-        return cls(impl, model.cfg, G.model_graphs(model.cfg, options.batch, precision=precision), options)
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -277,7 +261,7 @@ class Pipeline:
             self.execution.collect()
 
 
-def _model_steps(options: PipelineOptions, meta: dict) -> PipelineOptions:
+def model_steps(options: PipelineOptions, meta: dict) -> PipelineOptions:
     """Options whose unset step count is the model's own (a distilled student records it)."""
     return options if options.steps is not None else dataclasses.replace(options, steps=default_steps(meta))
 

@@ -1,6 +1,6 @@
 """Stream slots: B independent streams advanced by one batched frame (one CUDA-graph replay on a GPU).
 
-    pool = StreamPool.open("checkpoints/tiny-v2v", slots=8)
+    pool = StreamPool.open("artifacts/tiny-v2v", slots=8)  # a checkpoint: load=mirage.bridge.pipeline.load_pipeline
     a = pool.attach(seed=1)                     # a free slot: fresh memory, its own noise seed
     outs = pool.step({a: frame})                 # every attached slot advances one frame
     pool.detach(a)
@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -47,10 +48,12 @@ class StreamPool:
 
     @classmethod
     def open(cls, path: str | Path, slots: int, backend: str = "auto", device: str = "auto",
-             options: PipelineOptions = PipelineOptions()) -> "StreamPool":
+             options: PipelineOptions = PipelineOptions(),
+             load: Callable[..., Pipeline] = Pipeline.load) -> "StreamPool":
         """A pool of `slots` rows, every row reset (Pipeline.reset: on a GPU enqueued, not yet run,
-        when this returns)."""
-        return cls(Pipeline.load(path, backend, device, dataclasses.replace(options, batch=slots)))
+        when this returns). `load(path, backend, device, options)` opens the model: Pipeline.load for
+        artifacts, mirage.bridge.pipeline.load_pipeline for checkpoints too."""
+        return cls(load(path, backend, device, dataclasses.replace(options, batch=slots)))
 
     def attach(self, seed: int = 0) -> int:
         free = [s for s in range(self.slots) if s not in self.active]
@@ -134,9 +137,10 @@ class PoolGroup:
 
     @classmethod
     def open(cls, path: str | Path, slots: int, devices: list[str], backend: str = "auto",
-             options: PipelineOptions = PipelineOptions()) -> "PoolGroup":
-        """`slots` per device."""
-        return cls([StreamPool.open(path, slots, backend, device, options) for device in devices])
+             options: PipelineOptions = PipelineOptions(),
+             load: Callable[..., Pipeline] = Pipeline.load) -> "PoolGroup":
+        """`slots` per device (`load` as in StreamPool.open)."""
+        return cls([StreamPool.open(path, slots, backend, device, options, load) for device in devices])
 
     @property
     def active(self) -> list[int]:

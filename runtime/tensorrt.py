@@ -21,8 +21,6 @@ TRT_DTYPES = {"float32": "float32", "float16": "float16", "int32": "int32", "int
 
 
 class TensorRTBackend:
-    array = "cuda"
-
     def __init__(self, artifact: Path, manifest: dict, specs: dict, device: str = "cuda:0"):
         self.device = device if ":" in device else "cuda:0"
         self.stream = None

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mirage.bridge.pipeline import from_model
 from mirage.runtime import Pipeline
 from mirage.core.config import PipelineOptions, get_config
 from mirage.model.unet import MirageUNet, parameter_count
@@ -62,11 +63,11 @@ def variant_pipeline(model: MirageUNet, variant: str, kernel_library: str, **ove
     channels-last): `restore` undoes that before the next variant."""
     spec = VARIANTS[variant]
     if spec.get("preset") == "fastest":
-        return Pipeline.from_model(model, "cuda", dataclasses.replace(PipelineOptions.fastest(), **overrides))
+        return from_model(model, "cuda", dataclasses.replace(PipelineOptions.fastest(), **overrides))
     options = PipelineOptions(dtype=spec["dtype"], cuda_graph=spec["graph"], compile=spec.get("compile"),
                               channels_last=bool(spec.get("channels_last")), freeze=bool(spec.get("freeze")),
                               kernel_library=kernel_library if spec.get("fused") else None)
-    return Pipeline.from_model(model, "cuda", dataclasses.replace(options, **overrides))
+    return from_model(model, "cuda", dataclasses.replace(options, **overrides))
 
 
 def restore(model: MirageUNet) -> None:
@@ -102,7 +103,7 @@ def measured_peaks() -> dict:
 def floor(model: MirageUNet, steps: int, peaks: dict) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
-    pipe = Pipeline.from_model(model, "cuda", PipelineOptions(dtype="float16", steps=steps, cuda_graph=False))
+    pipe = from_model(model, "cuda", PipelineOptions(dtype="float16", steps=steps, cuda_graph=False))
     pipe.reset(0)
     with FlopCounterMode(display=False) as counter:  # the whole frame: codec included for latent models
         pipe.step(np.zeros(pipe.frame_shape, np.float32) if pipe.video_to_video else None)
@@ -200,7 +201,7 @@ def graph_vs_eager(name: str, kernel_library: str, frames: int = 5) -> dict:
     fused temporal-attention kernel and the stock ops (both graph-replayed)."""
     outs = {}
     for key, graph, lib in (("eager", False, None), ("graph", True, None), ("graph_fused", True, kernel_library)):
-        with Pipeline.from_model(random_model(name), "cuda",
+        with from_model(random_model(name), "cuda",
                                  PipelineOptions(dtype="float32", cuda_graph=graph, kernel_library=lib)) as pipe:
             pipe.reset(0)
             outs[key] = np.stack([pipe.step() for _ in range(frames)])
@@ -215,7 +216,7 @@ def overlap(name: str, frames: int = 200) -> dict:
     size = model.cfg.image_size
     inputs = [np.random.default_rng(i).uniform(-1, 1, (size, size, 3)).astype(np.float32) for i in range(frames)]
     res = {}
-    with Pipeline.from_model(model, "cuda", PipelineOptions(dtype="float16")) as pipe:
+    with from_model(model, "cuda", PipelineOptions(dtype="float16")) as pipe:
         for mode in ("step", "stream"):
             pipe.reset(0)
             list(pipe.stream(inputs[:10]))

@@ -15,7 +15,7 @@ import json
 import numpy as np
 
 from mirage.core import metrics as M
-from mirage.runtime.quality import DATA_CLIPS, reference_clip
+from mirage.bridge.quality import DATA_CLIPS, reference_clip
 
 SIGMAS = (0.0, 0.3, 0.5, 0.7, 0.9, 1.2)  # pixels
 NOISES = (0.0, 0.01, 0.02, 0.04)  # standard deviation, frames in [-1, 1]

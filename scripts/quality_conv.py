@@ -4,7 +4,7 @@
     python scripts/quality_conv.py checkpoints/tiny-v2v --frames 500 --json q.json            # CPU
     python scripts/quality_conv.py CKPT --device cuda --dtype float16 --frames 500 --json q.json  # GPU
 
-The same synthetic clip as mirage-quality (mirage.runtime.quality) goes through the runtime
+The same synthetic clip as mirage-quality (mirage.bridge.quality) goes through the runtime
 Pipeline twice: the stock model, and the model whose 3x3 convolutions of at most --max-pixels
 pixels are PackedConv3x3 with FP8 E4M3 weights (mirage.plugins_cpp.conv.pack_convolutions). On
 the CPU the packed layers run F.conv2d on the dequantised weights (fp32), on CUDA the Triton
@@ -22,8 +22,8 @@ import torch
 from mirage.core import metrics as M
 from mirage.core.config import PipelineOptions
 from mirage.plugins_cpp.conv import pack_convolutions
-from mirage.runtime.pipeline import Pipeline
-from mirage.runtime.quality import reference_clip, v2v_inputs
+from mirage.bridge.pipeline import from_model
+from mirage.bridge.quality import reference_clip, v2v_inputs
 from mirage.train.checkpoint import load_checkpoint
 
 
@@ -39,7 +39,7 @@ def rollout(checkpoint: str, truth: np.ndarray, args, weights: str | None) -> tu
                    torch.zeros(1, cfg.context_frames, 2, cfg.memory_tokens, cfg.temporal_dim),
                    torch.zeros(1, cfg.context_frames, dtype=torch.long))
         packed = pack_convolutions(model.eval(), lambda: model.denoise(*example), args.max_pixels, weights)
-    with Pipeline.from_model(model, args.device, PipelineOptions(dtype=args.dtype)) as pipe:
+    with from_model(model, args.device, PipelineOptions(dtype=args.dtype)) as pipe:
         pipe.reset(args.seed)
         return np.stack(list(pipe.stream(list(v2v_inputs(truth))))), packed
 

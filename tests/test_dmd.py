@@ -184,7 +184,7 @@ def test_fake_score_and_its_optimizer_round_trip(tmp_path, make_random_tiny):
 
 
 def test_dmd_run_saves_g_resumes_and_runs_in_the_runtime(tmp_path):
-    from mirage.runtime import Pipeline
+    from mirage.bridge.pipeline import load_pipeline
 
     tcfg = TrainConfig(steps=2, dmd_from=str(CKPT_GEN), dmd_fake_updates=2, self_forcing_prob=1.0, **FAST)
     summary = train(get_config("tiny"), tcfg, tmp_path / "g", device="cpu", progress=False)
@@ -196,7 +196,7 @@ def test_dmd_run_saves_g_resumes_and_runs_in_the_runtime(tmp_path):
     resumed = train(get_config("tiny"), TrainConfig(**{**tcfg.__dict__, "steps": 3}), tmp_path / "g", resume=True, device="cpu",
                     progress=False)
     assert resumed["step"] == 3 and resumed["trained_steps"] == 1
-    with Pipeline.load(tmp_path / "g", device="cpu") as pipe:  # G is an ordinary checkpoint: 4 steps, as the teacher
+    with load_pipeline(tmp_path / "g", device="cpu") as pipe:  # G is an ordinary checkpoint: 4 steps, as the teacher
         pipe.reset(0)
         assert len(pipe.schedule.timesteps) == 4 and pipe.step().shape == (32, 32, 3)
 

@@ -7,13 +7,13 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import CKPT_GEN, CKPT_V2V
-from mirage.engine.artifact import ArtifactOptions, build_artifact
+from mirage.bridge.artifact import ArtifactOptions, build_artifact
 from mirage.cli.export import main as export_main
 from mirage.export.onnx_export import ExportError
 from mirage.engine.manifest import EngineError, check_loadable, read_manifest, validate_manifest
 from mirage.engine.verify import verify_file
 from mirage.core.config import get_config
-from mirage.runtime import Pipeline
+from mirage.bridge.pipeline import load_pipeline
 from mirage.core import graphs as G
 
 trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (pip install tensorrt-rtx-cu13) builds the engines")
@@ -119,7 +119,7 @@ def test_ort_and_torch_backends_agree_on_an_artifact(artifacts):
     inputs = [v2v_input(f) for f in SyntheticVideo(32, seed=9).clip(0, 3)]
     outs = []
     for path, backend in [(artifacts["fp32-v2v"], "onnxruntime"), (CKPT_V2V, "torch")]:
-        with Pipeline.load(path, backend=backend, device="cpu") as pipe:
+        with load_pipeline(path, backend=backend, device="cpu") as pipe:
             pipe.reset(4)
             outs.append(np.stack(list(pipe.stream(inputs))))
     assert np.abs(outs[0] - outs[1]).max() < 1e-4
@@ -212,6 +212,6 @@ def test_dynamic_batch_artifact(tmp_path, precision):
         kinds = {"tensor(int32)": np.int32, "tensor(float16)": np.float16, "tensor(float)": np.float32}
         feed = {i.name: np.zeros([3] + list(i.shape[1:]), dtype=kinds[i.type]) for i in session.get_inputs()}
         assert session.run(None, feed)[0].shape[0] == 3
-    with Pipeline.load(out, device="cpu") as pipe:  # the runtime runs it at the artifact's batch
+    with load_pipeline(out, device="cpu") as pipe:  # the runtime runs it at the artifact's batch
         pipe.reset(0)
         assert pipe.step().shape == (32, 32, 3)

@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +21,10 @@ from conftest import CKPT_GEN, CKPT_V2V
 from mirage.cli.run import main as run_main
 from mirage.core import graphs as G
 from mirage.core.config import PipelineOptions
-from mirage.engine.artifact import ArtifactOptions, build_artifact
+from mirage.bridge.artifact import ArtifactOptions, build_artifact
 from mirage.core.errors import MirageError
 from mirage.engine.manifest import sha256_file
+from mirage.bridge.pipeline import from_model, load_pipeline
 from mirage.runtime import Pipeline
 from mirage.runtime.execution import NonFiniteError
 
@@ -44,7 +47,7 @@ def _copy(artifact: Path, tmp_path: Path) -> Path:
 
 def _refused(folder: Path, match: str) -> None:
     with pytest.raises(MirageError, match=match):
-        Pipeline.load(folder, device="cpu")
+        load_pipeline(folder, device="cpu")
     r = CliRunner().invoke(run_main, [str(folder), "--frames", "1", "--output", str(folder.parent / "o.gif")])
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     assert not (folder.parent / "o.gif").exists()
@@ -110,7 +113,7 @@ def test_other_precisions_onnx_files_are_refused(artifact, tmp_path):
 
 def test_verified_hashes_are_remembered(artifact, tmp_path):
     art = _copy(artifact, tmp_path)
-    with Pipeline.load(art, device="cpu"):
+    with load_pipeline(art, device="cpu"):
         pass
     sidecar = json.loads((art / ".verified.json").read_text())
     assert set(sidecar) == {"denoise.onnx", "context_encode.onnx"}
@@ -124,7 +127,7 @@ def _fingerprint(folder: Path) -> dict:
 def test_failed_or_interrupted_export_keeps_the_previous_artifact(artifact, tmp_path, monkeypatch, fault):
     art = _copy(artifact, tmp_path)
     before = _fingerprint(art)
-    import mirage.engine.artifact as A
+    import mirage.bridge.artifact as A
 
     real, calls = A.export_graph, []
 
@@ -142,7 +145,7 @@ def test_failed_or_interrupted_export_keeps_the_previous_artifact(artifact, tmp_
 
 
 def test_parity_failure_writes_nothing_unless_overridden(artifact, tmp_path, monkeypatch):
-    import mirage.engine.artifact as A
+    import mirage.bridge.artifact as A
 
     art = _copy(artifact, tmp_path)
     before = _fingerprint(art)
@@ -159,7 +162,7 @@ def test_parity_failure_writes_nothing_unless_overridden(artifact, tmp_path, mon
 
 def test_a_folder_that_is_not_an_artifact_is_never_replaced(tmp_path, monkeypatch):
     """Refused before any work (no checkpoint is even loaded), for a foreign folder and for a file."""
-    import mirage.engine.artifact as A
+    import mirage.bridge.artifact as A
 
     monkeypatch.setattr(A, "load_checkpoint", lambda *a: pytest.fail("work began"))
     keep = tmp_path / "mine"
@@ -178,7 +181,7 @@ def test_non_finite_weights_stop_the_run_naming_the_graph(make_random_tiny):
     model = make_random_tiny()
     with torch.no_grad():
         model.out[-1].weight.fill_(float("nan"))
-    with Pipeline.from_model(model, "cpu") as pipe:
+    with from_model(model, "cpu") as pipe:
         pipe.reset(0)
         with pytest.raises(NonFiniteError, match="denoise graph produced non-finite"):
             pipe.step()
@@ -232,10 +235,30 @@ def test_same_seed_same_video_across_backends(artifact):
     PyTorch give the same frames for one seed."""
     outs = []
     for path in (artifact, CKPT_GEN):
-        with Pipeline.load(path, device="cpu", options=PipelineOptions(steps=2)) as pipe:
+        with load_pipeline(path, device="cpu", options=PipelineOptions(steps=2)) as pipe:
             pipe.reset(11)
             outs.append(np.stack([pipe.step() for _ in range(3)]))
     assert np.abs(outs[0] - outs[1]).max() < 1e-4
+
+
+def test_mirage_run_runs_an_artifact_without_torch(artifact, tmp_path):
+    """With torch unimportable, mirage-run makes the artifact's video byte for byte as with torch, and
+    refuses a checkpoint with one line and exit status 2."""
+    def run_blocked(model, out):
+        code = ("import sys; sys.modules['torch'] = None\nfrom mirage.cli.run import main\n"
+                f"main([{str(model)!r}, '--frames', '2', '--steps', '2', '--output', {str(out)!r}])")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+    blocked = run_blocked(artifact, tmp_path / "blocked.gif")
+    assert blocked.returncode == 0, blocked.stderr
+    r = CliRunner().invoke(run_main, [str(artifact), "--frames", "2", "--steps", "2",
+                                      "--output", str(tmp_path / "torch.gif")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "blocked.gif").read_bytes() == (tmp_path / "torch.gif").read_bytes()
+    refused = run_blocked(CKPT_GEN, tmp_path / "ckpt.gif")
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == \
+        "Error: running a checkpoint needs PyTorch; or export it to an artifact"
+    assert not (tmp_path / "ckpt.gif").exists()
 
 
 def test_a_model_too_large_for_memory_is_refused_before_allocating(tmp_path):

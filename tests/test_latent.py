@@ -15,9 +15,9 @@ from mirage.core import graphs as G
 from mirage.core.config import ConfigError, ModelConfig, TrainConfig, get_config
 from mirage.core.synthetic import SyntheticVideo
 from mirage.core.video_io import v2v_input
-from mirage.engine.artifact import ArtifactOptions, build_artifact
+from mirage.bridge.artifact import ArtifactOptions, build_artifact
 from mirage.model.unet import MirageUNet
-from mirage.runtime import Pipeline
+from mirage.bridge.pipeline import from_model, load_pipeline
 from mirage.train.checkpoint import CheckpointError, save_checkpoint
 from mirage.train.codec import load_codec
 from mirage.train.rollout import rollout
@@ -55,7 +55,7 @@ def test_latent_configs():
 def test_pipeline_runs_the_latent_frame_and_matches_the_reference(task):
     model = _model(task)
     inputs = _inputs(3) if task == "v2v" else [None] * 3
-    with Pipeline.from_model(model, "cpu") as pipe:
+    with from_model(model, "cpu") as pipe:
         assert pipe.frame_shape == (64, 64, 3)
         pipe.reset(2)
         out = np.stack([pipe.step(x) for x in inputs])
@@ -98,7 +98,7 @@ def test_training_on_latents_records_the_autoencoder(tmp_path):
     assert np.isfinite(summary["loss"])
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["model"]
     assert len(saved["autoencoder_sha256"]) == 64
-    with Pipeline.load(tmp_path / "run", device="cpu") as pipe:
+    with load_pipeline(tmp_path / "run", device="cpu") as pipe:
         pipe.reset(0)
         assert pipe.step(_inputs(1)[0]).shape == (64, 64, 3)
 
@@ -112,7 +112,7 @@ def test_export_writes_and_checks_all_four_graphs(tmp_path):
     assert all(t["rel"] < 1e-4 for t in m["parity"]["tensors"].values()), m["parity"]["tensors"]
     outs = []
     for path in (tmp_path / "art", tmp_path / "ckpt"):  # ONNX Runtime (no torch needed) vs PyTorch
-        with Pipeline.load(path, device="cpu") as pipe:
+        with load_pipeline(path, device="cpu") as pipe:
             pipe.reset(1)
             outs.append(np.stack([pipe.step(x) for x in _inputs(3)]))
     assert np.abs(outs[0] - outs[1]).max() < 1e-4
@@ -135,7 +135,7 @@ def test_the_bundled_latent_model_restores_colour_at_64x64():
     from mirage.core.report import psnr
 
     truth = SyntheticVideo(64, seed=12345).clip(0, 6)
-    with Pipeline.load(ROOT / "checkpoints" / "tiny-64-v2v", device="cpu") as pipe:
+    with load_pipeline(ROOT / "checkpoints" / "tiny-64-v2v", device="cpu") as pipe:
         pipe.reset(0)
         out = np.stack([pipe.step(v2v_input(f)) for f in truth])
     assert out.shape == (6, 64, 64, 3)
@@ -219,7 +219,7 @@ def test_the_bundled_128px_model_restores_colour():
     from mirage.core.report import psnr
 
     truth = SyntheticVideo(128, seed=12345).clip(0, 4)
-    with Pipeline.load(ROOT / "checkpoints" / "tiny-128-v2v", device="cpu") as pipe:
+    with load_pipeline(ROOT / "checkpoints" / "tiny-128-v2v", device="cpu") as pipe:
         pipe.reset(0)
         out = np.stack([pipe.step(v2v_input(f)) for f in truth])
     assert out.shape == (4, 128, 128, 3)
@@ -235,7 +235,7 @@ def test_the_default_demo_model_makes_256px_frames():
 
     assert DEFAULT_MODEL == ROOT / "checkpoints" / "tiny-256-v2v"
     truth = SyntheticVideo(256, seed=12345).clip(0, 2)
-    with Pipeline.load(DEFAULT_MODEL, device="cpu") as pipe:
+    with load_pipeline(DEFAULT_MODEL, device="cpu") as pipe:
         pipe.reset(0)
         out = np.stack([pipe.step(v2v_input(f)) for f in truth])
     assert out.shape == (2, 256, 256, 3)

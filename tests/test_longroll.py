@@ -135,13 +135,14 @@ def test_cli_distill_and_self_forcing_errors(tmp_path, make_random_tiny):
 
 
 def test_runtime_and_quality_sample_a_student_with_its_own_steps(tmp_path, make_random_tiny):
-    from mirage.runtime import Pipeline, PipelineOptions
-    from mirage.runtime.quality import evaluate
+    from mirage.bridge.pipeline import load_pipeline
+    from mirage.runtime import PipelineOptions
+    from mirage.bridge.quality import evaluate
 
     model = make_random_tiny()
     save_checkpoint(tmp_path / "student", model, model, TrainConfig(), step=1, extra={"sampling_steps": 2})
-    with Pipeline.load(tmp_path / "student", device="cpu") as pipe:
+    with load_pipeline(tmp_path / "student", device="cpu") as pipe:
         assert len(pipe.schedule.timesteps) == 2
-    with Pipeline.load(tmp_path / "student", device="cpu", options=PipelineOptions(steps=3)) as pipe:
+    with load_pipeline(tmp_path / "student", device="cpu", options=PipelineOptions(steps=3)) as pipe:
         assert len(pipe.schedule.timesteps) == 3
     assert evaluate(tmp_path / "student", frames=3, window=3)["steps"] == 2

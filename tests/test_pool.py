@@ -5,7 +5,7 @@ import pytest
 from conftest import CKPT_GEN, CKPT_V2V
 from mirage.core.synthetic import SyntheticVideo
 from mirage.core.video_io import v2v_input
-from mirage.runtime import Pipeline
+from mirage.bridge.pipeline import load_pipeline
 from mirage.runtime.pipeline import PipelineError
 from mirage.runtime.pool import PoolFull, StreamPool
 
@@ -25,7 +25,7 @@ def _alone(pool: StreamPool, seed: int, inputs: list[np.ndarray]) -> list[np.nda
 def test_a_stream_is_the_same_alone_and_beside_others():
     """Same seed and inputs: identical bytes whether the stream's neighbours are free or busy."""
     a_in, b_in = _inputs(4, 1), _inputs(4, 2)
-    with StreamPool.open(CKPT_V2V, slots=3, device="cpu") as pool:
+    with StreamPool.open(CKPT_V2V, slots=3, device="cpu", load=load_pipeline) as pool:
         alone = _alone(pool, 5, a_in)
         b = pool.attach(seed=9)  # takes slot 0: the stream under test moves to slot 1
         a = pool.attach(seed=5)
@@ -41,10 +41,10 @@ def test_a_stream_is_the_same_alone_and_beside_others():
 
 def test_pool_matches_a_single_stream_pipeline():
     frames = _inputs(3, 3)
-    with Pipeline.load(CKPT_V2V, device="cpu") as pipe:
+    with load_pipeline(CKPT_V2V, device="cpu") as pipe:
         pipe.reset(7)
         single = [pipe.step(x) for x in frames]
-    with StreamPool.open(CKPT_V2V, slots=2, device="cpu") as pool:
+    with StreamPool.open(CKPT_V2V, slots=2, device="cpu", load=load_pipeline) as pool:
         pool.attach(seed=0)
         s = pool.attach(seed=7)
         pooled = [pool.step({s: x})[s] for x in frames]
@@ -55,7 +55,7 @@ def test_pool_matches_a_single_stream_pipeline():
 def test_submit_then_collect_is_step():
     """The server's split form of step(): the same frames, and only the slots that advanced."""
     frames = _inputs(3, 4)
-    with StreamPool.open(CKPT_V2V, slots=2, device="cpu") as pool:
+    with StreamPool.open(CKPT_V2V, slots=2, device="cpu", load=load_pipeline) as pool:
         assert pool.depth == 1  # on the CPU a submit computes the frame
         s = pool.attach(seed=3)
         stepped = [pool.step({s: x})[s] for x in frames]
@@ -72,7 +72,7 @@ def test_submit_then_collect_is_step():
 
 
 def test_attach_detach_and_full_pool():
-    with StreamPool.open(CKPT_GEN, slots=2, device="cpu") as pool:
+    with StreamPool.open(CKPT_GEN, slots=2, device="cpu", load=load_pipeline) as pool:
         a, b = pool.attach(1), pool.attach(2)
         with pytest.raises(PoolFull, match="2 stream slots are busy"):
             pool.attach(3)
@@ -87,7 +87,7 @@ def test_attach_detach_and_full_pool():
 def test_a_stream_without_input_is_held_not_advanced():
     """Stream a sends every step, b every other step: each gets exactly its own video, as if alone."""
     a_in, b_in = _inputs(4, 1), _inputs(2, 2)
-    with StreamPool.open(CKPT_V2V, slots=2, device="cpu") as pool:
+    with StreamPool.open(CKPT_V2V, slots=2, device="cpu", load=load_pipeline) as pool:
         alone_b = _alone(pool, 9, b_in)
         a, b = pool.attach(seed=5), pool.attach(seed=9)
         got_b = []
@@ -106,9 +106,10 @@ def test_a_group_places_streams_on_the_least_loaded_pool_and_keeps_them_apart():
     from mirage.runtime.pool import PoolGroup
 
     a_in, b_in = _inputs(3, 1), _inputs(3, 2)
-    with StreamPool.open(CKPT_V2V, slots=2, device="cpu") as single:  # the same batch as each pool below
+    # the same batch as each pool below
+    with StreamPool.open(CKPT_V2V, slots=2, device="cpu", load=load_pipeline) as single:
         alone = _alone(single, 5, a_in)
-    with PoolGroup.open(CKPT_V2V, slots=2, devices=["cpu", "cpu"]) as group:
+    with PoolGroup.open(CKPT_V2V, slots=2, devices=["cpu", "cpu"], load=load_pipeline) as group:
         a, b, c = group.attach(5), group.attach(7), group.attach(9)
         assert [group._locate(s)[0] for s in (a, b, c)] == [group.pools[0], group.pools[1], group.pools[0]]
         got = [group.step({a: x, b: y, c: y}) for x, y in zip(a_in, b_in)]
@@ -128,7 +129,7 @@ def test_a_group_stays_in_step_after_one_pool_refuses_a_step():
     from mirage.runtime.pool import PoolGroup
 
     a_in, b_in = _inputs(3, 1), _inputs(3, 2)
-    with PoolGroup.open(CKPT_V2V, slots=1, devices=["cpu", "cpu"]) as group:
+    with PoolGroup.open(CKPT_V2V, slots=1, devices=["cpu", "cpu"], load=load_pipeline) as group:
         a, b = group.attach(5), group.attach(7)
         first = group.step({a: a_in[0], b: b_in[0]})
         with pytest.raises(PipelineError, match="shape"):
@@ -136,7 +137,8 @@ def test_a_group_stays_in_step_after_one_pool_refuses_a_step():
         assert [p.pipeline.execution.pending for p in group.pools] == [0, 0]  # nothing left in flight
         second = group.step({a: a_in[1], b: b_in[1]})
         assert not np.array_equal(second[a], first[a])  # not the frame the failed step left behind
-    with PoolGroup.open(CKPT_V2V, slots=1, devices=["cpu", "cpu"]) as group:  # the same steps, no failure
+    # the same steps, no failure
+    with PoolGroup.open(CKPT_V2V, slots=1, devices=["cpu", "cpu"], load=load_pipeline) as group:
         a, b = group.attach(5), group.attach(7)
         group.step({a: a_in[0], b: b_in[0]})
         clean = group.step({a: a_in[1], b: b_in[1]})

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from conftest import CKPT_GEN, CKPT_V2V
 from mirage.cli.quality import main as quality_cli
 from mirage.core import metrics as M
-from mirage.runtime.quality import evaluate
+from mirage.bridge.quality import evaluate
 
 
 def test_video_to_video_holds_up():
@@ -97,7 +97,7 @@ def test_detailed_data_and_example_frames(tmp_path):
     """--data picks the clips the rollout is scored on; --examples writes input | output | truth strips."""
     from PIL import Image
 
-    from mirage.runtime.quality import reference_clip
+    from mirage.bridge.quality import reference_clip
 
     folder = tmp_path / "examples"
     args = [str(CKPT_V2V), "--frames", "6", "--window", "3", "--data", "detailed", "--examples", str(folder),

@@ -17,18 +17,41 @@ from mirage.core.schedule import ALPHAS_CUMPROD, ddim_coefficients
 from mirage.core.synthetic import SyntheticVideo
 from mirage.model.diffusion import ddim_update
 from mirage.model.torch_ops import TorchOps, normal_rows
+from mirage.bridge.pipeline import from_model, load_pipeline
 from mirage.runtime import Pipeline, PipelineError
 from mirage.train.checkpoint import load_checkpoint
 from mirage.train.data import v2v_input
 from mirage.train.rollout import rollout
 
 
-def test_runtime_imports_without_torch():
-    code = ("import sys; sys.modules['torch'] = None; import mirage.runtime, mirage.core.video_io, mirage.runtime.cuda, "
-            "mirage.runtime.gpu, mirage.runtime.tensorrt, mirage.runtime.artifact, mirage.cli.run; "
-            "from mirage.runtime import Pipeline; print('ok')")
+# Run in a fresh interpreter where `import torch` (and so any torch.*) raises ImportError.
+TORCH_BLOCKED = "import sys; sys.modules['torch'] = None\n"
+
+
+def test_the_deployment_side_imports_without_torch():
+    """Every module of mirage.runtime and mirage.engine (found by walking the packages, so a new module
+    is covered without editing this test), and the CLI path that runs artifacts, import with torch
+    unimportable."""
+    code = TORCH_BLOCKED + """
+import importlib, pkgutil
+import mirage.engine, mirage.runtime
+names = sorted(m.name for package in (mirage.runtime, mirage.engine)
+               for m in pkgutil.walk_packages(package.__path__, package.__name__ + "."))
+for name in names + ["mirage.bridge.pipeline", "mirage.cli.run", "mirage.cli.serve"]:
+    importlib.import_module(name)
+print(" ".join(names))
+"""
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    assert out.returncode == 0, out.stderr
+    found = set(out.stdout.split())
+    assert {"mirage.runtime.pipeline", "mirage.runtime.execution", "mirage.runtime.gpu", "mirage.runtime.server",
+            "mirage.runtime.tensorrt", "mirage.engine.engine", "mirage.engine.build", "mirage.engine.verify"} <= found
+
+
+def test_the_runtime_alone_refuses_a_checkpoint_and_names_the_torch_side():
+    """Pipeline.load runs artifacts; a checkpoint needs the opener that mirage.bridge passes."""
+    with pytest.raises(PipelineError, match="is a checkpoint: .*load_pipeline"):
+        Pipeline.load(CKPT_GEN, device="cpu")
 
 
 @pytest.mark.parametrize("steps", [1, 4, 10])
@@ -116,7 +139,7 @@ def test_noise_is_the_same_on_numpy_and_torch_and_per_row():
 def test_pipeline_matches_reference_rollout():
     model, _ = load_checkpoint(CKPT_GEN)
     ref = [f[0].permute(1, 2, 0).numpy() for f in rollout(model, 5, seed=3)]
-    with Pipeline.load(CKPT_GEN, device="cpu") as pipe:
+    with load_pipeline(CKPT_GEN, device="cpu") as pipe:
         pipe.reset(3)
         out = [pipe.step() for _ in range(5)]
         pipe.reset(3)  # a reset starts the same video again
@@ -132,7 +155,7 @@ def test_pipeline_video_to_video_stream_matches_rollout():
     clip = torch.from_numpy(SyntheticVideo(32, seed=5).clip(0, 4)).permute(0, 3, 1, 2)
     cond = [v2v_input(f) for f in clip]
     ref = [f[0].permute(1, 2, 0).numpy() for f in rollout(model, 4, seed=1, cond=[c[None] for c in cond])]
-    with Pipeline.load(CKPT_V2V, device="cpu") as pipe:
+    with load_pipeline(CKPT_V2V, device="cpu") as pipe:
         pipe.reset(1)
         out = list(pipe.stream(c.permute(1, 2, 0).numpy() for c in cond))
     assert len(out) == 4
@@ -140,7 +163,7 @@ def test_pipeline_video_to_video_stream_matches_rollout():
 
 
 def test_lifecycle_errors(tmp_path):
-    pipe = Pipeline.load(CKPT_GEN, device="cpu")
+    pipe = load_pipeline(CKPT_GEN, device="cpu")
     with pytest.raises(PipelineError, match="reset"):
         pipe.step()
     pipe.reset(0)
@@ -153,11 +176,11 @@ def test_lifecycle_errors(tmp_path):
         pipe.reset(0)
     pipe.close()  # closing twice is harmless
     with pytest.raises(PipelineError, match="neither an artifact"):
-        Pipeline.load(tmp_path)
+        load_pipeline(tmp_path)
     with pytest.raises(PipelineError, match="backend"):
-        Pipeline.load(CKPT_GEN, backend="nope")
+        load_pipeline(CKPT_GEN, backend="nope")
     with pytest.raises(PipelineError, match="only the torch backend"):
-        Pipeline.load(CKPT_GEN, backend="onnxruntime")
+        load_pipeline(CKPT_GEN, backend="onnxruntime")
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a graph")
     with pytest.raises(BackendError, match="broken.onnx: ONNX Runtime cannot load this graph"):
@@ -165,7 +188,7 @@ def test_lifecycle_errors(tmp_path):
 
 
 def test_video_to_video_input_errors():
-    with Pipeline.load(CKPT_V2V, device="cpu") as pipe:
+    with load_pipeline(CKPT_V2V, device="cpu") as pipe:
         pipe.reset(0)
         with pytest.raises(PipelineError, match="needs an input frame"):
             pipe.step()
@@ -255,12 +278,12 @@ def test_fused_kernel_option_errors(tmp_path):
 
     model, _ = load_checkpoint(CKPT_GEN)
     with pytest.raises(BackendError, match="runs on CUDA devices"):
-        Pipeline.from_model(model, "cpu", PipelineOptions(kernel_library=str(tmp_path / "lib.so")))
+        from_model(model, "cpu", PipelineOptions(kernel_library=str(tmp_path / "lib.so")))
     with pytest.raises(kernels.KernelError, match="no kernel library"):
         kernels.load(tmp_path / "missing.so")
     outs = []
     for temporal in ("torch", "op"):
-        with Pipeline.from_model(model.with_attention(AttentionImpl(temporal=temporal)), "cpu") as pipe:
+        with from_model(model.with_attention(AttentionImpl(temporal=temporal)), "cpu") as pipe:
             pipe.reset(0)
             outs.append(np.stack([pipe.step() for _ in range(3)]))
     np.testing.assert_array_equal(outs[0], outs[1])
@@ -273,7 +296,7 @@ def test_precomputed_time_shifts_give_the_same_frames():
               torch.from_numpy(SyntheticVideo(32, seed=2).clip(0, 3)).permute(0, 3, 1, 2)]
     outs = []
     for precompute in (False, True):
-        with Pipeline.from_model(model, "cpu", PipelineOptions(precompute_time=precompute)) as pipe:
+        with from_model(model, "cpu", PipelineOptions(precompute_time=precompute)) as pipe:
             pipe.reset(1)
             outs.append(np.stack([pipe.step(x) for x in inputs]))
             if precompute:

@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from mirage.bridge.pipeline import load_pipeline  # noqa: E402
 from mirage.cli.serve import main as serve_cli  # noqa: E402
 from mirage.core.video_io import as_uint8, v2v_input  # noqa: E402
 from mirage.runtime.pipeline import PipelineError  # noqa: E402
@@ -32,14 +33,14 @@ TIMEOUT = 10.0
 
 @pytest.fixture(scope="module")
 def v2v_pool():
-    pool = StreamPool.open(CKPT_V2V, slots=3, device="cpu")
+    pool = StreamPool.open(CKPT_V2V, slots=3, device="cpu", load=load_pipeline)
     yield pool
     pool.close()
 
 
 @pytest.fixture(scope="module")
 def gen_pool():
-    pool = StreamPool.open(CKPT_GEN, slots=1, device="cpu")
+    pool = StreamPool.open(CKPT_GEN, slots=1, device="cpu", load=load_pipeline)
     yield pool
     pool.close()
 
@@ -537,10 +538,10 @@ def test_one_pool_per_device_behind_one_server():
             outs = await asyncio.gather(lockstep(a, frames), lockstep(b, frames))
             return outs, sorted(pool.active)
 
-    with PoolGroup.open(CKPT_V2V, slots=1, devices=["cpu", "cpu"]) as group:
+    with PoolGroup.open(CKPT_V2V, slots=1, devices=["cpu", "cpu"], load=load_pipeline) as group:
         (got_a, got_b), active = run(lambda: scenario(group))
         assert active == [0, 1]  # one stream on each pool
-    with StreamPool.open(CKPT_V2V, slots=1, device="cpu") as single:
+    with StreamPool.open(CKPT_V2V, slots=1, device="cpu", load=load_pipeline) as single:
         want = []
         for seed in (3, 4):
             async def one(seed=seed):

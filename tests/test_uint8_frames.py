@@ -17,6 +17,7 @@ from mirage.core.synthetic import SyntheticVideo
 from mirage.core.video_io import to_float, to_uint8, v2v_input
 from mirage.model.torch_ops import TorchOps
 from mirage.model.unet import MirageUNet
+from mirage.bridge.pipeline import from_model, load_pipeline
 from mirage.runtime import Pipeline
 from mirage.runtime.execution import NonFiniteError
 
@@ -74,8 +75,8 @@ def _latent(task: str) -> MirageUNet:
 def _pipeline(kind: str, frames: str) -> Pipeline:
     options = PipelineOptions(frames=frames)
     if kind.startswith("pixel"):
-        return Pipeline.load(CKPT_V2V if kind.endswith("v2v") else CKPT_GEN, device="cpu", options=options)
-    return Pipeline.from_model(_latent("v2v" if kind.endswith("v2v") else "generate"), "cpu", options)
+        return load_pipeline(CKPT_V2V if kind.endswith("v2v") else CKPT_GEN, device="cpu", options=options)
+    return from_model(_latent("v2v" if kind.endswith("v2v") else "generate"), "cpu", options)
 
 
 @pytest.mark.parametrize("kind", ["pixel-generate", "pixel-v2v", "latent-generate", "latent-v2v"])
@@ -109,7 +110,7 @@ def test_a_nan_frame_still_raises_in_uint8_mode(make_random_tiny):
     model = make_random_tiny()
     with torch.no_grad():
         model.out[-1].weight.fill_(float("nan"))
-    with Pipeline.from_model(model, "cpu", PipelineOptions(frames="uint8")) as pipe:
+    with from_model(model, "cpu", PipelineOptions(frames="uint8")) as pipe:
         pipe.reset(0)
         with pytest.raises(NonFiniteError, match="denoise graph produced non-finite"):
             pipe.step()

@@ -64,10 +64,8 @@ def cuda():
 
 
 class StandInEngine:
-    """A backend with the TensorRT backend's contract (array "cuda", device pointers, the
-    pipeline's stream), running two small NVRTC kernels instead of engines."""
-
-    array = "cuda"
+    """A backend with the TensorRT backend's contract (device pointers, the pipeline's stream),
+    running two small NVRTC kernels instead of engines."""
 
     def __init__(self, cuda):
         from cuda.bindings import driver, runtime

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from mirage.bridge.pipeline import load_pipeline
 from mirage.runtime.pool import StreamPool
 
 pytestmark = pytest.mark.gpu
@@ -44,9 +45,9 @@ def _run(pool: StreamPool, call) -> np.ndarray:
 def test_stepping_from_a_worker_thread_gives_the_main_threads_frames(device):
     if int(device[-1]) >= torch.cuda.device_count():
         pytest.skip(f"{device}: this machine has {torch.cuda.device_count()} GPU(s)")
-    with StreamPool.open(CKPT_V2V, slots=2, device=device) as pool:
+    with StreamPool.open(CKPT_V2V, slots=2, device=device, load=load_pipeline) as pool:
         main = _run(pool, lambda fn, *args: fn(*args))
-    with StreamPool.open(CKPT_V2V, slots=2, device=device) as pool, ThreadPoolExecutor(1) as thread:
+    with StreamPool.open(CKPT_V2V, slots=2, device=device, load=load_pipeline) as pool, ThreadPoolExecutor(1) as thread:
         worker = _run(pool, lambda fn, *args: thread.submit(fn, *args).result())
     assert np.abs(main[:, 0] - main[:, 1]).max() > 1e-2  # two streams that differ: the check can fail
     np.testing.assert_array_equal(worker, main)
@@ -74,9 +75,9 @@ def test_two_steps_in_flight_in_a_worker_thread_give_the_same_frames(device):
     thread gave wrong frames on an H100, 2026-11-25)."""
     if int(device[-1]) >= torch.cuda.device_count():
         pytest.skip(f"{device}: this machine has {torch.cuda.device_count()} GPU(s)")
-    with StreamPool.open(CKPT_V2V, slots=2, device=device) as pool:
+    with StreamPool.open(CKPT_V2V, slots=2, device=device, load=load_pipeline) as pool:
         main = _run(pool, lambda fn, *args: fn(*args))
-    with StreamPool.open(CKPT_V2V, slots=2, device=device) as pool, ThreadPoolExecutor(1) as worker:
+    with StreamPool.open(CKPT_V2V, slots=2, device=device, load=load_pipeline) as pool, ThreadPoolExecutor(1) as worker:
         pipelined = worker.submit(_run_pipelined, pool).result()
     np.testing.assert_array_equal(pipelined, main)
 
@@ -145,7 +146,7 @@ def test_attaching_while_two_steps_are_in_flight_torch(built_on):
     replays must go on the compute stream all the same)."""
     stream = torch.cuda.Stream() if built_on == "side stream" else torch.cuda.current_stream()
     with torch.cuda.stream(stream):
-        pool = StreamPool.open(CKPT_V2V, slots=2, device="cuda")
+        pool = StreamPool.open(CKPT_V2V, slots=2, device="cuda", load=load_pipeline)
     with pool, ThreadPoolExecutor(1) as worker:
         assert pool.pipeline.graphs, "the frame graphs were not captured"
         _check_attach_in_flight(pool, worker)
@@ -201,7 +202,7 @@ def test_four_clients_through_the_server():
                 await ws.close()
             return outs
 
-    with StreamPool.open(CKPT_V2V, slots=4, device="cuda") as pool:
+    with StreamPool.open(CKPT_V2V, slots=4, device="cuda", load=load_pipeline) as pool:
         twin_a, twin_b, other, _ = asyncio.run(asyncio.wait_for(scenario(pool), 60))
     # same seed and inputs in two rows of one batch: equal up to fp16 rounding (a level or two of uint8)
     assert np.abs(twin_a.astype(int) - twin_b).max() <= 2

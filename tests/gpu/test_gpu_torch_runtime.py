@@ -11,7 +11,7 @@ import torch
 
 from mirage.core.config import PipelineOptions
 from mirage.model.unet import AttentionImpl
-from mirage.runtime import Pipeline
+from mirage.bridge.pipeline import from_model
 
 pytestmark = pytest.mark.gpu
 
@@ -20,7 +20,7 @@ FRAMES = 5
 
 def _frames(model, dtype: str, cuda_graph: bool, inputs=None, kernel_library=None) -> tuple[np.ndarray, int]:
     options = PipelineOptions(dtype=dtype, cuda_graph=cuda_graph, kernel_library=kernel_library)
-    with Pipeline.from_model(model, "cuda", options) as pipe:
+    with from_model(model, "cuda", options) as pipe:
         pipe.reset(3)
         frames = np.stack([pipe.step(None if inputs is None else inputs[n]) for n in range(FRAMES)])
         return frames, len(pipe.graphs)
@@ -49,7 +49,7 @@ def test_byte_frames_in_the_frame_graph(make_random_tiny, task):
     outs = {}
     for frames in ("float32", "uint8"):
         options = PipelineOptions(dtype="float16", frames=frames)
-        with Pipeline.from_model(make_random_tiny(task, seed=0), "cuda", options) as pipe:
+        with from_model(make_random_tiny(task, seed=0), "cuda", options) as pipe:
             pipe.reset(3)
             outs[frames] = np.stack(list(pipe.stream(inputs if task == "v2v" else FRAMES)))
             assert len(pipe.graphs) == 2, "the frame graph was not captured"
@@ -65,7 +65,7 @@ def test_a_nan_frame_raises_with_byte_frames(make_random_tiny):
     model = make_random_tiny("generate", seed=0)
     with torch.no_grad():
         model.out[-1].weight.fill_(float("nan"))
-    with Pipeline.from_model(model, "cuda", PipelineOptions(dtype="float16", frames="uint8")) as pipe:
+    with from_model(model, "cuda", PipelineOptions(dtype="float16", frames="uint8")) as pipe:
         pipe.reset(0)
         assert len(pipe.graphs) == 2
         with pytest.raises(NonFiniteError, match="non-finite"):

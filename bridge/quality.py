@@ -29,7 +29,7 @@ from mirage.core.config import PipelineOptions
 from mirage.core.errors import MirageError
 from mirage.core.video_io import v2v_input, v2v_input_rgb, write_video
 from mirage.core.schedule import default_steps
-from mirage.runtime.pipeline import Pipeline
+from mirage.bridge.pipeline import load_pipeline
 from mirage.train.data import SOURCES, make_source
 
 DEFAULT_CONTEXT_NOISE = 100  # as mirage.train.rollout and the runtime
@@ -48,7 +48,7 @@ def _meta(path: Path) -> dict:
     for name in ("manifest.json", "config.json"):
         if (path / name).is_file():
             return json.loads((path / name).read_text())
-    return {}  # Pipeline.load names the problem
+    return {}  # load_pipeline names the problem
 
 
 def reference_clip(size: int, frames: int, seed: int, data: str = "synthetic") -> np.ndarray:
@@ -71,7 +71,7 @@ def rollout_frames(model_path: str | Path, frames: int, steps: int, context_nois
     artifact = "graphs" in meta
     options = PipelineOptions(dtype=None if artifact else "float32", steps=steps, context_noise=context_noise,
                               batch=streams)
-    with Pipeline.load(path, backend="onnxruntime" if artifact else "torch", device=device, options=options) as pipe:
+    with load_pipeline(path, backend="onnxruntime" if artifact else "torch", device=device, options=options) as pipe:
         size = pipe.frame_shape[0]
         truth = reference_clip(size, frames, truth_seed, data)
         pipe.reset(seed)  # row b is seeded with seed + b

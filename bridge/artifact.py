@@ -29,7 +29,7 @@ from mirage.core.config import to_json
 from mirage.core.graphs import PRECISIONS
 from mirage.core.tolerances import PARITY as TOLERANCE
 from mirage.engine.build import BuildOptions, build_engine, load_backend
-from mirage.engine.compare import compare_engine, skip_reason
+from mirage.bridge.compare import compare_engine, skip_reason
 from mirage.engine.manifest import BACKENDS, FP8_TARGETS, RTX_TARGETS, export_command, sha256_file, write_manifest
 from mirage.export.onnx_export import ExportError, ExportOptions, activation_range, export_graph, record_rollout_inputs
 from mirage.export.parity import rollout_psnr, tensor_parity
