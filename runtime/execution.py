@@ -282,7 +282,7 @@ class GpuExecution:
 
 
 def _dtype_name(buf) -> str:
-    return buf.dtype if isinstance(buf.dtype, str) else str(buf.dtype).split(".")[1]
+    return str(buf.dtype).split(".")[-1]  # "float16" of a DeviceBuffer or numpy array, "torch.float16" of a tensor
 
 
 def _host(buf, numpy: bool) -> np.ndarray:
