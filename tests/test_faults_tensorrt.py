@@ -3,7 +3,9 @@
 cause is known up front. TensorRT itself is the test double of tests/trt_double.py (fixture `trt`)."""
 from __future__ import annotations
 
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,9 +52,10 @@ def _no_work(monkeypatch):
 
 
 def test_backend_tensorrt_without_tensorrt_fails_at_once(rtx, tmp_path, monkeypatch):
-    monkeypatch.setitem(__import__("sys").modules, "tensorrt_rtx", None)  # makes the import fail, installed or not
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)  # makes the import fail, installed or not
     _no_work(monkeypatch)
-    _refused([str(rtx), "--backend", "tensorrt"], tmp_path, 'tensorrt-rtx is not installed: pip install -e ".[tensorrt-rtx]"')
+    _refused([str(rtx), "--backend", "tensorrt"], tmp_path,
+             'tensorrt-rtx is not installed: pip install -e ".[tensorrt-rtx]"')
 
 
 def test_backend_tensorrt_without_a_gpu_driver_says_so(trt, rtx, tmp_path, monkeypatch):
@@ -160,7 +163,7 @@ def test_export_copies_the_plugin_library_into_the_artifact(trt, tmp_path, monke
 def test_export_without_tensorrt_fails_before_any_work(tmp_path, monkeypatch, backend, module):
     import mirage.engine.artifact as A
 
-    monkeypatch.setitem(__import__("sys").modules, module, None)
+    monkeypatch.setitem(sys.modules, module, None)
     monkeypatch.setattr(A, "load_checkpoint", lambda *a: pytest.fail("work began"))
     r = CliRunner().invoke(export_main, ["--backend", backend, "--out", str(tmp_path / "a")])
     assert r.exit_code == 2 and f"{backend} is not installed" in r.output and "Traceback" not in r.output, r.output
@@ -201,3 +204,26 @@ def test_pipeline_load_refuses_like_the_cli(trt, rtx):
         Pipeline.load(rtx, backend="tensorrt", device="cpu")
     with pytest.raises(MirageError, match=r"device 'gpu1': TensorRT runs on cuda or cuda:N"):
         Pipeline.load(rtx, backend="tensorrt", device="gpu1")
+
+
+def test_the_io_check_names_each_kind_of_mismatch():
+    """check_signature (ONNX Runtime's and TensorRT's view against the spec), by name and mode."""
+    from types import SimpleNamespace
+
+    from mirage.core.graphs import model_graphs
+    from mirage.engine.verify import check_signature
+
+    cfg = SimpleNamespace(channels=3, image_size=8, cond_channels=0, context_frames=2, memory_tokens=4,
+                          temporal_dim=4, frame_size=0)
+    spec = model_graphs(cfg)[G.CONTEXT]
+    inputs, outputs = spec.io()
+    check_signature(G.CONTEXT, (inputs[::-1], outputs), spec, "R")  # another order: TensorRT binds by name
+    cases = {"kv is an input where an output is expected": (inputs + outputs, []),
+             "no input 't_ctx'": (inputs[:1], outputs),
+             "frame: float16[1, 3, 8, 8] where float32[1, 3, 8, 8] is expected":
+                 ([{**inputs[0], "dtype": "float16"}, inputs[1]], outputs),
+             "t_ctx: float32[2] where float32[1] is expected": ([inputs[0], {**inputs[1], "shape": [2]}], outputs),
+             "unexpected tensors ['extra']": (inputs, outputs + [{**outputs[0], "name": "extra"}])}
+    for message, actual in cases.items():
+        with pytest.raises(EngineError, match=re.escape(f"({message}); rebuild: R")):
+            check_signature(G.CONTEXT, actual, spec, "R")

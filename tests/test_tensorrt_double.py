@@ -188,7 +188,8 @@ def test_runtime_config_lives_as_long_as_the_context(trt, rtx_artifact):
     engine.load(trt, trt.Runtime(trt.Logger()))
     gc.collect()
     buffers = {x.name: _zeros(x) for x in specs[G.CONTEXT].tensors}
-    engine.bind({n: b.data_ptr() for n, b in buffers.items()}, {n: buffers[n].shape for n in specs[G.CONTEXT].input_names})
+    engine.bind({n: b.data_ptr() for n, b in buffers.items()},
+                {n: buffers[n].shape for n in specs[G.CONTEXT].input_names})
     engine.execute(3)
     assert engine.context.config() is engine.config is not None
 
