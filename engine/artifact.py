@@ -104,9 +104,10 @@ def check_options(o: ArtifactOptions) -> ArtifactOptions:
                           "to build engines")
     if o.backend != "onnx":
         load_backend(o.backend)  # not installed: said now, not after a minute of export and parity
-    if o.backend == "tensorrt" and missing_gpu(0):  # full TensorRT builds for the GPU it runs on
-        raise ExportError(f"--backend tensorrt builds on an NVIDIA GPU: {missing_gpu(0)}; "
-                          "--backend tensorrt-rtx builds without one")
+    no_gpu = missing_gpu(0) if o.backend == "tensorrt" else None  # full TensorRT builds for the GPU it runs on
+    if no_gpu:
+        raise ExportError(f"--backend tensorrt builds on an NVIDIA GPU: {no_gpu}; --backend tensorrt-rtx builds "
+                          "without one")
     return o
 
 
