@@ -5,6 +5,7 @@
     DIR/denoise.engine            + context_encode.engine (TensorRT backends only)
     DIR/denoise.layers.json       per-layer view of each engine
     DIR/timing.cache              full TensorRT only (TensorRT-RTX's timing cache is a no-op)
+    DIR/<plugin>.so               a copy of --plugin-library, which the engines need
 
 Stages, in order: export -> quantize (int8, fp8) -> parity -> build. Each reports to `progress`.
 Everything is written into a temporary sibling folder that replaces DIR only when complete: a
@@ -26,6 +27,7 @@ import torch
 from mirage import __version__
 from mirage.core import graphs as G
 from mirage.core.config import to_json
+from mirage.core.device import missing_gpu
 from mirage.core.graphs import PRECISIONS
 from mirage.core.tolerances import PARITY as TOLERANCE
 from mirage.engine.build import BuildOptions, build_engine, load_backend
@@ -100,6 +102,12 @@ def check_options(o: ArtifactOptions) -> ArtifactOptions:
     if plugin_mode and o.backend != "onnx" and not o.plugin_library:
         raise ExportError("--temporal-attention plugin needs --plugin-library (the plugins_cpp TensorRT plugin .so) "
                           "to build engines")
+    if o.backend != "onnx":
+        load_backend(o.backend)  # not installed: said now, not after a minute of export and parity
+    no_gpu = missing_gpu(0) if o.backend == "tensorrt" else None  # full TensorRT builds for the GPU it runs on
+    if no_gpu:
+        raise ExportError(f"--backend tensorrt builds on an NVIDIA GPU: {no_gpu}; --backend tensorrt-rtx builds "
+                          "without one")
     return o
 
 
@@ -213,8 +221,9 @@ def _build(model, meta: dict, checkpoint: Path, out: Path, stage: Path, o: Artif
                                    log=progress, shapes=specs[graph].profile())
             graphs_meta[graph].update(engine=engine.name, engine_sha256=sha256_file(engine),
                                       layers=G.layers_file(graph), build=summary)
-        if o.plugin_library:
-            plugin = {"path": str(Path(o.plugin_library).resolve()), "sha256": sha256_file(Path(o.plugin_library))}
+        if o.plugin_library:  # a copy beside the engines, found relative to the artifact: the folder can move
+            lib = Path(shutil.copy2(o.plugin_library, stage / Path(o.plugin_library).name))
+            plugin = {"path": lib.name, "sha256": sha256_file(lib)}
         reason = skip_reason(o.backend)
         for graph in specs:
             if reason:

@@ -109,25 +109,27 @@ def _errors(lines: list[tuple[str, str]], last: int = 3) -> str:
 # ---------------------------------------------------------------------------------------------
 # ONNX -> network
 
-_PLUGINS: set[str] = set()  # libraries loaded in this process (a second load_library returns None)
+_PLUGINS: dict[str, bool] = {}  # library -> whether its load registered anything (a second load returns None)
 
 
-def _load_plugin(trt, path: str | None, warnings: list[str]) -> None:
-    """Register a plugin library's creators; the ONNX parser looks custom nodes up there."""
-    if not path:
-        return
+def load_plugin(trt, path: str | Path) -> bool:
+    """Register a plugin library's creators, once per process; the ONNX parser and the engine
+    deserializer look custom layers up there. False where TensorRT loaded nothing: `path` is not a
+    TensorRT plugin library, or its plugins were already registered by another load."""
     lib = Path(path)
     if not lib.is_file():
         raise EngineError(f"{path}: plugin library not found; build plugins_cpp/ or fix --plugin-library")
     key = str(lib.resolve())
-    if key in _PLUGINS:
-        return
-    # None both for "its plugins are already registered" and, verified, for a file that is not a
-    # library at all: not an error here; a node that needs the plugin then fails to parse
-    if trt.get_plugin_registry().load_library(key) is None:
-        warnings.append(f"load_library({key}) returned None: not a TensorRT plugin library, "
+    if key not in _PLUGINS:
+        # verified: None both for "already registered" and for a file that is not a library at all
+        _PLUGINS[key] = trt.get_plugin_registry().load_library(key) is not None
+    return _PLUGINS[key]
+
+
+def _load_plugin(trt, path: str | None, warnings: list[str]) -> None:
+    if path and not load_plugin(trt, path):  # not an error here: a node that needs the plugin then fails to parse
+        warnings.append(f"load_library({Path(path).resolve()}) returned None: not a TensorRT plugin library, "
                         "or its plugins were already registered")
-    _PLUGINS.add(key)
 
 
 def _network_flags(trt, backend: str) -> int:
@@ -204,6 +206,9 @@ def _configure(trt, builder, options: BuildOptions, ccs: list, timing_cache_path
         for i, cc in enumerate(ccs):
             if not config.set_compute_capability(cc, i):
                 raise EngineError(f"TensorRT-RTX refused compute capability {options.compute_capabilities[i]}")
+        # "required when using CUDA stream capture" (TensorRT-RTX 1.2 release notes): the context
+        # then allocates nothing at enqueue, and the runtime captures every frame in one CUDA graph
+        config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
         # "Timing cache operations are no-ops in TensorRT-RTX" (and deprecated): not touched
         return config, "not used (a no-op in TensorRT-RTX)"
     if options.version_compatible:

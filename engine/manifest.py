@@ -13,7 +13,8 @@ Schema (format 2; `validate_manifest` checks every key is present and every valu
     graphs {denoise | context_encode: {onnx, onnx_sha256, inputs [{name, shape, dtype}],
             outputs [...], engine (null for ONNX-only), engine_sha256, layers}},
     backend {name onnx|tensorrt-rtx|tensorrt, version}, target {compute_capabilities [...]},
-    plugin {path, sha256} | null, build_options {...}, build_seconds, parity {...},
+    plugin {path (relative to the artifact, which holds a copy of the library), sha256} | null,
+    build_options {...}, build_seconds, parity {...},
     rebuild_command
 """
 from __future__ import annotations
@@ -207,7 +208,7 @@ def check_loadable(manifest: dict, backend_version: str, gpu_cc: str | None, plu
 
     backend_version: `trt.__version__` of the module that will deserialize. gpu_cc: this GPU
     ('sm89'; None skips the GPU checks). plugin_path: the plugin library that will be loaded
-    (None: the manifest's own path). folder: the artifact, for a rebuild command built here.
+    (None: the manifest's, relative to `folder`). folder: the artifact, for a rebuild command built here.
     """
     m = manifest
     backend, built_version = m["backend"]["name"], m["backend"].get("version")
@@ -222,7 +223,7 @@ def check_loadable(manifest: dict, backend_version: str, gpu_cc: str | None, plu
         full = with_option(with_option(command, "--gpu", None), "--backend", "tensorrt")
         raise EngineError(f"this GPU is {cc} ({RTX_UNSUPPORTED[cc]}): TensorRT-RTX does not run on "
                           f"{RTX_UNSUPPORTED[cc]}; full TensorRT is needed: {full}")
-    if built_version and built_version != backend_version:
+    if built_version and built_version != backend_version and not _runs_forward(m, built_version, backend_version):
         raise EngineError(f"engine built by {backend} {built_version} but this is {backend} {backend_version}; "
                           f"rebuild: {command}")
     targets = [normalize_cc(t) for t in m["target"].get("compute_capabilities") or []]
@@ -237,16 +238,30 @@ def check_loadable(manifest: dict, backend_version: str, gpu_cc: str | None, plu
         where = "" if rtx else " (with full TensorRT, on this GPU)"
         raise EngineError(f"engine targets compute capabilities [{', '.join(targets)}] but this GPU is {cc}; "
                           f"rebuild{where}: {fixed}")
-    _check_plugin(m.get("plugin"), plugin_path, command)
+    _check_plugin(m, plugin_path, command, folder)
 
 
-def _check_plugin(plugin: dict | None, plugin_path: str | None, command: str) -> None:
+def plugin_file(manifest: dict, folder: str | Path) -> Path | None:
+    """The plugin library an artifact's engines need: its copy inside the artifact folder, so the
+    folder can move (an older manifest's absolute path is used as it is)."""
+    plugin = manifest.get("plugin")
+    return Path(folder) / plugin["path"] if plugin else None
+
+
+def _runs_forward(m: dict, built: str, runtime: str) -> bool:
+    """A version-compatible engine (full TensorRT) loads in a later TensorRT of the same major version."""
+    b, r = _version(built), _version(runtime)
+    return bool((m.get("build_options") or {}).get("version_compatible")) and b[:1] == r[:1] and r >= b
+
+
+def _check_plugin(m: dict, plugin_path: str | Path | None, command: str, folder) -> None:
+    plugin = m.get("plugin")
     if not plugin:
         return  # built without one: nothing to match
-    path = Path(plugin_path or plugin["path"])
+    path = Path(plugin_path) if plugin_path else plugin_file(m, folder or ".")
     if not path.is_file():
         raise EngineError(f"engine needs the plugin library {plugin['path']}, which is missing at {path}; "
-                          "build plugins_cpp/ or rebuild the artifact")
+                          f"rebuild: {command}")
     if sha256_file(path) != plugin["sha256"]:
         raise EngineError(f"plugin library {path} differs from the one the engine was built with "
                           f"(sha256 mismatch); rebuild: {command}")

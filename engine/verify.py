@@ -70,29 +70,37 @@ def verify_artifact(folder: Path, manifest: dict, engines: bool) -> tuple[ModelC
         meta = manifest["graphs"][name]
         want_in, want_out = spec.io()
         if meta["inputs"] != want_in or meta["outputs"] != want_out:
+            diff = _diff((meta["inputs"], meta["outputs"]), (want_in, want_out)) or "the order differs"
             raise EngineError(f"{name}: the manifest's inputs/outputs differ from what the model config implies "
-                              f"({_diff(meta['inputs'] + meta['outputs'], want_in + want_out)}); rebuild: {rebuild}")
+                              f"({diff}); rebuild: {rebuild}")
         verify_file(folder / meta["onnx"], meta["onnx_sha256"], folder, rebuild)
         if engines:
             verify_file(folder / meta["engine"], meta["engine_sha256"], folder, rebuild)
     return cfg, specs
 
 
-def check_signature(graph: str, actual: tuple[list[dict], list[dict]], spec: G.GraphSpec, rebuild: str) -> None:
-    """The I/O a loaded graph really has (e.g. ONNX Runtime's view) against its spec."""
-    want = spec.io()
-    have = [[{**x, "shape": [-1 if isinstance(d, str) else d for d in x["shape"]]} for x in xs] for xs in actual]
-    if have[0] != want[0] or have[1] != want[1]:
-        raise EngineError(f"{graph}: the graph file's inputs/outputs differ from the manifest "
-                          f"({_diff(have[0] + have[1], want[0] + want[1])}); rebuild: {rebuild}")
+def check_signature(graph: str, actual: tuple[list[dict], list[dict]], spec: G.GraphSpec, rebuild: str,
+                    source: str = "the graph file") -> None:
+    """The I/O a loaded graph really has (ONNX Runtime's or TensorRT's view) against its spec, by
+    name: the backends bind tensors by name, so only their order may differ."""
+    have = tuple([{**x, "shape": [-1 if isinstance(d, str) else d for d in x["shape"]]} for x in xs] for xs in actual)
+    diff = _diff(have, spec.io())
+    if diff:
+        raise EngineError(f"{graph}: {source}'s inputs/outputs differ from the manifest ({diff}); rebuild: {rebuild}")
 
 
-def _diff(have: list[dict], want: list[dict]) -> str:
-    by_name = {x["name"]: x for x in have}
-    for w in want:
-        h = by_name.get(w["name"])
-        if h is None:
-            return f"no tensor {w['name']!r}"
-        if h != w:
-            return f"{w['name']}: {h['dtype']}{h['shape']} where {w['dtype']}{w['shape']} is expected"
-    return f"tensors {sorted(by_name)} where {[w['name'] for w in want]} are expected"
+def _diff(have: tuple[list[dict], list[dict]], want: tuple[list[dict], list[dict]]) -> str | None:
+    """The first difference between two (inputs, outputs) pairs, in words; None when they agree."""
+    modes = ("input", "output")
+    found = {x["name"]: (mode, x) for mode, xs in zip(modes, have) for x in xs}
+    for mode, ws in zip(modes, want):
+        for w in ws:
+            if w["name"] not in found:
+                return f"no {mode} {w['name']!r}"
+            h_mode, h = found[w["name"]]
+            if h_mode != mode:
+                return f"{w['name']} is an {h_mode} where an {mode} is expected"
+            if h != w:
+                return f"{w['name']}: {h['dtype']}{h['shape']} where {w['dtype']}{w['shape']} is expected"
+    extra = sorted(set(found) - {w["name"] for ws in want for w in ws})
+    return f"unexpected tensors {extra}" if extra else None

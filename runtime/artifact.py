@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mirage.core.config import PipelineOptions
 from mirage.core.graphs import model_graphs
-from mirage.core.device import cuda_available
+from mirage.core.device import cuda_available, missing_gpu
 from mirage.core.errors import BackendError
 from mirage.core.ort import OrtBackend
 from mirage.engine.manifest import EngineError, read_manifest, rebuild_command, sha256_file, with_option
@@ -26,25 +26,40 @@ def open_artifact(path: Path, backend: str, device: str, options: PipelineOption
         raise EngineError(f"{path} runs a batch of {manifest['batch']}"
                           + (f" (up to {manifest['max_batch']})" if manifest["max_batch"] else "")
                           + f", not {options.batch}; rebuild with --batch/--max-batch: {rebuild}")
-    use_trt = backend == "tensorrt" or (backend == "auto" and has_engine and cuda_available())
     if backend == "torch":
         raise BackendError(f"{path} is an artifact; the torch backend runs checkpoints (pass the checkpoint "
                            f"folder {manifest['checkpoint']['path']})")
-    if use_trt and not has_engine:
+    if backend == "tensorrt" and not has_engine:
         raise EngineError(f"{path} has no engines; rebuild: {with_option(rebuild, '--backend', 'tensorrt')}")
-    cfg, recorded = verify_artifact(path, manifest, engines=use_trt)
+    use_trt = backend == "tensorrt" or (backend == "auto" and has_engine and _gpu_asked(device))
+    if use_trt:
+        from mirage.runtime.tensorrt import preflight
+
+        preflight(manifest, device)  # TensorRT, cuda-python and the GPU: said now, before any file is hashed
+    elif backend == "auto" and has_engine:
+        why = "--device cpu" if device == "cpu" else missing_gpu(0)
+        print(f"note: {path}: running its ONNX graphs on ONNX Runtime (CPU), not its TensorRT engines: {why}",
+              file=sys.stderr)
+    # auto verifies the engines even when it runs the ONNX graphs: a broken artifact is refused, not
+    # half-run; --backend onnxruntime runs the ONNX graphs alone
+    cfg, recorded = verify_artifact(path, manifest, engines=has_engine and backend != "onnxruntime")
     _warn_if_checkpoint_changed(manifest)
     # buffers at the batch asked for (a dynamic-batch artifact runs any batch up to its max)
     specs = model_graphs(cfg, options.batch, manifest["max_batch"], manifest["precision"])
     if use_trt:
         from mirage.runtime.tensorrt import TensorRTBackend
 
-        impl = TensorRTBackend(path, manifest, specs, device="cuda:0" if device == "auto" else device)
+        impl = TensorRTBackend(path, manifest, specs, device)
         return impl, cfg, specs, manifest
     impl = OrtBackend({g: path / m["onnx"] for g, m in manifest["graphs"].items()})
     for graph in specs:
         check_signature(graph, impl.signature(graph), recorded[graph], rebuild)
     return impl, cfg, specs, manifest
+
+
+def _gpu_asked(device: str) -> bool:
+    """auto runs an artifact's engines where a GPU is asked for, or (device auto) where one is present."""
+    return device.startswith("cuda") or (device == "auto" and cuda_available())
 
 
 def _warn_if_checkpoint_changed(manifest: dict) -> None:

@@ -44,6 +44,17 @@ def call(fn, *args):
     return None if not values else values[0] if len(values) == 1 else values
 
 
+def use_device(index: int) -> None:
+    """Make GPU `index` and its primary context current for the calling thread (cudaSetDevice does
+    both since CUDA 12). What a later call allocates or enqueues without naming a device goes there:
+    TensorRT deserializes engines, creates contexts and loads its runtime cache (which needs a
+    current context) on the current device. Set only when another device or no context is current,
+    as PyTorch does, so a call inside a stream capture changes nothing."""
+    driver, _, rt = _import()
+    if call(rt.cudaGetDevice) != index or not int(call(driver.cuCtxGetCurrent)):
+        call(rt.cudaSetDevice, index)
+
+
 def _error_text(err) -> str:
     driver, nvrtc, runtime = _import()
     if isinstance(err, runtime.cudaError_t):

@@ -165,7 +165,13 @@ class GpuExecution:
         self.ev_up, self.ev_start, self.ev_done, self.ev_down, self.ev_up0 = ev(), ev(), ev(), ev(), ev()
         # One eager frame per graph (allocator, kernels, autotuning), then capture; eager on failure.
         gpu.warm_up(lambda: [self._frame_body(k) for k in range(2)], for_capture=self.cuda_graph)
-        if self.cuda_graph:
+        # an engine may say up front that its enqueue cannot be captured (TensorRT's
+        # is_stream_capturable, asked after the warm-up bound it); other backends have no such question
+        refusal = getattr(self.backend, "capture_refusal", None)
+        why = refusal(gpu.compute) if refusal and self.cuda_graph else None
+        if why:
+            warnings.warn(f"no CUDA graph: {why}; running eagerly", stacklevel=3)
+        elif self.cuda_graph:
             try:
                 self.graphs = [gpu.capture(lambda k=k: self._frame_body(k)) for k in range(2)]
                 self._captured = self._pointers()
@@ -286,4 +292,4 @@ class GpuExecution:
 
 
 def _dtype_name(buf) -> str:
-    return buf.dtype if isinstance(buf.dtype, str) else str(buf.dtype).split(".")[1]
+    return str(buf.dtype).split(".")[-1]  # "float16" of a DeviceBuffer or numpy array, "torch.float16" of a tensor

@@ -49,3 +49,35 @@ def randomized_tiny(task: str = "generate", seed: int = 0):
 @pytest.fixture
 def make_random_tiny():
     return randomized_tiny
+
+
+@pytest.fixture(scope="session")
+def onnx_artifact(tmp_path_factory):
+    """An fp32 ONNX-only artifact of the generation model, batch 1 of a dynamic batch up to 2
+    (tests/trt_double.engine_artifact turns copies of it into TensorRT artifacts of the TensorRT
+    test double, whose contexts then get their input shapes set)."""
+    from mirage.bridge.artifact import ArtifactOptions, build_artifact
+
+    out = tmp_path_factory.mktemp("onnx") / "tiny"
+    build_artifact(CKPT_GEN, out, ArtifactOptions(precision="fp32", max_batch=2, calibration_frames=2,
+                                                             parity_frames=2))
+    return out
+
+
+@pytest.fixture
+def trt(monkeypatch):
+    """The TensorRT test double (tests/trt_double.py) installed as tensorrt_rtx and tensorrt, on a
+    machine with two GPUs (cuda:0, cuda:1; sm89) as the runtime's CUDA seam sees it."""
+    import sys
+
+    import trt_double
+    from mirage.runtime import cuda, tensorrt
+
+    trt_double.reset()
+    for name in ("tensorrt_rtx", "tensorrt"):
+        monkeypatch.setitem(sys.modules, name, trt_double)
+    monkeypatch.setattr(cuda, "use_device", lambda index: trt_double.CUDA.update(device=index))
+    monkeypatch.setattr(tensorrt, "missing_gpu",
+                        lambda index: None if index < 2 else f"cuda:{index} asked for, but the driver sees 2 GPU(s)")
+    monkeypatch.setattr(tensorrt, "sm_name", lambda index: "sm89")
+    return trt_double

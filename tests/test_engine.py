@@ -248,6 +248,17 @@ def test_check_loadable_refusals(tmp_path):
         check_loadable(m, "1.8.0", None, None, folder="/art")
 
 
+def test_rtx_engines_are_built_for_stream_capture():
+    """TensorRT-RTX documents REQUIRE_USER_ALLOCATION as required for CUDA stream capture (1.2
+    release notes): every RTX build config sets it, on the real builder."""
+    from mirage.engine.build import _capabilities, _configure, _logger
+
+    options = BuildOptions(compute_capabilities=("sm89",))
+    config, _ = _configure(trt, trt.Builder(_logger(trt)), options, _capabilities(trt, ("sm89",)), None, [])
+    assert config.get_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
+    assert not trt.Builder(_logger(trt)).create_builder_config().get_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
+
+
 def test_check_loadable_plugin(tmp_path):
     plugin = tmp_path / "libmirage_plugin.so"
     plugin.write_bytes(b"the library the engine was built with")

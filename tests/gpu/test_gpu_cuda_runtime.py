@@ -268,3 +268,32 @@ def test_bad_device_is_a_clear_error(cuda):
 
     with pytest.raises(cuda.CudaError, match="cuda:99"):
         CudaGpu("cuda:99")
+
+
+def test_use_device_makes_the_gpu_and_its_context_current_in_a_new_thread(cuda):
+    """What the TensorRT backend calls before TensorRT deserializes, loads its runtime cache or
+    enqueues (runtime.tensorrt): a thread that made no CUDA call before gets the device and a
+    current context (the runtime cache needs one); a second call inside a capture changes nothing."""
+    import threading
+
+    from cuda.bindings import driver, runtime
+
+    count = cuda.call(runtime.cudaGetDeviceCount)
+    seen = []
+
+    def body():
+        for index in sorted({count - 1, 0}):
+            cuda.use_device(index)
+            seen.append((index, cuda.call(runtime.cudaGetDevice), int(cuda.call(driver.cuCtxGetCurrent)) != 0))
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert seen and all(index == current and has_context for index, current, has_context in seen), seen
+    from mirage.runtime.gpu import CudaGpu
+
+    gpu = CudaGpu("cuda:0")
+    try:
+        gpu.capture(lambda: cuda.use_device(0))  # no error from the capture
+    finally:
+        gpu.close()
