@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import click
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")  # mirage.runtime.pipeline.BACKENDS, without importing it
+from mirage.core.config import PIPELINE_BACKENDS
+
 
 backend = click.option(
-    "--backend", type=click.Choice(BACKENDS), default="auto",
+    "--backend", type=click.Choice(PIPELINE_BACKENDS), default="auto",
     help="auto: TensorRT for an artifact with engines on a GPU, else ONNX Runtime for an artifact, PyTorch for a "
          "checkpoint.")
 fast = click.option(
