@@ -68,14 +68,16 @@ def lr_at(step: int, tcfg: TrainConfig) -> float:
 
 
 def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor, model: nn.Module,
-                   grad_clip: float) -> None:
-    """Backward (scaled for fp16 autocast), clip the gradient norm, step."""
+                   grad_clip: float) -> float:
+    """Backward (scaled for fp16 autocast), clip the gradient norm, step. Returns the gradient
+    norm before clipping (fp16's scaler skips a step whose norm is not finite; others take it)."""
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(opt)
-    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(opt)
     scaler.update()
+    return 0.0 if scaler.is_enabled() else norm.item()
 
 
 def dmd_step(dmd: DMD, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor | None]],
@@ -360,9 +362,10 @@ def _loop(run: Run, out: Path, loader, codec, progress: bool, log: Callable[[str
                 clips, cond = next(loader)
                 with autocast():
                     loss = step_fn(clips, self_forced, cond)
-                optimizer_step(run.opt, scalers[0], loss, model, tcfg.grad_clip)
+                norm = optimizer_step(run.opt, scalers[0], loss, model, tcfg.grad_clip)
                 loss = loss.item()
-            _check_finite(run, loss, run.fake_losses[-1:], out)
+                _check_finite(run, {"gradient norm": norm}, out)
+            _check_finite(run, {"loss": loss, "the fake score's loss": run.fake_losses[-1] if dmd else 0.0}, out)
             run.self_forced_steps += self_forced
             run.step += 1
             ema_update(run.ema, model, min(tcfg.ema_decay, (1 + run.step) / (10 + run.step)))
@@ -381,12 +384,13 @@ def _loop(run: Run, out: Path, loader, codec, progress: bool, log: Callable[[str
     return _summary(run, out, stop.received if stopped else None)
 
 
-def _check_finite(run: Run, loss: float, fake_losses: list[float], out: Path) -> None:
-    """Stop at the first NaN / infinite loss, before the EMA or a save can take the weights it left."""
-    if math.isfinite(loss) and all(math.isfinite(f) for f in fake_losses):
+def _check_finite(run: Run, values: dict[str, float], out: Path) -> None:
+    """Stop at the first NaN / infinite loss or gradient, before the EMA or a save can take the
+    weights it left (save_unit refuses non-finite tensors besides)."""
+    bad = next((f"{name} {value}" for name, value in values.items() if not math.isfinite(value)), None)
+    if bad is None:
         return
-    which = f"loss {loss}" if not math.isfinite(loss) else f"the fake score's loss {fake_losses[-1]}"
-    raise TrainingDiverged(f"step {run.step + 1}: {which} (lr {run.tcfg.lr:g}, precision {run.tcfg.precision}); "
+    raise TrainingDiverged(f"step {run.step + 1}: {bad} (lr {run.tcfg.lr:g}, precision {run.tcfg.precision}); "
                            f"training stopped and nothing of this step was saved ({out} keeps its last save); "
                            "lower --lr or use --precision fp32")
 
