@@ -354,6 +354,7 @@ def _loop(run: Run, out: Path, loader, codec, progress: bool, log: Callable[[str
             for group in [*run.opt.param_groups, *(g for _, o in run.aux.values() for g in o.param_groups)]:
                 group["lr"] = lr_at(run.step, tcfg)
             self_forced = is_self_forced_step(tcfg.seed, run.step, tcfg.self_forcing_prob)
+            fake_loss = norm = 0.0
             if dmd is not None:
                 loss, fake_loss = dmd_step(dmd, lambda: next(loader), run.opt, run.aux["fake"][1], scalers, autocast,
                                            self_forced, step_fn)
@@ -364,8 +365,7 @@ def _loop(run: Run, out: Path, loader, codec, progress: bool, log: Callable[[str
                     loss = step_fn(clips, self_forced, cond)
                 norm = optimizer_step(run.opt, scalers[0], loss, model, tcfg.grad_clip)
                 loss = loss.item()
-                _check_finite(run, {"gradient norm": norm}, out)
-            _check_finite(run, {"loss": loss, "the fake score's loss": run.fake_losses[-1] if dmd else 0.0}, out)
+            _check_finite(run, {"loss": loss, "the fake score's loss": fake_loss, "gradient norm": norm}, out)
             run.self_forced_steps += self_forced
             run.step += 1
             ema_update(run.ema, model, min(tcfg.ema_decay, (1 + run.step) / (10 + run.step)))
