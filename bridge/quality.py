@@ -28,11 +28,10 @@ from mirage.core import metrics as M
 from mirage.core.config import PipelineOptions
 from mirage.core.errors import MirageError
 from mirage.core.video_io import v2v_input, v2v_input_rgb, write_video
-from mirage.core.schedule import default_steps
+from mirage.core.schedule import CONTEXT_NOISE, default_steps
 from mirage.bridge.pipeline import load_pipeline
 from mirage.train.data import SOURCES, make_source
 
-DEFAULT_CONTEXT_NOISE = 100  # as mirage.train.rollout and the runtime
 DATA_CLIPS = 20
 RATIOS = ("sharpness", "motion", "flicker")
 TABLE_COLUMNS = {"v2v": ["psnr", "ssim"], "generate": []}
@@ -123,7 +122,7 @@ def window_row(out: np.ndarray, truth: np.ndarray | None, data: dict, features: 
 
 
 def evaluate(model_path: str | Path, frames: int = 500, window: int = 50, steps: int | None = None,
-             context_noise: int = DEFAULT_CONTEXT_NOISE, seed: int = 0, device: str = "cpu", streams: int = 1,
+             context_noise: int = CONTEXT_NOISE, seed: int = 0, device: str = "cpu", streams: int = 1,
              data: str = "synthetic", examples: str | Path | None = None) -> dict:
     """Roll `model_path` out for `frames` frames in `streams` independent streams (seeds seed ..
     seed+streams-1) on clips of `data` and score every window: each metric is the mean over the
@@ -161,7 +160,7 @@ def evaluate(model_path: str | Path, frames: int = 500, window: int = 50, steps:
               "data": reference["summary"],
               "windows": windows, "collapsed_frames": int(sum(M.collapsed(video).sum() for video in out))}
     if v2v:
-        report["drift_db"] = windows[-1]["psnr"] - windows[0]["psnr"]
+        report.update(drift_db=windows[-1]["psnr"] - windows[0]["psnr"], ssim_definition=M.SSIM_DEFINITION)
     return report
 
 

@@ -10,6 +10,7 @@ import click
 
 from mirage.cli.errors import UserError
 from mirage.core.errors import MirageError
+from mirage.core.schedule import CONTEXT_NOISE
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -18,7 +19,7 @@ from mirage.core.errors import MirageError
 @click.option("--window", type=click.IntRange(min=3), default=50, help="Frames per scored window.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None,
               help="DDIM steps per frame; default: the model's own (a distilled student records it), else 4.")
-@click.option("--context-noise", type=click.IntRange(0, 999), default=100, help="Inference context noise t_ctx.")
+@click.option("--context-noise", type=click.IntRange(0, 999), default=CONTEXT_NOISE, help="Inference context noise t_ctx.")
 @click.option("--seed", type=int, default=0, help="Noise seed of the (first) rollout.")
 @click.option("--streams", type=click.IntRange(min=1), default=1,
               help="Independent rollouts (seeds SEED, SEED+1, ...) run together as a batch; every metric is their "

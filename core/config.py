@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass
 
 from mirage.core.errors import MirageError
-from mirage.core.schedule import T
+from mirage.core.schedule import CONTEXT_NOISE, T
 
 
 class ConfigError(MirageError, ValueError):
@@ -27,8 +28,8 @@ def _check_types(cfg) -> None:
             ok = isinstance(value, tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
             want = "a list of integers"
         elif kind is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            want = "a number"
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            want = "a finite number"
         elif kind is int:
             ok = isinstance(value, int) and not isinstance(value, bool)
             want = "an integer"
@@ -225,7 +226,7 @@ class TrainConfig:
     self_forcing_prob: float = 0.0  # fraction of steps whose context holds the model's own frames (train/self_forcing.py)
     self_forcing_horizon: int = 2  # frames the model generates itself before the loss frame (1..context_frames)
     self_forcing_steps: int = 4  # DDIM steps per generated frame (self-forced context, DMD's sample): the runtime's
-    self_forcing_context_noise: int = 100  # t_ctx of the generated frames' context: the runtime's
+    self_forcing_context_noise: int = CONTEXT_NOISE  # t_ctx of the generated frames' context: the runtime's
     self_forcing_strength: float = 1.0  # 1: generate from pure noise; s < 1: from the real frame partly noised (SDEdit)
     distill_from: str = ""  # teacher checkpoint of progressive distillation (train/distill.py); the student starts from it
     student_steps: int = 0  # the student's DDIM steps N (the teacher takes 2N); 0 = no distillation
@@ -312,6 +313,8 @@ def dumps(cfg) -> str:
 
 
 FRAME_FORMATS = ("float32", "uint8")  # PipelineOptions.frames
+# what mirage.runtime.Pipeline (mirage-run, mirage-serve --backend) runs a model with
+PIPELINE_BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
 
 
 @dataclass(frozen=True)
@@ -319,7 +322,7 @@ class PipelineOptions:
     """How a Pipeline runs a model (mirage.runtime.Pipeline, `mirage-run` flags)."""
 
     steps: int | None = None  # DDIM steps per frame; None: the model's recorded sampling_steps, else 4
-    context_noise: int = 100  # t_ctx: history augmentation at inference, inside the training range
+    context_noise: int = CONTEXT_NOISE  # t_ctx: history augmentation at inference (core.schedule)
     batch: int = 1  # rows = independent streams advanced together (stream slots)
     cuda_graph: bool = True  # capture the whole frame in one CUDA graph (GPU)
     dtype: str | None = None  # PyTorch backend: float32 | float16 | bfloat16; None = float16 on CUDA, float32 on CPU

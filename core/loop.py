@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from mirage.core import graphs as G
+from mirage.core.schedule import ALPHAS_CUMPROD, CONTEXT_NOISE, ddim_coefficients, ddim_step
 
 Array = Any  # numpy.ndarray, torch.Tensor or runtime.cuda.DeviceBuffer: the loop never looks inside
 
@@ -95,16 +96,14 @@ class Schedule:
         """From rows [t, α_t, σ_t, α_prev, c_eps, c_rand] of schedule.ddim_coefficients (eta = 0)."""
         if any(row[5] > 0 for row in coefficients):
             raise ValueError("the runtime loop is deterministic DDIM (eta = 0)")
-        # x_prev = α_prev x̂_0 + c_eps ε̂ with x̂_0 = α_t x - σ_t v and ε̂ = σ_t x + α_t v
-        p = tuple(r[3] * r[1] + r[4] * r[2] for r in coefficients)
-        q = tuple(r[4] * r[1] - r[3] * r[2] for r in coefficients)
+        # the DDIM step is linear in (x, v): x_prev = p x + q v, p = step(x=1, v=0), q = step(x=0, v=1)
+        p = tuple(ddim_step(1.0, 0.0, *r[1:5]) for r in coefficients)
+        q = tuple(ddim_step(0.0, 1.0, *r[1:5]) for r in coefficients)
         return cls(tuple(float(r[0]) for r in coefficients), p, q, float(t_ctx), math.sqrt(abar_ctx),
                    math.sqrt(1 - abar_ctx))
 
     @classmethod
-    def ddim(cls, steps: int, context_noise: int) -> "Schedule":
-        from mirage.core.schedule import ALPHAS_CUMPROD, ddim_coefficients
-
+    def ddim(cls, steps: int, context_noise: int = CONTEXT_NOISE) -> "Schedule":
         return cls.make(ddim_coefficients(steps), ALPHAS_CUMPROD[context_noise], context_noise)
 
 
@@ -152,18 +151,31 @@ def run_frame(backend: Backend, ops: Ops, buf: Buffers, sched: Schedule, callbac
     if buf.cond_image is not None:  # 6: the input frame into the latent space
         _run(backend, G.ENCODE, {G.IMAGE: buf.cond_image}, buf.cond, callback)
     ops.randn_(buf.x, buf.rng, buf.advance)  # 1
-    for i in range(len(sched.timesteps)):  # 2
-        _run(backend, G.DENOISE, buf.denoise_inputs(i), buf.v, callback, step=i)
-        ops.lincomb_(buf.x, sched.p[i], buf.x, sched.q[i], buf.v)
+    denoise_steps(backend, ops, buf, sched, callback)  # 2
     if not latent:
         ops.clamp_(buf.frame, buf.x)  # 3
-    ops.randn_(buf.noise, buf.rng, buf.advance)  # 4
-    ops.lincomb_(buf.ctx, sched.ctx_alpha, buf.x if latent else buf.frame, sched.ctx_sigma, buf.noise)
-    _run(backend, G.CONTEXT, {G.FRAME: buf.ctx, G.T_CTX: buf.t_ctx}, buf.kv, callback)  # 5
-    ops.ring_write_(buf.memory, buf.ages, buf.slot, buf.kv, buf.advance)
+    remember(backend, ops, buf, sched, buf.x if latent else buf.frame, callback)  # 4, 5
     if latent:  # 6
         _run(backend, G.DECODE, {G.Z: buf.x}, buf.image, callback)
         ops.clamp_(buf.frame, buf.image)
+
+
+def denoise_steps(backend: Backend, ops: Ops, buf: Buffers, sched: Schedule, callback: Callback | None = None,
+                  first: int = 0) -> None:
+    """Step 2: the DDIM steps first .. on buf.x in place (first > 0: x is a sample at that step's
+    timestep, a partly noised frame, as in SDEdit)."""
+    for i in range(first, len(sched.timesteps)):
+        _run(backend, G.DENOISE, buf.denoise_inputs(i), buf.v, callback, step=i)
+        ops.lincomb_(buf.x, sched.p[i], buf.x, sched.q[i], buf.v)
+
+
+def remember(backend: Backend, ops: Ops, buf: Buffers, sched: Schedule, frame: Array,
+             callback: Callback | None = None) -> None:
+    """Steps 4 and 5: `frame` noised to t_ctx, encoded and written into each advancing row's ring slot."""
+    ops.randn_(buf.noise, buf.rng, buf.advance)
+    ops.lincomb_(buf.ctx, sched.ctx_alpha, frame, sched.ctx_sigma, buf.noise)
+    _run(backend, G.CONTEXT, {G.FRAME: buf.ctx, G.T_CTX: buf.t_ctx}, buf.kv, callback)
+    ops.ring_write_(buf.memory, buf.ages, buf.slot, buf.kv, buf.advance)
 
 
 def _run(backend: Backend, graph: str, inputs: dict, output: Array, callback: Callback | None,

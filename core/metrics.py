@@ -3,7 +3,7 @@
 Frames are float arrays (T, H, W, C) in [-1, 1] (the runtime's layout). Per-frame metrics
 return (T,) arrays; window statistics return floats.
 
-- psnr, ssim            fidelity against ground truth (video-to-video)
+- psnr, ssim            fidelity against ground truth (video-to-video); SSIM_DEFINITION says which SSIM
 - sharpness             mean |Laplacian|: falls when frames blur
 - motion                mean |x_n - x_{n-1}|: falls when the video slows or freezes
 - flicker               mean |x_{n+1} - 2 x_n + x_{n-1}|: temporal second difference; constant
@@ -24,21 +24,34 @@ COLLAPSE_STD = 0.03  # a frame whose pixels vary less than this (in [-1, 1] unit
 HIST_BINS = 16
 
 
-def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-frame SSIM (Gaussian window 11, sigma 1.5, zero padding) of (T, H, W, C) frames in [-1, 1]."""
-    a, b = (np.asarray(a, np.float64) + 1) / 2, (np.asarray(b, np.float64) + 1) / 2
-    g = np.exp(-((np.arange(11) - 5) ** 2) / (2 * 1.5 ** 2))
-    g /= g.sum()
+# SSIM (Wang et al. 2004), one definition: this numpy metric and mirage.model.ssim's torch loss
+# both use these constants and mean over "valid" windows only (no padding at the borders)
+SSIM_WINDOW, SSIM_SIGMA, SSIM_K = 11, 1.5, (0.01, 0.03)
+SSIM_DEFINITION = ("SSIM: Gaussian window 11, sigma 1.5, C1 = (0.01 L)^2, C2 = (0.03 L)^2, mean over valid windows "
+                   "(no border padding) = scikit-image structural_similarity(gaussian_weights=True, "
+                   "use_sample_covariance=False) on frames mapped to [0, 1]")
 
-    def blur(x: np.ndarray) -> np.ndarray:  # separable 11x11 Gaussian over H and W, "same" size
-        x = np.pad(x, ((0, 0), (5, 5), (5, 5), (0, 0)))
-        x = sum(g[i] * x[:, i:i + x.shape[1] - 10] for i in range(11))
-        return sum(g[i] * x[:, :, i:i + x.shape[2] - 10] for i in range(11))
+
+def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> np.ndarray:
+    """The normalised 1-D Gaussian (float64) whose outer product is SSIM's window."""
+    g = np.exp(-((np.arange(size) - (size - 1) / 2) ** 2) / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-frame SSIM (SSIM_DEFINITION) of (T, H, W, C) frames in [-1, 1], H and W >= SSIM_WINDOW."""
+    a, b = (np.asarray(a, np.float64) + 1) / 2, (np.asarray(b, np.float64) + 1) / 2
+    g, k = gaussian_window(), SSIM_WINDOW
+
+    def blur(x: np.ndarray) -> np.ndarray:  # separable Gaussian over H and W, valid windows only
+        h, w = x.shape[1] - k + 1, x.shape[2] - k + 1
+        x = sum(g[i] * x[:, i:i + h] for i in range(k))
+        return sum(g[i] * x[:, :, i:i + w] for i in range(k))
 
     mu_a, mu_b = blur(a), blur(b)
     var_a, var_b = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2
     cov = blur(a * b) - mu_a * mu_b
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    c1, c2 = SSIM_K[0] ** 2, SSIM_K[1] ** 2
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
     return s.mean(axis=(1, 2, 3))
 
@@ -143,5 +156,5 @@ def frechet_distance(stats1: tuple[np.ndarray, np.ndarray], stats2: tuple[np.nda
     return float(((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * cross)
 
 
-__all__ = ["COLLAPSE_STD", "RandomConvFeatures", "collapsed", "colour_histogram", "feature_stats", "flicker",
+__all__ = ["COLLAPSE_STD", "SSIM_DEFINITION", "RandomConvFeatures", "collapsed", "colour_histogram", "feature_stats", "flicker",
            "frechet_distance", "histogram_distance", "motion", "psnr", "sharpness", "ssim"]

@@ -1,7 +1,7 @@
 """The noise schedule and DDIM coefficient table in plain Python (the runtime has no torch).
 
 mirage.model.diffusion builds its tensors from these functions, so training, the reference
-sampler and every runtime backend share one definition. Notation as in train/diffusion.py.
+sampler and every runtime backend share one definition. Notation as in mirage.model.diffusion.
 """
 from __future__ import annotations
 
@@ -29,6 +29,21 @@ def ddim_timesteps(steps: int, num_train: int = T) -> list[int]:
     return [round(num_train - 1 - i * num_train / steps) for i in range(steps)]
 
 
+def predict_x0(x, v, alpha, sigma):
+    """x̂_0 = α_t x_t - σ_t v from a v-prediction; x, v and the coefficients may be floats, numpy
+    arrays or torch tensors alike."""
+    return alpha * x - sigma * v
+
+
+def ddim_step(x, v, alpha, sigma, alpha_prev, sigma_prev):
+    """One deterministic DDIM step x_t -> x_prev from the v-prediction: α_prev x̂_0 + σ_prev ε̂ with
+    x̂_0 = α_t x_t - σ_t v and ε̂ = σ_t x_t + α_t v (σ_prev = sqrt(1 - ᾱ_prev - s²) when eta > 0).
+    THE definition of the step: the reference sampler, distillation's teacher steps and the
+    runtime loop's folded coefficients (x_prev = p x_t + q v: ddim_step(1, 0, ...), ddim_step(0, 1, ...))
+    all call it, on floats, numpy arrays or torch tensors."""
+    return alpha_prev * predict_x0(x, v, alpha, sigma) + sigma_prev * (sigma * x + alpha * v)
+
+
 def ddim_coefficients(steps: int, eta: float = 0.0) -> list[list[float]]:
     """Rows [t, α_t, σ_t, α_prev, sqrt(1 - ᾱ_prev - s²), s] per step, s = DDIM stochasticity
     (eta = 0: deterministic). The last step's "prev" is the clean sample (ᾱ_prev = 1)."""
@@ -44,6 +59,9 @@ def ddim_coefficients(steps: int, eta: float = 0.0) -> list[list[float]]:
 
 
 DEFAULT_STEPS = 4  # DDIM steps per frame of a model that records none (docs/QUALITY.md: quality vs. steps)
+# t_ctx at inference: the noise level a finished frame is raised to before the context encoder
+# sees it (history augmentation), inside the training range [0, TrainConfig.context_noise_max]
+CONTEXT_NOISE = 100
 
 
 def default_steps(meta: dict) -> int:

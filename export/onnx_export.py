@@ -30,7 +30,8 @@ from torch import nn
 from mirage.core import graphs as G
 from mirage.core.errors import MirageError
 from mirage.model.unet import AttentionImpl, MirageUNet
-from mirage.train.rollout import DEFAULT_CONTEXT_NOISE, DEFAULT_STEPS, rollout
+from mirage.core.schedule import CONTEXT_NOISE, DEFAULT_STEPS
+from mirage.train.rollout import rollout
 from mirage.train.data import SyntheticVideo, v2v_input
 
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to a side file (ONNX protobufs stop at 2 GB)
@@ -187,7 +188,7 @@ def _register_plugin_schema(onnx) -> None:
 
 @torch.no_grad()
 def record_rollout_inputs(model: MirageUNet, frames: int = 8, steps: int = DEFAULT_STEPS, seed: int = 0,
-                          context_noise: int = DEFAULT_CONTEXT_NOISE) -> dict[str, list[dict[str, torch.Tensor]]]:
+                          context_noise: int = CONTEXT_NOISE) -> dict[str, list[dict[str, torch.Tensor]]]:
     """Inputs both graphs see during a real rollout (fp32, CPU): for parity and calibration."""
     calls: dict[str, list] = {g: [] for g in G.model_graphs(model.cfg)}
 

@@ -17,6 +17,7 @@ from mirage.core import graphs as G
 from mirage.core.loop import NumpyOps, Schedule, make_buffers, run_frame
 from mirage.core.ort import OrtBackend
 from mirage.core.report import psnr
+from mirage.core.schedule import CONTEXT_NOISE
 from mirage.model.unet import MirageUNet
 from mirage.train.data import SyntheticVideo, v2v_input
 from mirage.train.rollout import rollout
@@ -48,7 +49,7 @@ def tensor_parity(model: MirageUNet, files: dict[str, Path], calls: dict[str, li
 
 
 def ort_rollout(files: dict[str, Path], cfg, frames: int, steps: int, seed: int, cond: list[np.ndarray] | None,
-                context_noise: int = 100) -> np.ndarray:
+                context_noise: int = CONTEXT_NOISE) -> np.ndarray:
     """The runtime's loop on ONNX Runtime (numpy): (frames, C, H, W) float32."""
     ort, ops, sched = OrtBackend(files), NumpyOps(), Schedule.ddim(steps, context_noise)
     buf = make_buffers(G.model_graphs(cfg, 1), sched, lambda shape, dt: np.zeros(shape, dt),

@@ -62,10 +62,19 @@ def int8_sensitive_nodes(onnx_path: str | Path) -> list[str]:
             if any(re.match(p, name) for name in node.input if name in weights for p in sensitive)]
 
 
+def shipped_recipe(fp32_onnx: str | Path, mode: str) -> dict:
+    """The ModelOpt exclusions mirage-export ships: INT8 keeps the sensitive nodes and the
+    residual Adds/Muls in fp16 (module docstring); FP8 quantizes everything it can."""
+    return ({"nodes_to_exclude": int8_sensitive_nodes(fp32_onnx), "op_types_to_exclude": list(INT8_UNQUANTIZED_OPS)}
+            if mode == "int8" else {})
+
+
 def quantize_qdq(fp32_onnx: str | Path, out_onnx: str | Path, calibration: list[dict[str, torch.Tensor]],
-                 mode: str = "int8", high_precision_dtype: str = "fp16") -> Path:
+                 mode: str = "int8", high_precision_dtype: str = "fp16", calibration_method: str = CALIBRATION_METHOD,
+                 recipe: dict | None = None) -> Path:
     """Write an INT8 or FP8 (`mode`) Q/DQ version of `fp32_onnx`, calibrated on the given input
-    dicts (batch 1 each)."""
+    dicts (batch 1 each). `recipe`: ModelOpt's node/op selection options (default: shipped_recipe;
+    scripts/int8_recipes.py compares others)."""
     if mode not in MODES:
         raise QuantizeError(f"quantization mode {mode!r}: choose one of {', '.join(MODES)}")
     try:
@@ -76,12 +85,11 @@ def quantize_qdq(fp32_onnx: str | Path, out_onnx: str | Path, calibration: list[
     for noisy in ("modelopt", "root"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     sink = io.StringIO()
-    recipe = ({"nodes_to_exclude": int8_sensitive_nodes(fp32_onnx), "op_types_to_exclude": list(INT8_UNQUANTIZED_OPS)}
-              if mode == "int8" else {})
+    recipe = shipped_recipe(fp32_onnx, mode) if recipe is None else recipe
     try:
         with contextlib.redirect_stdout(sink):
             quantize(onnx_path=str(fp32_onnx), quantize_mode=mode, calibration_data=data,
-                     calibration_method=CALIBRATION_METHOD, calibration_eps=["cpu"], output_path=str(out_onnx),
+                     calibration_method=calibration_method, calibration_eps=["cpu"], output_path=str(out_onnx),
                      high_precision_dtype=high_precision_dtype, log_level="ERROR", **recipe)
     except Exception as e:  # ModelOpt raises many types; all mean "no quantized graph"
         raise QuantizeError(f"{Path(fp32_onnx).name}: ModelOpt {mode.upper()} quantization failed ({type(e).__name__}: {e})") from e

@@ -10,7 +10,6 @@ nothing is ever downloaded.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from torch import nn
 
 from mirage.core.config import AutoencoderConfig, ConfigError
 from mirage.core.errors import MirageError
+from mirage.core.files import sha256_file
 
 TAESD_CONFIG, TAESD_WEIGHTS = "config.json", "diffusion_pytorch_model.safetensors"
 # AutoencoderTiny options our config does not carry; a folder that changes them is refused, not misread.
@@ -120,11 +120,7 @@ def load_taesd_folder(folder: str | Path, sha256: str = "") -> Autoencoder:
 def file_sha256(file: Path) -> str:
     if not file.is_file():
         raise AutoencoderError(f"{file}: missing")
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(file)
 
 
 def load_weights(module: nn.Module, file: Path, sha256: str = "") -> None:

@@ -56,9 +56,7 @@ def ddim_coefficients(steps: int, eta: float = 0.0) -> torch.Tensor:
 def ddim_update(x_t: torch.Tensor, v: torch.Tensor, coef: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
     """One DDIM step x_t -> x_prev from the v-prediction, coef = one row of ddim_coefficients."""
     _, a_t, s_t, a_prev, c_eps, c_rand = coef.tolist()
-    x0 = a_t * x_t - s_t * v  # 1. predicted clean sample
-    eps = s_t * x_t + a_t * v  # 2. predicted noise
-    x_prev = a_prev * x0 + c_eps * eps  # 3. move to the previous noise level
+    x_prev = schedule.ddim_step(x_t, v, a_t, s_t, a_prev, c_eps)
     if c_rand > 0:
         if noise is None:
             raise ValueError("eta > 0 needs fresh noise for every step")
@@ -66,14 +64,22 @@ def ddim_update(x_t: torch.Tensor, v: torch.Tensor, coef: torch.Tensor, noise: t
     return x_prev
 
 
+def predict_x0(x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """x̂_0 for a batch, t of shape (B,)."""
+    a, s = alpha_sigma(t)
+    return schedule.predict_x0(x_t, v.float(), a[:, None, None, None], s[:, None, None, None])
+
+
 def ddim_sample(denoise: Denoiser, x_T: torch.Tensor, steps: int, cond: torch.Tensor | None = None,
-                eta: float = 0.0, generator: torch.Generator | None = None, first_step: int = 0) -> torch.Tensor:
+                eta: float = 0.0, generator: torch.Generator | None = None, first_step: int = 0,
+                stop_step: int | None = None) -> torch.Tensor:
     """Run `steps` DDIM steps from x_T (pure noise) and return x̂_0 (not clamped). With
     first_step = i > 0, x_T is a sample at the i-th timestep instead (x_t of a partly noised
-    frame, SDEdit) and only steps i .. steps-1 run."""
+    frame, SDEdit) and only steps i .. steps-1 run; with stop_step = j, only steps before j run
+    and the result is x_t at the j-th timestep."""
     coefs = ddim_coefficients(steps, eta)
     x = x_T
-    for row in coefs[first_step:]:
+    for row in coefs[first_step:stop_step]:
         t = torch.full((x.shape[0],), int(row[0]), device=x.device, dtype=torch.long)
         v = denoise(x, t, cond).float()
         noise = torch.randn(x.shape, generator=generator).to(x.device) if row[5] > 0 else None

@@ -1,7 +1,7 @@
 """SSIM and MS-SSIM (Wang et al. 2003/2004) in torch: a training loss and an evaluation metric.
 
-Images in [0, data_range] (default [0, 1]). Gaussian window (11 taps, sigma 1.5), statistics over 'valid' windows only, constants
-C1 = (0.01 L)^2 and C2 = (0.03 L)^2 for a data range L; the same definition as scikit-image's
+Images in [0, data_range] (default [0, 1]). The SSIM of mirage.core.metrics (SSIM_DEFINITION: its
+window and constants, valid windows only), differentiable; the same definition as scikit-image's
 `structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)`.
 MS-SSIM takes the contrast-structure term at every scale and the luminance term at the last;
 with fewer than 5 scales (small crops) the published weights are cut and renormalised.
@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mirage.core.metrics import SSIM_K, SSIM_SIGMA, SSIM_WINDOW, gaussian_window
+
 MS_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
 
 def _window(size: int, sigma: float, channels: int, like: torch.Tensor) -> torch.Tensor:
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-x**2 / (2 * sigma**2))
-    g = (g / g.sum()).to(like)
+    g = torch.from_numpy(gaussian_window(size, sigma)).to(like)
     return g.expand(channels, 1, 1, size)  # (C, 1, 1, k): one depthwise 1-D filter per channel
 
 
@@ -29,7 +29,7 @@ def _blur(x: torch.Tensor, win: torch.Tensor) -> torch.Tensor:
 
 def _ssim_terms(x: torch.Tensor, y: torch.Tensor, data_range: float, win: torch.Tensor):
     """Per-image luminance and contrast-structure terms, each (B, C) averaged over valid windows."""
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    c1, c2 = (SSIM_K[0] * data_range) ** 2, (SSIM_K[1] * data_range) ** 2
     mx, my = _blur(x, win), _blur(y, win)
     vx = _blur(x * x, win) - mx * mx
     vy = _blur(y * y, win) - my * my
@@ -39,8 +39,8 @@ def _ssim_terms(x: torch.Tensor, y: torch.Tensor, data_range: float, win: torch.
     return lum, cs
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: int = 11,
-         sigma: float = 1.5) -> torch.Tensor:
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: int = SSIM_WINDOW,
+         sigma: float = SSIM_SIGMA) -> torch.Tensor:
     """Mean SSIM per image: x, y (B, C, H, W) with H, W >= win_size -> (B,)."""
     win = _window(win_size, sigma, x.shape[1], x)
     lum, cs = _ssim_terms(x, y, data_range, win)
@@ -48,7 +48,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: in
 
 
 def ms_ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, scales: int | None = None,
-            win_size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+            win_size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
     """Multi-scale SSIM per image: (B, C, H, W) -> (B,); the smallest scale must still hold one window.
     scales=None takes as many as fit, at most 5 (256x256 and up get all five)."""
     if scales is None:

@@ -25,8 +25,8 @@ from mirage.core.errors import MirageError
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite E4M3 value
-# Measured per GPU model and layer shape by `scripts/bench_conv.py --tuned`: the fastest launch, and
-# whether it beats cuDNN at all ({device name: {shape_key: {"config", "triton_us", "cudnn_us"}}}).
+# Measured per GPU model and layer shape by `python -m mirage.cli.conv_tune --tuned` (plugins_cpp/conv_tune.py): the
+# fastest launch, and whether it beats cuDNN at all ({device name: {shape_key: {"config", "triton_us", "cudnn_us"}}}).
 TUNED = Path(__file__).with_name("conv_tuned.json")
 
 
@@ -78,7 +78,7 @@ class ConvConfig:
 
 def default_config(pixels: int, cin: int, cout: int, sms: int) -> ConvConfig:
     """Enough programs for about two per SM: the output tiles times a split of the 9 CIN / 64 K
-    blocks, each split keeping at least 4 of them (scripts/bench_conv.py sweeps the alternatives)."""
+    blocks, each split keeping at least 4 of them (plugins_cpp/conv_tune.py sweeps the alternatives)."""
     block_m, block_n, block_k = 64, 64, 64
     tiles = -(-pixels // block_m) * -(-cout // block_n)
     k_blocks = 9 * -(-cin // block_k)

@@ -29,15 +29,12 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from mirage.core import graphs as G
-from mirage.core.config import ModelConfig, PipelineOptions
+from mirage.core.config import PIPELINE_BACKENDS as BACKENDS, ModelConfig, PipelineOptions
 from mirage.core.errors import MirageError
 from mirage.core.loop import Buffers, Schedule, make_buffers
 from mirage.core.schedule import DEFAULT_STEPS, default_steps
 from mirage.core.video_io import as_uint8, to_float
 from mirage.runtime.execution import CpuExecution, GpuExecution
-
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
-
 
 class PipelineError(MirageError):
     """Misuse of the pipeline (wrong state, wrong input); the message says what to do."""

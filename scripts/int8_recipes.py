@@ -10,21 +10,17 @@ task PSNR against the ground truth. The shipped recipe is the one in export/quan
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
-import logging
 import re
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from mirage.core import graphs as G
 from mirage.export.onnx_export import ExportOptions, export_graph, record_rollout_inputs
 from mirage.export.parity import rollout_psnr, tensor_parity
-from mirage.export.quantize import INT8_UNQUANTIZED_OPS, int8_sensitive_nodes
+from mirage.export.quantize import INT8_UNQUANTIZED_OPS, quantize_qdq, shipped_recipe
 from mirage.train.checkpoint import load_checkpoint
 
 # weight-name patterns (tiny's 3 levels: up.2 is the full-resolution decoder level)
@@ -53,18 +49,12 @@ def _nodes_using(path: Path, pattern: str) -> list[str]:
 
 
 def _quantize(fp32: Path, out: Path, calibration: list[dict], method: str, options) -> None:
-    from modelopt.onnx.quantization import quantize
-
     if options == "shipped":
-        options = {"nodes_to_exclude": int8_sensitive_nodes(fp32), "op_types_to_exclude": list(INT8_UNQUANTIZED_OPS)}
+        options = shipped_recipe(fp32, "int8")
     options = dict(options)
     if "weights_to_exclude" in options:
         options["nodes_to_exclude"] = _nodes_using(fp32, options.pop("weights_to_exclude"))
-    data = {k: np.concatenate([c[k].numpy() for c in calibration]) for k in calibration[0]}
-    with contextlib.redirect_stdout(io.StringIO()):
-        quantize(onnx_path=str(fp32), quantize_mode="int8", calibration_data=data, calibration_method=method,
-                 calibration_eps=["cpu"], output_path=str(out), high_precision_dtype="fp16", log_level="ERROR",
-                 **options)
+    quantize_qdq(fp32, out, calibration, "int8", calibration_method=method, recipe=options)
 
 
 def main() -> None:
@@ -74,8 +64,6 @@ def main() -> None:
     parser.add_argument("--only", action="append", help="run only recipes whose name contains this (repeatable)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
-    for noisy in ("modelopt", "root"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
     model, _ = load_checkpoint(args.checkpoint)
     check = record_rollout_inputs(model, 3, seed=1)
     calibrations = {n: record_rollout_inputs(model, n, seed=0) for n in {f for f, _, _ in RECIPES.values()}}

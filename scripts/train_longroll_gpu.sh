@@ -33,7 +33,7 @@
 # $OUT gets up to 6 files: tables.txt (every quality table and training summary), reports.tar.gz
 # (the quality JSONs, for scripts/plot_quality.py, the training logs and drift plots),
 # ckpt-gen-sf.tar (the two self-forced generators), ckpt-gen-ft.tar (the plain fine-tuned control),
-# ckpt-gen-dmd.tar (the DMD generators), ckpt-v2v.tar (the 2- and 1-step students).
+# ckpt-gen-dmd.tar (the DMD generators), ckpt-v2v.tar (the 2- and 1-step students, v2v/s2 and v2v/s1).
 set -euo pipefail
 STEPS=${STEPS:-1200}  # optimizer steps of every training run
 FRAMES=${FRAMES:-500}
@@ -77,20 +77,22 @@ generator() {
 }
 students() {
   # the 2-step student of the 4-step video-to-video teacher (trained first for TEACHER_CONFIG), then
-  # the 1-step student of the 2-step one; the teacher's reports at 4, 2 and 1 steps beside theirs
+  # the 1-step student of the 2-step one: mirage-train's distillation chain, into v2v/s2 and v2v/s1;
+  # the teacher's reports at 4, 2 and 1 steps beside theirs
   if [ -n "${TEACHER_CONFIG:-}" ]; then
     LIMIT=${TEACHER_LIMIT:-$LIMIT} train v2v-t4 --config "$TEACHER_CONFIG" --task v2v --steps "${TEACHER_STEPS:-$STEPS}"
     TEACHER=$W/v2v-t4
   fi
-  LR=${STUDENT_LR:-${LR:-5e-4}} train v2v-s2 --distill-from "$TEACHER" --student-steps 2 &
+  local chain=4,2,1 stages=2
+  [ "${ONE_STEP:-1}" = 1 ] || { chain=4,2; stages=1; }
+  LIMIT=$(( LIMIT * stages )) LR=${STUDENT_LR:-${LR:-5e-4}} train v2v --distill-chain "$chain" --distill-from "$TEACHER" &
   quality v2v-t4 "$TEACHER" &
   quality v2v-t2 "$TEACHER" --steps 2 &
   quality v2v-t1 "$TEACHER" --steps 1 &
   wait
-  [ "${ONE_STEP:-1}" = 1 ] && LR=${STUDENT_LR:-${LR:-5e-4}} train v2v-s1 --distill-from "$W/v2v-s2" --student-steps 1 &
-  quality v2v-s2 "$W/v2v-s2" &
+  quality v2v-s2 "$W/v2v/s2" &
+  [ "${ONE_STEP:-1}" = 1 ] && quality v2v-s1 "$W/v2v/s1" &
   wait
-  [ "${ONE_STEP:-1}" = 1 ] && quality v2v-s1 "$W/v2v-s1"
 }
 distribution_matching() {
   # DMD from the generator, self-forced (its own frames as the newest context, every step) at each
@@ -147,4 +149,4 @@ pack() {  # NAME FILE...: a tar of the checkpoint files that exist, none if ther
 pack ckpt-gen-sf gen-{sf,sfa}/{config.json,model.safetensors}
 pack ckpt-gen-ft gen-ft/{config.json,model.safetensors}
 pack ckpt-gen-dmd gen-dmd*/{config.json,model.safetensors}
-pack ckpt-v2v v2v-s{2,1}/{config.json,model.safetensors}
+pack ckpt-v2v v2v/s{2,1}/{config.json,model.safetensors}

@@ -1,5 +1,7 @@
 """mirage::conv3x3 off the GPU: weight packing, FP8 quantisation, and the op's stock-PyTorch
 path, against nn.Conv2d (the Triton kernel itself is tests/gpu/test_gpu_conv.py)."""
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -91,7 +93,6 @@ def test_pack_convolutions_swaps_the_small_levels(make_random_tiny):
 
 def test_tuned_table_keeps_cudnn_where_it_is_faster(make_random_tiny, tmp_path, monkeypatch):
     """pack_convolutions with a device name skips the shapes the tuned table measured cuDNN to win."""
-    import json
 
     from mirage.plugins_cpp import conv
 
@@ -110,5 +111,40 @@ def test_tuned_table_keeps_cudnn_where_it_is_faster(make_random_tiny, tmp_path, 
         kept = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)
                 and m.in_channels == m.out_channels == tiny_64 and n.startswith(("mid", "down.2", "up.0"))]
         assert packed and kept and not set(kept) & set(packed)
+    finally:
+        conv.tuned.cache_clear()
+
+
+def test_conv_tune_finds_the_shapes_and_merges_the_table_the_kernel_reads(tmp_path, monkeypatch):
+    """The package's conv tuning (mirage.plugins_cpp.conv_tune; timing itself needs a GPU): the
+    weight-bound shapes of a model, and a merge into the table that keeps other GPUs' entries."""
+    from mirage.core.config import get_config
+    from mirage.model.unet import MirageUNet
+    from mirage.plugins_cpp import conv, conv_tune
+
+    cfg = get_config("tiny")
+    with torch.device("meta"):
+        model = MirageUNet(cfg)
+        s = cfg.image_size
+        run = lambda: model.denoise(torch.empty(1, cfg.channels, s, s), torch.empty(1), None,  # noqa: E731
+                                    torch.empty(1, cfg.context_frames, 2, cfg.memory_tokens, cfg.temporal_dim),
+                                    torch.empty(1, cfg.context_frames, dtype=torch.long))
+        shapes = conv_tune.conv_shapes(model, run, 64)
+    widest = cfg.base_channels * cfg.channel_mults[-1]
+    assert shapes and all(h * w <= 64 for h, w, _, _ in shapes) and (8, 8, widest, widest) in shapes
+    assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())  # hooks removed
+
+    table = tmp_path / "conv_tuned.json"
+    table.write_text(json.dumps({"GPU A": {"k": {"config": {}, "triton_us": 1.0, "cudnn_us": 2.0}}}))
+    config = {"block_m": 64, "block_n": 64, "block_k": 64, "split": 2, "num_warps": 4, "num_stages": 3}
+    row = {"pixels": 64, "cin": widest, "cout": widest, "cudnn_us": 5.0, "triton_fp16_us": 3.0,
+           "triton_fp8_us": 2.5, "triton_fp16_config": config, "triton_fp8_config": config}
+    conv_tune.write_tuned("GPU B", [row], table)
+    monkeypatch.setattr(conv, "TUNED", table)
+    conv.tuned.cache_clear()
+    try:
+        assert conv.tuned("GPU A") == {"k": {"config": {}, "triton_us": 1.0, "cudnn_us": 2.0}}
+        entry = conv.tuned("GPU B")[conv.shape_key(64, widest, widest, True)]
+        assert entry == {"config": config, "triton_us": 2.5, "cudnn_us": 5.0}
     finally:
         conv.tuned.cache_clear()

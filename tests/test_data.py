@@ -133,9 +133,19 @@ def test_iter_frames_resizes(video_root):
 
 
 def test_make_source(video_root):
+    """A name gives that source at the asked size with the asked seed; a folder gives its videos."""
     root, _ = video_root
-    assert isinstance(make_source("synthetic", 32, 5), SyntheticVideo)
-    assert isinstance(make_source(str(root), 32, 5), VideoFolder)
+    synthetic = make_source("synthetic", 24, 5, seed=3).clip(2, 5)
+    assert np.array_equal(synthetic, SyntheticVideo(24, seed=3).clip(2, 5))
+    assert not np.array_equal(synthetic, make_source("synthetic", 24, 5, seed=4).clip(2, 5))
+    for name in ("synthetic", "detailed"):  # frames in range, of the size asked, with motion between them
+        clip = make_source(name, 24, 4, seed=0).clip(0, 4)
+        assert clip.shape == (4, 24, 24, 3) and clip.dtype == np.float32 and -1 <= clip.min() < clip.max() <= 1
+        assert np.abs(np.diff(clip, axis=0)).mean() > 1e-3, name
+    folder = make_source(str(root), 16, 5).clip(0, 5)
+    assert np.array_equal(folder, np.stack(list(iter_frames(root / "a.mp4", 16))[:5]))
+    with pytest.raises(DataError, match="not a folder"):
+        make_source(str(root / "nowhere"), 16, 5)
 
 
 def test_clip_stream_is_seeded():

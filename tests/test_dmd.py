@@ -206,7 +206,42 @@ def test_dmd_trains_a_video_to_video_model(tmp_path, make_random_tiny):
     save_checkpoint(tmp_path / "t", teacher, teacher, TrainConfig(), step=1)
     tcfg = TrainConfig(steps=1, dmd_from=str(tmp_path / "t"), dmd_fake_updates=1, **FAST)
     summary = train(get_config("tiny", "v2v"), tcfg, tmp_path / "g", device="cpu", progress=False)
-    assert summary["trained_steps"] == 1 and torch.isfinite(torch.tensor(summary["loss"]))
+    assert summary["trained_steps"] == 1 and summary["loss"] > 0  # the anchor's v-loss: fake = real at step 1
+    g = load_checkpoint(tmp_path / "g")[0]
+    assert g.cfg.cond_channels == teacher.cfg.cond_channels > 0
+    assert any(not torch.equal(v, g.state_dict()[k]) for k, v in teacher.state_dict().items())  # G was trained
+
+
+@pytest.mark.parametrize("task", ["generate", "v2v"])
+def test_a_generator_step_moves_gs_sample_toward_the_real_score(make_random_tiny, task):
+    """On a fixed seed (same context, noise and t): one small descent step of L_G on G's weights
+    moves G's sample x_0^G along -g, toward the real denoiser's x̂_0 and away from the fake's."""
+    dmd = _dmd(make_random_tiny, TrainConfig(dmd_exit="last", **FAST), task)
+    dmd.fake = make_random_tiny(task, seed=2).requires_grad_(False)  # unlike real: g != 0
+    clips = _clips()
+
+    def sample() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_0^G with G's gradient, x̂_0^real, x̂_0^fake) at t = 500, every draw seeded."""
+        torch.manual_seed(0)
+        s = dmd.sample(clips, None, self_forced=False, grad=True)
+        torch.manual_seed(1)
+        t = torch.full((s.x0.shape[0],), 500)
+        x_t = q_sample(s.x0.detach(), t, torch.randn_like(s.x0))
+        with torch.no_grad():
+            return s.x0, dmd._x0(dmd.real, x_t, t, s), dmd._x0(dmd.fake, x_t, t, s)
+
+    x0, real, fake = sample()
+    g = dmd_gradient(x0.detach(), real, fake)
+    assert g.abs().mean() > 0.1
+    dmd.model.zero_grad()
+    generator_loss(x0, real, fake).backward()
+    with torch.no_grad():
+        for p in dmd.model.parameters():
+            if p.grad is not None:
+                p -= 1e-2 * p.grad / p.grad.norm().clamp_min(1e-12)  # a small step along each tensor's descent
+    step = (sample()[0] - x0).detach()
+    cos = (step * -g).sum() / (step.norm() * g.norm())
+    assert step.abs().mean() > 0 and cos > 0.1, cos.item()
 
 
 def test_cli_dmd_errors(tmp_path):

@@ -4,6 +4,8 @@
   each weights file), then a crash during the recovery itself: the checkpoint loads as exactly
   one step, the old or the new, and no leftovers stay;
 * each file of a checkpoint corrupted (garbage) or truncated; hand-edited config.json fields;
+* a non-finite or non-positive --lr; a NaN loss or gradient (training stops at that step, the
+  checkpoint keeps the last good save) and a save of non-finite weights (refused);
 * SIGINT / SIGTERM during training (raised from inside a step, and sent to a real
   `mirage-train` process); an unwritable --out; a full disk; a config too large for memory.
 """
@@ -439,3 +441,51 @@ def test_sigint_to_mirage_train_process(tmp_path):
     assert step >= 2
     assert f"stopped by SIGINT at step {step} of 100000; checkpoint saved in {out}; resume with: mirage-train --out {out}" in rest
     assert "Traceback" not in rest
+
+
+@pytest.mark.parametrize("lr", ["inf", "nan", "-inf", "0", "-1e-3"])
+def test_cli_refuses_a_non_finite_or_non_positive_lr_in_one_line(tmp_path, lr):
+    result = CliRunner().invoke(train_cli, ["--lr", lr, "--steps", "1", "--out", str(tmp_path / "r"), "--device", "cpu"])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert result.exit_code == 2 and "Traceback" not in result.output and len(errors) == 1, result.output
+    assert "lr" in errors[0] and not (tmp_path / "r").exists()
+
+
+def test_training_stops_at_the_first_non_finite_loss_and_keeps_the_last_save(tmp_path, monkeypatch):
+    """Step 3's gradient is NaN (its update would poison the weights, as a too-high lr does): the
+    run stops there with one line (exit 2) and the checkpoint keeps step 2."""
+    real, calls = trainer.optimizer_step, [0]
+
+    def poisoned(opt, scaler, loss, model, clip):
+        calls[0] += 1
+        return real(opt, scaler, loss * float("nan") if calls[0] == 3 else loss, model, clip)
+
+    monkeypatch.setattr(trainer, "optimizer_step", poisoned)
+    result = CliRunner().invoke(train_cli, ["--steps", "5", "--batch-size", "1", "--config", "tiny", "--out",
+                                            str(tmp_path), "--device", "cpu", "--save-minutes", "1e-9"])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert result.exit_code == 2 and len(errors) == 1, result.output
+    assert errors[0].startswith("Error: step 3: gradient norm nan") and "lower --lr" in errors[0]
+    assert read_meta(tmp_path)["step"] == 2
+    model, _ = load_checkpoint(tmp_path)  # the load checks every tensor is finite
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_nan_loss_stops_dmd_too(tmp_path, monkeypatch):
+    teacher = tmp_path / "teacher"
+    trainer.train(MINI, TrainConfig(steps=1, **MINI_RUN), teacher, device="cpu", progress=False)
+    monkeypatch.setattr(trainer, "dmd_step", lambda *a: (float("nan"), 0.5))
+    with pytest.raises(trainer.TrainingDiverged, match=r"^step 1: loss nan \(lr 0.0001"):
+        trainer.train(MINI, TrainConfig(steps=3, lr=1e-4, dmd_from=str(teacher), dmd_fake_updates=1, **MINI_RUN),
+                      tmp_path / "g", device="cpu", progress=False)
+    assert not (tmp_path / "g" / CONFIG).exists()
+
+
+def test_a_save_never_writes_non_finite_weights(tmp_path):
+    model, ema, opt = _models(0)
+    save_checkpoint(tmp_path, model, ema, TrainConfig(), 1, opt)
+    with torch.no_grad():
+        next(ema.parameters())[0] = float("inf")
+    with pytest.raises(CheckpointError, match="not saving step 2: .* holds NaN or infinite values"):
+        save_checkpoint(tmp_path, model, ema, TrainConfig(), 2, opt)
+    assert read_meta(tmp_path)["step"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG, STATE, WEIGHTS])

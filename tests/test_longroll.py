@@ -134,6 +134,29 @@ def test_cli_distill_and_self_forcing_errors(tmp_path, make_random_tiny):
     assert json.loads(ok.output[ok.output.index('{"step"'):])["sampling_steps"] == 1  # after the progress bar
 
 
+def test_cli_distill_chain_runs_each_stage_from_the_last_and_resumes(tmp_path, make_random_tiny):
+    teacher = make_random_tiny("v2v")
+    save_checkpoint(tmp_path / "t4", teacher, teacher, TrainConfig(), step=1)  # records no steps: samples with 4
+    args = ["--distill-chain", "4,2,1", "--distill-from", str(tmp_path / "t4"), "--out", str(tmp_path / "chain"),
+            "--steps", "1", "--batch-size", "1", "--device", "cpu"]
+    first = CliRunner().invoke(train_cli, args)
+    assert first.exit_code == 0, first.output
+    s2, s1 = read_meta(tmp_path / "chain" / "s2"), read_meta(tmp_path / "chain" / "s1")
+    assert (s2["sampling_steps"], s2["train"]["distill_from"], s2["train"]["student_steps"]) == (2, str(tmp_path / "t4"), 2)
+    assert (s1["sampling_steps"], s1["train"]["distill_from"], s1["train"]["student_steps"]) == (1, str(tmp_path / "chain" / "s2"), 1)
+    # a rerun with more steps resumes every stage from its own checkpoint
+    again = CliRunner().invoke(train_cli, [*args[:-6], "--steps", "2", "--batch-size", "1", "--device", "cpu"])
+    assert again.exit_code == 0, again.output
+    assert [read_meta(tmp_path / "chain" / s)["step"] for s in ("s2", "s1")] == [2, 2]
+    assert again.stderr.count("resuming at step 1 of 2") == 2
+    for chain, says in [("4,3", "half the one before"), ("2,1", "samples with 4 steps, not 2"), ("4,x", "separated")]:
+        bad = CliRunner().invoke(train_cli, ["--distill-chain", chain, "--distill-from", str(tmp_path / "t4"),
+                                             "--out", str(tmp_path / "bad")])
+        assert bad.exit_code == 2 and says in bad.stderr and "Traceback" not in bad.output, bad.output
+    bad = CliRunner().invoke(train_cli, ["--distill-chain", "4,2", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "needs --distill-from" in bad.stderr
+
+
 def test_runtime_and_quality_sample_a_student_with_its_own_steps(tmp_path, make_random_tiny):
     from mirage.bridge.pipeline import load_pipeline
     from mirage.runtime import PipelineOptions

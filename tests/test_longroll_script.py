@@ -38,6 +38,24 @@ def test_dmd_sweep_of_another_configs_generator(tmp_path):
     assert report["seed"] == 5 and report["frames"] == 6
 
 
+def test_students_are_the_package_distillation_chain(tmp_path):
+    """PARTS=v2v: the script's students are `mirage-train --distill-chain 4,2,1` (v2v/s2 from the
+    teacher, v2v/s1 from s2), packed and scored under their names."""
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, DEVICE="cpu", STEPS="1", BATCH="1", FRAMES="3",
+               WINDOW="3", STREAMS="1", WORKERS="0", PARTS="v2v", OMP_NUM_THREADS="1")
+    subprocess.run(["bash", "scripts/train_longroll_gpu.sh"], cwd=ROOT, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
+    with tarfile.open(out / "ckpt-v2v.tar") as tar:
+        assert sorted(tar.getnames()) == [f"v2v/s{n}/{f}" for n in (1, 2) for f in ("config.json", "model.safetensors")]
+        meta = {n: json.load(tar.extractfile(f"v2v/s{n}/config.json")) for n in (1, 2)}
+    assert meta[2]["train"]["distill_from"] == "checkpoints/tiny-v2v" and meta[2]["sampling_steps"] == 2
+    assert meta[1]["train"]["distill_from"].endswith("/v2v/s2") and meta[1]["sampling_steps"] == 1
+    with tarfile.open(out / "reports.tar.gz") as tar:
+        reports = {n: json.load(tar.extractfile(f"q-v2v-{n}.json")) for n in ("t4", "t2", "t1", "s2", "s1")}
+    assert [reports[n]["steps"] for n in ("t4", "t2", "t1", "s2", "s1")] == [4, 2, 1, 2, 1]
+
+
 def test_blur_and_noise_move_the_data_on_the_sharpness_motion_plane(tmp_path):
     """scripts/quality_blur_noise.py: the clean data scores 1.0; blur lowers sharpness faster than
     motion (the ratio motion / sharpness grows with sigma); independent noise raises both."""

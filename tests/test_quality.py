@@ -40,6 +40,22 @@ def test_psnr_and_ssim_are_right():
     assert M.psnr(a, a + 0.02).mean() == pytest.approx(10 * np.log10(4 / 0.0004), rel=1e-6)
 
 
+def test_ssim_is_one_definition_in_numpy_and_torch():
+    """The report's numpy SSIM and the autoencoder's torch SSIM agree to rounding, borders included."""
+    import torch
+
+    from mirage.model.ssim import ssim as torch_ssim
+
+    rng = np.random.default_rng(1)
+    a = rng.uniform(-1, 1, (2, 24, 20, 3))
+    b = np.clip(a + rng.normal(0, 0.3, a.shape), -1, 1)
+    to_torch = lambda x: torch.from_numpy((x + 1) / 2).permute(0, 3, 1, 2)  # noqa: E731  (T, H, W, C) [-1, 1] -> [0, 1]
+    assert np.allclose(M.ssim(a, b), torch_ssim(to_torch(a), to_torch(b)).numpy(), atol=1e-12)
+    edge = a.copy()
+    edge[:, 0] = -a[:, 0]  # a change only in the first row: zero padding and valid windows weigh it differently
+    assert np.allclose(M.ssim(a, edge), torch_ssim(to_torch(a), to_torch(edge)).numpy(), atol=1e-12)
+
+
 def test_frame_statistics_on_known_videos():
     flat = np.zeros((5, 8, 8, 3))
     assert M.sharpness(flat) == 0 and M.motion(flat) == 0 and M.collapsed(flat).all()

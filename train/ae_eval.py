@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mirage.core.metrics import SSIM_DEFINITION
 from mirage.model.autoencoder import Autoencoder
 from mirage.model.ssim import psnr, ssim
 from mirage.train.data import make_source
@@ -28,4 +29,5 @@ def reconstruction_quality(model: Autoencoder, data: str, size: int, seed: int =
     p, s = psnr(r01, x01), ssim(r01, x01)
     to_u8 = lambda t: (t.permute(1, 2, 0).numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)  # noqa: E731
     return {"data": data, "size": size, "seed": seed, "frames": len(x), "psnr": float(p.mean()),
-            "psnr_min": float(p.min()), "ssim": float(s.mean()), "example": (to_u8(x01[0]), to_u8(r01[0]))}
+            "psnr_min": float(p.min()), "ssim": float(s.mean()), "ssim_definition": SSIM_DEFINITION,
+            "example": (to_u8(x01[0]), to_u8(r01[0]))}

@@ -29,7 +29,6 @@ for checkpoints saved before hashes were recorded).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -41,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from mirage import __version__
 
 from mirage.core.errors import MirageError
+from mirage.core.files import sha256_file
 from mirage.core.config import ConfigError, ModelConfig, TrainConfig, from_json, to_json
 from mirage.model.unet import MirageUNet
 from mirage.train.resources import check_weights_fit
@@ -62,14 +62,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_writable(out: str | Path) -> Path:
@@ -126,7 +118,13 @@ def save_unit(out: str | Path, tensors: dict[str, dict[str, torch.Tensor]], meta
               delete: tuple[str, ...] = ()) -> Path:
     """Save safetensors files {file name: tensors} and config.json (`meta`, plus each file's sha256
     and size under "files") into `out` as one unit, deleting the files in `delete` in the same
-    commit (see the module docstring)."""
+    commit (see the module docstring). Non-finite values are refused before anything is written:
+    a checkpoint never holds weights a load would reject."""
+    for name, values in tensors.items():
+        bad = next((k for k, v in values.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if bad is not None:
+            raise CheckpointError(f"{out}: not saving step {meta.get('step')}: {name} tensor {bad} holds NaN or "
+                                  "infinite values; the checkpoint there is left as it was")
     out = check_writable(out)
     recover(out)
     step = meta.get("step")

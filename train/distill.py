@@ -43,18 +43,14 @@ def step_table(student_steps: int) -> torch.Tensor:
                          for a, b in zip(rows[0::2], rows[1::2])], dtype=torch.float64)
 
 
-def _ddim_step(x: torch.Tensor, v: torch.Tensor, a, s, a_next, s_next) -> torch.Tensor:
-    return a_next * (a * x - s * v) + s_next * (s * x + a * v)  # α' x̂_0 + σ' ε̂
-
-
 def distill_target(teacher: TeacherFn, x_t: torch.Tensor, index: torch.Tensor, student_steps: int) -> torch.Tensor:
     """ṽ for x_t (B, C, H, W) at student step index (B,) (timestep step_table(N)[index, 0])."""
     rows = step_table(student_steps).to(x_t.device)[index]  # (B, 8)
     t, t1 = rows[:, 0].long(), rows[:, 1].long()
     a, s, a1, s1, a2, s2 = (rows[:, j].float()[:, None, None, None] for j in range(2, 8))
     x = x_t.float()
-    x1 = _ddim_step(x, teacher(x_t, t).float(), a, s, a1, s1)
-    x2 = _ddim_step(x1, teacher(x1.to(x_t.dtype), t1).float(), a1, s1, a2, s2)
+    x1 = schedule.ddim_step(x, teacher(x_t, t).float(), a, s, a1, s1)
+    x2 = schedule.ddim_step(x1, teacher(x1.to(x_t.dtype), t1).float(), a1, s1, a2, s2)
     x0 = (x2 - (s2 / s) * x) / (a2 - (s2 / s) * a)
     return (a * x - x0) / s
 

@@ -55,29 +55,19 @@ import torch
 import torch.nn.functional as F
 
 from mirage.core.config import TrainConfig
-from mirage.model.diffusion import T, Denoiser, alpha_sigma, ddim_coefficients, ddim_update, q_sample, v_target
+from mirage.model.diffusion import T, Denoiser, ddim_sample, ddim_timesteps, predict_x0, q_sample, v_target
 from mirage.model.unet import MirageUNet
 from mirage.train.context import Context, training_context
 
 T_MIN, T_MAX = 20, 980  # the generator loss's t range (DMD2's 2% .. 98%): the ends carry little signal
 
 
-def predict_x0(x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """x̂_0 = α_t x_t - σ_t v for a batch, t of shape (B,)."""
-    a, s = alpha_sigma(t)
-    return a[:, None, None, None] * x_t - s[:, None, None, None] * v.float()
-
-
 def generator_sample(denoise: Denoiser, x_T: torch.Tensor, steps: int, exit_step: int,
                      cond: torch.Tensor | None = None) -> torch.Tensor:
     """x̂_0 of DDIM step `exit_step` of `steps` from noise x_T, with gradient through that step only."""
-    rows = ddim_coefficients(steps)
-    x = x_T
     with torch.no_grad():
-        for row in rows[:exit_step]:
-            t = torch.full((x.shape[0],), int(row[0]), device=x.device, dtype=torch.long)
-            x = ddim_update(x, denoise(x, t, cond).float(), row)
-    t = torch.full((x.shape[0],), int(rows[exit_step][0]), device=x.device, dtype=torch.long)
+        x = ddim_sample(denoise, x_T, steps, cond, stop_step=exit_step)
+    t = torch.full((x.shape[0],), ddim_timesteps(steps)[exit_step], device=x.device, dtype=torch.long)
     return predict_x0(x, t, denoise(x, t, cond))
 
 

@@ -20,14 +20,13 @@ import torch
 
 from mirage.core.config import ConfigError, ModelConfig, TrainConfig
 from mirage.model.unet import MirageUNet, parameter_count
+from mirage.train.step import TrainStep
 
 PARAMETER_COPIES = 5  # weights, EMA, gradients, AdamW exp_avg and exp_avg_sq (all fp32)
 
 
 def activation_bytes(cfg: ModelConfig, tcfg: TrainConfig) -> int:
     """Bytes autograd saves for backward in one training step (see the module docstring)."""
-    from mirage.train.trainer import TrainStep  # the trainer imports this module
-
     saved: dict[int, torch.Tensor] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:

@@ -15,17 +15,16 @@ import torch
 
 from mirage.core import graphs as G
 from mirage.core.loop import Schedule, make_buffers, run_frame
+from mirage.core.schedule import CONTEXT_NOISE, DEFAULT_STEPS
 from mirage.model.torch_backend import TorchBackend
 from mirage.model.torch_ops import TorchOps
 from mirage.model.unet import MirageUNet
 
-DEFAULT_STEPS = 4  # DDIM steps per frame (docs/QUALITY.md: quality vs. steps)
-DEFAULT_CONTEXT_NOISE = 100  # t_ctx used at inference, inside the training range [0, context_noise_max]
 
 
 @torch.no_grad()
 def rollout(model: MirageUNet, num_frames: int, *, steps: int = DEFAULT_STEPS, seed: int = 0,
-            cond: Iterable[torch.Tensor] | None = None, context_noise: int = DEFAULT_CONTEXT_NOISE,
+            cond: Iterable[torch.Tensor] | None = None, context_noise: int = CONTEXT_NOISE,
             batch: int = 1, callback: Callable[[dict], None] | None = None) -> Iterator[torch.Tensor]:
     """Yield num_frames frames (B, C, H, W) in [-1, 1]; row b is seeded with seed + b. `cond`
     yields input frames (video-to-video models); `callback` sees every graph call."""

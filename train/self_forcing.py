@@ -23,12 +23,15 @@ target stays predictable while the context still looks like the model's own outp
 """
 from __future__ import annotations
 
+import math
 import random
 
 import torch
 
 from mirage.core import graphs as G
-from mirage.model.diffusion import ddim_sample, ddim_timesteps, q_sample
+from mirage.core.loop import Schedule, denoise_steps, make_buffers, remember
+from mirage.core.schedule import ALPHAS_CUMPROD, ddim_timesteps
+from mirage.model.torch_backend import TorchBackend
 from mirage.model.torch_ops import TorchOps
 from mirage.model.unet import MirageUNet
 from mirage.train.data import v2v_input
@@ -45,35 +48,34 @@ def self_forced_context(model: MirageUNet, clips: torch.Tensor, horizon: int, st
                         context_noise: int, strength: float = 1.0) -> torch.Tensor:
     """Clips (B, K+1, C, H, W) -> context (B, K, C, H, W): the first K - horizon real frames,
     then `horizon` frames the model generated from them (at strength < 1: from the real frames
-    partly noised)."""
+    partly noised). The frames are made by the runtime's frame loop (mirage.core.loop: its
+    buffers, ring write, context noise and noise generator, each row seeded from torch's RNG)."""
     b, k = clips.shape[0], clips.shape[1] - 1
     if not 1 <= horizon <= k:
         raise ValueError(f"self-forcing horizon {horizon} must be between 1 and context_frames={k}")
     first = round((1 - strength) * steps)  # strength 1: every step, from t = T-1 where x_t is pure noise
     if not 0 <= first < steps:
         raise ValueError(f"self-forcing strength {strength} leaves none of {steps} DDIM steps; raise it")
-    dev = clips.device
-    t_start = torch.full((b,), ddim_timesteps(steps)[first], device=dev, dtype=torch.long)
-    spec = G.model_graphs(model.cfg, b)[G.DENOISE]
-    memory = torch.zeros(spec.tensor(G.MEMORY).shape, device=dev)  # the ring buffer, empty
-    ages = torch.zeros(spec.tensor(G.AGES).shape, device=dev, dtype=torch.long)
-    slot = torch.zeros(b, device=dev, dtype=torch.long)
-    every_row = torch.ones(b, device=dev, dtype=torch.long)
-    ops = TorchOps(dev)
-    t_ctx = torch.full((b,), context_noise, device=dev, dtype=torch.long)
-
-    def remember(frame: torch.Tensor) -> None:  # as the runtime: noise, encode, the loop's ring write
-        ctx = q_sample(frame, t_ctx, torch.randn_like(frame)) if context_noise > 0 else frame
-        ops.ring_write_(memory, ages, slot, model.context_encode(ctx, t_ctx).to(memory.dtype), every_row)
-
+    abar = ALPHAS_CUMPROD[ddim_timesteps(steps)[first]]  # ᾱ_{T-1} = 0: pure noise at strength 1
+    dev, training = clips.device, model.training
+    backend = TorchBackend(model, str(dev), str(next(model.parameters()).dtype).split(".")[1])
+    ops, sched = TorchOps(dev), Schedule.ddim(steps, context_noise)
+    specs = {g: spec for g, spec in G.model_graphs(model.cfg, b).items() if g in (G.DENOISE, G.CONTEXT)}
+    buf = make_buffers(specs, sched, lambda shape, dt: torch.zeros(shape, dtype=getattr(torch, dt), device=dev),
+                       lambda t, value: t.fill_(value), backend.buffer_dtype)
+    for row, seed in enumerate(torch.randint(0, 2**62, (b,)).tolist()):  # the loop's noise, seeded by torch's RNG
+        ops.reset_row_(buf, row, seed)
     for n in range(k - horizon):
-        remember(clips[:, n])
+        remember(backend, ops, buf, sched, clips[:, n].to(buf.frame.dtype))
     generated = []
     for n in range(k - horizon, k):
-        cond = v2v_input(clips[:, n]) if model.cfg.cond_channels else None
-        x_start = q_sample(clips[:, n], t_start, torch.randn_like(clips[:, n]))  # ᾱ_{T-1} = 0: pure noise at strength 1
-        frame = ddim_sample(lambda x, t, c: model.denoise(x, t, c, memory, ages), x_start, steps, cond,
-                            first_step=first).clamp(-1, 1).to(clips.dtype)
-        generated.append(frame)
-        remember(frame)
+        if buf.cond is not None:
+            buf.cond.copy_(v2v_input(clips[:, n]))
+        ops.randn_(buf.x, buf.rng, buf.advance)
+        ops.lincomb_(buf.x, math.sqrt(1 - abar), buf.x, math.sqrt(abar), clips[:, n])  # x_t of the real frame
+        denoise_steps(backend, ops, buf, sched, first=first)
+        ops.clamp_(buf.frame, buf.x)
+        generated.append(buf.frame.to(clips.dtype, copy=True))  # the buffer is the next frame's
+        remember(backend, ops, buf, sched, buf.frame)
+    model.train(training)  # the backend put it in eval mode
     return torch.cat([clips[:, :k - horizon], torch.stack(generated, dim=1)], dim=1)

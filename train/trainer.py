@@ -36,64 +36,27 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from mirage.train.checkpoint import (CONFIG, STATE, CheckpointError, check_writable, load_checkpoint, load_train_state,
                                      model_config, read_meta, save_checkpoint)
+from mirage.core.errors import MirageError
 from mirage.core.config import ConfigError, ModelConfig, TrainConfig, check_same, from_json
 from mirage.train.codec import autoencoder_sha256, load_codec
 from mirage.train.resources import check_fits
 from mirage.train.data import ClipStream, batches, make_source
 from mirage.train.latent_cache import LatentCache
-from mirage.train.context import training_context
-from mirage.train.distill import check_teacher, distill_target, step_table
+from mirage.train.distill import check_teacher
 from mirage.train.dmd import DMD
 from mirage.train.self_forcing import is_self_forced_step
-from mirage.model.diffusion import T, q_sample, v_target
+from mirage.train.step import TrainStep
 from mirage.model.unet import MirageUNet, parameter_count
-
-
-class TrainStep(nn.Module):
-    """The loss as a module forward, so DistributedDataParallel sees one call per step."""
-
-    def __init__(self, model: MirageUNet, tcfg: TrainConfig, teacher: MirageUNet | None = None, codec=None):
-        super().__init__()
-        self.model, self.tcfg = model, tcfg
-        self.teacher = [teacher] if teacher is not None else []  # a list: not a submodule, so DDP and the optimizer skip it
-        self.codec = [codec] if codec is not None else []  # a latent model's frozen autoencoder (same reason)
-
-    def forward(self, clips: torch.Tensor, self_forced: bool = False, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """`clips` (B, K+1, C, H, W): frames, or a latent model's latents (from a LatentCache, with
-        their encoded input `cond` for video-to-video)."""
-        tcfg, dev, b = self.tcfg, clips.device, clips.shape[0]
-        clips, cond, context = training_context(self.model, clips, cond, tcfg, self_forced,  # steps 1 and 2
-                                                self.codec[0] if self.codec else None)
-        target = clips[:, -1]  # (B, C, H, W)
-        memory, ages = context.memory(self.model), context.ages
-        # 3. denoising loss on the target frame
-        if self.teacher:  # the student's own timesteps
-            index = torch.randint(0, tcfg.student_steps, (b,), device=dev)
-            t = step_table(tcfg.student_steps).to(dev)[index, 0].long()
-        else:
-            t = torch.randint(0, T, (b,), device=dev)
-        eps = torch.randn_like(target)
-        x_t = q_sample(target, t, eps)
-        if self.teacher:
-            teacher = self.teacher[0]
-            with torch.no_grad():
-                t_memory = context.memory(teacher)
-                goal = distill_target(lambda x, t_: teacher.denoise(x, t_, cond, t_memory, ages), x_t, index,
-                                      tcfg.student_steps)
-        else:
-            goal = v_target(target, t, eps)
-        v = self.model.denoise(x_t, t, cond, memory, ages)
-        return F.mse_loss(v.float(), goal)
 
 
 def lr_at(step: int, tcfg: TrainConfig) -> float:
@@ -105,14 +68,16 @@ def lr_at(step: int, tcfg: TrainConfig) -> float:
 
 
 def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor, model: nn.Module,
-                   grad_clip: float) -> None:
-    """Backward (scaled for fp16 autocast), clip the gradient norm, step."""
+                   grad_clip: float) -> float:
+    """Backward (scaled for fp16 autocast), clip the gradient norm, step. Returns the gradient
+    norm before clipping (fp16's scaler skips a step whose norm is not finite; others take it)."""
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(opt)
-    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(opt)
     scaler.update()
+    return 0.0 if scaler.is_enabled() else norm.item()
 
 
 def dmd_step(dmd: DMD, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor | None]],
@@ -213,22 +178,13 @@ def _stderr(message: str) -> None:
     tqdm.write(message, file=sys.stderr)  # on its own line, above any progress bar
 
 
-def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bool = False,
-          device: str = "auto", workers: int = 0, progress: bool = True,
-          log: Callable[[str], None] = _stderr) -> dict:
-    """Train (or resume) into checkpoint folder `out`; returns a summary of the run.
+class TrainingDiverged(MirageError):
+    """The loss became NaN or infinite: the run stops there, and nothing after the last good save is kept."""
 
-    The summary's "stopped_by" names the signal (SIGINT / SIGTERM) if one ended the run early;
-    the checkpoint then holds the last finished step. Resuming says in one `log` line what it
-    does: the step it continues from, train-config changes (also recorded in config.json under
-    "resumes"), or that nothing is left to train.
-    """
-    out = Path(out)
-    rank, world = _distributed()
-    dev = pick_device(device)
-    if dev.type == "cuda" and world > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(dev)
+
+def check_run(model_cfg: ModelConfig, tcfg: TrainConfig, world: int) -> None:
+    """The checks that need the model config, the train config and the launch together (each config
+    checks its own fields): run first, before anything is allocated."""
     if tcfg.self_forcing_prob and not 1 <= tcfg.self_forcing_horizon <= model_cfg.context_frames:
         raise ConfigError(f"self_forcing_horizon={tcfg.self_forcing_horizon}: choose 1 to context_frames="
                           f"{model_cfg.context_frames}")
@@ -241,11 +197,78 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
     if tcfg.latent_cache and not model_cfg.latent:
         raise ConfigError(f"latent_cache={tcfg.latent_cache} (--latent-cache): model {model_cfg.name} works on pixels; "
                           "only latent models encode their clips")
+
+
+@dataclass
+class Run:
+    """Everything one training run holds: its models and optimizers (`_build`), and where it stands
+    (`_resume`, then the loop)."""
+
+    cfg: ModelConfig
+    tcfg: TrainConfig
+    dev: torch.device
+    rank: int
+    world: int
+    model: MirageUNet
+    ema: MirageUNet
+    opt: torch.optim.Optimizer
+    aux: dict  # models trained beside this one, with their optimizers: DMD's fake score
+    teacher: MirageUNet | None  # progressive distillation's frozen teacher
+    real: MirageUNet | None  # DMD's frozen real score (the teacher as loaded)
+    codec: object | None  # a latent model's frozen autoencoder
+    sampling_steps: int | None  # what the runtime samples the result with by default
+    step: int = 0
+    elapsed: float = 0.0
+    saved_loss: float = float("nan")
+    resumes: list = field(default_factory=list)
+    losses: list = field(default_factory=list)
+    fake_losses: list = field(default_factory=list)
+    self_forced_steps: int = 0
+
+
+def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bool = False,
+          device: str = "auto", workers: int = 0, progress: bool = True,
+          log: Callable[[str], None] = _stderr) -> dict:
+    """Train (or resume) into checkpoint folder `out`; returns a summary of the run.
+
+    The summary's "stopped_by" names the signal (SIGINT / SIGTERM) if one ended the run early;
+    the checkpoint then holds the last finished step. Resuming says in one `log` line what it
+    does: the step it continues from, train-config changes (also recorded in config.json under
+    "resumes"), or that nothing is left to train. A NaN or infinite loss stops the run at that
+    step with TrainingDiverged; the checkpoint keeps the last step saved before it.
+    """
+    out = Path(out)
+    check_run(model_cfg, tcfg, int(os.environ.get("WORLD_SIZE", "1")))
+    rank, world = _distributed()
+    dev = _place(pick_device(device), world)
     source = make_source(tcfg.data, model_cfg.pixels, model_cfg.context_frames + 1, tcfg.seed)
     if rank == 0:
         check_writable(out)  # before any work: an unwritable --out would otherwise fail at the first save
     check_fits(model_cfg, tcfg, dev)
     torch.manual_seed(tcfg.seed + rank)
+    run = _build(model_cfg, tcfg, dev, rank, world)
+    if resume and (out / CONFIG).is_file():
+        _resume(run, out, log)
+    elif (out / CONFIG).is_file():
+        log(f"{out}: --no-resume: starting over; the checkpoint there is replaced at the first save")
+    if run.step >= tcfg.steps:
+        log(f"{out}: nothing left to train (step {run.step} of {tcfg.steps}); pass a larger --steps to train on")
+        return _summary(run, out, None)
+    loader, codec = _batches(run, source, workers, progress)
+    return _loop(run, out, loader, codec, progress, log)
+
+
+def _place(dev: torch.device, world: int) -> torch.device:
+    """Under torchrun on GPUs each process takes the GPU of its local rank."""
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def _build(model_cfg: ModelConfig, tcfg: TrainConfig, dev: torch.device, rank: int, world: int) -> Run:
+    """The models and optimizers; fine-tuning and distillation start from the EMA weights of
+    `init_from` / `distill_from` / `dmd_from` (a resume overrides them)."""
     codec = None
     if model_cfg.latent:  # record which autoencoder the model learns the latents of: loads check it
         model_cfg = dataclasses.replace(model_cfg, autoencoder_sha256=model_cfg.autoencoder_sha256
@@ -254,113 +277,144 @@ def train(model_cfg: ModelConfig, tcfg: TrainConfig, out: str | Path, resume: bo
     model = MirageUNet(model_cfg).to(dev)
     model.grad_checkpoint = tcfg.grad_checkpoint
     start_from = tcfg.init_from or tcfg.distill_from or tcfg.dmd_from
-    sampling_steps = tcfg.student_steps or None  # what the runtime samples the result with by default
-    if start_from:  # fine-tuning and distillation start from the EMA weights (a resume below overrides them)
+    sampling_steps = tcfg.student_steps or None
+    start_model = None
+    if start_from:
         start_model, start_meta = load_checkpoint(start_from, dev)
         check_same(start_model.cfg, model_cfg)
         model.load_state_dict(start_model.state_dict())
         sampling_steps = sampling_steps or start_meta.get("sampling_steps")
-    teacher = None
     if tcfg.distill_from:
         check_teacher(start_meta, tcfg.student_steps, tcfg.distill_from)
-        teacher = start_model.requires_grad_(False)  # in eval mode, as loaded
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
     adamw = lambda m: torch.optim.AdamW(m.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.99))
-    opt = adamw(model)
-    aux = {}  # models trained beside this one, with their optimizers: DMD's fake score, a trainable copy of the teacher
+    aux = {}
     if tcfg.dmd_from:
         fake = copy.deepcopy(start_model).train().requires_grad_(True)
         aux = {"fake": (fake, adamw(fake))}
-    step, elapsed, saved_loss, resumes = 0, 0.0, float("nan"), []
-    if resume and (out / CONFIG).is_file():
-        meta = read_meta(out)
-        check_same(model_config(meta, out), model_cfg)
-        if not (out / STATE).is_file():
-            raise CheckpointError(f"{out}: holds weights but no {STATE}, so training cannot resume there; "
-                                  "choose another --out, or pass --no-resume to start over and replace it")
-        meta = load_train_state(out, model, ema, opt, aux)
-        step, elapsed, saved_loss = meta["step"], meta.get("train_seconds", 0.0), meta.get("loss", float("nan"))
-        try:
-            changes = config_changes(from_json(TrainConfig, meta["train"]), tcfg)
-        except (KeyError, ConfigError) as e:
-            raise CheckpointError(f"{out / CONFIG}: bad train config ({e})") from e
-        resumes = meta.get("resumes", [])
-        if step >= tcfg.steps:
-            log(f"{out}: nothing left to train (step {step} of {tcfg.steps}); pass a larger --steps to train on")
-            return {"step": step, "loss": saved_loss, "first_loss": float("nan"), "seconds": elapsed,
-                    "parameters": parameter_count(model), "out": str(out), "self_forced_steps": 0,
-                    "sampling_steps": sampling_steps, "stopped_by": None, "trained_steps": 0}
-        said = "; ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
-        log(f"{out}: resuming at step {step} of {tcfg.steps}"
-            + (f"; train config changed: {said} (recorded in {CONFIG})" if changes else ""))
-        if changes:
-            resumes = [*resumes, {"step": step, "changes": changes}]
-    elif (out / CONFIG).is_file():
-        log(f"{out}: --no-resume: starting over; the checkpoint there is replaced at the first save")
-    stream = ClipStream(source, model_cfg.context_frames + 1, seed=tcfg.seed + 1000 * step, rank=rank)
+    frozen = start_model.requires_grad_(False) if start_model is not None else None  # in eval mode, as loaded
+    return Run(model_cfg, tcfg, dev, rank, world, model, copy.deepcopy(model).eval().requires_grad_(False),
+               adamw(model), aux, teacher=frozen if tcfg.distill_from else None,
+               real=frozen if tcfg.dmd_from else None, codec=codec, sampling_steps=sampling_steps)
+
+
+def _resume(run: Run, out: Path, log: Callable[[str], None]) -> None:
+    """Load the checkpoint in `out` into the run and say in one line what changed."""
+    meta = read_meta(out)
+    check_same(model_config(meta, out), run.cfg)
+    if not (out / STATE).is_file():
+        raise CheckpointError(f"{out}: holds weights but no {STATE}, so training cannot resume there; "
+                              "choose another --out, or pass --no-resume to start over and replace it")
+    meta = load_train_state(out, run.model, run.ema, run.opt, run.aux)
+    run.step, run.elapsed, run.saved_loss = meta["step"], meta.get("train_seconds", 0.0), meta.get("loss", float("nan"))
+    try:
+        changes = config_changes(from_json(TrainConfig, meta["train"]), run.tcfg)
+    except (KeyError, ConfigError) as e:
+        raise CheckpointError(f"{out / CONFIG}: bad train config ({e})") from e
+    run.resumes = meta.get("resumes", [])
+    if run.step >= run.tcfg.steps:
+        return
+    said = "; ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
+    log(f"{out}: resuming at step {run.step} of {run.tcfg.steps}"
+        + (f"; train config changed: {said} (recorded in {CONFIG})" if changes else ""))
+    if changes:
+        run.resumes = [*run.resumes, {"step": run.step, "changes": changes}]
+
+
+def _batches(run: Run, source, workers: int, progress: bool):
+    """(an endless iterator of (clips, cond) on the device, the codec a step still has to encode with)."""
+    cfg, tcfg, dev = run.cfg, run.tcfg, run.dev
+    stream = ClipStream(source, cfg.context_frames + 1, seed=tcfg.seed + 1000 * run.step, rank=run.rank)
     frames = batches(stream, tcfg.batch_size, workers, pin_memory=dev.type == "cuda")
-    if tcfg.latent_cache:  # encode clips once, then train on their latents (mirage.train.latent_cache)
-        cache = LatentCache.build(frames, codec, tcfg.latent_cache, bool(model_cfg.cond_channels), dev,
-                                  progress and rank == 0)
-        del frames  # stops its worker processes
-        loader, codec = cache.batches(tcfg.batch_size, seed=tcfg.seed + 1000 * step + rank), None
-    else:
-        loader = ((clips.to(dev, non_blocking=True), None) for clips in frames)
-    step_fn: nn.Module = TrainStep(model, tcfg, teacher, codec)
-    dmd = None
-    if tcfg.dmd_from:  # the real score is the teacher as loaded (EMA weights, eval mode), frozen
-        dmd = DMD(model, start_model.requires_grad_(False), aux["fake"][0], tcfg, codec)
-    if world > 1:
+    if not tcfg.latent_cache:
+        return ((clips.to(dev, non_blocking=True), None) for clips in frames), run.codec
+    # encode clips once, then train on their latents (mirage.train.latent_cache)
+    cache = LatentCache.build(frames, run.codec, tcfg.latent_cache, bool(cfg.cond_channels), dev,
+                              progress and run.rank == 0)
+    del frames  # stops its worker processes
+    return cache.batches(tcfg.batch_size, seed=tcfg.seed + 1000 * run.step + run.rank), None
+
+
+def _loop(run: Run, out: Path, loader, codec, progress: bool, log: Callable[[str], None]) -> dict:
+    """The optimizer steps from run.step to tcfg.steps, saving as due; stops early on a signal."""
+    tcfg, dev, model = run.tcfg, run.dev, run.model
+    step_fn: nn.Module = TrainStep(model, tcfg, run.teacher, codec)
+    dmd = DMD(model, run.real, run.aux["fake"][0], tcfg, codec) if tcfg.dmd_from else None
+    if run.world > 1:
         step_fn = nn.parallel.DistributedDataParallel(step_fn, device_ids=[dev] if dev.type == "cuda" else None)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.precision)
     autocast = lambda: torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext()  # one per use
-    scaler = torch.amp.GradScaler(dev.type, enabled=tcfg.precision == "fp16")
-    fake_scaler = torch.amp.GradScaler(dev.type, enabled=tcfg.precision == "fp16")  # DMD's fake score: its own scale
-    losses, fake_losses = [], []
+    # DMD's fake score keeps a scale of its own
+    scalers = [torch.amp.GradScaler(dev.type, enabled=tcfg.precision == "fp16") for _ in range(2)]
     start = last_save = time.monotonic()
-    stopped, self_forced_steps = False, 0
+    stopped = False
     model.train()
-    with StopOnSignal(log) as stop, tqdm(total=tcfg.steps, initial=step, disable=not progress or rank != 0,
+    with StopOnSignal(log) as stop, tqdm(total=tcfg.steps, initial=run.step, disable=not progress or run.rank != 0,
                                          desc="train", unit="step") as bar:
-        while step < tcfg.steps and not stopped:
-            for group in [*opt.param_groups, *(group for _, o in aux.values() for group in o.param_groups)]:
-                group["lr"] = lr_at(step, tcfg)
-            self_forced = is_self_forced_step(tcfg.seed, step, tcfg.self_forcing_prob)
+        while run.step < tcfg.steps and not stopped:
+            for group in [*run.opt.param_groups, *(g for _, o in run.aux.values() for g in o.param_groups)]:
+                group["lr"] = lr_at(run.step, tcfg)
+            self_forced = is_self_forced_step(tcfg.seed, run.step, tcfg.self_forcing_prob)
+            fake_loss = norm = 0.0
             if dmd is not None:
-                loss, fake_loss = dmd_step(dmd, lambda: next(loader), opt, aux["fake"][1], (scaler, fake_scaler),
-                                           autocast, self_forced, step_fn)
-                fake_losses.append(fake_loss)
+                loss, fake_loss = dmd_step(dmd, lambda: next(loader), run.opt, run.aux["fake"][1], scalers, autocast,
+                                           self_forced, step_fn)
+                run.fake_losses.append(fake_loss)
             else:
                 clips, cond = next(loader)
                 with autocast():
                     loss = step_fn(clips, self_forced, cond)
-                optimizer_step(opt, scaler, loss, model, tcfg.grad_clip)
+                norm = optimizer_step(run.opt, scalers[0], loss, model, tcfg.grad_clip)
                 loss = loss.item()
-            self_forced_steps += self_forced
-            step += 1
-            ema_update(ema, model, min(tcfg.ema_decay, (1 + step) / (10 + step)))
-            losses.append(loss)
+            _check_finite(run, {"loss": loss, "the fake score's loss": fake_loss, "gradient norm": norm}, out)
+            run.self_forced_steps += self_forced
+            run.step += 1
+            ema_update(run.ema, model, min(tcfg.ema_decay, (1 + run.step) / (10 + run.step)))
+            run.losses.append(loss)
             bar.update(1)
-            if step % tcfg.log_every == 0 or step == tcfg.steps:
-                bar.set_postfix(loss=f"{_mean(losses[-tcfg.log_every:]):.4f}",
-                                **({"fake": f"{_mean(fake_losses[-tcfg.log_every:]):.4f}"} if fake_losses else {}))
-            stopped = _stop_everywhere(stop, world, dev)
-            due = (step % tcfg.save_every == 0 or step == tcfg.steps or stopped
+            if run.step % tcfg.log_every == 0 or run.step == tcfg.steps:
+                bar.set_postfix(loss=f"{_recent(run.losses, tcfg):.4f}",
+                                **({"fake": f"{_recent(run.fake_losses, tcfg):.4f}"} if run.fake_losses else {}))
+            stopped = _stop_everywhere(stop, run.world, dev)
+            due = (run.step % tcfg.save_every == 0 or run.step == tcfg.steps or stopped
                    or time.monotonic() - last_save >= 60 * tcfg.save_minutes)
-            if rank == 0 and due:
-                save_checkpoint(out, model, ema, tcfg, step, opt, aux=aux, extra={
-                    "loss": _mean(losses[-tcfg.log_every:]), "train_seconds": elapsed + time.monotonic() - start,
-                    "parameters": parameter_count(model), "device": str(dev), "world_size": world,
-                    **({"sampling_steps": sampling_steps} if sampling_steps else {}),
-                    **({"fake_loss": _mean(fake_losses[-tcfg.log_every:])} if fake_losses else {}),
-                    **({"resumes": resumes} if resumes else {})})
+            if run.rank == 0 and due:
+                _save(run, out, run.elapsed + time.monotonic() - start)
                 last_save = time.monotonic()
-    return {"step": step, "loss": _mean(losses[-tcfg.log_every:] or [float("nan")]), "first_loss": losses[0] if losses else float("nan"),
-            "seconds": elapsed + time.monotonic() - start, "parameters": parameter_count(model), "out": str(out),
-            "self_forced_steps": self_forced_steps, "sampling_steps": sampling_steps,
-            "stopped_by": stop.received if stopped else None, "trained_steps": len(losses),
-            **({"fake_loss": _mean(fake_losses[-tcfg.log_every:])} if fake_losses else {})}
+    run.elapsed += time.monotonic() - start
+    return _summary(run, out, stop.received if stopped else None)
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
+def _check_finite(run: Run, values: dict[str, float], out: Path) -> None:
+    """Stop at the first NaN / infinite loss or gradient, before the EMA or a save can take the
+    weights it left (save_unit refuses non-finite tensors besides)."""
+    bad = next((f"{name} {value}" for name, value in values.items() if not math.isfinite(value)), None)
+    if bad is None:
+        return
+    raise TrainingDiverged(f"step {run.step + 1}: {bad} (lr {run.tcfg.lr:g}, precision {run.tcfg.precision}); "
+                           f"training stopped and nothing of this step was saved ({out} keeps its last save); "
+                           "lower --lr or use --precision fp32")
+
+
+def _save(run: Run, out: Path, seconds: float) -> None:
+    tcfg = run.tcfg
+    save_checkpoint(out, run.model, run.ema, tcfg, run.step, run.opt, aux=run.aux, extra={
+        "loss": _recent(run.losses, tcfg), "train_seconds": seconds,
+        "parameters": parameter_count(run.model), "device": str(run.dev), "world_size": run.world,
+        **({"sampling_steps": run.sampling_steps} if run.sampling_steps else {}),
+        **({"fake_loss": _recent(run.fake_losses, tcfg)} if run.fake_losses else {}),
+        **({"resumes": run.resumes} if run.resumes else {})})
+
+
+def _summary(run: Run, out: Path, stopped_by: str | None) -> dict:
+    """What train() returns: the saved loss when nothing was trained."""
+    return {"step": run.step, "loss": _recent(run.losses, run.tcfg) if run.losses else run.saved_loss,
+            "first_loss": run.losses[0] if run.losses else float("nan"), "seconds": run.elapsed,
+            "parameters": parameter_count(run.model), "out": str(out), "self_forced_steps": run.self_forced_steps,
+            "sampling_steps": run.sampling_steps, "stopped_by": stopped_by, "trained_steps": len(run.losses),
+            **({"fake_loss": _recent(run.fake_losses, run.tcfg)} if run.fake_losses else {})}
+
+
+def _recent(values: list[float], tcfg: TrainConfig) -> float:
+    """The mean of the last log_every values."""
+    recent = values[-tcfg.log_every:]
+    return sum(recent) / len(recent)
