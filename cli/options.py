@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from mirage.core.loop import MAX_SEED
+
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")  # mirage.runtime.pipeline.BACKENDS, without importing it
 
 backend = click.option(
@@ -14,3 +16,6 @@ fast = click.option(
     help="The fastest PyTorch path on a GPU (docs/PERF.md): float16, Inductor kernels over channels-last weights "
          "with freezing, the timestep-only work once per step, all in the frame's CUDA graph. Compiling takes a "
          "minute or two before the first frame.")
+
+# a seed outside the generator's range would wrap to another seed's video (mirage.core.loop.MAX_SEED)
+SEED = click.IntRange(0, MAX_SEED)

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from mirage.cli.errors import UserError
+from mirage.cli.options import SEED
 from mirage.core.errors import MirageError
 
 
@@ -19,7 +20,7 @@ from mirage.core.errors import MirageError
 @click.option("--steps", type=click.IntRange(1, 1000), default=None,
               help="DDIM steps per frame; default: the model's own (a distilled student records it), else 4.")
 @click.option("--context-noise", type=click.IntRange(0, 999), default=100, help="Inference context noise t_ctx.")
-@click.option("--seed", type=int, default=0, help="Noise seed of the (first) rollout.")
+@click.option("--seed", type=SEED, default=0, help="Noise seed of the (first) rollout.")
 @click.option("--streams", type=click.IntRange(min=1), default=1,
               help="Independent rollouts (seeds SEED, SEED+1, ...) run together as a batch; every metric is their "
                    "mean. One generated video is one sample: use 8 or more to compare generation models.")

@@ -78,7 +78,7 @@ class _Stop:
 @click.option("--frames", type=click.IntRange(min=1), default=48, help="Frames to generate.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None,
               help="DDIM steps per frame; default: the model's own (a distilled student records it), else 4.")
-@click.option("--seed", type=int, default=0, help="Noise seed: the same seed gives the same video on every backend.")
+@click.option("--seed", type=shared.SEED, default=0, help="Noise seed: the same seed gives the same video on every backend.")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("mirage.gif"),
               help="Where to write: .mp4, .gif, or a folder name (no suffix) for PNG frames. Written as frames "
                    "arrive; Ctrl-C keeps the frames made so far.")

@@ -182,6 +182,12 @@ def _run(backend: Backend, graph: str, inputs: dict, output: Array, callback: Ca
 GOLDEN_GAMMA, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
+# Seeds the CLIs and the server accept: 0 <= seed <= MAX_SEED. The generator keys on a seed's low 64
+# bits (int64_bits), so a larger int would silently be another seed's video; a non-negative int64 is
+# also what every JSON reader and the int64 rng buffer hold as written.
+MAX_SEED = 2 ** 63 - 1
+
+
 def int64_bits(value: int) -> int:
     """The int64 with the low 64 bits of `value`: how a seed (any Python int) is stored in rng[b, 0],
     and how torch, which has no uint64 arithmetic, holds the generator's constants."""
