@@ -1,6 +1,8 @@
 """Options every command that runs a model shares (mirage-run, mirage-serve): one definition each."""
 from __future__ import annotations
 
+import re
+
 import click
 
 from mirage.core.loop import MAX_SEED
@@ -19,3 +21,13 @@ fast = click.option(
 
 # a seed outside the generator's range would wrap to another seed's video (mirage.core.loop.MAX_SEED)
 SEED = click.IntRange(0, MAX_SEED)
+
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def device(ctx, param, value: str) -> str:
+    """--device callback: auto, cpu, cuda or cuda:N, checked before a model loads (torch would
+    raise its own error about any other name only once the weights are on their way)."""
+    if not DEVICE.fullmatch(value):
+        raise click.BadParameter(f"{value!r}: give auto, cpu, cuda or cuda:N")
+    return value

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from mirage.cli.errors import UserError
-from mirage.cli.options import SEED
+from mirage.cli.options import SEED, device as device_name
 from mirage.core.errors import MirageError
 
 
@@ -29,7 +29,8 @@ from mirage.core.errors import MirageError
                    "the camera-like detailed video, or pans over scikit-image's photographs.")
 @click.option("--examples", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for PNGs of the first, middle and last frame (video-to-video: input | output | truth).")
-@click.option("--device", default="cpu", help="cpu, cuda or cuda:N (checkpoints; artifacts run with ONNX Runtime).")
+@click.option("--device", default="cpu", callback=device_name,
+              help="cpu, cuda or cuda:N for a checkpoint; an artifact runs with ONNX Runtime on the CPU (cpu only).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the report here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
