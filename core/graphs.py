@@ -131,12 +131,3 @@ def model_graphs(cfg, batch: int = 1, max_batch: int | None = None, precision: s
         specs[DECODE] = GraphSpec(DECODE, (z,), (rgb,), dyn)
     return specs
 
-
-def buffer_bytes(specs: dict[str, GraphSpec]) -> int:
-    """The memory a runtime takes for these graphs beyond their weights: every input and output of
-    every graph once (the frame buffers of core.loop.make_buffers have exactly these shapes, and a
-    backend holds each graph's I/O for a call). It errs low, leaving out the backends' activations,
-    so a check against it refuses what cannot fit, not everything that will not."""
-    import numpy as np
-
-    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for g in specs.values() for x in g.tensors)

@@ -285,3 +285,18 @@ def make_buffers(specs: dict, schedule: Schedule, alloc: Callable, fill: Callabl
                    ages=new(d, G.AGES), slot=alloc((b,), "int64"), rng=alloc((b, 2), "int64"), advance=advance, t=t,
                    t_ctx=t_ctx, cond=cond, image=new(dec, G.IMAGE) if dec else None,
                    cond_image=new(specs[G.ENCODE], G.IMAGE) if G.ENCODE in specs else None)
+
+
+def buffer_bytes(specs: dict, schedule: Schedule) -> int:
+    """The memory make_buffers takes for these specs, counted without allocating (the runtime's
+    memory estimate beyond the weights). It errs low, leaving out the backends' own activations, so
+    a check against it refuses what cannot fit, not everything that will not."""
+    import numpy as np
+
+    sizes = []
+
+    def count(shape, dtype):
+        sizes.append(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+
+    make_buffers(specs, schedule, count, lambda buf, value: None, lambda graph, name: specs[graph].tensor(name).dtype)
+    return sum(sizes)
