@@ -1,7 +1,7 @@
 """The noise schedule and DDIM coefficient table in plain Python (the runtime has no torch).
 
 mirage.model.diffusion builds its tensors from these functions, so training, the reference
-sampler and every runtime backend share one definition. Notation as in train/diffusion.py.
+sampler and every runtime backend share one definition. Notation as in model/diffusion.py.
 """
 from __future__ import annotations
 
