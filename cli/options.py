@@ -5,6 +5,8 @@ import re
 
 import click
 
+from mirage.cli.errors import UserError
+from mirage.core.device import cuda_available
 from mirage.core.loop import MAX_SEED
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")  # mirage.runtime.pipeline.BACKENDS, without importing it
@@ -31,3 +33,11 @@ def device(ctx, param, value: str) -> str:
     if not DEVICE.fullmatch(value):
         raise click.BadParameter(f"{value!r}: give auto, cpu, cuda or cuda:N")
     return value
+
+
+def check_fast(fast: bool, device: str) -> None:
+    """--fast is a GPU configuration: on the CPU (named, or what auto means without a GPU) float16
+    and a CUDA graph do not apply, so it is refused rather than run as something else."""
+    if fast and (device == "cpu" or (device == "auto" and not cuda_available())):
+        raise UserError("--fast is the GPU path (float16, Inductor kernels in the frame's CUDA graph); "
+                        f"{'no CUDA GPU is visible' if device == 'auto' else 'with --device cpu'}, leave it out")

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import click
@@ -43,8 +44,16 @@ def main(model, frames, window, steps, context_noise, seed, streams, data, examp
     from mirage.core.report import write_json
     from mirage.runtime.quality import evaluate, format_table, plot
 
-    if json_path is not None and not json_path.parent.is_dir():
-        raise UserError(f"--json {json_path}: folder {json_path.parent} does not exist")
+    for flag, path in (("--json", json_path), ("--plot", plot_path)):
+        if path is not None and not path.parent.is_dir():
+            raise UserError(f"{flag} {path}: folder {path.parent} does not exist")
+    if plot_path is not None and importlib.util.find_spec("matplotlib") is None:
+        raise UserError("--plot needs matplotlib: pip install matplotlib (or leave --plot out)")
+    try:  # made now, so a folder that cannot be made fails before the rollout, not after it
+        if examples is not None:
+            examples.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--examples {examples}: cannot make this folder ({e.strerror})") from e
     try:
         report = evaluate(model, frames, window, steps, context_noise, seed, device, streams, data, examples)
     except MirageError as e:

@@ -122,6 +122,7 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
 
     if json_path is not None and not json_path.parent.is_dir():
         raise UserError(f"--json {json_path}: folder {json_path.parent} does not exist")
+    shared.check_fast(fast, device)
     for written in filter(None, (output, json_path)):
         check_not_input(written, source)
     shape_in = input_size(source) if source not in (None, "synthetic") else None

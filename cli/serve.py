@@ -68,6 +68,8 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
     bad = [d for d in devices if not shared.DEVICE.fullmatch(d)]
     if bad:
         raise UserError(f"--device {','.join(bad)}: give auto, cpu, cuda or cuda:N")
+    for name in devices:
+        shared.check_fast(fast, name)
     try:  # the options first: a refused binding should not wait for a model to load
         options = ServerOptions(host=host, port=port, token=token, deadline_ms=deadline_ms,
                                 batch_wait_ms=batch_wait_ms, max_frame_bytes=max_frame_bytes,

@@ -250,7 +250,8 @@ def test_a_model_too_large_for_memory_is_refused_before_allocating(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--fast"], "--fast / --compile (dtype, compile, channels_last, freeze, precompute_time) tune the torch backend"),
+    (["--fast", "--device", "cuda"], "--fast / --compile (dtype, compile, channels_last, freeze, precompute_time) tune "
+                                     "the torch backend"),
     (["--compile"], "--fast / --compile (compile) tune the torch backend"),
     (["--device", "cuda"], "--device cuda: the onnxruntime backend runs on the CPU"),
     (["--backend", "onnxruntime", "--device", "cuda:1"], "--device cuda:1: the onnxruntime backend runs on the CPU"),

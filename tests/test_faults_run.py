@@ -183,3 +183,23 @@ def test_an_export_option_the_build_would_not_use_is_refused(tmp_path, args, mes
     out = tmp_path / "art"
     _refused(export_main, ["--checkpoint", str(CKPT_GEN), "--out", str(out), *args], message)
     assert not out.exists()
+
+
+def test_fast_on_the_cpu_is_refused(no_model, monkeypatch):
+    """--fast is float16 Inductor kernels in a CUDA graph; on the CPU it would be something else."""
+    _refused(run_main, ["--fast", "--device", "cpu"], "--fast is the GPU path")
+    _refused(serve_main, ["--fast", "--device", "cpu"], "--fast is the GPU path")
+    monkeypatch.setattr("mirage.cli.options.cuda_available", lambda: False)
+    _refused(run_main, ["--fast"], "no CUDA GPU is visible")
+
+
+def test_quality_outputs_are_checked_before_the_rollout(tmp_path, no_model, monkeypatch):
+    """--plot without matplotlib, or into a missing folder, failed after the whole rollout."""
+    import sys
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _refused(quality_main, [str(CKPT_GEN), "--plot", str(tmp_path / "missing" / "p.png")], "does not exist")
+    _refused(quality_main, [str(CKPT_GEN), "--examples", str(blocker / "ex")], "cannot make this folder")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    _refused(quality_main, [str(CKPT_GEN), "--plot", str(tmp_path / "p.png")], "--plot needs matplotlib")
