@@ -1,4 +1,4 @@
-"""Options every command that runs a model shares (mirage-run, mirage-serve): one definition each."""
+"""Options the commands that run a model share (mirage-run, mirage-serve, mirage-quality): one definition each."""
 from __future__ import annotations
 
 import re
@@ -19,7 +19,7 @@ fast = click.option(
     "--fast", is_flag=True,
     help="The fastest PyTorch path on a GPU (docs/PERF.md): float16, Inductor kernels over channels-last weights "
          "with freezing, the timestep-only work once per step, all in the frame's CUDA graph. Compiling takes a "
-         "minute or two before the first frame.")
+         "minute or two before the first frame. Checkpoints on a GPU only: refused on the CPU and for artifacts.")
 
 # a seed outside the generator's range would wrap to another seed's video (mirage.core.loop.MAX_SEED)
 SEED = click.IntRange(0, MAX_SEED)

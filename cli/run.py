@@ -89,8 +89,8 @@ class _Stop:
 @shared.fast
 @click.option("--no-cuda-graph", is_flag=True, help="Run each frame eagerly instead of replaying a CUDA graph.")
 @click.option("--compile", "compile_", is_flag=True,
-              help="PyTorch backend: Inductor kernels (torch.compile) captured in the frame graph, without the "
-                   "rest of --fast.")
+              help="PyTorch backend (checkpoints; refused for artifacts): Inductor kernels (torch.compile) captured "
+                   "in the frame graph, without the rest of --fast.")
 @click.option("--kernel-library", type=click.Path(exists=True, dir_okay=False), default=None,
               help="PyTorch backend on CUDA: run temporal attention with the fused kernel of this "
                    "libmirage_kernels.so (build it with CMake, see README).")
