@@ -203,3 +203,22 @@ def test_quality_outputs_are_checked_before_the_rollout(tmp_path, no_model, monk
     _refused(quality_main, [str(CKPT_GEN), "--examples", str(blocker / "ex")], "cannot make this folder")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     _refused(quality_main, [str(CKPT_GEN), "--plot", str(tmp_path / "p.png")], "--plot needs matplotlib")
+
+
+def test_a_report_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A write torn by a full disk (or a kill) leaves the previous --json report as it was."""
+    from mirage.core.report import write_json
+
+    path = tmp_path / "r.json"
+    write_json(path, {"run": 1})
+
+    def torn(self, text, *args, **kwargs):
+        with open(self, "w") as f:
+            f.write(text[:3])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", torn)
+    with pytest.raises(OSError):
+        write_json(path, {"run": 2})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"run": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
