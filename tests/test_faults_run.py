@@ -47,10 +47,11 @@ def _clip(path: Path, side: int, frames: int = 3) -> Path:
 def test_a_seed_beyond_the_generator_is_refused(tmp_path, no_model):
     """Seeds were kept modulo 2^64: 2^64 + 5 gave seed 5's video without a word."""
     out = tmp_path / "o.gif"
+    out.write_bytes(b"previous")
     for seed in (str(2 ** 64 + 5), "99999999999999999999999", "-1"):
         _refused(run_main, ["--seed", seed, "--output", str(out)], "Invalid value for '--seed'")
         _refused(quality_main, [str(CKPT_GEN), "--seed", seed], "Invalid value for '--seed'")
-    assert not out.exists()
+    assert out.read_bytes() == b"previous"
     r = CliRunner().invoke(run_main, ["--seed", str(MAX_SEED + 1)])
     assert r.exit_code == 2 and str(MAX_SEED) in r.output
 
@@ -125,8 +126,9 @@ def test_an_input_too_small_to_enlarge_is_refused(tmp_path, no_model, kind):
         source.mkdir()
         Image.new("RGB", (2, 2)).save(source / "0.png")
     out = tmp_path / "o.gif"
+    out.write_bytes(b"previous")
     _refused(run_main, [str(CKPT_V2V), "--input", str(source), "--output", str(out)], "frames are 2x2")
-    assert not out.exists()
+    assert out.read_bytes() == b"previous"
 
 
 def test_a_small_input_is_enlarged_with_a_warning(tmp_path):
