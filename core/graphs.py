@@ -130,4 +130,3 @@ def model_graphs(cfg, batch: int = 1, max_batch: int | None = None, precision: s
             specs[ENCODE] = GraphSpec(ENCODE, (rgb,), (z,), dyn)
         specs[DECODE] = GraphSpec(DECODE, (z,), (rgb,), dyn)
     return specs
-
