@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from mirage.cli.errors import UserError
 from mirage.core.errors import MirageError
@@ -12,6 +13,22 @@ from mirage.core.graphs import PRECISIONS
 from mirage.engine.manifest import BACKENDS, RTX_TARGETS
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny"
+
+
+def _unused_option(ctx: click.Context, backend: str, precision: str) -> str | None:
+    """The first option given on the command line that this build would not use, as a message."""
+    unused = {"gpus": ("--gpu", backend != "tensorrt-rtx", "chooses TensorRT-RTX targets: add --backend tensorrt-rtx"),
+              "opt_level": ("--opt-level", backend == "onnx", "tunes the engine build: add --backend tensorrt(-rtx)"),
+              "workspace_mb": ("--workspace-mb", backend == "onnx",
+                               "limits the engine build: add --backend tensorrt(-rtx)"),
+              "plugin_library": ("--plugin-library", backend == "onnx",
+                                 "is loaded to build engines: add --backend tensorrt"),
+              "calib_frames": ("--calib-frames", precision == "fp32",
+                               "calibrates int8/fp8 and measures fp16's range: fp32 uses none")}
+    for name, (flag, idle, why) in unused.items():
+        if idle and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
+            return f"{flag} {why}"
+    return None
 
 
 def _gpus(ctx, param, value: str | None) -> tuple[str, ...]:
@@ -65,6 +82,9 @@ def main(checkpoint, precision, backend, gpus, out, batch, max_batch, opt_level,
 
     if max_batch is not None and batch > max_batch:
         raise UserError(f"--batch {batch} is larger than --max-batch {max_batch}")
+    unused = _unused_option(click.get_current_context(), backend, precision)
+    if unused:
+        raise UserError(unused)
     options = ArtifactOptions(precision=precision, backend=backend, batch=batch, max_batch=max_batch, gpus=gpus,
                               calibration_frames=calib_frames, parity_frames=parity_frames,
                               optimization_level=opt_level, workspace_mb=workspace_mb, plugin_library=plugin_library,

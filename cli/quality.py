@@ -4,11 +4,13 @@
 """
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import click
 
 from mirage.cli.errors import UserError
+from mirage.cli.options import SEED, device as device_name
 from mirage.core.errors import MirageError
 from mirage.core.schedule import CONTEXT_NOISE
 
@@ -20,7 +22,7 @@ from mirage.core.schedule import CONTEXT_NOISE
 @click.option("--steps", type=click.IntRange(1, 1000), default=None,
               help="DDIM steps per frame; default: the model's own (a distilled student records it), else 4.")
 @click.option("--context-noise", type=click.IntRange(0, 999), default=CONTEXT_NOISE, help="Inference context noise t_ctx.")
-@click.option("--seed", type=int, default=0, help="Noise seed of the (first) rollout.")
+@click.option("--seed", type=SEED, default=0, help="Noise seed of the (first) rollout.")
 @click.option("--streams", type=click.IntRange(min=1), default=1,
               help="Independent rollouts (seeds SEED, SEED+1, ...) run together as a batch; every metric is their "
                    "mean. One generated video is one sample: use 8 or more to compare generation models.")
@@ -29,7 +31,8 @@ from mirage.core.schedule import CONTEXT_NOISE
                    "the camera-like detailed video, or pans over scikit-image's photographs.")
 @click.option("--examples", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for PNGs of the first, middle and last frame (video-to-video: input | output | truth).")
-@click.option("--device", default="cpu", help="cpu, cuda or cuda:N (checkpoints; artifacts run with ONNX Runtime).")
+@click.option("--device", default="cpu", callback=device_name,
+              help="cpu, cuda or cuda:N for a checkpoint; an artifact runs with ONNX Runtime on the CPU (cpu only).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the report here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -42,8 +45,16 @@ def main(model, frames, window, steps, context_noise, seed, streams, data, examp
     from mirage.core.report import write_json
     from mirage.bridge.quality import evaluate, format_table, plot
 
-    if json_path is not None and not json_path.parent.is_dir():
-        raise UserError(f"--json {json_path}: folder {json_path.parent} does not exist")
+    for flag, path in (("--json", json_path), ("--plot", plot_path)):
+        if path is not None and not path.parent.is_dir():
+            raise UserError(f"{flag} {path}: folder {path.parent} does not exist")
+    if plot_path is not None and importlib.util.find_spec("matplotlib") is None:
+        raise UserError("--plot needs matplotlib: pip install matplotlib (or leave --plot out)")
+    try:  # made now, so a folder that cannot be made fails before the rollout, not after it
+        if examples is not None:
+            examples.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--examples {examples}: cannot make this folder ({e.strerror})") from e
     try:
         report = evaluate(model, frames, window, steps, context_noise, seed, device, streams, data, examples)
     except MirageError as e:

@@ -20,7 +20,8 @@ from mirage.core.config import PipelineOptions
 from mirage.core.errors import MirageError
 from mirage.core.report import latency_summary, psnr, table, write_json
 from mirage.core.synthetic import SyntheticVideo
-from mirage.core.video_io import VideoError, VideoWriter, check_source, iter_frames, to_float, v2v_input
+from mirage.core.video_io import (MIN_INPUT_SIDE, VideoError, VideoWriter, check_not_input, check_source, input_size,
+                                  iter_frames, to_float, v2v_input)
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 # the default demo: 48 frames of 256x256 video-to-video took 32 s on this workplace's 2-core CPU, most of it the
@@ -74,24 +75,27 @@ class _Stop:
 @click.option("--input", "source", default=None, callback=lambda ctx, param, value: _check_source(value),
               help="Input stream for video-to-video models: a video file, an image folder, a webcam index "
                    "(0 = /dev/video0, Linux) or 'synthetic' (the default for them). Frames are center-cropped "
-                   "and resized to the model's size.")
+                   f"and resized to the model's size; frames under {MIN_INPUT_SIDE} pixels on a side are refused, "
+                   "smaller ones than the model's are enlarged with a warning. Never the --output path.")
 @click.option("--frames", type=click.IntRange(min=1), default=48, help="Frames to generate.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None,
               help="DDIM steps per frame; default: the model's own (a distilled student records it), else 4.")
-@click.option("--seed", type=int, default=0, help="Noise seed: the same seed gives the same video on every backend.")
+@click.option("--seed", type=shared.SEED, default=0, help="Noise seed: the same seed gives the same video on every backend.")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("mirage.gif"),
               help="Where to write: .mp4, .gif, or a folder name (no suffix) for PNG frames. Written as frames "
-                   "arrive; Ctrl-C keeps the frames made so far.")
+                   "arrive; Ctrl-C keeps the frames made so far. A video file replaces one already there only "
+                   "when the run has made a frame.")
 @shared.backend
 @shared.fast
 @click.option("--no-cuda-graph", is_flag=True, help="Run each frame eagerly instead of replaying a CUDA graph.")
 @click.option("--compile", "compile_", is_flag=True,
-              help="PyTorch backend: Inductor kernels (torch.compile) captured in the frame graph, without the "
-                   "rest of --fast.")
+              help="PyTorch backend (checkpoints; refused for artifacts): Inductor kernels (torch.compile) captured "
+                   "in the frame graph, without the rest of --fast.")
 @click.option("--kernel-library", type=click.Path(exists=True, dir_okay=False), default=None,
               help="PyTorch backend on CUDA: run temporal attention with the fused kernel of this "
                    "libmirage_kernels.so (build it with CMake, see README).")
-@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", default="auto", callback=shared.device,
+              help="auto, cpu, cuda or cuda:N. An artifact without engines runs on the CPU (ONNX Runtime): cpu or auto.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the latency report as JSON here.")
 @click.option("--fps", type=click.IntRange(min=1), default=16, help="Frame rate of the written video.")
@@ -118,6 +122,10 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
 
     if json_path is not None and not json_path.parent.is_dir():
         raise UserError(f"--json {json_path}: folder {json_path.parent} does not exist")
+    shared.check_fast(fast, device)
+    for written in filter(None, (output, json_path)):
+        check_not_input(written, source)
+    shape_in = input_size(source) if source not in (None, "synthetic") else None
     # the video is written as bytes: the frame graph makes them, and only they cross PCIe
     common = dict(steps=steps, cuda_graph=not no_cuda_graph, kernel_library=kernel_library, frames="uint8")
     options = PipelineOptions.fastest(**common) if fast else \
@@ -126,6 +134,9 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
     pipe = load_pipeline(model, backend=backend, device=device, options=options)
     with pipe, writer, _Stop() as stop:
         size = pipe.frame_shape[0]
+        if pipe.video_to_video and shape_in and min(shape_in) < size:
+            click.echo(f"warning: {source} is {shape_in[0]}x{shape_in[1]}; its center square is enlarged to the "
+                       f"model's {size}x{size}", err=True)
         if pipe.video_to_video:
             pairs = _input_stream(source or "synthetic", size, frames)
         elif source is not None:

@@ -66,6 +66,11 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
     devices = [d.strip() for d in devices.split(",") if d.strip()]
     if len(set(devices)) != len(devices) or not devices:
         raise UserError(f"--device {','.join(devices)}: name each device once")
+    bad = [d for d in devices if not shared.DEVICE.fullmatch(d)]
+    if bad:
+        raise UserError(f"--device {','.join(bad)}: give auto, cpu, cuda or cuda:N")
+    for name in devices:
+        shared.check_fast(fast, name)
     try:  # the options first: a refused binding should not wait for a model to load
         options = ServerOptions(host=host, port=port, token=token, deadline_ms=deadline_ms,
                                 batch_wait_ms=batch_wait_ms, max_frame_bytes=max_frame_bytes,

@@ -193,6 +193,12 @@ def _run(backend: Backend, graph: str, inputs: dict, output: Array, callback: Ca
 GOLDEN_GAMMA, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
+# Seeds the CLIs and the server accept: 0 <= seed <= MAX_SEED. The generator keys on a seed's low 64
+# bits (int64_bits), so a larger int would silently be another seed's video; a non-negative int64 is
+# also what every JSON reader and the int64 rng buffer hold as written.
+MAX_SEED = 2 ** 63 - 1
+
+
 def int64_bits(value: int) -> int:
     """The int64 with the low 64 bits of `value`: how a seed (any Python int) is stored in rng[b, 0],
     and how torch, which has no uint64 arithmetic, holds the generator's constants."""
@@ -290,3 +296,18 @@ def make_buffers(specs: dict, schedule: Schedule, alloc: Callable, fill: Callabl
                    ages=new(d, G.AGES), slot=alloc((b,), "int64"), rng=alloc((b, 2), "int64"), advance=advance, t=t,
                    t_ctx=t_ctx, cond=cond, image=new(dec, G.IMAGE) if dec else None,
                    cond_image=new(specs[G.ENCODE], G.IMAGE) if G.ENCODE in specs else None)
+
+
+def buffer_bytes(specs: dict, schedule: Schedule) -> int:
+    """The memory make_buffers takes for these specs, counted without allocating (the runtime's
+    memory estimate beyond the weights). It errs low, leaving out the backends' own activations, so
+    a check against it refuses what cannot fit, not everything that will not."""
+    import numpy as np
+
+    sizes = []
+
+    def count(shape, dtype):
+        sizes.append(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+
+    make_buffers(specs, schedule, count, lambda buf, value: None, lambda graph, name: specs[graph].tensor(name).dtype)
+    return sum(sizes)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -35,4 +36,13 @@ def table(rows: list[tuple[str, str]]) -> str:
 
 
 def write_json(path: str | Path, report: dict) -> None:
-    Path(path).write_text(json.dumps(report, indent=2))
+    """Written to a hidden sibling and renamed, so a report already at `path` is replaced whole or
+    not at all."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        partial.write_text(json.dumps(report, indent=2))
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise

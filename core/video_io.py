@@ -52,6 +52,59 @@ def fit_square(frame_u8: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img)
 
 
+# Inputs are center-cropped and resized to the model's size. A frame whose shorter side is below this
+# has no picture left to enlarge (a 2x2 video becomes flat blocks), so it is refused; a larger one
+# that is still smaller than the model's frames is enlarged, and mirage-run says so.
+MIN_INPUT_SIDE = 16
+
+
+def _check_side(w: int, h: int, source) -> None:
+    if min(h, w) < MIN_INPUT_SIDE:
+        raise VideoError(f"{source}: frames are {w}x{h}; an input needs at least {MIN_INPUT_SIDE} pixels on its "
+                         "shorter side")
+
+
+def _square(frame_u8: np.ndarray, size: int, source) -> np.ndarray:
+    """fit_square of one input frame of `source`, refusing one below MIN_INPUT_SIDE."""
+    _check_side(frame_u8.shape[1], frame_u8.shape[0], source)
+    return fit_square(frame_u8, size)
+
+
+def input_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(width, height) of the first frame of a video file or image folder, read before a model
+    loads, and refused as iter_frames would refuse it; None for a webcam (known once it streams)."""
+    check_source(path)
+    path = Path(path)
+    if str(path).isdigit():
+        return None
+    if path.is_dir():
+        first = min((p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS), default=None)
+        if first is None:
+            return None  # iter_frames names the problem
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(first) as img:
+                w, h = img.size
+        except (OSError, UnidentifiedImageError) as e:
+            raise VideoError(f"{first}: unreadable image ({e})") from e
+    elif path.suffix.lower() in VIDEO_EXTS:
+        import imageio_ffmpeg
+
+        reader = imageio_ffmpeg.read_frames(str(path))
+        try:
+            w, h = next(reader)["size"]
+        except (OSError, RuntimeError, StopIteration, KeyError) as e:
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise VideoError(f"{path}: unreadable video ({reason})") from e
+        finally:
+            reader.close()
+    else:
+        return None  # iter_frames names the problem
+    _check_side(w, h, path)
+    return w, h
+
+
 def check_source(path: str | os.PathLike) -> None:
     """What iter_frames checks before it reads: a webcam index, or a path that exists."""
     if not str(path).isdigit() and not Path(path).exists():
@@ -77,7 +130,7 @@ def iter_frames(path: str | os.PathLike, size: int) -> Iterator[np.ndarray]:
                 frame = np.asarray(Image.open(f).convert("RGB"))
             except (OSError, UnidentifiedImageError) as e:
                 raise VideoError(f"{f}: unreadable image ({e})") from e
-            yield to_float(fit_square(frame, size))
+            yield to_float(_square(frame, size, f))
         return
     if path.suffix.lower() not in VIDEO_EXTS:
         raise VideoError(f"{path}: not a video ({', '.join(VIDEO_EXTS)}) or image folder")
@@ -96,7 +149,7 @@ def _read_ffmpeg(source: str, size: int, input_params: list[str] | None = None) 
         w, h = meta["size"]
         for raw in reader:
             count += 1
-            yield to_float(fit_square(np.frombuffer(raw, np.uint8).reshape(h, w, 3), size))
+            yield to_float(_square(np.frombuffer(raw, np.uint8).reshape(h, w, 3), size, source))
     except (OSError, RuntimeError, StopIteration, KeyError) as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise VideoError(f"{source}: unreadable video ({reason})") from e
@@ -107,10 +160,23 @@ def _read_ffmpeg(source: str, size: int, input_params: list[str] | None = None) 
 OUTPUT_FORMATS = (".mp4", ".gif")  # or a folder (no suffix) of PNG frames
 
 
+def check_not_input(output: str | os.PathLike, source: str | os.PathLike | None) -> None:
+    """Refuse an output that is the input (the same path in another spelling, through a symlink or
+    a hard link): writing it would destroy the frames being read."""
+    if source is None or str(source).isdigit() or not Path(source).exists():
+        return  # a webcam, 'synthetic' or a missing path (check_source names that)
+    out, src = Path(output), Path(source)
+    if out.resolve() == src.resolve() or (out.exists() and os.path.samefile(out, src)):
+        raise VideoError(f"{output} is the input {source}; write the output somewhere else")
+
+
 class VideoWriter:
     """Frames ([-1, 1] floats, or uint8 as to_uint8 makes them) streamed to .mp4 / .gif, or to a folder of PNGs for a path with no
     suffix. The path and its format are checked when the writer opens, before any frame is made;
     `close()` finishes a valid file with the frames written so far (also after an interruption).
+    A video file is written to a hidden sibling and renamed over `path` by close() when it holds a
+    frame, so a file already there is replaced whole or not at all (a killed process leaves it as
+    it was); PNG frames are written into their folder as they come.
 
     Small frames are upscaled `scale` times with nearest-neighbour so a 32x32 demo is visible
     (None: to at least 128 pixels wide).
@@ -130,6 +196,8 @@ class VideoWriter:
             probe.unlink()
         except OSError as e:
             raise VideoError(f"{self.path}: cannot write here ({e.strerror})") from e
+        # the suffix stays last: ffmpeg picks the container by it
+        self._partial = self.path.with_name(f".{self.path.stem}.partial-{os.getpid()}{self.suffix}")
         self._ffmpeg = None
         self._gif: list = []
 
@@ -143,7 +211,7 @@ class VideoWriter:
             if self._ffmpeg is None:
                 import imageio_ffmpeg
 
-                self._ffmpeg = imageio_ffmpeg.write_frames(str(self.path), (u8.shape[1], u8.shape[0]), fps=self.fps,
+                self._ffmpeg = imageio_ffmpeg.write_frames(str(self._partial), (u8.shape[1], u8.shape[0]), fps=self.fps,
                                                            macro_block_size=1, quality=8)
                 self._ffmpeg.send(None)
             self._ffmpeg.send(np.ascontiguousarray(u8))
@@ -164,8 +232,11 @@ class VideoWriter:
             from PIL import Image
 
             images = [Image.fromarray(f) for f in self._gif]
-            images[0].save(self.path, save_all=True, append_images=images[1:], duration=int(1000 / self.fps), loop=0)
+            images[0].save(self._partial, save_all=True, append_images=images[1:], duration=int(1000 / self.fps),
+                           loop=0)
             self._gif = []
+        if self.suffix and self._partial.exists():
+            os.replace(self._partial, self.path)
         return self.count
 
     def __enter__(self) -> "VideoWriter":

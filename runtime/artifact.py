@@ -22,6 +22,11 @@ def open_artifact(path: Path, backend: str, device: str, options: PipelineOption
     if options.kernel_library:
         raise BackendError("--kernel-library is for the torch backend (checkpoints); an artifact takes the fused "
                            "kernel as the TensorRT plugin (`mirage-export --temporal-attention plugin`)")
+    tuned = [f for f in ("dtype", "compile", "channels_last", "freeze", "precompute_time") if getattr(options, f)]
+    if tuned:
+        raise BackendError(f"--fast / --compile ({', '.join(tuned)}) tune the torch backend, which runs checkpoints; "
+                           "an artifact's precision and kernels are fixed when it is exported (mirage-export "
+                           "--precision)")
     if manifest["batch"] != options.batch and not (manifest["max_batch"] and options.batch <= manifest["max_batch"]):
         raise EngineError(f"{path} runs a batch of {manifest['batch']}"
                           + (f" (up to {manifest['max_batch']})" if manifest["max_batch"] else "")
@@ -40,6 +45,9 @@ def open_artifact(path: Path, backend: str, device: str, options: PipelineOption
         why = "--device cpu" if device == "cpu" else missing_gpu(0)
         print(f"note: {path}: running its ONNX graphs on ONNX Runtime (CPU), not its TensorRT engines: {why}",
               file=sys.stderr)
+    if not use_trt and device not in ("auto", "cpu"):
+        raise BackendError(f"--device {device}: the onnxruntime backend runs on the CPU (its CPU execution provider); "
+                           f"use --device cpu, or engines for a GPU: {with_option(rebuild, '--backend', 'tensorrt')}")
     # auto verifies the engines even when it runs the ONNX graphs: a broken artifact is refused, not
     # half-run; --backend onnxruntime runs the ONNX graphs alone
     cfg, recorded = verify_artifact(path, manifest, engines=has_engine and backend != "onnxruntime")

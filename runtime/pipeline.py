@@ -30,8 +30,9 @@ import numpy as np
 
 from mirage.core import graphs as G
 from mirage.core.config import PIPELINE_BACKENDS as BACKENDS, ModelConfig, PipelineOptions
+from mirage.core.device import require_memory
 from mirage.core.errors import MirageError
-from mirage.core.loop import Buffers, Schedule, make_buffers
+from mirage.core.loop import Buffers, Schedule, buffer_bytes, make_buffers
 from mirage.core.schedule import DEFAULT_STEPS, default_steps
 from mirage.core.video_io import as_uint8, to_float
 from mirage.runtime.execution import CpuExecution, GpuExecution
@@ -48,6 +49,9 @@ class Pipeline:
         brings itself; the PyTorch backend's come from the torch side (model/torch_device.py)."""
         self.backend, self.cfg, self.specs, self.options = backend, cfg, specs, options
         self.schedule = Schedule.ddim(options.steps or DEFAULT_STEPS, options.context_noise)
+        # before anything is allocated; the weights are loaded by now, so what is free excludes them
+        require_memory(buffer_bytes(specs, self.schedule), str(backend.device),
+                       f"{cfg.name} ({cfg.pixels}x{cfg.pixels} frames) at batch {options.batch}")
         on_gpu = str(backend.device).startswith("cuda")
         self.execution = GpuExecution(backend, self.schedule, options.cuda_graph, options.frames, plumbing) if on_gpu \
             else CpuExecution(backend, self.schedule, options.frames, plumbing)

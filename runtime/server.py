@@ -52,6 +52,7 @@ import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from mirage.core.errors import MirageError
+from mirage.core.loop import MAX_SEED
 from mirage.core.video_io import as_uint8, to_float, v2v_input
 from mirage.runtime.pool import PoolFull
 
@@ -337,8 +338,8 @@ class Server:
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
         self.check_token(request)
         seed = request.query.get("seed", "0")
-        if not seed.isdigit():
-            raise web.HTTPBadRequest(text=f"seed={seed!r}: give a non-negative integer\n")
+        if not seed.isdigit() or int(seed) > MAX_SEED:
+            raise web.HTTPBadRequest(text=f"seed={seed!r}: give an integer from 0 to {MAX_SEED}\n")
         seed = int(seed)
         ws = web.WebSocketResponse(max_msg_size=2 * self.options.max_frame_bytes + HEADER.size, heartbeat=10.0)
         await ws.prepare(request)

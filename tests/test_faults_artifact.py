@@ -270,3 +270,25 @@ def test_a_model_too_large_for_memory_is_refused_before_allocating(tmp_path):
     (ckpt / "config.json").write_text(json.dumps(meta))
     r = CliRunner().invoke(run_main, [str(ckpt), "--frames", "1", "--output", str(tmp_path / "o.gif")])
     assert r.exit_code == 2 and "GiB of fp32 weights" in r.output, r.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--fast", "--device", "cuda"], "--fast / --compile (dtype, compile, channels_last, freeze, precompute_time) tune "
+                                     "the torch backend"),
+    (["--compile"], "--fast / --compile (compile) tune the torch backend"),
+    (["--device", "cuda"], "--device cuda: the onnxruntime backend runs on the CPU"),
+    (["--backend", "onnxruntime", "--device", "cuda:1"], "--device cuda:1: the onnxruntime backend runs on the CPU"),
+])
+def test_options_an_onnx_artifact_would_ignore_are_refused(artifact, tmp_path, args, message):
+    """They were silently ignored: --fast ran the artifact as it was, --device cuda ran it on the CPU."""
+    out = tmp_path / "o.gif"
+    r = CliRunner().invoke(run_main, [str(artifact), *args, "--frames", "1", "--output", str(out)])
+    errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
+    assert r.exit_code == 2 and len(errors) == 1 and message in errors[0], r.output
+    assert not out.exists()
+
+
+def test_the_pipeline_refuses_torch_options_for_an_artifact(artifact):
+    for options in (PipelineOptions.fastest(), PipelineOptions(dtype="float16"), PipelineOptions(channels_last=True)):
+        with pytest.raises(MirageError, match="tune the torch backend"):
+            Pipeline.load(artifact, device="cpu", options=options)

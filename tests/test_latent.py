@@ -118,14 +118,44 @@ def test_export_writes_and_checks_all_four_graphs(tmp_path):
     assert np.abs(outs[0] - outs[1]).max() < 1e-4
 
 
+TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "INT64": "int64"}
+
+
+def _network_io(trt, onnx_path) -> tuple[list[dict], list[dict]]:
+    """(inputs, outputs) of the network TensorRT-RTX's parser makes of an ONNX file (what the engine
+    is built from; deserializing the engine itself needs a GPU TensorRT-RTX runs on)."""
+    logger = trt.Logger(trt.Logger.ERROR)
+    network = trt.Builder(logger).create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse_from_file(str(onnx_path)), [str(parser.get_error(i)) for i in range(parser.num_errors)]
+
+    def desc(tensors):
+        return [{"name": x.name, "dtype": TRT_DTYPES[x.dtype.name], "shape": list(x.shape)} for x in tensors]
+
+    return (desc(network.get_input(i) for i in range(network.num_inputs)),
+            desc(network.get_output(i) for i in range(network.num_outputs)))
+
+
 def test_tensorrt_rtx_builds_the_autoencoder_engines(tmp_path):
-    pytest.importorskip("tensorrt_rtx")
+    """Engines for all four graphs, recorded so the runtime's verification accepts them, each built
+    from a network whose I/O is the graph's spec, from ONNX graphs that match PyTorch in fp16."""
+    trt = pytest.importorskip("tensorrt_rtx")
+    from mirage.engine.verify import verify_artifact
+
     model = _model("v2v")
     save_checkpoint(tmp_path / "ckpt", model, model, TrainConfig(), step=1)
-    m = build_artifact(tmp_path / "ckpt", tmp_path / "art", ArtifactOptions(
+    art = tmp_path / "art"
+    m = build_artifact(tmp_path / "ckpt", art, ArtifactOptions(
         precision="fp16", backend="tensorrt-rtx", gpus=("sm89",), calibration_frames=2, parity_frames=3))
-    for graph in (G.ENCODE, G.DECODE):
-        assert (tmp_path / "art" / m["graphs"][graph]["engine"]).stat().st_size > 10_000
+    _, specs = verify_artifact(art, m, engines=True)  # every engine present, with its recorded hash
+    assert set(specs) == {G.DENOISE, G.CONTEXT, G.ENCODE, G.DECODE}
+    for graph, spec in specs.items():
+        meta = m["graphs"][graph]
+        assert meta["engine"] == G.engine_file(graph) and meta["build"]["compute_capabilities"] == ["sm89"]
+        assert _network_io(trt, art / meta["onnx"]) == spec.io()
+        assert {x.dtype for x in spec.tensors if x.name not in (G.T, G.T_CTX, G.AGES)} == {"float16"}
+    assert {G.V, G.KV, G.Z, G.IMAGE} <= set(m["parity"]["tensors"]) and m["parity"]["passed"], m["parity"]
+    assert m["parity"]["rollout"]["psnr_mean_db"] > 30, m["parity"]
 
 
 def test_the_bundled_latent_model_restores_colour_at_64x64():

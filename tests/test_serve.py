@@ -499,7 +499,7 @@ def test_the_token_guards_the_page_and_the_socket(v2v_pool):
 def test_a_bad_seed_is_refused(v2v_pool):
     async def scenario():
         async with serving(v2v_pool) as client:
-            for seed in ("-1", "x"):
+            for seed in ("-1", "x", str(2 ** 63), "99999999999999999999999"):  # big ones wrapped to another seed
                 with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
                     await client.ws_connect("/ws", params={"seed": seed})
                 assert refused.value.status == 400

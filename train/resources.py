@@ -14,11 +14,11 @@ cannot fit, not every run that will not.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 
 from mirage.core.config import ConfigError, ModelConfig, TrainConfig
+from mirage.core.device import host_available_bytes
 from mirage.model.unet import MirageUNet, parameter_count
 from mirage.train.step import TrainStep
 
@@ -50,35 +50,12 @@ def needed_bytes(cfg: ModelConfig, tcfg: TrainConfig) -> tuple[int, int]:
     return PARAMETER_COPIES * 4 * params, activation_bytes(cfg, tcfg)
 
 
-def _meminfo_available() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def _cgroup_headroom() -> int | None:
-    """What the container's memory limit (cgroup v2) leaves; None without a limit."""
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-    except (OSError, ValueError):
-        return None
-    return None if limit == "max" else int(limit) - used
-
-
 def available_bytes(device: torch.device) -> int:
     """Free memory of `device`: the GPU's free memory, or for the CPU what the kernel (and the
     container's limit) would still hand this process, shared by the local DDP processes."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        free = _meminfo_available()
-    except (OSError, ValueError):
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    headroom = _cgroup_headroom()
-    free = min(free, headroom) if headroom is not None else free
-    return free // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return host_available_bytes() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def check_fits(cfg: ModelConfig, tcfg: TrainConfig, device: torch.device) -> None:
