@@ -344,8 +344,8 @@ async def accounted(ws, count: int) -> tuple[list[int], dict]:
         msg = await ws.receive()
         if msg.type == WSMsgType.BINARY:
             answered.append(HEADER.unpack_from(msg.data)[0])
-        else:
-            stats = json.loads(msg.data)
+        elif (data := json.loads(msg.data))["type"] == "stats":
+            stats = data
     return answered, stats
 
 
