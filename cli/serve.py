@@ -62,7 +62,7 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
     except ImportError as e:
         raise UserError("mirage-serve needs aiohttp: pip install 'mirage-video[serve]'") from e
     from mirage.runtime.pool import PoolGroup, StreamPool
-    from mirage.runtime.server import AccessLog, ServerOptions, make_app
+    from mirage.runtime.server import AccessLog, RedactingFormatter, ServerOptions, make_app
 
     devices = [d.strip() for d in devices.split(",") if d.strip()]
     if len(set(devices)) != len(devices) or not devices:
@@ -76,7 +76,9 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
             else PoolGroup.open(model, slots, devices, backend=backend, options=pipeline)
     except MirageError as e:
         raise UserError(str(e)) from e
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(name)s %(message)s", token))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
     # the token itself is never printed: a terminal is shared, scrolled back and recorded
     source = "$MIRAGE_SERVE_TOKEN" if click.get_current_context().get_parameter_source("token").name == "ENVIRONMENT" \

@@ -42,6 +42,7 @@ import io
 import ipaddress
 import logging
 import os
+import re
 import struct
 import sys
 import time
@@ -104,6 +105,22 @@ class ServerOptions:
 def shorten(value: str, limit: int = 24) -> str:
     """A client's value, quoted and cut, for a message back to it."""
     return repr(value[:limit]) + ("..." if len(value) > limit else "")
+
+
+TOKEN_QUERY = re.compile(r"(token=)[^&\s'\"]*")
+
+
+class RedactingFormatter(logging.Formatter):
+    """A log formatter that writes `secret` (the token) as "<token>" and any `token=VALUE` as `token=<...>`,
+    wherever they appear, tracebacks included: aiohttp's own errors quote request lines and headers."""
+
+    def __init__(self, fmt: str, secret: str | None):
+        super().__init__(fmt)
+        self.secret = secret
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = TOKEN_QUERY.sub(r"\1<...>", super().format(record))
+        return text.replace(self.secret, "<token>") if self.secret else text
 
 
 class AccessLog(AbstractAccessLogger):
@@ -532,12 +549,17 @@ class Server:
         stream.raw_ready.set()
 
     async def decode_loop(self, stream: Stream) -> None:
-        """One decode at a time per stream: a stream's slow frames take one codec thread at most, and its
-        newer messages wait as its one `raw` (newest wins) meanwhile."""
+        """One decode at a time per stream, started at most twice per planned step (the pool takes one
+        frame of a stream a step) and never taking more than half of a codec thread's time: a client that
+        sends faster, or frames slow to decode, cost that client its older frames (newest wins), not the
+        others their codec threads and the GIL."""
+        next_decode = 0.0
         while True:
             await stream.raw_ready.wait()
+            await asyncio.sleep(max(0.0, next_decode - time.monotonic()))
             stream.raw_ready.clear()
             (data, received), stream.raw = stream.raw, None
+            start = time.monotonic()
             stream.decoding = self.codec.submit(timed_call, decode_frame, data, self.pool.frame_shape,
                                                 self.pool.video_to_video, self.options.max_frame_bytes, received)
             try:
@@ -551,6 +573,7 @@ class Server:
                 continue
             finally:
                 stream.decoding = None
+                next_decode = start + max(self.step_s / 2, 2 * (time.monotonic() - start))
             self.stages["decode"].add(seconds, frame.decoded)
             if stream.pending is not None:
                 stream.counts["stale"] += 1
@@ -752,4 +775,4 @@ def make_app(pool, options: ServerOptions = ServerOptions()) -> web.Application:
     return app
 
 
-__all__ = ["ServerOptions", "ServeError", "AccessLog", "make_app", "decode_frame", "encode_frame", "HEADER", "JPEG", "PNG", "RAW"]
+__all__ = ["ServerOptions", "ServeError", "AccessLog", "RedactingFormatter", "make_app", "decode_frame", "encode_frame", "HEADER", "JPEG", "PNG", "RAW"]
