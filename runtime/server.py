@@ -24,14 +24,18 @@ Protocol (docs/SERVING.md has it in full)
 
 Flow of a frame
     receiver (one per client)  the stream's ONE undecoded message (newest wins)
-    decoder  (one per client)  decode in a codec thread -> the stream's ONE pending frame (newest wins)
+    decoder  (one per client)  one decode at a time, at most 2 per planned step, in a codec thread; only the
+                               declared format, its size checked from its header first, its work bounded
+                               -> the stream's ONE pending frame (newest wins)
     stepper  (one task)        gather pending frames, drop those past the deadline, pool.submit in the step
                                thread; with two steps in flight (a GPU pool) the newest step is held and
                                its pool.collect queued behind the next submit
                                -> each stream's ONE outbox frame, uint8 RGB (newest wins)
     sender   (one per client)  encode in a codec thread -> send; a stats message every second
-Nothing on the event loop touches pixels; the pool is driven from one thread only (submit, collect,
-attach and detach are serialized there; an attach resets its row after the steps in flight).
+Nothing on the event loop touches pixels, and nothing but a client's own sender waits on its socket; the
+pool is driven from one thread only (submit, collect, attach and detach are serialized there; an attach
+resets its row after the steps in flight). docs/SERVING.md's "Threat model and limits" says what a
+hostile client can and cannot do, and tests/test_serve_attack.py checks it.
 """
 from __future__ import annotations
 
@@ -775,4 +779,5 @@ def make_app(pool, options: ServerOptions = ServerOptions()) -> web.Application:
     return app
 
 
-__all__ = ["ServerOptions", "ServeError", "AccessLog", "RedactingFormatter", "make_app", "decode_frame", "encode_frame", "HEADER", "JPEG", "PNG", "RAW"]
+__all__ = ["ServerOptions", "ServeError", "AccessLog", "RedactingFormatter", "make_app", "decode_frame", "encode_frame",
+           "HEADER", "JPEG", "PNG", "RAW"]
