@@ -3,7 +3,8 @@
     mirage-serve                                   # bundled tiny-v2v, CPU, http://127.0.0.1:8000/
     mirage-serve artifacts/base --slots 16 --device cuda
     mirage-serve CKPT --slots 16 --device cuda:0,cuda:1   # one pool per GPU, streams to the least-loaded one
-    mirage-serve CKPT --host 0.0.0.0 --token SECRET   # reachable from other machines: a token is required
+    MIRAGE_SERVE_TOKEN=SECRET mirage-serve CKPT --host 0.0.0.0   # reachable from other machines: a token is
+                                                                 # required (--token SECRET shows in `ps`)
 """
 from __future__ import annotations
 
