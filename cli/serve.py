@@ -3,7 +3,8 @@
     mirage-serve                                   # bundled tiny-v2v, CPU, http://127.0.0.1:8000/
     mirage-serve artifacts/base --slots 16 --device cuda
     mirage-serve CKPT --slots 16 --device cuda:0,cuda:1   # one pool per GPU, streams to the least-loaded one
-    mirage-serve CKPT --host 0.0.0.0 --token SECRET   # reachable from other machines: a token is required
+    MIRAGE_SERVE_TOKEN=SECRET mirage-serve CKPT --host 0.0.0.0   # reachable from other machines: a token is
+                                                                 # required (--token SECRET shows in `ps`)
 """
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
 @click.option("--slots", type=click.IntRange(1, 1024), default=4,
               help="Concurrent streams: the pool's batch. One more client is answered 'busy'.")
 @click.option("--token", default=None, envvar="MIRAGE_SERVE_TOKEN",
-              help="Access token, checked on the page (/?token=...) and the WebSocket. Also read from "
-                   "$MIRAGE_SERVE_TOKEN.")
+              help="Access token, checked on the page and the WebSocket: 'Authorization: Bearer TOKEN' or "
+                   "?token=TOKEN. Also read from $MIRAGE_SERVE_TOKEN (out of the process list). Never printed or "
+                   "logged.")
 @click.option("--device", "devices", default="auto",
               help="auto, cpu, cuda or cuda:N; several, comma-separated (cuda:0,cuda:1), give one pool of "
                    "--slots streams per device, a new stream going to the least-loaded one.")
@@ -44,7 +46,8 @@ DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
               help="After the first pending frame, how long a step waits for the frames of the other streams "
                    "that are sending (0: step at once).")
 @click.option("--max-frame-bytes", type=click.IntRange(min=1024), default=1 << 20,
-              help="A larger frame is answered with an error; a message over twice this closes that connection.")
+              help="A larger image is answered with an error; a message over twice this plus 16 bytes closes "
+                   "that connection.")
 @click.option("--calibrate-steps", type=click.IntRange(min=0), default=10, show_default=True,
               help="At start, time this many steps of the idle pool: the step time the server plans batches with "
                    "(with two steps in flight on a GPU), and /health's idle_step_ms. 0: a CPU pool learns it from "
@@ -61,7 +64,7 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
         raise UserError("mirage-serve needs aiohttp: pip install 'mirage-video[serve]'") from e
     from mirage.bridge.pipeline import load_pipeline
     from mirage.runtime.pool import PoolGroup, StreamPool
-    from mirage.runtime.server import ServerOptions, make_app
+    from mirage.runtime.server import AccessLog, RedactingFormatter, ServerOptions, make_app
 
     devices = [d.strip() for d in devices.split(",") if d.strip()]
     if len(set(devices)) != len(devices) or not devices:
@@ -81,12 +84,17 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
             else PoolGroup.open(model, slots, devices, **opened)
     except MirageError as e:
         raise UserError(str(e)) from e
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(name)s %(message)s", token))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
+    # the token itself is never printed: a terminal is shared, scrolled back and recorded
+    source = "$MIRAGE_SERVE_TOKEN" if click.get_current_context().get_parameter_source("token").name == "ENVIRONMENT" \
+        else "--token"
     click.echo(f"mirage-serve: {model} in {pool.slots} slots on {', '.join(devices)}; open http://{shown}:{port}/"
-               + (f"?token={token}" if token else ""))
+               + (f"?token=TOKEN, TOKEN being the value of {source}" if token else ""))
     try:
-        web.run_app(make_app(pool, options), host=host, port=port, print=None)
+        web.run_app(make_app(pool, options), host=host, port=port, print=None, access_log_class=AccessLog)
     finally:
         pool.close()
 

@@ -7,14 +7,16 @@ ICE and DTLS that loopback and LAN use do not need, while JPEG frames over a Web
 to test, debug and measure.
 
 Routes
-    GET /          the page (static/index.html)              the token is checked when one is set
+    GET /          the page (static/index.html)              the token is checked when one is set:
+                                                             Authorization: Bearer TOKEN, or ?token=TOKEN
     GET /static/*  its script
     GET /health    JSON: slots, active, fps, busy and step_ms (last second), width, height, video_to_video,
                    idle_step_ms, plan_step_ms and the per-stage timing (stages)
-    GET /ws        WebSocket, one stream per connection     ?token=...&seed=N
+    GET /ws        WebSocket, one stream per connection     ?seed=N, the token as on /
+Neither the token nor any query string reaches the log (AccessLog; run the app with access_log_class=AccessLog).
 
 Protocol (docs/SERVING.md has it in full)
-    text    JSON control messages, server -> client: hello, busy, error, stats
+    text    JSON control messages, server -> client: hello, busy, error, late, stats
     binary  frames, both ways: a 16-byte little-endian header, then the image bytes
             uint32 frame id | uint8 format (1 JPEG, 2 PNG, 3 raw RGB) | 3 zero bytes | float64 timestamp
             The reply to a frame carries its id and timestamp back, in the same format. A generation
@@ -22,14 +24,18 @@ Protocol (docs/SERVING.md has it in full)
 
 Flow of a frame
     receiver (one per client)  the stream's ONE undecoded message (newest wins)
-    decoder  (one per client)  decode in a codec thread -> the stream's ONE pending frame (newest wins)
+    decoder  (one per client)  one decode at a time, at most 2 per planned step, in a codec thread; only the
+                               declared format, its size checked from its header first, its work bounded
+                               -> the stream's ONE pending frame (newest wins)
     stepper  (one task)        gather pending frames, drop those past the deadline, pool.submit in the step
                                thread; with two steps in flight (a GPU pool) the newest step is held and
                                its pool.collect queued behind the next submit
                                -> each stream's ONE outbox frame, uint8 RGB (newest wins)
     sender   (one per client)  encode in a codec thread -> send; a stats message every second
-Nothing on the event loop touches pixels; the pool is driven from one thread only (submit, collect,
-attach and detach are serialized there; an attach resets its row after the steps in flight).
+Nothing on the event loop touches pixels, and nothing but a client's own sender waits on its socket; the
+pool is driven from one thread only (submit, collect, attach and detach are serialized there; an attach
+resets its row after the steps in flight). docs/SERVING.md's "Threat model and limits" says what a
+hostile client can and cannot do, and tests/test_serve_attack.py checks it.
 """
 from __future__ import annotations
 
@@ -40,16 +46,18 @@ import io
 import ipaddress
 import logging
 import os
+import re
 import struct
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.abc import AbstractAccessLogger
 
 from mirage.core.errors import MirageError
 from mirage.core.loop import MAX_SEED
@@ -68,6 +76,7 @@ class ServeError(MirageError):
 
 
 MIN_CALIBRATE_STEPS = 3  # what a GPU pool is calibrated with when calibrate_steps is 0
+PLAN_STEPS = 5  # a CPU pool plans with the median of this many served steps: a slow period is gone in 3
 
 
 @dataclass(frozen=True)
@@ -76,7 +85,7 @@ class ServerOptions:
     port: int = 8000
     token: str | None = None      # required for a non-loopback host; checked on / and /ws
     deadline_ms: float = 100.0    # a frame that has waited longer than this when its step starts is dropped
-    max_frame_bytes: int = 1 << 20  # a larger frame gets an error; a message over twice this closes the socket
+    max_frame_bytes: int = 1 << 20  # a larger image gets an error; a message over max_message_bytes closes the socket
     batch_wait_ms: float = 5.0    # how long the stepper waits for every stream's frame before stepping without
     stats_interval_s: float = 1.0
     calibrate_steps: int = 0      # at start, time this many steps of the idle pool (nothing commits): /health's
@@ -90,6 +99,46 @@ class ServerOptions:
         if not self.token and not is_loopback(self.host):
             raise ServeError(f"--host {self.host} is reachable from other machines: pass --token SECRET as well "
                              f"(clients then open /?token=SECRET), or bind 127.0.0.1")
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest message read at all: twice max_frame_bytes, plus the header (an image over
+        max_frame_bytes within it is answered with an error). A larger one closes its connection, unread."""
+        return 2 * self.max_frame_bytes + HEADER.size
+
+
+def shorten(value: str, limit: int = 24) -> str:
+    """A client's value, quoted and cut, for a message back to it."""
+    return repr(value[:limit]) + ("..." if len(value) > limit else "")
+
+
+TOKEN_QUERY = re.compile(r"(token=)[^&\s'\"]*")
+
+
+class RedactingFormatter(logging.Formatter):
+    """A log formatter that writes `secret` (the token) as "<token>" and any `token=VALUE` as `token=<...>`,
+    wherever they appear, tracebacks included: aiohttp's own errors quote request lines and headers."""
+
+    def __init__(self, fmt: str, secret: str | None):
+        super().__init__(fmt)
+        self.secret = secret
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = TOKEN_QUERY.sub(r"\1<...>", super().format(record))
+        return text.replace(self.secret, "<token>") if self.secret else text
+
+
+class AccessLog(AbstractAccessLogger):
+    """aiohttp's access log without the query string or any header: a browser's WebSocket can only carry
+    the token in the query (/ws?token=...), and a page's requests repeat its own query in their Referer."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info('%s "%s %s" %d %d %.1fms', request.remote, request.method, request.path,
+                         response.status, response.body_length, 1e3 * time)
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
 
 
 def is_loopback(host: str) -> bool:
@@ -135,23 +184,78 @@ def decode_frame(data: bytes, shape: tuple[int, int, int], video_to_video: bool,
     return Frame(frame_id, fmt, client_ts, received, pixels, time.monotonic())
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_PNG_CHUNKS = 1024  # libpng writes 8 KiB IDAT chunks: 128 for a 1 MiB frame. Pillow reads chunks in Python
+                       # holding the GIL: a 1 MiB PNG of 87k empty chunks took it 331 ms
+MAX_JPEG_MARKERS = 64  # segments before the first scan (Pillow reads them in Python); encoders write ~10
+MAX_JPEG_SCANS = 64    # a progressive JPEG has ~10 scans, and each is a pass over the whole image
+
+
 def _rgb(payload: memoryview, fmt: int, shape: tuple[int, int, int], frame_id: int) -> np.ndarray:
+    """The frame's pixels, decoded only as the declared format, and only once its header has shown the
+    model's size and a bounded amount of work; anything Pillow raises is this frame's error."""
     h, w, _ = shape
     if fmt == RAW:
         if len(payload) != h * w * 3:
             raise ServeError(f"frame {frame_id}: {len(payload)} raw bytes; the model takes {w}x{h} RGB "
                              f"= {h * w * 3} bytes")
         return np.frombuffer(payload, np.uint8).reshape(h, w, 3)
-    from PIL import Image, UnidentifiedImageError
+    data = bytes(payload)
+    size = _png_size(data, frame_id) if fmt == PNG else _jpeg_size(data, frame_id)
+    if size != (w, h):
+        raise ServeError(f"frame {frame_id}: {size[0]}x{size[1]} image; the model takes {w}x{h} "
+                         "(resize it before sending)")
+    from PIL import Image
 
     try:
-        image = Image.open(io.BytesIO(payload))  # reads the header only: the size is checked before decoding
-        if image.size != (w, h):
-            raise ServeError(f"frame {frame_id}: {image.size[0]}x{image.size[1]} image; the model takes {w}x{h} "
-                             "(resize it before sending)")
+        image = Image.open(io.BytesIO(data), formats=[FORMATS[fmt]])
+        if image.size != (w, h):  # what Pillow read must be what was checked
+            raise ValueError("header size mismatch")
         return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ServeError(f"frame {frame_id}: not a readable {FORMATS[fmt]} image ({e})") from e
+    except Exception as e:  # noqa: BLE001 (every Pillow failure, from a bomb check to a truncated chunk: the frame's)
+        raise ServeError(f"frame {frame_id}: not a readable {FORMATS[fmt]} image ({type(e).__name__})") from e
+
+
+def _png_size(data: bytes, frame_id: int) -> tuple[int, int]:
+    """(width, height) from the IHDR chunk, after counting the chunks up to IEND."""
+    if len(data) < 33 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        raise ServeError(f"frame {frame_id}: not a readable PNG image (no PNG signature and IHDR chunk)")
+    pos = len(PNG_SIGNATURE)
+    for _ in range(MAX_PNG_CHUNKS):
+        if pos + 8 > len(data):
+            break
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        pos += 12 + length  # length, type, data, CRC
+        if kind == b"IEND":
+            break
+    else:
+        raise ServeError(f"frame {frame_id}: a PNG of over {MAX_PNG_CHUNKS} chunks; the server reads at most that")
+    return struct.unpack_from(">II", data, 16)
+
+
+def _jpeg_size(data: bytes, frame_id: int) -> tuple[int, int]:
+    """(width, height) from the first start-of-frame segment, after bounding the segments and scans."""
+    if not data.startswith(b"\xff\xd8"):
+        raise ServeError(f"frame {frame_id}: not a readable JPEG image (no start-of-image marker)")
+    # 0xFF 0xDA only ever starts a scan: inside entropy-coded data a 0xFF byte is followed by 0x00
+    if data.count(b"\xff\xda") > MAX_JPEG_SCANS:
+        raise ServeError(f"frame {frame_id}: a JPEG of over {MAX_JPEG_SCANS} scans; the server decodes at most that")
+    pos = 2
+    for _ in range(MAX_JPEG_MARKERS):
+        if pos + 9 > len(data) or data[pos] != 0xFF:
+            break
+        marker, length = data[pos + 1], int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker == 0xFF:  # a fill byte before a marker
+            pos += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn (not DHT, JPG, DAC)
+            height, width = struct.unpack_from(">HH", data, pos + 5)
+            return width, height
+        if marker == 0xDA:  # a scan before any frame header
+            break
+        pos += 2 + length
+    raise ServeError(f"frame {frame_id}: not a readable JPEG image (no frame header within "
+                     f"{MAX_JPEG_MARKERS} segments)")
 
 
 def encode_frame(frame: Frame, pixels: np.ndarray) -> bytes:
@@ -203,8 +307,10 @@ class Recent:
 
 COUNTS = ("received", "stale", "late", "sent", "unsent", "errors")
 # stale: replaced by a newer input before its decode or its step; late: past the deadline when its step started
-# (at most every other frame of a stream);
+# (at most every other frame of a stream; each is answered with a `late` message);
 # unsent: an output replaced by a newer one before the client could take it
+MAX_NOTICES = 16  # control messages a stream may have unsent; a client that does not read loses the oldest
+SENDING_S = 1.0   # a stream whose last frame is older than this is not waited for
 
 
 @dataclass(eq=False)
@@ -213,12 +319,27 @@ class Stream:
     ws: web.WebSocketResponse
     raw: tuple[bytes, float] | None = None                  # newest message and its arrival, not yet decoded
     raw_ready: asyncio.Event = field(default_factory=asyncio.Event)  # `raw` has a message
+    decoding: Future | None = None                          # its decode in a codec thread (at most one a stream)
     pending: Frame | None = None                            # newest decoded input, not yet stepped
     outbox: tuple[Frame, np.ndarray, float] | None = None   # newest output (uint8 RGB) and when its step ended
-    ready: asyncio.Event = field(default_factory=asyncio.Event)  # the outbox has a frame
+    notices: collections.deque[dict] = field(default_factory=lambda: collections.deque(maxlen=MAX_NOTICES))
+    ready: asyncio.Event = field(default_factory=asyncio.Event)  # the outbox or the notices have something
     dropped_late: bool = False                              # its last frame was dropped past the deadline
-    last_frame: float = field(default_factory=time.monotonic)  # when its last frame arrived (or it connected)
+    last_frame: float | None = None                         # when its last decoded frame arrived (None: none yet)
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
+
+    def tell(self, message: dict) -> None:
+        """Queue a control message for the stream's sender: nothing but the sender ever waits on this
+        client's socket, so a client that does not read holds up no one else."""
+        self.notices.append(message)
+        self.ready.set()
+
+    def error(self, message: str) -> None:
+        self.counts["errors"] += 1
+        self.tell({"type": "error", "message": message})
+
+    def sending(self, now: float) -> bool:
+        return self.last_frame is not None and now - self.last_frame < SENDING_S
 
 
 async def settle(task: asyncio.Task) -> None:
@@ -242,7 +363,10 @@ class Server:
         self.step_s = 0.0    # the step time the stepper plans with (`due`): on a pool that holds steps (a GPU)
         # the calibrated period of idle steps kept two in flight, never learned (a held step's collect waits for
         # the next submit, so its measured time holds that wait too; learning from it lengthened `due`, then the
-        # hold, then the step: 24 streams fell to 18 FPS on an H100); on a CPU pool a recent mean of served steps
+        # hold, then the step: 24 streams fell to 18 FPS on an H100); on a CPU pool the median of the last
+        # PLAN_STEPS served steps, forgotten after an idle second: a moving average stayed inflated after a slow
+        # period, and a new stream then waited seconds for a `due` far ahead
+        self.served: collections.deque[float] = collections.deque(maxlen=PLAN_STEPS)  # a CPU pool's last steps
         self.submit_s = 0.0  # a submit's time in the step thread, recent mean
         self.due = 0.0       # when the steps in flight are expected to be done
         # One thread touches the pool: submits, collects, attaches and detaches, in the order the event loop
@@ -320,9 +444,31 @@ class Server:
                 "idle_step_ms": self.idle_step_ms, "plan_step_ms": round(1e3 * self.step_s, 3), "stages": stages}
 
     def check_token(self, request: web.Request) -> None:
+        """The token from `Authorization: Bearer T` or `?token=T` (a browser's WebSocket cannot set headers),
+        compared in constant time."""
         token = self.options.token
-        if token and not hmac.compare_digest(request.query.get("token", "").encode(), token.encode()):
-            raise web.HTTPUnauthorized(text="missing or wrong token: open the page as /?token=SECRET\n")
+        if not token:
+            return
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            given = request.query.get("token", "")
+        if not hmac.compare_digest(given.encode("utf-8", "surrogatepass"), token.encode()):
+            raise web.HTTPUnauthorized(text="missing or wrong token: send 'Authorization: Bearer TOKEN', "
+                                            "or open the page as /?token=TOKEN\n")
+
+    def query_seed(self, request: web.Request) -> int:
+        """/ws's query: `seed` (0 to MAX_SEED, default 0) and `token`, each at most once."""
+        unknown = set(request.query) - {"seed", "token"}
+        if unknown:
+            raise web.HTTPBadRequest(text=f"unknown query parameter {shorten(min(unknown))}: /ws takes seed and "
+                                          "token\n")
+        if any(len(request.query.getall(key)) > 1 for key in request.query):
+            raise web.HTTPBadRequest(text="give each query parameter once\n")
+        seed = request.query.get("seed", "0")
+        # isdigit alone admits '²' and other digits int() refuses; the length bound keeps int() cheap
+        if not (seed.isascii() and seed.isdigit() and len(seed) <= len(str(MAX_SEED)) and int(seed) <= MAX_SEED):
+            raise web.HTTPBadRequest(text=f"seed={shorten(seed)}: give an integer from 0 to {MAX_SEED}\n")
+        return int(seed)
 
     # -- HTTP ----------------------------------------------------------------------------------------
     async def index(self, request: web.Request) -> web.StreamResponse:
@@ -337,20 +483,20 @@ class Server:
     # -- one client ------------------------------------------------------------------------------
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
         self.check_token(request)
-        seed = request.query.get("seed", "0")
-        if not seed.isdigit() or int(seed) > MAX_SEED:
-            raise web.HTTPBadRequest(text=f"seed={seed!r}: give an integer from 0 to {MAX_SEED}\n")
-        seed = int(seed)
-        ws = web.WebSocketResponse(max_msg_size=2 * self.options.max_frame_bytes + HEADER.size, heartbeat=10.0)
+        seed = self.query_seed(request)
+        # aiohttp refuses a message of max_msg_size bytes or more (closing with 1009): one of up to
+        # max_message_bytes is read, and answered with an error when its image is over max_frame_bytes
+        ws = web.WebSocketResponse(max_msg_size=self.options.max_message_bytes + 1, heartbeat=10.0)
         await ws.prepare(request)
         try:
             slot = await self.in_step_thread(self.pool.attach, seed)
         except PoolFull as e:
-            await ws.send_json({"type": "busy", "message": str(e), "slots": self.pool.slots})
-            await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"busy")
+            with suppress(ConnectionError):
+                await ws.send_json({"type": "busy", "message": str(e), "slots": self.pool.slots})
+                await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"busy")
             return ws
         stream = self.streams[slot] = Stream(slot, ws)
-        helpers = [asyncio.create_task(self.decode_loop(stream)), asyncio.create_task(self.send_loop(stream))]
+        helpers = [asyncio.create_task(self.helper(stream, loop)) for loop in (self.decode_loop, self.send_loop)]
         try:
             h, w, _ = self.pool.frame_shape
             await ws.send_json({"type": "hello", "slot": slot, "seed": seed, "width": w, "height": h,
@@ -361,27 +507,46 @@ class Server:
             async for msg in ws:
                 if msg.type == WSMsgType.ERROR:  # e.g. over the hard size cap: aiohttp closes it (1009)
                     break
-                await self.receive(stream, msg, time.monotonic())
+                self.receive(stream, msg, time.monotonic())
         except ConnectionError:  # it left while we answered it
             pass
         finally:
-            del self.streams[slot]
-            self.wake.set()  # the stepper may be waiting for this stream's frame
-            for task in helpers:
-                task.cancel()
-                with suppress(asyncio.CancelledError):
-                    await task
-            await self.in_step_thread(self.pool.detach, slot)
-            log.info("stream in slot %d detached: %s", slot, stream.counts)
+            await self.leave(stream, helpers)
         return ws
 
-    async def receive(self, stream: Stream, msg, received: float) -> None:
+    async def leave(self, stream: Stream, helpers: list[asyncio.Task]) -> None:
+        """Every way out of a stream's handler ends here, and the slot is detached on each: after a
+        helper's failure, a client gone mid-send, or this handler's cancellation. Its decode in flight
+        (a codec thread cannot be stopped) is waited for first, so that a client that reconnects at
+        once never has two decodes running."""
+        del self.streams[stream.slot]
+        self.wake.set()  # the stepper may be waiting for this stream's frame
+        for task in helpers:
+            task.cancel()
+        try:
+            decoding = [asyncio.wrap_future(stream.decoding)] if stream.decoding is not None else []
+            await asyncio.gather(*helpers, *decoding, return_exceptions=True)
+        finally:
+            detached = self.step_thread.submit(self.pool.detach, stream.slot)  # queued even if we are cancelled
+        await asyncio.wrap_future(detached)
+        log.info("stream in slot %d detached: %s", stream.slot, stream.counts)
+
+    async def helper(self, stream: Stream, loop) -> None:
+        """Run one of a stream's loops; a bug in it is logged and closes that stream only."""
+        try:
+            await loop(stream)
+        except ConnectionError:  # the client left; its handler cleans up
+            pass
+        except Exception:  # noqa: BLE001
+            log.exception("stream in slot %d: %s failed", stream.slot, loop.__name__)
+            with suppress(ConnectionError):
+                await stream.ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"server error")
+
+    def receive(self, stream: Stream, msg, received: float) -> None:
         """Keep the newest message only: a client sending faster than frames are decoded and stepped
         loses its older ones here, before any work is spent on them."""
         if msg.type != WSMsgType.BINARY:
-            stream.counts["errors"] += 1
-            await stream.ws.send_json({"type": "error", "message": "send frames as binary messages: a 16-byte "
-                                       "header, then the image (docs/SERVING.md)"})
+            stream.error("send frames as binary messages: a 16-byte header, then the image (docs/SERVING.md)")
             return
         stream.counts["received"] += 1
         if stream.raw is not None:
@@ -390,52 +555,60 @@ class Server:
         stream.raw_ready.set()
 
     async def decode_loop(self, stream: Stream) -> None:
-        try:
-            while True:
-                await stream.raw_ready.wait()
-                stream.raw_ready.clear()
-                (data, received), stream.raw = stream.raw, None
-                try:
-                    frame = await self.in_codec_thread(timed_call, decode_frame, data, self.pool.frame_shape,
-                                                       self.pool.video_to_video, self.options.max_frame_bytes,
-                                                       received)
-                except ServeError as e:
-                    stream.counts["errors"] += 1
-                    await stream.ws.send_json({"type": "error", "message": str(e)})
-                    continue
-                frame, seconds = frame
-                self.stages["decode"].add(seconds, frame.decoded)
-                if stream.pending is not None:
-                    stream.counts["stale"] += 1
-                stream.pending = frame
-                stream.last_frame = received
-                self.wake.set()
-        except ConnectionError:  # the client left; its handler cleans up
-            return
+        """One decode at a time per stream, started at most twice per planned step (the pool takes one
+        frame of a stream a step) and never taking more than half of a codec thread's time: a client that
+        sends faster, or frames slow to decode, cost that client its older frames (newest wins), not the
+        others their codec threads and the GIL."""
+        next_decode = 0.0
+        while True:
+            await stream.raw_ready.wait()
+            await asyncio.sleep(max(0.0, next_decode - time.monotonic()))
+            stream.raw_ready.clear()
+            (data, received), stream.raw = stream.raw, None
+            start = time.monotonic()
+            stream.decoding = self.codec.submit(timed_call, decode_frame, data, self.pool.frame_shape,
+                                                self.pool.video_to_video, self.options.max_frame_bytes, received)
+            try:
+                frame, seconds = await asyncio.wrap_future(stream.decoding)
+            except ServeError as e:
+                stream.error(str(e))
+                continue
+            except Exception:  # noqa: BLE001 (a bug, but the client's frame: answer it and go on)
+                log.exception("stream in slot %d: decoding a frame failed", stream.slot)
+                stream.error("the server could not decode that frame (its log has the traceback)")
+                continue
+            finally:
+                stream.decoding = None
+                next_decode = start + max(self.step_s / 2, 2 * (time.monotonic() - start))
+            self.stages["decode"].add(seconds, frame.decoded)
+            if stream.pending is not None:
+                stream.counts["stale"] += 1
+            stream.pending = frame
+            stream.last_frame = received
+            self.wake.set()
 
     async def send_loop(self, stream: Stream) -> None:
         loop = asyncio.get_running_loop()
         next_stats = loop.time() + self.options.stats_interval_s
-        try:
-            while True:
-                with suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stream.ready.wait(), max(0.0, next_stats - loop.time()))
-                stream.ready.clear()
-                if stream.outbox is not None:
-                    (frame, pixels, stepped), stream.outbox = stream.outbox, None
-                    self.timed("outbox", stepped)
-                    data, seconds = await self.in_codec_thread(timed_call, encode_frame, frame, pixels)
-                    self.stages["encode"].add(seconds, time.monotonic())
-                    start = time.monotonic()
-                    await stream.ws.send_bytes(data)
-                    self.timed("send", start)
-                    stream.counts["sent"] += 1
-                if loop.time() >= next_stats:
-                    next_stats = loop.time() + self.options.stats_interval_s
-                    await stream.ws.send_json({"type": "stats", "streams": len(self.streams),
-                                               "slots": self.pool.slots, **self.load(), **stream.counts})
-        except ConnectionError:  # the client left; its handler cleans up
-            return
+        while True:
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stream.ready.wait(), max(0.0, next_stats - loop.time()))
+            stream.ready.clear()
+            while stream.notices:
+                await stream.ws.send_json(stream.notices.popleft())
+            if stream.outbox is not None:
+                (frame, pixels, stepped), stream.outbox = stream.outbox, None
+                self.timed("outbox", stepped)
+                data, seconds = await self.in_codec_thread(timed_call, encode_frame, frame, pixels)
+                self.stages["encode"].add(seconds, time.monotonic())
+                start = time.monotonic()
+                await stream.ws.send_bytes(data)
+                self.timed("send", start)
+                stream.counts["sent"] += 1
+            if loop.time() >= next_stats:
+                next_stats = loop.time() + self.options.stats_interval_s
+                await stream.ws.send_json({"type": "stats", "streams": len(self.streams),
+                                           "slots": self.pool.slots, **self.load(), **stream.counts})
 
     # -- the stepper -------------------------------------------------------------------------------
     async def stepper(self) -> None:
@@ -470,7 +643,7 @@ class Server:
                 try:
                     submit_s = await self.in_step_thread(self.submit_pool, inputs)
                 except Exception:  # noqa: BLE001 (a bug: log it, tell those clients, keep serving the others)
-                    await self.failed(batch)
+                    self.failed(batch)
                     continue
                 self.submit_s += 0.1 * (submit_s - self.submit_s)
                 self.due = max(start, self.due) + self.step_s
@@ -487,14 +660,14 @@ class Server:
         try:
             outputs, collect_s = await self.in_step_thread(self.collect_pool)
         except Exception:  # noqa: BLE001 (as in stepper)
-            await self.failed(batch)
+            self.failed(batch)
             return
         end = self.timed("step", start)
         self.stages["pool"].add(submit_s + collect_s, end)
         alone = end - max(start, self.last_step_end)  # in-flight steps overlap: count that time once
         self.steps.append((end, alone))
         if self.pool.depth == 1:  # nothing held: learn it (a held step's time includes its hold, so a GPU pool
-            self.step_s += 0.1 * (alone - self.step_s)  # plans with its calibration)
+            self.learn(alone, idle=start - self.last_step_end > SENDING_S)  # plans with its calibration)
         self.last_step_end = end
         for s, f in batch:
             if self.streams.get(s.slot) is not s:  # it left during the step
@@ -504,13 +677,20 @@ class Server:
             s.outbox = (f, outputs[s.slot], end)
             s.ready.set()
 
-    async def failed(self, batch: list[tuple[Stream, Frame]]) -> None:
+    def learn(self, seconds: float, idle: bool) -> None:
+        """A CPU pool's plan: the median of its last served steps, those before an idle second forgotten;
+        with nothing in flight after this step, nothing is due any more."""
+        if idle:
+            self.served.clear()
+        self.served.append(seconds)
+        self.step_s = sorted(self.served)[len(self.served) // 2]
+        self.due = min(self.due, time.monotonic())
+        self.wake.set()  # a batch gathering for the step ahead's end: that end is now
+
+    def failed(self, batch: list[tuple[Stream, Frame]]) -> None:
         log.exception("a pool step failed")
         for s, f in batch:
-            s.counts["errors"] += 1
-            with suppress(ConnectionError):
-                await s.ws.send_json({"type": "error", "message": f"frame {f.id}: the server failed to "
-                                      "compute it (its log has the traceback)"})
+            s.error(f"frame {f.id}: the server failed to compute it (its log has the traceback)")
 
     async def next_batch(self, until: float | None = None) -> list[tuple[Stream, Frame]] | None:
         """Wait for a frame (None if none came by `until`, a time.monotonic(), when given), then up to
@@ -521,39 +701,45 @@ class Server:
         when steps take longer than the deadline, a stream whose frames always arrive early in a
         step would otherwise have every frame dropped and starve while the others stream on."""
         pending = lambda: any(s.pending is not None for s in self.streams.values())  # noqa: E731
+        # the streams waited for: those sending (a frame in the last SENDING_S; not a client that has not
+        # started, or stopped) with none pending, taken afresh at every arrival and leave
+        awaited = lambda: any(s.pending is None and s.sending(time.monotonic())  # noqa: E731
+                              for s in self.streams.values())
         while True:
-            await self.wait_until(pending, None if until is None else until - time.monotonic())
+            await self.wait_until(pending, lambda: until)
             if not pending():
                 return None
-            # a stream silent for a second (a client that has not started, or stopped sending) is not waited for
-            sending = [s for s in self.streams.values() if time.monotonic() - s.last_frame < 1.0]
-            wait = max(self.options.batch_wait_ms / 1e3, self.due - self.submit_s - time.monotonic())
-            await self.wait_until(lambda: all(s.pending is not None for s in sending), wait)
+            first = time.monotonic()
+            await self.wait_until(lambda: not awaited(),
+                                  lambda: max(first + self.options.batch_wait_ms / 1e3, self.due - self.submit_s))
             now, batch = time.monotonic(), []
             for s in self.streams.values():
                 frame, s.pending = s.pending, None
                 if frame is None:
                     continue
-                late = (now - frame.received) * 1e3 > self.options.deadline_ms
+                waited_ms = (now - frame.received) * 1e3
+                late = waited_ms > self.options.deadline_ms
                 if late and not s.dropped_late:
                     s.counts["late"] += 1
+                    s.tell({"type": "late", "id": frame.id, "message": f"frame {frame.id} waited {waited_ms:.0f} "
+                            f"ms, over the {self.options.deadline_ms:g} ms deadline: dropped"})
                 else:
                     batch.append((s, frame))
                 s.dropped_late = late and not s.dropped_late
             if batch:
                 return batch
 
-    async def wait_until(self, condition, timeout: float | None = None) -> None:
-        end = None if timeout is None else asyncio.get_running_loop().time() + timeout
+    async def wait_until(self, condition, deadline) -> None:
+        """Until condition() holds or deadline() (a time.monotonic(), None: none) passes; both are asked
+        again at every wake (a frame arrived, a stream left, a step ended)."""
         while not condition():
             self.wake.clear()
-            left = None if end is None else end - asyncio.get_running_loop().time()
+            end = deadline()
+            left = None if end is None else end - time.monotonic()
             if left is not None and left <= 0:
                 return
-            try:
+            with suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), left)
-            except asyncio.TimeoutError:
-                return
 
     # -- lifetime ----------------------------------------------------------------------------------
     async def lifetime(self, app: web.Application):
@@ -595,4 +781,5 @@ def make_app(pool, options: ServerOptions = ServerOptions()) -> web.Application:
     return app
 
 
-__all__ = ["ServerOptions", "ServeError", "make_app", "decode_frame", "encode_frame", "HEADER", "JPEG", "PNG", "RAW"]
+__all__ = ["ServerOptions", "ServeError", "AccessLog", "RedactingFormatter", "make_app", "decode_frame", "encode_frame",
+           "HEADER", "JPEG", "PNG", "RAW"]

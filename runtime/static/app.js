@@ -69,7 +69,9 @@ function stopSource() {
 // -- the socket ----------------------------------------------------------------------------------------
 function connect() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
-  ws = new WebSocket(`${scheme}://${location.host}/ws${location.search}`); // passes ?token= and ?seed= on
+  // passes ?token= and ?seed= on: a browser's WebSocket cannot send an Authorization header, and the
+  // server logs no query string
+  ws = new WebSocket(`${scheme}://${location.host}/ws${location.search}`);
   ws.binaryType = "arraybuffer";
   ws.onmessage = (e) => (typeof e.data === "string" ? onControl(JSON.parse(e.data)) : onFrame(e.data));
   ws.onclose = (e) => {
