@@ -81,7 +81,7 @@ class RotaryEmbedding(nn.Module):
             self._buffers[name] = buf.to(fn(buf[:0]).device)
         return self
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor) -> Rope:
         """cos, sin of shape (F·T, head_dim / 2), float32, for frames at `positions` (F,) int."""
         frame = positions.to(torch.float64)[:, None] * self.inv_freq_t  # (F, dt / 2)
         tokens = self.spatial.shape[0]
