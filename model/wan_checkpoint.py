@@ -158,7 +158,8 @@ def read_dit_checkpoint(path: str | Path, cfg: DiTConfig, ema: bool = True) -> t
     return entries, DiTWeights(str(path), layout, entry_name, {f.name: sha256_file(f) for f in files})
 
 
-def read_lora(path: str | Path, cfg: DiTConfig, alpha: float | None = None) -> tuple[dict[str, tuple[Entry, Entry]], dict]:
+def read_lora(path: str | Path, cfg: DiTConfig,
+              alpha: float | None = None) -> tuple[dict[str, tuple[Entry, Entry]], dict]:
     """A LongLive LoRA file -> {WanModel weight name: (A, B)} and what to record; alpha defaults to the rank."""
     path = Path(path)
     obj = open_weights(path)

@@ -62,7 +62,8 @@ def load_wan_vae(folder: Path) -> WanVaeDecoder:
     if config.get("_class_name") != VAE_CLASS:
         raise CheckpointError(f"{folder}: config.json is a {config.get('_class_name')!r}, not an {VAE_CLASS} (Wan VAE)")
     if config.get("patch_size") is not None or config.get("z_dim", 16) != 16:
-        raise CheckpointError(f"{folder}: a Wan 2.2 VAE (patch_size / z_dim 48); Wan 2.1 models need the 16-channel VAE")
+        raise CheckpointError(f"{folder}: a Wan 2.2 VAE (patch_size / z_dim 48); Wan 2.1 models need the "
+                              f"16-channel VAE")
     try:
         from diffusers import AutoencoderKLWan
     except ImportError as e:

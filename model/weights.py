@@ -50,7 +50,8 @@ def open_weights(path: Path):
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
     if path.suffix not in PICKLE_SUFFIXES:
-        raise CheckpointError(f"{path}: unknown weights format; give a .safetensors or {'/'.join(PICKLE_SUFFIXES)} file")
+        raise CheckpointError(f"{path}: unknown weights format; give a .safetensors or "
+                              f"{'/'.join(PICKLE_SUFFIXES)} file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:  # weights_only refuses pickled Python objects: they could run code

@@ -211,7 +211,8 @@ def test_wan_1_3b_key_set():
     # 27 per block (q, k, v, o weight + bias and norm_q, norm_k of 2 attentions, norm3, ffn.0/.2, modulation) + 15
     assert len(shapes) == 30 * 27 + 15 == 825
     assert {k: shapes[k] for k in WAN_SHAPES} == WAN_SHAPES
-    assert sum(torch.Size(s).numel() for s in shapes.values()) == 1_418_996_800  # counted by hand from the layout above; x4 bytes = the 5.68 GB float32 file
+    # counted by hand from the layout; x 4 bytes = 5.68 GB, the size of Wan's float32 diffusion_pytorch_model
+    assert sum(torch.Size(s).numel() for s in shapes.values()) == 1_418_996_800
 
 
 def test_wan_1_3b_project_layouts_check_without_weights(tmp_path):
