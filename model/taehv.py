@@ -66,7 +66,7 @@ def _stage(n_in: int, n_out: int, time_stride: int) -> list[nn.Module]:
 
 
 class TaehvDecoder(nn.Module):
-    """(B, T, 16, h, w) Wan latents (the DiT's normalised space) -> (B, T', 3, 8h, 8w) frames in [-1, 1]."""
+    """(B, 16, T, h, w) Wan latents (the DiT's layout and normalised space) -> (B, T', 3, 8h, 8w) frames in [-1, 1]."""
 
     def __init__(self):
         super().__init__()
@@ -89,8 +89,8 @@ class TaehvDecoder(nn.Module):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode the next block of a video; frames continue the blocks decoded since `reset`."""
-        b, t = latents.shape[:2]
-        x = latents.reshape(b * t, *latents.shape[2:])
+        b, _, t = latents.shape[:3]
+        x = latents.transpose(1, 2).reshape(b * t, latents.shape[1], *latents.shape[3:])  # TAEHV works on (B T) C h w
         for i, layer in enumerate(self.decoder):
             if isinstance(layer, MemBlock):
                 frames = x.reshape(b, -1, *x.shape[1:])

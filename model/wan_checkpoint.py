@@ -42,7 +42,7 @@ WRAPPER_PREFIX = "model."  # WanDiffusionWrapper.model
 LORA_ENTRY, LORA_PREFIX = "generator_lora", "base_model.model."
 DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-# config.json fields that the weights' shapes do not reveal: (WanModel name, diffusers name) -> DiTConfig field
+# the config.json field (WanModel's, diffusers') of what the weights' shapes do not reveal: the number of heads
 HEAD_FIELDS = ("num_heads", "num_attention_heads")
 
 
@@ -111,9 +111,9 @@ def _strip_wrappers(name: str) -> str:
 def _to_wan_names(entries: dict[str, Entry], path: Path) -> tuple[dict[str, Entry], str]:
     """Entries renamed to WanModel keys, and the layout they were in; another model's keys -> one line."""
     names = {_strip_wrappers(k): e for k, e in entries.items()}
-    wrapped = all(k.startswith(WRAPPER_PREFIX) for k in names)
-    if wrapped:
-        names = {k[len(WRAPPER_PREFIX):]: e for k, e in names.items()}
+    wrapped = f"{WRAPPER_PREFIX}patch_embedding.weight" in names
+    if wrapped:  # keys outside the wrapper's model (none in the published generators) stay, to be named
+        names = {k.removeprefix(WRAPPER_PREFIX): e for k, e in names.items()}
     if "patch_embedding.weight" not in names:
         raise CheckpointError(f"{path}: not a Wan 2.1 transformer checkpoint (no patch_embedding.weight; "
                               f"keys such as {', '.join(list(entries)[:3])})")
@@ -211,8 +211,8 @@ def load_dit(path: str | Path, cfg: DiTConfig, *, dtype: torch.dtype = torch.flo
     copy_into(model, entries)
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, (a, b) in lora_pairs.items():
-            w = params[name]
-            scale = info.lora["alpha"] / info.lora["rank"]
-            w += (scale * b.load().to(w.device, torch.float32) @ a.load().to(w.device, torch.float32)).to(w.dtype)
+        for name, (a, b) in lora_pairs.items():  # merged in float32, then rounded once to the model's dtype
+            w, scale = params[name], info.lora["alpha"] / info.lora["rank"]
+            delta = b.load().to(w.device, torch.float32) @ a.load().to(w.device, torch.float32)
+            w.copy_(w.float() + scale * delta)
     return model.eval().requires_grad_(False), info

@@ -1,6 +1,6 @@
 """Latent decoders for the Wan 2.1 DiT, from local files: the Wan VAE (diffusers' AutoencoderKLWan) or TAEHV.
 
-Both take a block of latent frames in the DiT's space, (B, T, 16, h, w) (Wan's latents normalised
+Both take a block of latent frames as the DiT gives them, (B, 16, T, h, w) (Wan's latents normalised
 per channel by the VAE's latents_mean / latents_std, as Self-Forcing's `WanVAEWrapper` does), and
 return video frames (B, T', 3, 8h, 8w) in [-1, 1]. Both are streaming: `decode` continues the video
 decoded since `reset`, so a video decoded block by block equals it decoded at once, and T latent
@@ -40,8 +40,7 @@ class WanVaeDecoder:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        z = latents.transpose(1, 2)  # (B, C, T, h, w), the VAE's layout
-        z = z * self.std.to(z) + self.mean.to(z)
+        z = latents * self.std.to(latents) + self.mean.to(latents)
         x = self.vae.post_quant_conv(z)  # a 1x1x1 conv: frame by frame already
         out = []
         for i in range(x.shape[2]):

@@ -103,7 +103,7 @@ def test_longlive_base_plus_lora_is_merged(tmp_path):
     state, rank = random_state(TINY, 4), 8
     base, lora = tmp_path / "longlive_base.pt", tmp_path / "lora.pt"
     torch.save({"generator": wrapped(state), "critic": wrapped(random_state(TINY, 5)), "step": 1000}, base)
-    pairs = lora_pairs(6, rank)
+    pairs = {k: v.bfloat16() for k, v in lora_pairs(6, rank).items()}  # its adapter config: dtype bfloat16
     torch.save({"generator_lora": pairs, "critic_lora": lora_pairs(7, rank), "step": 3000}, lora)
     assert len(pairs) == 2 * 10 * TINY.num_layers  # q, k, v, o of both attentions + ffn.0, ffn.2 per block
 
@@ -112,8 +112,8 @@ def test_longlive_base_plus_lora_is_merged(tmp_path):
     for name in model_shapes(TINY):
         a = pairs.get(f"base_model.model.{name.removesuffix('.weight')}.lora_A.weight")
         if a is not None and name.endswith(".weight"):
-            merged[name] = state[name] + (4.0 / rank) * pairs[name.replace(".weight", ".lora_B.weight")
-                                                               .replace("blocks", "base_model.model.blocks", 1)] @ a
+            b = pairs[f"base_model.model.{name.removesuffix('.weight')}.lora_B.weight"]
+            merged[name] = state[name] + (4.0 / rank) * b.float() @ a.float()
     assert info.lora == {"path": str(lora), "sha256": sha256(lora), "rank": rank, "alpha": 4.0, "layers": 40}
     for k, p in model.state_dict().items():
         torch.testing.assert_close(p, merged[k], rtol=1e-6, atol=1e-6)
@@ -164,8 +164,9 @@ def test_wrong_keys_are_all_named_before_the_model_is_built(tmp_path, monkeypatc
     del state["blocks.1.ffn.0.bias"], state["head.modulation"]
     state["blocks.0.self_attn.q.weight"] = torch.zeros(3, 3)
     state["blocks.0.img_emb.proj.weight"] = torch.zeros(2)
+    state["_cls_pred_branch.0.weight"] = torch.zeros(2)  # a GAN critic's head on the wrapper, outside its model
     path = tmp_path / "bad.pt"
-    torch.save({"generator": wrapped(state)}, path)
+    torch.save({"generator": {k if k.startswith("_") else "model." + k: v for k, v in state.items()}}, path)
     real = wan_checkpoint.WanDiT
 
     def only_on_meta(cfg):  # the checks may build the model on the meta device, never for real
@@ -178,7 +179,7 @@ def test_wrong_keys_are_all_named_before_the_model_is_built(tmp_path, monkeypatc
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"{path} (self-forcing/causvid/longlive layout): keys do not")
     assert "2 missing: blocks.1.ffn.0.bias, head.modulation" in message
-    assert "1 unexpected: blocks.0.img_emb.proj.weight" in message
+    assert "2 unexpected: _cls_pred_branch.0.weight, blocks.0.img_emb.proj.weight" in message
     assert f"1 mis-shaped: blocks.0.self_attn.q.weight (3, 3) (model ({TINY.dim}, {TINY.dim}))" in message
 
 

@@ -138,11 +138,11 @@ def test_taehv_file_loads_and_decodes_blocks(tmp_path, suffix):
     assert torch.equal(decoder.decoder[7].conv.weight, state["decoder.7.conv.weight"][-256:])  # the last step
     assert torch.equal(decoder.decoder[3].conv[2].weight, state["decoder.3.conv.2.weight"])
 
-    latents = torch.randn(1, 5, 16, 3, 4, generator=g)
+    latents = torch.randn(1, 16, 5, 3, 4, generator=g)
     whole = decoder.decode(latents)
     assert whole.shape == (1, 1 + 4 * (5 - 1), 3, 24, 32) and whole.abs().max() <= 1 and whole.std() > 0
     decoder.reset()
-    blocks = [decoder.decode(latents[:, :3]), decoder.decode(latents[:, 3:])]
+    blocks = [decoder.decode(latents[:, :, :3]), decoder.decode(latents[:, :, 3:])]
     assert [b.shape[1] for b in blocks] == [9, 8] and torch.equal(torch.cat(blocks, 1), whole)
 
 
@@ -164,11 +164,11 @@ def test_wan_vae_folder_decodes_blocks_as_one_video(tmp_path):
     vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
     vae.save_pretrained(tmp_path / "vae")
     decoder = load_decoder(tmp_path)  # a pipeline folder: its vae/ is read
-    latents = torch.randn(1, 5, 16, 2, 3)
-    blocks = [decoder.decode(latents[:, :3]), decoder.decode(latents[:, 3:])]
+    latents = torch.randn(1, 16, 5, 2, 3)
+    blocks = [decoder.decode(latents[:, :, :3]), decoder.decode(latents[:, :, 3:])]
     assert [b.shape for b in blocks] == [(1, 9, 3, 16, 24), (1, 8, 3, 16, 24)]
     with torch.no_grad():  # diffusers' own decode of the whole clip, on un-normalised latents
-        raw = latents.transpose(1, 2) * torch.tensor(vae.config.latents_std).view(1, 16, 1, 1, 1) \
+        raw = latents * torch.tensor(vae.config.latents_std).view(1, 16, 1, 1, 1) \
             + torch.tensor(vae.config.latents_mean).view(1, 16, 1, 1, 1)
         whole = vae.decode(raw).sample.transpose(1, 2)
     torch.testing.assert_close(torch.cat(blocks, 1), whole, rtol=1e-5, atol=1e-5)
@@ -179,3 +179,23 @@ def test_wan_vae_folder_decodes_blocks_as_one_video(tmp_path):
         load_decoder(tmp_path / "other")
     with pytest.raises(CheckpointError, match="decoder not found"):
         load_decoder(tmp_path / "taew2_1.pth")
+
+
+def test_prompt_checkpoint_and_decoder_compose(umt5_folder, tmp_path):
+    """The pieces mirage-run joins: a prompt's embeddings, a Self-Forcing checkpoint, a TAEHV file."""
+    from mirage.model.wan_checkpoint import load_dit, model_shapes
+
+    g = torch.Generator().manual_seed(3)
+    torch.save({"generator_ema": {"model." + k: torch.randn(s, generator=g) * 0.1
+                                  for k, s in model_shapes(TINY).items()}}, tmp_path / "sf.pt")
+    save_file({k: torch.randn(s, generator=g) * 0.05 for k, s in taehv_layout().items()},
+              tmp_path / "taew2_1.safetensors")
+    text = encode_prompt("a cat runs", TINY, PromptEncoder(umt5_folder))
+    model, _ = load_dit(tmp_path / "sf.pt", TINY)
+    decoder = load_decoder(tmp_path / "taew2_1.safetensors")
+    h, w = TINY.latent_size
+    block = torch.randn(1, TINY.in_dim, TINY.block_frames, h, w, generator=g)
+    with torch.no_grad():
+        velocity = model(block, torch.full((1, TINY.block_frames), 750.0), text)
+    frames = decoder.decode(block - 0.75 * velocity)  # x0 = x_t - sigma v (sigma here is illustrative only)
+    assert frames.shape == (1, 1 + 4 * (TINY.block_frames - 1), 3, TINY.height, TINY.width)
