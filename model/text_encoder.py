@@ -25,6 +25,7 @@ from mirage.core.config import DiTConfig
 from mirage.core.errors import MirageError
 
 EMBEDS_SUFFIXES = (".safetensors", ".pt", ".pth")
+WAN_OWN_T5 = "models_t5_umt5-xxl-enc-bf16.pth"  # Wan-AI's folder: its own T5 layout, not transformers'
 
 
 class ConditioningError(MirageError, ValueError):
@@ -77,6 +78,9 @@ def _encoder_folders(folder: Path) -> tuple[Path, Path]:
     """(encoder folder, tokenizer folder): a diffusers pipeline folder's subfolders, or the folder itself."""
     if not folder.is_dir():
         raise ConditioningError(f"{folder}: text encoder folder not found")
+    if (folder / WAN_OWN_T5).is_file():
+        raise ConditioningError(f"{folder}: Wan's own T5 checkpoint ({WAN_OWN_T5}); give a transformers UMT5 folder "
+                                f"(Wan2.1-T2V-1.3B-Diffusers, with text_encoder/ and tokenizer/)")
     if (folder / "text_encoder").is_dir():
         return folder / "text_encoder", folder / "tokenizer"
     return folder, folder

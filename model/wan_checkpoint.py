@@ -11,7 +11,8 @@ The layouts, told apart by their keys (facts from the projects' own save / load 
                    {"generator_lora": peft state dict, "critic_lora", "step"}, keys
                    "base_model.model.blocks.N.<linear>.lora_{A,B}.weight", merged as W += (alpha / r) B A
                    (utils/lora_utils.py: every nn.Linear of each attention block; configs: rank = alpha = 256)
-    Wan            a flat WanModel state dict (Wan-AI/Wan2.1-T2V-1.3B's diffusion_pytorch_model.safetensors)
+    Wan            a flat WanModel state dict (the Wan-AI/Wan2.1-T2V-1.3B folder's diffusion_pytorch_model.safetensors,
+                   beside config.json, Wan2.1_VAE.pth and models_t5_umt5-xxl-enc-bf16.pth)
     diffusers      a WanTransformer3DModel folder: config.json + diffusion_pytorch_model.safetensors, or shards
                    listed by diffusion_pytorch_model.safetensors.index.json; names mapped by wan_keys
 
@@ -40,7 +41,9 @@ GENERATOR_ENTRIES = ("generator_ema", "generator", "model")  # the dict entries 
 WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 WRAPPER_PREFIX = "model."  # WanDiffusionWrapper.model
 LORA_ENTRY, LORA_PREFIX = "generator_lora", "base_model.model."
-DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+# The transformer's file in both a Wan-AI folder (beside Wan2.1_VAE.pth and the T5 .pth) and a diffusers one
+TRANSFORMER_FILE = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_INDEX = f"{TRANSFORMER_FILE}.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 # the config.json field (WanModel's, diffusers') of what the weights' shapes do not reveal: the number of heads
 HEAD_FIELDS = ("num_heads", "num_attention_heads")
@@ -78,6 +81,8 @@ def _weight_files(path: Path) -> list[Path]:
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a safetensors index (no weight_map)") from e
         return [path / name for name in sorted(set(weight_map.values()))]
+    if (path / TRANSFORMER_FILE).is_file():
+        return [path / TRANSFORMER_FILE]
     files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     if len(files) != 1:
         found = ", ".join(p.name for p in files) or "none"

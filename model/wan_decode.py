@@ -21,6 +21,7 @@ from mirage.model.weights import CheckpointError, Entry, as_entries, check_shape
     open_weights
 
 VAE_CLASS = "AutoencoderKLWan"
+WAN_OWN_VAE_KEY = "decoder.middle.0.residual.0.gamma"  # Wan2.1_VAE.pth (diffusers detects that file by this key)
 
 
 class WanVaeDecoder:
@@ -79,6 +80,9 @@ def load_taehv(path: Path) -> TaehvDecoder:
     raw = open_weights(path)
     if not is_flat_state(raw):
         raise CheckpointError(f"{path}: not a TAEHV weights file (expected a flat dict of tensors)")
+    if WAN_OWN_VAE_KEY in raw:
+        raise CheckpointError(f"{path}: the Wan VAE in Wan's own layout (Wan2.1_VAE.pth); give its diffusers folder "
+                              f"(Wan2.1-T2V-1.3B-Diffusers/vae) or a TAEHV file")
     decoder = TaehvDecoder()
     entries = {k: e for k, e in as_entries(raw).items() if not k.startswith("encoder.")}
     for i, layer in enumerate(decoder.decoder):

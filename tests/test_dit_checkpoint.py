@@ -131,6 +131,19 @@ def test_wan_safetensors_file(tmp_path):
     assert_same_outputs(model, state)
 
 
+def test_wan_ai_folder_reads_its_transformer_file(tmp_path):
+    """Wan-AI/Wan2.1-T2V-1.3B's folder: config.json (WanModel) and the transformer beside the VAE and T5 files."""
+    state = random_state(TINY, 11)
+    save_file(state, tmp_path / "diffusion_pytorch_model.safetensors")
+    torch.save({"decoder.conv1.weight": torch.zeros(1)}, tmp_path / "Wan2.1_VAE.pth")
+    torch.save({"token_embedding.weight": torch.zeros(1)}, tmp_path / "models_t5_umt5-xxl-enc-bf16.pth")
+    config = {"_class_name": "WanModel", "model_type": "t2v", "dim": TINY.dim, "num_heads": TINY.num_heads}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model, info = load_dit(tmp_path, TINY)
+    assert info.layout == "wan" and list(info.files) == ["diffusion_pytorch_model.safetensors"]
+    assert_same_outputs(model, state)
+
+
 def tiny_diffusers(**change):
     from diffusers import WanTransformer3DModel
 

@@ -61,6 +61,10 @@ def test_diffusers_pipeline_folder_and_bad_encoder_folders(umt5_folder, tmp_path
     assert PromptEncoder(tmp_path).width == TINY.text_dim
     with pytest.raises(ConditioningError, match="text encoder folder not found"):
         PromptEncoder(tmp_path / "missing")
+    (tmp_path / "wan").mkdir()
+    (tmp_path / "wan" / "models_t5_umt5-xxl-enc-bf16.pth").write_bytes(b"")
+    with pytest.raises(ConditioningError, match="Wan's own T5 checkpoint"):
+        PromptEncoder(tmp_path / "wan")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConditioningError, match="empty: not a UMT5 encoder folder"):
         PromptEncoder(tmp_path / "empty")
@@ -177,6 +181,9 @@ def test_wan_vae_folder_decodes_blocks_as_one_video(tmp_path):
     (tmp_path / "other" / "config.json").write_text('{"_class_name": "AutoencoderTiny"}')
     with pytest.raises(CheckpointError, match="is a 'AutoencoderTiny', not an AutoencoderKLWan"):
         load_decoder(tmp_path / "other")
+    torch.save({"decoder.middle.0.residual.0.gamma": torch.zeros(1)}, tmp_path / "Wan2.1_VAE.pth")
+    with pytest.raises(CheckpointError, match="Wan VAE in Wan's own layout"):
+        load_decoder(tmp_path / "Wan2.1_VAE.pth")
     with pytest.raises(CheckpointError, match="decoder not found"):
         load_decoder(tmp_path / "taew2_1.pth")
 
