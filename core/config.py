@@ -449,7 +449,8 @@ class DiTConfig:
     The cache, as Self-Forcing and LongLive define it (their `local_attn_size`, `sink_size`): a block's
     queries see `window_frames` latent frames of keys/values, the block itself and the `sink_frames`
     first frames of the video included. Between blocks the cache therefore holds
-    `window_frames - block_frames` past frames: the sink (kept) and the most recent others (rolling).
+    `window_frames - block_frames` past frames a block can see: the sink (kept) and the most recent
+    others (rolling).
     """
 
     name: str = "dit-tiny"
@@ -508,11 +509,9 @@ class DiTConfig:
             if pixels % step:
                 raise ConfigError(f"{side}={pixels} is not divisible by {step} (VAE stride {self.vae_stride[axis]} "
                                   f"x patch {self.patch_size[axis]}); choose a multiple of {step}")
-        rolling = self.window_frames - self.block_frames - self.sink_frames
-        if rolling < self.block_frames:
-            raise ConfigError(f"window_frames={self.window_frames} must hold the sink ({self.sink_frames}), the block "
-                              f"({self.block_frames}) and at least one past block ({self.block_frames}) to roll: "
-                              f"choose >= {self.sink_frames + 2 * self.block_frames}")
+        if self.window_frames < self.sink_frames + self.block_frames:
+            raise ConfigError(f"window_frames={self.window_frames} is smaller than the sink ({self.sink_frames}) plus a "
+                              f"block ({self.block_frames}) it must hold: choose >= {self.sink_frames + self.block_frames}")
 
     # --- shapes ----------------------------------------------------------------------------------
     @property

@@ -68,6 +68,13 @@ class Rope(nn.Module):
         spatial = torch.cat([ah[:, None, :].expand(gh, gw, -1), aw[None, :, :].expand(gh, gw, -1)], dim=-1)
         self.register_buffer("spatial", spatial.reshape(gh * gw, -1), persistent=False)  # (T, (dh + dw) / 2) angles
 
+    def _apply(self, fn, recurse=True):
+        """Move the float64 angle tables with the module but never cast them (`model.to(bfloat16)` would
+        round the angles; Wan keeps its table out of the buffers for the same reason)."""
+        for name, buf in self._buffers.items():
+            self._buffers[name] = buf.to(fn(buf[:0]).device)
+        return self
+
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape (F·T, head_dim / 2), float32, for frames at `positions` (F,) int."""
         frame = positions.to(torch.float64)[:, None] * self.inv_freq_t  # (F, dt / 2)
@@ -225,11 +232,12 @@ class WanDiT(nn.Module):
             tokens = blk(tokens, e0, rope, text_kv[i], lambda q, k, v, i=i: attend(i, q, k, v))
         return self.unpatchify(self.head(tokens, e)).to(x.dtype)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """One forward over all frames of x, frames at positions 0..F-1; `mask` (F·T, F·T) bool, True =
-        may attend (e.g. `block_causal_mask`), None = full attention (Wan's bidirectional model)."""
-        positions = torch.arange(x.shape[2], device=x.device)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """One forward over all frames of x at frame `positions` (default 0..F-1); `mask` (F·T, F·T) bool,
+        True = may attend (e.g. `block_causal_mask`), None = full attention (Wan's bidirectional model)."""
+        if positions is None:
+            positions = torch.arange(x.shape[2], device=x.device)
         return self.run(x, t, self.text_kv(text), positions,
                         lambda i, q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
@@ -237,11 +245,12 @@ class WanDiT(nn.Module):
 def block_causal_mask(cfg: DiTConfig, positions: torch.Tensor) -> torch.Tensor:
     """(F·T, F·T) bool: the attention the cached rollout computes, for frames at absolute `positions`.
     A query frame q sees key frame k when k's block is not after q's block and k is either one of the
-    `sink_frames` first frames or inside the `window_frames` ending with q's block (Self-Forcing's
-    block-wise causal mask with local_attn_size, plus LongLive's sink)."""
+    `sink_frames` first frames or among the last window_frames - sink_frames frames up to the end of
+    q's block (Self-Forcing's block-wise causal mask with local_attn_size; LongLive's sink plus its
+    local budget of max_attention_size - sink tokens)."""
     n = cfg.block_frames
-    block = positions // n
-    end = (block + 1) * n  # one past the last frame of each frame's block
+    end = (positions // n + 1) * n  # one past the last frame of each frame's block
     q_end, k_pos = end[:, None], positions[None, :]
-    frames = (k_pos < q_end) & ((k_pos >= q_end - cfg.window_frames) | (k_pos < cfg.sink_frames))
+    local = cfg.window_frames - cfg.sink_frames
+    frames = (k_pos < q_end) & ((k_pos >= q_end - local) | (k_pos < cfg.sink_frames))
     return frames.repeat_interleave(cfg.tokens_per_frame, 0).repeat_interleave(cfg.tokens_per_frame, 1)

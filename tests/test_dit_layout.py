@@ -86,8 +86,8 @@ def test_full_forward_equals_diffusers():
 @pytest.mark.parametrize("change, message", [
     (dict(width=130), "width=130 is not divisible by 16"),
     (dict(height=100), "height=100 is not divisible by 16"),
-    (dict(window_frames=3), "window_frames=3 must hold"),
-    (dict(sink_frames=3), "window_frames=6 must hold the sink"),
+    (dict(window_frames=1), "window_frames=1 is smaller than the sink \\(0\\) plus a block \\(2\\)"),
+    (dict(sink_frames=5), "window_frames=6 is smaller than the sink \\(5\\)"),
     (dict(num_heads=5), "even head width"),
     (dict(patch_size=(2, 2, 2)), "one latent frame per token"),
     (dict(denoising_steps=(250, 500)), "falling list"),

@@ -1,0 +1,168 @@
+"""Benchmark of the DiT's chunk-causal generation (scripts/bench_dit.py is the driver).
+
+Random weights in the published layout, one prompt of random text embeddings, batch 1, a clip of
+`blocks` blocks from an empty cache, timed per block for each path:
+
+    eager          the block step as PyTorch ops
+    compile        each model pass through torch.compile (Inductor)
+    graph          the eager block step captured as CUDA graphs (one per span)
+    compile-graph  Inductor's kernels captured as CUDA graphs
+
+Each path first runs the whole clip once untimed (compilation, graph capture: what a server does
+before its first frame), then the timed clip. A block's time is wall-clock from its noise to its clean
+latents on the host's clock after a device synchronize (so host overhead counts), no decoder.
+Video frames follow the Wan VAE: 4 per latent frame, the video's first latent frame 1 (a first block of 3
+latent frames is 9 video frames, later blocks 12; 7 blocks are Self-Forcing's 81-frame clip).
+
+The bf16 floor of a block is its FLOPs (`DiTConfig.block_flops`: matmuls and attention QKᵀ/PV over every
+key read, 2 FLOPs per multiply-add) at the matmul rate measured here (an 8192³ bf16 matmul).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from mirage.core.config import ConfigError, DiTConfig
+from mirage.core.errors import BackendError
+from mirage.model.dit import WanDiT
+from mirage.model.dit_cache import BlockStepper, CapturedBlockStep
+
+MODES = ("eager", "compile", "graph", "compile-graph")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device) -> float | None:
+    """bf16 FLOP/s of an 8192³ matmul on this CUDA device (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    from mirage.plugins_cpp.bench import device_ms
+
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    return 2 * 8192 ** 3 / (device_ms(lambda: a @ b, calls=10) * 1e-3)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def run_clip(step, stepper: BlockStepper, noises: list[torch.Tensor], device) -> tuple[list[float], torch.Tensor]:
+    """Block times (s) of one clip from an empty cache, and the last block's latents."""
+    stepper.reset()
+    times, x0 = [], None
+    for noise in noises:
+        sync(device)
+        start = time.perf_counter()
+        x0 = step(noise)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times, x0.float().clone()
+
+
+def bench_mode(model: WanDiT, mode: str, text: torch.Tensor, noises: list[torch.Tensor], dtype,
+               device) -> tuple[dict, torch.Tensor]:
+    """One path's timed clip, and its last block's latents (for the agreement check)."""
+    cfg = model.cfg
+    stepper = BlockStepper(model, batch=1, device=device, dtype=dtype)
+    if mode.startswith("compile"):
+        stepper.compile()
+    step = stepper.step
+    setup_start = time.perf_counter()
+    if mode.endswith("graph"):
+        graphs = CapturedBlockStep(stepper)
+        step = graphs.step
+    stepper.set_prompt(text)
+    run_clip(step, stepper, noises, device)  # warm-up: compiles, captures every span
+    sync(device)
+    setup_s = time.perf_counter() - setup_start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    start = time.perf_counter()
+    stepper.set_prompt(text)
+    sync(device)
+    prompt_s = time.perf_counter() - start
+    times, latents = run_clip(step, stepper, noises, device)
+    ms = [t * 1e3 for t in times]
+    video = [cfg.video_frames(cfg.block_frames, first=b == 0) for b in range(len(ms))]
+    result = {
+        "mode": mode, "setup_s": setup_s, "prompt_ms": prompt_s * 1e3, "first_block_ms": ms[0],
+        "block_median_ms": statistics.median(ms), "block_p99_ms": percentile(ms, 99),
+        "block_mean_ms": statistics.fmean(ms), "video_frames": sum(video),
+        "video_fps": sum(video) / (sum(ms) / 1e3), "blocks_ms": ms,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    }
+    if len(ms) >= 500:  # the long-generation target: late blocks against early ones at a full window
+        result["p99_blocks_25_50_ms"] = percentile(ms[25:50], 99)
+        result["p99_blocks_450_500_ms"] = percentile(ms[450:500], 99)
+    return result, latents
+
+
+def floor(cfg: DiTConfig, blocks: int, peak: float | None) -> dict:
+    flops = [cfg.block_flops(cfg.past_frames(b)) for b in range(blocks)]
+    out = {"block_flops": flops, "mean_block_tflop": sum(flops) / len(flops) / 1e12, "matmul_flops_per_s": peak,
+           "weight_bytes_bf16": cfg.weight_bytes(2), "params": cfg.param_count()}
+    if peak:
+        out["floor_ms"] = [f / peak * 1e3 for f in flops]
+        out["mean_floor_ms"] = sum(out["floor_ms"]) / blocks
+    return out
+
+
+def run(cfg: DiTConfig, modes: list[str], blocks: int, device: str = "cuda", seed: int = 0) -> dict:
+    """The benchmark: every path over the same clip (same weights, prompt and noise)."""
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise ConfigError(f"modes {unknown or modes}: choose from {', '.join(MODES)}")
+    dev = torch.device(device)
+    if dev.type != "cuda" and any(m.endswith("graph") for m in modes):
+        raise BackendError(f"CUDA graphs need a CUDA device, not {device}: on the CPU choose eager or compile")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    torch.manual_seed(seed)
+    with torch.device(dev):
+        model = WanDiT(cfg).to(dtype).eval()
+    gen = torch.Generator(device=dev).manual_seed(seed + 1)
+    text = torch.randn(1, cfg.text_len, cfg.text_dim, device=dev, generator=gen)
+    shape = (cfg.steps, 1, cfg.in_dim, cfg.block_frames, *cfg.latent_size)
+    noises = [torch.randn(shape, device=dev, generator=gen) for _ in range(blocks)]
+    peak = matmul_peak(dev)
+    report = {"config": cfg.name, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+              "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "batch": 1, "blocks": blocks,
+              "resolution": f"{cfg.width}x{cfg.height}", "steps": cfg.steps, "block_frames": cfg.block_frames,
+              "window_frames": cfg.window_frames, "sink_frames": cfg.sink_frames,
+              "floor": floor(cfg, blocks, peak), "modes": []}
+    reference = None
+    for mode in modes:
+        result, latents = bench_mode(model, mode, text, noises, dtype, dev)
+        reference = latents if reference is None else reference
+        result["max_abs_diff_vs_first_mode"] = float((latents - reference).abs().max())
+        if peak:
+            result["floor_share"] = report["floor"]["mean_floor_ms"] / result["block_mean_ms"]
+        report["modes"].append(result)
+    return report
+
+
+def table(report: dict) -> str:
+    """One line per path: the numbers the issue's targets are stated in."""
+    head = (f"{report['config']} on {report['device']} ({report['dtype']}, {report['resolution']}, batch 1, "
+            f"{report['steps']} steps, blocks of {report['block_frames']}, {report['blocks']} blocks, "
+            f"window {report['window_frames']} / sink {report['sink_frames']}; "
+            f"{report['floor']['mean_block_tflop']:.2f} TFLOP per block on average)")
+    rows = [head, f"{'mode':<14}{'first ms':>10}{'median ms':>11}{'p99 ms':>9}{'mean ms':>9}{'video fps':>11}"
+                  f"{'peak GB':>9}{'floor':>7}{'diff':>10}"]
+    for m in report["modes"]:
+        mem = f"{m['peak_memory_bytes'] / 1e9:.2f}" if m["peak_memory_bytes"] is not None else "-"
+        share = f"{m['floor_share']:.0%}" if "floor_share" in m else "-"
+        rows.append(f"{m['mode']:<14}{m['first_block_ms']:>10.1f}{m['block_median_ms']:>11.1f}{m['block_p99_ms']:>9.1f}"
+                    f"{m['block_mean_ms']:>9.1f}{m['video_fps']:>11.2f}{mem:>9}{share:>7}"
+                    f"{m['max_abs_diff_vs_first_mode']:>10.2e}")
+    if report["floor"].get("mean_floor_ms"):
+        rows.append(f"bf16 floor {report['floor']['mean_floor_ms']:.1f} ms per block at the measured "
+                    f"{report['floor']['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")
+    return "\n".join(rows)
