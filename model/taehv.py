@@ -91,6 +91,7 @@ class TaehvDecoder(nn.Module):
         """Decode the next block of a video; frames continue the blocks decoded since `reset`."""
         b, _, t = latents.shape[:3]
         x = latents.transpose(1, 2).reshape(b * t, latents.shape[1], *latents.shape[3:])  # TAEHV works on (B T) C h w
+        x = x.to(self.decoder[1].weight.dtype)
         for i, layer in enumerate(self.decoder):
             if isinstance(layer, MemBlock):
                 frames = x.reshape(b, -1, *x.shape[1:])

@@ -35,13 +35,18 @@ class WanVaeDecoder:
         self.std = torch.tensor(vae.config.latents_std).view(shape)
         self.reset()
 
+    def to(self, device, dtype) -> "WanVaeDecoder":
+        self.vae.to(device, dtype)
+        return self
+
     def reset(self) -> None:
         self.vae.clear_cache()
         self._first = True
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        z = latents * self.std.to(latents) + self.mean.to(latents)
+        z = latents.to(self.vae.dtype)
+        z = z * self.std.to(z) + self.mean.to(z)
         x = self.vae.post_quant_conv(z)  # a 1x1x1 conv: frame by frame already
         out = []
         for i in range(x.shape[2]):
@@ -103,11 +108,12 @@ def _last_steps(entry: Entry, channels: int) -> Entry:
     return Entry((channels, *entry.shape[1:]), lambda: entry.load()[-channels:])
 
 
-def load_decoder(path: str | Path):
-    """A streaming latent decoder (`reset()`, `decode(latents)`) from a local file (TAEHV) or folder (Wan VAE)."""
+def load_decoder(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A streaming latent decoder (`reset()`, `decode(latents)`) from a local file (TAEHV) or folder (Wan VAE),
+    checked on the CPU, then moved to `device` in `dtype`."""
     path = Path(path)
     if path.is_dir():
-        return load_wan_vae(path)
+        return load_wan_vae(path).to(device, dtype)
     if not path.exists():
         raise CheckpointError(f"{path}: decoder not found (a TAEHV file such as taew2_1.pth, or a Wan VAE folder)")
-    return load_taehv(path)
+    return load_taehv(path).to(device, dtype)

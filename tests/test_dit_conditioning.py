@@ -148,6 +148,7 @@ def test_taehv_file_loads_and_decodes_blocks(tmp_path, suffix):
     decoder.reset()
     blocks = [decoder.decode(latents[:, :, :3]), decoder.decode(latents[:, :, 3:])]
     assert [b.shape[1] for b in blocks] == [9, 8] and torch.equal(torch.cat(blocks, 1), whole)
+    assert load_decoder(path, dtype=torch.bfloat16).decode(latents).dtype == torch.bfloat16
 
 
 def test_taehv_file_with_wrong_keys_names_them(tmp_path):
@@ -176,6 +177,8 @@ def test_wan_vae_folder_decodes_blocks_as_one_video(tmp_path):
             + torch.tensor(vae.config.latents_mean).view(1, 16, 1, 1, 1)
         whole = vae.decode(raw).sample.transpose(1, 2)
     torch.testing.assert_close(torch.cat(blocks, 1), whole, rtol=1e-5, atol=1e-5)
+    half = load_decoder(tmp_path / "vae", dtype=torch.bfloat16)  # bfloat16 on the CPU; float16 on a GPU
+    assert half.decode(latents[:, :, :1]).shape == (1, 1, 3, 16, 24)
 
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text('{"_class_name": "AutoencoderTiny"}')
