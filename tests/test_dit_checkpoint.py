@@ -120,6 +120,12 @@ def test_longlive_base_plus_lora_is_merged(tmp_path):
 
     with pytest.raises(CheckpointError, match="LoRA adapter .*without base weights"):
         load_dit(lora, TINY)
+    pairs["base_model.model.blocks.9.self_attn.q.lora_A.weight"] = pairs.pop(
+        "base_model.model.blocks.3.self_attn.q.lora_A.weight")  # a layer dit-tiny does not have
+    torch.save({"generator_lora": pairs}, lora)
+    with pytest.raises(CheckpointError, match=r"2 LoRA weights do not fit the model \(rank 8\): "
+                                              r"blocks.3.self_attn.q.weight, blocks.9.self_attn.q.weight"):
+        load_dit(base, TINY, lora=lora)
 
 
 def test_wan_safetensors_file(tmp_path):
@@ -236,6 +242,17 @@ def test_wan_1_3b_project_layouts_check_without_weights(tmp_path):
     entries, info = read_dit_checkpoint(path, WAN)
     assert len(entries) == 825 and info.entry == "generator_ema"
     assert entries["blocks.0.self_attn.q.weight"].shape == (1536, 1536)
+    # LongLive's lora.pt at its published rank (256): every Linear of the 30 attention blocks, 10 per block
+    lora = {}
+    for name, (out, inp) in ((k, s) for k, s in model_shapes(WAN).items() if k.startswith("blocks.") and len(s) == 2):
+        base = "base_model.model." + name.removesuffix(".weight")
+        lora[f"{base}.lora_A.weight"] = torch.empty(256, inp, device="meta", dtype=torch.bfloat16)
+        lora[f"{base}.lora_B.weight"] = torch.empty(out, 256, device="meta", dtype=torch.bfloat16)
+    torch.save({"generator_lora": lora, "critic_lora": lora, "step": 0}, tmp_path / "lora.pt")
+    pairs, record = wan_checkpoint.read_lora(tmp_path / "lora.pt", WAN)
+    assert len(lora) == 600 and (record["rank"], record["alpha"], record["layers"]) == (256, 256.0, 300)
+    assert pairs["blocks.0.ffn.0.weight"][1].shape == (8960, 256)
+
     del meta["blocks.7.ffn.2.weight"]
     torch.save({"generator": wrapped(meta)}, path)
     with pytest.raises(CheckpointError, match="1 missing: blocks.7.ffn.2.weight"):
