@@ -215,6 +215,13 @@ def test_other_layouts_give_one_line(tmp_path, content, message):
     assert "\n" not in str(err.value) and str(path) in str(err.value)
 
 
+def test_a_mirage_unet_checkpoint_is_refused_in_one_line():
+    from conftest import CKPT_GEN
+
+    with pytest.raises(CheckpointError, match=r"not a Wan 2.1 transformer checkpoint \(no patch_embedding.weight"):
+        load_dit(CKPT_GEN, TINY)
+
+
 # --- wan-1.3b: the published key set and shapes, without a byte of weights -------------------------------
 
 WAN_SHAPES = {  # Wan2.1-T2V-1.3B (dim 1536, ffn 8960, 30 layers, text 4096, freq 256, patch 1x2x2)
