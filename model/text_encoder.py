@@ -33,12 +33,13 @@ class ConditioningError(MirageError, ValueError):
 
 
 def clean_prompt(text: str) -> str:
-    """Wan's 'whitespace' cleaning: HTML entities unescaped twice, runs of whitespace made one space.
-
-    Wan also runs ftfy.fix_text first, which only repairs mis-decoded text (mojibake); prompts typed
-    as proper UTF-8 are unchanged by it, so Mirage does not depend on ftfy.
-    """
-    return re.sub(r"\s+", " ", html.unescape(html.unescape(text)).strip()).strip()
+    """Wan's 'whitespace' cleaning (wan/modules/tokenizers.py): ftfy.fix_text (mojibake, curly quotes,
+    full-width letters, NFC), HTML entities unescaped twice, runs of whitespace made one space."""
+    try:
+        import ftfy
+    except ImportError as e:
+        raise ConditioningError("prompt cleaning needs ftfy, as Wan's: pip install -e '.[wan]'") from e
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(ftfy.fix_text(text))).strip()).strip()
 
 
 class PromptEncoder:

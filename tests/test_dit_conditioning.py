@@ -45,6 +45,7 @@ def test_prompt_is_encoded_once_padded_and_zeroed_like_wan(umt5_folder):
     embeds = encode_prompt("a  cat sits &amp;amp; ", TINY, encoder)
     assert embeds.shape == (1, TINY.text_len, TINY.text_dim) and len(calls) == 1
     assert clean_prompt("a  cat sits &amp;amp; ") == "a cat sits &"
+    assert clean_prompt(" \u201cａ cat\u201d\n") == '"a cat"'  # ftfy: quotes straightened, full-width folded
     assert encode_prompt("a cat\tsits &amp;", TINY, encoder) is embeds and len(calls) == 1  # same prompt: cached
     n = 5  # a cat sits & (unknown) </s>
     with torch.no_grad():
