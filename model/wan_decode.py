@@ -26,7 +26,11 @@ WAN_OWN_VAE_KEY = "decoder.middle.0.residual.0.gamma"  # Wan2.1_VAE.pth (diffuse
 
 class WanVaeDecoder:
     """diffusers' AutoencoderKLWan decoder, run one latent frame at a time with its causal-conv cache kept
-    across blocks (its own `decode` clears that cache on every call, which would restart the video)."""
+    across blocks (its own `decode` clears that cache on every call, which would restart the video).
+
+    This drives the loop of AutoencoderKLWan._decode (its `_feat_map` / `_conv_idx` cache and the decoder's
+    `first_chunk` argument; diffusers 0.42). The tests compare it with diffusers' own `decode` of the whole
+    clip, so a diffusers that changes those internals fails a test instead of decoding wrongly."""
 
     def __init__(self, vae):
         self.vae = vae.eval().requires_grad_(False)
