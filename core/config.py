@@ -577,14 +577,19 @@ class DiTConfig:
         computed once per prompt, so they count only with `text_kv`."""
         d, layers = self.dim, self.num_layers
         lq = query_frames * self.tokens_per_frame
-        lk = (query_frames + past_frames) * self.tokens_per_frame
         per_token = 2 * (4 * d * d + 2 * d * d + 2 * d * self.ffn_dim)  # self q,k,v,o; cross q,o; FFN
-        attention = 4 * lq * lk * d + 4 * lq * self.text_len * d
-        body = layers * (lq * per_token + attention)
+        body = layers * lq * per_token + self.attention_flops(query_frames, past_frames)
         patch_io = 2 * lq * (self.in_dim + self.out_dim) * d * self.patch_size[1] * self.patch_size[2]
         time_mlp = 2 * query_frames * (self.freq_dim * d + d * d + 6 * d * d)
         text = (2 * self.text_len * (self.text_dim * d + d * d) + layers * 2 * 2 * self.text_len * d * d) if text_kv else 0
         return body + patch_io + time_mlp + text
+
+    def attention_flops(self, query_frames: int, past_frames: int) -> int:
+        """The attention part of `pass_flops`: QKᵀ and PV of self-attention over the block and the
+        cached frames, and of cross-attention over the text, in every layer."""
+        lq = query_frames * self.tokens_per_frame
+        lk = (query_frames + past_frames) * self.tokens_per_frame
+        return self.num_layers * 4 * lq * self.dim * (lk + self.text_len)
 
     def block_flops(self, past_frames: int) -> int:
         """FLOPs of one block: `steps` denoising passes plus the cache-write pass, each over

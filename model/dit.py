@@ -18,10 +18,11 @@ CausVid and LongLive checkpoints use after their `model.` prefix), so their weig
 per latent frame, as Self-Forcing's causal model takes them: t is (B, F) and every frame's tokens get
 their own modulation.
 
-Every attention is `F.scaled_dot_product_attention` on (B, heads, tokens, head_dim). Self-attention goes
-through an `attend(layer, q, k, v)` callback so that one block implementation serves the full forward
-(optionally with a block-causal mask) and the cached block step of mirage.model.dit_cache, which
-concatenates the cached keys/values of past frames and writes the new ones.
+Every attention is `F.scaled_dot_product_attention` on (B, heads, tokens, head_dim). A block takes its
+self-attention proper as an `attend(q, k, v)` callback and `WanDiT.run` takes the whole layer call as a
+`layer(i, block, tokens, e0, rope)` callback, so one block implementation serves the full forward
+(optionally with a block-causal mask) and the cached block step of mirage.model.dit_cache, which writes
+the new keys/values into the cache and attends over it (and compiles the layer call once for all layers).
 """
 from __future__ import annotations
 
@@ -33,8 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mirage.core.config import DiTConfig
+from mirage.core.errors import MirageError
 
-Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+class PromptError(MirageError, ValueError):
+    """Prompt embeddings of a shape the model does not take (another encoder's width, too many tokens)."""
+
+
+Rope = tuple[torch.Tensor, torch.Tensor]
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -50,7 +56,7 @@ def rope_frequencies(dims: int, theta: float, device=None) -> torch.Tensor:
     return 1.0 / torch.pow(theta, torch.arange(0, dims, 2, dtype=torch.float64, device=device) / dims)
 
 
-class Rope(nn.Module):
+class RotaryEmbedding(nn.Module):
     """3-D rotary embedding: the head channels split into (frame, height, width) parts as Wan splits them,
     each rotated pairwise (channels 2i, 2i+1) by its position times its frequencies.
 
@@ -84,7 +90,7 @@ class Rope(nn.Module):
         return torch.cos(angles).float(), torch.sin(angles).float()
 
 
-def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     """Rotate channel pairs (2i, 2i+1) of x (B, H, L, D) by the angles of `rope` (L, D / 2), in float32."""
     cos, sin = rope
     pairs = x.float().unflatten(-1, (-1, 2))
@@ -148,7 +154,7 @@ class Block(nn.Module):
                                  nn.Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
 
-    def forward(self, x: torch.Tensor, e0: torch.Tensor, rope, text_kv, attend: Callable) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, rope: Rope, text_kv, attend: Callable) -> torch.Tensor:
         """x (B, F, T, dim) tokens per frame; e0 (B, F, 6, dim); text_kv: this layer's cross-attention
         keys/values; attend(q, k, v) -> (B, heads, F·T, head_dim) is the self-attention proper."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e0).unsqueeze(3).unbind(2)  # (B, F, 1, dim)
@@ -191,15 +197,17 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
-        self.rope = Rope(cfg)
+        self.rope = RotaryEmbedding(cfg)
 
     # --- pieces the cached block step reuses ----------------------------------------------------
     def text_kv(self, text: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's cross-attention keys/values of a prompt (computed once per prompt). Text shorter
         than text_len is zero-padded, as Wan pads its UMT5 embeddings (the pads are attended to)."""
-        pad = self.cfg.text_len - text.shape[1]
-        if pad < 0:
-            raise ValueError(f"text has {text.shape[1]} tokens, the model takes at most {self.cfg.text_len}")
+        cfg = self.cfg
+        if text.ndim != 3 or text.shape[2] != cfg.text_dim or text.shape[1] > cfg.text_len:
+            raise PromptError(f"prompt embeddings of shape {tuple(text.shape)}: {cfg.name} takes (batch, tokens <= "
+                              f"{cfg.text_len}, {cfg.text_dim})")
+        pad = cfg.text_len - text.shape[1]
         context = self.text_embedding(F.pad(text, (0, 0, 0, pad)).to(self.patch_embedding.weight.dtype))
         return [blk.cross_attn.keys_values(context) for blk in self.blocks]
 
@@ -222,14 +230,14 @@ class WanDiT(nn.Module):
         y = y.reshape(b, f, gh, gw, ph, pw, self.cfg.out_dim)
         return y.permute(0, 6, 1, 2, 4, 3, 5).reshape(b, self.cfg.out_dim, f, gh * ph, gw * pw)
 
-    def run(self, x: torch.Tensor, t: torch.Tensor, text_kv, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
-        """The transformer over latent frames x at frame `positions` (F,), with self-attention through
-        `attend(layer, q, k, v)`; returns the velocity (B, out_dim, F, H, W) in x's dtype."""
+    def run(self, x: torch.Tensor, t: torch.Tensor, positions: torch.Tensor, layer: Callable) -> torch.Tensor:
+        """The transformer over latent frames x at frame `positions` (F,); each block runs as
+        `layer(i, block, tokens, e0, rope)`. Returns the velocity (B, out_dim, F, H, W) in x's dtype."""
         tokens = self.patchify(x)
         e, e0 = self.time_embed(t)
         rope = self.rope(positions)
         for i, blk in enumerate(self.blocks):
-            tokens = blk(tokens, e0, rope, text_kv[i], lambda q, k, v, i=i: attend(i, q, k, v))
+            tokens = layer(i, blk, tokens, e0, rope)
         return self.unpatchify(self.head(tokens, e)).to(x.dtype)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None = None,
@@ -238,8 +246,12 @@ class WanDiT(nn.Module):
         True = may attend (e.g. `block_causal_mask`), None = full attention (Wan's bidirectional model)."""
         if positions is None:
             positions = torch.arange(x.shape[2], device=x.device)
-        return self.run(x, t, self.text_kv(text), positions,
-                        lambda i, q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        text_kv = self.text_kv(text)
+
+        def attend(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+        return self.run(x, t, positions, lambda i, blk, h, e0, rope: blk(h, e0, rope, text_kv[i], attend))
 
 
 def block_causal_mask(cfg: DiTConfig, positions: torch.Tensor) -> torch.Tensor:

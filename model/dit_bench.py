@@ -4,12 +4,12 @@ Random weights in the published layout, one prompt of random text embeddings, ba
 `blocks` blocks from an empty cache, timed per block for each path:
 
     eager          the block step as PyTorch ops
-    compile        each model pass through torch.compile (Inductor)
+    compile        each layer through torch.compile (Inductor; one compilation serves all layers)
     graph          the eager block step captured as CUDA graphs (one per span)
     compile-graph  Inductor's kernels captured as CUDA graphs
 
-Each path first runs the whole clip once untimed (compilation, graph capture: what a server does
-before its first frame), then the timed clip. A block's time is wall-clock from its noise to its clean
+Each path first runs the clip's first blocks untimed, until every span (cache fill level) has run
+(compilation, graph capture: what a server does before its first frame), then the timed clip. A block's time is wall-clock from its noise to its clean
 latents on the host's clock after a device synchronize (so host overhead counts), no decoder.
 Video frames follow the Wan VAE: 4 per latent frame, the video's first latent frame 1 (a first block of 3
 latent frames is 9 video frames, later blocks 12; 7 blocks are Self-Forcing's 81-frame clip).
@@ -19,10 +19,13 @@ key read, 2 FLOPs per multiply-add) at the matmul rate measured here (an 8192³ 
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import statistics
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mirage.core.config import ConfigError, DiTConfig
 from mirage.core.errors import BackendError
@@ -30,6 +33,9 @@ from mirage.model.dit import WanDiT
 from mirage.model.dit_cache import BlockStepper, CapturedBlockStep
 
 MODES = ("eager", "compile", "graph", "compile-graph")
+# SDPA backends the attention may be pinned to ("auto": PyTorch's own choice); flash-attn itself is absent
+ATTENTION = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
 
 def sync(device: torch.device) -> None:
@@ -53,23 +59,36 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def run_clip(step, stepper: BlockStepper, noises: list[torch.Tensor], device) -> tuple[list[float], torch.Tensor]:
-    """Block times (s) of one clip from an empty cache, and the last block's latents."""
+def run_clip(step, stepper: BlockStepper, blocks: int, seed: int, device) -> tuple[list[float], torch.Tensor]:
+    """Block times (s) of one clip from an empty cache, and the last block's latents. Each block draws
+    its noise (the start and the re-noisings) inside its time from a generator seeded per clip, so
+    every path sees the same noise."""
+    cfg = stepper.cfg
     stepper.reset()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shape = (cfg.steps, stepper.cache.k.shape[1], cfg.in_dim, cfg.block_frames, *cfg.latent_size)
     times, x0 = [], None
-    for noise in noises:
+    for _ in range(blocks):
         sync(device)
         start = time.perf_counter()
-        x0 = step(noise)
+        x0 = step(torch.randn(shape, device=device, generator=gen))
         sync(device)
         times.append(time.perf_counter() - start)
     return times, x0.float().clone()
 
 
-def bench_mode(model: WanDiT, mode: str, text: torch.Tensor, noises: list[torch.Tensor], dtype,
+def bench_mode(model: WanDiT, mode: str, text: torch.Tensor, blocks: int, seed: int, dtype,
                device) -> tuple[dict, torch.Tensor]:
     """One path's timed clip, and its last block's latents (for the agreement check)."""
     cfg = model.cfg
+    # Earlier paths' caches, graphs and compilations go first; what survives anyway is reported and
+    # taken out of this path's peak (the model's weights are the only intended resident)
+    gc.collect()
+    torch._dynamo.reset()
+    stale = 0
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        stale = torch.cuda.memory_allocated(device) - sum(p.numel() * p.element_size() for p in model.parameters())
     stepper = BlockStepper(model, batch=1, device=device, dtype=dtype)
     if mode.startswith("compile"):
         stepper.compile()
@@ -79,7 +98,8 @@ def bench_mode(model: WanDiT, mode: str, text: torch.Tensor, noises: list[torch.
         graphs = CapturedBlockStep(stepper)
         step = graphs.step
     stepper.set_prompt(text)
-    run_clip(step, stepper, noises, device)  # warm-up: compiles, captures every span
+    warm = min(blocks, cfg.window_frames // cfg.block_frames + 2)  # enough blocks to reach every span
+    run_clip(step, stepper, warm, seed, device)  # warm-up: compiles, captures every span
     sync(device)
     setup_s = time.perf_counter() - setup_start
     if device.type == "cuda":
@@ -89,7 +109,7 @@ def bench_mode(model: WanDiT, mode: str, text: torch.Tensor, noises: list[torch.
     stepper.set_prompt(text)
     sync(device)
     prompt_s = time.perf_counter() - start
-    times, latents = run_clip(step, stepper, noises, device)
+    times, latents = run_clip(step, stepper, blocks, seed, device)
     ms = [t * 1e3 for t in times]
     video = [cfg.video_frames(cfg.block_frames, first=b == 0) for b in range(len(ms))]
     result = {
@@ -97,7 +117,8 @@ def bench_mode(model: WanDiT, mode: str, text: torch.Tensor, noises: list[torch.
         "block_median_ms": statistics.median(ms), "block_p99_ms": percentile(ms, 99),
         "block_mean_ms": statistics.fmean(ms), "video_frames": sum(video),
         "video_fps": sum(video) / (sum(ms) / 1e3), "blocks_ms": ms,
-        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) - stale if device.type == "cuda" else None,
+        "stale_bytes_of_earlier_paths": stale,
     }
     if len(ms) >= 500:  # the long-generation target: late blocks against early ones at a full window
         result["p99_blocks_25_50_ms"] = percentile(ms[25:50], 99)
@@ -107,7 +128,9 @@ def bench_mode(model: WanDiT, mode: str, text: torch.Tensor, noises: list[torch.
 
 def floor(cfg: DiTConfig, blocks: int, peak: float | None) -> dict:
     flops = [cfg.block_flops(cfg.past_frames(b)) for b in range(blocks)]
-    out = {"block_flops": flops, "mean_block_tflop": sum(flops) / len(flops) / 1e12, "matmul_flops_per_s": peak,
+    attention = [(cfg.steps + 1) * cfg.attention_flops(cfg.block_frames, cfg.past_frames(b)) for b in range(blocks)]
+    out = {"block_flops": flops, "mean_block_tflop": sum(flops) / len(flops) / 1e12,
+           "attention_share_of_flops": sum(attention) / sum(flops), "matmul_flops_per_s": peak,
            "weight_bytes_bf16": cfg.weight_bytes(2), "params": cfg.param_count()}
     if peak:
         out["floor_ms"] = [f / peak * 1e3 for f in flops]
@@ -115,11 +138,15 @@ def floor(cfg: DiTConfig, blocks: int, peak: float | None) -> dict:
     return out
 
 
-def run(cfg: DiTConfig, modes: list[str], blocks: int, device: str = "cuda", seed: int = 0) -> dict:
-    """The benchmark: every path over the same clip (same weights, prompt and noise)."""
+def run(cfg: DiTConfig, modes: list[str], blocks: int, device: str = "cuda", seed: int = 0,
+        attention: str = "auto") -> dict:
+    """The benchmark: every path over the same clip (same weights, prompt and noise), with every SDPA
+    call on the `attention` backend."""
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         raise ConfigError(f"modes {unknown or modes}: choose from {', '.join(MODES)}")
+    if attention not in ATTENTION:
+        raise ConfigError(f"attention {attention!r}: choose from {', '.join(ATTENTION)}")
     dev = torch.device(device)
     if dev.type != "cuda" and any(m.endswith("graph") for m in modes):
         raise BackendError(f"CUDA graphs need a CUDA device, not {device}: on the CPU choose eager or compile")
@@ -129,17 +156,17 @@ def run(cfg: DiTConfig, modes: list[str], blocks: int, device: str = "cuda", see
         model = WanDiT(cfg).to(dtype).eval()
     gen = torch.Generator(device=dev).manual_seed(seed + 1)
     text = torch.randn(1, cfg.text_len, cfg.text_dim, device=dev, generator=gen)
-    shape = (cfg.steps, 1, cfg.in_dim, cfg.block_frames, *cfg.latent_size)
-    noises = [torch.randn(shape, device=dev, generator=gen) for _ in range(blocks)]
     peak = matmul_peak(dev)
     report = {"config": cfg.name, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
               "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "batch": 1, "blocks": blocks,
               "resolution": f"{cfg.width}x{cfg.height}", "steps": cfg.steps, "block_frames": cfg.block_frames,
-              "window_frames": cfg.window_frames, "sink_frames": cfg.sink_frames,
+              "window_frames": cfg.window_frames, "sink_frames": cfg.sink_frames, "attention": attention,
               "floor": floor(cfg, blocks, peak), "modes": []}
     reference = None
     for mode in modes:
-        result, latents = bench_mode(model, mode, text, noises, dtype, dev)
+        backend = ATTENTION[attention]
+        with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+            result, latents = bench_mode(model, mode, text, blocks, seed + 2, dtype, dev)
         reference = latents if reference is None else reference
         result["max_abs_diff_vs_first_mode"] = float((latents - reference).abs().max())
         if peak:
@@ -152,7 +179,7 @@ def table(report: dict) -> str:
     """One line per path: the numbers the issue's targets are stated in."""
     head = (f"{report['config']} on {report['device']} ({report['dtype']}, {report['resolution']}, batch 1, "
             f"{report['steps']} steps, blocks of {report['block_frames']}, {report['blocks']} blocks, "
-            f"window {report['window_frames']} / sink {report['sink_frames']}; "
+            f"window {report['window_frames']} / sink {report['sink_frames']}, SDPA {report['attention']}; "
             f"{report['floor']['mean_block_tflop']:.2f} TFLOP per block on average)")
     rows = [head, f"{'mode':<14}{'first ms':>10}{'median ms':>11}{'p99 ms':>9}{'mean ms':>9}{'video fps':>11}"
                   f"{'peak GB':>9}{'floor':>7}{'diff':>10}"]

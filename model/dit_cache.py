@@ -23,7 +23,21 @@ import torch
 import torch.nn.functional as F
 
 from mirage.core.flow_schedule import block_schedule
-from mirage.model.dit import WanDiT, block_causal_mask
+from mirage.model.dit import Block, Rope, WanDiT, block_causal_mask
+
+
+def cached_layer(blk: Block, h: torch.Tensor, e0: torch.Tensor, rope: Rope, text_k: torch.Tensor, text_v: torch.Tensor,
+                 cache_k: torch.Tensor, cache_v: torch.Tensor, index: torch.Tensor, tokens: int) -> torch.Tensor:
+    """One block over the current block's tokens against one layer's cache (B, heads, window·T, head_dim):
+    the block's keys/values go to token rows `index`, then its queries attend over the first `tokens`
+    rows. Only tensors and the span's token count come in, so one compilation serves every layer."""
+
+    def attend(q, k, v):
+        cache_k.index_copy_(2, index, k)
+        cache_v.index_copy_(2, index, v)
+        return F.scaled_dot_product_attention(q, cache_k[:, :, :tokens], cache_v[:, :, :tokens])
+
+    return blk(h, e0, rope, (text_k, text_v), attend)
 
 
 class RollingKVCache:
@@ -70,9 +84,6 @@ class RollingKVCache:
             self.text_k[i].copy_(k)
             self.text_v[i].copy_(v)
 
-    def text_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return list(zip(self.text_k, self.text_v))
-
 
 class BlockStepper:
     """Runs `model` block by block: `set_prompt`, then `step(noise)` per block, `recache(text)` on a switch."""
@@ -86,6 +97,7 @@ class BlockStepper:
         shape = (batch, self.cfg.block_frames)
         self._timesteps = [torch.full(shape, t, device=device) for t, _, _ in self.schedule]
         self._context_t = torch.full(shape, float(self.cfg.context_timestep), device=device)
+        self._layer = cached_layer
 
     def reset(self) -> None:
         """Start a new video: an empty window at frame 0 (stale slots are never read: a slot is
@@ -95,8 +107,13 @@ class BlockStepper:
         self.cache.frames_written = 0
 
     def compile(self, **options) -> None:
-        """Run each model pass through torch.compile (Inductor); one compilation per span."""
-        self._pass = torch.compile(self._pass, dynamic=False, **options)
+        """Run each layer through torch.compile (Inductor), compiled once for all layers (their weights
+        are inputs: regional compilation) and once per span. Dynamo keeps compilations per code object,
+        shared by every stepper, so each call raises the recompile limit by this stepper's spans.
+        Inductor fuses the cache writes into the key/value epilogues, in place (checked in the
+        generated code, CPU)."""
+        torch._dynamo.config.recompile_limit += self.cfg.window_frames // self.cfg.block_frames + 2
+        self._layer = torch.compile(cached_layer, dynamic=False, **options)
 
     @torch.no_grad()
     def set_prompt(self, text: torch.Tensor) -> None:
@@ -105,17 +122,12 @@ class BlockStepper:
 
     def _pass(self, x: torch.Tensor, timesteps: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
               span: int) -> torch.Tensor:
-        """One model pass over the block at `timesteps` (B, N): writes its keys/values into its slots and
-        attends over the first `span` slots; returns the velocity."""
+        """One model pass over the block at `timesteps` (B, N): each layer writes its keys/values into the
+        block's slots and attends over the first `span` slots; returns the velocity."""
         cache, tokens = self.cache, span * self.cfg.tokens_per_frame
         index = cache.token_index(slots)
-
-        def attend(i, q, k, v):
-            cache.k[i].index_copy_(2, index, k)
-            cache.v[i].index_copy_(2, index, v)
-            return F.scaled_dot_product_attention(q, cache.k[i, :, :, :tokens], cache.v[i, :, :, :tokens])
-
-        return self.model.run(x, timesteps, cache.text_kv(), positions, attend)
+        return self.model.run(x, timesteps, positions, lambda i, blk, h, e0, rope: self._layer(
+            blk, h, e0, rope, cache.text_k[i], cache.text_v[i], cache.k[i], cache.v[i], index, tokens))
 
     def _block_frames(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Absolute positions and cache slots of the next block's frames (device tensors)."""
@@ -166,8 +178,13 @@ class BlockStepper:
     def recache(self, text: torch.Tensor) -> None:
         """Prompt switch (LongLive's re-cache): the new prompt's text keys/values, and every held frame's
         keys/values recomputed from its clean latents under the new prompt, in one pass over the held
-        frames with the block-causal mask at their absolute positions (LongLive re-runs the frames of
-        its window with the new prompt, likewise at their own positions)."""
+        frames at their absolute positions with `block_causal_mask`, so that with an unchanged prompt
+        and an unturned ring the cache comes back as it was.
+
+        LongLive's own (pipeline/interactive_causal_inference.py, _recache_after_switch) differs in two
+        details: its cache path ignores the block mask, so the re-run frames see each other both ways,
+        and with `global_sink: false` (its interactive config) it zeroes the cache and its re-run does not
+        rewrite the sink slots once past them, which stay zero."""
         self.set_prompt(text)
         held, cache, tokens = self.cache.held, self.cache, self.cache.held * self.cfg.tokens_per_frame
         if not held:
@@ -175,30 +192,28 @@ class BlockStepper:
         positions = cache.positions[:held]
         mask = block_causal_mask(self.cfg, positions)
 
-        def attend(i, q, k, v):
-            cache.k[i, :, :, :tokens].copy_(k)
-            cache.v[i, :, :, :tokens].copy_(v)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        def layer(i, blk, h, e0, rope):
+            def attend(q, k, v):
+                cache.k[i, :, :, :tokens].copy_(k)
+                cache.v[i, :, :, :tokens].copy_(v)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+            return blk(h, e0, rope, (cache.text_k[i], cache.text_v[i]), attend)
 
         x = cache.latents[:, :, :held]
         timesteps = torch.full(x.shape[:1] + x.shape[2:3], float(self.cfg.context_timestep), device=x.device)
-        self.model.run(x, timesteps, cache.text_kv(), positions, attend)
+        self.model.run(x, timesteps, positions, layer)
 
 
 class CapturedBlockStep:
-    """`stepper.step` as CUDA-graph replays: one graph per span, captured on first use (or all up front
-    with `capture_all`), with the noise copied into a static input. Needs a CUDA device. The latents
-    `step` returns are the graph's static output: valid until the next step."""
+    """`stepper.step` as CUDA-graph replays: one graph per span, captured on first use, with the noise
+    copied into a static input. Needs a CUDA device. The latents `step` returns are the graph's static
+    output: valid until the next step."""
 
     def __init__(self, stepper: BlockStepper):
         self.stepper = stepper
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.pool = None  # one memory pool for all graphs: they replay one at a time
-
-
-    def spans(self) -> list[int]:
-        cfg = self.stepper.cfg
-        return sorted({min(f + cfg.block_frames, cfg.window_frames) for f in range(0, cfg.window_frames + 1, cfg.block_frames)})
 
     @torch.no_grad()
     def capture(self, span: int, noise: torch.Tensor) -> None:
@@ -218,10 +233,6 @@ class CapturedBlockStep:
         with torch.cuda.graph(graph, pool=self.pool):
             out = stepper.block_body(static_noise, span)
         self.graphs[span] = (graph, static_noise, out)
-
-    def capture_all(self, noise: torch.Tensor) -> None:
-        for span in self.spans():
-            self.capture(span, noise)
 
     @torch.no_grad()
     def step(self, noise: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
     python scripts/bench_dit.py                              # wan-1.3b, 832x480, bf16, 7 blocks, every path
     python scripts/bench_dit.py --config wan-1.3b-longlive --blocks 500 --modes compile-graph
+    python scripts/bench_dit.py --modes graph --attention cudnn   # SDPA pinned to one backend
     python scripts/bench_dit.py --config dit-tiny --device cpu --blocks 2   # CPU smoke run
 
 Random weights in the Wan 2.1 layout, batch 1, no decoder; what is measured and how is in
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", type=int, default=7, help="blocks per clip (7 = Self-Forcing's 81-frame clip)")
     p.add_argument("--modes", default=None, help=f"comma-separated, of {', '.join(dit_bench.MODES)} "
                                                  "(default: all on CUDA, eager on the CPU)")
+    p.add_argument("--attention", default="auto", help=f"SDPA backend, of {', '.join(dit_bench.ATTENTION)}")
     p.add_argument("--json", default=None, help="report path (default docs/bench/<date>_<device>_dit_<config>.json)")
     args = p.parse_args(argv)
     try:
@@ -33,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
             raise MirageError(f"--blocks {args.blocks}: at least 1")
         modes = args.modes.split(",") if args.modes else (list(dit_bench.MODES) if args.device.startswith("cuda")
                                                           else ["eager"])
-        report = dit_bench.run(get_dit_config(args.config), modes, args.blocks, args.device)
+        report = dit_bench.run(get_dit_config(args.config), modes, args.blocks, args.device,
+                               attention=args.attention)
     except MirageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

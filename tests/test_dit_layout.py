@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from mirage.core.config import ConfigError, DiTConfig, get_dit_config
-from mirage.model.dit import WanDiT
+from mirage.model.dit import PromptError, WanDiT
 from mirage.model.wan_keys import WanKeyError, diffusers_to_wan, wan_to_diffusers
 
-CFG = dataclasses.replace(get_dit_config("dit-tiny"), num_layers=2)
+CFG = dataclasses.replace(get_dit_config("dit-tiny"), num_layers=2, width=192)  # a 12x8 token grid: h and w differ
 
 
 def randomized(cfg: DiTConfig, seed: int = 0) -> WanDiT:
@@ -111,6 +111,13 @@ def test_config_accounting():
     assert 2.0e14 < wan.block_flops(18) < 2.05e14
     lq, lk, d = 3 * 1560, 21 * 1560, 1536
     assert wan.pass_flops(3, 18) - wan.pass_flops(3, 17) == 30 * 4 * lq * 1560 * d  # attention term
+    assert wan.attention_flops(3, 18) == 30 * 4 * lq * d * (lk + 512)  # QKᵀ and PV, self and cross
     with pytest.raises(ConfigError, match="unknown DiT config"):
         get_dit_config("wan-14b")
     assert lk > lq
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 65), (1, 17, 64), (16, 64)])
+def test_prompt_embeddings_of_another_shape_are_refused(shape):
+    with pytest.raises(PromptError, match=r"dit-tiny takes \(batch, tokens <= 16, 64\)"):
+        WanDiT(CFG).text_kv(torch.zeros(shape))
