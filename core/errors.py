@@ -12,3 +12,8 @@ class MirageError(Exception):
 
 class BackendError(MirageError):
     """A backend that cannot be used here; the message says what to install or rebuild."""
+
+
+class CheckpointError(MirageError, ValueError):
+    """A checkpoint or weights file that is missing, incomplete, corrupt, unwritable or of another
+    layout; the message names the file (and the keys that do not fit)."""

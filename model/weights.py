@@ -16,14 +16,10 @@ from typing import Callable
 import torch
 from safetensors import SafetensorError, safe_open
 
-from mirage.core.errors import MirageError
+from mirage.core.errors import CheckpointError  # noqa: F401 (re-exported: the one class for every weights file)
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SHOWN = 4  # names listed per kind of mismatch; the counts say how many more
-
-
-class CheckpointError(MirageError, ValueError):
-    """A weights file that is missing, unreadable or of another layout; the message names the file and keys."""
 
 
 @dataclass(frozen=True)

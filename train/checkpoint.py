@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from mirage import __version__
 
-from mirage.core.errors import MirageError
+from mirage.core.errors import CheckpointError  # noqa: F401 (re-exported: the one class for every weights file)
 from mirage.core.files import sha256_file
 from mirage.core.config import ConfigError, ModelConfig, TrainConfig, from_json, to_json
 from mirage.model.unet import MirageUNet
@@ -49,10 +49,6 @@ CONFIG, WEIGHTS, STATE = "config.json", "model.safetensors", "train_state.safete
 JOURNAL = ".save-journal.json"
 TMP = ".tmp"
 PROBE = ".write-probe-"
-
-
-class CheckpointError(MirageError, ValueError):
-    """A checkpoint that is missing, incomplete, corrupt or unwritable; the message names the file."""
 
 
 def _fsync(path: Path) -> None:
