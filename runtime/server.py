@@ -329,25 +329,45 @@ class Server:
         return web.FileResponse(STATIC / "index.html")
 
     async def health(self, request: web.Request) -> web.Response:
+        return web.json_response(self.status())
+
+    def status(self) -> dict:
+        """/health's JSON (runtime/ray_app.py gathers it from every replica)."""
         h, w, _ = self.pool.frame_shape
-        return web.json_response({"slots": self.pool.slots, "active": len(self.pool.active), **self.load(),
-                                  "width": w, "height": h, "video_to_video": self.pool.video_to_video})
+        return {"slots": self.pool.slots, "active": len(self.pool.active), **self.load(),
+                "width": w, "height": h, "video_to_video": self.pool.video_to_video}
 
     # -- one client ------------------------------------------------------------------------------
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
         self.check_token(request)
+        seed = self.seed_of(request)
+        ws = web.WebSocketResponse(max_msg_size=self.max_msg_size, heartbeat=10.0)
+        await ws.prepare(request)
+        await self.stream(ws, seed, request.remote)
+        return ws
+
+    @staticmethod
+    def seed_of(request: web.Request) -> int:
         seed = request.query.get("seed", "0")
         if not seed.isdigit():
             raise web.HTTPBadRequest(text=f"seed={seed!r}: give a non-negative integer\n")
-        seed = int(seed)
-        ws = web.WebSocketResponse(max_msg_size=2 * self.options.max_frame_bytes + HEADER.size, heartbeat=10.0)
-        await ws.prepare(request)
+        return int(seed)
+
+    @property
+    def max_msg_size(self) -> int:
+        """A larger message is not read: the socket is closed (1009)."""
+        return 2 * self.options.max_frame_bytes + HEADER.size
+
+    async def stream(self, ws, seed: int, remote: str | None, **hello) -> None:
+        """One stream over an accepted WebSocket, until it closes: aiohttp's, or any object with its
+        send_json, send_bytes, close and message iteration (runtime/ray_app.py's, inside a Ray Serve
+        replica). `hello`: more fields for the hello message."""
         try:
             slot = await self.in_step_thread(self.pool.attach, seed)
         except PoolFull as e:
             await ws.send_json({"type": "busy", "message": str(e), "slots": self.pool.slots})
             await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"busy")
-            return ws
+            return
         stream = self.streams[slot] = Stream(slot, ws)
         helpers = [asyncio.create_task(self.decode_loop(stream)), asyncio.create_task(self.send_loop(stream))]
         try:
@@ -355,8 +375,8 @@ class Server:
             await ws.send_json({"type": "hello", "slot": slot, "seed": seed, "width": w, "height": h,
                                 "video_to_video": self.pool.video_to_video, "slots": self.pool.slots,
                                 "deadline_ms": self.options.deadline_ms,
-                                "max_frame_bytes": self.options.max_frame_bytes})
-            log.info("stream in slot %d attached (seed %d, %s)", slot, seed, request.remote)
+                                "max_frame_bytes": self.options.max_frame_bytes, **hello})
+            log.info("stream in slot %d attached (seed %d, %s)", slot, seed, remote)
             async for msg in ws:
                 if msg.type == WSMsgType.ERROR:  # e.g. over the hard size cap: aiohttp closes it (1009)
                     break
@@ -372,7 +392,6 @@ class Server:
                     await task
             await self.in_step_thread(self.pool.detach, slot)
             log.info("stream in slot %d detached: %s", slot, stream.counts)
-        return ws
 
     async def receive(self, stream: Stream, msg, received: float) -> None:
         """Keep the newest message only: a client sending faster than frames are decoded and stepped
