@@ -35,6 +35,8 @@ import asyncio
 import json
 import logging
 import os
+import re
+import socket
 import time
 from contextlib import suppress
 from pathlib import Path
@@ -52,13 +54,13 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from mirage.core.config import PipelineOptions
 from mirage.runtime.pool import StreamPool
-from mirage.runtime.server import STATIC, Server, ServerOptions
+from mirage.runtime.server import STATIC, ServeError, Server, ServerOptions
 
 log = logging.getLogger("mirage.serve")
 APP_NAME = "mirage"
 REPORT_S = 0.5   # how often a replica reports its /health to Fleet
 STALE_S = 2.0    # a replica not heard from for this long is left out of /health (it died)
-PROXY_CALLBACK = "mirage.runtime.ray_app:proxy_middlewares"  # RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
+PROXY_ENV, PROXY_CALLBACK = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "mirage.runtime.ray_app:proxy_middlewares"
 LOST = 1012      # WebSocket close code "service restart": the client may reconnect at once
 
 
@@ -260,6 +262,58 @@ def build(args: dict):
                        args.pop("device", "cpu"), fast, ServerOptions(**server), **args)
 
 
+# -- the driver (mirage-serve --ray) ------------------------------------------------------------------------
+class RayServeError(ServeError):
+    """No Ray cluster at the address given, or a replica that could not start (the message says why)."""
+
+
+def connect(address: str | None) -> bool:
+    """Ray, for this process: a local instance (address None; True: started here), or the cluster at
+    `address` (HOST:PORT of its head, or auto)."""
+    if ray.is_initialized():
+        return False
+    if address is None:
+        os.environ.setdefault(PROXY_ENV, PROXY_CALLBACK)  # before ray.init: its proxy process inherits it
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        return True
+    if address != "auto":  # an unreachable address would keep ray.init retrying for minutes
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=3.0).close()
+        except (OSError, ValueError) as e:
+            raise RayServeError(f"no Ray cluster reachable at --ray-address {address} ({e}): give the head's "
+                                "HOST:PORT (`ray start --head` prints it), or leave --ray-address out for a "
+                                "local Ray") from e
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+    except ConnectionError as e:
+        raise RayServeError(f"no Ray cluster at --ray-address {address}: {e}") from e
+    return False
+
+
+def deploy(app, host: str, port: int) -> None:
+    """Start Serve's HTTP proxies on host:port (an existing Serve keeps its own) and run `app` as APP_NAME,
+    returning once every replica has loaded its model; a replica that could not: RayServeError, with the
+    application deleted."""
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the replicas' and proxies' logs stay in Ray's
+    serve.start(http_options={"host": host, "port": port})
+    try:
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    except RuntimeError as e:  # DEPLOY_FAILED: each deployment's status message holds its replica's traceback
+        app = serve.status().applications.get(APP_NAME)
+        why = [d.message for d in app.deployments.values() if d.message] if app else []
+        with suppress(Exception):
+            serve.delete(APP_NAME)
+        raise RayServeError(f"a replica could not start: {last_error(why[-1] if why else str(e))}") from e
+
+
+def last_error(text: str) -> str:
+    """The last `SomeError: message` line of a traceback (a MirageError's one line), else its last line."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    return re.sub(r"^(\w+\.)+(?=\w+: )", "", (errors or lines or ["(no message)"])[-1])  # mirage.x.YError -> YError
+
+
 # -- Ray's HTTP proxy ---------------------------------------------------------------------------------
 class ReplicaLost:
     """ASGI middleware in Ray's proxy: a WebSocket that its replica ended without a close (its process
@@ -299,5 +353,5 @@ def proxy_middlewares() -> list:
     return [Middleware(ReplicaLost)]
 
 
-__all__ = ["APP_NAME", "PROXY_CALLBACK", "LeastLoaded", "Fleet", "StreamReplica", "application", "build",
+__all__ = ["APP_NAME", "PROXY_ENV", "PROXY_CALLBACK", "RayServeError", "connect", "deploy", "LeastLoaded", "Fleet", "StreamReplica", "application", "build",
            "deployment_options", "proxy_middlewares"]
