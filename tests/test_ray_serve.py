@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from mirage.cli.serve import main as serve_cli
 
-from conftest import CKPT_V2V
+from conftest import CKPT_GEN, CKPT_V2V
 
 aiohttp = pytest.importorskip("aiohttp")
 from aiohttp import ClientSession, WSMsgType  # noqa: E402
@@ -224,7 +224,7 @@ def test_bad_input_gets_mirage_serve_s_answers(fleet):
 
 @needs_ray
 def test_a_killed_replica_tells_its_streams_and_the_others_stream_on(fleet):
-    """Last in the module: the killed replica is restarting afterwards."""
+    """Near the end of the module: the killed replica is restarting afterwards."""
     async def scenario(session):
         (a, hello_a), (b, hello_b) = await connect(session, seed=1), await connect(session, seed=2)
         assert hello_a["replica"] != hello_b["replica"]
@@ -263,3 +263,36 @@ def test_a_killed_replica_tells_its_streams_and_the_others_stream_on(fleet):
         await ws.close()
         await b.close()
     run(scenario)
+
+
+@needs_ray
+def test_a_redeploy_with_a_new_model_drains_the_old_replicas_without_cutting_their_streams(fleet):
+    """Last in the module: the application then serves the generation model."""
+    from mirage.runtime.ray_app import application, deploy
+
+    async def scenario(session):
+        old = {r["replica"] for r in (await health(session, lambda h: h["replicas"] == 2, 60.0))["per_replica"]}
+        ws, hello = await connect(session, seed=4)
+        assert hello["video_to_video"] and hello["replica"] in old
+        await lockstep(ws, frames(4, 2))
+        new_app = application(CKPT_GEN, SLOTS, device="cpu", options=ServerOptions(deadline_ms=5000.0),
+                              min_replicas=2, max_replicas=2, cpus=0.5)
+        deploying = asyncio.get_running_loop().run_in_executor(None, deploy, new_app, "127.0.0.1", PORT)
+        n, end = 2, time.monotonic() + 60.0
+        while time.monotonic() < end:  # the old stream streams on while the new replicas load
+            await lockstep(ws, frames(n, 1), n)
+            n += 1
+            h = await health(session)
+            if len({r["replica"] for r in h["per_replica"]} - old) == 2:
+                break
+        ws_new, hello_new = await connect(session)  # a new stream: the new model, on a new replica
+        assert hello_new["type"] == "hello" and not hello_new["video_to_video"] and hello_new["replica"] not in old
+        assert len(await lockstep(ws, frames(20, 3), n)) == 3  # the old replica still serves its stream
+        draining = next(r for r in h["per_replica"] if r["replica"] == hello["replica"])
+        assert draining["active"] == 1
+        await ws.close()
+        await ws_new.close()
+        await asyncio.wait_for(deploying, 60.0)
+        h = await health(session, lambda h: not {r["replica"] for r in h["per_replica"]} & old, 30.0)
+        assert not {r["replica"] for r in h["per_replica"]} & old and h["video_to_video"] is False
+    run(scenario, timeout=150.0)
