@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from pathlib import Path
 
@@ -127,6 +128,7 @@ def serve_on_ray(model, slots, backend, devices, fast, options, address, **repli
         click.echo(f"mirage-serve --ray: {model} in {replicas['min_replicas']}-{replicas['max_replicas']} replicas of "
                    f"{slots} slots on {device}; open http://{shown}:{options.port}/"
                    + (f"?token={options.token}" if options.token else ""))
+        signal.signal(signal.SIGTERM, stop)  # a service manager's stop: as Ctrl-C
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:  # a local Ray goes with its streams; on a cluster the replicas drain (--drain-s)
@@ -136,6 +138,10 @@ def serve_on_ray(model, slots, backend, devices, fast, options, address, **repli
     finally:
         if started:
             ray.shutdown()
+
+
+def stop(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
