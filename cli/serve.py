@@ -121,14 +121,14 @@ def serve_on_ray(model, slots, backend, devices, fast, options, address, **repli
 
     started = ray_app.connect(address)
     device = devices[0] if devices[0] != "auto" else "cuda" if ray.cluster_resources().get("GPU") else "cpu"
+    previous = signal.signal(signal.SIGTERM, stop)  # a service manager's stop: as Ctrl-C
     try:
         ray_app.deploy(ray_app.application(model, slots, backend, device, fast, options, **replicas), options.host,
                        options.port)
         shown = "localhost" if options.host in ("127.0.0.1", "::1") else options.host
         click.echo(f"mirage-serve --ray: {model} in {replicas['min_replicas']}-{replicas['max_replicas']} replicas of "
                    f"{slots} slots on {device}; open http://{shown}:{options.port}/"
-                   + (f"?token={options.token}" if options.token else ""))
-        signal.signal(signal.SIGTERM, stop)  # a service manager's stop: as Ctrl-C
+                   + ("?token=(your --token)" if options.token else ""))
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:  # a local Ray goes with its streams; on a cluster the replicas drain (--drain-s)
@@ -136,6 +136,7 @@ def serve_on_ray(model, slots, backend, devices, fast, options, address, **repli
             click.echo("deleting the application: its replicas serve their open streams until they end")
             serve.delete(ray_app.APP_NAME)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if started:
             ray.shutdown()
 

@@ -249,15 +249,16 @@ def application(model: str | Path, slots: int, backend: str = "auto", device: st
 
 def build(args: dict):
     """`serve run mirage.runtime.ray_app:build model=PATH slots=16 device=cuda min_replicas=1 max_replicas=4
-    token=SECRET ...`: the application from `serve run`'s key=value arguments (strings)."""
+    host=0.0.0.0 token=SECRET ...`: the application from `serve run`'s key=value arguments (strings). `host` is
+    what Serve's proxies bind (`serve start --http-host`; default 127.0.0.1): anything but loopback needs a
+    token, as for mirage-serve."""
     number = {"slots": int, "min_replicas": int, "max_replicas": int, "target_streams": float, "cpus": float,
               "drain_s": float, "deadline_ms": float, "batch_wait_ms": float, "max_frame_bytes": int,
               "calibrate_steps": int}
     args = {k: number.get(k, str)(v) for k, v in args.items()}
-    server = {k: args.pop(k) for k in ("token", "deadline_ms", "batch_wait_ms", "max_frame_bytes", "calibrate_steps")
-              if k in args}
+    server = {k: args.pop(k) for k in ("host", "token", "deadline_ms", "batch_wait_ms", "max_frame_bytes",
+                                       "calibrate_steps") if k in args}
     fast = args.pop("fast", "false").lower() in ("1", "true", "yes")
-    # `serve run` binds the proxy itself (--host/--port of `serve start`); the token rule is checked there
     return application(args.pop("model"), args.pop("slots", 4), args.pop("backend", "auto"),
                        args.pop("device", "cpu"), fast, ServerOptions(**server), **args)
 
@@ -353,5 +354,5 @@ def proxy_middlewares() -> list:
     return [Middleware(ReplicaLost)]
 
 
-__all__ = ["APP_NAME", "PROXY_ENV", "PROXY_CALLBACK", "RayServeError", "connect", "deploy", "LeastLoaded", "Fleet", "StreamReplica", "application", "build",
-           "deployment_options", "proxy_middlewares"]
+__all__ = ["APP_NAME", "PROXY_ENV", "PROXY_CALLBACK", "RayServeError", "connect", "deploy", "LeastLoaded", "Fleet",
+           "StreamReplica", "application", "build", "deployment_options", "proxy_middlewares"]

@@ -154,6 +154,18 @@ def test_deployment_options_follow_slots_and_replicas():
 
 
 @needs_ray
+def test_serve_run_s_builder_takes_strings_and_keeps_the_token_rule():
+    from mirage.runtime.ray_app import build
+    from mirage.runtime.server import ServeError
+
+    app = build({"model": str(CKPT_V2V), "slots": "3", "max_replicas": "4", "host": "0.0.0.0", "token": "t"})
+    replica = app._bound_deployment
+    assert replica.max_ongoing_requests == 4 and replica._deployment_config.autoscaling_config.max_replicas == 4
+    with pytest.raises(ServeError, match="--token"):
+        build({"model": str(CKPT_V2V), "host": "0.0.0.0"})
+
+
+@needs_ray
 def test_streams_spread_over_replicas_and_busy_when_every_one_is_full(fleet):
     async def scenario(session):
         opened = [await connect(session, seed=n) for n in range(2 * SLOTS)]
