@@ -84,7 +84,8 @@ def deployment_options(slots: int, min_replicas: int = 1, max_replicas: int = 1,
         # streams per replica to aim for: below the slot count, so that a new replica is loading before
         # every slot is taken (a replica's start is a model load: seconds to minutes)
         "target_ongoing_requests": target_streams or max(1.0, 0.75 * slots),
-        "upscale_delay_s": 5.0, "downscale_delay_s": 120.0}}
+        # streams last minutes: a 10 s mean of open streams (Ray's default window: 30 s) is steady enough
+        "look_back_period_s": 10.0, "upscale_delay_s": 5.0, "downscale_delay_s": 120.0}}
     return {**scaling,
             "max_ongoing_requests": slots + 1,  # the spare answers `busy` (module docstring)
             "request_router_config": {"request_router_class": LeastLoaded},

@@ -279,7 +279,7 @@ def test_a_killed_replica_tells_its_streams_and_the_others_stream_on(fleet):
 
 @needs_ray
 def test_a_redeploy_with_a_new_model_drains_the_old_replicas_without_cutting_their_streams(fleet):
-    """Last in the module: the application then serves the generation model."""
+    """Near the end of the module: the application then serves the generation model."""
     from mirage.runtime.ray_app import application, deploy
 
     async def scenario(session):
@@ -308,3 +308,26 @@ def test_a_redeploy_with_a_new_model_drains_the_old_replicas_without_cutting_the
         h = await health(session, lambda h: not {r["replica"] for r in h["per_replica"]} & old, 30.0)
         assert not {r["replica"] for r in h["per_replica"]} & old and h["video_to_video"] is False
     run(scenario, timeout=150.0)
+
+
+@needs_ray
+def test_replicas_scale_up_with_open_streams(fleet):
+    """Last in the module: one replica of the generation model, up to two, aiming at one stream each."""
+    from mirage.runtime.ray_app import application, deploy
+
+    deploy(application(CKPT_GEN, SLOTS, device="cpu", min_replicas=1, max_replicas=2, target_streams=1, cpus=0.5),
+           "127.0.0.1", PORT)
+
+    async def scenario(session):
+        assert (await health(session, lambda h: h["replicas"] == 1, 30.0))["replicas"] == 1
+        opened = [await connect(session) for _ in range(2)]  # both fit the one replica: 2 streams, 1 wanted each
+        assert len({hello["replica"] for _, hello in opened}) == 1
+        start = time.monotonic()
+        h = await health(session, lambda h: h["replicas"] == 2, 60.0)
+        print(f"\nscaled up to {h['replicas']} replicas {time.monotonic() - start:.1f} s after 2 streams opened")
+        assert h["replicas"] == 2 and h["slots"] == 2 * SLOTS and h["active"] == 2
+        ws, hello = await connect(session)  # the next stream goes to the new, empty replica
+        assert hello["replica"] not in {hello["replica"] for _, hello in opened}
+        for ws, _ in [(ws, None), *opened]:
+            await ws.close()
+    run(scenario, timeout=120.0)
