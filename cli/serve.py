@@ -5,10 +5,14 @@
     mirage-serve CKPT --slots 16 --device cuda:0,cuda:1   # one pool per GPU, streams to the least-loaded one
     MIRAGE_SERVE_TOKEN=SECRET mirage-serve CKPT --host 0.0.0.0   # reachable from other machines: a token is
                                                                  # required (--token SECRET shows in `ps`)
+    mirage-serve CKPT --ray --device cuda --slots 16 --max-replicas 8   # through Ray Serve: one replica per GPU
+    mirage-serve CKPT --ray-address HEAD:6379 --device cuda --slots 16  # on an existing Ray cluster
 """
 from __future__ import annotations
 
 import logging
+import signal
+import time
 from pathlib import Path
 
 import click
@@ -52,8 +56,20 @@ DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
               help="At start, time this many steps of the idle pool: the step time the server plans batches with "
                    "(with two steps in flight on a GPU), and /health's idle_step_ms. 0: a CPU pool learns it from "
                    "served steps; a GPU pool is still timed, over 3 steps.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Serve through Ray Serve (a local Ray unless --ray-address): one replica = one pool of --slots "
+                   "streams on one GPU (--device cuda) or the CPU; docs/SERVING.md.")
+@click.option("--ray-address", default=None, help="With --ray: the Ray cluster's head, HOST:PORT (or auto).")
+@click.option("--min-replicas", type=click.IntRange(min=1), default=1, help="With --ray: replicas at least.")
+@click.option("--max-replicas", type=click.IntRange(min=1), default=None,
+              help="With --ray: replicas at most (default: --min-replicas); above the minimum Ray adds replicas "
+                   "as streams come.")
+@click.option("--target-streams", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="With --ray and autoscaling: open streams per replica to aim for (default: 3/4 of --slots).")
+@click.option("--drain-s", type=click.FloatRange(min=0), default=3600.0,
+              help="With --ray: how long a replica being replaced or removed keeps serving its open streams.")
 def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, batch_wait_ms, max_frame_bytes,
-         calibrate_steps):
+         calibrate_steps, use_ray, ray_address, min_replicas, max_replicas, target_streams, drain_s):
     """Serve MODEL (a checkpoint folder or an exported artifact; default: the bundled tiny-v2v) to
     browsers and WebSocket clients: open http://HOST:PORT/ for the page (webcam, video file or a
     synthetic source). All streams advance together, one batched step per frame, in a pool of
@@ -78,6 +94,10 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
         options = ServerOptions(host=host, port=port, token=token, deadline_ms=deadline_ms,
                                 batch_wait_ms=batch_wait_ms, max_frame_bytes=max_frame_bytes,
                                 calibrate_steps=calibrate_steps)
+        if use_ray or ray_address:
+            return serve_on_ray(model, slots, backend, devices, fast, options, ray_address, min_replicas=min_replicas,
+                                max_replicas=max_replicas or min_replicas, target_streams=target_streams,
+                                drain_s=drain_s)
         pipeline = PipelineOptions.fastest() if fast else PipelineOptions()
         opened = dict(backend=backend, options=pipeline, load=load_pipeline)  # checkpoints run on the torch side
         pool = StreamPool.open(model, slots, device=devices[0], **opened) if len(devices) == 1 \
@@ -97,6 +117,47 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
         web.run_app(make_app(pool, options), host=host, port=port, print=None, access_log_class=AccessLog)
     finally:
         pool.close()
+
+
+def serve_on_ray(model, slots, backend, devices, fast, options, address, **replicas) -> None:
+    """mirage-serve --ray: deploy on Ray Serve, print where, wait for Ctrl-C (MirageError: a user error)."""
+    if devices[0] not in ("auto", "cpu", "cuda") or len(devices) > 1:
+        raise UserError(f"--device {','.join(devices)}: with --ray give cpu or cuda (Ray gives each replica its GPU)")
+    if not 1 <= replicas["min_replicas"] <= replicas["max_replicas"]:
+        raise UserError(f"--max-replicas {replicas['max_replicas']} is below --min-replicas {replicas['min_replicas']}")
+    try:
+        from mirage.bridge import ray_app
+    except ImportError as e:
+        if (e.name or "").split(".")[0] not in ("ray", "fastapi", "starlette"):
+            raise
+        raise UserError(f"mirage-serve --ray needs Ray Serve: pip install 'mirage-video[ray]' ({e})") from e
+    import ray
+    from ray import serve
+
+    started = ray_app.connect(address)
+    device = devices[0] if devices[0] != "auto" else "cuda" if ray.cluster_resources().get("GPU") else "cpu"
+    previous = signal.signal(signal.SIGTERM, stop)  # a service manager's stop: as Ctrl-C
+    try:
+        ray_app.deploy(ray_app.application(model, slots, backend, device, fast, options, **replicas), options.host,
+                       options.port)
+        shown = "localhost" if options.host in ("127.0.0.1", "::1") else options.host
+        click.echo(f"mirage-serve --ray: {model} in {replicas['min_replicas']}-{replicas['max_replicas']} replicas of "
+                   f"{slots} slots on {device}; open http://{shown}:{options.port}/"
+                   + ("?token=(your --token)" if options.token else ""))
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:  # a local Ray goes with its streams; on a cluster the replicas drain (--drain-s)
+        if not started:
+            click.echo("deleting the application: its replicas serve their open streams until they end")
+            serve.delete(ray_app.APP_NAME)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if started:
+            ray.shutdown()
+
+
+def stop(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

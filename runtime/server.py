@@ -476,25 +476,40 @@ class Server:
         return web.FileResponse(STATIC / "index.html")
 
     async def health(self, request: web.Request) -> web.Response:
+        return web.json_response(self.status())
+
+    def status(self) -> dict:
+        """/health's JSON (bridge/ray_app.py gathers it from every replica)."""
         h, w, _ = self.pool.frame_shape
-        return web.json_response({"slots": self.pool.slots, "active": len(self.pool.active), **self.load(),
-                                  "width": w, "height": h, "video_to_video": self.pool.video_to_video})
+        return {"slots": self.pool.slots, "active": len(self.pool.active), **self.load(),
+                "width": w, "height": h, "video_to_video": self.pool.video_to_video}
 
     # -- one client ------------------------------------------------------------------------------
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
         self.check_token(request)
         seed = self.query_seed(request)
-        # aiohttp refuses a message of max_msg_size bytes or more (closing with 1009): one of up to
-        # max_message_bytes is read, and answered with an error when its image is over max_frame_bytes
-        ws = web.WebSocketResponse(max_msg_size=self.options.max_message_bytes + 1, heartbeat=10.0)
+        ws = web.WebSocketResponse(max_msg_size=self.max_msg_size, heartbeat=10.0)
         await ws.prepare(request)
+        await self.stream(ws, seed, request.remote)
+        return ws
+
+    @property
+    def max_msg_size(self) -> int:
+        """aiohttp refuses a message of max_msg_size bytes or more (closing with 1009): one of up to
+        max_message_bytes is read, and answered with an error when its image is over max_frame_bytes."""
+        return self.options.max_message_bytes + 1
+
+    async def stream(self, ws, seed: int, remote: str | None, **hello) -> None:
+        """One stream over an accepted WebSocket, until it closes: aiohttp's, or any object with its
+        send_json, send_bytes, close and message iteration (bridge/ray_app.py's, inside a Ray Serve
+        replica). `hello`: more fields for the hello message."""
         try:
             slot = await self.in_step_thread(self.pool.attach, seed)
         except PoolFull as e:
             with suppress(ConnectionError):
                 await ws.send_json({"type": "busy", "message": str(e), "slots": self.pool.slots})
                 await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"busy")
-            return ws
+            return
         stream = self.streams[slot] = Stream(slot, ws)
         helpers = [asyncio.create_task(self.helper(stream, loop)) for loop in (self.decode_loop, self.send_loop)]
         try:
@@ -502,8 +517,8 @@ class Server:
             await ws.send_json({"type": "hello", "slot": slot, "seed": seed, "width": w, "height": h,
                                 "video_to_video": self.pool.video_to_video, "slots": self.pool.slots,
                                 "deadline_ms": self.options.deadline_ms,
-                                "max_frame_bytes": self.options.max_frame_bytes})
-            log.info("stream in slot %d attached (seed %d, %s)", slot, seed, request.remote)
+                                "max_frame_bytes": self.options.max_frame_bytes, **hello})
+            log.info("stream in slot %d attached (seed %d, %s)", slot, seed, remote)
             async for msg in ws:
                 if msg.type == WSMsgType.ERROR:  # e.g. over the hard size cap: aiohttp closes it (1009)
                     break
@@ -512,7 +527,6 @@ class Server:
             pass
         finally:
             await self.leave(stream, helpers)
-        return ws
 
     async def leave(self, stream: Stream, helpers: list[asyncio.Task]) -> None:
         """Every way out of a stream's handler ends here, and the slot is detached on each: after a

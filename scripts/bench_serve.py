@@ -15,6 +15,13 @@ slowest stream delivers under 95% of --fps. Prints a table, writes JSON to docs/
 
 --null-step-ms MS puts a pool that computes nothing (each step sleeps MS) behind the same server:
 the server's own ceiling (codecs, event loop, threads) on this machine's CPU, at --null-size pixels.
+
+--ray serves through Ray Serve instead (`mirage-serve --ray`: a local Ray, one replica of N slots on
+one GPU, or the CPU): the same clients and table, so that the two runs give the Ray path's overhead
+(its proxy and the hops between the proxy and the replica) against direct mirage-serve:
+
+    python scripts/bench_serve.py --random base --device cuda --fast --counts 16 --keep-going
+    python scripts/bench_serve.py --random base --device cuda --fast --counts 16 --keep-going --ray
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import io
 import json
 import platform
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -61,15 +69,17 @@ def start_server(args, slots: int, log: Path) -> tuple[subprocess.Popen, str]:
         cmd = [sys.executable, "-m", "mirage.cli.serve", args.model, "--port", str(port), "--slots", str(slots),
                "--device", args.device, "--backend", args.backend, "--deadline-ms", str(args.deadline_ms),
                "--batch-wait-ms", str(args.batch_wait_ms), "--calibrate-steps", str(args.calibrate_steps)] \
-            + (["--fast"] if args.fast else [])
+            + (["--fast"] if args.fast else []) + (["--ray"] if args.ray else [])
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    end = time.monotonic() + args.startup_s
-    while time.monotonic() < end:
+    start = time.monotonic()
+    while time.monotonic() < start + args.startup_s:
         if proc.poll() is not None:
             sys.exit(f"mirage-serve exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
+        try:  # (Ray's proxy answers 404 until the replica has loaded the model: an HTTPError, an OSError)
             with urllib.request.urlopen(url + "/health", timeout=1):
+                print(f"server up in {time.monotonic() - start:.1f} s (model load{', Ray start' if args.ray else ''})",
+                      flush=True)
                 return proc, url
         except OSError:
             time.sleep(0.2)
@@ -259,6 +269,8 @@ async def load(url: str, streams: int, args) -> tuple[list[dict], dict]:
 
 
 def summarize(streams: int, results: list[dict], health: dict, args) -> dict:
+    if "per_replica" in health:  # mirage-serve --ray: the one replica's own /health
+        health = health["per_replica"][0]
     lat = np.concatenate([r["latencies_ms"] for r in results]) if any(r["latencies_ms"] for r in results) \
         else np.array([np.inf])
     fps = [len(r["latencies_ms"]) / args.seconds for r in results]
@@ -316,6 +328,8 @@ def main() -> None:
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="the server's --batch-wait-ms")
     p.add_argument("--churn", action="store_true", help="one more stream attaching and detaching all along "
                    "(a spare slot), to see what that costs the others (max gap)")
+    p.add_argument("--ray", action="store_true", help="serve through Ray Serve (mirage-serve --ray, a local Ray "
+                   "with one replica) instead of mirage-serve's own server")
     p.add_argument("--null-step-ms", type=float, default=None,
                    help="serve a pool that computes nothing, each step sleeping this long: the server alone")
     p.add_argument("--null-size", type=int, default=64, help="frame size of --null-step-ms")
@@ -337,8 +351,8 @@ def main() -> None:
         return serve_null(args.serve_null, args)
 
     device = device_name("cpu" if args.null_step_ms is not None else args.device)
-    label = args.random or (f"null-{args.null_size}px-{args.null_step_ms:g}ms" if args.null_step_ms is not None
-                            else Path(args.model).name)
+    label = (args.random or (f"null-{args.null_size}px-{args.null_step_ms:g}ms" if args.null_step_ms is not None
+                             else Path(args.model).name)) + ("-ray" if args.ray else "")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.random:
@@ -348,8 +362,8 @@ def main() -> None:
             try:
                 results, health = asyncio.run(load(url, streams, args))
             finally:
-                proc.terminate()
-                proc.wait(timeout=30)
+                proc.send_signal(signal.SIGINT)  # as Ctrl-C: mirage-serve --ray then stops the Ray it started
+                proc.wait(timeout=60)
             row = summarize(streams, results, health, args)
             rows.append(row)
             print(f"N={streams:3d}  fps/stream min {row['fps_min']:5.1f} mean {row['fps_mean']:5.1f}  "
@@ -382,8 +396,8 @@ def main() -> None:
     path = args.json or ROOT / "docs" / "bench" / f"{today}_serve_{slug(device)}_{label}.json"
     report = {"date": today, "device": device, "model": label, "random_weights": bool(args.random),
               "command": " ".join(sys.argv), "kept_up": best,
-              **{k: getattr(args, k) for k in ("backend", "fast", "format", "fps", "seconds", "batch_wait_ms", "deadline_ms",
-                                               "max_p99_ms", "churn", "null_step_ms", "null_size",
+              **{k: getattr(args, k) for k in ("ray", "backend", "fast", "format", "fps", "seconds", "batch_wait_ms",
+                                               "deadline_ms", "max_p99_ms", "churn", "null_step_ms", "null_size",
                                                "null_gil_calls", "null_depth", "calibrate_steps",
                                                "switch_interval_ms")},
               "rows": rows}

@@ -33,10 +33,10 @@ for stage in $STAGES; do
     servetests) python -m pytest -q -rs tests/gpu/test_gpu_serve.py tests/gpu/test_gpu_cuda_runtime.py \
                   tests/gpu/test_gpu_torch_runtime.py 2>&1 | tee "$OUT/serve_tests.log" || echo "servetests: failures" ;;
     serve) for case in ${SERVE_CASES:-base:16}; do
-             IFS=: read -r cfg n churn <<< "$case"
+             IFS=: read -r cfg n mode <<< "$case"  # mode: churn (--churn) or ray (--ray: through Ray Serve)
              timeout "${SERVE_LIMIT:-300}" python scripts/bench_serve.py --random "$cfg" --device cuda --fast --counts "$n" \
-               --keep-going --startup-s 200 ${churn:+--churn} --json "$OUT/serve_${cfg}_${n}${churn:+_churn}.json" \
-               2>&1 | tee "$OUT/serve_${cfg}_${n}${churn:+_churn}.log" || echo "serve $case: exit $?"
+               --keep-going --startup-s 200 ${mode:+--$mode} --json "$OUT/serve_${cfg}_${n}${mode:+_$mode}.json" \
+               2>&1 | tee "$OUT/serve_${cfg}_${n}${mode:+_$mode}.log" || echo "serve $case: exit $?"
            done ;;
     conv) python scripts/bench_conv.py --out "$OUT/conv.json" --tuned "$OUT/conv_tuned.json" 2>&1 | tee "$OUT/conv.log" ;;
     dittests) timeout "${DIT_LIMIT:-600}" python -m pytest -q -rs tests/gpu/test_gpu_dit.py 2>&1 | tee "$OUT/dit_tests.log" || echo "dittests: failures" ;;
