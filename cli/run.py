@@ -159,6 +159,9 @@ def main(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
             given = [f"--{name.replace('_', '-')}" for name, value in dit.items() if value not in (None, False)]
             if given:
                 raise UserError(f"{', '.join(given)}: options of a DiT run; add --dit CONFIG")
+            if model is not None and model.is_file():
+                raise UserError(f"{model}: a file; Mirage models and artifacts are folders (for a Wan 2.1 DiT "
+                                f"checkpoint add --dit CONFIG)")
             _run(model or DEFAULT_MODEL, source, frames, steps, seed, output, backend, fast, no_cuda_graph, compile_,
                  kernel_library, device, json_path, fps)
         else:

@@ -124,6 +124,7 @@ def never_allocated(monkeypatch):
     ("no-prompt", "needs one of --prompt"),
     ("no-weights", "needs a checkpoint"),
     ("dit-option-without-dit", "--prompt-embeds: options of a DiT run; add --dit"),
+    ("dit-checkpoint-without-dit", "for a Wan 2.1 DiT checkpoint add --dit CONFIG"),
     ("unet-option-with-dit", "--steps: options of a U-Net model"),
 ])
 def test_bad_input_is_one_line_and_status_2_with_nothing_written(tmp_path, embeds, never_allocated, case, message):
@@ -146,6 +147,7 @@ def test_bad_input_is_one_line_and_status_2_with_nothing_written(tmp_path, embed
         "no-prompt": [*SMALL, "--random-weights"],
         "no-weights": [*SMALL, "--prompt-embeds", embeds],
         "dit-option-without-dit": ["--prompt-embeds", embeds],
+        "dit-checkpoint-without-dit": [unet],
         "unet-option-with-dit": [*SMALL, *rand, "--steps", 2],
     }[case]
     out = tmp_path / "out.gif"
