@@ -30,7 +30,7 @@ from mirage.core.errors import BackendError, MirageError
 from mirage.model.dit import WanDiT
 from mirage.model.dit_cache import BlockStepper, CapturedBlockStep
 from mirage.model.taehv import TaehvDecoder
-from mirage.model.text_encoder import PromptEncoder, encode_prompt
+from mirage.model.text_encoder import PromptEncoder, check_width, encode_prompt
 from mirage.model.wan_checkpoint import DiTWeights, load_dit
 from mirage.model.wan_decode import load_decoder
 
@@ -112,9 +112,8 @@ class DiTPipeline:
                               "--prompt-embeds FILE")
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         encoder = PromptEncoder(spec.text_encoder, "cpu", dtype) if isinstance(prompt, str) else None
-        if encoder is not None and encoder.width != cfg.text_dim:
-            raise DiTRunError(f"{spec.text_encoder}: text encoder is {encoder.width} wide; "
-                              f"model {cfg.name!r} needs {cfg.text_dim}")
+        if encoder is not None:
+            check_width(encoder, cfg)
         text = encode_prompt(prompt, cfg) if encoder is None else None
         decoder = load_decoder(spec.decoder) if spec.decoder is not None else \
             TaehvDecoder().eval().requires_grad_(False) if spec.checkpoint is None else None

@@ -18,6 +18,8 @@ from mirage.model.dit import WanDiT
 from mirage.model.dit_cache import BlockStepper
 from mirage.model.dit_pipeline import DiTPipeline, DiTRunError, DiTSpec, blocks_for
 from mirage.model.taehv import TaehvDecoder
+from mirage.model.text_encoder import read_prompt_embeds
+from test_dit_conditioning import umt5_folder  # noqa: F401  (a tiny random UMT5 folder as wide as dit-tiny's text)
 
 CFG = get_dit_config("dit-tiny")
 SMALL = ["--dit", "dit-tiny", "--resolution", "64x64"]  # 8x8 latents: a block in well under a second
@@ -100,6 +102,38 @@ def test_self_forcing_checkpoint_and_taehv_decoder(tmp_path, embeds):
     data = json.loads(report.read_text())
     assert data["weights"]["layout"] == "self-forcing/causvid/longlive" and data["weights"]["entry"] == "generator_ema"
     assert list(data["weights"]["files"]) == [ckpt.name] and (data["dit"]["window_frames"], data["dit"]["sink_frames"]) == (4, 2)
+
+
+def test_text_prompt_through_a_local_encoder(tmp_path, umt5_folder):  # noqa: F811
+    result = mirage_run(*SMALL, "--random-weights", "--prompt", "a cat sits on the mat", "--text-encoder", umt5_folder,
+                        "--blocks", 1, "--output", tmp_path / "cat.gif")
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "cat.gif") as gif:
+        assert gif.n_frames == 5
+
+
+def test_lifecycle_and_a_prompt_switch_mid_video(embeds):
+    """open -> reset -> blocks() -> set_prompt mid-video (LongLive's re-cache) -> close. Switching to the same
+    prompt rebuilds the cache as it was, so the video goes on unchanged; another prompt changes what follows."""
+    with DiTPipeline.open(DiTSpec("dit-tiny", resolution=(64, 64)), embeds, device="cpu") as pipe:
+        pipe.reset(seed=3)
+        straight = list(pipe.blocks(2))
+        text = read_prompt_embeds(embeds, CFG.text_dim, CFG.text_len)
+        pipe.reset(seed=3)
+        blocks = pipe.blocks(2)
+        first = next(blocks)
+        pipe.set_prompt(text)
+        same = [first, next(blocks)]
+        pipe.reset(seed=3)
+        blocks = pipe.blocks(2)
+        next(blocks)
+        pipe.set_prompt(torch.randn(1, CFG.text_len, CFG.text_dim))
+        other = next(blocks)
+    assert [b.shape for b in straight] == [(5, 64, 64, 3), (8, 64, 64, 3)]
+    for a, b in zip(straight, same):
+        assert torch.allclose(torch.from_numpy(a), torch.from_numpy(b), atol=1e-5)
+    assert not torch.allclose(torch.from_numpy(straight[1]), torch.from_numpy(other), atol=1e-3)
+    assert pipe.stepper is None
 
 
 @pytest.fixture
