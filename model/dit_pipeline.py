@@ -107,6 +107,8 @@ class DiTPipeline:
         if graph and dev.type != "cuda":
             raise DiTRunError("CUDA graphs need a GPU; on the CPU the block runs eagerly (leave out --fast)")
         graph = dev.type == "cuda" if graph is None else graph
+        if spec.lora is not None and spec.checkpoint is None:
+            raise DiTRunError(f"{spec.lora}: a LoRA is merged into a checkpoint's weights; give the base checkpoint")
         if isinstance(prompt, str) and spec.text_encoder is None:
             raise DiTRunError("a text --prompt needs --text-encoder FOLDER (a local UMT5 encoder), or give "
                               "--prompt-embeds FILE")
