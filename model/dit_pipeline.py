@@ -112,15 +112,14 @@ class DiTPipeline:
         if isinstance(prompt, str) and spec.text_encoder is None:
             raise DiTRunError("a text --prompt needs --text-encoder FOLDER (a local UMT5 encoder), or give "
                               "--prompt-embeds FILE")
+        if spec.decoder is None and spec.checkpoint is not None:
+            raise DiTRunError("no --decoder: give a TAEHV file (taew2_1.pth) or a Wan VAE folder to write video")
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         encoder = PromptEncoder(spec.text_encoder, "cpu", dtype) if isinstance(prompt, str) else None
         if encoder is not None:
             check_width(encoder, cfg)
         text = encode_prompt(prompt, cfg) if encoder is None else None
-        decoder = load_decoder(spec.decoder) if spec.decoder is not None else \
-            TaehvDecoder().eval().requires_grad_(False) if spec.checkpoint is None else None
-        if decoder is None:
-            raise DiTRunError("no --decoder: give a TAEHV file (taew2_1.pth) or a Wan VAE folder to write video")
+        decoder = load_decoder(spec.decoder) if spec.decoder is not None else TaehvDecoder().eval().requires_grad_(False)
         # the first allocation on the device: load_dit checks the checkpoint before it builds the model
         if spec.checkpoint is None:
             with torch.device(dev):
