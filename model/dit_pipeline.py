@@ -119,7 +119,8 @@ class DiTPipeline:
         if encoder is not None:
             check_width(encoder, cfg)
         text = encode_prompt(prompt, cfg) if encoder is None else None
-        decoder = load_decoder(spec.decoder) if spec.decoder is not None else TaehvDecoder().eval().requires_grad_(False)
+        decoder = load_decoder(spec.decoder) if spec.decoder is not None else \
+            TaehvDecoder().eval().requires_grad_(False)  # random weights: a random decoder (smoke run)
         # the first allocation on the device: load_dit checks the checkpoint before it builds the model
         if spec.checkpoint is None:
             with torch.device(dev):

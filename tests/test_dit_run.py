@@ -101,7 +101,8 @@ def test_self_forcing_checkpoint_and_taehv_decoder(tmp_path, embeds):
     assert len(list(out.glob("*.png"))) == 5  # one block: 1 + 4 video frames, as PNGs
     data = json.loads(report.read_text())
     assert data["weights"]["layout"] == "self-forcing/causvid/longlive" and data["weights"]["entry"] == "generator_ema"
-    assert list(data["weights"]["files"]) == [ckpt.name] and (data["dit"]["window_frames"], data["dit"]["sink_frames"]) == (4, 2)
+    assert list(data["weights"]["files"]) == [ckpt.name]
+    assert (data["dit"]["window_frames"], data["dit"]["sink_frames"]) == (4, 2)
 
 
 def test_text_prompt_through_a_local_encoder(tmp_path, umt5_folder):  # noqa: F811
