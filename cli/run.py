@@ -3,9 +3,15 @@
     mirage-run                                  # bundled 256x256 video-to-video model, CPU, 48 frames -> mirage.gif
     mirage-run checkpoints/tiny-v2v --input synthetic --frames 500 --output v2v.mp4
     mirage-run CKPT --input clip.mp4 --device cuda --fast --json report.json
+    mirage-run self_forcing_dmd.pt --dit wan-1.3b --prompt-embeds cat.safetensors --decoder taew2_1.pth --output cat.mp4
+    mirage-run --dit dit-tiny --random-weights --prompt-embeds x.safetensors --frames 24 --output dit.gif  # CPU smoke
+
+A Wan 2.1 DiT (--dit CONFIG) generates blocks of latent frames against a rolling KV cache
+(mirage.model.dit_pipeline); each block's video frames go to the output as soon as it is decoded.
 """
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 from pathlib import Path
@@ -16,7 +22,7 @@ import numpy as np
 
 from mirage.cli import options as shared
 from mirage.cli.errors import UserError
-from mirage.core.config import PipelineOptions
+from mirage.core.config import DIT_CONFIGS, PipelineOptions
 from mirage.core.errors import MirageError
 from mirage.core.report import latency_summary, psnr, table, write_json
 from mirage.core.synthetic import SyntheticVideo
@@ -37,6 +43,44 @@ def _check_source(source: str | None) -> str | None:
         except VideoError as e:
             raise click.BadParameter(str(e), param_hint="'--input'") from e
     return source
+
+
+def _resolution(ctx, param, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    width, x, height = value.lower().partition("x")
+    if not (x and width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+        raise click.BadParameter(f"{value!r}: give WIDTHxHEIGHT, e.g. 832x480")
+    return int(width), int(height)
+
+
+# --dit's own options, collected into one `dit` argument; refused without --dit
+dit_options = shared.group(
+    "dit",
+    click.option("--dit", "config", type=click.Choice(list(DIT_CONFIGS)), default=None,
+                 help="Run a Wan 2.1 chunk-causal DiT of this layout: MODEL is then its checkpoint (Self-Forcing / "
+                      "CausVid / LongLive .pt, a Wan or diffusers transformer folder), or --random-weights."),
+    click.option("--random-weights", is_flag=True,
+                 help="--dit without a checkpoint: random weights (and a random TAEHV decoder without --decoder)."),
+    click.option("--lora", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                 help="--dit: a LongLive LoRA file (lora.pt) merged into the checkpoint's weights."),
+    click.option("--prompt", default=None, help="--dit: the prompt text, encoded once by --text-encoder."),
+    click.option("--prompt-embeds", type=click.Path(path_type=Path), default=None,
+                 help="--dit: precomputed prompt embeddings, (L, text_dim) in a .safetensors / .pt file."),
+    click.option("--text-encoder", type=click.Path(path_type=Path), default=None,
+                 help="--dit: a local UMT5 encoder folder (transformers; or a diffusers Wan pipeline folder)."),
+    click.option("--decoder", type=click.Path(path_type=Path), default=None,
+                 help="--dit: a TAEHV file (taew2_1.pth) or a Wan VAE folder (diffusers AutoencoderKLWan). "
+                      "Needed to write video, except with --random-weights."),
+    click.option("--blocks", type=click.IntRange(min=1), default=None,
+                 help="--dit: blocks to generate (instead of --frames, which is rounded up to whole blocks)."),
+    click.option("--resolution", callback=_resolution, default=None,
+                 help="--dit: WIDTHxHEIGHT video pixels instead of the config's (a multiple of 16)."),
+    click.option("--window", type=click.IntRange(min=1), default=None,
+                 help="--dit: latent frames a block attends to, itself and the sink included: the KV cache's size "
+                      "(Self-Forcing: 21, LongLive: 12)."),
+    click.option("--sink", type=click.IntRange(min=0), default=None,
+                 help="--dit: first latent frames kept in the cache for good (LongLive's attention sink: 3)."))
 
 
 def _input_stream(source: str, size: int, frames: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -71,7 +115,7 @@ class _Stop:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.argument("model", required=False, type=click.Path(exists=True, path_type=Path), default=DEFAULT_MODEL)
+@click.argument("model", required=False, type=click.Path(exists=True, path_type=Path), default=None)
 @click.option("--input", "source", default=None, callback=lambda ctx, param, value: _check_source(value),
               help="Input stream for video-to-video models: a video file, an image folder, a webcam index "
                    "(0 = /dev/video0, Linux) or 'synthetic' (the default for them). Frames are center-cropped "
@@ -99,17 +143,34 @@ class _Stop:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the latency report as JSON here.")
 @click.option("--fps", type=click.IntRange(min=1), default=16, help="Frame rate of the written video.")
+@dit_options
 def main(model, source, frames, steps, seed, output, backend, fast, no_cuda_graph, compile_, kernel_library, device,
-         json_path, fps):
+         json_path, fps, dit):
     """Generate a video with a Mirage checkpoint or exported artifact, one frame at a time,
     and report per-frame latency. Video-to-video models restore full color to an input stream.
 
     MODEL defaults to the bundled checkpoints/tiny-256-v2v: 256x256 frames restored from the
     synthetic input, on a CPU in under a minute (checkpoints/tiny-128-v2v: 128x128, 4x faster;
-    checkpoints/tiny generates, with no input, at 32x32)."""
+    checkpoints/tiny generates, with no input, at 32x32).
+
+    With --dit CONFIG, MODEL is a Wan 2.1 DiT checkpoint (README: "Bring your own Wan checkpoint")."""
     try:
-        _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_graph, compile_, kernel_library,
-             device, json_path, fps)
+        if dit["config"] is None:
+            given = [f"--{name.replace('_', '-')}" for name, value in dit.items() if value not in (None, False)]
+            if given:
+                raise UserError(f"{', '.join(given)}: options of a DiT run; add --dit CONFIG")
+            if model is not None and model.is_file():
+                raise UserError(f"{model}: a file; Mirage models and artifacts are folders (for a Wan 2.1 DiT "
+                                f"checkpoint add --dit CONFIG)")
+            _run(model or DEFAULT_MODEL, source, frames, steps, seed, output, backend, fast, no_cuda_graph, compile_,
+                 kernel_library, device, json_path, fps)
+        else:
+            unet_only = {"--input": source, "--steps": steps, "--kernel-library": kernel_library,
+                         "--backend": None if backend == "auto" else backend}
+            given = [name for name, value in unet_only.items() if value is not None]
+            if given:
+                raise UserError(f"{', '.join(given)}: options of a U-Net model, not of --dit")
+            _run_dit(model, dit, frames, seed, output, fast, no_cuda_graph, compile_, device, json_path, fps)
     except MirageError as e:
         raise UserError(str(e)) from e
 
@@ -120,11 +181,7 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
 
     from mirage.bridge.pipeline import load_pipeline
 
-    if json_path is not None and not json_path.parent.is_dir():
-        raise UserError(f"--json {json_path}: folder {json_path.parent} does not exist")
-    shared.check_fast(fast, device)
-    for written in filter(None, (output, json_path)):
-        check_not_input(written, source)
+    _check_outputs(output, json_path, fast, device, source)
     shape_in = input_size(source) if source not in (None, "synthetic") else None
     # the video is written as bytes: the frame graph makes them, and only they cross PCIe
     common = dict(steps=steps, cuda_graph=not no_cuda_graph, kernel_library=kernel_library, frames="uint8")
@@ -148,41 +205,112 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
         setup = time.perf_counter() - start
         times, psnrs = [], []
         with tqdm(total=frames, desc="frames", unit="frame") as bar:
-            t0 = time.perf_counter()
-            for x, truth in pairs:
-                frame = pipe.step(x)
-                t1 = time.perf_counter()
-                times.append(t1 - t0)
+            for (frame, truth), seconds in _timed(((pipe.step(x), truth) for x, truth in pairs), stop, bar):
+                times.append(seconds)
                 writer.write(frame)
                 if truth is not None:
                     psnrs.append(float(psnr(to_float(frame), truth)))  # of the frame as written
-                bar.set_postfix(ms=f"{times[-1] * 1e3:.1f}")
-                bar.update(1)
-                if stop.signal is not None:
-                    break
-                t0 = time.perf_counter()
         if not times:
             raise UserError(f"{source}: no frames could be read")
         backend_name = type(pipe.backend).__name__.replace("Backend", "").lower()
-        device_name, peak, peak_kind = pipe.describe()
+        described = pipe.describe()
         graphs = bool(pipe.graphs)
-    if stop.signal is not None:
-        click.echo(f"interrupted ({signal.Signals(stop.signal).name}) after {len(times)} of {frames} frames; "
-                   f"{output} holds them", err=True)
-    report = {"model": str(model), "backend": backend_name, "device": device_name, "cuda_graph": graphs,
-              "options": options.__dict__, "steps": len(pipe.schedule.timesteps), "seed": seed, "setup_ms": setup * 1e3,
-              **latency_summary(times, times[0]), "output": str(output), "written": writer.count,
-              "peak_gpu_mb": peak, "interrupted": stop.signal is not None}
+    report, rows = _summary(model, backend_name, described, graphs, seed, setup, times, times[0], writer, stop)
+    report.update(options=options.__dict__, steps=len(pipe.schedule.timesteps))
     if psnrs:
         report["psnr_db"] = float(np.mean(psnrs))
-    rows = [("output", f"{output} ({writer.count} frames)"),
-            ("backend / device", f"{backend_name} / {device_name}{' (CUDA graph)' if graphs else ''}"),
+        rows.append(("PSNR vs. ground truth", f"{report['psnr_db']:.2f} dB"))
+    _finish(report, rows, json_path, stop, f"{len(times)} of {frames} frames")
+
+
+def _run_dit(checkpoint, dit, frames, seed, output, fast, no_cuda_graph, compile_, device, json_path, fps):
+    """A Wan DiT run: every check on the CPU first (DiTPipeline.open), then blocks written as they finish."""
+    from tqdm import tqdm
+
+    from mirage.model.dit_pipeline import DiTPipeline, DiTSpec, blocks_for
+
+    if (checkpoint is None) == (not dit["random_weights"]):
+        raise UserError("--dit needs a checkpoint (MODEL) or --random-weights, not both" if checkpoint else
+                        "--dit needs a checkpoint: MODEL, a Wan 2.1 DiT file or folder (or --random-weights)")
+    if (dit["prompt"] is None) == (dit["prompt_embeds"] is None):
+        raise UserError("--dit needs one of --prompt TEXT (with --text-encoder FOLDER) or --prompt-embeds FILE")
+    _check_outputs(output, json_path, fast, device, None)
+    spec = DiTSpec(dit["config"], checkpoint, dit["lora"], dit["decoder"], dit["text_encoder"], dit["resolution"],
+                   dit["window"], dit["sink"])
+    writer = VideoWriter(output, fps=fps)  # the path and format are checked before any frame is made
+    pipe = DiTPipeline.open(spec, dit["prompt"] if dit["prompt"] is not None else dit["prompt_embeds"], device,
+                            compile=compile_ or fast, graph=False if no_cuda_graph else (True if fast else None))
+    blocks = dit["blocks"] or blocks_for(pipe.cfg, frames)
+    with pipe, writer, _Stop() as stop:
+        start = time.perf_counter()
+        pipe.reset(seed)  # compiles and captures every cache fill level on first use
+        setup = time.perf_counter() - start
+        block_times, frame_times = [], []
+        total = pipe.cfg.video_frames(blocks * pipe.cfg.block_frames, first=True)
+        with tqdm(total=total, desc="frames", unit="frame") as bar:
+            for block, seconds in _timed(pipe.blocks(blocks), stop, bar, len):
+                block_times.append(seconds)
+                frame_times += [seconds / len(block)] * len(block)  # a block's frames arrive together
+                for frame in block:
+                    writer.write(frame)
+        if not block_times:
+            raise UserError("interrupted before the first block")
+        described = pipe.describe()
+        graphs = pipe.graphed
+    report, rows = _summary(checkpoint or "random weights", "pytorch", described, graphs, seed, setup, frame_times,
+                            block_times[0], writer, stop)
+    per_block = latency_summary(block_times)
+    report.update(dit=dataclasses.asdict(pipe.cfg), compile=pipe.compiled, blocks=len(block_times),
+                  block_median_ms=per_block["median_ms"], block_p99_ms=per_block["p99_ms"],
+                  weights=dataclasses.asdict(pipe.weights) if pipe.weights else None)
+    rows.insert(4, ("per-block median / p99", f"{report['block_median_ms']:.1f} / {report['block_p99_ms']:.1f} ms "
+                                              f"({len(block_times)} blocks of {pipe.cfg.block_frames} latent frames)"))
+    _finish(report, rows, json_path, stop, f"{len(block_times)} of {blocks} blocks")
+
+
+def _check_outputs(output: Path, json_path: Path | None, fast: bool, device: str, source: str | None) -> None:
+    """What a run writes, and --fast, are checked before any model loads."""
+    if json_path is not None and not json_path.parent.is_dir():
+        raise UserError(f"--json {json_path}: folder {json_path.parent} does not exist")
+    shared.check_fast(fast, device)
+    for written in filter(None, (output, json_path)):
+        check_not_input(written, source)
+
+
+def _timed(work: Iterator, stop: _Stop, bar, frames=lambda item: 1) -> Iterator[tuple[object, float]]:
+    """Each item of `work` (made when asked for) with the seconds its making took; ends after the item in
+    progress once a signal has come. The bar advances by an item's `frames` (one, or a block's)."""
+    while stop.signal is None:
+        start = time.perf_counter()
+        item = next(work, None)
+        if item is None:
+            return
+        seconds = time.perf_counter() - start
+        bar.set_postfix(ms=f"{seconds * 1e3:.1f}")
+        bar.update(frames(item))
+        yield item, seconds
+
+
+def _summary(model, backend: str, described: tuple, graphs: bool, seed: int, setup: float, frame_times: list[float],
+             first: float, writer: VideoWriter, stop: _Stop) -> tuple[dict, list[tuple[str, str]]]:
+    """The report and closing table both model families give (the U-Net per frame, the DiT per block)."""
+    device_name, peak, peak_kind = described
+    report = {"model": str(model), "backend": backend, "device": device_name, "cuda_graph": graphs, "seed": seed,
+              "setup_ms": setup * 1e3, **latency_summary(frame_times, first), "output": str(writer.path),
+              "written": writer.count, "peak_gpu_mb": peak, "interrupted": stop.signal is not None}
+    rows = [("output", f"{writer.path} ({writer.count} frames)"),
+            ("backend / device", f"{backend} / {device_name}{' (CUDA graph)' if graphs else ''}"),
             ("time to first frame", f"{report['first_frame_ms']:.1f} ms (+ {report['setup_ms']:.0f} ms setup)"),
             ("per-frame median / p99", f"{report['median_ms']:.2f} / {report['p99_ms']:.2f} ms"),
             ("FPS", f"{report['fps']:.1f}"),
             ("GPU memory", f"{peak:.0f} MiB ({peak_kind})" if peak is not None else "n/a (CPU)")]
-    if psnrs:
-        rows.append(("PSNR vs. ground truth", f"{report['psnr_db']:.2f} dB"))
+    return report, rows
+
+
+def _finish(report: dict, rows: list[tuple[str, str]], json_path: Path | None, stop: _Stop, made: str) -> None:
+    if stop.signal is not None:
+        click.echo(f"interrupted ({signal.Signals(stop.signal).name}) after {made}; {report['output']} holds "
+                   f"them", err=True)
     click.echo(table(rows))
     if json_path:
         write_json(json_path, report)

@@ -134,7 +134,12 @@ def encode_prompt(text_or_file: str | Path, cfg: DiTConfig, encoder: PromptEncod
         return read_prompt_embeds(text_or_file, cfg.text_dim, cfg.text_len)
     if encoder is None:
         raise ConditioningError("a text prompt needs a text encoder folder (or give a prompt embeddings file)")
+    check_width(encoder, cfg)
+    return encoder.encode(text_or_file, cfg.text_len)
+
+
+def check_width(encoder: PromptEncoder, cfg: DiTConfig) -> None:
+    """The encoder's embeddings must be as wide as the model's text input (UMT5-XXL: 4096)."""
     if encoder.width != cfg.text_dim:
         raise ConditioningError(f"{encoder.folder}: text encoder is {encoder.width} wide; "
                                 f"model {cfg.name!r} needs {cfg.text_dim}")
-    return encoder.encode(text_or_file, cfg.text_len)

@@ -1,0 +1,199 @@
+"""`mirage-run --dit`: a Wan DiT run on the CPU (dit-tiny at 64x64), blocks streamed to the writer, the
+report, and every bad input refused in one line with exit status 2 before the model is allocated."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import save_file
+
+import mirage.cli.run as run
+import mirage.model.dit_pipeline as dit_pipeline
+import mirage.model.wan_checkpoint as wan_checkpoint
+from mirage.core.config import get_dit_config
+from mirage.model.dit import WanDiT
+from mirage.model.dit_cache import BlockStepper
+from mirage.model.dit_pipeline import DiTPipeline, DiTRunError, DiTSpec, blocks_for
+from mirage.model.taehv import TaehvDecoder
+from mirage.model.text_encoder import read_prompt_embeds
+from test_dit_conditioning import umt5_folder  # noqa: F401  (a tiny random UMT5 folder as wide as dit-tiny's text)
+
+CFG = get_dit_config("dit-tiny")
+SMALL = ["--dit", "dit-tiny", "--resolution", "64x64"]  # 8x8 latents: a block in well under a second
+
+
+@pytest.fixture
+def embeds(tmp_path):
+    path = tmp_path / "prompt.safetensors"
+    save_file({"prompt_embeds": torch.randn(5, CFG.text_dim)}, path)
+    return path
+
+
+def mirage_run(*args):
+    return CliRunner().invoke(run.main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_random_weights_smoke_run_writes_whole_blocks_and_reports(tmp_path, embeds):
+    out, report = tmp_path / "dit.gif", tmp_path / "report.json"
+    result = mirage_run(*SMALL, "--random-weights", "--prompt-embeds", embeds, "--frames", 6, "--output", out,
+                        "--json", report)
+    assert result.exit_code == 0, result.output
+    # 6 frames round up to 2 blocks of 2 latent frames: 1 + 4·3 = 13 video frames (the first latent frame gives one)
+    assert blocks_for(CFG, 6) == 2 and blocks_for(CFG, 5) == 1 and blocks_for(CFG, 14) == 3
+    with Image.open(out) as gif:
+        assert gif.n_frames == 13 and gif.size == (128, 128)  # 64x64 upscaled by the writer to >= 128 wide
+    data = json.loads(report.read_text())
+    assert data["written"] == data["frames"] == 13 and data["blocks"] == 2 and data["device"] == "cpu"
+    assert data["peak_gpu_mb"] is None and data["cuda_graph"] is False and data["weights"] is None
+    assert data["first_frame_ms"] > 0 and 0 < data["median_ms"] <= data["p99_ms"]
+    assert 0 < data["block_median_ms"] <= data["block_p99_ms"]
+    # a block's frames share its time: per-frame latency is the block's over its 8 frames
+    assert data["median_ms"] == pytest.approx(data["block_median_ms"] / 8)
+    assert (data["dit"]["width"], data["dit"]["height"]) == (64, 64)
+    for row in ("time to first frame", "per-frame median / p99", "per-block median / p99", "GPU memory"):
+        assert row in result.output
+
+
+def test_blocks_reach_the_writer_as_they_finish(tmp_path, embeds, monkeypatch):
+    events = []
+    step = BlockStepper.step
+
+    def recorded_step(self, noise):
+        events.append("block")
+        return step(self, noise)
+
+    class FakeWriter:
+        def __init__(self, path, fps):
+            self.path, self.count = path, 0
+
+        def write(self, frame):
+            events.append("frame")
+            self.count += 1
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(BlockStepper, "step", recorded_step)
+    monkeypatch.setattr(run, "VideoWriter", FakeWriter)
+    result = mirage_run(*SMALL, "--random-weights", "--prompt-embeds", embeds, "--blocks", 3,
+                        "--output", tmp_path / "x.gif")
+    assert result.exit_code == 0, result.output
+    assert events == ["block"] + ["frame"] * 5 + (["block"] + ["frame"] * 8) * 2
+
+
+def test_self_forcing_checkpoint_and_taehv_decoder(tmp_path, embeds):
+    torch.manual_seed(0)
+    model = WanDiT(CFG)
+    ckpt = tmp_path / "self_forcing_dmd.pt"
+    torch.save({"generator_ema": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt)
+    decoder = tmp_path / "taew2_1.pth"
+    torch.save(TaehvDecoder().state_dict(), decoder)
+    out, report = tmp_path / "frames", tmp_path / "r.json"
+    result = mirage_run(ckpt, *SMALL, "--prompt-embeds", embeds, "--decoder", decoder, "--blocks", 1,
+                        "--window", 4, "--sink", 2, "--output", out, "--json", report)
+    assert result.exit_code == 0, result.output
+    assert len(list(out.glob("*.png"))) == 5  # one block: 1 + 4 video frames, as PNGs
+    data = json.loads(report.read_text())
+    assert data["weights"]["layout"] == "self-forcing/causvid/longlive" and data["weights"]["entry"] == "generator_ema"
+    assert list(data["weights"]["files"]) == [ckpt.name]
+    assert (data["dit"]["window_frames"], data["dit"]["sink_frames"]) == (4, 2)
+
+
+def test_text_prompt_through_a_local_encoder(tmp_path, umt5_folder):  # noqa: F811
+    result = mirage_run(*SMALL, "--random-weights", "--prompt", "a cat sits on the mat", "--text-encoder", umt5_folder,
+                        "--blocks", 1, "--output", tmp_path / "cat.gif")
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "cat.gif") as gif:
+        assert gif.n_frames == 5
+
+
+def test_lifecycle_and_a_prompt_switch_mid_video(embeds):
+    """open -> reset -> blocks() -> set_prompt mid-video (LongLive's re-cache) -> close. Switching to the same
+    prompt rebuilds the cache as it was, so the video goes on unchanged; another prompt changes what follows."""
+    with DiTPipeline.open(DiTSpec("dit-tiny", resolution=(64, 64)), embeds, device="cpu") as pipe:
+        pipe.reset(seed=3)
+        straight = list(pipe.blocks(2))
+        text = read_prompt_embeds(embeds, CFG.text_dim, CFG.text_len)
+        pipe.reset(seed=3)
+        blocks = pipe.blocks(2)
+        first = next(blocks)
+        pipe.set_prompt(text)
+        same = [first, next(blocks)]
+        pipe.reset(seed=3)
+        blocks = pipe.blocks(2)
+        next(blocks)
+        pipe.set_prompt(torch.randn(1, CFG.text_len, CFG.text_dim))
+        other = next(blocks)
+    assert [b.shape for b in straight] == [(5, 64, 64, 3), (8, 64, 64, 3)]
+    for a, b in zip(straight, same):
+        assert torch.allclose(torch.from_numpy(a), torch.from_numpy(b), atol=1e-5)
+    assert not torch.allclose(torch.from_numpy(straight[1]), torch.from_numpy(other), atol=1e-3)
+    assert pipe.stepper is None
+
+
+@pytest.fixture
+def never_allocated(monkeypatch):
+    """A bad input must be refused before the DiT is built on the device: building it fails this test."""
+    def allocated(*args, **kwargs):
+        raise AssertionError("the model was allocated before the bad input was refused")
+
+    monkeypatch.setattr(dit_pipeline, "WanDiT", allocated)
+    monkeypatch.setattr(wan_checkpoint, "copy_into", allocated)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("other-layout", "not a Wan 2.1 transformer checkpoint"),
+    ("no-decoder", "no --decoder"),
+    ("missing-encoder", "text encoder folder not found"),
+    ("prompt-without-encoder", "needs --text-encoder"),
+    ("embeds-width", "the model needs (L, 64)"),
+    ("resolution", "width=100 is not divisible by 16"),
+    ("window", "window_frames=3 is smaller than the sink (2) plus a block (2)"),
+    ("graph-on-cpu", "--fast is the GPU path"),
+    ("no-prompt", "needs one of --prompt"),
+    ("no-weights", "needs a checkpoint"),
+    ("lora-without-base", "give the base checkpoint"),
+    ("dit-option-without-dit", "--prompt-embeds: options of a DiT run; add --dit"),
+    ("dit-checkpoint-without-dit", "for a Wan 2.1 DiT checkpoint add --dit CONFIG"),
+    ("unet-option-with-dit", "--steps: options of a U-Net model"),
+])
+def test_bad_input_is_one_line_and_status_2_with_nothing_written(tmp_path, embeds, never_allocated, case, message):
+    unet = tmp_path / "unet.safetensors"
+    save_file({"conv_in.weight": torch.zeros(8, 4, 3, 3)}, unet)
+    wide = tmp_path / "wide.safetensors"
+    save_file({"prompt_embeds": torch.zeros(5, 32)}, wide)
+    rand = ["--random-weights", "--prompt-embeds", embeds]
+    taehv = tmp_path / "taew2_1.pth"
+    torch.save(TaehvDecoder().state_dict(), taehv)
+    args = {
+        "other-layout": [unet, *SMALL, "--prompt-embeds", embeds, "--decoder", taehv],
+        "no-decoder": [unet, *SMALL, "--prompt-embeds", embeds],
+        "missing-encoder": [*SMALL, "--random-weights", "--prompt", "a cat", "--text-encoder", tmp_path / "umt5"],
+        "prompt-without-encoder": [*SMALL, "--random-weights", "--prompt", "a cat"],
+        "embeds-width": [*SMALL, "--random-weights", "--prompt-embeds", wide],
+        "resolution": ["--dit", "dit-tiny", "--resolution", "100x64", *rand],
+        "window": [*SMALL, *rand, "--sink", 2, "--window", 3],
+        "graph-on-cpu": [*SMALL, *rand, "--fast", "--device", "cpu"],
+        "no-prompt": [*SMALL, "--random-weights"],
+        "no-weights": [*SMALL, "--prompt-embeds", embeds],
+        "lora-without-base": [*SMALL, *rand, "--lora", unet],
+        "dit-option-without-dit": ["--prompt-embeds", embeds],
+        "dit-checkpoint-without-dit": [unet],
+        "unet-option-with-dit": [*SMALL, *rand, "--steps", 2],
+    }[case]
+    out = tmp_path / "out.gif"
+    result = mirage_run(*args, "--output", out, "--json", tmp_path / "r.json")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+    assert not out.exists() and not (tmp_path / "r.json").exists()
+
+
+def test_graph_on_the_cpu_is_refused_by_the_pipeline(embeds):
+    with pytest.raises(DiTRunError, match="CUDA graphs need a GPU"):
+        DiTPipeline.open(DiTSpec("dit-tiny"), embeds, device="cpu", graph=True)
