@@ -327,7 +327,15 @@ def test_replicas_scale_up_with_open_streams(fleet):
         h = await health(session, lambda h: h["replicas"] == 2, 60.0)
         print(f"\nscaled up to {h['replicas']} replicas {time.monotonic() - start:.1f} s after 2 streams opened")
         assert h["replicas"] == 2 and h["slots"] == 2 * SLOTS and h["active"] == 2
-        ws, hello = await connect(session)  # the next stream goes to the new, empty replica
+        # the next stream goes to the new, empty replica, once the proxy's router has it: /health counts it
+        # from the replica's own report, which can come a moment before the router's view (then: busy)
+        for _ in range(20):
+            ws, hello = await connect(session)
+            if hello["type"] == "hello":
+                break
+            assert hello["type"] == "busy", hello
+            await ws.close()
+            await asyncio.sleep(0.5)
         assert hello["replica"] not in {hello["replica"] for _, hello in opened}
         for ws, _ in [(ws, None), *opened]:
             await ws.close()
