@@ -244,6 +244,35 @@ def test_cuda_path_without_gpu_is_a_clear_error():
         CudaGpu("cuda:0")
 
 
+def test_cuda_python_events_and_graphs_take_torchs_method_names(monkeypatch):
+    """GpuExecution calls events and graphs directly, with torch.cuda.Event's and CUDAGraph's names;
+    the cuda-python ones must pass their handles to the right CUDA calls in the right order."""
+    from types import SimpleNamespace
+
+    import mirage.runtime.cuda as cuda
+
+    calls = []
+
+    def fake(name, value=None):
+        def cuda_call(*args):
+            calls.append((name, *args))
+            return (0,) if value is None else (0, value)  # status 0: success
+        return cuda_call
+
+    rt = SimpleNamespace(cudaEventRecord=fake("record"), cudaStreamWaitEvent=fake("wait"),
+                         cudaEventSynchronize=fake("sync"), cudaEventElapsedTime=fake("elapsed", 2.5),
+                         cudaGraphLaunch=fake("launch"))
+    monkeypatch.setattr(cuda, "_import", lambda: (None, None, rt))
+    start, end = cuda.Event("e1"), cuda.Event("e2")
+    start.record("copy")
+    start.wait("compute")
+    end.synchronize()
+    assert start.elapsed_time(end) == 2.5
+    cuda.Graph("graph", "exec", "compute").replay()  # on the stream it was captured on
+    assert calls == [("record", "e1", "copy"), ("wait", "compute", "e1", 0), ("sync", "e2"),
+                     ("elapsed", "e1", "e2"), ("launch", "exec", "compute")]
+
+
 def test_cuda_python_compute_work_makes_the_device_current_in_the_calling_thread():
     """Issue 16: the loop kernels are driver-API launches, which need a current context, and a fresh
     thread has none; the server's step thread may launch (an attach's row reset) before any runtime
