@@ -7,7 +7,9 @@
     DIR/timing.cache              full TensorRT only (TensorRT-RTX's timing cache is a no-op)
     DIR/<plugin>.so               a copy of --plugin-library, which the engines need
 
-Stages, in order: export -> quantize (int8, fp8) -> parity -> build. Each reports to `progress`.
+One validation step (`check_options`, before any work), then the stages of `_build` in order: export
+(-> quantize, int8/fp8) -> parity -> graph entries -> engines -> polygraphy -> manifest. Each reports
+to `progress`.
 Everything is written into a temporary sibling folder that replaces DIR only when complete: a
 failed or interrupted export leaves the previous artifact as it was and no stray files.
 """
@@ -73,8 +75,9 @@ def _io(path: Path) -> tuple[list[dict], list[dict]]:
     return desc(model.graph.input), desc(model.graph.output)
 
 
-def check_options(o: ArtifactOptions) -> ArtifactOptions:
-    """Refuse what cannot build before any work is done; returns the options with defaults resolved."""
+def check_options(o: ArtifactOptions, out: Path) -> ArtifactOptions:
+    """The one validation step: refuse what cannot build (or would overwrite what is not an artifact)
+    before any work is done; returns the options with defaults resolved."""
     if o.precision not in PRECISIONS:
         raise ExportError(f"precision {o.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if o.backend not in BACKENDS:
@@ -108,6 +111,9 @@ def check_options(o: ArtifactOptions) -> ArtifactOptions:
     if no_gpu:
         raise ExportError(f"--backend tensorrt builds on an NVIDIA GPU: {no_gpu}; --backend tensorrt-rtx builds "
                           "without one")
+    replaceable = out.is_dir() and ((out / G.MANIFEST).is_file() or not any(out.iterdir()))
+    if out.exists() and not replaceable:  # such a path is never replaced
+        raise ExportError(f"{out} exists and is not a Mirage artifact; choose another --out or remove it")
     return o
 
 
@@ -115,10 +121,7 @@ def build_artifact(checkpoint: str | Path, out: str | Path, options: ArtifactOpt
                    progress: Callable[[str], None] = lambda s: None) -> dict:
     """Run every stage in a staging folder, then put it in place of `out`; returns the manifest."""
     checkpoint, out = Path(checkpoint).resolve(), Path(out).resolve()
-    o = check_options(options)
-    replaceable = out.is_dir() and ((out / G.MANIFEST).is_file() or not any(out.iterdir()))
-    if out.exists() and not replaceable:  # checked before any work; such a path is never replaced
-        raise ExportError(f"{out} exists and is not a Mirage artifact; choose another --out or remove it")
+    o = check_options(options, out)
     model, meta = load_checkpoint(checkpoint)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -146,16 +149,29 @@ def _replace(stage: Path, out: Path) -> None:
 
 
 def _build(model, meta: dict, checkpoint: Path, out: Path, stage: Path, o: ArtifactOptions, progress) -> dict:
+    """The stages in order, each writing into `stage`; the options were checked by `check_options`."""
     started = time.perf_counter()
     torch.manual_seed(0)
     specs = G.model_graphs(model.cfg, o.batch, o.max_batch, o.precision)
-    plugin_mode = o.temporal_attention == "plugin"
-
     progress("recording rollout inputs")
     calib = record_rollout_inputs(model, o.calibration_frames, seed=0)
     check = record_rollout_inputs(model, 3, seed=1)  # parity on inputs the calibration never saw
-
     codec = load_codec(model.cfg) if model.cfg.latent else None
+
+    files = _export(model, specs, stage, calib, codec, o, progress)
+    parity = _parity(model, files, calib, check, codec, o, progress)
+    graphs = _graph_entries(specs, files)
+    engines: dict = {"backend": {"name": o.backend, "version": None}, "plugin": None, "build_options": {}}
+    if o.backend != "onnx":
+        engines = _engines(specs, files, stage, graphs, o, progress)
+        _compare_engines(specs, files, check, stage, graphs, o, progress)
+    manifest = _manifest(model, meta, checkpoint, out, o, graphs, engines, parity, time.perf_counter() - started)
+    write_manifest(stage, manifest)
+    return manifest
+
+
+def _export(model, specs: dict, stage: Path, calib: dict, codec, o: ArtifactOptions, progress) -> dict[str, Path]:
+    """Each graph as ONNX in `stage`; INT8/FP8 graphs are exported in fp32, then quantized (Q/DQ)."""
     files: dict[str, Path] = {g: stage / G.onnx_file(g) for g in specs}
     for graph in specs:
         progress(f"export {graph} ({o.precision})")
@@ -169,8 +185,14 @@ def _build(model, meta: dict, checkpoint: Path, out: Path, stage: Path, o: Artif
             precision = o.precision if o.precision in ("fp32", "fp16") else "fp32"
             export_graph(model, graph, files[graph], ExportOptions(precision, o.batch, o.max_batch,
                                                                    temporal_attention=o.temporal_attention), codec)
+    return files
 
+
+def _parity(model, files: dict[str, Path], calib: dict, check: dict, codec, o: ArtifactOptions, progress) -> dict:
+    """The exported graphs against PyTorch (tensors, then a rollout); a failure stops the build unless
+    --allow-parity-failure, which the returned record keeps."""
     progress("parity vs. PyTorch (ONNX Runtime, CPU)")
+    plugin_mode = o.temporal_attention == "plugin"
     with tempfile.TemporaryDirectory() as tmp:
         checked = files
         if plugin_mode:  # ONNX Runtime has no kernel for the plugin node: check the stock-op twin
@@ -193,49 +215,62 @@ def _build(model, meta: dict, checkpoint: Path, out: Path, stage: Path, o: Artif
         peak = activation_range(model, calib, codec)
         parity["fp16_activation_peak"] = peak
         parity["fp16_headroom"] = FP16_MAX / max(peak, 1e-12)
+    return parity
 
-    graphs_meta: dict[str, dict] = {}
+
+def _graph_entries(specs: dict, files: dict[str, Path]) -> dict[str, dict]:
+    """Each graph's manifest entry, after checking that the exporter wrote the I/O its spec says."""
+    graphs: dict[str, dict] = {}
     for graph in specs:
         inputs, outputs = specs[graph].io()
-        if _io(files[graph]) != (inputs, outputs):  # the exporter must have written what the spec says
+        if _io(files[graph]) != (inputs, outputs):
             raise ExportError(f"{graph}: the exported ONNX graph's inputs/outputs {_io(files[graph])} differ from "
                               f"its spec {(inputs, outputs)}")
-        graphs_meta[graph] = {"onnx": files[graph].name, "onnx_sha256": sha256_file(files[graph]),
-                              "inputs": inputs, "outputs": outputs, "engine": None, "engine_sha256": None,
-                              "layers": None}
+        graphs[graph] = {"onnx": files[graph].name, "onnx_sha256": sha256_file(files[graph]),
+                         "inputs": inputs, "outputs": outputs, "engine": None, "engine_sha256": None, "layers": None}
+    return graphs
 
-    backend_meta: dict = {"name": o.backend, "version": None}
-    build_meta: dict = {}
+
+def _engines(specs: dict, files: dict[str, Path], stage: Path, graphs: dict[str, dict], o: ArtifactOptions,
+             progress) -> dict:
+    """Build each graph's engine into `stage` (recorded in `graphs`) and copy the plugin library beside
+    them; returns the manifest's backend, plugin and build_options entries."""
+    trt = load_backend(o.backend)
+    bopts = BuildOptions(backend=o.backend, optimization_level=o.optimization_level, workspace_mb=o.workspace_mb,
+                         plugin_library=o.plugin_library, timing_cache=o.backend == "tensorrt",
+                         **({"compute_capabilities": tuple(o.gpus)} if o.gpus else {}))
+    for graph in specs:
+        progress(f"build {graph} engine ({o.backend} {trt.__version__})")
+        engine = stage / G.engine_file(graph)
+        summary = build_engine(files[graph], engine, bopts, timing_cache_path=stage / G.TIMING_CACHE,
+                               log=progress, shapes=specs[graph].profile())
+        graphs[graph].update(engine=engine.name, engine_sha256=sha256_file(engine),
+                             layers=G.layers_file(graph), build=summary)
     plugin = None
-    if o.backend != "onnx":
-        trt = load_backend(o.backend)
-        backend_meta["version"] = trt.__version__
-        bopts = BuildOptions(backend=o.backend, optimization_level=o.optimization_level, workspace_mb=o.workspace_mb,
-                             plugin_library=o.plugin_library, timing_cache=o.backend == "tensorrt",
-                             **({"compute_capabilities": tuple(o.gpus)} if o.gpus else {}))
-        build_meta = dataclasses.asdict(bopts)
-        for graph in specs:
-            progress(f"build {graph} engine ({o.backend} {trt.__version__})")
-            engine = stage / G.engine_file(graph)
-            summary = build_engine(files[graph], engine, bopts, timing_cache_path=stage / G.TIMING_CACHE,
-                                   log=progress, shapes=specs[graph].profile())
-            graphs_meta[graph].update(engine=engine.name, engine_sha256=sha256_file(engine),
-                                      layers=G.layers_file(graph), build=summary)
-        if o.plugin_library:  # a copy beside the engines, found relative to the artifact: the folder can move
-            lib = Path(shutil.copy2(o.plugin_library, stage / Path(o.plugin_library).name))
-            plugin = {"path": lib.name, "sha256": sha256_file(lib)}
-        reason = skip_reason(o.backend)
-        for graph in specs:
-            if reason:
-                graphs_meta[graph]["polygraphy"] = {"skipped": reason}
-                continue
-            progress(f"polygraphy: {graph} engine vs. ONNX Runtime")
-            feeds = [{k: v.numpy() for k, v in x.items()} for x in check[graph]]
-            graphs_meta[graph]["polygraphy"] = compare_engine(files[graph], stage / G.engine_file(graph), feeds,
-                                                              o.precision)
+    if o.plugin_library:  # a copy beside the engines, found relative to the artifact: the folder can move
+        lib = Path(shutil.copy2(o.plugin_library, stage / Path(o.plugin_library).name))
+        plugin = {"path": lib.name, "sha256": sha256_file(lib)}
+    return {"backend": {"name": o.backend, "version": trt.__version__}, "plugin": plugin,
+            "build_options": dataclasses.asdict(bopts)}
 
+
+def _compare_engines(specs: dict, files: dict[str, Path], check: dict, stage: Path, graphs: dict[str, dict],
+                     o: ArtifactOptions, progress) -> None:
+    """Polygraphy: each engine against ONNX Runtime on the parity inputs, or why that was skipped."""
+    reason = skip_reason(o.backend)
+    for graph in specs:
+        if reason:
+            graphs[graph]["polygraphy"] = {"skipped": reason}
+            continue
+        progress(f"polygraphy: {graph} engine vs. ONNX Runtime")
+        feeds = [{k: v.numpy() for k, v in x.items()} for x in check[graph]]
+        graphs[graph]["polygraphy"] = compare_engine(files[graph], stage / G.engine_file(graph), feeds, o.precision)
+
+
+def _manifest(model, meta: dict, checkpoint: Path, out: Path, o: ArtifactOptions, graphs: dict[str, dict],
+              engines: dict, parity: dict, seconds: float) -> dict:
     options = {**dataclasses.asdict(o), "gpus": list(o.gpus)}
-    manifest = {
+    return {
         "format": 2,
         "mirage_version": __version__,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -248,18 +283,16 @@ def _build(model, meta: dict, checkpoint: Path, out: Path, stage: Path, o: Artif
         **({"sampling_steps": meta["sampling_steps"]} if meta.get("sampling_steps") else {}),  # a student's steps
         "precision": o.precision,
         "temporal_attention": o.temporal_attention,
-        "graphs": graphs_meta,
-        "backend": backend_meta,
+        "graphs": graphs,
+        "backend": engines["backend"],
         # What the engines were really built for: RTX's targets, or full TensorRT's build GPU.
-        "target": {"compute_capabilities": graphs_meta[G.DENOISE].get("build", {}).get("compute_capabilities", [])},
-        "plugin": plugin,
-        "build_options": build_meta,
-        "build_seconds": time.perf_counter() - started,
+        "target": {"compute_capabilities": graphs[G.DENOISE].get("build", {}).get("compute_capabilities", [])},
+        "plugin": engines["plugin"],
+        "build_options": engines["build_options"],
+        "build_seconds": seconds,
         "parity": parity,
         "rebuild_command": export_command(checkpoint, out, options),
     }
-    write_manifest(stage, manifest)
-    return manifest
 
 
 def artifact_files(out: str | Path) -> list[tuple[str, int]]:

@@ -76,6 +76,9 @@ class Ops(Protocol):
     def to_float_(self, dst: Array, src: Array) -> None:
         """An input frame from the host's bytes: dst (B, 3, H, W) = video_io.to_float of src (B, H, W, 3) uint8."""
 
+    def fill_(self, dst: Array, value: float) -> None:
+        """Every element of dst (float32 or int64) set to value (the timesteps, the advance flags)."""
+
 
 Callback = Callable[[dict], None]  # {"graph", "step" (DDIM step index; None for context_encode), "inputs", "output"}
 
@@ -272,10 +275,13 @@ class NumpyOps:
 
         dst[...] = to_float(src).transpose(0, 3, 1, 2)
 
+    def fill_(self, dst, value):
+        dst[...] = value
+
 
 def make_buffers(specs: dict, schedule: Schedule, alloc: Callable, fill: Callable, dtype_of: Callable) -> Buffers:
     """Every buffer of a frame at the specs' shapes: alloc(shape, dtype) makes a zeroed buffer,
-    fill(buf, value) sets one, dtype_of(graph, name) is the backend's dtype for a tensor."""
+    fill(buf, value) sets one (Ops.fill_), dtype_of(graph, name) is the backend's dtype for a tensor."""
     d, c = specs[G.DENOISE], specs[G.CONTEXT]
 
     def new(spec, name):

@@ -53,7 +53,7 @@ def ort_rollout(files: dict[str, Path], cfg, frames: int, steps: int, seed: int,
     """The runtime's loop on ONNX Runtime (numpy): (frames, C, H, W) float32."""
     ort, ops, sched = OrtBackend(files), NumpyOps(), Schedule.ddim(steps, context_noise)
     buf = make_buffers(G.model_graphs(cfg, 1), sched, lambda shape, dt: np.zeros(shape, dt),
-                       lambda b, value: b.fill(value), ort.buffer_dtype)
+                       ops.fill_, ort.buffer_dtype)
     ops.reset_row_(buf, 0, seed)
     out = []
     for n in range(frames):

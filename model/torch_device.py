@@ -43,9 +43,6 @@ class TorchGpu:
     def zeros(self, shape, dtype: str):
         return self.torch.zeros(shape, dtype=getattr(self.torch, dtype), device=self.device)
 
-    def fill(self, buf, value: float) -> None:
-        buf.fill_(value)
-
     def on_compute(self):
         """Make the compute stream the calling thread's current one: torch ops (and a graph's replay)
         enqueue on the current stream, and the server's step thread is a worker whose current stream is
@@ -62,18 +59,6 @@ class TorchGpu:
 
     def event(self):
         return self.torch.cuda.Event(enable_timing=True)
-
-    def record(self, event, stream) -> None:
-        event.record(stream)
-
-    def wait(self, stream, event) -> None:
-        stream.wait_event(event)
-
-    def elapsed_ms(self, start, end) -> float:
-        return start.elapsed_time(end)
-
-    def sync_event(self, event) -> None:
-        event.synchronize()
 
     def synchronize(self) -> None:
         self.torch.cuda.synchronize(self.device)
@@ -106,16 +91,10 @@ class TorchGpu:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             body()
-        return graph
-
-    def replay(self, graph) -> None:
-        graph.replay()  # on the current stream: the caller is inside on_compute()
+        return graph  # replay() enqueues on the current stream: the caller is inside on_compute()
 
     def device_name(self) -> str:
         return self.torch.cuda.get_device_name(self.device)
-
-    def reset_peak_memory(self) -> None:
-        self.torch.cuda.reset_peak_memory_stats(self.device)
 
     def memory_mb(self) -> tuple[float, str]:
         return self.torch.cuda.max_memory_allocated(self.device) / 2**20, "peak allocated by PyTorch"

@@ -90,3 +90,6 @@ class TorchOps:
 
     def to_float_(self, dst, src):
         dst.copy_(self._to_float[src.long()].permute(0, 3, 1, 2))  # (B, H, W, 3) bytes -> (B, 3, H, W)
+
+    def fill_(self, dst, value):
+        dst.fill_(value)

@@ -5,8 +5,11 @@ in the error.
     dev = Device(0)                                 # sets the device, compiles the loop kernels (NVRTC)
     x = dev.empty((1, 3, 64, 64), "float16")        # DeviceBuffer: cudaMalloc'd once, freed by close()
     h = dev.pinned((1, 3, 64, 64), "float32")       # numpy array over cudaMallocHost memory
-    s = dev.stream(); e = dev.event()
-    graph = dev.capture(s, lambda: ...)             # stream capture -> instantiated graph; graph.launch(s)
+    s = dev.stream(); e = dev.event()               # e.record(s), e.wait(s), e.synchronize(), e.elapsed_time(e2)
+    graph = dev.capture(s, lambda: ...)             # stream capture -> instantiated graph; graph.replay() on s
+
+Events and graphs take torch.cuda.Event's and torch.cuda.CUDAGraph's method names, so the
+execution (runtime.execution.GpuExecution) drives them and torch's alike, with no adapter between.
 
 The element-wise work of the frame loop (noise, the DDIM update, clamp, the ring-buffer write)
 is a handful of kernels compiled once with NVRTC (`CudaOps`), so a whole frame is captured.
@@ -99,18 +102,39 @@ class DeviceBuffer:
 
 
 class Graph:
-    """An instantiated CUDA graph, launched on a stream."""
+    """An instantiated CUDA graph, replayed on the stream it was captured on."""
 
-    def __init__(self, graph, exec_):
-        self.graph, self.exec = graph, exec_
+    def __init__(self, graph, exec_, stream):
+        self.graph, self.exec, self.stream = graph, exec_, stream
 
-    def launch(self, stream) -> None:
-        call(_import()[2].cudaGraphLaunch, self.exec, stream)
+    def replay(self) -> None:
+        call(_import()[2].cudaGraphLaunch, self.exec, self.stream)
 
     def destroy(self) -> None:
         rt = _import()[2]
         call(rt.cudaGraphExecDestroy, self.exec)
         call(rt.cudaGraphDestroy, self.graph)
+
+
+class Event:
+    """A CUDA event (a cudaEvent_t handle)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def record(self, stream) -> None:
+        call(_import()[2].cudaEventRecord, self.handle, stream)
+
+    def wait(self, stream) -> None:
+        """Work enqueued on `stream` after this call waits for the event."""
+        call(_import()[2].cudaStreamWaitEvent, stream, self.handle, 0)
+
+    def synchronize(self) -> None:
+        call(_import()[2].cudaEventSynchronize, self.handle)
+
+    def elapsed_time(self, end: "Event") -> float:
+        """Milliseconds from this event to `end`."""
+        return float(call(_import()[2].cudaEventElapsedTime, self.handle, end.handle))
 
 
 class Device:
@@ -157,23 +181,11 @@ class Device:
         self._streams.append(s)
         return s
 
-    def event(self, timing: bool = True):
+    def event(self, timing: bool = True) -> Event:
         flags = self.rt.cudaEventDefault if timing else self.rt.cudaEventDisableTiming
-        e = call(self.rt.cudaEventCreateWithFlags, flags)
+        e = Event(call(self.rt.cudaEventCreateWithFlags, flags))
         self._events.append(e)
         return e
-
-    def record(self, event, stream) -> None:
-        call(self.rt.cudaEventRecord, event, stream)
-
-    def wait(self, stream, event) -> None:
-        call(self.rt.cudaStreamWaitEvent, stream, event, 0)
-
-    def elapsed_ms(self, start, end) -> float:
-        return float(call(self.rt.cudaEventElapsedTime, start, end))
-
-    def sync_event(self, event) -> None:
-        call(self.rt.cudaEventSynchronize, event)
 
     def synchronize(self) -> None:
         call(self.rt.cudaDeviceSynchronize)
@@ -210,7 +222,7 @@ class Device:
         finally:
             graph = call(self.rt.cudaStreamEndCapture, stream)
         exec_ = call(self.rt.cudaGraphInstantiate, graph, 0)
-        g = Graph(graph, exec_)
+        g = Graph(graph, exec_, stream)
         self._graphs.append(g)
         return g
 
@@ -220,7 +232,7 @@ class Device:
         for g in self._graphs:
             g.destroy()
         for e in self._events:
-            call(self.rt.cudaEventDestroy, e)
+            call(self.rt.cudaEventDestroy, e.handle)
         for s in self._streams:
             call(self.rt.cudaStreamDestroy, s)
         for b in self._buffers:

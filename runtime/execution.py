@@ -1,10 +1,11 @@
 """How frames execute: eagerly on the CPU, or as captured CUDA graphs on a GPU. Two small classes
 behind one interface, so the Pipeline has no "is there a GPU" branches.
 
-    ex.alloc(shape, dtype) / ex.fill(buf, value)   buffers where the backend computes
+    ex.alloc(shape, dtype)                           zeroed buffers where the backend computes
+    ex.ops                                           the loop's Ops on them (fill_, to_uint8_, ...)
     ex.prepare(buf)                                  warm up and capture (GPU); nothing (CPU)
-    ex.submit(cond, advance)                         start a frame for every row; cond None or, by `frames`,
-                                                     (B, C, H, W) float32 or (B, H, W, C) uint8; advance (B,) int64:
+    ex.submit(cond, advance)                         start a frame for every row; cond None or (B, H, W, C) host
+                                                     frames, float or uint8; advance (B,) int64:
                                                      1 = the row commits the frame, 0 = held
     ex.collect() -> (B, H, W, C) float32 or uint8    the oldest submitted frame
     ex.pending                                       frames submitted and not collected
@@ -12,9 +13,11 @@ behind one interface, so the Pipeline has no "is there a GPU" branches.
                                                      submitted before see the old rows, the next the new
                                                      (on a GPU stream-ordered, without a host wait)
 
-With frames "uint8" (PipelineOptions.frames) the frame's own ops convert (inside the CUDA graph on
-a GPU): bytes in, bytes and a per-row finite flag out, so no float frame crosses PCIe and a NaN
-frame still raises.
+Layout and uint8 conversion live in one place per array library: on the host (numpy) in
+`to_stage` / `from_stage` below, on the device in the loop's Ops (`to_uint8_`, `to_float_`: NumpyOps,
+TorchOps, CudaOps). With frames "uint8" (PipelineOptions.frames) the frame's own ops convert (inside
+the CUDA graph on a GPU): bytes in, bytes and a per-row finite flag out, so no float frame crosses
+PCIe and a NaN frame still raises; with float frames the host converts, (B, H, W, C) <-> (B, C, H, W).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import numpy as np
 from mirage.core import graphs as G
 from mirage.core.errors import MirageError
 from mirage.core.loop import Buffers, NumpyOps, Schedule, run_frame
+from mirage.core.video_io import as_uint8, to_float
 
 
 TIMELINE_KEEP = 1000  # frames of GPU event times kept: a server steps for hours, its timeline must not grow
@@ -32,6 +36,21 @@ TIMELINE_KEEP = 1000  # frames of GPU event times kept: a server steps for hours
 
 class NonFiniteError(MirageError):
     """A graph produced NaN or Inf: the run stops rather than write a black video."""
+
+
+def to_stage(cond: np.ndarray, frames: str) -> np.ndarray:
+    """Host input frames (B, H, W, C), float in [-1, 1] or uint8, as they are staged for the device:
+    bytes as they are (uint8 frames: the frame's ops convert), else (B, C, H, W) float32."""
+    if frames == "uint8":
+        return np.ascontiguousarray(as_uint8(cond))
+    floats = to_float(cond) if cond.dtype == np.uint8 else cond.astype(np.float32, copy=False)
+    return np.ascontiguousarray(floats.transpose(0, 3, 1, 2))
+
+
+def from_stage(frame: np.ndarray) -> np.ndarray:
+    """A float frame (B, C, H, W) off the device, in its dtype, as the host takes it: (B, H, W, C)
+    float32, a copy."""
+    return frame.astype(np.float32).transpose(0, 2, 3, 1)
 
 
 class NumpyCpu:
@@ -66,9 +85,6 @@ class CpuExecution:
     def alloc(self, shape, dtype: str):
         return self.cpu.zeros(shape, dtype)
 
-    def fill(self, buf, value: float) -> None:
-        buf[...] = value
-
     def prepare(self, buf: Buffers) -> None:
         self.buf = buf
         if self.frames == "uint8":  # the bytes and finite flags the ops make, as on a GPU
@@ -82,7 +98,7 @@ class CpuExecution:
     def submit(self, cond: np.ndarray | None, advance: np.ndarray) -> None:
         u8, host = self.frames == "uint8", self.cpu.to_host
         if cond is not None:
-            staged = self.cpu.from_host(cond)
+            staged = self.cpu.from_host(to_stage(cond, self.frames))
             if u8:
                 self.ops.to_float_(self.buf.input, staged)
             else:
@@ -93,7 +109,7 @@ class CpuExecution:
             self.ops.to_uint8_(self.frame_u8, self.finite, self.buf.frame)
             self._result, finite = host(self.frame_u8).copy(), host(self.finite).all()
         else:
-            self._result = host(self.buf.frame).astype(np.float32).transpose(0, 2, 3, 1)  # (B, H, W, C), a copy
+            self._result = from_stage(host(self.buf.frame))
             finite = np.isfinite(self._result).all()
         frame_graph = G.DECODE if self.buf.image is not None else G.DENOISE
         for graph, ok in ((frame_graph, finite), (G.CONTEXT, np.isfinite(host(self.buf.kv)).all())):
@@ -138,9 +154,6 @@ class GpuExecution:
     def alloc(self, shape, dtype: str):
         return self.gpu.zeros(shape, dtype)
 
-    def fill(self, buf, value: float) -> None:
-        self.gpu.fill(buf, value)
-
     def prepare(self, buf: Buffers) -> None:
         gpu, self.buf = self.gpu, buf
         # Parity-indexed staging: device input/output and pinned host buffers; with uint8 frames the
@@ -153,7 +166,7 @@ class GpuExecution:
         self.cond_stage = None if buf.input is None else [stage(buf.input) for _ in range(2)]
         self.advance_stage = [gpu.zeros(buf.advance.shape, "int64") for _ in range(2)]
         for advance in self.advance_stage:
-            gpu.fill(advance, 1)
+            self.ops.fill_(advance, 1)
         self.host_advance = [gpu.pinned(buf.advance) for _ in range(2)]
         self.frame_out = [stage(buf.frame) for _ in range(2)]
         self.finite_out = [gpu.zeros((buf.frame.shape[0],), "uint8") for _ in range(2)] \
@@ -208,45 +221,45 @@ class GpuExecution:
         compute, copy = gpu.compute, gpu.copy_stream
         if self.graphs and self._pointers() != self._captured:
             raise RuntimeError("a buffer moved since capture; the graphs are stale")
-        gpu.record(self.ev_up0[k], copy)
-        gpu.wait(copy, self.ev_done[k])  # graph n-2 finished reading stage k
+        self.ev_up0[k].record(copy)
+        self.ev_done[k].wait(copy)  # graph n-2 finished reading stage k
         if cond is not None:
-            self.host_in[k][...] = cond
+            self.host_in[k][...] = to_stage(cond, self.frames)
             gpu.upload(self.cond_stage[k], self.host_in[k])
         self.host_advance[k][...] = advance
         gpu.upload(self.advance_stage[k], self.host_advance[k])
-        gpu.record(self.ev_up[k], copy)
-        gpu.wait(compute, self.ev_up[k])
-        gpu.wait(compute, self.ev_down[k])  # frame n-2's output k has been downloaded
-        gpu.record(self.ev_start[k], compute)
+        self.ev_up[k].record(copy)
+        self.ev_up[k].wait(compute)
+        self.ev_down[k].wait(compute)  # frame n-2's output k has been downloaded
+        self.ev_start[k].record(compute)
         with gpu.on_compute():  # torch enqueues on the thread's current stream; this thread's may be another
             if self.graphs:
-                gpu.replay(self.graphs[k])
+                self.graphs[k].replay()
             else:
                 self._frame_body(k)
-        gpu.record(self.ev_done[k], compute)
-        gpu.wait(copy, self.ev_done[k])
+        self.ev_done[k].record(compute)
+        self.ev_done[k].wait(copy)
         gpu.download(self.host_out[k], self.frame_out[k])
         if self.finite_out:
             gpu.download(self.host_finite[k], self.finite_out[k])
-        gpu.record(self.ev_down[k], copy)
+        self.ev_down[k].record(copy)
         self._pending.append(self._frame)
         self._frame += 1
 
     def collect(self) -> np.ndarray:
         n = self._pending.pop(0)
-        k, gpu = n % 2, self.gpu
-        gpu.sync_event(self.ev_down[k])
-        ms = gpu.elapsed_ms
-        self.timeline.append({"frame": n, "upload_ms": ms(self.ev_up0[k], self.ev_up[k]),
-                              "compute_ms": ms(self.ev_start[k], self.ev_done[k]),
-                              "download_ms": ms(self.ev_done[k], self.ev_down[k]),
-                              "upload_end_to_compute_start_ms": ms(self.ev_up[k], self.ev_start[k])})
+        k = n % 2
+        up0, up, start, done, down = (ev[k] for ev in (self.ev_up0, self.ev_up, self.ev_start, self.ev_done,
+                                                        self.ev_down))
+        down.synchronize()
+        self.timeline.append({"frame": n, "upload_ms": up0.elapsed_time(up), "compute_ms": start.elapsed_time(done),
+                              "download_ms": done.elapsed_time(down),
+                              "upload_end_to_compute_start_ms": up.elapsed_time(start)})
         del self.timeline[:-TIMELINE_KEEP]
         if self.frames == "uint8":
             frame, finite = self.host_out[k].copy(), self.host_finite[k].all()  # a copy: frame n+2 reuses stage k
         else:
-            frame = self.host_out[k].astype(np.float32).transpose(0, 2, 3, 1)  # (B, H, W, C)
+            frame = from_stage(self.host_out[k])
             finite = np.isfinite(frame).all()
         if not finite:  # the frame (or its flags) is all the host sees of a GPU frame
             raise NonFiniteError("the frame is non-finite (NaN or Inf): the denoise or context_encode graph "

@@ -29,15 +29,12 @@ class CudaGpu:
         self.ops.zero_(buf)
         return buf
 
-    def fill(self, buf, value: float) -> None:
-        self.ops.fill_(buf, value)
-
     @contextlib.contextmanager
     def on_compute(self):
         """Make the device current for the calling thread: CudaOps' kernels are driver-API launches,
         which need a current context, and the server's step thread may have made no CUDA call
         before its first attach (Device.make_current). The stream needs no switch: CudaOps, copy
-        and replay name the compute stream in every call."""
+        and a graph's replay name the compute stream in every call."""
         self.dev.make_current()
         yield
 
@@ -47,18 +44,6 @@ class CudaGpu:
 
     def event(self):
         return self.dev.event()
-
-    def record(self, event, stream) -> None:
-        self.dev.record(event, stream)
-
-    def wait(self, stream, event) -> None:
-        self.dev.wait(stream, event)
-
-    def elapsed_ms(self, start, end) -> float:
-        return self.dev.elapsed_ms(start, end)
-
-    def sync_event(self, event) -> None:
-        self.dev.sync_event(event)
 
     def synchronize(self) -> None:
         self.dev.synchronize()
@@ -77,19 +62,13 @@ class CudaGpu:
         self.synchronize()
 
     def capture(self, body):
-        return self.dev.capture(self.compute, body)
-
-    def replay(self, graph) -> None:
-        graph.launch(self.compute)
+        return self.dev.capture(self.compute, body)  # replays on the compute stream
 
     def device_name(self) -> str:
         from mirage.runtime.cuda import call
 
         props = call(self.dev.rt.cudaGetDeviceProperties, self.dev.index)
         return props.name.split(b"\0", 1)[0].decode()
-
-    def reset_peak_memory(self) -> None:
-        pass  # no allocator statistics outside PyTorch: memory_mb reports what is in use
 
     def memory_mb(self) -> tuple[float, str]:
         from mirage.runtime.cuda import call

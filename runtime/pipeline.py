@@ -34,7 +34,6 @@ from mirage.core.device import require_memory
 from mirage.core.errors import MirageError
 from mirage.core.loop import Buffers, Schedule, buffer_bytes, make_buffers
 from mirage.core.schedule import DEFAULT_STEPS, default_steps
-from mirage.core.video_io import as_uint8, to_float
 from mirage.runtime.execution import CpuExecution, GpuExecution
 
 class PipelineError(MirageError):
@@ -116,7 +115,7 @@ class Pipeline:
     def allocate(self) -> None:
         self._require("loaded", "allocate")
         ex = self.execution
-        self.buf = make_buffers(self.specs, self.schedule, ex.alloc, ex.fill, self.backend.buffer_dtype)
+        self.buf = make_buffers(self.specs, self.schedule, ex.alloc, ex.ops.fill_, self.backend.buffer_dtype)
         self.state = "allocated"
 
     def warm_up_and_capture(self) -> None:
@@ -163,17 +162,14 @@ class Pipeline:
         if self.video_to_video != (cond is not None):
             raise PipelineError("this video-to-video model needs an input frame" if self.video_to_video
                                 else "this generation model takes no input frame")
-        staged = None
-        if cond is not None:
-            expected = (self.batch, *self.frame_shape)
-            if tuple(cond.shape) != expected:
-                raise PipelineError(f"input frames have shape {tuple(cond.shape)}, the model takes {expected[1:]} "
-                                    f"per row; resize them (mirage.core.video_io.fit_square)")
-            staged = self._staged(np.asarray(cond))
+        expected = (self.batch, *self.frame_shape)
+        if cond is not None and tuple(cond.shape) != expected:
+            raise PipelineError(f"input frames have shape {tuple(cond.shape)}, the model takes {expected[1:]} "
+                                f"per row; resize them (mirage.core.video_io.fit_square)")
         rows = np.ones(self.batch, np.int64) if advance is None else np.asarray(advance, np.int64)
         if rows.shape != (self.batch,) or not np.isin(rows, (0, 1)).all():
             raise PipelineError(f"advance must be {self.batch} flags of 0 or 1")
-        self.execution.submit(staged, rows)
+        self.execution.submit(None if cond is None else np.asarray(cond), rows)
 
     def collect_batch(self) -> np.ndarray:
         """Wait for the oldest submitted frame: (B, H, W, 3) float32, or uint8 (PipelineOptions.frames)."""
@@ -187,19 +183,15 @@ class Pipeline:
 
     def submit(self, cond: np.ndarray | None = None) -> None:
         """Batch-1 form of submit_batch: `cond` is one (H, W, 3) frame."""
-        self._single()
-        if cond is not None and tuple(np.shape(cond)) != self.frame_shape:
-            raise PipelineError(f"input frame has shape {tuple(np.shape(cond))}, the model takes {self.frame_shape}; "
-                                "resize it (mirage.core.video_io.fit_square)")
-        self.submit_batch(None if cond is None else np.asarray(cond)[None])
+        self.submit_batch(self._one(cond))
 
     def collect(self) -> np.ndarray:
         return self.collect_batch()[0]
 
     def step(self, cond: np.ndarray | None = None) -> np.ndarray:
         """One frame, synchronously: (H, W, 3) float32 in [-1, 1], or uint8 (PipelineOptions.frames)."""
-        self.submit(cond)
-        return self.collect()
+        self.submit_batch(self._one(cond))
+        return self.collect_batch()[0]
 
     def stream(self, inputs: Iterable[np.ndarray | None] | int) -> Iterator[np.ndarray]:
         """Frames for an input stream (or a frame count for generation), one frame in flight
@@ -245,17 +237,14 @@ class Pipeline:
             raise PipelineError(f"call reset(seed) before you {what}")
         raise PipelineError(f"cannot {what} in state {self.state!r}")
 
-    def _single(self) -> None:
+    def _one(self, cond: np.ndarray | None) -> np.ndarray | None:
+        """One input frame (H, W, 3) as the batch forms take it, (1, H, W, 3), on a batch-1 pipeline."""
         if self.batch != 1:
             raise PipelineError(f"this pipeline has {self.batch} rows: use submit_batch / step_batch")
-
-    def _staged(self, cond: np.ndarray) -> np.ndarray:
-        """Input frames (B, H, W, 3) as the execution stages them: bytes as they are (uint8 frames),
-        else (B, 3, H, W) float32."""
-        if self.options.frames == "uint8":
-            return np.ascontiguousarray(as_uint8(cond))
-        floats = to_float(cond) if cond.dtype == np.uint8 else cond.astype(np.float32, copy=False)
-        return np.ascontiguousarray(floats.transpose(0, 3, 1, 2))
+        if cond is not None and tuple(np.shape(cond)) != self.frame_shape:
+            raise PipelineError(f"input frame has shape {tuple(np.shape(cond))}, the model takes {self.frame_shape}; "
+                                "resize it (mirage.core.video_io.fit_square)")
+        return None if cond is None else np.asarray(cond)[None]
 
     def _drain(self) -> None:
         while self.execution.pending:

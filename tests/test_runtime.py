@@ -244,6 +244,35 @@ def test_cuda_path_without_gpu_is_a_clear_error():
         CudaGpu("cuda:0")
 
 
+def test_cuda_python_events_and_graphs_take_torchs_method_names(monkeypatch):
+    """GpuExecution calls events and graphs directly, with torch.cuda.Event's and CUDAGraph's names;
+    the cuda-python ones must pass their handles to the right CUDA calls in the right order."""
+    from types import SimpleNamespace
+
+    import mirage.runtime.cuda as cuda
+
+    calls = []
+
+    def fake(name, value=None):
+        def cuda_call(*args):
+            calls.append((name, *args))
+            return (0,) if value is None else (0, value)  # status 0: success
+        return cuda_call
+
+    rt = SimpleNamespace(cudaEventRecord=fake("record"), cudaStreamWaitEvent=fake("wait"),
+                         cudaEventSynchronize=fake("sync"), cudaEventElapsedTime=fake("elapsed", 2.5),
+                         cudaGraphLaunch=fake("launch"))
+    monkeypatch.setattr(cuda, "_import", lambda: (None, None, rt))
+    start, end = cuda.Event("e1"), cuda.Event("e2")
+    start.record("copy")
+    start.wait("compute")
+    end.synchronize()
+    assert start.elapsed_time(end) == 2.5
+    cuda.Graph("graph", "exec", "compute").replay()  # on the stream it was captured on
+    assert calls == [("record", "e1", "copy"), ("wait", "compute", "e1", 0), ("sync", "e2"),
+                     ("elapsed", "e1", "e2"), ("launch", "exec", "compute")]
+
+
 def test_cuda_python_compute_work_makes_the_device_current_in_the_calling_thread():
     """Issue 16: the loop kernels are driver-API launches, which need a current context, and a fresh
     thread has none; the server's step thread may launch (an attach's row reset) before any runtime
@@ -345,7 +374,7 @@ class _StandInGpu:
     def zeros(self, shape, dtype):
         return torch.zeros(shape, dtype=getattr(torch, dtype))
 
-    def fill(self, buf, value):
+    def fill_(self, buf, value):
         buf.fill_(value)
 
     def pinned(self, like):
@@ -371,7 +400,7 @@ def test_a_gpu_row_reset_is_enqueued_on_the_compute_stream_without_a_wait():
     backend = SimpleNamespace(array="torch", device="cuda:0", use_stream=lambda stream: None)
     schedule, gpu = Schedule.ddim(2, 100), _StandInGpu()
     ex = GpuExecution(backend, schedule, cuda_graph=False, frames="float32", gpu=gpu)
-    buf = make_buffers(G.model_graphs(cfg, batch=2), schedule, ex.alloc, ex.fill,
+    buf = make_buffers(G.model_graphs(cfg, batch=2), schedule, ex.alloc, ex.ops.fill_,
                        lambda graph, name: "int32" if name == G.AGES else "float32")
     ex.prepare(buf)
     for b in (buf.memory, buf.ages, buf.slot, buf.rng):

@@ -11,6 +11,7 @@ import enum
 import gc
 import inspect
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -247,6 +248,22 @@ def test_a_dynamic_batch_is_set_before_binding(trt, rtx_artifact):
 # The frame loop through the TensorRT backend
 
 
+class HostEvent:
+    """runtime.cuda.Event's interface with nothing to wait for."""
+
+    def record(self, stream):
+        pass
+
+    def wait(self, stream):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        return 0.0
+
+
 class HostGpu:
     """runtime.gpu.CudaGpu's interface on host memory: buffers are HostArrays, the loop's ops
     numpy's, streams plain handles; capture() runs the body with the double's capture mode on (its
@@ -258,9 +275,6 @@ class HostGpu:
     def zeros(self, shape, dtype):
         return np.zeros(shape, dtype).view(HostArray)
 
-    def fill(self, buf, value):
-        buf[...] = value
-
     @contextlib.contextmanager
     def on_compute(self):
         yield
@@ -269,19 +283,7 @@ class HostGpu:
         return np.zeros(like.shape, like.dtype)
 
     def event(self):
-        return object()
-
-    def record(self, event, stream):
-        pass
-
-    def wait(self, stream, event):
-        pass
-
-    def elapsed_ms(self, start, end):
-        return 0.0
-
-    def sync_event(self, event):
-        pass
+        return HostEvent()
 
     def synchronize(self):
         pass
@@ -304,10 +306,7 @@ class HostGpu:
             body()
         finally:
             trt_double.CUDA["capturing"] = None
-        return body
-
-    def replay(self, graph):
-        graph()
+        return SimpleNamespace(replay=body)
 
     def device_name(self):
         return "host stand-in"

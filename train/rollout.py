@@ -43,7 +43,7 @@ def rollout(model: MirageUNet, num_frames: int, *, steps: int = DEFAULT_STEPS, s
     ops, sched = TorchOps(device), Schedule.ddim(steps, context_noise)
     specs = G.model_graphs(cfg, batch, precision="fp16" if dtype == "float16" else "fp32")
     buf = make_buffers(specs, sched, lambda shape, dt: torch.zeros(shape, dtype=getattr(torch, dt), device=device),
-                       lambda b, value: b.fill_(value), backend.buffer_dtype)
+                       ops.fill_, backend.buffer_dtype)
     for b in range(batch):
         ops.reset_row_(buf, b, seed + b)
     shape = tuple(buf.input.shape) if buf.input is not None else None

@@ -62,7 +62,7 @@ def self_forced_context(model: MirageUNet, clips: torch.Tensor, horizon: int, st
     ops, sched = TorchOps(dev), Schedule.ddim(steps, context_noise)
     specs = {g: spec for g, spec in G.model_graphs(model.cfg, b).items() if g in (G.DENOISE, G.CONTEXT)}
     buf = make_buffers(specs, sched, lambda shape, dt: torch.zeros(shape, dtype=getattr(torch, dt), device=dev),
-                       lambda t, value: t.fill_(value), backend.buffer_dtype)
+                       ops.fill_, backend.buffer_dtype)
     for row, seed in enumerate(torch.randint(0, 2**62, (b,)).tolist()):  # the loop's noise, seeded by torch's RNG
         ops.reset_row_(buf, row, seed)
     for n in range(k - horizon):

@@ -146,7 +146,7 @@ def test_noise_moments_fresh_and_reproducible(gpu, dtype):
     from mirage.core.loop import normal
 
     noise, rng, advance = gpu.zeros((1, 1 << 20), dtype), gpu.zeros((1, 2), "int64"), gpu.zeros((1,), "int64")
-    gpu.fill(advance, 1)
+    gpu.ops.fill_(advance, 1)
     draws = []
     for reseed in (True, False, True):
         if reseed:
@@ -169,7 +169,7 @@ def test_ring_write_matches_numpy(gpu):
     ref_mem, ref_ages, ref_slot = np.zeros(shape, np.float32), np.zeros((2, k), np.int32), np.array([0, 2], np.int64)
     _from_host(gpu, slot, ref_slot)  # rows write at different positions
     advance, ref_advance = gpu.zeros((2,), "int64"), np.array([1, 1], np.int64)
-    gpu.fill(advance, 1)
+    gpu.ops.fill_(advance, 1)
     for frame in range(k + 3):  # wraps around
         kvs = rng.standard_normal((2, 2, 5, 8)).astype(np.float32)
         _from_host(gpu, kv, kvs)
