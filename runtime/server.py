@@ -288,8 +288,11 @@ STAGES = ("decode", "queue", "step", "pool", "outbox", "encode", "send")
 # conversion). step - pool is the handoff between the event loop and that thread (wake-ups, the GIL).
 
 
+HEALTH_WINDOW_S = 1.0  # /health's stages summarise the samples of this last stretch of time
+
+
 class Recent:
-    """Timed samples of the last second, for /health: their count, mean and maximum."""
+    """Timed samples of the last HEALTH_WINDOW_S, for /health: their count, mean and maximum."""
 
     def __init__(self):
         self.samples: collections.deque[tuple[float, float]] = collections.deque()  # (monotonic time, value)
@@ -298,7 +301,7 @@ class Recent:
         self.samples.append((now, value))
 
     def summary(self, now: float) -> dict:
-        while self.samples and self.samples[0][0] < now - 1.0:
+        while self.samples and self.samples[0][0] < now - HEALTH_WINDOW_S:
             self.samples.popleft()
         values = [v for _, v in self.samples]
         return {"n": len(values), "mean_ms": 1e3 * sum(values) / len(values) if values else None,
