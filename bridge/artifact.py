@@ -116,17 +116,27 @@ def build_artifact(checkpoint: str | Path, out: str | Path, options: ArtifactOpt
     """Run every stage in a staging folder, then put it in place of `out`; returns the manifest."""
     checkpoint, out = Path(checkpoint).resolve(), Path(out).resolve()
     o = check_options(options)
-    replaceable = out.is_dir() and ((out / G.MANIFEST).is_file() or not any(out.iterdir()))
-    if out.exists() and not replaceable:  # checked before any work; such a path is never replaced
-        raise ExportError(f"{out} exists and is not a Mirage artifact; choose another --out or remove it")
+    check_out(out)
     model, meta = load_checkpoint(checkpoint)
+    return staged(out, lambda stage: _build(model, meta, checkpoint, out, stage, o, progress))
+
+
+def check_out(out: Path) -> None:
+    """Refuse, before any work, an output path that is something else than an artifact (or empty)."""
+    replaceable = out.is_dir() and ((out / G.MANIFEST).is_file() or not any(out.iterdir()))
+    if out.exists() and not replaceable:  # such a path is never replaced
+        raise ExportError(f"{out} exists and is not a Mirage artifact; choose another --out or remove it")
+
+
+def staged(out: Path, build: Callable[[Path], dict]) -> dict:
+    """Run `build(stage)` in a temporary sibling folder, then put it in place of `out`; returns its manifest."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     except OSError as e:
         raise ExportError(f"{out}: output folder is not writable ({e.strerror})") from e
     try:
-        manifest = _build(model, meta, checkpoint, out, stage, o, progress)
+        manifest = build(stage)
         _replace(stage, out)
     except BaseException:  # failures and Ctrl-C alike: the previous artifact stays, the stage goes
         shutil.rmtree(stage, ignore_errors=True)

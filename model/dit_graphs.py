@@ -21,7 +21,8 @@ def cached_pass(model: WanDiT, x_t, t_emb, text_k, text_v, cache_k, cache_v, rop
     """Velocity (B, out_dim, N, h, w) and the block's keys and values (B, L, H, N·T, D) (see module doc)."""
     cfg = model.cfg
     rows = slots.long()[:, None, :, None].expand(-1, cfg.num_heads, -1, cfg.head_dim)
-    mask = (valid > 0.5)[:, None, None, :]
+    # (B, 1, N·T, W·T): ONNX Runtime's `Attention` wants the query axis of the mask spelled out
+    mask = (valid > 0.5)[:, None, None, :].expand(-1, 1, slots.shape[1], -1)
     keys, values = [], []
 
     def layer(i, blk, h, e0, rope):
