@@ -73,6 +73,16 @@ def _io(path: Path) -> tuple[list[dict], list[dict]]:
     return desc(model.graph.input), desc(model.graph.output)
 
 
+def graph_record(spec: G.GraphSpec, onnx_file: Path) -> dict:
+    """A graph's manifest entry before any engine, once its ONNX file is checked against the spec."""
+    inputs, outputs = spec.io()
+    if _io(onnx_file) != (inputs, outputs):  # the exporter must have written what the spec says
+        raise ExportError(f"{spec.name}: the exported ONNX graph's inputs/outputs {_io(onnx_file)} differ from "
+                          f"its spec {(inputs, outputs)}")
+    return {"onnx": onnx_file.name, "onnx_sha256": sha256_file(onnx_file), "inputs": inputs, "outputs": outputs,
+            "engine": None, "engine_sha256": None, "layers": None}
+
+
 def check_options(o: ArtifactOptions) -> ArtifactOptions:
     """Refuse what cannot build before any work is done; returns the options with defaults resolved."""
     if o.precision not in PRECISIONS:
@@ -204,15 +214,7 @@ def _build(model, meta: dict, checkpoint: Path, out: Path, stage: Path, o: Artif
         parity["fp16_activation_peak"] = peak
         parity["fp16_headroom"] = FP16_MAX / max(peak, 1e-12)
 
-    graphs_meta: dict[str, dict] = {}
-    for graph in specs:
-        inputs, outputs = specs[graph].io()
-        if _io(files[graph]) != (inputs, outputs):  # the exporter must have written what the spec says
-            raise ExportError(f"{graph}: the exported ONNX graph's inputs/outputs {_io(files[graph])} differ from "
-                              f"its spec {(inputs, outputs)}")
-        graphs_meta[graph] = {"onnx": files[graph].name, "onnx_sha256": sha256_file(files[graph]),
-                              "inputs": inputs, "outputs": outputs, "engine": None, "engine_sha256": None,
-                              "layers": None}
+    graphs_meta = {graph: graph_record(specs[graph], files[graph]) for graph in specs}
 
     backend_meta: dict = {"name": o.backend, "version": None}
     build_meta: dict = {}

@@ -32,7 +32,7 @@ from mirage.export.onnx_export import ExportError, ExportOptions
 from mirage.model.dit import WanDiT
 from mirage.model.wan_checkpoint import load_dit
 
-from .artifact import ArtifactOptions, _io, check_options, check_out, staged
+from .artifact import ArtifactOptions, check_options, check_out, graph_record, staged
 
 
 def dit_model(cfg: DiTConfig, weights: str | Path | None, seed: int = 0) -> tuple[WanDiT, dict]:
@@ -101,15 +101,8 @@ def _build(model: WanDiT, checkpoint: dict, command: str, stage: Path, o: Artifa
                           f"{frames['psnr_mean_db']:.1f} dB); nothing was written. Pass --allow-parity-failure to "
                           "write it anyway (recorded in the manifest)")
 
-    graphs_meta: dict[str, dict] = {}
-    for graph in specs:
-        inputs, outputs = specs[graph].io()
-        if _io(files[graph]) != (inputs, outputs):  # the exporter must have written what the spec says
-            raise ExportError(f"{graph}: the exported ONNX graph's inputs/outputs {_io(files[graph])} differ from "
-                              f"its spec {(inputs, outputs)}")
-        graphs_meta[graph] = {"onnx": files[graph].name, "onnx_sha256": sha256_file(files[graph]),
-                              "onnx_bytes": files[graph].stat().st_size, "inputs": inputs, "outputs": outputs,
-                              "engine": None, "engine_sha256": None, "layers": None}
+    graphs_meta = {graph: {**graph_record(specs[graph], files[graph]), "onnx_bytes": files[graph].stat().st_size}
+                   for graph in specs}
 
     backend_meta: dict = {"name": o.backend, "version": None}
     build_meta: dict = {}
