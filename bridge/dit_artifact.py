@@ -51,6 +51,7 @@ def dit_export_command(cfg: DiTConfig, weights: str | Path | None, out: Path, o:
                                                  else ["--random-weights"]),
            "--out", str(out), "--precision", o.precision, "--backend", o.backend]
     cmd += ["--gpu", ",".join(o.gpus)] if o.gpus else []
+    cmd += ["--batch", str(o.batch)] if o.batch != 1 else []
     cmd += ["--parity-frames", str(o.parity_frames)] if o.parity_frames != ArtifactOptions.parity_frames else []
     return shlex.join(cmd + (["--allow-parity-failure"] if o.allow_parity_failure else []))
 
@@ -83,7 +84,7 @@ def _build(model: WanDiT, checkpoint: dict, command: str, stage: Path, o: Artifa
     cfg = model.cfg
     specs = G.model_graphs(cfg, o.batch, None, o.precision)
     progress("recording a PyTorch rollout (inputs of each graph)")
-    calls = record_dit_calls(model, blocks=max(2, cfg.window_frames // cfg.block_frames + 1))
+    calls = record_dit_calls(model, blocks=max(2, cfg.window_frames // cfg.block_frames + 1), batch=o.batch)
     files = {g: stage / G.onnx_file(g) for g in specs}
     for graph in specs:
         progress(f"export {graph} ({o.precision})")
@@ -91,7 +92,7 @@ def _build(model: WanDiT, checkpoint: dict, command: str, stage: Path, o: Artifa
 
     progress("parity vs. PyTorch (ONNX Runtime, CPU)")
     tensors = dit_tensor_parity(model, files, calls, o.precision)
-    frames = dit_rollout_psnr(model, files, o.precision, o.parity_frames)
+    frames = dit_rollout_psnr(model, files, o.precision, o.parity_frames, batch=o.batch)
     passed = frames["finite"] and all(t["rel"] <= TOLERANCE[o.precision] for t in tensors.values())
     parity = {"tolerance_rel": TOLERANCE[o.precision], "tensors": tensors, "rollout": frames, "passed": passed,
               "override": not passed and o.allow_parity_failure, "graphs_checked": "the exported graphs"}

@@ -90,11 +90,11 @@ def rollout_noise(cfg, blocks: int, batch: int = 1, seed: int = 0) -> tuple[np.n
     return text.numpy(), noise.numpy()
 
 
-def record_dit_calls(model: WanDiT, blocks: int = 4, seed: int = 1) -> Calls:
+def record_dit_calls(model: WanDiT, blocks: int = 4, seed: int = 1, batch: int = 1) -> Calls:
     """Feeds each graph gets during a real fp32 rollout of `blocks` blocks (the cache filling and, with
     enough blocks, rolling): for tensor parity and tracing."""
     model = model.float().eval()
-    specs = G.model_graphs(model.cfg)
+    specs = G.model_graphs(model.cfg, batch)
     calls: Calls = {g: [] for g in specs}
     inner = torch_run(model, specs)
 
@@ -103,7 +103,7 @@ def record_dit_calls(model: WanDiT, blocks: int = 4, seed: int = 1) -> Calls:
         return inner(graph, feeds)
 
     loop = DiTBlockLoop(model.cfg, specs, record)
-    text, noise = rollout_noise(model.cfg, blocks, seed=seed)
+    text, noise = rollout_noise(model.cfg, blocks, batch, seed)
     loop.set_prompt(text)
     for block in noise:
         loop.step(block)
@@ -160,18 +160,19 @@ def latent_psnr(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def dit_rollout_psnr(model: WanDiT, files: dict[str, Path], precision: str, frames: int = 50, seed: int = 0) -> dict:
+def dit_rollout_psnr(model: WanDiT, files: dict[str, Path], precision: str, frames: int = 50, seed: int = 0,
+                     batch: int = 1) -> dict:
     """PSNR of a `frames`-latent-frame rollout on ONNX Runtime (the block loop over the exported graphs)
-    against BlockStepper in PyTorch fp32, with the same prompt and noise."""
+    against BlockStepper in PyTorch fp32, with the same prompt and noise (row 0 of a `batch`)."""
     model, cfg = model.float().eval(), model.cfg
     blocks = -(-frames // cfg.block_frames)
-    text, noise = rollout_noise(cfg, blocks, seed=seed)
-    stepper = BlockStepper(model)
+    text, noise = rollout_noise(cfg, blocks, batch, seed)
+    stepper = BlockStepper(model, batch)
     stepper.set_prompt(torch.from_numpy(text))
     ref = np.concatenate([stepper.step(torch.from_numpy(n))[0].transpose(0, 1).numpy() for n in noise])
     run, ort = ort_run(files)
     try:
-        loop = DiTBlockLoop(cfg, G.model_graphs(cfg, precision=precision), run)
+        loop = DiTBlockLoop(cfg, G.model_graphs(cfg, batch, precision=precision), run)
         loop.set_prompt(text)
         out = np.concatenate([loop.step(n)[0].swapaxes(0, 1) for n in noise])
     finally:

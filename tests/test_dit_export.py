@@ -60,15 +60,16 @@ def test_static_inputs_match_the_model():
 def test_pure_graphs_with_an_external_cache_equal_the_block_stepper():
     """BlockStepper (in-place cache, one span per fill level) against the pure graph modules driven by the
     block loop that writes the cache itself: the same latents while the cache fills, is full and rolls
-    past the sink (float32)."""
+    past the sink (float32), for each row of a batch of 2."""
     from mirage.export.dit_export import rollout_noise, torch_run
 
     cfg = dataclasses.replace(TINY, sink_frames=2)
     torch.manual_seed(0)
     model = WanDiT(cfg).eval()
-    loop = DiTBlockLoop(cfg, G.model_graphs(cfg), torch_run(model, G.model_graphs(cfg)))
-    stepper = BlockStepper(model)
-    text, noise = rollout_noise(cfg, blocks=5, seed=3)
+    specs = G.model_graphs(cfg, batch=2)
+    loop = DiTBlockLoop(cfg, specs, torch_run(model, specs))
+    stepper = BlockStepper(model, batch=2)
+    text, noise = rollout_noise(cfg, blocks=5, batch=2, seed=3)
     stepper.set_prompt(torch.from_numpy(text[:, :11]))  # a short prompt: both pad it
     loop.set_prompt(text[:, :11])
     for block in noise:
