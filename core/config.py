@@ -633,6 +633,10 @@ DIT_CONFIGS["wan-1.3b-longlive"] = dataclasses.replace(DIT_CONFIGS["wan-1.3b"], 
                                                        window_frames=12, sink_frames=3)
 
 
+# config class per model family (manifests record the family; older ones are all U-Nets)
+CONFIG_FAMILIES = {ModelConfig.family: ModelConfig, DiTConfig.family: DiTConfig}
+
+
 def get_dit_config(name: str) -> DiTConfig:
     if name not in DIT_CONFIGS:
         raise ConfigError(f"unknown DiT config {name!r}; choose one of {', '.join(DIT_CONFIGS)}")

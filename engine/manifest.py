@@ -188,8 +188,11 @@ def export_command(checkpoint: str | Path, out: str | Path, options: dict) -> st
 
 def rebuild_command(m: dict, folder: str | Path | None = None) -> str:
     """The command that rebuilds this artifact into `folder` (where it is now), or the recorded one."""
-    if folder is None and m.get("rebuild_command"):
-        return m["rebuild_command"]
+    recorded = m.get("rebuild_command")
+    if recorded and folder is None:
+        return recorded
+    if recorded and "--checkpoint" not in shlex.split(recorded):  # a DiT's (--dit NAME and its weights): as it was
+        return with_option(recorded, "--out", str(Path(folder).resolve()))
     return export_command(m["checkpoint"]["path"], folder or "DIR", m.get("options") or {
         "precision": m.get("precision"), "backend": (m.get("backend") or {}).get("name")})
 

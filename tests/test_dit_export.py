@@ -15,6 +15,7 @@ from mirage.core import graphs as G
 from mirage.core.config import get_config, get_dit_config
 from mirage.core.dit_step import DiTBlockLoop, block_inputs, rope_tables, timestep_embedding
 from mirage.engine.manifest import EngineError, validate_manifest
+from mirage.engine.verify import verify_artifact
 from mirage.model.dit import WanDiT, sinusoidal_embedding
 from mirage.model.dit_cache import BlockStepper
 
@@ -105,6 +106,8 @@ def test_fp16_artifact_matches_pytorch_and_builds_engines(fp16_artifact):
         assert (out / meta["engine"]).stat().st_size == meta["build"]["engine_bytes"] > 0
         assert "engine_refused" not in meta
     assert m["target"]["compute_capabilities"] == ["sm89"]
+    cfg, _ = verify_artifact(out, m, engines=True)  # the loader's check: hashes, and I/O against the DiTConfig's specs
+    assert cfg == TINY
     assert m["rebuild_command"].startswith("mirage-export --dit dit-tiny --random-weights")
 
 
@@ -122,6 +125,8 @@ def test_a_refused_engine_is_recorded_not_dropped(tmp_path, monkeypatch):
     refused = dit_artifact.refused_engines(m)
     assert set(refused) == {G.DIT_STEP, G.DIT_CACHE_WRITE} and all("Attention" in why for why in refused.values())
     assert m["graphs"][G.DIT_TEXT]["engine"] and not (tmp_path / "a" / G.engine_file(G.DIT_STEP)).exists()
+    with pytest.raises(EngineError, match="dit_step: the artifact has no engine for it .*Attention"):
+        verify_artifact(tmp_path / "a", m, engines=True)
     validate_manifest(m)  # a refusal is a valid record ...
     del m["graphs"][G.DIT_STEP]["engine_refused"]
     with pytest.raises(EngineError, match="dit_step records no engine"):  # ... a silent gap is not
