@@ -19,7 +19,7 @@ DENOISE = "denoise"
 CONTEXT = "context_encode"
 ENCODE = "encode"
 DECODE = "decode"
-GRAPHS = (DENOISE, CONTEXT)  # every model's; model_graphs adds the autoencoder's
+GRAPHS = (DENOISE, CONTEXT)  # every U-Net's; unet_graphs adds the autoencoder's
 
 X_T, T, COND, MEMORY, AGES, V = "x_t", "t", "cond", "memory", "ages", "v"
 FRAME, T_CTX, KV = "frame", "t_ctx", "kv"
