@@ -27,12 +27,13 @@ from mirage.core.config import DiTConfig, to_json
 from mirage.core.tolerances import PARITY as TOLERANCE
 from mirage.engine.build import BuildOptions, build_engine, load_backend
 from mirage.engine.manifest import EngineError, sha256_file, write_manifest
-from mirage.export.dit_export import dit_rollout_psnr, dit_tensor_parity, export_dit_graph, record_dit_calls
+from mirage.export.dit_export import (dit_activation_range, dit_rollout_psnr, dit_tensor_parity, export_dit_graph,
+                                      record_dit_calls)
 from mirage.export.onnx_export import ExportError, ExportOptions
 from mirage.model.dit import WanDiT
 from mirage.model.wan_checkpoint import load_dit
 
-from .artifact import ArtifactOptions, check_options, check_out, graph_record, staged
+from .artifact import FP16_MAX, ArtifactOptions, check_options, check_out, graph_record, staged
 
 
 def dit_model(cfg: DiTConfig, weights: str | Path | None, seed: int = 0) -> tuple[WanDiT, dict]:
@@ -101,6 +102,10 @@ def _build(model: WanDiT, checkpoint: dict, command: str, stage: Path, o: Artifa
         raise ExportError(f"parity failed ({worst} against tolerance {TOLERANCE[o.precision]:g}; rollout PSNR "
                           f"{frames['psnr_mean_db']:.1f} dB); nothing was written. Pass --allow-parity-failure to "
                           "write it anyway (recorded in the manifest)")
+
+    if o.precision == "fp16":
+        parity["fp16_activation_peak"] = dit_activation_range(model, calls)
+        parity["fp16_headroom"] = FP16_MAX / max(parity["fp16_activation_peak"], 1e-12)
 
     graphs_meta = {graph: {**graph_record(specs[graph], files[graph]), "onnx_bytes": files[graph].stat().st_size}
                    for graph in specs}

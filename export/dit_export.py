@@ -28,7 +28,7 @@ from mirage.model.dit import WanDiT
 from mirage.model.dit_cache import BlockStepper
 from mirage.model.dit_graphs import DiTGraph
 
-from .onnx_export import DTYPES, ExportError, ExportOptions, export_module
+from .onnx_export import DTYPES, ExportError, ExportOptions, activation_range, export_module
 
 Calls = dict[str, list[dict[str, np.ndarray]]]
 
@@ -150,6 +150,12 @@ def dit_tensor_parity(model: WanDiT, files: dict[str, Path], calls: Calls, preci
     finally:
         ort.close()
     return report
+
+
+def dit_activation_range(model: WanDiT, calls: Calls) -> float:
+    """Largest |activation| of any module over the recorded rollout (fp32): fp16's margin as a number."""
+    tensors = {g: [{k: torch.from_numpy(v) for k, v in feeds.items()} for feeds in c] for g, c in calls.items()}
+    return activation_range(model.float().eval(), tensors, module_for=lambda m, graph, _codec: DiTGraph(m, graph))
 
 
 def latent_psnr(out: np.ndarray, ref: np.ndarray) -> np.ndarray:

@@ -219,8 +219,9 @@ def synthetic_cond(cfg, frames: int, seed: int) -> list[torch.Tensor] | None:
 
 @torch.no_grad()
 def activation_range(model: MirageUNet, calls: dict[str, list[dict[str, torch.Tensor]]],
-                     codec: nn.Module | None = None) -> float:
-    """Largest |activation| of any module output over the recorded real inputs (fp32)."""
+                     codec: nn.Module | None = None, module_for=graph_module) -> float:
+    """Largest |activation| of any module output over the recorded real inputs (fp32);
+    `module_for(model, graph, codec)` is the module a graph runs (another family's: its own)."""
     peak = 0.0
 
     def hook(_module, _inputs, output):
@@ -232,7 +233,7 @@ def activation_range(model: MirageUNet, calls: dict[str, list[dict[str, torch.Te
     handles = [m.register_forward_hook(hook) for m in modules]
     try:
         for graph, inputs in calls.items():
-            module = graph_module(model, graph, codec)
+            module = module_for(model, graph, codec)
             for x in inputs:
                 module(*x.values())
     finally:

@@ -99,6 +99,7 @@ def test_fp16_artifact_matches_pytorch_and_builds_engines(fp16_artifact):
     rollout = m["parity"]["rollout"]
     assert rollout["frames"] == 50 and rollout["psnr_min_db"] >= 40  # the fp16 target
     assert all(t["rel"] <= 1e-2 for t in m["parity"]["tensors"].values()) and m["parity"]["passed"]
+    assert 1 < m["parity"]["fp16_headroom"] == 65504 / m["parity"]["fp16_activation_peak"]
     assert set(m["parity"]["tensors"]) >= {"dit_step.v", "dit_step.new_k", "dit_cache_write.new_v", "dit_text.text_k"}
     specs = G.model_graphs(TINY, precision="fp16")
     for graph, meta in m["graphs"].items():
