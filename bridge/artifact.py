@@ -83,6 +83,18 @@ def graph_record(spec: G.GraphSpec, onnx_file: Path) -> dict:
             "engine": None, "engine_sha256": None, "layers": None}
 
 
+def parity_verdict(tensors: dict, frames: dict, o: ArtifactOptions, checked: str) -> dict:
+    """The manifest's parity record; refuses (nothing is written) when it fails, unless allowed."""
+    passed = frames["finite"] and all(t["rel"] <= TOLERANCE[o.precision] for t in tensors.values())
+    if not passed and not o.allow_parity_failure:
+        worst = ", ".join(f"{k} rel {t['rel']:.3g}" for k, t in tensors.items())
+        raise ExportError(f"parity failed ({worst} against tolerance {TOLERANCE[o.precision]:g}; rollout PSNR "
+                          f"{frames['psnr_mean_db']:.1f} dB); nothing was written. Check the checkpoint, or pass "
+                          "--allow-parity-failure to write it anyway (recorded in the manifest)")
+    return {"tolerance_rel": TOLERANCE[o.precision], "tensors": tensors, "rollout": frames, "passed": passed,
+            "override": not passed and o.allow_parity_failure, "graphs_checked": checked}
+
+
 def check_options(o: ArtifactOptions) -> ArtifactOptions:
     """Refuse what cannot build before any work is done; returns the options with defaults resolved."""
     if o.precision not in PRECISIONS:
@@ -199,16 +211,8 @@ def _build(model, meta: dict, checkpoint: Path, out: Path, stage: Path, o: Artif
                                    for g in G.GRAPHS}}
         tensors = tensor_parity(model, checked, check, codec)
         frames = rollout_psnr(model, checked, o.parity_frames)
-    passed = frames["finite"] and all(t["rel"] <= TOLERANCE[o.precision] for t in tensors.values())
-    parity = {"tolerance_rel": TOLERANCE[o.precision], "tensors": tensors, "rollout": frames, "passed": passed,
-              "override": not passed and o.allow_parity_failure,
-              "graphs_checked": "stock-op export (the plugin node has no ONNX Runtime kernel)" if plugin_mode
-              else "the exported graphs"}
-    if not passed and not o.allow_parity_failure:
-        worst = ", ".join(f"{k} rel {t['rel']:.3g}" for k, t in tensors.items())
-        raise ExportError(f"parity failed ({worst} against tolerance {TOLERANCE[o.precision]:g}; rollout PSNR "
-                          f"{frames['psnr_mean_db']:.1f} dB); nothing was written. Check the checkpoint, or pass "
-                          "--allow-parity-failure to write it anyway (recorded in the manifest)")
+    parity = parity_verdict(tensors, frames, o, "stock-op export (the plugin node has no ONNX Runtime kernel)"
+                            if plugin_mode else "the exported graphs")
     if o.precision == "fp16":
         peak = activation_range(model, calib, codec)
         parity["fp16_activation_peak"] = peak

@@ -24,7 +24,6 @@ import torch
 from mirage import __version__
 from mirage.core import graphs as G
 from mirage.core.config import DiTConfig, to_json
-from mirage.core.tolerances import PARITY as TOLERANCE
 from mirage.engine.build import BuildOptions, build_engine, load_backend
 from mirage.engine.manifest import EngineError, sha256_file, write_manifest
 from mirage.export.dit_export import (dit_activation_range, dit_rollout_psnr, dit_tensor_parity, export_dit_graph,
@@ -33,7 +32,7 @@ from mirage.export.onnx_export import ExportError, ExportOptions
 from mirage.model.dit import WanDiT
 from mirage.model.wan_checkpoint import load_dit
 
-from .artifact import FP16_MAX, ArtifactOptions, check_options, check_out, graph_record, staged
+from .artifact import FP16_MAX, ArtifactOptions, check_options, check_out, graph_record, parity_verdict, staged
 
 
 def dit_model(cfg: DiTConfig, weights: str | Path | None, seed: int = 0) -> tuple[WanDiT, dict]:
@@ -94,14 +93,7 @@ def _build(model: WanDiT, checkpoint: dict, command: str, stage: Path, o: Artifa
     progress("parity vs. PyTorch (ONNX Runtime, CPU)")
     tensors = dit_tensor_parity(model, files, calls, o.precision)
     frames = dit_rollout_psnr(model, files, o.precision, o.parity_frames, batch=o.batch)
-    passed = frames["finite"] and all(t["rel"] <= TOLERANCE[o.precision] for t in tensors.values())
-    parity = {"tolerance_rel": TOLERANCE[o.precision], "tensors": tensors, "rollout": frames, "passed": passed,
-              "override": not passed and o.allow_parity_failure, "graphs_checked": "the exported graphs"}
-    if not passed and not o.allow_parity_failure:
-        worst = ", ".join(f"{k} rel {t['rel']:.3g}" for k, t in tensors.items())
-        raise ExportError(f"parity failed ({worst} against tolerance {TOLERANCE[o.precision]:g}; rollout PSNR "
-                          f"{frames['psnr_mean_db']:.1f} dB); nothing was written. Pass --allow-parity-failure to "
-                          "write it anyway (recorded in the manifest)")
+    parity = parity_verdict(tensors, frames, o, "the exported graphs")
 
     if o.precision == "fp16":
         parity["fp16_activation_peak"] = dit_activation_range(model, calls)

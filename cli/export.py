@@ -134,8 +134,8 @@ def main(checkpoint, precision, backend, gpus, out, batch, max_batch, opt_level,
         verdict = "ok" if t["rel"] <= par["tolerance_rel"] else "OVER"
         click.echo(f"  {name:<4} rel {t['rel']:.2e}  max abs {t['max_abs']:.2e}  {verdict}")
     r = par["rollout"]
-    click.echo(f"  rollout of {r['frames']} {r.get('unit', 'frames')}, PSNR vs. PyTorch: mean {r['psnr_mean_db']:.1f} dB, "
-               f"min {r['psnr_min_db']:.1f} dB")
+    click.echo(f"  rollout of {r['frames']} {r.get('unit', 'frames')}, PSNR vs. PyTorch: "
+               f"mean {r['psnr_mean_db']:.1f} dB, min {r['psnr_min_db']:.1f} dB")
     for graph, meta in manifest["graphs"].items():  # recorded in the manifest too: never silently missing
         if meta.get("engine_refused"):
             click.echo(f"warning: no {graph} engine: {meta['engine_refused']}", err=True)

@@ -182,7 +182,8 @@ def dit_graphs(cfg, batch: int, max_batch: int | None, precision: str) -> dict[s
     f = _float(precision)
     b, heads, d, block = batch, cfg.num_heads, cfg.head_dim, cfg.block_frames * cfg.tokens_per_frame
     per_layer = (b, cfg.num_layers, heads)
-    text_kv = (TensorSpec(TEXT_K, per_layer + (cfg.text_len, d), f), TensorSpec(TEXT_V, per_layer + (cfg.text_len, d), f))
+    text_kv = (TensorSpec(TEXT_K, per_layer + (cfg.text_len, d), f),
+               TensorSpec(TEXT_V, per_layer + (cfg.text_len, d), f))
     new_kv = (TensorSpec(NEW_K, per_layer + (block, d), f), TensorSpec(NEW_V, per_layer + (block, d), f))
     window = cfg.window_frames * cfg.tokens_per_frame
     latents = TensorSpec(X_T, (b, cfg.in_dim, cfg.block_frames) + cfg.latent_size, f)

@@ -138,7 +138,8 @@ def dit_tensor_parity(model: WanDiT, files: dict[str, Path], calls: Calls, preci
         for graph, feeds_list in calls.items():
             for feeds in feeds_list:
                 ref = ref_run(graph, feeds)
-                out = out_run(graph, {x.name: np.ascontiguousarray(feeds[x.name], x.dtype) for x in specs[graph].inputs})
+                out = out_run(graph, {x.name: np.ascontiguousarray(feeds[x.name], x.dtype)
+                                      for x in specs[graph].inputs})
                 for name, r in ref.items():
                     o = out[name].astype(np.float32)
                     key = f"{graph}.{name}"
@@ -184,6 +185,7 @@ def dit_rollout_psnr(model: WanDiT, files: dict[str, Path], precision: str, fram
     finally:
         ort.close()
     frame_psnr = latent_psnr(out, ref)
-    return {"frames": int(ref.shape[0]), "unit": "latent frames", "blocks": blocks, "steps": cfg.steps, "precision": precision,
+    return {"frames": int(ref.shape[0]), "unit": "latent frames", "blocks": blocks, "steps": cfg.steps,
+            "precision": precision,
             "psnr_mean_db": float(frame_psnr.mean()), "psnr_min_db": float(frame_psnr.min()),
             "psnr_last10_db": float(frame_psnr[-10:].mean()), "finite": bool(np.isfinite(out).all())}
