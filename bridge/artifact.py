@@ -111,9 +111,7 @@ def check_options(o: ArtifactOptions, out: Path) -> ArtifactOptions:
     if no_gpu:
         raise ExportError(f"--backend tensorrt builds on an NVIDIA GPU: {no_gpu}; --backend tensorrt-rtx builds "
                           "without one")
-    replaceable = out.is_dir() and ((out / G.MANIFEST).is_file() or not any(out.iterdir()))
-    if out.exists() and not replaceable:  # such a path is never replaced
-        raise ExportError(f"{out} exists and is not a Mirage artifact; choose another --out or remove it")
+    check_out(out)
     return o
 
 
@@ -123,13 +121,25 @@ def build_artifact(checkpoint: str | Path, out: str | Path, options: ArtifactOpt
     checkpoint, out = Path(checkpoint).resolve(), Path(out).resolve()
     o = check_options(options, out)
     model, meta = load_checkpoint(checkpoint)
+    return staged(out, lambda stage: _build(model, meta, checkpoint, out, stage, o, progress))
+
+
+def check_out(out: Path) -> None:
+    """Refuse, before any work, an output path that is something else than an artifact (or empty)."""
+    replaceable = out.is_dir() and ((out / G.MANIFEST).is_file() or not any(out.iterdir()))
+    if out.exists() and not replaceable:  # such a path is never replaced
+        raise ExportError(f"{out} exists and is not a Mirage artifact; choose another --out or remove it")
+
+
+def staged(out: Path, build: Callable[[Path], dict]) -> dict:
+    """Run `build(stage)` in a temporary sibling folder, then put it in place of `out`; returns its manifest."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     except OSError as e:
         raise ExportError(f"{out}: output folder is not writable ({e.strerror})") from e
     try:
-        manifest = _build(model, meta, checkpoint, out, stage, o, progress)
+        manifest = build(stage)
         _replace(stage, out)
     except BaseException:  # failures and Ctrl-C alike: the previous artifact stays, the stage goes
         shutil.rmtree(stage, ignore_errors=True)
@@ -160,7 +170,7 @@ def _build(model, meta: dict, checkpoint: Path, out: Path, stage: Path, o: Artif
 
     files = _export(model, specs, stage, calib, codec, o, progress)
     parity = _parity(model, files, calib, check, codec, o, progress)
-    graphs = _graph_entries(specs, files)
+    graphs = {graph: graph_record(specs[graph], files[graph]) for graph in specs}
     engines: dict = {"backend": {"name": o.backend, "version": None}, "plugin": None, "build_options": {}}
     if o.backend != "onnx":
         engines = _engines(specs, files, stage, graphs, o, progress)
@@ -201,16 +211,8 @@ def _parity(model, files: dict[str, Path], calib: dict, check: dict, codec, o: A
                                    for g in G.GRAPHS}}
         tensors = tensor_parity(model, checked, check, codec)
         frames = rollout_psnr(model, checked, o.parity_frames)
-    passed = frames["finite"] and all(t["rel"] <= TOLERANCE[o.precision] for t in tensors.values())
-    parity = {"tolerance_rel": TOLERANCE[o.precision], "tensors": tensors, "rollout": frames, "passed": passed,
-              "override": not passed and o.allow_parity_failure,
-              "graphs_checked": "stock-op export (the plugin node has no ONNX Runtime kernel)" if plugin_mode
-              else "the exported graphs"}
-    if not passed and not o.allow_parity_failure:
-        worst = ", ".join(f"{k} rel {t['rel']:.3g}" for k, t in tensors.items())
-        raise ExportError(f"parity failed ({worst} against tolerance {TOLERANCE[o.precision]:g}; rollout PSNR "
-                          f"{frames['psnr_mean_db']:.1f} dB); nothing was written. Check the checkpoint, or pass "
-                          "--allow-parity-failure to write it anyway (recorded in the manifest)")
+    parity = parity_verdict(tensors, frames, o, "stock-op export (the plugin node has no ONNX Runtime kernel)"
+                            if plugin_mode else "the exported graphs")
     if o.precision == "fp16":
         peak = activation_range(model, calib, codec)
         parity["fp16_activation_peak"] = peak
@@ -218,17 +220,26 @@ def _parity(model, files: dict[str, Path], calib: dict, check: dict, codec, o: A
     return parity
 
 
-def _graph_entries(specs: dict, files: dict[str, Path]) -> dict[str, dict]:
-    """Each graph's manifest entry, after checking that the exporter wrote the I/O its spec says."""
-    graphs: dict[str, dict] = {}
-    for graph in specs:
-        inputs, outputs = specs[graph].io()
-        if _io(files[graph]) != (inputs, outputs):
-            raise ExportError(f"{graph}: the exported ONNX graph's inputs/outputs {_io(files[graph])} differ from "
-                              f"its spec {(inputs, outputs)}")
-        graphs[graph] = {"onnx": files[graph].name, "onnx_sha256": sha256_file(files[graph]),
-                         "inputs": inputs, "outputs": outputs, "engine": None, "engine_sha256": None, "layers": None}
-    return graphs
+def graph_record(spec: G.GraphSpec, onnx_file: Path) -> dict:
+    """A graph's manifest entry before any engine, once its ONNX file is checked against the spec."""
+    inputs, outputs = spec.io()
+    if _io(onnx_file) != (inputs, outputs):  # the exporter must have written what the spec says
+        raise ExportError(f"{spec.name}: the exported ONNX graph's inputs/outputs {_io(onnx_file)} differ from "
+                          f"its spec {(inputs, outputs)}")
+    return {"onnx": onnx_file.name, "onnx_sha256": sha256_file(onnx_file), "inputs": inputs, "outputs": outputs,
+            "engine": None, "engine_sha256": None, "layers": None}
+
+
+def parity_verdict(tensors: dict, frames: dict, o: ArtifactOptions, checked: str) -> dict:
+    """The manifest's parity record; refuses (nothing is written) when it fails, unless allowed."""
+    passed = frames["finite"] and all(t["rel"] <= TOLERANCE[o.precision] for t in tensors.values())
+    if not passed and not o.allow_parity_failure:
+        worst = ", ".join(f"{k} rel {t['rel']:.3g}" for k, t in tensors.items())
+        raise ExportError(f"parity failed ({worst} against tolerance {TOLERANCE[o.precision]:g}; rollout PSNR "
+                          f"{frames['psnr_mean_db']:.1f} dB); nothing was written. Check the checkpoint, or pass "
+                          "--allow-parity-failure to write it anyway (recorded in the manifest)")
+    return {"tolerance_rel": TOLERANCE[o.precision], "tensors": tensors, "rollout": frames, "passed": passed,
+            "override": not passed and o.allow_parity_failure, "graphs_checked": checked}
 
 
 def _engines(specs: dict, files: dict[str, Path], stage: Path, graphs: dict[str, dict], o: ArtifactOptions,

@@ -8,6 +8,7 @@ import click
 from click.core import ParameterSource
 
 from mirage.cli.errors import UserError
+from mirage.core.config import DIT_CONFIGS, get_dit_config
 from mirage.core.errors import MirageError
 from mirage.core.graphs import PRECISIONS
 from mirage.engine.manifest import BACKENDS, RTX_TARGETS
@@ -28,6 +29,18 @@ def _unused_option(ctx: click.Context, backend: str, precision: str) -> str | No
     for name, (flag, idle, why) in unused.items():
         if idle and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
             return f"{flag} {why}"
+    return None
+
+
+def _dit_choice(ctx: click.Context, dit: str | None, weights: Path | None, random_weights: bool) -> str | None:
+    """What is wrong with the DiT options given, as a message (a DiT takes exactly one source of weights)."""
+    if not dit:
+        return "--dit-weights / --random-weights choose a DiT's weights: add --dit NAME" \
+            if weights or random_weights else None
+    if ctx.get_parameter_source("checkpoint") is ParameterSource.COMMANDLINE:
+        return "--checkpoint is a U-Net checkpoint folder; a DiT takes --dit-weights (or --random-weights)"
+    if bool(weights) == random_weights:
+        return f"--dit {dit}: give either --dit-weights PATH or --random-weights"
     return None
 
 
@@ -70,8 +83,14 @@ def _gpus(ctx, param, value: str | None) -> tuple[str, ...]:
 @click.option("--parity-frames", type=click.IntRange(min=2), default=50, help="Frames of the rollout parity check.")
 @click.option("--allow-parity-failure", is_flag=True,
               help="Write the artifact even if it fails parity against PyTorch (recorded in the manifest).")
+@click.option("--dit", type=click.Choice(list(DIT_CONFIGS)), default=None,
+              help="Export this chunk-causal video DiT (its block step, cache write and text graphs) instead of "
+                   "a U-Net checkpoint; weights from --dit-weights or --random-weights.")
+@click.option("--dit-weights", type=click.Path(exists=True, path_type=Path), default=None,
+              help="The DiT's checkpoint: a Self-Forcing / CausVid / LongLive file, or a Wan / diffusers folder.")
+@click.option("--random-weights", is_flag=True, help="The DiT with random weights (seed 0): for tests and sizes.")
 def main(checkpoint, precision, backend, gpus, out, batch, max_batch, opt_level, workspace_mb, plugin_library,
-         temporal_attention, calib_frames, parity_frames, allow_parity_failure):
+         temporal_attention, calib_frames, parity_frames, allow_parity_failure, dit, dit_weights, random_weights):
     """Export a Mirage checkpoint to ONNX, check it against PyTorch, and build TensorRT engines.
 
     Writes OUT/manifest.json, the ONNX graphs, and (TensorRT backends) the engines with a
@@ -82,7 +101,8 @@ def main(checkpoint, precision, backend, gpus, out, batch, max_batch, opt_level,
 
     if max_batch is not None and batch > max_batch:
         raise UserError(f"--batch {batch} is larger than --max-batch {max_batch}")
-    unused = _unused_option(click.get_current_context(), backend, precision)
+    ctx = click.get_current_context()
+    unused = _unused_option(ctx, backend, precision) or _dit_choice(ctx, dit, dit_weights, random_weights)
     if unused:
         raise UserError(unused)
     options = ArtifactOptions(precision=precision, backend=backend, batch=batch, max_batch=max_batch, gpus=gpus,
@@ -95,7 +115,12 @@ def main(checkpoint, precision, backend, gpus, out, batch, max_batch, opt_level,
         click.echo(f"[{time.perf_counter() - start:6.1f}s] {stage}", err=True)
 
     try:
-        manifest = build_artifact(checkpoint, out, options, progress)
+        if dit:
+            from mirage.bridge.dit_artifact import build_dit_artifact
+
+            manifest = build_dit_artifact(get_dit_config(dit), out, options, dit_weights, progress=progress)
+        else:
+            manifest = build_artifact(checkpoint, out, options, progress)
     except MirageError as e:
         raise UserError(str(e)) from e
     par = manifest["parity"]
@@ -109,8 +134,11 @@ def main(checkpoint, precision, backend, gpus, out, batch, max_batch, opt_level,
         verdict = "ok" if t["rel"] <= par["tolerance_rel"] else "OVER"
         click.echo(f"  {name:<4} rel {t['rel']:.2e}  max abs {t['max_abs']:.2e}  {verdict}")
     r = par["rollout"]
-    click.echo(f"  {r['frames']}-frame rollout PSNR vs. PyTorch: mean {r['psnr_mean_db']:.1f} dB, "
-               f"min {r['psnr_min_db']:.1f} dB")
+    click.echo(f"  rollout of {r['frames']} {r.get('unit', 'frames')}, PSNR vs. PyTorch: "
+               f"mean {r['psnr_mean_db']:.1f} dB, min {r['psnr_min_db']:.1f} dB")
+    for graph, meta in manifest["graphs"].items():  # recorded in the manifest too: never silently missing
+        if meta.get("engine_refused"):
+            click.echo(f"warning: no {graph} engine: {meta['engine_refused']}", err=True)
     if "fp16_headroom" in par:
         click.echo(f"  fp16: largest activation {par['fp16_activation_peak']:.1f} ({par['fp16_headroom']:.0f}x "
                    "below the fp16 maximum)")

@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass
 
 from mirage.core.errors import MirageError
+from mirage.core.graphs import dit_graphs, unet_graphs
 from mirage.core.schedule import CONTEXT_NOISE, T
 
 
@@ -144,6 +145,12 @@ class ModelConfig:
     @property
     def memory_tokens(self) -> int:
         return sum(self.memory_layers)
+
+    family = "unet"  # not a field (no annotation): manifests record it, for the graphs such an artifact holds
+
+    def graphs(self, batch: int, max_batch: int | None, precision: str) -> dict:
+        """Its exported graphs' specs (call mirage.core.graphs.model_graphs, which checks the arguments)."""
+        return unet_graphs(self, batch, max_batch, precision)
 
     def with_task(self, task: str) -> "ModelConfig":
         if task not in TASKS:
@@ -516,6 +523,12 @@ class DiTConfig:
             raise ConfigError(f"window_frames={self.window_frames} is smaller than the sink ({self.sink_frames}) plus a "
                               f"block ({self.block_frames}) it must hold: choose >= {self.sink_frames + self.block_frames}")
 
+    family = "dit"
+
+    def graphs(self, batch: int, max_batch: int | None, precision: str) -> dict:
+        """Its exported graphs' specs: text, block step, cache write (see mirage.core.graphs.dit_graphs)."""
+        return dit_graphs(self, batch, max_batch, precision)
+
     # --- shapes ----------------------------------------------------------------------------------
     @property
     def head_dim(self) -> int:
@@ -618,6 +631,10 @@ DIT_CONFIGS: dict[str, DiTConfig] = {
 # model with an attention sink of 3 frames and a 12-frame window, for long videos and prompt switches.
 DIT_CONFIGS["wan-1.3b-longlive"] = dataclasses.replace(DIT_CONFIGS["wan-1.3b"], name="wan-1.3b-longlive",
                                                        window_frames=12, sink_frames=3)
+
+
+# config class per model family (manifests record the family; older ones are all U-Nets)
+CONFIG_FAMILIES = {ModelConfig.family: ModelConfig, DiTConfig.family: DiTConfig}
 
 
 def get_dit_config(name: str) -> DiTConfig:

@@ -19,7 +19,7 @@ DENOISE = "denoise"
 CONTEXT = "context_encode"
 ENCODE = "encode"
 DECODE = "decode"
-GRAPHS = (DENOISE, CONTEXT)  # every model's; model_graphs adds the autoencoder's
+GRAPHS = (DENOISE, CONTEXT)  # every U-Net's; unet_graphs adds the autoencoder's
 
 X_T, T, COND, MEMORY, AGES, V = "x_t", "t", "cond", "memory", "ages", "v"
 FRAME, T_CTX, KV = "frame", "t_ctx", "kv"
@@ -105,13 +105,23 @@ class GraphSpec:
 
 
 def model_graphs(cfg, batch: int = 1, max_batch: int | None = None, precision: str = "fp32") -> dict[str, GraphSpec]:
-    """The specs of a model's graphs. `cfg` is a mirage.core.config.ModelConfig; `batch` is the
-    batch the buffers are allocated at (TensorRT's optimum when the batch is dynamic)."""
+    """The specs of a model's graphs, whatever its family: `cfg.graphs` (ModelConfig -> `unet_graphs`,
+    DiTConfig -> `dit_graphs`). `batch` is the batch the buffers are allocated at (TensorRT's optimum
+    when the batch is dynamic)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if max_batch is not None and not 1 <= batch <= max_batch:
         raise ValueError(f"batch {batch} must lie in [1, max_batch={max_batch}]")
-    f = "float16" if precision == "fp16" else "float32"
+    return cfg.graphs(batch, max_batch, precision)
+
+
+def _float(precision: str) -> str:
+    return "float16" if precision == "fp16" else "float32"
+
+
+def unet_graphs(cfg, batch: int, max_batch: int | None, precision: str) -> dict[str, GraphSpec]:
+    """The U-Net's graphs (`cfg` a mirage.core.config.ModelConfig): denoise, context_encode, the autoencoder's."""
+    f = _float(precision)
     img = (batch, cfg.channels, cfg.image_size, cfg.image_size)
     memory = TensorSpec(MEMORY, (batch, cfg.context_frames, 2, cfg.memory_tokens, cfg.temporal_dim), f)
     denoise_in = [TensorSpec(X_T, img, f), TensorSpec(T, (batch,), "float32")]
@@ -130,3 +140,60 @@ def model_graphs(cfg, batch: int = 1, max_batch: int | None = None, precision: s
             specs[ENCODE] = GraphSpec(ENCODE, (rgb,), (z,), dyn)
         specs[DECODE] = GraphSpec(DECODE, (z,), (rgb,), dyn)
     return specs
+
+
+# --- the chunk-causal video DiT (mirage.core.config.DiTConfig) ---------------------------------
+#
+# Three graphs, all pure (the rolling KV cache comes in as inputs and the new keys/values go out as
+# outputs; the runtime writes them into its cache, so nothing in a graph has state):
+#
+#   dit_text(text) -> text_k, text_v                            once per prompt
+#   dit_step(x_t, t_emb, text_k, text_v, cache_k, cache_v,     S times per block: the velocity
+#            rope_cos, rope_sin, slots, valid) -> v, new_k, new_v
+#   dit_cache_write(<the same inputs, x_t = the clean block>) -> new_k, new_v
+#                                                               once per block: the keys/values kept
+#
+# One fixed-shape spec per graph serves every cache fill level: the cache inputs always hold the whole
+# window (window_frames · tokens_per_frame rows per layer), `valid` says which rows hold a frame the
+# block may see (1) and which are empty (0), and inside the graph the block's own keys/values replace
+# rows `slots` before its queries attend over the valid rows. While the cache fills, the rows past the
+# held frames are masked instead of cut off (BlockStepper cuts them, one graph per span): the same
+# softmax, one engine. Everything is batch-first, so each row of a batch can be its own stream at its
+# own frame position (its own slots, validity, RoPE angles). The timestep embedding and the RoPE
+# angles come in precomputed (float64 math, done by mirage.core.dit_step), because TensorRT has no
+# float64; both stay float32 in an fp16 graph, as the model computes them.
+#
+# Shapes (B batch, L layers, H heads, D head_dim, N block frames, T tokens per frame, W window frames,
+# S text tokens): x_t, v (B, in_dim, N, h, w); t_emb (B, N, freq_dim); text (B, S, text_dim);
+# text_k/v (B, L, H, S, D); cache_k/v (B, L, H, W·T, D); new_k/v (B, L, H, N·T, D);
+# rope_cos/sin (B, N·T, D / 2); slots (B, N·T) int32 cache rows; valid (B, W·T) float32 0/1.
+
+DIT_TEXT, DIT_STEP, DIT_CACHE_WRITE = "dit_text", "dit_step", "dit_cache_write"
+DIT_GRAPHS = (DIT_TEXT, DIT_STEP, DIT_CACHE_WRITE)
+TEXT, TEXT_K, TEXT_V, T_EMB = "text", "text_k", "text_v", "t_emb"
+CACHE_K, CACHE_V, NEW_K, NEW_V = "cache_k", "cache_v", "new_k", "new_v"
+ROPE_COS, ROPE_SIN, SLOTS, VALID = "rope_cos", "rope_sin", "slots", "valid"
+# the graphs a manifest of each family must hold (engine.manifest checks them)
+FAMILY_GRAPHS = {"unet": GRAPHS, "dit": DIT_GRAPHS}
+
+
+def dit_graphs(cfg, batch: int, max_batch: int | None, precision: str) -> dict[str, GraphSpec]:
+    """The DiT's graphs (`cfg` a mirage.core.config.DiTConfig), at fixed shapes (see above)."""
+    f = _float(precision)
+    b, heads, d, block = batch, cfg.num_heads, cfg.head_dim, cfg.block_frames * cfg.tokens_per_frame
+    per_layer = (b, cfg.num_layers, heads)
+    text_kv = (TensorSpec(TEXT_K, per_layer + (cfg.text_len, d), f),
+               TensorSpec(TEXT_V, per_layer + (cfg.text_len, d), f))
+    new_kv = (TensorSpec(NEW_K, per_layer + (block, d), f), TensorSpec(NEW_V, per_layer + (block, d), f))
+    window = cfg.window_frames * cfg.tokens_per_frame
+    latents = TensorSpec(X_T, (b, cfg.in_dim, cfg.block_frames) + cfg.latent_size, f)
+    step_in = (latents, TensorSpec(T_EMB, (b, cfg.block_frames, cfg.freq_dim), "float32"), *text_kv,
+               TensorSpec(CACHE_K, per_layer + (window, d), f), TensorSpec(CACHE_V, per_layer + (window, d), f),
+               TensorSpec(ROPE_COS, (b, block, d // 2), "float32"), TensorSpec(ROPE_SIN, (b, block, d // 2), "float32"),
+               TensorSpec(SLOTS, (b, block), "int32"), TensorSpec(VALID, (b, window), "float32"))
+    dyn = max_batch if max_batch and max_batch > 1 else None
+    return {
+        DIT_TEXT: GraphSpec(DIT_TEXT, (TensorSpec(TEXT, (b, cfg.text_len, cfg.text_dim), f),), text_kv, dyn),
+        DIT_STEP: GraphSpec(DIT_STEP, step_in, (TensorSpec(V, latents.shape, f),) + new_kv, dyn),
+        DIT_CACHE_WRITE: GraphSpec(DIT_CACHE_WRITE, step_in, new_kv, dyn),
+    }

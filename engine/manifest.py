@@ -7,11 +7,13 @@ rebuilds the artifact for this machine (TensorRT's own refusal is a log line and
 
 Schema (format 2; `validate_manifest` checks every key is present and every value's meaning):
 
-    format, mirage_version, created, model {ModelConfig fields}, batch, max_batch,
+    format, mirage_version, created, model {ModelConfig or DiTConfig fields},
+    family unet|dit (optional, unet when absent: which graphs the artifact must hold), batch, max_batch,
     options {the ArtifactOptions it was built with: what `rebuild_command` replays},
     checkpoint {path, sha256}, precision fp32|fp16|int8|fp8, temporal_attention onnx|plugin,
     graphs {denoise | context_encode: {onnx, onnx_sha256, inputs [{name, shape, dtype}],
-            outputs [...], engine (null for ONNX-only), engine_sha256, layers}},
+            outputs [...], engine (null for ONNX-only), engine_sha256, layers,
+            engine_refused (only where the backend refused to parse or build the graph: why)}},
     backend {name onnx|tensorrt-rtx|tensorrt, version}, target {compute_capabilities [...]},
     plugin {path (relative to the artifact, which holds a copy of the library), sha256} | null,
     build_options {...}, build_seconds, parity {...},
@@ -27,7 +29,7 @@ from pathlib import Path
 from mirage import __version__
 from mirage.core.errors import MirageError
 from mirage.core.files import sha256_file
-from mirage.core.graphs import GRAPHS, MANIFEST, PRECISIONS
+from mirage.core.graphs import FAMILY_GRAPHS, MANIFEST, PRECISIONS
 
 
 class EngineError(MirageError, ValueError):
@@ -95,7 +97,9 @@ def validate_manifest(m: dict) -> None:
         missing += [f"plugin.{k}" for k in ("path", "sha256") if k not in m["plugin"]]
     graphs = m.get("graphs")
     if isinstance(graphs, dict):
-        missing += [f"graphs.{g}" for g in GRAPHS if g not in graphs]  # the autoencoder's: engine.verify
+        # the family's own graphs (the autoencoder's: engine.verify); older manifests are all U-Nets
+        required = FAMILY_GRAPHS.get(m.get("family", "unet"), ())
+        missing += [f"graphs.{g}" for g in required if g not in graphs]
         for graph, meta in graphs.items():
             missing += [f"graphs.{graph}.{k}" for k in GRAPH_REQUIRED if k not in meta]
     if missing:
@@ -114,6 +118,8 @@ def _bad_value(m: dict) -> str | None:
         return f"format {m['format']!r}, this Mirage reads format {FORMAT}"
     if _version(m["mirage_version"]) > _version(__version__):
         return f"written by Mirage {m['mirage_version']}, newer than this one ({__version__})"
+    if m.get("family", "unet") not in FAMILY_GRAPHS:
+        return f"model family {m['family']!r} is not one of {', '.join(FAMILY_GRAPHS)}"
     if m["precision"] not in PRECISIONS:
         return f"precision {m['precision']!r} is not one of {', '.join(PRECISIONS)}"
     backend = m["backend"]
@@ -132,7 +138,8 @@ def _bad_value(m: dict) -> str | None:
         if not m["target"].get("compute_capabilities"):
             return "no target compute capabilities are recorded for the engines"
         for graph, meta in m["graphs"].items():
-            if not meta.get("engine") or not meta.get("engine_sha256"):
+            # a graph the backend refused is recorded as such (engine_refused: why), never just absent
+            if (not meta.get("engine") or not meta.get("engine_sha256")) and not meta.get("engine_refused"):
                 return f"graph {graph} records no engine file or hash"
     return None
 
@@ -181,8 +188,11 @@ def export_command(checkpoint: str | Path, out: str | Path, options: dict) -> st
 
 def rebuild_command(m: dict, folder: str | Path | None = None) -> str:
     """The command that rebuilds this artifact into `folder` (where it is now), or the recorded one."""
-    if folder is None and m.get("rebuild_command"):
-        return m["rebuild_command"]
+    recorded = m.get("rebuild_command")
+    if recorded and folder is None:
+        return recorded
+    if recorded and "--checkpoint" not in shlex.split(recorded):  # a DiT's (--dit NAME and its weights): as it was
+        return with_option(recorded, "--out", str(Path(folder).resolve()))
     return export_command(m["checkpoint"]["path"], folder or "DIR", m.get("options") or {
         "precision": m.get("precision"), "backend": (m.get("backend") or {}).get("name")})
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from mirage.core import graphs as G
-from mirage.core.config import ConfigError, ModelConfig, from_json
+from mirage.core.config import CONFIG_FAMILIES, ConfigError, ModelConfig, from_json
 from mirage.engine.manifest import EngineError, rebuild_command, sha256_file
 
 SIDECAR = ".verified.json"
@@ -45,9 +45,9 @@ def verify_file(path: Path, expected: str | None, folder: Path, rebuild: str) ->
 
 
 def artifact_specs(manifest: dict) -> tuple[ModelConfig, dict[str, G.GraphSpec]]:
-    """The model config and graph specs an artifact's manifest describes."""
+    """The model config (of the manifest's family: a U-Net when it names none) and graph specs it describes."""
     try:
-        cfg = from_json(ModelConfig, manifest["model"])
+        cfg = from_json(CONFIG_FAMILIES[manifest.get("family", "unet")], manifest["model"])
     except (ConfigError, TypeError) as e:
         raise EngineError(f"manifest: bad model config ({e})") from e
     try:
@@ -74,6 +74,8 @@ def verify_artifact(folder: Path, manifest: dict, engines: bool) -> tuple[ModelC
             raise EngineError(f"{name}: the manifest's inputs/outputs differ from what the model config implies "
                               f"({diff}); rebuild: {rebuild}")
         verify_file(folder / meta["onnx"], meta["onnx_sha256"], folder, rebuild)
+        if engines and meta.get("engine_refused"):
+            raise EngineError(f"{name}: the artifact has no engine for it ({meta['engine_refused']})")
         if engines:
             verify_file(folder / meta["engine"], meta["engine_sha256"], folder, rebuild)
     return cfg, specs

@@ -128,16 +128,23 @@ def export_graph(model: MirageUNet, graph: str, path: str | Path, options: Expor
     dynamic = options.max_batch is not None and options.max_batch > 1
     inputs = example_inputs(net, graph, max(options.batch, 2) if dynamic else options.batch, dtype)
     output = G.model_graphs(net.cfg)[graph].output.name
+    return export_module(module, graph, inputs, [output], path, options.opset,
+                         _plugin_translation() if plugin else None, _batch_dims(graph, inputs, options))
+
+
+def export_module(module: nn.Module, graph: str, inputs: dict[str, torch.Tensor], outputs: list[str],
+                  path: str | Path, opset: int, translation: dict | None = None, dynamic_shapes=None) -> Path:
+    """Trace `module` on `inputs` with the dynamo exporter and save it to `path`, weights over
+    EXTERNAL_DATA_BYTES in a side file; any exporter failure is an ExportError naming `graph`."""
     big = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
     path = Path(path)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not the user's business
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         try:
-            program = torch.onnx.export(module, tuple(inputs.values()), dynamo=True, opset_version=options.opset,
-                                        input_names=list(inputs), output_names=[output], verbose=False,
-                                        custom_translation_table=_plugin_translation() if plugin else None,
-                                        dynamic_shapes=_batch_dims(graph, inputs, options))
+            program = torch.onnx.export(module, tuple(inputs.values()), dynamo=True, opset_version=opset,
+                                        input_names=list(inputs), output_names=outputs, verbose=False,
+                                        custom_translation_table=translation, dynamic_shapes=dynamic_shapes)
         except Exception as e:  # the exporter raises many types; all mean "this graph did not export"
             raise ExportError(f"{graph}: torch.onnx.export failed ({type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
@@ -212,8 +219,9 @@ def synthetic_cond(cfg, frames: int, seed: int) -> list[torch.Tensor] | None:
 
 @torch.no_grad()
 def activation_range(model: MirageUNet, calls: dict[str, list[dict[str, torch.Tensor]]],
-                     codec: nn.Module | None = None) -> float:
-    """Largest |activation| of any module output over the recorded real inputs (fp32)."""
+                     codec: nn.Module | None = None, module_for=graph_module) -> float:
+    """Largest |activation| of any module output over the recorded real inputs (fp32);
+    `module_for(model, graph, codec)` is the module a graph runs (another family's: its own)."""
     peak = 0.0
 
     def hook(_module, _inputs, output):
@@ -225,7 +233,7 @@ def activation_range(model: MirageUNet, calls: dict[str, list[dict[str, torch.Te
     handles = [m.register_forward_hook(hook) for m in modules]
     try:
         for graph, inputs in calls.items():
-            module = graph_module(model, graph, codec)
+            module = module_for(model, graph, codec)
             for x in inputs:
                 module(*x.values())
     finally:

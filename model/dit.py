@@ -213,8 +213,11 @@ class WanDiT(nn.Module):
 
     def time_embed(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t (B, F) -> e (B, F, dim) for the head, e0 (B, F, 6, dim) for the blocks."""
-        dtype = self.patch_embedding.weight.dtype
-        e = self.time_embedding(sinusoidal_embedding(t, self.cfg.freq_dim).to(dtype))
+        return self.embed_time(sinusoidal_embedding(t, self.cfg.freq_dim))
+
+    def embed_time(self, sinusoid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`time_embed` from the sinusoidal embedding (B, F, freq_dim) (the exported graphs take it as an input)."""
+        e = self.time_embedding(sinusoid.to(self.patch_embedding.weight.dtype))
         return e, self.time_projection(e).unflatten(-1, (6, self.cfg.dim))
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -233,9 +236,13 @@ class WanDiT(nn.Module):
     def run(self, x: torch.Tensor, t: torch.Tensor, positions: torch.Tensor, layer: Callable) -> torch.Tensor:
         """The transformer over latent frames x at frame `positions` (F,); each block runs as
         `layer(i, block, tokens, e0, rope)`. Returns the velocity (B, out_dim, F, H, W) in x's dtype."""
+        return self.run_embedded(x, self.time_embed(t), self.rope(positions), layer)
+
+    def run_embedded(self, x: torch.Tensor, time: tuple[torch.Tensor, torch.Tensor], rope: Rope,
+                     layer: Callable) -> torch.Tensor:
+        """`run` with the time embeddings (e, e0) and the RoPE angles given."""
         tokens = self.patchify(x)
-        e, e0 = self.time_embed(t)
-        rope = self.rope(positions)
+        e, e0 = time
         for i, blk in enumerate(self.blocks):
             tokens = layer(i, blk, tokens, e0, rope)
         return self.unpatchify(self.head(tokens, e)).to(x.dtype)

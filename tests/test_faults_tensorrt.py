@@ -210,12 +210,12 @@ def test_the_io_check_names_each_kind_of_mismatch():
     """check_signature (ONNX Runtime's and TensorRT's view against the spec), by name and mode."""
     from types import SimpleNamespace
 
-    from mirage.core.graphs import model_graphs
+    from mirage.core.graphs import unet_graphs
     from mirage.engine.verify import check_signature
 
     cfg = SimpleNamespace(channels=3, image_size=8, cond_channels=0, context_frames=2, memory_tokens=4,
                           temporal_dim=4, frame_size=0)
-    spec = model_graphs(cfg)[G.CONTEXT]
+    spec = unet_graphs(cfg, 1, None, "fp32")[G.CONTEXT]  # a stand-in config: the U-Net family's specs directly
     inputs, outputs = spec.io()
     check_signature(G.CONTEXT, (inputs[::-1], outputs), spec, "R")  # another order: TensorRT binds by name
     cases = {"kv is an input where an output is expected": (inputs + outputs, []),

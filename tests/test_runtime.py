@@ -400,7 +400,7 @@ def test_a_gpu_row_reset_is_enqueued_on_the_compute_stream_without_a_wait():
     backend = SimpleNamespace(array="torch", device="cuda:0", use_stream=lambda stream: None)
     schedule, gpu = Schedule.ddim(2, 100), _StandInGpu()
     ex = GpuExecution(backend, schedule, cuda_graph=False, frames="float32", gpu=gpu)
-    buf = make_buffers(G.model_graphs(cfg, batch=2), schedule, ex.alloc, ex.ops.fill_,
+    buf = make_buffers(G.unet_graphs(cfg, 2, None, "fp32"), schedule, ex.alloc, ex.ops.fill_,  # a stand-in U-Net config
                        lambda graph, name: "int32" if name == G.AGES else "float32")
     ex.prepare(buf)
     for b in (buf.memory, buf.ages, buf.slot, buf.rng):

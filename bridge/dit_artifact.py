@@ -1,0 +1,155 @@
+"""A DiT artifact: the chunk-causal video DiT's graphs as ONNX, their parity, TensorRT engines, manifest.
+
+    DIR/manifest.json                 as the U-Net's (engine.manifest), with "family": "dit" and the DiTConfig
+    DIR/dit_text.onnx                 + dit_step.onnx, dit_cache_write.onnx (see mirage.core.graphs)
+    DIR/dit_step.engine               + the other two (TensorRT backends), each with its .layers.json
+
+Stages: record a PyTorch rollout -> export -> parity (ONNX Runtime vs PyTorch, per tensor and a
+rollout's PSNR) -> engines. A graph the TensorRT backend refuses to parse or build does not stop the
+others: the manifest records `engine_refused` (which stage and the parser's/builder's words) for it,
+progress says so, and `refused_engines` lists them. Weights: a published checkpoint
+(mirage.model.wan_checkpoint.load_dit, its file hashes recorded) or random ones from a seed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import shlex
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from mirage import __version__
+from mirage.core import graphs as G
+from mirage.core.config import DiTConfig, to_json
+from mirage.engine.build import BuildOptions, build_engine, load_backend
+from mirage.engine.manifest import EngineError, sha256_file, write_manifest
+from mirage.export.dit_export import (dit_activation_range, dit_rollout_psnr, dit_tensor_parity, export_dit_graph,
+                                      record_dit_calls)
+from mirage.export.onnx_export import ExportError, ExportOptions
+from mirage.model.dit import WanDiT
+from mirage.model.wan_checkpoint import load_dit
+
+from .artifact import FP16_MAX, ArtifactOptions, check_options, graph_record, parity_verdict, staged
+
+
+def dit_model(cfg: DiTConfig, weights: str | Path | None, seed: int = 0) -> tuple[WanDiT, dict]:
+    """The model (fp32, CPU) and the manifest's `checkpoint` record: a checkpoint's path, layout and file
+    hashes, or the seed of random weights."""
+    if weights is not None:
+        model, info = load_dit(weights, cfg)
+        return model, {"path": str(Path(weights).resolve()), "sha256": ",".join(info.files.values()),
+                       "layout": info.layout, "files": info.files}
+    torch.manual_seed(seed)
+    return WanDiT(cfg).eval().requires_grad_(False), {"path": None, "sha256": None, "random_seed": seed}
+
+
+def dit_export_command(cfg: DiTConfig, weights: str | Path | None, out: Path, o: ArtifactOptions) -> str:
+    cmd = ["mirage-export", "--dit", cfg.name, *(["--dit-weights", str(Path(weights).resolve())] if weights
+                                                 else ["--random-weights"]),
+           "--out", str(out), "--precision", o.precision, "--backend", o.backend]
+    cmd += ["--gpu", ",".join(o.gpus)] if o.gpus else []
+    cmd += ["--batch", str(o.batch)] if o.batch != 1 else []
+    cmd += ["--parity-frames", str(o.parity_frames)] if o.parity_frames != ArtifactOptions.parity_frames else []
+    return shlex.join(cmd + (["--allow-parity-failure"] if o.allow_parity_failure else []))
+
+
+def check_dit_options(o: ArtifactOptions, out: Path) -> ArtifactOptions:
+    """The U-Net's checks (the output folder's too), then what the DiT's export does not have yet (said,
+    not ignored)."""
+    o = check_options(o, out)
+    if o.precision not in ("fp32", "fp16"):
+        raise ExportError(f"--precision {o.precision}: the DiT exports fp32 or fp16 (8-bit Q/DQ is not done yet)")
+    if o.max_batch is not None:
+        raise ExportError("--max-batch: the DiT's graphs have a static batch (give --batch)")
+    if o.temporal_attention != "onnx" or o.plugin_library:
+        raise ExportError("--temporal-attention / --plugin-library are the U-Net's; the DiT uses stock ONNX ops")
+    return o
+
+
+def build_dit_artifact(cfg: DiTConfig, out: str | Path, options: ArtifactOptions, weights: str | Path | None = None,
+                       seed: int = 0, progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Export `cfg` with `weights` (None: random from `seed`) into `out`; returns the manifest."""
+    out = Path(out).resolve()
+    o = check_dit_options(options, out)
+    model, checkpoint = dit_model(cfg, weights, seed)
+    return staged(out, lambda stage: _build(model, checkpoint, dit_export_command(cfg, weights, out, o), stage, o,
+                                            progress))
+
+
+def _build(model: WanDiT, checkpoint: dict, command: str, stage: Path, o: ArtifactOptions, progress) -> dict:
+    started = time.perf_counter()
+    cfg = model.cfg
+    specs = G.model_graphs(cfg, o.batch, None, o.precision)
+    progress("recording a PyTorch rollout (inputs of each graph)")
+    calls = record_dit_calls(model, blocks=max(2, cfg.window_frames // cfg.block_frames + 1), batch=o.batch)
+    files = {g: stage / G.onnx_file(g) for g in specs}
+    for graph in specs:
+        progress(f"export {graph} ({o.precision})")
+        export_dit_graph(model, graph, files[graph], ExportOptions(o.precision, o.batch), calls[graph][0])
+
+    progress("parity vs. PyTorch (ONNX Runtime, CPU)")
+    tensors = dit_tensor_parity(model, files, calls, o.precision)
+    frames = dit_rollout_psnr(model, files, o.precision, o.parity_frames, batch=o.batch)
+    parity = parity_verdict(tensors, frames, o, "the exported graphs")
+
+    if o.precision == "fp16":
+        parity["fp16_activation_peak"] = dit_activation_range(model, calls)
+        parity["fp16_headroom"] = FP16_MAX / max(parity["fp16_activation_peak"], 1e-12)
+
+    graphs_meta = {graph: {**graph_record(specs[graph], files[graph]), "onnx_bytes": files[graph].stat().st_size}
+                   for graph in specs}
+
+    backend_meta: dict = {"name": o.backend, "version": None}
+    build_meta: dict = {}
+    if o.backend != "onnx":
+        trt = load_backend(o.backend)
+        backend_meta["version"] = trt.__version__
+        bopts = BuildOptions(backend=o.backend, optimization_level=o.optimization_level, workspace_mb=o.workspace_mb,
+                             timing_cache=o.backend == "tensorrt",
+                             **({"compute_capabilities": tuple(o.gpus)} if o.gpus else {}))
+        build_meta = dataclasses.asdict(bopts)
+        for graph in specs:
+            progress(f"build {graph} engine ({o.backend} {trt.__version__})")
+            engine = stage / G.engine_file(graph)
+            try:
+                summary = build_engine(files[graph], engine, bopts, timing_cache_path=stage / G.TIMING_CACHE,
+                                       log=progress)
+            except EngineError as e:  # one refused graph is recorded; the others still build
+                graphs_meta[graph]["engine_refused"] = str(e)
+                progress(f"  REFUSED {graph}: {e}")
+                continue
+            graphs_meta[graph].update(engine=engine.name, engine_sha256=sha256_file(engine),
+                                      layers=G.layers_file(graph), build=summary)
+
+    built = [m["build"] for m in graphs_meta.values() if "build" in m]
+    manifest = {
+        "format": 2,
+        "mirage_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "family": cfg.family,
+        "model": to_json(cfg),
+        "batch": o.batch,
+        "max_batch": None,
+        "options": {**dataclasses.asdict(o), "gpus": list(o.gpus)},
+        "checkpoint": checkpoint,
+        "precision": o.precision,
+        "temporal_attention": o.temporal_attention,
+        "graphs": graphs_meta,
+        "backend": backend_meta,
+        "target": {"compute_capabilities": built[0].get("compute_capabilities", []) if built else []},
+        "plugin": None,
+        "build_options": build_meta,
+        "build_seconds": time.perf_counter() - started,
+        "parity": parity,
+        "rebuild_command": command,
+    }
+    write_manifest(stage, manifest)
+    return manifest
+
+
+def refused_engines(manifest: dict) -> dict[str, str]:
+    """Graph -> why the backend refused its engine."""
+    return {g: m["engine_refused"] for g, m in manifest["graphs"].items() if m.get("engine_refused")}

@@ -1,0 +1,191 @@
+"""Export the DiT's graphs (dit_text, dit_step, dit_cache_write; see mirage.core.graphs) to ONNX and
+check them against PyTorch.
+
+The modules are mirage.model.dit_graphs.DiTGraph, traced by onnx_export's dynamo machinery at the
+spec's fixed shapes (weights over 1 GiB go to a side file: wan-1.3b's do). Precisions as for the U-Net:
+fp32 decomposes attention into MatMul/Softmax (TensorRT-RTX has no fp32 kernel for opset-23
+`Attention`), fp16 keeps `Attention`.
+
+Parity: per tensor on the inputs of a recorded PyTorch rollout (‖out − ref‖ / ‖ref‖ per output), and
+per latent frame over a whole rollout: mirage.core.dit_step's block loop on ONNX Runtime against
+BlockStepper (PyTorch fp32, in-place cache) with the same noise and prompt, scored by PSNR with the
+reference rollout's peak-to-peak range as the peak (latents are not in [-1, 1]).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mirage.core import graphs as G
+from mirage.core.dit_step import DiTBlockLoop, Run
+from mirage.core.ort import OrtBackend
+from mirage.model.dit import WanDiT
+from mirage.model.dit_cache import BlockStepper
+from mirage.model.dit_graphs import DiTGraph
+
+from .onnx_export import DTYPES, ExportError, ExportOptions, activation_range, export_module
+
+Calls = dict[str, list[dict[str, np.ndarray]]]
+
+
+def _decomposed_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """softmax(q kᵀ / √d + mask) v in MatMul/Softmax (the masks here are bool: True = may attend)."""
+    scores = (q * (scale or q.shape[-1] ** -0.5)) @ k.transpose(-1, -2)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+@contextlib.contextmanager
+def decomposed_attention(enabled: bool):
+    """While tracing, every F.scaled_dot_product_attention (WanDiT's cross-attention calls it directly)
+    becomes MatMul/Softmax; the model code stays the one the cached rollout runs."""
+    if not enabled:
+        yield
+        return
+    sdpa = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _decomposed_sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
+
+
+def torch_run(model: WanDiT, specs: dict[str, G.GraphSpec]) -> Run:
+    """The block loop's backend on the PyTorch graph modules (CPU, the model's dtype)."""
+    modules = {g: DiTGraph(model, g).eval() for g in specs}
+    dtype = model.patch_embedding.weight.dtype
+
+    @torch.no_grad()
+    def run(graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = [torch.from_numpy(np.array(v)) for v in feeds.values()]
+        args = [a.to(dtype) if a.is_floating_point() and spec.dtype != "float32" else a
+                for a, spec in zip(args, specs[graph].inputs)]
+        return {x.name: o.float().numpy() for x, o in zip(specs[graph].outputs, modules[graph](*args))}
+
+    return run
+
+
+def ort_run(files: dict[str, Path]) -> tuple[Run, OrtBackend]:
+    """The block loop's backend on ONNX Runtime sessions (CPU EP); close the backend when done."""
+    ort = OrtBackend(files)
+
+    def run(graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = ort.sessions[graph]
+        return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+
+    return run, ort
+
+
+def rollout_noise(cfg, blocks: int, batch: int = 1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt embeddings (B, text_len, text_dim) and per-block noise (blocks, steps, B, in_dim, N, h, w)."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(batch, cfg.text_len, cfg.text_dim, generator=g)
+    noise = torch.randn(blocks, cfg.steps, batch, cfg.in_dim, cfg.block_frames, *cfg.latent_size, generator=g)
+    return text.numpy(), noise.numpy()
+
+
+def record_dit_calls(model: WanDiT, blocks: int = 4, seed: int = 1, batch: int = 1) -> Calls:
+    """Feeds each graph gets during a real fp32 rollout of `blocks` blocks (the cache filling and, with
+    enough blocks, rolling): for tensor parity and tracing."""
+    model = model.float().eval()
+    specs = G.model_graphs(model.cfg, batch)
+    calls: Calls = {g: [] for g in specs}
+    inner = torch_run(model, specs)
+
+    def record(graph, feeds):
+        calls[graph].append({k: np.array(v) for k, v in feeds.items()})
+        return inner(graph, feeds)
+
+    loop = DiTBlockLoop(model.cfg, specs, record)
+    text, noise = rollout_noise(model.cfg, blocks, batch, seed)
+    loop.set_prompt(text)
+    for block in noise:
+        loop.step(block)
+    return calls
+
+
+def export_dit_graph(model: WanDiT, graph: str, path: str | Path, options: ExportOptions,
+                     example: dict[str, np.ndarray]) -> Path:
+    """Export one DiT graph, traced on `example` (recorded feeds at fp32: they are cast to the graph's dtypes)."""
+    if options.precision not in DTYPES:
+        raise ExportError(f"precision {options.precision!r}: the DiT exports fp32 or fp16")
+    if options.max_batch is not None and options.max_batch > 1:
+        raise ExportError("the DiT's graphs export at a static batch for now (--max-batch is the U-Net's)")
+    dtype = DTYPES[options.precision]
+    specs = G.model_graphs(model.cfg, options.batch, options.max_batch, options.precision)
+    net = (model if model.patch_embedding.weight.dtype == dtype else copy.deepcopy(model)).to("cpu", dtype).eval()
+    inputs = {x.name: torch.from_numpy(np.array(np.broadcast_to(example[x.name][:1], x.shape), x.dtype))
+              for x in specs[graph].inputs}
+    decompose = options.precision == "fp32" if options.decompose_attention is None else options.decompose_attention
+    with decomposed_attention(decompose):
+        return export_module(DiTGraph(net, graph), graph, inputs, [x.name for x in specs[graph].outputs], path,
+                             options.opset)
+
+
+def dit_tensor_parity(model: WanDiT, files: dict[str, Path], calls: Calls, precision: str) -> dict:
+    """Worst relative and absolute error of every graph output (ONNX Runtime vs PyTorch fp32) over `calls`."""
+    model = model.float().eval()
+    specs = G.model_graphs(model.cfg, precision=precision)
+    ref_run, (out_run, ort) = torch_run(model, G.model_graphs(model.cfg)), ort_run(files)
+    report = {}
+    try:
+        for graph, feeds_list in calls.items():
+            for feeds in feeds_list:
+                ref = ref_run(graph, feeds)
+                out = out_run(graph, {x.name: np.ascontiguousarray(feeds[x.name], x.dtype)
+                                      for x in specs[graph].inputs})
+                for name, r in ref.items():
+                    o = out[name].astype(np.float32)
+                    key = f"{graph}.{name}"
+                    worst = report.setdefault(key, {"rel": 0.0, "max_abs": 0.0, "calls": 0})
+                    rel = float(np.linalg.norm(o - r) / max(np.linalg.norm(r), 1e-12)) if np.isfinite(o).all() \
+                        else float("inf")
+                    worst.update(rel=max(worst["rel"], rel), max_abs=max(worst["max_abs"], float(np.abs(o - r).max())),
+                                 calls=worst["calls"] + 1)
+    finally:
+        ort.close()
+    return report
+
+
+def dit_activation_range(model: WanDiT, calls: Calls) -> float:
+    """Largest |activation| of any module over the recorded rollout (fp32): fp16's margin as a number."""
+    tensors = {g: [{k: torch.from_numpy(v) for k, v in feeds.items()} for feeds in c] for g, c in calls.items()}
+    return activation_range(model.float().eval(), tensors, module_for=lambda m, graph, _codec: DiTGraph(m, graph))
+
+
+def latent_psnr(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Per-frame PSNR (dB) of latent frames (F, C, h, w), the peak being the reference's peak-to-peak range."""
+    peak = float(ref.max() - ref.min())
+    err = ((out.astype(np.float64) - ref.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
+    return 10 * np.log10(peak ** 2 / np.maximum(err, 1e-20))
+
+
+@torch.no_grad()
+def dit_rollout_psnr(model: WanDiT, files: dict[str, Path], precision: str, frames: int = 50, seed: int = 0,
+                     batch: int = 1) -> dict:
+    """PSNR of a `frames`-latent-frame rollout on ONNX Runtime (the block loop over the exported graphs)
+    against BlockStepper in PyTorch fp32, with the same prompt and noise (row 0 of a `batch`)."""
+    model, cfg = model.float().eval(), model.cfg
+    blocks = -(-frames // cfg.block_frames)
+    text, noise = rollout_noise(cfg, blocks, batch, seed)
+    stepper = BlockStepper(model, batch)
+    stepper.set_prompt(torch.from_numpy(text))
+    ref = np.concatenate([stepper.step(torch.from_numpy(n))[0].transpose(0, 1).numpy() for n in noise])
+    run, ort = ort_run(files)
+    try:
+        loop = DiTBlockLoop(cfg, G.model_graphs(cfg, batch, precision=precision), run)
+        loop.set_prompt(text)
+        out = np.concatenate([loop.step(n)[0].swapaxes(0, 1) for n in noise])
+    finally:
+        ort.close()
+    frame_psnr = latent_psnr(out, ref)
+    return {"frames": int(ref.shape[0]), "unit": "latent frames", "blocks": blocks, "steps": cfg.steps,
+            "precision": precision,
+            "psnr_mean_db": float(frame_psnr.mean()), "psnr_min_db": float(frame_psnr.min()),
+            "psnr_last10_db": float(frame_psnr[-10:].mean()), "finite": bool(np.isfinite(out).all())}

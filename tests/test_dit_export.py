@@ -1,0 +1,146 @@
+"""The DiT's exported graphs: specs, the pure graph modules against BlockStepper, ONNX parity, TensorRT-RTX
+engines and the manifest (dit-tiny, CPU)."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mirage.core import graphs as G
+from mirage.core.config import get_config, get_dit_config
+from mirage.core.dit_step import DiTBlockLoop, block_inputs, rope_tables, timestep_embedding
+from mirage.engine.manifest import EngineError, validate_manifest
+from mirage.engine.verify import verify_artifact
+from mirage.model.dit import WanDiT, sinusoidal_embedding
+from mirage.model.dit_cache import BlockStepper
+
+TINY = get_dit_config("dit-tiny")
+
+
+def test_specs_come_from_the_config_at_fixed_shapes():
+    wan = G.model_graphs(get_dit_config("wan-1.3b"), batch=2, precision="fp16")
+    assert set(wan) == set(G.DIT_GRAPHS) == set(G.FAMILY_GRAPHS[get_dit_config("wan-1.3b").family])
+    step = wan[G.DIT_STEP]
+    assert step.tensor(G.X_T).shape == (2, 16, 3, 60, 104) and step.tensor(G.X_T).dtype == "float16"
+    assert step.tensor(G.CACHE_K).shape == (2, 30, 12, 21 * 1560, 128)  # the whole window, every fill level
+    assert step.tensor(G.NEW_K).shape == (2, 30, 12, 3 * 1560, 128)
+    assert step.tensor(G.T_EMB).shape == (2, 3, 256) and step.tensor(G.T_EMB).dtype == "float32"
+    assert step.tensor(G.ROPE_COS).shape == (2, 3 * 1560, 64) and step.tensor(G.SLOTS).dtype == "int32"
+    assert step.tensor(G.VALID).shape == (2, 21 * 1560) and step.max_batch is None and step.profile() is None
+    assert [x.name for x in step.outputs] == [G.V, G.NEW_K, G.NEW_V]
+    assert [x.name for x in wan[G.DIT_CACHE_WRITE].outputs] == [G.NEW_K, G.NEW_V]
+    assert wan[G.DIT_CACHE_WRITE].inputs == step.inputs
+    assert wan[G.DIT_TEXT].tensor(G.TEXT_K).shape == (2, 30, 12, 512, 128)
+    assert list(G.model_graphs(get_config("tiny"))) == [G.DENOISE, G.CONTEXT]  # the U-Net's, unchanged
+
+
+def test_static_inputs_match_the_model():
+    """The torch-free RoPE angles and timestep embeddings equal WanDiT's, and the slots / validity
+    follow the cache's sink + ring layout."""
+    cfg = dataclasses.replace(TINY, sink_frames=2)
+    model = WanDiT(cfg)
+    cos, sin = rope_tables(cfg, np.array([[9, 10]]))
+    ref_cos, ref_sin = model.rope(torch.tensor([9, 10]))
+    np.testing.assert_array_equal(cos[0], ref_cos.numpy())
+    np.testing.assert_array_equal(sin[0], ref_sin.numpy())
+    t = np.array([[937.5, 0.0]], np.float32)
+    np.testing.assert_array_equal(timestep_embedding(cfg, t),
+                                  sinusoidal_embedding(torch.from_numpy(t), cfg.freq_dim).float().numpy())
+    tokens = cfg.tokens_per_frame
+    first = block_inputs(cfg, 0, 1)  # frames 0, 1: slots 0, 1; only they are valid
+    assert first[G.SLOTS][0, tokens] == tokens and first[G.VALID].sum() == 2 * tokens
+    rolled = block_inputs(cfg, 6, 1)  # frames 6, 7 of a (2 sink + 4 ring) window: slots 2, 3
+    assert rolled[G.SLOTS][0, 0] == 2 * tokens and rolled[G.VALID].sum() == cfg.window_frames * tokens
+
+
+def test_pure_graphs_with_an_external_cache_equal_the_block_stepper():
+    """BlockStepper (in-place cache, one span per fill level) against the pure graph modules driven by the
+    block loop that writes the cache itself: the same latents while the cache fills, is full and rolls
+    past the sink (float32), for each row of a batch of 2."""
+    from mirage.export.dit_export import rollout_noise, torch_run
+
+    cfg = dataclasses.replace(TINY, sink_frames=2)
+    torch.manual_seed(0)
+    model = WanDiT(cfg).eval()
+    specs = G.model_graphs(cfg, batch=2)
+    loop = DiTBlockLoop(cfg, specs, torch_run(model, specs))
+    stepper = BlockStepper(model, batch=2)
+    text, noise = rollout_noise(cfg, blocks=5, batch=2, seed=3)
+    stepper.set_prompt(torch.from_numpy(text[:, :11]))  # a short prompt: both pad it
+    loop.set_prompt(text[:, :11])
+    for block in noise:
+        ref = stepper.step(torch.from_numpy(block)).numpy()
+        np.testing.assert_allclose(loop.step(block), ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(loop.cache[G.CACHE_K], stepper.cache.k.transpose(0, 1).numpy(), atol=1e-4, rtol=0)
+
+
+trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (pip install tensorrt-rtx-cu13) builds the engines")
+
+
+@pytest.fixture(scope="module")
+def fp16_artifact(tmp_path_factory):
+    """dit-tiny, random weights, fp16, TensorRT-RTX engines for sm89, parity over 50 latent frames."""
+    from mirage.bridge.artifact import ArtifactOptions
+    from mirage.bridge.dit_artifact import build_dit_artifact
+
+    out = tmp_path_factory.mktemp("dit") / "fp16"
+    build_dit_artifact(TINY, out, ArtifactOptions(precision="fp16", backend="tensorrt-rtx", gpus=("sm89",)))
+    return out, json.loads((out / G.MANIFEST).read_text())
+
+
+def test_fp16_artifact_matches_pytorch_and_builds_engines(fp16_artifact):
+    out, m = fp16_artifact
+    assert m["family"] == "dit" and m["model"]["name"] == "dit-tiny" and m["checkpoint"]["random_seed"] == 0
+    rollout = m["parity"]["rollout"]
+    assert rollout["frames"] == 50 and rollout["psnr_min_db"] >= 40  # the issue's fp16 target
+    assert all(t["rel"] <= 1e-2 for t in m["parity"]["tensors"].values()) and m["parity"]["passed"]
+    assert 1 < m["parity"]["fp16_headroom"] == 65504 / m["parity"]["fp16_activation_peak"]
+    assert set(m["parity"]["tensors"]) >= {"dit_step.v", "dit_step.new_k", "dit_cache_write.new_v", "dit_text.text_k"}
+    specs = G.model_graphs(TINY, precision="fp16")
+    for graph, meta in m["graphs"].items():
+        assert (meta["inputs"], meta["outputs"]) == specs[graph].io()
+        assert (out / meta["engine"]).stat().st_size == meta["build"]["engine_bytes"] > 0
+        assert "engine_refused" not in meta
+    assert m["target"]["compute_capabilities"] == ["sm89"]
+    cfg, _ = verify_artifact(out, m, engines=True)  # the loader's check: hashes, and I/O against the DiTConfig's specs
+    assert cfg == TINY
+    assert m["rebuild_command"].startswith("mirage-export --dit dit-tiny --random-weights")
+
+
+def test_a_refused_engine_is_recorded_not_dropped(tmp_path, monkeypatch):
+    """fp32 with the opset-23 `Attention` op (not decomposed): ONNX Runtime runs it (parity holds), TensorRT-RTX
+    1.7 has no fp32 kernel for it and refuses the two graphs with attention; dit_text (none) still builds."""
+    from mirage.bridge import dit_artifact
+    from mirage.bridge.artifact import ArtifactOptions
+    from mirage.export.onnx_export import ExportOptions
+
+    monkeypatch.setattr(dit_artifact, "ExportOptions", functools.partial(ExportOptions, decompose_attention=False))
+    m = dit_artifact.build_dit_artifact(TINY, tmp_path / "a", ArtifactOptions(
+        precision="fp32", backend="tensorrt-rtx", gpus=("sm89",), parity_frames=2))
+    assert all(t["rel"] <= 1e-4 for t in m["parity"]["tensors"].values())
+    refused = dit_artifact.refused_engines(m)
+    assert set(refused) == {G.DIT_STEP, G.DIT_CACHE_WRITE} and all("Attention" in why for why in refused.values())
+    assert m["graphs"][G.DIT_TEXT]["engine"] and not (tmp_path / "a" / G.engine_file(G.DIT_STEP)).exists()
+    with pytest.raises(EngineError, match="dit_step: the artifact has no engine for it .*Attention"):
+        verify_artifact(tmp_path / "a", m, engines=True)
+    validate_manifest(m)  # a refusal is a valid record ...
+    del m["graphs"][G.DIT_STEP]["engine_refused"]
+    with pytest.raises(EngineError, match="dit_step records no engine"):  # ... a silent gap is not
+        validate_manifest(m)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dit", "dit-tiny"], "give either --dit-weights PATH or --random-weights"),
+    (["--random-weights"], "add --dit NAME"),
+    (["--dit", "dit-tiny", "--random-weights", "--precision", "int8"], "the DiT exports fp32 or fp16"),
+])
+def test_export_cli_refuses_an_incomplete_dit_request(args, message, tmp_path):
+    from mirage.cli.export import main
+
+    result = CliRunner().invoke(main, args + ["--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and message in result.output and not (tmp_path / "x").exists()
