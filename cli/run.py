@@ -97,13 +97,14 @@ def _input_stream(source: str, size: int, frames: int) -> Iterator[tuple[np.ndar
 
 
 class _Stop:
-    """Ctrl-C / SIGTERM end the run after the frame in progress; the output keeps the frames made."""
+    """Ctrl-C / SIGTERM / SIGHUP (a closed terminal or ssh session) end the run after the frame in
+    progress; the output keeps the frames made."""
 
     def __init__(self):
         self.signal = None
 
     def __enter__(self):
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         return self
 
     def _handle(self, signum, _frame):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -98,6 +99,7 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
             return serve_on_ray(model, slots, backend, devices, fast, options, ray_address, min_replicas=min_replicas,
                                 max_replicas=max_replicas or min_replicas, target_streams=target_streams,
                                 drain_s=drain_s)
+        _check_listen(host, port)  # before the model loads: a taken port is said in a second, not after it
         pipeline = PipelineOptions.fastest() if fast else PipelineOptions()
         opened = dict(backend=backend, options=pipeline, load=load_pipeline)  # checkpoints run on the torch side
         pool = StreamPool.open(model, slots, device=devices[0], **opened) if len(devices) == 1 \
@@ -115,8 +117,23 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
                + (f"?token=TOKEN, TOKEN being the value of {source}" if token else ""))
     try:
         web.run_app(make_app(pool, options), host=host, port=port, print=None, access_log_class=AccessLog)
+    except OSError as e:  # taken between the check and the bind
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
     finally:
         pool.close()
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Refuse a host:port this process cannot listen on (taken, or not an address of this machine)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in infos[:1]:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds
+                probe.bind(address)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port or stop "
+                        "what holds it") from e
 
 
 def serve_on_ray(model, slots, backend, devices, fast, options, address, **replicas) -> None:

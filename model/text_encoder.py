@@ -111,6 +111,8 @@ def read_prompt_embeds(path: str | Path, text_dim: int, text_len: int) -> torch.
                                 f"(L, {text_dim}) or (1, L, {text_dim})")
     if embeds.shape[0] > text_len:
         raise ConditioningError(f"{path}: {embeds.shape[0]} prompt tokens; the model takes at most {text_len}")
+    if not torch.isfinite(embeds).all():  # NaN embeddings make a black video with no other sign
+        raise ConditioningError(f"{path}: prompt embeddings hold NaN or infinite values")
     padded = embeds.new_zeros(text_len, text_dim)
     padded[: embeds.shape[0]] = embeds
     return padded[None].float()

@@ -210,3 +210,16 @@ def test_prompt_checkpoint_and_decoder_compose(umt5_folder, tmp_path):
         velocity = model(block, torch.full((1, TINY.block_frames), 750.0), text)
     frames = decoder.decode(block - 0.75 * velocity)  # x0 = x_t - sigma v (sigma here is illustrative only)
     assert frames.shape == (1, 1 + 4 * (TINY.block_frames - 1), 3, TINY.height, TINY.width)
+
+
+def test_non_finite_prompt_embeddings_are_refused(tmp_path):
+    """NaN embeddings gave an all-black video and exit 0."""
+    from safetensors.torch import save_file
+
+    from mirage.core.config import get_dit_config
+
+    cfg = get_dit_config("dit-tiny")
+    path = tmp_path / "nan.safetensors"
+    save_file({"prompt_embeds": torch.full((4, cfg.text_dim), float("nan"))}, str(path))
+    with pytest.raises(ConditioningError, match="NaN or infinite"):
+        encode_prompt(path, cfg)

@@ -225,3 +225,14 @@ def test_a_report_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
         write_json(path, {"run": 2})
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"run": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_a_taken_port_is_one_line_before_the_model_loads(no_model):
+    """It was a traceback (OSError from the bind) after the model had loaded and calibrated."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        _refused(serve_main, ["--port", str(port), "--device", "cpu"], f"cannot listen on 127.0.0.1:{port}")
