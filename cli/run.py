@@ -174,6 +174,9 @@ def main(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
             _run_dit(model, dit, frames, seed, output, fast, no_cuda_graph, compile_, device, json_path, fps)
     except MirageError as e:
         raise UserError(str(e)) from e
+    except KeyboardInterrupt:  # Ctrl-C while the model loads, before the frame loop takes the signal over
+        click.echo("interrupted (SIGINT) before the first frame; nothing was written", err=True)
+        raise SystemExit(128 + signal.SIGINT) from None
 
 
 def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_graph, compile_, kernel_library, device,

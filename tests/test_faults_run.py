@@ -236,3 +236,15 @@ def test_a_taken_port_is_one_line_before_the_model_loads(no_model):
         holder.listen()
         port = holder.getsockname()[1]
         _refused(serve_main, ["--port", str(port), "--device", "cpu"], f"cannot listen on 127.0.0.1:{port}")
+
+
+def test_ctrl_c_before_the_first_frame_is_one_line_and_status_130(tmp_path, monkeypatch):
+    """It was click's 'Aborted!' and exit status 1 (or a traceback), unlike an interrupt mid-run."""
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mirage.bridge.pipeline.load_pipeline", interrupted)
+    out = tmp_path / "o.gif"
+    r = CliRunner().invoke(run_main, [str(CKPT_GEN), "--output", str(out)])
+    assert r.exit_code == 130 and "before the first frame; nothing was written" in r.output, r.output
+    assert not out.exists()
