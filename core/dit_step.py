@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from mirage.core import graphs as G
-from mirage.core.flow_schedule import block_schedule
+from mirage.core.flow_schedule import block_schedule, flow_renoise, flow_x0
 
 Run = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -99,9 +99,9 @@ class DiTBlockLoop:
         x = noise[0].astype(np.float32)
         for i, (t, sigma, sigma_next) in enumerate(self.schedule):
             v = self._call(G.DIT_STEP, self._feeds(x, t, static))[G.V].astype(np.float32)
-            x0 = x - sigma * v
+            x0 = flow_x0(x, v, sigma)
             if i + 1 < len(self.schedule):
-                x = (1 - sigma_next) * x0 + sigma_next * noise[i + 1]
+                x = flow_renoise(x0, noise[i + 1], sigma_next)
         out = self._call(G.DIT_CACHE_WRITE, self._feeds(x0, float(self.cfg.context_timestep), static))
         rows = static[G.SLOTS]
         for b in range(self.batch):  # the cache update the graphs leave to the runtime

@@ -63,3 +63,14 @@ def block_schedule(step_list: tuple[int, ...], shift: float, warp: bool) -> list
     ts = warp_timesteps(step_list, shift) if warp else [float(s) for s in step_list]
     sigmas = [sigma_at(t, shift) for t in ts]
     return [(t, s, sigmas[i + 1] if i + 1 < len(ts) else 0.0) for i, (t, s) in enumerate(zip(ts, sigmas))]
+
+
+def flow_x0(x, v, sigma: float):
+    """x_0 = x_t - σ v: the clean block a velocity prediction implies (floats, numpy arrays or torch
+    tensors alike, as core/schedule.ddim_step)."""
+    return x - sigma * v
+
+
+def flow_renoise(x0, noise, sigma: float):
+    """x_t = (1 - σ) x_0 + σ ε: a prediction put back at noise level σ for the next step."""
+    return (1 - sigma) * x0 + sigma * noise

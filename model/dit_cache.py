@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mirage.core.flow_schedule import block_schedule
+from mirage.core.flow_schedule import block_schedule, flow_renoise, flow_x0
 from mirage.model.dit import Block, Rope, WanDiT, block_causal_mask
 
 
@@ -141,9 +141,9 @@ class BlockStepper:
         positions, slots = self._block_frames()
         x = noise[0]
         for i, (_, sigma, sigma_next) in enumerate(self.schedule):
-            x0 = x - sigma * self._pass(x, self._timesteps[i], slots, positions, span).float()
+            x0 = flow_x0(x, self._pass(x, self._timesteps[i], slots, positions, span).float(), sigma)
             if i + 1 < len(self.schedule):
-                x = (1 - sigma_next) * x0 + sigma_next * noise[i + 1]
+                x = flow_renoise(x0, noise[i + 1], sigma_next)
         self.append_body(x0, span)
         return x0
 
