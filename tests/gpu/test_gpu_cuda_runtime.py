@@ -190,7 +190,7 @@ def _pipeline(cuda, graph: bool, v2v: bool, frames: str = "float32", batch: int 
     from mirage.core.config import PipelineOptions
     from mirage.runtime.pipeline import Pipeline
 
-    cfg = SimpleNamespace(image_size=64, pixels=64, channels=3, cond_channels=3 if v2v else 0)
+    cfg = SimpleNamespace(name="stand-in", image_size=64, pixels=64, channels=3, cond_channels=3 if v2v else 0)
     options = PipelineOptions(steps=4, cuda_graph=graph, frames=frames, batch=batch)
     pipe = Pipeline(StandInEngine(cuda), cfg, _specs(v2v, batch), options)
     pipe.reset(3)
