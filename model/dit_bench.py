@@ -105,15 +105,16 @@ def run_clip(step, stepper: BlockStepper, blocks: int, seed: int, device) -> tup
 
 
 def run_decoded_clip(step, stepper: BlockStepper, decoder, blocks: int, seed: int, device,
-                     overlap: bool) -> tuple[list[float], list[float], int]:
+                     side: torch.cuda.Stream | None) -> tuple[list[float], list[float], int]:
     """One clip from an empty cache with every block decoded: the times (ms from the clip's start) at
     which each block's frames are ready, the decode times alone (serial only, else empty) and the
-    video frames decoded. The noise is run_clip's (same seed, same draws)."""
+    video frames decoded. Serial without a `side` stream, else each block is decoded on `side` while the
+    next is generated. The noise is run_clip's (same seed, same draws)."""
     stepper.reset()
     decoder.reset()
     gen = torch.Generator(device=device).manual_seed(seed)
     ready, decode, frames = [], [], 0
-    if not overlap:
+    if side is None:
         sync(device)
         start = time.perf_counter()
         for _ in range(blocks):
@@ -125,7 +126,7 @@ def run_decoded_clip(step, stepper: BlockStepper, decoder, blocks: int, seed: in
             ready.append((time.perf_counter() - start) * 1e3)
             decode.append((time.perf_counter() - decode_start) * 1e3)
         return ready, decode, frames
-    main, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+    main = torch.cuda.current_stream(device)
     start, done = torch.cuda.Event(enable_timing=True), []
     sync(device)
     start.record(main)
@@ -165,16 +166,17 @@ def decoded(step, stepper: BlockStepper, decoders: dict, blocks: int, seed: int,
     between ready blocks, video frames per second with decode and its ratio to `fps` (without); peak
     memory less `stale` (what earlier paths left), as the path's own."""
     rows = []
+    sides = [None] + ([torch.cuda.Stream(device)] if device.type == "cuda" else [])
     for name, decoder in decoders.items():
-        with torch.no_grad():  # warm-up: cuDNN's choices, the Wan VAE's first-chunk and later paths
-            run_decoded_clip(step, stepper, decoder, 2, seed, device, overlap=False)
-        for overlap in (False, True) if device.type == "cuda" else (False,):
+        for side in sides:
+            with torch.no_grad():  # warm-up: cuDNN's choices, the Wan VAE's first-chunk and later paths, the stream
+                run_decoded_clip(step, stepper, decoder, 2, seed, device, side)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             with torch.no_grad():
-                ready, decode, frames = run_decoded_clip(step, stepper, decoder, blocks, seed, device, overlap)
+                ready, decode, frames = run_decoded_clip(step, stepper, decoder, blocks, seed, device, side)
             intervals = [b - a for a, b in zip([0.0] + ready, ready)]
-            row = {"decoder": name, "overlap": overlap, "first_frame_ms": ready[0], **block_stats(intervals),
+            row = {"decoder": name, "overlap": side is not None, "first_frame_ms": ready[0], **block_stats(intervals),
                    "video_frames": frames, "video_fps": frames / (ready[-1] / 1e3),
                    "decode_median_ms": statistics.median(decode) if decode else None,
                    "decode_p99_ms": float(np.percentile(decode, 99)) if decode else None,
