@@ -22,6 +22,12 @@ from mirage.model.weights import CheckpointError, Entry, as_entries, check_shape
 
 VAE_CLASS = "AutoencoderKLWan"
 WAN_OWN_VAE_KEY = "decoder.middle.0.residual.0.gamma"  # Wan2.1_VAE.pth (diffusers detects that file by this key)
+# The Wan 2.1 VAE's layout: Wan's own `_video_vae` (wan/modules/vae.py: dim 96, z_dim 16, dim_mult [1, 2, 4, 4],
+# 2 res blocks, no attention scales, temporal downsampling [False, True, True]), which is also diffusers'
+# AutoencoderKLWan default and Wan2.1-T2V-1.3B-Diffusers/vae/config.json; latents_mean / latents_std are
+# diffusers' defaults, the published ones (a test checks these against diffusers' defaults)
+WAN21_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                 temperal_downsample=[False, True, True], dropout=0.0)
 
 
 class WanVaeDecoder:
@@ -61,6 +67,20 @@ class WanVaeDecoder:
         return torch.cat(out, 2).clamp(-1, 1).transpose(1, 2)
 
 
+def _vae_class():
+    try:
+        from diffusers import AutoencoderKLWan
+    except ImportError as e:
+        raise CheckpointError("the Wan VAE needs diffusers: pip install -e '.[wan]'") from e
+    return AutoencoderKLWan
+
+
+def random_wan_vae(**overrides) -> WanVaeDecoder:
+    """The Wan 2.1 VAE with random weights (benchmarks: speed does not depend on the values); `overrides`
+    change its config (tests: a tiny one)."""
+    return WanVaeDecoder(_vae_class()(**{**WAN21_VAE, **overrides}))
+
+
 def load_wan_vae(folder: Path) -> WanVaeDecoder:
     if (folder / "vae").is_dir():
         folder = folder / "vae"
@@ -74,11 +94,7 @@ def load_wan_vae(folder: Path) -> WanVaeDecoder:
         raise CheckpointError(f"{folder}: a Wan 2.2 VAE (patch_size / z_dim 48); Wan 2.1 models need the "
                               f"16-channel VAE")
     try:
-        from diffusers import AutoencoderKLWan
-    except ImportError as e:
-        raise CheckpointError("the Wan VAE needs diffusers: pip install -e '.[wan]'") from e
-    try:
-        vae = AutoencoderKLWan.from_pretrained(folder, local_files_only=True)
+        vae = _vae_class().from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{folder}: cannot load the Wan VAE ({str(e).splitlines()[0]})") from e
     return WanVaeDecoder(vae)

@@ -36,6 +36,7 @@ import torch
 
 from mirage.bridge.pipeline import from_model
 from mirage.runtime import Pipeline
+from mirage.core import kernel_profile
 from mirage.core.config import PipelineOptions, get_config
 from mirage.model.unet import MirageUNet, parameter_count
 
@@ -253,29 +254,6 @@ def throughput(name: str, batches: list[int], variant: str, kernel_library: str,
     return rows
 
 
-# Kernel kinds by name. Inductor's kernels are named after the ops they fused
-# ("triton_poi_fused_add_convolution_3" is a bias add after a convolution), so they are classed by
-# their prefix; library kernels by name, first match wins (cuDNN's attention is called
-# "..._sdpa_..._flash_fprop_...", its convolutions "...fprop_implicit_gemm...", cuBLAS's Hopper
-# GEMMs "nvjet_...").
-LIBRARY_KINDS = (
-    ("attention", ("flash", "fmha", "sdpa", "attention", "softmax")),
-    ("convolution", ("fprop", "conv")),
-    ("gemm", ("gemm", "nvjet", "cutlass", "cublas")),
-    ("layout/copy", ("copy", "memcpy", "memset", "fill", "nchwtonhwc", "nhwctonchw", "transpose", "cat")),
-    ("normalization", ("norm",)),
-    ("eager pointwise", ("elementwise",)),
-)
-
-
-def kernel_kind(name: str) -> str:
-    low = name.lower()
-    if low.startswith("triton_"):
-        return ("triton norm" if "norm" in low else
-                "triton pointwise" if low.startswith("triton_poi") else "triton reduction")
-    return next((kind for kind, keys in LIBRARY_KINDS if any(k in low for k in keys)), "other")
-
-
 def profile(name: str, variant: str, kernel_library: str, top: int = 12) -> dict:
     """Where a frame's GPU time goes: one frame of `variant` run eagerly (no frame graph, so the
     profiler sees every kernel) -> kernels per frame, summed kernel time, the slowest kernels."""
@@ -291,27 +269,10 @@ def profile(name: str, variant: str, kernel_library: str, top: int = 12) -> dict
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             pipe.step()
             torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    total = sum(e.device_time for e in kernels)  # us
-    by_name: dict[str, list[float]] = {}
-    for e in kernels:
-        by_name.setdefault(e.name, []).append(e.device_time)
-    rows = sorted(((sum(v), len(v), k) for k, v in by_name.items()), reverse=True)[:top]
-    by_kind: dict[str, list[float]] = {}
-    for e in kernels:
-        by_kind.setdefault(kernel_kind(e.name), []).append(e.device_time)
-    res = {"variant": variant, "kernels_per_frame": len(kernels), "kernel_ms_per_frame": total / 1e3,
-           "mean_kernel_us": total / max(1, len(kernels)),
-           "by_kind": [{"kind": k, "calls": len(v), "ms": sum(v) / 1e3, "share": sum(v) / total}
-                       for k, v in sorted(by_kind.items(), key=lambda kv: -sum(kv[1]))],
-           "top": [{"name": k[:90], "calls": n, "ms": t / 1e3, "share": t / total} for t, n, k in rows]}
+    kernels = [(e.name, e.device_time) for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    res = {"variant": variant, **kernel_profile.summarize(kernels, "frame", top)}
     restore(model)
-    print(f"profile {name} {variant}: {res['kernels_per_frame']} kernels/frame, {res['kernel_ms_per_frame']:.3f} ms "
-          f"of kernel time (mean {res['mean_kernel_us']:.1f} us)", flush=True)
-    for r in res["by_kind"]:
-        print(f"  {r['kind']:>18}: {r['share'] * 100:5.1f}%  {r['ms']:7.3f} ms  x{r['calls']}", flush=True)
-    for r in res["top"]:
-        print(f"    {r['share'] * 100:5.1f}%  {r['ms']:7.3f} ms  x{r['calls']:<4} {r['name']}", flush=True)
+    print(f"profile {name} {variant}: " + "\n".join(kernel_profile.lines(res, "frame")), flush=True)
     return res
 
 

@@ -4,18 +4,50 @@
 #   STAGES="tests kernels bench" CONFIGS=tiny,base [VARIANTS=... PROFILE_VARIANTS=... STEPS=4 TAG=_x] scripts/gpu_session.sh
 #   STAGES="servetests serve" SERVE_CASES="base:16 base:16:churn base-512:8" scripts/gpu_session.sh
 #   STAGES="dittests anchor dit" SELF_FORCING=.anchor/Self-Forcing [DIT_CONFIG=wan-1.3b DIT_BLOCKS=7 DIT_MODES=...] scripts/gpu_session.sh
+#   PACK=dit STAGES="ditdecode ditattn ditcompile" scripts/gpu_session.sh     # carry .whl (diffusers) for the Wan VAE
 # (stages: build = the kernel library only, for this GPU's architecture; tests = the tests/gpu suite;
 #  kernels = build + time the fused kernel; conv = cuDNN vs the Triton conv per seed880m layer; bench;
 #  servetests = the serving and runtime GPU tests; serve = bench_serve, one server per CONFIG:STREAMS[:churn]
 #  case, each under its own SERVE_LIMIT seconds so that a slow case cannot cost the others their JSON;
 #  dittests = the DiT's GPU tests; anchor = Self-Forcing's own code on the same clip (a checkout in $SELF_FORCING,
-#  never committed); dit = bench_dit for DIT_CONFIG)
+#  never committed); dit = bench_dit for DIT_CONFIG; ditdecode = wan-1.3b compile-graph with each decoder (DIT_DECODERS,
+#  default taehv,wan-vae; the Wan VAE needs diffusers: installed for the run from the wheels in $WHEELS, default .whl,
+#  when the image lacks it, else left out) and the profile by kernel kind; ditprofile = the profile alone;
+#  ditattn = wan-1.3b compile-graph on a clip reaching a full window (DIT_ATTN_BLOCKS, default 12) once per SDPA
+#  backend in DIT_ATTENTION (default "auto cudnn flash"), each its own process and JSON; ditcompile = Inductor
+#  without CUDA graphs (compile mode))
+# Every stage with a time limit gets at most what is left of DEADLINE seconds (default 540: the device tool's
+# 10-minute command, less a minute for the start and the transfers) and is skipped when under 30 s are left.
+# PACK=NAME: every stage's files go into $OUT/NAME.tgz (rewritten after each stage), for the device tool's
+# limit of 8 files coming back.
 set -euo pipefail
 # the repository is the package `mirage` (package-dir mapping); without an install, a symlink named mirage on PYTHONPATH
 if ! python -c "import mirage" 2>/dev/null; then mkdir -p /tmp/mirage-pkg && ln -sfn "$PWD" /tmp/mirage-pkg/mirage && export PYTHONPATH=/tmp/mirage-pkg${PYTHONPATH:+:$PYTHONPATH}; fi
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
+DEST=$OUT
+if [ -n "${PACK:-}" ]; then OUT=$(mktemp -d); fi
 STAGES=${STAGES:-"tests kernels bench"}
+DEADLINE=${DEADLINE:-540}
+limit() {  # a stage's time limit: its own ($1), or what is left of DEADLINE if less
+  local left=$((DEADLINE - SECONDS))
+  echo $((left < $1 ? left : $1))
+}
+wheels() {  # make module $2 importable: already there, or installed for this run from the wheels in folder $1
+  python -c "import $2" 2>/dev/null && return 0
+  compgen -G "$1/*.whl" >/dev/null || { echo "$2 is not installed here and $1 holds no wheels"; return 1; }
+  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "/tmp/site-$2" "$1"/*.whl
+  export PYTHONPATH="/tmp/site-$2${PYTHONPATH:+:$PYTHONPATH}"
+  python -c "import $2; print('$2', $2.__version__, 'from $1')"
+}
+dit_bench() {  # NAME LIMIT ARGS...: bench_dit for wan-1.3b (DIT_CONFIG) -> $OUT/NAME.json and .log
+  local name=$1 lim
+  lim=$(limit "$2")
+  shift 2
+  if [ "$lim" -lt 30 ]; then echo "$name: skipped, ${lim}s left of DEADLINE"; return 0; fi
+  timeout "$lim" python scripts/bench_dit.py --config "${DIT_CONFIG:-wan-1.3b}" --json "$OUT/$name.json" "$@" 2>&1 \
+    | tee "$OUT/$name.log" || echo "$name: exit $? (124: cut at its ${lim} s limit)"
+}
 ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 for stage in $STAGES; do
@@ -39,11 +71,25 @@ for stage in $STAGES; do
                2>&1 | tee "$OUT/serve_${cfg}_${n}${mode:+_$mode}.log" || echo "serve $case: exit $?"
            done ;;
     conv) python scripts/bench_conv.py --out "$OUT/conv.json" --tuned "$OUT/conv_tuned.json" 2>&1 | tee "$OUT/conv.log" ;;
-    dittests) timeout "${DIT_LIMIT:-600}" python -m pytest -q -rs tests/gpu/test_gpu_dit.py 2>&1 | tee "$OUT/dit_tests.log" || echo "dittests: failures" ;;
+    dittests) timeout "$(limit "${DIT_LIMIT:-600}")" python -m pytest -q -rs tests/gpu/test_gpu_dit.py 2>&1 | tee "$OUT/dit_tests.log" || echo "dittests: failures" ;;
     anchor) timeout "${DIT_LIMIT:-600}" python scripts/anchor_self_forcing.py --self-forcing "${SELF_FORCING:?a Self-Forcing checkout}" --blocks "${DIT_BLOCKS:-7}" \
               --json "$OUT/anchor_self_forcing.json" 2>&1 | tee "$OUT/anchor_self_forcing.log" || echo "anchor: exit $?" ;;
     dit) timeout "${DIT_LIMIT:-600}" python scripts/bench_dit.py --config "${DIT_CONFIG:-wan-1.3b}" --blocks "${DIT_BLOCKS:-7}" ${DIT_MODES:+--modes "$DIT_MODES"} \
            --json "$OUT/dit_${DIT_CONFIG:-wan-1.3b}${TAG:-}.json" 2>&1 | tee "$OUT/dit_${DIT_CONFIG:-wan-1.3b}${TAG:-}.log" || echo "dit: exit $?" ;;
-    *) echo "unknown stage $stage (build, tests, kernels, conv, bench, servetests, serve, dittests, anchor, dit)"; exit 2 ;;
+    ditdecode) decoders=${DIT_DECODERS:-taehv,wan-vae}
+               if [[ $decoders == *wan-vae* ]] && ! wheels "${WHEELS:-.whl}" diffusers; then
+                 decoders=$(echo "$decoders" | sed 's/,*wan-vae//; s/^,//'); echo "ditdecode: without the Wan VAE"
+               fi
+               dit_bench dit_decode "${DIT_DECODE_LIMIT:-240}" --modes compile-graph --blocks "${DIT_BLOCKS:-7}" \
+                 ${decoders:+--decoders "$decoders"} --profile ;;
+    ditprofile) dit_bench dit_profile "${DIT_PROFILE_LIMIT:-150}" --modes compile-graph --blocks "${DIT_BLOCKS:-7}" --profile ;;
+    ditattn) for backend in ${DIT_ATTENTION:-auto cudnn flash}; do
+               dit_bench "dit_attn_$backend" "${DIT_ATTN_LIMIT:-120}" --modes compile-graph --attention "$backend" \
+                 --blocks "${DIT_ATTN_BLOCKS:-12}"
+             done ;;
+    ditcompile) dit_bench dit_compile "${DIT_COMPILE_LIMIT:-150}" --modes compile --blocks "${DIT_BLOCKS:-7}" ;;
+    *) echo "unknown stage $stage (build, tests, kernels, conv, bench, servetests, serve, dittests, anchor, dit, ditdecode,"\
+            "ditprofile, ditattn, ditcompile)"; exit 2 ;;
   esac
+  if [ -n "${PACK:-}" ]; then tar -czf "$DEST/$PACK.tgz.part" -C "$OUT" . && mv "$DEST/$PACK.tgz.part" "$DEST/$PACK.tgz"; fi
 done
