@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from mirage.core import graphs as G
 from mirage.core.dit_step import DiTBlockLoop, Run
+from mirage.core.metrics import latent_psnr
 from mirage.core.ort import OrtBackend
 from mirage.model.dit import WanDiT
 from mirage.model.dit_cache import BlockStepper
@@ -157,13 +158,6 @@ def dit_activation_range(model: WanDiT, calls: Calls) -> float:
     """Largest |activation| of any module over the recorded rollout (fp32): fp16's margin as a number."""
     tensors = {g: [{k: torch.from_numpy(v) for k, v in feeds.items()} for feeds in c] for g, c in calls.items()}
     return activation_range(model.float().eval(), tensors, module_for=lambda m, graph, _codec: DiTGraph(m, graph))
-
-
-def latent_psnr(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """Per-frame PSNR (dB) of latent frames (F, C, h, w), the peak being the reference's peak-to-peak range."""
-    peak = float(ref.max() - ref.min())
-    err = ((out.astype(np.float64) - ref.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
-    return 10 * np.log10(peak ** 2 / np.maximum(err, 1e-20))
 
 
 @torch.no_grad()
