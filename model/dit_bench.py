@@ -8,6 +8,10 @@ Random weights in the published layout, one prompt of random text embeddings, ba
     graph          the eager block step captured as CUDA graphs (one per span)
     compile-graph  Inductor's kernels captured as CUDA graphs
 
+With `fp8` ("static", "dynamic"), every path also runs on an FP8 copy of the model (mirage.model.fp8: E4M3
+matmuls in the blocks' attention and FFN, weights per channel, activations per tensor calibrated on a clip
+with the benchmark's prompt, or per token at run time); its rows carry the recipe.
+
 Each path first runs the clip's first blocks untimed, until every span (cache fill level) has run
 (compilation, graph capture: what a server does before its first frame), then the timed clip. A block's time is wall-clock from its noise to its clean
 latents on the host's clock after a device synchronize (so host overhead counts), no decoder.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import statistics
 import time
 
@@ -32,6 +37,7 @@ from mirage.core.config import ConfigError, DiTConfig
 from mirage.core.errors import BackendError
 from mirage.model.dit import WanDiT
 from mirage.model.dit_cache import BlockStepper, CapturedBlockStep
+from mirage.model.fp8 import ACTIVATIONS as FP8, fp8_copy
 
 MODES = ("eager", "compile", "graph", "compile-graph")
 # SDPA backends the attention may be pinned to ("auto": PyTorch's own choice); flash-attn itself is absent
@@ -73,9 +79,15 @@ def run_clip(step, stepper: BlockStepper, blocks: int, seed: int, device) -> tup
     return times, x0.float().clone()
 
 
+def tensor_bytes(model: WanDiT) -> int:
+    """What a model keeps on its device: parameters and buffers (an FP8 model's weights are buffers)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
 def bench_mode(model: WanDiT, mode: str, text: torch.Tensor, blocks: int, seed: int, dtype,
-               device) -> tuple[dict, torch.Tensor]:
-    """One path's timed clip, and its last block's latents (for the agreement check)."""
+               device, resident: int) -> tuple[dict, torch.Tensor]:
+    """One path's timed clip, and its last block's latents (for the agreement check); `resident`: the
+    bytes of the models meant to stay on the device (the one timed and any FP8 copy)."""
     cfg = model.cfg
     # Earlier paths' caches, graphs and compilations go first; what survives anyway is reported and
     # taken out of this path's peak (the model's weights are the only intended resident)
@@ -84,7 +96,7 @@ def bench_mode(model: WanDiT, mode: str, text: torch.Tensor, blocks: int, seed: 
     stale = 0
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        stale = torch.cuda.memory_allocated(device) - sum(p.numel() * p.element_size() for p in model.parameters())
+        stale = torch.cuda.memory_allocated(device) - resident
     stepper = BlockStepper(model, batch=1, device=device, dtype=dtype)
     if mode.startswith("compile"):
         stepper.compile()
@@ -135,12 +147,14 @@ def floor(cfg: DiTConfig, blocks: int, peak: float | None) -> dict:
 
 
 def run(cfg: DiTConfig, modes: list[str], blocks: int, device: str = "cuda", seed: int = 0,
-        attention: str = "auto") -> dict:
+        attention: str = "auto", fp8: tuple[str, ...] = ()) -> dict:
     """The benchmark: every path over the same clip (same weights, prompt and noise), with every SDPA
-    call on the `attention` backend."""
+    call on the `attention` backend; then every path again on an FP8 copy per `fp8` activation mode."""
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         raise ConfigError(f"modes {unknown or modes}: choose from {', '.join(MODES)}")
+    if any(a not in FP8 for a in fp8):
+        raise ConfigError(f"fp8 {','.join(fp8)}: choose from {', '.join(FP8)}")
     if attention not in ATTENTION:
         raise ConfigError(f"attention {attention!r}: choose from {', '.join(ATTENTION)}")
     dev = torch.device(device)
@@ -152,17 +166,22 @@ def run(cfg: DiTConfig, modes: list[str], blocks: int, device: str = "cuda", see
         model = WanDiT(cfg).to(dtype).eval()
     gen = torch.Generator(device=dev).manual_seed(seed + 1)
     text = torch.randn(1, cfg.text_len, cfg.text_dim, device=dev, generator=gen)
+    models, recipes = {None: model}, {}
+    for activations in fp8:
+        models[activations], recipes[activations] = fp8_copy(model, activations, calibration_text=text)
+    resident = sum(tensor_bytes(m) for m in models.values())
     peak = matmul_peak(dev)
     report = {"config": cfg.name, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
               "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "batch": 1, "blocks": blocks,
               "resolution": f"{cfg.width}x{cfg.height}", "steps": cfg.steps, "block_frames": cfg.block_frames,
               "window_frames": cfg.window_frames, "sink_frames": cfg.sink_frames, "attention": attention,
-              "floor": floor(cfg, blocks, peak), "modes": []}
+              "floor": floor(cfg, blocks, peak), "fp8": recipes, "modes": []}
     reference = None
-    for mode in modes:
+    for (activations, bench_model), mode in itertools.product(models.items(), modes):
         backend = ATTENTION[attention]
         with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
-            result, latents = bench_mode(model, mode, text, blocks, seed + 2, dtype, dev)
+            result, latents = bench_mode(bench_model, mode, text, blocks, seed + 2, dtype, dev, resident)
+        result["fp8"] = activations
         reference = latents if reference is None else reference
         result["max_abs_diff_vs_first_mode"] = float((latents - reference).abs().max())
         if peak:
@@ -177,12 +196,13 @@ def table(report: dict) -> str:
             f"{report['steps']} steps, blocks of {report['block_frames']}, {report['blocks']} blocks, "
             f"window {report['window_frames']} / sink {report['sink_frames']}, SDPA {report['attention']}; "
             f"{report['floor']['mean_block_tflop']:.2f} TFLOP per block on average)")
-    rows = [head, f"{'mode':<14}{'first ms':>10}{'median ms':>11}{'p99 ms':>9}{'mean ms':>9}{'video fps':>11}"
+    rows = [head, f"{'mode':<20}{'first ms':>10}{'median ms':>11}{'p99 ms':>9}{'mean ms':>9}{'video fps':>11}"
                   f"{'peak GB':>9}{'floor':>7}{'diff':>10}"]
     for m in report["modes"]:
         mem = f"{m['peak_memory_bytes'] / 1e9:.2f}" if m["peak_memory_bytes"] is not None else "-"
         share = f"{m['floor_share']:.0%}" if "floor_share" in m else "-"
-        rows.append(f"{m['mode']:<14}{m['first_block_ms']:>10.1f}{m['block_median_ms']:>11.1f}{m['block_p99_ms']:>9.1f}"
+        label = m["mode"] + (f" fp8-{m['fp8']}" if m.get("fp8") else "")
+        rows.append(f"{label:<20}{m['first_block_ms']:>10.1f}{m['block_median_ms']:>11.1f}{m['block_p99_ms']:>9.1f}"
                     f"{m['block_mean_ms']:>9.1f}{m['video_fps']:>11.2f}{mem:>9}{share:>7}"
                     f"{m['max_abs_diff_vs_first_mode']:>10.2e}")
     if report["floor"].get("mean_floor_ms"):

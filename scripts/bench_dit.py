@@ -3,6 +3,7 @@
     python scripts/bench_dit.py                              # wan-1.3b, 832x480, bf16, 7 blocks, every path
     python scripts/bench_dit.py --config wan-1.3b-longlive --blocks 500 --modes compile-graph
     python scripts/bench_dit.py --modes graph --attention cudnn   # SDPA pinned to one backend
+    python scripts/bench_dit.py --modes compile-graph --fp8 static     # bf16, then FP8 matmuls, same clip
     python scripts/bench_dit.py --config dit-tiny --device cpu --blocks 2   # CPU smoke run
 
 Random weights in the Wan 2.1 layout, batch 1, no decoder; what is measured and how is in
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default=None, help=f"comma-separated, of {', '.join(dit_bench.MODES)} "
                                                  "(default: all on CUDA, eager on the CPU)")
     p.add_argument("--attention", default="auto", help=f"SDPA backend, of {', '.join(dit_bench.ATTENTION)}")
+    p.add_argument("--fp8", default="", help=f"also run every path with FP8 matmuls, activation scales of "
+                                             f"{', '.join(dit_bench.FP8)} (comma-separated)")
     p.add_argument("--json", default=None, help="report path (default docs/bench/<date>_<device>_dit_<config>.json)")
     args = p.parse_args(argv)
     try:
@@ -36,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         modes = args.modes.split(",") if args.modes else (list(dit_bench.MODES) if args.device.startswith("cuda")
                                                           else ["eager"])
         report = dit_bench.run(get_dit_config(args.config), modes, args.blocks, args.device,
-                               attention=args.attention)
+                               attention=args.attention, fp8=tuple(filter(None, args.fp8.split(","))))
     except MirageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
