@@ -4,7 +4,10 @@ check them against PyTorch.
 The modules are mirage.model.dit_graphs.DiTGraph, traced by onnx_export's dynamo machinery at the
 spec's fixed shapes (weights over 1 GiB go to a side file: wan-1.3b's do). Precisions as for the U-Net:
 fp32 decomposes attention into MatMul/Softmax (TensorRT-RTX has no fp32 kernel for opset-23
-`Attention`), fp16 keeps `Attention`.
+`Attention`), fp16 keeps `Attention`; fp8 (`export_dit_qdq`) exports the block graphs in fp32 with
+`Attention` kept and has ModelOpt put FP8 E4M3 Q/DQ on them, calibrated on the feeds of a recorded rollout
+(everything it leaves unquantized becomes fp16; the graphs' I/O stays fp32), while `dit_text`, which runs
+once per prompt, stays fp32.
 
 Parity: per tensor on the inputs of a recorded PyTorch rollout (‖out − ref‖ / ‖ref‖ per output), and
 per latent frame over a whole rollout: mirage.core.dit_step's block loop on ONNX Runtime against
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +34,7 @@ from mirage.model.dit_cache import BlockStepper
 from mirage.model.dit_graphs import DiTGraph
 
 from .onnx_export import DTYPES, ExportError, ExportOptions, activation_range, export_module
+from .quantize import quantize_qdq
 
 Calls = dict[str, list[dict[str, np.ndarray]]]
 
@@ -127,6 +132,16 @@ def export_dit_graph(model: WanDiT, graph: str, path: str | Path, options: Expor
     with decomposed_attention(decompose):
         return export_module(DiTGraph(net, graph), graph, inputs, [x.name for x in specs[graph].outputs], path,
                              options.opset)
+
+
+def export_dit_qdq(model: WanDiT, graph: str, path: str | Path, batch: int, calibration: list[dict[str, np.ndarray]],
+                   mode: str = "fp8") -> Path:
+    """Export one DiT graph as an 8-bit Q/DQ graph: fp32 with `Attention` kept, then ModelOpt calibrated on
+    `calibration` (the graph's feeds from a recorded rollout)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_dit_graph(model, graph, Path(tmp) / G.onnx_file(graph),
+                                ExportOptions("fp32", batch, decompose_attention=False), calibration[0])
+        return quantize_qdq(fp32, path, [{k: torch.from_numpy(v) for k, v in c.items()} for c in calibration], mode)
 
 
 def dit_tensor_parity(model: WanDiT, files: dict[str, Path], calls: Calls, precision: str) -> dict:
