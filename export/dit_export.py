@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import resource
 import tempfile
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from mirage.core import graphs as G
-from mirage.core.dit_step import DiTBlockLoop, Run
+from mirage.core.dit_step import DiTBlockLoop, Run, block_inputs
 from mirage.core.metrics import latent_psnr
 from mirage.core.ort import OrtBackend
 from mirage.model.dit import WanDiT
@@ -126,12 +129,48 @@ def export_dit_graph(model: WanDiT, graph: str, path: str | Path, options: Expor
     dtype = DTYPES[options.precision]
     specs = G.model_graphs(model.cfg, options.batch, options.max_batch, options.precision)
     net = (model if model.patch_embedding.weight.dtype == dtype else copy.deepcopy(model)).to("cpu", dtype).eval()
-    inputs = {x.name: torch.from_numpy(np.array(np.broadcast_to(example[x.name][:1], x.shape), x.dtype))
-              for x in specs[graph].inputs}
+    inputs = {x.name: torch.from_numpy(_at_spec(example[x.name], x)) for x in specs[graph].inputs}
     decompose = options.precision == "fp32" if options.decompose_attention is None else options.decompose_attention
     with decomposed_attention(decompose):
         return export_module(DiTGraph(net, graph), graph, inputs, [x.name for x in specs[graph].outputs], path,
                              options.opset)
+
+
+def _at_spec(value: np.ndarray, x: G.TensorSpec) -> np.ndarray:
+    """`value` as the spec's tensor: as it is when it already has the spec's shape and dtype (no copy of a
+    multi-GB cache), else its first row broadcast to the spec's batch and cast."""
+    if value.shape == x.shape and value.dtype == x.dtype and value.flags.writeable:
+        return value
+    return np.array(np.broadcast_to(value[:1], x.shape), x.dtype)
+
+
+def trace_feeds(cfg, precision: str, batch: int = 1) -> dict[str, np.ndarray]:
+    """Feeds to trace every DiT graph on without recording a rollout (wan-1.3b's would take hours on a CPU):
+    a first block's static inputs, and the others at their spec's shape and dtype, uninitialized (tracing
+    reads shapes, never values; the pages of np.empty's multi-GB caches are never touched)."""
+    feeds = dict(block_inputs(cfg, 0, batch))
+    for spec in G.model_graphs(cfg, batch, precision=precision).values():
+        for x in spec.inputs:
+            feeds.setdefault(x.name, np.empty(x.shape, x.dtype))
+    return feeds
+
+
+def export_dit_onnx(model: WanDiT, out: str | Path, precision: str = "fp16",
+                    progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Every DiT graph of `model` as ONNX in `out` (weights over 1 GiB in a side file), no parity: what a
+    large model's export costs, per graph: seconds, bytes written (the .onnx and its external data), and
+    the process's peak resident memory so far."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    feeds, report = trace_feeds(model.cfg, precision), {}
+    for graph in G.DIT_GRAPHS:
+        progress(f"export {graph} ({precision})")
+        start = time.perf_counter()
+        path = export_dit_graph(model, graph, out / G.onnx_file(graph), ExportOptions(precision), feeds)
+        files = {p.name: p.stat().st_size for p in out.iterdir() if p.name.startswith(path.name)}
+        report[graph] = {"seconds": time.perf_counter() - start, "files": files, "bytes": sum(files.values()),
+                         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return report
 
 
 def export_dit_qdq(model: WanDiT, graph: str, path: str | Path, batch: int, calibration: list[dict[str, np.ndarray]],

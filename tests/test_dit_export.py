@@ -172,3 +172,27 @@ def test_fp8_artifact_quantizes_the_block_graphs_and_builds_engines(tmp_path):
     for graph, meta in m["graphs"].items():
         assert (meta["inputs"], meta["outputs"]) == specs[graph].io() and meta["build"]["engine_bytes"] > 0
     assert "--precision fp8" in m["rebuild_command"] and "--calib-frames 2" in m["rebuild_command"]
+
+
+def test_export_without_a_recorded_rollout_runs_on_onnx_runtime(tmp_path):
+    """export_dit_onnx (scripts/export_wan.py's path: traced on uninitialized feeds, no rollout) writes graphs
+    that compute what PyTorch computes on a real rollout's feeds, and reports their cost."""
+    from mirage.export.dit_export import export_dit_onnx, ort_run, record_dit_calls, torch_run
+
+    cfg = dataclasses.replace(TINY, width=64, height=64, num_layers=1)
+    torch.manual_seed(0)
+    model = WanDiT(cfg).eval().requires_grad_(False)
+    report = export_dit_onnx(model, tmp_path, "fp32")
+    assert list(report) == list(G.DIT_GRAPHS)
+    assert all(r["seconds"] > 0 and r["bytes"] == (tmp_path / G.onnx_file(g)).stat().st_size
+               for g, r in report.items())
+    feeds = record_dit_calls(model, blocks=4)[G.DIT_STEP][-1]  # a block of a rolled window
+    files = {g: tmp_path / G.onnx_file(g) for g in G.DIT_GRAPHS}
+    run, ort = ort_run(files)
+    try:
+        out = run(G.DIT_STEP, feeds)
+    finally:
+        ort.close()
+    ref = torch_run(model, G.model_graphs(cfg))(G.DIT_STEP, feeds)
+    for name, r in ref.items():
+        np.testing.assert_allclose(out[name], r, atol=1e-4 * float(np.abs(r).max()), rtol=0)
