@@ -4,7 +4,8 @@
     DIR/dit_text.onnx                 + dit_step.onnx, dit_cache_write.onnx (see mirage.core.graphs)
     DIR/dit_step.engine               + the other two (TensorRT backends), each with its .layers.json
 
-Stages: record a PyTorch rollout -> export -> parity (ONNX Runtime vs PyTorch, per tensor and a
+Stages: record a PyTorch rollout -> export (fp8: the block graphs quantized, calibrated on a second recorded
+rollout; each graph's entry says what it holds) -> parity (ONNX Runtime vs PyTorch, per tensor and a
 rollout's PSNR) -> engines. A graph the TensorRT backend refuses to parse or build does not stop the
 others: the manifest records `engine_refused` (which stage and the parser's/builder's words) for it,
 progress says so, and `refused_engines` lists them. Weights: a published checkpoint
@@ -27,12 +28,14 @@ from mirage.core.config import DiTConfig, to_json
 from mirage.engine.build import BuildOptions, build_engine, load_backend
 from mirage.engine.manifest import EngineError, sha256_file, write_manifest
 from mirage.export.dit_export import (dit_activation_range, dit_rollout_psnr, dit_tensor_parity, export_dit_graph,
-                                      record_dit_calls)
-from mirage.export.onnx_export import ExportError, ExportOptions
+                                      export_dit_qdq, record_dit_calls)
+from mirage.export.onnx_export import DTYPES, ExportError, ExportOptions
 from mirage.model.dit import WanDiT
 from mirage.model.wan_checkpoint import load_dit
 
 from .artifact import FP16_MAX, ArtifactOptions, check_options, graph_record, parity_verdict, staged
+
+DIT_PRECISIONS = ("fp32", "fp16", "fp8")
 
 
 def dit_model(cfg: DiTConfig, weights: str | Path | None, seed: int = 0) -> tuple[WanDiT, dict]:
@@ -53,6 +56,8 @@ def dit_export_command(cfg: DiTConfig, weights: str | Path | None, out: Path, o:
     cmd += ["--gpu", ",".join(o.gpus)] if o.gpus else []
     cmd += ["--batch", str(o.batch)] if o.batch != 1 else []
     cmd += ["--parity-frames", str(o.parity_frames)] if o.parity_frames != ArtifactOptions.parity_frames else []
+    calibrated = o.precision == "fp8" and o.calibration_frames != ArtifactOptions.calibration_frames
+    cmd += ["--calib-frames", str(o.calibration_frames)] if calibrated else []
     return shlex.join(cmd + (["--allow-parity-failure"] if o.allow_parity_failure else []))
 
 
@@ -60,8 +65,9 @@ def check_dit_options(o: ArtifactOptions, out: Path) -> ArtifactOptions:
     """The U-Net's checks (the output folder's too), then what the DiT's export does not have yet (said,
     not ignored)."""
     o = check_options(o, out)
-    if o.precision not in ("fp32", "fp16"):
-        raise ExportError(f"--precision {o.precision}: the DiT exports fp32 or fp16 (8-bit Q/DQ is not done yet)")
+    if o.precision not in DIT_PRECISIONS:
+        raise ExportError(f"--precision {o.precision}: the DiT exports {', '.join(DIT_PRECISIONS)} (INT8 Q/DQ is "
+                          "the U-Net's)")
     if o.max_batch is not None:
         raise ExportError("--max-batch: the DiT's graphs have a static batch (give --batch)")
     if o.temporal_attention != "onnx" or o.plugin_library:
@@ -86,9 +92,7 @@ def _build(model: WanDiT, checkpoint: dict, command: str, stage: Path, o: Artifa
     progress("recording a PyTorch rollout (inputs of each graph)")
     calls = record_dit_calls(model, blocks=max(2, cfg.window_frames // cfg.block_frames + 1), batch=o.batch)
     files = {g: stage / G.onnx_file(g) for g in specs}
-    for graph in specs:
-        progress(f"export {graph} ({o.precision})")
-        export_dit_graph(model, graph, files[graph], ExportOptions(o.precision, o.batch), calls[graph][0])
+    holds = _export(model, specs, files, calls, o, progress)
 
     progress("parity vs. PyTorch (ONNX Runtime, CPU)")
     tensors = dit_tensor_parity(model, files, calls, o.precision)
@@ -99,8 +103,8 @@ def _build(model: WanDiT, checkpoint: dict, command: str, stage: Path, o: Artifa
         parity["fp16_activation_peak"] = dit_activation_range(model, calls)
         parity["fp16_headroom"] = FP16_MAX / max(parity["fp16_activation_peak"], 1e-12)
 
-    graphs_meta = {graph: {**graph_record(specs[graph], files[graph]), "onnx_bytes": files[graph].stat().st_size}
-                   for graph in specs}
+    graphs_meta = {graph: {**graph_record(specs[graph], files[graph]), "onnx_bytes": files[graph].stat().st_size,
+                           "holds": holds[graph]} for graph in specs}
 
     backend_meta: dict = {"name": o.backend, "version": None}
     build_meta: dict = {}
@@ -148,6 +152,26 @@ def _build(model: WanDiT, checkpoint: dict, command: str, stage: Path, o: Artifa
     }
     write_manifest(stage, manifest)
     return manifest
+
+
+def _export(model: WanDiT, specs: dict, files: dict[str, Path], calls, o: ArtifactOptions, progress) -> dict[str, str]:
+    """Each graph as ONNX; returns what each holds, as its manifest entry says. fp8: the block graphs as
+    ModelOpt Q/DQ calibrated on a rollout the parity never sees (seed 2), dit_text in fp32."""
+    holds = {}
+    calibration = record_dit_calls(model, blocks=len(calls[G.DIT_CACHE_WRITE]), seed=2, batch=o.batch) \
+        if o.precision == "fp8" else None
+    for graph in specs:
+        if calibration is not None and graph != G.DIT_TEXT:
+            samples = calibration[graph][:o.calibration_frames * model.cfg.steps]
+            progress(f"export {graph} (fp32) and quantize (FP8 Q/DQ, {len(samples)} calibration feeds)")
+            export_dit_qdq(model, graph, files[graph], o.batch, samples)
+            holds[graph] = f"fp8 e4m3 Q/DQ (ModelOpt, {len(samples)} calibration feeds; the rest fp16)"
+        else:
+            precision = o.precision if o.precision in DTYPES else "fp32"
+            progress(f"export {graph} ({precision})")
+            export_dit_graph(model, graph, files[graph], ExportOptions(precision, o.batch), calls[graph][0])
+            holds[graph] = precision
+    return holds
 
 
 def refused_engines(manifest: dict) -> dict[str, str]:

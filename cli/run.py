@@ -80,7 +80,10 @@ dit_options = shared.group(
                  help="--dit: latent frames a block attends to, itself and the sink included: the KV cache's size "
                       "(Self-Forcing: 21, LongLive: 12)."),
     click.option("--sink", type=click.IntRange(min=0), default=None,
-                 help="--dit: first latent frames kept in the cache for good (LongLive's attention sink: 3)."))
+                 help="--dit: first latent frames kept in the cache for good (LongLive's attention sink: 3)."),
+    click.option("--fp8", type=click.Choice(["static", "dynamic"]), default=None,
+                 help="--dit: FP8 E4M3 matmuls in the blocks' attention and FFN (Hopper/Ada): activation scales "
+                      "per tensor, calibrated on a clip with the run's prompt (static), or per token (dynamic)."))
 
 
 def _input_stream(source: str, size: int, frames: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -243,7 +246,8 @@ def _run_dit(checkpoint, dit, frames, seed, output, fast, no_cuda_graph, compile
                    dit["window"], dit["sink"])
     writer = VideoWriter(output, fps=fps)  # the path and format are checked before any frame is made
     pipe = DiTPipeline.open(spec, dit["prompt"] if dit["prompt"] is not None else dit["prompt_embeds"], device,
-                            compile=compile_ or fast, graph=False if no_cuda_graph else (True if fast else None))
+                            compile=compile_ or fast, graph=False if no_cuda_graph else (True if fast else None),
+                            fp8=dit["fp8"])
     blocks = dit["blocks"] or blocks_for(pipe.cfg, frames)
     with pipe, writer, _Stop() as stop:
         start = time.perf_counter()
@@ -266,7 +270,7 @@ def _run_dit(checkpoint, dit, frames, seed, output, fast, no_cuda_graph, compile
     per_block = latency_summary(block_times)
     report.update(dit=dataclasses.asdict(pipe.cfg), compile=pipe.compiled, blocks=len(block_times),
                   block_median_ms=per_block["median_ms"], block_p99_ms=per_block["p99_ms"],
-                  weights=dataclasses.asdict(pipe.weights) if pipe.weights else None)
+                  weights=dataclasses.asdict(pipe.weights) if pipe.weights else None, fp8=pipe.fp8)
     rows.insert(4, ("per-block median / p99", f"{report['block_median_ms']:.1f} / {report['block_p99_ms']:.1f} ms "
                                               f"({len(block_times)} blocks of {pipe.cfg.block_frames} latent frames)"))
     _finish(report, rows, json_path, stop, f"{len(block_times)} of {blocks} blocks")

@@ -4,6 +4,7 @@ Frames are float arrays (T, H, W, C) in [-1, 1] (the runtime's layout). Per-fram
 return (T,) arrays; window statistics return floats.
 
 - psnr, ssim            fidelity against ground truth (video-to-video); SSIM_DEFINITION says which SSIM
+- latent_psnr           per latent frame against a reference rollout (exported graphs, FP8 matmuls)
 - sharpness             mean |Laplacian|: falls when frames blur
 - motion                mean |x_n - x_{n-1}|: falls when the video slows or freezes
 - flicker               mean |x_{n+1} - 2 x_n + x_{n-1}|: temporal second difference; constant
@@ -30,6 +31,14 @@ SSIM_WINDOW, SSIM_SIGMA, SSIM_K = 11, 1.5, (0.01, 0.03)
 SSIM_DEFINITION = ("SSIM: Gaussian window 11, sigma 1.5, C1 = (0.01 L)^2, C2 = (0.03 L)^2, mean over valid windows "
                    "(no border padding) = scikit-image structural_similarity(gaussian_weights=True, "
                    "use_sample_covariance=False) on frames mapped to [0, 1]")
+
+
+def latent_psnr(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Per-frame PSNR (dB) of latent frames (F, C, h, w), the peak being the reference's peak-to-peak range
+    (latents are not in [-1, 1])."""
+    peak = float(ref.max() - ref.min())
+    err = ((out.astype(np.float64) - ref.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
+    return 10 * np.log10(peak ** 2 / np.maximum(err, 1e-20))
 
 
 def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> np.ndarray:

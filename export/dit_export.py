@@ -4,7 +4,10 @@ check them against PyTorch.
 The modules are mirage.model.dit_graphs.DiTGraph, traced by onnx_export's dynamo machinery at the
 spec's fixed shapes (weights over 1 GiB go to a side file: wan-1.3b's do). Precisions as for the U-Net:
 fp32 decomposes attention into MatMul/Softmax (TensorRT-RTX has no fp32 kernel for opset-23
-`Attention`), fp16 keeps `Attention`.
+`Attention`), fp16 keeps `Attention`; fp8 (`export_dit_qdq`) exports the block graphs in fp32 with
+`Attention` kept and has ModelOpt put FP8 E4M3 Q/DQ on them, calibrated on the feeds of a recorded rollout
+(everything it leaves unquantized becomes fp16; the graphs' I/O stays fp32), while `dit_text`, which runs
+once per prompt, stays fp32.
 
 Parity: per tensor on the inputs of a recorded PyTorch rollout (‖out − ref‖ / ‖ref‖ per output), and
 per latent frame over a whole rollout: mirage.core.dit_step's block loop on ONNX Runtime against
@@ -15,20 +18,26 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import resource
+import tempfile
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from mirage.core import graphs as G
-from mirage.core.dit_step import DiTBlockLoop, Run
+from mirage.core.dit_step import DiTBlockLoop, Run, block_inputs
+from mirage.core.metrics import latent_psnr
 from mirage.core.ort import OrtBackend
 from mirage.model.dit import WanDiT
 from mirage.model.dit_cache import BlockStepper
 from mirage.model.dit_graphs import DiTGraph
 
 from .onnx_export import DTYPES, ExportError, ExportOptions, activation_range, export_module
+from .quantize import quantize_qdq
 
 Calls = dict[str, list[dict[str, np.ndarray]]]
 
@@ -120,12 +129,58 @@ def export_dit_graph(model: WanDiT, graph: str, path: str | Path, options: Expor
     dtype = DTYPES[options.precision]
     specs = G.model_graphs(model.cfg, options.batch, options.max_batch, options.precision)
     net = (model if model.patch_embedding.weight.dtype == dtype else copy.deepcopy(model)).to("cpu", dtype).eval()
-    inputs = {x.name: torch.from_numpy(np.array(np.broadcast_to(example[x.name][:1], x.shape), x.dtype))
-              for x in specs[graph].inputs}
+    inputs = {x.name: torch.from_numpy(_at_spec(example[x.name], x)) for x in specs[graph].inputs}
     decompose = options.precision == "fp32" if options.decompose_attention is None else options.decompose_attention
     with decomposed_attention(decompose):
         return export_module(DiTGraph(net, graph), graph, inputs, [x.name for x in specs[graph].outputs], path,
                              options.opset)
+
+
+def _at_spec(value: np.ndarray, x: G.TensorSpec) -> np.ndarray:
+    """`value` as the spec's tensor: as it is when it already has the spec's shape and dtype (no copy of a
+    multi-GB cache), else its first row broadcast to the spec's batch and cast."""
+    if value.shape == x.shape and value.dtype == x.dtype and value.flags.writeable:
+        return value
+    return np.array(np.broadcast_to(value[:1], x.shape), x.dtype)
+
+
+def trace_feeds(cfg, precision: str, batch: int = 1) -> dict[str, np.ndarray]:
+    """Feeds to trace every DiT graph on without recording a rollout (wan-1.3b's would take hours on a CPU):
+    a first block's static inputs, and the others at their spec's shape and dtype, uninitialized (tracing
+    reads shapes, never values; the pages of np.empty's multi-GB caches are never touched)."""
+    feeds = dict(block_inputs(cfg, 0, batch))
+    for spec in G.model_graphs(cfg, batch, precision=precision).values():
+        for x in spec.inputs:
+            feeds.setdefault(x.name, np.empty(x.shape, x.dtype))
+    return feeds
+
+
+def export_dit_onnx(model: WanDiT, out: str | Path, precision: str = "fp16",
+                    progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Every DiT graph of `model` as ONNX in `out` (weights over 1 GiB in a side file), no parity: what a
+    large model's export costs, per graph: seconds, bytes written (the .onnx and its external data), and
+    the process's peak resident memory so far."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    feeds, report = trace_feeds(model.cfg, precision), {}
+    for graph in G.DIT_GRAPHS:
+        progress(f"export {graph} ({precision})")
+        start = time.perf_counter()
+        path = export_dit_graph(model, graph, out / G.onnx_file(graph), ExportOptions(precision), feeds)
+        files = {p.name: p.stat().st_size for p in out.iterdir() if p.name.startswith(path.name)}
+        report[graph] = {"seconds": time.perf_counter() - start, "files": files, "bytes": sum(files.values()),
+                         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return report
+
+
+def export_dit_qdq(model: WanDiT, graph: str, path: str | Path, batch: int, calibration: list[dict[str, np.ndarray]],
+                   mode: str = "fp8") -> Path:
+    """Export one DiT graph as an 8-bit Q/DQ graph: fp32 with `Attention` kept, then ModelOpt calibrated on
+    `calibration` (the graph's feeds from a recorded rollout)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_dit_graph(model, graph, Path(tmp) / G.onnx_file(graph),
+                                ExportOptions("fp32", batch, decompose_attention=False), calibration[0])
+        return quantize_qdq(fp32, path, [{k: torch.from_numpy(v) for k, v in c.items()} for c in calibration], mode)
 
 
 def dit_tensor_parity(model: WanDiT, files: dict[str, Path], calls: Calls, precision: str) -> dict:
@@ -157,13 +212,6 @@ def dit_activation_range(model: WanDiT, calls: Calls) -> float:
     """Largest |activation| of any module over the recorded rollout (fp32): fp16's margin as a number."""
     tensors = {g: [{k: torch.from_numpy(v) for k, v in feeds.items()} for feeds in c] for g, c in calls.items()}
     return activation_range(model.float().eval(), tensors, module_for=lambda m, graph, _codec: DiTGraph(m, graph))
-
-
-def latent_psnr(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """Per-frame PSNR (dB) of latent frames (F, C, h, w), the peak being the reference's peak-to-peak range."""
-    peak = float(ref.max() - ref.min())
-    err = ((out.astype(np.float64) - ref.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
-    return 10 * np.log10(peak ** 2 / np.maximum(err, 1e-20))
 
 
 @torch.no_grad()

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import statistics
 import time
 
@@ -48,6 +49,7 @@ from mirage.core.config import ConfigError, DiTConfig
 from mirage.core.errors import BackendError
 from mirage.model.dit import WanDiT
 from mirage.model.dit_cache import BlockStepper, CapturedBlockStep
+from mirage.model.fp8 import ACTIVATIONS as FP8, fp8_copy
 from mirage.model.taehv import TaehvDecoder
 from mirage.model.wan_decode import random_wan_vae
 
@@ -210,10 +212,16 @@ def profile_block(step, stepper: BlockStepper, seed: int, device) -> dict:
     return {"span_frames": span, **kernel_profile.summarize(kernels, "block")}
 
 
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """What a module keeps on its device: parameters and buffers (an FP8 model's weights are buffers)."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
 def bench_mode(model: WanDiT, mode: str, text: torch.Tensor, blocks: int, seed: int, dtype,
-               device, decoders: dict, profile: bool) -> tuple[dict, torch.Tensor]:
+               device, resident: int, decoders: dict, profile: bool) -> tuple[dict, torch.Tensor]:
     """One path's timed clip (then with each decoder, then profiled), and its last block's latents
-    without decoder (for the agreement check)."""
+    without decoder (for the agreement check); `resident`: the bytes meant to stay on the device (the
+    models timed, any FP8 copy, the decoders)."""
     cfg = model.cfg
     # Earlier paths' caches, graphs and compilations go first; what survives anyway is reported and
     # taken out of this path's peak (the model's weights are the only intended resident)
@@ -222,9 +230,7 @@ def bench_mode(model: WanDiT, mode: str, text: torch.Tensor, blocks: int, seed: 
     stale = 0
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        resident = [model] + [getattr(d, "vae", d) for d in decoders.values()]
-        stale = torch.cuda.memory_allocated(device) - sum(p.numel() * p.element_size() for m in resident
-                                                          for p in m.parameters())
+        stale = torch.cuda.memory_allocated(device) - resident
     stepper = BlockStepper(model, batch=1, device=device, dtype=dtype)
     if mode.startswith("compile"):
         stepper.compile()
@@ -276,12 +282,16 @@ def floor(cfg: DiTConfig, blocks: int, peak: float | None) -> dict:
 
 
 def run(cfg: DiTConfig, modes: list[str], blocks: int, device: str = "cuda", seed: int = 0,
-        attention: str = "auto", decoders: tuple[str, ...] = (), profile: bool = False) -> dict:
+        attention: str = "auto", decoders: tuple[str, ...] = (), profile: bool = False,
+        fp8: tuple[str, ...] = ()) -> dict:
     """The benchmark: every path over the same clip (same weights, prompt and noise), with every SDPA
-    call on the `attention` backend; each path also with each of `decoders`, and profiled."""
+    call on the `attention` backend; each path also with each of `decoders`, and profiled; then every
+    path again on an FP8 copy per `fp8` activation mode."""
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         raise ConfigError(f"modes {unknown or modes}: choose from {', '.join(MODES)}")
+    if any(a not in FP8 for a in fp8):
+        raise ConfigError(f"fp8 {','.join(fp8)}: choose from {', '.join(FP8)}")
     if attention not in ATTENTION:
         raise ConfigError(f"attention {attention!r}: choose from {', '.join(ATTENTION)}")
     unknown = [d for d in decoders if d not in DECODERS]
@@ -297,17 +307,23 @@ def run(cfg: DiTConfig, modes: list[str], blocks: int, device: str = "cuda", see
         model = WanDiT(cfg).to(dtype).eval()
     gen = torch.Generator(device=dev).manual_seed(seed + 1)
     text = torch.randn(1, cfg.text_len, cfg.text_dim, device=dev, generator=gen)
+    models, recipes = {None: model}, {}
+    for activations in fp8:
+        models[activations], recipes[activations] = fp8_copy(model, activations, calibration_text=text)
+    resident = sum(tensor_bytes(m) for m in models.values()) + sum(tensor_bytes(getattr(d, "vae", d))
+                                                                   for d in made.values())
     peak = matmul_peak(dev)
     report = {"config": cfg.name, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
               "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "batch": 1, "blocks": blocks,
               "resolution": f"{cfg.width}x{cfg.height}", "steps": cfg.steps, "block_frames": cfg.block_frames,
               "window_frames": cfg.window_frames, "sink_frames": cfg.sink_frames, "attention": attention,
-              "floor": floor(cfg, blocks, peak), "modes": []}
+              "floor": floor(cfg, blocks, peak), "fp8": recipes, "modes": []}
     reference = None
-    for mode in modes:
+    for (activations, bench_model), mode in itertools.product(models.items(), modes):
         backend = ATTENTION[attention]
         with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
-            result, latents = bench_mode(model, mode, text, blocks, seed + 2, dtype, dev, made, profile)
+            result, latents = bench_mode(bench_model, mode, text, blocks, seed + 2, dtype, dev, resident, made, profile)
+        result["fp8"] = activations
         reference = latents if reference is None else reference
         result["max_abs_diff_vs_first_mode"] = float((latents - reference).abs().max())
         if peak:
@@ -323,13 +339,14 @@ def table(report: dict) -> str:
             f"{report['steps']} steps, blocks of {report['block_frames']}, {report['blocks']} blocks, "
             f"window {report['window_frames']} / sink {report['sink_frames']}, SDPA {report['attention']}; "
             f"{report['floor']['mean_block_tflop']:.2f} TFLOP per block on average)")
-    rows = [head, f"{'mode':<14}{'first ms':>10}{'median ms':>11}{'p99 ms':>9}{'mean ms':>9}{'full ms':>9}"
+    rows = [head, f"{'mode':<20}{'first ms':>10}{'median ms':>11}{'p99 ms':>9}{'mean ms':>9}{'full ms':>9}"
                   f"{'filling':>9}{'video fps':>11}{'peak GB':>9}{'floor':>7}{'diff':>10}"]
     for m in report["modes"]:
         full = f"{m['full_window_median_ms']:.1f}" if m["full_window_blocks"] else "-"
         filling = f"{m['filling_block_mean_ms']:.1f}" if m["filling_blocks"] else "-"
         share = f"{m['floor_share']:.0%}" if "floor_share" in m else "-"
-        rows.append(f"{m['mode']:<14}{m['first_block_ms']:>10.1f}{m['block_median_ms']:>11.1f}{m['block_p99_ms']:>9.1f}"
+        label = m["mode"] + (f" fp8-{m['fp8']}" if m.get("fp8") else "")
+        rows.append(f"{label:<20}{m['first_block_ms']:>10.1f}{m['block_median_ms']:>11.1f}{m['block_p99_ms']:>9.1f}"
                     f"{m['block_mean_ms']:>9.1f}{full:>9}{filling:>9}{m['video_fps']:>11.2f}{gigabytes(m):>9}"
                     f"{share:>7}{m['max_abs_diff_vs_first_mode']:>10.2e}")
     rows.append("(full: median block at a full window, of those blocks; filling: mean of the blocks before)")

@@ -29,6 +29,7 @@ from mirage.core.config import DiTConfig, get_dit_config
 from mirage.core.errors import BackendError, MirageError
 from mirage.model.dit import WanDiT
 from mirage.model.dit_cache import BlockStepper, CapturedBlockStep
+from mirage.model.fp8 import calibrate, to_fp8
 from mirage.model.taehv import TaehvDecoder
 from mirage.model.text_encoder import PromptEncoder, check_width, encode_prompt
 from mirage.model.wan_checkpoint import DiTWeights, load_dit
@@ -84,9 +85,11 @@ class DiTPipeline:
     """A WanDiT's BlockStepper (eager, Inductor, CUDA-graph replays), one prompt, a streaming decoder."""
 
     def __init__(self, cfg: DiTConfig, model: WanDiT, weights: DiTWeights | None, decoder, text: torch.Tensor,
-                 device: torch.device, compile: bool = False, graph: bool = False):
+                 device: torch.device, compile: bool = False, graph: bool = False, fp8: str | None = None):
         self.cfg, self.model, self.weights, self.decoder, self.device = cfg, model, weights, decoder, device
         self.compiled, self.graphed = compile, graph
+        # FP8 matmuls (mirage.model.fp8): static scales are calibrated on a clip with the run's own prompt
+        self.fp8 = to_fp8(model, fp8, calibrate(model, text) if fp8 == "static" else None) if fp8 else None
         self.stepper = BlockStepper(model, batch=1, device=device, dtype=next(model.parameters()).dtype)
         if compile:
             self.stepper.compile()
@@ -98,10 +101,11 @@ class DiTPipeline:
 
     @classmethod
     def open(cls, spec: DiTSpec, prompt: str | Path, device: str = "auto", compile: bool = False,
-             graph: bool | None = None) -> "DiTPipeline":
+             graph: bool | None = None, fp8: str | None = None) -> "DiTPipeline":
         """Checks everything on the CPU (see the module's docstring), then builds the pipeline on `device`:
         bfloat16 on a GPU, float32 on the CPU. `prompt`: text (needs spec.text_encoder) or an embeddings file.
-        `graph`: replay each block as a CUDA graph (None: on a GPU, as the U-Net's frame)."""
+        `graph`: replay each block as a CUDA graph (None: on a GPU, as the U-Net's frame). `fp8`: static or
+        dynamic FP8 matmuls (None: the model's dtype)."""
         cfg = spec.dit_config()
         dev = torch_device(device)
         if graph and dev.type != "cuda":
@@ -135,7 +139,7 @@ class DiTPipeline:
             del encoder
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-        return cls(cfg, model, weights, decoder, text.to(dev), dev, compile, graph)
+        return cls(cfg, model, weights, decoder, text.to(dev), dev, compile, graph, fp8)
 
     def set_prompt(self, text: torch.Tensor) -> None:
         """Embeddings (1, text_len, text_dim) for the blocks that follow; mid-video, the held frames are

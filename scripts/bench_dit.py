@@ -4,6 +4,7 @@
     python scripts/bench_dit.py --config wan-1.3b-longlive --blocks 500 --modes compile-graph
     python scripts/bench_dit.py --modes graph --attention cudnn   # SDPA pinned to one backend
     python scripts/bench_dit.py --modes compile-graph --decoders taehv,wan-vae --profile   # with decode, by kernel kind
+    python scripts/bench_dit.py --modes compile-graph --fp8 static     # bf16, then FP8 matmuls, same clip
     python scripts/bench_dit.py --config dit-tiny --device cpu --blocks 2   # CPU smoke run
 
 Random weights in the Wan 2.1 layout, batch 1, no decoder unless --decoders (the Wan VAE needs diffusers);
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decoders", default="", help=f"comma-separated, of {', '.join(dit_bench.DECODERS)}: "
                                                   "each path's clip again with decode (serial and overlapped)")
     p.add_argument("--profile", action="store_true", help="one more block of each path by kernel kind")
+    p.add_argument("--fp8", default="", help=f"also run every path with FP8 matmuls, activation scales of "
+                                             f"{', '.join(dit_bench.FP8)} (comma-separated)")
     p.add_argument("--json", default=None, help="report path (default docs/bench/<date>_<device>_dit_<config>.json)")
     args = p.parse_args(argv)
     try:
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                                                           else ["eager"])
         report = dit_bench.run(get_dit_config(args.config), modes, args.blocks, args.device,
                                attention=args.attention, decoders=tuple(filter(None, args.decoders.split(","))),
-                               profile=args.profile)
+                               profile=args.profile, fp8=tuple(filter(None, args.fp8.split(","))))
     except MirageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -117,3 +117,20 @@ def test_wan21_vae_layout_is_diffusers_default():
     defaults = {k: p.default for k, p in inspect.signature(AutoencoderKLWan.__init__).parameters.items()}
     assert {k: defaults[k] for k in WAN21_VAE} == WAN21_VAE
     assert defaults["latents_mean"][:2] == [-0.7571, -0.7089] and defaults["patch_size"] is None
+
+
+def test_bench_dit_fp8_rows_on_the_same_clip(tmp_path):
+    out = tmp_path / "dit.json"
+    assert load_driver().main(["--config", "dit-tiny", "--device", "cpu", "--blocks", "1", "--fp8", "dynamic",
+                               "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    native, fp8 = report["modes"]
+    assert (native["mode"], native["fp8"]) == ("eager", None) and (fp8["mode"], fp8["fp8"]) == ("eager", "dynamic")
+    assert report["fp8"]["dynamic"]["layers"] == 40 and report["fp8"]["dynamic"]["activations"] == "per token, dynamic"
+    assert native["max_abs_diff_vs_first_mode"] == 0 < fp8["max_abs_diff_vs_first_mode"] < 0.1
+
+
+def test_bench_dit_refuses_an_unknown_fp8_mode(tmp_path, capsys):
+    assert load_driver().main(["--config", "dit-tiny", "--device", "cpu", "--fp8", "e5m2",
+                               "--json", str(tmp_path / "x.json")]) == 2
+    assert "fp8 e5m2: choose from static, dynamic" in capsys.readouterr().err

@@ -137,10 +137,62 @@ def test_a_refused_engine_is_recorded_not_dropped(tmp_path, monkeypatch):
 @pytest.mark.parametrize("args, message", [
     (["--dit", "dit-tiny"], "give either --dit-weights PATH or --random-weights"),
     (["--random-weights"], "add --dit NAME"),
-    (["--dit", "dit-tiny", "--random-weights", "--precision", "int8"], "the DiT exports fp32 or fp16"),
+    (["--dit", "dit-tiny", "--random-weights", "--precision", "int8"],
+     "the DiT exports fp32, fp16, fp8 (INT8 Q/DQ is the U-Net's)"),
 ])
 def test_export_cli_refuses_an_incomplete_dit_request(args, message, tmp_path):
     from mirage.cli.export import main
 
     result = CliRunner().invoke(main, args + ["--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and message in result.output and not (tmp_path / "x").exists()
+
+
+def test_fp8_artifact_quantizes_the_block_graphs_and_builds_engines(tmp_path):
+    """--precision fp8: dit_step / dit_cache_write as ModelOpt FP8 E4M3 Q/DQ graphs (calibrated on another
+    rollout than the parity's), dit_text in fp32, parity within FP8's tolerance, TensorRT-RTX engines for
+    sm89; each graph's entry says what it holds (dit-tiny at 64x64 with 2 layers, short rollouts)."""
+    import onnx
+
+    from mirage.bridge.artifact import ArtifactOptions
+    from mirage.bridge.dit_artifact import build_dit_artifact
+
+    cfg = dataclasses.replace(TINY, width=64, height=64, num_layers=2)
+    out = tmp_path / "fp8"
+    m = build_dit_artifact(cfg, out, ArtifactOptions(precision="fp8", backend="tensorrt-rtx", gpus=("sm89",),
+                                                     calibration_frames=2, parity_frames=8))
+    assert m["precision"] == "fp8" and m["parity"]["passed"] and m["parity"]["tolerance_rel"] == 0.1
+    assert all(1e-4 < t["rel"] <= 0.1 for k, t in m["parity"]["tensors"].items() if not k.startswith("dit_text"))
+    assert 35 < m["parity"]["rollout"]["psnr_min_db"] < 100
+    holds = {g: meta["holds"] for g, meta in m["graphs"].items()}
+    assert holds[G.DIT_TEXT] == "fp32" and holds[G.DIT_STEP].startswith("fp8 e4m3 Q/DQ (ModelOpt, 8 calibration")
+    step = onnx.load(str(out / m["graphs"][G.DIT_STEP]["onnx"]))
+    assert any(i.data_type == onnx.TensorProto.FLOAT8E4M3FN for i in step.graph.initializer)
+    assert sum(n.op_type == "QuantizeLinear" for n in step.graph.node) >= cfg.num_layers * 10
+    specs = G.model_graphs(cfg, precision="fp8")  # 8-bit graphs keep float32 I/O
+    for graph, meta in m["graphs"].items():
+        assert (meta["inputs"], meta["outputs"]) == specs[graph].io() and meta["build"]["engine_bytes"] > 0
+    assert "--precision fp8" in m["rebuild_command"] and "--calib-frames 2" in m["rebuild_command"]
+
+
+def test_export_without_a_recorded_rollout_runs_on_onnx_runtime(tmp_path):
+    """export_dit_onnx (scripts/export_wan.py's path: traced on uninitialized feeds, no rollout) writes graphs
+    that compute what PyTorch computes on a real rollout's feeds, and reports their cost."""
+    from mirage.export.dit_export import export_dit_onnx, ort_run, record_dit_calls, torch_run
+
+    cfg = dataclasses.replace(TINY, width=64, height=64, num_layers=1)
+    torch.manual_seed(0)
+    model = WanDiT(cfg).eval().requires_grad_(False)
+    report = export_dit_onnx(model, tmp_path, "fp32")
+    assert list(report) == list(G.DIT_GRAPHS)
+    assert all(r["seconds"] > 0 and r["bytes"] == (tmp_path / G.onnx_file(g)).stat().st_size
+               for g, r in report.items())
+    feeds = record_dit_calls(model, blocks=4)[G.DIT_STEP][-1]  # a block of a rolled window
+    files = {g: tmp_path / G.onnx_file(g) for g in G.DIT_GRAPHS}
+    run, ort = ort_run(files)
+    try:
+        out = run(G.DIT_STEP, feeds)
+    finally:
+        ort.close()
+    ref = torch_run(model, G.model_graphs(cfg))(G.DIT_STEP, feeds)
+    for name, r in ref.items():
+        np.testing.assert_allclose(out[name], r, atol=1e-4 * float(np.abs(r).max()), rtol=0)

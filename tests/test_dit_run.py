@@ -197,3 +197,23 @@ def test_bad_input_is_one_line_and_status_2_with_nothing_written(tmp_path, embed
 def test_graph_on_the_cpu_is_refused_by_the_pipeline(embeds):
     with pytest.raises(DiTRunError, match="CUDA graphs need a GPU"):
         DiTPipeline.open(DiTSpec("dit-tiny"), embeds, device="cpu", graph=True)
+
+
+def test_fp8_matmuls_are_an_option_recorded_in_the_report(tmp_path, embeds):
+    """--fp8 swaps the blocks' linears (static scales calibrated on the run's prompt) and the report says so;
+    the video stays close to the model's own."""
+    report = tmp_path / "report.json"
+    result = mirage_run(*SMALL, "--random-weights", "--prompt-embeds", embeds, "--blocks", 1, "--fp8", "static",
+                        "--output", tmp_path / "dit.gif", "--json", report)
+    assert result.exit_code == 0, result.output
+    recipe = json.loads(report.read_text())["fp8"]
+    assert recipe["layers"] == CFG.num_layers * 10 and recipe["activations"].endswith("static (calibrated amax)")
+    videos = {}
+    for fp8 in (None, "dynamic"):
+        torch.manual_seed(0)  # the same random weights for both
+        with DiTPipeline.open(DiTSpec("dit-tiny", resolution=(64, 64)), embeds, device="cpu", fp8=fp8) as pipe:
+            assert (pipe.fp8 is None) == (fp8 is None)
+            pipe.reset(seed=3)
+            videos[fp8] = torch.from_numpy(next(pipe.blocks(1)))
+    diff = (videos["dynamic"] - videos[None]).abs()
+    assert 0 < diff.mean() < 0.02
