@@ -78,8 +78,22 @@ class TorchOps:
         buf.memory[row].zero_()
         buf.ages[row].zero_()
         buf.slot[row].fill_(0)
-        buf.rng[row, 0].fill_(int64_bits(seed))
-        buf.rng[row, 1].fill_(0)
+        self.seed_row_(buf.rng, row, seed)
+
+    def seed_row_(self, rng, row, seed):
+        rng[row, 0].fill_(int64_bits(seed))
+        rng[row, 1].fill_(0)
+
+    def scatter_rows_(self, dst, src, rows, advance):
+        # held rows (advance 0) write back what they hold: no branch, so the op is graph safe
+        index = rows.long().view(rows.shape[0], *(1,) * (src.dim() - 3), rows.shape[1], 1).expand_as(src)
+        go = advance.bool().view(-1, *(1,) * (src.dim() - 1))
+        dst.scatter_(-2, index, torch.where(go, src.to(dst.dtype), dst.gather(-2, index)))
+
+    def preview_(self, dst, src):
+        b, _, n, h, w = src.shape
+        rgb = src[:, :3].float().clamp(-1.0, 1.0).transpose(1, 2).reshape(b * n, 3, h, w)
+        dst.copy_(rgb.repeat_interleave(dst.shape[2] // h, 2).repeat_interleave(dst.shape[3] // w, 3))
 
     def to_uint8_(self, dst, finite, src):
         # mirage.core.video_io.to_uint8 on float32, one op per rounding as numpy does it (no fused multiply-add)

@@ -441,11 +441,15 @@ class CudaOps:
         """Kernels on the compute stream, nothing more: the seed is a kernel argument (cuLaunchKernel
         copies it at the launch), where a copy from host memory would need that memory kept alive
         until the copy ran, and a wait to know when."""
-        for b in (buf.memory, buf.ages, buf.slot, buf.rng):
+        for b in (buf.memory, buf.ages, buf.slot):
             per_row = b.nbytes // b.shape[0]
             self.zero_(b, row * per_row, per_row)
-        offset = buf.rng.nbytes // buf.rng.shape[0] * row  # bytes; rng (B, 2) int64: (seed, counter), zeroed above
-        self._launch("fill_i64", 1, self._p(buf.rng, offset), (int64_bits(seed), ctypes.c_longlong), self._n(1))
+        self.seed_row_(buf.rng, row, seed)
+
+    def seed_row_(self, rng, row: int, seed: int):
+        per_row = rng.nbytes // rng.shape[0]  # rng (B, 2) int64: (seed, counter)
+        self.zero_(rng, row * per_row, per_row)
+        self._launch("fill_i64", 1, self._p(rng, row * per_row), (int64_bits(seed), ctypes.c_longlong), self._n(1))
 
     def fill_(self, buf, value: float):
         if buf.dtype == "int64":
