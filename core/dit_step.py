@@ -166,6 +166,7 @@ class BlockUnit:
 
     controls = {"prompt": True}
     video_rate = WAN_VIDEO_RATE / WAN_VIDEO_FRAMES_PER_LATENT  # the preview shows one frame per latent frame
+    frames_are = "latent preview: channels 0-2 of each latent frame, clamped to [-1, 1] (no decoder graph)"
     frames_in = 0  # generation (video-to-video needs an encoder graph: the per-frame autoencoder DiT)
 
     def __init__(self, cfg, specs: dict[str, G.GraphSpec]):

@@ -179,6 +179,7 @@ class FrameUnit:
     accepts) and `video_rate`."""
 
     frames = 1
+    frames_are = "video frames"
     controls: dict = {}
     video_rate = DEFAULT_VIDEO_RATE
 

@@ -64,8 +64,11 @@ class Pipeline:
         self.execution = GpuExecution(backend, self.unit, options.cuda_graph, options.frames, plumbing) if on_gpu \
             else CpuExecution(backend, self.unit, options.frames, plumbing)
         self.buf = None
-        self._text: np.ndarray | None = None  # each row's prompt embeddings (B, text_len, text_dim), once set
-        self._default_text: np.ndarray | None = None  # what set_prompt gave every row: a reset row's prompt
+        # a prompt model's rows' embeddings (B, text_len, text_dim), zero (the empty prompt) until set_prompt,
+        # and the one a reset row starts with (what set_prompt last gave every row); None: no prompt
+        takes_prompt = "prompt" in self.unit.controls
+        self._text = np.zeros((options.batch, *self.unit.text_shape), np.float32) if takes_prompt else None
+        self._default_text = self._text[0].copy() if takes_prompt else None
         self.state = "loaded"
 
     # -- load ---------------------------------------------------------------------------------
@@ -208,9 +211,6 @@ class Pipeline:
             raise PipelineError("prompt embeddings hold NaN or infinite values")
         padded = np.zeros((length, width), np.float32)
         padded[:len(embeds)] = embeds
-        if self._text is None:
-            self._text = np.zeros((self.batch, length, width), np.float32)
-            self._default_text = self._text[0].copy()  # zero embeddings: the empty prompt, until one is set
         for row in range(self.batch) if rows is None else rows:
             self._check_row(row)
             self._text[row] = padded
@@ -279,6 +279,11 @@ class Pipeline:
 
     def collect(self) -> np.ndarray:
         return self.collect_batch()[0]
+
+    @property
+    def frames_are(self) -> str:
+        """What the output frames show (a DiT artifact without a decoder graph: its latents)."""
+        return self.unit.frames_are
 
     def step(self, cond: np.ndarray | None = None) -> np.ndarray:
         """One step, synchronously: (H, W, 3) float32 in [-1, 1], or uint8 (PipelineOptions.frames); (n, H, W, 3)
