@@ -178,7 +178,7 @@ class ThreadLogPool:
 
     def submit(self, inputs: dict) -> None:
         self._log("submit")
-        self.in_flight.append(dict(inputs))
+        self.in_flight.append({slot: frame[None] for slot, frame in inputs.items()})  # (1, H, W, 3) a step, as StreamPool
 
     def collect(self) -> dict:
         self._log("collect")
