@@ -305,7 +305,30 @@ template <typename T> __device__ void from_u8(T* dst, const unsigned char* src, 
   long p = i % hw, ch = (i / hw) % c, b = i / (c * hw);
   st(dst, i, lut[src[(b * hw + p) * c + ch]]);
 }
+// the DiT's cache write: src (B, P, M, D) into rows rows[b, j] of dst (B, P, R, D), for rows b with advance[b] = 1
+template <typename T> __device__ void scatter_rows(T* dst, const T* src, const int* rows, const long long* advance,
+                                                   long p, int r, int m, long d, long n) {
+  long i = blockIdx.x * (long)blockDim.x + threadIdx.x;  // src index ((b * p + q) * m + j) * d + e
+  if (i >= n) return;
+  long e = i % d, j = (i / d) % m, q = (i / (d * m)) % p, b = i / (d * m * p);
+  if (advance[b]) dst[((b * p + q) * r + rows[b * m + j]) * d + e] = src[i];
+}
+// latent frames as pictures: dst (B·N, 3, h·sy, w·sx) float32 = clamp(channels 0..2 of src (B, C, N, h, w), -1, 1),
+// nearest; a non-finite value passes through (a bit test, as in to_u8: fast math may fold a NaN compare)
+template <typename T> __device__ void preview(float* dst, const T* src, int c, int nf, long h, long w, int sy, int sx,
+                                              long n) {
+  long i = blockIdx.x * (long)blockDim.x + threadIdx.x;  // dst index (((b * nf + f) * 3 + ch) * H + y) * W + x
+  if (i >= n) return;
+  long wd = w * sx, ht = h * sy;
+  long x = i % wd, y = (i / wd) % ht, ch = (i / (wd * ht)) % 3, bf = i / (wd * ht * 3);
+  float v = ld(src, ((((bf / nf) * c + ch) * nf + bf % nf) * h + y / sy) * w + x / sx);
+  dst[i] = (__float_as_uint(v) & 0x7F800000u) == 0x7F800000u ? v : fminf(fmaxf(v, -1.0f), 1.0f);
+}
 extern "C" {
+__global__ void scatter_rows_f32(float* d, const float* s, const int* r, const long long* a, long p, int rr, int m, long dd, long n) { scatter_rows(d, s, r, a, p, rr, m, dd, n); }
+__global__ void scatter_rows_f16(half_t* d, const half_t* s, const int* r, const long long* a, long p, int rr, int m, long dd, long n) { scatter_rows(d, s, r, a, p, rr, m, dd, n); }
+__global__ void preview_f32(float* d, const float* s, int c, int nf, long h, long w, int sy, int sx, long n) { preview(d, s, c, nf, h, w, sy, sx, n); }
+__global__ void preview_f16(float* d, const half_t* s, int c, int nf, long h, long w, int sy, int sx, long n) { preview(d, s, c, nf, h, w, sy, sx, n); }
 __global__ void to_u8_f32(unsigned char* d, unsigned char* f, const float* s, int c, long hw, long n) { to_u8(d, f, s, c, hw, n); }
 __global__ void to_u8_f16(unsigned char* d, unsigned char* f, const half_t* s, int c, long hw, long n) { to_u8(d, f, s, c, hw, n); }
 __global__ void from_u8_f32(float* d, const unsigned char* s, const float* lut, int c, long hw, long n) { from_u8(d, s, lut, c, hw, n); }
@@ -417,6 +440,22 @@ class CudaOps:
                      self._p(advance), (k, ctypes.c_int), self._n(per_slot), self._n(kv.size))
         self._launch("ring_advance", batch, self._p(ages), self._p(slot), self._p(advance), (batch, ctypes.c_int),
                      (k, ctypes.c_int))
+
+    def scatter_rows_(self, dst, src, rows, advance):
+        b, m, d, r = src.shape[0], src.shape[-2], src.shape[-1], dst.shape[-2]
+        p = src.size // (b * m * d)
+        if dst.dtype != src.dtype or dst.size != b * p * r * d or rows.dtype != "int32" or rows.shape != (b, m):
+            raise CudaError(f"scatter_rows_ of {src.dtype}{src.shape} at {rows.dtype}{rows.shape} into {dst.dtype}{dst.shape}")
+        self._launch(f"scatter_rows_{_SUFFIX[dst.dtype]}", src.size, self._p(dst), self._p(src), self._p(rows),
+                     self._p(advance), self._n(p), (r, ctypes.c_int), (m, ctypes.c_int), self._n(d), self._n(src.size))
+
+    def preview_(self, dst, src):
+        b, c, nf, h, w = src.shape
+        if dst.dtype != "float32" or dst.shape[:2] != (b * nf, 3) or dst.shape[2] % h or dst.shape[3] % w:
+            raise CudaError(f"preview_ of {src.dtype}{src.shape} into {dst.dtype}{dst.shape}")
+        self._launch(f"preview_{_SUFFIX[src.dtype]}", dst.size, self._p(dst), self._p(src), (c, ctypes.c_int),
+                     (nf, ctypes.c_int), self._n(h), self._n(w), (dst.shape[2] // h, ctypes.c_int),
+                     (dst.shape[3] // w, ctypes.c_int), self._n(dst.size))
 
     def zero_(self, buf, offset: int = 0, nbytes: int | None = None):
         n = buf.nbytes - offset if nbytes is None else nbytes
