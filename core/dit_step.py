@@ -17,15 +17,21 @@ own frame, so one unit is one CUDA-graph replay on a GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from mirage.core import graphs as G
 from mirage.core.config import WAN_VIDEO_FRAMES_PER_LATENT
+from mirage.core.errors import MirageError
 from mirage.core.flow_schedule import block_schedule, flow_renoise, flow_x0
 
 Run = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]
+FRAME_SLOTS = "frame_slots"  # (B, N) int32: the cache slot of each frame of the block (not a graph input)
+
+
+class RecacheError(MirageError):
+    """A prompt switch whose re-cache the cache's layout does not allow."""
 Array = Any  # as core.loop's: numpy, torch or device buffers
 
 
@@ -69,7 +75,20 @@ def block_inputs(cfg, starts) -> dict[str, np.ndarray]:
     span = np.minimum(starts + n, cfg.window_frames)  # the held prefix, then the whole window
     valid = (np.arange(cfg.window_frames * t)[None] < span[:, None] * t).astype(np.float32)
     cos, sin = rope_tables(cfg, frames)
-    return {G.ROPE_COS: cos, G.ROPE_SIN: sin, G.SLOTS: rows.astype(np.int32), G.VALID: valid}
+    return {G.ROPE_COS: cos, G.ROPE_SIN: sin, G.SLOTS: rows.astype(np.int32), G.VALID: valid,
+            FRAME_SLOTS: slots.astype(np.int32)}
+
+
+def held_blocks(cfg, start: int) -> np.ndarray:
+    """(blocks, N) absolute positions of the frames a stream at frame `start` holds in its cache, block by
+    block, oldest first: every frame until the window is full, then the sink and the ring's latest."""
+    n, window, sink = cfg.block_frames, cfg.window_frames, cfg.sink_frames
+    held = np.arange(start) if start <= window else \
+        np.concatenate([np.arange(sink), np.arange(start - (window - sink), start)])
+    if sink % n or window % n:
+        raise RecacheError(f"re-caching a prompt switch needs whole blocks in the cache: sink_frames={sink} and "
+                           f"window_frames={window} must be multiples of block_frames={n}")
+    return held.reshape(-1, n)
 
 
 class DiTBlockLoop:
@@ -140,6 +159,7 @@ class BlockBuffers:
     text_v: Array
     cache_k: Array  # (B, L, H, W·T, D), and cache_v: the rolling KV cache
     cache_v: Array
+    latents: Array  # (B, in_dim, W, h, w) the clean latents of the frames in the cache, by slot (for a re-cache)
     new_k: Array  # (B, L, H, N·T, D), and new_v: a pass's keys/values of the block
     new_v: Array
     host: dict[str, Array]  # per block from the host: RoPE angles, slots, validity, timestep embeddings
@@ -154,7 +174,7 @@ class BlockBuffers:
 
     def all(self) -> list[Array]:
         return [self.x, self.v, self.x0, *self.noise, self.text, self.text_k, self.text_v, self.cache_k, self.cache_v,
-                self.new_k, self.new_v, *self.host.values(), self.rng, self.advance, self.frame]
+                self.latents, self.new_k, self.new_v, *self.host.values(), self.rng, self.advance, self.frame]
 
 
 class BlockUnit:
@@ -184,7 +204,9 @@ class BlockUnit:
 
         host = {name: new(G.DIT_STEP, name) for name in (G.ROPE_COS, G.ROPE_SIN, G.SLOTS, G.VALID)}
         host.update({key: new(G.DIT_STEP, G.T_EMB) for key in [_t_step(i) for i in range(self.steps)] + [_T_CTX]})
+        host[FRAME_SLOTS] = alloc((self.batch, self.frames), "int32")
         advance = alloc((self.batch,), "int64")
+        x = self.specs[G.DIT_STEP].tensor(G.X_T)
         fill(advance, 1)
         h, w, c = self.frame_shape
         return BlockBuffers(
@@ -192,6 +214,7 @@ class BlockUnit:
             noise=[new(G.DIT_STEP, G.X_T) for _ in range(self.steps)], text=new(G.DIT_TEXT, G.TEXT),
             text_k=new(G.DIT_TEXT, G.TEXT_K), text_v=new(G.DIT_TEXT, G.TEXT_V), cache_k=new(G.DIT_STEP, G.CACHE_K),
             cache_v=new(G.DIT_STEP, G.CACHE_V), new_k=new(G.DIT_STEP, G.NEW_K), new_v=new(G.DIT_STEP, G.NEW_V),
+            latents=alloc((self.batch, x.shape[1], self.cfg.window_frames, *x.shape[3:]), dtype_of(G.DIT_STEP, G.X_T)),
             host=host, rng=alloc((self.batch, 2), "int64"), advance=advance,
             frame=alloc((self.batch * self.frames, c, h, w), "float32"))
 
@@ -215,22 +238,57 @@ class BlockUnit:
 
     def run(self, backend, ops, buf: BlockBuffers) -> None:
         """One block for every row: the captured body (no host work, nothing allocated)."""
-        static = {name: buf.host[name] for name in (G.ROPE_COS, G.ROPE_SIN, G.SLOTS, G.VALID)}
-        memory = {G.TEXT_K: buf.text_k, G.TEXT_V: buf.text_v, G.CACHE_K: buf.cache_k, G.CACHE_V: buf.cache_v}
-        new_kv = {G.NEW_K: buf.new_k, G.NEW_V: buf.new_v}
+        static, memory = _static(buf), _memory(buf)
         for noise in buf.noise:
             ops.randn_(noise, buf.rng, buf.advance)
         ops.lincomb_(buf.x, 1.0, buf.noise[0], 0.0, buf.noise[0])
         for i, (_, sigma, sigma_next) in enumerate(self.schedule):
             backend.run(G.DIT_STEP, {G.X_T: buf.x, G.T_EMB: buf.host[_t_step(i)], **memory, **static},
-                        {G.V: buf.v, **new_kv})
+                        {G.V: buf.v, G.NEW_K: buf.new_k, G.NEW_V: buf.new_v})
             ops.lincomb_(buf.x0, 1.0, buf.x, -sigma, buf.v)  # flow_x0
             if i + 1 < len(self.schedule):
                 ops.lincomb_(buf.x, 1 - sigma_next, buf.x0, sigma_next, buf.noise[i + 1])  # flow_renoise
-        backend.run(G.DIT_CACHE_WRITE, {G.X_T: buf.x0, G.T_EMB: buf.host[_T_CTX], **memory, **static}, new_kv)
-        for cache, new in ((buf.cache_k, buf.new_k), (buf.cache_v, buf.new_v)):
-            ops.scatter_rows_(cache, new, buf.host[G.SLOTS], buf.advance)
+        ops.scatter_rows_(buf.latents, buf.x0, buf.host[FRAME_SLOTS], buf.advance, 2)
+        self._write_cache(backend, ops, buf, static, memory)
         ops.preview_(buf.frame, buf.x0)
+
+    def _write_cache(self, backend, ops, buf: BlockBuffers, static: dict, memory: dict) -> None:
+        """The cache-write pass of buf.x0 and its keys/values into the block's rows of each advancing row."""
+        backend.run(G.DIT_CACHE_WRITE, {G.X_T: buf.x0, G.T_EMB: buf.host[_T_CTX], **memory, **static},
+                    {G.NEW_K: buf.new_k, G.NEW_V: buf.new_v})
+        for cache, new in ((buf.cache_k, buf.new_k), (buf.cache_v, buf.new_v)):
+            ops.scatter_rows_(cache, new, buf.host[G.SLOTS], buf.advance, 3)
+
+    def recache_inputs(self, row: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        """LongLive's re-cache of row `row` after its prompt changed: per held block, oldest first, the host
+        inputs of `recache` (every row given this row's, so no row attends over nothing) and the advance
+        flags that let only this row write. Each block sees the held blocks before it and itself, as
+        BlockStepper.recache's block-causal pass over the held frames does."""
+        cfg, shape = self.cfg, (self.batch, self.cfg.block_frames)
+        blocks = held_blocks(cfg, int(self.starts[row]))
+        advance = np.zeros(self.batch, np.int64)
+        advance[row] = 1
+        t = cfg.tokens_per_frame
+        for i, positions in enumerate(blocks):
+            feeds = {k: np.broadcast_to(v[:1], (self.batch,) + v.shape[1:])
+                     for k, v in block_inputs(cfg, positions[:1]).items()}
+            seen = [block_inputs(cfg, b[:1])[FRAME_SLOTS][0] for b in blocks[:i + 1]]
+            valid = np.zeros(cfg.window_frames * t, np.float32)
+            for slot in np.concatenate(seen):
+                valid[slot * t:(slot + 1) * t] = 1
+            feeds[G.VALID] = np.broadcast_to(valid, (self.batch, valid.size))
+            feeds[_T_CTX] = timestep_embedding(cfg, np.full(shape, float(cfg.context_timestep), np.float32))
+            yield feeds, advance
+
+    def recache(self, backend, ops, buf: BlockBuffers) -> None:
+        """One held block of the advancing rows (recache_inputs staged) re-run under their current prompt:
+        its latents gathered from the cache's, its keys/values written back in place."""
+        ops.gather_rows_(buf.x0, buf.latents, buf.host[FRAME_SLOTS], 2)
+        self._write_cache(backend, ops, buf, _static(buf), _memory(buf))
+
+    def held(self, row: int) -> bool:
+        """Whether row `row` holds frames in its cache (a prompt switch then re-caches them)."""
+        return bool(self.starts[row])
 
     def encode_text(self, backend, buf: BlockBuffers) -> None:
         """Every row's prompt keys/values from its embeddings in buf.text (after a prompt changed)."""
@@ -241,3 +299,11 @@ class BlockUnit:
         noise from `seed`."""
         self.starts[row] = 0
         ops.seed_row_(buf.rng, row, seed)
+
+
+def _static(buf: BlockBuffers) -> dict[str, Array]:
+    return {name: buf.host[name] for name in (G.ROPE_COS, G.ROPE_SIN, G.SLOTS, G.VALID)}
+
+
+def _memory(buf: BlockBuffers) -> dict[str, Array]:
+    return {G.TEXT_K: buf.text_k, G.TEXT_V: buf.text_v, G.CACHE_K: buf.cache_k, G.CACHE_V: buf.cache_v}

@@ -72,9 +72,13 @@ class Ops(Protocol):
     def seed_row_(self, rng: Array, row: int, seed: int) -> None:
         """Restart row `row`'s noise at (seed, 0) (enqueued like reset_row_)."""
 
-    def scatter_rows_(self, dst: Array, src: Array, rows: Array, advance: Array) -> None:
-        """For rows b with advance[b] = 1: dst[b, ..., rows[b, j], :] = src[b, ..., j, :] (the DiT's cache
-        write: dst (B, ..., R, D), src (B, ..., n, D), rows (B, n) int32). Other rows are left as they are."""
+    def scatter_rows_(self, dst: Array, src: Array, rows: Array, advance: Array, axis: int) -> None:
+        """For rows b with advance[b] = 1: dst[b, ..., rows[b, j], ...] = src[b, ..., j, ...] along `axis` (> 0)
+        of both (the DiT's cache write: dst (B, L, H, R, D), src (B, L, H, n, D), rows (B, n) int32, axis 3).
+        Other rows are left as they are."""
+
+    def gather_rows_(self, dst: Array, src: Array, rows: Array, axis: int) -> None:
+        """dst[b, ..., j, ...] = src[b, ..., rows[b, j], ...] along `axis` (> 0), for every row b."""
 
     def preview_(self, dst: Array, src: Array) -> None:
         """Latent frames as pictures: dst (B·N, 3, H, W) = clamp(channels 0..2 of src (B, C, N, h, w), -1, 1),
@@ -323,9 +327,13 @@ class NumpyOps:
     def seed_row_(self, rng, row, seed):
         rng[row] = (int64_bits(seed), 0)
 
-    def scatter_rows_(self, dst, src, rows, advance):
+    def scatter_rows_(self, dst, src, rows, advance, axis):
         for b in self.np.flatnonzero(advance):
-            dst[b][..., rows[b], :] = src[b]
+            self.np.moveaxis(dst[b], axis - 1, 0)[rows[b]] = self.np.moveaxis(src[b], axis - 1, 0)
+
+    def gather_rows_(self, dst, src, rows, axis):
+        for b in range(len(dst)):
+            self.np.moveaxis(dst[b], axis - 1, 0)[...] = self.np.moveaxis(src[b], axis - 1, 0)[rows[b]]
 
     def preview_(self, dst, src):
         b, _, n, h, w = src.shape

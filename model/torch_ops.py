@@ -36,6 +36,13 @@ def normal_rows(rng: torch.Tensor, n: int) -> torch.Tensor:
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2 * math.pi) * u2)
 
 
+def _row_index(rows: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Tensor:
+    """rows (B, n) as a gather/scatter index of `like`'s shape along `axis`."""
+    shape = [1] * like.dim()
+    shape[0], shape[axis] = rows.shape
+    return rows.long().view(shape).expand_as(like)
+
+
 class TorchOps:
     def __init__(self, device):
         self.device = torch.device(device)
@@ -84,11 +91,14 @@ class TorchOps:
         rng[row, 0].fill_(int64_bits(seed))
         rng[row, 1].fill_(0)
 
-    def scatter_rows_(self, dst, src, rows, advance):
+    def scatter_rows_(self, dst, src, rows, advance, axis):
         # held rows (advance 0) write back what they hold: no branch, so the op is graph safe
-        index = rows.long().view(rows.shape[0], *(1,) * (src.dim() - 3), rows.shape[1], 1).expand_as(src)
+        index = _row_index(rows, src, axis)
         go = advance.bool().view(-1, *(1,) * (src.dim() - 1))
-        dst.scatter_(-2, index, torch.where(go, src.to(dst.dtype), dst.gather(-2, index)))
+        dst.scatter_(axis, index, torch.where(go, src.to(dst.dtype), dst.gather(axis, index)))
+
+    def gather_rows_(self, dst, src, rows, axis):
+        dst.copy_(src.gather(axis, _row_index(rows, dst, axis)))
 
     def preview_(self, dst, src):
         b, _, n, h, w = src.shape

@@ -305,13 +305,16 @@ template <typename T> __device__ void from_u8(T* dst, const unsigned char* src, 
   long p = i % hw, ch = (i / hw) % c, b = i / (c * hw);
   st(dst, i, lut[src[(b * hw + p) * c + ch]]);
 }
-// the DiT's cache write: src (B, P, M, D) into rows rows[b, j] of dst (B, P, R, D), for rows b with advance[b] = 1
-template <typename T> __device__ void scatter_rows(T* dst, const T* src, const int* rows, const long long* advance,
-                                                   long p, int r, int m, long d, long n) {
-  long i = blockIdx.x * (long)blockDim.x + threadIdx.x;  // src index ((b * p + q) * m + j) * d + e
+// the DiT's cache write: src (B, P, M, D) into rows rows[b, j] of dst (B, P, R, D), for rows b with advance[b] = 1;
+// with `gather` the other way: dst (B, P, M, D) from rows rows[b, j] of src (B, P, R, D), every row
+template <typename T> __device__ void move_rows(T* dst, const T* src, const int* rows, const long long* advance,
+                                                long p, int r, int m, long d, long n, bool gather) {
+  long i = blockIdx.x * (long)blockDim.x + threadIdx.x;  // index of the (B, P, M, D) side: ((b * p + q) * m + j) * d + e
   if (i >= n) return;
   long e = i % d, j = (i / d) % m, q = (i / (d * m)) % p, b = i / (d * m * p);
-  if (advance[b]) dst[((b * p + q) * r + rows[b * m + j]) * d + e] = src[i];
+  long far = ((b * p + q) * r + rows[b * m + j]) * d + e;
+  if (gather) dst[i] = src[far];
+  else if (advance[b]) dst[far] = src[i];
 }
 // latent frames as pictures: dst (B·N, 3, h·sy, w·sx) float32 = clamp(channels 0..2 of src (B, C, N, h, w), -1, 1),
 // nearest; a non-finite value passes through (a bit test, as in to_u8: fast math may fold a NaN compare)
@@ -325,8 +328,8 @@ template <typename T> __device__ void preview(float* dst, const T* src, int c, i
   dst[i] = (__float_as_uint(v) & 0x7F800000u) == 0x7F800000u ? v : fminf(fmaxf(v, -1.0f), 1.0f);
 }
 extern "C" {
-__global__ void scatter_rows_f32(float* d, const float* s, const int* r, const long long* a, long p, int rr, int m, long dd, long n) { scatter_rows(d, s, r, a, p, rr, m, dd, n); }
-__global__ void scatter_rows_f16(half_t* d, const half_t* s, const int* r, const long long* a, long p, int rr, int m, long dd, long n) { scatter_rows(d, s, r, a, p, rr, m, dd, n); }
+__global__ void move_rows_f32(float* d, const float* s, const int* r, const long long* a, long p, int rr, int m, long dd, long n, int g) { move_rows(d, s, r, a, p, rr, m, dd, n, g); }
+__global__ void move_rows_f16(half_t* d, const half_t* s, const int* r, const long long* a, long p, int rr, int m, long dd, long n, int g) { move_rows(d, s, r, a, p, rr, m, dd, n, g); }
 __global__ void preview_f32(float* d, const float* s, int c, int nf, long h, long w, int sy, int sx, long n) { preview(d, s, c, nf, h, w, sy, sx, n); }
 __global__ void preview_f16(float* d, const half_t* s, int c, int nf, long h, long w, int sy, int sx, long n) { preview(d, s, c, nf, h, w, sy, sx, n); }
 __global__ void to_u8_f32(unsigned char* d, unsigned char* f, const float* s, int c, long hw, long n) { to_u8(d, f, s, c, hw, n); }
@@ -441,13 +444,25 @@ class CudaOps:
         self._launch("ring_advance", batch, self._p(ages), self._p(slot), self._p(advance), (batch, ctypes.c_int),
                      (k, ctypes.c_int))
 
-    def scatter_rows_(self, dst, src, rows, advance):
-        b, m, d, r = src.shape[0], src.shape[-2], src.shape[-1], dst.shape[-2]
-        p = src.size // (b * m * d)
-        if dst.dtype != src.dtype or dst.size != b * p * r * d or rows.dtype != "int32" or rows.shape != (b, m):
-            raise CudaError(f"scatter_rows_ of {src.dtype}{src.shape} at {rows.dtype}{rows.shape} into {dst.dtype}{dst.shape}")
-        self._launch(f"scatter_rows_{_SUFFIX[dst.dtype]}", src.size, self._p(dst), self._p(src), self._p(rows),
-                     self._p(advance), self._n(p), (r, ctypes.c_int), (m, ctypes.c_int), self._n(d), self._n(src.size))
+    def scatter_rows_(self, dst, src, rows, advance, axis):
+        self._move_rows(src, dst, rows, axis, advance)
+
+    def gather_rows_(self, dst, src, rows, axis):
+        self._move_rows(dst, src, rows, axis, None)
+
+    def _move_rows(self, near, far, rows, axis: int, advance) -> None:
+        """near (B, ..., M, ...) <-> rows `rows` (B, M) of far (B, ..., R, ...) along `axis`: a scatter into far
+        (rows that advance) when `advance` is given, else a gather into near."""
+        b, m, r = near.shape[0], near.shape[axis], far.shape[axis]
+        p, d = math.prod(near.shape[1:axis]), math.prod(near.shape[axis + 1:])
+        if (near.dtype != far.dtype or far.shape[:axis] + far.shape[axis + 1:] != near.shape[:axis] + near.shape[axis + 1:]
+                or rows.dtype != "int32" or rows.shape != (b, m)):
+            raise CudaError(f"moving rows {rows.dtype}{rows.shape} between {near.dtype}{near.shape} and "
+                            f"{far.dtype}{far.shape}")
+        dst, src = (far, near) if advance is not None else (near, far)
+        self._launch(f"move_rows_{_SUFFIX[near.dtype]}", near.size, self._p(dst), self._p(src), self._p(rows),
+                     self._p(advance if advance is not None else rows), self._n(p), (r, ctypes.c_int),
+                     (m, ctypes.c_int), self._n(d), self._n(near.size), (int(advance is None), ctypes.c_int))
 
     def preview_(self, dst, src):
         b, c, nf, h, w = src.shape

@@ -134,7 +134,7 @@ class CpuExecution:
     def between_units(self, body, writes: list) -> None:
         """`writes` [(buffer, host array)] copied in, then body() (graphs run outside a unit)."""
         for buf, array in writes:
-            buf[...] = self.cpu.from_host(array)
+            buf[...] = self.cpu.from_host(np.ascontiguousarray(array))
         body()
 
     def describe(self) -> tuple[str, float | None, str]:

@@ -198,8 +198,9 @@ class Pipeline:
     # -- conditioning ---------------------------------------------------------------------------
     def set_prompt(self, embeds: np.ndarray, rows: Sequence[int] | None = None) -> None:
         """Prompt embeddings (L, text_dim), L <= the model's text_len (zero-padded as the model pads), for
-        `rows` (default: every row, and the prompt a reset row starts with) from their next step on.
-        The cache keeps the keys/values its frames were made with (no LongLive re-cache yet)."""
+        `rows` (default: every row, and the prompt a reset row starts with) from their next step on. A row
+        that holds frames has them re-cached under the new prompt (LongLive's switch: their keys/values
+        recomputed from their latents, block by block), so its stream goes on without a restart."""
         if "prompt" not in self.unit.controls:
             raise PipelineError(f"{self.cfg.name} takes no prompt")
         length, width = self.unit.text_shape
@@ -218,6 +219,9 @@ class Pipeline:
             self._default_text = padded
         if self.state == "ready":
             self._apply_text()
+            for row in range(self.batch) if rows is None else rows:
+                if self.unit.held(row):
+                    self._recache(row)
 
     def control(self, row: int, prompt: str | None = None, strength: float | None = None) -> None:
         """Change row `row`'s conditioning between steps, the stream going on: its prompt (encoded by the
@@ -233,6 +237,12 @@ class Pipeline:
                 raise PipelineError("no text encoder was given, so a prompt cannot be encoded (give a text encoder "
                                     "folder, or prompt embeddings)")
             self.set_prompt(self.prompt_encoder(prompt), [row])
+
+    def _recache(self, row: int) -> None:
+        buf, ex = self.buf, self.execution
+        for feeds, advance in self.unit.recache_inputs(row):
+            ex.between_units(lambda: self.unit.recache(self.backend, ex.ops, buf),
+                             [(buf.host[k], v) for k, v in feeds.items()] + [(buf.advance, advance)])
 
     def _apply_text(self) -> None:
         """Every row's embeddings onto the device and through the text graph, between steps."""

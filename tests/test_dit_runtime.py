@@ -44,15 +44,22 @@ def artifacts(tmp_path_factory):
     return {1: root / "b1", 2: root / "b2"}
 
 
-def _reference(text: np.ndarray, seed: int, blocks: int) -> list[np.ndarray]:
+def _reference(text: np.ndarray, seed: int, blocks: int, switch: tuple[int, np.ndarray] | None = None
+               ) -> list[np.ndarray]:
     """One stream's clean blocks by the torch block stepper, with the runtime's counter-based noise (draw
-    k·S + i of the row's seed is step i's noise of block k)."""
+    k·S + i of the row's seed is step i's noise of block k); `switch` (block, text): its prompt switched
+    before that block (BlockStepper.recache)."""
     model, _ = dit_model(CFG, None, SEED)
     stepper = BlockStepper(model, batch=1)
     stepper.set_prompt(torch.from_numpy(text[None]))
     shape, s = (CFG.in_dim, CFG.block_frames, *CFG.latent_size), CFG.steps
-    return [stepper.step(torch.from_numpy(np.stack([normal(seed, k * s + i, int(np.prod(shape))).reshape(shape)
-                                                    for i in range(s)])[:, None])).numpy()[0] for k in range(blocks)]
+    out = []
+    for k in range(blocks):
+        if switch is not None and k == switch[0]:
+            stepper.recache(torch.from_numpy(switch[1][None]))
+        noise = np.stack([normal(seed, k * s + i, int(np.prod(shape))).reshape(shape) for i in range(s)])
+        out.append(stepper.step(torch.from_numpy(noise[:, None])).numpy()[0])
+    return out
 
 
 def _preview(x0: np.ndarray) -> np.ndarray:
@@ -83,6 +90,24 @@ def test_rows_at_their_own_frames_equal_the_torch_block_stepper(artifacts):
     for got, ref in ((rows[0], ref_0), (rows[1], ref_1)):
         for frames, x0 in zip(got, ref):
             np.testing.assert_allclose(frames, _preview(x0), atol=2e-5, rtol=0)
+
+
+def test_a_prompt_switch_re_caches_the_row_as_the_block_stepper_does(artifacts):
+    """control(row, prompt) mid-stream, after the cache has rolled past its sink: the row's held frames are
+    re-cached under the new prompt (LongLive) and its next blocks equal BlockStepper.recache's; the other
+    row does not notice."""
+    a, b = _prompt(1), _prompt(2, length=9)
+    with Pipeline.load(artifacts[2], device="cpu", options=PipelineOptions(batch=2),
+                       prompt_encoder={"b": b}.get) as pipe:
+        pipe.set_prompt(a)
+        pipe.reset(5)
+        got = [pipe.step_batch() for _ in range(4)]  # frames 0-7: the ring (window 6, sink 2) has turned
+        pipe.control(0, prompt="b")
+        got += [pipe.step_batch() for _ in range(2)]
+    for row, ref in enumerate((_reference(a, 5, 6, switch=(4, b)), _reference(a, 6, 6))):
+        for k, (frames, x0) in enumerate(zip([g[row] for g in got], ref)):
+            np.testing.assert_allclose(frames, _preview(x0), atol=2e-5, rtol=0, err_msg=f"row {row}, block {k}")
+    assert np.abs(_preview(_reference(a, 5, 5)[4]) - got[4][0]).max() > 1e-2  # the switch changed the video
 
 
 def test_a_rows_video_does_not_depend_on_its_neighbour(artifacts):

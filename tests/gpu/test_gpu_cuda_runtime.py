@@ -186,7 +186,7 @@ def test_ring_write_matches_numpy(gpu):
 
 def test_dit_cache_write_and_preview_match_numpy(gpu):
     """The DiT's block ops (core.dit_step.BlockUnit): the block's keys/values scattered into each advancing
-    row's cache rows (a held row keeps its own), and the latents' preview, against NumpyOps."""
+    row's cache rows (a held row keeps its own) and gathered back, and the latents' preview, against numpy."""
     rng = np.random.default_rng(2)
     for dtype in ("float32", "float16"):
         cache, new = gpu.zeros((2, 3, 2, 12, 8), dtype), gpu.zeros((2, 3, 2, 4, 8), dtype)
@@ -196,9 +196,11 @@ def test_dit_cache_write_and_preview_match_numpy(gpu):
         idx, go = np.array([[4, 5, 6, 7], [8, 9, 0, 1]], np.int32), np.array([1, 0], np.int64)
         for buf, host in ((cache, ref), (new, news), (rows, idx), (advance, go)):
             _from_host(gpu, buf, host)
-        gpu.ops.scatter_rows_(cache, new, rows, advance)
-        NumpyOps().scatter_rows_(ref, news, idx, go)
+        gpu.ops.scatter_rows_(cache, new, rows, advance, 3)
+        NumpyOps().scatter_rows_(ref, news, idx, go, 3)
         np.testing.assert_array_equal(_to_host(gpu, cache), ref)
+        gpu.ops.gather_rows_(new, cache, rows, 3)  # back: each row's rows of the cache, held ones too
+        np.testing.assert_array_equal(_to_host(gpu, new), np.take_along_axis(ref, idx[:, None, None, :, None], 3))
         latents, frames = gpu.zeros((2, 16, 3, 4, 5), dtype), gpu.zeros((6, 3, 32, 40), "float32")
         lat = (rng.standard_normal((2, 16, 3, 4, 5)) * 2).astype(dtype)
         _from_host(gpu, latents, lat)
