@@ -138,6 +138,8 @@ def test_controls_are_refused_where_the_model_does_not_take_them(artifacts):
     with StreamPool(Pipeline.load(artifacts[2], device="cpu", options=PipelineOptions(batch=2))) as pool:
         slot = pool.attach(seed=0)
         assert pool.controls == {}  # no prompt encoder: no prompt box
+        made = sum(b.nbytes for b in pool.pipeline.buf.all())
+        assert pool.pipeline.unit.buffer_bytes() == made  # the memory estimate is what the runtime allocates
         with pytest.raises(PipelineError, match="no text encoder was given"):
             pool.control(slot, prompt="a cat")
         with pytest.raises(PipelineError, match="takes no strength"):
