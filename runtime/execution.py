@@ -183,6 +183,14 @@ class GpuExecution:
         # the unit's per-unit host inputs (the DiT's RoPE angles, cache slots, ...), staged as the advance flags
         self.host_stage = {name: [gpu.zeros(b.shape, _dtype_name(b)) for _ in range(2)] for name, b in buf.host.items()}
         self.host_pinned = {name: [gpu.pinned(b) for b in stages] for name, stages in self.host_stage.items()}
+        # the warm-up and capture run a unit that commits nothing on these (a DiT block at each row's frame:
+        # zeros would mask every key, and the NaN of an empty softmax would land in the cache)
+        for name, array in self.unit.host_inputs(np.zeros(buf.advance.shape, np.int64)).items():
+            for host, stage in zip(self.host_pinned[name], self.host_stage[name]):
+                host[...] = array
+                gpu.upload(stage, host)
+        gpu.synchronize()
+        self._between_pinned: dict[int, np.ndarray] = {}  # between_units' host staging, per buffer
         self.frame_out = [stage(buf.frame) for _ in range(2)]
         self.finite_out = [gpu.zeros((buf.frame.shape[0],), "uint8") for _ in range(2)] \
             if self.frames == "uint8" else []
@@ -319,7 +327,9 @@ class GpuExecution:
         flight finished first and the work done on return (a prompt change: rare, so it waits)."""
         self.gpu.synchronize()
         for buf, array in writes:
-            host = self.gpu.pinned(buf)
+            host = self._between_pinned.get(buf.data_ptr())
+            if host is None:
+                host = self._between_pinned[buf.data_ptr()] = self.gpu.pinned(buf)
             host[...] = array
             self.gpu.upload(buf, host)
             self.gpu.synchronize()
