@@ -185,11 +185,13 @@ class GpuExecution:
         self.host_pinned = {name: [gpu.pinned(b) for b in stages] for name, stages in self.host_stage.items()}
         # the warm-up and capture run a unit that commits nothing on these (a DiT block at each row's frame:
         # zeros would mask every key, and the NaN of an empty softmax would land in the cache)
-        for name, array in self.unit.host_inputs(np.zeros(buf.advance.shape, np.int64)).items():
-            for host, stage in zip(self.host_pinned[name], self.host_stage[name]):
+        idle = self.unit.host_inputs(np.zeros(buf.advance.shape, np.int64))
+        for name, array in idle.items():
+            for host, staged in zip(self.host_pinned[name], self.host_stage[name]):
                 host[...] = array
-                gpu.upload(stage, host)
-        gpu.synchronize()
+                gpu.upload(staged, host)
+        if idle:
+            gpu.synchronize()
         self._between_pinned: dict[int, np.ndarray] = {}  # between_units' host staging, per buffer
         self.frame_out = [stage(buf.frame) for _ in range(2)]
         self.finite_out = [gpu.zeros((buf.frame.shape[0],), "uint8") for _ in range(2)] \

@@ -3,6 +3,7 @@ StreamPool and mirage-run through the family's unit of work (core.dit_step.Block
 reference (BlockStepper) and the PyTorch backend; CPU."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import subprocess
@@ -17,6 +18,7 @@ from conftest import CKPT_GEN
 from mirage.bridge.artifact import ArtifactOptions
 from mirage.bridge.dit_artifact import build_dit_artifact, dit_model
 from mirage.bridge.pipeline import from_dit_model, load_pipeline
+from mirage.core import graphs as G
 from mirage.core.config import PipelineOptions, get_dit_config
 from mirage.core.loop import normal
 from mirage.core.video_io import to_uint8
@@ -203,3 +205,84 @@ def test_mirage_run_refuses_a_dit_artifact_s_bad_conditioning(artifacts, tmp_pat
     assert result.exit_code == 2, result.output
     assert message in result.output.replace("\n", " ")
     assert not out.exists()
+
+
+class _CpuAsGpu:
+    """GpuExecution's plumbing on CPU tensors (the PyTorch backend's ops): streams and events do nothing, a
+    "graph" replays its body. What a CPU can check of the GPU path: the unit's host inputs staged per parity,
+    the warm-up, between-unit writes (prompt, re-cache) and the row resets, against CpuExecution's blocks."""
+
+    compute, copy_stream = "compute", "copy"
+
+    def __init__(self):
+        from mirage.model.torch_ops import TorchOps
+
+        self.ops, self.captured = TorchOps("cpu"), 0
+        self.event = lambda: type("Event", (), {"record": lambda e, s: None, "wait": lambda e, s: None,
+                                                "synchronize": lambda e: None, "elapsed_time": lambda e, o: 0.0})()
+
+    def zeros(self, shape, dtype):
+        return torch.zeros(shape, dtype=getattr(torch, dtype))
+
+    def pinned(self, like):
+        return np.zeros(tuple(like.shape), np.uint8 if like.dtype == torch.uint8 else np.float32)
+
+    def upload(self, dst, host):
+        dst.copy_(torch.from_numpy(host))
+
+    def download(self, host, src):
+        host[...] = src.numpy()
+
+    def copy(self, dst, src):
+        dst.copy_(src)
+
+    def warm_up(self, body, for_capture):
+        body()
+
+    def capture(self, body):
+        self.captured += 1
+        return type("Graph", (), {"replay": lambda g: body()})()
+
+    def on_compute(self):
+        return contextlib.nullcontext()
+
+    def synchronize(self):
+        pass
+
+    def device_name(self):
+        return "cpu as gpu"
+
+    def memory_mb(self):
+        return None, ""
+
+    def close(self):
+        pass
+
+
+def test_the_gpu_execution_runs_the_cpu_s_blocks():
+    """The same blocks through GpuExecution (on CPU tensors) as through CpuExecution, bit for bit: two
+    rows at their own frames, a prompt switch with its re-cache, a row restarted; its warm-up leaves no
+    trace."""
+    from mirage.model.dit_backend import DiTTorchBackend
+
+    model, _ = dit_model(CFG, None, SEED)
+    specs = G.model_graphs(CFG, 2)
+
+    def rollout(pipe):
+        with pipe:
+            pipe.set_prompt(_prompt(1))
+            pipe.reset(3)
+            out = [pipe.step_batch() for _ in range(4)]
+            pipe.control(0, prompt="b")
+            pipe.reset_row(1, 9)
+            return out + [pipe.step_batch() for _ in range(2)]
+
+    cpu = rollout(from_dit_model(model, "cpu", PipelineOptions(batch=2), prompt_encoder={"b": _prompt(2)}.get))
+    backend = DiTTorchBackend(model, specs, "cpu")
+    backend.device = "cuda:0"  # a GPU backend to the pipeline: GpuExecution, with the plumbing below
+    gpu = _CpuAsGpu()
+    pipe = Pipeline(backend, CFG, specs, PipelineOptions(batch=2), gpu, prompt_encoder={"b": _prompt(2)}.get)
+    staged = rollout(pipe)
+    assert gpu.captured == 2  # one graph per parity
+    for n, (a, b) in enumerate(zip(cpu, staged)):
+        np.testing.assert_array_equal(a, b, err_msg=f"block {n}")
