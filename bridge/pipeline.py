@@ -76,6 +76,18 @@ def from_dit_model(model, device: str = "auto", options: PipelineOptions = Pipel
     return Pipeline(impl, model.cfg, specs, options, (TorchGpu if on_gpu else TorchCpu)(impl.device), prompt_encoder)
 
 
+def open_dit_checkpoint(path: str | Path, cfg, device: str = "auto", options: PipelineOptions = PipelineOptions(),
+                        lora: str | Path | None = None,
+                        prompt_encoder: Callable[[str], np.ndarray] | None = None) -> Pipeline:
+    """A Wan 2.1 DiT checkpoint of any layout mirage.model.wan_checkpoint reads (Self-Forcing, CausVid, LongLive
+    with its LoRA, Wan, diffusers), of config `cfg`, in the runtime on the PyTorch backend (checked before the
+    model is built, as load_dit does)."""
+    from mirage.model.wan_checkpoint import load_dit
+
+    model, _ = load_dit(path, cfg, lora=lora)
+    return from_dit_model(model, device, options, prompt_encoder)
+
+
 def text_prompt_encoder(folder: str | Path, cfg) -> Callable[[str], np.ndarray]:
     """Prompt text -> embeddings (text_len, text_dim) by a local UMT5 encoder folder (on the CPU, once per
     distinct prompt), for Pipeline's `prompt_encoder`; the encoder's width is checked against `cfg` now."""

@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import CKPT_GEN
 from mirage.bridge.artifact import ArtifactOptions
 from mirage.bridge.dit_artifact import build_dit_artifact, dit_model
-from mirage.bridge.pipeline import from_dit_model, load_pipeline
+from mirage.bridge.pipeline import from_dit_model, load_pipeline, open_dit_checkpoint
 from mirage.core import graphs as G
 from mirage.core.config import PipelineOptions, get_dit_config
 from mirage.core.loop import normal
@@ -183,6 +183,26 @@ main([{str(artifacts[1])!r}, "--prompt-embeds", {str(embeds)!r}, "--frames", "5"
         pipe.reset(3)
         expected = to_uint8(np.concatenate([pipe.step() for _ in range(3)]))
     assert np.abs(written.astype(int) - expected).max() <= 1  # float32 ORT vs torch: a rounding step at most
+
+
+def test_a_self_forcing_checkpoint_runs_in_the_runtime(tmp_path):
+    """A generator checkpoint in Self-Forcing's layout ({"generator": "model." + WanModel keys}) opened into the
+    runtime on the PyTorch backend makes the in-memory model's blocks; another layout's keys are refused."""
+    model, _ = dit_model(CFG, None, SEED)
+    path = tmp_path / "self_forcing.pt"
+    torch.save({"generator": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
+    blocks = []
+    for pipe in (open_dit_checkpoint(path, CFG, "cpu"), from_dit_model(model, "cpu")):
+        with pipe:
+            pipe.set_prompt(_prompt(1))
+            pipe.reset(2)
+            blocks.append([pipe.step() for _ in range(2)])
+    np.testing.assert_array_equal(blocks[0], blocks[1])
+    torch.save({"generator": {"model.not_a_wan_key": torch.zeros(1)}}, path)
+    from mirage.core.errors import CheckpointError
+
+    with pytest.raises(CheckpointError):
+        open_dit_checkpoint(path, CFG, "cpu")
 
 
 @pytest.mark.parametrize("args, message", [
