@@ -12,6 +12,9 @@ import it still run an artifact on a machine without PyTorch.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
+
+import numpy as np
 
 from mirage.core import graphs as G
 from mirage.core.config import PipelineOptions
@@ -40,16 +43,11 @@ def open_checkpoint(path: Path, backend: str, device: str, options: PipelineOpti
 def from_model(model, device: str = "auto", options: PipelineOptions = PipelineOptions()) -> Pipeline:
     """A pipeline around an in-memory MirageUNet (the PyTorch backend); a latent model's frozen
     autoencoder is loaded from its config."""
-    import torch
-
     from mirage.model.torch_backend import TorchBackend
     from mirage.model.torch_device import TorchCpu, TorchGpu
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise BackendError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU; use --device cpu")
-    on_gpu = str(device).startswith("cuda")
+    device = _torch_device(device)
+    on_gpu = device.startswith("cuda")
     dtype = options.dtype or ("float16" if on_gpu else "float32")
     codec = None
     if model.cfg.latent:
@@ -61,3 +59,51 @@ def from_model(model, device: str = "auto", options: PipelineOptions = PipelineO
     precision = "fp16" if dtype == "float16" else "fp32"
     plumbing = (TorchGpu if on_gpu else TorchCpu)(impl.device)
     return Pipeline(impl, model.cfg, G.model_graphs(model.cfg, options.batch, precision=precision), options, plumbing)
+
+
+def from_dit_model(model, device: str = "auto", options: PipelineOptions = PipelineOptions(),
+                   prompt_encoder: Callable[[str], np.ndarray] | None = None) -> Pipeline:
+    """A pipeline around an in-memory WanDiT (its pure graph modules on the PyTorch backend): the runtime's
+    block loop, noise and buffers, as for a DiT artifact; bfloat16 on a GPU, float32 on the CPU."""
+    from mirage.model.dit_backend import DiTTorchBackend
+    from mirage.model.torch_device import TorchCpu, TorchGpu
+
+    device = _torch_device(device)
+    on_gpu = device.startswith("cuda")
+    dtype = options.dtype or ("bfloat16" if on_gpu else "float32")
+    specs = G.model_graphs(model.cfg, options.batch, precision="fp16" if dtype == "float16" else "fp32")
+    impl = DiTTorchBackend(model, specs, device, dtype)
+    return Pipeline(impl, model.cfg, specs, options, (TorchGpu if on_gpu else TorchCpu)(impl.device), prompt_encoder)
+
+
+def open_dit_checkpoint(path: str | Path, cfg, device: str = "auto", options: PipelineOptions = PipelineOptions(),
+                        lora: str | Path | None = None,
+                        prompt_encoder: Callable[[str], np.ndarray] | None = None) -> Pipeline:
+    """A Wan 2.1 DiT checkpoint of any layout mirage.model.wan_checkpoint reads (Self-Forcing, CausVid, LongLive
+    with its LoRA, Wan, diffusers), of config `cfg`, in the runtime on the PyTorch backend (checked before the
+    model is built, as load_dit does)."""
+    from mirage.model.wan_checkpoint import load_dit
+
+    model, _ = load_dit(path, cfg, lora=lora)
+    return from_dit_model(model, device, options, prompt_encoder)
+
+
+def text_prompt_encoder(folder: str | Path, cfg) -> Callable[[str], np.ndarray]:
+    """Prompt text -> embeddings (text_len, text_dim) by a local UMT5 encoder folder (on the CPU, once per
+    distinct prompt), for Pipeline's `prompt_encoder`; the encoder's width is checked against `cfg` now."""
+    from mirage.model.text_encoder import PromptEncoder, check_width
+
+    encoder = PromptEncoder(folder)
+    check_width(encoder, cfg)
+    return lambda text: encoder.encode(text, cfg.text_len)[0].float().numpy()
+
+
+def _torch_device(device: str) -> str:
+    """auto -> cuda where PyTorch sees a GPU, else cpu; cuda refused where it sees none."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendError(f"device {device!r} asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+    return device

@@ -5,9 +5,12 @@
     mirage-run CKPT --input clip.mp4 --device cuda --fast --json report.json
     mirage-run self_forcing_dmd.pt --dit wan-1.3b --prompt-embeds cat.safetensors --decoder taew2_1.pth --output cat.mp4
     mirage-run --dit dit-tiny --random-weights --prompt-embeds x.safetensors --frames 24 --output dit.gif  # CPU smoke
+    mirage-run artifacts/dit-tiny --prompt-embeds x.safetensors --frames 24 --output dit.gif  # a DiT artifact
 
 A Wan 2.1 DiT (--dit CONFIG) generates blocks of latent frames against a rolling KV cache
 (mirage.model.dit_pipeline); each block's video frames go to the output as soon as it is decoded.
+A DiT artifact (mirage-export --dit) runs in the runtime like any artifact, without --dit: each step is a
+block, whose frames (the latents' preview: the artifact has no decoder graph) go out as it finishes.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from mirage.cli import options as shared
 from mirage.cli.errors import UserError
 from mirage.core.config import DIT_CONFIGS, PipelineOptions
 from mirage.core.errors import MirageError
+from mirage.core.prompts import read_embeddings
 from mirage.core.report import latency_summary, psnr, table, write_json
 from mirage.core.synthetic import SyntheticVideo
 from mirage.core.video_io import (MIN_INPUT_SIDE, VideoError, VideoWriter, check_not_input, check_source, input_size,
@@ -64,11 +68,11 @@ dit_options = shared.group(
                  help="--dit without a checkpoint: random weights (and a random TAEHV decoder without --decoder)."),
     click.option("--lora", type=click.Path(dir_okay=False, path_type=Path), default=None,
                  help="--dit: a LongLive LoRA file (lora.pt) merged into the checkpoint's weights."),
-    click.option("--prompt", default=None, help="--dit: the prompt text, encoded once by --text-encoder."),
+    click.option("--prompt", default=None, help="--dit or a DiT artifact: the prompt text, encoded once by --text-encoder."),
     click.option("--prompt-embeds", type=click.Path(path_type=Path), default=None,
-                 help="--dit: precomputed prompt embeddings, (L, text_dim) in a .safetensors / .pt file."),
+                 help="--dit or a DiT artifact: precomputed prompt embeddings, (L, text_dim) in a .safetensors file (.pt: --dit)."),
     click.option("--text-encoder", type=click.Path(path_type=Path), default=None,
-                 help="--dit: a local UMT5 encoder folder (transformers; or a diffusers Wan pipeline folder)."),
+                 help="--dit or a DiT artifact: a local UMT5 encoder folder (transformers; or a diffusers Wan pipeline folder)."),
     click.option("--decoder", type=click.Path(path_type=Path), default=None,
                  help="--dit: a TAEHV file (taew2_1.pth) or a Wan VAE folder (diffusers AutoencoderKLWan). "
                       "Needed to write video, except with --random-weights."),
@@ -84,6 +88,9 @@ dit_options = shared.group(
     click.option("--fp8", type=click.Choice(["static", "dynamic"]), default=None,
                  help="--dit: FP8 E4M3 matmuls in the blocks' attention and FFN (Hopper/Ada): activation scales "
                       "per tensor, calibrated on a clip with the run's prompt (static), or per token (dynamic)."))
+
+
+PROMPT_OPTIONS = ("prompt", "prompt_embeds", "text_encoder")  # a DiT artifact takes them without --dit
 
 
 def _input_stream(source: str, size: int, frames: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -160,14 +167,15 @@ def main(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
     With --dit CONFIG, MODEL is a Wan 2.1 DiT checkpoint (README: "Bring your own Wan checkpoint")."""
     try:
         if dit["config"] is None:
-            given = [f"--{name.replace('_', '-')}" for name, value in dit.items() if value not in (None, False)]
+            given = [f"--{name.replace('_', '-')}" for name, value in dit.items()
+                     if value not in (None, False) and name not in PROMPT_OPTIONS]
             if given:
                 raise UserError(f"{', '.join(given)}: options of a DiT run; add --dit CONFIG")
             if model is not None and model.is_file():
                 raise UserError(f"{model}: a file; Mirage models and artifacts are folders (for a Wan 2.1 DiT "
                                 f"checkpoint add --dit CONFIG)")
             _run(model or DEFAULT_MODEL, source, frames, steps, seed, output, backend, fast, no_cuda_graph, compile_,
-                 kernel_library, device, json_path, fps)
+                 kernel_library, device, json_path, fps, {k: dit[k] for k in PROMPT_OPTIONS})
         else:
             unet_only = {"--input": source, "--steps": steps, "--kernel-library": kernel_library,
                          "--backend": None if backend == "auto" else backend}
@@ -183,12 +191,13 @@ def main(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
 
 
 def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_graph, compile_, kernel_library, device,
-         json_path, fps):
+         json_path, fps, prompt):
     from tqdm import tqdm
 
     from mirage.bridge.pipeline import load_pipeline
 
     _check_outputs(output, json_path, fast, device, source)
+    embeds = None if prompt["prompt_embeds"] is None else read_embeddings(prompt["prompt_embeds"])  # before loading
     shape_in = input_size(source) if source not in (None, "synthetic") else None
     # the video is written as bytes: the frame graph makes them, and only they cross PCIe
     common = dict(steps=steps, cuda_graph=not no_cuda_graph, kernel_library=kernel_library, frames="uint8")
@@ -197,6 +206,8 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
     writer = VideoWriter(output, fps=fps)  # the path and format are checked before any frame is made
     pipe = load_pipeline(model, backend=backend, device=device, options=options)
     with pipe, writer, _Stop() as stop:
+        _condition(pipe, model, steps, prompt, embeds)  # before reset: nothing is allocated yet
+        n = pipe.frames_per_step  # a block model's step makes several frames
         size = pipe.frame_shape[0]
         if pipe.video_to_video and shape_in and min(shape_in) < size:
             click.echo(f"warning: {source} is {shape_in[0]}x{shape_in[1]}; its center square is enlarged to the "
@@ -206,24 +217,29 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
         elif source is not None:
             raise UserError(f"{model} is a generation model and takes no --input; use a video-to-video model")
         else:
-            pairs = ((None, None) for _ in range(frames))
+            pairs = ((None, None) for _ in range(-(-frames // n)))  # whole steps
         start = time.perf_counter()
         pipe.reset(seed)  # allocates, warms up and captures on first use
         setup = time.perf_counter() - start
-        times, psnrs = [], []
-        with tqdm(total=frames, desc="frames", unit="frame") as bar:
-            for (frame, truth), seconds in _timed(((pipe.step(x), truth) for x, truth in pairs), stop, bar):
-                times.append(seconds)
-                writer.write(frame)
+        times, step_times, psnrs = [], [], []
+        with tqdm(total=-(-frames // n) * n, desc="frames", unit="frame") as bar:
+            for (out, truth), seconds in _timed(((pipe.step(x), truth) for x, truth in pairs), stop, bar, lambda _: n):
+                step_times.append(seconds)
+                for frame in out.reshape(-1, *pipe.frame_shape):  # written as the step finishes
+                    times.append(seconds / n)  # a step's frames arrive together
+                    writer.write(frame)
                 if truth is not None:
-                    psnrs.append(float(psnr(to_float(frame), truth)))  # of the frame as written
+                    psnrs.append(float(psnr(to_float(out), truth)))  # of the frame as written
         if not times:
             raise UserError(f"{source}: no frames could be read")
         backend_name = type(pipe.backend).__name__.replace("Backend", "").lower()
         described = pipe.describe()
         graphs = bool(pipe.graphs)
-    report, rows = _summary(model, backend_name, described, graphs, seed, setup, times, times[0], writer, stop)
-    report.update(options=options.__dict__, steps=len(pipe.schedule.timesteps))
+    report, rows = _summary(model, backend_name, described, graphs, seed, setup, times, step_times[0], writer, stop)
+    report.update(options=options.__dict__, steps=pipe.steps, frames_are=pipe.frames_are)
+    if n > 1:
+        _block_report(report, rows, step_times, n)
+        rows.append(("frames", pipe.frames_are))
     if psnrs:
         report["psnr_db"] = float(np.mean(psnrs))
         rows.append(("PSNR vs. ground truth", f"{report['psnr_db']:.2f} dB"))
@@ -267,13 +283,40 @@ def _run_dit(checkpoint, dit, frames, seed, output, fast, no_cuda_graph, compile
         graphs = pipe.graphed
     report, rows = _summary(checkpoint or "random weights", "pytorch", described, graphs, seed, setup, frame_times,
                             block_times[0], writer, stop)
-    per_block = latency_summary(block_times)
-    report.update(dit=dataclasses.asdict(pipe.cfg), compile=pipe.compiled, blocks=len(block_times),
-                  block_median_ms=per_block["median_ms"], block_p99_ms=per_block["p99_ms"],
+    report.update(dit=dataclasses.asdict(pipe.cfg), compile=pipe.compiled,
                   weights=dataclasses.asdict(pipe.weights) if pipe.weights else None, fp8=pipe.fp8)
-    rows.insert(4, ("per-block median / p99", f"{report['block_median_ms']:.1f} / {report['block_p99_ms']:.1f} ms "
-                                              f"({len(block_times)} blocks of {pipe.cfg.block_frames} latent frames)"))
+    _block_report(report, rows, block_times, pipe.cfg.block_frames)
     _finish(report, rows, json_path, stop, f"{len(block_times)} of {blocks} blocks")
+
+
+def _block_report(report: dict, rows: list[tuple[str, str]], block_times: list[float], latent_frames: int) -> None:
+    """The per-block latency a block model adds to the report (a block's frames arrive together)."""
+    per_block = latency_summary(block_times)
+    report.update(blocks=len(block_times), block_median_ms=per_block["median_ms"], block_p99_ms=per_block["p99_ms"])
+    rows.insert(4, ("per-block median / p99", f"{report['block_median_ms']:.1f} / {report['block_p99_ms']:.1f} ms "
+                                              f"({len(block_times)} blocks of {latent_frames} latent frames)"))
+
+
+def _condition(pipe, model, steps: int | None, prompt: dict, embeds) -> None:
+    """A prompt model's prompt (embeddings, or text through --text-encoder); refused for a model without one.
+    Its steps are its own: --steps must agree."""
+    if steps is not None and steps != pipe.steps:
+        raise UserError(f"--steps {steps}: {model} samples with its own {pipe.steps} steps per block; leave out --steps")
+    given = [f"--{name.replace('_', '-')}" for name, value in prompt.items() if value is not None]
+    if "prompt" not in pipe.unit.controls:
+        if given:
+            raise UserError(f"{', '.join(given)}: {model} takes no prompt")
+        return
+    if (prompt["prompt"] is None) == (embeds is None):
+        raise UserError(f"{model} needs one of --prompt TEXT (with --text-encoder FOLDER) or --prompt-embeds FILE")
+    if prompt["prompt"] is not None:
+        if prompt["text_encoder"] is None:
+            raise UserError("--prompt needs --text-encoder FOLDER (a local UMT5 encoder), or give --prompt-embeds FILE")
+        from mirage.bridge.pipeline import text_prompt_encoder
+
+        pipe.prompt_encoder = text_prompt_encoder(prompt["text_encoder"], pipe.cfg)
+        embeds = pipe.prompt_encoder(prompt["prompt"])
+    pipe.set_prompt(embeds)
 
 
 def _check_outputs(output: Path, json_path: Path | None, fast: bool, device: str, source: str | None) -> None:

@@ -152,6 +152,13 @@ class ModelConfig:
         """Its exported graphs' specs (call mirage.core.graphs.model_graphs, which checks the arguments)."""
         return unet_graphs(self, batch, max_batch, precision)
 
+    def unit(self, specs: dict, options: "PipelineOptions"):
+        """Its unit of work in the runtime: one frame per row (mirage.core.loop.FrameUnit)."""
+        from mirage.core.loop import FrameUnit  # the loop is below the configs' users, not the configs
+        from mirage.core.schedule import DEFAULT_STEPS
+
+        return FrameUnit(self, specs, options.steps or DEFAULT_STEPS, options.context_noise)
+
     def with_task(self, task: str) -> "ModelConfig":
         if task not in TASKS:
             raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
@@ -528,6 +535,13 @@ class DiTConfig:
     def graphs(self, batch: int, max_batch: int | None, precision: str) -> dict:
         """Its exported graphs' specs: text, block step, cache write (see mirage.core.graphs.dit_graphs)."""
         return dit_graphs(self, batch, max_batch, precision)
+
+    def unit(self, specs: dict, options: "PipelineOptions"):
+        """Its unit of work in the runtime: one block per row (mirage.core.dit_step.BlockUnit); its steps are
+        the config's own (`denoising_steps`), so options.steps does not apply."""
+        from mirage.core.dit_step import BlockUnit
+
+        return BlockUnit(self, specs)
 
     # --- shapes ----------------------------------------------------------------------------------
     @property

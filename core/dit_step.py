@@ -6,21 +6,33 @@ owns the cache (batch-first, in the graphs' float dtype), computes the static pe
 (timestep embeddings and RoPE angles in float64, as mirage.model.dit does; the block's cache rows and
 the rows' validity) and writes the cache-write pass's keys/values into the block's rows. Frame f lives
 in slot f while f < sink_frames, else in sink + (f - sink) mod (window - sink), as in
-mirage.model.dit_cache.RollingKVCache; every row of the batch is at the same frame here.
+mirage.model.dit_cache.RollingKVCache.
 
-`run(graph, feeds) -> {output name: array}` is the backend: ONNX Runtime sessions in export parity, the
-PyTorch graph modules in tests.
+Two drivers of the same graphs: `DiTBlockLoop` (numpy arrays, every row at the same frame; export parity,
+with `run(graph, feeds) -> {output name: array}` on ONNX Runtime sessions or the PyTorch graph modules),
+and `BlockUnit`, the family's unit of work in the runtime (mirage.runtime.pipeline): the same block on
+buffers allocated once from the specs, through the loop's Backend and Ops, each row its own stream at its
+own frame, so one unit is one CUDA-graph replay on a GPU.
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from mirage.core import graphs as G
+from mirage.core.config import WAN_VIDEO_FRAMES_PER_LATENT
+from mirage.core.errors import MirageError
 from mirage.core.flow_schedule import block_schedule, flow_renoise, flow_x0
 
 Run = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]
+FRAME_SLOTS = "frame_slots"  # (B, N) int32: the cache slot of each frame of the block (not a graph input)
+
+
+class RecacheError(MirageError):
+    """A prompt switch whose re-cache the cache's layout does not allow."""
+Array = Any  # as core.loop's: numpy, torch or device buffers
 
 
 def timestep_embedding(cfg, t: np.ndarray) -> np.ndarray:
@@ -50,19 +62,33 @@ def rope_tables(cfg, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def block_inputs(cfg, frame: int, batch: int) -> dict[str, np.ndarray]:
-    """The static inputs of a block starting at absolute frame `frame`: RoPE angles, the cache rows
-    its frames take (`slots`) and the rows it attends over (`valid`: held frames plus its own)."""
-    t = cfg.tokens_per_frame
-    frames = frame + np.arange(cfg.block_frames)
+def block_inputs(cfg, starts) -> dict[str, np.ndarray]:
+    """The static inputs of a block whose row b starts at absolute frame starts[b] (each row its own
+    stream at its own frame): RoPE angles, the cache rows its frames take (`slots`) and the rows it
+    attends over (`valid`: held frames plus its own)."""
+    starts = np.asarray(starts, np.int64)
+    t, n = cfg.tokens_per_frame, cfg.block_frames
+    frames = starts[:, None] + np.arange(n)  # (B, N)
     sink, ring = cfg.sink_frames, cfg.window_frames - cfg.sink_frames
     slots = np.where(frames < sink, frames, sink + (frames - sink) % ring)
-    rows = (slots[:, None] * t + np.arange(t)).reshape(-1)
-    span = min(frame + cfg.block_frames, cfg.window_frames)  # the held prefix, then the whole window
-    valid = (np.arange(cfg.window_frames * t) < span * t).astype(np.float32)
-    cos, sin = rope_tables(cfg, np.broadcast_to(frames, (batch, cfg.block_frames)))
-    return {G.ROPE_COS: cos, G.ROPE_SIN: sin, G.SLOTS: np.broadcast_to(rows.astype(np.int32), (batch, rows.size)),
-            G.VALID: np.broadcast_to(valid, (batch, valid.size))}
+    rows = (slots[:, :, None] * t + np.arange(t)).reshape(len(starts), -1)
+    span = np.minimum(starts + n, cfg.window_frames)  # the held prefix, then the whole window
+    valid = (np.arange(cfg.window_frames * t)[None] < span[:, None] * t).astype(np.float32)
+    cos, sin = rope_tables(cfg, frames)
+    return {G.ROPE_COS: cos, G.ROPE_SIN: sin, G.SLOTS: rows.astype(np.int32), G.VALID: valid,
+            FRAME_SLOTS: slots.astype(np.int32)}
+
+
+def held_blocks(cfg, start: int) -> np.ndarray:
+    """(blocks, N) absolute positions of the frames a stream at frame `start` holds in its cache, block by
+    block, oldest first: every frame until the window is full, then the sink and the ring's latest."""
+    n, window, sink = cfg.block_frames, cfg.window_frames, cfg.sink_frames
+    held = np.arange(start) if start <= window else \
+        np.concatenate([np.arange(sink), np.arange(start - (window - sink), start)])
+    if sink % n or window % n:
+        raise RecacheError(f"re-caching a prompt switch needs whole blocks in the cache: sink_frames={sink} and "
+                           f"window_frames={window} must be multiples of block_frames={n}")
+    return held.reshape(-1, n)
 
 
 class DiTBlockLoop:
@@ -95,7 +121,7 @@ class DiTBlockLoop:
     def step(self, noise: np.ndarray) -> np.ndarray:
         """noise (steps, B, in_dim, N, h, w): the start noise, then one per re-noising (as
         BlockStepper.block_body takes it). Returns the clean block (B, in_dim, N, h, w) float32."""
-        static = block_inputs(self.cfg, self.frame, self.batch)
+        static = block_inputs(self.cfg, np.full(self.batch, self.frame))
         x = noise[0].astype(np.float32)
         for i, (t, sigma, sigma_next) in enumerate(self.schedule):
             v = self._call(G.DIT_STEP, self._feeds(x, t, static))[G.V].astype(np.float32)
@@ -109,3 +135,175 @@ class DiTBlockLoop:
             self.cache[G.CACHE_V][b][:, :, rows[b]] = out[G.NEW_V][b]
         self.frame += self.cfg.block_frames
         return x0
+
+
+# Wan 2.1 plays its video at 16 fps, 4 video frames per latent frame (config.WAN_VIDEO_FRAMES_PER_LATENT)
+WAN_VIDEO_RATE = 16
+_T_CTX = "t_emb_ctx"  # the host input of the cache-write pass's timestep embedding; steps' are t_emb_<i>
+
+
+def _t_step(i: int) -> str:
+    return f"t_emb_{i}"
+
+
+@dataclass
+class BlockBuffers:
+    """Every buffer one block touches; allocated once (shapes: the specs of core.graphs.dit_graphs)."""
+
+    x: Array  # (B, in_dim, N, h, w) the block at the current noise level
+    v: Array  # (B, out_dim, N, h, w) the velocity
+    x0: Array  # (B, in_dim, N, h, w) the clean block it implies
+    noise: list[Array]  # per step, (B, in_dim, N, h, w): the start noise, then one per re-noising
+    text: Array  # (B, text_len, text_dim) each row's prompt embeddings
+    text_k: Array  # (B, L, H, text_len, D), and text_v: the prompt's cross-attention keys/values
+    text_v: Array
+    cache_k: Array  # (B, L, H, W·T, D), and cache_v: the rolling KV cache
+    cache_v: Array
+    latents: Array  # (B, in_dim, W, h, w) the clean latents of the frames in the cache, by slot (for a re-cache)
+    new_k: Array  # (B, L, H, N·T, D), and new_v: a pass's keys/values of the block
+    new_v: Array
+    host: dict[str, Array]  # per block from the host: RoPE angles, slots, validity, timestep embeddings
+    rng: Array  # (B, 2) int64, per row (seed, draws so far)
+    advance: Array  # (B,) int64, 1 = the row commits this block, 0 = held
+    frame: Array  # (B·N, 3, H, W) float32: the block's frames, row-major
+    input: Array | None = None  # generation: no input frames
+
+    @property
+    def made_by(self) -> tuple[str, tuple[str, Array]]:
+        return G.DIT_STEP, (G.DIT_CACHE_WRITE, self.new_k)
+
+    def all(self) -> list[Array]:
+        return [self.x, self.v, self.x0, *self.noise, self.text, self.text_k, self.text_v, self.cache_k, self.cache_v,
+                self.latents, self.new_k, self.new_v, *self.host.values(), self.rng, self.advance, self.frame]
+
+
+class BlockUnit:
+    """The DiT's unit of work (see core.loop.FrameUnit for the interface): one block of N latent frames for
+    every row, S flow-matching steps of `dit_step` and the `dit_cache_write` pass, the block's keys/values
+    scattered into each advancing row's cache rows, and the clean latents shown as frames (`Ops.preview_`:
+    the artifacts have no decoder graph yet). Each row's frame position lives on the host (`starts`): the
+    RoPE angles, slots and validity of its next block are computed there and staged with the block."""
+
+    controls = {"prompt": True}
+    video_rate = WAN_VIDEO_RATE / WAN_VIDEO_FRAMES_PER_LATENT  # the preview shows one frame per latent frame
+    frames_are = "latent preview: channels 0-2 of each latent frame, clamped to [-1, 1] (no decoder graph)"
+    frames_in = 0  # generation (video-to-video needs an encoder graph: the per-frame autoencoder DiT)
+
+    def __init__(self, cfg, specs: dict[str, G.GraphSpec]):
+        self.cfg, self.specs = cfg, specs
+        self.batch = specs[G.DIT_STEP].tensor(G.X_T).shape[0]
+        self.schedule = block_schedule(cfg.denoising_steps, cfg.timestep_shift, cfg.warp_denoising_step)
+        self.steps, self.frames = len(self.schedule), cfg.block_frames
+        self.frame_shape = (cfg.height, cfg.width, G.RGB)
+        self.text_shape = (cfg.text_len, cfg.text_dim)  # a prompt's embeddings, padded
+        self.starts = np.zeros(self.batch, np.int64)  # each row's next block's first frame
+
+    def make_buffers(self, alloc: Callable, fill: Callable, dtype_of: Callable) -> BlockBuffers:
+        def new(graph, name):
+            return alloc(self.specs[graph].tensor(name).shape, dtype_of(graph, name))
+
+        host = {name: new(G.DIT_STEP, name) for name in (G.ROPE_COS, G.ROPE_SIN, G.SLOTS, G.VALID)}
+        host.update({key: new(G.DIT_STEP, G.T_EMB) for key in [_t_step(i) for i in range(self.steps)] + [_T_CTX]})
+        host[FRAME_SLOTS] = alloc((self.batch, self.frames), "int32")
+        advance = alloc((self.batch,), "int64")
+        x = self.specs[G.DIT_STEP].tensor(G.X_T)
+        fill(advance, 1)
+        h, w, c = self.frame_shape
+        return BlockBuffers(
+            x=new(G.DIT_STEP, G.X_T), v=new(G.DIT_STEP, G.V), x0=new(G.DIT_STEP, G.X_T),
+            noise=[new(G.DIT_STEP, G.X_T) for _ in range(self.steps)], text=new(G.DIT_TEXT, G.TEXT),
+            text_k=new(G.DIT_TEXT, G.TEXT_K), text_v=new(G.DIT_TEXT, G.TEXT_V), cache_k=new(G.DIT_STEP, G.CACHE_K),
+            cache_v=new(G.DIT_STEP, G.CACHE_V), new_k=new(G.DIT_STEP, G.NEW_K), new_v=new(G.DIT_STEP, G.NEW_V),
+            latents=alloc((self.batch, x.shape[1], self.cfg.window_frames, *x.shape[3:]), dtype_of(G.DIT_STEP, G.X_T)),
+            host=host, rng=alloc((self.batch, 2), "int64"), advance=advance,
+            frame=alloc((self.batch * self.frames, c, h, w), "float32"))
+
+    def buffer_bytes(self) -> int:
+        """The memory make_buffers takes, counted without allocating (as core.loop.buffer_bytes)."""
+        sizes = []
+        self.make_buffers(lambda shape, dtype: sizes.append(int(np.prod(shape)) * np.dtype(dtype).itemsize),
+                          lambda buf, value: None, lambda graph, name: self.specs[graph].tensor(name).dtype)
+        return sum(sizes)
+
+    def host_inputs(self, advance: np.ndarray) -> dict[str, np.ndarray]:
+        """The next block's per-row inputs from the rows' frame positions, which then move on by a block
+        for the rows that advance."""
+        cfg, shape = self.cfg, (self.batch, self.cfg.block_frames)
+        feeds = block_inputs(cfg, self.starts)
+        for i, (t, _, _) in enumerate(self.schedule):  # float32 timesteps, as BlockStepper keeps them
+            feeds[_t_step(i)] = timestep_embedding(cfg, np.full(shape, t, np.float32))
+        feeds[_T_CTX] = timestep_embedding(cfg, np.full(shape, float(cfg.context_timestep), np.float32))
+        self.starts += cfg.block_frames * np.asarray(advance, np.int64)
+        return feeds
+
+    def run(self, backend, ops, buf: BlockBuffers) -> None:
+        """One block for every row: the captured body (no host work, nothing allocated)."""
+        static, memory = _static(buf), _memory(buf)
+        for noise in buf.noise:
+            ops.randn_(noise, buf.rng, buf.advance)
+        ops.lincomb_(buf.x, 1.0, buf.noise[0], 0.0, buf.noise[0])
+        for i, (_, sigma, sigma_next) in enumerate(self.schedule):
+            backend.run(G.DIT_STEP, {G.X_T: buf.x, G.T_EMB: buf.host[_t_step(i)], **memory, **static},
+                        {G.V: buf.v, G.NEW_K: buf.new_k, G.NEW_V: buf.new_v})
+            ops.lincomb_(buf.x0, 1.0, buf.x, -sigma, buf.v)  # flow_x0
+            if i + 1 < len(self.schedule):
+                ops.lincomb_(buf.x, 1 - sigma_next, buf.x0, sigma_next, buf.noise[i + 1])  # flow_renoise
+        ops.scatter_rows_(buf.latents, buf.x0, buf.host[FRAME_SLOTS], buf.advance, 2)
+        self._write_cache(backend, ops, buf, static, memory)
+        ops.preview_(buf.frame, buf.x0)
+
+    def _write_cache(self, backend, ops, buf: BlockBuffers, static: dict, memory: dict) -> None:
+        """The cache-write pass of buf.x0 and its keys/values into the block's rows of each advancing row."""
+        backend.run(G.DIT_CACHE_WRITE, {G.X_T: buf.x0, G.T_EMB: buf.host[_T_CTX], **memory, **static},
+                    {G.NEW_K: buf.new_k, G.NEW_V: buf.new_v})
+        for cache, new in ((buf.cache_k, buf.new_k), (buf.cache_v, buf.new_v)):
+            ops.scatter_rows_(cache, new, buf.host[G.SLOTS], buf.advance, 3)
+
+    def recache_inputs(self, row: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+        """LongLive's re-cache of row `row` after its prompt changed: per held block, oldest first, the host
+        inputs of `recache` (every row given this row's, so no row attends over nothing) and the advance
+        flags that let only this row write. Each block sees the held blocks before it and itself, as
+        BlockStepper.recache's block-causal pass over the held frames does."""
+        cfg, shape = self.cfg, (self.batch, self.cfg.block_frames)
+        blocks = held_blocks(cfg, int(self.starts[row]))
+        advance = np.zeros(self.batch, np.int64)
+        advance[row] = 1
+        t = cfg.tokens_per_frame
+        for i, positions in enumerate(blocks):
+            feeds = {k: np.broadcast_to(v[:1], (self.batch,) + v.shape[1:])
+                     for k, v in block_inputs(cfg, positions[:1]).items()}
+            seen = [block_inputs(cfg, b[:1])[FRAME_SLOTS][0] for b in blocks[:i + 1]]
+            valid = np.zeros(cfg.window_frames * t, np.float32)
+            for slot in np.concatenate(seen):
+                valid[slot * t:(slot + 1) * t] = 1
+            feeds[G.VALID] = np.broadcast_to(valid, (self.batch, valid.size))
+            feeds[_T_CTX] = timestep_embedding(cfg, np.full(shape, float(cfg.context_timestep), np.float32))
+            yield feeds, advance
+
+    def recache(self, backend, ops, buf: BlockBuffers) -> None:
+        """One held block of the advancing rows (recache_inputs staged) re-run under their current prompt:
+        its latents gathered from the cache's, its keys/values written back in place."""
+        ops.gather_rows_(buf.x0, buf.latents, buf.host[FRAME_SLOTS], 2)
+        self._write_cache(backend, ops, buf, _static(buf), _memory(buf))
+
+    def held(self, row: int) -> bool:
+        """Whether row `row` holds frames in its cache (a prompt switch then re-caches them)."""
+        return bool(self.starts[row])
+
+    def encode_text(self, backend, buf: BlockBuffers) -> None:
+        """Every row's prompt keys/values from its embeddings in buf.text (after a prompt changed)."""
+        backend.run(G.DIT_TEXT, {G.TEXT: buf.text}, {G.TEXT_K: buf.text_k, G.TEXT_V: buf.text_v})
+
+    def reset_row(self, ops, buf: BlockBuffers, row: int, seed: int) -> None:
+        """Row `row` starts a new video at frame 0 (its old cache rows are masked until rewritten) with
+        noise from `seed`."""
+        self.starts[row] = 0
+        ops.seed_row_(buf.rng, row, seed)
+
+
+def _static(buf: BlockBuffers) -> dict[str, Array]:
+    return {name: buf.host[name] for name in (G.ROPE_COS, G.ROPE_SIN, G.SLOTS, G.VALID)}
+
+
+def _memory(buf: BlockBuffers) -> dict[str, Array]:
+    return {G.TEXT_K: buf.text_k, G.TEXT_V: buf.text_v, G.CACHE_K: buf.cache_k, G.CACHE_V: buf.cache_v}

@@ -24,7 +24,7 @@ backend, and a row's noise depends on its own seed and frame count alone.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from mirage.core import graphs as G
@@ -44,8 +44,9 @@ class Backend(Protocol):
     def use_stream(self, stream) -> None:
         """The stream graphs are enqueued on (GPU backends; the one the frame graph captures)."""
 
-    def run(self, graph: str, inputs: dict[str, Array], output: Array) -> None:
-        """Run `graph` on the input buffers, writing into `output` (asynchronously where the device allows)."""
+    def run(self, graph: str, inputs: dict[str, Array], output: Array | dict[str, Array]) -> None:
+        """Run `graph` on the input buffers, writing into `output` (asynchronously where the device allows);
+        a graph with several outputs (the DiT's) gets them as {output name: buffer}."""
 
     def close(self) -> None: ...
 
@@ -67,6 +68,21 @@ class Ops(Protocol):
         """Empty row `row`'s memory, ages and slot, and restart its noise at (seed, 0) (advance unchanged).
         On a GPU: enqueued on the current stream like a frame's ops, with no host wait (the execution
         orders it between the frames in flight and the next: runtime.execution)."""
+
+    def seed_row_(self, rng: Array, row: int, seed: int) -> None:
+        """Restart row `row`'s noise at (seed, 0) (enqueued like reset_row_)."""
+
+    def scatter_rows_(self, dst: Array, src: Array, rows: Array, advance: Array, axis: int) -> None:
+        """For rows b with advance[b] = 1: dst[b, ..., rows[b, j], ...] = src[b, ..., j, ...] along `axis` (> 0)
+        of both (the DiT's cache write: dst (B, L, H, R, D), src (B, L, H, n, D), rows (B, n) int32, axis 3).
+        Other rows are left as they are."""
+
+    def gather_rows_(self, dst: Array, src: Array, rows: Array, axis: int) -> None:
+        """dst[b, ..., j, ...] = src[b, ..., rows[b, j], ...] along `axis` (> 0), for every row b."""
+
+    def preview_(self, dst: Array, src: Array) -> None:
+        """Latent frames as pictures: dst (B·N, 3, H, W) = clamp(channels 0..2 of src (B, C, N, h, w), -1, 1),
+        each latent pixel an (H / h) x (W / w) square (a DiT artifact without a decoder graph shows these)."""
 
     def to_uint8_(self, dst: Array, finite: Array, src: Array) -> None:
         """A frame for the host as bytes: dst (B, H, W, 3) uint8 = src (B, 3, H, W) mapped as
@@ -130,6 +146,13 @@ class Buffers:
     cond: Array | None  # (B, C, H, W) video-to-video input of the denoiser, or None
     image: Array | None = None  # latent models: (B, 3, S, S) the decoder's output
     cond_image: Array | None = None  # latent video-to-video: (B, 3, S, S) the input frame, encoded into cond
+    host: dict[str, Array] = field(default_factory=dict)  # inputs the host computes per unit: none for a frame
+
+    @property
+    def made_by(self) -> tuple[str, tuple[str, Array]]:
+        """What a finite check blames: the graph that makes the frame, and (graph, buffer) of the memory's
+        new entry."""
+        return G.DECODE if self.image is not None else G.DENOISE, (G.CONTEXT, self.kv)
 
     @property
     def input(self) -> Array | None:
@@ -146,6 +169,45 @@ class Buffers:
         return [self.x, self.v, self.frame, self.noise, self.ctx, self.kv, self.memory, self.ages, self.slot,
                 self.rng, self.advance, *self.t, self.t_ctx] + \
             [b for b in (self.cond, self.image, self.cond_image) if b is not None]
+
+
+DEFAULT_VIDEO_RATE = 16  # frames per second a U-Net's video plays at (mirage-run --fps's default)
+
+
+class FrameUnit:
+    """The U-Net's unit of work: one frame for every row (`run_frame`) on `Buffers` made from its specs.
+    A family's unit (this, or the DiT's core.dit_step.BlockUnit) is what the executions run and capture
+    without knowing what it does: `make_buffers`, `host_inputs` (per unit, computed on the host and
+    staged), `run` (the captured body), `reset_row`; `frames` per row per unit, `frames_in` input frames
+    per row per unit (0: generation), `frame_shape`, `steps`, `controls` (what `Pipeline.control`
+    accepts) and `video_rate`."""
+
+    frames = 1
+    frames_are = "video frames"
+    controls: dict = {}
+    video_rate = DEFAULT_VIDEO_RATE
+
+    def __init__(self, cfg, specs: dict, steps: int, context_noise: int):
+        self.cfg, self.specs = cfg, specs
+        self.schedule = Schedule.ddim(steps, context_noise)
+        self.steps = len(self.schedule.timesteps)
+        self.frame_shape = (cfg.pixels, cfg.pixels, G.RGB)
+        self.frames_in = 1 if cfg.cond_channels else 0
+
+    def make_buffers(self, alloc: Callable, fill: Callable, dtype_of: Callable) -> "Buffers":
+        return make_buffers(self.specs, self.schedule, alloc, fill, dtype_of)
+
+    def buffer_bytes(self) -> int:
+        return buffer_bytes(self.specs, self.schedule)
+
+    def host_inputs(self, advance) -> dict:
+        return {}
+
+    def run(self, backend: Backend, ops: Ops, buf: "Buffers") -> None:
+        run_frame(backend, ops, buf, self.schedule)
+
+    def reset_row(self, ops: Ops, buf: "Buffers", row: int, seed: int) -> None:
+        ops.reset_row_(buf, row, seed)
 
 
 def run_frame(backend: Backend, ops: Ops, buf: Buffers, sched: Schedule, callback: Callback | None = None) -> None:
@@ -260,7 +322,23 @@ class NumpyOps:
         buf.memory[row] = 0
         buf.ages[row] = 0
         buf.slot[row] = 0
-        buf.rng[row] = (int64_bits(seed), 0)
+        self.seed_row_(buf.rng, row, seed)
+
+    def seed_row_(self, rng, row, seed):
+        rng[row] = (int64_bits(seed), 0)
+
+    def scatter_rows_(self, dst, src, rows, advance, axis):
+        for b in self.np.flatnonzero(advance):
+            self.np.moveaxis(dst[b], axis - 1, 0)[rows[b]] = self.np.moveaxis(src[b], axis - 1, 0)
+
+    def gather_rows_(self, dst, src, rows, axis):
+        for b in range(len(dst)):
+            self.np.moveaxis(dst[b], axis - 1, 0)[...] = self.np.moveaxis(src[b], axis - 1, 0)[rows[b]]
+
+    def preview_(self, dst, src):
+        b, _, n, h, w = src.shape
+        rgb = self.np.clip(src[:, :3].astype(self.np.float32), -1.0, 1.0).transpose(0, 2, 1, 3, 4)
+        dst[...] = rgb.reshape(b * n, 3, h, w).repeat(dst.shape[2] // h, 2).repeat(dst.shape[3] // w, 3)
 
     def to_uint8_(self, dst, finite, src):
         from mirage.core.video_io import to_uint8

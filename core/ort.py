@@ -56,7 +56,10 @@ class OrtBackend:
         raise BackendError("the onnxruntime backend runs on the CPU; it has no CUDA stream")
 
     def run(self, graph, inputs, output):
-        output[...] = self.sessions[graph].run(None, inputs)[0]
+        session = self.sessions[graph]
+        outputs = output if isinstance(output, dict) else {session.get_outputs()[0].name: output}
+        for buf, value in zip(outputs.values(), session.run(list(outputs), inputs)):
+            buf[...] = value
 
     def close(self):
         self.sessions.clear()

@@ -36,6 +36,13 @@ def normal_rows(rng: torch.Tensor, n: int) -> torch.Tensor:
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2 * math.pi) * u2)
 
 
+def _row_index(rows: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Tensor:
+    """rows (B, n) as a gather/scatter index of `like`'s shape along `axis`."""
+    shape = [1] * like.dim()
+    shape[0], shape[axis] = rows.shape
+    return rows.long().view(shape).expand_as(like)
+
+
 class TorchOps:
     def __init__(self, device):
         self.device = torch.device(device)
@@ -78,8 +85,25 @@ class TorchOps:
         buf.memory[row].zero_()
         buf.ages[row].zero_()
         buf.slot[row].fill_(0)
-        buf.rng[row, 0].fill_(int64_bits(seed))
-        buf.rng[row, 1].fill_(0)
+        self.seed_row_(buf.rng, row, seed)
+
+    def seed_row_(self, rng, row, seed):
+        rng[row, 0].fill_(int64_bits(seed))
+        rng[row, 1].fill_(0)
+
+    def scatter_rows_(self, dst, src, rows, advance, axis):
+        # held rows (advance 0) write back what they hold: no branch, so the op is graph safe
+        index = _row_index(rows, src, axis)
+        go = advance.bool().view(-1, *(1,) * (src.dim() - 1))
+        dst.scatter_(axis, index, torch.where(go, src.to(dst.dtype), dst.gather(axis, index)))
+
+    def gather_rows_(self, dst, src, rows, axis):
+        dst.copy_(src.gather(axis, _row_index(rows, dst, axis)))
+
+    def preview_(self, dst, src):
+        b, _, n, h, w = src.shape
+        rgb = src[:, :3].float().clamp(-1.0, 1.0).transpose(1, 2).reshape(b * n, 3, h, w)
+        dst.copy_(rgb.repeat_interleave(dst.shape[2] // h, 2).repeat_interleave(dst.shape[3] // w, 3))
 
     def to_uint8_(self, dst, finite, src):
         # mirage.core.video_io.to_uint8 on float32, one op per rounding as numpy does it (no fused multiply-add)

@@ -72,6 +72,8 @@ def _gpu_asked(device: str) -> bool:
 
 def _warn_if_checkpoint_changed(manifest: dict) -> None:
     """The artifact is self-contained; a changed checkpoint only means a rebuild would differ."""
+    if manifest["checkpoint"]["path"] is None:  # random weights (a DiT exported from a seed)
+        return
     ckpt = Path(manifest["checkpoint"]["path"]) / "model.safetensors"
     if ckpt.is_file() and ckpt.stat().st_size < 1 << 30 and sha256_file(ckpt) != manifest["checkpoint"]["sha256"]:
         print(f"note: {ckpt} changed since this artifact was exported; the artifact runs the weights it was "

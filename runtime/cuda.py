@@ -305,7 +305,33 @@ template <typename T> __device__ void from_u8(T* dst, const unsigned char* src, 
   long p = i % hw, ch = (i / hw) % c, b = i / (c * hw);
   st(dst, i, lut[src[(b * hw + p) * c + ch]]);
 }
+// the DiT's cache write: src (B, P, M, D) into rows rows[b, j] of dst (B, P, R, D), for rows b with advance[b] = 1;
+// with `gather` the other way: dst (B, P, M, D) from rows rows[b, j] of src (B, P, R, D), every row
+template <typename T> __device__ void move_rows(T* dst, const T* src, const int* rows, const long long* advance,
+                                                long p, int r, int m, long d, long n, bool gather) {
+  long i = blockIdx.x * (long)blockDim.x + threadIdx.x;  // index of the (B, P, M, D) side: ((b * p + q) * m + j) * d + e
+  if (i >= n) return;
+  long e = i % d, j = (i / d) % m, q = (i / (d * m)) % p, b = i / (d * m * p);
+  long far = ((b * p + q) * r + rows[b * m + j]) * d + e;
+  if (gather) dst[i] = src[far];
+  else if (advance[b]) dst[far] = src[i];
+}
+// latent frames as pictures: dst (B·N, 3, h·sy, w·sx) float32 = clamp(channels 0..2 of src (B, C, N, h, w), -1, 1),
+// nearest; a non-finite value passes through (a bit test, as in to_u8: fast math may fold a NaN compare)
+template <typename T> __device__ void preview(float* dst, const T* src, int c, int nf, long h, long w, int sy, int sx,
+                                              long n) {
+  long i = blockIdx.x * (long)blockDim.x + threadIdx.x;  // dst index (((b * nf + f) * 3 + ch) * H + y) * W + x
+  if (i >= n) return;
+  long wd = w * sx, ht = h * sy;
+  long x = i % wd, y = (i / wd) % ht, ch = (i / (wd * ht)) % 3, bf = i / (wd * ht * 3);
+  float v = ld(src, ((((bf / nf) * c + ch) * nf + bf % nf) * h + y / sy) * w + x / sx);
+  dst[i] = (__float_as_uint(v) & 0x7F800000u) == 0x7F800000u ? v : fminf(fmaxf(v, -1.0f), 1.0f);
+}
 extern "C" {
+__global__ void move_rows_f32(float* d, const float* s, const int* r, const long long* a, long p, int rr, int m, long dd, long n, int g) { move_rows(d, s, r, a, p, rr, m, dd, n, g); }
+__global__ void move_rows_f16(half_t* d, const half_t* s, const int* r, const long long* a, long p, int rr, int m, long dd, long n, int g) { move_rows(d, s, r, a, p, rr, m, dd, n, g); }
+__global__ void preview_f32(float* d, const float* s, int c, int nf, long h, long w, int sy, int sx, long n) { preview(d, s, c, nf, h, w, sy, sx, n); }
+__global__ void preview_f16(float* d, const half_t* s, int c, int nf, long h, long w, int sy, int sx, long n) { preview(d, s, c, nf, h, w, sy, sx, n); }
 __global__ void to_u8_f32(unsigned char* d, unsigned char* f, const float* s, int c, long hw, long n) { to_u8(d, f, s, c, hw, n); }
 __global__ void to_u8_f16(unsigned char* d, unsigned char* f, const half_t* s, int c, long hw, long n) { to_u8(d, f, s, c, hw, n); }
 __global__ void from_u8_f32(float* d, const unsigned char* s, const float* lut, int c, long hw, long n) { from_u8(d, s, lut, c, hw, n); }
@@ -418,6 +444,34 @@ class CudaOps:
         self._launch("ring_advance", batch, self._p(ages), self._p(slot), self._p(advance), (batch, ctypes.c_int),
                      (k, ctypes.c_int))
 
+    def scatter_rows_(self, dst, src, rows, advance, axis):
+        self._move_rows(src, dst, rows, axis, advance)
+
+    def gather_rows_(self, dst, src, rows, axis):
+        self._move_rows(dst, src, rows, axis, None)
+
+    def _move_rows(self, near, far, rows, axis: int, advance) -> None:
+        """near (B, ..., M, ...) <-> rows `rows` (B, M) of far (B, ..., R, ...) along `axis`: a scatter into far
+        (rows that advance) when `advance` is given, else a gather into near."""
+        b, m, r = near.shape[0], near.shape[axis], far.shape[axis]
+        p, d = math.prod(near.shape[1:axis]), math.prod(near.shape[axis + 1:])
+        if (near.dtype != far.dtype or far.shape[:axis] + far.shape[axis + 1:] != near.shape[:axis] + near.shape[axis + 1:]
+                or rows.dtype != "int32" or rows.shape != (b, m)):
+            raise CudaError(f"moving rows {rows.dtype}{rows.shape} between {near.dtype}{near.shape} and "
+                            f"{far.dtype}{far.shape}")
+        dst, src = (far, near) if advance is not None else (near, far)
+        self._launch(f"move_rows_{_SUFFIX[near.dtype]}", near.size, self._p(dst), self._p(src), self._p(rows),
+                     self._p(advance if advance is not None else rows), self._n(p), (r, ctypes.c_int),
+                     (m, ctypes.c_int), self._n(d), self._n(near.size), (int(advance is None), ctypes.c_int))
+
+    def preview_(self, dst, src):
+        b, c, nf, h, w = src.shape
+        if dst.dtype != "float32" or dst.shape[:2] != (b * nf, 3) or dst.shape[2] % h or dst.shape[3] % w:
+            raise CudaError(f"preview_ of {src.dtype}{src.shape} into {dst.dtype}{dst.shape}")
+        self._launch(f"preview_{_SUFFIX[src.dtype]}", dst.size, self._p(dst), self._p(src), (c, ctypes.c_int),
+                     (nf, ctypes.c_int), self._n(h), self._n(w), (dst.shape[2] // h, ctypes.c_int),
+                     (dst.shape[3] // w, ctypes.c_int), self._n(dst.size))
+
     def zero_(self, buf, offset: int = 0, nbytes: int | None = None):
         n = buf.nbytes - offset if nbytes is None else nbytes
         self._launch("fill_u8", n, self._p(buf, offset), (0, ctypes.c_int), self._n(n))
@@ -441,11 +495,15 @@ class CudaOps:
         """Kernels on the compute stream, nothing more: the seed is a kernel argument (cuLaunchKernel
         copies it at the launch), where a copy from host memory would need that memory kept alive
         until the copy ran, and a wait to know when."""
-        for b in (buf.memory, buf.ages, buf.slot, buf.rng):
+        for b in (buf.memory, buf.ages, buf.slot):
             per_row = b.nbytes // b.shape[0]
             self.zero_(b, row * per_row, per_row)
-        offset = buf.rng.nbytes // buf.rng.shape[0] * row  # bytes; rng (B, 2) int64: (seed, counter), zeroed above
-        self._launch("fill_i64", 1, self._p(buf.rng, offset), (int64_bits(seed), ctypes.c_longlong), self._n(1))
+        self.seed_row_(buf.rng, row, seed)
+
+    def seed_row_(self, rng, row: int, seed: int):
+        per_row = rng.nbytes // rng.shape[0]  # rng (B, 2) int64: (seed, counter)
+        self.zero_(rng, row * per_row, per_row)
+        self._launch("fill_i64", 1, self._p(rng, row * per_row), (int64_bits(seed), ctypes.c_longlong), self._n(1))
 
     def fill_(self, buf, value: float):
         if buf.dtype == "int64":

@@ -4,14 +4,19 @@ behind one interface, so the Pipeline has no "is there a GPU" branches.
     ex.alloc(shape, dtype)                           zeroed buffers where the backend computes
     ex.ops                                           the loop's Ops on them (fill_, to_uint8_, ...)
     ex.prepare(buf)                                  warm up and capture (GPU); nothing (CPU)
-    ex.submit(cond, advance)                         start a frame for every row; cond None or (B, H, W, C) host
-                                                     frames, float or uint8; advance (B,) int64:
-                                                     1 = the row commits the frame, 0 = held
-    ex.collect() -> (B, H, W, C) float32 or uint8    the oldest submitted frame
-    ex.pending                                       frames submitted and not collected
-    ex.reset_rows(rows, seeds)                       empty rows' memory and restart their noise: frames
+    ex.submit(cond, advance)                         start a unit (a frame, a block) for every row; cond None
+                                                     or (B, H, W, C) host frames, float or uint8; advance
+                                                     (B,) int64: 1 = the row commits the unit, 0 = held
+    ex.collect() -> (B·n, H, W, C) float32 or uint8  the oldest submitted unit's n frames per row
+    ex.pending                                       units submitted and not collected
+    ex.reset_rows(rows, seeds)                       empty rows' memory and restart their noise: units
                                                      submitted before see the old rows, the next the new
                                                      (on a GPU stream-ordered, without a host wait)
+    ex.between_units(body, writes)                   host arrays into buffers, then body() on the device,
+                                                     with no unit in flight (a prompt change)
+
+What a unit does is the family's (`unit`: core.loop.FrameUnit, core.dit_step.BlockUnit): its `run` is the
+captured body, its `host_inputs` are staged with the unit like the input frames.
 
 Layout and uint8 conversion live in one place per array library: on the host (numpy) in
 `to_stage` / `from_stage` below, on the device in the loop's Ops (`to_uint8_`, `to_float_`: NumpyOps,
@@ -25,9 +30,8 @@ import warnings
 
 import numpy as np
 
-from mirage.core import graphs as G
 from mirage.core.errors import MirageError
-from mirage.core.loop import Buffers, NumpyOps, Schedule, run_frame
+from mirage.core.loop import Buffers, NumpyOps
 from mirage.core.video_io import as_uint8, to_float
 
 
@@ -74,8 +78,8 @@ class CpuExecution:
     """The loop run eagerly, one frame at a time (ONNX Runtime on numpy, PyTorch on CPU tensors).
     `cpu` makes and reads the buffers: NumpyCpu by default, the torch side's TorchCpu for torch."""
 
-    def __init__(self, backend, schedule: Schedule, frames: str, cpu=None):
-        self.backend, self.schedule, self.frames = backend, schedule, frames
+    def __init__(self, backend, unit, frames: str, cpu=None):
+        self.backend, self.unit, self.frames = backend, unit, frames
         self.graphs: list = []  # no CUDA graphs on the CPU
         self.timeline: list[dict] = []  # nor GPU events
         self.cpu = cpu or NumpyCpu()
@@ -104,15 +108,17 @@ class CpuExecution:
             else:
                 self.buf.input[...] = staged
         self.buf.advance[...] = self.cpu.from_host(advance)
-        run_frame(self.backend, self.ops, self.buf, self.schedule)
+        for name, array in self.unit.host_inputs(advance).items():
+            self.buf.host[name][...] = self.cpu.from_host(array)
+        self.unit.run(self.backend, self.ops, self.buf)
         if u8:
             self.ops.to_uint8_(self.frame_u8, self.finite, self.buf.frame)
             self._result, finite = host(self.frame_u8).copy(), host(self.finite).all()
         else:
             self._result = from_stage(host(self.buf.frame))
             finite = np.isfinite(self._result).all()
-        frame_graph = G.DECODE if self.buf.image is not None else G.DENOISE
-        for graph, ok in ((frame_graph, finite), (G.CONTEXT, np.isfinite(host(self.buf.kv)).all())):
+        frame_graph, (memory_graph, memory) = self.buf.made_by
+        for graph, ok in ((frame_graph, finite), (memory_graph, np.isfinite(host(memory)).all())):
             if not ok:
                 raise NonFiniteError(f"the {graph} graph produced non-finite values (NaN or Inf); the model or "
                                      "artifact is broken: re-export it, or check the checkpoint's weights")
@@ -123,7 +129,13 @@ class CpuExecution:
 
     def reset_rows(self, rows, seeds) -> None:
         for row, seed in zip(rows, seeds):
-            self.ops.reset_row_(self.buf, row, seed)
+            self.unit.reset_row(self.ops, self.buf, row, seed)
+
+    def between_units(self, body, writes: list) -> None:
+        """`writes` [(buffer, host array)] copied in, then body() (graphs run outside a unit)."""
+        for buf, array in writes:
+            buf[...] = self.cpu.from_host(np.ascontiguousarray(array))
+        body()
 
     def describe(self) -> tuple[str, float | None, str]:
         return "cpu", None, ""
@@ -139,10 +151,10 @@ class GpuExecution:
     buffers and events order them. `gpu` is runtime.gpu's CudaGpu (engines on raw device pointers) by
     default, the torch side's TorchGpu for the PyTorch backend (model/torch_device.py)."""
 
-    def __init__(self, backend, schedule: Schedule, cuda_graph: bool, frames: str, gpu=None):
+    def __init__(self, backend, unit, cuda_graph: bool, frames: str, gpu=None):
         from mirage.runtime.gpu import CudaGpu
 
-        self.backend, self.schedule, self.cuda_graph, self.frames = backend, schedule, cuda_graph, frames
+        self.backend, self.unit, self.cuda_graph, self.frames = backend, unit, cuda_graph, frames
         self.gpu = gpu or CudaGpu(backend.device)
         self.ops = self.gpu.ops
         backend.use_stream(self.gpu.compute)  # engines enqueue on the stream the graph captures
@@ -168,6 +180,19 @@ class GpuExecution:
         for advance in self.advance_stage:
             self.ops.fill_(advance, 1)
         self.host_advance = [gpu.pinned(buf.advance) for _ in range(2)]
+        # the unit's per-unit host inputs (the DiT's RoPE angles, cache slots, ...), staged as the advance flags
+        self.host_stage = {name: [gpu.zeros(b.shape, _dtype_name(b)) for _ in range(2)] for name, b in buf.host.items()}
+        self.host_pinned = {name: [gpu.pinned(b) for b in stages] for name, stages in self.host_stage.items()}
+        # the warm-up and capture run a unit that commits nothing on these (a DiT block at each row's frame:
+        # zeros would mask every key, and the NaN of an empty softmax would land in the cache)
+        idle = self.unit.host_inputs(np.zeros(buf.advance.shape, np.int64))
+        for name, array in idle.items():
+            for host, staged in zip(self.host_pinned[name], self.host_stage[name]):
+                host[...] = array
+                gpu.upload(staged, host)
+        if idle:
+            gpu.synchronize()
+        self._between_pinned: dict[int, np.ndarray] = {}  # between_units' host staging, per buffer
         self.frame_out = [stage(buf.frame) for _ in range(2)]
         self.finite_out = [gpu.zeros((buf.frame.shape[0],), "uint8") for _ in range(2)] \
             if self.frames == "uint8" else []
@@ -202,14 +227,17 @@ class GpuExecution:
             else:
                 self.gpu.copy(self.buf.input, self.cond_stage[k])
         self.gpu.copy(self.buf.advance, self.advance_stage[k])
-        run_frame(self.backend, self.ops, self.buf, self.schedule)
+        for name, stages in self.host_stage.items():
+            self.gpu.copy(self.buf.host[name], stages[k])
+        self.unit.run(self.backend, self.ops, self.buf)
         if u8:
             self.ops.to_uint8_(self.frame_out[k], self.finite_out[k], self.buf.frame)
         else:
             self.gpu.copy(self.frame_out[k], self.buf.frame)
 
     def _pointers(self) -> list[int]:
-        extra = self.frame_out + self.finite_out + self.advance_stage + (self.cond_stage or [])
+        extra = self.frame_out + self.finite_out + self.advance_stage + (self.cond_stage or []) + \
+            [b for stages in self.host_stage.values() for b in stages]
         return [t.data_ptr() for t in self.buf.all() + extra]
 
     @property
@@ -228,6 +256,9 @@ class GpuExecution:
             gpu.upload(self.cond_stage[k], self.host_in[k])
         self.host_advance[k][...] = advance
         gpu.upload(self.advance_stage[k], self.host_advance[k])
+        for name, array in self.unit.host_inputs(advance).items():
+            self.host_pinned[name][k][...] = array
+            gpu.upload(self.host_stage[name][k], self.host_pinned[name][k])
         self.ev_up[k].record(copy)
         self.ev_up[k].wait(compute)
         self.ev_down[k].wait(compute)  # frame n-2's output k has been downloaded
@@ -262,7 +293,8 @@ class GpuExecution:
             frame = from_stage(self.host_out[k])
             finite = np.isfinite(frame).all()
         if not finite:  # the frame (or its flags) is all the host sees of a GPU frame
-            raise NonFiniteError("the frame is non-finite (NaN or Inf): the denoise or context_encode graph "
+            frame_graph, (memory_graph, _) = self.buf.made_by
+            raise NonFiniteError(f"the frame is non-finite (NaN or Inf): the {frame_graph} or {memory_graph} graph "
                                  "produced it; the model or artifact is broken: re-export it, or check the weights")
         return frame
 
@@ -290,7 +322,22 @@ class GpuExecution:
         """
         with self.gpu.on_compute():
             for row, seed in zip(rows, seeds):
-                self.ops.reset_row_(self.buf, row, seed)
+                self.unit.reset_row(self.ops, self.buf, row, seed)
+
+    def between_units(self, body, writes: list) -> None:
+        """`writes` [(buffer, host array)] uploaded, then body() on the compute stream, with every unit in
+        flight finished first and the work done on return (a prompt change: rare, so it waits)."""
+        self.gpu.synchronize()
+        for buf, array in writes:
+            host = self._between_pinned.get(buf.data_ptr())
+            if host is None:
+                host = self._between_pinned[buf.data_ptr()] = self.gpu.pinned(buf)
+            host[...] = array
+            self.gpu.upload(buf, host)
+            self.gpu.synchronize()
+        with self.gpu.on_compute():
+            body()
+        self.gpu.synchronize()
 
     def describe(self) -> tuple[str, float | None, str]:
         """(device name, peak memory in MiB, what the memory number means)."""

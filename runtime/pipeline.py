@@ -11,6 +11,12 @@ Frames are (H, W, 3) float32 in [-1, 1], or uint8 0..255 with PipelineOptions(fr
 (mirage.core.video_io.to_uint8's mapping, made inside the frame's CUDA graph so only bytes cross
 PCIe); input frames may be either in both modes.
 
+One step is the model family's unit of work (`cfg.unit`: the U-Net's frame, core.loop.FrameUnit; the
+video DiT's block of N latent frames, core.dit_step.BlockUnit), which makes `frames_per_step` frames
+per row: a step of a block model returns (n, H, W, 3) per row where a frame model returns (H, W, 3).
+A model that takes a prompt (the DiT) gets its embeddings with `set_prompt`, or text through `control`
+with the `prompt_encoder` it was opened with (mirage.bridge passes a local UMT5 encoder).
+
 A pipeline of batch B advances B independent rows (streams) per frame; `step_batch` takes and
 returns (B, H, W, 3), and `reset_row` restarts one row without touching the others (what
 runtime.pool.StreamPool builds on). Buffers are allocated once from the graphs' specs
@@ -24,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -32,8 +38,7 @@ from mirage.core import graphs as G
 from mirage.core.config import PIPELINE_BACKENDS as BACKENDS, ModelConfig, PipelineOptions
 from mirage.core.device import require_memory
 from mirage.core.errors import MirageError
-from mirage.core.loop import Buffers, Schedule, buffer_bytes, make_buffers
-from mirage.core.schedule import DEFAULT_STEPS, default_steps
+from mirage.core.schedule import default_steps
 from mirage.runtime.execution import CpuExecution, GpuExecution
 
 class PipelineError(MirageError):
@@ -42,26 +47,36 @@ class PipelineError(MirageError):
 
 class Pipeline:
     def __init__(self, backend, cfg: ModelConfig, specs: dict[str, G.GraphSpec], options: PipelineOptions,
-                 plumbing=None):
+                 plumbing=None, prompt_encoder: Callable[[str], np.ndarray] | None = None):
         """`plumbing`: the arrays, ops (and on a GPU streams, events, graphs) of the backend's device;
         None for ONNX Runtime (numpy) and TensorRT (raw device pointers, cuda-python), which the runtime
-        brings itself; the PyTorch backend's come from the torch side (model/torch_device.py)."""
+        brings itself; the PyTorch backend's come from the torch side (model/torch_device.py).
+        `prompt_encoder`: prompt text -> embeddings (L, text_dim), for `control(row, prompt=...)`."""
         self.backend, self.cfg, self.specs, self.options = backend, cfg, specs, options
-        self.schedule = Schedule.ddim(options.steps or DEFAULT_STEPS, options.context_noise)
+        self.unit = cfg.unit(specs, options)  # the family's unit of work: all that differs between families
+        self.schedule = self.unit.schedule
+        self.prompt_encoder = prompt_encoder
+        h, w, _ = self.unit.frame_shape
         # before anything is allocated; the weights are loaded by now, so what is free excludes them
-        require_memory(buffer_bytes(specs, self.schedule), str(backend.device),
-                       f"{cfg.name} ({cfg.pixels}x{cfg.pixels} frames) at batch {options.batch}")
+        require_memory(self.unit.buffer_bytes(), str(backend.device),
+                       f"{cfg.name} ({w}x{h} frames) at batch {options.batch}")
         on_gpu = str(backend.device).startswith("cuda")
-        self.execution = GpuExecution(backend, self.schedule, options.cuda_graph, options.frames, plumbing) if on_gpu \
-            else CpuExecution(backend, self.schedule, options.frames, plumbing)
-        self.buf: Buffers | None = None
+        self.execution = GpuExecution(backend, self.unit, options.cuda_graph, options.frames, plumbing) if on_gpu \
+            else CpuExecution(backend, self.unit, options.frames, plumbing)
+        self.buf = None
+        # a prompt model's rows' embeddings (B, text_len, text_dim), zero (the empty prompt) until set_prompt,
+        # and the one a reset row starts with (what set_prompt last gave every row); None: no prompt
+        takes_prompt = "prompt" in self.unit.controls
+        self._text = np.zeros((options.batch, *self.unit.text_shape), np.float32) if takes_prompt else None
+        self._default_text = self._text[0].copy() if takes_prompt else None
         self.state = "loaded"
 
     # -- load ---------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", device: str = "auto",
              options: PipelineOptions = PipelineOptions(),
-             checkpoint: Callable[[Path, str, str, PipelineOptions], "Pipeline"] | None = None) -> "Pipeline":
+             checkpoint: Callable[[Path, str, str, PipelineOptions], "Pipeline"] | None = None,
+             prompt_encoder: Callable[[str], np.ndarray] | None = None) -> "Pipeline":
         """Open an artifact directory (ONNX / engines + manifest). A checkpoint folder is opened by
         `checkpoint(path, backend, device, options)`, the torch side's opener that
         mirage.bridge.pipeline.load_pipeline passes; without it a checkpoint is refused."""
@@ -72,7 +87,7 @@ class Pipeline:
             from mirage.runtime.artifact import open_artifact
 
             impl, cfg, specs, manifest = open_artifact(path, backend, device, options)
-            return cls(impl, cfg, specs, model_steps(options, manifest))
+            return cls(impl, cfg, specs, model_steps(options, manifest), prompt_encoder=prompt_encoder)
         if (path / "config.json").is_file():
             if backend not in ("auto", "torch"):
                 raise PipelineError(f"{path} is a checkpoint: only the torch backend runs it; "
@@ -90,7 +105,33 @@ class Pipeline:
     # -- properties ----------------------------------------------------------------------------
     @property
     def video_to_video(self) -> bool:
-        return bool(self.cfg.cond_channels)
+        return self.frames_in > 0
+
+    @property
+    def frames_in(self) -> int:
+        """Input frames one step takes per row: 0 for generation, 1 for the U-Net's video-to-video."""
+        return self.unit.frames_in
+
+    @property
+    def frames_per_step(self) -> int:
+        """Frames one step makes per row: 1 for the U-Net, the block's latent frames for the DiT."""
+        return self.unit.frames
+
+    @property
+    def video_rate(self) -> float:
+        """Frames per second the output is meant to play at (a server paces a block's frames out by it)."""
+        return self.unit.video_rate
+
+    @property
+    def steps(self) -> int:
+        """Denoising steps per unit."""
+        return self.unit.steps
+
+    @property
+    def controls(self) -> dict:
+        """What `control` accepts now: {"prompt": True} for a prompt model opened with a prompt encoder,
+        {} for the U-Net."""
+        return {k: v for k, v in self.unit.controls.items() if k != "prompt" or self.prompt_encoder is not None}
 
     @property
     def batch(self) -> int:
@@ -98,7 +139,7 @@ class Pipeline:
 
     @property
     def frame_shape(self) -> tuple[int, int, int]:
-        return (self.cfg.pixels, self.cfg.pixels, G.RGB)
+        return self.unit.frame_shape
 
     @property
     def depth(self) -> int:
@@ -115,13 +156,15 @@ class Pipeline:
     def allocate(self) -> None:
         self._require("loaded", "allocate")
         ex = self.execution
-        self.buf = make_buffers(self.specs, self.schedule, ex.alloc, ex.ops.fill_, self.backend.buffer_dtype)
+        self.buf = self.unit.make_buffers(ex.alloc, ex.ops.fill_, self.backend.buffer_dtype)
         self.state = "allocated"
 
     def warm_up_and_capture(self) -> None:
         self._require("allocated", "warm up")
         self.execution.prepare(self.buf)
         self.state = "ready"
+        if self._text is not None:
+            self._apply_text()
 
     # -- replay -------------------------------------------------------------------------------
     def reset(self, seed: int = 0) -> None:
@@ -146,9 +189,65 @@ class Pipeline:
         enqueued between them, without waiting for the frames in flight, and has not run when this
         returns: see reset)."""
         self._require("ready", "reset a row")
-        if not 0 <= row < self.batch:
-            raise PipelineError(f"row {row} outside the pipeline's batch of {self.batch}")
+        self._check_row(row)
         self.execution.reset_rows([row], [seed])
+        if self._text is not None and not np.array_equal(self._text[row], self._default_text):
+            self._text[row] = self._default_text  # a new stream in the row starts with the default prompt
+            self._apply_text()
+
+    # -- conditioning ---------------------------------------------------------------------------
+    def set_prompt(self, embeds: np.ndarray, rows: Sequence[int] | None = None) -> None:
+        """Prompt embeddings (L, text_dim), L <= the model's text_len (zero-padded as the model pads), for
+        `rows` (default: every row, and the prompt a reset row starts with) from their next step on. A row
+        that holds frames has them re-cached under the new prompt (LongLive's switch: their keys/values
+        recomputed from their latents, block by block), so its stream goes on without a restart."""
+        if "prompt" not in self.unit.controls:
+            raise PipelineError(f"{self.cfg.name} takes no prompt")
+        length, width = self.unit.text_shape
+        embeds = np.asarray(embeds, np.float32)
+        if embeds.ndim != 2 or embeds.shape[1] != width or not 1 <= embeds.shape[0] <= length:
+            raise PipelineError(f"prompt embeddings of shape {embeds.shape}; {self.cfg.name} takes (L, {width}) "
+                                f"with 1 <= L <= {length}")
+        if not np.isfinite(embeds).all():
+            raise PipelineError("prompt embeddings hold NaN or infinite values")
+        padded = np.zeros((length, width), np.float32)
+        padded[:len(embeds)] = embeds
+        for row in range(self.batch) if rows is None else rows:
+            self._check_row(row)
+            self._text[row] = padded
+        if rows is None:
+            self._default_text = padded
+        if self.state == "ready":
+            self._apply_text()
+            for row in range(self.batch) if rows is None else rows:
+                if self.unit.held(row):
+                    self._recache(row)
+
+    def control(self, row: int, prompt: str | None = None, strength: float | None = None) -> None:
+        """Change row `row`'s conditioning between steps, the stream going on: its prompt (encoded by the
+        pipeline's prompt encoder), or how far its input is noised (video-to-video DiT). Refused, with the
+        other rows untouched, for what the model does not take (`controls`)."""
+        self._check_row(row)
+        if strength is not None and "strength" not in self.controls:
+            raise PipelineError(f"{self.cfg.name} takes no strength (only a video-to-video DiT does)")
+        if prompt is not None:
+            if "prompt" not in self.unit.controls:
+                raise PipelineError(f"{self.cfg.name} takes no prompt")
+            if self.prompt_encoder is None:
+                raise PipelineError("no text encoder was given, so a prompt cannot be encoded (give a text encoder "
+                                    "folder, or prompt embeddings)")
+            self.set_prompt(self.prompt_encoder(prompt), [row])
+
+    def _recache(self, row: int) -> None:
+        buf, ex = self.buf, self.execution
+        for feeds, advance in self.unit.recache_inputs(row):
+            ex.between_units(lambda: self.unit.recache(self.backend, ex.ops, buf),
+                             [(buf.host[k], v) for k, v in feeds.items()] + [(buf.advance, advance)])
+
+    def _apply_text(self) -> None:
+        """Every row's embeddings onto the device and through the text graph, between steps."""
+        self.execution.between_units(lambda: self.unit.encode_text(self.backend, self.buf),
+                                     [(self.buf.text, self._text)])
 
     def submit_batch(self, cond: np.ndarray | None = None, advance: np.ndarray | None = None) -> None:
         """Start a frame for every row (GPU: asynchronously). `cond`: (B, H, W, 3) input frames for
@@ -172,10 +271,13 @@ class Pipeline:
         self.execution.submit(None if cond is None else np.asarray(cond), rows)
 
     def collect_batch(self) -> np.ndarray:
-        """Wait for the oldest submitted frame: (B, H, W, 3) float32, or uint8 (PipelineOptions.frames)."""
+        """Wait for the oldest submitted step: (B, H, W, 3) float32, or uint8 (PipelineOptions.frames); a
+        model that makes n > 1 frames per step (frames_per_step): (B, n, H, W, 3)."""
         if self.execution.pending == 0:
             raise PipelineError("collect() without a submitted frame")
-        return self.execution.collect()
+        frames = self.execution.collect()  # (B·n, H, W, 3)
+        n = self.frames_per_step
+        return frames if n == 1 else frames.reshape(self.batch, n, *frames.shape[1:])
 
     def step_batch(self, cond: np.ndarray | None = None, advance: np.ndarray | None = None) -> np.ndarray:
         self.submit_batch(cond, advance)
@@ -188,8 +290,14 @@ class Pipeline:
     def collect(self) -> np.ndarray:
         return self.collect_batch()[0]
 
+    @property
+    def frames_are(self) -> str:
+        """What the output frames show (a DiT artifact without a decoder graph: its latents)."""
+        return self.unit.frames_are
+
     def step(self, cond: np.ndarray | None = None) -> np.ndarray:
-        """One frame, synchronously: (H, W, 3) float32 in [-1, 1], or uint8 (PipelineOptions.frames)."""
+        """One step, synchronously: (H, W, 3) float32 in [-1, 1], or uint8 (PipelineOptions.frames); (n, H, W, 3)
+        for a model that makes n > 1 frames per step."""
         self.submit_batch(self._one(cond))
         return self.collect_batch()[0]
 
@@ -236,6 +344,10 @@ class Pipeline:
         if state == "ready":
             raise PipelineError(f"call reset(seed) before you {what}")
         raise PipelineError(f"cannot {what} in state {self.state!r}")
+
+    def _check_row(self, row: int) -> None:
+        if not 0 <= row < self.batch:
+            raise PipelineError(f"row {row} outside the pipeline's batch of {self.batch}")
 
     def _one(self, cond: np.ndarray | None) -> np.ndarray | None:
         """One input frame (H, W, 3) as the batch forms take it, (1, H, W, 3), on a batch-1 pipeline."""

@@ -2,8 +2,14 @@
 
     pool = StreamPool.open("artifacts/tiny-v2v", slots=8)  # a checkpoint: load=mirage.bridge.pipeline.load_pipeline
     a = pool.attach(seed=1)                     # a free slot: fresh memory, its own noise seed
-    outs = pool.step({a: frame})                 # every attached slot advances one frame
+    outs = pool.step({a: frame})                 # every attached slot advances one step: {a: (n, H, W, 3)}
     pool.detach(a)
+
+A step is the model's unit of work: one frame per slot for the U-Net (n = 1), a block of frames for the
+video DiT (n = its block's latent frames), so every result is (n, H, W, 3) whatever the family.
+`frames_in` is how many input frames one step takes per slot (0: generation), `control(slot, prompt=...,
+strength=...)` changes one stream's conditioning between steps (what `controls` lists), and `video_rate`
+is the frame rate the output plays at (a server paces a block's frames out by it).
 
 Each slot is one row of a Pipeline of batch B: its own ring buffer, ages, slot index and noise
 counter, so a stream's frames depend only on its own seed and inputs. Attaching resets that row
@@ -40,6 +46,7 @@ class StreamPool:
         self.slots = pipeline.batch
         self.frame_shape = pipeline.frame_shape
         self.video_to_video = pipeline.video_to_video
+        self.frames_in, self.video_rate = pipeline.frames_in, pipeline.video_rate
         self.active: list[int] = []
         self._inputs = np.zeros((self.slots, *self.frame_shape), np.float32)  # each slot's latest input
         self._moving: collections.deque[list[int]] = collections.deque()  # per frame in flight: the slots it advances
@@ -66,13 +73,23 @@ class StreamPool:
         return slot
 
     def detach(self, slot: int) -> None:
-        if slot not in self.active:
-            raise PipelineError(f"slot {slot} is not attached")
+        self._attached(slot)
         self.active.remove(slot)
+
+    @property
+    def controls(self) -> dict:
+        """What `control` accepts ({} for the U-Net; {"prompt": True} for a DiT with a prompt encoder)."""
+        return self.pipeline.controls
+
+    def control(self, slot: int, prompt: str | None = None, strength: float | None = None) -> None:
+        """Change one stream's prompt or strength from its next step on, without restarting it; a value the
+        model does not take is refused (a MirageError) and the other streams are untouched."""
+        self._attached(slot)
+        self.pipeline.control(slot, prompt=prompt, strength=strength)
 
     def step(self, inputs: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
         """Advance the slots given inputs (video-to-video) or every attached slot (generation) one
-        frame; returns {slot: (H, W, 3) frame} for the slots that advanced (float32 in [-1, 1], or uint8
+        step; returns {slot: (n, H, W, 3) frames} for the slots that advanced (float32 in [-1, 1], or uint8
         with PipelineOptions(frames="uint8"))."""
         self.submit(inputs)
         return self.collect()
@@ -82,8 +99,9 @@ class StreamPool:
         Call submit, collect, attach and detach from one thread (on a GPU, a collect from another thread
         than the submit's gave wrong frames: runtime/server.py)."""
         for slot, frame in (inputs or {}).items():
-            if slot not in self.active:
-                raise PipelineError(f"slot {slot} is not attached")
+            self._attached(slot)
+            if np.ndim(frame) == 4 and len(frame) == 1:  # (1, H, W, 3): one step's frames_in of one
+                frame = frame[0]
             if tuple(np.shape(frame)) != self.frame_shape:
                 raise PipelineError(f"input frame has shape {tuple(np.shape(frame))}, the model takes "
                                     f"{self.frame_shape}")
@@ -97,8 +115,13 @@ class StreamPool:
     def collect(self) -> dict[int, np.ndarray]:
         """The oldest submitted step's outputs, as step() returns them."""
         moving = self._moving.popleft()  # first: a step that fails is still taken off the queue
-        out = self.pipeline.collect_batch()  # (B, H, W, 3)
+        out = self.pipeline.collect_batch()  # (B, H, W, 3), or (B, n, H, W, 3)
+        out = out.reshape(self.slots, -1, *self.frame_shape)
         return {slot: out[slot] for slot in moving}
+
+    def _attached(self, slot: int) -> None:
+        if slot not in self.active:
+            raise PipelineError(f"slot {slot} is not attached")
 
     def close(self) -> None:
         self.pipeline.close()
@@ -143,6 +166,18 @@ class PoolGroup:
         return cls([StreamPool.open(path, slots, backend, device, options, load) for device in devices])
 
     @property
+    def frames_in(self) -> int:
+        return self.pools[0].frames_in
+
+    @property
+    def video_rate(self) -> float:
+        return self.pools[0].video_rate
+
+    @property
+    def controls(self) -> dict:
+        return self.pools[0].controls
+
+    @property
     def active(self) -> list[int]:
         return [off + s for off, pool in zip(self.offsets, self.pools) for s in pool.active]
 
@@ -163,6 +198,11 @@ class PoolGroup:
         pool, local = self._locate(slot)
         i = self.pools.index(pool)
         self._threads[i].submit(pool.detach, local).result()
+
+    def control(self, slot: int, prompt: str | None = None, strength: float | None = None) -> None:
+        pool, local = self._locate(slot)
+        i = self.pools.index(pool)
+        self._threads[i].submit(pool.control, local, prompt, strength).result()
 
     def step(self, inputs: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
         self.submit(inputs)

@@ -397,7 +397,8 @@ class Server:
         start = time.monotonic()
         outputs = self.pool.collect()
         slots = list(outputs)
-        rgb = as_uint8(np.stack([outputs[s] for s in slots])) if slots else []  # (n, H, W, 3) uint8
+        # each slot's step is (n, H, W, 3); this server sends one frame per step (n = 1: the U-Net's)
+        rgb = as_uint8(np.stack([outputs[s][-1] for s in slots])) if slots else []  # (slots, H, W, 3) uint8
         return dict(zip(slots, rgb)), time.monotonic() - start
 
     def step_pool(self, inputs: dict) -> float:

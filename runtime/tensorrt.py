@@ -93,7 +93,7 @@ class TensorRTBackend:
             raise BackendError("TensorRTBackend.run before the pipeline set its stream")
         cuda.use_device(self.index)
         engine, spec = self.engines[graph], self.specs[graph]
-        buffers = {**inputs, spec.output.name: output}
+        buffers = {**inputs, **(output if isinstance(output, dict) else {spec.output.name: output})}
         engine.bind({name: buf.data_ptr() for name, buf in buffers.items()},
                     {name: buf.shape for name, buf in inputs.items()})
         engine.execute(self.stream)

@@ -121,7 +121,7 @@ class NullPool:
         for slot, frame in inputs.items():
             self.last[slot] = frame
         self.free_at = max(time.monotonic(), self.free_at) + self.step_s  # the "GPU" runs one step at a time
-        self.in_flight.append((self.free_at, {slot: self.last[slot].copy() for slot in inputs}))
+        self.in_flight.append((self.free_at, {slot: self.last[slot][None].copy() for slot in inputs}))  # (1, H, W, 3)
 
     def collect(self) -> dict:
         done, outputs = self.in_flight.popleft()

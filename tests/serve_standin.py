@@ -36,7 +36,7 @@ class SleepPool:
 
     def submit(self, inputs: dict) -> None:
         time.sleep(self.step_s)
-        self.outputs.append(dict(inputs))
+        self.outputs.append({slot: frame[None] for slot, frame in inputs.items()})  # (1, H, W, 3): one frame a step
 
     def collect(self) -> dict:
         return self.outputs.popleft()

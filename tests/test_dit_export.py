@@ -52,10 +52,13 @@ def test_static_inputs_match_the_model():
     np.testing.assert_array_equal(timestep_embedding(cfg, t),
                                   sinusoidal_embedding(torch.from_numpy(t), cfg.freq_dim).float().numpy())
     tokens = cfg.tokens_per_frame
-    first = block_inputs(cfg, 0, 1)  # frames 0, 1: slots 0, 1; only they are valid
+    first = block_inputs(cfg, [0])  # frames 0, 1: slots 0, 1; only they are valid
     assert first[G.SLOTS][0, tokens] == tokens and first[G.VALID].sum() == 2 * tokens
-    rolled = block_inputs(cfg, 6, 1)  # frames 6, 7 of a (2 sink + 4 ring) window: slots 2, 3
+    rolled = block_inputs(cfg, [6])  # frames 6, 7 of a (2 sink + 4 ring) window: slots 2, 3
     assert rolled[G.SLOTS][0, 0] == 2 * tokens and rolled[G.VALID].sum() == cfg.window_frames * tokens
+    both = block_inputs(cfg, [0, 6])  # each row its own stream at its own frame: row b is the row alone
+    for name in (G.SLOTS, G.VALID, G.ROPE_COS):
+        np.testing.assert_array_equal(both[name], np.concatenate([first[name], rolled[name]]))
 
 
 def test_pure_graphs_with_an_external_cache_equal_the_block_stepper():

@@ -159,7 +159,8 @@ def never_allocated(monkeypatch):
     ("no-prompt", "needs one of --prompt"),
     ("no-weights", "needs a checkpoint"),
     ("lora-without-base", "give the base checkpoint"),
-    ("dit-option-without-dit", "--prompt-embeds: options of a DiT run; add --dit"),
+    ("dit-option-without-dit", "--window: options of a DiT run; add --dit"),
+    ("prompt-for-a-unet", f"--prompt-embeds: {run.DEFAULT_MODEL} takes no prompt"),  # a DiT artifact takes it
     ("dit-checkpoint-without-dit", "for a Wan 2.1 DiT checkpoint add --dit CONFIG"),
     ("unet-option-with-dit", "--steps: options of a U-Net model"),
 ])
@@ -183,7 +184,8 @@ def test_bad_input_is_one_line_and_status_2_with_nothing_written(tmp_path, embed
         "no-prompt": [*SMALL, "--random-weights"],
         "no-weights": [*SMALL, "--prompt-embeds", embeds],
         "lora-without-base": [*SMALL, *rand, "--lora", unet],
-        "dit-option-without-dit": ["--prompt-embeds", embeds],
+        "dit-option-without-dit": ["--window", 6],
+        "prompt-for-a-unet": ["--prompt-embeds", embeds],
         "dit-checkpoint-without-dit": [unet],
         "unet-option-with-dit": [*SMALL, *rand, "--steps", 2],
     }[case]

@@ -77,7 +77,7 @@ def test_attach_detach_and_full_pool():
         with pytest.raises(PoolFull, match="2 stream slots are busy"):
             pool.attach(3)
         first = pool.step()
-        assert set(first) == {a, b} and first[a].shape == (32, 32, 3)
+        assert set(first) == {a, b} and first[a].shape == (1, 32, 32, 3)  # one frame per step
         pool.detach(a)
         assert set(pool.step()) == {b}
         c = pool.attach(4)

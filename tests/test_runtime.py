@@ -392,16 +392,15 @@ def test_a_gpu_row_reset_is_enqueued_on_the_compute_stream_without_a_wait():
     from types import SimpleNamespace
 
     from mirage.core import graphs as G
-    from mirage.core.loop import make_buffers
+    from mirage.core.loop import FrameUnit
     from mirage.runtime.execution import GpuExecution
 
     cfg = SimpleNamespace(channels=3, image_size=8, cond_channels=0, context_frames=2, memory_tokens=4,
-                          temporal_dim=4, frame_size=0)
+                          temporal_dim=4, frame_size=0, pixels=8)
     backend = SimpleNamespace(array="torch", device="cuda:0", use_stream=lambda stream: None)
-    schedule, gpu = Schedule.ddim(2, 100), _StandInGpu()
-    ex = GpuExecution(backend, schedule, cuda_graph=False, frames="float32", gpu=gpu)
-    buf = make_buffers(G.unet_graphs(cfg, 2, None, "fp32"), schedule, ex.alloc, ex.ops.fill_,  # a stand-in U-Net config
-                       lambda graph, name: "int32" if name == G.AGES else "float32")
+    unit, gpu = FrameUnit(cfg, G.unet_graphs(cfg, 2, None, "fp32"), 2, 100), _StandInGpu()  # a stand-in U-Net config
+    ex = GpuExecution(backend, unit, cuda_graph=False, frames="float32", gpu=gpu)
+    buf = unit.make_buffers(ex.alloc, ex.ops.fill_, lambda graph, name: "int32" if name == G.AGES else "float32")
     ex.prepare(buf)
     for b in (buf.memory, buf.ages, buf.slot, buf.rng):
         b.fill_(5)

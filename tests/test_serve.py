@@ -178,7 +178,7 @@ class ThreadLogPool:
 
     def submit(self, inputs: dict) -> None:
         self._log("submit")
-        self.in_flight.append(dict(inputs))
+        self.in_flight.append({slot: frame[None] for slot, frame in inputs.items()})  # (1, H, W, 3) a step, as StreamPool
 
     def collect(self) -> dict:
         self._log("collect")
@@ -335,7 +335,7 @@ def test_a_stream_gets_the_same_frames_alone_and_beside_others(v2v_pool):
     slot = v2v_pool.attach(seed=7)
     try:
         for n, rgb in enumerate(inputs(3)):
-            out = v2v_pool.step({slot: v2v_input(rgb.astype(np.float32) / 127.5 - 1)})[slot]
+            out = v2v_pool.step({slot: v2v_input(rgb.astype(np.float32) / 127.5 - 1)})[slot][0]  # (1, H, W, 3)
             expected = encode_frame(Frame(n, RAW, 0.0, 0.0, None), out)[HEADER.size:]
             assert alone[n].tobytes() == expected
     finally:

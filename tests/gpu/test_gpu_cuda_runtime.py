@@ -184,13 +184,42 @@ def test_ring_write_matches_numpy(gpu):
         np.testing.assert_array_equal(_to_host(gpu, slot), ref_slot, err_msg=f"frame {frame}")
 
 
+def test_dit_cache_write_and_preview_match_numpy(gpu):
+    """The DiT's block ops (core.dit_step.BlockUnit): the block's keys/values scattered into each advancing
+    row's cache rows (a held row keeps its own) and gathered back, and the latents' preview, against numpy."""
+    rng = np.random.default_rng(2)
+    for dtype in ("float32", "float16"):
+        cache, new = gpu.zeros((2, 3, 2, 12, 8), dtype), gpu.zeros((2, 3, 2, 4, 8), dtype)
+        rows, advance = gpu.zeros((2, 4), "int32"), gpu.zeros((2,), "int64")
+        ref = rng.standard_normal((2, 3, 2, 12, 8)).astype(dtype)
+        news = rng.standard_normal((2, 3, 2, 4, 8)).astype(dtype)
+        idx, go = np.array([[4, 5, 6, 7], [8, 9, 0, 1]], np.int32), np.array([1, 0], np.int64)
+        for buf, host in ((cache, ref), (new, news), (rows, idx), (advance, go)):
+            _from_host(gpu, buf, host)
+        gpu.ops.scatter_rows_(cache, new, rows, advance, 3)
+        NumpyOps().scatter_rows_(ref, news, idx, go, 3)
+        np.testing.assert_array_equal(_to_host(gpu, cache), ref)
+        gpu.ops.gather_rows_(new, cache, rows, 3)  # back: each row's rows of the cache, held ones too
+        np.testing.assert_array_equal(_to_host(gpu, new), np.take_along_axis(ref, idx[:, None, None, :, None], 3))
+        latents, frames = gpu.zeros((2, 16, 3, 4, 5), dtype), gpu.zeros((6, 3, 32, 40), "float32")
+        lat = (rng.standard_normal((2, 16, 3, 4, 5)) * 2).astype(dtype)
+        _from_host(gpu, latents, lat)
+        gpu.ops.preview_(frames, latents)
+        want = np.zeros((6, 3, 32, 40), np.float32)
+        NumpyOps().preview_(want, lat)
+        np.testing.assert_array_equal(_to_host(gpu, frames), want)
+
+
 def _pipeline(cuda, graph: bool, v2v: bool, frames: str = "float32", batch: int = 1):
     from types import SimpleNamespace
 
     from mirage.core.config import PipelineOptions
     from mirage.runtime.pipeline import Pipeline
 
-    cfg = SimpleNamespace(name="stand-in", image_size=64, pixels=64, channels=3, cond_channels=3 if v2v else 0)
+    from mirage.core.loop import FrameUnit
+
+    cfg = SimpleNamespace(image_size=64, pixels=64, channels=3, cond_channels=3 if v2v else 0, name="stand-in")
+    cfg.unit = lambda specs, options: FrameUnit(cfg, specs, options.steps, options.context_noise)  # a U-Net's frame
     options = PipelineOptions(steps=4, cuda_graph=graph, frames=frames, batch=batch)
     pipe = Pipeline(StandInEngine(cuda), cfg, _specs(v2v, batch), options)
     pipe.reset(3)

@@ -38,7 +38,7 @@ def _run(pool: StreamPool, call) -> np.ndarray:
     out = [call(pool.step, {a: ins_a[n], b: ins_b[n]}) for n in range(FRAMES)]
     call(pool.detach, a)
     call(pool.detach, b)
-    return np.stack([[o[a], o[b]] for o in out])  # (FRAMES, 2, 32, 32, 3)
+    return np.stack([[o[a], o[b]] for o in out])  # (FRAMES, 2, 1, 32, 32, 3): one frame a step
 
 
 @pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
@@ -66,7 +66,7 @@ def _run_pipelined(pool: StreamPool) -> np.ndarray:
             out.append(pool.collect())
             pending -= 1
     out += [pool.collect() for _ in range(pending)]
-    return np.stack([[o[a], o[b]] for o in out])  # (FRAMES, 2, 32, 32, 3)
+    return np.stack([[o[a], o[b]] for o in out])  # (FRAMES, 2, 1, 32, 32, 3): one frame a step
 
 
 @pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
@@ -102,7 +102,7 @@ def _drive(pool: StreamPool, seeds: tuple[int, int], churn: bool = False) -> np.
     them. With `churn`, a sleep kernel is queued on the compute stream ahead of step CHURN, and right
     after submitting step CHURN + 1 slot b's stream is detached and one of NEW_SEED attached in its
     slot: the two steps are then still queued on the GPU, and the reset must not wait for them.
-    Returns (STEPS, 2, H, W, 3): per step, the outputs of slots a and b."""
+    Returns (STEPS, 2, 1, H, W, 3): per step, the outputs of slots a and b."""
     a, b = pool.attach(seeds[0]), pool.attach(seeds[1])
     streams = {a: (seeds[0], 0), b: (seeds[1], 0)}  # slot -> (seed, step it attached at)
     compute = _torch_stream(pool.pipeline.execution.gpu)
@@ -124,7 +124,7 @@ def _drive(pool: StreamPool, seeds: tuple[int, int], churn: bool = False) -> np.
     out += [pool.collect() for _ in range(pending)]
     pool.detach(a)
     pool.detach(b)
-    return np.stack([[o[a], o[b]] for o in out])  # (STEPS, 2, H, W, 3)
+    return np.stack([[o[a], o[b]] for o in out])  # (STEPS, 2, 1, H, W, 3): one frame a step
 
 
 def _check_attach_in_flight(pool: StreamPool, worker: ThreadPoolExecutor) -> None:
