@@ -25,17 +25,17 @@ Protocol (docs/SERVING.md has it in full)
             A generation model's client sends the header alone to ask for its next frame (or block).
 
 Flow of a frame
-    receiver (one per client)  the stream's ONE undecoded message (newest wins)
-    decoder  (one per client)  one decode at a time, at most 2 per planned step, in a codec thread; only the
-                               declared format, its size checked from its header first, its work bounded
-                               -> the stream's ONE pending frame (newest wins)
-                               -> gathered until the stream has the pool's frames_in (a block model's
-                               block) -> the stream's ONE pending block (newest wins)
+    receiver (one per client)  the stream's ONE undecoded message (a block model: frames_in; newest wins)
+    decoder  (one per client)  one decode at a time, at most 2 per planned step and input frame, in a codec
+                               thread; only the declared format, its size checked from its header first, its
+                               work bounded -> gathered into the stream's ONE pending block of the pool's
+                               frames_in frames (the U-Net: one frame; newest wins)
     stepper  (one task)        gather pending blocks, drop those past the deadline, pool.submit in the step
                                thread; with two steps in flight (a GPU pool) the newest step is held and
                                its pool.collect queued behind the next submit
-                               -> each stream's playout: the step's frames, uint8 RGB (a newer block drops
-                               what is left of the older ones beyond one block)
+                               -> each stream's playout: the step's frames, uint8 RGB (older ones the sender
+                               should have sent already are dropped: newest wins); a stream whose playout
+                               would outlast the next step is not stepped yet
     sender   (one per client)  each frame when due: a block's frames spaced at the pool's video rate, not in
                                a burst; encode in a codec thread -> send; a stats message every second
     controls (one per client)  a control message's prompt/strength, validated on arrival, coalesced, applied
@@ -399,8 +399,8 @@ class Recent:
 COUNTS = ("received", "stale", "late", "sent", "unsent", "errors", "controls")
 # stale: replaced by a newer input before its decode or its step; late: past the deadline when its step started
 # (at most every other block of a stream; each block is answered with one `late` message);
-# unsent: an output dropped before the client could take it (newest wins: for a block model, what is left of the
-# older blocks beyond one block); controls: control messages applied (merged ones count once)
+# unsent: an output dropped before the client could take it, the next one being due as well (newest wins: Stream.land);
+# controls: control messages applied (merged ones count once)
 MAX_NOTICES = 16  # control messages a stream may have unsent; a client that does not read loses the oldest
 SENDING_S = 1.0   # a stream whose last frame is older than this is not waited for
 
