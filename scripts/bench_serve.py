@@ -113,7 +113,7 @@ class NullPool:
             self.frames_in, self.video_rate = block, video_rate
         self.active: list[int] = []
         self.step_s, self.gil_calls = step_ms / 1e3, max(1, gil_calls)
-        self.last = np.zeros((slots, *([block] if block > 1 else []), height, width, 3), np.float32)
+        self.last = np.zeros((slots, block, height, width, 3), np.float32)  # a one-frame input fills its block of 1
         self.in_flight: collections.deque[tuple[float, dict]] = collections.deque()  # (done at, outputs)
         self.free_at = 0.0  # when the "GPU" has finished every step submitted so far
 
@@ -133,7 +133,7 @@ class NullPool:
         for slot, frame in inputs.items():
             self.last[slot] = frame
         self.free_at = max(time.monotonic(), self.free_at) + self.step_s  # the "GPU" runs one step at a time
-        self.in_flight.append((self.free_at, {slot: self.last[slot].copy() for slot in inputs}))
+        self.in_flight.append((self.free_at, {slot: self.last[slot].copy() for slot in inputs}))  # (n, H, W, 3)
 
     def collect(self) -> dict:
         done, outputs = self.in_flight.popleft()
