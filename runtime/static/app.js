@@ -89,8 +89,9 @@ function onControl(msg) {
     status(`stream in slot ${msg.slot} of ${msg.slots}: ${msg.width}x${msg.height}, ` +
            (msg.video_to_video ? "video-to-video" : "generation (no input is sent)"));
     showConditioning(msg);
-    // a block model's output plays at its video rate: sending faster only replaces frames the server holds
-    timer = setInterval(sendFrame, 1000 / (msg.video_rate || SEND_FPS));
+    // a model answering frame by frame (frames_in 1: the U-Net's video-to-video) is fed at the camera's rate;
+    // any other plays at its video rate, and sending faster only replaces inputs the server holds
+    timer = setInterval(sendFrame, 1000 / (msg.frames_in === 1 ? SEND_FPS : msg.video_rate || SEND_FPS));
   } else if (msg.type === "busy") {
     status(`server busy: ${msg.message}`);
   } else if (msg.type === "error") {
