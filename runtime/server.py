@@ -507,6 +507,9 @@ class Server:
         self.controls: dict = getattr(pool, "controls", {})
         self.video_rate: float | None = getattr(pool, "video_rate", None)
         self.frame_period = 1.0 / self.video_rate if self.video_rate else 0.0
+        # a block plays for frames_in periods, and the next one replaces it by then (newest wins): a block
+        # model's deadline is at least that, or a step longer than deadline_ms would drop every other block
+        self.deadline_ms = max(options.deadline_ms, 1e3 * self.frames_in * self.frame_period)
         self.streams: dict[int, Stream] = {}
         self.wake = asyncio.Event()  # a frame arrived or a stream left
         self.steps: collections.deque[tuple[float, float]] = collections.deque()  # (end, seconds in flight, not
@@ -686,7 +689,7 @@ class Server:
             h, w, _ = self.pool.frame_shape
             await ws.send_json({"type": "hello", "slot": slot, "seed": seed, "width": w, "height": h,
                                 "video_to_video": self.pool.video_to_video, "slots": self.pool.slots,
-                                "deadline_ms": self.options.deadline_ms,
+                                "deadline_ms": self.deadline_ms,
                                 "max_frame_bytes": self.options.max_frame_bytes, **self.block_contract(), **hello})
             log.info("stream in slot %d attached (seed %d, %s)", slot, seed, remote)
             async for msg in ws:
@@ -969,13 +972,13 @@ class Server:
                 block, s.pending = s.pending, None
                 frame = block.last
                 waited_ms = (now - frame.received) * 1e3
-                late = waited_ms > self.options.deadline_ms
+                late = waited_ms > self.deadline_ms
                 if late and not s.dropped_late:
                     s.counts["late"] += len(block.frames)
                     dropped = f"frame {frame.id}" if len(block.frames) == 1 else \
                         f"the block of frames {block.frames[0].id} to {frame.id}"
                     s.tell({"type": "late", "id": frame.id, "message": f"{dropped} waited {waited_ms:.0f} "
-                            f"ms, over the {self.options.deadline_ms:g} ms deadline: dropped"})
+                            f"ms, over the {self.deadline_ms:g} ms deadline: dropped"})
                 else:
                     batch.append((s, block))
                 s.dropped_late = late and not s.dropped_late

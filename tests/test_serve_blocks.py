@@ -85,6 +85,22 @@ def test_a_block_s_frames_are_paced_at_the_video_rate_each_stream_on_its_own_clo
     run(scenario)
 
 
+def test_a_block_model_s_deadline_is_at_least_its_block_s_play_time():
+    """A block of 4 at 20 FPS plays 200 ms: with a 1 ms deadline asked for, blocks whose step starts within
+    200 ms of their last frame are stepped, not dropped as late."""
+    pool = BlockPool(1, STEP_S, BLOCK, RATE)
+
+    async def scenario():
+        async with serving(pool, deadline_ms=1.0) as client:
+            ws, hello = await connect(client)
+            assert hello["deadline_ms"] == pytest.approx(1e3 * BLOCK / RATE)
+            for n in range(2):
+                await send_block(ws, inputs(n), 4 * n)
+                got, texts = await replies(ws, BLOCK)
+                assert [i for _, i, _, _ in got] == list(range(4 * n, 4 * n + 4)) and texts == []
+    run(scenario)
+
+
 def test_a_frame_of_another_size_in_a_block_is_refused_and_the_block_completes():
     """The bad frame gets one error naming it; the block is gathered from the good frames around it."""
     pool = BlockPool(1, STEP_S, BLOCK, RATE)
