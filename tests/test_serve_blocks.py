@@ -200,6 +200,40 @@ def test_controls_are_rate_limited_and_merged_newest_wins():
     assert len([c for c in pool.calls if c[0] == "control"]) == 3
 
 
+def test_a_control_flood_costs_the_pool_one_control_per_interval_and_the_neighbour_nothing():
+    """A client sending a new prompt every millisecond for 1.2 s: the pool applies one per 300 ms interval
+    (no more than 1.2 / 0.3 + 1), its last the flood's last, while the neighbour's blocks keep their pace."""
+    pool = BlockPool(2, STEP_S, BLOCK, RATE)
+
+    async def scenario():
+        async with serving(pool, control_interval_ms=300, batch_wait_ms=0) as client:
+            (a, _), (b, _) = await connect(client), await connect(client)
+
+            async def flood():
+                end, n = time.monotonic() + 1.2, 0
+                while time.monotonic() < end:
+                    await a.send_str(json.dumps({"type": "control", "prompt": f"prompt {n}"}))
+                    n += 1
+                    await asyncio.sleep(0.001)
+                return n
+            flooding = asyncio.create_task(flood())
+            times = []
+            for n in range(3):
+                await send_block(b, inputs(n), 4 * n)
+                got, _ = await replies(b, BLOCK)
+                times += [t for t, *_ in got]
+            sent = await flooding
+            applied = []
+            while not applied or applied[-1] != f"prompt {sent - 1}":
+                applied.append((await text(a))["prompt"])
+            return sent, times
+    sent, times = run(scenario)
+    controls = [c for c in pool.calls if c[0] == "control"]
+    assert sent > 100 and 2 <= len(controls) <= 1.2 / 0.3 + 2, (sent, controls)
+    gaps = np.diff(times)
+    assert (gaps >= 0.6 / RATE).sum() >= 6, gaps  # 9 of its 11 gaps are within a block: paced as ever
+
+
 BAD_CONTROLS = [  # (text message, what its error must say)
     ("not json", "a text message is a control"),
     ('{"type": "hello"}', "a text message is a control"),
