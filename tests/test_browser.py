@@ -25,6 +25,7 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()
                                 reason="needs Debian's chromium and chromium-driver (apt-get install chromium "
                                        "chromium-driver)")
 SCREENSHOT = ROOT / "docs" / "serve_screenshot.png"
+BLOCK_SCREENSHOT = ROOT / "docs" / "serve_block_screenshot.png"  # the page with a prompt box and a strength slider
 STANDIN = Path(__file__).with_name("serve_standin.py")
 
 
@@ -106,6 +107,12 @@ def stop(browser) -> None:
     time.sleep(0.3)
 
 
+def screenshot(browser, tmp_path, path: Path) -> None:
+    """The page's screenshot to tmp_path, or to `path` in docs/ with MIRAGE_UPDATE_SCREENSHOT=1."""
+    shot = path if os.environ.get("MIRAGE_UPDATE_SCREENSHOT") else tmp_path / path.name
+    assert browser.save_screenshot(str(shot)) and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_the_page_streams_a_webcam_a_video_file_and_a_synthetic_source(browser, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -123,8 +130,7 @@ def test_the_page_streams_a_webcam_a_video_file_and_a_synthetic_source(browser, 
         assert "video-to-video" in browser.find_element(By.ID, "status").text
         assert browser.find_element(By.ID, "streams").text == "1 of 2"
         assert not browser.find_element(By.ID, "conditioning").is_displayed()  # the U-Net takes no prompt
-        shot = SCREENSHOT if os.environ.get("MIRAGE_UPDATE_SCREENSHOT") else tmp_path / SCREENSHOT.name
-        assert browser.save_screenshot(str(shot)) and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        screenshot(browser, tmp_path, SCREENSHOT)
         stop(browser)
         run_source(browser, "synthetic", 2)
         stop(browser)
@@ -150,7 +156,7 @@ def wait_for_status(browser, text: str, seconds: float = 5.0) -> None:
     pytest.fail(f"the page did not say {text!r}; it says {browser.find_element(By.ID, 'status').text!r}")
 
 
-def test_a_block_model_s_prompt_box_and_strength_slider_send_control_messages(browser):
+def test_a_block_model_s_prompt_box_and_strength_slider_send_control_messages(browser, tmp_path):
     """Over the stand-in block model (blocks of 4 frames at 16 FPS, a prompt and a strength): frames arrive,
     the prompt box and the slider show, and typing a prompt or moving the slider is applied by the server
     (its `applied` answer on the page); the strength first, as the page starts with the slider's value."""
@@ -164,6 +170,7 @@ def test_a_block_model_s_prompt_box_and_strength_slider_send_control_messages(br
         wait_for_status(browser, "applied: strength 0.50")
         browser.find_element(By.ID, "prompt").send_keys("a watercolor fox")
         wait_for_status(browser, 'applied: prompt "a watercolor fox"')
+        screenshot(browser, tmp_path, BLOCK_SCREENSHOT)
         browser.execute_script("const s = document.getElementById('strength'); s.value = '0.8';"
                                "s.dispatchEvent(new Event('input'));")
         wait_for_status(browser, "applied: strength 0.80")
