@@ -967,7 +967,10 @@ class Server:
                                   lambda: max(first + self.options.batch_wait_ms / 1e3, self.due - self.submit_s))
             now, batch = time.monotonic(), []
             for s in self.streams.values():
-                if not self.ready_for_step(s, now):
+                # a generation pool advances every attached row each step: a stream held by its playout
+                # that has asked joins rather than have its row's block made and lost (its playout then
+                # holds one more block, and from then on it is in step with the others)
+                if s.pending is None or not (self.ready_for_step(s, now) or not self.pool.video_to_video):
                     continue
                 block, s.pending = s.pending, None
                 frame = block.last

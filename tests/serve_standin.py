@@ -56,11 +56,13 @@ class StandinError(MirageError):
 
 class BlockPool(SleepPool):
     """The block contract (docs/SERVING.md) without a model: a step sleeps step_s and makes `block` frames per
-    row (video-to-video: its input block times 1 - its strength; generation: frame k of a block filled with
-    k / block), and pool.control is logged in `calls`, in order with the submits. A prompt of more than
-    MAX_TOKENS words is refused, as a text encoder's limit would be."""
+    row (video-to-video: its input block times 1 - its strength; generation, every attached row as
+    StreamPool does: the row's frames numbered from its attach, frame c filled with (c % COUNTER) / COUNTER),
+    and pool.control is logged in `calls`, in order with the submits. A prompt of more than MAX_TOKENS words
+    is refused, as a text encoder's limit would be."""
 
     MAX_TOKENS = 8
+    COUNTER = 64
     controls = {"prompt": True, "strength": (0.0, 1.0)}
 
     def __init__(self, slots: int, step_s: float, block: int = 4, video_rate: float = 16.0,
@@ -69,7 +71,13 @@ class BlockPool(SleepPool):
         self.block, self.video_rate, self.video_to_video = block, video_rate, video_to_video
         self.frames_in = block if video_to_video else 0
         self.strength = np.zeros(slots, np.float32)
+        self.made = np.zeros(slots, np.int64)  # frames each row has generated since its attach
         self.calls: list[tuple] = []
+
+    def attach(self, seed: int = 0) -> int:
+        slot = super().attach(seed)
+        self.made[slot] = 0
+        return slot
 
     def control(self, slot: int, prompt: str | None = None, strength: float | None = None) -> None:
         if prompt is not None and len(prompt.split()) > self.MAX_TOKENS:
@@ -88,8 +96,13 @@ class BlockPool(SleepPool):
         if self.video_to_video:
             self.outputs.append({s: x * (1 - self.strength[s]) for s, x in inputs.items()})
         else:
-            block = np.arange(self.block, dtype=np.float32)[:, None, None, None] / self.block
-            self.outputs.append({s: np.broadcast_to(block, (self.block, *self.frame_shape)) for s in self.active})
+            self.outputs.append({s: self.generated(s) for s in self.active})
+
+    def generated(self, slot: int) -> np.ndarray:
+        counts = (self.made[slot] + np.arange(self.block)) % self.COUNTER
+        self.made[slot] += self.block
+        levels = counts.astype(np.float32)[:, None, None, None] / self.COUNTER
+        return np.broadcast_to(levels, (self.block, *self.frame_shape))
 
 
 if __name__ == "__main__":
