@@ -16,22 +16,31 @@ Routes
 Neither the token nor any query string reaches the log (AccessLog; run the app with access_log_class=AccessLog).
 
 Protocol (docs/SERVING.md has it in full)
-    text    JSON control messages, server -> client: hello, busy, error, late, stats
+    text    JSON messages; server -> client: hello, busy, error, late, stats, applied;
+            client -> server: control (a new prompt and/or strength for its own stream)
     binary  frames, both ways: a 16-byte little-endian header, then the image bytes
             uint32 frame id | uint8 format (1 JPEG, 2 PNG, 3 raw RGB) | 3 zero bytes | float64 timestamp
-            The reply to a frame carries its id and timestamp back, in the same format. A generation
-            model's client sends the header alone to ask for its next frame.
+            The reply to a frame carries its id and timestamp back, in the same format; a reply's byte 5 is
+            its index among the replies to that frame (a block model makes several frames per request).
+            A generation model's client sends the header alone to ask for its next frame (or block).
 
 Flow of a frame
-    receiver (one per client)  the stream's ONE undecoded message (newest wins)
-    decoder  (one per client)  one decode at a time, at most 2 per planned step, in a codec thread; only the
-                               declared format, its size checked from its header first, its work bounded
-                               -> the stream's ONE pending frame (newest wins)
-    stepper  (one task)        gather pending frames, drop those past the deadline, pool.submit in the step
+    receiver (one per client)  the stream's ONE undecoded message (a block model: frames_in; newest wins)
+    decoder  (one per client)  one decode at a time, at most 2 per planned step and input frame, in a codec
+                               thread; only the declared format, its size checked from its header first, its
+                               work bounded -> gathered into the stream's ONE pending block of the pool's
+                               frames_in frames (the U-Net: one frame; newest wins)
+    stepper  (one task)        gather pending blocks, drop those past the deadline, pool.submit in the step
                                thread; with two steps in flight (a GPU pool) the newest step is held and
                                its pool.collect queued behind the next submit
-                               -> each stream's ONE outbox frame, uint8 RGB (newest wins)
-    sender   (one per client)  encode in a codec thread -> send; a stats message every second
+                               -> each stream's playout: the step's frames, uint8 RGB (older ones the sender
+                               should have sent already are dropped: newest wins); a stream whose playout
+                               would outlast the next step is not stepped yet
+    sender   (one per client)  each frame when due: a block's frames spaced at the pool's video rate, not in
+                               a burst; encode in a codec thread -> send; a stats message every second
+    controls (one per client)  a control message's prompt/strength, validated on arrival, coalesced, applied
+                               with pool.control in the step thread (between steps) at most every
+                               control_interval_ms
 Nothing on the event loop touches pixels, and nothing but a client's own sender waits on its socket; the
 pool is driven from one thread only (submit, collect, attach and detach are serialized there; an attach
 resets its row after the steps in flight). docs/SERVING.md's "Threat model and limits" says what a
@@ -41,9 +50,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import hmac
 import io
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -66,6 +77,7 @@ from mirage.runtime.pool import PoolFull
 
 STATIC = Path(__file__).resolve().parent / "static"
 HEADER = struct.Struct("<IB3xd")  # frame id, format, 3 pad bytes, client timestamp (any clock, echoed as is)
+REPLY = struct.Struct("<IBB2xd")  # HEADER with byte 5 the reply's index among those to its frame (0: the first)
 JPEG, PNG, RAW = 1, 2, 3
 FORMATS = {JPEG: "JPEG", PNG: "PNG", RAW: "raw RGB"}
 log = logging.getLogger("mirage.serve")
@@ -94,6 +106,11 @@ class ServerOptions:
                                   # MIN_CALIBRATE_STEPS when 0, as its held steps cannot be timed)
     switch_interval_ms: float = 0.5  # the GIL's switch interval (Python's default 5 ms): how long the step thread,
                                      # back from a GPU call, may wait for the GIL while codec threads run Python
+    max_prompt_chars: int = 2000  # a longer prompt in a control message is refused before the text encoder sees
+                                  # it (the pool refuses one over the encoder's token limit: Wan's is 512 tokens)
+    control_interval_ms: float = 500.0  # a stream's controls are applied at most this often, newer ones in between
+                                        # merged into one: a prompt re-encodes text and rebuilds the stream's cache
+                                        # in the step thread, which every stream's steps wait behind
 
     def __post_init__(self):
         if not self.token and not is_loopback(self.host):
@@ -105,6 +122,12 @@ class ServerOptions:
         """The largest message read at all: twice max_frame_bytes, plus the header (an image over
         max_frame_bytes within it is answered with an error). A larger one closes its connection, unread."""
         return 2 * self.max_frame_bytes + HEADER.size
+
+    @property
+    def max_control_chars(self) -> int:
+        """The longest text message parsed as a control: the prompt limit with every character escaped
+        (\\uXXXX), plus room for the other fields. A longer one is refused unparsed."""
+        return 6 * self.max_prompt_chars + 256
 
 
 def shorten(value: str, limit: int = 24) -> str:
@@ -159,6 +182,22 @@ class Frame:
     received: float                # server monotonic clock, for the deadline
     pixels: np.ndarray | None      # the model's input, (H, W, 3) float32; None: a generation model's request
     decoded: float = 0.0           # server monotonic clock when its decode ended (for the queue-wait stage)
+
+
+@dataclass(frozen=True)
+class Block:
+    """What one step takes from a stream: the pool's frames_in decoded frames (a generation model's: the one
+    request), oldest first. Its deadline and its queue stage run from its last frame: the block could not be
+    stepped before that frame came."""
+    frames: tuple[Frame, ...]
+
+    @property
+    def last(self) -> Frame:
+        return self.frames[-1]
+
+    def pixels(self) -> np.ndarray:
+        """The pool's input for this stream: (H, W, 3) for one frame (a U-Net's), (n, H, W, 3) for a block."""
+        return self.frames[0].pixels if len(self.frames) == 1 else np.stack([f.pixels for f in self.frames])
 
 
 def decode_frame(data: bytes, shape: tuple[int, int, int], video_to_video: bool, max_bytes: int,
@@ -258,9 +297,9 @@ def _jpeg_size(data: bytes, frame_id: int) -> tuple[int, int]:
                      f"{MAX_JPEG_MARKERS} segments)")
 
 
-def encode_frame(frame: Frame, pixels: np.ndarray) -> bytes:
-    """The reply to `frame`: its header echoed, then `pixels` ((H, W, 3) in [-1, 1], or uint8 RGB) in the
-    frame's format."""
+def encode_frame(frame: Frame, pixels: np.ndarray, index: int = 0) -> bytes:
+    """Reply `index` (0: the first) to `frame`: its header echoed with that index in byte 5, then `pixels`
+    ((H, W, 3) in [-1, 1], or uint8 RGB) in the frame's format."""
     rgb = as_uint8(pixels)
     if frame.fmt == RAW:
         body = rgb.tobytes()
@@ -270,7 +309,55 @@ def encode_frame(frame: Frame, pixels: np.ndarray) -> bytes:
         out = io.BytesIO()
         Image.fromarray(rgb).save(out, format=FORMATS[frame.fmt], quality=90)
         body = out.getvalue()
-    return HEADER.pack(frame.id, frame.fmt, frame.client_ts) + body
+    return REPLY.pack(frame.id, frame.fmt, index, frame.client_ts) + body
+
+
+CONTROL_FIELDS = {"type", "slot", "prompt", "strength"}
+
+
+def parse_control(text: str, slot: int, controls: dict, max_prompt_chars: int) -> dict:
+    """A client's text message -> the pool.control arguments it asks for ({"prompt": str, "strength": float},
+    either or both); ServeError names what is wrong with it. `controls` is the pool's (what the model accepts:
+    {"prompt": True, "strength": (low, high)}, {} for none), `slot` the client's own stream."""
+    try:
+        message = json.loads(text)
+    except ValueError:
+        message = None
+    if not isinstance(message, dict) or message.get("type") != "control":
+        raise ServeError('a text message is a control, {"type": "control", "prompt": ..., "strength": ...}; '
+                         "send frames as binary messages (docs/SERVING.md)")
+    unknown = set(message) - CONTROL_FIELDS
+    if unknown:
+        raise ServeError(f"control: unknown field {shorten(min(unknown))}; a control has "
+                         f"{', '.join(sorted(CONTROL_FIELDS))}")
+    if "slot" in message and (type(message["slot"]) is not int or message["slot"] != slot):
+        raise ServeError(f"control: slot {json.dumps(message['slot'])[:24]} is not this connection's stream "
+                         f"(slot {slot}): a connection controls its own stream only")
+    if not controls:
+        raise ServeError("control: this model takes no prompt and no strength")
+    change = {}
+    if "prompt" in message:
+        prompt = message["prompt"]
+        if not controls.get("prompt"):
+            raise ServeError("control: this model takes no prompt")
+        if not isinstance(prompt, str):
+            raise ServeError(f"control: prompt must be a string, not {type(prompt).__name__}")
+        if len(prompt) > max_prompt_chars:
+            raise ServeError(f"control: a prompt of {len(prompt)} characters; the server takes at most "
+                             f"{max_prompt_chars}")
+        change["prompt"] = prompt
+    if "strength" in message:
+        strength = message["strength"]
+        if not controls.get("strength"):
+            raise ServeError("control: this model takes no strength")
+        low, high = controls["strength"]
+        # bool is an int in Python, and NaN passes no comparison: both refused by name
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not low <= strength <= high:
+            raise ServeError(f"control: strength {json.dumps(strength)[:24]}; give a number from {low:g} to {high:g}")
+        change["strength"] = float(strength)
+    if not change:
+        raise ServeError("control: give a prompt, a strength or both")
+    return change
 
 
 def timed_call(fn, *args):
@@ -282,7 +369,8 @@ def timed_call(fn, *args):
 # -- the server ------------------------------------------------------------------------------------
 STAGES = ("decode", "queue", "step", "pool", "outbox", "encode", "send")
 # per frame: decode (in a codec thread: the image and v2v_input), queue (decoded -> its step starts: the wait
-# for the step in flight and the batch wait), outbox (its step ended -> its encode starts), encode (in a codec
+# for the step in flight, the batch wait and, in a block, the block's later frames), outbox (due: its step
+# ended or, in a block, its paced time -> its encode starts), encode (in a codec
 # thread), send (the socket write); per step: step (the stepper's wall time around the step thread's call)
 # and pool (inside the step thread: pool.submit, pool.collect with its wait for the GPU, and the batch's uint8
 # conversion). step - pool is the handoff between the event loop and that thread (wake-ups, the GIL).
@@ -308,25 +396,41 @@ class Recent:
                 "max_ms": 1e3 * max(values) if values else None}
 
 
-COUNTS = ("received", "stale", "late", "sent", "unsent", "errors")
+COUNTS = ("received", "stale", "late", "sent", "unsent", "errors", "controls")
 # stale: replaced by a newer input before its decode or its step; late: past the deadline when its step started
-# (at most every other frame of a stream; each is answered with a `late` message);
-# unsent: an output replaced by a newer one before the client could take it
+# (at most every other block of a stream; each block is answered with one `late` message);
+# unsent: an output dropped before the client could take it, the next one being due as well (newest wins: Stream.land);
+# controls: control messages applied (merged ones count once)
 MAX_NOTICES = 16  # control messages a stream may have unsent; a client that does not read loses the oldest
 SENDING_S = 1.0   # a stream whose last frame is older than this is not waited for
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One output frame waiting in a stream's playout."""
+    frame: Frame          # the input it answers (header echoed)
+    index: int            # its index among the replies to that input
+    pixels: np.ndarray    # uint8 RGB
+    landed: float         # when its step ended (monotonic): it is not sent before
+    spacing: float        # seconds from it to the next frame: the video's frame period within a block, else 0
 
 
 @dataclass(eq=False)
 class Stream:
     slot: int
     ws: web.WebSocketResponse
-    raw: tuple[bytes, float] | None = None                  # newest message and its arrival, not yet decoded
+    raw: collections.deque[tuple[bytes, float]] = field(default_factory=lambda: collections.deque(maxlen=1))
+    # the newest messages and their arrival, not yet decoded: one, or a block model's frames_in (Server.stream)
     raw_ready: asyncio.Event = field(default_factory=asyncio.Event)  # `raw` has a message
     decoding: Future | None = None                          # its decode in a codec thread (at most one a stream)
-    pending: Frame | None = None                            # newest decoded input, not yet stepped
-    outbox: tuple[Frame, np.ndarray, float] | None = None   # newest output (uint8 RGB) and when its step ended
+    gathering: list[Frame] = field(default_factory=list)    # decoded inputs of the block not yet complete
+    pending: Block | None = None                            # newest complete block, not yet stepped
+    playout: collections.deque[Reply] = field(default_factory=collections.deque)  # outputs not yet sent, in order
+    next_send: float = 0.0                                  # the earliest the next output may go (monotonic)
+    control: dict = field(default_factory=dict)             # pool.control arguments not yet applied (merged)
+    control_ready: asyncio.Event = field(default_factory=asyncio.Event)  # `control` has something
     notices: collections.deque[dict] = field(default_factory=lambda: collections.deque(maxlen=MAX_NOTICES))
-    ready: asyncio.Event = field(default_factory=asyncio.Event)  # the outbox or the notices have something
+    ready: asyncio.Event = field(default_factory=asyncio.Event)  # the playout or the notices have something
     dropped_late: bool = False                              # its last frame was dropped past the deadline
     last_frame: float | None = None                         # when its last decoded frame arrived (None: none yet)
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
@@ -344,6 +448,46 @@ class Stream:
     def sending(self, now: float) -> bool:
         return self.last_frame is not None and now - self.last_frame < SENDING_S
 
+    def gather(self, frame: Frame, frames_in: int) -> None:
+        """Add a decoded input; with the block's frames_in there (1 for a generation model's request), it is
+        the pending block, replacing an unstepped older one (its frames counted stale)."""
+        self.gathering.append(frame)
+        if len(self.gathering) < max(1, frames_in):
+            return
+        if self.pending is not None:
+            self.counts["stale"] += len(self.pending.frames)
+        self.pending, self.gathering = Block(tuple(self.gathering)), []
+
+    def land(self, block: Block, frames: np.ndarray, landed: float, period: float) -> None:
+        """A step's outputs for this stream ((n, H, W, 3) uint8) into its playout, spaced by `period` when n > 1.
+        Output k answers input k of the block; outputs beyond its inputs (a generation request's block)
+        answer its last input with indices 1, 2, ... Older outputs that the sender should have taken by
+        now, the one after them being due as well, are dropped (unsent): for one frame a step (the U-Net)
+        newest wins; a block model's client that reads too slowly catches up instead of lagging further,
+        while the older block's frames still to be played (the server held the step until they nearly
+        were: Server.ready_for_step) are kept, this block chained after them."""
+        while self.playout and self.due() + self.playout[0].spacing < landed:
+            self.next_send = self.due() + self.playout.popleft().spacing  # the schedule goes on as if it went
+            self.counts["unsent"] += 1
+        spacing = period if len(frames) > 1 else 0.0
+        for k, pixels in enumerate(frames):
+            j = min(k, len(block.frames) - 1)
+            self.playout.append(Reply(block.frames[j], k - j, pixels, landed, spacing))
+        self.ready.set()
+
+    def due(self) -> float | None:
+        """When the next output goes out (None: none waiting): when its step ended, or one spacing after
+        the output before it was due, whichever is later."""
+        return max(self.next_send, self.playout[0].landed) if self.playout else None
+
+    def playout_end(self) -> float:
+        """When the last output now waiting will go out (-inf: none waiting)."""
+        end, at = float("-inf"), self.next_send
+        for reply in self.playout:
+            end = max(at, reply.landed)
+            at = end + reply.spacing
+        return end
+
 
 async def settle(task: asyncio.Task) -> None:
     """Wait for a step's finishing task; a bug in it is logged with its traceback, and the stepper goes on."""
@@ -356,6 +500,16 @@ async def settle(task: asyncio.Task) -> None:
 class Server:
     def __init__(self, pool, options: ServerOptions):
         self.pool, self.options = pool, options
+        # the block contract (docs/SERVING.md): input frames a step takes per stream, the conditioning
+        # pool.control accepts, the rate the output plays at. A pool without them (the U-Net's, until
+        # runtime/pool.py carries them; a stand-in) takes one frame a step (none to generate) and no control.
+        self.frames_in: int = getattr(pool, "frames_in", 1 if pool.video_to_video else 0)
+        self.controls: dict = getattr(pool, "controls", {})
+        self.video_rate: float | None = getattr(pool, "video_rate", None)
+        self.frame_period = 1.0 / self.video_rate if self.video_rate else 0.0
+        # a block plays for frames_in periods, and the next one replaces it by then (newest wins): a block
+        # model's deadline is at least that, or a step longer than deadline_ms would drop every other block
+        self.deadline_ms = max(options.deadline_ms, 1e3 * self.frames_in * self.frame_period)
         self.streams: dict[int, Stream] = {}
         self.wake = asyncio.Event()  # a frame arrived or a stream left
         self.steps: collections.deque[tuple[float, float]] = collections.deque()  # (end, seconds in flight, not
@@ -392,14 +546,18 @@ class Server:
         return time.monotonic() - start
 
     def collect_pool(self) -> tuple[dict[int, np.ndarray], float]:
-        """In the step thread: the oldest step's outputs as uint8 RGB, the seconds taken. One vectorized
-        conversion of the whole batch here, instead of one per stream in the codec threads."""
+        """In the step thread: the oldest step's outputs as uint8 RGB (n, H, W, 3) per slot, the seconds taken.
+        One vectorized conversion of the whole batch here, instead of one per stream in the codec threads
+        (per stream only where rows made blocks of different lengths: Wan's VAE's first block is shorter)."""
         start = time.monotonic()
         outputs = self.pool.collect()
         slots = list(outputs)
-        # each slot's step is (n, H, W, 3); this server sends one frame per step (n = 1: the U-Net's)
-        rgb = as_uint8(np.stack([outputs[s][-1] for s in slots])) if slots else []  # (slots, H, W, 3) uint8
-        return dict(zip(slots, rgb)), time.monotonic() - start
+        frames = [outputs[s] for s in slots]  # (n, H, W, 3) each: n frames of one step (the U-Net's n = 1)
+        if len({f.shape for f in frames}) == 1:
+            frames = list(as_uint8(np.stack(frames)))
+        else:
+            frames = [as_uint8(f) for f in frames]
+        return dict(zip(slots, frames)), time.monotonic() - start
 
     def step_pool(self, inputs: dict) -> float:
         """A whole step, synchronously (the calibration's): its seconds."""
@@ -488,6 +646,14 @@ class Server:
         return {"slots": self.pool.slots, "active": len(self.pool.active), **self.load(),
                 "width": w, "height": h, "video_to_video": self.pool.video_to_video}
 
+    def block_contract(self) -> dict:
+        """What the hello message tells a client about blocks and controls: input frames a step takes
+        (0: a generation model's request), the rate the output plays at (null: as it comes), and what a
+        control message may set ({"prompt": true, "strength": [low, high]}; {}: nothing) with the prompt's
+        length limit."""
+        return {"frames_in": self.frames_in, "video_rate": self.video_rate,
+                "controls": self.controls, "max_prompt_chars": self.options.max_prompt_chars}
+
     # -- one client ------------------------------------------------------------------------------
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
         self.check_token(request)
@@ -514,14 +680,16 @@ class Server:
                 await ws.send_json({"type": "busy", "message": str(e), "slots": self.pool.slots})
                 await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"busy")
             return
-        stream = self.streams[slot] = Stream(slot, ws)
-        helpers = [asyncio.create_task(self.helper(stream, loop)) for loop in (self.decode_loop, self.send_loop)]
+        # a block model's client may send a block's frames back to back: they wait together, undecoded
+        stream = self.streams[slot] = Stream(slot, ws, raw=collections.deque(maxlen=max(1, self.frames_in)))
+        helpers = [asyncio.create_task(self.helper(stream, loop))
+                   for loop in (self.decode_loop, self.send_loop, self.control_loop)]
         try:
             h, w, _ = self.pool.frame_shape
             await ws.send_json({"type": "hello", "slot": slot, "seed": seed, "width": w, "height": h,
                                 "video_to_video": self.pool.video_to_video, "slots": self.pool.slots,
-                                "deadline_ms": self.options.deadline_ms,
-                                "max_frame_bytes": self.options.max_frame_bytes, **hello})
+                                "deadline_ms": self.deadline_ms,
+                                "max_frame_bytes": self.options.max_frame_bytes, **self.block_contract(), **hello})
             log.info("stream in slot %d attached (seed %d, %s)", slot, seed, remote)
             async for msg in ws:
                 if msg.type == WSMsgType.ERROR:  # e.g. over the hard size cap: aiohttp closes it (1009)
@@ -561,77 +729,131 @@ class Server:
                 await stream.ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"server error")
 
     def receive(self, stream: Stream, msg, received: float) -> None:
-        """Keep the newest message only: a client sending faster than frames are decoded and stepped
-        loses its older ones here, before any work is spent on them."""
+        """Keep the newest message only (a block model: the newest frames_in, a block's worth): a client
+        sending faster than frames are decoded and stepped loses its older ones here, before any work is
+        spent on them. A text message is a control."""
+        if msg.type == WSMsgType.TEXT:
+            self.receive_control(stream, msg.data)
+            return
         if msg.type != WSMsgType.BINARY:
             stream.error("send frames as binary messages: a 16-byte header, then the image (docs/SERVING.md)")
             return
         stream.counts["received"] += 1
-        if stream.raw is not None:
+        if len(stream.raw) == stream.raw.maxlen:
             stream.counts["stale"] += 1
-        stream.raw = (msg.data, received)
+        stream.raw.append((msg.data, received))
         stream.raw_ready.set()
 
+    def receive_control(self, stream: Stream, text: str) -> None:
+        """Validate a control message on the event loop (its size bounded first: parsing it is cheap), and
+        merge it into the stream's unapplied control: the newest prompt and the newest strength win."""
+        if len(text) > self.options.max_control_chars:
+            stream.error(f"a text message of {len(text)} characters; a control takes at most "
+                         f"{self.options.max_control_chars}")
+            return
+        try:
+            change = parse_control(text, stream.slot, self.controls, self.options.max_prompt_chars)
+        except ServeError as e:
+            stream.error(str(e))
+            return
+        stream.control.update(change)
+        stream.control_ready.set()
+
+    async def control_loop(self, stream: Stream) -> None:
+        """Apply a stream's controls in the step thread, so between two steps (a prompt: its text encoded and
+        the stream's cache rebuilt by the pool), at most every control_interval_ms: a client cannot keep
+        the step thread, which every stream's steps wait behind, re-encoding prompts. A refusal (a prompt
+        over the text encoder's limit, no text encoder) is one error to this client."""
+        next_control = 0.0
+        while True:
+            await stream.control_ready.wait()
+            await asyncio.sleep(max(0.0, next_control - time.monotonic()))
+            stream.control_ready.clear()
+            change, stream.control = stream.control, {}
+            applied, _ = await self.answered(stream, "apply the control", "control: ",
+                                             self.in_step_thread(functools.partial(self.pool.control, stream.slot,
+                                                                                   **change)))
+            next_control = time.monotonic() + self.options.control_interval_ms / 1e3
+            if applied:
+                stream.counts["controls"] += 1
+                stream.tell({"type": "applied", **change})
+
+    async def answered(self, stream: Stream, what: str, prefix: str, work) -> tuple[bool, object]:
+        """Await `work` for `stream`: (True, its result), or (False, None) after one error to that client
+        alone: a user error's message (MirageError, ServeError among them), or for a bug, its traceback
+        logged and "the server could not `what`"."""
+        try:
+            return True, await work
+        except MirageError as e:
+            stream.error(f"{prefix}{e}")
+        except Exception:  # noqa: BLE001 (a bug, but this client's: answer it and go on)
+            log.exception("stream in slot %d: failed to %s", stream.slot, what)
+            stream.error(f"{prefix}the server could not {what} (its log has the traceback)")
+        return False, None
+
     async def decode_loop(self, stream: Stream) -> None:
-        """One decode at a time per stream, started at most twice per planned step (the pool takes one
-        frame of a stream a step) and never taking more than half of a codec thread's time: a client that
-        sends faster, or frames slow to decode, cost that client its older frames (newest wins), not the
-        others their codec threads and the GIL."""
+        """One decode at a time per stream, started at most twice per planned step and frame the step takes
+        (a block model takes frames_in of a stream a step) and never taking more than half of a codec
+        thread's time: a client that sends faster, or frames slow to decode, cost that client its older
+        frames (newest wins), not the others their codec threads and the GIL."""
         next_decode = 0.0
         while True:
             await stream.raw_ready.wait()
             await asyncio.sleep(max(0.0, next_decode - time.monotonic()))
-            stream.raw_ready.clear()
-            (data, received), stream.raw = stream.raw, None
+            data, received = stream.raw.popleft()
+            if not stream.raw:
+                stream.raw_ready.clear()
             start = time.monotonic()
             stream.decoding = self.codec.submit(timed_call, decode_frame, data, self.pool.frame_shape,
                                                 self.pool.video_to_video, self.options.max_frame_bytes, received)
             try:
-                frame, seconds = await asyncio.wrap_future(stream.decoding)
-            except ServeError as e:
-                stream.error(str(e))
-                continue
-            except Exception:  # noqa: BLE001 (a bug, but the client's frame: answer it and go on)
-                log.exception("stream in slot %d: decoding a frame failed", stream.slot)
-                stream.error("the server could not decode that frame (its log has the traceback)")
-                continue
+                decoded, result = await self.answered(stream, "decode that frame", "",
+                                                      asyncio.wrap_future(stream.decoding))
             finally:
                 stream.decoding = None
-                next_decode = start + max(self.step_s / 2, 2 * (time.monotonic() - start))
+                next_decode = start + max(self.step_s / (2 * max(1, self.frames_in)), 2 * (time.monotonic() - start))
+            if not decoded:
+                continue
+            frame, seconds = result
             self.stages["decode"].add(seconds, frame.decoded)
-            if stream.pending is not None:
-                stream.counts["stale"] += 1
-            stream.pending = frame
+            stream.gather(frame, self.frames_in)
             stream.last_frame = received
             self.wake.set()
 
     async def send_loop(self, stream: Stream) -> None:
-        loop = asyncio.get_running_loop()
-        next_stats = loop.time() + self.options.stats_interval_s
+        """The stream's messages, and its outputs each when due (Stream.due): a block's frames go out at the
+        video rate, not in a burst, each stream on its own clock, so pacing one holds up no other."""
+        next_stats = time.monotonic() + self.options.stats_interval_s
         while True:
+            due = stream.due()
+            wake = next_stats if due is None else min(due, next_stats)
             with suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stream.ready.wait(), max(0.0, next_stats - loop.time()))
+                await asyncio.wait_for(stream.ready.wait(), max(0.0, wake - time.monotonic()))
             stream.ready.clear()
             while stream.notices:
                 await stream.ws.send_json(stream.notices.popleft())
-            if stream.outbox is not None:
-                (frame, pixels, stepped), stream.outbox = stream.outbox, None
-                self.timed("outbox", stepped)
-                data, seconds = await self.in_codec_thread(timed_call, encode_frame, frame, pixels)
+            due = stream.due()
+            if due is not None and due <= time.monotonic():
+                reply = stream.playout.popleft()
+                stream.next_send = due + reply.spacing
+                self.timed("outbox", due)
+                data, seconds = await self.in_codec_thread(timed_call, encode_frame, reply.frame, reply.pixels,
+                                                           reply.index)
                 self.stages["encode"].add(seconds, time.monotonic())
                 start = time.monotonic()
                 await stream.ws.send_bytes(data)
                 self.timed("send", start)
                 stream.counts["sent"] += 1
-            if loop.time() >= next_stats:
-                next_stats = loop.time() + self.options.stats_interval_s
+            if time.monotonic() >= next_stats:
+                next_stats = time.monotonic() + self.options.stats_interval_s
                 await stream.ws.send_json({"type": "stats", "streams": len(self.streams),
                                            "slots": self.pool.slots, **self.load(), **stream.counts})
 
     # -- the stepper -------------------------------------------------------------------------------
     async def stepper(self) -> None:
-        """Submit each batch as soon as it is ready, with up to pool.depth steps in flight; each
-        in-flight step is finished (collected, handed to its streams) by its own task, in order. With
+        """Submit each batch (every ready stream's pending block) as soon as it is ready, with up to
+        pool.depth steps in flight; each in-flight step is finished (collected, handed to its streams) by
+        its own task, in order. With
         depth 2 the newest step is `held`: its collect is queued in the step thread behind the next
         step's submit (or once it is due with no next batch), never ahead of it."""
         in_flight: collections.deque[asyncio.Task] = collections.deque()  # steps whose collect is queued
@@ -654,10 +876,11 @@ class Server:
                 batch = [(s, f) for s, f in batch if self.streams.get(s.slot) is s]
                 if not batch:
                     continue
-                inputs = {s.slot: f.pixels for s, f in batch} if self.pool.video_to_video else {}
+                inputs = {s.slot: b.pixels() for s, b in batch} if self.pool.video_to_video else {}
                 start = time.monotonic()
-                for _, f in batch:
-                    self.stages["queue"].add(start - f.decoded, start)
+                for _, b in batch:
+                    for f in b.frames:
+                        self.stages["queue"].add(start - f.decoded, start)
                 try:
                     submit_s = await self.in_step_thread(self.submit_pool, inputs)
                 except Exception:  # noqa: BLE001 (a bug: log it, tell those clients, keep serving the others)
@@ -674,7 +897,7 @@ class Server:
             for task in in_flight:
                 task.cancel()
 
-    async def finish(self, batch: list[tuple[Stream, Frame]], start: float, submit_s: float) -> None:
+    async def finish(self, batch: list[tuple[Stream, Block]], start: float, submit_s: float) -> None:
         try:
             outputs, collect_s = await self.in_step_thread(self.collect_pool)
         except Exception:  # noqa: BLE001 (as in stepper)
@@ -687,13 +910,9 @@ class Server:
         if self.pool.depth == 1:  # nothing held: learn it (a held step's time includes its hold, so a GPU pool
             self.learn(alone, idle=start - self.last_step_end > SENDING_S)  # plans with its calibration)
         self.last_step_end = end
-        for s, f in batch:
-            if self.streams.get(s.slot) is not s:  # it left during the step
-                continue
-            if s.outbox is not None:
-                s.counts["unsent"] += 1
-            s.outbox = (f, outputs[s.slot], end)
-            s.ready.set()
+        for s, b in batch:
+            if self.streams.get(s.slot) is s:  # not if it left during the step
+                s.land(b, outputs[s.slot], end, self.frame_period)
 
     def learn(self, seconds: float, idle: bool) -> None:
         """A CPU pool's plan: the median of its last served steps, those before an idle second forgotten;
@@ -705,44 +924,65 @@ class Server:
         self.due = min(self.due, time.monotonic())
         self.wake.set()  # a batch gathering for the step ahead's end: that end is now
 
-    def failed(self, batch: list[tuple[Stream, Frame]]) -> None:
+    def failed(self, batch: list[tuple[Stream, Block]]) -> None:
         log.exception("a pool step failed")
-        for s, f in batch:
-            s.error(f"frame {f.id}: the server failed to compute it (its log has the traceback)")
+        for s, b in batch:
+            s.error(f"frame {b.last.id}: the server failed to compute it (its log has the traceback)")
 
-    async def next_batch(self, until: float | None = None) -> list[tuple[Stream, Frame]] | None:
-        """Wait for a frame (None if none came by `until`, a time.monotonic(), when given), then up to
+    def ready_for_step(self, stream: Stream, now: float) -> bool:
+        """It has a pending block, and its playout runs dry before a step started now would end: a stream
+        whose outputs play slower than it sends (a block model's client sending faster than the video
+        rate, or a generation client asking at any rate) waits, its newer blocks replacing the pending
+        one, instead of growing its playout. A one-frame model's playout is due at once: never held."""
+        return stream.pending is not None and stream.playout_end() <= now + self.step_s
+
+    def release_at(self) -> float | None:
+        """When the first stream held by its playout becomes ready for a step (None: none is held)."""
+        return min((s.playout_end() - self.step_s for s in self.streams.values() if s.pending is not None
+                    and not self.ready_for_step(s, time.monotonic())), default=None)
+
+    async def next_batch(self, until: float | None = None) -> list[tuple[Stream, Block]] | None:
+        """Wait for a ready block (None if none came by `until`, a time.monotonic(), when given), then up to
         batch_wait_ms for every sending stream's (with a step in flight: up to that step's expected end,
         so that the next step goes in full rather than as an early, emptier step that holds the GPU and
         every frame behind it); take the pending frames,
         dropping (and counting) those older than the deadline, but never two of a stream in a row:
         when steps take longer than the deadline, a stream whose frames always arrive early in a
         step would otherwise have every frame dropped and starve while the others stream on."""
-        pending = lambda: any(s.pending is not None for s in self.streams.values())  # noqa: E731
+        pending = lambda: any(self.ready_for_step(s, time.monotonic()) for s in self.streams.values())  # noqa: E731
         # the streams waited for: those sending (a frame in the last SENDING_S; not a client that has not
         # started, or stopped) with none pending, taken afresh at every arrival and leave
         awaited = lambda: any(s.pending is None and s.sending(time.monotonic())  # noqa: E731
                               for s in self.streams.values())
         while True:
-            await self.wait_until(pending, lambda: until)
+            await self.wait_until(pending, lambda: min((t for t in (until, self.release_at()) if t is not None),
+                                                       default=None))
             if not pending():
-                return None
+                if until is not None and time.monotonic() >= until:
+                    return None
+                continue  # a held stream's release passed: asked again
             first = time.monotonic()
             await self.wait_until(lambda: not awaited(),
                                   lambda: max(first + self.options.batch_wait_ms / 1e3, self.due - self.submit_s))
             now, batch = time.monotonic(), []
             for s in self.streams.values():
-                frame, s.pending = s.pending, None
-                if frame is None:
+                # a generation pool advances every attached row each step: a stream held by its playout
+                # that has asked joins rather than have its row's block made and lost (its playout then
+                # holds one more block, and from then on it is in step with the others)
+                if s.pending is None or not (self.ready_for_step(s, now) or not self.pool.video_to_video):
                     continue
+                block, s.pending = s.pending, None
+                frame = block.last
                 waited_ms = (now - frame.received) * 1e3
-                late = waited_ms > self.options.deadline_ms
+                late = waited_ms > self.deadline_ms
                 if late and not s.dropped_late:
-                    s.counts["late"] += 1
-                    s.tell({"type": "late", "id": frame.id, "message": f"frame {frame.id} waited {waited_ms:.0f} "
-                            f"ms, over the {self.options.deadline_ms:g} ms deadline: dropped"})
+                    s.counts["late"] += len(block.frames)
+                    dropped = f"frame {frame.id}" if len(block.frames) == 1 else \
+                        f"the block of frames {block.frames[0].id} to {frame.id}"
+                    s.tell({"type": "late", "id": frame.id, "message": f"{dropped} waited {waited_ms:.0f} "
+                            f"ms, over the {self.deadline_ms:g} ms deadline: dropped"})
                 else:
-                    batch.append((s, frame))
+                    batch.append((s, block))
                 s.dropped_late = late and not s.dropped_late
             if batch:
                 return batch

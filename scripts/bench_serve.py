@@ -14,7 +14,13 @@ server's own counts (stale, late, unsent). Stops after the first N where p99 > -
 slowest stream delivers under 95% of --fps. Prints a table, writes JSON to docs/bench/.
 
 --null-step-ms MS puts a pool that computes nothing (each step sleeps MS) behind the same server:
-the server's own ceiling (codecs, event loop, threads) on this machine's CPU, at --null-size pixels.
+the server's own ceiling (codecs, event loop, threads) on this machine's CPU, at --null-size pixels
+(64, or WxH such as 832x480). With --null-block N it is a block model's stand-in (a DiT's): each step
+takes N frames of a stream and gives them back as a block, played at --null-rate FPS; send at that
+rate (--fps) and judge p99 against block periods (--max-p99-ms):
+
+    python scripts/bench_serve.py --null-step-ms 50 --null-size 832x480 --null-block 4 --null-rate 16 \
+        --fps 16 --max-p99-ms 500 --counts 1,2,4
 
 --ray serves through Ray Serve instead (`mirage-serve --ray`: a local Ray, one replica of N slots on
 one GPU, or the CPU): the same clients and table, so that the two runs give the Ray path's overhead
@@ -62,7 +68,8 @@ def start_server(args, slots: int, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     if args.null_step_ms is not None:  # this script's own NullPool behind the same server
         cmd = [sys.executable, __file__, "--serve-null",
-               f"{port},{slots},{args.null_size},{args.null_step_ms},{args.null_gil_calls},{args.null_depth}",
+               f"{port},{slots},{args.null_size},{args.null_step_ms},{args.null_gil_calls},{args.null_depth},"
+               f"{args.null_block},{args.null_rate}",
                "--deadline-ms", str(args.deadline_ms), "--batch-wait-ms", str(args.batch_wait_ms),
                "--calibrate-steps", str(args.calibrate_steps), "--switch-interval-ms", str(args.switch_interval_ms)]
     else:
@@ -94,14 +101,19 @@ class NullPool:
     step is done; with gil_calls > 0 the sleep is cut into that many parts, each a release and
     re-acquisition of the GIL, as a GPU step's host side makes one per CUDA call (uploads, events,
     the graph launch, the wait): what the server's other threads then cost the step shows as
-    /health's pool stage above the idle step."""
+    /health's pool stage above the idle step. With block > 1, a block model's (docs/SERVING.md): a step
+    takes `block` frames per stream and hands them back, to be played at video_rate."""
 
-    def __init__(self, slots: int, size: int, step_ms: float, gil_calls: int = 0, depth: int = 2):
+    def __init__(self, slots: int, size: tuple[int, int], step_ms: float, gil_calls: int = 0, depth: int = 2,
+                 block: int = 1, video_rate: float = 16.0):
         self.depth = depth
-        self.slots, self.frame_shape, self.video_to_video = slots, (size, size, 3), True
+        width, height = size
+        self.slots, self.frame_shape, self.video_to_video = slots, (height, width, 3), True
+        if block > 1:  # the block contract; without it the server takes one frame a step, as from the U-Net
+            self.frames_in, self.video_rate = block, video_rate
         self.active: list[int] = []
         self.step_s, self.gil_calls = step_ms / 1e3, max(1, gil_calls)
-        self.last = np.zeros((slots, size, size, 3), np.float32)
+        self.last = np.zeros((slots, block, height, width, 3), np.float32)  # a one-frame input fills its block of 1
         self.in_flight: collections.deque[tuple[float, dict]] = collections.deque()  # (done at, outputs)
         self.free_at = 0.0  # when the "GPU" has finished every step submitted so far
 
@@ -121,7 +133,7 @@ class NullPool:
         for slot, frame in inputs.items():
             self.last[slot] = frame
         self.free_at = max(time.monotonic(), self.free_at) + self.step_s  # the "GPU" runs one step at a time
-        self.in_flight.append((self.free_at, {slot: self.last[slot][None].copy() for slot in inputs}))  # (1, H, W, 3)
+        self.in_flight.append((self.free_at, {slot: self.last[slot].copy() for slot in inputs}))  # (n, H, W, 3)
 
     def collect(self) -> dict:
         done, outputs = self.in_flight.popleft()
@@ -139,8 +151,8 @@ def serve_null(spec: str, args) -> None:
 
     from mirage.runtime.server import ServerOptions, make_app
 
-    port, slots, size, step_ms, gil_calls, depth = spec.split(",")
-    pool = NullPool(int(slots), int(size), float(step_ms), int(gil_calls), int(depth))
+    port, slots, size, step_ms, gil_calls, depth, block, rate = spec.split(",")
+    pool = NullPool(int(slots), frame_size(size), float(step_ms), int(gil_calls), int(depth), int(block), float(rate))
     options = ServerOptions(port=int(port), deadline_ms=args.deadline_ms, batch_wait_ms=args.batch_wait_ms,
                             calibrate_steps=args.calibrate_steps, switch_interval_ms=args.switch_interval_ms)
     web.run_app(make_app(pool, options), host="127.0.0.1", port=int(port), print=None)
@@ -159,10 +171,16 @@ def random_checkpoint(config: str, folder: Path) -> str:
     return str(save_checkpoint(folder / config, model, model, TrainConfig(), step=0))
 
 
-def synthetic_frames(size: int, count: int, seed: int, fmt: str = "jpeg") -> list[bytes]:
-    """`count` frames of a moving disc on a gradient, (size, size) RGB, as JPEGs or raw bytes."""
+def frame_size(text: str) -> tuple[int, int]:
+    """--null-size: "64" (square) or "832x480" -> (width, height)."""
+    width, _, height = text.partition("x")
+    return int(width), int(height or width)
+
+
+def synthetic_frames(width: int, height: int, count: int, seed: int, fmt: str = "jpeg") -> list[bytes]:
+    """`count` frames of a moving disc on a gradient, (height, width) RGB, as JPEGs or raw bytes."""
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
+    yy, xx = np.mgrid[0:height, 0:width] / np.array([height, width])[:, None, None]
     base = rng.uniform(0, 255, 3)
     out = []
     for n in range(count):
@@ -193,7 +211,7 @@ async def client(url: str, index: int, args, window: tuple[float, float], stop: 
         if hello["type"] == "busy":
             raise Busy(hello["message"])
         v2v = hello["video_to_video"]
-        frames = synthetic_frames(hello["width"], 16, index, args.format) if v2v else [b""]
+        frames = synthetic_frames(hello["width"], hello["height"], 16, index, args.format) if v2v else [b""]
         fmt = RAW if args.format == "raw" else JPEG
 
         async def send():
@@ -332,7 +350,11 @@ def main() -> None:
                    "with one replica) instead of mirage-serve's own server")
     p.add_argument("--null-step-ms", type=float, default=None,
                    help="serve a pool that computes nothing, each step sleeping this long: the server alone")
-    p.add_argument("--null-size", type=int, default=64, help="frame size of --null-step-ms")
+    p.add_argument("--null-size", default="64", help="frame size of --null-step-ms: 64, or WxH (832x480)")
+    p.add_argument("--null-block", type=int, default=1, help="--null-step-ms's frames per step and stream (a "
+                   "block model's stand-in when over 1)")
+    p.add_argument("--null-rate", type=float, default=16.0, help="with --null-block: the video rate its blocks "
+                   "play at")
     p.add_argument("--null-gil-calls", type=int, default=0, help="--null-step-ms's sleep cut into this many GIL "
                    "releases, as a GPU step's CUDA calls make (0: one sleep)")
     p.add_argument("--null-depth", type=int, default=2, help="--null-step-ms's steps in flight at once (2 as a GPU "
@@ -351,7 +373,8 @@ def main() -> None:
         return serve_null(args.serve_null, args)
 
     device = device_name("cpu" if args.null_step_ms is not None else args.device)
-    label = (args.random or (f"null-{args.null_size}px-{args.null_step_ms:g}ms" if args.null_step_ms is not None
+    label = (args.random or (f"null-{args.null_size}px-{args.null_step_ms:g}ms"
+                             + (f"-block{args.null_block}" if args.null_block > 1 else "") if args.null_step_ms is not None
                              else Path(args.model).name)) + ("-ray" if args.ray else "")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -398,7 +421,8 @@ def main() -> None:
               "command": " ".join(sys.argv), "kept_up": best,
               **{k: getattr(args, k) for k in ("ray", "backend", "fast", "format", "fps", "seconds", "batch_wait_ms",
                                                "deadline_ms", "max_p99_ms", "churn", "null_step_ms", "null_size",
-                                               "null_gil_calls", "null_depth", "calibrate_steps",
+                                               "null_gil_calls", "null_depth", "null_block", "null_rate",
+                                               "calibrate_steps",
                                                "switch_interval_ms")},
               "rows": rows}
     path.write_text(json.dumps(report, indent=2))

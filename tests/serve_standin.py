@@ -1,11 +1,13 @@
 """`mirage-serve` itself (its options, banner, logging and server) over a stand-in pool, for the attack
-suite (tests/test_serve_attack.py):
+suite (tests/test_serve_attack.py) and the page's block-model test (tests/test_browser.py):
 
-    python tests/serve_standin.py STEP_MS [mirage-serve options]
+    python tests/serve_standin.py STEP_MS [--block N] [mirage-serve options]
 
 The stand-in's step sleeps STEP_MS and hands each slot its input back: like a GPU pool's step it takes
 neither a core nor the GIL, so what the suite measures on a shared 2-core machine is the server and the
 attack, not the CPU model's share of the cores (tests/test_serve.py runs the server on the real pool).
+With --block N it is a BlockPool: a DiT-like pool of blocks of N frames at 16 FPS that takes a prompt
+and a strength (tests/test_serve_blocks.py).
 """
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ import collections
 import sys
 import time
 
+import numpy as np
+
+from mirage.core.errors import MirageError
 from mirage.runtime import pool as pool_module
 
 
@@ -45,9 +50,69 @@ class SleepPool:
         self.active = []
 
 
+class StandinError(MirageError):
+    """What the stand-in's pool refuses, as a real pool's MirageError."""
+
+
+class BlockPool(SleepPool):
+    """The block contract (docs/SERVING.md) without a model: a step sleeps step_s and makes `block` frames per
+    row (video-to-video: its input block times 1 - its strength; generation, every attached row as
+    StreamPool does: the row's frames numbered from its attach, frame c filled with (c % COUNTER) / COUNTER),
+    and pool.control is logged in `calls`, in order with the submits. A prompt of more than MAX_TOKENS words
+    is refused, as a text encoder's limit would be."""
+
+    MAX_TOKENS = 8
+    COUNTER = 64
+    controls = {"prompt": True, "strength": (0.0, 1.0)}
+
+    def __init__(self, slots: int, step_s: float, block: int = 4, video_rate: float = 16.0,
+                 video_to_video: bool = True):
+        super().__init__(slots, step_s)
+        self.block, self.video_rate, self.video_to_video = block, video_rate, video_to_video
+        self.frames_in = block if video_to_video else 0
+        self.strength = np.zeros(slots, np.float32)
+        self.made = np.zeros(slots, np.int64)  # frames each row has generated since its attach
+        self.calls: list[tuple] = []
+
+    def attach(self, seed: int = 0) -> int:
+        slot = super().attach(seed)
+        self.made[slot] = 0
+        return slot
+
+    def control(self, slot: int, prompt: str | None = None, strength: float | None = None) -> None:
+        if prompt is not None and len(prompt.split()) > self.MAX_TOKENS:
+            raise StandinError(f"a prompt of {len(prompt.split())} tokens; the text encoder takes {self.MAX_TOKENS}")
+        if strength is not None:
+            self.strength[slot] = strength
+        self.calls.append(("control", slot, prompt, strength))
+
+    def submit(self, inputs: dict) -> None:
+        for frames in inputs.values():
+            if np.shape(frames) != (self.block, *self.frame_shape):
+                raise StandinError(f"input block of shape {np.shape(frames)}; the model takes "
+                                   f"{(self.block, *self.frame_shape)}")
+        time.sleep(self.step_s)
+        self.calls.append(("submit", sorted(inputs)))
+        if self.video_to_video:
+            self.outputs.append({s: x * (1 - self.strength[s]) for s, x in inputs.items()})
+        else:
+            self.outputs.append({s: self.generated(s) for s in self.active})
+
+    def generated(self, slot: int) -> np.ndarray:
+        counts = (self.made[slot] + np.arange(self.block)) % self.COUNTER
+        self.made[slot] += self.block
+        levels = counts.astype(np.float32)[:, None, None, None] / self.COUNTER
+        return np.broadcast_to(levels, (self.block, *self.frame_shape))
+
+
 if __name__ == "__main__":
     step_s = float(sys.argv.pop(1)) / 1e3
-    pool_module.StreamPool.open = classmethod(lambda cls, path, slots, **kw: SleepPool(slots, step_s))
+    block = 0
+    if sys.argv[1:2] == ["--block"]:
+        block = int(sys.argv[2])
+        del sys.argv[1:3]
+    pool_module.StreamPool.open = classmethod(lambda cls, path, slots, **kw: BlockPool(slots, step_s, block)
+                                              if block else SleepPool(slots, step_s))
     from mirage.cli.serve import main
 
     main()

@@ -25,6 +25,8 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()
                                 reason="needs Debian's chromium and chromium-driver (apt-get install chromium "
                                        "chromium-driver)")
 SCREENSHOT = ROOT / "docs" / "serve_screenshot.png"
+BLOCK_SCREENSHOT = ROOT / "docs" / "serve_block_screenshot.png"  # the page with a prompt box and a strength slider
+STANDIN = Path(__file__).with_name("serve_standin.py")
 
 
 def free_port() -> int:
@@ -34,10 +36,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(model: Path, *options: str):
-    """`mirage-serve MODEL OPTIONS` on a free loopback port, 2 slots, CPU; yields its URL."""
+def serving(model: Path, *options: str, program: tuple[str, ...] = ("-m", "mirage.cli.serve")):
+    """`mirage-serve MODEL OPTIONS` on a free loopback port, 2 slots, CPU; yields its URL. `program`: what
+    Python runs (tests/serve_standin.py with its arguments: mirage-serve over a stand-in pool)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mirage.cli.serve", str(model), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, *program, str(model), "--port", str(port),
                              "--device", "cpu", "--slots", "2", *options],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             # as conftest.py: one intra-op thread is fastest for these tiny tensors on a shared CPU
@@ -104,6 +107,12 @@ def stop(browser) -> None:
     time.sleep(0.3)
 
 
+def screenshot(browser, tmp_path, path: Path) -> None:
+    """The page's screenshot to tmp_path, or to `path` in docs/ with MIRAGE_UPDATE_SCREENSHOT=1."""
+    shot = path if os.environ.get("MIRAGE_UPDATE_SCREENSHOT") else tmp_path / path.name
+    assert browser.save_screenshot(str(shot)) and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_the_page_streams_a_webcam_a_video_file_and_a_synthetic_source(browser, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -120,8 +129,8 @@ def test_the_page_streams_a_webcam_a_video_file_and_a_synthetic_source(browser, 
         run_source(browser, "webcam", 5)
         assert "video-to-video" in browser.find_element(By.ID, "status").text
         assert browser.find_element(By.ID, "streams").text == "1 of 2"
-        shot = SCREENSHOT if os.environ.get("MIRAGE_UPDATE_SCREENSHOT") else tmp_path / SCREENSHOT.name
-        assert browser.save_screenshot(str(shot)) and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert not browser.find_element(By.ID, "conditioning").is_displayed()  # the U-Net takes no prompt
+        screenshot(browser, tmp_path, SCREENSHOT)
         stop(browser)
         run_source(browser, "synthetic", 2)
         stop(browser)
@@ -135,3 +144,34 @@ def test_a_generation_model_streams_without_input_behind_a_token(browser):
         browser.get(url + "/?token=s3cret")  # the page passes its query on to /ws
         run_source(browser, "synthetic", 3)
         assert "generation" in browser.find_element(By.ID, "status").text
+
+
+def wait_for_status(browser, text: str, seconds: float = 5.0) -> None:
+    from selenium.webdriver.common.by import By
+
+    for _ in range(int(seconds / 0.1)):
+        if text in browser.find_element(By.ID, "status").text:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"the page did not say {text!r}; it says {browser.find_element(By.ID, 'status').text!r}")
+
+
+def test_a_block_model_s_prompt_box_and_strength_slider_send_control_messages(browser, tmp_path):
+    """Over the stand-in block model (blocks of 4 frames at 16 FPS, a prompt and a strength): frames arrive,
+    the prompt box and the slider show, and typing a prompt or moving the slider is applied by the server
+    (its `applied` answer on the page); the strength first, as the page starts with the slider's value."""
+    from selenium.webdriver.common.by import By
+
+    with serving(CKPT_V2V, program=(str(STANDIN), "20", "--block", "4")) as url:
+        browser.get(url + "/")
+        run_source(browser, "synthetic", 2)
+        for element in ("conditioning", "prompt", "strength"):
+            assert browser.find_element(By.ID, element).is_displayed(), element
+        wait_for_status(browser, "applied: strength 0.50")
+        browser.find_element(By.ID, "prompt").send_keys("a watercolor fox")
+        wait_for_status(browser, 'applied: prompt "a watercolor fox"')
+        screenshot(browser, tmp_path, BLOCK_SCREENSHOT)
+        browser.execute_script("const s = document.getElementById('strength'); s.value = '0.8';"
+                               "s.dispatchEvent(new Event('input'));")
+        wait_for_status(browser, "applied: strength 0.80")
+        assert browser.find_element(By.ID, "strength-value").text == "0.80"

@@ -536,7 +536,7 @@ def test_cli_help_names_every_option():
     result = CliRunner().invoke(serve_cli, ["--help"])
     assert result.exit_code == 0
     for option in ("--host", "--port", "--slots", "--token", "--device", "--backend", "--deadline-ms",
-                   "--max-frame-bytes"):
+                   "--max-frame-bytes", "--max-prompt-chars", "--control-interval-ms"):
         assert option in result.output
 
 

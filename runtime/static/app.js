@@ -10,7 +10,8 @@ const $ = (id) => document.getElementById(id);
 const inputCanvas = $("input"), outputCanvas = $("output");
 const inputCtx = inputCanvas.getContext("2d"), outputCtx = outputCanvas.getContext("2d");
 
-let ws = null, model = null, draw = null, timer = null, nextId = 0, lastDrawn = -1;
+let ws = null, model = null, draw = null, timer = null, nextId = 0;
+let lastDrawn = [-1, 0]; // [id, index] of the frame on the canvas: a block model answers a request with several
 const arrivals = []; // [time, latency ms] of the frames received in the last second
 let received = 0;
 
@@ -87,11 +88,16 @@ function onControl(msg) {
     for (const c of [inputCanvas, outputCanvas]) [c.width, c.height] = [msg.width, msg.height];
     status(`stream in slot ${msg.slot} of ${msg.slots}: ${msg.width}x${msg.height}, ` +
            (msg.video_to_video ? "video-to-video" : "generation (no input is sent)"));
-    timer = setInterval(sendFrame, 1000 / SEND_FPS);
+    showConditioning(msg);
+    // a model answering frame by frame (frames_in 1: the U-Net's video-to-video) is fed at the camera's rate;
+    // any other plays at its video rate, and sending faster only replaces inputs the server holds
+    timer = setInterval(sendFrame, 1000 / (msg.frames_in === 1 ? SEND_FPS : msg.video_rate || SEND_FPS));
   } else if (msg.type === "busy") {
     status(`server busy: ${msg.message}`);
   } else if (msg.type === "error") {
     status(`server: ${msg.message}`);
+  } else if (msg.type === "applied") {
+    showApplied(msg);
   } else if (msg.type === "stats") {
     $("streams").textContent = `${msg.streams} of ${msg.slots}`;
     $("server-fps").textContent = msg.fps;
@@ -111,11 +117,12 @@ function sendFrame() {
 
 async function onFrame(data) {
   const view = new DataView(data);
-  const id = view.getUint32(0, true), latency = performance.now() - view.getFloat64(8, true);
+  const id = view.getUint32(0, true), index = view.getUint8(5), latency = performance.now() - view.getFloat64(8, true);
   const bitmap = await createImageBitmap(new Blob([data.slice(HEADER_BYTES)], { type: "image/jpeg" }));
-  if (id > lastDrawn) { // decoding is asynchronous: never draw an older frame over a newer one
+  // decoding is asynchronous: never draw an older frame over a newer one
+  if (id > lastDrawn[0] || (id === lastDrawn[0] && index > lastDrawn[1])) {
     outputCtx.drawImage(bitmap, 0, 0);
-    lastDrawn = id;
+    lastDrawn = [id, index];
   }
   bitmap.close();
   arrivals.push([performance.now(), latency]);
@@ -129,6 +136,54 @@ function showRates() { // FPS and median latency over the last second
   const sorted = arrivals.map((a) => a[1]).sort((a, b) => a - b);
   $("latency").textContent = sorted.length ? `${sorted[sorted.length >> 1].toFixed(1)} ms` : "–";
 }
+
+// -- conditioning: a prompt and a strength, for a model that takes them -----------------------------------
+// A change is sent as one control message once the box or slider has been still for CONTROL_DEBOUNCE_MS
+// (the server applies at most one per stream every half second anyway, merging what comes between), with
+// only the fields changed: a new prompt costs the server a text encoding and a cache rebuild, a strength not.
+const CONTROL_DEBOUNCE_MS = 400;
+let controlTimer = null;
+const changed = new Set(); // "prompt", "strength": changed since the last control sent
+
+function showConditioning(msg) {
+  const controls = msg.controls || {};
+  $("prompt-label").hidden = !controls.prompt;
+  $("strength-label").hidden = !controls.strength;
+  $("conditioning").hidden = !(controls.prompt || controls.strength);
+  if (controls.prompt) $("prompt").maxLength = msg.max_prompt_chars;
+  if (controls.strength) [$("strength").min, $("strength").max] = controls.strength;
+  // the stream starts with what the page shows: the slider's strength, the prompt typed before start
+  if (controls.strength) changed.add("strength");
+  if (controls.prompt && $("prompt").value) changed.add("prompt");
+  sendControl();
+}
+
+function sendControl() {
+  clearTimeout(controlTimer);
+  if (!ws || ws.readyState !== WebSocket.OPEN || !model || !model.controls) return;
+  const msg = { type: "control" };
+  if (changed.has("prompt") && model.controls.prompt) msg.prompt = $("prompt").value;
+  if (changed.has("strength") && model.controls.strength) msg.strength = Number($("strength").value);
+  changed.clear();
+  if (Object.keys(msg).length > 1) ws.send(JSON.stringify(msg));
+}
+
+function showApplied(msg) {
+  const parts = [];
+  if (msg.prompt !== undefined) parts.push(`prompt "${msg.prompt}"`);
+  if (msg.strength !== undefined) parts.push(`strength ${msg.strength.toFixed(2)}`);
+  status(`applied: ${parts.join(", ")}`);
+}
+
+function controlChanged(field) {
+  $("strength-value").textContent = Number($("strength").value).toFixed(2);
+  changed.add(field);
+  clearTimeout(controlTimer);
+  controlTimer = setTimeout(sendControl, CONTROL_DEBOUNCE_MS);
+}
+
+$("prompt").oninput = () => controlChanged("prompt");
+$("strength").oninput = () => controlChanged("strength");
 
 // -- controls --------------------------------------------------------------------------------------------
 async function start() {

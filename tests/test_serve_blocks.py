@@ -1,0 +1,322 @@
+"""mirage-serve with a block model (issue 29): the block contract of docs/SERVING.md over tests/serve_standin.py's
+BlockPool, a DiT-like pool of blocks of 4 frames at 20 FPS that takes a prompt and a strength. Inputs
+gathered into blocks, a block's frames paced at the video rate (not in a burst) on each stream's own clock,
+generation stepped only as its playout runs dry, control messages validated, merged, applied between steps
+and routed to the sender's stream only."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("aiohttp")
+from aiohttp import WSMsgType  # noqa: E402
+
+from mirage.core.video_io import as_uint8, to_float, v2v_input  # noqa: E402
+from mirage.runtime.server import REPLY  # noqa: E402
+
+from serve_standin import BlockPool, SleepPool  # noqa: E402
+from test_serve import connect, inputs, message, run, serving  # noqa: E402
+
+BLOCK, RATE, STEP_S = 4, 20.0, 0.02  # a 50 ms frame period: a block plays over 150 ms from its first frame
+
+
+async def replies(ws, count: int) -> list[tuple]:
+    """The next `count` frames as (arrival, id, index, uint8 pixels) and the text messages meanwhile (stats
+    skipped)."""
+    frames, texts = [], []
+    while len(frames) < count:
+        msg = await ws.receive()
+        if msg.type == WSMsgType.BINARY:
+            frame_id, _, index, _ = REPLY.unpack_from(msg.data)
+            frames.append((time.monotonic(), frame_id, index,
+                           np.frombuffer(msg.data[REPLY.size:], np.uint8).reshape(32, 32, 3)))
+        elif json.loads(msg.data)["type"] != "stats":
+            texts.append(json.loads(msg.data))
+    return frames, texts
+
+
+async def text(ws) -> dict:
+    """The next text message other than stats."""
+    while True:
+        msg = await ws.receive()
+        assert msg.type == WSMsgType.TEXT, msg
+        data = json.loads(msg.data)
+        if data["type"] != "stats":
+            return data
+
+
+async def send_block(ws, frames: list[np.ndarray], first_id: int) -> None:
+    for n, rgb in enumerate(frames):
+        await ws.send_bytes(message(first_id + n, rgb.tobytes()))
+
+
+def model_input(rgb: np.ndarray) -> np.ndarray:
+    """What the BlockPool hands back for a sent frame at strength 0: the server's model input, as uint8."""
+    return as_uint8(v2v_input(to_float(rgb)))
+
+
+def test_a_block_s_frames_are_paced_at_the_video_rate_each_stream_on_its_own_clock():
+    """Each stream's block of 4 comes back as 4 frames answering their inputs, spaced by the 50 ms frame
+    period (a burst would land within a few ms); two streams' blocks are paced at once (interleaved), not
+    one stream's after the other's."""
+    pool = BlockPool(2, STEP_S, BLOCK, RATE)
+
+    async def scenario():
+        async with serving(pool, batch_wait_ms=50) as client:
+            (a, hello), (b, _) = await connect(client), await connect(client)
+            assert (hello["frames_in"], hello["video_rate"]) == (BLOCK, RATE)
+            sent = {a: inputs(1), b: inputs(2)}
+            await asyncio.gather(send_block(a, sent[a], 10), send_block(b, sent[b], 20))
+            (got_a, _), (got_b, _) = await asyncio.gather(replies(a, BLOCK), replies(b, BLOCK))
+            for got, first_id, rgb in ((got_a, 10, sent[a]), (got_b, 20, sent[b])):
+                assert [(i, k) for _, i, k, _ in got] == [(first_id + n, 0) for n in range(BLOCK)]
+                for (_, _, _, pixels), frame in zip(got, rgb):
+                    np.testing.assert_array_equal(pixels, model_input(frame))
+                times = [t for t, *_ in got]
+                gaps = np.diff(times)
+                assert times[-1] - times[0] >= 0.8 * (BLOCK - 1) / RATE, gaps  # a burst: a few ms
+                assert (gaps >= 0.6 / RATE).sum() >= 2, gaps  # a late wake-up may shorten one gap (catching up)
+            # paced at once: b's first frame comes before a's last (one sender after the other: after it)
+            assert got_b[0][0] < got_a[-1][0] and got_a[0][0] < got_b[-1][0]
+    run(scenario)
+
+
+def test_a_block_model_s_deadline_is_at_least_its_block_s_play_time():
+    """A block of 4 at 20 FPS plays 200 ms: with a 1 ms deadline asked for, blocks whose step starts within
+    200 ms of their last frame are stepped, not dropped as late."""
+    pool = BlockPool(1, STEP_S, BLOCK, RATE)
+
+    async def scenario():
+        async with serving(pool, deadline_ms=1.0) as client:
+            ws, hello = await connect(client)
+            assert hello["deadline_ms"] == pytest.approx(1e3 * BLOCK / RATE)
+            for n in range(2):
+                await send_block(ws, inputs(n), 4 * n)
+                got, texts = await replies(ws, BLOCK)
+                assert [i for _, i, _, _ in got] == list(range(4 * n, 4 * n + 4)) and texts == []
+    run(scenario)
+
+
+def test_a_frame_of_another_size_in_a_block_is_refused_and_the_block_completes():
+    """The bad frame gets one error naming it; the block is gathered from the good frames around it."""
+    pool = BlockPool(1, STEP_S, BLOCK, RATE)
+
+    async def scenario():
+        async with serving(pool) as client:
+            ws, _ = await connect(client)
+            frames = inputs(3)
+            await send_block(ws, frames[:2], 0)
+            await ws.send_bytes(message(2, b"\0" * (16 * 16 * 3)))
+            error = await text(ws)
+            assert error["type"] == "error" and "frame 2" in error["message"] and "32x32" in error["message"]
+            await send_block(ws, frames[2:], 3)
+            got, texts = await replies(ws, BLOCK)
+            assert [i for _, i, _, _ in got] == [0, 1, 3, 4] and texts == []
+    run(scenario)
+
+
+def counters(got) -> list[int]:
+    """The BlockPool's frame counter of each generated frame received (its row's frames since attach,
+    modulo COUNTER)."""
+    levels = list(as_uint8(np.arange(BlockPool.COUNTER, dtype=np.float32) / BlockPool.COUNTER))
+    return [levels.index(pixels[0, 0, 0]) for *_, pixels in got]
+
+
+def missed(got) -> int:
+    """Frames of the row's video skipped between the first and the last received."""
+    return sum((b - a - 1) % BlockPool.COUNTER for a, b in zip(counters(got), counters(got)[1:]))
+
+
+async def ask_every_10_ms(ws) -> None:
+    for n in range(1000):
+        await ws.send_bytes(message(n))
+        await asyncio.sleep(0.01)
+
+
+def test_a_generation_block_answers_its_request_and_is_stepped_only_as_its_playout_runs_dry():
+    """A generation client asking every 10 ms gets blocks of 4 frames at the video rate, each frame of a
+    block carrying its request's id with indices 0..3, every frame of its row's video in order, and the
+    pool steps about once per block played, not once per request."""
+    pool = BlockPool(1, STEP_S, BLOCK, RATE, video_to_video=False)
+
+    async def scenario():
+        async with serving(pool) as client:
+            ws, hello = await connect(client)
+            assert hello["frames_in"] == 0
+            asker = asyncio.create_task(ask_every_10_ms(ws))
+            got, _ = await replies(ws, 3 * BLOCK)
+            asker.cancel()
+            return got
+    got = run(scenario)
+    order = [(i, k) for _, i, k, _ in got]
+    assert order == sorted(order) and len(set(order)) == len(order), order
+    for (_, _, k, _), count in zip(got, counters(got)):  # a reply's index is its frame's place in the block
+        assert count % BLOCK == k, (k, count)
+    assert missed(got) <= 1, counters(got)  # a stalled sender may drop a frame, never a block
+    steps = sum(c[0] == "submit" for c in pool.calls)
+    assert steps <= 3 + 2, pool.calls  # 3 blocks played (one more may be computing); asked ~60 times
+    span = got[-1][0] - got[0][0]
+    assert span >= 0.8 * (3 * BLOCK - 1) / RATE  # 11 frame periods: paced, across blocks too
+
+
+def test_generation_streams_out_of_phase_lose_no_block():
+    """A generation pool advances every attached row each step: a stream waiting for its playout to run
+    dry joins its neighbour's step rather than have that block made and lost, so two streams that
+    started half a block apart each get every frame of their videos, at the video rate."""
+    pool = BlockPool(2, STEP_S, BLOCK, RATE, video_to_video=False)
+
+    async def scenario():
+        async with serving(pool, batch_wait_ms=0) as client:
+            (a, _), (b, _) = await connect(client), await connect(client)
+            askers = [asyncio.create_task(ask_every_10_ms(a))]
+            await asyncio.sleep(BLOCK / RATE / 2)
+            askers.append(asyncio.create_task(ask_every_10_ms(b)))
+            (got_a, _), (got_b, _) = await asyncio.gather(replies(a, 4 * BLOCK), replies(b, 4 * BLOCK))
+            for asker in askers:
+                asker.cancel()
+            return got_a, got_b
+    for got in run(scenario):
+        assert missed(got) <= 1, counters(got)
+        assert got[-1][0] - got[0][0] >= 0.8 * (4 * BLOCK - 1) / RATE
+
+
+def test_a_control_is_applied_between_steps_to_the_sender_s_stream_only():
+    pool = BlockPool(2, STEP_S, BLOCK, RATE)
+
+    async def scenario():
+        async with serving(pool, batch_wait_ms=50) as client:
+            (a, _), (b, hello) = await connect(client), await connect(client)
+            assert hello["controls"] == {"prompt": True, "strength": [0.0, 1.0]}
+            await b.send_str(json.dumps({"type": "control", "prompt": "a red fox", "strength": 1.0,
+                                         "slot": hello["slot"]}))
+            assert await text(b) == {"type": "applied", "prompt": "a red fox", "strength": 1.0}
+            sent = {a: inputs(1), b: inputs(2)}
+            await asyncio.gather(send_block(a, sent[a], 0), send_block(b, sent[b], 0))
+            (got_a, _), (got_b, _) = await asyncio.gather(replies(a, BLOCK), replies(b, BLOCK))
+            gray = as_uint8(np.zeros((32, 32, 3), np.float32))
+            for (_, _, _, pixels_a), (_, _, _, pixels_b), rgb_a in zip(got_a, got_b, sent[a]):
+                np.testing.assert_array_equal(pixels_b, gray)  # strength 1 on b's row
+                np.testing.assert_array_equal(pixels_a, model_input(rgb_a))  # a untouched
+    run(scenario)
+    controls = [c for c in pool.calls if c[0] == "control"]
+    assert controls == [("control", 1, "a red fox", 1.0)]
+    assert pool.calls.index(controls[0]) < len(pool.calls) - 1  # between steps: a step came after it
+
+
+def test_controls_are_rate_limited_and_merged_newest_wins():
+    """A control, then 19 in a burst: the first applied at once, the burst merged into one applied no
+    sooner than the interval after it, with the newest prompt and the newest strength."""
+    pool = BlockPool(1, STEP_S, BLOCK, RATE)
+
+    async def scenario():
+        async with serving(pool, control_interval_ms=300) as client:
+            ws, _ = await connect(client)
+            await ws.send_str(json.dumps({"type": "control", "prompt": "prompt 0"}))
+            first, applied = await text(ws), time.monotonic()
+            for n in range(1, 20):
+                change = {"strength": n / 20} if n % 2 else {"prompt": f"prompt {n}"}
+                await ws.send_str(json.dumps({"type": "control", **change}))
+            second = await text(ws)
+            assert time.monotonic() - applied >= 0.25
+            await asyncio.sleep(0.4)  # nothing more comes
+            await ws.send_str(json.dumps({"type": "control", "strength": 0.0}))
+            return first, second, await text(ws)
+    first, second, third = run(scenario)
+    assert first == {"type": "applied", "prompt": "prompt 0"}
+    assert second == {"type": "applied", "prompt": "prompt 18", "strength": 19 / 20}
+    assert third == {"type": "applied", "strength": 0.0}
+    assert len([c for c in pool.calls if c[0] == "control"]) == 3
+
+
+def test_a_control_flood_costs_the_pool_one_control_per_interval_and_the_neighbour_nothing():
+    """A client sending a new prompt every millisecond for 1.2 s: the pool applies one per 300 ms interval
+    (no more than 1.2 / 0.3 + 1), its last the flood's last, while the neighbour's blocks keep their pace."""
+    pool = BlockPool(2, STEP_S, BLOCK, RATE)
+
+    async def scenario():
+        async with serving(pool, control_interval_ms=300, batch_wait_ms=0) as client:
+            (a, _), (b, _) = await connect(client), await connect(client)
+
+            async def flood():
+                end, n = time.monotonic() + 1.2, 0
+                while time.monotonic() < end:
+                    await a.send_str(json.dumps({"type": "control", "prompt": f"prompt {n}"}))
+                    n += 1
+                    await asyncio.sleep(0.001)
+                return n
+            flooding = asyncio.create_task(flood())
+            times = []
+            for n in range(3):
+                await send_block(b, inputs(n), 4 * n)
+                got, _ = await replies(b, BLOCK)
+                times += [t for t, *_ in got]
+            sent = await flooding
+            applied = []
+            while not applied or applied[-1] != f"prompt {sent - 1}":
+                applied.append((await text(a))["prompt"])
+            return sent, times
+    sent, times = run(scenario)
+    controls = [c for c in pool.calls if c[0] == "control"]
+    assert sent > 100 and 2 <= len(controls) <= 1.2 / 0.3 + 2, (sent, controls)
+    gaps = np.diff(times)
+    assert (gaps >= 0.6 / RATE).sum() >= 6, gaps  # 9 of its 11 gaps are within a block: paced as ever
+
+
+BAD_CONTROLS = [  # (text message, what its error must say)
+    ("not json", "a text message is a control"),
+    ('{"type": "hello"}', "a text message is a control"),
+    ('["control"]', "a text message is a control"),
+    ('{"type": "control"}', "give a prompt, a strength or both"),
+    ('{"type": "control", "strength": 0.5, "colour": 1}', "unknown field 'colour'"),
+    ('{"type": "control", "strength": 0.5, "slot": 1}', "slot 1 is not this connection's stream (slot 0)"),
+    ('{"type": "control", "prompt": 7}', "prompt must be a string, not int"),
+    ('{"type": "control", "prompt": "' + "x" * 101 + '"}', "a prompt of 101 characters; the server takes at most 100"),
+    ('{"type": "control", "prompt": "one two three four five six seven eight nine"}',
+     "a prompt of 9 tokens; the text encoder takes 8"),
+    ('{"type": "control", "strength": 1.5}', "strength 1.5; give a number from 0 to 1"),
+    ('{"type": "control", "strength": -0.1}', "strength -0.1; give a number from 0 to 1"),
+    ('{"type": "control", "strength": "0.5"}', 'strength "0.5"; give a number'),
+    ('{"type": "control", "strength": true}', "strength true; give a number"),
+    ('{"type": "control", "strength": NaN}', "strength NaN; give a number"),
+    ('{"type": "control", "strength": 0.5, "slot": true}', "slot true is not this connection's stream"),
+    ("x" * 900, "a text message of 900 characters; a control takes at most 856"),
+]
+
+
+def test_each_bad_control_gets_one_error_and_the_other_stream_goes_on():
+    pool = BlockPool(2, STEP_S, BLOCK, RATE)
+
+    async def scenario():
+        async with serving(pool, max_prompt_chars=100, control_interval_ms=0, batch_wait_ms=0) as client:
+            (a, hello), (b, _) = await connect(client), await connect(client)
+            assert hello["slot"] == 0 and hello["max_prompt_chars"] == 100
+            for n, (bad, expected) in enumerate(BAD_CONTROLS):
+                await a.send_str(bad)
+                await send_block(b, inputs(n), 4 * n)  # b streams on meanwhile
+                error = await text(a)
+                assert error["type"] == "error" and expected in error["message"], (bad, error)
+                got, texts = await replies(b, BLOCK)
+                assert [i for _, i, _, _ in got] == list(range(4 * n, 4 * n + 4)) and texts == []
+            await a.send_str('{"type": "control", "strength": 0.25}')  # a's stream still takes a good one
+            assert await text(a) == {"type": "applied", "strength": 0.25}
+    run(scenario)
+    assert [c for c in pool.calls if c[0] == "control"] == [("control", 0, None, 0.25)]
+
+
+def test_a_model_without_controls_refuses_them_and_says_so_in_its_hello():
+    pool = SleepPool(1, STEP_S)
+
+    async def scenario():
+        async with serving(pool) as client:
+            ws, hello = await connect(client)
+            assert (hello["controls"], hello["frames_in"], hello["video_rate"]) == ({}, 1, None)
+            await ws.send_str('{"type": "control", "strength": 0.5}')
+            assert "this model takes no prompt and no strength" in (await text(ws))["message"]
+            await ws.send_bytes(message(5, inputs(1, 1)[0].tobytes()))  # and streams one frame a step, as before
+            got, _ = await replies(ws, 1)
+            assert (got[0][1], got[0][2]) == (5, 0)
+    run(scenario)
