@@ -181,6 +181,7 @@ def browser_streams(url: str, streams: int, seconds: float, fps: int, workdir: P
         from selenium import webdriver
     except ImportError as e:
         raise G2GError("the browser client needs selenium (pip install selenium)") from e
+    workdir.mkdir(parents=True, exist_ok=True)
     clip = workdir / "g2g_clip.y4m"
     write_clip(clip, min(COUNTER_PERIOD, int((seconds + 10) * fps)), fps, 120)  # 10 s for the browser's start
     options = webdriver.ChromeOptions()
