@@ -127,6 +127,17 @@ def measured(report: dict, warmup_ms: float, grace_ms: float) -> list[dict]:
                   key=lambda r: r["id"])
 
 
+def capture_fit(records: list[dict]) -> dict | None:
+    """Least squares capture = a + b * counter_in over the records with a counter (None: under 3)."""
+    pairs = np.array([(r["counter_in"], r["capture"]) for r in records if r["counter_in"] is not None], float)
+    if len(pairs) < 3 or np.ptp(pairs[:, 0]) == 0:
+        return None
+    slope, intercept = np.polyfit(pairs[:, 0], pairs[:, 1], 1)
+    residual = pairs[:, 1] - (intercept + slope * pairs[:, 0])
+    return {"ms_per_frame": float(slope), "residual_ms": float(np.std(residual)),
+            "residual_max_ms": float(np.max(np.abs(residual)))}
+
+
 def stream_summary(report: dict, warmup_ms: float, grace_ms: float) -> dict:
     """One stream's numbers from its client's report ({now, started, records}, client clock ms). Frames
     count when sent inside the window [started + warmup_ms, now - grace_ms]; a frame sent there and never
@@ -137,7 +148,10 @@ def stream_summary(report: dict, warmup_ms: float, grace_ms: float) -> dict:
         interval_ms             between consecutive displays; fps: frames displayed per second of window
         out_of_order            replies that arrived after a newer frame's reply
         counter_*               the code: camera frames the page skipped or sent twice, legible and matching
-                                counters among those displayed"""
+                                counters among those displayed
+        capture_fit             capture against counter_in, a straight line: the camera's frame period
+                                (ms_per_frame) and how far the captures stray from it (residual_ms): a check
+                                that capture is the camera's clock, not the page's"""
     records, window = report["records"], measured(report, warmup_ms, grace_ms)
     displays = [r["display"] for r in records if r["display"] is not None]
     shown = sorted((r for r in window if r["display"] is not None), key=lambda r: r["display"])
@@ -160,6 +174,7 @@ def stream_summary(report: dict, warmup_ms: float, grace_ms: float) -> dict:
         "jitter_ms": float(np.mean(np.abs(np.diff(latency)))) if len(latency) > 1 else None,
         "interval_ms": _ms(np.diff([r["display"] for r in shown])),
         "capture_source": sorted({r["capture_source"] for r in window}),
+        "capture_fit": capture_fit(window),
         "counter_in_read": len(counters), "counter_skipped": int(np.sum(np.maximum(steps - 1, 0))),
         "counter_repeated": int(np.sum(steps == 0)), "counter_backwards": int(np.sum(steps < 0)),
         "counter_out_legible": len(legible),

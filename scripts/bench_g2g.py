@@ -16,11 +16,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
+import threading
+import urllib.request
 import sys
 import tempfile
 from pathlib import Path
 
-from bench_serve import device_name, random_checkpoint  # this folder's: the same random model and device name
+from bench_serve import device_name, random_checkpoint, slug  # this folder's: the same model, device and file names
 from mirage.core.errors import MirageError
 from mirage.runtime.g2g import summarize
 from mirage.runtime.g2g_client import CHROMIUM, browser_streams, python_streams, serving
@@ -35,6 +38,11 @@ CLIENTS = {"browser": "glass to glass: headless Chromium, fake camera -> the pag
 def server_command(args, model: str, slots: int) -> list[str]:
     return [sys.executable, "-m", "mirage.cli.serve", model, "--slots", str(slots), "--device", args.device,
             "--deadline-ms", str(args.deadline_ms)] + (["--fast"] if args.fast else []) + args.serve_args
+
+
+def read_health(url: str, into: dict) -> None:
+    with urllib.request.urlopen(url + "/health", timeout=5) as r:
+        into.update(json.load(r))
 
 
 def row_line(row: dict) -> str:
@@ -64,6 +72,7 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="default: docs/bench/DATE_g2g_CLIENT_DEVICE_MODEL.json")
     args = p.parse_args()
 
+    load = os.getloadavg()  # before this run's own processes: the machine's other work
     device = device_name(args.device)
     label = args.random or Path(args.model).name
     rows = []
@@ -71,22 +80,28 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             model = random_checkpoint(args.random, Path(tmp)) if args.random else args.model
             for streams in (int(n) for n in args.streams.split(",")):
+                health = {}
                 with serving(server_command(args, model, streams), startup_s=600) as url:
+                    # the server's own /health (its stages: where a frame's time goes) from mid-window
+                    timer = threading.Timer(args.warmup_s + (args.seconds - args.warmup_s) / 2, read_health,
+                                            (url, health))
+                    timer.start()
                     reports = browser_streams(url, streams, args.seconds, args.fps, Path(tmp)) \
                         if args.client == "browser" else python_streams(url, streams, args.seconds, args.fps)
+                    timer.join()
                 row = summarize(reports, 1e3 * args.warmup_s, 1e3 * args.grace_s)
                 row["page_status"] = [r.get("status") for r in reports]
+                row["server_health"] = health
                 rows.append(row)
                 print(row_line(row), flush=True)
     except MirageError as e:
         sys.exit(f"error: {e}")
     today = datetime.date.today().isoformat()
-    path = args.json or ROOT / "docs" / "bench" / f"{today}_g2g_{args.client}_{'-'.join(device.lower().split())}" \
-                                                  f"_{label}.json"
+    path = args.json or ROOT / "docs" / "bench" / f"{today}_g2g_{args.client}_{slug(device)}_{label}.json"
     browser = CHROMIUM.name if args.client == "browser" else None
     report = {"date": today, "device": device, "model": label, "random_weights": bool(args.random),
               "client": args.client, "measures": CLIENTS[args.client], "browser": browser,
-              "command": " ".join(sys.argv), "latency_uses": "the echoed sequence number (id): display - capture of "
+              "command": " ".join(sys.argv), "load_average_before_1m_5m_15m": load, "latency_uses": "the echoed sequence number (id): display - capture of "
               "the frame sent with that id; counter_out (the code read from the shown pixels) only checks it",
               **{k: getattr(args, k) for k in ("seconds", "warmup_s", "grace_s", "fps", "fast", "deadline_ms")},
               "rows": rows}

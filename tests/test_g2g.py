@@ -81,6 +81,7 @@ def test_the_summary_counts_latency_drops_order_and_first_frame():
     assert s["jitter_ms"] == pytest.approx(np.mean(np.abs(np.diff(shown_latency))))
     assert s["fps"] == pytest.approx(8 / 0.210)
     assert (s["counter_out_legible"], s["counter_out_matches"], s["problems"]) == (8, 8, [])
+    assert s["capture_fit"]["ms_per_frame"] == pytest.approx(10) and s["capture_fit"]["residual_ms"] < 1e-6
     # the window: frames sent in the warm-up or the grace are not counted
     assert stream_summary(report, warmup_ms=35.0, grace_ms=130.0)["sent"] == 4  # sends 131 .. 161: ids 3 .. 6
     both = summarize([report, report], 0.0, 0.0)
@@ -128,6 +129,7 @@ def test_browser_glass_to_glass_with_the_bundled_model(tmp_path):
     assert s["problems"] == [], s["problems"]  # capture <= sample <= send <= receive <= drawn <= display
     assert s["displayed"] >= 3 and s["time_to_first_frame_ms"] > 0
     assert s["capture_source"] == ["captureTime"]  # the camera's own timestamp, not the page's sampling
+    assert 28 < s["capture_fit"]["ms_per_frame"] < 40  # ... on the camera's clock: one frame of the 30 FPS clip apart
     assert s["counter_in_read"] == s["sent"] and s["counter_backwards"] == 0  # the camera's counter, in order
     assert s["counter_out_matches"] >= s["displayed"] // 2  # tiny-v2v keeps the code legible
     assert s["latency_ms"]["p50"] >= s["stages_ms"]["send_to_receive"]["p50"]
