@@ -143,7 +143,7 @@ def stream_summary(report: dict, warmup_ms: float, grace_ms: float) -> dict:
     count when sent inside the window [started + warmup_ms, now - grace_ms]; a frame sent there and never
     displayed is dropped (the server skipped it, or its reply came after a newer one and was not shown).
         time_to_first_frame_ms  started (the user pressed start) -> the first frame displayed
-        latency_ms              capture -> display (p50, p99, mean), and its parts by stage
+        latency_ms              capture -> display (p50, p99, mean); stages_ms: its parts, between ORDER's times
         jitter_ms               mean |difference| of consecutive frames' latencies (RFC 3550's, unsmoothed)
         interval_ms             between consecutive displays; fps: frames displayed per second of window
         out_of_order            replies that arrived after a newer frame's reply
@@ -153,6 +153,7 @@ def stream_summary(report: dict, warmup_ms: float, grace_ms: float) -> dict:
                                 (ms_per_frame) and how far the captures stray from it (residual_ms): a check
                                 that capture is the camera's clock, not the page's"""
     records, window = report["records"], measured(report, warmup_ms, grace_ms)
+    problems = check_records(records)
     displays = [r["display"] for r in records if r["display"] is not None]
     shown = sorted((r for r in window if r["display"] is not None), key=lambda r: r["display"])
     latency = [r["display"] - r["capture"] for r in shown]
@@ -169,8 +170,7 @@ def stream_summary(report: dict, warmup_ms: float, grace_ms: float) -> dict:
         "out_of_order": out_of_order, "fps": len(shown) / window_s,
         "time_to_first_frame_ms": min(displays) - report["started"] if displays else None,
         "latency_ms": _ms(latency),
-        "stages_ms": {f"{a}_to_{b}": _ms([r[b] - r[a] for r in shown])
-                      for a, b in (("capture", "send"), ("send", "receive"), ("receive", "display"))},
+        "stages_ms": {f"{a}_to_{b}": _ms([r[b] - r[a] for r in shown]) for a, b in zip(ORDER, ORDER[1:])},
         "jitter_ms": float(np.mean(np.abs(np.diff(latency)))) if len(latency) > 1 else None,
         "interval_ms": _ms(np.diff([r["display"] for r in shown])),
         "capture_source": sorted({r["capture_source"] for r in window}),
@@ -179,13 +179,13 @@ def stream_summary(report: dict, warmup_ms: float, grace_ms: float) -> dict:
         "counter_repeated": int(np.sum(steps == 0)), "counter_backwards": int(np.sum(steps < 0)),
         "counter_out_legible": len(legible),
         "counter_out_matches": sum(r["counter_out"] == r["counter_in"] for r in legible),
-        "problems": check_records(records)[:10],
+        "problem_count": len(problems), "problems": problems[:10],
     }
 
 
 def summarize(reports: list[dict], warmup_ms: float, grace_ms: float) -> dict:
-    """N streams' numbers: each stream's, and over all of them (latencies pooled, counts summed, the
-    slowest stream's fps)."""
+    """N streams' numbers: each stream's, and over all of them (latencies pooled, counts summed; the
+    slowest stream's fps and first frame, the largest jitter)."""
     per_stream = [stream_summary(r, warmup_ms, grace_ms) for r in reports]
     latency = [r["display"] - r["capture"] for rep in reports for r in measured(rep, warmup_ms, grace_ms)
                if r["display"] is not None]
@@ -195,5 +195,6 @@ def summarize(reports: list[dict], warmup_ms: float, grace_ms: float) -> dict:
             "time_to_first_frame_ms": None if None in first else max(first),
             "jitter_ms": max((s["jitter_ms"] for s in per_stream if s["jitter_ms"] is not None), default=None),
             **{k: sum(s[k] for s in per_stream) for k in ("sent", "displayed", "dropped", "out_of_order",
-                                                          "counter_out_legible", "counter_out_matches")},
+                                                          "counter_out_legible", "counter_out_matches",
+                                                          "problem_count")},
             "per_stream": per_stream}

@@ -62,7 +62,8 @@ def main() -> None:
     p.add_argument("--streams", default="1,2", help="stream counts, one server each")
     p.add_argument("--seconds", type=float, default=10.0, help="seconds each count streams, warm-up included")
     p.add_argument("--warmup-s", type=float, default=3.0, help="the first seconds, not counted")
-    p.add_argument("--grace-s", type=float, default=0.5, help="frames sent in the last seconds are not counted")
+    p.add_argument("--grace-s", type=float, default=1.0, help="frames sent in the last seconds are not counted "
+                   "(their replies may still be on the way: keep it above the p99 latency)")
     p.add_argument("--fps", type=int, default=30, help="the camera's (and the python client's) frame rate; the "
                                                       "page samples it at its own 30 FPS")
     p.add_argument("--device", default="cpu")
