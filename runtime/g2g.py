@@ -138,6 +138,11 @@ def capture_fit(records: list[dict]) -> dict | None:
             "residual_max_ms": float(np.max(np.abs(residual)))}
 
 
+def after_a_newer(values: list[float]) -> int:
+    """How many of `values` come after a larger one."""
+    return int(np.sum(np.asarray(values[1:]) < np.maximum.accumulate(values)[:-1])) if len(values) > 1 else 0
+
+
 def stream_summary(report: dict, warmup_ms: float, grace_ms: float) -> dict:
     """One stream's numbers from its client's report ({now, started, records}, client clock ms). Frames
     count when sent inside the window [started + warmup_ms, now - grace_ms]; a frame sent there and never
@@ -146,7 +151,8 @@ def stream_summary(report: dict, warmup_ms: float, grace_ms: float) -> dict:
         latency_ms              capture -> display (p50, p99, mean); stages_ms: its parts, between ORDER's times
         jitter_ms               mean |difference| of consecutive frames' latencies (RFC 3550's, unsmoothed)
         interval_ms             between consecutive displays; fps: frames displayed per second of window
-        out_of_order            replies that arrived after a newer frame's reply
+        out_of_order            replies that arrived after a newer frame's reply; sent_out_of_order: frames
+                                the client sent after a newer one (the page's JPEG encodes are asynchronous)
         counter_*               the code: camera frames the page skipped or sent twice, legible and matching
                                 counters among those displayed
         capture_fit             capture against counter_in, a straight line: the camera's frame period
@@ -157,17 +163,16 @@ def stream_summary(report: dict, warmup_ms: float, grace_ms: float) -> dict:
     displays = [r["display"] for r in records if r["display"] is not None]
     shown = sorted((r for r in window if r["display"] is not None), key=lambda r: r["display"])
     latency = [r["display"] - r["capture"] for r in shown]
-    newest, out_of_order = -1, 0
-    for r in sorted((r for r in window if r["receive"] is not None), key=lambda r: r["receive"]):
-        out_of_order += r["id"] < newest
-        newest = max(newest, r["id"])
+    received = sorted((r for r in window if r["receive"] is not None), key=lambda r: r["receive"])
+    sends = [r["send"] for r in window]
     counters = [r["counter_in"] for r in window if r["counter_in"] is not None]
     steps = np.diff(counters)
     legible = [r for r in shown if r["counter_out"] is not None]
     window_s = max(report["now"] - grace_ms - report["started"] - warmup_ms, 1e-9) / 1e3
     return {
         "sent": len(window), "displayed": len(shown), "dropped": len(window) - len(shown),
-        "out_of_order": out_of_order, "fps": len(shown) / window_s,
+        "out_of_order": after_a_newer([r["id"] for r in received]),
+        "sent_out_of_order": after_a_newer(sends), "fps": len(shown) / window_s,
         "time_to_first_frame_ms": min(displays) - report["started"] if displays else None,
         "latency_ms": _ms(latency),
         "stages_ms": {f"{a}_to_{b}": _ms([r[b] - r[a] for r in shown]) for a, b in zip(ORDER, ORDER[1:])},

@@ -73,7 +73,7 @@ def test_the_summary_counts_latency_drops_order_and_first_frame():
     records[5].update(receive=records[6]["receive"] + 1, drawn=None, display=None, counter_out=None)
     report = {"started": 90.0, "now": 300.0, "records": records}
     s = stream_summary(report, warmup_ms=0.0, grace_ms=0.0)
-    assert (s["sent"], s["displayed"], s["dropped"], s["out_of_order"]) == (10, 8, 2, 1)
+    assert (s["sent"], s["displayed"], s["dropped"], s["out_of_order"], s["sent_out_of_order"]) == (10, 8, 2, 1, 0)
     assert s["time_to_first_frame_ms"] == pytest.approx(130 - 90)
     shown_latency = [30 + 10 * (i % 2) for i in range(10) if i not in (3, 5)]
     assert s["latency_ms"]["p50"] == pytest.approx(np.percentile(shown_latency, 50))
@@ -82,6 +82,9 @@ def test_the_summary_counts_latency_drops_order_and_first_frame():
     assert s["fps"] == pytest.approx(8 / 0.210)
     assert (s["counter_out_legible"], s["counter_out_matches"], s["problems"]) == (8, 8, [])
     assert s["capture_fit"]["ms_per_frame"] == pytest.approx(10) and s["capture_fit"]["residual_ms"] < 1e-6
+    records[8]["send"] = records[9]["send"] + 1  # sent after frame 9: one out of order on the way out
+    assert stream_summary(report, 0.0, 0.0)["sent_out_of_order"] == 1
+    records[8]["send"] = records[8]["capture"] + 1
     # the window: frames sent in the warm-up or the grace are not counted
     assert stream_summary(report, warmup_ms=35.0, grace_ms=130.0)["sent"] == 4  # sends 131 .. 161: ids 3 .. 6
     both = summarize([report, report], 0.0, 0.0)
@@ -140,8 +143,8 @@ def test_browser_two_streams_a_slower_server_is_a_larger_latency(tmp_path):
     pytest.importorskip("selenium")
     p50 = {}
     for step_ms in (5, 200):
-        with serving(standin(step_ms, 2)) as url:
-            reports = browser_streams(url, 2, seconds=3.0, fps=30, workdir=tmp_path / str(step_ms))
+        with serving([*standin(step_ms, 2), "--token", "s3cret"]) as url:  # g2g.html passes ?token= on
+            reports = browser_streams(url, 2, seconds=3.0, fps=30, workdir=tmp_path / str(step_ms), token="s3cret")
         row = summarize(reports, 1000.0, 500.0)
         assert row["streams"] == 2 and all(s["displayed"] >= 3 for s in row["per_stream"]), row
         assert all(s["problems"] == [] for s in row["per_stream"])
