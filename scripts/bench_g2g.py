@@ -3,6 +3,7 @@
     python scripts/bench_g2g.py                                  # bundled tiny-v2v, CPU, Chromium, 1 and 2 streams
     python scripts/bench_g2g.py --client python --random base-512 --device cuda --fast --streams 1,8
                                                                  # a GPU machine without Chromium: NOT glass to glass
+    python scripts/bench_g2g.py --floor-step-ms 5                # the harness's floor: a stand-in pool, no model
 
 For each stream count N: a fresh `mirage-serve MODEL --slots N` on 127.0.0.1, then N clients for
 --seconds (the first --warmup-s not counted). --client browser (headless Chromium, the real page with
@@ -36,7 +37,11 @@ CLIENTS = {"browser": "glass to glass: headless Chromium, fake camera -> the pag
 
 
 def server_command(args, model: str, slots: int) -> list[str]:
-    return [sys.executable, "-m", "mirage.cli.serve", model, "--slots", str(slots), "--device", args.device,
+    """mirage-serve MODEL, or with --floor-step-ms, mirage-serve over tests/serve_standin.py's pool (each step
+    sleeps that long and echoes its inputs): the harness's own floor, everything but the model."""
+    serve = [str(ROOT / "tests" / "serve_standin.py"), str(args.floor_step_ms)] if args.floor_step_ms is not None \
+        else ["-m", "mirage.cli.serve"]
+    return [sys.executable, *serve, model, "--slots", str(slots), "--device", args.device,
             "--deadline-ms", str(args.deadline_ms)] + (["--fast"] if args.fast else []) + args.serve_args
 
 
@@ -69,13 +74,15 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--fast", action="store_true")
     p.add_argument("--deadline-ms", type=float, default=100.0)
+    p.add_argument("--floor-step-ms", type=float, default=None, help="serve a stand-in pool whose step sleeps this "
+                   "long and echoes its input instead of the model (32x32): the page, browser and server alone")
     p.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[], help="more mirage-serve options (last)")
     p.add_argument("--json", type=Path, default=None, help="default: docs/bench/DATE_g2g_CLIENT_DEVICE_MODEL.json")
     args = p.parse_args()
 
     load = os.getloadavg()  # before this run's own processes: the machine's other work
     device = device_name(args.device)
-    label = args.random or Path(args.model).name
+    label = f"floor-{args.floor_step_ms:g}ms" if args.floor_step_ms is not None else args.random or Path(args.model).name
     rows = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -104,7 +111,8 @@ def main() -> None:
               "client": args.client, "measures": CLIENTS[args.client], "browser": browser,
               "command": " ".join(sys.argv), "load_average_before_1m_5m_15m": load, "latency_uses": "the echoed sequence number (id): display - capture of "
               "the frame sent with that id; counter_out (the code read from the shown pixels) only checks it",
-              **{k: getattr(args, k) for k in ("seconds", "warmup_s", "grace_s", "fps", "fast", "deadline_ms")},
+              **{k: getattr(args, k) for k in ("seconds", "warmup_s", "grace_s", "fps", "fast", "deadline_ms",
+                                               "floor_step_ms")},
               "rows": rows}
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
