@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import signal
 import socket
@@ -100,10 +101,11 @@ def _shown_code(jpeg: bytes) -> int | None:
     return read_code(np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")))
 
 
-async def python_stream(url: str, seconds: float, fps: float, frames: dict[int, list[bytes]],
-                        decoder: ThreadPoolExecutor) -> dict:
-    """One stream for `seconds` at `fps`; `frames` caches the JPEGs per size, shared by the streams.
-    Replies are decoded in `decoder`'s threads, off the loop that sends."""
+async def python_stream(url: str, seconds: float, fps: float, clip: list[bytes], decoder: ThreadPoolExecutor) \
+        -> dict:
+    """One stream for `seconds` at `fps`, sending clip[n % len(clip)] as frame n (the JPEGs of code_jpegs;
+    [b""] for a generation model: the header alone). Replies are decoded in `decoder`'s threads, off the
+    loop that sends."""
     from aiohttp import ClientSession, WSMsgType
 
     loop, now = asyncio.get_running_loop(), lambda: time.perf_counter() * 1e3
@@ -112,11 +114,6 @@ async def python_stream(url: str, seconds: float, fps: float, frames: dict[int, 
         hello = await ws.receive_json()
         if hello["type"] != "hello":
             raise G2GError(f"the server refused a stream: {hello.get('message', hello)}")
-        count = int(seconds * fps) + 1
-        if hello["video_to_video"] and hello["width"] not in frames:
-            frames[hello["width"]] = await loop.run_in_executor(decoder, code_jpegs, hello["width"],
-                                                                min(count, COUNTER_PERIOD))
-        clip = frames.get(hello["width"], [b""]) if hello["video_to_video"] else [b""]
 
         async def receive():
             newest = -1
@@ -136,7 +133,7 @@ async def python_stream(url: str, seconds: float, fps: float, frames: dict[int, 
 
         receiver = asyncio.create_task(receive())
         first = now()
-        for n in range(count):
+        for n in range(int(seconds * fps) + 1):
             tick = first + 1e3 * n / fps  # the camera's frame n
             await asyncio.sleep(max(0.0, tick - now()) / 1e3)
             records[n] = {"id": n, "counter_in": n % COUNTER_PERIOD if clip[0] else None, "capture": tick,
@@ -152,11 +149,16 @@ async def python_stream(url: str, seconds: float, fps: float, frames: dict[int, 
 
 
 def python_streams(url: str, streams: int, seconds: float, fps: float) -> list[dict]:
-    """`streams` Python clients at once, each for `seconds` (plus a second for the last replies)."""
+    """`streams` Python clients at once, each for `seconds` (plus a second for the last replies); the clip
+    is encoded first, at the model's size from /health, so that no stream's time holds it."""
+    with urllib.request.urlopen(url + "/health", timeout=10) as r:
+        health = json.load(r)
+    clip = code_jpegs(health["width"], min(int(seconds * fps) + 1, COUNTER_PERIOD)) if health["video_to_video"] \
+        else [b""]
+
     async def run() -> list[dict]:
-        frames: dict[int, list[bytes]] = {}
         with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as decoder:
-            return await asyncio.gather(*(python_stream(url, seconds, fps, frames, decoder) for _ in range(streams)))
+            return await asyncio.gather(*(python_stream(url, seconds, fps, clip, decoder) for _ in range(streams)))
     return asyncio.run(run())
 
 
