@@ -148,9 +148,10 @@ async def python_stream(url: str, seconds: float, fps: float, clip: list[bytes],
     return {"now": now(), "started": started, "records": list(records.values())}
 
 
-def python_streams(url: str, streams: int, seconds: float, fps: float) -> list[dict]:
+def python_streams(url: str, streams: int, seconds: float, fps: float, midway=lambda: None) -> list[dict]:
     """`streams` Python clients at once, each for `seconds` (plus a second for the last replies); the clip
-    is encoded first, at the model's size from /health, so that no stream's time holds it."""
+    is encoded first, at the model's size from /health, so that no stream's time holds it. midway() is
+    called (in a thread) halfway through."""
     with urllib.request.urlopen(url + "/health", timeout=10) as r:
         health = json.load(r)
     clip = code_jpegs(health["width"], min(int(seconds * fps) + 1, COUNTER_PERIOD)) if health["video_to_video"] \
@@ -158,7 +159,12 @@ def python_streams(url: str, streams: int, seconds: float, fps: float) -> list[d
 
     async def run() -> list[dict]:
         with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as decoder:
-            return await asyncio.gather(*(python_stream(url, seconds, fps, clip, decoder) for _ in range(streams)))
+            async def halfway():
+                await asyncio.sleep(seconds / 2)
+                await asyncio.get_running_loop().run_in_executor(None, midway)
+            *reports, _ = await asyncio.gather(*(python_stream(url, seconds, fps, clip, decoder)
+                                                 for _ in range(streams)), halfway())
+            return reports
     return asyncio.run(run())
 
 
@@ -171,11 +177,12 @@ REPORTS = """return [...document.querySelectorAll('iframe')].map(f => ({...f.con
     status: f.contentDocument.getElementById('status').textContent}));"""
 
 
-def browser_streams(url: str, streams: int, seconds: float, fps: int, workdir: Path, token: str | None = None) \
-        -> list[dict]:
+def browser_streams(url: str, streams: int, seconds: float, fps: int, workdir: Path, token: str | None = None,
+                    midway=lambda: None) -> list[dict]:
     """`streams` copies of the page in one headless Chromium, each streaming its fake camera (a clip of the
     counter code at `fps`, long enough for the run) for `seconds`, then their reports (with the page's
-    status line). Needs /usr/bin/chromium, chromium-driver and selenium."""
+    status line); midway() is called halfway through. Needs /usr/bin/chromium, chromium-driver and
+    selenium."""
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
         raise G2GError("the browser client needs Debian's chromium and chromium-driver (apt-get install chromium "
                        "chromium-driver); --client python runs without them (not glass to glass)")
@@ -204,7 +211,9 @@ def browser_streams(url: str, streams: int, seconds: float, fps: int, workdir: P
                 raise G2GError("the pages did not load within 30 s")
             time.sleep(0.1)
         driver.execute_script(START)
-        time.sleep(seconds + 1.0)  # and a second for the last replies
+        time.sleep(seconds / 2)
+        midway()
+        time.sleep(seconds / 2 + 1.0)  # and a second for the last replies
         return driver.execute_script(REPORTS)
     finally:
         driver.quit()

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
-import threading
 import urllib.request
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -46,8 +47,12 @@ def server_command(args, model: str, slots: int) -> list[str]:
 
 
 def read_health(url: str, into: dict) -> None:
-    with urllib.request.urlopen(url + "/health", timeout=5) as r:
-        into.update(json.load(r))
+    """/health's JSON into `into` (left empty when the server does not answer: the run says why)."""
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=5) as r:
+            into.update(json.load(r))
+    except OSError:
+        pass
 
 
 def row_line(row: dict) -> str:
@@ -82,7 +87,8 @@ def main() -> None:
 
     load = os.getloadavg()  # before this run's own processes: the machine's other work
     device = device_name(args.device)
-    label = f"floor-{args.floor_step_ms:g}ms" if args.floor_step_ms is not None else args.random or Path(args.model).name
+    label = f"floor-{args.floor_step_ms:g}ms" if args.floor_step_ms is not None \
+        else args.random or Path(args.model).name
     rows = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -90,13 +96,10 @@ def main() -> None:
             for streams in (int(n) for n in args.streams.split(",")):
                 health = {}
                 with serving(server_command(args, model, streams), startup_s=600) as url:
-                    # the server's own /health (its stages: where a frame's time goes) from mid-window
-                    timer = threading.Timer(args.warmup_s + (args.seconds - args.warmup_s) / 2, read_health,
-                                            (url, health))
-                    timer.start()
-                    reports = browser_streams(url, streams, args.seconds, args.fps, Path(tmp)) \
-                        if args.client == "browser" else python_streams(url, streams, args.seconds, args.fps)
-                    timer.join()
+                    # the server's own /health (its stages: where a frame's time goes) halfway through
+                    midway = functools.partial(read_health, url, health)
+                    reports = browser_streams(url, streams, args.seconds, args.fps, Path(tmp), midway=midway) \
+                        if args.client == "browser" else python_streams(url, streams, args.seconds, args.fps, midway)
                 row = summarize(reports, 1e3 * args.warmup_s, 1e3 * args.grace_s)
                 row["page_status"] = [r.get("status") for r in reports]
                 row["server_health"] = health
@@ -106,11 +109,13 @@ def main() -> None:
         sys.exit(f"error: {e}")
     today = datetime.date.today().isoformat()
     path = args.json or ROOT / "docs" / "bench" / f"{today}_g2g_{args.client}_{slug(device)}_{label}.json"
-    browser = CHROMIUM.name if args.client == "browser" else None
+    browser = subprocess.run([CHROMIUM, "--version"], capture_output=True, text=True).stdout.strip() \
+        if args.client == "browser" else None
     report = {"date": today, "device": device, "model": label, "random_weights": bool(args.random),
               "client": args.client, "measures": CLIENTS[args.client], "browser": browser,
-              "command": " ".join(sys.argv), "load_average_before_1m_5m_15m": load, "latency_uses": "the echoed sequence number (id): display - capture of "
-              "the frame sent with that id; counter_out (the code read from the shown pixels) only checks it",
+              "command": " ".join(sys.argv), "load_average_before_1m_5m_15m": load,
+              "latency_uses": "the echoed sequence number (id): display - capture of the frame sent with that id; "
+                              "counter_out (the code read from the shown pixels) only checks it",
               **{k: getattr(args, k) for k in ("seconds", "warmup_s", "grace_s", "fps", "fast", "deadline_ms",
                                                "floor_step_ms")},
               "rows": rows}

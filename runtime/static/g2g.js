@@ -54,8 +54,9 @@ window.mirageStats = !location.hash.includes("g2g") ? null : (() => {
     sampled(id, ctx, size, fromVideo) {
       const now = performance.now();
       const cam = fromVideo && camera ? camera : { capture: now, source: "sample" };
-      records.set(id, { id, counter_in: ctx ? readCode(ctx, size) : null, capture: cam.capture, capture_source: cam.source,
-                        sample: now, send: null, receive: null, drawn: null, display: null, counter_out: null });
+      records.set(id, { id, counter_in: ctx ? readCode(ctx, size) : null, capture: cam.capture,
+                        capture_source: cam.source, sample: now, send: null, receive: null, drawn: null,
+                        display: null, counter_out: null });
     },
     sent(id) { const r = records.get(id); if (r) r.send = performance.now(); },
     received(id) { const r = records.get(id); if (r) r.receive = performance.now(); },
