@@ -109,7 +109,7 @@ async def python_stream(url: str, seconds: float, fps: float, clip: list[bytes],
     from aiohttp import ClientSession, WSMsgType
 
     loop, now = asyncio.get_running_loop(), lambda: time.perf_counter() * 1e3
-    started, records = now(), {}
+    started, records, errors = now(), {}, []
     async with ClientSession() as session, session.ws_connect(url.replace("http", "ws", 1) + "/ws") as ws:
         hello = await ws.receive_json()
         if hello["type"] != "hello":
@@ -119,6 +119,9 @@ async def python_stream(url: str, seconds: float, fps: float, clip: list[bytes],
             newest = -1
             async for msg in ws:
                 if msg.type != WSMsgType.BINARY:
+                    message = json.loads(msg.data) if msg.type == WSMsgType.TEXT else {}
+                    if message.get("type") == "error":  # the server refused a frame: the run says why
+                        errors.append(message["message"])
                     continue
                 frame_id = HEADER.unpack_from(msg.data)[0]
                 r = records[frame_id]
@@ -145,7 +148,8 @@ async def python_stream(url: str, seconds: float, fps: float, clip: list[bytes],
         receiver.cancel()
         with suppress(asyncio.CancelledError):
             await receiver
-    return {"now": now(), "started": started, "records": list(records.values())}
+    return {"now": now(), "started": started, "records": list(records.values()),
+            "status": "; ".join(dict.fromkeys(errors)) or "ok"}
 
 
 def python_streams(url: str, streams: int, seconds: float, fps: float, midway=lambda: None) -> list[dict]:

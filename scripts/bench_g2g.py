@@ -101,7 +101,7 @@ def main() -> None:
                     reports = browser_streams(url, streams, args.seconds, args.fps, Path(tmp), midway=midway) \
                         if args.client == "browser" else python_streams(url, streams, args.seconds, args.fps, midway)
                 row = summarize(reports, 1e3 * args.warmup_s, 1e3 * args.grace_s)
-                row["page_status"] = [r.get("status") for r in reports]
+                row["client_status"] = [r["status"] for r in reports]  # the page's status line; python: errors
                 row["server_health"] = health
                 rows.append(row)
                 print(row_line(row), flush=True)
