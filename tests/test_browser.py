@@ -126,6 +126,7 @@ def test_the_page_streams_a_webcam_a_video_file_and_a_synthetic_source(browser, 
             writer.write(frame)
     with serving(CKPT_V2V) as url:
         browser.get(url + "/")
+        assert browser.execute_script("return window.mirageStats") is None  # g2g.js stays off without #g2g
         run_source(browser, "webcam", 5)
         assert "video-to-video" in browser.find_element(By.ID, "status").text
         assert browser.find_element(By.ID, "streams").text == "1 of 2"

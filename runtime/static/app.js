@@ -107,21 +107,31 @@ function onControl(msg) {
 
 function sendFrame() {
   if (ws.readyState !== WebSocket.OPEN || ws.bufferedAmount > MAX_BUFFERED) return;
-  const id = nextId++, timestamp = performance.now();
-  if (!model.video_to_video) { ws.send(header(id, timestamp)); return; }
+  const id = nextId++, timestamp = performance.now(), stats = window.mirageStats; // g2g.js: null unless #g2g
+  if (!model.video_to_video) {
+    stats?.sampled(id, null, 0, false);
+    ws.send(header(id, timestamp));
+    stats?.sent(id);
+    return;
+  }
   draw(inputCtx, model.width, model.height);
+  stats?.sampled(id, inputCtx, model.width, draw !== synthetic);
   inputCanvas.toBlob((jpeg) => {
-    if (jpeg && ws.readyState === WebSocket.OPEN) ws.send(new Blob([header(id, timestamp), jpeg]));
+    if (!jpeg || ws.readyState !== WebSocket.OPEN) return;
+    ws.send(new Blob([header(id, timestamp), jpeg]));
+    stats?.sent(id);
   }, "image/jpeg", 0.9);
 }
 
 async function onFrame(data) {
   const view = new DataView(data);
   const id = view.getUint32(0, true), index = view.getUint8(5), latency = performance.now() - view.getFloat64(8, true);
+  window.mirageStats?.received(id);
   const bitmap = await createImageBitmap(new Blob([data.slice(HEADER_BYTES)], { type: "image/jpeg" }));
   // decoding is asynchronous: never draw an older frame over a newer one
   if (id > lastDrawn[0] || (id === lastDrawn[0] && index > lastDrawn[1])) {
     outputCtx.drawImage(bitmap, 0, 0);
+    window.mirageStats?.drawn(id, outputCtx, model.width);
     lastDrawn = [id, index];
   }
   bitmap.close();
@@ -187,6 +197,7 @@ $("strength").oninput = () => controlChanged("strength");
 
 // -- controls --------------------------------------------------------------------------------------------
 async function start() {
+  window.mirageStats?.start();
   try {
     draw = await openSource($("source").value);
   } catch (e) {
