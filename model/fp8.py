@@ -70,7 +70,8 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight", fp8_quantize(weight, scale))  # (N, K) row-major: .t() is column-major
         self.register_buffer("weight_scale", scale.t().contiguous())  # (1, N)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        self.register_buffer("input_scale", None if input_amax is None else fp8_scale(torch.tensor(input_amax)))
+        self.register_buffer("input_scale", None if input_amax is None else
+                             fp8_scale(torch.tensor(input_amax, device=weight.device)))  # on the GEMM's device
         self.fast_accum = fast_accum
 
     def _apply(self, fn, recurse=True):

@@ -3,7 +3,7 @@
 # go to $OUT (the device tool's output folder) or ./gpu-out.
 #   STAGES="tests kernels bench" CONFIGS=tiny,base [VARIANTS=... PROFILE_VARIANTS=... STEPS=4 TAG=_x] scripts/gpu_session.sh
 #   STAGES="servetests serve" SERVE_CASES="base:16 base:16:churn base-512:8" scripts/gpu_session.sh
-#   STAGES="dittests anchor dit" SELF_FORCING=.anchor/Self-Forcing [DIT_CONFIG=wan-1.3b DIT_BLOCKS=7 DIT_MODES=...] scripts/gpu_session.sh
+#   STAGES="dittests anchor dit" SELF_FORCING=.anchor/Self-Forcing [DIT_CONFIG=wan-1.3b DIT_BLOCKS=7 DIT_MODES=... DIT_FP8=static] scripts/gpu_session.sh
 #   PACK=dit STAGES="ditdecode ditattn ditcompile" scripts/gpu_session.sh     # carry .whl (diffusers) for the Wan VAE
 # (stages: build = the kernel library only, for this GPU's architecture; tests = the tests/gpu suite;
 #  kernels = build + time the fused kernel; conv = cuDNN vs the Triton conv per seed880m layer; bench;
@@ -71,10 +71,10 @@ for stage in $STAGES; do
                2>&1 | tee "$OUT/serve_${cfg}_${n}${mode:+_$mode}.log" || echo "serve $case: exit $?"
            done ;;
     conv) python scripts/bench_conv.py --out "$OUT/conv.json" --tuned "$OUT/conv_tuned.json" 2>&1 | tee "$OUT/conv.log" ;;
-    dittests) timeout "$(limit "${DIT_LIMIT:-600}")" python -m pytest -q -rs tests/gpu/test_gpu_dit.py 2>&1 | tee "$OUT/dit_tests.log" || echo "dittests: failures" ;;
+    dittests) timeout "$(limit "${DIT_LIMIT:-600}")" python -m pytest -q -rs tests/gpu/test_gpu_dit.py tests/gpu/test_gpu_fp8.py 2>&1 | tee "$OUT/dit_tests.log" || echo "dittests: failures" ;;
     anchor) timeout "${DIT_LIMIT:-600}" python scripts/anchor_self_forcing.py --self-forcing "${SELF_FORCING:?a Self-Forcing checkout}" --blocks "${DIT_BLOCKS:-7}" \
               --json "$OUT/anchor_self_forcing.json" 2>&1 | tee "$OUT/anchor_self_forcing.log" || echo "anchor: exit $?" ;;
-    dit) timeout "${DIT_LIMIT:-600}" python scripts/bench_dit.py --config "${DIT_CONFIG:-wan-1.3b}" --blocks "${DIT_BLOCKS:-7}" ${DIT_MODES:+--modes "$DIT_MODES"} \
+    dit) timeout "${DIT_LIMIT:-600}" python scripts/bench_dit.py --config "${DIT_CONFIG:-wan-1.3b}" --blocks "${DIT_BLOCKS:-7}" ${DIT_MODES:+--modes "$DIT_MODES"} ${DIT_FP8:+--fp8 "$DIT_FP8"} \
            --json "$OUT/dit_${DIT_CONFIG:-wan-1.3b}${TAG:-}.json" 2>&1 | tee "$OUT/dit_${DIT_CONFIG:-wan-1.3b}${TAG:-}.log" || echo "dit: exit $?" ;;
     ditdecode) decoders=${DIT_DECODERS:-taehv,wan-vae}
                if [[ $decoders == *wan-vae* ]] && ! wheels "${WHEELS:-.whl}" diffusers; then

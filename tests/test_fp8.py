@@ -58,6 +58,12 @@ def test_scales_per_output_channel_and_calibrated_range():
     assert rel(too_small, ref) > 0.3 > 0.08 > rel(out, ref)
 
 
+def test_every_buffer_lives_on_the_linear_s_device():
+    """_scaled_mm takes its scales on the operands' device: nothing may be left on the CPU for a GPU layer."""
+    layer = fp8.Fp8Linear(nn.Linear(32, 16, device="meta"), 2.0)
+    assert {b.device.type for b in layer.buffers()} == {"meta"}
+
+
 def test_bf16_input_gives_bf16_with_the_fused_bias():
     torch.manual_seed(2)
     linear = nn.Linear(32, 16).to(torch.bfloat16)
