@@ -18,7 +18,7 @@
 #  backend in DIT_ATTENTION (default "auto cudnn flash"), each its own process and JSON; ditcompile = Inductor
 #  without CUDA graphs (compile mode); ray = bench_serve with and without --ray (RAY_CASES, default "base:16 base:16:ray")
 #  once Ray Serve imports: from the image, or unpacked from the parts of .rayw/site.tar.xz that this call and earlier
-#  calls on the same machine carried (every call stashes the parts it carries in /tmp/rayw))
+#  calls on the same machine carried (every call stashes the parts it carries in /tmp/rayw); stash = only that)
 # Every stage with a time limit gets at most what is left of DEADLINE seconds (default 540: the device tool's
 # 10-minute command, less a minute for the start and the transfers) and is skipped when under 30 s are left.
 # PACK=NAME: every stage's files go into $OUT/NAME.tgz (rewritten after each stage), for the device tool's
@@ -110,6 +110,7 @@ for stage in $STAGES; do
                   tests/gpu/test_gpu_torch_runtime.py 2>&1 | tee "$OUT/serve_tests.log" || echo "servetests: failures" ;;
     serve) serve_cases ${SERVE_CASES:-base:16} ;;
     ray) if ray_site; then serve_cases ${RAY_CASES:-base:16 base:16:ray}; fi ;;
+    stash) ;;  # nothing but what every call does first: keep the .rayw parts it carries in /tmp/rayw
     conv) python scripts/bench_conv.py --out "$OUT/conv.json" --tuned "$OUT/conv_tuned.json" 2>&1 | tee "$OUT/conv.log" ;;
     dittests) timeout "$(limit "${DIT_LIMIT:-600}")" python -m pytest -q -rs tests/gpu/test_gpu_dit.py 2>&1 | tee "$OUT/dit_tests.log" || echo "dittests: failures" ;;
     anchor) timeout "${DIT_LIMIT:-600}" python scripts/anchor_self_forcing.py --self-forcing "${SELF_FORCING:?a Self-Forcing checkout}" --blocks "${DIT_BLOCKS:-7}" \
@@ -129,7 +130,7 @@ for stage in $STAGES; do
              done ;;
     ditcompile) dit_bench dit_compile "${DIT_COMPILE_LIMIT:-150}" --modes compile --blocks "${DIT_BLOCKS:-7}" ;;
     *) echo "unknown stage $stage (build, tests, kernels, conv, bench, servetests, serve, dittests, anchor, dit, ditdecode,"\
-            "ditprofile, ditattn, ditcompile, ray)"; exit 2 ;;
+            "ditprofile, ditattn, ditcompile, ray, stash)"; exit 2 ;;
   esac
   if [ -n "${PACK:-}" ]; then tar -czf "$DEST/$PACK.tgz.part" -C "$OUT" . && mv "$DEST/$PACK.tgz.part" "$DEST/$PACK.tgz"; fi
 done
