@@ -117,3 +117,10 @@ def test_wan21_vae_layout_is_diffusers_default():
     defaults = {k: p.default for k, p in inspect.signature(AutoencoderKLWan.__init__).parameters.items()}
     assert {k: defaults[k] for k in WAN21_VAE} == WAN21_VAE
     assert defaults["latents_mean"][:2] == [-0.7571, -0.7089] and defaults["patch_size"] is None
+
+
+def test_bench_dit_refuses_the_wan_vae_under_a_pinned_attention(tmp_path, capsys):
+    out = tmp_path / "dit.json"
+    assert load_driver().main(["--config", "dit-tiny", "--device", "cpu", "--decoders", "wan-vae", "--attention", "flash",
+                               "--json", str(out)]) == 2
+    assert not out.exists() and "the Wan VAE with attention 'flash'" in capsys.readouterr().err
