@@ -64,7 +64,7 @@ def test_bench_dit_decoders_window_split_and_profile_cpu(monkeypatch):
         assert d["video_fps"] == 13 / (d["ready_ms"][-1] / 1e3)
         assert d["block_mean_ms"] == pytest.approx(d["ready_ms"][1] / 2)  # the intervals between ready blocks
         assert len(d["decode_ms"]) == 2 and 0 < d["decode_ms"][0] < d["ready_ms"][0]
-        assert d["fps_vs_no_decoder"] == d["video_fps"] / eager["video_fps"] < 1
+        assert d["fps_vs_no_decoder"] == d["video_fps"] / eager["video_fps"]
     profile = eager["profile"]
     assert profile["span_frames"] == 4
     kinds = {r["kind"]: r for r in profile["by_kind"]}
