@@ -12,8 +12,8 @@
 #  case, each under its own SERVE_LIMIT seconds so that a slow case cannot cost the others their JSON;
 #  dittests = the DiT's GPU tests; anchor = Self-Forcing's own code on the same clip (a checkout in $SELF_FORCING,
 #  never committed); dit = bench_dit for DIT_CONFIG; ditdecode = wan-1.3b compile-graph with each decoder (DIT_DECODERS,
-#  default taehv,wan-vae; the Wan VAE needs diffusers: installed for the run from the wheels in $WHEELS, default .whl,
-#  when the image lacks it, else left out) and the profile by kernel kind; ditprofile = the profile alone;
+#  default taehv,wan-vae; the Wan VAE needs diffusers: installed for the run from its wheel in $WHEELS, default .whl
+#  (the image has what it needs besides), when the image lacks it, else left out) and the profile by kernel kind; ditprofile = the profile alone;
 #  ditattn = wan-1.3b compile-graph on a clip reaching a full window (DIT_ATTN_BLOCKS, default 12) once per SDPA
 #  backend in DIT_ATTENTION (default "auto cudnn flash"), each its own process and JSON; ditcompile = Inductor
 #  without CUDA graphs (compile mode); ray = bench_serve with and without --ray (RAY_CASES, default "base:16 base:16:ray")
@@ -39,10 +39,10 @@ limit() {  # a stage's time limit: its own ($1), or what is left of DEADLINE if 
   local left=$((DEADLINE - SECONDS))
   echo $((left < $1 ? left : $1))
 }
-wheels() {  # make module $2 importable: already there, or installed for this run from the wheels in folder $1
+wheels() {  # make module $2 importable: already there, or installed for this run from the wheels $3 in folder $1
   python -c "import $2" 2>/dev/null && return 0
-  compgen -G "$1/*.whl" >/dev/null || { echo "$2 is not installed here and $1 holds no wheels"; return 1; }
-  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "/tmp/site-$2" "$1"/*.whl
+  compgen -G "$1/$3" >/dev/null || { echo "$2 is not installed here and $1 holds no $3"; return 1; }
+  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "/tmp/site-$2" "$1"/$3
   export PYTHONPATH="/tmp/site-$2${PYTHONPATH:+:$PYTHONPATH}"
   python -c "import $2; print('$2', $2.__version__, 'from $1')"
 }
@@ -120,7 +120,7 @@ for stage in $STAGES; do
     dit) timeout "${DIT_LIMIT:-600}" python scripts/bench_dit.py --config "${DIT_CONFIG:-wan-1.3b}" --blocks "${DIT_BLOCKS:-7}" ${DIT_MODES:+--modes "$DIT_MODES"} \
            --json "$OUT/dit_${DIT_CONFIG:-wan-1.3b}${TAG:-}.json" 2>&1 | tee "$OUT/dit_${DIT_CONFIG:-wan-1.3b}${TAG:-}.log" || echo "dit: exit $?" ;;
     ditdecode) decoders=${DIT_DECODERS:-taehv,wan-vae}
-               if [[ $decoders == *wan-vae* ]] && ! wheels "${WHEELS:-.whl}" diffusers; then
+               if [[ $decoders == *wan-vae* ]] && ! wheels "${WHEELS:-.whl}" diffusers "diffusers-*.whl"; then
                  decoders=$(echo "$decoders" | sed 's/,*wan-vae//; s/^,//'); echo "ditdecode: without the Wan VAE"
                fi
                dit_bench dit_decode "${DIT_DECODE_LIMIT:-170}" --modes compile-graph --blocks "${DIT_BLOCKS:-7}" \
