@@ -4,8 +4,11 @@
 #   STAGES="tests kernels bench" CONFIGS=tiny,base [VARIANTS=... PROFILE_VARIANTS=... STEPS=4 TAG=_x] scripts/gpu_session.sh
 #   STAGES="servetests serve" SERVE_CASES="base:16 base:16:churn base-512:8" scripts/gpu_session.sh
 #   STAGES="dittests anchor dit" SELF_FORCING=.anchor/Self-Forcing [DIT_CONFIG=wan-1.3b DIT_BLOCKS=7 DIT_MODES=...] scripts/gpu_session.sh
-#   PACK=dit STAGES="ditdecode ditattn ditcompile" scripts/gpu_session.sh     # carry .whl (diffusers) for the Wan VAE
-#   PACK=ray STAGES=ray scripts/gpu_session.sh     # Ray Serve from .rayw (scripts/make_rayw.sh), carried in two calls
+# The DiT measurements and Ray's overhead in two calls on one warm machine (the second within its 30 s warm time):
+#   PACK=dit STAGES="ditdecode ditattn ditcompile" scripts/gpu_session.sh
+#       carry .whl/diffusers-0.42.1-py3-none-any.whl .rayw/site.tar.xz.part0 .rayw/site.sha256
+#   PACK=ray STAGES="ray dittests" SERVE_LIMIT=200 DIT_LIMIT=120 scripts/gpu_session.sh
+#       carry .rayw/site.tar.xz.part1 .rayw/site.sha256 .rayw/grpc      (.rayw: scripts/make_rayw.sh)
 # (stages: build = the kernel library only, for this GPU's architecture; tests = the tests/gpu suite;
 #  kernels = build + time the fused kernel; conv = cuDNN vs the Triton conv per seed880m layer; bench;
 #  servetests = the serving and runtime GPU tests; serve = bench_serve, one server per CONFIG:STREAMS[:churn]
