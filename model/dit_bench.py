@@ -57,8 +57,6 @@ MODES = ("eager", "compile", "graph", "compile-graph")
 # SDPA backends the attention may be pinned to ("auto": PyTorch's own choice); flash-attn itself is absent
 ATTENTION = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
              "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-
-
 DECODERS = ("taehv", "wan-vae")
 
 
@@ -297,6 +295,9 @@ def run(cfg: DiTConfig, modes: list[str], blocks: int, device: str = "cuda", see
     unknown = [d for d in decoders if d not in DECODERS]
     if unknown:
         raise ConfigError(f"decoders {unknown}: choose from {', '.join(DECODERS)}")
+    if "wan-vae" in decoders and attention != "auto":  # the pin holds for the decoders too
+        raise ConfigError(f"the Wan VAE with attention {attention!r}: its attention has one 384-wide head, which "
+                          f"not every backend runs; pin the DiT's attention without decoders")
     dev = torch.device(device)
     if dev.type != "cuda" and any(m.endswith("graph") for m in modes):
         raise BackendError(f"CUDA graphs need a CUDA device, not {device}: on the CPU choose eager or compile")

@@ -4,18 +4,24 @@
 #   STAGES="tests kernels bench" CONFIGS=tiny,base [VARIANTS=... PROFILE_VARIANTS=... STEPS=4 TAG=_x] scripts/gpu_session.sh
 #   STAGES="servetests serve" SERVE_CASES="base:16 base:16:churn base-512:8" scripts/gpu_session.sh
 #   STAGES="dittests anchor dit" SELF_FORCING=.anchor/Self-Forcing [DIT_CONFIG=wan-1.3b DIT_BLOCKS=7 DIT_MODES=... DIT_FP8=static] scripts/gpu_session.sh
-#   PACK=dit STAGES="ditdecode ditattn ditcompile" scripts/gpu_session.sh     # carry .whl (diffusers) for the Wan VAE
+# The DiT measurements and Ray's overhead in two calls on one warm machine (the second within its 30 s warm time):
+#   PACK=dit STAGES="ditdecode ditattn ditcompile" scripts/gpu_session.sh
+#       carry .whl/diffusers-0.42.1-py3-none-any.whl .rayw/site.tar.xz.part0 .rayw/site.sha256
+#   PACK=ray STAGES="ray dittests" SERVE_LIMIT=200 DIT_LIMIT=120 scripts/gpu_session.sh
+#       carry .rayw/site.tar.xz.part1 .rayw/site.sha256 .rayw/grpc      (.rayw: scripts/make_rayw.sh)
 # (stages: build = the kernel library only, for this GPU's architecture; tests = the tests/gpu suite;
 #  kernels = build + time the fused kernel; conv = cuDNN vs the Triton conv per seed880m layer; bench;
 #  servetests = the serving and runtime GPU tests; serve = bench_serve, one server per CONFIG:STREAMS[:churn]
 #  case, each under its own SERVE_LIMIT seconds so that a slow case cannot cost the others their JSON;
 #  dittests = the DiT's GPU tests; anchor = Self-Forcing's own code on the same clip (a checkout in $SELF_FORCING,
 #  never committed); dit = bench_dit for DIT_CONFIG; ditdecode = wan-1.3b compile-graph with each decoder (DIT_DECODERS,
-#  default taehv,wan-vae; the Wan VAE needs diffusers: installed for the run from the wheels in $WHEELS, default .whl,
-#  when the image lacks it, else left out) and the profile by kernel kind; ditprofile = the profile alone;
+#  default taehv,wan-vae; the Wan VAE needs diffusers: installed for the run from its wheel in $WHEELS, default .whl
+#  (the image has what it needs besides), when the image lacks it, else left out) and the profile by kernel kind; ditprofile = the profile alone;
 #  ditattn = wan-1.3b compile-graph on a clip reaching a full window (DIT_ATTN_BLOCKS, default 12) once per SDPA
 #  backend in DIT_ATTENTION (default "auto cudnn flash"), each its own process and JSON; ditcompile = Inductor
-#  without CUDA graphs (compile mode))
+#  without CUDA graphs (compile mode); ray = bench_serve with and without --ray (RAY_CASES, default "base:16 base:16:ray")
+#  once Ray Serve imports: from the image, or unpacked from the parts of .rayw/site.tar.xz that this call and earlier
+#  calls on the same machine carried (every call stashes the parts it carries in /tmp/rayw); stash = only that)
 # Every stage with a time limit gets at most what is left of DEADLINE seconds (default 540: the device tool's
 # 10-minute command, less a minute for the start and the transfers) and is skipped when under 30 s are left.
 # PACK=NAME: every stage's files go into $OUT/NAME.tgz (rewritten after each stage), for the device tool's
@@ -29,16 +35,57 @@ DEST=$OUT
 if [ -n "${PACK:-}" ]; then OUT=$(mktemp -d); fi
 STAGES=${STAGES:-"tests kernels bench"}
 DEADLINE=${DEADLINE:-540}
+if compgen -G ".rayw/site.tar.xz.part*" >/dev/null; then  # Ray's parts outlive this call on this machine
+  mkdir -p /tmp/rayw && cp -r .rayw/. /tmp/rayw/ && echo "rayw: stashed $(ls .rayw | tr '\n' ' ')"
+fi
 limit() {  # a stage's time limit: its own ($1), or what is left of DEADLINE if less
   local left=$((DEADLINE - SECONDS))
   echo $((left < $1 ? left : $1))
 }
-wheels() {  # make module $2 importable: already there, or installed for this run from the wheels in folder $1
+wheels() {  # make module $2 importable: already there, or installed for this run from the wheels $3 in folder $1
   python -c "import $2" 2>/dev/null && return 0
-  compgen -G "$1/*.whl" >/dev/null || { echo "$2 is not installed here and $1 holds no wheels"; return 1; }
-  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "/tmp/site-$2" "$1"/*.whl
+  compgen -G "$1/$3" >/dev/null || { echo "$2 is not installed here and $1 holds no $3"; return 1; }
+  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "/tmp/site-$2" "$1"/$3
   export PYTHONPATH="/tmp/site-$2${PYTHONPATH:+:$PYTHONPATH}"
   python -c "import $2; print('$2', $2.__version__, 'from $1')"
+}
+serve_cases() {  # bench_serve per CONFIG:STREAMS[:MODE] case of $@, each under SERVE_LIMIT (and DEADLINE)
+  local case cfg n mode lim
+  for case in "$@"; do
+    IFS=: read -r cfg n mode <<< "$case"  # mode: churn (--churn) or ray (--ray: through Ray Serve)
+    lim=$(limit "${SERVE_LIMIT:-300}")
+    if [ "$lim" -lt 30 ]; then echo "serve $case: skipped, ${lim}s left of DEADLINE"; continue; fi
+    timeout "$lim" python scripts/bench_serve.py --random "$cfg" --device cuda --fast --counts "$n" \
+      --keep-going --startup-s 200 ${mode:+--$mode} --json "$OUT/serve_${cfg}_${n}${mode:+_$mode}.json" \
+      2>&1 | tee "$OUT/serve_${cfg}_${n}${mode:+_$mode}.log" || echo "serve $case: exit $?"
+  done
+}
+ray_site() {  # make Ray Serve importable: from the image, or from .rayw's parts stashed in /tmp/rayw
+  python -c "import ray.serve, fastapi" 2>/dev/null && return 0
+  if [ ! -d /tmp/site-ray ]; then
+    local have
+    have=$(cd /tmp/rayw 2>/dev/null && ls site.tar.xz.part* 2>/dev/null | tr '\n' ' ')
+    cat /tmp/rayw/site.tar.xz.part* > /tmp/rayw/site.tar.xz 2>/dev/null || true
+    if ! (cd /tmp/rayw 2>/dev/null && sha256sum --quiet -c site.sha256 >/dev/null 2>&1); then
+      echo "ray: the Ray site is incomplete on this machine (parts here: ${have:-none}); carry the missing part of" \
+           ".rayw in a call on this same warm machine (scripts/make_rayw.sh made them)"
+      return 1
+    fi
+    mkdir -p /tmp/site-ray && tar -xJf /tmp/rayw/site.tar.xz -C /tmp/site-ray
+  fi
+  export PYTHONPATH="/tmp/site-ray${PYTHONPATH:+:$PYTHONPATH}"
+  python -c "import grpc, google.protobuf, anyio, aiohttp; print('image: grpcio', grpc.__version__, 'protobuf',
+             google.protobuf.__version__, 'anyio', anyio.__version__ if hasattr(anyio, '__version__') else '?',
+             'aiohttp', aiohttp.__version__)" || true
+  local wheel  # grpcio-reflection: the newest carried version that imports beside the image's grpcio and protobuf
+  for wheel in $(ls /tmp/rayw/grpc/*.whl 2>/dev/null | sort -t- -k2 -V -r); do
+    rm -rf /tmp/site-grpcr
+    python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-grpcr "$wheel" 2>/dev/null
+    if PYTHONPATH="/tmp/site-grpcr:$PYTHONPATH" python -c "import grpc_reflection.v1alpha.reflection" 2>/dev/null; then
+      export PYTHONPATH="/tmp/site-grpcr:$PYTHONPATH"; echo "ray: $(basename "$wheel")"; break
+    fi
+  done
+  python -c "import ray, ray.serve, fastapi, uvicorn, websockets; print('ray', ray.__version__, 'from /tmp/site-ray')"
 }
 dit_bench() {  # NAME LIMIT ARGS...: bench_dit for wan-1.3b (DIT_CONFIG) -> $OUT/NAME.json and .log
   local name=$1 lim
@@ -64,32 +111,31 @@ for stage in $STAGES; do
              --json "$OUT/bench${TAG:-}.json" --markdown "$OUT/bench${TAG:-}.md" 2>&1 | tee "$OUT/bench${TAG:-}.log" ;;
     servetests) python -m pytest -q -rs tests/gpu/test_gpu_serve.py tests/gpu/test_gpu_cuda_runtime.py \
                   tests/gpu/test_gpu_torch_runtime.py 2>&1 | tee "$OUT/serve_tests.log" || echo "servetests: failures" ;;
-    serve) for case in ${SERVE_CASES:-base:16}; do
-             IFS=: read -r cfg n mode <<< "$case"  # mode: churn (--churn) or ray (--ray: through Ray Serve)
-             timeout "${SERVE_LIMIT:-300}" python scripts/bench_serve.py --random "$cfg" --device cuda --fast --counts "$n" \
-               --keep-going --startup-s 200 ${mode:+--$mode} --json "$OUT/serve_${cfg}_${n}${mode:+_$mode}.json" \
-               2>&1 | tee "$OUT/serve_${cfg}_${n}${mode:+_$mode}.log" || echo "serve $case: exit $?"
-           done ;;
+    serve) serve_cases ${SERVE_CASES:-base:16} ;;
+    ray) if ray_site; then serve_cases ${RAY_CASES:-base:16 base:16:ray}; fi ;;
+    stash) ;;  # nothing but what every call does first: keep the .rayw parts it carries in /tmp/rayw
     conv) python scripts/bench_conv.py --out "$OUT/conv.json" --tuned "$OUT/conv_tuned.json" 2>&1 | tee "$OUT/conv.log" ;;
-    dittests) timeout "$(limit "${DIT_LIMIT:-600}")" python -m pytest -q -rs tests/gpu/test_gpu_dit.py tests/gpu/test_gpu_fp8.py 2>&1 | tee "$OUT/dit_tests.log" || echo "dittests: failures" ;;
+    dittests) lim=$(limit "${DIT_LIMIT:-600}")
+              if [ "$lim" -lt 30 ]; then echo "dittests: skipped, ${lim}s left of DEADLINE"; continue; fi
+              timeout "$lim" python -m pytest -q -rs tests/gpu/test_gpu_dit.py tests/gpu/test_gpu_fp8.py 2>&1 | tee "$OUT/dit_tests.log" || echo "dittests: failures" ;;
     anchor) timeout "${DIT_LIMIT:-600}" python scripts/anchor_self_forcing.py --self-forcing "${SELF_FORCING:?a Self-Forcing checkout}" --blocks "${DIT_BLOCKS:-7}" \
               --json "$OUT/anchor_self_forcing.json" 2>&1 | tee "$OUT/anchor_self_forcing.log" || echo "anchor: exit $?" ;;
     dit) timeout "${DIT_LIMIT:-600}" python scripts/bench_dit.py --config "${DIT_CONFIG:-wan-1.3b}" --blocks "${DIT_BLOCKS:-7}" ${DIT_MODES:+--modes "$DIT_MODES"} ${DIT_FP8:+--fp8 "$DIT_FP8"} \
            --json "$OUT/dit_${DIT_CONFIG:-wan-1.3b}${TAG:-}.json" 2>&1 | tee "$OUT/dit_${DIT_CONFIG:-wan-1.3b}${TAG:-}.log" || echo "dit: exit $?" ;;
     ditdecode) decoders=${DIT_DECODERS:-taehv,wan-vae}
-               if [[ $decoders == *wan-vae* ]] && ! wheels "${WHEELS:-.whl}" diffusers; then
+               if [[ $decoders == *wan-vae* ]] && ! wheels "${WHEELS:-.whl}" diffusers "diffusers-*.whl"; then
                  decoders=$(echo "$decoders" | sed 's/,*wan-vae//; s/^,//'); echo "ditdecode: without the Wan VAE"
                fi
-               dit_bench dit_decode "${DIT_DECODE_LIMIT:-240}" --modes compile-graph --blocks "${DIT_BLOCKS:-7}" \
+               dit_bench dit_decode "${DIT_DECODE_LIMIT:-170}" --modes compile-graph --blocks "${DIT_BLOCKS:-7}" \
                  ${decoders:+--decoders "$decoders"} --profile ;;
     ditprofile) dit_bench dit_profile "${DIT_PROFILE_LIMIT:-150}" --modes compile-graph --blocks "${DIT_BLOCKS:-7}" --profile ;;
     ditattn) for backend in ${DIT_ATTENTION:-auto cudnn flash}; do
-               dit_bench "dit_attn_$backend" "${DIT_ATTN_LIMIT:-120}" --modes compile-graph --attention "$backend" \
+               dit_bench "dit_attn_$backend" "${DIT_ATTN_LIMIT:-95}" --modes compile-graph --attention "$backend" \
                  --blocks "${DIT_ATTN_BLOCKS:-12}"
              done ;;
-    ditcompile) dit_bench dit_compile "${DIT_COMPILE_LIMIT:-150}" --modes compile --blocks "${DIT_BLOCKS:-7}" ;;
+    ditcompile) dit_bench dit_compile "${DIT_COMPILE_LIMIT:-80}" --modes compile --blocks "${DIT_BLOCKS:-7}" ;;
     *) echo "unknown stage $stage (build, tests, kernels, conv, bench, servetests, serve, dittests, anchor, dit, ditdecode,"\
-            "ditprofile, ditattn, ditcompile)"; exit 2 ;;
+            "ditprofile, ditattn, ditcompile, ray, stash)"; exit 2 ;;
   esac
   if [ -n "${PACK:-}" ]; then tar -czf "$DEST/$PACK.tgz.part" -C "$OUT" . && mv "$DEST/$PACK.tgz.part" "$DEST/$PACK.tgz"; fi
 done

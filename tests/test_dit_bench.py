@@ -64,7 +64,7 @@ def test_bench_dit_decoders_window_split_and_profile_cpu(monkeypatch):
         assert d["video_fps"] == 13 / (d["ready_ms"][-1] / 1e3)
         assert d["block_mean_ms"] == pytest.approx(d["ready_ms"][1] / 2)  # the intervals between ready blocks
         assert len(d["decode_ms"]) == 2 and 0 < d["decode_ms"][0] < d["ready_ms"][0]
-        assert d["fps_vs_no_decoder"] == d["video_fps"] / eager["video_fps"] < 1
+        assert d["fps_vs_no_decoder"] == d["video_fps"] / eager["video_fps"]
     profile = eager["profile"]
     assert profile["span_frames"] == 4
     kinds = {r["kind"]: r for r in profile["by_kind"]}
@@ -134,3 +134,10 @@ def test_bench_dit_refuses_an_unknown_fp8_mode(tmp_path, capsys):
     assert load_driver().main(["--config", "dit-tiny", "--device", "cpu", "--fp8", "e5m2",
                                "--json", str(tmp_path / "x.json")]) == 2
     assert "fp8 e5m2: choose from static, dynamic" in capsys.readouterr().err
+
+
+def test_bench_dit_refuses_the_wan_vae_under_a_pinned_attention(tmp_path, capsys):
+    out = tmp_path / "dit.json"
+    assert load_driver().main(["--config", "dit-tiny", "--device", "cpu", "--decoders", "wan-vae", "--attention", "flash",
+                               "--json", str(out)]) == 2
+    assert not out.exists() and "the Wan VAE with attention 'flash'" in capsys.readouterr().err
