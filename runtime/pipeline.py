@@ -181,6 +181,7 @@ class Pipeline:
             self.warm_up_and_capture()
         self._drain()
         self.execution.reset_rows(range(self.batch), [seed + b for b in range(self.batch)])
+        self._default_prompt(range(self.batch))
         self.execution.timeline.clear()
 
     def reset_row(self, row: int, seed: int) -> None:
@@ -191,8 +192,14 @@ class Pipeline:
         self._require("ready", "reset a row")
         self._check_row(row)
         self.execution.reset_rows([row], [seed])
-        if self._text is not None and not np.array_equal(self._text[row], self._default_text):
-            self._text[row] = self._default_text  # a new stream in the row starts with the default prompt
+        self._default_prompt([row])
+
+    def _default_prompt(self, rows) -> None:
+        """A new video in `rows` starts with the default prompt (set_prompt's for every row), not the last
+        one control gave the row."""
+        changed = [r for r in rows if self._text is not None and not np.array_equal(self._text[r], self._default_text)]
+        if changed:
+            self._text[changed] = self._default_text
             self._apply_text()
 
     # -- conditioning ---------------------------------------------------------------------------

@@ -106,6 +106,8 @@ def test_a_prompt_switch_re_caches_the_row_as_the_block_stepper_does(artifacts):
         got = [pipe.step_batch() for _ in range(4)]  # frames 0-7: the ring (window 6, sink 2) has turned
         pipe.control(0, prompt="b")
         got += [pipe.step_batch() for _ in range(2)]
+        pipe.reset(5)  # new videos start with the default prompt, not the one control gave a row
+        np.testing.assert_array_equal(pipe.step_batch(), got[0])
     for row, ref in enumerate((_reference(a, 5, 6, switch=(4, b)), _reference(a, 6, 6))):
         for k, (frames, x0) in enumerate(zip([g[row] for g in got], ref)):
             np.testing.assert_allclose(frames, _preview(x0), atol=2e-5, rtol=0, err_msg=f"row {row}, block {k}")
