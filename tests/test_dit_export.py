@@ -175,6 +175,7 @@ def test_fp8_artifact_quantizes_the_block_graphs_and_builds_engines(tmp_path):
     for graph, meta in m["graphs"].items():
         assert (meta["inputs"], meta["outputs"]) == specs[graph].io() and meta["build"]["engine_bytes"] > 0
     assert "--precision fp8" in m["rebuild_command"] and "--calib-frames 2" in m["rebuild_command"]
+    assert verify_artifact(out, m, engines=True)[0] == cfg  # the loader's checks take an fp8 DiT artifact
 
 
 def test_export_without_a_recorded_rollout_runs_on_onnx_runtime(tmp_path):
