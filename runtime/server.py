@@ -509,7 +509,9 @@ class Server:
         self.frame_period = 1.0 / self.video_rate if self.video_rate else 0.0
         # a block plays for frames_in periods, and the next one replaces it by then (newest wins): a block
         # model's deadline is at least that, or a step longer than deadline_ms would drop every other block
-        self.deadline_ms = max(options.deadline_ms, 1e3 * self.frames_in * self.frame_period)
+        # (a model of one input frame a step, the U-Net, keeps the deadline it is given)
+        block_ms = 1e3 * self.frames_in * self.frame_period if self.frames_in > 1 else 0.0
+        self.deadline_ms = max(options.deadline_ms, block_ms)
         self.streams: dict[int, Stream] = {}
         self.wake = asyncio.Event()  # a frame arrived or a stream left
         self.steps: collections.deque[tuple[float, float]] = collections.deque()  # (end, seconds in flight, not
