@@ -508,8 +508,8 @@ class Server:
         self.video_rate: float | None = getattr(pool, "video_rate", None)
         self.frame_period = 1.0 / self.video_rate if self.video_rate else 0.0
         # a block plays for frames_in periods, and the next one replaces it by then (newest wins): a block
-        # model's deadline is at least that, or a step longer than deadline_ms would drop every other block;
-        # a one-frame model (frames_in 0 or 1) keeps the deadline it was given
+        # model's deadline is at least that, or a step longer than deadline_ms would drop every other block
+        # (a model of one input frame a step, the U-Net, keeps the deadline it is given)
         block_ms = 1e3 * self.frames_in * self.frame_period if self.frames_in > 1 else 0.0
         self.deadline_ms = max(options.deadline_ms, block_ms)
         self.streams: dict[int, Stream] = {}

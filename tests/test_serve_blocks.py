@@ -87,7 +87,8 @@ def test_a_block_s_frames_are_paced_at_the_video_rate_each_stream_on_its_own_clo
 
 def test_a_block_model_s_deadline_is_at_least_its_block_s_play_time():
     """A block of 4 at 20 FPS plays 200 ms: with a 1 ms deadline asked for, blocks whose step starts within
-    200 ms of their last frame are stepped, not dropped as late."""
+    200 ms of their last frame are stepped, not dropped as late. A model of one input frame a step keeps
+    the deadline it is given."""
     pool = BlockPool(1, STEP_S, BLOCK, RATE)
 
     async def scenario():
@@ -99,6 +100,14 @@ def test_a_block_model_s_deadline_is_at_least_its_block_s_play_time():
                 got, texts = await replies(ws, BLOCK)
                 assert [i for _, i, _, _ in got] == list(range(4 * n, 4 * n + 4)) and texts == []
     run(scenario)
+
+    class RatedPool(SleepPool):  # one input frame a step, with a video rate (the U-Net's pool under the contract)
+        frames_in, video_rate = 1, RATE
+
+    async def one_frame_deadline():
+        async with serving(RatedPool(1, STEP_S), deadline_ms=1.0) as client:
+            return (await connect(client))[1]["deadline_ms"]
+    assert run(one_frame_deadline) == 1.0
 
 
 def test_a_frame_of_another_size_in_a_block_is_refused_and_the_block_completes():
