@@ -77,8 +77,8 @@ def test_rows_at_their_own_frames_equal_the_torch_block_stepper(artifacts):
     with Pipeline.load(artifacts[2], device="cpu", options=PipelineOptions(batch=2)) as pipe:
         assert (pipe.frames_per_step, pipe.frame_shape, pipe.steps) == (2, (64, 64, 3), 4)
         pipe.set_prompt(a)
-        pipe.set_prompt(b, rows=[1])
-        pipe.reset(5)  # row 0: seed 5, row 1: seed 6
+        pipe.reset(5)  # row 0: seed 5, row 1: seed 6, both prompt a (the default)
+        pipe.set_prompt(b, rows=[1])  # row 1's own prompt from its first block
         first = pipe.step_batch()
         pipe.reset_row(1, 11)  # a new stream in row 1: frame 0, the default prompt (a) again
         rows = [[first[0]], []]
