@@ -117,7 +117,7 @@ def save_dit(out: str | Path, model: WanDiT, text: torch.Tensor, meta: dict) -> 
     and the training prompt's embeddings (PROMPT_FILE, (text_len, text_dim))."""
     out = save_unit(out, {"model.safetensors": {k: v.contiguous() for k, v in model.state_dict().items()}},
                     {"dit": to_json(model.cfg), **meta})
-    save_file({"prompt": text[0].contiguous()}, str(out / PROMPT_FILE))
+    save_file({"prompt_embeds": text[0].contiguous()}, str(out / PROMPT_FILE))
     return out
 
 
