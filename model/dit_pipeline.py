@@ -96,6 +96,7 @@ class DiTPipeline:
         self.noise_shape = (cfg.steps, 1, cfg.in_dim, cfg.block_frames, *cfg.latent_size)
         self.generator = torch.Generator(device=device)
         self.setup_done = False
+        self.strength = 1.0
 
     @classmethod
     def open(cls, spec: DiTSpec, prompt: str | Path, device: str = "auto", compile: bool = False,
@@ -161,6 +162,7 @@ class DiTPipeline:
         if not 0 <= strength <= 1:
             raise DiTRunError(f"strength {strength}: choose a value in [0, 1]")
         self.stepper.set_strength(strength)
+        self.strength = strength
 
     def restyle(self, frames: np.ndarray) -> np.ndarray:
         """Video-to-video: the next block's input frames (block_frames, H, W, 3) float32 in [-1, 1] are

@@ -162,6 +162,8 @@ def never_allocated(monkeypatch):
     ("dit-option-without-dit", "--prompt-embeds: options of a DiT run; add --dit"),
     ("dit-checkpoint-without-dit", "for a Wan 2.1 DiT checkpoint add --dit CONFIG"),
     ("unet-option-with-dit", "--steps: options of a U-Net model"),
+    ("v2v-without-frame-codec", "video-to-video needs a DiT config on a per-frame autoencoder"),
+    ("strength-without-input", "--strength: video-to-video needs an --input"),
 ])
 def test_bad_input_is_one_line_and_status_2_with_nothing_written(tmp_path, embeds, never_allocated, case, message):
     unet = tmp_path / "unet.safetensors"
@@ -186,6 +188,8 @@ def test_bad_input_is_one_line_and_status_2_with_nothing_written(tmp_path, embed
         "dit-option-without-dit": ["--prompt-embeds", embeds],
         "dit-checkpoint-without-dit": [unet],
         "unet-option-with-dit": [*SMALL, *rand, "--steps", 2],
+        "v2v-without-frame-codec": [*SMALL, *rand, "--input", "synthetic"],
+        "strength-without-input": [*SMALL, *rand, "--strength", 0.5],
     }[case]
     out = tmp_path / "out.gif"
     result = mirage_run(*args, "--output", out, "--json", tmp_path / "r.json")

@@ -6,10 +6,14 @@ prompt; the trainer's teacher-forcing forward is exactly what the cached rollout
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
+
+import mirage.cli.run as run
 
 from mirage.core.config import get_dit_config
 from mirage.core.errors import CheckpointError
@@ -154,6 +158,13 @@ def test_a_two_step_training_run_saves_a_checkpoint_mirage_run_reads(tmp_path):
     from safetensors.torch import load_file
     trained = load_file(out / "model.safetensors")
     assert all(torch.equal(saved[k], trained[k]) for k in trained)
+    report = tmp_path / "r.json"
+    result = CliRunner().invoke(run.main, [str(a) for a in (
+        out, "--dit", "dit-tiny-taesd", "--input", "synthetic", "--frames", 2, "--strength", 0.25, "--prompt-embeds",
+        out / PROMPT_FILE, "--output", tmp_path / "v2v", "--json", report)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    written = json.loads(report.read_text())
+    assert written["written"] == 2 and written["strength"] == 0.25 and written["psnr_vs_input_db"] > 5
     with pytest.raises(CheckpointError, match="window_frames: checkpoint has 8, asked for 6"):
         DiTPipeline.open(DiTSpec("dit-tiny-taesd", checkpoint=out, window=6), out / PROMPT_FILE, device="cpu")
 
