@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from mirage.core.config import DiTConfig, get_dit_config, to_json
@@ -54,11 +54,12 @@ class DiTTrainOptions:
     lr: float = 1e-3
     warmup: int = 100
     clips: int = 512  # clips made and encoded once (latent cache)
+    latents: str = ""  # a .safetensors file keeping the encoded clips for the next run (made if missing)
     context_noise: float = 0.1  # largest σ of the noise on the context frames
     ema_decay: float = 0.995
     data: str = "detailed"
     seed: int = 0
-    threads: int = 2
+    threads: int = 1  # one: on a CPU shared with other processes, a second thread mostly waits at barriers
     progress: bool = True
 
 
@@ -104,12 +105,21 @@ def flow_matching_loss(model: WanDiT, latents: torch.Tensor, text: torch.Tensor,
 
 
 def encoded_clips(opts: DiTTrainOptions, cfg: DiTConfig) -> torch.Tensor:
-    """`opts.clips` clips of window_frames frames, encoded once: (N, C, F, h, w) latents."""
+    """`opts.clips` clips of window_frames frames, encoded once: (N, C, F, h, w) latents. With `opts.latents`,
+    read from that file when it holds clips of this shape (encoding is most of a short CPU run), else saved there."""
+    shape = (opts.clips, cfg.in_dim, cfg.window_frames, *cfg.latent_size)
+    if opts.latents and Path(opts.latents).is_file():
+        kept = load_file(opts.latents)["latents"]
+        if tuple(kept.shape) == shape:
+            return kept
     codec = load_frame_codec(cfg).codec
     stream = ClipStream(make_source(opts.data, cfg.width, cfg.window_frames, opts.seed), cfg.window_frames, opts.seed)
     cache = LatentCache.build(batches(stream, 16, 0, False), codec, opts.clips, v2v=False,
                               device=torch.device("cpu"), progress=opts.progress)
-    return cache.latents.transpose(1, 2).contiguous()  # (N, F, C, h, w) -> (N, C, F, h, w)
+    latents = cache.latents.transpose(1, 2).contiguous()  # (N, F, C, h, w) -> (N, C, F, h, w)
+    if opts.latents:
+        save_file({"latents": latents}, opts.latents)
+    return latents
 
 
 def save_dit(out: str | Path, model: WanDiT, text: torch.Tensor, meta: dict) -> Path:
