@@ -13,7 +13,16 @@ names and shapes (`load_dit` checks them before it allocates). Only then do the 
 decoder and the encoder go to the device; the encoder runs once for the prompt and is dropped.
 
 Video frames per block follow the Wan VAE (and TAEHV): 4 per latent frame, except the video's first
-latent frame, which gives one (`DiTConfig.video_frames`).
+latent frame, which gives one (`DiTConfig.video_frames`); a config on a per-frame autoencoder
+(`DiTConfig.autoencoder`, dit-tiny-taesd) decodes one video frame per latent frame with it instead.
+
+Video-to-video (StreamDiffusionV2 / MirageLSD's use; needs the per-frame autoencoder, which also encodes):
+
+    pipe.reset(seed)
+    pipe.set_strength(0.5)                  # from the next block on; 0 keeps the input, 1 ignores it
+    for chunk in camera_blocks:             # (block_frames, H, W, 3) in [-1, 1]
+        out = pipe.restyle(chunk)           # encoded, noised to σ = strength, denoised through the steps left
+        pipe.set_prompt(other)              # any time: the held frames are re-cached under the new prompt
 """
 from __future__ import annotations
 
