@@ -5,7 +5,7 @@
 The DiT restyles its input (StreamDiffusionV2's use): each block of input frames is encoded, noised to
 `strength` and denoised with the cache and its training prompt (DiTPipeline.restyle). Its input is the
 ground-truth clip itself, or with `degraded` the U-Net's video-to-video input (luma + coarse chroma,
-bridge/quality.v2v_inputs); either way every window is scored against the ground truth by the same code
+bridge/quality.v2v_inputs, as RGB); either way every window is scored against the ground truth by the same code
 as `mirage-quality` (bridge/quality.score_windows), so PSNR drift reads the same for both families.
 """
 from __future__ import annotations
@@ -17,7 +17,8 @@ import numpy as np
 
 from mirage.bridge.quality import QualityError, reference_clip, score_windows, v2v_inputs
 from mirage.core.flow_schedule import block_schedule, strength_schedule
-from mirage.core.metrics import SSIM_DEFINITION
+from mirage.core.metrics import SSIM_DEFINITION, psnr
+from mirage.core.video_io import v2v_input_rgb
 from mirage.model.dit_pipeline import DiTPipeline, DiTSpec
 from mirage.model.wan_checkpoint import saved_dit_config
 from mirage.train.dit import PROMPT_FILE
@@ -34,7 +35,7 @@ def evaluate_dit(checkpoint: str | Path, frames: int = 500, window: int = 50, st
     n = cfg.video_frames(cfg.block_frames, first=False)
     frames -= frames % n  # whole blocks
     truth = reference_clip(cfg.width, frames, 10_000 + seed, data)
-    inputs = v2v_inputs(truth) if degraded else truth
+    inputs = np.stack([v2v_input_rgb(x) for x in v2v_inputs(truth)]) if degraded else truth
     with DiTPipeline.open(DiTSpec(cfg.name, checkpoint=checkpoint), checkpoint / PROMPT_FILE, device) as pipe:
         pipe.reset(seed)
         pipe.set_strength(strength)
@@ -48,4 +49,5 @@ def evaluate_dit(checkpoint: str | Path, frames: int = 500, window: int = 50, st
                                                           cfg.warp_denoising_step), strength)),
             "frames": frames, "window": window, "seed": seed, "source": data, "device": device,
             "ms_per_frame": seconds * 1e3 / frames, "data": reference["summary"], "windows": windows,
-            "drift_db": windows[-1]["psnr"] - windows[0]["psnr"], "ssim_definition": SSIM_DEFINITION}
+            "drift_db": windows[-1]["psnr"] - windows[0]["psnr"], "ssim_definition": SSIM_DEFINITION,
+            "input_psnr_db": float(psnr(inputs, truth).mean()) if degraded else None}
