@@ -81,6 +81,21 @@ def test_strength_one_is_generation_and_zero_is_the_round_trip(codec):
     assert np.abs(half - generated).mean() > 1e-3
 
 
+def test_strength_changes_between_blocks_without_a_restart(codec):
+    """Block 0 at strength 0.5, block 1 at 0: the second is exactly its input's round trip, and the stream
+    went on (its frame position and cache advanced by both blocks)."""
+    pipe = pipeline(codec, torch.zeros(1, CFG.text_len, CFG.text_dim))
+    frames = clip(2)
+    pipe.reset(0)
+    pipe.set_strength(0.5)
+    pipe.restyle(frames[:2])
+    pipe.set_strength(0.0)
+    second = pipe.restyle(frames[2:])
+    round_trip = codec.decode(codec.encode(torch.from_numpy(frames[2:]).permute(0, 3, 1, 2)[None]))[0]
+    np.testing.assert_allclose(second, round_trip.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+    assert pipe.stepper.cache.frames_written == 4 and int(pipe.stepper.cache.frame) == 4
+
+
 def test_prompt_switch_mid_stream_is_a_fresh_stream_on_the_rebuilt_cache(codec):
     """Blocks 0-1 under prompt A, then B: block 2 equals a stream that starts under B, caches the same held
     latents (append) and draws the same noise: LongLive's re-cache, in the video-to-video path."""
