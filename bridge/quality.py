@@ -141,19 +141,7 @@ def evaluate(model_path: str | Path, frames: int = 500, window: int = 50, steps:
     v2v = info["task"] == "v2v"
     if examples is not None:
         write_examples(examples, out[0], truth if v2v else None)
-    features = M.RandomConvFeatures()
-    reference = data_statistics(info["size"], window, features, data)
-    starts = range(0, frames - window + 1, window)
-    with _threads() as pool:  # every (window, stream) scored side by side: at 512x512 SSIM alone is ~0.2 s a frame
-        scored = list(pool.map(lambda job: window_row(out[job[1], job[0]:job[0] + window],
-                                                      truth[job[0]:job[0] + window] if v2v else None, reference,
-                                                      features),
-                               [(s, b) for s in starts for b in range(len(out))]))  # (window, stream) pairs
-    windows = []
-    for i, s in enumerate(starts):
-        rows = scored[i * len(out):(i + 1) * len(out)]
-        windows.append({"start": s, "end": s + window, **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]},
-                        "std": {k: float(np.std([r[k] for r in rows])) for k in rows[0]}})
+    windows, reference = score_windows(out, truth if v2v else None, window, data)
     report = {"model": str(model_path), "config": info["name"], "task": info["task"],
               "precision": info["precision"], "frames": frames, "window": window, "steps": steps,
               "context_noise": context_noise, "seed": seed, "streams": streams, "source": data,
@@ -162,6 +150,25 @@ def evaluate(model_path: str | Path, frames: int = 500, window: int = 50, steps:
     if v2v:
         report.update(drift_db=windows[-1]["psnr"] - windows[0]["psnr"], ssim_definition=M.SSIM_DEFINITION)
     return report
+
+
+def score_windows(out: np.ndarray, truth: np.ndarray | None, window: int, data: str) -> tuple[list[dict], dict]:
+    """Every window of `out` (S, T, H, W, 3) scored (against `truth` (T, H, W, 3) when given), each metric
+    the mean over the S streams and `std` its spread; and the data's reference statistics."""
+    features = M.RandomConvFeatures()
+    reference = data_statistics(out.shape[2], window, features, data)
+    starts = range(0, out.shape[1] - window + 1, window)
+    with _threads() as pool:  # every (window, stream) scored side by side: at 512x512 SSIM alone is ~0.2 s a frame
+        scored = list(pool.map(lambda job: window_row(out[job[1], job[0]:job[0] + window],
+                                                      None if truth is None else truth[job[0]:job[0] + window],
+                                                      reference, features),
+                               [(s, b) for s in starts for b in range(len(out))]))  # (window, stream) pairs
+    windows = []
+    for i, s in enumerate(starts):
+        rows = scored[i * len(out):(i + 1) * len(out)]
+        windows.append({"start": s, "end": s + window, **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]},
+                        "std": {k: float(np.std([r[k] for r in rows])) for k in rows[0]}})
+    return windows, reference
 
 
 def write_examples(folder: str | Path, video: np.ndarray, truth: np.ndarray | None) -> list[int]:

@@ -6,9 +6,13 @@
     mirage-run self_forcing_dmd.pt --dit wan-1.3b --prompt-embeds cat.safetensors --decoder taew2_1.pth --output cat.mp4
     mirage-run --dit dit-tiny --random-weights --prompt-embeds x.safetensors --frames 24 --output dit.gif  # CPU smoke
     mirage-run artifacts/dit-tiny --prompt-embeds x.safetensors --frames 24 --output dit.gif  # a DiT artifact
+    mirage-run checkpoints/dit-tiny-taesd --dit dit-tiny-taesd --input clip.mp4 --strength 0.5 \
+        --prompt-embeds checkpoints/dit-tiny-taesd/prompt.safetensors --output restyled.mp4  # video-to-video
 
 A Wan 2.1 DiT (--dit CONFIG) generates blocks of latent frames against a rolling KV cache
 (mirage.model.dit_pipeline); each block's video frames go to the output as soon as it is decoded.
+With --input (a config on a per-frame autoencoder), each input block is encoded, noised to --strength
+and denoised through the steps left, with the cache and the prompt: video-to-video.
 A DiT artifact (mirage-export --dit) runs in the runtime like any artifact, without --dit: each step is a
 block, whose frames (the latents' preview: the artifact has no decoder graph) go out as it finishes.
 """
@@ -87,7 +91,11 @@ dit_options = shared.group(
                  help="--dit: first latent frames kept in the cache for good (LongLive's attention sink: 3)."),
     click.option("--fp8", type=click.Choice(["static", "dynamic"]), default=None,
                  help="--dit: FP8 E4M3 matmuls in the blocks' attention and FFN (Hopper/Ada): activation scales "
-                      "per tensor, calibrated on a clip with the run's prompt (static), or per token (dynamic)."))
+                      "per tensor, calibrated on a clip with the run's prompt (static), or per token (dynamic)."),
+    click.option("--strength", type=click.FloatRange(0, 1), default=None,
+                 help="--dit --input (video-to-video): how far each input block is noised before the steps left "
+                      "denoise it; 0 keeps the input, 1 ignores it. Default 0.6. Needs a config on a per-frame "
+                      "autoencoder (dit-tiny-taesd)."))
 
 
 PROMPT_OPTIONS = ("prompt", "prompt_embeds", "text_encoder")  # a DiT artifact takes them without --dit
@@ -177,12 +185,12 @@ def main(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
             _run(model or DEFAULT_MODEL, source, frames, steps, seed, output, backend, fast, no_cuda_graph, compile_,
                  kernel_library, device, json_path, fps, {k: dit[k] for k in PROMPT_OPTIONS})
         else:
-            unet_only = {"--input": source, "--steps": steps, "--kernel-library": kernel_library,
+            unet_only = {"--steps": steps, "--kernel-library": kernel_library,
                          "--backend": None if backend == "auto" else backend}
             given = [name for name, value in unet_only.items() if value is not None]
             if given:
                 raise UserError(f"{', '.join(given)}: options of a U-Net model, not of --dit")
-            _run_dit(model, dit, frames, seed, output, fast, no_cuda_graph, compile_, device, json_path, fps)
+            _run_dit(model, dit, source, frames, seed, output, fast, no_cuda_graph, compile_, device, json_path, fps)
     except MirageError as e:
         raise UserError(str(e)) from e
     except KeyboardInterrupt:  # Ctrl-C while the model loads, before the frame loop takes the signal over
@@ -246,8 +254,28 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
     _finish(report, rows, json_path, stop, f"{len(times)} of {frames} frames")
 
 
-def _run_dit(checkpoint, dit, frames, seed, output, fast, no_cuda_graph, compile_, device, json_path, fps):
-    """A Wan DiT run: every check on the CPU first (DiTPipeline.open), then blocks written as they finish."""
+def _restyled(pipe, source: str, blocks: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Video-to-video: (output frames, input frames) of each block of `source` (read as needed, square frames
+    of the model's size); a last block the input cannot fill is not made."""
+    n = pipe.cfg.video_frames(pipe.cfg.block_frames, first=False)
+    size = pipe.cfg.width
+    if source == "synthetic":
+        video = SyntheticVideo(size, seed=12345)
+        inputs = (video.clip(0, 1, start=i)[0] for i in range(blocks * n))
+    else:
+        inputs = (f for _, f in zip(range(blocks * n), iter_frames(source, size)))
+    chunk = []
+    for frame in inputs:
+        chunk.append(frame)
+        if len(chunk) == n:
+            block = np.stack(chunk)
+            yield pipe.restyle(block), block
+            chunk = []
+
+
+def _run_dit(checkpoint, dit, source, frames, seed, output, fast, no_cuda_graph, compile_, device, json_path, fps):
+    """A Wan DiT run: every check on the CPU first (DiTPipeline.open), then blocks written as they finish;
+    with --input, video-to-video (DiTPipeline.restyle) at --strength."""
     from tqdm import tqdm
 
     from mirage.model.dit_pipeline import DiTPipeline, DiTSpec, blocks_for
@@ -257,7 +285,13 @@ def _run_dit(checkpoint, dit, frames, seed, output, fast, no_cuda_graph, compile
                         "--dit needs a checkpoint: MODEL, a Wan 2.1 DiT file or folder (or --random-weights)")
     if (dit["prompt"] is None) == (dit["prompt_embeds"] is None):
         raise UserError("--dit needs one of --prompt TEXT (with --text-encoder FOLDER) or --prompt-embeds FILE")
-    _check_outputs(output, json_path, fast, device, None)
+    if dit["strength"] is not None and source is None:
+        raise UserError("--strength: video-to-video needs an --input")
+    cfg = DiTSpec(dit["config"], resolution=dit["resolution"]).dit_config()
+    if source is not None and (not cfg.autoencoder or cfg.width != cfg.height):
+        raise UserError(f"--input: video-to-video needs a DiT config on a per-frame autoencoder with square "
+                        f"frames (dit-tiny-taesd); {cfg.name} at {cfg.width}x{cfg.height} is not one")
+    _check_outputs(output, json_path, fast, device, source)
     spec = DiTSpec(dit["config"], checkpoint, dit["lora"], dit["decoder"], dit["text_encoder"], dit["resolution"],
                    dit["window"], dit["sink"])
     writer = VideoWriter(output, fps=fps)  # the path and format are checked before any frame is made
@@ -269,16 +303,24 @@ def _run_dit(checkpoint, dit, frames, seed, output, fast, no_cuda_graph, compile
         start = time.perf_counter()
         pipe.reset(seed)  # compiles and captures every cache fill level on first use
         setup = time.perf_counter() - start
-        block_times, frame_times = [], []
-        total = pipe.cfg.video_frames(blocks * pipe.cfg.block_frames, first=True)
+        block_times, frame_times, psnrs = [], [], []
+        total = pipe.cfg.video_frames(blocks * pipe.cfg.block_frames, first=source is None)
+        if source is not None:
+            pipe.set_strength(0.6 if dit["strength"] is None else dit["strength"])
+            work = _restyled(pipe, source, blocks)
+        else:
+            work = ((block, None) for block in pipe.blocks(blocks))
         with tqdm(total=total, desc="frames", unit="frame") as bar:
-            for block, seconds in _timed(pipe.blocks(blocks), stop, bar, len):
+            for (block, inputs), seconds in _timed(work, stop, bar, lambda item: len(item[0])):
                 block_times.append(seconds)
                 frame_times += [seconds / len(block)] * len(block)  # a block's frames arrive together
                 for frame in block:
                     writer.write(frame)
+                if inputs is not None:
+                    psnrs.append(float(psnr(block, inputs).mean()))
         if not block_times:
-            raise UserError("interrupted before the first block")
+            raise UserError("interrupted before the first block" if stop.signal is not None else
+                            f"{source}: fewer frames than one block")
         described = pipe.describe()
         graphs = pipe.graphed
     report, rows = _summary(checkpoint or "random weights", "pytorch", described, graphs, seed, setup, frame_times,
@@ -286,6 +328,9 @@ def _run_dit(checkpoint, dit, frames, seed, output, fast, no_cuda_graph, compile
     report.update(dit=dataclasses.asdict(pipe.cfg), compile=pipe.compiled,
                   weights=dataclasses.asdict(pipe.weights) if pipe.weights else None, fp8=pipe.fp8)
     _block_report(report, rows, block_times, pipe.cfg.block_frames)
+    if psnrs:
+        report.update(strength=pipe.strength, psnr_vs_input_db=float(np.mean(psnrs)))
+        rows.append(("strength / PSNR vs. input", f"{pipe.strength} / {report['psnr_vs_input_db']:.2f} dB"))
     _finish(report, rows, json_path, stop, f"{len(block_times)} of {blocks} blocks")
 
 

@@ -451,7 +451,6 @@ def get_ae_config(name: str) -> AutoencoderConfig:
 # ---------------------------------------------------------------------------------------------------
 # The second model family: the chunk-causal video DiT on the Wan 2.1 layout (mirage.model.dit).
 
-WAN_VIDEO_FRAMES_PER_LATENT = 4  # Wan VAE: 4 video frames per latent frame, the first latent frame is 1 video frame
 
 
 @dataclass(frozen=True)
@@ -497,6 +496,11 @@ class DiTConfig:
     warp_denoising_step: bool = True
     timestep_shift: float = 5.0
     context_timestep: int = 0
+    # A per-frame latent autoencoder (a Mirage autoencoder folder such as checkpoints/ae-taesd, with
+    # vae_stride (1, s, s)) instead of Wan's temporal VAE: "" means the Wan VAE / TAEHV given by --decoder.
+    autoencoder: str = ""
+    autoencoder_sha256: str = ""  # of its weights, recorded by the trainer; a mismatch is refused
+    latent_scale: float = 1.0  # latents the DiT sees = the autoencoder's latents x latent_scale
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -513,7 +517,11 @@ class DiTConfig:
                                 and list(s) == sorted(s, reverse=True), "a falling list of steps in (0, 1000]"),
             "timestep_shift": (_positive, "> 0"),
             "context_timestep": (lambda v: 0 <= v < 1000, "in [0, 999]"),
+            "latent_scale": (_positive, "> 0"),
         })
+        if self.autoencoder and self.vae_stride[0] != 1:
+            raise ConfigError(f"autoencoder={self.autoencoder!r} codes frame by frame: vae_stride must be (1, h, w), "
+                              f"not {self.vae_stride}")
         for field in ("patch_size", "vae_stride"):
             if len(getattr(self, field)) != 3 or min(getattr(self, field)) < 1:
                 raise ConfigError(f"{field}={getattr(self, field)} must be 3 positive integers (frames, height, width)")
@@ -581,9 +589,11 @@ class DiTConfig:
         return len(self.denoising_steps)
 
     def video_frames(self, latent_frames: int, first: bool) -> int:
-        """Video frames decoded from `latent_frames` (Wan VAE: 4 per latent frame, but the video's
-        first latent frame is a single video frame: 21 latent frames are an 81-frame clip)."""
-        return WAN_VIDEO_FRAMES_PER_LATENT * latent_frames - (WAN_VIDEO_FRAMES_PER_LATENT - 1 if first else 0)
+        """Video frames decoded from `latent_frames`: vae_stride[0] per latent frame, except the video's
+        first latent frame, which is a single video frame (Wan VAE: 21 latent frames are an 81-frame clip;
+        a per-frame autoencoder: one each)."""
+        per_latent = self.vae_stride[0]
+        return per_latent * latent_frames - (per_latent - 1 if first else 0)
 
     # --- accounting (nanoGPT style: parameters, FLOPs from the layer shapes) ---------------------
     def param_count(self) -> int:
@@ -641,6 +651,14 @@ DIT_CONFIGS: dict[str, DiTConfig] = {
                           text_len=512, freq_dim=256, width=832, height=480, block_frames=3, window_frames=21,
                           sink_frames=0),
 }
+# Trained here (mirage.train.dit, checkpoints/dit-tiny-taesd): ~1M parameters like the U-Net tiny-128, on
+# 16x16x4 latents of the per-frame checkpoints/ae-taesd (128x128 video, one latent frame per video frame),
+# 4x4 patches (16 tokens a frame: what trains in minutes on a shared 2-core CPU), blocks of 2 frames in an
+# 8-frame window. Plain flow matching (not distilled): 4 unwarped, unshifted steps at sigma 1, 0.75, 0.5,
+# 0.25 (the Self-Forcing steps are a distilled model's).
+DIT_CONFIGS["dit-tiny-taesd"] = DiTConfig(name="dit-tiny-taesd", dim=128, ffn_dim=384, patch_size=(1, 4, 4), in_dim=4,
+                                          out_dim=4, vae_stride=(1, 8, 8), window_frames=8, warp_denoising_step=False,
+                                          timestep_shift=1.0, autoencoder="checkpoints/ae-taesd", latent_scale=1.25)
 # LongLive (NVlabs/LongLive configs/longlive_inference.yaml: local_attn_size 12, sink_size 3): the same
 # model with an attention sink of 3 frames and a 12-frame window, for long videos and prompt switches.
 DIT_CONFIGS["wan-1.3b-longlive"] = dataclasses.replace(DIT_CONFIGS["wan-1.3b"], name="wan-1.3b-longlive",

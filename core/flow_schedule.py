@@ -74,3 +74,16 @@ def flow_x0(x, v, sigma: float):
 def flow_renoise(x0, noise, sigma: float):
     """x_t = (1 - σ) x_0 + σ ε: a prediction put back at noise level σ for the next step."""
     return (1 - sigma) * x0 + sigma * noise
+
+
+def strength_schedule(schedule: list[tuple[float, float, float]], strength: float) -> list[tuple[float, float, float]]:
+    """Video-to-video (SDEdit, StreamDiffusionV2): the rows of `schedule` that remain after an input is put
+    at noise level σ = strength. The first row denoises from σ = strength itself (t = 1000 σ, the flow
+    matching timestep of that level), the rest are the schedule's rows below it. Strength 1 is the full
+    schedule from pure noise; strength 0 is no row (the input is taken as the clean block)."""
+    if not 0 <= strength <= 1:
+        raise ValueError(f"strength {strength} outside [0, 1]")
+    if strength == 0:
+        return []
+    below = [row for row in schedule if row[1] < strength]
+    return [(NUM_TRAIN_TIMESTEPS * strength, strength, below[0][1] if below else 0.0), *below]

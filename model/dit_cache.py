@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mirage.core.flow_schedule import block_schedule, flow_renoise, flow_x0
+from mirage.core.flow_schedule import block_schedule, flow_renoise, flow_x0, strength_schedule
 from mirage.model.dit import Block, Rope, WanDiT, block_causal_mask
 
 
@@ -94,10 +94,19 @@ class BlockStepper:
         self.schedule = block_schedule(self.cfg.denoising_steps, self.cfg.timestep_shift, self.cfg.warp_denoising_step)
         # Per-frame timesteps (B, N) of each step and of the cache-write pass, made once: tensors, not
         # Python floats, so a compiled pass is one graph for every step
-        shape = (batch, self.cfg.block_frames)
-        self._timesteps = [torch.full(shape, t, device=device) for t, _, _ in self.schedule]
-        self._context_t = torch.full(shape, float(self.cfg.context_timestep), device=device)
+        self._shape, self._device = (batch, self.cfg.block_frames), device
+        self._timesteps = [torch.full(self._shape, t, device=device) for t, _, _ in self.schedule]
+        self._rows = [(ts, sigma, sigma_next) for ts, (_, sigma, sigma_next) in zip(self._timesteps, self.schedule)]
+        self._context_t = torch.full(self._shape, float(self.cfg.context_timestep), device=device)
         self._layer = cached_layer
+        self.set_strength(1.0)
+
+    def set_strength(self, strength: float) -> None:
+        """Video-to-video: how far a `source` block is noised before the steps left denoise it
+        (flow_schedule.strength_schedule; 1: from pure noise, 0: the source is taken as it is). Takes
+        effect from the next block; generation (no source) always runs the whole schedule."""
+        self._v2v_rows = [(torch.full(self._shape, t, device=self._device), sigma, sigma_next)
+                          for t, sigma, sigma_next in strength_schedule(self.schedule, strength)]
 
     def reset(self) -> None:
         """Start a new video: an empty window at frame 0 (stale slots are never read: a slot is
@@ -134,15 +143,20 @@ class BlockStepper:
         positions = self.cache.frame + self.cache._offsets
         return positions, self.cache.slots(positions)
 
-    def block_body(self, noise: torch.Tensor, span: int) -> torch.Tensor:
+    def block_body(self, noise: torch.Tensor, span: int, source: torch.Tensor | None = None) -> torch.Tensor:
         """The graph-capturable part of a block: `noise` (steps, B, in_dim, N, h, w) float32, the start
         noise then one fresh noise per re-noising; returns the clean block x_0 (B, in_dim, N, h, w).
-        Reads and advances only device state (the frame position, the cache, the slot map)."""
+        Reads and advances only device state (the frame position, the cache, the slot map).
+        `source`: video-to-video, an input block's clean latents, put at the strength's noise level with
+        noise[0] and denoised through the steps left (`set_strength`)."""
         positions, slots = self._block_frames()
-        x = noise[0]
-        for i, (_, sigma, sigma_next) in enumerate(self.schedule):
-            x0 = flow_x0(x, self._pass(x, self._timesteps[i], slots, positions, span).float(), sigma)
-            if i + 1 < len(self.schedule):
+        rows = self._rows if source is None else self._v2v_rows
+        x0 = x = noise[0] if source is None else source
+        if source is not None and rows:
+            x = flow_renoise(source, noise[0], rows[0][1])
+        for i, (timesteps, sigma, sigma_next) in enumerate(rows):
+            x0 = flow_x0(x, self._pass(x, timesteps, slots, positions, span).float(), sigma)
+            if i + 1 < len(rows):
                 x = flow_renoise(x0, noise[i + 1], sigma_next)
         self.append_body(x0, span)
         return x0
@@ -160,9 +174,9 @@ class BlockStepper:
         return velocity
 
     @torch.no_grad()
-    def step(self, noise: torch.Tensor) -> torch.Tensor:
+    def step(self, noise: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
         """Denoise the next block (see `block_body`)."""
-        x0 = self.block_body(noise, self.cache.span)
+        x0 = self.block_body(noise, self.cache.span, source)
         self.cache.frames_written += self.cfg.block_frames
         return x0
 

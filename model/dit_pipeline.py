@@ -13,7 +13,16 @@ names and shapes (`load_dit` checks them before it allocates). Only then do the 
 decoder and the encoder go to the device; the encoder runs once for the prompt and is dropped.
 
 Video frames per block follow the Wan VAE (and TAEHV): 4 per latent frame, except the video's first
-latent frame, which gives one (`DiTConfig.video_frames`).
+latent frame, which gives one (`DiTConfig.video_frames`); a config on a per-frame autoencoder
+(`DiTConfig.autoencoder`, dit-tiny-taesd) decodes one video frame per latent frame with it instead.
+
+Video-to-video (StreamDiffusionV2 / MirageLSD's use; needs the per-frame autoencoder, which also encodes):
+
+    pipe.reset(seed)
+    pipe.set_strength(0.5)                  # from the next block on; 0 keeps the input, 1 ignores it
+    for chunk in camera_blocks:             # (block_frames, H, W, 3) in [-1, 1]
+        out = pipe.restyle(chunk)           # encoded, noised to σ = strength, denoised through the steps left
+        pipe.set_prompt(other)              # any time: the held frames are re-cached under the new prompt
 """
 from __future__ import annotations
 
@@ -32,7 +41,8 @@ from mirage.model.dit_cache import BlockStepper, CapturedBlockStep
 from mirage.model.fp8 import calibrate, to_fp8
 from mirage.model.taehv import TaehvDecoder
 from mirage.model.text_encoder import PromptEncoder, check_width, encode_prompt
-from mirage.model.wan_checkpoint import DiTWeights, load_dit
+from mirage.model.latent import load_frame_codec
+from mirage.model.wan_checkpoint import DiTWeights, load_dit, saved_dit_config
 from mirage.model.wan_decode import load_decoder
 
 
@@ -98,6 +108,7 @@ class DiTPipeline:
         self.noise_shape = (cfg.steps, 1, cfg.in_dim, cfg.block_frames, *cfg.latent_size)
         self.generator = torch.Generator(device=device)
         self.setup_done = False
+        self.strength = 1.0
 
     @classmethod
     def open(cls, spec: DiTSpec, prompt: str | Path, device: str = "auto", compile: bool = False,
@@ -116,15 +127,23 @@ class DiTPipeline:
         if isinstance(prompt, str) and spec.text_encoder is None:
             raise DiTRunError("a text --prompt needs --text-encoder FOLDER (a local UMT5 encoder), or give "
                               "--prompt-embeds FILE")
-        if spec.decoder is None and spec.checkpoint is not None:
+        if cfg.autoencoder and spec.decoder is not None:
+            raise DiTRunError(f"{cfg.name} decodes with its own per-frame autoencoder ({cfg.autoencoder}); "
+                              "leave out --decoder")
+        if spec.decoder is None and spec.checkpoint is not None and not cfg.autoencoder:
             raise DiTRunError("no --decoder: give a TAEHV file (taew2_1.pth) or a Wan VAE folder to write video")
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         encoder = PromptEncoder(spec.text_encoder, "cpu", dtype) if isinstance(prompt, str) else None
         if encoder is not None:
             check_width(encoder, cfg)
         text = encode_prompt(prompt, cfg) if encoder is None else None
-        decoder = load_decoder(spec.decoder) if spec.decoder is not None else \
-            TaehvDecoder().eval().requires_grad_(False)  # random weights: a random decoder (smoke run)
+        if cfg.autoencoder:  # the per-frame autoencoder the checkpoint was trained with, its hash checked
+            saved = saved_dit_config(spec.checkpoint) if spec.checkpoint is not None else None
+            decoder = load_frame_codec(saved or cfg)
+        elif spec.decoder is not None:
+            decoder = load_decoder(spec.decoder)
+        else:
+            decoder = TaehvDecoder().eval().requires_grad_(False)  # random weights: a random decoder (smoke run)
         # the first allocation on the device: load_dit checks the checkpoint before it builds the model
         if spec.checkpoint is None:
             with torch.device(dev):
@@ -149,6 +168,32 @@ class DiTPipeline:
             self.stepper.recache(text)
         else:
             self.stepper.set_prompt(text)
+
+    def set_strength(self, strength: float) -> None:
+        """Video-to-video: the noise level σ an input block is put at before the remaining steps denoise it
+        (0: the input's own latents, 1: generation from noise); from the next block on, no restart."""
+        if not 0 <= strength <= 1:
+            raise DiTRunError(f"strength {strength}: choose a value in [0, 1]")
+        self.stepper.set_strength(strength)
+        self.strength = strength
+
+    def restyle(self, frames: np.ndarray) -> np.ndarray:
+        """Video-to-video: the next block's input frames (block_frames, H, W, 3) float32 in [-1, 1] are
+        encoded, noised to the strength and denoised with the cache and the prompt (StreamDiffusionV2's
+        use); returns its output frames, the same shape. Needs a per-frame autoencoder (a config with
+        `autoencoder`), and runs the block step eagerly (or compiled), never as a captured graph."""
+        if not hasattr(self.decoder, "encode"):
+            raise DiTRunError(f"{self.cfg.name} has no encoder (its decoder only decodes): video-to-video needs a "
+                              "config on a per-frame autoencoder, such as dit-tiny-taesd")
+        expect = (self.cfg.video_frames(self.cfg.block_frames, first=False), self.cfg.height, self.cfg.width, 3)
+        if frames.shape != expect:
+            raise DiTRunError(f"input block of shape {frames.shape}; {self.cfg.name} takes {expect} "
+                              "(frames, height, width, RGB)")
+        video = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)).to(self.device)
+        source = self.decoder.encode(video.permute(0, 3, 1, 2)[None]).float()  # (1, in_dim, N, h, w)
+        noise = torch.randn(self.noise_shape, device=self.device, generator=self.generator)
+        out = self.decoder.decode(self.stepper.step(noise, source))[0]  # (N, 3, H, W)
+        return out.permute(0, 2, 3, 1).float().cpu().numpy()
 
     def reset(self, seed: int) -> None:
         """Start a video from an empty cache with noise from `seed`. The first call with Inductor or CUDA

@@ -15,6 +15,8 @@ The layouts, told apart by their keys (facts from the projects' own save / load 
                    beside config.json, Wan2.1_VAE.pth and models_t5_umt5-xxl-enc-bf16.pth)
     diffusers      a WanTransformer3DModel folder: config.json + diffusion_pytorch_model.safetensors, or shards
                    listed by diffusion_pytorch_model.safetensors.index.json; names mapped by wan_keys
+    Mirage         a DiT trained here (mirage.train.dit): model.safetensors (WanModel names) + config.json
+                   {"dit": DiTConfig, ...}, whose config must be the one asked for (the autoencoder hash aside)
 
 An EMA state dict may carry FSDP / activation-checkpoint / torch.compile wrapper names
 (`_fsdp_wrapped_module.`, `_checkpoint_wrapped_module.`, `_orig_mod.`): removed, as Self-Forcing's and
@@ -25,12 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from mirage.core.config import DiTConfig
+from mirage.core.config import ConfigError, DiTConfig, from_json
 from mirage.core.files import sha256_file
 from mirage.model.dit import WanDiT
 from mirage.model.wan_keys import WanKeyError, diffusers_to_wan
@@ -44,6 +47,7 @@ LORA_ENTRY, LORA_PREFIX = "generator_lora", "base_model.model."
 # The transformer's file in both a Wan-AI folder (beside Wan2.1_VAE.pth and the T5 .pth) and a diffusers one
 TRANSFORMER_FILE = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_INDEX = f"{TRANSFORMER_FILE}.index.json"
+MIRAGE_FILE = "model.safetensors"  # a DiT trained here (mirage.train.dit), beside config.json and its prompt
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 # the config.json field (WanModel's, diffusers') of what the weights' shapes do not reveal: the number of heads
 HEAD_FIELDS = ("num_heads", "num_attention_heads")
@@ -81,8 +85,9 @@ def _weight_files(path: Path) -> list[Path]:
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a safetensors index (no weight_map)") from e
         return [path / name for name in sorted(set(weight_map.values()))]
-    if (path / TRANSFORMER_FILE).is_file():
-        return [path / TRANSFORMER_FILE]
+    for name in (TRANSFORMER_FILE, MIRAGE_FILE):
+        if (path / name).is_file():
+            return [path / name]
     files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     if len(files) != 1:
         found = ", ".join(p.name for p in files) or "none"
@@ -146,6 +151,26 @@ def _read_config(files: list[Path], cfg: DiTConfig) -> None:
     heads = next((config[f] for f in HEAD_FIELDS if f in config), cfg.num_heads)
     if heads != cfg.num_heads:
         raise CheckpointError(f"{config_path}: {heads} attention heads; config {cfg.name!r} has {cfg.num_heads}")
+    saved = saved_dit_config(config_path.parent)
+    if saved is not None:  # a DiT trained here: every field but the recorded autoencoder hash must agree
+        diffs = [f"{f.name}: checkpoint has {getattr(saved, f.name)!r}, asked for {getattr(cfg, f.name)!r}"
+                 for f in dataclasses.fields(DiTConfig)
+                 if f.name != "autoencoder_sha256" and getattr(saved, f.name) != getattr(cfg, f.name)]
+        if diffs:
+            raise CheckpointError(f"{config_path}: DiT config mismatch; " + "; ".join(diffs))
+
+
+def saved_dit_config(path: str | Path) -> DiTConfig | None:
+    """The DiTConfig a checkpoint trained here records (config.json {"dit": ...}, mirage.train.dit), else None."""
+    path = Path(path)
+    config_path = (path if path.is_dir() else path.parent) / "config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        saved = json.loads(config_path.read_text()).get("dit")
+        return None if saved is None else from_json(DiTConfig, saved)
+    except (ValueError, AttributeError, ConfigError) as e:
+        raise CheckpointError(f"{config_path}: not a DiT config ({e})") from e
 
 
 def read_dit_checkpoint(path: str | Path, cfg: DiTConfig, ema: bool = True) -> tuple[dict[str, Entry], DiTWeights]:

@@ -163,6 +163,8 @@ def never_allocated(monkeypatch):
     ("prompt-for-a-unet", f"--prompt-embeds: {run.DEFAULT_MODEL} takes no prompt"),  # a DiT artifact takes it
     ("dit-checkpoint-without-dit", "for a Wan 2.1 DiT checkpoint add --dit CONFIG"),
     ("unet-option-with-dit", "--steps: options of a U-Net model"),
+    ("v2v-without-frame-codec", "video-to-video needs a DiT config on a per-frame autoencoder"),
+    ("strength-without-input", "--strength: video-to-video needs an --input"),
 ])
 def test_bad_input_is_one_line_and_status_2_with_nothing_written(tmp_path, embeds, never_allocated, case, message):
     unet = tmp_path / "unet.safetensors"
@@ -188,6 +190,8 @@ def test_bad_input_is_one_line_and_status_2_with_nothing_written(tmp_path, embed
         "prompt-for-a-unet": ["--prompt-embeds", embeds],
         "dit-checkpoint-without-dit": [unet],
         "unet-option-with-dit": [*SMALL, *rand, "--steps", 2],
+        "v2v-without-frame-codec": [*SMALL, *rand, "--input", "synthetic"],
+        "strength-without-input": [*SMALL, *rand, "--strength", 0.5],
     }[case]
     out = tmp_path / "out.gif"
     result = mirage_run(*args, "--output", out, "--json", tmp_path / "r.json")
