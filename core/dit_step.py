@@ -22,7 +22,6 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from mirage.core import graphs as G
-from mirage.core.config import WAN_VIDEO_FRAMES_PER_LATENT
 from mirage.core.errors import MirageError
 from mirage.core.flow_schedule import block_schedule, flow_renoise, flow_x0
 
@@ -137,7 +136,7 @@ class DiTBlockLoop:
         return x0
 
 
-# Wan 2.1 plays its video at 16 fps, 4 video frames per latent frame (config.WAN_VIDEO_FRAMES_PER_LATENT)
+# Wan 2.1 plays its video at 16 fps, vae_stride[0] (4) video frames per latent frame
 WAN_VIDEO_RATE = 16
 _T_CTX = "t_emb_ctx"  # the host input of the cache-write pass's timestep embedding; steps' are t_emb_<i>
 
@@ -185,12 +184,12 @@ class BlockUnit:
     RoPE angles, slots and validity of its next block are computed there and staged with the block."""
 
     controls = {"prompt": True}
-    video_rate = WAN_VIDEO_RATE / WAN_VIDEO_FRAMES_PER_LATENT  # the preview shows one frame per latent frame
     frames_are = "latent preview: channels 0-2 of each latent frame, clamped to [-1, 1] (no decoder graph)"
     frames_in = 0  # generation (video-to-video needs an encoder graph: the per-frame autoencoder DiT)
 
     def __init__(self, cfg, specs: dict[str, G.GraphSpec]):
         self.cfg, self.specs = cfg, specs
+        self.video_rate = WAN_VIDEO_RATE / cfg.vae_stride[0]  # the preview shows one frame per latent frame
         self.batch = specs[G.DIT_STEP].tensor(G.X_T).shape[0]
         self.schedule = block_schedule(cfg.denoising_steps, cfg.timestep_shift, cfg.warp_denoising_step)
         self.steps, self.frames = len(self.schedule), cfg.block_frames
