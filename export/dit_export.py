@@ -148,7 +148,7 @@ def trace_feeds(cfg, precision: str, batch: int = 1) -> dict[str, np.ndarray]:
     """Feeds to trace every DiT graph on without recording a rollout (wan-1.3b's would take hours on a CPU):
     a first block's static inputs, and the others at their spec's shape and dtype, uninitialized (tracing
     reads shapes, never values; the pages of np.empty's multi-GB caches are never touched)."""
-    feeds = dict(block_inputs(cfg, 0, batch))
+    feeds = dict(block_inputs(cfg, np.zeros(batch, np.int64)))  # every row at the video's first frame
     for spec in G.model_graphs(cfg, batch, precision=precision).values():
         for x in spec.inputs:
             feeds.setdefault(x.name, np.empty(x.shape, x.dtype))
