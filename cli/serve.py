@@ -100,7 +100,8 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
                                 max_replicas=max_replicas or min_replicas, target_streams=target_streams,
                                 drain_s=drain_s)
         _check_listen(host, port)  # before the model loads: a taken port is said in a second, not after it
-        pipeline = PipelineOptions.fastest() if fast else PipelineOptions()
+        # the server hands the pool uint8 frames and takes uint8 back: they cross to the device as they are
+        pipeline = PipelineOptions.fastest() if fast else PipelineOptions(frames="uint8")
         opened = dict(backend=backend, options=pipeline, load=load_pipeline)  # checkpoints run on the torch side
         pool = StreamPool.open(model, slots, device=devices[0], **opened) if len(devices) == 1 \
             else PoolGroup.open(model, slots, devices, **opened)

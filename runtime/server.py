@@ -11,7 +11,8 @@ Routes
                                                              Authorization: Bearer TOKEN, or ?token=TOKEN
     GET /static/*  its script
     GET /health    JSON: slots, active, fps, busy and step_ms (last second), width, height, video_to_video,
-                   idle_step_ms, plan_step_ms and the per-stage timing (stages)
+                   idle_step_ms, plan_step_ms, the per-stage timing (stages) and jpeg_codec (nvjpeg: batched
+                   on the GPU, runtime/codec.py; pillow: in the codec threads)
     GET /ws        WebSocket, one stream per connection     ?seed=N, the token as on /
 Neither the token nor any query string reaches the log (AccessLog; run the app with access_log_class=AccessLog).
 
@@ -61,7 +62,8 @@ from aiohttp.abc import AbstractAccessLogger
 
 from mirage.core.errors import MirageError
 from mirage.core.loop import MAX_SEED
-from mirage.core.video_io import as_uint8, to_float, v2v_input
+from mirage.core.video_io import as_uint8, v2v_input_u8
+from mirage.runtime.codec import BatchedJpeg, gpu_jpeg
 from mirage.runtime.pool import PoolFull
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -157,13 +159,14 @@ class Frame:
     fmt: int
     client_ts: float
     received: float                # server monotonic clock, for the deadline
-    pixels: np.ndarray | None      # the model's input, (H, W, 3) float32; None: a generation model's request
+    pixels: np.ndarray | None      # the model's input, (H, W, 3) uint8; None: a generation model's request
     decoded: float = 0.0           # server monotonic clock when its decode ended (for the queue-wait stage)
 
 
 def decode_frame(data: bytes, shape: tuple[int, int, int], video_to_video: bool, max_bytes: int,
-                 received: float) -> Frame:
-    """A client's binary message -> Frame; ServeError names what is wrong with it."""
+                 received: float, jpeg: BatchedJpeg | None = None) -> Frame:
+    """A client's binary message -> Frame; ServeError names what is wrong with it. `jpeg`: the GPU's
+    batched JPEG codec (runtime/codec.py), None: Pillow, in this thread."""
     if len(data) < HEADER.size:
         raise ServeError(f"a frame message is a {HEADER.size}-byte header, then the image; got {len(data)} bytes")
     frame_id, fmt, client_ts = HEADER.unpack_from(data)
@@ -180,7 +183,7 @@ def decode_frame(data: bytes, shape: tuple[int, int, int], video_to_video: bool,
         raise ServeError(f"frame {frame_id}: this video-to-video model needs an input image after the header")
     # clients send a plain RGB frame; the model's input is made from it as mirage-run makes it:
     # luma at full resolution plus coarse chroma (the video-to-video task the models are trained on)
-    pixels = v2v_input(to_float(_rgb(payload, fmt, shape, frame_id)))  # (H, W, 3) in [-1, 1]
+    pixels = v2v_input_u8(_rgb(payload, fmt, shape, frame_id, jpeg))  # (H, W, 3) uint8: no float frame is kept
     return Frame(frame_id, fmt, client_ts, received, pixels, time.monotonic())
 
 
@@ -191,9 +194,11 @@ MAX_JPEG_MARKERS = 64  # segments before the first scan (Pillow reads them in Py
 MAX_JPEG_SCANS = 64    # a progressive JPEG has ~10 scans, and each is a pass over the whole image
 
 
-def _rgb(payload: memoryview, fmt: int, shape: tuple[int, int, int], frame_id: int) -> np.ndarray:
+def _rgb(payload: memoryview, fmt: int, shape: tuple[int, int, int], frame_id: int,
+         jpeg: BatchedJpeg | None = None) -> np.ndarray:
     """The frame's pixels, decoded only as the declared format, and only once its header has shown the
-    model's size and a bounded amount of work; anything Pillow raises is this frame's error."""
+    model's size and a bounded amount of work; anything the decoder (Pillow, or `jpeg` for a JPEG) raises
+    is this frame's error."""
     h, w, _ = shape
     if fmt == RAW:
         if len(payload) != h * w * 3:
@@ -205,6 +210,14 @@ def _rgb(payload: memoryview, fmt: int, shape: tuple[int, int, int], frame_id: i
     if size != (w, h):
         raise ServeError(f"frame {frame_id}: {size[0]}x{size[1]} image; the model takes {w}x{h} "
                          "(resize it before sending)")
+    if fmt == JPEG and jpeg is not None:
+        try:
+            rgb = jpeg.decode(data)
+        except Exception as e:  # noqa: BLE001 (as Pillow's below: the frame's)
+            raise ServeError(f"frame {frame_id}: not a readable JPEG image ({type(e).__name__})") from e
+        if rgb.shape != (h, w, 3):  # what was decoded must be what was checked
+            raise ServeError(f"frame {frame_id}: not a readable JPEG image (header size mismatch)")
+        return rgb
     from PIL import Image
 
     try:
@@ -258,17 +271,22 @@ def _jpeg_size(data: bytes, frame_id: int) -> tuple[int, int]:
                      f"{MAX_JPEG_MARKERS} segments)")
 
 
-def encode_frame(frame: Frame, pixels: np.ndarray) -> bytes:
+JPEG_QUALITY = 90
+
+
+def encode_frame(frame: Frame, pixels: np.ndarray, jpeg: BatchedJpeg | None = None) -> bytes:
     """The reply to `frame`: its header echoed, then `pixels` ((H, W, 3) in [-1, 1], or uint8 RGB) in the
-    frame's format."""
+    frame's format (a JPEG by `jpeg`, the GPU's batched codec, when given)."""
     rgb = as_uint8(pixels)
     if frame.fmt == RAW:
         body = rgb.tobytes()
+    elif frame.fmt == JPEG and jpeg is not None:
+        body = jpeg.encode(rgb, JPEG_QUALITY)
     else:
         from PIL import Image
 
         out = io.BytesIO()
-        Image.fromarray(rgb).save(out, format=FORMATS[frame.fmt], quality=90)
+        Image.fromarray(rgb).save(out, format=FORMATS[frame.fmt], quality=JPEG_QUALITY)
         body = out.getvalue()
     return HEADER.pack(frame.id, frame.fmt, frame.client_ts) + body
 
@@ -281,7 +299,7 @@ def timed_call(fn, *args):
 
 # -- the server ------------------------------------------------------------------------------------
 STAGES = ("decode", "queue", "step", "pool", "outbox", "encode", "send")
-# per frame: decode (in a codec thread: the image and v2v_input), queue (decoded -> its step starts: the wait
+# per frame: decode (in a codec thread: the image, on the GPU if batched there, and v2v_input_u8), queue (decoded -> its step starts: the wait
 # for the step in flight and the batch wait), outbox (its step ended -> its encode starts), encode (in a codec
 # thread), send (the socket write); per step: step (the stepper's wall time around the step thread's call)
 # and pool (inside the step thread: pool.submit, pool.collect with its wait for the GPU, and the batch's uint8
@@ -379,6 +397,7 @@ class Server:
         # computes step n+1 while this thread waits for and converts step n.
         self.step_thread = ThreadPoolExecutor(1, thread_name_prefix="mirage-step")
         self.codec = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="mirage-codec")
+        self.jpeg = gpu_jpeg(pool)  # JPEGs batched on the pool's GPU (nvJPEG), called from the codec threads
 
     def timed(self, stage: str, start: float) -> float:
         now = time.monotonic()
@@ -485,7 +504,8 @@ class Server:
         """/health's JSON (bridge/ray_app.py gathers it from every replica)."""
         h, w, _ = self.pool.frame_shape
         return {"slots": self.pool.slots, "active": len(self.pool.active), **self.load(),
-                "width": w, "height": h, "video_to_video": self.pool.video_to_video}
+                "width": w, "height": h, "video_to_video": self.pool.video_to_video,
+                "jpeg_codec": self.jpeg.name if self.jpeg is not None else "pillow"}
 
     # -- one client ------------------------------------------------------------------------------
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
@@ -584,7 +604,8 @@ class Server:
             (data, received), stream.raw = stream.raw, None
             start = time.monotonic()
             stream.decoding = self.codec.submit(timed_call, decode_frame, data, self.pool.frame_shape,
-                                                self.pool.video_to_video, self.options.max_frame_bytes, received)
+                                                self.pool.video_to_video, self.options.max_frame_bytes, received,
+                                                self.jpeg)
             try:
                 frame, seconds = await asyncio.wrap_future(stream.decoding)
             except ServeError as e:
@@ -616,7 +637,7 @@ class Server:
             if stream.outbox is not None:
                 (frame, pixels, stepped), stream.outbox = stream.outbox, None
                 self.timed("outbox", stepped)
-                data, seconds = await self.in_codec_thread(timed_call, encode_frame, frame, pixels)
+                data, seconds = await self.in_codec_thread(timed_call, encode_frame, frame, pixels, self.jpeg)
                 self.stages["encode"].add(seconds, time.monotonic())
                 start = time.monotonic()
                 await stream.ws.send_bytes(data)
@@ -774,6 +795,8 @@ class Server:
         sys.setswitchinterval(switch_interval)
         self.step_thread.shutdown()
         self.codec.shutdown()
+        if self.jpeg is not None:
+            self.jpeg.close()
 
     async def close_streams(self, app: web.Application) -> None:
         for s in list(self.streams.values()):

@@ -283,6 +283,7 @@ def summarize(streams: int, results: list[dict], health: dict, args) -> dict:
             "max_gap_ms": max(r["max_gap_ms"] for r in results),
             "server_steps_per_s": health["fps"], "server_busy": health["busy"],
             "server_step_ms": health["step_ms"], "idle_step_ms": health.get("idle_step_ms"),
+            "jpeg_codec": health.get("jpeg_codec"),  # nvjpeg (batched on the GPU) or pillow (CPU threads)
             **{f"{name}_ms": stage["mean_ms"] for name, stage in health.get("stages", {}).items()},
             **{f"{name}_max_ms": stage["max_ms"] for name, stage in health.get("stages", {}).items()},
             **{f"server_{k}": v for k, v in server.items()}}
