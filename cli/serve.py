@@ -57,6 +57,9 @@ DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
               help="At start, time this many steps of the idle pool: the step time the server plans batches with "
                    "(with two steps in flight on a GPU), and /health's idle_step_ms. 0: a CPU pool learns it from "
                    "served steps; a GPU pool is still timed, over 3 steps.")
+@click.option("--cpu-jpeg", is_flag=True,
+              help="Decode and encode JPEGs with Pillow in CPU threads even on a GPU that has nvJPEG (by default "
+                   "they are batched on the pool's GPU, PyTorch backend).")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Serve through Ray Serve (a local Ray unless --ray-address): one replica = one pool of --slots "
                    "streams on one GPU (--device cuda) or the CPU; docs/SERVING.md.")
@@ -70,7 +73,7 @@ DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
 @click.option("--drain-s", type=click.FloatRange(min=0), default=3600.0,
               help="With --ray: how long a replica being replaced or removed keeps serving its open streams.")
 def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, batch_wait_ms, max_frame_bytes,
-         calibrate_steps, use_ray, ray_address, min_replicas, max_replicas, target_streams, drain_s):
+         calibrate_steps, cpu_jpeg, use_ray, ray_address, min_replicas, max_replicas, target_streams, drain_s):
     """Serve MODEL (a checkpoint folder or an exported artifact; default: the bundled tiny-v2v) to
     browsers and WebSocket clients: open http://HOST:PORT/ for the page (webcam, video file or a
     synthetic source). All streams advance together, one batched step per frame, in a pool of
@@ -94,7 +97,7 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
     try:  # the options first: a refused binding should not wait for a model to load
         options = ServerOptions(host=host, port=port, token=token, deadline_ms=deadline_ms,
                                 batch_wait_ms=batch_wait_ms, max_frame_bytes=max_frame_bytes,
-                                calibrate_steps=calibrate_steps)
+                                calibrate_steps=calibrate_steps, gpu_jpeg=not cpu_jpeg)
         if use_ray or ray_address:
             return serve_on_ray(model, slots, backend, devices, fast, options, ray_address, min_replicas=min_replicas,
                                 max_replicas=max_replicas or min_replicas, target_streams=target_streams,

@@ -96,6 +96,7 @@ class ServerOptions:
                                   # MIN_CALIBRATE_STEPS when 0, as its held steps cannot be timed)
     switch_interval_ms: float = 0.5  # the GIL's switch interval (Python's default 5 ms): how long the step thread,
                                      # back from a GPU call, may wait for the GIL while codec threads run Python
+    gpu_jpeg: bool = True  # JPEGs batched on the pool's GPU when it has nvJPEG (runtime/codec.py); False: Pillow
 
     def __post_init__(self):
         if not self.token and not is_loopback(self.host):
@@ -397,7 +398,7 @@ class Server:
         # computes step n+1 while this thread waits for and converts step n.
         self.step_thread = ThreadPoolExecutor(1, thread_name_prefix="mirage-step")
         self.codec = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="mirage-codec")
-        self.jpeg = gpu_jpeg(pool)  # JPEGs batched on the pool's GPU (nvJPEG), called from the codec threads
+        self.jpeg = gpu_jpeg(pool) if options.gpu_jpeg else None  # called from the codec threads
 
     def timed(self, stage: str, start: float) -> float:
         now = time.monotonic()

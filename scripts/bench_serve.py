@@ -69,7 +69,8 @@ def start_server(args, slots: int, log: Path) -> tuple[subprocess.Popen, str]:
         cmd = [sys.executable, "-m", "mirage.cli.serve", args.model, "--port", str(port), "--slots", str(slots),
                "--device", args.device, "--backend", args.backend, "--deadline-ms", str(args.deadline_ms),
                "--batch-wait-ms", str(args.batch_wait_ms), "--calibrate-steps", str(args.calibrate_steps)] \
-            + (["--fast"] if args.fast else []) + (["--ray"] if args.ray else [])
+            + (["--fast"] if args.fast else []) + (["--ray"] if args.ray else []) \
+            + (["--cpu-jpeg"] if args.cpu_jpeg else [])
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     start = time.monotonic()
@@ -327,6 +328,8 @@ def main() -> None:
     p.add_argument("--startup-s", type=float, default=300.0, help="how long the server may take to load")
     p.add_argument("--deadline-ms", type=float, default=100.0)
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="the server's --batch-wait-ms")
+    p.add_argument("--cpu-jpeg", action="store_true", help="mirage-serve --cpu-jpeg: Pillow in CPU threads, not "
+                   "nvJPEG batched on the GPU (the before / after of the codec)")
     p.add_argument("--churn", action="store_true", help="one more stream attaching and detaching all along "
                    "(a spare slot), to see what that costs the others (max gap)")
     p.add_argument("--ray", action="store_true", help="serve through Ray Serve (mirage-serve --ray, a local Ray "

@@ -2,7 +2,7 @@
 # One GPU session: build + check + time the kernels, then benchmark the runtime; logs and JSON
 # go to $OUT (the device tool's output folder) or ./gpu-out.
 #   STAGES="tests kernels bench" CONFIGS=tiny,base [VARIANTS=... PROFILE_VARIANTS=... STEPS=4 TAG=_x] scripts/gpu_session.sh
-#   STAGES="servetests serve" SERVE_CASES="base:16 base:16:churn base-512:8" scripts/gpu_session.sh
+#   STAGES="servetests serve" SERVE_CASES="base:16 base:16:churn base-512:8 base-512:8:cpu-jpeg" scripts/gpu_session.sh
 #   STAGES="run" [RUN_CONFIGS="base-512 base" RUN_FRAMES=300] scripts/gpu_session.sh
 #   STAGES="dittests anchor dit" SELF_FORCING=.anchor/Self-Forcing [DIT_CONFIG=wan-1.3b DIT_BLOCKS=7 DIT_MODES=...] scripts/gpu_session.sh
 # (stages: build = the kernel library only, for this GPU's architecture; tests = the tests/gpu suite;
@@ -36,7 +36,7 @@ for stage in $STAGES; do
     servetests) python -m pytest -q -rs tests/gpu/test_gpu_serve.py tests/gpu/test_gpu_cuda_runtime.py \
                   tests/gpu/test_gpu_torch_runtime.py 2>&1 | tee "$OUT/serve_tests.log" || echo "servetests: failures" ;;
     serve) for case in ${SERVE_CASES:-base:16}; do
-             IFS=: read -r cfg n mode <<< "$case"  # mode: churn (--churn) or ray (--ray: through Ray Serve)
+             IFS=: read -r cfg n mode <<< "$case"  # mode: churn (--churn), ray (--ray: through Ray Serve) or cpu-jpeg
              timeout "${SERVE_LIMIT:-300}" python scripts/bench_serve.py --random "$cfg" --device cuda --fast --counts "$n" \
                --keep-going --startup-s 200 ${mode:+--$mode} --json "$OUT/serve_${cfg}_${n}${mode:+_$mode}.json" \
                2>&1 | tee "$OUT/serve_${cfg}_${n}${mode:+_$mode}.log" || echo "serve $case: exit $?"

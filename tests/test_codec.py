@@ -19,7 +19,7 @@ from mirage.core.config import PipelineOptions
 from mirage.core.video_io import to_float, to_uint8
 from mirage.runtime.codec import BatchedJpeg, gpu_jpeg
 from mirage.runtime.pool import StreamPool
-from mirage.runtime.server import HEADER, JPEG, Frame, ServeError, decode_frame, encode_frame
+from mirage.runtime.server import HEADER, JPEG, Frame, ServeError, Server, ServerOptions, decode_frame, encode_frame
 
 SIZE = 32
 
@@ -126,6 +126,10 @@ def test_only_a_gpu_pool_with_a_jpeg_codec_gets_one():
     assert isinstance(batched, BatchedJpeg) and batched.name == "pillow"
     assert gpu_jpeg(SimpleNamespace(pools=[fake])) is not None  # a PoolGroup: its first pool's
     batched.close()
+    served = Server(fake, ServerOptions())
+    assert served.jpeg.name == "pillow"
+    served.jpeg.close()
+    assert Server(fake, ServerOptions(gpu_jpeg=False)).jpeg is None  # mirage-serve --cpu-jpeg
     with StreamPool.open(CKPT_V2V, slots=1, device="cpu", load=load_pipeline) as pool:
         assert gpu_jpeg(pool) is None  # CPU: Pillow in the codec threads
     assert gpu_jpeg(SimpleNamespace()) is None  # a stand-in pool without a pipeline
