@@ -1,7 +1,7 @@
 """A Pipeline run over a stream of inputs with its host work overlapped: what `mirage-run` drives.
 
     reader thread   the input: decode a file's next frame (or draw the synthetic one), make the model's
-                    uint8 input from it                                   -> bounded queue
+                    uint8 input from it (PREPARE_THREADS helpers, in order) -> bounded queue
     calling thread  the frame step: submit frame n+1 while frame n computes (a GPU keeps two in flight,
                     Pipeline.depth), collect frame n                      -> bounded queue
     writer thread   write the frame (the mp4 encoder is an ffmpeg process), then its PSNR against the
@@ -18,9 +18,12 @@ input that breaks mid-run does the same, then its error is raised; frames made a
 """
 from __future__ import annotations
 
+import collections
+import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -33,23 +36,46 @@ from mirage.core.video_io import iter_frames_u8, to_float, v2v_input_u8
 QUEUE_FRAMES = 4  # frames a stage may run ahead of the next: enough to absorb a slow frame, few for a live input
 POLL_S = 0.05     # how often a wait looks at stop(): Ctrl-C is seen within this even while the input is stalled
 SYNTHETIC_SEED = 12345
+PREPARE_THREADS = min(4, os.cpu_count() or 1)  # reader helpers: a 512x512 input frame is ~6 ms of one core
 STAGES = ("read", "step", "write", "psnr")
-# read: the reader's work per frame (decode or draw, the model's input); step: the calling thread's submit +
+# read: the reader's wait per frame for its next input (decoded or drawn, and prepared, by its helpers); step: the calling thread's submit +
 # collect (on a GPU, collect waits for the frame graph); write: the writer's encode / write; psnr: the metric
 
 
 def v2v_inputs(source: str, size: int, frames: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(model input, ground truth) of each of `frames` frames of `source` ('synthetic', a file, a folder, a
-    webcam index), made when asked for: the input is uint8 (video_io.v2v_input_u8: the frame's luma plus
-    coarse chroma, so a clip's own colors are its ground truth), the truth uint8 for a decoded frame, float
-    for a synthetic one."""
+    webcam index), made a few frames ahead in PREPARE_THREADS threads: the input is uint8
+    (video_io.v2v_input_u8: the frame's luma plus coarse chroma, so a clip's own colors are its ground truth),
+    the truth uint8 for a decoded frame, float for a synthetic one. A file decodes in order (ffmpeg's own
+    process, or Pillow); a synthetic frame is drawn in its thread (4 ms at 512x512 on one core)."""
+    def pair(truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return v2v_input_u8(truth), truth
+
     if source == "synthetic":
         video = SyntheticVideo(size, seed=SYNTHETIC_SEED)
-        truths = (video.clip(0, 1, start=n)[0] for n in range(frames))
+        jobs = (lambda n=n: pair(video.clip(0, 1, start=n)[0]) for n in range(frames))
     else:
-        truths = (f for _, f in zip(range(frames), iter_frames_u8(source, size)))
-    for truth in truths:
-        yield v2v_input_u8(truth), truth
+        jobs = (lambda f=f: pair(f) for _, f in zip(range(frames), iter_frames_u8(source, size)))
+    return ordered(jobs, PREPARE_THREADS)
+
+
+def ordered(jobs: Iterator[Callable[[], object]], workers: int) -> Iterator:
+    """Each job's result in the jobs' order, computed in `workers` threads, up to 2 x workers ahead. A job's
+    error is raised at its turn; an error in drawing the next job (a video that breaks mid-file) after the
+    results of the jobs drawn before it."""
+    with ThreadPoolExecutor(workers, thread_name_prefix="mirage-prepare") as pool:
+        ahead: collections.deque = collections.deque()
+        try:
+            for job in jobs:
+                ahead.append(pool.submit(job))
+                if len(ahead) >= 2 * workers:
+                    yield ahead.popleft().result()
+        except Exception:
+            while ahead:
+                yield ahead.popleft().result()
+            raise
+        while ahead:
+            yield ahead.popleft().result()
 
 
 @dataclass
@@ -166,6 +192,15 @@ def run_pipelined(pipe, inputs: Iterable[tuple[np.ndarray | None, np.ndarray | N
 
 
 def _read(items: Iterator, ready: queue.Queue, halt: threading.Event, seconds: list[float]) -> None:
+    try:
+        _read_until(items, ready, halt, seconds)
+    finally:
+        close = getattr(items, "close", None)  # a generator's threads and files end with the run
+        if close is not None:
+            close()
+
+
+def _read_until(items: Iterator, ready: queue.Queue, halt: threading.Event, seconds: list[float]) -> None:
     while not halt.is_set():
         start = time.perf_counter()
         try:

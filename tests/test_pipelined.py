@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import CKPT_V2V
 from mirage.core.video_io import VideoError
-from mirage.runtime.pipelined import run_pipelined, v2v_inputs
+from mirage.runtime.pipelined import ordered, run_pipelined, v2v_inputs
 
 WAIT_S = 5.0  # what a test waits for the overlap it needs: a serial loop never gets it and fails after this
 
@@ -102,6 +102,32 @@ def test_a_failed_write_stops_the_run_and_is_raised():
     with pytest.raises(OSError, match="No space"):
         run_pipelined(pipe, frames_in(10_000), write)
     assert pipe.submitted < 10_000
+
+
+def test_inputs_are_prepared_ahead_in_threads_and_come_in_order():
+    """ordered(): jobs run in parallel (job 0 waits until job 1 has run: in one thread it never would), their
+    results come in order, and a source that breaks after job 2 still gives jobs 0-2 first."""
+    started = threading.Event()
+
+    def job(k):
+        if k == 0:
+            assert started.wait(WAIT_S)
+        if k == 1:
+            started.set()
+        return k
+
+    def jobs(n, broken_at=None):
+        for k in range(n):
+            if k == broken_at:
+                raise VideoError("clip.mp4: unreadable video (truncated)")
+            yield lambda k=k: job(k)
+
+    assert list(ordered(jobs(8), 2)) == list(range(8))
+    got = []
+    with pytest.raises(VideoError, match="truncated"):
+        for k in ordered(jobs(8, broken_at=3), 2):
+            got.append(k)
+    assert got == [0, 1, 2]
 
 
 @pytest.mark.parametrize("slow", ["read", "write"])
