@@ -38,8 +38,9 @@ POLL_S = 0.05     # how often a wait looks at stop(): Ctrl-C is seen within this
 SYNTHETIC_SEED = 12345
 PREPARE_THREADS = min(4, os.cpu_count() or 1)  # reader helpers: a 512x512 input frame is ~6 ms of one core
 STAGES = ("read", "step", "write", "psnr")
-# read: the reader's wait per frame for its next input (decoded or drawn, and prepared, by its helpers); step: the calling thread's submit +
-# collect (on a GPU, collect waits for the frame graph); write: the writer's encode / write; psnr: the metric
+# read: the reader's wait per frame for its next input (decoded or drawn, and prepared, by its helpers);
+# step: the calling thread's submit + collect (on a GPU, collect waits for the frame graph); write: the
+# writer's encode / write; psnr: the metric
 
 
 def v2v_inputs(source: str, size: int, frames: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -133,9 +134,9 @@ class _End:
         self.error = error
 
 
-def run_pipelined(pipe, inputs: Iterable[tuple[np.ndarray | None, np.ndarray | None]], write: Callable[[np.ndarray], None],
-                  stop: Callable[[], bool] = lambda: False, on_frame: Callable[[float], None] = lambda s: None,
-                  ) -> PipelinedRun:
+def run_pipelined(pipe, inputs: Iterable[tuple[np.ndarray | None, np.ndarray | None]],
+                  write: Callable[[np.ndarray], None], stop: Callable[[], bool] = lambda: False,
+                  on_frame: Callable[[float], None] = lambda s: None) -> PipelinedRun:
     """Run `pipe` (reset, ready) over `inputs`, (model input or None, ground truth or None) pairs, writing each
     frame with `write` in a writer thread; returns the run's timings once every frame made is written.
     `on_frame(seconds since the last frame)` is called in this thread as each frame is collected."""
