@@ -300,8 +300,8 @@ def timed_call(fn, *args):
 
 # -- the server ------------------------------------------------------------------------------------
 STAGES = ("decode", "queue", "step", "pool", "outbox", "encode", "send")
-# per frame: decode (in a codec thread: the image, batched on the GPU with nvJPEG or by Pillow, and its uint8
-# model input), queue (decoded -> its step starts: the wait for the step in flight and the batch wait), outbox (its step ended -> its encode starts), encode (in a codec
+# per frame: decode (in a codec thread: the image, its uint8 input), queue (decoded -> its step starts: the wait
+# for the step in flight and the batch wait), outbox (its step ended -> its encode starts), encode (in a codec
 # thread), send (the socket write); per step: step (the stepper's wall time around the step thread's call)
 # and pool (inside the step thread: pool.submit, pool.collect with its wait for the GPU, and the batch's uint8
 # conversion). step - pool is the handoff between the event loop and that thread (wake-ups, the GIL).
