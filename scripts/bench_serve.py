@@ -102,7 +102,7 @@ class NullPool:
         self.slots, self.frame_shape, self.video_to_video = slots, (size, size, 3), True
         self.active: list[int] = []
         self.step_s, self.gil_calls = step_ms / 1e3, max(1, gil_calls)
-        self.last = np.zeros((slots, size, size, 3), np.float32)
+        self.last = np.zeros((slots, size, size, 3), np.uint8)  # the server hands a pool uint8 frames
         self.in_flight: collections.deque[tuple[float, dict]] = collections.deque()  # (done at, outputs)
         self.free_at = 0.0  # when the "GPU" has finished every step submitted so far
 
