@@ -21,7 +21,7 @@ from mirage.core.video_io import to_uint8  # noqa: E402
 from mirage.model.torch_device import TorchGpu  # noqa: E402
 from mirage.runtime.codec import BatchedJpeg, gpu_jpeg  # noqa: E402
 from mirage.runtime.pool import StreamPool  # noqa: E402
-from mirage.runtime.server import HEADER, JPEG, decode_frame  # noqa: E402
+from mirage.runtime.server import HEADER, JPEG, ServeError, decode_frame  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -84,3 +84,31 @@ def test_a_gpu_pool_on_the_torch_backend_hands_the_server_its_codec():
         assert pillow_rgb(batched.encode(rgb, 90)).shape == (64, 64, 3)
         batched.close()
     torch.cuda.synchronize()
+
+
+def test_mutated_jpegs_through_nvjpeg_decode_or_raise_one_serve_error_and_leave_the_gpu_working():
+    """A hostile client's cut and bit-flipped JPEGs (fixed seed) reach nvJPEG once their headers pass: each
+    decodes or raises ServeError, and afterwards the GPU still decodes a good frame and runs a graph (a sticky
+    CUDA error from the codec would end every stream of the server)."""
+    codec = TorchGpu("cuda").jpeg()
+    batched = BatchedJpeg(codec.decode_batch, codec.encode_batch, codec.name)
+    rng = np.random.default_rng(0)
+    size = 64
+    good = pillow_jpeg(frames(1)[0][:size, :size].copy())
+    outcomes = {"decoded": 0, "refused": 0}
+    for _ in range(300):
+        data = bytearray(good)
+        for _ in range(rng.integers(1, 6)):
+            data[rng.integers(2, len(data))] = rng.integers(256)
+        data = data[:rng.integers(2, len(data) + 1)] if rng.random() < 0.5 else data
+        try:
+            decode_frame(HEADER.pack(1, JPEG, 0.0) + bytes(data), (size, size, 3), True, 1 << 20, 0.0, batched)
+            outcomes["decoded"] += 1
+        except ServeError:
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 0 and outcomes["decoded"] > 0, outcomes  # and nothing else was raised
+    frame = decode_frame(HEADER.pack(2, JPEG, 0.0) + good, (size, size, 3), True, 1 << 20, 0.0, batched)
+    assert frame.pixels.shape == (size, size, 3)
+    batched.close()
+    x = torch.ones(4, device="cuda")
+    assert float((x * 2).sum()) == 8.0
