@@ -185,7 +185,7 @@ def refused(e: web.HTTPException) -> PlainTextResponse:
 class StreamReplica:
     async def __init__(self, model: str, slots: int, backend: str, device: str, fast: bool,
                        options: ServerOptions, fleet):
-        pipeline = PipelineOptions.fastest() if fast else PipelineOptions()
+        pipeline = PipelineOptions.fastest() if fast else PipelineOptions(frames="uint8")  # as mirage-serve's
         self.pool = StreamPool.open(model, slots, backend=backend, device=device, options=pipeline, load=load_pipeline)
         self.server = Server(self.pool, options)
         self.fleet = fleet

@@ -32,10 +32,9 @@ from mirage.cli.errors import UserError
 from mirage.core.config import DIT_CONFIGS, PipelineOptions
 from mirage.core.errors import MirageError
 from mirage.core.prompts import read_embeddings
-from mirage.core.report import latency_summary, psnr, table, write_json
-from mirage.core.synthetic import SyntheticVideo
-from mirage.core.video_io import (MIN_INPUT_SIDE, VideoError, VideoWriter, check_not_input, check_source, input_size,
-                                  iter_frames, to_float, v2v_input)
+from mirage.core.report import latency_summary, table, write_json
+from mirage.core.video_io import MIN_INPUT_SIDE, VideoError, VideoWriter, check_not_input, check_source, input_size
+from mirage.runtime.pipelined import run_pipelined, v2v_inputs
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 # the default demo: 48 frames of 256x256 video-to-video took 32 s on this workplace's 2-core CPU, most of it the
@@ -99,19 +98,6 @@ dit_options = shared.group(
 
 
 PROMPT_OPTIONS = ("prompt", "prompt_embeds", "text_encoder")  # a DiT artifact takes them without --dit
-
-
-def _input_stream(source: str, size: int, frames: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(input frame, ground-truth frame) pairs, (H, W, 3) float32, read as they are needed: the
-    video-to-video input is the frame's luma plus coarse chroma, so a clip's own colors are its
-    ground truth."""
-    if source == "synthetic":
-        video = SyntheticVideo(size, seed=12345)
-        truths = (video.clip(0, 1, start=n)[0] for n in range(frames))
-    else:
-        truths = (f for _, f in zip(range(frames), iter_frames(source, size)))
-    for truth in truths:
-        yield v2v_input(truth), truth
 
 
 class _Stop:
@@ -221,7 +207,7 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
             click.echo(f"warning: {source} is {shape_in[0]}x{shape_in[1]}; its center square is enlarged to the "
                        f"model's {size}x{size}", err=True)
         if pipe.video_to_video:
-            pairs = _input_stream(source or "synthetic", size, frames)
+            pairs = v2v_inputs(source or "synthetic", size, frames)
         elif source is not None:
             raise UserError(f"{model} is a generation model and takes no --input; use a video-to-video model")
         else:
@@ -229,25 +215,22 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
         start = time.perf_counter()
         pipe.reset(seed)  # allocates, warms up and captures on first use
         setup = time.perf_counter() - start
-        times, step_times, psnrs = [], [], []
         with tqdm(total=-(-frames // n) * n, desc="frames", unit="frame") as bar:
-            for (out, truth), seconds in _timed(((pipe.step(x), truth) for x, truth in pairs), stop, bar, lambda _: n):
-                step_times.append(seconds)
-                for frame in out.reshape(-1, *pipe.frame_shape):  # written as the step finishes
-                    times.append(seconds / n)  # a step's frames arrive together
-                    writer.write(frame)
-                if truth is not None:
-                    psnrs.append(float(psnr(to_float(out), truth)))  # of the frame as written
+            run = run_pipelined(pipe, pairs, writer.write, lambda: stop.signal is not None,
+                                lambda seconds: (bar.set_postfix(ms=f"{seconds * 1e3:.1f}"), bar.update()))
+        times, psnrs = run.frame_seconds, run.psnrs
         if not times:
             raise UserError(f"{source}: no frames could be read")
         backend_name = type(pipe.backend).__name__.replace("Backend", "").lower()
         described = pipe.describe()
         graphs = bool(pipe.graphs)
-    report, rows = _summary(model, backend_name, described, graphs, seed, setup, times, step_times[0], writer, stop)
-    report.update(options=options.__dict__, steps=pipe.steps, frames_are=pipe.frames_are)
+    report, rows = _summary(model, backend_name, described, graphs, seed, setup, times, run.step_seconds[0], writer,
+                            stop)
+    report.update(options=options.__dict__, steps=pipe.steps, frames_are=pipe.frames_are, pipeline=run.report())
     if n > 1:
-        _block_report(report, rows, step_times, n)
+        _block_report(report, rows, run.step_seconds, n)
         rows.append(("frames", pipe.frames_are))
+    rows += run.rows()
     if psnrs:
         report["psnr_db"] = float(np.mean(psnrs))
         rows.append(("PSNR vs. ground truth", f"{report['psnr_db']:.2f} dB"))

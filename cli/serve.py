@@ -63,6 +63,9 @@ DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
 @click.option("--control-interval-ms", type=click.FloatRange(min=0), default=500.0,
               help="A stream's control messages (prompt, strength) are applied at most this often, those in "
                    "between merged: each new prompt is encoded and the stream's cache rebuilt between steps.")
+@click.option("--cpu-jpeg", is_flag=True,
+              help="Decode and encode JPEGs with Pillow in CPU threads even on a GPU that has nvJPEG (by default "
+                   "they are batched on the pool's GPU, PyTorch backend).")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Serve through Ray Serve (a local Ray unless --ray-address): one replica = one pool of --slots "
                    "streams on one GPU (--device cuda) or the CPU; docs/SERVING.md.")
@@ -76,7 +79,8 @@ DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
 @click.option("--drain-s", type=click.FloatRange(min=0), default=3600.0,
               help="With --ray: how long a replica being replaced or removed keeps serving its open streams.")
 def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, batch_wait_ms, max_frame_bytes,
-         calibrate_steps, max_prompt_chars, control_interval_ms, use_ray, ray_address, min_replicas, max_replicas, target_streams, drain_s):
+         calibrate_steps, max_prompt_chars, control_interval_ms, cpu_jpeg, use_ray, ray_address, min_replicas,
+         max_replicas, target_streams, drain_s):
     """Serve MODEL (a checkpoint folder or an exported artifact; default: the bundled tiny-v2v) to
     browsers and WebSocket clients: open http://HOST:PORT/ for the page (webcam, video file or a
     synthetic source). All streams advance together, one batched step per frame, in a pool of
@@ -101,13 +105,14 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
         options = ServerOptions(host=host, port=port, token=token, deadline_ms=deadline_ms,
                                 batch_wait_ms=batch_wait_ms, max_frame_bytes=max_frame_bytes,
                                 calibrate_steps=calibrate_steps, max_prompt_chars=max_prompt_chars,
-                                control_interval_ms=control_interval_ms)
+                                control_interval_ms=control_interval_ms, gpu_jpeg=not cpu_jpeg)
         if use_ray or ray_address:
             return serve_on_ray(model, slots, backend, devices, fast, options, ray_address, min_replicas=min_replicas,
                                 max_replicas=max_replicas or min_replicas, target_streams=target_streams,
                                 drain_s=drain_s)
         _check_listen(host, port)  # before the model loads: a taken port is said in a second, not after it
-        pipeline = PipelineOptions.fastest() if fast else PipelineOptions()
+        # the server hands the pool uint8 frames and takes uint8 back: they cross to the device as they are
+        pipeline = PipelineOptions.fastest() if fast else PipelineOptions(frames="uint8")
         opened = dict(backend=backend, options=pipeline, load=load_pipeline)  # checkpoints run on the torch side
         pool = StreamPool.open(model, slots, device=devices[0], **opened) if len(devices) == 1 \
             else PoolGroup.open(model, slots, devices, **opened)

@@ -35,6 +35,11 @@ def _bounce(p0: float, v: float, lo: float, hi: float, t: np.ndarray) -> np.ndar
     return lo + np.where(u < span, u, 2 * span - u)
 
 
+def _box(center: float, reach: float, size: int) -> slice:
+    """The pixels whose centers lie within `reach` of `center` (both in [0, 1] frame units), one more each side."""
+    return slice(max(0, int((center - reach) * size) - 1), max(0, min(size, int((center + reach) * size) + 2)))
+
+
 class SyntheticVideo:
     """Clip `index` of a seeded, infinite family of synthetic videos."""
 
@@ -49,7 +54,8 @@ class SyntheticVideo:
         t = np.arange(start, start + length, dtype=np.float32)
         phi, g0, g1 = rng.uniform(0, 2 * np.pi), rng.uniform(0.15, 0.45), rng.uniform(-0.25, 0.25)
         bg = g0 + g1 * ((self.gx - 0.5) * math.cos(phi) + (self.gy - 0.5) * math.sin(phi))
-        frames = np.repeat(np.repeat(bg[None, :, :, None], 3, axis=3), length, axis=0)  # (T, H, W, 3)
+        frames = np.empty((length, self.size, self.size, 3), np.float32)  # (T, H, W, 3); shapes painted in float64
+        frames[...] = bg[:, :, None]
         aa = self.size  # 1-pixel antialiasing ramp
         for _ in range(rng.integers(self.min_shapes, self.max_shapes + 1)):
             kind = int(rng.integers(len(PALETTE)))
@@ -60,15 +66,21 @@ class SyntheticVideo:
             theta = rng.uniform(0, 2 * np.pi) + rng.uniform(-0.12, 0.12) * t
             texture, freq = int(rng.integers(3)), rng.uniform(1.5, 3.0)
             color = PALETTE[kind] * rng.uniform(0.65, 1.0)
-            dx, dy = self.gx - cx[:, None, None], self.gy - cy[:, None, None]  # (T, H, W)
-            cs, sn = np.cos(theta)[:, None, None], np.sin(theta)[:, None, None]
-            x, y = cs * dx + sn * dy, -sn * dx + cs * dy  # shape-local coordinates
-            cover = np.clip(0.5 - _sdf(kind, x, y, r) * aa, 0.0, 1.0)[..., None]
-            if texture == 1:  # stripes
-                shade = 0.7 + 0.3 * (np.sin(freq * math.pi * x / r) > 0)
-            elif texture == 2:  # checker
-                shade = 0.7 + 0.3 * (np.sin(freq * math.pi * x / r) * np.sin(freq * math.pi * y / r) > 0)
-            else:
-                shade = np.ones_like(x)
-            frames = frames * (1 - cover) + color * shade[..., None] * cover
-        return (frames * 2 - 1).astype(np.float32)
+            cs, sn = np.cos(theta), np.sin(theta)
+            reach = 1.5 * r + 3 * 0.5 / aa  # the shape's cover is 0 beyond (any kind, with the ramp)
+            for i in range(length):  # inside the shape's box only: at 512x512 a frame took 31 ms over whole frames
+                rows, cols = _box(cy[i], reach, self.size), _box(cx[i], reach, self.size)
+                dx, dy = self.gx[rows, cols] - cx[i], self.gy[rows, cols] - cy[i]
+                x, y = cs[i] * dx + sn[i] * dy, -sn[i] * dx + cs[i] * dy  # shape-local coordinates
+                cover = np.clip(0.5 - _sdf(kind, x, y, r) * aa, 0.0, 1.0)[..., None]
+                if texture == 1:  # stripes
+                    shade = 0.7 + 0.3 * (np.sin(freq * math.pi * x / r) > 0)
+                elif texture == 2:  # checker
+                    shade = 0.7 + 0.3 * (np.sin(freq * math.pi * x / r) * np.sin(freq * math.pi * y / r) > 0)
+                else:
+                    shade = np.ones_like(x)
+                box = frames[i, rows, cols]
+                box[...] = box * (1 - cover) + color * shade[..., None] * cover
+        frames *= 2
+        frames -= 1
+        return frames

@@ -114,6 +114,11 @@ def check_source(path: str | os.PathLike) -> None:
 def iter_frames(path: str | os.PathLike, size: int) -> Iterator[np.ndarray]:
     """Yield frames of a video file, an image folder, or a webcam (its index as a string,
     "0" -> /dev/video0 through ffmpeg's v4l2 input, Linux) as float (size, size, 3) arrays."""
+    return (to_float(frame) for frame in iter_frames_u8(path, size))
+
+
+def iter_frames_u8(path: str | os.PathLike, size: int) -> Iterator[np.ndarray]:
+    """iter_frames' frames as they were decoded: uint8 (size, size, 3), no float copy (mirage-run's reader)."""
     check_source(path)
     if str(path).isdigit():
         yield from _read_ffmpeg(f"/dev/video{path}", size, ["-f", "v4l2"])
@@ -130,7 +135,7 @@ def iter_frames(path: str | os.PathLike, size: int) -> Iterator[np.ndarray]:
                 frame = np.asarray(Image.open(f).convert("RGB"))
             except (OSError, UnidentifiedImageError) as e:
                 raise VideoError(f"{f}: unreadable image ({e})") from e
-            yield to_float(_square(frame, size, f))
+            yield _square(frame, size, f)
         return
     if path.suffix.lower() not in VIDEO_EXTS:
         raise VideoError(f"{path}: not a video ({', '.join(VIDEO_EXTS)}) or image folder")
@@ -149,7 +154,7 @@ def _read_ffmpeg(source: str, size: int, input_params: list[str] | None = None) 
         w, h = meta["size"]
         for raw in reader:
             count += 1
-            yield to_float(_square(np.frombuffer(raw, np.uint8).reshape(h, w, 3), size, source))
+            yield _square(np.frombuffer(raw, np.uint8).reshape(h, w, 3), size, source)
     except (OSError, RuntimeError, StopIteration, KeyError) as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise VideoError(f"{source}: unreadable video ({reason})") from e
@@ -270,6 +275,12 @@ def v2v_input(frame: np.ndarray, chroma_factor: int = 4) -> np.ndarray:
         plane = Image.fromarray(np.ascontiguousarray(ycc[:, :, c]))  # (H, W) float32: mode "F"
         ycc[:, :, c] = np.asarray(plane.resize((w // f, h // f), Image.BOX).resize((w, h), Image.NEAREST))
     return ycc
+
+
+def v2v_input_u8(frame: np.ndarray) -> np.ndarray:
+    """v2v_input of a uint8 (or [-1, 1] float) frame as the bytes a pipeline with frames="uint8" takes: the
+    rounding its staging would do (to_uint8), done by the caller, so that only bytes cross to the device."""
+    return to_uint8(v2v_input(to_float(frame) if frame.dtype == np.uint8 else frame))
 
 
 def v2v_input_rgb(ycc: np.ndarray) -> np.ndarray:

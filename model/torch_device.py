@@ -5,7 +5,8 @@ NumpyCpu (ONNX Runtime) and runtime.gpu's CudaGpu (engines on raw device pointer
 interface.
 
 - `TorchCpu`: CPU tensors for CpuExecution;
-- `TorchGpu`: buffers, pinned staging, streams, events and graphs for GpuExecution.
+- `TorchGpu`: buffers, pinned staging, streams, events and graphs for GpuExecution; and the server's
+  batched GPU JPEG codec (`jpeg`: model/nvjpeg.py).
 """
 from __future__ import annotations
 
@@ -92,6 +93,16 @@ class TorchGpu:
         with torch.cuda.graph(graph, pool=self._pool):
             body()
         return graph  # replay() enqueues on the current stream: the caller is inside on_compute()
+
+    def jpeg(self):
+        """The server's batched JPEG codec on this GPU (model/nvjpeg.py: torchvision's nvJPEG ops), or None
+        without torchvision (the server then decodes and encodes in CPU threads)."""
+        try:
+            from mirage.model.nvjpeg import NvJpeg
+
+            return NvJpeg(self.device)
+        except ImportError:
+            return None
 
     def device_name(self) -> str:
         return self.torch.cuda.get_device_name(self.device)

@@ -33,6 +33,7 @@ import numpy as np
 
 from mirage.core.config import PipelineOptions
 from mirage.core.errors import MirageError
+from mirage.core.video_io import as_uint8, to_float
 from mirage.runtime.pipeline import Pipeline, PipelineError
 
 
@@ -48,7 +49,9 @@ class StreamPool:
         self.video_to_video = pipeline.video_to_video
         self.frames_in, self.video_rate = pipeline.frames_in, pipeline.video_rate
         self.active: list[int] = []
-        self._inputs = np.zeros((self.slots, *self.frame_shape), np.float32)  # each slot's latest input
+        # each slot's latest input, kept as the pipeline's frames cross (PipelineOptions.frames): bytes stay bytes
+        self._inputs = np.zeros((self.slots, *self.frame_shape), np.uint8 if pipeline.options.frames == "uint8"
+                                else np.float32)
         self._moving: collections.deque[list[int]] = collections.deque()  # per frame in flight: the slots it advances
         self.depth = pipeline.depth  # steps in flight at once: submit() the next before collect()ing this one
         pipeline.reset(0)
@@ -105,7 +108,8 @@ class StreamPool:
             if tuple(np.shape(frame)) != self.frame_shape:
                 raise PipelineError(f"input frame has shape {tuple(np.shape(frame))}, the model takes "
                                     f"{self.frame_shape}")
-            self._inputs[slot] = frame
+            self._inputs[slot] = (as_uint8(frame) if self._inputs.dtype == np.uint8
+                                  else to_float(frame) if frame.dtype == np.uint8 else frame)
         moving = list(inputs or {}) if self.video_to_video else list(self.active)
         advance = np.zeros(self.slots, np.int64)
         advance[moving] = 1

@@ -11,7 +11,8 @@ Routes
                                                              Authorization: Bearer TOKEN, or ?token=TOKEN
     GET /static/*  its script
     GET /health    JSON: slots, active, fps, busy and step_ms (last second), width, height, video_to_video,
-                   idle_step_ms, plan_step_ms and the per-stage timing (stages)
+                   idle_step_ms, plan_step_ms, the per-stage timing (stages) and jpeg_codec (nvjpeg: batched
+                   on the GPU, runtime/codec.py; pillow: in the codec threads)
     GET /ws        WebSocket, one stream per connection     ?seed=N, the token as on /
 Neither the token nor any query string reaches the log (AccessLog; run the app with access_log_class=AccessLog).
 
@@ -72,7 +73,8 @@ from aiohttp.abc import AbstractAccessLogger
 
 from mirage.core.errors import MirageError
 from mirage.core.loop import MAX_SEED
-from mirage.core.video_io import as_uint8, to_float, v2v_input
+from mirage.core.video_io import as_uint8, v2v_input_u8
+from mirage.runtime.codec import BatchedJpeg, gpu_jpeg
 from mirage.runtime.pool import PoolFull
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -111,6 +113,7 @@ class ServerOptions:
     control_interval_ms: float = 500.0  # a stream's controls are applied at most this often, newer ones in between
                                         # merged into one: a prompt re-encodes text and rebuilds the stream's cache
                                         # in the step thread, which every stream's steps wait behind
+    gpu_jpeg: bool = True  # JPEGs batched on the pool's GPU when it has nvJPEG (runtime/codec.py); False: Pillow
 
     def __post_init__(self):
         if not self.token and not is_loopback(self.host):
@@ -180,7 +183,7 @@ class Frame:
     fmt: int
     client_ts: float
     received: float                # server monotonic clock, for the deadline
-    pixels: np.ndarray | None      # the model's input, (H, W, 3) float32; None: a generation model's request
+    pixels: np.ndarray | None      # the model's input, (H, W, 3) uint8; None: a generation model's request
     decoded: float = 0.0           # server monotonic clock when its decode ended (for the queue-wait stage)
 
 
@@ -201,8 +204,9 @@ class Block:
 
 
 def decode_frame(data: bytes, shape: tuple[int, int, int], video_to_video: bool, max_bytes: int,
-                 received: float) -> Frame:
-    """A client's binary message -> Frame; ServeError names what is wrong with it."""
+                 received: float, jpeg: BatchedJpeg | None = None) -> Frame:
+    """A client's binary message -> Frame; ServeError names what is wrong with it. `jpeg`: the GPU's
+    batched JPEG codec (runtime/codec.py), None: Pillow, in this thread."""
     if len(data) < HEADER.size:
         raise ServeError(f"a frame message is a {HEADER.size}-byte header, then the image; got {len(data)} bytes")
     frame_id, fmt, client_ts = HEADER.unpack_from(data)
@@ -219,7 +223,7 @@ def decode_frame(data: bytes, shape: tuple[int, int, int], video_to_video: bool,
         raise ServeError(f"frame {frame_id}: this video-to-video model needs an input image after the header")
     # clients send a plain RGB frame; the model's input is made from it as mirage-run makes it:
     # luma at full resolution plus coarse chroma (the video-to-video task the models are trained on)
-    pixels = v2v_input(to_float(_rgb(payload, fmt, shape, frame_id)))  # (H, W, 3) in [-1, 1]
+    pixels = v2v_input_u8(_rgb(payload, fmt, shape, frame_id, jpeg))  # (H, W, 3) uint8: no float frame is kept
     return Frame(frame_id, fmt, client_ts, received, pixels, time.monotonic())
 
 
@@ -230,9 +234,11 @@ MAX_JPEG_MARKERS = 64  # segments before the first scan (Pillow reads them in Py
 MAX_JPEG_SCANS = 64    # a progressive JPEG has ~10 scans, and each is a pass over the whole image
 
 
-def _rgb(payload: memoryview, fmt: int, shape: tuple[int, int, int], frame_id: int) -> np.ndarray:
+def _rgb(payload: memoryview, fmt: int, shape: tuple[int, int, int], frame_id: int,
+         jpeg: BatchedJpeg | None = None) -> np.ndarray:
     """The frame's pixels, decoded only as the declared format, and only once its header has shown the
-    model's size and a bounded amount of work; anything Pillow raises is this frame's error."""
+    model's size and a bounded amount of work; anything the decoder (Pillow, or `jpeg` for a JPEG) raises
+    is this frame's error."""
     h, w, _ = shape
     if fmt == RAW:
         if len(payload) != h * w * 3:
@@ -244,6 +250,14 @@ def _rgb(payload: memoryview, fmt: int, shape: tuple[int, int, int], frame_id: i
     if size != (w, h):
         raise ServeError(f"frame {frame_id}: {size[0]}x{size[1]} image; the model takes {w}x{h} "
                          "(resize it before sending)")
+    if fmt == JPEG and jpeg is not None:
+        try:
+            rgb = jpeg.decode(data)
+        except Exception as e:  # noqa: BLE001 (as Pillow's below: the frame's)
+            raise ServeError(f"frame {frame_id}: not a readable JPEG image ({type(e).__name__})") from e
+        if rgb.shape != (h, w, 3):  # what was decoded must be what was checked
+            raise ServeError(f"frame {frame_id}: not a readable JPEG image (header size mismatch)")
+        return rgb
     from PIL import Image
 
     try:
@@ -297,17 +311,23 @@ def _jpeg_size(data: bytes, frame_id: int) -> tuple[int, int]:
                      f"{MAX_JPEG_MARKERS} segments)")
 
 
-def encode_frame(frame: Frame, pixels: np.ndarray, index: int = 0) -> bytes:
+JPEG_QUALITY = 90
+
+
+def encode_frame(frame: Frame, pixels: np.ndarray, index: int = 0, jpeg: BatchedJpeg | None = None) -> bytes:
     """Reply `index` (0: the first) to `frame`: its header echoed with that index in byte 5, then `pixels`
-    ((H, W, 3) in [-1, 1], or uint8 RGB) in the frame's format."""
+    ((H, W, 3) in [-1, 1], or uint8 RGB) in the frame's format (a JPEG by `jpeg`, the GPU's batched codec,
+    when given)."""
     rgb = as_uint8(pixels)
     if frame.fmt == RAW:
         body = rgb.tobytes()
+    elif frame.fmt == JPEG and jpeg is not None:
+        body = jpeg.encode(rgb, JPEG_QUALITY)
     else:
         from PIL import Image
 
         out = io.BytesIO()
-        Image.fromarray(rgb).save(out, format=FORMATS[frame.fmt], quality=90)
+        Image.fromarray(rgb).save(out, format=FORMATS[frame.fmt], quality=JPEG_QUALITY)
         body = out.getvalue()
     return REPLY.pack(frame.id, frame.fmt, index, frame.client_ts) + body
 
@@ -368,7 +388,7 @@ def timed_call(fn, *args):
 
 # -- the server ------------------------------------------------------------------------------------
 STAGES = ("decode", "queue", "step", "pool", "outbox", "encode", "send")
-# per frame: decode (in a codec thread: the image and v2v_input), queue (decoded -> its step starts: the wait
+# per frame: decode (in a codec thread: the image, its uint8 input), queue (decoded -> its step starts: the wait
 # for the step in flight, the batch wait and, in a block, the block's later frames), outbox (due: its step
 # ended or, in a block, its paced time -> its encode starts), encode (in a codec
 # thread), send (the socket write); per step: step (the stepper's wall time around the step thread's call)
@@ -535,6 +555,7 @@ class Server:
         # computes step n+1 while this thread waits for and converts step n.
         self.step_thread = ThreadPoolExecutor(1, thread_name_prefix="mirage-step")
         self.codec = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="mirage-codec")
+        self.jpeg = gpu_jpeg(pool) if options.gpu_jpeg else None  # called from the codec threads
 
     def timed(self, stage: str, start: float) -> float:
         now = time.monotonic()
@@ -646,7 +667,8 @@ class Server:
         """/health's JSON (bridge/ray_app.py gathers it from every replica)."""
         h, w, _ = self.pool.frame_shape
         return {"slots": self.pool.slots, "active": len(self.pool.active), **self.load(),
-                "width": w, "height": h, "video_to_video": self.pool.video_to_video}
+                "width": w, "height": h, "video_to_video": self.pool.video_to_video,
+                "jpeg_codec": self.jpeg.name if self.jpeg is not None else "pillow"}
 
     def block_contract(self) -> dict:
         """What the hello message tells a client about blocks and controls: input frames a step takes
@@ -807,7 +829,8 @@ class Server:
                 stream.raw_ready.clear()
             start = time.monotonic()
             stream.decoding = self.codec.submit(timed_call, decode_frame, data, self.pool.frame_shape,
-                                                self.pool.video_to_video, self.options.max_frame_bytes, received)
+                                                self.pool.video_to_video, self.options.max_frame_bytes, received,
+                                                self.jpeg)
             try:
                 decoded, result = await self.answered(stream, "decode that frame", "",
                                                       asyncio.wrap_future(stream.decoding))
@@ -840,7 +863,7 @@ class Server:
                 stream.next_send = due + reply.spacing
                 self.timed("outbox", due)
                 data, seconds = await self.in_codec_thread(timed_call, encode_frame, reply.frame, reply.pixels,
-                                                           reply.index)
+                                                           reply.index, self.jpeg)
                 self.stages["encode"].add(seconds, time.monotonic())
                 start = time.monotonic()
                 await stream.ws.send_bytes(data)
@@ -1017,6 +1040,8 @@ class Server:
         sys.setswitchinterval(switch_interval)
         self.step_thread.shutdown()
         self.codec.shutdown()
+        if self.jpeg is not None:
+            self.jpeg.close()
 
     async def close_streams(self, app: web.Application) -> None:
         for s in list(self.streams.values()):

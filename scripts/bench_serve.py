@@ -76,7 +76,8 @@ def start_server(args, slots: int, log: Path) -> tuple[subprocess.Popen, str]:
         cmd = [sys.executable, "-m", "mirage.cli.serve", args.model, "--port", str(port), "--slots", str(slots),
                "--device", args.device, "--backend", args.backend, "--deadline-ms", str(args.deadline_ms),
                "--batch-wait-ms", str(args.batch_wait_ms), "--calibrate-steps", str(args.calibrate_steps)] \
-            + (["--fast"] if args.fast else []) + (["--ray"] if args.ray else [])
+            + (["--fast"] if args.fast else []) + (["--ray"] if args.ray else []) \
+            + (["--cpu-jpeg"] if args.cpu_jpeg else [])
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     start = time.monotonic()
@@ -113,7 +114,8 @@ class NullPool:
             self.frames_in, self.video_rate = block, video_rate
         self.active: list[int] = []
         self.step_s, self.gil_calls = step_ms / 1e3, max(1, gil_calls)
-        self.last = np.zeros((slots, block, height, width, 3), np.float32)  # a one-frame input fills its block of 1
+        # the server hands a pool uint8 frames; a one-frame input fills its block of 1
+        self.last = np.zeros((slots, block, height, width, 3), np.uint8)
         self.in_flight: collections.deque[tuple[float, dict]] = collections.deque()  # (done at, outputs)
         self.free_at = 0.0  # when the "GPU" has finished every step submitted so far
 
@@ -301,6 +303,7 @@ def summarize(streams: int, results: list[dict], health: dict, args) -> dict:
             "max_gap_ms": max(r["max_gap_ms"] for r in results),
             "server_steps_per_s": health["fps"], "server_busy": health["busy"],
             "server_step_ms": health["step_ms"], "idle_step_ms": health.get("idle_step_ms"),
+            "jpeg_codec": health.get("jpeg_codec"),  # nvjpeg (batched on the GPU) or pillow (CPU threads)
             **{f"{name}_ms": stage["mean_ms"] for name, stage in health.get("stages", {}).items()},
             **{f"{name}_max_ms": stage["max_ms"] for name, stage in health.get("stages", {}).items()},
             **{f"server_{k}": v for k, v in server.items()}}
@@ -344,6 +347,8 @@ def main() -> None:
     p.add_argument("--startup-s", type=float, default=300.0, help="how long the server may take to load")
     p.add_argument("--deadline-ms", type=float, default=100.0)
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="the server's --batch-wait-ms")
+    p.add_argument("--cpu-jpeg", action="store_true", help="mirage-serve --cpu-jpeg: Pillow in CPU threads, not "
+                   "nvJPEG batched on the GPU (the before / after of the codec)")
     p.add_argument("--churn", action="store_true", help="one more stream attaching and detaching all along "
                    "(a spare slot), to see what that costs the others (max gap)")
     p.add_argument("--ray", action="store_true", help="serve through Ray Serve (mirage-serve --ray, a local Ray "

@@ -2,7 +2,8 @@
 # One GPU session: build + check + time the kernels, then benchmark the runtime; logs and JSON
 # go to $OUT (the device tool's output folder) or ./gpu-out.
 #   STAGES="tests kernels bench" CONFIGS=tiny,base [VARIANTS=... PROFILE_VARIANTS=... STEPS=4 TAG=_x] scripts/gpu_session.sh
-#   STAGES="servetests serve" SERVE_CASES="base:16 base:16:churn base-512:8" scripts/gpu_session.sh
+#   STAGES="servetests serve" SERVE_CASES="base:16 base:16:churn base-512:8 base-512:8:cpu-jpeg" scripts/gpu_session.sh
+#   STAGES="run" [RUN_CONFIGS="base-512 base" RUN_FRAMES=300] scripts/gpu_session.sh
 #   STAGES="dittests anchor dit" SELF_FORCING=.anchor/Self-Forcing [DIT_CONFIG=wan-1.3b DIT_BLOCKS=7 DIT_MODES=... DIT_FP8=static] scripts/gpu_session.sh
 # The DiT measurements and Ray's overhead in two calls on one warm machine (the second within its 30 s warm time):
 #   PACK=dit STAGES="ditdecode ditattn ditcompile" scripts/gpu_session.sh
@@ -14,7 +15,10 @@
 #  servetests = the serving and runtime GPU tests; serve = bench_serve, one server per CONFIG:STREAMS[:churn]
 #  case, each under its own SERVE_LIMIT seconds so that a slow case cannot cost the others their JSON;
 #  dittests = the DiT's GPU tests; anchor = Self-Forcing's own code on the same clip (a checkout in $SELF_FORCING,
-#  never committed); dit = bench_dit for DIT_CONFIG; ditdecode = wan-1.3b compile-graph with each decoder (DIT_DECODERS,
+#  never committed); dit = bench_dit for DIT_CONFIG; run = mirage-run --fast as a user runs it (pipelined), per
+#  RUN_CONFIGS config with random weights, on an mp4 of its size and on --input synthetic, beside bench_runtime's
+#  frame graph (runtime-fast, compile-fp16) in the same session: issue 30's "mirage-run >= 0.85x the graph's FPS";
+#  ditdecode = wan-1.3b compile-graph with each decoder (DIT_DECODERS,
 #  default taehv,wan-vae; the Wan VAE needs diffusers: installed for the run from its wheel in $WHEELS, default .whl
 #  (the image has what it needs besides), when the image lacks it, else left out) and the profile by kernel kind; ditprofile = the profile alone;
 #  ditattn = wan-1.3b compile-graph on a clip reaching a full window (DIT_ATTN_BLOCKS, default 12) once per SDPA
@@ -52,7 +56,7 @@ wheels() {  # make module $2 importable: already there, or installed for this ru
 serve_cases() {  # bench_serve per CONFIG:STREAMS[:MODE] case of $@, each under SERVE_LIMIT (and DEADLINE)
   local case cfg n mode lim
   for case in "$@"; do
-    IFS=: read -r cfg n mode <<< "$case"  # mode: churn (--churn) or ray (--ray: through Ray Serve)
+    IFS=: read -r cfg n mode <<< "$case"  # mode: churn (--churn), ray (--ray: through Ray Serve) or cpu-jpeg
     lim=$(limit "${SERVE_LIMIT:-300}")
     if [ "$lim" -lt 30 ]; then echo "serve $case: skipped, ${lim}s left of DEADLINE"; continue; fi
     timeout "$lim" python scripts/bench_serve.py --random "$cfg" --device cuda --fast --counts "$n" \
@@ -114,6 +118,21 @@ for stage in $STAGES; do
     serve) serve_cases ${SERVE_CASES:-base:16} ;;
     ray) if ray_site; then serve_cases ${RAY_CASES:-base:16 base:16:ray}; fi ;;
     stash) ;;  # nothing but what every call does first: keep the .rayw parts it carries in /tmp/rayw
+    run) python scripts/bench_runtime.py --configs "$(echo ${RUN_CONFIGS:-base-512 base} | tr ' ' ,)" --task v2v \
+           --variants runtime-fast,compile-fp16 --check-configs "" --json "$OUT/run_graph.json" 2>&1 | tee "$OUT/run_graph.log"
+         for cfg in ${RUN_CONFIGS:-base-512 base}; do
+           ckpt=$(python -c "import sys; from pathlib import Path; sys.path.insert(0, 'scripts'); from bench_serve import \
+random_checkpoint; print(random_checkpoint('$cfg', Path('/tmp/mirage-run-random')))" | tail -1)
+           px=$(python -c "from mirage.core.config import get_config; print(get_config('$cfg', 'v2v').pixels)")
+           python -c "from mirage.core.synthetic import SyntheticVideo; from mirage.core.video_io import write_video; \
+v = SyntheticVideo($px, seed=1); write_video('/tmp/mirage-run-$px.mp4', (v.clip(0, 1, start=n)[0] for n in range(${RUN_FRAMES:-300})), 30, 1)"
+           for src in mp4 synthetic; do
+             input=$([ $src = mp4 ] && echo /tmp/mirage-run-$px.mp4 || echo synthetic)
+             python -m mirage.cli.run "$ckpt" --device cuda --fast --input "$input" --frames "${RUN_FRAMES:-300}" \
+               --output "/tmp/mirage-run-$cfg-$src.mp4" --json "$OUT/run_${cfg}_$src.json" 2>&1 | tr '\r' '\n' \
+               | grep -v '^frames:' | tee "$OUT/run_${cfg}_$src.log" || echo "run $cfg $src: exit $?"
+           done
+         done ;;
     conv) python scripts/bench_conv.py --out "$OUT/conv.json" --tuned "$OUT/conv_tuned.json" 2>&1 | tee "$OUT/conv.log" ;;
     dittests) lim=$(limit "${DIT_LIMIT:-600}")
               if [ "$lim" -lt 30 ]; then echo "dittests: skipped, ${lim}s left of DEADLINE"; continue; fi
@@ -134,8 +153,8 @@ for stage in $STAGES; do
                  --blocks "${DIT_ATTN_BLOCKS:-12}"
              done ;;
     ditcompile) dit_bench dit_compile "${DIT_COMPILE_LIMIT:-80}" --modes compile --blocks "${DIT_BLOCKS:-7}" ;;
-    *) echo "unknown stage $stage (build, tests, kernels, conv, bench, servetests, serve, dittests, anchor, dit, ditdecode,"\
-            "ditprofile, ditattn, ditcompile, ray, stash)"; exit 2 ;;
+    *) echo "unknown stage $stage (build, tests, kernels, conv, bench, run, servetests, serve, dittests, anchor, dit,"\
+            "ditdecode, ditprofile, ditattn, ditcompile, ray, stash)"; exit 2 ;;
   esac
   if [ -n "${PACK:-}" ]; then tar -czf "$DEST/$PACK.tgz.part" -C "$OUT" . && mv "$DEST/$PACK.tgz.part" "$DEST/$PACK.tgz"; fi
 done

@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from mirage.core.errors import MirageError
+from mirage.core.video_io import to_float
 from mirage.runtime import pool as pool_module
 
 
@@ -94,7 +95,8 @@ class BlockPool(SleepPool):
         time.sleep(self.step_s)
         self.calls.append(("submit", sorted(inputs)))
         if self.video_to_video:
-            self.outputs.append({s: x * (1 - self.strength[s]) for s, x in inputs.items()})
+            # the server hands a pool uint8 frames: scaled as the model's [-1, 1] floats (strength 1: gray)
+            self.outputs.append({s: to_float(x) * (1 - self.strength[s]) for s, x in inputs.items()})
         else:
             self.outputs.append({s: self.generated(s) for s in self.active})
 

@@ -189,17 +189,17 @@ def test_non_finite_weights_stop_the_run_naming_the_graph(make_random_tiny):
 
 def test_interrupted_run_keeps_the_frames_made(tmp_path, monkeypatch):
     """SIGINT (delivered to this process after the third frame): the output holds three frames."""
-    real = Pipeline.step
+    real = Pipeline.collect
     count = []
 
-    def step_then_interrupt(self, cond=None):
-        frame = real(self, cond)
+    def collect_then_interrupt(self):
+        frame = real(self)
         count.append(1)
         if len(count) == 3:
             os.kill(os.getpid(), signal.SIGINT)
         return frame
 
-    monkeypatch.setattr(Pipeline, "step", step_then_interrupt)
+    monkeypatch.setattr(Pipeline, "collect", collect_then_interrupt)
     out = tmp_path / "frames"
     r = CliRunner().invoke(run_main, [str(CKPT_V2V), "--frames", "50", "--output", str(out)])
     assert r.exit_code == 128 + signal.SIGINT, r.output

@@ -110,7 +110,7 @@ def test_a_run_that_fails_before_its_first_frame_keeps_the_old_output(tmp_path, 
 
         raise BackendError("the backend failed")
 
-    monkeypatch.setattr(Pipeline, "step", broken)
+    monkeypatch.setattr(Pipeline, "submit", broken)
     _refused(run_main, [str(CKPT_GEN), "--frames", "2", "--output", str(out)], "the backend failed")
     assert out.read_bytes() == before and not list(tmp_path.glob(".*partial*"))
 

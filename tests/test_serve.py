@@ -21,7 +21,7 @@ from PIL import Image  # noqa: E402
 
 from mirage.bridge.pipeline import load_pipeline  # noqa: E402
 from mirage.cli.serve import main as serve_cli  # noqa: E402
-from mirage.core.video_io import as_uint8, v2v_input  # noqa: E402
+from mirage.core.video_io import as_uint8, v2v_input, v2v_input_u8  # noqa: E402
 from mirage.runtime.pipeline import PipelineError  # noqa: E402
 from mirage.runtime.pool import StreamPool  # noqa: E402
 from mirage.runtime import server as server_module  # noqa: E402
@@ -335,7 +335,7 @@ def test_a_stream_gets_the_same_frames_alone_and_beside_others(v2v_pool):
     slot = v2v_pool.attach(seed=7)
     try:
         for n, rgb in enumerate(inputs(3)):
-            out = v2v_pool.step({slot: v2v_input(rgb.astype(np.float32) / 127.5 - 1)})[slot][0]  # (1, H, W, 3)
+            out = v2v_pool.step({slot: v2v_input_u8(rgb)})[slot][0]  # (1, H, W, 3)
             expected = encode_frame(Frame(n, RAW, 0.0, 0.0, None), out)[HEADER.size:]
             assert alone[n].tobytes() == expected
     finally:
@@ -610,7 +610,8 @@ def test_only_the_declared_format_is_decoded_and_its_header_checked_first():
         assert expected in str(error.value) and " at 0x" not in str(error.value), (expected, error.value)
         assert time.monotonic() - start < 0.1, expected  # the header is enough to refuse it
     decoded = decode(png(rgb, 1000), PNG)  # under the chunk limit: an ordinary frame
-    np.testing.assert_allclose(decoded.pixels, v2v_input(rgb.astype(np.float32) / 127.5 - 1), atol=1e-6)
+    np.testing.assert_array_equal(decoded.pixels, v2v_input_u8(rgb))  # bytes: no float frame on the host
+    assert decoded.pixels.dtype == np.uint8
     assert decode(jpeg(rgb), JPEG).pixels.shape == (SIZE, SIZE, 3)
 
 
