@@ -32,8 +32,9 @@ from mirage.cli.errors import UserError
 from mirage.core.config import DIT_CONFIGS, PipelineOptions
 from mirage.core.errors import MirageError
 from mirage.core.prompts import read_embeddings
-from mirage.core.report import latency_summary, table, write_json
-from mirage.core.video_io import MIN_INPUT_SIDE, VideoError, VideoWriter, check_not_input, check_source, input_size
+from mirage.core.report import latency_summary, psnr, table, write_json
+from mirage.core.video_io import (MIN_INPUT_SIDE, VideoError, VideoWriter, check_not_input, check_source, input_size,
+                                  to_float)
 from mirage.runtime.pipelined import run_pipelined, v2v_inputs
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -242,11 +243,9 @@ def _restyled(pipe, source: str, blocks: int) -> Iterator[tuple[np.ndarray, np.n
     of the model's size); a last block the input cannot fill is not made."""
     n = pipe.cfg.video_frames(pipe.cfg.block_frames, first=False)
     size = pipe.cfg.width
-    if source == "synthetic":
-        video = SyntheticVideo(size, seed=12345)
-        inputs = (video.clip(0, 1, start=i)[0] for i in range(blocks * n))
-    else:
-        inputs = (f for _, f in zip(range(blocks * n), iter_frames(source, size)))
+    # the source's own frames (v2v_inputs' ground truth: float when drawn, uint8 when decoded), not the U-Net's
+    # degraded input
+    inputs = (truth if truth.dtype == np.float32 else to_float(truth) for _, truth in v2v_inputs(source, size, blocks * n))
     chunk = []
     for frame in inputs:
         chunk.append(frame)
