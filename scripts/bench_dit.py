@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(dit_bench.table(report), flush=True)
-    tag = "cpu" if report["device"] == "cpu" else report["device"].split()[-1].lower()
+    tag = "cpu" if report["device"] == "cpu" else report["device"].split()[1].lower()  # NVIDIA H100 ... -> h100
     path = args.json or f"docs/bench/{datetime.date.today()}_{tag}_dit_{args.config}.json"
     write_json(path, report)
     print(f"wrote {path}")
