@@ -204,10 +204,8 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
         _condition(pipe, model, steps, prompt, embeds)  # before reset: nothing is allocated yet
         n = pipe.frames_per_step  # a block model's step makes several frames
         size = pipe.frame_shape[0]
-        if pipe.video_to_video and shape_in and min(shape_in) < size:
-            click.echo(f"warning: {source} is {shape_in[0]}x{shape_in[1]}; its center square is enlarged to the "
-                       f"model's {size}x{size}", err=True)
         if pipe.video_to_video:
+            _warn_if_enlarged(source, shape_in, size)
             pairs = v2v_inputs(source or "synthetic", size, frames)
         elif source is not None:
             raise UserError(f"{model} is a generation model and takes no --input; use a video-to-video model")
@@ -236,6 +234,13 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
         report["psnr_db"] = float(np.mean(psnrs))
         rows.append(("PSNR vs. ground truth", f"{report['psnr_db']:.2f} dB"))
     _finish(report, rows, json_path, stop, f"{len(times)} of {frames} frames")
+
+
+def _warn_if_enlarged(source: str | None, shape_in: tuple[int, int] | None, size: int) -> None:
+    """An input smaller than the model's frames has its center square enlarged (core/video_io.py): say so."""
+    if shape_in and min(shape_in) < size:
+        click.echo(f"warning: {source} is {shape_in[0]}x{shape_in[1]}; its center square is enlarged to the "
+                   f"model's {size}x{size}", err=True)
 
 
 def _restyled(pipe, source: str, blocks: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -274,6 +279,7 @@ def _run_dit(checkpoint, dit, source, frames, seed, output, fast, no_cuda_graph,
         raise UserError(f"--input: video-to-video needs a DiT config on a per-frame autoencoder with square "
                         f"frames (dit-tiny-taesd); {cfg.name} at {cfg.width}x{cfg.height} is not one")
     _check_outputs(output, json_path, fast, device, source)
+    shape_in = input_size(source) if source not in (None, "synthetic") else None  # an unreadable input: before loading
     spec = DiTSpec(dit["config"], checkpoint, dit["lora"], dit["decoder"], dit["text_encoder"], dit["resolution"],
                    dit["window"], dit["sink"])
     writer = VideoWriter(output, fps=fps)  # the path and format are checked before any frame is made
@@ -289,6 +295,7 @@ def _run_dit(checkpoint, dit, source, frames, seed, output, fast, no_cuda_graph,
         total = pipe.cfg.video_frames(blocks * pipe.cfg.block_frames, first=source is None)
         if source is not None:
             pipe.set_strength(0.6 if dit["strength"] is None else dit["strength"])
+            _warn_if_enlarged(source, shape_in, pipe.cfg.width)
             work = _restyled(pipe, source, blocks)
         else:
             work = ((block, None) for block in pipe.blocks(blocks))

@@ -200,3 +200,18 @@ def test_loss_falls_on_one_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_the_bundled_dit_says_when_it_enlarges_a_small_input(tmp_path):
+    """A 16x16 clip restyled by the 128x128 bundled DiT: the same warning as the U-Net's path gives."""
+    from mirage.cli.run import PACKAGE_ROOT
+    from mirage.core.video_io import write_video
+
+    source = tmp_path / "small.mp4"
+    write_video(source, (np.full((16, 16, 3), c, np.uint8) for c in range(0, 80, 10)), fps=16, scale=1)
+    bundled = PACKAGE_ROOT / "checkpoints" / "dit-tiny-taesd"
+    result = CliRunner().invoke(run.main, [str(a) for a in (
+        bundled, "--dit", "dit-tiny-taesd", "--input", source, "--frames", 2, "--prompt-embeds", bundled / PROMPT_FILE,
+        "--output", tmp_path / "o.gif")])
+    assert result.exit_code == 0, result.output
+    assert f"warning: {source} is 16x16; its center square is enlarged to the model's 128x128" in result.output
