@@ -233,7 +233,7 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
     if psnrs:
         report["psnr_db"] = float(np.mean(psnrs))
         rows.append(("PSNR vs. ground truth", f"{report['psnr_db']:.2f} dB"))
-    _finish(report, rows, json_path, stop, f"{len(times)} of {frames} frames")
+    _finish(report, rows, json_path, stop, len(times), frames, "frames")
 
 
 def _warn_if_enlarged(source: str | None, shape_in: tuple[int, int] | None, size: int) -> None:
@@ -320,7 +320,7 @@ def _run_dit(checkpoint, dit, source, frames, seed, output, fast, no_cuda_graph,
     if psnrs:
         report.update(strength=pipe.strength, psnr_vs_input_db=float(np.mean(psnrs)))
         rows.append(("strength / PSNR vs. input", f"{pipe.strength} / {report['psnr_vs_input_db']:.2f} dB"))
-    _finish(report, rows, json_path, stop, f"{len(block_times)} of {blocks} blocks")
+    _finish(report, rows, json_path, stop, len(block_times), blocks, "blocks")
 
 
 def _block_report(report: dict, rows: list[tuple[str, str]], block_times: list[float], latent_frames: int) -> None:
@@ -392,10 +392,14 @@ def _summary(model, backend: str, described: tuple, graphs: bool, seed: int, set
     return report, rows
 
 
-def _finish(report: dict, rows: list[tuple[str, str]], json_path: Path | None, stop: _Stop, made: str) -> None:
+def _finish(report: dict, rows: list[tuple[str, str]], json_path: Path | None, stop: _Stop, done: int, asked: int,
+            unit: str) -> None:
+    made = f"{done} of {asked} {unit}"
     if stop.signal is not None:
         click.echo(f"interrupted ({signal.Signals(stop.signal).name}) after {made}; {report['output']} holds "
                    f"them", err=True)
+    elif done < asked:  # not an error: a clip shorter than --frames is all there is to restore
+        click.echo(f"note: the input ended after {made}", err=True)
     click.echo(table(rows))
     if json_path:
         write_json(json_path, report)

@@ -249,3 +249,11 @@ def test_ctrl_c_before_the_first_frame_is_one_line_and_status_130(tmp_path, monk
     r = CliRunner().invoke(run_main, [str(CKPT_GEN), "--output", str(out)])
     assert r.exit_code == 130 and "before the first frame; nothing was written" in r.output, r.output
     assert not out.exists()
+
+
+def test_an_input_shorter_than_frames_is_said(tmp_path):
+    """A 3-frame clip asked for 5 frames: the 3 are made, and a note says the input ended (it said nothing)."""
+    source = _clip(tmp_path / "short.mp4", 32)
+    r = CliRunner().invoke(run_main, [str(CKPT_V2V), "--input", str(source), "--frames", "5",
+                                      "--output", str(tmp_path / "o.gif")])
+    assert r.exit_code == 0 and "note: the input ended after 3 of 5 frames" in r.output, r.output
