@@ -125,9 +125,7 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
     # the token itself is never printed: a terminal is shared, scrolled back and recorded
     source = "$MIRAGE_SERVE_TOKEN" if click.get_current_context().get_parameter_source("token").name == "ENVIRONMENT" \
         else "--token"
-    # the devices the pools run on, as resolved ("auto" -> cpu / cuda:0), named as mirage-run's report names them
-    resolved = [p.pipeline.describe()[0] for p in getattr(pool, "pools", [pool])]
-    click.echo(f"mirage-serve: {model} in {pool.slots} slots on {', '.join(resolved)}; open http://{shown}:{port}/"
+    click.echo(f"mirage-serve: {model} in {pool.slots} slots on {', '.join(devices)}; open http://{shown}:{port}/"
                + (f"?token=TOKEN, TOKEN being the value of {source}" if token else ""))
     try:
         web.run_app(make_app(pool, options), host=host, port=port, print=None, access_log_class=AccessLog)

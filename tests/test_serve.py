@@ -540,20 +540,6 @@ def test_cli_help_names_every_option():
         assert option in result.output
 
 
-def test_the_banner_names_the_device_the_pool_runs_on(monkeypatch):
-    """--device auto (the default) is said as what it resolved to, not as "auto"."""
-    from aiohttp import web
-
-    served = []
-    monkeypatch.setattr(web, "run_app", lambda app, **kw: served.append(kw["port"]))  # no listening in a test
-    from mirage.runtime.g2g_client import free_port
-
-    port = free_port()
-    result = CliRunner().invoke(serve_cli, ["--slots", "1", "--port", str(port)])
-    assert result.exit_code == 0 and served == [port], result.output
-    assert "in 1 slots on cpu;" in result.output and "auto" not in result.output, result.output
-
-
 def test_one_pool_per_device_behind_one_server():
     """--device a,b: the server drives a PoolGroup; two clients land on two pools, and each gets
     the frames it gets from a single pool of the same batch (two CPU pools stand in for two GPUs)."""
