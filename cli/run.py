@@ -35,7 +35,7 @@ from mirage.core.prompts import read_embeddings
 from mirage.core.report import latency_summary, psnr, table, write_json
 from mirage.core.video_io import (MIN_INPUT_SIDE, VideoError, VideoWriter, check_not_input, check_source, input_size,
                                   to_float)
-from mirage.runtime.pipelined import run_pipelined, v2v_inputs
+from mirage.runtime.pipelined import run_pipelined, source_frames, v2v_inputs
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 # the default demo: 48 frames of 256x256 video-to-video took 32 s on this workplace's 2-core CPU, most of it the
@@ -248,9 +248,7 @@ def _restyled(pipe, source: str, blocks: int) -> Iterator[tuple[np.ndarray, np.n
     of the model's size); a last block the input cannot fill is not made."""
     n = pipe.cfg.video_frames(pipe.cfg.block_frames, first=False)
     size = pipe.cfg.width
-    # the source's own frames (v2v_inputs' ground truth: float when drawn, uint8 when decoded), not the U-Net's
-    # degraded input
-    inputs = (truth if truth.dtype == np.float32 else to_float(truth) for _, truth in v2v_inputs(source, size, blocks * n))
+    inputs = source_frames(source, size, blocks * n, lambda f: to_float(f) if f.dtype == np.uint8 else f)
     chunk = []
     for frame in inputs:
         chunk.append(frame)

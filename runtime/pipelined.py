@@ -46,21 +46,24 @@ STAGES = ("read", "step", "write", "psnr")
 # per frame; write: the writer's encode / write per frame; psnr: the metric per frame
 
 
-def v2v_inputs(source: str, size: int, frames: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(model input, ground truth) of each of `frames` frames of `source` ('synthetic', a file, a folder, a
-    webcam index), made a few frames ahead in PREPARE_THREADS threads: the input is uint8
-    (video_io.v2v_input_u8: the frame's luma plus coarse chroma, so a clip's own colors are its ground truth),
-    the truth uint8 for a decoded frame, float for a synthetic one. A file decodes in order (ffmpeg's own
-    process, or Pillow); a synthetic frame is drawn in its thread (4 ms at 512x512 on one core)."""
-    def pair(truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return v2v_input_u8(truth), truth
-
+def source_frames(source: str, size: int, frames: int, prepare: Callable[[np.ndarray], object] = lambda f: f) -> Iterator:
+    """`prepare` of each of `frames` frames of `source` ('synthetic', a file, a folder, a webcam index), made a
+    few frames ahead in PREPARE_THREADS threads; a frame is uint8 when decoded, float when drawn. A file
+    decodes in order (ffmpeg's own process, or Pillow); a synthetic frame is drawn in its thread (4 ms at
+    512x512 on one core)."""
     if source == "synthetic":
         video = SyntheticVideo(size, seed=SYNTHETIC_SEED)
-        jobs = (lambda n=n: pair(video.clip(0, 1, start=n)[0]) for n in range(frames))
+        jobs = (lambda n=n: prepare(video.clip(0, 1, start=n)[0]) for n in range(frames))
     else:
-        jobs = (lambda f=f: pair(f) for _, f in zip(range(frames), iter_frames_u8(source, size)))
+        jobs = (lambda f=f: prepare(f) for _, f in zip(range(frames), iter_frames_u8(source, size)))
     return ordered(jobs, PREPARE_THREADS)
+
+
+def v2v_inputs(source: str, size: int, frames: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(model input, ground truth) of each of `frames` frames of `source` (source_frames): the input is uint8
+    (video_io.v2v_input_u8: the frame's luma plus coarse chroma, so a clip's own colors are its ground truth),
+    the truth the source's frame."""
+    return source_frames(source, size, frames, lambda truth: (v2v_input_u8(truth), truth))
 
 
 def ordered(jobs: Iterator[Callable[[], object]], workers: int) -> Iterator:
