@@ -196,6 +196,12 @@ class BlockUnit:
         self.frame_shape = (cfg.height, cfg.width, G.RGB)
         self.text_shape = (cfg.text_len, cfg.text_dim)  # a prompt's embeddings, padded
         self.starts = np.zeros(self.batch, np.int64)  # each row's next block's first frame
+        # the timestep embeddings of the steps and of the cache-write pass: the same for every block (float32
+        # timesteps, as BlockStepper keeps them)
+        shape = (self.batch, cfg.block_frames)
+        self.t_embs = {_t_step(i): timestep_embedding(cfg, np.full(shape, t, np.float32))
+                       for i, (t, _, _) in enumerate(self.schedule)}
+        self.t_embs[_T_CTX] = timestep_embedding(cfg, np.full(shape, float(cfg.context_timestep), np.float32))
 
     def make_buffers(self, alloc: Callable, fill: Callable, dtype_of: Callable) -> BlockBuffers:
         def new(graph, name):
@@ -227,12 +233,8 @@ class BlockUnit:
     def host_inputs(self, advance: np.ndarray) -> dict[str, np.ndarray]:
         """The next block's per-row inputs from the rows' frame positions, which then move on by a block
         for the rows that advance."""
-        cfg, shape = self.cfg, (self.batch, self.cfg.block_frames)
-        feeds = block_inputs(cfg, self.starts)
-        for i, (t, _, _) in enumerate(self.schedule):  # float32 timesteps, as BlockStepper keeps them
-            feeds[_t_step(i)] = timestep_embedding(cfg, np.full(shape, t, np.float32))
-        feeds[_T_CTX] = timestep_embedding(cfg, np.full(shape, float(cfg.context_timestep), np.float32))
-        self.starts += cfg.block_frames * np.asarray(advance, np.int64)
+        feeds = {**block_inputs(self.cfg, self.starts), **self.t_embs}
+        self.starts += self.cfg.block_frames * np.asarray(advance, np.int64)
         return feeds
 
     def run(self, backend, ops, buf: BlockBuffers) -> None:
@@ -263,7 +265,7 @@ class BlockUnit:
         inputs of `recache` (every row given this row's, so no row attends over nothing) and the advance
         flags that let only this row write. Each block sees the held blocks before it and itself, as
         BlockStepper.recache's block-causal pass over the held frames does."""
-        cfg, shape = self.cfg, (self.batch, self.cfg.block_frames)
+        cfg = self.cfg
         blocks = held_blocks(cfg, int(self.starts[row]))
         advance = np.zeros(self.batch, np.int64)
         advance[row] = 1
@@ -276,7 +278,7 @@ class BlockUnit:
             for slot in np.concatenate(seen):
                 valid[slot * t:(slot + 1) * t] = 1
             feeds[G.VALID] = np.broadcast_to(valid, (self.batch, valid.size))
-            feeds[_T_CTX] = timestep_embedding(cfg, np.full(shape, float(cfg.context_timestep), np.float32))
+            feeds[_T_CTX] = self.t_embs[_T_CTX]
             yield feeds, advance
 
     def recache(self, backend, ops, buf: BlockBuffers) -> None:

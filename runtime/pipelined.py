@@ -46,7 +46,8 @@ STAGES = ("read", "step", "write", "psnr")
 # per frame; write: the writer's encode / write per frame; psnr: the metric per frame
 
 
-def source_frames(source: str, size: int, frames: int, prepare: Callable[[np.ndarray], object] = lambda f: f) -> Iterator:
+def source_frames(source: str, size: int, frames: int,
+                  prepare: Callable[[np.ndarray], object] = lambda f: f) -> Iterator:
     """`prepare` of each of `frames` frames of `source` ('synthetic', a file, a folder, a webcam index), made a
     few frames ahead in PREPARE_THREADS threads; a frame is uint8 when decoded, float when drawn. A file
     decodes in order (ffmpeg's own process, or Pillow); a synthetic frame is drawn in its thread (4 ms at
