@@ -521,8 +521,8 @@ class Server:
     def __init__(self, pool, options: ServerOptions):
         self.pool, self.options = pool, options
         # the block contract (docs/SERVING.md): input frames a step takes per stream, the conditioning
-        # pool.control accepts, the rate the output plays at. A pool without them (the U-Net's, until
-        # runtime/pool.py carries them; a stand-in) takes one frame a step (none to generate) and no control.
+        # pool.control accepts, the rate the output plays at. StreamPool and PoolGroup carry them; a pool
+        # without them (the tests' and benchmarks' stand-ins) takes one frame a step (none to generate), no control.
         self.frames_in: int = getattr(pool, "frames_in", 1 if pool.video_to_video else 0)
         self.controls: dict = getattr(pool, "controls", {})
         self.video_rate: float | None = getattr(pool, "video_rate", None)
