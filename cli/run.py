@@ -31,6 +31,7 @@ from mirage.cli import options as shared
 from mirage.cli.errors import UserError
 from mirage.core.config import DIT_CONFIGS, PipelineOptions
 from mirage.core.errors import MirageError
+from mirage.core.loop import DEFAULT_VIDEO_RATE
 from mirage.core.prompts import read_embeddings
 from mirage.core.report import latency_summary, psnr, table, write_json
 from mirage.core.video_io import (MIN_INPUT_SIDE, VideoError, VideoWriter, check_not_input, check_source, input_size,
@@ -148,7 +149,7 @@ class _Stop:
               help="auto, cpu, cuda or cuda:N. An artifact without engines runs on the CPU (ONNX Runtime): cpu or auto.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the latency report as JSON here.")
-@click.option("--fps", type=click.IntRange(min=1), default=16, help="Frame rate of the written video.")
+@click.option("--fps", type=click.IntRange(min=1), default=DEFAULT_VIDEO_RATE, help="Frame rate of the written video.")
 @dit_options
 def main(model, source, frames, steps, seed, output, backend, fast, no_cuda_graph, compile_, kernel_library, device,
          json_path, fps, dit):
