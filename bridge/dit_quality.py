@@ -25,9 +25,10 @@ from mirage.train.dit import PROMPT_FILE
 
 
 def evaluate_dit(checkpoint: str | Path, frames: int = 500, window: int = 50, strength: float = 0.5, seed: int = 0,
-                 data: str = "detailed", degraded: bool = False, device: str = "cpu") -> dict:
+                 data: str = "detailed", degraded: bool = False, device: str = "cpu", fp8: str | None = None) -> dict:
     """Roll the DiT at `checkpoint` over `frames` frames of `data` (truth seed 10000 + seed, as
-    mirage-quality) and score every window; `ms_per_frame` is the rollout's wall time per frame."""
+    mirage-quality) and score every window; `ms_per_frame` is the rollout's wall time per frame. `fp8`: the
+    block's matmuls in FP8 (static or dynamic activation scales, mirage.model.fp8; None: the model's dtype)."""
     checkpoint = Path(checkpoint)
     cfg = saved_dit_config(checkpoint)
     if cfg is None or not cfg.autoencoder:
@@ -36,7 +37,7 @@ def evaluate_dit(checkpoint: str | Path, frames: int = 500, window: int = 50, st
     frames -= frames % n  # whole blocks
     truth = reference_clip(cfg.width, frames, 10_000 + seed, data)
     inputs = np.stack([v2v_input_rgb(x) for x in v2v_inputs(truth)]) if degraded else truth
-    with DiTPipeline.open(DiTSpec(cfg.name, checkpoint=checkpoint), checkpoint / PROMPT_FILE, device) as pipe:
+    with DiTPipeline.open(DiTSpec(cfg.name, checkpoint=checkpoint), checkpoint / PROMPT_FILE, device, fp8=fp8) as pipe:
         pipe.reset(seed)
         pipe.set_strength(strength)
         start = time.perf_counter()
@@ -47,7 +48,7 @@ def evaluate_dit(checkpoint: str | Path, frames: int = 500, window: int = 50, st
             "task": "v2v-degraded" if degraded else "restyle", "strength": strength,
             "steps": len(strength_schedule(block_schedule(cfg.denoising_steps, cfg.timestep_shift,
                                                           cfg.warp_denoising_step), strength)),
-            "frames": frames, "window": window, "seed": seed, "source": data, "device": device,
+            "frames": frames, "window": window, "seed": seed, "source": data, "device": device, "fp8": fp8,
             "ms_per_frame": seconds * 1e3 / frames, "data": reference["summary"], "windows": windows,
             "drift_db": windows[-1]["psnr"] - windows[0]["psnr"], "ssim_definition": SSIM_DEFINITION,
             "input_psnr_db": float(psnr(inputs, truth).mean()) if degraded else None}
