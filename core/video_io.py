@@ -1,8 +1,10 @@
 """Frame I/O shared by training data and the runtime: numpy only, no torch.
 
-Frames are float32 arrays (H, W, 3) in [-1, 1]. Videos are read with imageio-ffmpeg (an
-ffmpeg binary ships inside its wheel, so nothing is downloaded at run time); image
-sequences are folders of PNG/JPEG files read with Pillow, in name order.
+Frames are float32 arrays (H, W, 3) in [-1, 1]. Videos are read and written with imageio-ffmpeg (an
+ffmpeg binary ships inside its wheel, so nothing is downloaded at run time), or with OpenCV where
+mirage was installed without its dependencies beside an OpenCV (GPU images often hold opencv but not
+imageio-ffmpeg, whose wheel is 68 MB); image sequences are folders of PNG/JPEG files read with Pillow,
+in name order.
 """
 from __future__ import annotations
 
@@ -89,14 +91,9 @@ def input_size(path: str | os.PathLike) -> tuple[int, int] | None:
         except (OSError, UnidentifiedImageError) as e:
             raise VideoError(f"{first}: unreadable image ({e})") from e
     elif path.suffix.lower() in VIDEO_EXTS:
-        import imageio_ffmpeg
-
-        reader = imageio_ffmpeg.read_frames(str(path))
+        reader = _decode(str(path))
         try:
-            w, h = next(reader)["size"]
-        except (OSError, RuntimeError, StopIteration, KeyError) as e:
-            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise VideoError(f"{path}: unreadable video ({reason})") from e
+            w, h = next(reader)
         finally:
             reader.close()
     else:
@@ -143,23 +140,57 @@ def iter_frames_u8(path: str | os.PathLike, size: int) -> Iterator[np.ndarray]:
 
 
 def _read_ffmpeg(source: str, size: int, input_params: list[str] | None = None) -> Iterator[np.ndarray]:
-    import imageio_ffmpeg
-
     if source.startswith("/dev/video") and not Path(source).exists():
         raise VideoError(f"{source}: no such webcam")
+    reader = _decode(source, input_params)
+    next(reader)  # the size
     count = 0
+    for frame in reader:
+        count += 1
+        yield _square(frame, size, source)
+    if count == 0:
+        raise VideoError(f"{source}: video has no frames")
+
+
+def _video_library() -> str:
+    """The library that reads and writes video files here: imageio_ffmpeg (mirage's dependency), else cv2."""
+    for name in ("imageio_ffmpeg", "cv2"):
+        try:
+            __import__(name)
+            return name
+        except ImportError:
+            continue
+    raise VideoError("video files need imageio-ffmpeg (pip install imageio-ffmpeg) or OpenCV; image folders do not")
+
+
+def _decode(source: str, input_params: list[str] | None = None) -> Iterator:
+    """A video's (width, height) first, then its RGB uint8 frames; any decoder error as one VideoError line."""
     try:
-        reader = imageio_ffmpeg.read_frames(source, input_params=input_params)
-        meta = next(reader)
-        w, h = meta["size"]
-        for raw in reader:
-            count += 1
-            yield _square(np.frombuffer(raw, np.uint8).reshape(h, w, 3), size, source)
+        if _video_library() == "imageio_ffmpeg":
+            import imageio_ffmpeg
+
+            reader = imageio_ffmpeg.read_frames(source, input_params=input_params)
+            w, h = next(reader)["size"]
+            yield w, h
+            for raw in reader:
+                yield np.frombuffer(raw, np.uint8).reshape(h, w, 3)
+            return
+        import cv2
+
+        capture = cv2.VideoCapture(int(source[len("/dev/video"):]) if source.startswith("/dev/video") else source)
+        try:
+            ok, bgr = capture.read()
+            if not ok:
+                raise OSError("OpenCV cannot decode it")
+            yield bgr.shape[1], bgr.shape[0]
+            while ok:
+                yield np.ascontiguousarray(bgr[..., ::-1])
+                ok, bgr = capture.read()
+        finally:
+            capture.release()
     except (OSError, RuntimeError, StopIteration, KeyError) as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise VideoError(f"{source}: unreadable video ({reason})") from e
-    if count == 0:
-        raise VideoError(f"{source}: video has no frames")
 
 
 OUTPUT_FORMATS = (".mp4", ".gif")  # or a folder (no suffix) of PNG frames
@@ -214,11 +245,7 @@ class VideoWriter:
             u8 = np.repeat(np.repeat(u8, self.scale, axis=0), self.scale, axis=1)
         if self.suffix == ".mp4":
             if self._ffmpeg is None:
-                import imageio_ffmpeg
-
-                self._ffmpeg = imageio_ffmpeg.write_frames(str(self._partial), (u8.shape[1], u8.shape[0]), fps=self.fps,
-                                                           macro_block_size=1, quality=8)
-                self._ffmpeg.send(None)
+                self._ffmpeg = _encoder(self._partial, u8.shape[1], u8.shape[0], self.fps)
             self._ffmpeg.send(np.ascontiguousarray(u8))
         elif self.suffix == ".gif":
             self._gif.append(u8)  # Pillow writes a GIF in one go; uint8 frames are small
@@ -249,6 +276,30 @@ class VideoWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _encoder(path: Path, width: int, height: int, fps: int):
+    """An mp4 encoder of RGB uint8 frames: send(frame), close()."""
+    if _video_library() == "imageio_ffmpeg":
+        import imageio_ffmpeg
+
+        encoder = imageio_ffmpeg.write_frames(str(path), (width, height), fps=fps, macro_block_size=1, quality=8)
+        encoder.send(None)
+        return encoder
+    import cv2
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    if not writer.isOpened():
+        raise VideoError(f"{path}: OpenCV cannot write mp4 here")
+
+    class OpenCvEncoder:
+        def send(self, frame: np.ndarray) -> None:
+            writer.write(np.ascontiguousarray(frame[..., ::-1]))
+
+        def close(self) -> None:
+            writer.release()
+
+    return OpenCvEncoder()
 
 
 def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: int = 16, scale: int | None = None) -> int:

@@ -1,11 +1,13 @@
 """Synthetic video, the video-to-video input, video folders and frame I/O."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 
-from mirage.core.video_io import VideoError, iter_frames, write_video
+from mirage.core.video_io import VideoError, input_size, iter_frames, write_video
 from mirage.train.data import YCBCR, ClipStream, DataError, SyntheticVideo, VideoFolder, make_source, v2v_input
 
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -135,6 +137,21 @@ def test_mp4_round_trip(video_root):
     back = np.stack(list(iter_frames(root / "a.mp4", 32)))
     assert back.shape == clip.shape
     assert np.abs(back - clip).mean() < 0.1  # lossy H.264 + 4:2:0 chroma, but the same video
+
+
+def test_mp4_round_trip_through_opencv_without_imageio_ffmpeg(tmp_path, monkeypatch):
+    """mirage installed without its dependencies beside an OpenCV (the GPU machine's image): mp4s are written
+    and read through cv2; with neither library, one clear line."""
+    pytest.importorskip("cv2")
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # import imageio_ffmpeg -> ImportError
+    clip = SyntheticVideo(32, seed=11).clip(0, 12)
+    assert write_video(tmp_path / "a.mp4", clip, scale=1) == 12
+    assert input_size(tmp_path / "a.mp4") == (32, 32)
+    back = np.stack(list(iter_frames(tmp_path / "a.mp4", 32)))
+    assert back.shape == clip.shape and np.abs(back - clip).mean() < 0.1  # lossy MPEG-4 part 2, the same video
+    monkeypatch.setitem(sys.modules, "cv2", None)
+    with pytest.raises(VideoError, match="imageio-ffmpeg .* or OpenCV"):
+        list(iter_frames(tmp_path / "a.mp4", 32))
 
 
 def test_iter_frames_resizes(video_root):
