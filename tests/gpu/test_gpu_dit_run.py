@@ -24,22 +24,29 @@ def embeds(tmp_path):
     return path
 
 
-def video(embeds, **paths) -> np.ndarray:
+def video(embeds, **paths) -> tuple[np.ndarray, torch.Tensor]:
+    """The video and the latents the decoder was given: the random TAEHV decoder saturates to about -1
+    everywhere (pixel std 0.005 on the H100), so the DiT's paths are compared on its latents."""
     torch.manual_seed(0)  # the random DiT and TAEHV weights
+    latents = []
     with DiTPipeline.open(DiTSpec("dit-tiny", sink=2), embeds, device="cuda", **paths) as pipe:
+        decode = pipe.decoder.decode
+        pipe.decoder.decode = lambda z: (latents.append(z.float().cpu()), decode(z))[1]
         pipe.reset(seed=1)  # graph / compile: warms up every span first
         frames = np.concatenate(list(pipe.blocks(BLOCKS)))
         assert pipe.describe()[1] > 0
-    return frames
+    return frames, torch.cat(latents, dim=2)  # (1, C, T, h, w): the blocks' latent frames in order
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("paths", [dict(graph=True), dict(compile=True, graph=False), dict(compile=True, graph=True)])
 def test_warmed_up_paths_make_the_eager_video(embeds, paths):
-    eager = video(embeds, graph=False)
-    other = video(embeds, **paths)
-    assert eager.shape == (1 + 4 * (2 * BLOCKS - 1), 128, 128, 3) and eager.std() > 0.01
-    assert np.abs(other - eager).mean() < 2e-2
+    eager, eager_z = video(embeds, graph=False)
+    other, other_z = video(embeds, **paths)
+    assert eager.shape == other.shape == (1 + 4 * (2 * BLOCKS - 1), 128, 128, 3)
+    assert eager_z.shape[2] == 2 * BLOCKS and eager_z.std() > 0.1
+    # bfloat16: Inductor's fused kernels round differently from eager's; a graph replays eager's kernels
+    assert (other_z - eager_z).abs().mean() < 0.05 * eager_z.std(), (other_z - eager_z).abs().mean()
 
 
 @pytest.mark.gpu
