@@ -114,6 +114,8 @@ class ServerOptions:
                                         # merged into one: a prompt re-encodes text and rebuilds the stream's cache
                                         # in the step thread, which every stream's steps wait behind
     gpu_jpeg: bool = True  # JPEGs batched on the pool's GPU when it has nvJPEG (runtime/codec.py); False: Pillow
+    prompt_names: tuple[str, ...] = ()  # the prompts a control may name, offered to clients in the hello (`prompts`:
+                                        # the page's suggestions): mirage-serve --prompt-bank's names
 
     def __post_init__(self):
         if not self.token and not is_loopback(self.host):
@@ -521,11 +523,10 @@ class Server:
     def __init__(self, pool, options: ServerOptions):
         self.pool, self.options = pool, options
         # the block contract (docs/SERVING.md): input frames a step takes per stream, the conditioning
-        # pool.control accepts, the rate the output plays at. StreamPool and PoolGroup carry them; a pool
-        # without them (the tests' and benchmarks' stand-ins) takes one frame a step (none to generate), no control.
-        self.frames_in: int = getattr(pool, "frames_in", 1 if pool.video_to_video else 0)
-        self.controls: dict = getattr(pool, "controls", {})
-        self.video_rate: float | None = getattr(pool, "video_rate", None)
+        # pool.control accepts, the rate the output plays at (None: as it comes)
+        self.frames_in: int = pool.frames_in
+        self.controls: dict = pool.controls
+        self.video_rate: float | None = pool.video_rate
         self.frame_period = 1.0 / self.video_rate if self.video_rate else 0.0
         # a block plays for frames_in periods, and the next one replaces it by then (newest wins): a block
         # model's deadline is at least that, or a step longer than deadline_ms would drop every other block
@@ -674,9 +675,9 @@ class Server:
         """What the hello message tells a client about blocks and controls: input frames a step takes
         (0: a generation model's request), the rate the output plays at (null: as it comes), and what a
         control message may set ({"prompt": true, "strength": [low, high]}; {}: nothing) with the prompt's
-        length limit."""
-        return {"frames_in": self.frames_in, "video_rate": self.video_rate,
-                "controls": self.controls, "max_prompt_chars": self.options.max_prompt_chars}
+        length limit and the prompts known by name (a prompt bank's)."""
+        return {"frames_in": self.frames_in, "video_rate": self.video_rate, "controls": self.controls,
+                "max_prompt_chars": self.options.max_prompt_chars, "prompts": list(self.options.prompt_names)}
 
     # -- one client ------------------------------------------------------------------------------
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:

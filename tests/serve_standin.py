@@ -24,6 +24,8 @@ from mirage.runtime import pool as pool_module
 
 class SleepPool:
     depth, frame_shape, video_to_video = 1, (32, 32, 3), True
+    frames_in, controls, video_rate = 1, {}, None  # the U-Net's block contract: a frame a step, no control
+    devices = ["stand-in"]
 
     def __init__(self, slots: int, step_s: float):
         self.slots, self.step_s = slots, step_s
