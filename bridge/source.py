@@ -13,6 +13,7 @@ opens the same model the same way; `condition` is also mirage-run's, for a DiT a
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,7 @@ class ModelSource:
     prompt_embeds: Path | None = None  # or its embeddings' file
     text_encoder: Path | None = None  # a local UMT5 folder: a control's prompt text, encoded once per prompt
     prompt_bank: Path | None = None  # named embeddings (.safetensors): a control's prompt names one
+    strength: float | None = None  # a DiT on a per-frame autoencoder: video-to-video, every stream starting at it
 
     def read(self) -> tuple[np.ndarray | None, dict[str, np.ndarray] | None]:
         """The starting prompt's embeddings and the bank, read from their files (PromptError: one unreadable)."""
@@ -80,6 +82,8 @@ class ModelSource:
         """The pipeline at `path`, conditioned (StreamPool.open's `load`): a DiT checkpoint on the PyTorch
         backend, or whatever mirage.bridge.pipeline.load_pipeline opens."""
         embeds, bank = self.read()
+        if self.strength is not None:
+            options = dataclasses.replace(options, strength=self.strength)
         if self.dit is None:
             pipe = load_pipeline(path, backend, device, options)
         else:
@@ -88,6 +92,9 @@ class ModelSource:
                                     "export it (mirage-export --dit) for another")
             pipe = open_dit_checkpoint(path, get_dit_config(self.dit), device, options, self.lora)
         try:
+            if self.strength is not None and "strength" not in pipe.controls:
+                raise PipelineError(f"--strength: {path} takes no strength (video-to-video needs a DiT on a "
+                                    "per-frame autoencoder, such as dit-tiny-taesd)")
             condition(pipe, path, self.prompt, embeds, self.text_encoder, bank)
         except BaseException:
             pipe.close()

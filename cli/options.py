@@ -43,6 +43,12 @@ text_encoder = click.option(
     help="A DiT's local UMT5 encoder folder (transformers; or a diffusers Wan pipeline folder) for --prompt "
          "(mirage-serve: and for the prompts of control messages, each encoded once).")
 
+strength = click.option(
+    "--strength", type=click.FloatRange(0, 1), default=None,
+    help="A DiT's video-to-video: how far each input block is noised before the steps left denoise it; 0 keeps the "
+         "input, 1 ignores it (mirage-run --dit --input: default 0.6; mirage-serve: the streams' starting strength, "
+         "which makes the served DiT video-to-video). Needs a config on a per-frame autoencoder (dit-tiny-taesd).")
+
 # a seed outside the generator's range would wrap to another seed's video (mirage.core.loop.MAX_SEED)
 SEED = click.IntRange(0, MAX_SEED)
 

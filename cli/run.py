@@ -85,11 +85,7 @@ dit_options = shared.group(
     click.option("--fp8", type=click.Choice(["static", "dynamic"]), default=None,
                  help="--dit: FP8 E4M3 matmuls in the blocks' attention and FFN (Hopper/Ada): activation scales "
                       "per tensor, calibrated on a clip with the run's prompt (static), or per token (dynamic)."),
-    click.option("--strength", type=click.FloatRange(0, 1), default=None,
-                 help="--dit --input (video-to-video): how far each input block is noised before the steps left "
-                      "denoise it; 0 keeps the input, 1 ignores it. Default 0.6. Needs a config on a per-frame "
-                      "autoencoder (dit-tiny-taesd)."))
-
+    shared.strength)
 
 PROMPT_OPTIONS = ("prompt", "prompt_embeds", "text_encoder")  # a DiT artifact takes them without --dit
 

@@ -113,6 +113,7 @@ class NullPool:
         # the block contract: a block model's frames_in and video rate, or the U-Net's one frame a step, as it comes
         self.frames_in, self.video_rate = (block, video_rate) if block > 1 else (1, None)
         self.controls: dict = {}
+        self.restores = block == 1  # a block model (the DiT) takes the frames as sent
         self.active: list[int] = []
         self.step_s, self.gil_calls = step_ms / 1e3, max(1, gil_calls)
         # the server hands a pool uint8 frames; a one-frame input fills its block of 1

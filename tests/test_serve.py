@@ -158,7 +158,8 @@ class ThreadLogPool:
     """No model: logs which thread each submit / collect / attach / detach runs in."""
 
     depth, slots, frame_shape, video_to_video = 2, 1, (SIZE, SIZE, 3), True
-    frames_in, controls, video_rate = 1, {}, None  # the U-Net's block contract: a frame a step, no control
+    # the U-Net's block contract: a frame a step, no control, inputs degraded by the server
+    frames_in, controls, video_rate, restores = 1, {}, None, True
 
     def __init__(self):
         self.active, self.calls, self.in_flight = [], [], []
