@@ -14,6 +14,7 @@ opens the same model the same way; `condition` is also mirage-run's, for a DiT a
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +69,7 @@ class ModelSource:
     def read(self) -> tuple[np.ndarray | None, dict[str, np.ndarray] | None]:
         """The starting prompt's embeddings and the bank, read from their files (PromptError: one unreadable)."""
         if self.lora is not None and self.dit is None:
-            raise PromptError("--lora: a DiT checkpoint's LoRA; add --dit CONFIG")
+            raise PipelineError("--lora: a DiT checkpoint's LoRA; add --dit CONFIG")
         return (None if self.prompt_embeds is None else read_embeddings(self.prompt_embeds),
                 None if self.prompt_bank is None else read_bank(self.prompt_bank))
 
@@ -85,6 +86,7 @@ class ModelSource:
         if self.strength is not None:
             options = dataclasses.replace(options, strength=self.strength)
         if self.dit is None:
+            _check_not_dit(Path(path))
             pipe = load_pipeline(path, backend, device, options)
         else:
             if backend not in ("auto", "torch"):
@@ -100,3 +102,14 @@ class ModelSource:
             pipe.close()
             raise
         return pipe
+
+
+def _check_not_dit(path: Path) -> None:
+    """A DiT checkpoint trained here (config.json {"dit": ...}) opened without --dit: say which config it names."""
+    config = path / "config.json"
+    try:
+        name = json.loads(config.read_text())["dit"]["name"] if config.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not one: the checkpoint reader says what it is not
+    if name is not None:
+        raise PipelineError(f"{path} is a DiT checkpoint: add --dit {name}")

@@ -52,7 +52,7 @@ class StreamPool:
         self.video_to_video = pipeline.video_to_video
         self.frames_in, self.video_rate = pipeline.frames_in, pipeline.video_rate
         self.restores = pipeline.cfg.restores  # its input frames are degraded ones to restore (the U-Net's v2v)
-        # where it runs, as resolved (auto -> cpu; a GPU: cuda:N and its name), for a server's banner
+        # where it runs, as resolved (auto -> cpu; a GPU: cuda or cuda:N, and its name), for a server's banner
         device, name = str(pipeline.backend.device), pipeline.describe()[0]
         self.devices = [device if name == device else f"{device} ({name})"]
         self.active: list[int] = []

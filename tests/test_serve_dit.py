@@ -169,6 +169,7 @@ def test_read_bank_refuses_what_is_not_a_bank(tmp_path):
     ([str(CKPT_V2V), "--prompt-bank", str(BANK)], "--prompt-bank: "),
     ([str(CKPT_V2V), "--lora", "MISSING"], "--lora: a DiT checkpoint's LoRA; add --dit CONFIG"),
     ([str(CKPT_GEN), "--strength", "0.5"], "takes no strength"),
+    ([str(DIT), "--prompt-embeds", "PROMPT"], "is a DiT checkpoint: add --dit dit-tiny-taesd"),
 ])
 def test_bad_dit_input_is_one_line_and_exit_2_before_anything_listens(monkeypatch, tmp_path, args, expected):
     wide = tmp_path / "wide.safetensors"
