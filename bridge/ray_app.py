@@ -53,7 +53,7 @@ from starlette.middleware import Middleware
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from mirage.bridge.pipeline import load_pipeline
+from mirage.bridge.source import ModelSource
 from mirage.core.config import PipelineOptions
 from mirage.runtime.pool import StreamPool
 from mirage.runtime.server import STATIC, ServeError, Server, ServerOptions
@@ -183,10 +183,11 @@ def refused(e: web.HTTPException) -> PlainTextResponse:
 @serve.deployment
 @serve.ingress(ingress)
 class StreamReplica:
-    async def __init__(self, model: str, slots: int, backend: str, device: str, fast: bool,
+    async def __init__(self, source: ModelSource, slots: int, backend: str, device: str, fast: bool,
                        options: ServerOptions, fleet):
         pipeline = PipelineOptions.fastest() if fast else PipelineOptions(frames="uint8")  # as mirage-serve's
-        self.pool = StreamPool.open(model, slots, backend=backend, device=device, options=pipeline, load=load_pipeline)
+        self.pool = StreamPool.open(source.path, slots, backend=backend, device=device, options=pipeline,
+                                    load=source.load)  # the model and its prompts, opened as mirage-serve opens them
         self.server = Server(self.pool, options)
         self.fleet = fleet
         self.name = serve.get_replica_context().replica_id.unique_id
@@ -194,7 +195,7 @@ class StreamReplica:
         self.lifetime = self.server.lifetime(None)  # mirage-serve's start: calibrate, then the stepper
         await anext(self.lifetime)
         self.reporter = asyncio.create_task(self.report_forever())
-        log.info("replica %s: %s in %d slots on %s", self.name, model, slots, device)
+        log.info("replica %s: %s in %d slots on %s", self.name, source.path, slots, device)
 
     def status(self) -> dict:
         return {**self.server.status(), **self.where}
@@ -248,28 +249,33 @@ class StreamReplica:
         self.pool.close()
 
 
-def application(model: str | Path, slots: int, backend: str = "auto", device: str = "cpu", fast: bool = False,
-                options: ServerOptions = ServerOptions(), **deployment):
-    """The Serve application: StreamReplica with deployment_options(slots, **deployment), and Fleet."""
+def application(source: ModelSource | str | Path, slots: int, backend: str = "auto", device: str = "cpu",
+                fast: bool = False, options: ServerOptions = ServerOptions(), **deployment):
+    """The Serve application: StreamReplica with deployment_options(slots, **deployment), and Fleet. `source`: the
+    model (a path: an artifact or a U-Net checkpoint) and a DiT's prompts, as mirage-serve's options give them."""
     gpus = 0.0 if device == "cpu" else 1.0
+    source = source if isinstance(source, ModelSource) else ModelSource(Path(source))
     return StreamReplica.options(**deployment_options(slots, gpus=gpus, **deployment)).bind(
-        str(model), slots, backend, "cpu" if device == "cpu" else "cuda", fast, options, Fleet.bind())
+        source, slots, backend, "cpu" if device == "cpu" else "cuda", fast, options, Fleet.bind())
 
 
 def build(args: dict):
     """`serve run mirage.bridge.ray_app:build model=PATH slots=16 device=cuda min_replicas=1 max_replicas=4
     host=0.0.0.0 token=SECRET ...`: the application from `serve run`'s key=value arguments (strings). `host` is
     what Serve's proxies bind (`serve start --http-host`; default 127.0.0.1): anything but loopback needs a
-    token, as for mirage-serve."""
+    token, as for mirage-serve. A DiT: dit=CONFIG prompt_embeds=FILE prompt_bank=FILE ... (ModelSource's fields,
+    mirage-serve's options)."""
     number = {"slots": int, "min_replicas": int, "max_replicas": int, "target_streams": float, "cpus": float,
               "drain_s": float, "deadline_ms": float, "batch_wait_ms": float, "max_frame_bytes": int,
-              "calibrate_steps": int}
+              "calibrate_steps": int, "strength": float}
     args = {k: number.get(k, str)(v) for k, v in args.items()}
     server = {k: args.pop(k) for k in ("host", "token", "deadline_ms", "batch_wait_ms", "max_frame_bytes",
                                        "calibrate_steps") if k in args}
     fast = args.pop("fast", "false").lower() in ("1", "true", "yes")
-    return application(args.pop("model"), args.pop("slots", 4), args.pop("backend", "auto"),
-                       args.pop("device", "cpu"), fast, ServerOptions(**server), **args)
+    fields = ("dit", "lora", "prompt", "prompt_embeds", "text_encoder", "prompt_bank", "strength")
+    source = ModelSource(Path(args.pop("model")), **{k: args.pop(k) for k in fields if k in args})
+    return application(source, args.pop("slots", 4), args.pop("backend", "auto"), args.pop("device", "cpu"), fast,
+                       ServerOptions(**server, prompt_names=tuple(source.prompt_names)), **args)
 
 
 # -- the driver (mirage-serve --ray) ------------------------------------------------------------------------

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import functools
 import re
+from pathlib import Path
 from typing import Callable
 
 import click
 
 from mirage.cli.errors import UserError
-from mirage.core.config import PIPELINE_BACKENDS
+from mirage.core.config import DIT_CONFIGS, PIPELINE_BACKENDS
 from mirage.core.device import cuda_available
 from mirage.core.loop import MAX_SEED
 
@@ -22,6 +23,32 @@ fast = click.option(
     help="The fastest PyTorch path on a GPU (docs/PERF.md): float16, Inductor kernels over channels-last weights "
          "with freezing, the timestep-only work once per step, all in the frame's CUDA graph. Compiling takes a "
          "minute or two before the first frame. Checkpoints on a GPU only: refused on the CPU and for artifacts.")
+
+# a DiT and its prompt (mirage-run, mirage-serve)
+dit = click.option(
+    "--dit", "config", type=click.Choice(list(DIT_CONFIGS)), default=None,
+    help="MODEL is a Wan 2.1 chunk-causal DiT checkpoint of this layout (Self-Forcing / CausVid / LongLive .pt, a "
+         "Wan or diffusers transformer folder, or one trained here: checkpoints/dit-tiny-taesd).")
+lora = click.option("--lora", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                    help="--dit: a LongLive LoRA file (lora.pt) merged into the checkpoint's weights.")
+prompt = click.option("--prompt", default=None,
+                      help="A DiT's prompt text, encoded once by --text-encoder (mirage-serve: the streams' starting "
+                           "prompt; a --prompt-bank name as well).")
+prompt_embeds = click.option(
+    "--prompt-embeds", type=click.Path(path_type=Path), default=None,
+    help="A DiT's precomputed prompt embeddings, (L, text_dim) in a .safetensors file (.pt: mirage-run --dit) "
+         "(mirage-serve: the streams' starting prompt).")
+text_encoder = click.option(
+    "--text-encoder", type=click.Path(path_type=Path), default=None,
+    help="A DiT's local UMT5 encoder folder (transformers; or a diffusers Wan pipeline folder) for --prompt "
+         "(mirage-serve: and for the prompts of control messages, each encoded once).")
+
+strength = click.option(
+    "--strength", type=click.FloatRange(0, 1), default=None,
+    help="A DiT's video-to-video: how far each input block is noised before the steps left denoise it; 0 keeps the "
+         "input, 1 ignores it (mirage-run --dit --input: default 0.6; a DiT artifact, or mirage-serve's DiT, runs "
+         "video-to-video when it is given, mirage-serve's streams starting at it). Needs a config on a per-frame "
+         "autoencoder (dit-tiny-taesd).")
 
 # a seed outside the generator's range would wrap to another seed's video (mirage.core.loop.MAX_SEED)
 SEED = click.IntRange(0, MAX_SEED)

@@ -29,7 +29,7 @@ import numpy as np
 
 from mirage.cli import options as shared
 from mirage.cli.errors import UserError
-from mirage.core.config import DIT_CONFIGS, PipelineOptions
+from mirage.core.config import PipelineOptions
 from mirage.core.errors import MirageError
 from mirage.core.loop import DEFAULT_VIDEO_RATE
 from mirage.core.prompts import read_embeddings
@@ -66,18 +66,10 @@ def _resolution(ctx, param, value: str | None) -> tuple[int, int] | None:
 # --dit's own options, collected into one `dit` argument; refused without --dit
 dit_options = shared.group(
     "dit",
-    click.option("--dit", "config", type=click.Choice(list(DIT_CONFIGS)), default=None,
-                 help="Run a Wan 2.1 chunk-causal DiT of this layout: MODEL is then its checkpoint (Self-Forcing / "
-                      "CausVid / LongLive .pt, a Wan or diffusers transformer folder), or --random-weights."),
+    shared.dit,
     click.option("--random-weights", is_flag=True,
                  help="--dit without a checkpoint: random weights (and a random TAEHV decoder without --decoder)."),
-    click.option("--lora", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                 help="--dit: a LongLive LoRA file (lora.pt) merged into the checkpoint's weights."),
-    click.option("--prompt", default=None, help="--dit or a DiT artifact: the prompt text, encoded once by --text-encoder."),
-    click.option("--prompt-embeds", type=click.Path(path_type=Path), default=None,
-                 help="--dit or a DiT artifact: precomputed prompt embeddings, (L, text_dim) in a .safetensors file (.pt: --dit)."),
-    click.option("--text-encoder", type=click.Path(path_type=Path), default=None,
-                 help="--dit or a DiT artifact: a local UMT5 encoder folder (transformers; or a diffusers Wan pipeline folder)."),
+    shared.lora, shared.prompt, shared.prompt_embeds, shared.text_encoder,
     click.option("--decoder", type=click.Path(path_type=Path), default=None,
                  help="--dit: a TAEHV file (taew2_1.pth) or a Wan VAE folder (diffusers AutoencoderKLWan). "
                       "Needed to write video, except with --random-weights."),
@@ -93,11 +85,7 @@ dit_options = shared.group(
     click.option("--fp8", type=click.Choice(["static", "dynamic"]), default=None,
                  help="--dit: FP8 E4M3 matmuls in the blocks' attention and FFN (Hopper/Ada): activation scales "
                       "per tensor, calibrated on a clip with the run's prompt (static), or per token (dynamic)."),
-    click.option("--strength", type=click.FloatRange(0, 1), default=None,
-                 help="--dit --input (video-to-video): how far each input block is noised before the steps left "
-                      "denoise it; 0 keeps the input, 1 ignores it. Default 0.6. Needs a config on a per-frame "
-                      "autoencoder (dit-tiny-taesd)."))
-
+    shared.strength)
 
 PROMPT_OPTIONS = ("prompt", "prompt_embeds", "text_encoder")  # a DiT artifact takes them without --dit
 
@@ -333,23 +321,11 @@ def _block_report(report: dict, rows: list[tuple[str, str]], block_times: list[f
 def _condition(pipe, model, steps: int | None, prompt: dict, embeds) -> None:
     """A prompt model's prompt (embeddings, or text through --text-encoder); refused for a model without one.
     Its steps are its own: --steps must agree."""
+    from mirage.bridge.source import condition
+
     if steps is not None and steps != pipe.steps:
         raise UserError(f"--steps {steps}: {model} samples with its own {pipe.steps} steps per block; leave out --steps")
-    given = [f"--{name.replace('_', '-')}" for name, value in prompt.items() if value is not None]
-    if "prompt" not in pipe.unit.controls:
-        if given:
-            raise UserError(f"{', '.join(given)}: {model} takes no prompt")
-        return
-    if (prompt["prompt"] is None) == (embeds is None):
-        raise UserError(f"{model} needs one of --prompt TEXT (with --text-encoder FOLDER) or --prompt-embeds FILE")
-    if prompt["prompt"] is not None:
-        if prompt["text_encoder"] is None:
-            raise UserError("--prompt needs --text-encoder FOLDER (a local UMT5 encoder), or give --prompt-embeds FILE")
-        from mirage.bridge.pipeline import text_prompt_encoder
-
-        pipe.prompt_encoder = text_prompt_encoder(prompt["text_encoder"], pipe.cfg)
-        embeds = pipe.prompt_encoder(prompt["prompt"])
-    pipe.set_prompt(embeds)
+    condition(pipe, model, prompt["prompt"], embeds, prompt["text_encoder"])
 
 
 def _check_outputs(output: Path, json_path: Path | None, fast: bool, device: str, source: str | None) -> None:

@@ -7,6 +7,8 @@
                                                                  # required (--token SECRET shows in `ps`)
     mirage-serve CKPT --ray --device cuda --slots 16 --max-replicas 8   # through Ray Serve: one replica per GPU
     mirage-serve CKPT --ray-address HEAD:6379 --device cuda --slots 16  # on an existing Ray cluster
+    mirage-serve checkpoints/dit-tiny-taesd --dit dit-tiny-taesd --prompt trained \
+        --prompt-bank checkpoints/dit-tiny-taesd/prompts.safetensors   # the DiT trained here; prompts by name
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import click
 
+from mirage.bridge.source import ModelSource
 from mirage.cli.errors import UserError
 from mirage.cli import options as shared
 from mirage.cli.run import PACKAGE_ROOT
@@ -63,6 +66,12 @@ DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
 @click.option("--control-interval-ms", type=click.FloatRange(min=0), default=500.0,
               help="A stream's control messages (prompt, strength) are applied at most this often, those in "
                    "between merged: each new prompt is encoded and the stream's cache rebuilt between steps.")
+@shared.group("dit", shared.dit, shared.lora, shared.prompt, shared.prompt_embeds, shared.text_encoder,
+              shared.strength,
+              click.option("--prompt-bank", type=click.Path(path_type=Path), default=None,
+                           help="A DiT's named prompt embeddings, a .safetensors file of (L, text_dim) tensors: a "
+                                "control message's prompt names one (else, with --text-encoder, it is encoded; "
+                                "without, refused), --prompt may too, and the page offers the names."))
 @click.option("--cpu-jpeg", is_flag=True,
               help="Decode and encode JPEGs with Pillow in CPU threads even on a GPU that has nvJPEG (by default "
                    "they are batched on the pool's GPU, PyTorch backend).")
@@ -79,17 +88,18 @@ DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
 @click.option("--drain-s", type=click.FloatRange(min=0), default=3600.0,
               help="With --ray: how long a replica being replaced or removed keeps serving its open streams.")
 def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, batch_wait_ms, max_frame_bytes,
-         calibrate_steps, max_prompt_chars, control_interval_ms, cpu_jpeg, use_ray, ray_address, min_replicas,
+         calibrate_steps, max_prompt_chars, control_interval_ms, dit, cpu_jpeg, use_ray, ray_address, min_replicas,
          max_replicas, target_streams, drain_s):
     """Serve MODEL (a checkpoint folder or an exported artifact; default: the bundled tiny-v2v) to
     browsers and WebSocket clients: open http://HOST:PORT/ for the page (webcam, video file or a
-    synthetic source). All streams advance together, one batched step per frame, in a pool of
-    --slots streams. Protocol, limits and benchmark: docs/SERVING.md."""
+    synthetic source). All streams advance together, one batched step per frame (a DiT: per block), in a
+    pool of --slots streams. A DiT checkpoint needs --dit CONFIG; a DiT (checkpoint or artifact) needs its
+    streams' starting prompt, and takes prompts in control messages with --prompt-bank or --text-encoder.
+    Protocol, limits and benchmark: docs/SERVING.md."""
     try:
         from aiohttp import web
     except ImportError as e:
         raise UserError("mirage-serve needs aiohttp: pip install 'mirage-video[serve]'") from e
-    from mirage.bridge.pipeline import load_pipeline
     from mirage.runtime.pool import PoolGroup, StreamPool
     from mirage.runtime.server import AccessLog, RedactingFormatter, ServerOptions, make_app
 
@@ -101,19 +111,24 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
         raise UserError(f"--device {','.join(bad)}: give auto, cpu, cuda or cuda:N")
     for name in devices:
         shared.check_fast(fast, name)
-    try:  # the options first: a refused binding should not wait for a model to load
+    if fast and dit["config"]:
+        raise UserError("--fast is the U-Net checkpoints' compiled path; a DiT checkpoint (--dit) runs without it")
+    source = ModelSource(model, *(dit[k] for k in ("config", "lora", "prompt", "prompt_embeds", "text_encoder",
+                                                   "prompt_bank", "strength")))
+    try:  # the options and the prompt files first: a refused binding should not wait for a model to load
         options = ServerOptions(host=host, port=port, token=token, deadline_ms=deadline_ms,
                                 batch_wait_ms=batch_wait_ms, max_frame_bytes=max_frame_bytes,
                                 calibrate_steps=calibrate_steps, max_prompt_chars=max_prompt_chars,
-                                control_interval_ms=control_interval_ms, gpu_jpeg=not cpu_jpeg)
+                                control_interval_ms=control_interval_ms, gpu_jpeg=not cpu_jpeg,
+                                prompt_names=tuple(source.prompt_names))
         if use_ray or ray_address:
-            return serve_on_ray(model, slots, backend, devices, fast, options, ray_address, min_replicas=min_replicas,
+            return serve_on_ray(source, slots, backend, devices, fast, options, ray_address, min_replicas=min_replicas,
                                 max_replicas=max_replicas or min_replicas, target_streams=target_streams,
                                 drain_s=drain_s)
         _check_listen(host, port)  # before the model loads: a taken port is said in a second, not after it
         # the server hands the pool uint8 frames and takes uint8 back: they cross to the device as they are
         pipeline = PipelineOptions.fastest() if fast else PipelineOptions(frames="uint8")
-        opened = dict(backend=backend, options=pipeline, load=load_pipeline)  # checkpoints run on the torch side
+        opened = dict(backend=backend, options=pipeline, load=source.load)  # checkpoints run on the torch side
         pool = StreamPool.open(model, slots, device=devices[0], **opened) if len(devices) == 1 \
             else PoolGroup.open(model, slots, devices, **opened)
     except MirageError as e:
@@ -123,10 +138,11 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
     # the token itself is never printed: a terminal is shared, scrolled back and recorded
-    source = "$MIRAGE_SERVE_TOKEN" if click.get_current_context().get_parameter_source("token").name == "ENVIRONMENT" \
+    given = "$MIRAGE_SERVE_TOKEN" if click.get_current_context().get_parameter_source("token").name == "ENVIRONMENT" \
         else "--token"
-    click.echo(f"mirage-serve: {model} in {pool.slots} slots on {', '.join(devices)}; open http://{shown}:{port}/"
-               + (f"?token=TOKEN, TOKEN being the value of {source}" if token else ""))
+    # the devices as the pools resolved them (auto -> cpu, or cuda:0 and its GPU's name)
+    click.echo(f"mirage-serve: {model} in {pool.slots} slots on {', '.join(pool.devices)}; open http://{shown}:{port}/"
+               + (f"?token=TOKEN, TOKEN being the value of {given}" if token else ""))
     try:
         web.run_app(make_app(pool, options), host=host, port=port, print=None, access_log_class=AccessLog)
     except OSError as e:  # taken between the check and the bind
@@ -148,7 +164,7 @@ def _check_listen(host: str, port: int) -> None:
                         "what holds it") from e
 
 
-def serve_on_ray(model, slots, backend, devices, fast, options, address, **replicas) -> None:
+def serve_on_ray(source, slots, backend, devices, fast, options, address, **replicas) -> None:
     """mirage-serve --ray: deploy on Ray Serve, print where, wait for Ctrl-C (MirageError: a user error)."""
     if devices[0] not in ("auto", "cpu", "cuda") or len(devices) > 1:
         raise UserError(f"--device {','.join(devices)}: with --ray give cpu or cuda (Ray gives each replica its GPU)")
@@ -167,11 +183,11 @@ def serve_on_ray(model, slots, backend, devices, fast, options, address, **repli
     device = devices[0] if devices[0] != "auto" else "cuda" if ray.cluster_resources().get("GPU") else "cpu"
     previous = signal.signal(signal.SIGTERM, stop)  # a service manager's stop: as Ctrl-C
     try:
-        ray_app.deploy(ray_app.application(model, slots, backend, device, fast, options, **replicas), options.host,
+        ray_app.deploy(ray_app.application(source, slots, backend, device, fast, options, **replicas), options.host,
                        options.port)
         shown = "localhost" if options.host in ("127.0.0.1", "::1") else options.host
-        click.echo(f"mirage-serve --ray: {model} in {replicas['min_replicas']}-{replicas['max_replicas']} replicas of "
-                   f"{slots} slots on {device}; open http://{shown}:{options.port}/"
+        click.echo(f"mirage-serve --ray: {source.path} in {replicas['min_replicas']}-{replicas['max_replicas']} "
+                   f"replicas of {slots} slots on {device}; open http://{shown}:{options.port}/"
                    + ("?token=(your --token)" if options.token else ""))
         while True:
             time.sleep(3600)

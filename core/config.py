@@ -168,6 +168,12 @@ class ModelConfig:
     def task(self) -> str:
         return "v2v" if self.cond_channels else "generate"
 
+    @property
+    def restores(self) -> bool:
+        """Video-to-video here is restoration: the model's input is a degraded frame (core.video_io.v2v_input:
+        luma plus coarse chroma) that whoever feeds it (mirage-run, the server) makes from the source frame."""
+        return bool(self.cond_channels)
+
 
 TASKS = ("generate", "v2v")
 
@@ -348,8 +354,13 @@ class PipelineOptions:
     # Host frames: "float32" (H, W, 3) in [-1, 1], or "uint8" (H, W, 3) 0..255 as mirage.core.video_io.to_uint8
     # maps them, converted inside the frame (the CUDA graph on a GPU) so only bytes cross PCIe, both ways
     frames: str = "float32"
+    # A DiT with a per-frame autoencoder: video-to-video, each input block encoded and noised to this strength
+    # (every row's at the start; Pipeline.control changes a row's); None: generation
+    strength: float | None = None
 
     def __post_init__(self) -> None:
+        if self.strength is not None and not 0 <= self.strength <= 1:
+            raise ConfigError(f"strength={self.strength}: choose a value in [0, 1]")
         if self.steps is not None and not 1 <= self.steps <= 1000:
             raise ConfigError(f"steps={self.steps}: choose between 1 and 1000")
         if not 0 <= self.context_noise < 1000:
@@ -583,6 +594,12 @@ class DiTConfig:
     def cache_frames(self) -> int:
         """Past frames the cache holds between blocks: the sink plus the rolling part."""
         return self.window_frames - self.block_frames
+
+    @property
+    def restores(self) -> bool:
+        """Its video-to-video restyles the frames as they come (ModelConfig.restores: the U-Net's takes degraded
+        ones)."""
+        return False
 
     @property
     def steps(self) -> int:

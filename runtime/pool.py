@@ -8,8 +8,11 @@
 A step is the model's unit of work: one frame per slot for the U-Net (n = 1), a block of frames for the
 video DiT (n = its block's latent frames), so every result is (n, H, W, 3) whatever the family.
 `frames_in` is how many input frames one step takes per slot (0: generation), `control(slot, prompt=...,
-strength=...)` changes one stream's conditioning between steps (what `controls` lists), and `video_rate`
-is the frame rate the output plays at (a server paces a block's frames out by it).
+strength=...)` changes one stream's conditioning between steps (what `controls` lists), `video_rate`
+is the frame rate the output plays at (a server paces a block's frames out by it), `restores` says
+whether its inputs are degraded frames to restore (the U-Net's video-to-video: a server degrades what
+clients send, as mirage-run does) or frames taken as they are (the DiT's), and `devices` names where
+the pool runs.
 
 Each slot is one row of a Pipeline of batch B: its own ring buffer, ages, slot index and noise
 counter, so a stream's frames depend only on its own seed and inputs. Attaching resets that row
@@ -48,6 +51,10 @@ class StreamPool:
         self.frame_shape = pipeline.frame_shape
         self.video_to_video = pipeline.video_to_video
         self.frames_in, self.video_rate = pipeline.frames_in, pipeline.video_rate
+        self.restores = pipeline.cfg.restores  # its input frames are degraded ones to restore (the U-Net's v2v)
+        # where it runs, as resolved (auto -> cpu; a GPU: cuda or cuda:N, and its name), for a server's banner
+        device, name = str(pipeline.backend.device), pipeline.describe()[0]
+        self.devices = [device if name == device else f"{device} ({name})"]
         self.active: list[int] = []
         # each slot's latest input, kept as the pipeline's frames cross (PipelineOptions.frames): bytes stay bytes
         self._inputs = np.zeros((self.slots, *self.frame_shape), np.uint8 if pipeline.options.frames == "uint8"
@@ -172,6 +179,14 @@ class PoolGroup:
     @property
     def frames_in(self) -> int:
         return self.pools[0].frames_in
+
+    @property
+    def restores(self) -> bool:
+        return self.pools[0].restores
+
+    @property
+    def devices(self) -> list[str]:
+        return [d for pool in self.pools for d in pool.devices]
 
     @property
     def video_rate(self) -> float:

@@ -114,6 +114,8 @@ class ServerOptions:
                                         # merged into one: a prompt re-encodes text and rebuilds the stream's cache
                                         # in the step thread, which every stream's steps wait behind
     gpu_jpeg: bool = True  # JPEGs batched on the pool's GPU when it has nvJPEG (runtime/codec.py); False: Pillow
+    prompt_names: tuple[str, ...] = ()  # the prompts a control may name, offered to clients in the hello (`prompts`:
+                                        # the page's suggestions): mirage-serve --prompt-bank's names
 
     def __post_init__(self):
         if not self.token and not is_loopback(self.host):
@@ -204,9 +206,10 @@ class Block:
 
 
 def decode_frame(data: bytes, shape: tuple[int, int, int], video_to_video: bool, max_bytes: int,
-                 received: float, jpeg: BatchedJpeg | None = None) -> Frame:
+                 received: float, jpeg: BatchedJpeg | None = None, restores: bool = True) -> Frame:
     """A client's binary message -> Frame; ServeError names what is wrong with it. `jpeg`: the GPU's
-    batched JPEG codec (runtime/codec.py), None: Pillow, in this thread."""
+    batched JPEG codec (runtime/codec.py), None: Pillow, in this thread. `restores`: the model restores a
+    degraded frame (the U-Net's video-to-video), made here from the one sent; else it takes that frame as is."""
     if len(data) < HEADER.size:
         raise ServeError(f"a frame message is a {HEADER.size}-byte header, then the image; got {len(data)} bytes")
     frame_id, fmt, client_ts = HEADER.unpack_from(data)
@@ -221,9 +224,10 @@ def decode_frame(data: bytes, shape: tuple[int, int, int], video_to_video: bool,
         return Frame(frame_id, fmt, client_ts, received, None, time.monotonic())
     if not payload:
         raise ServeError(f"frame {frame_id}: this video-to-video model needs an input image after the header")
-    # clients send a plain RGB frame; the model's input is made from it as mirage-run makes it:
-    # luma at full resolution plus coarse chroma (the video-to-video task the models are trained on)
-    pixels = v2v_input_u8(_rgb(payload, fmt, shape, frame_id, jpeg))  # (H, W, 3) uint8: no float frame is kept
+    # clients send a plain RGB frame; a restoring model's input is made from it as mirage-run makes it:
+    # luma at full resolution plus coarse chroma (the U-Net's video-to-video task); a DiT restyles it as it is
+    pixels = _rgb(payload, fmt, shape, frame_id, jpeg)
+    pixels = v2v_input_u8(pixels) if restores else pixels  # (H, W, 3) uint8: no float frame is kept
     return Frame(frame_id, fmt, client_ts, received, pixels, time.monotonic())
 
 
@@ -521,11 +525,11 @@ class Server:
     def __init__(self, pool, options: ServerOptions):
         self.pool, self.options = pool, options
         # the block contract (docs/SERVING.md): input frames a step takes per stream, the conditioning
-        # pool.control accepts, the rate the output plays at. StreamPool and PoolGroup carry them; a pool
-        # without them (the tests' and benchmarks' stand-ins) takes one frame a step (none to generate), no control.
-        self.frames_in: int = getattr(pool, "frames_in", 1 if pool.video_to_video else 0)
-        self.controls: dict = getattr(pool, "controls", {})
-        self.video_rate: float | None = getattr(pool, "video_rate", None)
+        # pool.control accepts, the rate the output plays at (None: as it comes)
+        self.frames_in: int = pool.frames_in
+        self.controls: dict = pool.controls
+        self.video_rate: float | None = pool.video_rate
+        self.restores: bool = pool.restores  # its input is the sent frame degraded (the U-Net's), else as sent
         self.frame_period = 1.0 / self.video_rate if self.video_rate else 0.0
         # a block plays for frames_in periods, and the next one replaces it by then (newest wins): a block
         # model's deadline is at least that, or a step longer than deadline_ms would drop every other block
@@ -674,9 +678,9 @@ class Server:
         """What the hello message tells a client about blocks and controls: input frames a step takes
         (0: a generation model's request), the rate the output plays at (null: as it comes), and what a
         control message may set ({"prompt": true, "strength": [low, high]}; {}: nothing) with the prompt's
-        length limit."""
-        return {"frames_in": self.frames_in, "video_rate": self.video_rate,
-                "controls": self.controls, "max_prompt_chars": self.options.max_prompt_chars}
+        length limit and the prompts known by name (a prompt bank's)."""
+        return {"frames_in": self.frames_in, "video_rate": self.video_rate, "controls": self.controls,
+                "max_prompt_chars": self.options.max_prompt_chars, "prompts": list(self.options.prompt_names)}
 
     # -- one client ------------------------------------------------------------------------------
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
@@ -830,7 +834,7 @@ class Server:
             start = time.monotonic()
             stream.decoding = self.codec.submit(timed_call, decode_frame, data, self.pool.frame_shape,
                                                 self.pool.video_to_video, self.options.max_frame_bytes, received,
-                                                self.jpeg)
+                                                self.jpeg, self.restores)
             try:
                 decoded, result = await self.answered(stream, "decode that frame", "",
                                                       asyncio.wrap_future(stream.decoding))

@@ -110,8 +110,10 @@ class NullPool:
         self.depth = depth
         width, height = size
         self.slots, self.frame_shape, self.video_to_video = slots, (height, width, 3), True
-        if block > 1:  # the block contract; without it the server takes one frame a step, as from the U-Net
-            self.frames_in, self.video_rate = block, video_rate
+        # the block contract: a block model's frames_in and video rate, or the U-Net's one frame a step, as it comes
+        self.frames_in, self.video_rate = (block, video_rate) if block > 1 else (1, None)
+        self.controls: dict = {}
+        self.restores = block == 1  # a block model (the DiT) takes the frames as sent
         self.active: list[int] = []
         self.step_s, self.gil_calls = step_ms / 1e3, max(1, gil_calls)
         # the server hands a pool uint8 frames; a one-frame input fills its block of 1

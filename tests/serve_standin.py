@@ -24,6 +24,9 @@ from mirage.runtime import pool as pool_module
 
 class SleepPool:
     depth, frame_shape, video_to_video = 1, (32, 32, 3), True
+    # the U-Net's block contract: a frame a step, no control, inputs degraded by the server
+    frames_in, controls, video_rate, restores = 1, {}, None, True
+    devices = ["stand-in"]
 
     def __init__(self, slots: int, step_s: float):
         self.slots, self.step_s = slots, step_s
@@ -65,6 +68,7 @@ class BlockPool(SleepPool):
     MAX_TOKENS = 8
     COUNTER = 64
     controls = {"prompt": True, "strength": (0.0, 1.0)}
+    restores = False  # a DiT's inputs: the frames as sent
 
     def __init__(self, slots: int, step_s: float, block: int = 4, video_rate: float = 16.0,
                  video_to_video: bool = True):

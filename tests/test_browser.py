@@ -176,3 +176,21 @@ def test_a_block_model_s_prompt_box_and_strength_slider_send_control_messages(br
                                "s.dispatchEvent(new Event('input'));")
         wait_for_status(browser, "applied: strength 0.80")
         assert browser.find_element(By.ID, "strength-value").text == "0.80"
+
+
+def test_the_page_offers_a_served_dit_s_bank_prompts_and_applies_one(browser):
+    """mirage-serve of the bundled DiT with its prompt bank: the page generates, its prompt box suggests the
+    bank's names (the hello's `prompts`), and a name typed there is applied to the stream."""
+    from selenium.webdriver.common.by import By
+
+    dit = ROOT / "checkpoints" / "dit-tiny-taesd"
+    with serving(dit, "--dit", "dit-tiny-taesd", "--prompt", "trained", "--prompt-bank",
+                 str(dit / "prompts.safetensors")) as url:
+        browser.get(url + "/")
+        run_source(browser, "synthetic", 3)
+        names = browser.execute_script("return [...document.querySelectorAll('#prompt-names option')]"
+                                       ".map((o) => o.value)")
+        assert names == ["empty", "trained"]
+        assert browser.find_element(By.ID, "prompt").get_attribute("placeholder") == "e.g. empty, trained"
+        browser.find_element(By.ID, "prompt").send_keys("empty")
+        wait_for_status(browser, 'applied: prompt "empty"')

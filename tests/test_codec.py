@@ -120,8 +120,10 @@ def test_the_server_decodes_and_encodes_through_the_batched_codec():
 
 
 def test_only_a_gpu_pool_with_a_jpeg_codec_gets_one():
-    fake = SimpleNamespace(video_to_video=True, pipeline=SimpleNamespace(execution=SimpleNamespace(
-        gpu=SimpleNamespace(jpeg=lambda: PillowBatches()))))  # video_to_video: what a Server reads of any pool
+    # video_to_video and the block contract (frames_in, controls, video_rate, restores): what a Server reads
+    gpu = SimpleNamespace(jpeg=lambda: PillowBatches())
+    fake = SimpleNamespace(video_to_video=True, frames_in=1, controls={}, video_rate=None, restores=True,
+                           pipeline=SimpleNamespace(execution=SimpleNamespace(gpu=gpu)))
     batched = gpu_jpeg(fake)
     assert isinstance(batched, BatchedJpeg) and batched.name == "pillow"
     assert gpu_jpeg(SimpleNamespace(pools=[fake])) is not None  # a PoolGroup: its first pool's

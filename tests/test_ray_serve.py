@@ -167,6 +167,27 @@ def test_serve_run_s_builder_takes_strings_and_keeps_the_token_rule():
 
 
 @needs_ray
+def test_serve_run_s_builder_takes_a_dit_and_its_prompts_and_a_replica_opens_them():
+    """A replica receives the model as mirage-serve's options describe it (pickled) and opens the DiT with its
+    starting prompt and its bank; the hello offers the bank's names."""
+    import pickle
+
+    from mirage.bridge.ray_app import build
+    from mirage.core.prompts import read_embeddings
+
+    dit = CKPT_V2V.parent / "dit-tiny-taesd"
+    app = build({"model": str(dit), "dit": "dit-tiny-taesd", "prompt": "trained",
+                 "prompt_bank": str(dit / "prompts.safetensors")})
+    source, *_, options, _ = app._bound_deployment.init_args
+    assert options.prompt_names == ("empty", "trained")
+    replica_s = pickle.loads(pickle.dumps(source))
+    with StreamPool.open(replica_s.path, 1, device="cpu", load=replica_s.load) as pool:
+        assert pool.controls == {"prompt": True}  # a prompt encoder: the bank's
+        np.testing.assert_array_equal(pool.pipeline.prompt_encoder("trained"),
+                                      read_embeddings(dit / "prompt.safetensors"))
+
+
+@needs_ray
 def test_streams_spread_over_replicas_and_busy_when_every_one_is_full(fleet):
     async def scenario(session):
         opened = [await connect(session, seed=n) for n in range(2 * SLOTS)]

@@ -158,6 +158,8 @@ class ThreadLogPool:
     """No model: logs which thread each submit / collect / attach / detach runs in."""
 
     depth, slots, frame_shape, video_to_video = 2, 1, (SIZE, SIZE, 3), True
+    # the U-Net's block contract: a frame a step, no control, inputs degraded by the server
+    frames_in, controls, video_rate, restores = 1, {}, None, True
 
     def __init__(self):
         self.active, self.calls, self.in_flight = [], [], []
@@ -555,6 +557,7 @@ def test_one_pool_per_device_behind_one_server():
             return outs, sorted(pool.active)
 
     with PoolGroup.open(CKPT_V2V, slots=1, devices=["cpu", "cpu"], load=load_pipeline) as group:
+        assert group.devices == ["cpu", "cpu"] and (group.restores, group.frames_in) == (True, 1)  # mirage-serve's banner
         (got_a, got_b), active = run(lambda: scenario(group))
         assert active == [0, 1]  # one stream on each pool
     with StreamPool.open(CKPT_V2V, slots=1, device="cpu", load=load_pipeline) as single:

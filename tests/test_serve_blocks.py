@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("aiohttp")
 from aiohttp import WSMsgType  # noqa: E402
 
-from mirage.core.video_io import as_uint8, to_float, v2v_input  # noqa: E402
+from mirage.core.video_io import as_uint8, to_float  # noqa: E402
 from mirage.runtime.server import REPLY  # noqa: E402
 
 from serve_standin import BlockPool, SleepPool  # noqa: E402
@@ -55,8 +55,9 @@ async def send_block(ws, frames: list[np.ndarray], first_id: int) -> None:
 
 
 def model_input(rgb: np.ndarray) -> np.ndarray:
-    """What the BlockPool hands back for a sent frame at strength 0: the server's model input, as uint8."""
-    return as_uint8(v2v_input(to_float(rgb)))
+    """What the BlockPool hands back for a sent frame at strength 0: the frame as sent (a DiT restyles frames as
+    they come, restores False: the server does not degrade them as it does the U-Net's), through [-1, 1] floats."""
+    return as_uint8(to_float(rgb))
 
 
 def test_a_block_s_frames_are_paced_at_the_video_rate_each_stream_on_its_own_clock():

@@ -161,6 +161,10 @@ function showConditioning(msg) {
   $("strength-label").hidden = !controls.strength;
   $("conditioning").hidden = !(controls.prompt || controls.strength);
   if (controls.prompt) $("prompt").maxLength = msg.max_prompt_chars;
+  // a server with a prompt bank names its prompts: offered as the box's suggestions (a server without a text
+  // encoder takes only these)
+  $("prompt-names").replaceChildren(...(msg.prompts || []).map((name) => new Option(name, name)));
+  if (msg.prompts?.length) $("prompt").placeholder = `e.g. ${msg.prompts.slice(0, 3).join(", ")}`;
   if (controls.strength) [$("strength").min, $("strength").max] = controls.strength;
   // the stream starts with what the page shows: the slider's strength, the prompt typed before start
   if (controls.strength) changed.add("strength");
