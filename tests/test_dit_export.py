@@ -200,6 +200,7 @@ def test_bf16_artifact_builds_bf16_engines_and_checks_the_graphs_widened_twins(t
     assert 50 < m["parity"]["rollout"]["psnr_min_db"] < 90
     assert m["parity"]["graphs_checked"].startswith("the bf16 graphs' widened twins on ONNX Runtime")
     assert "not the bf16 graphs themselves" in m["parity"]["graphs_checked"]
+    assert not list(out.glob("*widened*")) and not list(out.glob(".*"))  # the twins are gone
     specs = G.model_graphs(cfg, precision="bf16")  # float32 I/O, as the 8-bit graphs
     for graph, meta in m["graphs"].items():
         assert meta["holds"] == "bf16 (float32 I/O, cast inside)" and meta["build"]["engine_bytes"] > 0
