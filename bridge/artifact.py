@@ -119,6 +119,8 @@ def build_artifact(checkpoint: str | Path, out: str | Path, options: ArtifactOpt
                    progress: Callable[[str], None] = lambda s: None) -> dict:
     """Run every stage in a staging folder, then put it in place of `out`; returns the manifest."""
     checkpoint, out = Path(checkpoint).resolve(), Path(out).resolve()
+    if options.precision == "bf16":
+        raise ExportError("--precision bf16 exports a DiT (--dit NAME); a U-Net exports fp32, fp16, int8 or fp8")
     o = check_options(options, out)
     model, meta = load_checkpoint(checkpoint)
     return staged(out, lambda stage: _build(model, meta, checkpoint, out, stage, o, progress))

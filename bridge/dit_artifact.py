@@ -6,9 +6,10 @@
 
 Stages: record a PyTorch rollout -> export (fp8: the block graphs quantized, calibrated on a second recorded
 rollout; each graph's entry says what it holds) -> parity (ONNX Runtime vs PyTorch, per tensor and a
-rollout's PSNR) -> engines. A graph the TensorRT backend refuses to parse or build does not stop the
-others: the manifest records `engine_refused` (which stage and the parser's/builder's words) for it,
-progress says so, and `refused_engines` lists them. Weights: a published checkpoint
+rollout's PSNR; bf16: on the graphs' widened twins, as `parity.graphs_checked` says) -> engines. A graph
+the TensorRT backend refuses to parse or build does not stop the others: the manifest records
+`engine_refused` (which stage and the parser's/builder's words) for it, progress says so, and
+`refused_engines` lists them. Weights: a published checkpoint
 (mirage.model.wan_checkpoint.load_dit, its file hashes recorded) or random ones from a seed.
 """
 from __future__ import annotations
@@ -27,15 +28,16 @@ from mirage.core import graphs as G
 from mirage.core.config import DiTConfig, to_json
 from mirage.engine.build import BuildOptions, build_engine, load_backend
 from mirage.engine.manifest import EngineError, sha256_file, write_manifest
-from mirage.export.dit_export import (dit_activation_range, dit_rollout_psnr, dit_tensor_parity, export_dit_graph,
-                                      export_dit_qdq, record_dit_calls)
-from mirage.export.onnx_export import DTYPES, ExportError, ExportOptions
+from mirage.export.bf16 import parity_graphs
+from mirage.export.dit_export import (DIT_DTYPES, dit_activation_range, dit_rollout_psnr, dit_tensor_parity,
+                                      export_dit_graph, export_dit_qdq, record_dit_calls)
+from mirage.export.onnx_export import ExportError, ExportOptions
 from mirage.model.dit import WanDiT
 from mirage.model.wan_checkpoint import load_dit
 
 from .artifact import FP16_MAX, ArtifactOptions, check_options, graph_record, parity_verdict, staged
 
-DIT_PRECISIONS = ("fp32", "fp16", "fp8")
+DIT_PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 
 
 def dit_model(cfg: DiTConfig, weights: str | Path | None, seed: int = 0) -> tuple[WanDiT, dict]:
@@ -95,9 +97,10 @@ def _build(model: WanDiT, checkpoint: dict, command: str, stage: Path, o: Artifa
     holds = _export(model, specs, files, calls, o, progress)
 
     progress("parity vs. PyTorch (ONNX Runtime, CPU)")
-    tensors = dit_tensor_parity(model, files, calls, o.precision)
-    frames = dit_rollout_psnr(model, files, o.precision, o.parity_frames, batch=o.batch)
-    parity = parity_verdict(tensors, frames, o, "the exported graphs")
+    with parity_graphs(files, o.precision) as (checked_files, checked):  # bf16: twins ONNX Runtime can run
+        tensors = dit_tensor_parity(model, checked_files, calls, o.precision)
+        frames = dit_rollout_psnr(model, checked_files, o.precision, o.parity_frames, batch=o.batch)
+    parity = parity_verdict(tensors, frames, o, checked)
 
     if o.precision == "fp16":
         parity["fp16_activation_peak"] = dit_activation_range(model, calls)
@@ -167,10 +170,10 @@ def _export(model: WanDiT, specs: dict, files: dict[str, Path], calls, o: Artifa
             export_dit_qdq(model, graph, files[graph], o.batch, samples)
             holds[graph] = f"fp8 e4m3 Q/DQ (ModelOpt, {len(samples)} calibration feeds; the rest fp16)"
         else:
-            precision = o.precision if o.precision in DTYPES else "fp32"
+            precision = o.precision if o.precision in DIT_DTYPES else "fp32"
             progress(f"export {graph} ({precision})")
             export_dit_graph(model, graph, files[graph], ExportOptions(precision, o.batch), calls[graph][0])
-            holds[graph] = precision
+            holds[graph] = "bf16 (float32 I/O, cast inside)" if precision == "bf16" else precision
     return holds
 
 

@@ -24,8 +24,8 @@ def _unused_option(ctx: click.Context, backend: str, precision: str) -> str | No
                                "limits the engine build: add --backend tensorrt(-rtx)"),
               "plugin_library": ("--plugin-library", backend == "onnx",
                                  "is loaded to build engines: add --backend tensorrt"),
-              "calib_frames": ("--calib-frames", precision == "fp32",
-                               "calibrates int8/fp8 and measures fp16's range: fp32 uses none")}
+              "calib_frames": ("--calib-frames", precision in ("fp32", "bf16"),
+                               f"calibrates int8/fp8 and measures fp16's range: {precision} uses none")}
     for name, (flag, idle, why) in unused.items():
         if idle and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
             return f"{flag} {why}"
@@ -59,7 +59,8 @@ def _gpus(ctx, param, value: str | None) -> tuple[str, ...]:
 @click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path), default=DEFAULT_CHECKPOINT,
               help="Checkpoint folder (config.json + model.safetensors).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp16",
-              help="fp32 reference; fp16; int8 / fp8 = explicit Q/DQ (INT8, or FP8 E4M3 for Ada/Hopper/Blackwell) "
+              help="fp32 reference; fp16; bf16 (a DiT only: bf16 inside, float32 I/O; parity on ONNX Runtime runs "
+                   "its widened twin); int8 / fp8 = explicit Q/DQ (INT8, or FP8 E4M3 for Ada/Hopper/Blackwell) "
                    "calibrated on real rollout inputs (needs ModelOpt).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="onnx",
               help="onnx: graphs only. tensorrt-rtx builds on the CPU (no GPU needed); tensorrt needs its GPU.")

@@ -52,8 +52,9 @@ def runtime_cache_file(graph: str) -> str:
 # the plugin_version / plugin_namespace attributes the TensorRT ONNX parser matches it by.
 PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE = "MirageTemporalAttention", "1", "mirage"
 
-# Graph precisions. Float tensors of an fp16 graph are float16; the 8-bit Q/DQ graphs keep fp32 I/O.
-PRECISIONS = ("fp32", "fp16", "int8", "fp8")
+# Graph precisions. Float tensors of an fp16 graph are float16; the 8-bit Q/DQ graphs and the bf16 graphs
+# (the DiT's; numpy has no bfloat16, see export/bf16.py) keep fp32 I/O.
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 # ONNX's element-type names (TensorProto) <-> the numpy names the specs use
 ONNX_DTYPES = {"float": "float32", "float16": "float16", "int32": "int32", "int64": "int64"}
 

@@ -216,6 +216,13 @@ class VideoWriter:
 
     Small frames are upscaled `scale` times with nearest-neighbour so a 32x32 demo is visible
     (None: to at least 128 pixels wide).
+
+    Every frame given is a frame of the file, also in a GIF: Pillow's multi-frame GIF save merges a
+    frame identical to the one before it (after quantization) into it, adding up their durations, and
+    no option stops that (Pillow 13's GifImagePlugin._write_multiple_frames), so a still stretch of a
+    video lost frames and a reader counted too few. The GIF is therefore written here, frame by frame
+    as they come, with Pillow's public GIF pieces (getheader, getdata): each frame whole, with its own
+    colour table (the adaptive palette Pillow's save would give it) and the same delay.
     """
 
     def __init__(self, path: str | os.PathLike, fps: int = 16, scale: int | None = None):
@@ -235,7 +242,7 @@ class VideoWriter:
         # the suffix stays last: ffmpeg picks the container by it
         self._partial = self.path.with_name(f".{self.path.stem}.partial-{os.getpid()}{self.suffix}")
         self._ffmpeg = None
-        self._gif: list = []
+        self._gif = None  # the open GIF file, after its first frame
 
     def write(self, frame: np.ndarray) -> None:
         u8 = as_uint8(frame)
@@ -248,25 +255,33 @@ class VideoWriter:
                 self._ffmpeg = _encoder(self._partial, u8.shape[1], u8.shape[0], self.fps)
             self._ffmpeg.send(np.ascontiguousarray(u8))
         elif self.suffix == ".gif":
-            self._gif.append(u8)  # Pillow writes a GIF in one go; uint8 frames are small
+            self._write_gif(u8)
         else:
             from PIL import Image
 
             Image.fromarray(u8).save(self.path / f"{self.count:05d}.png")
         self.count += 1
 
+    def _write_gif(self, u8: np.ndarray) -> None:
+        from PIL import GifImagePlugin, Image
+
+        frame = Image.fromarray(u8).convert("P", palette=Image.Palette.ADAPTIVE)
+        delay = int(1000 / self.fps)  # ms; GIF stores centiseconds
+        if self._gif is None:
+            self._gif = open(self._partial, "wb")
+            header, _ = GifImagePlugin.getheader(frame.copy(), info={"loop": 0, "duration": delay})
+            self._gif.writelines(header)  # GIF89a, the first frame's palette as the global one, loop forever
+        self._gif.writelines(GifImagePlugin.getdata(frame, duration=delay, include_color_table=True))
+
     def close(self) -> int:
         """Finish the file; returns the number of frames written."""
         if self._ffmpeg is not None:
             self._ffmpeg.close()
             self._ffmpeg = None
-        if self._gif:
-            from PIL import Image
-
-            images = [Image.fromarray(f) for f in self._gif]
-            images[0].save(self._partial, save_all=True, append_images=images[1:], duration=int(1000 / self.fps),
-                           loop=0)
-            self._gif = []
+        if self._gif is not None:
+            self._gif.write(b";")  # the GIF trailer
+            self._gif.close()
+            self._gif = None
         if self.suffix and self._partial.exists():
             os.replace(self._partial, self.path)
         return self.count

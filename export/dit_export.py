@@ -4,7 +4,8 @@ check them against PyTorch.
 The modules are mirage.model.dit_graphs.DiTGraph, traced by onnx_export's dynamo machinery at the
 spec's fixed shapes (weights over 1 GiB go to a side file: wan-1.3b's do). Precisions as for the U-Net:
 fp32 decomposes attention into MatMul/Softmax (TensorRT-RTX has no fp32 kernel for opset-23
-`Attention`), fp16 keeps `Attention`; fp8 (`export_dit_qdq`) exports the block graphs in fp32 with
+`Attention`), fp16 and bf16 keep `Attention` (bf16 behind float32 I/O, see export/bf16.py); fp8
+(`export_dit_qdq`) exports the block graphs in fp32 with
 `Attention` kept and has ModelOpt put FP8 E4M3 Q/DQ on them, calibrated on the feeds of a recorded rollout
 (everything it leaves unquantized becomes fp16; the graphs' I/O stays fp32), while `dit_text`, which runs
 once per prompt, stays fp32.
@@ -36,10 +37,12 @@ from mirage.model.dit import WanDiT
 from mirage.model.dit_cache import BlockStepper
 from mirage.model.dit_graphs import DiTGraph
 
+from .bf16 import Bf16Io
 from .onnx_export import DTYPES, ExportError, ExportOptions, activation_range, export_module
 from .quantize import quantize_qdq
 
 Calls = dict[str, list[dict[str, np.ndarray]]]
+DIT_DTYPES = {**DTYPES, "bf16": torch.bfloat16}  # the precisions a DiT graph is traced in (fp8 quantizes fp32)
 
 
 def _decomposed_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -122,18 +125,20 @@ def record_dit_calls(model: WanDiT, blocks: int = 4, seed: int = 1, batch: int =
 def export_dit_graph(model: WanDiT, graph: str, path: str | Path, options: ExportOptions,
                      example: dict[str, np.ndarray]) -> Path:
     """Export one DiT graph, traced on `example` (recorded feeds at fp32: they are cast to the graph's dtypes)."""
-    if options.precision not in DTYPES:
-        raise ExportError(f"precision {options.precision!r}: the DiT exports fp32 or fp16")
+    if options.precision not in DIT_DTYPES:
+        raise ExportError(f"precision {options.precision!r}: the DiT exports {', '.join(DIT_DTYPES)}")
     if options.max_batch is not None and options.max_batch > 1:
         raise ExportError("the DiT's graphs export at a static batch for now (--max-batch is the U-Net's)")
-    dtype = DTYPES[options.precision]
+    dtype = DIT_DTYPES[options.precision]
     specs = G.model_graphs(model.cfg, options.batch, options.max_batch, options.precision)
     net = (model if model.patch_embedding.weight.dtype == dtype else copy.deepcopy(model)).to("cpu", dtype).eval()
     inputs = {x.name: torch.from_numpy(_at_spec(example[x.name], x)) for x in specs[graph].inputs}
+    module = DiTGraph(net, graph)
+    if options.precision == "bf16":  # float32 I/O around it (see export/bf16.py)
+        module = Bf16Io(module, G.model_graphs(model.cfg, options.batch, precision="fp16")[graph])
     decompose = options.precision == "fp32" if options.decompose_attention is None else options.decompose_attention
     with decomposed_attention(decompose):
-        return export_module(DiTGraph(net, graph), graph, inputs, [x.name for x in specs[graph].outputs], path,
-                             options.opset)
+        return export_module(module, graph, inputs, [x.name for x in specs[graph].outputs], path, options.opset)
 
 
 def _at_spec(value: np.ndarray, x: G.TensorSpec) -> np.ndarray:

@@ -19,23 +19,21 @@ import torch
 from mirage.core.config import get_dit_config
 from mirage.core.errors import MirageError
 from mirage.core.report import write_json
-from mirage.export.dit_export import export_dit_onnx
+from mirage.export.dit_export import DIT_DTYPES, export_dit_onnx
 from mirage.model.dit import WanDiT
 from mirage.model.wan_checkpoint import load_dit
-
-DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="wan-1.3b")
     p.add_argument("--weights", default=None, help="a Wan 2.1 DiT checkpoint (default: random weights, seed 0)")
-    p.add_argument("--precision", choices=list(DTYPES), default="fp16")
+    p.add_argument("--precision", choices=list(DIT_DTYPES), default="fp16")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     start = time.perf_counter()
     try:
-        cfg, dtype = get_dit_config(args.config), DTYPES[args.precision]
+        cfg, dtype = get_dit_config(args.config), DIT_DTYPES[args.precision]
         if args.weights:
             model, _ = load_dit(args.weights, cfg, dtype=dtype)
         else:  # built in its dtype: no float32 copy of 1.3B parameters on the way

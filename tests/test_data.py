@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageSequence
 
 from mirage.core.video_io import VideoError, input_size, iter_frames, write_video
 from mirage.train.data import YCBCR, ClipStream, DataError, SyntheticVideo, VideoFolder, make_source, v2v_input
@@ -152,6 +153,25 @@ def test_mp4_round_trip_through_opencv_without_imageio_ffmpeg(tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "cv2", None)
     with pytest.raises(VideoError, match="imageio-ffmpeg .* or OpenCV"):
         list(iter_frames(tmp_path / "a.mp4", 32))
+
+
+def test_gif_keeps_identical_frames_with_their_pixels_and_delays(tmp_path):
+    """Pillow's GIF save merged a frame identical to the one before it into that frame (adding the
+    delays), so a still stretch came back short (the flaky frame count of test_dit_run)."""
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, (40, 3), dtype=np.uint8)  # <= 256 colours: GIF's palette keeps them exactly
+    still, other = (colours[rng.integers(0, 40, (24, 40))] for _ in range(2))
+    frames = [still] * 5 + [other, other, still]
+    assert write_video(tmp_path / "v.gif", frames, fps=16, scale=1) == 8
+    with Image.open(tmp_path / "v.gif") as gif:
+        assert gif.n_frames == 8 and gif.info["loop"] == 0
+        back = [(np.asarray(f.convert("RGB")), f.info["duration"]) for f in ImageSequence.Iterator(gif)]
+    for (pixels, delay), frame in zip(back, frames):
+        assert np.array_equal(pixels, frame) and delay == 60  # 1000 / 16 ms, in GIF's centiseconds
+    for name in ("v.gif", "v.mp4", "seq"):  # ffmpeg's reader counts them too, and as many in every format
+        if name != "v.gif":
+            write_video(tmp_path / name, frames, fps=16, scale=1)
+        assert len(list(iter_frames(tmp_path / name, 24))) == 8, name
 
 
 def test_iter_frames_resizes(video_root):

@@ -141,7 +141,10 @@ def test_a_refused_engine_is_recorded_not_dropped(tmp_path, monkeypatch):
     (["--dit", "dit-tiny"], "give either --dit-weights PATH or --random-weights"),
     (["--random-weights"], "add --dit NAME"),
     (["--dit", "dit-tiny", "--random-weights", "--precision", "int8"],
-     "the DiT exports fp32, fp16, fp8 (INT8 Q/DQ is the U-Net's)"),
+     "the DiT exports fp32, fp16, bf16, fp8 (INT8 Q/DQ is the U-Net's)"),
+    (["--precision", "bf16"], "--precision bf16 exports a DiT (--dit NAME); a U-Net exports fp32, fp16, int8 or fp8"),
+    (["--dit", "dit-tiny", "--random-weights", "--precision", "bf16", "--calib-frames", "2"],
+     "--calib-frames calibrates int8/fp8 and measures fp16's range: bf16 uses none"),
 ])
 def test_export_cli_refuses_an_incomplete_dit_request(args, message, tmp_path):
     from mirage.cli.export import main
@@ -176,6 +179,92 @@ def test_fp8_artifact_quantizes_the_block_graphs_and_builds_engines(tmp_path):
         assert (meta["inputs"], meta["outputs"]) == specs[graph].io() and meta["build"]["engine_bytes"] > 0
     assert "--precision fp8" in m["rebuild_command"] and "--calib-frames 2" in m["rebuild_command"]
     assert verify_artifact(out, m, engines=True)[0] == cfg  # the loader's checks take an fp8 DiT artifact
+
+
+def test_bf16_artifact_builds_bf16_engines_and_checks_the_graphs_widened_twins(tmp_path):
+    """--precision bf16: the three graphs hold bf16 weights and compute in bf16 behind float32 I/O, TensorRT-RTX
+    builds them for sm80 (strongly typed: every MatMul and the attention in BF16), and parity runs their widened
+    twins on ONNX Runtime, which the manifest says (dit-tiny at 64x64 with 2 layers, short rollouts)."""
+    import onnx
+
+    from mirage.bridge.artifact import ArtifactOptions
+    from mirage.bridge.dit_artifact import build_dit_artifact
+
+    cfg = dataclasses.replace(TINY, width=64, height=64, num_layers=2)
+    out = tmp_path / "bf16"
+    m = build_dit_artifact(cfg, out, ArtifactOptions(precision="bf16", backend="tensorrt-rtx", gpus=("sm80",),
+                                                     parity_frames=8))
+    assert m["precision"] == "bf16" and m["parity"]["passed"] and m["parity"]["tolerance_rel"] == 3e-2
+    # rounded to bf16 (fp32 twins would be ~1e-7 off), and within bf16's tolerance
+    assert all(1e-3 < t["rel"] <= 3e-2 for t in m["parity"]["tensors"].values())
+    assert 50 < m["parity"]["rollout"]["psnr_min_db"] < 90
+    assert m["parity"]["graphs_checked"].startswith("the bf16 graphs' widened twins on ONNX Runtime")
+    assert "not the bf16 graphs themselves" in m["parity"]["graphs_checked"]
+    assert not list(out.glob("*widened*")) and not list(out.glob(".*"))  # the twins are gone
+    specs = G.model_graphs(cfg, precision="bf16")  # float32 I/O, as the 8-bit graphs
+    for graph, meta in m["graphs"].items():
+        assert meta["holds"] == "bf16 (float32 I/O, cast inside)" and meta["build"]["engine_bytes"] > 0
+        assert (meta["inputs"], meta["outputs"]) == specs[graph].io()
+        weights = [w for w in onnx.load(str(out / meta["onnx"])).graph.initializer if len(w.dims) >= 2]
+        assert weights and all(w.data_type == onnx.TensorProto.BFLOAT16 for w in weights)
+    layers = json.loads((out / m["graphs"][G.DIT_STEP]["layers"]).read_text())["layers"]
+    compute = [(layer["type"], layer["outputs"]) for layer in layers
+               if layer["type"] in ("MATRIX_MULTIPLY", "ATTENTION_OUTPUT")]
+    assert len(compute) > cfg.num_layers * 4 and all(dtypes == ["BF16"] for _, dtypes in compute)
+    assert "--precision bf16" in m["rebuild_command"]
+    assert verify_artifact(out, m, engines=True)[0] == cfg  # the loader's checks take a bf16 DiT artifact
+
+
+def test_a_bf16_graphs_widened_twin_runs_on_onnx_runtime(tmp_path, monkeypatch):
+    """ONNX Runtime's CPU provider cannot load a bf16 graph; its widened twin loads, also with the weights in a
+    side file (as wan-1.3b's), and computes what PyTorch's bf16 model computes, to bf16's precision."""
+    import copy
+
+    from mirage.core.errors import BackendError
+    from mirage.core.ort import OrtBackend
+    from mirage.export import onnx_export
+    from mirage.export.bf16 import widened_twin
+    from mirage.export.dit_export import export_dit_graph, ort_run, record_dit_calls, torch_run
+
+    cfg = dataclasses.replace(TINY, width=64, height=64, num_layers=1)
+    torch.manual_seed(0)
+    model = WanDiT(cfg).eval().requires_grad_(False)
+    calls = record_dit_calls(model, blocks=3)[G.DIT_STEP]
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    graph = export_dit_graph(model, G.DIT_STEP, tmp_path / "dit_step.onnx", onnx_export.ExportOptions("bf16"), calls[0])
+    assert (tmp_path / "dit_step.onnx.data").stat().st_size > graph.stat().st_size
+    with pytest.raises(BackendError, match="NOT_IMPLEMENTED"):
+        OrtBackend({G.DIT_STEP: graph})
+    twin = widened_twin(graph)
+    _assert_every_bf16_value_is_kept_and_no_op_computes_in_bf16(graph, twin)
+    run, ort = ort_run({G.DIT_STEP: twin})
+    try:
+        out = run(G.DIT_STEP, calls[-1])  # a block of a rolled window
+    finally:
+        ort.close()
+    fp32 = torch_run(model, G.model_graphs(cfg))(G.DIT_STEP, calls[-1])
+    # the fp16 specs name the inputs torch_run casts to the model's dtype (bf16 here)
+    bf16 = torch_run(copy.deepcopy(model).bfloat16(), G.model_graphs(cfg, precision="fp16"))(G.DIT_STEP, calls[-1])
+
+    def rel(a, b):
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    for name, r in fp32.items():
+        assert 1e-3 < rel(out[name], r) < 2e-2 and rel(out[name], bf16[name]) < 2e-2, name
+
+
+def _assert_every_bf16_value_is_kept_and_no_op_computes_in_bf16(graph, twin):
+    import onnx
+
+    bf16 = onnx.TensorProto.BFLOAT16
+    source = onnx.shape_inference.infer_shapes(onnx.load(str(graph), load_external_data=False)).graph
+    values = {v.name for v in source.value_info if v.type.tensor_type.elem_type == bf16}
+    values |= {w.name for w in source.initializer if w.data_type == bf16}
+    nodes = onnx.load(str(twin), load_external_data=False).graph.node
+    to = {n.output[0]: next((a.i for a in n.attribute if a.name == "to"), None) for n in nodes if n.op_type == "Cast"}
+    made = {n.output[0] for n in nodes if n.op_type == "Constant"} | {y for y, t in to.items() if t == bf16}
+    assert len(values) > 100 and values <= made | {w.name for w in source.initializer}  # each rounded to bf16
+    assert not any(set(n.input) & values for n in nodes if n.op_type not in ("Cast", "Constant"))
 
 
 def test_export_without_a_recorded_rollout_runs_on_onnx_runtime(tmp_path):
