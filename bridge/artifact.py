@@ -54,7 +54,8 @@ class ArtifactOptions:
     calibration_frames: int = 8  # rollout frames whose inputs calibrate INT8/FP8 (x DDIM steps samples)
     parity_frames: int = 50  # length of the rollout-level parity check
     optimization_level: int = 3  # TensorRT builder optimization level (0-5)
-    workspace_mb: int = 1024  # TensorRT workspace limit
+    # TensorRT workspace limit; None: 1024 MiB for a U-Net, 4096 for a DiT (wan-1.3b's dit_step asks 3.4 GiB)
+    workspace_mb: int | None = None
     plugin_library: str | None = None  # TensorRT plugin .so to load before parsing
     temporal_attention: str = "onnx"  # onnx: stock ops / `Attention`; plugin: custom node for plugins_cpp
     allow_parity_failure: bool = False  # write the artifact even when parity fails (recorded in the manifest)
@@ -249,7 +250,7 @@ def _engines(specs: dict, files: dict[str, Path], stage: Path, graphs: dict[str,
     """Build each graph's engine into `stage` (recorded in `graphs`) and copy the plugin library beside
     them; returns the manifest's backend, plugin and build_options entries."""
     trt = load_backend(o.backend)
-    bopts = BuildOptions(backend=o.backend, optimization_level=o.optimization_level, workspace_mb=o.workspace_mb,
+    bopts = BuildOptions(backend=o.backend, optimization_level=o.optimization_level, workspace_mb=o.workspace_mb or 1024,
                          plugin_library=o.plugin_library, timing_cache=o.backend == "tensorrt",
                          **({"compute_capabilities": tuple(o.gpus)} if o.gpus else {}))
     for graph in specs:

@@ -114,7 +114,7 @@ def _build(model: WanDiT, checkpoint: dict, command: str, stage: Path, o: Artifa
     if o.backend != "onnx":
         trt = load_backend(o.backend)
         backend_meta["version"] = trt.__version__
-        bopts = BuildOptions(backend=o.backend, optimization_level=o.optimization_level, workspace_mb=o.workspace_mb,
+        bopts = BuildOptions(backend=o.backend, optimization_level=o.optimization_level, workspace_mb=o.workspace_mb or 4096,
                              timing_cache=o.backend == "tensorrt",
                              **({"compute_capabilities": tuple(o.gpus)} if o.gpus else {}))
         build_meta = dataclasses.asdict(bopts)

@@ -74,7 +74,8 @@ def _gpus(ctx, param, value: str | None) -> tuple[str, ...]:
 @click.option("--max-batch", type=click.IntRange(1, 256), default=None,
               help="Make the batch dimension dynamic, 1..MAX_BATCH (one engine, an optimization profile).")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, help="TensorRT builder optimization level.")
-@click.option("--workspace-mb", type=click.IntRange(min=16), default=1024, help="TensorRT workspace limit.")
+@click.option("--workspace-mb", type=click.IntRange(min=16), default=None,
+              help="TensorRT workspace limit in MiB [default: 1024; 4096 with --dit, as wan-1.3b's block needs 3.4 GiB].")
 @click.option("--plugin-library", type=click.Path(exists=True, dir_okay=False), default=None,
               help="TensorRT plugin library (.so) to load before parsing; its hash goes into the manifest.")
 @click.option("--temporal-attention", type=click.Choice(["onnx", "plugin"]), default="onnx",
