@@ -157,6 +157,9 @@ class ModelConfig:
         from mirage.core.loop import FrameUnit  # the loop is below the configs' users, not the configs
         from mirage.core.schedule import DEFAULT_STEPS
 
+        if options.strength is not None:
+            raise ConfigError(f"strength={options.strength}: {self.name} takes no strength (a DiT's video-to-video "
+                              "does; a U-Net's task is in its config)")
         return FrameUnit(self, specs, options.steps or DEFAULT_STEPS, options.context_noise)
 
     def with_task(self, task: str) -> "ModelConfig":
@@ -348,8 +351,13 @@ class PipelineOptions:
     # Host frames: "float32" (H, W, 3) in [-1, 1], or "uint8" (H, W, 3) 0..255 as mirage.core.video_io.to_uint8
     # maps them, converted inside the frame (the CUDA graph on a GPU) so only bytes cross PCIe, both ways
     frames: str = "float32"
+    # A DiT with a per-frame autoencoder: video-to-video, each input block encoded and noised to this strength
+    # (every row's at the start; Pipeline.control changes a row's); None: generation
+    strength: float | None = None
 
     def __post_init__(self) -> None:
+        if self.strength is not None and not 0 <= self.strength <= 1:
+            raise ConfigError(f"strength={self.strength}: choose a value in [0, 1]")
         if self.steps is not None and not 1 <= self.steps <= 1000:
             raise ConfigError(f"steps={self.steps}: choose between 1 and 1000")
         if not 0 <= self.context_noise < 1000:
@@ -549,7 +557,7 @@ class DiTConfig:
         the config's own (`denoising_steps`), so options.steps does not apply."""
         from mirage.core.dit_step import BlockUnit
 
-        return BlockUnit(self, specs)
+        return BlockUnit(self, specs, options.strength)
 
     # --- shapes ----------------------------------------------------------------------------------
     @property
