@@ -152,6 +152,13 @@ def _coefficients(i: int) -> tuple[str, str, str]:
     return f"x0_v_{i}", f"x_{i}", f"noise_{i}"
 
 
+def frames_are(specs: dict[str, G.GraphSpec]) -> str:
+    """What a DiT's frames out of the runtime show (the reports and manifests say it): video frames where its
+    graphs include the per-frame autoencoder's decoder, else a preview of its latents."""
+    return "video frames" if G.DECODE in specs else \
+        "latent preview: channels 0-2 of each latent frame, clamped to [-1, 1] (no decoder graph)"
+
+
 class VideoToVideoError(MirageError):
     """Video-to-video asked of a DiT that cannot do it, or at a strength outside [0, 1]."""
 
@@ -219,8 +226,7 @@ class BlockUnit:
                                     "autoencoder (a config with `autoencoder`, such as dit-tiny-taesd)")
         self.default_strength = 1.0 if strength is None else check_strength(strength)
         self.controls = {"prompt": True, **({"strength": (0.0, 1.0)} if self.v2v else {})}
-        self.frames_are = "video frames" if self.decodes else \
-            "latent preview: channels 0-2 of each latent frame, clamped to [-1, 1] (no decoder graph)"
+        self.frames_are = frames_are(specs)
         self.video_rate = WAN_VIDEO_RATE / cfg.vae_stride[0]  # one frame per latent frame (preview or per-frame codec)
         self.batch = specs[G.DIT_STEP].tensor(G.X_T).shape[0]
         self.schedule = block_schedule(cfg.denoising_steps, cfg.timestep_shift, cfg.warp_denoising_step)
