@@ -12,7 +12,8 @@ Two drivers of the same graphs: `DiTBlockLoop` (numpy arrays, every row at the s
 with `run(graph, feeds) -> {output name: array}` on ONNX Runtime sessions or the PyTorch graph modules),
 and `BlockUnit`, the family's unit of work in the runtime (mirage.runtime.pipeline): the same block on
 buffers allocated once from the specs, through the loop's Backend and Ops, each row its own stream at its
-own frame, so one unit is one CUDA-graph replay on a GPU.
+own frame, so one unit is one CUDA-graph replay on a GPU. With a per-frame autoencoder's graphs it decodes
+the block, and with a strength it restyles input blocks (video-to-video), each row at its own strength.
 """
 from __future__ import annotations
 
