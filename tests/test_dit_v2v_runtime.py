@@ -5,6 +5,7 @@ given the runtime's counter-based noise; CPU."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 
 import numpy as np
@@ -31,13 +32,16 @@ CFG = dataclasses.replace(get_dit_config("dit-tiny-taesd"), width=64, height=64,
 SEED = 0  # the random DiT weights the artifact is exported with (dit_model)
 N = CFG.block_frames
 TOL = 1e-4  # runtime vs torch path, float32: measured 2e-6 (the same math, other kernels and reduction orders)
+RTX = importlib.util.find_spec("tensorrt_rtx") is not None  # CI has it: the engines are built too
 
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-    """An fp32 ONNX artifact, batch 1 (about 15 s on 2 cores)."""
+    """An fp32 artifact, batch 1, with TensorRT-RTX engines for sm89 where it is installed (about 25 s on 2
+    cores); the CPU runs its ONNX graphs."""
     out = tmp_path_factory.mktemp("dit-v2v") / "b1"
-    build_dit_artifact(CFG, out, ArtifactOptions(precision="fp32", backend="onnx", parity_frames=4), seed=SEED)
+    backend = dict(backend="tensorrt-rtx", gpus=("sm89",)) if RTX else dict(backend="onnx")
+    build_dit_artifact(CFG, out, ArtifactOptions(precision="fp32", parity_frames=4, **backend), seed=SEED)
     return out
 
 
@@ -88,6 +92,9 @@ def test_the_artifact_carries_the_autoencoder_s_graphs(artifact):
     tensors = m["parity"]["tensors"]
     assert tensors["encode.z"]["rel"] < 1e-5 and tensors["decode.image"]["rel"] < 1e-5 and m["parity"]["passed"]
     assert m["parity"]["rollout"]["video_psnr_min_db"] > 100  # fp32: the decoded rollouts agree
+    if RTX:  # TensorRT-RTX parses and builds the autoencoder's graphs as well
+        assert all(m["graphs"][g]["build"]["engine_bytes"] > 0 and "engine_refused" not in m["graphs"][g]
+                   for g in m["graphs"])
     assert set(G.model_graphs(get_dit_config("wan-1.3b"))) == set(G.DIT_GRAPHS)
 
 
