@@ -2,7 +2,8 @@
 
     DIR/manifest.json                 as the U-Net's (engine.manifest), with "family": "dit" and the DiTConfig
     DIR/dit_text.onnx                 + dit_step.onnx, dit_cache_write.onnx (see mirage.core.graphs)
-    DIR/dit_step.engine               + the other two (TensorRT backends), each with its .layers.json
+                                      + encode.onnx, decode.onnx: a config on a per-frame autoencoder's
+    DIR/dit_step.engine               + the others' (TensorRT backends), each with its .layers.json
 
 Stages: record a PyTorch rollout -> export (fp8: the block graphs quantized, calibrated on a second recorded
 rollout; each graph's entry says what it holds) -> parity (ONNX Runtime vs PyTorch, per tensor and a
@@ -26,6 +27,7 @@ import torch
 from mirage import __version__
 from mirage.core import graphs as G
 from mirage.core.config import DiTConfig, to_json
+from mirage.core.dit_step import frames_are
 from mirage.engine.build import BuildOptions, build_engine, load_backend
 from mirage.engine.manifest import EngineError, sha256_file, write_manifest
 from mirage.export.bf16 import parity_graphs
@@ -145,6 +147,7 @@ def _build(model: WanDiT, checkpoint: dict, command: str, stage: Path, o: Artifa
         "precision": o.precision,
         "temporal_attention": o.temporal_attention,
         "graphs": graphs_meta,
+        "frames": frames_are(specs),  # what the runtime's frames show: decoded video, or the latents' preview
         "backend": backend_meta,
         "target": {"compute_capabilities": built[0].get("compute_capabilities", []) if built else []},
         "plugin": None,
@@ -159,12 +162,12 @@ def _build(model: WanDiT, checkpoint: dict, command: str, stage: Path, o: Artifa
 
 def _export(model: WanDiT, specs: dict, files: dict[str, Path], calls, o: ArtifactOptions, progress) -> dict[str, str]:
     """Each graph as ONNX; returns what each holds, as its manifest entry says. fp8: the block graphs as
-    ModelOpt Q/DQ calibrated on a rollout the parity never sees (seed 2), dit_text in fp32."""
+    ModelOpt Q/DQ calibrated on a rollout the parity never sees (seed 2), dit_text and the autoencoder's in fp32."""
     holds = {}
     calibration = record_dit_calls(model, blocks=len(calls[G.DIT_CACHE_WRITE]), seed=2, batch=o.batch) \
         if o.precision == "fp8" else None
     for graph in specs:
-        if calibration is not None and graph != G.DIT_TEXT:
+        if calibration is not None and graph in (G.DIT_STEP, G.DIT_CACHE_WRITE):
             samples = calibration[graph][:o.calibration_frames * model.cfg.steps]
             progress(f"export {graph} (fp32) and quantize (FP8 Q/DQ, {len(samples)} calibration feeds)")
             export_dit_qdq(model, graph, files[graph], o.batch, samples)

@@ -64,15 +64,18 @@ def from_model(model, device: str = "auto", options: PipelineOptions = PipelineO
 def from_dit_model(model, device: str = "auto", options: PipelineOptions = PipelineOptions(),
                    prompt_encoder: Callable[[str], np.ndarray] | None = None) -> Pipeline:
     """A pipeline around an in-memory WanDiT (its pure graph modules on the PyTorch backend): the runtime's
-    block loop, noise and buffers, as for a DiT artifact; bfloat16 on a GPU, float32 on the CPU."""
+    block loop, noise and buffers, as for a DiT artifact; bfloat16 on a GPU, float32 on the CPU. A config on a
+    per-frame autoencoder decodes its blocks with it (and encodes input blocks: options.strength)."""
     from mirage.model.dit_backend import DiTTorchBackend
+    from mirage.model.latent import BlockCodec, load_frame_codec
     from mirage.model.torch_device import TorchCpu, TorchGpu
 
     device = _torch_device(device)
     on_gpu = device.startswith("cuda")
     dtype = options.dtype or ("bfloat16" if on_gpu else "float32")
     specs = G.model_graphs(model.cfg, options.batch, precision="fp16" if dtype == "float16" else "fp32")
-    impl = DiTTorchBackend(model, specs, device, dtype)
+    codec = BlockCodec(load_frame_codec(model.cfg), model.cfg.block_frames) if model.cfg.autoencoder else None
+    impl = DiTTorchBackend(model, specs, device, dtype, codec)
     return Pipeline(impl, model.cfg, specs, options, (TorchGpu if on_gpu else TorchCpu)(impl.device), prompt_encoder)
 
 

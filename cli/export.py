@@ -138,6 +138,9 @@ def main(checkpoint, precision, backend, gpus, out, batch, max_batch, opt_level,
     r = par["rollout"]
     click.echo(f"  rollout of {r['frames']} {r.get('unit', 'frames')}, PSNR vs. PyTorch: "
                f"mean {r['psnr_mean_db']:.1f} dB, min {r['psnr_min_db']:.1f} dB")
+    if "video_psnr_mean_db" in r:  # a DiT with a decoder graph: the frames those latents decode to
+        click.echo(f"  its decoded video frames, PSNR vs. PyTorch: mean {r['video_psnr_mean_db']:.1f} dB, "
+                   f"min {r['video_psnr_min_db']:.1f} dB")
     for graph, meta in manifest["graphs"].items():  # recorded in the manifest too: never silently missing
         if meta.get("engine_refused"):
             click.echo(f"warning: no {graph} engine: {meta['engine_refused']}", err=True)

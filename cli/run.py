@@ -6,6 +6,7 @@
     mirage-run self_forcing_dmd.pt --dit wan-1.3b --prompt-embeds cat.safetensors --decoder taew2_1.pth --output cat.mp4
     mirage-run --dit dit-tiny --random-weights --prompt-embeds x.safetensors --frames 24 --output dit.gif  # CPU smoke
     mirage-run artifacts/dit-tiny --prompt-embeds x.safetensors --frames 24 --output dit.gif  # a DiT artifact
+    mirage-run artifacts/dit-tiny-taesd --input clip.mp4 --strength 0.5 --prompt-embeds p.safetensors  # its v2v
     mirage-run checkpoints/dit-tiny-taesd --dit dit-tiny-taesd --input clip.mp4 --strength 0.5 \
         --prompt-embeds checkpoints/dit-tiny-taesd/prompt.safetensors --output restyled.mp4  # video-to-video
 
@@ -14,7 +15,9 @@ A Wan 2.1 DiT (--dit CONFIG) generates blocks of latent frames against a rolling
 With --input (a config on a per-frame autoencoder), each input block is encoded, noised to --strength
 and denoised through the steps left, with the cache and the prompt: video-to-video.
 A DiT artifact (mirage-export --dit) runs in the runtime like any artifact, without --dit: each step is a
-block, whose frames (the latents' preview: the artifact has no decoder graph) go out as it finishes.
+block, whose frames go out as it finishes: decoded by its per-frame autoencoder's graph, or without one
+(wan-1.3b) the latents' preview. With --strength (and --input, else the synthetic clip) an artifact with
+the encoder graph runs video-to-video, as --dit --input does.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import numpy as np
 
 from mirage.cli import options as shared
 from mirage.cli.errors import UserError
+from mirage.core import graphs as G
 from mirage.core.config import PipelineOptions
 from mirage.core.errors import MirageError
 from mirage.core.loop import DEFAULT_VIDEO_RATE
@@ -36,7 +40,7 @@ from mirage.core.prompts import read_embeddings
 from mirage.core.report import latency_summary, psnr, table, write_json
 from mirage.core.video_io import (MIN_INPUT_SIDE, VideoError, VideoWriter, check_not_input, check_source, input_size,
                                   to_float)
-from mirage.runtime.pipelined import run_pipelined, source_frames, v2v_inputs
+from mirage.runtime.pipelined import restyle_inputs, run_pipelined, source_frames, v2v_inputs
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 # the default demo: 48 frames of 256x256 video-to-video took 32 s on this workplace's 2-core CPU, most of it the
@@ -88,6 +92,7 @@ dit_options = shared.group(
     shared.strength)
 
 PROMPT_OPTIONS = ("prompt", "prompt_embeds", "text_encoder")  # a DiT artifact takes them without --dit
+ARTIFACT_OPTIONS = PROMPT_OPTIONS + ("strength",)  # and a strength (video-to-video, with an encoder graph)
 
 
 class _Stop:
@@ -152,14 +157,14 @@ def main(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
     try:
         if dit["config"] is None:
             given = [f"--{name.replace('_', '-')}" for name, value in dit.items()
-                     if value not in (None, False) and name not in PROMPT_OPTIONS]
+                     if value not in (None, False) and name not in ARTIFACT_OPTIONS]
             if given:
                 raise UserError(f"{', '.join(given)}: options of a DiT run; add --dit CONFIG")
             if model is not None and model.is_file():
                 raise UserError(f"{model}: a file; Mirage models and artifacts are folders (for a Wan 2.1 DiT "
                                 f"checkpoint add --dit CONFIG)")
             _run(model or DEFAULT_MODEL, source, frames, steps, seed, output, backend, fast, no_cuda_graph, compile_,
-                 kernel_library, device, json_path, fps, {k: dit[k] for k in PROMPT_OPTIONS})
+                 kernel_library, device, json_path, fps, {k: dit[k] for k in PROMPT_OPTIONS}, dit["strength"])
         else:
             unet_only = {"--steps": steps, "--kernel-library": kernel_library,
                          "--backend": None if backend == "auto" else backend}
@@ -175,7 +180,7 @@ def main(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
 
 
 def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_graph, compile_, kernel_library, device,
-         json_path, fps, prompt):
+         json_path, fps, prompt, strength):
     from tqdm import tqdm
 
     from mirage.bridge.pipeline import load_pipeline
@@ -184,7 +189,8 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
     embeds = None if prompt["prompt_embeds"] is None else read_embeddings(prompt["prompt_embeds"])  # before loading
     shape_in = input_size(source) if source not in (None, "synthetic") else None
     # the video is written as bytes: the frame graph makes them, and only they cross PCIe
-    common = dict(steps=steps, cuda_graph=not no_cuda_graph, kernel_library=kernel_library, frames="uint8")
+    common = dict(steps=steps, cuda_graph=not no_cuda_graph, kernel_library=kernel_library, frames="uint8",
+                  strength=strength)
     options = PipelineOptions.fastest(**common) if fast else \
         PipelineOptions(compile="default" if compile_ else None, **common)
     writer = VideoWriter(output, fps=fps)  # the path and format are checked before any frame is made
@@ -193,11 +199,16 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
         _condition(pipe, model, steps, prompt, embeds)  # before reset: nothing is allocated yet
         n = pipe.frames_per_step  # a block model's step makes several frames
         size = pipe.frame_shape[0]
+        restyles = "strength" in pipe.controls  # a DiT's video-to-video: its input is the frames themselves
         if pipe.video_to_video:
+            if pipe.frame_shape[0] != pipe.frame_shape[1]:
+                raise UserError(f"--input: frames are read square; {model} makes {pipe.frame_shape[1]}x{size} frames")
             _warn_if_enlarged(source, shape_in, size)
-            pairs = v2v_inputs(source or "synthetic", size, frames)
+            pairs = restyle_inputs(source or "synthetic", size, frames, pipe.frames_in) if restyles else \
+                v2v_inputs(source or "synthetic", size, frames)
         elif source is not None:
-            raise UserError(f"{model} is a generation model and takes no --input; use a video-to-video model")
+            hint = "add --strength S (video-to-video)" if G.ENCODE in pipe.specs else "use a video-to-video model"
+            raise UserError(f"{model} is a generation model and takes no --input; {hint}")
         else:
             pairs = ((None, None) for _ in range(-(-frames // n)))  # whole steps
         start = time.perf_counter()
@@ -219,10 +230,18 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
         _block_report(report, rows, run.step_seconds, n)
         rows.append(("frames", pipe.frames_are))
     rows += run.rows()
-    if psnrs:
+    if psnrs and restyles:
+        _restyle_report(report, rows, strength, psnrs)
+    elif psnrs:
         report["psnr_db"] = float(np.mean(psnrs))
         rows.append(("PSNR vs. ground truth", f"{report['psnr_db']:.2f} dB"))
     _finish(report, rows, json_path, stop, len(times), frames, "frames")
+
+
+def _restyle_report(report: dict, rows: list[tuple[str, str]], strength: float, psnrs: list[float]) -> None:
+    """What video-to-video at a strength adds to the report: the strength, and how close the output stays to its input."""
+    report.update(strength=strength, psnr_vs_input_db=float(np.mean(psnrs)))
+    rows.append(("strength / PSNR vs. input", f"{strength} / {report['psnr_vs_input_db']:.2f} dB"))
 
 
 def _warn_if_enlarged(source: str | None, shape_in: tuple[int, int] | None, size: int) -> None:
@@ -305,8 +324,7 @@ def _run_dit(checkpoint, dit, source, frames, seed, output, fast, no_cuda_graph,
                   weights=dataclasses.asdict(pipe.weights) if pipe.weights else None, fp8=pipe.fp8)
     _block_report(report, rows, block_times, pipe.cfg.block_frames)
     if psnrs:
-        report.update(strength=pipe.strength, psnr_vs_input_db=float(np.mean(psnrs)))
-        rows.append(("strength / PSNR vs. input", f"{pipe.strength} / {report['psnr_vs_input_db']:.2f} dB"))
+        _restyle_report(report, rows, pipe.strength, psnrs)
     _finish(report, rows, json_path, stop, len(block_times), blocks, "blocks")
 
 

@@ -157,6 +157,9 @@ class ModelConfig:
         from mirage.core.loop import FrameUnit  # the loop is below the configs' users, not the configs
         from mirage.core.schedule import DEFAULT_STEPS
 
+        if options.strength is not None:
+            raise ConfigError(f"strength={options.strength}: {self.name} takes no strength (a DiT's video-to-video "
+                              "does; a U-Net's task is in its config)")
         return FrameUnit(self, specs, options.steps or DEFAULT_STEPS, options.context_noise)
 
     def with_task(self, task: str) -> "ModelConfig":
@@ -560,7 +563,7 @@ class DiTConfig:
         the config's own (`denoising_steps`), so options.steps does not apply."""
         from mirage.core.dit_step import BlockUnit
 
-        return BlockUnit(self, specs)
+        return BlockUnit(self, specs, options.strength)
 
     # --- shapes ----------------------------------------------------------------------------------
     @property

@@ -12,7 +12,8 @@ Two drivers of the same graphs: `DiTBlockLoop` (numpy arrays, every row at the s
 with `run(graph, feeds) -> {output name: array}` on ONNX Runtime sessions or the PyTorch graph modules),
 and `BlockUnit`, the family's unit of work in the runtime (mirage.runtime.pipeline): the same block on
 buffers allocated once from the specs, through the loop's Backend and Ops, each row its own stream at its
-own frame, so one unit is one CUDA-graph replay on a GPU.
+own frame, so one unit is one CUDA-graph replay on a GPU. With a per-frame autoencoder's graphs it decodes
+the block, and with a strength it restyles input blocks (video-to-video), each row at its own strength.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import numpy as np
 
 from mirage.core import graphs as G
 from mirage.core.errors import MirageError
-from mirage.core.flow_schedule import block_schedule, flow_renoise, flow_x0
+from mirage.core.flow_schedule import block_schedule, flow_renoise, flow_x0, strength_schedule
 
 Run = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]
 FRAME_SLOTS = "frame_slots"  # (B, N) int32: the cache slot of each frame of the block (not a graph input)
@@ -139,10 +140,34 @@ class DiTBlockLoop:
 # Wan 2.1 plays its video at 16 fps, vae_stride[0] (4) video frames per latent frame
 WAN_VIDEO_RATE = 16
 _T_CTX = "t_emb_ctx"  # the host input of the cache-write pass's timestep embedding; steps' are t_emb_<i>
+# per-row (B,) float32 host inputs: the video-to-video start x = (1 - s) source + s noise[0], and per pass i
+# x0 = x + x0_v_<i> v (-σ) and the re-noising x = x_<i> x0 + noise_<i> noise[i + 1] (1 - σ_next, σ_next)
+_START_SOURCE, _START_NOISE = "start_source", "start_noise"
 
 
 def _t_step(i: int) -> str:
     return f"t_emb_{i}"
+
+
+def _coefficients(i: int) -> tuple[str, str, str]:
+    return f"x0_v_{i}", f"x_{i}", f"noise_{i}"
+
+
+def frames_are(specs: dict[str, G.GraphSpec]) -> str:
+    """What a DiT's frames out of the runtime show (the reports and manifests say it): video frames where its
+    graphs include the per-frame autoencoder's decoder, else a preview of its latents."""
+    return "video frames" if G.DECODE in specs else \
+        "latent preview: channels 0-2 of each latent frame, clamped to [-1, 1] (no decoder graph)"
+
+
+class VideoToVideoError(MirageError):
+    """Video-to-video asked of a DiT that cannot do it, or at a strength outside [0, 1]."""
+
+
+def check_strength(strength: float) -> float:
+    if not 0 <= strength <= 1:
+        raise VideoToVideoError(f"strength {strength}: choose a value in [0, 1]")
+    return float(strength)
 
 
 @dataclass
@@ -152,7 +177,7 @@ class BlockBuffers:
     x: Array  # (B, in_dim, N, h, w) the block at the current noise level
     v: Array  # (B, out_dim, N, h, w) the velocity
     x0: Array  # (B, in_dim, N, h, w) the clean block it implies
-    noise: list[Array]  # per step, (B, in_dim, N, h, w): the start noise, then one per re-noising
+    noise: list[Array]  # per pass, (B, in_dim, N, h, w): the start noise, then one per re-noising
     text: Array  # (B, text_len, text_dim) each row's prompt embeddings
     text_k: Array  # (B, L, H, text_len, D), and text_v: the prompt's cross-attention keys/values
     text_v: Array
@@ -161,67 +186,119 @@ class BlockBuffers:
     latents: Array  # (B, in_dim, W, h, w) the clean latents of the frames in the cache, by slot (for a re-cache)
     new_k: Array  # (B, L, H, N·T, D), and new_v: a pass's keys/values of the block
     new_v: Array
-    host: dict[str, Array]  # per block from the host: RoPE angles, slots, validity, timestep embeddings
+    host: dict[str, Array]  # per block from the host: RoPE angles, slots, validity, timestep embeddings, coefficients
     rng: Array  # (B, 2) int64, per row (seed, draws so far)
     advance: Array  # (B,) int64, 1 = the row commits this block, 0 = held
-    frame: Array  # (B·N, 3, H, W) float32: the block's frames, row-major
-    input: Array | None = None  # generation: no input frames
+    frame: Array  # (B·N, 3, H, W): the block's frames, row-major (decoded, or the latents' float32 preview)
+    one: Array  # (B,) float32 ones (flow_x0's coefficient of x)
+    frame_graph: str = G.DIT_STEP  # the graph a non-finite frame is blamed on: dit_step, or decode
+    input: Array | None = None  # video-to-video: (B·N, 3, H, W) the block's input frames; generation: None
+    source: Array | None = None  # video-to-video: (B, in_dim, N, h, w) their latents
 
     @property
     def made_by(self) -> tuple[str, tuple[str, Array]]:
-        return G.DIT_STEP, (G.DIT_CACHE_WRITE, self.new_k)
+        return self.frame_graph, (G.DIT_CACHE_WRITE, self.new_k)
 
     def all(self) -> list[Array]:
         return [self.x, self.v, self.x0, *self.noise, self.text, self.text_k, self.text_v, self.cache_k, self.cache_v,
-                self.latents, self.new_k, self.new_v, *self.host.values(), self.rng, self.advance, self.frame]
+                self.latents, self.new_k, self.new_v, *self.host.values(), self.rng, self.advance, self.frame,
+                self.one] + [b for b in (self.input, self.source) if b is not None]
 
 
 class BlockUnit:
     """The DiT's unit of work (see core.loop.FrameUnit for the interface): one block of N latent frames for
-    every row, S flow-matching steps of `dit_step` and the `dit_cache_write` pass, the block's keys/values
-    scattered into each advancing row's cache rows, and the clean latents shown as frames (`Ops.preview_`:
-    the artifacts have no decoder graph yet). Each row's frame position lives on the host (`starts`): the
-    RoPE angles, slots and validity of its next block are computed there and staged with the block."""
+    every row, flow-matching passes of `dit_step` and the `dit_cache_write` pass, the block's keys/values
+    scattered into each advancing row's cache rows, and the clean latents decoded into frames by the
+    artifact's `decode` graph (a per-frame autoencoder), else shown as their preview (`Ops.preview_`). Each
+    row's frame position lives on the host (`starts`): the RoPE angles, slots and validity of its next block
+    are computed there and staged with the block.
 
-    controls = {"prompt": True}
-    frames_are = "latent preview: channels 0-2 of each latent frame, clamped to [-1, 1] (no decoder graph)"
-    frames_in = 0  # generation (video-to-video needs an encoder graph: the per-frame autoencoder DiT)
+    Video-to-video (`strength` not None; needs the `encode` graph): each row's input block is encoded, put at
+    its row's noise level σ = strength and denoised through the steps left (flow_schedule.strength_schedule,
+    as model.dit_cache.BlockStepper does it), each row at its own strength in the one batched block: a row's
+    passes come first and the passes after them leave it as it is (σ = 0: x0 = x), its timesteps and σs are
+    per-row host inputs, so nothing in the captured block branches on a row."""
 
-    def __init__(self, cfg, specs: dict[str, G.GraphSpec]):
+    def __init__(self, cfg, specs: dict[str, G.GraphSpec], strength: float | None = None):
         self.cfg, self.specs = cfg, specs
-        self.video_rate = WAN_VIDEO_RATE / cfg.vae_stride[0]  # the preview shows one frame per latent frame
+        self.v2v, self.decodes = strength is not None, G.DECODE in specs
+        if self.v2v and G.ENCODE not in specs:
+            raise VideoToVideoError(f"{cfg.name} has no encoder graph: video-to-video needs a DiT on a per-frame "
+                                    "autoencoder (a config with `autoencoder`, such as dit-tiny-taesd)")
+        self.default_strength = 1.0 if strength is None else check_strength(strength)
+        self.controls = {"prompt": True, **({"strength": (0.0, 1.0)} if self.v2v else {})}
+        self.frames_are = frames_are(specs)
+        self.video_rate = WAN_VIDEO_RATE / cfg.vae_stride[0]  # one frame per latent frame (preview or per-frame codec)
         self.batch = specs[G.DIT_STEP].tensor(G.X_T).shape[0]
         self.schedule = block_schedule(cfg.denoising_steps, cfg.timestep_shift, cfg.warp_denoising_step)
         self.steps, self.frames = len(self.schedule), cfg.block_frames
+        self.frames_in = cfg.block_frames if self.v2v else 0  # a per-frame codec: one video frame per latent frame
+        # passes per block: the most any row's strength needs (strength 1: the whole schedule from noise)
+        self.passes = len(strength_schedule(self.schedule, 1.0)) if self.v2v else self.steps
         self.frame_shape = (cfg.height, cfg.width, G.RGB)
         self.text_shape = (cfg.text_len, cfg.text_dim)  # a prompt's embeddings, padded
         self.starts = np.zeros(self.batch, np.int64)  # each row's next block's first frame
-        # the timestep embeddings of the steps and of the cache-write pass: the same for every block (float32
-        # timesteps, as BlockStepper keeps them)
-        shape = (self.batch, cfg.block_frames)
-        self.t_embs = {_t_step(i): timestep_embedding(cfg, np.full(shape, t, np.float32))
-                       for i, (t, _, _) in enumerate(self.schedule)}
-        self.t_embs[_T_CTX] = timestep_embedding(cfg, np.full(shape, float(cfg.context_timestep), np.float32))
+        self.strengths = np.full(self.batch, self.default_strength)  # each row's (generation: 1, from noise)
+        self._passes: dict[tuple, dict[str, np.ndarray]] = {}  # the rows' strengths -> their per-pass host inputs
+        # the cache-write pass's timestep embedding: the same for every block (a float32 timestep, as
+        # BlockStepper keeps it)
+        self.t_ctx = timestep_embedding(cfg, np.full((self.batch, cfg.block_frames), float(cfg.context_timestep),
+                                                     np.float32))
+
+    def set_strength(self, row: int, strength: float) -> None:
+        """Row `row`'s strength from its next block on (video-to-video)."""
+        if not self.v2v:
+            raise VideoToVideoError(f"{self.cfg.name} runs generation here: a strength needs video-to-video "
+                                    "(open it with a strength)")
+        self.strengths[row] = check_strength(strength)
+
+    def pass_inputs(self) -> dict[str, np.ndarray]:
+        """The per-pass host inputs of the rows' strengths: timestep embeddings (B, N, freq_dim) and the
+        per-row coefficients of the start, of flow_x0 and of the re-noising (made once per set of strengths)."""
+        key = tuple(self.strengths) if self.v2v else ()
+        if key not in self._passes:
+            idle = (float(self.cfg.context_timestep), 0.0, 0.0)  # a pass that leaves the row as it is
+            rows = []
+            for s in self.strengths:
+                own = strength_schedule(self.schedule, float(s)) if self.v2v else self.schedule
+                rows.append(own + [idle] * (self.passes - len(own)))
+            table = np.array(rows, np.float64)  # (B, passes, 3): t, σ, σ_next
+            frames = (self.batch, self.cfg.block_frames)
+            feeds = {_START_SOURCE: (1 - self.strengths).astype(np.float32),
+                     _START_NOISE: self.strengths.astype(np.float32)} if self.v2v else {}
+            for i in range(self.passes):
+                t, sigma, sigma_next = table[:, i].T
+                x0_v, x, noise = _coefficients(i)
+                # float32 timesteps, as BlockStepper keeps them (its embedding then widens them to float64)
+                feeds[_t_step(i)] = timestep_embedding(self.cfg, np.broadcast_to(t.astype(np.float32)[:, None], frames))
+                feeds.update({x0_v: (-sigma).astype(np.float32), x: (1 - sigma_next).astype(np.float32),
+                              noise: sigma_next.astype(np.float32)})
+            self._passes = {key: feeds}  # one set kept: strengths change rarely, and a server's must not pile up
+        return self._passes[key]
 
     def make_buffers(self, alloc: Callable, fill: Callable, dtype_of: Callable) -> BlockBuffers:
         def new(graph, name):
             return alloc(self.specs[graph].tensor(name).shape, dtype_of(graph, name))
 
         host = {name: new(G.DIT_STEP, name) for name in (G.ROPE_COS, G.ROPE_SIN, G.SLOTS, G.VALID)}
-        host.update({key: new(G.DIT_STEP, G.T_EMB) for key in [_t_step(i) for i in range(self.steps)] + [_T_CTX]})
+        host.update({key: new(G.DIT_STEP, G.T_EMB) for key in [_t_step(i) for i in range(self.passes)] + [_T_CTX]})
+        host.update({key: alloc((self.batch,), "float32") for key in self.pass_inputs() if key not in host})
         host[FRAME_SLOTS] = alloc((self.batch, self.frames), "int32")
-        advance = alloc((self.batch,), "int64")
-        x = self.specs[G.DIT_STEP].tensor(G.X_T)
+        advance, one = alloc((self.batch,), "int64"), alloc((self.batch,), "float32")
         fill(advance, 1)
+        fill(one, 1.0)
+        x = self.specs[G.DIT_STEP].tensor(G.X_T)
         h, w, c = self.frame_shape
         return BlockBuffers(
             x=new(G.DIT_STEP, G.X_T), v=new(G.DIT_STEP, G.V), x0=new(G.DIT_STEP, G.X_T),
-            noise=[new(G.DIT_STEP, G.X_T) for _ in range(self.steps)], text=new(G.DIT_TEXT, G.TEXT),
+            noise=[new(G.DIT_STEP, G.X_T) for _ in range(self.passes)], text=new(G.DIT_TEXT, G.TEXT),
             text_k=new(G.DIT_TEXT, G.TEXT_K), text_v=new(G.DIT_TEXT, G.TEXT_V), cache_k=new(G.DIT_STEP, G.CACHE_K),
             cache_v=new(G.DIT_STEP, G.CACHE_V), new_k=new(G.DIT_STEP, G.NEW_K), new_v=new(G.DIT_STEP, G.NEW_V),
             latents=alloc((self.batch, x.shape[1], self.cfg.window_frames, *x.shape[3:]), dtype_of(G.DIT_STEP, G.X_T)),
-            host=host, rng=alloc((self.batch, 2), "int64"), advance=advance,
-            frame=alloc((self.batch * self.frames, c, h, w), "float32"))
+            host=host, rng=alloc((self.batch, 2), "int64"), advance=advance, one=one,
+            frame=new(G.DECODE, G.IMAGE) if self.decodes else alloc((self.batch * self.frames, c, h, w), "float32"),
+            frame_graph=G.DECODE if self.decodes else G.DIT_STEP,
+            input=new(G.ENCODE, G.IMAGE) if self.v2v else None, source=new(G.ENCODE, G.Z) if self.v2v else None)
 
     def buffer_bytes(self) -> int:
         """The memory make_buffers takes, counted without allocating (as core.loop.buffer_bytes)."""
@@ -231,27 +308,35 @@ class BlockUnit:
         return sum(sizes)
 
     def host_inputs(self, advance: np.ndarray) -> dict[str, np.ndarray]:
-        """The next block's per-row inputs from the rows' frame positions, which then move on by a block
-        for the rows that advance."""
-        feeds = {**block_inputs(self.cfg, self.starts), **self.t_embs}
+        """The next block's per-row inputs from the rows' frame positions and strengths; the positions then
+        move on by a block for the rows that advance."""
+        feeds = {**block_inputs(self.cfg, self.starts), **self.pass_inputs(), _T_CTX: self.t_ctx}
         self.starts += self.cfg.block_frames * np.asarray(advance, np.int64)
         return feeds
 
     def run(self, backend, ops, buf: BlockBuffers) -> None:
         """One block for every row: the captured body (no host work, nothing allocated)."""
-        static, memory = _static(buf), _memory(buf)
+        static, memory, host = _static(buf), _memory(buf), buf.host
         for noise in buf.noise:
             ops.randn_(noise, buf.rng, buf.advance)
-        ops.lincomb_(buf.x, 1.0, buf.noise[0], 0.0, buf.noise[0])
-        for i, (_, sigma, sigma_next) in enumerate(self.schedule):
-            backend.run(G.DIT_STEP, {G.X_T: buf.x, G.T_EMB: buf.host[_t_step(i)], **memory, **static},
+        if self.v2v:  # x = flow_renoise(encode(input), noise[0], strength), per row
+            backend.run(G.ENCODE, {G.IMAGE: buf.input}, {G.Z: buf.source})
+            ops.lincomb_rows_(buf.x, host[_START_SOURCE], buf.source, host[_START_NOISE], buf.noise[0])
+        else:
+            ops.lincomb_(buf.x, 1.0, buf.noise[0], 0.0, buf.noise[0])
+        for i in range(self.passes):
+            x0_v, keep, renoise = _coefficients(i)
+            backend.run(G.DIT_STEP, {G.X_T: buf.x, G.T_EMB: host[_t_step(i)], **memory, **static},
                         {G.V: buf.v, G.NEW_K: buf.new_k, G.NEW_V: buf.new_v})
-            ops.lincomb_(buf.x0, 1.0, buf.x, -sigma, buf.v)  # flow_x0
-            if i + 1 < len(self.schedule):
-                ops.lincomb_(buf.x, 1 - sigma_next, buf.x0, sigma_next, buf.noise[i + 1])  # flow_renoise
+            ops.lincomb_rows_(buf.x0, buf.one, buf.x, host[x0_v], buf.v)  # flow_x0
+            if i + 1 < self.passes:
+                ops.lincomb_rows_(buf.x, host[keep], buf.x0, host[renoise], buf.noise[i + 1])  # flow_renoise
         ops.scatter_rows_(buf.latents, buf.x0, buf.host[FRAME_SLOTS], buf.advance, 2)
         self._write_cache(backend, ops, buf, static, memory)
-        ops.preview_(buf.frame, buf.x0)
+        if self.decodes:
+            backend.run(G.DECODE, {G.Z: buf.x0}, {G.IMAGE: buf.frame})
+        else:
+            ops.preview_(buf.frame, buf.x0)
 
     def _write_cache(self, backend, ops, buf: BlockBuffers, static: dict, memory: dict) -> None:
         """The cache-write pass of buf.x0 and its keys/values into the block's rows of each advancing row."""
@@ -278,7 +363,7 @@ class BlockUnit:
             for slot in np.concatenate(seen):
                 valid[slot * t:(slot + 1) * t] = 1
             feeds[G.VALID] = np.broadcast_to(valid, (self.batch, valid.size))
-            feeds[_T_CTX] = self.t_embs[_T_CTX]
+            feeds[_T_CTX] = self.t_ctx
             yield feeds, advance
 
     def recache(self, backend, ops, buf: BlockBuffers) -> None:
@@ -297,8 +382,9 @@ class BlockUnit:
 
     def reset_row(self, ops, buf: BlockBuffers, row: int, seed: int) -> None:
         """Row `row` starts a new video at frame 0 (its old cache rows are masked until rewritten) with
-        noise from `seed`."""
+        noise from `seed`, at the default strength."""
         self.starts[row] = 0
+        self.strengths[row] = self.default_strength
         ops.seed_row_(buf.rng, row, seed)
 
 

@@ -136,10 +136,17 @@ def unet_graphs(cfg, batch: int, max_batch: int | None, precision: str) -> dict[
                            (TensorSpec(KV, (batch, 2, cfg.memory_tokens, cfg.temporal_dim), f),), dyn),
     }
     if cfg.frame_size:
-        rgb, z = TensorSpec(IMAGE, (batch, RGB, cfg.frame_size, cfg.frame_size), f), TensorSpec(Z, img, f)
-        if cfg.cond_channels:
-            specs[ENCODE] = GraphSpec(ENCODE, (rgb,), (z,), dyn)
-        specs[DECODE] = GraphSpec(DECODE, (z,), (rgb,), dyn)
+        specs.update(codec_graphs((batch, RGB, cfg.frame_size, cfg.frame_size), img, f, dyn, bool(cfg.cond_channels)))
+    return specs
+
+
+def codec_graphs(image: tuple[int, ...], z: tuple[int, ...], f: str, dyn: int | None,
+                 encode: bool) -> dict[str, GraphSpec]:
+    """A latent model's autoencoder halves: `decode` (z -> image) and, for video-to-video, `encode` (image -> z),
+    at the family's shapes (the U-Net's frame; the DiT's block: frames (B·N, 3, H, W), latents (B, C, N, h, w))."""
+    rgb, latents = TensorSpec(IMAGE, image, f), TensorSpec(Z, z, f)
+    specs = {ENCODE: GraphSpec(ENCODE, (rgb,), (latents,), dyn)} if encode else {}
+    specs[DECODE] = GraphSpec(DECODE, (latents,), (rgb,), dyn)
     return specs
 
 
@@ -153,6 +160,9 @@ def unet_graphs(cfg, batch: int, max_batch: int | None, precision: str) -> dict[
 #            rope_cos, rope_sin, slots, valid) -> v, new_k, new_v
 #   dit_cache_write(<the same inputs, x_t = the clean block>) -> new_k, new_v
 #                                                               once per block: the keys/values kept
+#   encode(image) -> z, decode(z) -> image                      a config with a per-frame autoencoder
+#                                                               (DiTConfig.autoencoder): the U-Net's codec
+#                                                               graphs at a block's shapes (codec_graphs)
 #
 # One fixed-shape spec per graph serves every cache fill level: the cache inputs always hold the whole
 # window (window_frames · tokens_per_frame rows per layer), `valid` says which rows hold a frame the
@@ -167,7 +177,8 @@ def unet_graphs(cfg, batch: int, max_batch: int | None, precision: str) -> dict[
 # Shapes (B batch, L layers, H heads, D head_dim, N block frames, T tokens per frame, W window frames,
 # S text tokens): x_t, v (B, in_dim, N, h, w); t_emb (B, N, freq_dim); text (B, S, text_dim);
 # text_k/v (B, L, H, S, D); cache_k/v (B, L, H, W·T, D); new_k/v (B, L, H, N·T, D);
-# rope_cos/sin (B, N·T, D / 2); slots (B, N·T) int32 cache rows; valid (B, W·T) float32 0/1.
+# rope_cos/sin (B, N·T, D / 2); slots (B, N·T) int32 cache rows; valid (B, W·T) float32 0/1;
+# image (B·N, 3, H, W) the block's video frames, row-major; z (B, in_dim, N, h, w) as x_t.
 
 DIT_TEXT, DIT_STEP, DIT_CACHE_WRITE = "dit_text", "dit_step", "dit_cache_write"
 DIT_GRAPHS = (DIT_TEXT, DIT_STEP, DIT_CACHE_WRITE)
@@ -193,8 +204,12 @@ def dit_graphs(cfg, batch: int, max_batch: int | None, precision: str) -> dict[s
                TensorSpec(ROPE_COS, (b, block, d // 2), "float32"), TensorSpec(ROPE_SIN, (b, block, d // 2), "float32"),
                TensorSpec(SLOTS, (b, block), "int32"), TensorSpec(VALID, (b, window), "float32"))
     dyn = max_batch if max_batch and max_batch > 1 else None
-    return {
+    specs = {
         DIT_TEXT: GraphSpec(DIT_TEXT, (TensorSpec(TEXT, (b, cfg.text_len, cfg.text_dim), f),), text_kv, dyn),
         DIT_STEP: GraphSpec(DIT_STEP, step_in, (TensorSpec(V, latents.shape, f),) + new_kv, dyn),
         DIT_CACHE_WRITE: GraphSpec(DIT_CACHE_WRITE, step_in, new_kv, dyn),
     }
+    if cfg.autoencoder:  # a per-frame autoencoder: the block's frames decoded, input blocks encoded (video-to-video)
+        frames = (b * cfg.block_frames, RGB, cfg.height, cfg.width)
+        specs.update(codec_graphs(frames, latents.shape, f, dyn, encode=True))
+    return specs

@@ -58,6 +58,10 @@ class Ops(Protocol):
 
     def lincomb_(self, dst: Array, a: float, x: Array, b: float, y: Array) -> None: ...
 
+    def lincomb_rows_(self, dst: Array, a: Array, x: Array, b: Array, y: Array) -> None:
+        """dst[r] = a[r] x[r] + b[r] y[r] for each row r: lincomb_ with per-row coefficients a, b (B,) float32
+        (buffers, so a captured graph reads the values the host staged for this unit)."""
+
     def clamp_(self, dst: Array, src: Array) -> None: ...
 
     def ring_write_(self, memory: Array, ages: Array, slot: Array, kv: Array, advance: Array) -> None:
@@ -307,6 +311,10 @@ class NumpyOps:
 
     def lincomb_(self, dst, a, x, b, y):
         self.np.add(a * x, b * y, out=dst, casting="unsafe")
+
+    def lincomb_rows_(self, dst, a, x, b, y):
+        rows = (-1,) + (1,) * (x.ndim - 1)
+        self.np.add(a.reshape(rows) * x, b.reshape(rows) * y, out=dst, casting="unsafe")
 
     def clamp_(self, dst, src):
         self.np.clip(src, -1.0, 1.0, out=dst, casting="unsafe")

@@ -10,10 +10,16 @@ fp32 decomposes attention into MatMul/Softmax (TensorRT-RTX has no fp32 kernel f
 (everything it leaves unquantized becomes fp16; the graphs' I/O stays fp32), while `dit_text`, which runs
 once per prompt, stays fp32.
 
+A config on a per-frame autoencoder (DiTConfig.autoencoder) adds its `encode` / `decode` graphs, traced from
+mirage.model.latent.BlockCodec by the U-Net's codec module (onnx_export.graph_module), in fp32 or fp16 (8-bit
+artifacts keep them fp32, as the U-Net's): their recorded calls encode blocks of a synthetic clip and decode
+the latents that gives.
+
 Parity: per tensor on the inputs of a recorded PyTorch rollout (‖out − ref‖ / ‖ref‖ per output), and
 per latent frame over a whole rollout: mirage.core.dit_step's block loop on ONNX Runtime against
 BlockStepper (PyTorch fp32, in-place cache) with the same noise and prompt, scored by PSNR with the
-reference rollout's peak-to-peak range as the peak (latents are not in [-1, 1]).
+reference rollout's peak-to-peak range as the peak (latents are not in [-1, 1]); with a decoder, also the
+video frames each decodes them to (ONNX Runtime's decode of its rollout against PyTorch's of the reference).
 """
 from __future__ import annotations
 
@@ -33,16 +39,20 @@ from mirage.core import graphs as G
 from mirage.core.dit_step import DiTBlockLoop, Run, block_inputs
 from mirage.core.metrics import latent_psnr
 from mirage.core.ort import OrtBackend
+from mirage.core.report import psnr
+from mirage.core.synthetic import SyntheticVideo
 from mirage.model.dit import WanDiT
 from mirage.model.dit_cache import BlockStepper
 from mirage.model.dit_graphs import DiTGraph
+from mirage.model.latent import BlockCodec, load_frame_codec
 
 from .bf16 import Bf16Io
-from .onnx_export import DTYPES, ExportError, ExportOptions, activation_range, export_module
+from .onnx_export import DTYPES, ExportError, ExportOptions, activation_range, export_module, graph_module
 from .quantize import quantize_qdq
 
 Calls = dict[str, list[dict[str, np.ndarray]]]
 DIT_DTYPES = {**DTYPES, "bf16": torch.bfloat16}  # the precisions a DiT graph is traced in (fp8 quantizes fp32)
+CODEC_CALLS = 2  # recorded blocks of the autoencoder's graphs: a frame codec has no memory, and is most of the time
 
 
 def _decomposed_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -68,9 +78,21 @@ def decomposed_attention(enabled: bool):
         F.scaled_dot_product_attention = sdpa
 
 
+def block_codec(cfg) -> BlockCodec | None:
+    """The per-frame autoencoder of a config that has one (its hash checked), as its graphs lay out a block."""
+    return BlockCodec(load_frame_codec(cfg), cfg.block_frames) if cfg.autoencoder else None
+
+
+def _module(model: WanDiT, graph: str, codec: BlockCodec | None) -> torch.nn.Module:
+    """The module one DiT graph traces: the block graphs' DiTGraph, the autoencoder's the U-Net's codec module."""
+    return graph_module(model, graph, codec) if graph in (G.ENCODE, G.DECODE) else DiTGraph(model, graph).eval()
+
+
 def torch_run(model: WanDiT, specs: dict[str, G.GraphSpec]) -> Run:
-    """The block loop's backend on the PyTorch graph modules (CPU, the model's dtype)."""
-    modules = {g: DiTGraph(model, g).eval() for g in specs}
+    """The block loop's backend on the PyTorch graph modules (CPU, the model's dtype), the per-frame
+    autoencoder's too where the config has one."""
+    codec = block_codec(model.cfg) if G.DECODE in specs else None
+    modules = {g: _module(model, g, codec) for g in specs}
     dtype = model.patch_embedding.weight.dtype
 
     @torch.no_grad()
@@ -78,7 +100,8 @@ def torch_run(model: WanDiT, specs: dict[str, G.GraphSpec]) -> Run:
         args = [torch.from_numpy(np.array(v)) for v in feeds.values()]
         args = [a.to(dtype) if a.is_floating_point() and spec.dtype != "float32" else a
                 for a, spec in zip(args, specs[graph].inputs)]
-        return {x.name: o.float().numpy() for x, o in zip(specs[graph].outputs, modules[graph](*args))}
+        outs = modules[graph](*args)
+        return {x.name: o.float().numpy() for x, o in zip(specs[graph].outputs, (outs,) if torch.is_tensor(outs) else outs)}
 
     return run
 
@@ -119,22 +142,33 @@ def record_dit_calls(model: WanDiT, blocks: int = 4, seed: int = 1, batch: int =
     loop.set_prompt(text)
     for block in noise:
         loop.step(block)
+    if G.ENCODE in specs:  # the autoencoder's: blocks of a synthetic clip encoded, their latents decoded
+        image, cfg = specs[G.ENCODE].tensor(G.IMAGE).shape, model.cfg
+        codec_blocks = min(blocks, CODEC_CALLS)
+        video = SyntheticVideo(max(cfg.height, cfg.width), seed=seed).clip(0, codec_blocks * image[0])
+        for frames in video[:, :cfg.height, :cfg.width].transpose(0, 3, 1, 2).reshape(codec_blocks, *image):
+            latents = record(G.ENCODE, {G.IMAGE: frames})[G.Z]
+            record(G.DECODE, {G.Z: latents})
     return calls
 
 
 def export_dit_graph(model: WanDiT, graph: str, path: str | Path, options: ExportOptions,
                      example: dict[str, np.ndarray]) -> Path:
-    """Export one DiT graph, traced on `example` (recorded feeds at fp32: they are cast to the graph's dtypes)."""
+    """Export one DiT graph, traced on `example` (recorded feeds at fp32: they are cast to the graph's dtypes);
+    `encode` / `decode` with the config's per-frame autoencoder."""
     if options.precision not in DIT_DTYPES:
         raise ExportError(f"precision {options.precision!r}: the DiT exports {', '.join(DIT_DTYPES)}")
     if options.max_batch is not None and options.max_batch > 1:
         raise ExportError("the DiT's graphs export at a static batch for now (--max-batch is the U-Net's)")
-    dtype = DIT_DTYPES[options.precision]
+    codec_graph = graph in (G.ENCODE, G.DECODE)
+    # a bf16 artifact's autoencoder graphs stay float32, as an fp8 artifact's (and the U-Net's) do
+    dtype = DTYPES["fp32"] if codec_graph and options.precision == "bf16" else DIT_DTYPES[options.precision]
     specs = G.model_graphs(model.cfg, options.batch, options.max_batch, options.precision)
     net = (model if model.patch_embedding.weight.dtype == dtype else copy.deepcopy(model)).to("cpu", dtype).eval()
     inputs = {x.name: torch.from_numpy(_at_spec(example[x.name], x)) for x in specs[graph].inputs}
-    module = DiTGraph(net, graph)
-    if options.precision == "bf16":  # float32 I/O around it (see export/bf16.py)
+    codec = block_codec(model.cfg) if codec_graph else None
+    module = _module(net, graph, None if codec is None else codec.to("cpu", dtype))
+    if options.precision == "bf16" and not codec_graph:  # float32 I/O around it (see export/bf16.py)
         module = Bf16Io(module, G.model_graphs(model.cfg, options.batch, precision="fp16")[graph])
     decompose = options.precision == "fp32" if options.decompose_attention is None else options.decompose_attention
     with decomposed_attention(decompose):
@@ -168,7 +202,7 @@ def export_dit_onnx(model: WanDiT, out: str | Path, precision: str = "fp16",
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     feeds, report = trace_feeds(model.cfg, precision), {}
-    for graph in G.DIT_GRAPHS:
+    for graph in G.model_graphs(model.cfg, precision=precision):
         progress(f"export {graph} ({precision})")
         start = time.perf_counter()
         path = export_dit_graph(model, graph, out / G.onnx_file(graph), ExportOptions(precision), feeds)
@@ -192,7 +226,8 @@ def dit_tensor_parity(model: WanDiT, files: dict[str, Path], calls: Calls, preci
     """Worst relative and absolute error of every graph output (ONNX Runtime vs PyTorch fp32) over `calls`."""
     model = model.float().eval()
     specs = G.model_graphs(model.cfg, precision=precision)
-    ref_run, (out_run, ort) = torch_run(model, G.model_graphs(model.cfg)), ort_run(files)
+    ref_run, (out_run, ort) = torch_run(model, {g: s for g, s in G.model_graphs(model.cfg).items() if g in calls}), \
+        ort_run(files)
     report = {}
     try:
         for graph, feeds_list in calls.items():
@@ -216,29 +251,43 @@ def dit_tensor_parity(model: WanDiT, files: dict[str, Path], calls: Calls, preci
 def dit_activation_range(model: WanDiT, calls: Calls) -> float:
     """Largest |activation| of any module over the recorded rollout (fp32): fp16's margin as a number."""
     tensors = {g: [{k: torch.from_numpy(v) for k, v in feeds.items()} for feeds in c] for g, c in calls.items()}
-    return activation_range(model.float().eval(), tensors, module_for=lambda m, graph, _codec: DiTGraph(m, graph))
+    return activation_range(model.float().eval(), tensors, block_codec(model.cfg), module_for=_module)
 
 
 @torch.no_grad()
 def dit_rollout_psnr(model: WanDiT, files: dict[str, Path], precision: str, frames: int = 50, seed: int = 0,
                      batch: int = 1) -> dict:
     """PSNR of a `frames`-latent-frame rollout on ONNX Runtime (the block loop over the exported graphs)
-    against BlockStepper in PyTorch fp32, with the same prompt and noise (row 0 of a `batch`)."""
+    against BlockStepper in PyTorch fp32, with the same prompt and noise (row 0 of a `batch`); with a `decode`
+    graph, also of the video frames each rollout decodes to (`video_psnr_*`)."""
     model, cfg = model.float().eval(), model.cfg
     blocks = -(-frames // cfg.block_frames)
     text, noise = rollout_noise(cfg, blocks, batch, seed)
     stepper = BlockStepper(model, batch)
     stepper.set_prompt(torch.from_numpy(text))
-    ref = np.concatenate([stepper.step(torch.from_numpy(n))[0].transpose(0, 1).numpy() for n in noise])
+    ref_blocks = [stepper.step(torch.from_numpy(n)) for n in noise]
     run, ort = ort_run(files)
+    specs = G.model_graphs(cfg, batch, precision=precision)
     try:
-        loop = DiTBlockLoop(cfg, G.model_graphs(cfg, batch, precision=precision), run)
+        loop = DiTBlockLoop(cfg, specs, run)
         loop.set_prompt(text)
-        out = np.concatenate([loop.step(n)[0].swapaxes(0, 1) for n in noise])
+        out_blocks = [loop.step(n) for n in noise]
+        if G.DECODE in files:  # row 0's frames of each block
+            video = np.concatenate([run(G.DECODE, {G.Z: b.astype(specs[G.DECODE].tensor(G.Z).dtype)})[G.IMAGE]
+                                    [:cfg.block_frames].astype(np.float32) for b in out_blocks])
     finally:
         ort.close()
+    ref = np.concatenate([b[0].transpose(0, 1).numpy() for b in ref_blocks])
+    out = np.concatenate([b[0].swapaxes(0, 1) for b in out_blocks])
     frame_psnr = latent_psnr(out, ref)
-    return {"frames": int(ref.shape[0]), "unit": "latent frames", "blocks": blocks, "steps": cfg.steps,
-            "precision": precision,
-            "psnr_mean_db": float(frame_psnr.mean()), "psnr_min_db": float(frame_psnr.min()),
-            "psnr_last10_db": float(frame_psnr[-10:].mean()), "finite": bool(np.isfinite(out).all())}
+    report = {"frames": int(ref.shape[0]), "unit": "latent frames", "blocks": blocks, "steps": cfg.steps,
+              "precision": precision,
+              "psnr_mean_db": float(frame_psnr.mean()), "psnr_min_db": float(frame_psnr.min()),
+              "psnr_last10_db": float(frame_psnr[-10:].mean()), "finite": bool(np.isfinite(out).all())}
+    if G.DECODE in files:
+        codec = block_codec(cfg)
+        ref_video = np.concatenate([codec.decode(b)[:cfg.block_frames].numpy() for b in ref_blocks])
+        video_psnr = psnr(video, ref_video)
+        report.update(video_psnr_mean_db=float(video_psnr.mean()), video_psnr_min_db=float(video_psnr.min()),
+                      finite=report["finite"] and bool(np.isfinite(video).all()))
+    return report

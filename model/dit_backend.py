@@ -1,6 +1,7 @@
 """The Wan DiT as a backend of the runtime's block unit (mirage.core.dit_step.BlockUnit): its pure graph
 modules (mirage.model.dit_graphs) on torch buffers, the PyTorch twin of a DiT artifact's ONNX Runtime or
-TensorRT graphs. mirage.bridge.pipeline hands it, with its torch plumbing, to runtime.Pipeline."""
+TensorRT graphs, with a per-frame autoencoder's `encode` / `decode` (mirage.model.latent.BlockCodec) where
+the config has one. mirage.bridge.pipeline hands it, with its torch plumbing, to runtime.Pipeline."""
 from __future__ import annotations
 
 import torch
@@ -8,16 +9,23 @@ import torch
 from mirage.core import graphs as G
 from mirage.model.dit import WanDiT
 from mirage.model.dit_graphs import DiTGraph
+from mirage.model.latent import BlockCodec
 
 # inputs that stay float32 and int32 whatever the model's dtype (the graphs' specs: float64 math made on the host)
 _FIXED = {G.T_EMB: "float32", G.ROPE_COS: "float32", G.ROPE_SIN: "float32", G.VALID: "float32", G.SLOTS: "int32"}
 
 
 class DiTTorchBackend:
-    def __init__(self, model: WanDiT, specs: dict[str, G.GraphSpec], device: str, dtype: str = "float32"):
+    def __init__(self, model: WanDiT, specs: dict[str, G.GraphSpec], device: str, dtype: str = "float32",
+                 codec: BlockCodec | None = None):
         self.device, self.dtype, self.specs = str(device), dtype, specs
         self.model = model.to(device=device, dtype=getattr(torch, dtype)).eval().requires_grad_(False)
-        self.graphs = {g: DiTGraph(self.model, g) for g in specs}
+        self.graphs = {g: DiTGraph(self.model, g) for g in specs if g in G.DIT_GRAPHS}
+        if G.DECODE in specs:
+            if codec is None:
+                raise ValueError(f"{model.cfg.name}'s graphs include the autoencoder's: pass its codec")
+            codec = codec.to(device=device, dtype=getattr(torch, dtype)).eval().requires_grad_(False)
+            self.graphs.update({G.ENCODE: codec.encode, G.DECODE: codec.decode})
 
     def buffer_dtype(self, graph: str, name: str) -> str:
         return _FIXED.get(name, self.dtype)
@@ -28,8 +36,10 @@ class DiTTorchBackend:
     @torch.no_grad()
     def run(self, graph, inputs, output):
         spec = self.specs[graph]
-        for x, out in zip(spec.outputs, self.graphs[graph](*[inputs[x.name] for x in spec.inputs])):
-            output[x.name].copy_(out)
+        outs = self.graphs[graph](*[inputs[x.name] for x in spec.inputs])
+        buffers = output if isinstance(output, dict) else {spec.output.name: output}
+        for x, out in zip(spec.outputs, (outs,) if torch.is_tensor(outs) else outs):
+            buffers[x.name].copy_(out)
 
     def close(self):
         self.model = self.graphs = None

@@ -177,11 +177,12 @@ class DiTPipeline:
         self.stepper.set_strength(strength)
         self.strength = strength
 
-    def restyle(self, frames: np.ndarray) -> np.ndarray:
+    def restyle(self, frames: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
         """Video-to-video: the next block's input frames (block_frames, H, W, 3) float32 in [-1, 1] are
         encoded, noised to the strength and denoised with the cache and the prompt (StreamDiffusionV2's
         use); returns its output frames, the same shape. Needs a per-frame autoencoder (a config with
-        `autoencoder`), and runs the block step eagerly (or compiled), never as a captured graph."""
+        `autoencoder`), and runs the block step eagerly (or compiled), never as a captured graph. `noise`
+        (steps, 1, in_dim, N, h, w): the block's noise instead of the generator's (another runner's, to compare)."""
         if not hasattr(self.decoder, "encode"):
             raise DiTRunError(f"{self.cfg.name} has no encoder (its decoder only decodes): video-to-video needs a "
                               "config on a per-frame autoencoder, such as dit-tiny-taesd")
@@ -191,7 +192,8 @@ class DiTPipeline:
                               "(frames, height, width, RGB)")
         video = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)).to(self.device)
         source = self.decoder.encode(video.permute(0, 3, 1, 2)[None]).float()  # (1, in_dim, N, h, w)
-        noise = torch.randn(self.noise_shape, device=self.device, generator=self.generator)
+        noise = torch.randn(self.noise_shape, device=self.device, generator=self.generator) if noise is None else \
+            torch.from_numpy(np.asarray(noise, np.float32)).to(self.device)
         out = self.decoder.decode(self.stepper.step(noise, source))[0]  # (N, 3, H, W)
         return out.permute(0, 2, 3, 1).float().cpu().numpy()
 

@@ -55,6 +55,22 @@ class FrameCodec:
         return self.codec.encode(x).unflatten(0, (b, f)).transpose(1, 2)
 
 
+class BlockCodec(nn.Module):
+    """A FrameCodec on a DiT block as the DiT's `encode` / `decode` graphs lay it out (mirage.core.graphs):
+    frames (B·N, 3, H, W), a row's N frames in a row, <-> latents (B, C, N, h, w). What the artifacts export
+    and the PyTorch backend runs; the same math as FrameCodec (decoded frames clamped to [-1, 1])."""
+
+    def __init__(self, frames: FrameCodec, block_frames: int):
+        super().__init__()
+        self.codec, self.frames, self.block_frames = frames.codec, frames, block_frames
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        return self.frames.encode(image.unflatten(0, (-1, self.block_frames)))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.frames.decode(z).flatten(0, 1)
+
+
 def autoencoder_folder(cfg: DiTConfig) -> Path:
     """The folder of a DiT config's per-frame autoencoder: relative to the working folder, else to the package."""
     folder = next((f for f in (Path(cfg.autoencoder), PACKAGE_ROOT / cfg.autoencoder) if f.is_dir()), None)

@@ -65,6 +65,10 @@ class TorchOps:
     def lincomb_(self, dst, a, x, b, y):
         torch.add(x * a, y, alpha=b, out=dst) if dst.dtype == x.dtype else dst.copy_(x * a + y * b)
 
+    def lincomb_rows_(self, dst, a, x, b, y):
+        rows = (-1,) + (1,) * (x.dim() - 1)
+        dst.copy_(a.view(rows) * x + b.view(rows) * y)
+
     def clamp_(self, dst, src):
         torch.clamp(src, -1.0, 1.0, out=dst)
 

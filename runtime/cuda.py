@@ -272,6 +272,12 @@ template <typename T, typename S> __device__ void lincomb(T* dst, float a, const
   long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
   if (i < n) st(dst, i, a * ld(x, i) + b * ld(y, i));
 }
+// per-row coefficients a[r], b[r] (float32) of rows of `per_row` elements
+template <typename T> __device__ void lincomb_rows(T* dst, const float* a, const T* x, const float* b, const T* y,
+                                                   long per_row, long n) {
+  long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+  if (i < n) { long r = i / per_row; st(dst, i, a[r] * ld(x, i) + b[r] * ld(y, i)); }
+}
 template <typename T> __device__ void clamp1(T* dst, const T* src, long n) {
   long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
   if (i < n) st(dst, i, fminf(fmaxf(ld(src, i), -1.0f), 1.0f));
@@ -344,6 +350,8 @@ __global__ void advance(long long* s, const long long* adv, int rows) {
 }
 __global__ void lincomb_f32(float* d, float a, const float* x, float b, const float* y, long n) { lincomb(d, a, x, b, y, n); }
 __global__ void lincomb_f16(half_t* d, float a, const half_t* x, float b, const half_t* y, long n) { lincomb(d, a, x, b, y, n); }
+__global__ void lincomb_rows_f32(float* d, const float* a, const float* x, const float* b, const float* y, long p, long n) { lincomb_rows(d, a, x, b, y, p, n); }
+__global__ void lincomb_rows_f16(half_t* d, const float* a, const half_t* x, const float* b, const half_t* y, long p, long n) { lincomb_rows(d, a, x, b, y, p, n); }
 __global__ void clamp_f32(float* d, const float* s, long n) { clamp1(d, s, n); }
 __global__ void clamp_f16(half_t* d, const half_t* s, long n) { clamp1(d, s, n); }
 __global__ void ring_copy_f32(float* m, const float* kv, const long long* slot, const long long* a, int k, long s, long n) { ring_copy(m, kv, slot, a, k, s, n); }
@@ -432,6 +440,15 @@ class CudaOps:
             raise CudaError(f"lincomb of {x.dtype}{x.shape} and {y.dtype}{y.shape} into {dst.dtype}{dst.shape}")
         self._launch(f"lincomb_{_SUFFIX[dst.dtype]}", dst.size, self._p(dst), (a, ctypes.c_float), self._p(x),
                      (b, ctypes.c_float), self._p(y), self._n(dst.size))
+
+    def lincomb_rows_(self, dst, a, x, b, y):
+        rows = dst.shape[0]
+        if not (dst.dtype == x.dtype == y.dtype and dst.size == x.size == y.size and a.dtype == b.dtype == "float32"
+                and a.size == b.size == rows):
+            raise CudaError(f"lincomb_rows of {x.dtype}{x.shape} and {y.dtype}{y.shape} by {a.dtype}{a.shape} into "
+                            f"{dst.dtype}{dst.shape}")
+        self._launch(f"lincomb_rows_{_SUFFIX[dst.dtype]}", dst.size, self._p(dst), self._p(a), self._p(x), self._p(b),
+                     self._p(y), self._n(dst.size // rows), self._n(dst.size))
 
     def clamp_(self, dst, src):
         self._launch(f"clamp_{_SUFFIX[dst.dtype]}", dst.size, self._p(dst), self._p(src), self._n(dst.size))

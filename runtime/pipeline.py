@@ -109,8 +109,14 @@ class Pipeline:
 
     @property
     def frames_in(self) -> int:
-        """Input frames one step takes per row: 0 for generation, 1 for the U-Net's video-to-video."""
+        """Input frames one step takes per row: 0 for generation, 1 for the U-Net's video-to-video, the block's
+        frames for the DiT's (PipelineOptions.strength)."""
         return self.unit.frames_in
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One row's input of a step: a frame (H, W, 3), or the (n, H, W, 3) frames of a block model's step."""
+        return self.frame_shape if self.frames_in <= 1 else (self.frames_in, *self.frame_shape)
 
     @property
     def frames_per_step(self) -> int:
@@ -129,8 +135,8 @@ class Pipeline:
 
     @property
     def controls(self) -> dict:
-        """What `control` accepts now: {"prompt": True} for a prompt model opened with a prompt encoder,
-        {} for the U-Net."""
+        """What `control` accepts now: {"prompt": True} for a prompt model opened with a prompt encoder, and
+        "strength": (low, high) for a video-to-video DiT; {} for the U-Net."""
         return {k: v for k, v in self.unit.controls.items() if k != "prompt" or self.prompt_encoder is not None}
 
     @property
@@ -237,6 +243,8 @@ class Pipeline:
         self._check_row(row)
         if strength is not None and "strength" not in self.controls:
             raise PipelineError(f"{self.cfg.name} takes no strength (only a video-to-video DiT does)")
+        if strength is not None:  # the row's next block on: its strength is staged with the block
+            self.unit.set_strength(row, strength)
         if prompt is not None:
             if "prompt" not in self.unit.controls:
                 raise PipelineError(f"{self.cfg.name} takes no prompt")
@@ -258,8 +266,8 @@ class Pipeline:
 
     def submit_batch(self, cond: np.ndarray | None = None, advance: np.ndarray | None = None) -> None:
         """Start a frame for every row (GPU: asynchronously). `cond`: (B, H, W, 3) input frames for
-        video-to-video models (float in [-1, 1] or uint8 0..255; with uint8 frames a float input is
-        rounded to bytes first, video_io.to_uint8), None for generation. `advance` (B,) of 0/1, default all
+        video-to-video models ((B, n, H, W, 3): a block model's; float in [-1, 1] or uint8 0..255; with uint8
+        frames a float input is rounded to bytes first, video_io.to_uint8), None for generation. `advance` (B,) of 0/1, default all
         1: a row with 0 is computed but commits nothing (its memory, ages and noise stay), so its
         stream is held this frame."""
         self._require("ready", "step")
@@ -268,14 +276,14 @@ class Pipeline:
         if self.video_to_video != (cond is not None):
             raise PipelineError("this video-to-video model needs an input frame" if self.video_to_video
                                 else "this generation model takes no input frame")
-        expected = (self.batch, *self.frame_shape)
+        expected = (self.batch, *self.input_shape)
         if cond is not None and tuple(cond.shape) != expected:
             raise PipelineError(f"input frames have shape {tuple(cond.shape)}, the model takes {expected[1:]} "
                                 f"per row; resize them (mirage.core.video_io.fit_square)")
         rows = np.ones(self.batch, np.int64) if advance is None else np.asarray(advance, np.int64)
         if rows.shape != (self.batch,) or not np.isin(rows, (0, 1)).all():
             raise PipelineError(f"advance must be {self.batch} flags of 0 or 1")
-        self.execution.submit(None if cond is None else np.asarray(cond), rows)
+        self.execution.submit(None if cond is None else np.asarray(cond).reshape(-1, *self.frame_shape), rows)
 
     def collect_batch(self) -> np.ndarray:
         """Wait for the oldest submitted step: (B, H, W, 3) float32, or uint8 (PipelineOptions.frames); a
@@ -291,7 +299,7 @@ class Pipeline:
         return self.collect_batch()
 
     def submit(self, cond: np.ndarray | None = None) -> None:
-        """Batch-1 form of submit_batch: `cond` is one (H, W, 3) frame."""
+        """Batch-1 form of submit_batch: `cond` is one (H, W, 3) frame (a block model's: (n, H, W, 3))."""
         self.submit_batch(self._one(cond))
 
     def collect(self) -> np.ndarray:
@@ -360,8 +368,8 @@ class Pipeline:
         """One input frame (H, W, 3) as the batch forms take it, (1, H, W, 3), on a batch-1 pipeline."""
         if self.batch != 1:
             raise PipelineError(f"this pipeline has {self.batch} rows: use submit_batch / step_batch")
-        if cond is not None and tuple(np.shape(cond)) != self.frame_shape:
-            raise PipelineError(f"input frame has shape {tuple(np.shape(cond))}, the model takes {self.frame_shape}; "
+        if cond is not None and tuple(np.shape(cond)) != self.input_shape:
+            raise PipelineError(f"input frame has shape {tuple(np.shape(cond))}, the model takes {self.input_shape}; "
                                 "resize it (mirage.core.video_io.fit_square)")
         return None if cond is None else np.asarray(cond)[None]
 

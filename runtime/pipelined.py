@@ -34,7 +34,7 @@ import numpy as np
 
 from mirage.core.report import psnr
 from mirage.core.synthetic import SyntheticVideo
-from mirage.core.video_io import iter_frames_u8, to_float, v2v_input_u8
+from mirage.core.video_io import as_uint8, iter_frames_u8, to_float, v2v_input_u8
 
 QUEUE_FRAMES = 4  # steps a stage may run ahead of the next: enough to absorb a slow one, few for a live input
 POLL_S = 0.05     # how often a wait looks at stop(): Ctrl-C is seen within this even while the input is stalled
@@ -65,6 +65,18 @@ def v2v_inputs(source: str, size: int, frames: int) -> Iterator[tuple[np.ndarray
     (video_io.v2v_input_u8: the frame's luma plus coarse chroma, so a clip's own colors are its ground truth),
     the truth the source's frame."""
     return source_frames(source, size, frames, lambda truth: (v2v_input_u8(truth), truth))
+
+
+def restyle_inputs(source: str, size: int, frames: int, n: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(model input, ground truth) of each step of restyling (a DiT's video-to-video): n frames of `source`
+    (source_frames) as they are, uint8 (n, size, size, 3), both; a last block the input cannot fill is not made."""
+    block = []
+    for frame in source_frames(source, size, -(-frames // n) * n, as_uint8):
+        block.append(frame)
+        if len(block) == n:
+            frames_u8 = np.stack(block)
+            yield frames_u8, frames_u8
+            block = []
 
 
 def ordered(jobs: Iterator[Callable[[], object]], workers: int) -> Iterator:

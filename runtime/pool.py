@@ -57,7 +57,8 @@ class StreamPool:
         self.devices = [device if name == device else f"{device} ({name})"]
         self.active: list[int] = []
         # each slot's latest input, kept as the pipeline's frames cross (PipelineOptions.frames): bytes stay bytes
-        self._inputs = np.zeros((self.slots, *self.frame_shape), np.uint8 if pipeline.options.frames == "uint8"
+        self.input_shape = pipeline.input_shape  # a slot's input per step: a frame, or a block's frames
+        self._inputs = np.zeros((self.slots, *self.input_shape), np.uint8 if pipeline.options.frames == "uint8"
                                 else np.float32)
         self._moving: collections.deque[list[int]] = collections.deque()  # per frame in flight: the slots it advances
         self.depth = pipeline.depth  # steps in flight at once: submit() the next before collect()ing this one
@@ -110,11 +111,11 @@ class StreamPool:
         than the submit's gave wrong frames: runtime/server.py)."""
         for slot, frame in (inputs or {}).items():
             self._attached(slot)
-            if np.ndim(frame) == 4 and len(frame) == 1:  # (1, H, W, 3): one step's frames_in of one
+            if np.ndim(frame) == 4 and len(frame) == 1 and self.frames_in <= 1:  # (1, H, W, 3): frames_in of one
                 frame = frame[0]
-            if tuple(np.shape(frame)) != self.frame_shape:
-                raise PipelineError(f"input frame has shape {tuple(np.shape(frame))}, the model takes "
-                                    f"{self.frame_shape}")
+            if tuple(np.shape(frame)) != self.input_shape:
+                raise PipelineError(f"input frames have shape {tuple(np.shape(frame))}, the model takes "
+                                    f"{self.input_shape}")
             self._inputs[slot] = (as_uint8(frame) if self._inputs.dtype == np.uint8
                                   else to_float(frame) if frame.dtype == np.uint8 else frame)
         moving = list(inputs or {}) if self.video_to_video else list(self.active)

@@ -1,7 +1,7 @@
 """The torch-free GPU path (cuda-python buffers, NVRTC loop kernels, streams, events, graphs):
 everything the TensorRT backend runs on, without TensorRT.
 
-1. The loop kernels (CudaOps) against numpy: lincomb / clamp (fp32, fp16), the noise (moments,
+1. The loop kernels (CudaOps) against numpy: lincomb / lincomb_rows / clamp (fp32, fp16), the noise (moments,
    fresh per draw, reproducible from the seed), the ring-buffer write over K + 3 frames.
 2. The Pipeline on CudaGpu with a stand-in engine: two NVRTC kernels that read every input the
    real graphs read (x_t, t, cond, memory, ages / frame, t_ctx), each row its own. Graph replay
@@ -139,6 +139,25 @@ def test_lincomb_and_clamp(gpu, dtype):
     np.testing.assert_allclose(_to_host(gpu, out).astype(np.float32), ref.astype(np.float32), **tol)
     gpu.ops.clamp_(out, x)
     np.testing.assert_array_equal(_to_host(gpu, out), np.clip(xs, -1, 1))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_lincomb_rows_matches_numpy(gpu, dtype):
+    """The DiT's per-row coefficients (video-to-video strengths): row r of out = a[r] x[r] + b[r] y[r]."""
+    from mirage.core.loop import NumpyOps
+
+    rng = np.random.default_rng(1)
+    x, y, out = (gpu.zeros((3, 4, 2, 5, 7), dtype) for _ in range(3))
+    a, b = gpu.zeros((3,), "float32"), gpu.zeros((3,), "float32")
+    xs, ys = (rng.standard_normal((3, 4, 2, 5, 7)).astype(dtype) for _ in range(2))
+    a_s, b_s = np.array([1.0, 0.4, 0.0], np.float32), np.array([-0.25, 0.6, 1.0], np.float32)
+    for buf, array in ((x, xs), (y, ys), (a, a_s), (b, b_s)):
+        _from_host(gpu, buf, array)
+    gpu.ops.lincomb_rows_(out, a, x, b, y)
+    ref = np.zeros((3, 4, 2, 5, 7), np.float32)
+    NumpyOps().lincomb_rows_(ref, a_s, xs.astype(np.float32), b_s, ys.astype(np.float32))
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == "float32" else dict(rtol=2e-3, atol=2e-3)  # fp16: 1 ulp
+    np.testing.assert_allclose(_to_host(gpu, out).astype(np.float32), ref.astype(dtype).astype(np.float32), **tol)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

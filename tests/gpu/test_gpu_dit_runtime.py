@@ -1,6 +1,7 @@
 """The video DiT in the runtime on a GPU (core.dit_step.BlockUnit through GpuExecution, the PyTorch backend):
 a captured block equals the eager one bit for bit and the CPU's within float32 tolerance, rows at their own
-frames, a prompt switch (re-cache) between blocks, a row restarted with a block in flight.
+frames, a prompt switch (re-cache) between blocks, a row restarted with a block in flight; video-to-video
+(dit-tiny-taesd: encode, rows at their own strengths, a strength change, decode) likewise, bytes in and out.
 `python -m pytest tests/gpu/test_gpu_dit_runtime.py -m gpu`."""
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from mirage.bridge.pipeline import from_dit_model
 from mirage.core.config import PipelineOptions, get_dit_config
 from mirage.model.dit import WanDiT
+from mirage.model.latent import load_frame_codec
 
 pytestmark = pytest.mark.gpu
 
@@ -44,3 +46,39 @@ def test_a_captured_block_equals_the_eager_one_and_the_cpu():
     for n, (c, e, g) in enumerate(zip(cpu, eager, graph)):
         np.testing.assert_array_equal(g, e, err_msg=f"block {n}: graph replay vs eager")
         np.testing.assert_allclose(e, c, atol=1e-3, rtol=0, err_msg=f"block {n}: cuda vs cpu")  # TF32 aside
+
+
+V2V = dataclasses.replace(get_dit_config("dit-tiny-taesd"), width=64, height=64)
+
+
+def _restyle_rollout(model, device: str, graph: bool) -> list[np.ndarray]:
+    """Two rows restyled (uint8 blocks in and out) at strengths 0.5 and 0.8, then row 0 at 0.2 and both prompt
+    switched; the input blocks differ per row and block."""
+    options = PipelineOptions(batch=2, cuda_graph=graph, dtype="float32", strength=0.5, frames="uint8")
+    rng = np.random.default_rng(4)
+    clip = rng.integers(0, 256, (4, 2, V2V.block_frames, 8, 8, 3), dtype=np.uint8).repeat(8, 3).repeat(8, 4)
+    prompts = {"b": np.random.default_rng(2).standard_normal((5, V2V.text_dim)).astype(np.float32)}
+    with from_dit_model(copy.deepcopy(model), device, options, prompt_encoder=prompts.get) as pipe:
+        pipe.set_prompt(np.random.default_rng(1).standard_normal((5, V2V.text_dim)).astype(np.float32))
+        pipe.reset(3)
+        assert bool(pipe.graphs) == graph and pipe.frames_in == V2V.block_frames
+        pipe.control(1, strength=0.8)
+        out = [pipe.step_batch(clip[k]) for k in range(2)]
+        pipe.control(0, strength=0.2, prompt="b")
+        pipe.control(1, prompt="b")
+        out += [pipe.step_batch(clip[k]) for k in range(2, 4)]
+    return out
+
+
+def test_a_captured_video_to_video_block_equals_the_eager_one_and_the_cpu():
+    torch.manual_seed(0)
+    model = WanDiT(V2V).eval()
+    load_frame_codec(V2V)  # the bundled autoencoder is there (its hash checked)
+    cpu = _restyle_rollout(model, "cpu", False)
+    eager, graph = _restyle_rollout(model, "cuda", False), _restyle_rollout(model, "cuda", True)
+    for n, (c, e, g) in enumerate(zip(cpu, eager, graph)):
+        np.testing.assert_array_equal(g, e, err_msg=f"block {n}: graph replay vs eager")
+        # bytes: cuDNN's TF32 convolutions (the autoencoder's; on by default) move values across rounding
+        # boundaries; a broken row or block would be off by tens
+        diff = np.abs(e.astype(int) - c)
+        assert diff.max() <= 8 and diff.mean() <= 0.5, f"block {n}: cuda vs cpu, max {diff.max()}, mean {diff.mean()}"

@@ -1,0 +1,235 @@
+"""The video DiT's video-to-video in the runtime (core.dit_step.BlockUnit with a strength): a DiT on a per-frame
+autoencoder (dit-tiny-taesd at 64x64, random DiT weights, the bundled ae-taesd) run on ONNX Runtime (an artifact
+with its encode/decode graphs) and on the PyTorch backend, against the torch path (model.dit_pipeline's restyle)
+given the runtime's counter-based noise; CPU."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mirage.bridge.artifact import ArtifactOptions
+from mirage.bridge.dit_artifact import build_dit_artifact, dit_model
+from mirage.bridge.pipeline import from_dit_model
+from mirage.core import graphs as G
+from mirage.core.config import ConfigError, PipelineOptions, get_config, get_dit_config
+from mirage.core.dit_step import VideoToVideoError
+from mirage.core.errors import MirageError
+from mirage.core.loop import normal
+from mirage.model.dit_pipeline import DiTPipeline
+from mirage.model.latent import load_frame_codec
+from mirage.runtime.pipeline import Pipeline, PipelineError
+from mirage.runtime.pool import StreamPool
+from test_dit_runtime import _CpuAsGpu
+
+# 4 tokens per latent frame, blocks of 2 in a window of 8: the 5th block rolls the ring
+CFG = dataclasses.replace(get_dit_config("dit-tiny-taesd"), width=64, height=64, num_layers=2)
+SEED = 0  # the random DiT weights the artifact is exported with (dit_model)
+N = CFG.block_frames
+TOL = 1e-4  # runtime vs torch path, float32: measured 2e-6 (the same math, other kernels and reduction orders)
+RTX = importlib.util.find_spec("tensorrt_rtx") is not None  # CI has it: the engines are built too
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    """An fp32 artifact, batch 1, with TensorRT-RTX engines for sm89 where it is installed (about 25 s on 2
+    cores); the CPU runs its ONNX graphs."""
+    out = tmp_path_factory.mktemp("dit-v2v") / "b1"
+    backend = dict(backend="tensorrt-rtx", gpus=("sm89",)) if RTX else dict(backend="onnx")
+    build_dit_artifact(CFG, out, ArtifactOptions(precision="fp32", parity_frames=4, **backend), seed=SEED)
+    return out
+
+
+@pytest.fixture(scope="module")
+def codec():
+    return load_frame_codec(CFG)
+
+
+def _prompt(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((CFG.text_len, CFG.text_dim)).astype(np.float32)
+
+
+def _clip(blocks: int, seed: int) -> np.ndarray:
+    """Smooth frames (blocks, N, 64, 64, 3) in [-1, 1]."""
+    coarse = np.random.default_rng(seed).uniform(-0.8, 0.8, (blocks, N, 8, 8, 3)).astype(np.float32)
+    return coarse.repeat(8, axis=2).repeat(8, axis=3)
+
+
+def _restyled(codec, text: np.ndarray, seed: int, clip: np.ndarray, strengths: list[float]) -> list[np.ndarray]:
+    """One stream by the torch path (DiTPipeline.restyle) at strengths[k] for block k, with the noise the
+    runtime draws for a row of `seed` (draw k·passes + i of the seed: pass i's of block k)."""
+    model, _ = dit_model(CFG, None, SEED)
+    pipe = DiTPipeline(CFG, model, None, codec, torch.from_numpy(text[None]), torch.device("cpu"))
+    pipe.reset(0)
+    shape = (CFG.in_dim, N, *CFG.latent_size)
+    out = []
+    for k, (block, strength) in enumerate(zip(clip, strengths)):
+        pipe.set_strength(strength)
+        noise = np.stack([normal(seed, k * CFG.steps + i, int(np.prod(shape))).reshape(shape)
+                          for i in range(CFG.steps)])
+        out.append(pipe.restyle(block, noise[:, None]))
+    return out
+
+
+def _torch_pipeline(batch: int = 1, strength: float | None = 0.6, **options) -> Pipeline:
+    model, _ = dit_model(CFG, None, SEED)
+    return from_dit_model(model, "cpu", PipelineOptions(batch=batch, strength=strength, **options))
+
+
+def test_the_artifact_carries_the_autoencoder_s_graphs(artifact):
+    """encode / decode exported from the per-frame autoencoder at a block's shapes, checked like the others;
+    a config without one (wan-1.3b: a temporal VAE) keeps three graphs and a latent preview."""
+    m = json.loads((artifact / G.MANIFEST).read_text())
+    assert list(m["graphs"]) == [*G.DIT_GRAPHS, G.ENCODE, G.DECODE] and m["frames"] == "video frames"
+    specs = G.model_graphs(CFG)
+    assert specs[G.ENCODE].tensor(G.IMAGE).shape == (N, 3, 64, 64) == specs[G.DECODE].output.shape
+    assert specs[G.DECODE].tensor(G.Z).shape == specs[G.DIT_STEP].tensor(G.X_T).shape == (1, 4, N, 8, 8)
+    tensors = m["parity"]["tensors"]
+    assert tensors["encode.z"]["rel"] < 1e-5 and tensors["decode.image"]["rel"] < 1e-5 and m["parity"]["passed"]
+    assert m["parity"]["rollout"]["video_psnr_min_db"] > 100  # fp32: the decoded rollouts agree
+    if RTX:  # TensorRT-RTX parses and builds the autoencoder's graphs as well
+        assert all(m["graphs"][g]["build"]["engine_bytes"] > 0 and "engine_refused" not in m["graphs"][g]
+                   for g in m["graphs"])
+    assert set(G.model_graphs(get_dit_config("wan-1.3b"))) == set(G.DIT_GRAPHS)
+
+
+def test_video_to_video_on_onnx_runtime_and_pytorch_equals_the_torch_path(artifact, codec):
+    """Three blocks at strength 0.6 (the cache filling), on ONNX Runtime and on the PyTorch backend, equal
+    restyle's for the same input, prompt and noise."""
+    text, clip = _prompt(1), _clip(3, seed=2)
+    ref = _restyled(codec, text, 4, clip, [0.6] * 3)
+    for pipe in (Pipeline.load(artifact, device="cpu", options=PipelineOptions(strength=0.6)), _torch_pipeline()):
+        with pipe:
+            assert (pipe.frames_in, pipe.frames_are, pipe.controls) == (N, "video frames", {"strength": (0.0, 1.0)})
+            pipe.set_prompt(text)
+            pipe.reset(4)
+            for k, block in enumerate(clip):
+                np.testing.assert_allclose(pipe.step(block), ref[k], atol=TOL, rtol=0, err_msg=f"block {k}")
+
+
+def test_rows_are_streams_at_their_own_strengths(codec):
+    """Two rows in one batched block at strengths 0.3 and 1.0 are each the torch path's stream; row 0's frames
+    are bit-identical whatever row 1 does (another input, seed, prompt and strength)."""
+    text, clip, other = _prompt(1), _clip(2, seed=2), _clip(2, seed=9)
+    runs = []
+    for neighbour in (1.0, 0.0):
+        with StreamPool(_torch_pipeline(batch=2, strength=0.3)) as pool:
+            pool.pipeline.set_prompt(text)
+            a, b = pool.attach(seed=4), pool.attach(seed=5 if neighbour else 8)
+            pool.control(b, strength=neighbour)
+            if not neighbour:
+                pool.pipeline.set_prompt(_prompt(6), rows=[b])
+            runs.append([pool.step({a: clip[k], b: (clip if neighbour else other)[k]}) for k in range(2)])
+    for k, ref in enumerate(_restyled(codec, text, 4, clip, [0.3, 0.3])):
+        np.testing.assert_allclose(runs[0][k][0], ref, atol=TOL, rtol=0)
+        np.testing.assert_array_equal(runs[0][k][0], runs[1][k][0])
+    for k, ref in enumerate(_restyled(codec, text, 5, clip, [1.0, 1.0])):
+        np.testing.assert_allclose(runs[0][k][1], ref, atol=TOL, rtol=0)
+    assert np.abs(runs[0][1][1] - runs[1][1][1]).max() > 1e-2  # the neighbours differ: the check can fail
+
+
+def test_a_strength_change_takes_effect_on_the_next_block(codec):
+    """control(slot, strength) between blocks: the next block is noised to the new strength, the stream goes on
+    (its cache kept), and a new stream in the slot starts at the pipeline's strength again."""
+    text, clip = _prompt(1), _clip(3, seed=2)
+    with StreamPool(_torch_pipeline(strength=0.6)) as pool:
+        pool.pipeline.set_prompt(text)
+        slot = pool.attach(seed=4)
+        got = [pool.step({slot: clip[0]})[slot]]
+        pool.control(slot, strength=0.2)
+        got += [pool.step({slot: block})[slot] for block in clip[1:]]
+        pool.detach(slot)
+        slot = pool.attach(seed=4)
+        np.testing.assert_array_equal(pool.step({slot: clip[0]})[slot], got[0])
+    for k, ref in enumerate(_restyled(codec, text, 4, clip, [0.6, 0.2, 0.2])):
+        np.testing.assert_allclose(got[k], ref, atol=TOL, rtol=0, err_msg=f"block {k}")
+    assert np.abs(_restyled(codec, text, 4, clip[:2], [0.6, 0.6])[1] - got[1]).max() > 1e-2
+
+
+def test_decoded_frames_are_the_frame_codec_s_decode(codec):
+    """Generation (no strength) with a per-frame autoencoder: a block's frames are FrameCodec.decode of its
+    clean latents, where a config without one shows their preview."""
+    with _torch_pipeline(strength=None) as pipe:
+        assert (pipe.frames_in, pipe.frames_are, "strength" in pipe.unit.controls) == (0, "video frames", False)
+        pipe.set_prompt(_prompt(1))
+        pipe.reset(2)
+        for _ in range(2):
+            frames = pipe.step()
+            x0 = pipe.buf.x0.clone()
+            np.testing.assert_allclose(frames, codec.decode(x0)[0].permute(0, 2, 3, 1).numpy(), atol=1e-6, rtol=0)
+
+
+def test_the_gpu_execution_runs_the_cpu_s_video_to_video():
+    """GpuExecution (on CPU tensors, test_dit_runtime._CpuAsGpu) with uint8 frames: the input blocks staged per
+    parity, a strength change and a prompt switch between blocks; the same bytes as CpuExecution's."""
+    from mirage.model.dit_backend import DiTTorchBackend
+    from mirage.model.latent import BlockCodec
+
+    options = PipelineOptions(batch=2, strength=0.5, frames="uint8")
+    clip = (_clip(3, seed=2) * 127 + 128).astype(np.uint8)
+
+    def rollout(pipe):
+        with pipe:
+            pipe.set_prompt(_prompt(1))
+            pipe.reset(3)
+            out = [pipe.step_batch(np.stack([clip[0], clip[1]]))]
+            pipe.control(1, strength=0.9, prompt="b")
+            return out + [pipe.step_batch(np.stack([clip[k], clip[2]])) for k in (1, 2)]
+
+    model, _ = dit_model(CFG, None, SEED)
+    cpu = rollout(from_dit_model(model, "cpu", options, prompt_encoder={"b": _prompt(2)}.get))
+    specs = G.model_graphs(CFG, 2)
+    backend = DiTTorchBackend(model, specs, "cpu", codec=BlockCodec(load_frame_codec(CFG), N))
+    backend.device = "cuda:0"  # a GPU backend to the pipeline: GpuExecution, with the CPU plumbing
+    staged = rollout(Pipeline(backend, CFG, specs, options, _CpuAsGpu(), prompt_encoder={"b": _prompt(2)}.get))
+    for n, (a, b) in enumerate(zip(cpu, staged)):
+        assert a.dtype == np.uint8
+        np.testing.assert_array_equal(a, b, err_msg=f"block {n}")
+
+
+def test_bad_video_to_video_input_is_one_clear_error():
+    with pytest.raises(VideoToVideoError, match="dit-tiny has no encoder graph"):
+        from_dit_model(dit_model(get_dit_config("dit-tiny"), None, SEED)[0], "cpu", PipelineOptions(strength=0.5))
+    with pytest.raises(ConfigError, match=r"strength=1.5: choose a value in \[0, 1\]"):
+        PipelineOptions(strength=1.5)
+    with pytest.raises(ConfigError, match="tiny takes no strength"):
+        get_config("tiny").unit({}, PipelineOptions(strength=0.5))
+    with StreamPool(_torch_pipeline(batch=2)) as pool:
+        slot = pool.attach(seed=0)
+        for bad in (-0.1, 1.01):
+            with pytest.raises(MirageError, match=r"choose a value in \[0, 1\]") as e:
+                pool.control(slot, strength=bad)
+            assert "\n" not in str(e.value)
+        with pytest.raises(PipelineError, match=r"input frames have shape \(2, 32, 32, 3\), the model takes"):
+            pool.step({slot: np.zeros((N, 32, 32, 3), np.float32)})
+        with pytest.raises(PipelineError, match=r"input frames have shape \(64, 64, 3\)"):
+            pool.step({slot: np.zeros((64, 64, 3), np.float32)})  # one frame where a block's are taken
+        np.testing.assert_array_equal(pool.pipeline.unit.strengths, [0.6, 0.6])  # nothing was changed
+
+
+def test_mirage_run_restyles_with_a_dit_artifact(artifact, tmp_path):
+    """mirage-run ARTIFACT --input --strength --prompt-embeds: the runtime's video-to-video, the torch path's
+    report (strength, PSNR vs. input); --input without --strength, or --strength of a U-Net, one line, exit 2."""
+    from safetensors.numpy import save_file
+
+    from mirage.cli.run import main
+
+    embeds, report = tmp_path / "prompt.safetensors", tmp_path / "report.json"
+    save_file({"prompt_embeds": _prompt(7)}, str(embeds))
+    result = CliRunner().invoke(main, [str(artifact), "--input", "synthetic", "--strength", "0.3", "--prompt-embeds",
+                                       str(embeds), "--frames", "4", "--output", str(tmp_path / "out"), "--json",
+                                       str(report), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    r = json.loads(report.read_text())
+    assert (r["blocks"], r["written"], r["strength"], r["frames_are"]) == (2, 4, 0.3, "video frames")
+    assert 5 < r["psnr_vs_input_db"] < 60 and "strength / PSNR vs. input" in result.output
+    for args, message in (([], "add --strength S"), (["--strength", "2"], "not in the range")):
+        result = CliRunner().invoke(main, [str(artifact), "--input", "synthetic", "--prompt-embeds", str(embeds),
+                                           "--output", str(tmp_path / "bad.gif"), *args])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not (tmp_path / "bad.gif").exists()
