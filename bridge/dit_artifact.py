@@ -31,8 +31,8 @@ from mirage.core.dit_step import frames_are
 from mirage.engine.build import BuildOptions, build_engine, load_backend
 from mirage.engine.manifest import EngineError, sha256_file, write_manifest
 from mirage.export.bf16 import parity_graphs
-from mirage.export.dit_export import (DIT_DTYPES, dit_activation_range, dit_rollout_psnr, dit_tensor_parity,
-                                      export_dit_graph, export_dit_qdq, record_dit_calls)
+from mirage.export.dit_export import (dit_activation_range, dit_rollout_psnr, dit_tensor_parity, export_dit_graph,
+                                      export_dit_qdq, graph_precision, record_dit_calls)
 from mirage.export.onnx_export import ExportError, ExportOptions
 from mirage.model.dit import WanDiT
 from mirage.model.wan_checkpoint import load_dit
@@ -173,7 +173,7 @@ def _export(model: WanDiT, specs: dict, files: dict[str, Path], calls, o: Artifa
             export_dit_qdq(model, graph, files[graph], o.batch, samples)
             holds[graph] = f"fp8 e4m3 Q/DQ (ModelOpt, {len(samples)} calibration feeds; the rest fp16)"
         else:
-            precision = o.precision if o.precision in DIT_DTYPES else "fp32"
+            precision = graph_precision(graph, o.precision)
             progress(f"export {graph} ({precision})")
             export_dit_graph(model, graph, files[graph], ExportOptions(precision, o.batch), calls[graph][0])
             holds[graph] = "bf16 (float32 I/O, cast inside)" if precision == "bf16" else precision

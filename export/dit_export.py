@@ -152,6 +152,14 @@ def record_dit_calls(model: WanDiT, blocks: int = 4, seed: int = 1, batch: int =
     return calls
 
 
+def graph_precision(graph: str, precision: str) -> str:
+    """The precision one graph of a DiT artifact of `precision` is traced in: a bf16 artifact's autoencoder
+    graphs stay fp32, as an 8-bit artifact's (quantized from fp32) and the U-Net's do."""
+    if precision not in DIT_DTYPES or (precision == "bf16" and graph in (G.ENCODE, G.DECODE)):
+        return "fp32"
+    return precision
+
+
 def export_dit_graph(model: WanDiT, graph: str, path: str | Path, options: ExportOptions,
                      example: dict[str, np.ndarray]) -> Path:
     """Export one DiT graph, traced on `example` (recorded feeds at fp32: they are cast to the graph's dtypes);
@@ -160,15 +168,14 @@ def export_dit_graph(model: WanDiT, graph: str, path: str | Path, options: Expor
         raise ExportError(f"precision {options.precision!r}: the DiT exports {', '.join(DIT_DTYPES)}")
     if options.max_batch is not None and options.max_batch > 1:
         raise ExportError("the DiT's graphs export at a static batch for now (--max-batch is the U-Net's)")
-    codec_graph = graph in (G.ENCODE, G.DECODE)
-    # a bf16 artifact's autoencoder graphs stay float32, as an fp8 artifact's (and the U-Net's) do
-    dtype = DTYPES["fp32"] if codec_graph and options.precision == "bf16" else DIT_DTYPES[options.precision]
+    codec_graph, precision = graph in (G.ENCODE, G.DECODE), graph_precision(graph, options.precision)
+    dtype = DIT_DTYPES[precision]
     specs = G.model_graphs(model.cfg, options.batch, options.max_batch, options.precision)
     net = (model if model.patch_embedding.weight.dtype == dtype else copy.deepcopy(model)).to("cpu", dtype).eval()
     inputs = {x.name: torch.from_numpy(_at_spec(example[x.name], x)) for x in specs[graph].inputs}
     codec = block_codec(model.cfg) if codec_graph else None
     module = _module(net, graph, None if codec is None else codec.to("cpu", dtype))
-    if options.precision == "bf16" and not codec_graph:  # float32 I/O around it (see export/bf16.py)
+    if precision == "bf16":  # float32 I/O around it (see export/bf16.py)
         module = Bf16Io(module, G.model_graphs(model.cfg, options.batch, precision="fp16")[graph])
     decompose = options.precision == "fp32" if options.decompose_attention is None else options.decompose_attention
     with decomposed_attention(decompose):

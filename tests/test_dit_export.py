@@ -289,3 +289,11 @@ def test_export_without_a_recorded_rollout_runs_on_onnx_runtime(tmp_path):
     ref = torch_run(model, G.model_graphs(cfg))(G.DIT_STEP, feeds)
     for name, r in ref.items():
         np.testing.assert_allclose(out[name], r, atol=1e-4 * float(np.abs(r).max()), rtol=0)
+
+
+def test_graph_precision_keeps_a_bf16_or_8_bit_artifacts_autoencoder_in_fp32():
+    from mirage.export.dit_export import graph_precision
+
+    assert [graph_precision(g, "bf16") for g in (G.DIT_STEP, G.ENCODE, G.DECODE)] == ["bf16", "fp32", "fp32"]
+    assert [graph_precision(g, "fp16") for g in (G.DIT_STEP, G.DECODE)] == ["fp16", "fp16"]
+    assert graph_precision(G.DECODE, "fp8") == "fp32"
