@@ -1,4 +1,4 @@
-"""The DiT's block loop over its pure graphs, in numpy (torch-free): what a runtime does around
+"""The DiT's block loop over its pure graphs (torch-free): what a runtime does around
 `dit_step` / `dit_cache_write` (see mirage.core.graphs), written once for every backend.
 
 The graphs take the rolling KV cache as inputs and return the block's new keys/values; this module
@@ -8,12 +8,11 @@ the rows' validity) and writes the cache-write pass's keys/values into the block
 in slot f while f < sink_frames, else in sink + (f - sink) mod (window - sink), as in
 mirage.model.dit_cache.RollingKVCache.
 
-Two drivers of the same graphs: `DiTBlockLoop` (numpy arrays, every row at the same frame; export parity,
-with `run(graph, feeds) -> {output name: array}` on ONNX Runtime sessions or the PyTorch graph modules),
-and `BlockUnit`, the family's unit of work in the runtime (mirage.runtime.pipeline): the same block on
-buffers allocated once from the specs, through the loop's Backend and Ops, each row its own stream at its
-own frame, so one unit is one CUDA-graph replay on a GPU. With a per-frame autoencoder's graphs it decodes
-the block, and with a strength it restyles input blocks (video-to-video), each row at its own strength.
+`BlockUnit` is the family's unit of work in the runtime (mirage.runtime.pipeline), and the one driver of
+these graphs (export parity runs it too, through the runtime's CpuExecution): the block on buffers allocated
+once from the specs, through the loop's Backend and Ops, each row its own stream at its own frame, so one
+unit is one CUDA-graph replay on a GPU. With a per-frame autoencoder's graphs it decodes the block, and with
+a strength it restyles input blocks (video-to-video), each row at its own strength.
 """
 from __future__ import annotations
 
@@ -24,9 +23,8 @@ import numpy as np
 
 from mirage.core import graphs as G
 from mirage.core.errors import MirageError
-from mirage.core.flow_schedule import block_schedule, flow_renoise, flow_x0, strength_schedule
+from mirage.core.flow_schedule import block_schedule, strength_schedule
 
-Run = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]
 FRAME_SLOTS = "frame_slots"  # (B, N) int32: the cache slot of each frame of the block (not a graph input)
 
 
@@ -89,52 +87,6 @@ def held_blocks(cfg, start: int) -> np.ndarray:
         raise RecacheError(f"re-caching a prompt switch needs whole blocks in the cache: sink_frames={sink} and "
                            f"window_frames={window} must be multiples of block_frames={n}")
     return held.reshape(-1, n)
-
-
-class DiTBlockLoop:
-    """Generates video block by block through `run`: `set_prompt(text)`, then `step(noise)` per block."""
-
-    def __init__(self, cfg, specs: dict[str, G.GraphSpec], run: Run):
-        self.cfg, self.specs, self.run = cfg, specs, run
-        step = specs[G.DIT_STEP]
-        self.batch = step.tensor(G.X_T).shape[0]
-        self.cache = {name: np.zeros(step.tensor(name).shape, step.tensor(name).dtype)
-                      for name in (G.TEXT_K, G.TEXT_V, G.CACHE_K, G.CACHE_V)}
-        self.schedule = block_schedule(cfg.denoising_steps, cfg.timestep_shift, cfg.warp_denoising_step)
-        self.frame = 0  # the next block's first frame
-
-    def _call(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        spec = self.specs[graph]
-        return self.run(graph, {x.name: np.ascontiguousarray(feeds[x.name], x.dtype) for x in spec.inputs})
-
-    def set_prompt(self, text: np.ndarray) -> None:
-        """The prompt's embeddings (B, text_len, text_dim), zero-padded as the model pads them."""
-        pad = self.cfg.text_len - text.shape[1]
-        out = self._call(G.DIT_TEXT, {G.TEXT: np.pad(text, ((0, 0), (0, pad), (0, 0)))})
-        self.cache[G.TEXT_K][...], self.cache[G.TEXT_V][...] = out[G.TEXT_K], out[G.TEXT_V]
-
-    def _feeds(self, x: np.ndarray, t: float, static: dict) -> dict[str, np.ndarray]:
-        # float32 timesteps, as BlockStepper keeps them (its embedding then widens them to float64)
-        emb = timestep_embedding(self.cfg, np.full((self.batch, self.cfg.block_frames), t, np.float32))
-        return {G.X_T: x, G.T_EMB: emb, **self.cache, **static}
-
-    def step(self, noise: np.ndarray) -> np.ndarray:
-        """noise (steps, B, in_dim, N, h, w): the start noise, then one per re-noising (as
-        BlockStepper.block_body takes it). Returns the clean block (B, in_dim, N, h, w) float32."""
-        static = block_inputs(self.cfg, np.full(self.batch, self.frame))
-        x = noise[0].astype(np.float32)
-        for i, (t, sigma, sigma_next) in enumerate(self.schedule):
-            v = self._call(G.DIT_STEP, self._feeds(x, t, static))[G.V].astype(np.float32)
-            x0 = flow_x0(x, v, sigma)
-            if i + 1 < len(self.schedule):
-                x = flow_renoise(x0, noise[i + 1], sigma_next)
-        out = self._call(G.DIT_CACHE_WRITE, self._feeds(x0, float(self.cfg.context_timestep), static))
-        rows = static[G.SLOTS]
-        for b in range(self.batch):  # the cache update the graphs leave to the runtime
-            self.cache[G.CACHE_K][b][:, :, rows[b]] = out[G.NEW_K][b]
-            self.cache[G.CACHE_V][b][:, :, rows[b]] = out[G.NEW_V][b]
-        self.frame += self.cfg.block_frames
-        return x0
 
 
 # Wan 2.1 plays its video at 16 fps, vae_stride[0] (4) video frames per latent frame

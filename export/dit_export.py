@@ -15,11 +15,13 @@ mirage.model.latent.BlockCodec by the U-Net's codec module (onnx_export.graph_mo
 artifacts keep them fp32, as the U-Net's): their recorded calls encode blocks of a synthetic clip and decode
 the latents that gives.
 
-Parity: per tensor on the inputs of a recorded PyTorch rollout (‖out − ref‖ / ‖ref‖ per output), and
-per latent frame over a whole rollout: mirage.core.dit_step's block loop on ONNX Runtime against
-BlockStepper (PyTorch fp32, in-place cache) with the same noise and prompt, scored by PSNR with the
-reference rollout's peak-to-peak range as the peak (latents are not in [-1, 1]); with a decoder, also the
-video frames each decodes them to (ONNX Runtime's decode of its rollout against PyTorch's of the reference).
+Rollouts run the runtime's own block loop (mirage.runtime.pipeline.Pipeline: core.dit_step.BlockUnit through
+CpuExecution, its counter-based noise): recorded on the PyTorch backend (model.dit_backend), checked on ONNX
+Runtime. Parity: per tensor on the inputs of a recorded PyTorch rollout (‖out − ref‖ / ‖ref‖ per output),
+and per latent frame over a whole rollout: the runtime on ONNX Runtime against BlockStepper (PyTorch fp32,
+in-place cache) given the noise the runtime drew and the same prompt, scored by PSNR with the reference
+rollout's peak-to-peak range as the peak (latents are not in [-1, 1]); with a decoder, also the video frames
+each decodes them to (the runtime's decode graph on its rollout against PyTorch's decode of the reference).
 """
 from __future__ import annotations
 
@@ -29,28 +31,34 @@ import resource
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from mirage.core import graphs as G
-from mirage.core.dit_step import DiTBlockLoop, Run, block_inputs
+from mirage.core.config import PipelineOptions
+from mirage.core.dit_step import block_inputs
 from mirage.core.metrics import latent_psnr
 from mirage.core.ort import OrtBackend
 from mirage.core.report import psnr
 from mirage.core.synthetic import SyntheticVideo
 from mirage.model.dit import WanDiT
+from mirage.model.dit_backend import DiTTorchBackend
 from mirage.model.dit_cache import BlockStepper
 from mirage.model.dit_graphs import DiTGraph
 from mirage.model.latent import BlockCodec, load_frame_codec
+from mirage.model.torch_device import TorchCpu
+from mirage.runtime.execution import NonFiniteError
+from mirage.runtime.pipeline import Pipeline
 
 from .bf16 import Bf16Io
 from .onnx_export import DTYPES, ExportError, ExportOptions, activation_range, export_module, graph_module
 from .quantize import quantize_qdq
 
 Calls = dict[str, list[dict[str, np.ndarray]]]
+Run = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]  # one graph on numpy feeds, in its spec's order
 DIT_DTYPES = {**DTYPES, "bf16": torch.bfloat16}  # the precisions a DiT graph is traced in (fp8 quantizes fp32)
 CODEC_CALLS = 2  # recorded blocks of the autoencoder's graphs: a frame codec has no memory, and is most of the time
 
@@ -89,8 +97,8 @@ def _module(model: WanDiT, graph: str, codec: BlockCodec | None) -> torch.nn.Mod
 
 
 def torch_run(model: WanDiT, specs: dict[str, G.GraphSpec]) -> Run:
-    """The block loop's backend on the PyTorch graph modules (CPU, the model's dtype), the per-frame
-    autoencoder's too where the config has one."""
+    """One graph's numpy feeds through the PyTorch graph modules (CPU, the model's dtype), the per-frame
+    autoencoder's too where the config has one: the reference of per-tensor parity."""
     codec = block_codec(model.cfg) if G.DECODE in specs else None
     modules = {g: _module(model, g, codec) for g in specs}
     dtype = model.patch_embedding.weight.dtype
@@ -107,7 +115,7 @@ def torch_run(model: WanDiT, specs: dict[str, G.GraphSpec]) -> Run:
 
 
 def ort_run(files: dict[str, Path]) -> tuple[Run, OrtBackend]:
-    """The block loop's backend on ONNX Runtime sessions (CPU EP); close the backend when done."""
+    """One graph's numpy feeds through ONNX Runtime sessions (CPU EP); close the backend when done."""
     ort = OrtBackend(files)
 
     def run(graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -117,38 +125,68 @@ def ort_run(files: dict[str, Path]) -> tuple[Run, OrtBackend]:
     return run, ort
 
 
-def rollout_noise(cfg, blocks: int, batch: int = 1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Prompt embeddings (B, text_len, text_dim) and per-block noise (blocks, steps, B, in_dim, N, h, w)."""
-    g = torch.Generator().manual_seed(seed)
-    text = torch.randn(batch, cfg.text_len, cfg.text_dim, generator=g)
-    noise = torch.randn(blocks, cfg.steps, batch, cfg.in_dim, cfg.block_frames, *cfg.latent_size, generator=g)
-    return text.numpy(), noise.numpy()
+def rollout_prompt(cfg, seed: int = 0) -> np.ndarray:
+    """Random prompt embeddings (text_len, text_dim) of a rollout (its noise is the runtime's, from the seed)."""
+    return torch.randn(cfg.text_len, cfg.text_dim, generator=torch.Generator().manual_seed(seed)).numpy()
+
+
+def cpu_pipeline(backend, cfg, specs: dict[str, G.GraphSpec], text: np.ndarray, seed: int,
+                 plumbing=None) -> Pipeline:
+    """The runtime's pipeline of a DiT on the CPU (CpuExecution driving BlockUnit) over `backend` and its
+    `plumbing` (None: numpy), every row prompted with `text`, row b's noise seeded seed + b; close it when done."""
+    pipe = Pipeline(backend, cfg, specs, PipelineOptions(batch=specs[G.DIT_STEP].tensor(G.X_T).shape[0]), plumbing)
+    pipe.set_prompt(text)
+    pipe.reset(seed)
+    return pipe
+
+
+def runtime_blocks(pipe: Pipeline, blocks: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, bool]]:
+    """`blocks` blocks of the runtime, each computed when submitted (CpuExecution): its clean latents
+    (B, in_dim, N, h, w), its frames (B·N, 3, H, W), the noise it drew (steps, B, in_dim, N, h, w), all float32,
+    and whether they were finite (a non-finite block is reported, not raised: the parity says so)."""
+    buf, to_host = pipe.buf, pipe.execution.cpu.to_host
+    for _ in range(blocks):
+        try:
+            pipe.step_batch()
+            finite = True
+        except NonFiniteError:
+            pipe.execution.collect()
+            finite = False
+        host = [to_host(a).astype(np.float32) for a in (buf.x0, buf.frame, *buf.noise)]
+        yield host[0], host[1], np.stack(host[2:]), finite
+
+
+class _Recorder(DiTTorchBackend):
+    """The PyTorch backend (CPU, float32) keeping each graph's feeds, copied, in its spec's order."""
+
+    def __init__(self, model: WanDiT, specs: dict[str, G.GraphSpec], calls: Calls):
+        super().__init__(model, specs, "cpu")
+        self.calls = calls
+
+    def run(self, graph, inputs, output):
+        self.calls[graph].append({x.name: inputs[x.name].numpy().copy() for x in self.specs[graph].inputs})
+        super().run(graph, inputs, output)
 
 
 def record_dit_calls(model: WanDiT, blocks: int = 4, seed: int = 1, batch: int = 1) -> Calls:
-    """Feeds each graph gets during a real fp32 rollout of `blocks` blocks (the cache filling and, with
-    enough blocks, rolling): for tensor parity and tracing."""
-    model = model.float().eval()
-    specs = G.model_graphs(model.cfg, batch)
+    """Feeds each graph gets during a real fp32 rollout of the runtime of `blocks` blocks (the cache filling
+    and, with enough blocks, rolling): for tensor parity and tracing."""
+    model, cfg = model.float().eval(), model.cfg
+    specs = G.model_graphs(cfg, batch)
     calls: Calls = {g: [] for g in specs}
-    inner = torch_run(model, specs)
-
-    def record(graph, feeds):
-        calls[graph].append({k: np.array(v) for k, v in feeds.items()})
-        return inner(graph, feeds)
-
-    loop = DiTBlockLoop(model.cfg, specs, record)
-    text, noise = rollout_noise(model.cfg, blocks, batch, seed)
-    loop.set_prompt(text)
-    for block in noise:
-        loop.step(block)
+    blocks_only = {g: specs[g] for g in G.DIT_GRAPHS}  # the rollout's latents undecoded: the codec's calls follow
+    with cpu_pipeline(_Recorder(model, blocks_only, calls), cfg, blocks_only, rollout_prompt(cfg, seed), seed,
+                 TorchCpu()) as pipe:
+        for _ in runtime_blocks(pipe, blocks):
+            pass
     if G.ENCODE in specs:  # the autoencoder's: blocks of a synthetic clip encoded, their latents decoded
-        image, cfg = specs[G.ENCODE].tensor(G.IMAGE).shape, model.cfg
+        image = specs[G.ENCODE].tensor(G.IMAGE).shape
         codec_blocks = min(blocks, CODEC_CALLS)
         video = SyntheticVideo(max(cfg.height, cfg.width), seed=seed).clip(0, codec_blocks * image[0])
+        run = torch_run(model, {g: specs[g] for g in (G.ENCODE, G.DECODE)})
         for frames in video[:, :cfg.height, :cfg.width].transpose(0, 3, 1, 2).reshape(codec_blocks, *image):
-            latents = record(G.ENCODE, {G.IMAGE: frames})[G.Z]
-            record(G.DECODE, {G.Z: latents})
+            calls[G.ENCODE].append({G.IMAGE: frames})
+            calls[G.DECODE].append({G.Z: run(G.ENCODE, {G.IMAGE: frames})[G.Z]})
     return calls
 
 
@@ -264,37 +302,31 @@ def dit_activation_range(model: WanDiT, calls: Calls) -> float:
 @torch.no_grad()
 def dit_rollout_psnr(model: WanDiT, files: dict[str, Path], precision: str, frames: int = 50, seed: int = 0,
                      batch: int = 1) -> dict:
-    """PSNR of a `frames`-latent-frame rollout on ONNX Runtime (the block loop over the exported graphs)
-    against BlockStepper in PyTorch fp32, with the same prompt and noise (row 0 of a `batch`); with a `decode`
-    graph, also of the video frames each rollout decodes to (`video_psnr_*`)."""
+    """PSNR of a `frames`-latent-frame rollout of the runtime on ONNX Runtime (its block loop over the exported
+    graphs) against BlockStepper in PyTorch fp32, given the noise the runtime drew and the same prompt (row 0
+    of a `batch`); with a `decode` graph, also of the video frames each rollout decodes to (`video_psnr_*`)."""
     model, cfg = model.float().eval(), model.cfg
-    blocks = -(-frames // cfg.block_frames)
-    text, noise = rollout_noise(cfg, blocks, batch, seed)
+    blocks, n = -(-frames // cfg.block_frames), cfg.block_frames
+    text = rollout_prompt(cfg, seed)
     stepper = BlockStepper(model, batch)
-    stepper.set_prompt(torch.from_numpy(text))
-    ref_blocks = [stepper.step(torch.from_numpy(n)) for n in noise]
-    run, ort = ort_run(files)
-    specs = G.model_graphs(cfg, batch, precision=precision)
-    try:
-        loop = DiTBlockLoop(cfg, specs, run)
-        loop.set_prompt(text)
-        out_blocks = [loop.step(n) for n in noise]
-        if G.DECODE in files:  # row 0's frames of each block
-            video = np.concatenate([run(G.DECODE, {G.Z: b.astype(specs[G.DECODE].tensor(G.Z).dtype)})[G.IMAGE]
-                                    [:cfg.block_frames].astype(np.float32) for b in out_blocks])
-    finally:
-        ort.close()
+    stepper.set_prompt(torch.from_numpy(np.repeat(text[None], batch, 0)))
+    out, video, ref_blocks, finite = [], [], [], True
+    with cpu_pipeline(OrtBackend(files), cfg, G.model_graphs(cfg, batch, precision=precision), text, seed) as pipe:
+        for x0, image, noise, ok in runtime_blocks(pipe, blocks):
+            ref_blocks.append(stepper.step(torch.from_numpy(noise)))
+            out.append(x0[0].swapaxes(0, 1))
+            video.append(image[:n])  # row 0's frames
+            finite &= ok
     ref = np.concatenate([b[0].transpose(0, 1).numpy() for b in ref_blocks])
-    out = np.concatenate([b[0].swapaxes(0, 1) for b in out_blocks])
+    out = np.concatenate(out)
     frame_psnr = latent_psnr(out, ref)
     report = {"frames": int(ref.shape[0]), "unit": "latent frames", "blocks": blocks, "steps": cfg.steps,
               "precision": precision,
               "psnr_mean_db": float(frame_psnr.mean()), "psnr_min_db": float(frame_psnr.min()),
-              "psnr_last10_db": float(frame_psnr[-10:].mean()), "finite": bool(np.isfinite(out).all())}
+              "psnr_last10_db": float(frame_psnr[-10:].mean()), "finite": finite and bool(np.isfinite(out).all())}
     if G.DECODE in files:
         codec = block_codec(cfg)
-        ref_video = np.concatenate([codec.decode(b)[:cfg.block_frames].numpy() for b in ref_blocks])
-        video_psnr = psnr(video, ref_video)
-        report.update(video_psnr_mean_db=float(video_psnr.mean()), video_psnr_min_db=float(video_psnr.min()),
-                      finite=report["finite"] and bool(np.isfinite(video).all()))
+        ref_video = np.concatenate([codec.decode(b)[:n].numpy() for b in ref_blocks])
+        video_psnr = psnr(np.concatenate(video), ref_video)
+        report.update(video_psnr_mean_db=float(video_psnr.mean()), video_psnr_min_db=float(video_psnr.min()))
     return report

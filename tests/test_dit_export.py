@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from mirage.core import graphs as G
 from mirage.core.config import get_config, get_dit_config
-from mirage.core.dit_step import DiTBlockLoop, block_inputs, rope_tables, timestep_embedding
+from mirage.core.dit_step import block_inputs, rope_tables, timestep_embedding
 from mirage.engine.manifest import EngineError, validate_manifest
 from mirage.engine.verify import verify_artifact
 from mirage.model.dit import WanDiT, sinusoidal_embedding
@@ -63,23 +63,44 @@ def test_static_inputs_match_the_model():
 
 def test_pure_graphs_with_an_external_cache_equal_the_block_stepper():
     """BlockStepper (in-place cache, one span per fill level) against the pure graph modules driven by the
-    block loop that writes the cache itself: the same latents while the cache fills, is full and rolls
-    past the sink (float32), for each row of a batch of 2."""
-    from mirage.export.dit_export import rollout_noise, torch_run
+    runtime's block loop (BlockUnit through CpuExecution, the PyTorch backend), which writes the cache itself:
+    the same latents while the cache fills, is full and rolls past the sink (float32), given the noise the
+    runtime drew, for each row of a batch of 2 with its own prompt; export parity's rollouts run this loop."""
+    from mirage.export.dit_export import cpu_pipeline, runtime_blocks
+    from mirage.model.dit_backend import DiTTorchBackend
+    from mirage.model.torch_device import TorchCpu
 
     cfg = dataclasses.replace(TINY, sink_frames=2)
     torch.manual_seed(0)
     model = WanDiT(cfg).eval()
     specs = G.model_graphs(cfg, batch=2)
-    loop = DiTBlockLoop(cfg, specs, torch_run(model, specs))
+    text = np.random.default_rng(3).standard_normal((2, 11, cfg.text_dim)).astype(np.float32)  # short: both pad it
     stepper = BlockStepper(model, batch=2)
-    text, noise = rollout_noise(cfg, blocks=5, batch=2, seed=3)
-    stepper.set_prompt(torch.from_numpy(text[:, :11]))  # a short prompt: both pad it
-    loop.set_prompt(text[:, :11])
-    for block in noise:
-        ref = stepper.step(torch.from_numpy(block)).numpy()
-        np.testing.assert_allclose(loop.step(block), ref, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(loop.cache[G.CACHE_K], stepper.cache.k.transpose(0, 1).numpy(), atol=1e-4, rtol=0)
+    stepper.set_prompt(torch.from_numpy(text))
+    with cpu_pipeline(DiTTorchBackend(model, specs, "cpu"), cfg, specs, text[0], 3, TorchCpu()) as pipe:
+        pipe.set_prompt(text[1], rows=[1])
+        for x0, _, noise, finite in runtime_blocks(pipe, 5):
+            ref = stepper.step(torch.from_numpy(noise)).numpy()
+            np.testing.assert_allclose(x0, ref, atol=1e-4, rtol=0)
+            assert finite
+        np.testing.assert_allclose(pipe.buf.cache_k.numpy(), stepper.cache.k.transpose(0, 1).numpy(), atol=1e-4, rtol=0)
+
+
+def test_a_non_finite_block_is_reported_to_the_parity_not_raised():
+    """A block that comes out non-finite (an fp16 overflow, say) is returned flagged where CpuExecution raises,
+    so the parity fails with its numbers (or --allow-parity-failure writes it) rather than stopping the export."""
+    from mirage.export.dit_export import cpu_pipeline, runtime_blocks
+    from mirage.model.dit_backend import DiTTorchBackend
+    from mirage.model.torch_device import TorchCpu
+
+    cfg = dataclasses.replace(TINY, width=64, height=64, num_layers=1)
+    model = WanDiT(cfg).eval().requires_grad_(False)
+    model.patch_embedding.weight[0, 0].fill_(float("nan"))
+    specs = G.model_graphs(cfg)
+    with cpu_pipeline(DiTTorchBackend(model, specs, "cpu"), cfg, specs, np.zeros((1, cfg.text_dim), np.float32), 0,
+                      TorchCpu()) as pipe:
+        blocks = list(runtime_blocks(pipe, 2))
+    assert [finite for *_, finite in blocks] == [False, False] and np.isnan(blocks[1][0]).all()
 
 
 trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (pip install tensorrt-rtx-cu13) builds the engines")
