@@ -214,7 +214,8 @@ def test_taehv_file_with_part_of_an_encoder_names_what_is_missing(tmp_path):
     state = taehv_file(tmp_path / "taew2_1.pth")
     del state["encoder.12.conv.weight"]
     torch.save(state, tmp_path / "taew2_1.pth")
-    with pytest.raises(CheckpointError, match=r"\(TAEHV\): keys do not fit the model; 1 missing: encoder.12.conv.weight$"):
+    with pytest.raises(CheckpointError, match=r"\(TAEHV\): keys do not fit the model; "
+                                              r"1 missing: encoder.12.conv.weight$"):
         load_decoder(tmp_path / "taew2_1.pth")
 
 
