@@ -12,8 +12,9 @@
 
 A Wan 2.1 DiT (--dit CONFIG) generates blocks of latent frames against a rolling KV cache
 (mirage.model.dit_pipeline); each block's video frames go to the output as soon as it is decoded.
-With --input (a config on a per-frame autoencoder), each input block is encoded, noised to --strength
-and denoised through the steps left, with the cache and the prompt: video-to-video.
+With --input (a config on a per-frame autoencoder, or a TAEHV --decoder with its encoder; square frames),
+each input block is encoded, noised to --strength and denoised through the steps left, with the cache and
+the prompt: video-to-video.
 A DiT artifact (mirage-export --dit) runs in the runtime like any artifact, without --dit: each step is a
 block, whose frames go out as it finishes: decoded by its per-frame autoencoder's graph, or without one
 (wan-1.3b) the latents' preview. With --strength (and --input, else the synthetic clip) an artifact with
@@ -22,6 +23,7 @@ the encoder graph runs video-to-video, as --dit --input does.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import signal
 import time
 from pathlib import Path
@@ -72,11 +74,12 @@ dit_options = shared.group(
     "dit",
     shared.dit,
     click.option("--random-weights", is_flag=True,
-                 help="--dit without a checkpoint: random weights (and a random TAEHV decoder without --decoder)."),
+                 help="--dit without a checkpoint: random weights (and a random TAEHV, encoder and decoder, "
+                      "without --decoder)."),
     shared.lora, shared.prompt, shared.prompt_embeds, shared.text_encoder,
     click.option("--decoder", type=click.Path(path_type=Path), default=None,
-                 help="--dit: a TAEHV file (taew2_1.pth) or a Wan VAE folder (diffusers AutoencoderKLWan). "
-                      "Needed to write video, except with --random-weights."),
+                 help="--dit: a TAEHV file (taew2_1.pth; its encoder also encodes --input) or a Wan VAE folder "
+                      "(diffusers AutoencoderKLWan). Needed to write video, except with --random-weights."),
     click.option("--blocks", type=click.IntRange(min=1), default=None,
                  help="--dit: blocks to generate (instead of --frames, which is rounded up to whole blocks)."),
     click.option("--resolution", callback=_resolution, default=None,
@@ -253,17 +256,18 @@ def _warn_if_enlarged(source: str | None, shape_in: tuple[int, int] | None, size
 
 def _restyled(pipe, source: str, blocks: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Video-to-video: (output frames, input frames) of each block of `source` (read as needed, square frames
-    of the model's size); a last block the input cannot fill is not made."""
-    n = pipe.cfg.video_frames(pipe.cfg.block_frames, first=False)
-    size = pipe.cfg.width
-    inputs = source_frames(source, size, blocks * n, lambda f: to_float(f) if f.dtype == np.uint8 else f)
-    chunk = []
-    for frame in inputs:
-        chunk.append(frame)
-        if len(chunk) == n:
-            block = np.stack(chunk)
-            yield pipe.restyle(block), block
-            chunk = []
+    of the model's size), each block as many frames as it gives back (`frames_in`: with TAEHV the first block
+    takes 3 fewer); a last block the input cannot fill is not made."""
+    cfg = pipe.cfg
+    inputs = iter(source_frames(source, cfg.width, cfg.video_frames(blocks * cfg.block_frames, first=True),
+                                lambda f: to_float(f) if f.dtype == np.uint8 else f))
+    for _ in range(blocks):
+        n = pipe.frames_in
+        block = list(itertools.islice(inputs, n))
+        if len(block) < n:
+            return
+        block = np.stack(block)
+        yield pipe.restyle(block), block
 
 
 def _run_dit(checkpoint, dit, source, frames, seed, output, fast, no_cuda_graph, compile_, device, json_path, fps):
@@ -281,9 +285,9 @@ def _run_dit(checkpoint, dit, source, frames, seed, output, fast, no_cuda_graph,
     if dit["strength"] is not None and source is None:
         raise UserError("--strength: video-to-video needs an --input")
     cfg = DiTSpec(dit["config"], resolution=dit["resolution"]).dit_config()
-    if source is not None and (not cfg.autoencoder or cfg.width != cfg.height):
-        raise UserError(f"--input: video-to-video needs a DiT config on a per-frame autoencoder with square "
-                        f"frames (dit-tiny-taesd); {cfg.name} at {cfg.width}x{cfg.height} is not one")
+    if source is not None and cfg.width != cfg.height:
+        raise UserError(f"--input: video-to-video reads square frames; {cfg.name} at {cfg.width}x{cfg.height} is "
+                        f"not square (choose --resolution SxS)")
     _check_outputs(output, json_path, fast, device, source)
     shape_in = input_size(source) if source not in (None, "synthetic") else None  # an unreadable input: before loading
     spec = DiTSpec(dit["config"], checkpoint, dit["lora"], dit["decoder"], dit["text_encoder"], dit["resolution"],
@@ -291,14 +295,14 @@ def _run_dit(checkpoint, dit, source, frames, seed, output, fast, no_cuda_graph,
     writer = VideoWriter(output, fps=fps)  # the path and format are checked before any frame is made
     pipe = DiTPipeline.open(spec, dit["prompt"] if dit["prompt"] is not None else dit["prompt_embeds"], device,
                             compile=compile_ or fast, graph=False if no_cuda_graph else (True if fast else None),
-                            fp8=dit["fp8"])
+                            fp8=dit["fp8"], video_to_video=source is not None)
     blocks = dit["blocks"] or blocks_for(pipe.cfg, frames)
     with pipe, writer, _Stop() as stop:
         start = time.perf_counter()
         pipe.reset(seed)  # compiles and captures every cache fill level on first use
         setup = time.perf_counter() - start
         block_times, frame_times, psnrs = [], [], []
-        total = pipe.cfg.video_frames(blocks * pipe.cfg.block_frames, first=source is None)
+        total = pipe.cfg.video_frames(blocks * pipe.cfg.block_frames, first=True)  # video-to-video's too
         if source is not None:
             pipe.set_strength(0.6 if dit["strength"] is None else dit["strength"])
             _warn_if_enlarged(source, shape_in, pipe.cfg.width)

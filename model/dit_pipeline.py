@@ -16,11 +16,12 @@ Video frames per block follow the Wan VAE (and TAEHV): 4 per latent frame, excep
 latent frame, which gives one (`DiTConfig.video_frames`); a config on a per-frame autoencoder
 (`DiTConfig.autoencoder`, dit-tiny-taesd) decodes one video frame per latent frame with it instead.
 
-Video-to-video (StreamDiffusionV2 / MirageLSD's use; needs the per-frame autoencoder, which also encodes):
+Video-to-video (StreamDiffusionV2 / MirageLSD's use; needs a codec that also encodes: the per-frame
+autoencoder, or TAEHV with its encoder):
 
     pipe.reset(seed)
     pipe.set_strength(0.5)                  # from the next block on; 0 keeps the input, 1 ignores it
-    for chunk in camera_blocks:             # (block_frames, H, W, 3) in [-1, 1]
+    for chunk in camera_blocks:             # (pipe.frames_in, H, W, 3) in [-1, 1]
         out = pipe.restyle(chunk)           # encoded, noised to σ = strength, denoised through the steps left
         pipe.set_prompt(other)              # any time: the held frames are re-cached under the new prompt
 """
@@ -39,7 +40,7 @@ from mirage.core.errors import BackendError, MirageError
 from mirage.model.dit import WanDiT
 from mirage.model.dit_cache import BlockStepper, CapturedBlockStep
 from mirage.model.fp8 import calibrate, to_fp8
-from mirage.model.taehv import TaehvDecoder
+from mirage.model.taehv import Taehv
 from mirage.model.text_encoder import PromptEncoder, check_width, encode_prompt
 from mirage.model.latent import load_frame_codec
 from mirage.model.wan_checkpoint import DiTWeights, load_dit, saved_dit_config
@@ -53,8 +54,8 @@ class DiTRunError(MirageError, ValueError):
 @dataclass(frozen=True)
 class DiTSpec:
     """What to run: a config (DIT_CONFIGS) with optional overrides, its weights and its decoder.
-    `checkpoint` None means random weights, and then a random TAEHV decoder stands in when `decoder`
-    is None too (a smoke run of the whole path)."""
+    `checkpoint` None means random weights, and then a random TAEHV (encoder and decoder) stands in
+    when `decoder` is None too (a smoke run of the whole path, video-to-video included)."""
 
     config: str
     checkpoint: Path | None = None
@@ -80,6 +81,13 @@ def blocks_for(cfg: DiTConfig, frames: int) -> int:
     while cfg.video_frames(blocks * cfg.block_frames, first=True) < frames:
         blocks += 1
     return blocks
+
+
+def _check_encodes(decoder, cfg: DiTConfig) -> None:
+    if not hasattr(decoder, "encode"):
+        raise DiTRunError(f"{cfg.name}'s decoder only decodes: video-to-video needs one that also encodes, a TAEHV "
+                          "file with its encoder.* weights (taew2_1.pth) or a config on a per-frame autoencoder "
+                          "(dit-tiny-taesd)")
 
 
 def torch_device(device: str) -> torch.device:
@@ -112,11 +120,12 @@ class DiTPipeline:
 
     @classmethod
     def open(cls, spec: DiTSpec, prompt: str | Path, device: str = "auto", compile: bool = False,
-             graph: bool | None = None, fp8: str | None = None) -> "DiTPipeline":
+             graph: bool | None = None, fp8: str | None = None, video_to_video: bool = False) -> "DiTPipeline":
         """Checks everything on the CPU (see the module's docstring), then builds the pipeline on `device`:
         bfloat16 on a GPU, float32 on the CPU. `prompt`: text (needs spec.text_encoder) or an embeddings file.
         `graph`: replay each block as a CUDA graph (None: on a GPU, as the U-Net's frame). `fp8`: static or
-        dynamic FP8 matmuls (None: the model's dtype)."""
+        dynamic FP8 matmuls (None: the model's dtype). `video_to_video`: `restyle` will be used, so a decoder
+        that cannot encode is refused here too."""
         cfg = spec.dit_config()
         dev = torch_device(device)
         if graph and dev.type != "cuda":
@@ -143,7 +152,9 @@ class DiTPipeline:
         elif spec.decoder is not None:
             decoder = load_decoder(spec.decoder)
         else:
-            decoder = TaehvDecoder().eval().requires_grad_(False)  # random weights: a random decoder (smoke run)
+            decoder = Taehv().eval().requires_grad_(False)  # random weights: a random TAEHV (smoke run)
+        if video_to_video:
+            _check_encodes(decoder, cfg)
         # the first allocation on the device: load_dit checks the checkpoint before it builds the model
         if spec.checkpoint is None:
             with torch.device(dev):
@@ -177,16 +188,21 @@ class DiTPipeline:
         self.stepper.set_strength(strength)
         self.strength = strength
 
+    @property
+    def frames_in(self) -> int:
+        """Video frames the next block of video-to-video takes (and gives back): as many as a block decodes to,
+        so the video's first block takes fewer with a temporal codec (TAEHV: 4N - 3, then 4N)."""
+        return self.cfg.video_frames(self.cfg.block_frames, first=self.stepper.cache.frames_written == 0)
+
     def restyle(self, frames: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
-        """Video-to-video: the next block's input frames (block_frames, H, W, 3) float32 in [-1, 1] are
+        """Video-to-video: the next block's input frames (frames_in, H, W, 3) float32 in [-1, 1] are
         encoded, noised to the strength and denoised with the cache and the prompt (StreamDiffusionV2's
-        use); returns its output frames, the same shape. Needs a per-frame autoencoder (a config with
-        `autoencoder`), and runs the block step eagerly (or compiled), never as a captured graph. `noise`
-        (steps, 1, in_dim, N, h, w): the block's noise instead of the generator's (another runner's, to compare)."""
-        if not hasattr(self.decoder, "encode"):
-            raise DiTRunError(f"{self.cfg.name} has no encoder (its decoder only decodes): video-to-video needs a "
-                              "config on a per-frame autoencoder, such as dit-tiny-taesd")
-        expect = (self.cfg.video_frames(self.cfg.block_frames, first=False), self.cfg.height, self.cfg.width, 3)
+        use); returns its output frames, the same shape, each the restyle of the input frame in its place.
+        Needs a codec that encodes (a per-frame autoencoder, or a TAEHV file with its encoder), and runs the
+        block step eagerly (or compiled), never as a captured graph. `noise` (steps, 1, in_dim, N, h, w): the
+        block's noise instead of the generator's (another runner's, to compare)."""
+        _check_encodes(self.decoder, self.cfg)
+        expect = (self.frames_in, self.cfg.height, self.cfg.width, 3)
         if frames.shape != expect:
             raise DiTRunError(f"input block of shape {frames.shape}; {self.cfg.name} takes {expect} "
                               "(frames, height, width, RGB)")

@@ -1,8 +1,14 @@
-"""The TAEHV tiny video decoder (madebyollin/taehv, `taew2_1.pth` for Wan 2.1), written from its published layout.
+"""TAEHV, the tiny video autoencoder (madebyollin/taehv, `taew2_1.pth` for Wan 2.1), written from its published layout.
 
-Real-time Wan demos (Self-Forcing's demo.py) decode with it instead of the Wan VAE. The module
-names are those of `TAEHV.decoder` in taehv.py, so the published file's `decoder.*` entries load
-as they are (its `encoder.*` entries are not needed to decode and are skipped):
+Real-time Wan demos (Self-Forcing's demo.py) decode with it instead of the Wan VAE, and its encoder turns an
+input video into the DiT's latents for video-to-video. The module names are those of `TAEHV.encoder` and
+`TAEHV.decoder` in taehv.py, so the published file's `encoder.*` and `decoder.*` entries load as they are:
+
+    encoder.0  conv3x3 3 -> 64, ReLU
+    encoder.2  TPool(64, 2)   encoder.3  conv3x3 stride 2 (no bias)   encoder.4-6    MemBlock(64)
+    encoder.7  TPool(64, 2)   encoder.8  conv3x3 stride 2 (no bias)   encoder.9-11   MemBlock(64)
+    encoder.12 TPool(64, 1)   encoder.13 conv3x3 stride 2 (no bias)   encoder.14-16  MemBlock(64)
+    encoder.17 conv3x3 64 -> 16
 
     decoder.0  Clamp (tanh(x / 3) * 3)        decoder.1  conv3x3 16 -> 256, ReLU
     decoder.3-5    MemBlock(256)   decoder.6 Upsample x2   decoder.7  TGrow(256, 1)  decoder.8  conv 256 -> 128
@@ -10,13 +16,21 @@ as they are (its `encoder.*` entries are not needed to decode and are skipped):
     decoder.15-17  MemBlock(64)    decoder.18 Upsample x2  decoder.19 TGrow(64, 2)   decoder.20 conv 64 -> 64
     decoder.21 ReLU                decoder.22 conv3x3 64 -> 3
     MemBlock: conv.0 / conv.2 / conv.4 (3x3, ReLU between) on [x, x of the previous frame], + x, ReLU
+    TPool: `stride` frames stacked in channels, a 1x1 conv (no bias) back to one frame
     TGrow: conv (1x1, no bias) to stride x channels, unfolded into stride frames
 
-A latent frame becomes 4 frames (8x larger); the first 3 frames of a video are dropped, so T latent
-frames give 1 + 4 (T - 1) frames, as the Wan VAE does. Decoding is block by block: each MemBlock keeps
-the last frame it saw, so a clip decoded in blocks equals the clip decoded at once.
+Decoding: a latent frame becomes 4 frames (8x larger); the first 3 frames of a video are dropped, so T
+latent frames give 1 + 4 (T - 1) frames, as the Wan VAE does. Encoding: 4 frames become one latent frame
+(8x smaller). A video's first block is given as many frames as its decoding gives back, 4N - 3 for N latent
+frames: its first frame is repeated 3 times in front (the 3 frames decoding drops; Wan's first latent frame
+stands for the first video frame alone), so a round trip returns every input frame in its place. (taehv.py's
+own encode_video pads nothing in front, and its round trip loses the first 3 frames.) Both directions stream
+block by block: each MemBlock keeps the last frame it saw, so a clip coded in blocks equals it coded at once;
+an encoded block must hold whole TPool groups (a multiple of 4 frames, the padded first block included).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +39,8 @@ from torch import nn
 LATENT_CHANNELS = 16  # Wan 2.1's latent width
 WIDTHS = (256, 128, 64, 64)
 TIME_UPSCALE = (1, 2, 2)  # TAEHV's default decoder_time_upscale (False, True, True)
+ENCODER_WIDTH = 64
+TIME_DOWNSCALE = (2, 2, 1)  # TAEHV's default encoder_time_downscale (True, True, False)
 
 
 def _conv(n_in: int, n_out: int, bias: bool = True) -> nn.Conv2d:
@@ -42,10 +58,22 @@ class MemBlock(nn.Module):
     def __init__(self, n: int):
         super().__init__()
         self.conv = nn.Sequential(_conv(2 * n, n), nn.ReLU(), _conv(n, n), nn.ReLU(), _conv(n, n))
-        self.skip = nn.Identity()  # TAEHV's skip is a 1x1 conv only when widths differ; in the decoder they never do
+        self.skip = nn.Identity()  # TAEHV's skip is a 1x1 conv only when widths differ; in taew2_1 they never do
 
     def forward(self, x, past):
         return F.relu(self.conv(torch.cat([x, past], 1)) + self.skip(x))
+
+
+class TPool(nn.Module):
+    """`stride` frames -> one: stacked in channels, then a 1x1 conv back to the width."""
+
+    def __init__(self, n: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.conv = nn.Conv2d(n * stride, n, 1, bias=False)
+
+    def forward(self, x):
+        return self.conv(x.reshape(-1, self.stride * x.shape[1], *x.shape[2:]))
 
 
 class TGrow(nn.Module):
@@ -58,6 +86,21 @@ class TGrow(nn.Module):
 
     def forward(self, x):
         return self.conv(x).reshape(-1, x.shape[1], *x.shape[2:])
+
+
+def _stream(layers: nn.Sequential, x: torch.Tensor, batch: int, memory: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Run `layers` on a block's frames (B·T, C, h, w) -> (B, T', C', h', w'). Each MemBlock sees, for every
+    frame, the frame before it: within the block, or for its first frame the last one it saw of the block
+    before (`memory`, updated here; zeros at the start of a video)."""
+    for i, layer in enumerate(layers):
+        if isinstance(layer, MemBlock):
+            frames = x.reshape(batch, -1, *x.shape[1:])
+            past = memory.get(i, torch.zeros_like(frames[:, :1]))
+            memory[i] = frames[:, -1:]
+            x = layer(x, torch.cat([past, frames[:, :-1]], 1).reshape(x.shape))
+        else:
+            x = layer(x)
+    return x.reshape(batch, -1, *x.shape[1:])
 
 
 def _stage(n_in: int, n_out: int, time_stride: int) -> list[nn.Module]:
@@ -75,10 +118,7 @@ class TaehvDecoder(nn.Module):
             Clamp(), _conv(LATENT_CHANNELS, w[0]), nn.ReLU(),
             *_stage(w[0], w[1], TIME_UPSCALE[0]), *_stage(w[1], w[2], TIME_UPSCALE[1]),
             *_stage(w[2], w[3], TIME_UPSCALE[2]), nn.ReLU(), _conv(w[3], 3))
-        self.frames_to_trim = 1
-        for s in TIME_UPSCALE:
-            self.frames_to_trim *= s
-        self.frames_to_trim -= 1  # the first latent frame gives one video frame
+        self.frames_to_trim = math.prod(TIME_UPSCALE) - 1  # the first latent frame gives one video frame
         self.reset()
 
     def reset(self) -> None:
@@ -92,16 +132,42 @@ class TaehvDecoder(nn.Module):
         b, _, t = latents.shape[:3]
         x = latents.transpose(1, 2).reshape(b * t, latents.shape[1], *latents.shape[3:])  # TAEHV works on (B T) C h w
         x = x.to(self.decoder[1].weight.dtype)
-        for i, layer in enumerate(self.decoder):
-            if isinstance(layer, MemBlock):
-                frames = x.reshape(b, -1, *x.shape[1:])
-                past = self._memory.get(i, torch.zeros_like(frames[:, :1]))
-                self._memory[i] = frames[:, -1:]
-                x = layer(x, torch.cat([past, frames[:, :-1]], 1).reshape(x.shape))
-            else:
-                x = layer(x)
-        frames = x.reshape(b, -1, *x.shape[1:]).clamp(0, 1) * 2 - 1
+        frames = _stream(self.decoder, x, b, self._memory).clamp(0, 1) * 2 - 1
         if not self._started:
             self._started = True
             frames = frames[:, self.frames_to_trim:]
         return frames
+
+
+class Taehv(TaehvDecoder):
+    """TAEHV with its encoder too: `encode` (B, T, 3, H, W) frames in [-1, 1] -> (B, 16, T/4, H/8, W/8) latents
+    (the video's first block: T + 3, see the module's docstring), streaming like `decode`."""
+
+    def __init__(self):
+        super().__init__()
+        n = ENCODER_WIDTH
+        stages = [[TPool(n, stride), nn.Conv2d(n, n, 3, stride=2, padding=1, bias=False), MemBlock(n), MemBlock(n),
+                   MemBlock(n)] for stride in TIME_DOWNSCALE]
+        self.encoder = nn.Sequential(_conv(3, n), nn.ReLU(), *(m for stage in stages for m in stage),
+                                     _conv(n, LATENT_CHANNELS))
+        self.time_downscale = math.prod(TIME_DOWNSCALE)
+
+    def reset(self) -> None:
+        """Start a new video: no memory in either direction; its first block is padded when encoded and trimmed
+        when decoded."""
+        super().reset()
+        self._encoder_memory: dict[int, torch.Tensor] = {}
+        self._encoding = False
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """Encode the next block of a video; its latents continue the blocks encoded since `reset`."""
+        if not self._encoding:
+            self._encoding = True
+            frames = torch.cat([frames[:, :1].expand(-1, self.frames_to_trim, -1, -1, -1), frames], 1)
+        b, t = frames.shape[:2]
+        if t % self.time_downscale:
+            raise ValueError(f"TAEHV encodes {self.time_downscale} frames per latent frame; a block of {t} frames "
+                             f"(the first block's padding included) does not divide")
+        x = (frames.reshape(b * t, *frames.shape[2:]).to(self.encoder[0].weight.dtype) + 1) / 2  # TAEHV takes [0, 1]
+        return _stream(self.encoder, x, b, self._encoder_memory).transpose(1, 2)

@@ -8,6 +8,9 @@ frames give 1 + 4 (T - 1) video frames (the first latent frame gives one).
 
     load_decoder(path): a file (.pth / .safetensors) is TAEHV (`taew2_1.pth`); a folder is the Wan VAE
     (a diffusers AutoencoderKLWan folder, or a diffusers pipeline folder with its vae/ subfolder).
+
+A TAEHV file with its encoder (the published one has it) also encodes, which video-to-video needs; the
+Wan VAE here only decodes.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mirage.model.taehv import TaehvDecoder, TGrow
+from mirage.model.taehv import Taehv, TaehvDecoder, TGrow
 from mirage.model.weights import CheckpointError, Entry, as_entries, check_shapes, copy_into, is_flat_state, \
     open_weights
 
@@ -101,21 +104,22 @@ def load_wan_vae(folder: Path) -> WanVaeDecoder:
 
 
 def load_taehv(path: Path) -> TaehvDecoder:
-    """A TAEHV weights file (taew2_1.pth / .safetensors): its decoder.* entries, checked by name and shape."""
+    """A TAEHV weights file (taew2_1.pth / .safetensors), checked by name and shape: with `encoder.*` entries a
+    Taehv that also encodes (video-to-video), without them a decoder only."""
     raw = open_weights(path)
     if not is_flat_state(raw):
         raise CheckpointError(f"{path}: not a TAEHV weights file (expected a flat dict of tensors)")
     if WAN_OWN_VAE_KEY in raw:
         raise CheckpointError(f"{path}: the Wan VAE in Wan's own layout (Wan2.1_VAE.pth); give its diffusers folder "
                               f"(Wan2.1-T2V-1.3B-Diffusers/vae) or a TAEHV file")
-    decoder = TaehvDecoder()
-    entries = {k: e for k, e in as_entries(raw).items() if not k.startswith("encoder.")}
+    entries = as_entries(raw)
+    decoder = Taehv() if any(k.startswith("encoder.") for k in entries) else TaehvDecoder()
     for i, layer in enumerate(decoder.decoder):
         name = f"decoder.{i}.conv.weight"
         if isinstance(layer, TGrow) and name in entries:
             entries[name] = _last_steps(entries[name], layer.conv.weight.shape[0])
     check_shapes({k: e.shape for k, e in entries.items()},
-                 {k: tuple(v.shape) for k, v in decoder.state_dict().items()}, f"{path} (TAEHV decoder)")
+                 {k: tuple(v.shape) for k, v in decoder.state_dict().items()}, f"{path} (TAEHV)")
     copy_into(decoder, entries)
     return decoder.eval().requires_grad_(False)
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from mirage.core.config import get_dit_config
-from mirage.model.taehv import TaehvDecoder
+from mirage.model.taehv import Taehv, TaehvDecoder
 from mirage.model.text_encoder import ConditioningError, PromptEncoder, clean_prompt, encode_prompt
 from mirage.model.wan_decode import load_decoder
 from mirage.model.weights import CheckpointError
@@ -108,38 +108,59 @@ TAEHV_LAYERS = {1: ("conv", 16, 256), 3: ("mem", 256), 4: ("mem", 256), 5: ("mem
                 8: ("conv-nobias", 256, 128), 9: ("mem", 128), 10: ("mem", 128), 11: ("mem", 128),
                 13: ("tgrow", 128, 2), 14: ("conv-nobias", 128, 64), 15: ("mem", 64), 16: ("mem", 64),
                 17: ("mem", 64), 19: ("tgrow", 64, 2), 20: ("conv-nobias", 64, 64), 22: ("conv", 64, 3)}
+# ... and its TAEHV.encoder (image channels 3, time downscale (True, True, False); ReLU at 1 holds none): each
+# stage a TPool, a 3x3 stride-2 conv without bias and three MemBlock(64)
+TAEHV_ENCODER_LAYERS = {0: ("conv", 3, 64), 17: ("conv", 64, 16)}
+for _start, _stride in ((2, 2), (7, 2), (12, 1)):
+    TAEHV_ENCODER_LAYERS.update({_start: ("tpool", 64, _stride), _start + 1: ("conv-nobias", 64, 64),
+                                 **{_start + k: ("mem", 64) for k in (2, 3, 4)}})
 
 
-def taehv_layout() -> dict[str, tuple[int, ...]]:
+def taehv_layout(part: str = "decoder") -> dict[str, tuple[int, ...]]:
+    """The published file's `part.*` keys and shapes (its decoder, or its encoder)."""
     shapes = {}
-    for i, (kind, *dims) in TAEHV_LAYERS.items():
+    for i, (kind, *dims) in (TAEHV_LAYERS if part == "decoder" else TAEHV_ENCODER_LAYERS).items():
         if kind == "mem":  # MemBlock(n, n): conv.0 (2n -> n), conv.2, conv.4 (n -> n), 3x3 with bias; skip = Identity
             n = dims[0]
             for j, n_in in ((0, 2 * n), (2, n), (4, n)):
-                shapes[f"decoder.{i}.conv.{j}.weight"], shapes[f"decoder.{i}.conv.{j}.bias"] = (n, n_in, 3, 3), (n,)
+                shapes[f"{part}.{i}.conv.{j}.weight"], shapes[f"{part}.{i}.conv.{j}.bias"] = (n, n_in, 3, 3), (n,)
         elif kind == "tgrow":
-            shapes[f"decoder.{i}.conv.weight"] = (dims[0] * dims[1], dims[0], 1, 1)
+            shapes[f"{part}.{i}.conv.weight"] = (dims[0] * dims[1], dims[0], 1, 1)
+        elif kind == "tpool":  # `stride` frames stacked in channels -> one
+            shapes[f"{part}.{i}.conv.weight"] = (dims[0], dims[0] * dims[1], 1, 1)
         else:
-            shapes[f"decoder.{i}.weight"] = (dims[1], dims[0], 3, 3)
+            shapes[f"{part}.{i}.weight"] = (dims[1], dims[0], 3, 3)
             if kind == "conv":
-                shapes[f"decoder.{i}.bias"] = (dims[1],)
+                shapes[f"{part}.{i}.bias"] = (dims[1],)
     return shapes
+
+
+def taehv_file(path: Path, encoder: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A TAEHV file in the published layout with small random values (its encoder too, unless `encoder` is
+    False); returns what it holds."""
+    g = torch.Generator().manual_seed(seed)
+    layout = {**(taehv_layout("encoder") if encoder else {}), **taehv_layout()}
+    state = {k: torch.randn(s, generator=g) * 0.05 for k, s in layout.items()}
+    torch.save(state, path) if path.suffix == ".pth" else save_file(state, path)
+    return state
 
 
 def test_taehv_module_has_the_published_names():
     layout = taehv_layout()
     assert len(layout) == 64 and {k: tuple(v.shape) for k, v in TaehvDecoder().state_dict().items()} == layout
+    encoder = taehv_layout("encoder")
+    assert len(encoder) == 64 and {k: tuple(v.shape) for k, v in Taehv().state_dict().items()} == {**encoder, **layout}
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_taehv_file_loads_and_decodes_blocks(tmp_path, suffix):
     g = torch.Generator().manual_seed(0)
-    state = {k: torch.randn(s, generator=g) * 0.05 for k, s in taehv_layout().items()}
-    state["encoder.0.weight"] = torch.zeros(64, 3, 3, 3)  # the file's encoder: not needed to decode
+    state = {k: torch.randn(s, generator=g) * 0.05 for k, s in taehv_layout().items()}  # no encoder: decodes only
     state["decoder.7.conv.weight"] = torch.randn(512, 256, 1, 1, generator=g)  # saved for 2x time upscale
     path = tmp_path / f"taew2_1{suffix}"
     torch.save(state, path) if suffix == ".pth" else save_file(state, path)
     decoder = load_decoder(path)
+    assert not hasattr(decoder, "encode")
     assert torch.equal(decoder.decoder[7].conv.weight, state["decoder.7.conv.weight"][-256:])  # the last step
     assert torch.equal(decoder.decoder[3].conv[2].weight, state["decoder.3.conv.2.weight"])
 
@@ -161,6 +182,41 @@ def test_taehv_file_with_wrong_keys_names_them(tmp_path):
     with pytest.raises(CheckpointError, match=r"1 missing: decoder.22.bias; 1 mis-shaped: decoder.1.weight "
                                               r"\(256, 48, 3, 3\) \(model \(256, 16, 3, 3\)\)"):
         load_decoder(path)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_taehv_file_with_its_encoder_encodes_blocks_as_one_video(tmp_path, suffix):
+    """The published file's encoder.* entries load (every one, by name and shape); a video's first block of
+    4N - 3 frames gives N latent frames (its first frame stands alone, as Wan's first latent frame does) and
+    then 4N frames give N; blocks equal the clip at once; a round trip gives back each frame in its place."""
+    state = taehv_file(tmp_path / f"taew2_1{suffix}")
+    taehv = load_decoder(tmp_path / f"taew2_1{suffix}")
+    assert all(torch.equal(v, state[k]) for k, v in taehv.state_dict().items())
+    g = torch.Generator().manual_seed(1)
+    video = torch.rand(1, 13, 3, 24, 32, generator=g) * 2 - 1
+    whole = taehv.encode(video)
+    assert whole.shape == (1, 16, 4, 3, 4) and whole.std() > 0
+    taehv.reset()
+    blocks = [taehv.encode(video[:, :5]), taehv.encode(video[:, 5:])]
+    assert [b.shape[2] for b in blocks] == [2, 2] and torch.equal(torch.cat(blocks, 2), whole)
+    taehv.reset()
+    later = video.clone()
+    later[:, 1:] = 0  # the first latent frame is the first frame's alone; the second is frames 1-4's
+    changed = (taehv.encode(later) - whole).abs().amax((0, 1, 3, 4))
+    assert changed[0] == 0 and changed[1] > 0
+    taehv.reset()
+    assert taehv.decode(taehv.encode(video[:, :5])).shape == (1, 5, 3, 24, 32)  # as many frames out as in
+    with pytest.raises(ValueError, match="a block of 6 frames"):
+        taehv.encode(video[:, :6])  # not whole groups of 4 frames
+
+
+def test_taehv_file_with_part_of_an_encoder_names_what_is_missing(tmp_path):
+    state = taehv_file(tmp_path / "taew2_1.pth")
+    del state["encoder.12.conv.weight"]
+    torch.save(state, tmp_path / "taew2_1.pth")
+    with pytest.raises(CheckpointError, match=r"\(TAEHV\): keys do not fit the model; "
+                                              r"1 missing: encoder.12.conv.weight$"):
+        load_decoder(tmp_path / "taew2_1.pth")
 
 
 def test_wan_vae_folder_decodes_blocks_as_one_video(tmp_path):

@@ -163,7 +163,8 @@ def never_allocated(monkeypatch):
     ("prompt-for-a-unet", f"--prompt-embeds: {run.DEFAULT_MODEL} takes no prompt"),  # a DiT artifact takes it
     ("dit-checkpoint-without-dit", "for a Wan 2.1 DiT checkpoint add --dit CONFIG"),
     ("unet-option-with-dit", "--steps: options of a U-Net model"),
-    ("v2v-without-frame-codec", "video-to-video needs a DiT config on a per-frame autoencoder"),
+    ("v2v-not-square", "dit-tiny at 64x32 is not square"),
+    ("v2v-decoder-only", "dit-tiny's decoder only decodes: video-to-video needs one that also encodes"),
     ("strength-without-input", "--strength: video-to-video needs an --input"),
 ])
 def test_bad_input_is_one_line_and_status_2_with_nothing_written(tmp_path, embeds, never_allocated, case, message):
@@ -190,7 +191,8 @@ def test_bad_input_is_one_line_and_status_2_with_nothing_written(tmp_path, embed
         "prompt-for-a-unet": ["--prompt-embeds", embeds],
         "dit-checkpoint-without-dit": [unet],
         "unet-option-with-dit": [*SMALL, *rand, "--steps", 2],
-        "v2v-without-frame-codec": [*SMALL, *rand, "--input", "synthetic"],
+        "v2v-not-square": ["--dit", "dit-tiny", "--resolution", "64x32", *rand, "--input", "synthetic"],
+        "v2v-decoder-only": [*SMALL, *rand, "--decoder", taehv, "--input", "synthetic"],  # a file without encoder.*
         "strength-without-input": [*SMALL, *rand, "--strength", 0.5],
     }[case]
     out = tmp_path / "out.gif"
@@ -198,6 +200,19 @@ def test_bad_input_is_one_line_and_status_2_with_nothing_written(tmp_path, embed
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
     assert not out.exists() and not (tmp_path / "r.json").exists()
+
+
+def test_random_weights_video_to_video_runs_end_to_end(tmp_path, embeds):
+    """--input with a random TAEHV (encoder and decoder): 12 frames round up to 2 blocks of 2 latent frames,
+    5 + 8 input frames (the first block takes 4N - 3) restyled into as many, with the report's PSNR."""
+    out, report = tmp_path / "v2v.gif", tmp_path / "report.json"
+    result = mirage_run("--dit", "dit-tiny", "--resolution", "32x32", "--random-weights", "--prompt-embeds", embeds,
+                        "--input", "synthetic", "--strength", 0.5, "--frames", 12, "--output", out, "--json", report)
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert (data["written"], data["blocks"], data["strength"]) == (13, 2, 0.5) and data["psnr_vs_input_db"] > 0
+    with Image.open(out) as gif:
+        assert gif.n_frames == 13
 
 
 def test_graph_on_the_cpu_is_refused_by_the_pipeline(embeds):

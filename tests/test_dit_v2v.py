@@ -1,4 +1,5 @@
-"""Video-to-video with the DiT on a per-frame autoencoder (dit-tiny-taesd), and its trainer.
+"""Video-to-video with the DiT on a per-frame autoencoder (dit-tiny-taesd) or on TAEHV (dit-tiny, Wan's
+layout), and its trainer.
 
 Golden behaviour: strength 1 is generation from the same noise, strength 0 is the autoencoder's round trip,
 a prompt switch mid-stream is a fresh stream whose cache was rebuilt from the held frames under the new
@@ -22,6 +23,7 @@ from mirage.model.dit import WanDiT
 from mirage.model.dit_cache import BlockStepper
 from mirage.model.dit_pipeline import DiTPipeline, DiTRunError, DiTSpec
 from mirage.model.latent import load_frame_codec
+from mirage.model.taehv import Taehv
 from mirage.train.dit import PROMPT_FILE, DiTTrainOptions, teacher_forcing_mask, flow_matching_loss, train_dit
 
 CFG = get_dit_config("dit-tiny-taesd")
@@ -132,6 +134,39 @@ def test_bad_input_is_one_clear_error(codec):
     with pytest.raises(DiTRunError, match=r"input block of shape \(2, 32, 64, 3\); dit-tiny-taesd takes \(2, 64, 64, 3\)"):
         pipe.restyle(np.zeros((2, 32, 64, 3), np.float32))
     assert pipe.stepper.cache.frames_written == 0  # refused before anything ran
+
+
+def test_taehv_restyle_is_generation_at_one_and_the_round_trip_at_zero():
+    """dit-tiny (Wan's latent layout) on a random TAEHV with its encoder: the first block takes and gives
+    4N - 3 frames, the next 4N; strength 1 is generation from the same noise, 0 TAEHV's round trip of the clip."""
+    cfg = dataclasses.replace(get_dit_config("dit-tiny"), width=32, height=32)
+    torch.manual_seed(0)
+    pipe = DiTPipeline(cfg, WanDiT(cfg).eval().requires_grad_(False), None, Taehv().eval(),
+                       torch.randn(1, cfg.text_len, cfg.text_dim), torch.device("cpu"))
+    frames = clip(7, size=32)[:13]  # 5 + 8: two blocks of 2 latent frames
+    pipe.reset(7)
+    generated = np.concatenate(list(pipe.blocks(2)))
+
+    def restyle_at(strength: float) -> np.ndarray:
+        pipe.reset(7)
+        pipe.set_strength(strength)
+        sizes = [pipe.frames_in]
+        first = pipe.restyle(frames[:5])
+        sizes.append(pipe.frames_in)
+        assert sizes == [5, 8] and first.shape == (5, 32, 32, 3)
+        return np.concatenate([first, pipe.restyle(frames[5:])])
+
+    np.testing.assert_allclose(restyle_at(1.0), generated, atol=1e-5)
+    pipe.decoder.reset()
+    video = torch.from_numpy(frames).permute(0, 3, 1, 2)[None]
+    round_trip = pipe.decoder.decode(pipe.decoder.encode(video))[0].permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(restyle_at(0.0), round_trip, atol=1e-6)
+    half = restyle_at(0.5)
+    # in between: neither (a random TAEHV's frames vary little, ~0.03 std; the equalities above hold to 1e-5)
+    assert np.abs(half - round_trip).mean() > 1e-4 and np.abs(half - generated).mean() > 1e-4
+    pipe.reset(7)
+    with pytest.raises(DiTRunError, match=r"input block of shape \(8, 32, 32, 3\); dit-tiny takes \(5, 32, 32, 3\)"):
+        pipe.restyle(frames[:8])  # the first block is 3 frames short of the others
 
 
 def test_teacher_forcing_forward_is_the_cached_rollout():
