@@ -39,7 +39,7 @@ from mirage.core.loop import DEFAULT_VIDEO_RATE
 from mirage.core.prompts import read_embeddings
 from mirage.core.report import latency_summary, psnr, table, write_json
 from mirage.core.video_io import (MIN_INPUT_SIDE, VideoError, VideoWriter, check_not_input, check_source, input_size,
-                                  to_float)
+                                  same_path, to_float)
 from mirage.engine.manifest import read_manifest
 from mirage.runtime.pipelined import restyle_inputs, run_pipelined, source_frames, v2v_inputs
 
@@ -359,6 +359,8 @@ def _check_outputs(output: Path, json_path: Path | None, fast: bool, device: str
     """What a run writes, and --fast, are checked before any model loads."""
     if json_path is not None and not json_path.parent.is_dir():
         raise UserError(f"--json {json_path}: folder {json_path.parent} does not exist")
+    if json_path is not None and same_path(json_path, output):  # the report would replace the video
+        raise UserError(f"--json {json_path} is the --output; write the report somewhere else")
     shared.check_fast(fast, device)
     for written in filter(None, (output, json_path)):
         check_not_input(written, source)

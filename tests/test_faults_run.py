@@ -83,6 +83,18 @@ def test_an_output_that_is_the_input_is_refused(tmp_path, no_model, monkeypatch)
     assert clip.read_bytes() == before and not list(tmp_path.glob(".*partial*"))
 
 
+def test_a_report_that_is_the_output_is_refused(tmp_path, no_model, monkeypatch):
+    """--json equal to --output replaced the video with the report: refused in every spelling, as an input is."""
+    old = _clip(tmp_path / "out.gif", 32)
+    before = old.read_bytes()
+    (tmp_path / "link.gif").symlink_to(old)
+    monkeypatch.chdir(tmp_path)
+    for report in ("out.gif", str(old), "./out.gif", "link.gif"):
+        _refused(run_main, [str(CKPT_GEN), "--output", "out.gif", "--json", report], "is the --output")
+    _refused(run_main, [str(CKPT_GEN), "--output", "new.gif", "--json", "new.gif"], "is the --output")  # neither made
+    assert old.read_bytes() == before and not (tmp_path / "new.gif").exists()
+
+
 def test_an_existing_video_is_replaced_whole_or_not_at_all(tmp_path):
     """Frames go to a hidden sibling that replaces the file on close: a process killed mid-run (here:
     a writer never closed) leaves the old file as it was, and so does a run that made no frame."""
