@@ -141,6 +141,7 @@ def staged(out: Path, build: Callable[[Path], dict]) -> dict:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+        stage.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would stay on the artifact: a folder made as mkdir makes it
     except OSError as e:
         raise ExportError(f"{out}: output folder is not writable ({e.strerror})") from e
     try:
@@ -150,6 +151,13 @@ def staged(out: Path, build: Callable[[Path], dict]) -> dict:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return manifest
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _replace(stage: Path, out: Path) -> None:
