@@ -125,7 +125,11 @@ class _Stop:
 @click.option("--frames", type=click.IntRange(min=1), default=48, help="Frames to generate.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None,
               help="DDIM steps per frame; default: the model's own (a distilled student records it), else 4.")
-@click.option("--seed", type=shared.SEED, default=0, help="Noise seed: the same seed gives the same video on every backend.")
+@click.option("--seed", type=shared.SEED, default=0,
+              help="Noise seed: the runtime draws the noise, so the same seed gives the same video on every backend "
+                   "it runs (an artifact on TensorRT or ONNX Runtime, a U-Net checkpoint on PyTorch). A --dit "
+                   "checkpoint runs outside it and draws its noise in PyTorch: its video differs from its "
+                   "artifact's.")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("mirage.gif"),
               help="Where to write: .mp4, .gif, or a folder name (no suffix) for PNG frames. Written as frames "
                    "arrive; Ctrl-C keeps the frames made so far. A video file replaces one already there only "
