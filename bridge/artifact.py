@@ -34,6 +34,7 @@ from mirage.core.graphs import PRECISIONS
 from mirage.core.tolerances import PARITY as TOLERANCE
 from mirage.engine.build import BuildOptions, build_engine, load_backend
 from mirage.bridge.compare import compare_engine, skip_reason
+from mirage.bridge.pipeline import check_not_dit
 from mirage.engine.manifest import BACKENDS, FP8_TARGETS, RTX_TARGETS, export_command, sha256_file, write_manifest
 from mirage.export.onnx_export import ExportError, ExportOptions, activation_range, export_graph, record_rollout_inputs
 from mirage.export.parity import rollout_psnr, tensor_parity
@@ -123,6 +124,7 @@ def build_artifact(checkpoint: str | Path, out: str | Path, options: ArtifactOpt
     if options.precision == "bf16":
         raise ExportError("--precision bf16 exports a DiT (--dit NAME); a U-Net exports fp32, fp16, int8 or fp8")
     o = check_options(options, out)
+    check_not_dit(checkpoint)
     model, meta = load_checkpoint(checkpoint)
     return staged(out, lambda stage: _build(model, meta, checkpoint, out, stage, o, progress))
 
@@ -139,6 +141,7 @@ def staged(out: Path, build: Callable[[Path], dict]) -> dict:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+        stage.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would stay on the artifact: a folder made as mkdir makes it
     except OSError as e:
         raise ExportError(f"{out}: output folder is not writable ({e.strerror})") from e
     try:
@@ -148,6 +151,13 @@ def staged(out: Path, build: Callable[[Path], dict]) -> dict:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return manifest
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _replace(stage: Path, out: Path) -> None:

@@ -11,6 +11,7 @@ import it still run an artifact on a machine without PyTorch.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +20,7 @@ import numpy as np
 from mirage.core import graphs as G
 from mirage.core.config import PipelineOptions
 from mirage.core.errors import BackendError
-from mirage.runtime.pipeline import Pipeline, model_steps
+from mirage.runtime.pipeline import Pipeline, PipelineError, model_steps
 
 
 def load_pipeline(path: str | Path, backend: str = "auto", device: str = "auto",
@@ -30,6 +31,7 @@ def load_pipeline(path: str | Path, backend: str = "auto", device: str = "auto",
 
 def open_checkpoint(path: Path, backend: str, device: str, options: PipelineOptions) -> Pipeline:
     """A checkpoint folder on the PyTorch backend (Pipeline.load has checked the folder and `backend`)."""
+    check_not_dit(path)
     try:
         import torch  # noqa: F401
     except ImportError as e:
@@ -38,6 +40,18 @@ def open_checkpoint(path: Path, backend: str, device: str, options: PipelineOpti
 
     model, meta = load_checkpoint(path)
     return from_model(model, device, model_steps(options, meta))
+
+
+def check_not_dit(path: str | Path) -> None:
+    """A DiT checkpoint trained here (config.json {"dit": ...}) opened as a U-Net checkpoint (mirage-run,
+    mirage-serve and mirage-export without --dit): say which config it names."""
+    config = Path(path) / "config.json"
+    try:
+        name = json.loads(config.read_text())["dit"]["name"] if config.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not one: the checkpoint reader says what it is not
+    if name is not None:
+        raise PipelineError(f"{path} is a DiT checkpoint: add --dit {name}")
 
 
 def from_model(model, device: str = "auto", options: PipelineOptions = PipelineOptions()) -> Pipeline:

@@ -14,7 +14,6 @@ opens the same model the same way; `condition` is also mirage-run's, for a DiT a
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,8 +84,7 @@ class ModelSource:
         embeds, bank = self.read()
         if self.strength is not None:
             options = dataclasses.replace(options, strength=self.strength)
-        if self.dit is None:
-            _check_not_dit(Path(path))
+        if self.dit is None:  # load_pipeline names the --dit a DiT checkpoint trained here needs
             pipe = load_pipeline(path, backend, device, options)
         else:
             if backend not in ("auto", "torch"):
@@ -102,14 +100,3 @@ class ModelSource:
             pipe.close()
             raise
         return pipe
-
-
-def _check_not_dit(path: Path) -> None:
-    """A DiT checkpoint trained here (config.json {"dit": ...}) opened without --dit: say which config it names."""
-    config = path / "config.json"
-    try:
-        name = json.loads(config.read_text())["dit"]["name"] if config.is_file() else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # not one: the checkpoint reader says what it is not
-    if name is not None:
-        raise PipelineError(f"{path} is a DiT checkpoint: add --dit {name}")

@@ -9,7 +9,7 @@ from typing import Callable
 import click
 
 from mirage.cli.errors import UserError
-from mirage.core.config import DIT_CONFIGS, PIPELINE_BACKENDS
+from mirage.core.config import DEFAULT_STRENGTH, DIT_CONFIGS, PIPELINE_BACKENDS
 from mirage.core.device import cuda_available
 from mirage.core.loop import MAX_SEED
 
@@ -46,9 +46,9 @@ text_encoder = click.option(
 strength = click.option(
     "--strength", type=click.FloatRange(0, 1), default=None,
     help="A DiT's video-to-video: how far each input block is noised before the steps left denoise it; 0 keeps the "
-         "input, 1 ignores it (mirage-run --dit --input: default 0.6; a DiT artifact, or mirage-serve's DiT, runs "
-         "video-to-video when it is given, mirage-serve's streams starting at it). Needs a config on a per-frame "
-         "autoencoder (dit-tiny-taesd).")
+         f"input, 1 ignores it (mirage-run: needs an --input; an --input without it runs at {DEFAULT_STRENGTH}, for "
+         "a DiT checkpoint and a DiT artifact with an encoder graph alike; mirage-serve's DiT runs video-to-video "
+         "when it is given, its streams starting at it). Needs a config on a per-frame autoencoder (dit-tiny-taesd).")
 
 # a seed outside the generator's range would wrap to another seed's video (mirage.core.loop.MAX_SEED)
 SEED = click.IntRange(0, MAX_SEED)

@@ -17,8 +17,8 @@ each input block is encoded, noised to --strength and denoised through the steps
 the prompt: video-to-video.
 A DiT artifact (mirage-export --dit) runs in the runtime like any artifact, without --dit: each step is a
 block, whose frames go out as it finishes: decoded by its per-frame autoencoder's graph, or without one
-(wan-1.3b) the latents' preview. With --strength (and --input, else the synthetic clip) an artifact with
-the encoder graph runs video-to-video, as --dit --input does.
+(wan-1.3b) the latents' preview. With --input an artifact with the encoder graph runs video-to-video at
+--strength (by default DEFAULT_STRENGTH), as --dit --input does; --strength without --input is refused by both.
 """
 from __future__ import annotations
 
@@ -35,13 +35,14 @@ import numpy as np
 from mirage.cli import options as shared
 from mirage.cli.errors import UserError
 from mirage.core import graphs as G
-from mirage.core.config import PipelineOptions
+from mirage.core.config import DEFAULT_STRENGTH, PipelineOptions
 from mirage.core.errors import MirageError
 from mirage.core.loop import DEFAULT_VIDEO_RATE
 from mirage.core.prompts import read_embeddings
 from mirage.core.report import latency_summary, psnr, table, write_json
 from mirage.core.video_io import (MIN_INPUT_SIDE, VideoError, VideoWriter, check_not_input, check_source, input_size,
-                                  to_float)
+                                  same_path, to_float)
+from mirage.engine.manifest import read_manifest
 from mirage.runtime.pipelined import restyle_inputs, run_pipelined, source_frames, v2v_inputs
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -127,7 +128,11 @@ class _Stop:
 @click.option("--frames", type=click.IntRange(min=1), default=48, help="Frames to generate.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None,
               help="DDIM steps per frame; default: the model's own (a distilled student records it), else 4.")
-@click.option("--seed", type=shared.SEED, default=0, help="Noise seed: the same seed gives the same video on every backend.")
+@click.option("--seed", type=shared.SEED, default=0,
+              help="Noise seed: the runtime draws the noise, so the same seed gives the same video on every backend "
+                   "it runs (an artifact on TensorRT or ONNX Runtime, a U-Net checkpoint on PyTorch). A --dit "
+                   "checkpoint runs outside it and draws its noise in PyTorch: its video differs from its "
+                   "artifact's.")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("mirage.gif"),
               help="Where to write: .mp4, .gif, or a folder name (no suffix) for PNG frames. Written as frames "
                    "arrive; Ctrl-C keeps the frames made so far. A video file replaces one already there only "
@@ -158,6 +163,8 @@ def main(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
 
     With --dit CONFIG, MODEL is a Wan 2.1 DiT checkpoint (README: "Bring your own Wan checkpoint")."""
     try:
+        if dit["strength"] is not None and source is None:
+            raise UserError("--strength: video-to-video needs an --input")
         if dit["config"] is None:
             given = [f"--{name.replace('_', '-')}" for name, value in dit.items()
                      if value not in (None, False) and name not in ARTIFACT_OPTIONS]
@@ -167,7 +174,8 @@ def main(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
                 raise UserError(f"{model}: a file; Mirage models and artifacts are folders (for a Wan 2.1 DiT "
                                 f"checkpoint add --dit CONFIG)")
             _run(model or DEFAULT_MODEL, source, frames, steps, seed, output, backend, fast, no_cuda_graph, compile_,
-                 kernel_library, device, json_path, fps, {k: dit[k] for k in PROMPT_OPTIONS}, dit["strength"])
+                 kernel_library, device, json_path, fps, {k: dit[k] for k in PROMPT_OPTIONS},
+                 _artifact_strength(model or DEFAULT_MODEL, source, dit["strength"]))
         else:
             unet_only = {"--steps": steps, "--kernel-library": kernel_library,
                          "--backend": None if backend == "auto" else backend}
@@ -210,8 +218,7 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
             pairs = restyle_inputs(source or "synthetic", size, frames, pipe.frames_in) if restyles else \
                 v2v_inputs(source or "synthetic", size, frames)
         elif source is not None:
-            hint = "add --strength S (video-to-video)" if G.ENCODE in pipe.specs else "use a video-to-video model"
-            raise UserError(f"{model} is a generation model and takes no --input; {hint}")
+            raise UserError(f"{model} is a generation model and takes no --input; use a video-to-video model")
         else:
             pairs = ((None, None) for _ in range(-(-frames // n)))  # whole steps
         start = time.perf_counter()
@@ -239,6 +246,14 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
         report["psnr_db"] = float(np.mean(psnrs))
         rows.append(("PSNR vs. ground truth", f"{report['psnr_db']:.2f} dB"))
     _finish(report, rows, json_path, stop, len(times), frames, "frames")
+
+
+def _artifact_strength(model: Path, source: str | None, strength: float | None) -> float | None:
+    """The strength of a run without --dit: --strength, or with --input to a DiT artifact with an encoder graph
+    the strength a DiT checkpoint's --input runs at (a U-Net, which has no strength, gets None)."""
+    if strength is not None or source is None or not (model / G.MANIFEST).is_file():
+        return strength
+    return DEFAULT_STRENGTH if G.ENCODE in read_manifest(model)["graphs"] else None
 
 
 def _restyle_report(report: dict, rows: list[tuple[str, str]], strength: float, psnrs: list[float]) -> None:
@@ -282,8 +297,6 @@ def _run_dit(checkpoint, dit, source, frames, seed, output, fast, no_cuda_graph,
                         "--dit needs a checkpoint: MODEL, a Wan 2.1 DiT file or folder (or --random-weights)")
     if (dit["prompt"] is None) == (dit["prompt_embeds"] is None):
         raise UserError("--dit needs one of --prompt TEXT (with --text-encoder FOLDER) or --prompt-embeds FILE")
-    if dit["strength"] is not None and source is None:
-        raise UserError("--strength: video-to-video needs an --input")
     cfg = DiTSpec(dit["config"], resolution=dit["resolution"]).dit_config()
     if source is not None and cfg.width != cfg.height:
         raise UserError(f"--input: video-to-video reads square frames; {cfg.name} at {cfg.width}x{cfg.height} is "
@@ -304,7 +317,7 @@ def _run_dit(checkpoint, dit, source, frames, seed, output, fast, no_cuda_graph,
         block_times, frame_times, psnrs = [], [], []
         total = pipe.cfg.video_frames(blocks * pipe.cfg.block_frames, first=True)  # video-to-video's too
         if source is not None:
-            pipe.set_strength(0.6 if dit["strength"] is None else dit["strength"])
+            pipe.set_strength(DEFAULT_STRENGTH if dit["strength"] is None else dit["strength"])
             _warn_if_enlarged(source, shape_in, pipe.cfg.width)
             work = _restyled(pipe, source, blocks)
         else:
@@ -354,6 +367,8 @@ def _check_outputs(output: Path, json_path: Path | None, fast: bool, device: str
     """What a run writes, and --fast, are checked before any model loads."""
     if json_path is not None and not json_path.parent.is_dir():
         raise UserError(f"--json {json_path}: folder {json_path.parent} does not exist")
+    if json_path is not None and same_path(json_path, output):  # the report would replace the video
+        raise UserError(f"--json {json_path} is the --output; write the report somewhere else")
     shared.check_fast(fast, device)
     for written in filter(None, (output, json_path)):
         check_not_input(written, source)

@@ -1,9 +1,12 @@
 """`python -m mirage.cli.train_dit`: train a chunk-causal video DiT (mirage.train.dit) on this machine's CPU,
-bounded by a wall-clock budget.
+bounded by a wall-clock budget. Ctrl-C (SIGINT) or SIGTERM ends it after the step in progress and saves the
+weights so far, then exits with the shell's status for that signal (130 / 143), as mirage-train does.
 
     python -m mirage.cli.train_dit --out checkpoints/dit-tiny-taesd --minutes 20
 """
 from __future__ import annotations
+
+import signal
 
 import click
 
@@ -37,6 +40,10 @@ def main(out, config, minutes, max_steps, batch_size, lr, clips, latents, contex
     except MirageError as e:
         raise UserError(str(e)) from e
     click.echo(f"{out}: {meta['step']} steps in {meta['train_seconds']:.0f} s, loss {meta['loss']:.4f}")
+    if meta["stopped_by"]:
+        click.echo(f"stopped by {meta['stopped_by']}; the weights after {meta['step']} steps are saved in {out}",
+                   err=True)
+        raise SystemExit(128 + signal.Signals[meta["stopped_by"]].value)
 
 
 if __name__ == "__main__":

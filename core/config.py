@@ -338,6 +338,8 @@ def dumps(cfg) -> str:
 FRAME_FORMATS = ("float32", "uint8")  # PipelineOptions.frames
 # what mirage.runtime.Pipeline (mirage-run, mirage-serve --backend) runs a model with
 PIPELINE_BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
+# a DiT's video-to-video strength where an input comes without one (mirage-run --input, checkpoint and artifact)
+DEFAULT_STRENGTH = 0.6
 
 
 @dataclass(frozen=True)

@@ -201,9 +201,14 @@ def check_not_input(output: str | os.PathLike, source: str | os.PathLike | None)
     a hard link): writing it would destroy the frames being read."""
     if source is None or str(source).isdigit() or not Path(source).exists():
         return  # a webcam, 'synthetic' or a missing path (check_source names that)
-    out, src = Path(output), Path(source)
-    if out.resolve() == src.resolve() or (out.exists() and os.path.samefile(out, src)):
+    if same_path(output, source):
         raise VideoError(f"{output} is the input {source}; write the output somewhere else")
+
+
+def same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file: the same path in another spelling, through a symlink or a hard link."""
+    a, b = Path(a), Path(b)
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
 
 
 class VideoWriter:

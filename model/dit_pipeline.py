@@ -43,7 +43,7 @@ from mirage.model.fp8 import calibrate, to_fp8
 from mirage.model.taehv import Taehv
 from mirage.model.text_encoder import PromptEncoder, check_width, encode_prompt
 from mirage.model.latent import load_frame_codec
-from mirage.model.wan_checkpoint import DiTWeights, load_dit, saved_dit_config
+from mirage.model.wan_checkpoint import DiTWeights, check_saved_config, load_dit, saved_dit_config
 from mirage.model.wan_decode import load_decoder
 
 
@@ -136,6 +136,8 @@ class DiTPipeline:
         if isinstance(prompt, str) and spec.text_encoder is None:
             raise DiTRunError("a text --prompt needs --text-encoder FOLDER (a local UMT5 encoder), or give "
                               "--prompt-embeds FILE")
+        if spec.checkpoint is not None:  # a checkpoint trained here names its config: a wrong --dit is said first
+            check_saved_config(spec.checkpoint, cfg)
         if cfg.autoencoder and spec.decoder is not None:
             raise DiTRunError(f"{cfg.name} decodes with its own per-frame autoencoder ({cfg.autoencoder}); "
                               "leave out --decoder")

@@ -151,13 +151,21 @@ def _read_config(files: list[Path], cfg: DiTConfig) -> None:
     heads = next((config[f] for f in HEAD_FIELDS if f in config), cfg.num_heads)
     if heads != cfg.num_heads:
         raise CheckpointError(f"{config_path}: {heads} attention heads; config {cfg.name!r} has {cfg.num_heads}")
-    saved = saved_dit_config(config_path.parent)
-    if saved is not None:  # a DiT trained here: every field but the recorded autoencoder hash must agree
-        diffs = [f"{f.name}: checkpoint has {getattr(saved, f.name)!r}, asked for {getattr(cfg, f.name)!r}"
-                 for f in dataclasses.fields(DiTConfig)
-                 if f.name != "autoencoder_sha256" and getattr(saved, f.name) != getattr(cfg, f.name)]
-        if diffs:
-            raise CheckpointError(f"{config_path}: DiT config mismatch; " + "; ".join(diffs))
+    check_saved_config(config_path.parent, cfg)
+
+
+def check_saved_config(path: str | Path, cfg: DiTConfig) -> None:
+    """A DiT trained here (its config.json records its DiTConfig): every field but the recorded autoencoder hash
+    must agree with `cfg`, the mismatches named field by field. Nothing to check for a checkpoint made elsewhere."""
+    saved = saved_dit_config(path)
+    if saved is None:
+        return
+    diffs = [f"{f.name}: checkpoint has {getattr(saved, f.name)!r}, asked for {getattr(cfg, f.name)!r}"
+             for f in dataclasses.fields(DiTConfig)
+             if f.name != "autoencoder_sha256" and getattr(saved, f.name) != getattr(cfg, f.name)]
+    if diffs:
+        config_path = (Path(path) if Path(path).is_dir() else Path(path).parent) / "config.json"
+        raise CheckpointError(f"{config_path}: DiT config mismatch; " + "; ".join(diffs))
 
 
 def saved_dit_config(path: str | Path) -> DiTConfig | None:

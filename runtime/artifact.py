@@ -37,6 +37,10 @@ def open_artifact(path: Path, backend: str, device: str, options: PipelineOption
     if backend == "tensorrt" and not has_engine:
         raise EngineError(f"{path} has no engines; rebuild: {with_option(rebuild, '--backend', 'tensorrt')}")
     use_trt = backend == "tensorrt" or (backend == "auto" and has_engine and _gpu_asked(device))
+    if not use_trt and manifest["precision"] == "bf16":  # ONNX Runtime's own error is a raw NOT_IMPLEMENTED MatMul
+        raise BackendError(f"{path} is a bf16 artifact: it runs on TensorRT on a GPU (engines of mirage-export "
+                           "--backend tensorrt or tensorrt-rtx), not on ONNX Runtime's CPU provider, which has no "
+                           "bfloat16 kernels; for the CPU export --precision fp32 or fp16")
     if use_trt:
         from mirage.runtime.tensorrt import preflight
 

@@ -318,3 +318,21 @@ def test_graph_precision_keeps_a_bf16_or_8_bit_artifacts_autoencoder_in_fp32():
     assert [graph_precision(g, "bf16") for g in (G.DIT_STEP, G.ENCODE, G.DECODE)] == ["bf16", "fp32", "fp32"]
     assert [graph_precision(g, "fp16") for g in (G.DIT_STEP, G.DECODE)] == ["fp16", "fp16"]
     assert graph_precision(G.DECODE, "fp8") == "fp32"
+
+
+def test_a_bf16_artifact_on_the_cpu_is_one_line_not_onnx_runtime_s_matmul_error(tmp_path):
+    """ONNX Runtime's CPU provider has no bfloat16 MatMul: mirage-run said its raw NOT_IMPLEMENTED error; the
+    runtime says where a bf16 artifact runs, before any graph is loaded (an ONNX-only build, 32x32, 1 layer)."""
+    from mirage.bridge.artifact import ArtifactOptions
+    from mirage.bridge.dit_artifact import build_dit_artifact
+    from mirage.cli.run import main
+
+    out = tmp_path / "bf16"
+    build_dit_artifact(dataclasses.replace(TINY, width=32, height=32, num_layers=1), out,
+                       ArtifactOptions(precision="bf16", backend="onnx", parity_frames=2))
+    result = CliRunner().invoke(main, [str(out), "--frames", "2", "--output", str(tmp_path / "o.gif")])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0] == (f"Error: {out} is a bf16 artifact: it runs on TensorRT on a GPU (engines of mirage-export "
+                        "--backend tensorrt or tensorrt-rtx), not on ONNX Runtime's CPU provider, which has no "
+                        "bfloat16 kernels; for the CPU export --precision fp32 or fp16")

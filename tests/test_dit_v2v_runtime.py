@@ -17,7 +17,7 @@ from mirage.bridge.artifact import ArtifactOptions
 from mirage.bridge.dit_artifact import build_dit_artifact, dit_model
 from mirage.bridge.pipeline import from_dit_model
 from mirage.core import graphs as G
-from mirage.core.config import ConfigError, PipelineOptions, get_config, get_dit_config
+from mirage.core.config import DEFAULT_STRENGTH, ConfigError, PipelineOptions, get_config, get_dit_config
 from mirage.core.dit_step import VideoToVideoError
 from mirage.core.errors import MirageError
 from mirage.core.loop import normal
@@ -213,23 +213,25 @@ def test_bad_video_to_video_input_is_one_clear_error():
 
 
 def test_mirage_run_restyles_with_a_dit_artifact(artifact, tmp_path):
-    """mirage-run ARTIFACT --input --strength --prompt-embeds: the runtime's video-to-video, the torch path's
-    report (strength, PSNR vs. input); --input without --strength, or --strength of a U-Net, one line, exit 2."""
+    """mirage-run ARTIFACT --input --prompt-embeds: the runtime's video-to-video at the strength a DiT checkpoint's
+    --input runs at, the torch path's report (strength, PSNR vs. input); --strength without --input (as a DiT
+    checkpoint refuses it) or out of range: one line, exit 2."""
     from safetensors.numpy import save_file
 
     from mirage.cli.run import main
 
     embeds, report = tmp_path / "prompt.safetensors", tmp_path / "report.json"
     save_file({"prompt_embeds": _prompt(7)}, str(embeds))
-    result = CliRunner().invoke(main, [str(artifact), "--input", "synthetic", "--strength", "0.3", "--prompt-embeds",
+    result = CliRunner().invoke(main, [str(artifact), "--input", "synthetic", "--prompt-embeds",
                                        str(embeds), "--frames", "4", "--output", str(tmp_path / "out"), "--json",
                                        str(report), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     r = json.loads(report.read_text())
-    assert (r["blocks"], r["written"], r["strength"], r["frames_are"]) == (2, 4, 0.3, "video frames")
+    assert (r["blocks"], r["written"], r["strength"], r["frames_are"]) == (2, 4, DEFAULT_STRENGTH, "video frames")
     assert 5 < r["psnr_vs_input_db"] < 60 and "strength / PSNR vs. input" in result.output
-    for args, message in (([], "add --strength S"), (["--strength", "2"], "not in the range")):
-        result = CliRunner().invoke(main, [str(artifact), "--input", "synthetic", "--prompt-embeds", str(embeds),
+    for args, message in ((["--strength", "0.3"], "--strength: video-to-video needs an --input"),
+                          (["--input", "synthetic", "--strength", "2"], "not in the range")):
+        result = CliRunner().invoke(main, [str(artifact), "--prompt-embeds", str(embeds),
                                            "--output", str(tmp_path / "bad.gif"), *args])
         assert result.exit_code == 2 and message in result.output, result.output
         assert not (tmp_path / "bad.gif").exists()

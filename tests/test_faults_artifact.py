@@ -144,6 +144,20 @@ def test_failed_or_interrupted_export_keeps_the_previous_artifact(artifact, tmp_
     assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no staging folder left behind
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_an_artifact_folder_s_mode_follows_the_umask(tmp_path, umask):
+    """The staging folder is mkdtemp's (0700) renamed into place: the artifact was unreadable to the group and
+    others whatever the umask; now it is what mkdir makes (0755 under 022)."""
+    from mirage.bridge.artifact import staged
+
+    previous = os.umask(umask)
+    try:
+        staged(tmp_path / "art", lambda stage: {})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "art").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
 def test_parity_failure_writes_nothing_unless_overridden(artifact, tmp_path, monkeypatch):
     import mirage.bridge.artifact as A
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import CKPT_GEN, CKPT_V2V
+from conftest import CKPT_GEN, CKPT_V2V, ROOT
 from mirage.cli.export import main as export_main
 from mirage.cli.quality import main as quality_main
 from mirage.cli.run import main as run_main
@@ -81,6 +81,18 @@ def test_an_output_that_is_the_input_is_refused(tmp_path, no_model, monkeypatch)
     (frames / "00000.png").write_bytes(b"")
     _refused(run_main, [str(CKPT_V2V), "--input", "frames", "--output", "sub/../frames"], "is the input")
     assert clip.read_bytes() == before and not list(tmp_path.glob(".*partial*"))
+
+
+def test_a_report_that_is_the_output_is_refused(tmp_path, no_model, monkeypatch):
+    """--json equal to --output replaced the video with the report: refused in every spelling, as an input is."""
+    old = _clip(tmp_path / "out.gif", 32)
+    before = old.read_bytes()
+    (tmp_path / "link.gif").symlink_to(old)
+    monkeypatch.chdir(tmp_path)
+    for report in ("out.gif", str(old), "./out.gif", "link.gif"):
+        _refused(run_main, [str(CKPT_GEN), "--output", "out.gif", "--json", report], "is the --output")
+    _refused(run_main, [str(CKPT_GEN), "--output", "new.gif", "--json", "new.gif"], "is the --output")  # neither made
+    assert old.read_bytes() == before and not (tmp_path / "new.gif").exists()
 
 
 def test_an_existing_video_is_replaced_whole_or_not_at_all(tmp_path):
@@ -257,3 +269,24 @@ def test_an_input_shorter_than_frames_is_said(tmp_path):
     r = CliRunner().invoke(run_main, [str(CKPT_V2V), "--input", str(source), "--frames", "5",
                                       "--output", str(tmp_path / "o.gif")])
     assert r.exit_code == 0 and "note: the input ended after 3 of 5 frames" in r.output, r.output
+
+
+DIT = ROOT / "checkpoints" / "dit-tiny-taesd"  # a DiT trained here: its config.json names dit-tiny-taesd
+
+
+def test_a_dit_checkpoint_without_dit_is_named_by_run_and_export(tmp_path, monkeypatch):
+    """As mirage-serve says it (bridge.pipeline.check_not_dit), before any weights are read."""
+    import mirage.bridge.artifact as artifact
+
+    monkeypatch.setattr(artifact, "load_checkpoint", lambda *a: pytest.fail("a checkpoint was loaded"))
+    message = f"{DIT} is a DiT checkpoint: add --dit dit-tiny-taesd"
+    _refused(run_main, [str(DIT), "--output", str(tmp_path / "o.gif")], message)
+    _refused(export_main, ["--checkpoint", str(DIT), "--out", str(tmp_path / "art")], message)
+
+
+def test_a_dit_checkpoint_of_another_config_is_said_field_by_field_first(tmp_path):
+    """--dit dit-tiny for a dit-tiny-taesd checkpoint: the saved config's mismatch, as mirage-export says it, not
+    that dit-tiny (a Wan VAE layout) needs a --decoder."""
+    _refused(run_main, [str(DIT), "--dit", "dit-tiny", "--prompt-embeds", str(DIT / "prompt.safetensors"),
+                        "--output", str(tmp_path / "o.gif")],
+             "DiT config mismatch; name: checkpoint has 'dit-tiny-taesd', asked for 'dit-tiny'")

@@ -491,3 +491,44 @@ def test_a_save_never_writes_non_finite_weights(tmp_path):
     with pytest.raises(CheckpointError, match="not saving step 2: .* holds NaN or infinite values"):
         save_checkpoint(tmp_path, model, ema, TrainConfig(), 2, opt)
     assert read_meta(tmp_path)["step"] == 1 and sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG, STATE, WEIGHTS])
+
+
+# ---- python -m mirage.cli.train_dit: its --out checked first, Ctrl-C saves ---------------------------------------
+
+
+def test_train_dit_refuses_an_unwritable_out_before_encoding_anything(tmp_path, monkeypatch):
+    import mirage.train.dit as dit_train
+    from mirage.cli.train_dit import main as train_dit_cli
+
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(dit_train, "encoded_clips", None)  # encoding the clips would now fail loudly
+    result = CliRunner().invoke(train_dit_cli, ["--out", str(tmp_path / "file"), "--max-steps", "1"])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "checkpoint folder is not writable" in errors[0], result.stderr
+
+
+def test_sigint_to_train_dit_saves_the_steps_made_and_exits_130(tmp_path, monkeypatch):
+    import mirage.train.dit as dit_train
+    from mirage.cli.train_dit import main as train_dit_cli
+
+    real, count = dit_train.flow_matching_loss, [0]
+
+    def loss_then_ctrl_c(*args):  # Ctrl-C arrives during the second step
+        count[0] += 1
+        if count[0] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    monkeypatch.setattr(dit_train, "flow_matching_loss", loss_then_ctrl_c)
+    before, out = signal.getsignal(signal.SIGINT), tmp_path / "dit"
+    result = CliRunner().invoke(train_dit_cli, ["--out", str(out), "--max-steps", "1000", "--batch-size", "1",
+                                                "--clips", "1"])
+    assert result.exit_code == 130, result.output
+    assert _saved_step_and_signal(out) == (2, "SIGINT") and signal.getsignal(signal.SIGINT) is before
+    assert f"stopped by SIGINT; the weights after 2 steps are saved in {out}" in result.stderr
+
+
+def _saved_step_and_signal(out: Path) -> tuple[int, str]:
+    meta = json.loads((out / CONFIG).read_text())
+    return meta["step"], meta["stopped_by"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +38,10 @@ from mirage.core.config import DiTConfig, get_dit_config, to_json
 from mirage.core.files import sha256_file
 from mirage.model.dit import WanDiT, block_causal_mask
 from mirage.model.latent import autoencoder_folder, load_frame_codec
-from mirage.train.checkpoint import save_unit
+from mirage.train.checkpoint import check_writable, save_unit
 from mirage.train.data import ClipStream, batches, make_source
 from mirage.train.latent_cache import LatentCache
+from mirage.train.trainer import StopOnSignal
 
 PROMPT_FILE = "prompt.safetensors"  # the embeddings the model was trained with, saved beside it
 
@@ -132,7 +134,10 @@ def save_dit(out: str | Path, model: WanDiT, text: torch.Tensor, meta: dict) -> 
 
 
 def train_dit(opts: DiTTrainOptions) -> dict:
-    """Train `opts.config` for `opts.minutes` (or max_steps) on CPU; save the EMA weights. Returns the meta."""
+    """Train `opts.config` for `opts.minutes` (or max_steps) on CPU; save the EMA weights. Returns the meta.
+    SIGINT / SIGTERM end the run after the step in progress, and the EMA weights so far are saved as at the
+    end (the meta's "stopped_by" names the signal), as mirage-train does."""
+    check_writable(opts.out)  # before the clips are encoded and trained on: a bad --out fails at once
     torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
     base = get_dit_config(opts.config)
@@ -146,8 +151,9 @@ def train_dit(opts: DiTTrainOptions) -> dict:
     mask = teacher_forcing_mask(cfg, cfg.window_frames)
     generator = torch.Generator().manual_seed(opts.seed + 1)
     budget, start, step, losses = opts.minutes * 60, time.monotonic(), 0, []
-    with tqdm(total=opts.max_steps, desc=f"train {cfg.name}", unit="step", disable=not opts.progress) as bar:
-        while step < opts.max_steps and (elapsed := time.monotonic() - start) < budget:
+    with tqdm(total=opts.max_steps, desc=f"train {cfg.name}", unit="step", disable=not opts.progress) as bar, \
+            StopOnSignal(lambda message: tqdm.write(message, file=sys.stderr)) as stop:
+        while step < opts.max_steps and stop.received is None and (elapsed := time.monotonic() - start) < budget:
             # warmup, then a cosine over the time budget (a run bounded by time, not steps)
             lr = opts.lr * min(1.0, (step + 1) / opts.warmup) * 0.5 * (1 + math.cos(math.pi * elapsed / budget))
             for group in optimizer.param_groups:
@@ -167,6 +173,7 @@ def train_dit(opts: DiTTrainOptions) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", lr=f"{lr:.1e}")
     meta = {"train": dataclasses.asdict(opts), "step": step, "loss": sum(losses[-100:]) / max(1, len(losses[-100:])),
-            "train_seconds": time.monotonic() - start, "device": "cpu", "threads": opts.threads}
+            "train_seconds": time.monotonic() - start, "device": "cpu", "threads": opts.threads,
+            "stopped_by": stop.received}
     save_dit(opts.out, ema.eval(), text, meta)
     return meta
