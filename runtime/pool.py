@@ -98,6 +98,12 @@ class StreamPool:
         self._attached(slot)
         self.pipeline.control(slot, prompt=prompt, strength=strength)
 
+    def conditioning(self, slot: int) -> dict:
+        """One stream's current values of what `control` sets ({"strength": s} for a video-to-video DiT: a new
+        stream's is the pool's PipelineOptions.strength), for a client to show before it changes them."""
+        self._attached(slot)
+        return self.pipeline.conditioning(slot)
+
     def step(self, inputs: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
         """Advance the slots given inputs (video-to-video) or every attached slot (generation) one
         step; returns {slot: (n, H, W, 3) frames} for the slots that advanced (float32 in [-1, 1], or uint8
@@ -223,6 +229,10 @@ class PoolGroup:
         pool, local = self._locate(slot)
         i = self.pools.index(pool)
         self._threads[i].submit(pool.control, local, prompt, strength).result()
+
+    def conditioning(self, slot: int) -> dict:
+        pool, local = self._locate(slot)
+        return self._threads[self.pools.index(pool)].submit(pool.conditioning, local).result()
 
     def step(self, inputs: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
         self.submit(inputs)

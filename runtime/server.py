@@ -713,11 +713,14 @@ class Server:
         helpers = [asyncio.create_task(self.helper(stream, loop))
                    for loop in (self.decode_loop, self.send_loop, self.control_loop)]
         try:
+            # the stream's own starting values of its controls (a DiT's strength: mirage-serve --strength), for
+            # a client to show, not to replace with its own defaults
+            current = await self.in_step_thread(self.pool.conditioning, slot) if self.controls else {}
             h, w, _ = self.pool.frame_shape
             await ws.send_json({"type": "hello", "slot": slot, "seed": seed, "width": w, "height": h,
                                 "video_to_video": self.pool.video_to_video, "slots": self.pool.slots,
-                                "deadline_ms": self.deadline_ms,
-                                "max_frame_bytes": self.options.max_frame_bytes, **self.block_contract(), **hello})
+                                "deadline_ms": self.deadline_ms, "max_frame_bytes": self.options.max_frame_bytes,
+                                **self.block_contract(), **current, **hello})
             log.info("stream in slot %d attached (seed %d, %s)", slot, seed, remote)
             async for msg in ws:
                 if msg.type == WSMsgType.ERROR:  # e.g. over the hard size cap: aiohttp closes it (1009)

@@ -135,16 +135,20 @@ def test_rows_are_streams_at_their_own_strengths(codec):
 
 def test_a_strength_change_takes_effect_on_the_next_block(codec):
     """control(slot, strength) between blocks: the next block is noised to the new strength, the stream goes on
-    (its cache kept), and a new stream in the slot starts at the pipeline's strength again."""
+    (its cache kept), and a new stream in the slot starts at the pipeline's strength again; `conditioning` says
+    the stream's strength throughout (a server's hello tells it to the client)."""
     text, clip = _prompt(1), _clip(3, seed=2)
     with StreamPool(_torch_pipeline(strength=0.6)) as pool:
         pool.pipeline.set_prompt(text)
         slot = pool.attach(seed=4)
+        assert pool.conditioning(slot) == {"strength": 0.6}
         got = [pool.step({slot: clip[0]})[slot]]
         pool.control(slot, strength=0.2)
+        assert pool.conditioning(slot) == {"strength": 0.2}
         got += [pool.step({slot: block})[slot] for block in clip[1:]]
         pool.detach(slot)
         slot = pool.attach(seed=4)
+        assert pool.conditioning(slot) == {"strength": 0.6}
         np.testing.assert_array_equal(pool.step({slot: clip[0]})[slot], got[0])
     for k, ref in enumerate(_restyled(codec, text, 4, clip, [0.6, 0.2, 0.2])):
         np.testing.assert_allclose(got[k], ref, atol=TOL, rtol=0, err_msg=f"block {k}")

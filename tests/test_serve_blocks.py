@@ -324,6 +324,7 @@ def test_a_model_without_controls_refuses_them_and_says_so_in_its_hello():
         async with serving(pool) as client:
             ws, hello = await connect(client)
             assert (hello["controls"], hello["frames_in"], hello["video_rate"]) == ({}, 1, None)
+            assert "strength" not in hello  # no strength to show
             await ws.send_str('{"type": "control", "strength": 0.5}')
             assert "this model takes no prompt and no strength" in (await text(ws))["message"]
             await ws.send_bytes(message(5, inputs(1, 1)[0].tobytes()))  # and streams one frame a step, as before

@@ -166,8 +166,9 @@ function showConditioning(msg) {
   $("prompt-names").replaceChildren(...(msg.prompts || []).map((name) => new Option(name, name)));
   if (msg.prompts?.length) $("prompt").placeholder = `e.g. ${msg.prompts.slice(0, 3).join(", ")}`;
   if (controls.strength) [$("strength").min, $("strength").max] = controls.strength;
-  // the stream starts with what the page shows: the slider's strength, the prompt typed before start
-  if (controls.strength) changed.add("strength");
+  // the slider shows the stream's own strength (mirage-serve --strength), not the page's default over it;
+  // a prompt typed before start (the box keeps it after a stop) is the stream's
+  if (msg.strength !== undefined) showStrength(msg.strength);
   if (controls.prompt && $("prompt").value) changed.add("prompt");
   sendControl();
 }
@@ -189,8 +190,13 @@ function showApplied(msg) {
   status(`applied: ${parts.join(", ")}`);
 }
 
-function controlChanged(field) {
+function showStrength(value) {
+  $("strength").value = value;
   $("strength-value").textContent = Number($("strength").value).toFixed(2);
+}
+
+function controlChanged(field) {
+  showStrength($("strength").value);
   changed.add(field);
   clearTimeout(controlTimer);
   controlTimer = setTimeout(sendControl, CONTROL_DEBOUNCE_MS);
