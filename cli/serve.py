@@ -26,8 +26,11 @@ from mirage.cli import options as shared
 from mirage.cli.run import PACKAGE_ROOT
 from mirage.core.config import PipelineOptions
 from mirage.core.errors import MirageError
+from mirage.core.graphs import MANIFEST
+from mirage.engine.manifest import read_manifest
 
 DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
+DEFAULT_SLOTS = 4
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -36,8 +39,10 @@ DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
 @click.option("--host", default="127.0.0.1",
               help="Address to bind. Anything but loopback (127.0.0.1, ::1, localhost) requires --token.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, help="TCP port.")
-@click.option("--slots", type=click.IntRange(1, 1024), default=4,
-              help="Concurrent streams: the pool's batch. One more client is answered 'busy'.")
+@click.option("--slots", type=click.IntRange(1, 1024), default=None, show_default=False,
+              help="Concurrent streams: the pool's batch. One more client is answered 'busy'. Default: an "
+                   "artifact's own batch where it is static (a DiT's always is; mirage-export --batch), else 4 "
+                   "(up to a dynamic artifact's --max-batch).")
 @click.option("--token", default=None, envvar="MIRAGE_SERVE_TOKEN",
               help="Access token, checked on the page and the WebSocket: 'Authorization: Bearer TOKEN' or "
                    "?token=TOKEN. Also read from $MIRAGE_SERVE_TOKEN (out of the process list). Never printed or "
@@ -113,6 +118,10 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
         shared.check_fast(fast, name)
     if fast and dit["config"]:
         raise UserError("--fast is the U-Net checkpoints' compiled path; a DiT checkpoint (--dit) runs without it")
+    try:
+        slots = slots or default_slots(model)
+    except MirageError as e:
+        raise UserError(str(e)) from e
     source = ModelSource(model, *(dit[k] for k in ("config", "lora", "prompt", "prompt_embeds", "text_encoder",
                                                    "prompt_bank", "strength")))
     try:  # the options and the prompt files first: a refused binding should not wait for a model to load
@@ -149,6 +158,15 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
     finally:
         pool.close()
+
+
+def default_slots(model: Path) -> int:
+    """--slots when not given: a static-batch artifact's batch (its engines and graphs run that batch only, so
+    any other is refused), else DEFAULT_SLOTS, at most a dynamic artifact's max_batch; a checkpoint any batch."""
+    if not (model / MANIFEST).is_file():
+        return DEFAULT_SLOTS
+    manifest = read_manifest(model)
+    return min(DEFAULT_SLOTS, manifest["max_batch"]) if manifest["max_batch"] else manifest["batch"]
 
 
 def _check_listen(host: str, port: int) -> None:

@@ -237,3 +237,31 @@ def test_mirage_run_restyles_with_a_dit_artifact(artifact, tmp_path):
                                            "--output", str(tmp_path / "bad.gif"), *args])
         assert result.exit_code == 2 and message in result.output, result.output
         assert not (tmp_path / "bad.gif").exists()
+
+
+def test_a_dit_artifact_at_another_batch_names_its_export_at_that_batch_and_mirage_serve_takes_its_own(
+        artifact, tmp_path, monkeypatch):
+    """A DiT artifact (a static batch, here 1) opened for 4 streams: the hint is its export with --batch 4 (not
+    --max-batch, which a DiT's export refuses), or mirage-serve --slots 1; mirage-serve without --slots serves it
+    at its batch of 1 (it refused it at the default 4 slots: the newcomer's finding)."""
+    import shlex
+
+    from safetensors.numpy import save_file
+
+    from test_serve_dit import serve
+
+    with pytest.raises(MirageError) as refused:
+        Pipeline.load(artifact, device="cpu", options=PipelineOptions(batch=4, strength=0.6))
+    message = str(refused.value)
+    command = shlex.split(message.split("export it for a batch of 4: ")[1].split(" (or")[0])
+    assert command[:2] == ["mirage-export", "--dit"] and command[command.index("--batch") + 1] == "4"
+    assert "--max-batch" not in command and message.endswith(f"mirage-serve {artifact} --slots 1)")
+    embeds = tmp_path / "prompt.safetensors"
+    save_file({"prompt_embeds": _prompt(7)}, str(embeds))
+
+    async def slots(client):
+        return (await (await client.get("/health")).json())["slots"]
+
+    result, served, _ = serve([str(artifact), "--prompt-embeds", str(embeds), "--strength", "0.5", "--device", "cpu"],
+                              monkeypatch, slots)
+    assert (result.exit_code, served) == (0, 1), result.output
