@@ -1009,8 +1009,10 @@ class Server:
                 late = waited_ms > self.deadline_ms
                 if late and not s.dropped_late:
                     s.counts["late"] += len(block.frames)
+                    # a block's ids, each named: newest wins drops a client's frames between them, so its first
+                    # and last ids are no range ("frames 70 to 74" was a block of 2)
                     dropped = f"frame {frame.id}" if len(block.frames) == 1 else \
-                        f"the block of frames {block.frames[0].id} to {frame.id}"
+                        f"the block of frames {', '.join(str(f.id) for f in block.frames)}"
                     s.tell({"type": "late", "id": frame.id, "message": f"{dropped} waited {waited_ms:.0f} "
                             f"ms, over the {self.deadline_ms:g} ms deadline: dropped"})
                 else:
