@@ -26,11 +26,8 @@ from mirage.cli import options as shared
 from mirage.cli.run import PACKAGE_ROOT
 from mirage.core.config import PipelineOptions
 from mirage.core.errors import MirageError
-from mirage.core.graphs import MANIFEST
-from mirage.engine.manifest import read_manifest
 
 DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
-DEFAULT_SLOTS = 4
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -105,7 +102,7 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
         from aiohttp import web
     except ImportError as e:
         raise UserError("mirage-serve needs aiohttp: pip install 'mirage-video[serve]'") from e
-    from mirage.runtime.pool import PoolGroup, StreamPool
+    from mirage.runtime.pool import PoolGroup, StreamPool, default_slots
     from mirage.runtime.server import AccessLog, RedactingFormatter, ServerOptions, make_app
 
     devices = [d.strip() for d in devices.split(",") if d.strip()]
@@ -158,15 +155,6 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
     finally:
         pool.close()
-
-
-def default_slots(model: Path) -> int:
-    """--slots when not given: a static-batch artifact's batch (its engines and graphs run that batch only, so
-    any other is refused), else DEFAULT_SLOTS, at most a dynamic artifact's max_batch; a checkpoint any batch."""
-    if not (model / MANIFEST).is_file():
-        return DEFAULT_SLOTS
-    manifest = read_manifest(model)
-    return min(DEFAULT_SLOTS, manifest["max_batch"]) if manifest["max_batch"] else manifest["batch"]
 
 
 def _check_listen(host: str, port: int) -> None:

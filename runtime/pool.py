@@ -36,12 +36,27 @@ import numpy as np
 
 from mirage.core.config import PipelineOptions
 from mirage.core.errors import MirageError
+from mirage.core.graphs import MANIFEST
 from mirage.core.video_io import as_uint8, to_float
+from mirage.engine.manifest import read_manifest
 from mirage.runtime.pipeline import Pipeline, PipelineError
 
 
 class PoolFull(MirageError):
     """Every slot of the pool is taken."""
+
+
+DEFAULT_SLOTS = 4
+
+
+def default_slots(path: str | Path) -> int:
+    """A server's slots when none are asked for: a static-batch artifact's batch (its engines and graphs run that
+    batch only, so any other is refused), else DEFAULT_SLOTS, at most a dynamic artifact's max_batch (a
+    checkpoint runs any batch)."""
+    if not (Path(path) / MANIFEST).is_file():
+        return DEFAULT_SLOTS
+    manifest = read_manifest(path)
+    return min(DEFAULT_SLOTS, manifest["max_batch"]) if manifest["max_batch"] else manifest["batch"]
 
 
 class StreamPool:

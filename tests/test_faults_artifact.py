@@ -301,7 +301,7 @@ def test_an_artifact_opened_at_another_batch_names_the_export_and_the_serve_that
     4 (not the --batch 4 it already has: the newcomer's finding) or --slots 4."""
     import shlex
 
-    from mirage.cli.serve import default_slots
+    from mirage.runtime.pool import default_slots
     from mirage.engine.manifest import read_manifest, rebuild_command, with_option
     from mirage.runtime.artifact import batch_remedy
 
