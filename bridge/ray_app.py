@@ -276,7 +276,7 @@ def build(args: dict):
     source = ModelSource(Path(args.pop("model")), **{k: args.pop(k) for k in fields if k in args})
     slots = args.pop("slots", None) or default_slots(source.path)  # as mirage-serve's --slots
     return application(source, slots, args.pop("backend", "auto"), args.pop("device", "cpu"), fast,
-                       ServerOptions(**server, prompt_names=tuple(source.prompt_names)), **args)
+                       ServerOptions(**server, prompt_names=tuple(source.prompt_names), prompt=source.prompt), **args)
 
 
 # -- the driver (mirage-serve --ray) ------------------------------------------------------------------------

@@ -126,7 +126,7 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
                                 batch_wait_ms=batch_wait_ms, max_frame_bytes=max_frame_bytes,
                                 calibrate_steps=calibrate_steps, max_prompt_chars=max_prompt_chars,
                                 control_interval_ms=control_interval_ms, gpu_jpeg=not cpu_jpeg,
-                                prompt_names=tuple(source.prompt_names))
+                                prompt_names=tuple(source.prompt_names), prompt=source.prompt)
         if use_ray or ray_address:
             return serve_on_ray(source, slots, backend, devices, fast, options, ray_address, min_replicas=min_replicas,
                                 max_replicas=max_replicas or min_replicas, target_streams=target_streams,

@@ -116,6 +116,8 @@ class ServerOptions:
     gpu_jpeg: bool = True  # JPEGs batched on the pool's GPU when it has nvJPEG (runtime/codec.py); False: Pillow
     prompt_names: tuple[str, ...] = ()  # the prompts a control may name, offered to clients in the hello (`prompts`:
                                         # the page's suggestions): mirage-serve --prompt-bank's names
+    prompt: str | None = None  # the prompt every new stream starts on (mirage-serve --prompt: a bank name or text),
+                               # told in the hello (None: given as embeddings, which have no text)
 
     def __post_init__(self):
         if not self.token and not is_loopback(self.host):
@@ -716,6 +718,8 @@ class Server:
             # the stream's own starting values of its controls (a DiT's strength: mirage-serve --strength), for
             # a client to show, not to replace with its own defaults
             current = await self.in_step_thread(self.pool.conditioning, slot) if self.controls else {}
+            if self.options.prompt is not None:  # the pool keeps a prompt as its embeddings only
+                current["prompt"] = self.options.prompt
             h, w, _ = self.pool.frame_shape
             await ws.send_json({"type": "hello", "slot": slot, "seed": seed, "width": w, "height": h,
                                 "video_to_video": self.pool.video_to_video, "slots": self.pool.slots,

@@ -182,8 +182,9 @@ def test_a_block_model_s_prompt_box_and_strength_slider_send_control_messages(br
 
 
 def test_the_page_offers_a_served_dit_s_bank_prompts_and_applies_one(browser):
-    """mirage-serve of the bundled DiT with its prompt bank: the page generates, its prompt box suggests the
-    bank's names (the hello's `prompts`), and a name typed there is applied to the stream."""
+    """mirage-serve of the bundled DiT with its prompt bank: the page generates, its prompt box shows the
+    stream's starting prompt (the hello's, --prompt's) and suggests the bank's names (the hello's `prompts`),
+    and a name typed there is applied to the stream."""
     from selenium.webdriver.common.by import By
 
     dit = ROOT / "checkpoints" / "dit-tiny-taesd"
@@ -194,6 +195,9 @@ def test_the_page_offers_a_served_dit_s_bank_prompts_and_applies_one(browser):
         names = browser.execute_script("return [...document.querySelectorAll('#prompt-names option')]"
                                        ".map((o) => o.value)")
         assert names == ["empty", "trained"]
-        assert browser.find_element(By.ID, "prompt").get_attribute("placeholder") == "e.g. empty, trained"
-        browser.find_element(By.ID, "prompt").send_keys("empty")
+        box = browser.find_element(By.ID, "prompt")
+        assert box.get_attribute("placeholder") == "e.g. empty, trained"
+        assert box.get_attribute("value") == "trained" and "applied" not in browser.find_element(By.ID, "status").text
+        box.clear()
+        box.send_keys("empty")
         wait_for_status(browser, 'applied: prompt "empty"')

@@ -79,6 +79,7 @@ def test_mirage_serve_serves_the_dit_and_a_bank_prompt_steers_one_stream_alone(m
             assert (hello["frames_in"], hello["controls"], hello["prompts"]) == (0, {"prompt": True},
                                                                                  ["empty", "trained"])
             assert (hello["width"], hello["video_rate"]) == (SIZE, 16.0)
+            assert hello["prompt"] == "trained" and "strength" not in hello  # --prompt; generation: no strength
             if control:
                 await b.send_str(json.dumps({"type": "control", "prompt": "nope"}))
                 error = await text(b)

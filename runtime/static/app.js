@@ -166,10 +166,12 @@ function showConditioning(msg) {
   $("prompt-names").replaceChildren(...(msg.prompts || []).map((name) => new Option(name, name)));
   if (msg.prompts?.length) $("prompt").placeholder = `e.g. ${msg.prompts.slice(0, 3).join(", ")}`;
   if (controls.strength) [$("strength").min, $("strength").max] = controls.strength;
-  // the slider shows the stream's own strength (mirage-serve --strength), not the page's default over it;
-  // a prompt typed before start (the box keeps it after a stop) is the stream's
+  // the slider and the box show the stream's own strength and prompt (mirage-serve --strength, --prompt), not
+  // the page's defaults sent over them; another prompt typed before start (the box keeps it after a stop) is sent
   if (msg.strength !== undefined) showStrength(msg.strength);
-  if (controls.prompt && $("prompt").value) changed.add("prompt");
+  const typed = $("prompt").value;
+  if (controls.prompt && typed && typed !== msg.prompt) changed.add("prompt");
+  else if (msg.prompt !== undefined) $("prompt").value = msg.prompt;
   sendControl();
 }
 
