@@ -74,8 +74,8 @@ def batch_remedy(path: Path, manifest: dict, rebuild: str, batch: int) -> str:
         command = with_option(rebuild, "--batch", str(batch))
     else:
         command = with_option(rebuild, "--max-batch", str(max(batch, manifest["batch"], manifest["max_batch"] or 0)))
-    return (f"export it for a batch of {batch}: {command} (or serve it at its own: mirage-serve {shlex.quote(str(path))} "
-            f"--slots {manifest['max_batch'] or manifest['batch']})")
+    serve = f"mirage-serve {shlex.quote(str(path))} --slots {manifest['max_batch'] or manifest['batch']}"
+    return f"export it for a batch of {batch}: {command} (or serve it at its own: {serve})"
 
 
 def _gpu_asked(device: str) -> bool:
