@@ -55,7 +55,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from mirage.bridge.source import ModelSource
 from mirage.core.config import PipelineOptions
-from mirage.runtime.pool import StreamPool
+from mirage.runtime.pool import StreamPool, default_slots
 from mirage.runtime.server import STATIC, ServeError, Server, ServerOptions
 
 log = logging.getLogger("mirage.serve")
@@ -274,8 +274,9 @@ def build(args: dict):
     fast = args.pop("fast", "false").lower() in ("1", "true", "yes")
     fields = ("dit", "lora", "prompt", "prompt_embeds", "text_encoder", "prompt_bank", "strength")
     source = ModelSource(Path(args.pop("model")), **{k: args.pop(k) for k in fields if k in args})
-    return application(source, args.pop("slots", 4), args.pop("backend", "auto"), args.pop("device", "cpu"), fast,
-                       ServerOptions(**server, prompt_names=tuple(source.prompt_names)), **args)
+    slots = args.pop("slots", None) or default_slots(source.path)  # as mirage-serve's --slots
+    return application(source, slots, args.pop("backend", "auto"), args.pop("device", "cpu"), fast,
+                       ServerOptions(**server, prompt_names=tuple(source.prompt_names), prompt=source.prompt), **args)
 
 
 # -- the driver (mirage-serve --ray) ------------------------------------------------------------------------

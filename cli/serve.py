@@ -36,8 +36,10 @@ DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
 @click.option("--host", default="127.0.0.1",
               help="Address to bind. Anything but loopback (127.0.0.1, ::1, localhost) requires --token.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, help="TCP port.")
-@click.option("--slots", type=click.IntRange(1, 1024), default=4,
-              help="Concurrent streams: the pool's batch. One more client is answered 'busy'.")
+@click.option("--slots", type=click.IntRange(1, 1024), default=None, show_default=False,
+              help="Concurrent streams: the pool's batch. One more client is answered 'busy'. Default: an "
+                   "artifact's own batch where it is static (a DiT's always is; mirage-export --batch), else 4 "
+                   "(up to a dynamic artifact's --max-batch).")
 @click.option("--token", default=None, envvar="MIRAGE_SERVE_TOKEN",
               help="Access token, checked on the page and the WebSocket: 'Authorization: Bearer TOKEN' or "
                    "?token=TOKEN. Also read from $MIRAGE_SERVE_TOKEN (out of the process list). Never printed or "
@@ -100,7 +102,7 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
         from aiohttp import web
     except ImportError as e:
         raise UserError("mirage-serve needs aiohttp: pip install 'mirage-video[serve]'") from e
-    from mirage.runtime.pool import PoolGroup, StreamPool
+    from mirage.runtime.pool import PoolGroup, StreamPool, default_slots
     from mirage.runtime.server import AccessLog, RedactingFormatter, ServerOptions, make_app
 
     devices = [d.strip() for d in devices.split(",") if d.strip()]
@@ -113,6 +115,10 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
         shared.check_fast(fast, name)
     if fast and dit["config"]:
         raise UserError("--fast is the U-Net checkpoints' compiled path; a DiT checkpoint (--dit) runs without it")
+    try:
+        slots = slots or default_slots(model)
+    except MirageError as e:
+        raise UserError(str(e)) from e
     source = ModelSource(model, *(dit[k] for k in ("config", "lora", "prompt", "prompt_embeds", "text_encoder",
                                                    "prompt_bank", "strength")))
     try:  # the options and the prompt files first: a refused binding should not wait for a model to load
@@ -120,7 +126,7 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
                                 batch_wait_ms=batch_wait_ms, max_frame_bytes=max_frame_bytes,
                                 calibrate_steps=calibrate_steps, max_prompt_chars=max_prompt_chars,
                                 control_interval_ms=control_interval_ms, gpu_jpeg=not cpu_jpeg,
-                                prompt_names=tuple(source.prompt_names))
+                                prompt_names=tuple(source.prompt_names), prompt=source.prompt)
         if use_ray or ray_address:
             return serve_on_ray(source, slots, backend, devices, fast, options, ray_address, min_replicas=min_replicas,
                                 max_replicas=max_replicas or min_replicas, target_streams=target_streams,

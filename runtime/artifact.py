@@ -2,6 +2,7 @@
 verify its files and graphs against the model config's specs, and pick the backend."""
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def open_artifact(path: Path, backend: str, device: str, options: PipelineOption
     if manifest["batch"] != options.batch and not (manifest["max_batch"] and options.batch <= manifest["max_batch"]):
         raise EngineError(f"{path} runs a batch of {manifest['batch']}"
                           + (f" (up to {manifest['max_batch']})" if manifest["max_batch"] else "")
-                          + f", not {options.batch}; rebuild with --batch/--max-batch: {rebuild}")
+                          + f", not {options.batch}; {batch_remedy(path, manifest, rebuild, options.batch)}")
     if backend == "torch":
         raise BackendError(f"{path} is an artifact; the torch backend runs checkpoints (pass the checkpoint "
                            f"folder {manifest['checkpoint']['path']})")
@@ -67,6 +68,18 @@ def open_artifact(path: Path, backend: str, device: str, options: PipelineOption
     for graph in specs:
         check_signature(graph, impl.signature(graph), recorded[graph], rebuild)
     return impl, cfg, specs, manifest
+
+
+def batch_remedy(path: Path, manifest: dict, rebuild: str, batch: int) -> str:
+    """How to run `batch` rows on an artifact that does not take them: its export again with the batch option its
+    family has (a DiT: a static --batch; a U-Net: a dynamic batch up to --max-batch, its --batch kept as the
+    optimum, so it runs its old batch too), or its own batch where the caller can choose one (mirage-serve)."""
+    if manifest.get("family", "unet") == "dit":
+        command = with_option(rebuild, "--batch", str(batch))
+    else:
+        command = with_option(rebuild, "--max-batch", str(max(batch, manifest["batch"], manifest["max_batch"] or 0)))
+    serve = f"mirage-serve {shlex.quote(str(path))} --slots {manifest['max_batch'] or manifest['batch']}"
+    return f"export it for a batch of {batch}: {command} (or serve it at its own: {serve})"
 
 
 def _gpu_asked(device: str) -> bool:

@@ -253,6 +253,13 @@ class Pipeline:
                                     "folder, or prompt embeddings)")
             self.set_prompt(self.prompt_encoder(prompt), [row])
 
+    def conditioning(self, row: int) -> dict:
+        """Row `row`'s current values of what `control` sets, as it takes them: {"strength": s} for a
+        video-to-video DiT (a new row starts at PipelineOptions.strength), {} otherwise (a prompt is kept only
+        as its embeddings)."""
+        self._check_row(row)
+        return {"strength": float(self.unit.strengths[row])} if "strength" in self.controls else {}
+
     def _recache(self, row: int) -> None:
         buf, ex = self.buf, self.execution
         for feeds, advance in self.unit.recache_inputs(row):

@@ -36,12 +36,27 @@ import numpy as np
 
 from mirage.core.config import PipelineOptions
 from mirage.core.errors import MirageError
+from mirage.core.graphs import MANIFEST
 from mirage.core.video_io import as_uint8, to_float
+from mirage.engine.manifest import read_manifest
 from mirage.runtime.pipeline import Pipeline, PipelineError
 
 
 class PoolFull(MirageError):
     """Every slot of the pool is taken."""
+
+
+DEFAULT_SLOTS = 4
+
+
+def default_slots(path: str | Path) -> int:
+    """A server's slots when none are asked for: a static-batch artifact's batch (its engines and graphs run that
+    batch only, so any other is refused), else DEFAULT_SLOTS, at most a dynamic artifact's max_batch (a
+    checkpoint runs any batch)."""
+    if not (Path(path) / MANIFEST).is_file():
+        return DEFAULT_SLOTS
+    manifest = read_manifest(path)
+    return min(DEFAULT_SLOTS, manifest["max_batch"]) if manifest["max_batch"] else manifest["batch"]
 
 
 class StreamPool:
@@ -97,6 +112,12 @@ class StreamPool:
         model does not take is refused (a MirageError) and the other streams are untouched."""
         self._attached(slot)
         self.pipeline.control(slot, prompt=prompt, strength=strength)
+
+    def conditioning(self, slot: int) -> dict:
+        """One stream's current values of what `control` sets ({"strength": s} for a video-to-video DiT: a new
+        stream's is the pool's PipelineOptions.strength), for a client to show before it changes them."""
+        self._attached(slot)
+        return self.pipeline.conditioning(slot)
 
     def step(self, inputs: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
         """Advance the slots given inputs (video-to-video) or every attached slot (generation) one
@@ -223,6 +244,10 @@ class PoolGroup:
         pool, local = self._locate(slot)
         i = self.pools.index(pool)
         self._threads[i].submit(pool.control, local, prompt, strength).result()
+
+    def conditioning(self, slot: int) -> dict:
+        pool, local = self._locate(slot)
+        return self._threads[self.pools.index(pool)].submit(pool.conditioning, local).result()
 
     def step(self, inputs: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
         self.submit(inputs)

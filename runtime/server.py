@@ -116,6 +116,8 @@ class ServerOptions:
     gpu_jpeg: bool = True  # JPEGs batched on the pool's GPU when it has nvJPEG (runtime/codec.py); False: Pillow
     prompt_names: tuple[str, ...] = ()  # the prompts a control may name, offered to clients in the hello (`prompts`:
                                         # the page's suggestions): mirage-serve --prompt-bank's names
+    prompt: str | None = None  # the prompt every new stream starts on (mirage-serve --prompt: a bank name or text),
+                               # told in the hello (None: given as embeddings, which have no text)
 
     def __post_init__(self):
         if not self.token and not is_loopback(self.host):
@@ -713,11 +715,16 @@ class Server:
         helpers = [asyncio.create_task(self.helper(stream, loop))
                    for loop in (self.decode_loop, self.send_loop, self.control_loop)]
         try:
+            # the stream's own starting values of its controls (a DiT's strength: mirage-serve --strength), for
+            # a client to show, not to replace with its own defaults
+            current = await self.in_step_thread(self.pool.conditioning, slot) if self.controls else {}
+            if self.options.prompt is not None:  # the pool keeps a prompt as its embeddings only
+                current["prompt"] = self.options.prompt
             h, w, _ = self.pool.frame_shape
             await ws.send_json({"type": "hello", "slot": slot, "seed": seed, "width": w, "height": h,
                                 "video_to_video": self.pool.video_to_video, "slots": self.pool.slots,
-                                "deadline_ms": self.deadline_ms,
-                                "max_frame_bytes": self.options.max_frame_bytes, **self.block_contract(), **hello})
+                                "deadline_ms": self.deadline_ms, "max_frame_bytes": self.options.max_frame_bytes,
+                                **self.block_contract(), **current, **hello})
             log.info("stream in slot %d attached (seed %d, %s)", slot, seed, remote)
             async for msg in ws:
                 if msg.type == WSMsgType.ERROR:  # e.g. over the hard size cap: aiohttp closes it (1009)
@@ -1006,8 +1013,10 @@ class Server:
                 late = waited_ms > self.deadline_ms
                 if late and not s.dropped_late:
                     s.counts["late"] += len(block.frames)
+                    # a block's ids, each named: newest wins drops a client's frames between them, so its first
+                    # and last ids are no range ("frames 70 to 74" was a block of 2)
                     dropped = f"frame {frame.id}" if len(block.frames) == 1 else \
-                        f"the block of frames {block.frames[0].id} to {frame.id}"
+                        f"the block of frames {', '.join(str(f.id) for f in block.frames)}"
                     s.tell({"type": "late", "id": frame.id, "message": f"{dropped} waited {waited_ms:.0f} "
                             f"ms, over the {self.deadline_ms:g} ms deadline: dropped"})
                 else:

@@ -1,13 +1,14 @@
 """`mirage-serve` itself (its options, banner, logging and server) over a stand-in pool, for the attack
 suite (tests/test_serve_attack.py) and the page's block-model test (tests/test_browser.py):
 
-    python tests/serve_standin.py STEP_MS [--block N] [mirage-serve options]
+    python tests/serve_standin.py STEP_MS [--block N [--strength S]] [mirage-serve options]
 
 The stand-in's step sleeps STEP_MS and hands each slot its input back: like a GPU pool's step it takes
 neither a core nor the GIL, so what the suite measures on a shared 2-core machine is the server and the
 attack, not the CPU model's share of the cores (tests/test_serve.py runs the server on the real pool).
 With --block N it is a BlockPool: a DiT-like pool of blocks of N frames at 16 FPS that takes a prompt
-and a strength (tests/test_serve_blocks.py).
+and a strength (tests/test_serve_blocks.py), every stream starting at strength S (default 0), as mirage-serve
+--strength starts a DiT's.
 """
 from __future__ import annotations
 
@@ -71,18 +72,23 @@ class BlockPool(SleepPool):
     restores = False  # a DiT's inputs: the frames as sent
 
     def __init__(self, slots: int, step_s: float, block: int = 4, video_rate: float = 16.0,
-                 video_to_video: bool = True):
+                 video_to_video: bool = True, strength: float = 0.0):
         super().__init__(slots, step_s)
         self.block, self.video_rate, self.video_to_video = block, video_rate, video_to_video
         self.frames_in = block if video_to_video else 0
-        self.strength = np.zeros(slots, np.float32)
+        self.start_strength = strength  # a new stream's (StreamPool: PipelineOptions.strength)
+        self.strength = np.full(slots, strength, np.float32)
         self.made = np.zeros(slots, np.int64)  # frames each row has generated since its attach
         self.calls: list[tuple] = []
 
     def attach(self, seed: int = 0) -> int:
         slot = super().attach(seed)
         self.made[slot] = 0
+        self.strength[slot] = self.start_strength
         return slot
+
+    def conditioning(self, slot: int) -> dict:
+        return {"strength": float(self.strength[slot])}
 
     def control(self, slot: int, prompt: str | None = None, strength: float | None = None) -> None:
         if prompt is not None and len(prompt.split()) > self.MAX_TOKENS:
@@ -113,11 +119,13 @@ class BlockPool(SleepPool):
 
 if __name__ == "__main__":
     step_s = float(sys.argv.pop(1)) / 1e3
-    block = 0
-    if sys.argv[1:2] == ["--block"]:
-        block = int(sys.argv[2])
+    standin = {"--block": 0, "--strength": 0.0}  # the stand-in's own options, before mirage-serve's
+    while sys.argv[1:2] and sys.argv[1] in standin:
+        standin[sys.argv[1]] = type(standin[sys.argv[1]])(sys.argv[2])
         del sys.argv[1:3]
-    pool_module.StreamPool.open = classmethod(lambda cls, path, slots, **kw: BlockPool(slots, step_s, block)
+    block, strength = standin["--block"], standin["--strength"]
+    pool_module.StreamPool.open = classmethod(lambda cls, path, slots, **kw: BlockPool(slots, step_s, block,
+                                                                                       strength=strength)
                                               if block else SleepPool(slots, step_s))
     from mirage.cli.serve import main
 

@@ -158,17 +158,20 @@ def wait_for_status(browser, text: str, seconds: float = 5.0) -> None:
 
 
 def test_a_block_model_s_prompt_box_and_strength_slider_send_control_messages(browser, tmp_path):
-    """Over the stand-in block model (blocks of 4 frames at 16 FPS, a prompt and a strength): frames arrive,
-    the prompt box and the slider show, and typing a prompt or moving the slider is applied by the server
-    (its `applied` answer on the page); the strength first, as the page starts with the slider's value."""
+    """Over the stand-in block model (blocks of 4 frames at 16 FPS, a prompt and a strength, streams starting at
+    strength 0.6 as mirage-serve --strength 0.6 starts them): frames arrive, the prompt box and the slider show,
+    the slider at the stream's 0.60 (the hello's), with no control sent to replace it by the page's default;
+    typing a prompt or moving the slider is applied by the server (its `applied` answer on the page)."""
     from selenium.webdriver.common.by import By
 
-    with serving(CKPT_V2V, program=(str(STANDIN), "20", "--block", "4")) as url:
+    with serving(CKPT_V2V, program=(str(STANDIN), "20", "--block", "4", "--strength", "0.6")) as url:
         browser.get(url + "/")
         run_source(browser, "synthetic", 2)
         for element in ("conditioning", "prompt", "strength"):
             assert browser.find_element(By.ID, element).is_displayed(), element
-        wait_for_status(browser, "applied: strength 0.50")
+        assert browser.find_element(By.ID, "strength").get_attribute("value") == "0.6"
+        assert browser.find_element(By.ID, "strength-value").text == "0.60"
+        assert "applied" not in browser.find_element(By.ID, "status").text
         browser.find_element(By.ID, "prompt").send_keys("a watercolor fox")
         wait_for_status(browser, 'applied: prompt "a watercolor fox"')
         screenshot(browser, tmp_path, BLOCK_SCREENSHOT)
@@ -179,8 +182,9 @@ def test_a_block_model_s_prompt_box_and_strength_slider_send_control_messages(br
 
 
 def test_the_page_offers_a_served_dit_s_bank_prompts_and_applies_one(browser):
-    """mirage-serve of the bundled DiT with its prompt bank: the page generates, its prompt box suggests the
-    bank's names (the hello's `prompts`), and a name typed there is applied to the stream."""
+    """mirage-serve of the bundled DiT with its prompt bank: the page generates, its prompt box shows the
+    stream's starting prompt (the hello's, --prompt's) and suggests the bank's names (the hello's `prompts`),
+    and a name typed there is applied to the stream."""
     from selenium.webdriver.common.by import By
 
     dit = ROOT / "checkpoints" / "dit-tiny-taesd"
@@ -191,6 +195,9 @@ def test_the_page_offers_a_served_dit_s_bank_prompts_and_applies_one(browser):
         names = browser.execute_script("return [...document.querySelectorAll('#prompt-names option')]"
                                        ".map((o) => o.value)")
         assert names == ["empty", "trained"]
-        assert browser.find_element(By.ID, "prompt").get_attribute("placeholder") == "e.g. empty, trained"
-        browser.find_element(By.ID, "prompt").send_keys("empty")
+        box = browser.find_element(By.ID, "prompt")
+        assert box.get_attribute("placeholder") == "e.g. empty, trained"
+        assert box.get_attribute("value") == "trained" and "applied" not in browser.find_element(By.ID, "status").text
+        box.clear()
+        box.send_keys("empty")
         wait_for_status(browser, 'applied: prompt "empty"')

@@ -135,16 +135,20 @@ def test_rows_are_streams_at_their_own_strengths(codec):
 
 def test_a_strength_change_takes_effect_on_the_next_block(codec):
     """control(slot, strength) between blocks: the next block is noised to the new strength, the stream goes on
-    (its cache kept), and a new stream in the slot starts at the pipeline's strength again."""
+    (its cache kept), and a new stream in the slot starts at the pipeline's strength again; `conditioning` says
+    the stream's strength throughout (a server's hello tells it to the client)."""
     text, clip = _prompt(1), _clip(3, seed=2)
     with StreamPool(_torch_pipeline(strength=0.6)) as pool:
         pool.pipeline.set_prompt(text)
         slot = pool.attach(seed=4)
+        assert pool.conditioning(slot) == {"strength": 0.6}
         got = [pool.step({slot: clip[0]})[slot]]
         pool.control(slot, strength=0.2)
+        assert pool.conditioning(slot) == {"strength": 0.2}
         got += [pool.step({slot: block})[slot] for block in clip[1:]]
         pool.detach(slot)
         slot = pool.attach(seed=4)
+        assert pool.conditioning(slot) == {"strength": 0.6}
         np.testing.assert_array_equal(pool.step({slot: clip[0]})[slot], got[0])
     for k, ref in enumerate(_restyled(codec, text, 4, clip, [0.6, 0.2, 0.2])):
         np.testing.assert_allclose(got[k], ref, atol=TOL, rtol=0, err_msg=f"block {k}")
@@ -235,3 +239,31 @@ def test_mirage_run_restyles_with_a_dit_artifact(artifact, tmp_path):
                                            "--output", str(tmp_path / "bad.gif"), *args])
         assert result.exit_code == 2 and message in result.output, result.output
         assert not (tmp_path / "bad.gif").exists()
+
+
+def test_a_dit_artifact_at_another_batch_names_its_export_at_that_batch_and_mirage_serve_takes_its_own(
+        artifact, tmp_path, monkeypatch):
+    """A DiT artifact (a static batch, here 1) opened for 4 streams: the hint is its export with --batch 4 (not
+    --max-batch, which a DiT's export refuses), or mirage-serve --slots 1; mirage-serve without --slots serves it
+    at its batch of 1 (it refused it at the default 4 slots: the newcomer's finding)."""
+    import shlex
+
+    from safetensors.numpy import save_file
+
+    from test_serve_dit import serve
+
+    with pytest.raises(MirageError) as refused:
+        Pipeline.load(artifact, device="cpu", options=PipelineOptions(batch=4, strength=0.6))
+    message = str(refused.value)
+    command = shlex.split(message.split("export it for a batch of 4: ")[1].split(" (or")[0])
+    assert command[:2] == ["mirage-export", "--dit"] and command[command.index("--batch") + 1] == "4"
+    assert "--max-batch" not in command and message.endswith(f"mirage-serve {artifact} --slots 1)")
+    embeds = tmp_path / "prompt.safetensors"
+    save_file({"prompt_embeds": _prompt(7)}, str(embeds))
+
+    async def slots(client):
+        return (await (await client.get("/health")).json())["slots"]
+
+    result, served, _ = serve([str(artifact), "--prompt-embeds", str(embeds), "--strength", "0.5", "--device", "cpu"],
+                              monkeypatch, slots)
+    assert (result.exit_code, served) == (0, 1), result.output

@@ -306,3 +306,35 @@ def test_the_pipeline_refuses_torch_options_for_an_artifact(artifact):
     for options in (PipelineOptions.fastest(), PipelineOptions(dtype="float16"), PipelineOptions(channels_last=True)):
         with pytest.raises(MirageError, match="tune the torch backend"):
             Pipeline.load(artifact, device="cpu", options=options)
+
+
+def test_an_artifact_opened_at_another_batch_names_the_export_and_the_serve_that_run_it(artifact):
+    """A static batch-1 U-Net artifact opened for 3 streams: the hint is its export with a dynamic batch up to 3
+    (its --batch 1 kept, so mirage-run still runs it), or mirage-serve at its own batch, which mirage-serve takes
+    when --slots is not given. The reverse, a batch-4 artifact for mirage-run's one row, asks for a max batch of
+    4 (not the --batch 4 it already has: the newcomer's finding) or --slots 4."""
+    import shlex
+
+    from mirage.runtime.pool import default_slots
+    from mirage.engine.manifest import read_manifest, rebuild_command, with_option
+    from mirage.runtime.artifact import batch_remedy
+
+    with pytest.raises(MirageError) as refused:
+        Pipeline.load(artifact, device="cpu", options=PipelineOptions(batch=3))
+    message = str(refused.value)
+    assert "runs a batch of 1, not 3; export it for a batch of 3: mirage-export " in message
+    command = shlex.split(message.split("batch of 3: ")[1].split(" (or")[0])
+    assert command[command.index("--max-batch") + 1] == "3" and "--batch" not in command  # its batch 1 the optimum
+    assert message.endswith(f"(or serve it at its own: mirage-serve {artifact} --slots 1)")
+    assert default_slots(artifact) == 1 and default_slots(CKPT_GEN) == 4
+    manifest = read_manifest(artifact)
+    four, rebuilt_at_4 = {**manifest, "batch": 4}, with_option(rebuild_command(manifest, artifact), "--batch", "4")
+
+    def hint(family: str) -> list[str]:
+        remedy = batch_remedy(artifact, {**four, "family": family}, rebuilt_at_4, 1)
+        assert remedy.endswith("--slots 4)")
+        return shlex.split(remedy.split("batch of 1: ")[1].split(" (or")[0])
+
+    unet, dit = hint("unet"), hint("dit")
+    assert (unet[unet.index("--batch") + 1], unet[unet.index("--max-batch") + 1]) == ("4", "4")
+    assert dit[dit.index("--batch") + 1] == "1" and "--max-batch" not in dit  # a DiT's batch is static

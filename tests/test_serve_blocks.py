@@ -111,6 +111,32 @@ def test_a_block_model_s_deadline_is_at_least_its_block_s_play_time():
     assert run(one_frame_deadline) == 1.0
 
 
+def test_a_late_block_s_message_names_the_frames_it_held():
+    """A block whose step starts past the deadline (the 200 ms play time; the step ahead takes 500 ms) is
+    dropped with one `late` message naming its frames' ids: those the server kept of a client's (newest wins),
+    not a range from its first to its last id."""
+    pool = BlockPool(1, 0.5, BLOCK, RATE)
+
+    async def scenario():
+        async with serving(pool, deadline_ms=1.0) as client:
+            ws, _ = await connect(client)
+            await send_block(ws, inputs(0), 0)
+            await asyncio.sleep(0.1)  # block 0 in its step
+            for frame_id, rgb in zip((4, 6, 9, 11), inputs(1)):
+                await ws.send_bytes(message(frame_id, rgb.tobytes()))
+            while (late := await text_or_frame(ws)) is None or late["type"] != "late":
+                pass
+            return late
+    late = run(scenario)
+    assert late["id"] == 11 and late["message"].startswith("the block of frames 4, 6, 9, 11 waited "), late
+
+
+async def text_or_frame(ws) -> dict | None:
+    """The next message other than stats: a text one, or None for a frame."""
+    msg = await ws.receive()
+    return None if msg.type == WSMsgType.BINARY or json.loads(msg.data)["type"] == "stats" else json.loads(msg.data)
+
+
 def test_a_frame_of_another_size_in_a_block_is_refused_and_the_block_completes():
     """The bad frame gets one error naming it; the block is gathered from the good frames around it."""
     pool = BlockPool(1, STEP_S, BLOCK, RATE)
@@ -324,6 +350,7 @@ def test_a_model_without_controls_refuses_them_and_says_so_in_its_hello():
         async with serving(pool) as client:
             ws, hello = await connect(client)
             assert (hello["controls"], hello["frames_in"], hello["video_rate"]) == ({}, 1, None)
+            assert "strength" not in hello  # no strength to show
             await ws.send_str('{"type": "control", "strength": 0.5}')
             assert "this model takes no prompt and no strength" in (await text(ws))["message"]
             await ws.send_bytes(message(5, inputs(1, 1)[0].tobytes()))  # and streams one frame a step, as before

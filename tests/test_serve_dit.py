@@ -79,6 +79,7 @@ def test_mirage_serve_serves_the_dit_and_a_bank_prompt_steers_one_stream_alone(m
             assert (hello["frames_in"], hello["controls"], hello["prompts"]) == (0, {"prompt": True},
                                                                                  ["empty", "trained"])
             assert (hello["width"], hello["video_rate"]) == (SIZE, 16.0)
+            assert hello["prompt"] == "trained" and "strength" not in hello  # --prompt; generation: no strength
             if control:
                 await b.send_str(json.dumps({"type": "control", "prompt": "nope"}))
                 error = await text(b)
@@ -129,6 +130,7 @@ def test_a_served_dit_restyles_each_stream_s_frames_at_its_own_strength(monkeypa
         (a, hello), (b, _) = [(ws, await ws.receive_json()) for ws in
                               [await client.ws_connect("/ws", params={"seed": str(s)}) for s in (1, 2)]]
         assert (hello["frames_in"], hello["controls"]) == (BLOCK, {"prompt": True, "strength": [0.0, 1.0]})
+        assert hello["strength"] == 0.5  # --strength: the stream's own, which the page shows rather than sends
         for ws, strength in ((a, 0.0), (b, 1.0)):
             await ws.send_str(json.dumps({"type": "control", "strength": strength}))
             assert await text(ws) == {"type": "applied", "strength": strength}

@@ -166,9 +166,12 @@ function showConditioning(msg) {
   $("prompt-names").replaceChildren(...(msg.prompts || []).map((name) => new Option(name, name)));
   if (msg.prompts?.length) $("prompt").placeholder = `e.g. ${msg.prompts.slice(0, 3).join(", ")}`;
   if (controls.strength) [$("strength").min, $("strength").max] = controls.strength;
-  // the stream starts with what the page shows: the slider's strength, the prompt typed before start
-  if (controls.strength) changed.add("strength");
-  if (controls.prompt && $("prompt").value) changed.add("prompt");
+  // the slider and the box show the stream's own strength and prompt (mirage-serve --strength, --prompt), not
+  // the page's defaults sent over them; another prompt typed before start (the box keeps it after a stop) is sent
+  if (msg.strength !== undefined) showStrength(msg.strength);
+  const typed = $("prompt").value;
+  if (controls.prompt && typed && typed !== msg.prompt) changed.add("prompt");
+  else if (msg.prompt !== undefined) $("prompt").value = msg.prompt;
   sendControl();
 }
 
@@ -189,8 +192,13 @@ function showApplied(msg) {
   status(`applied: ${parts.join(", ")}`);
 }
 
-function controlChanged(field) {
+function showStrength(value) {
+  $("strength").value = value;
   $("strength-value").textContent = Number($("strength").value).toFixed(2);
+}
+
+function controlChanged(field) {
+  showStrength($("strength").value);
   changed.add(field);
   clearTimeout(controlTimer);
   controlTimer = setTimeout(sendControl, CONTROL_DEBOUNCE_MS);
