@@ -1010,7 +1010,9 @@ class Server:
                 block, s.pending = s.pending, None
                 frame = block.last
                 waited_ms = (now - frame.received) * 1e3
-                late = waited_ms > self.deadline_ms
+                # a generation request carries no input that could go stale: dropping it would only throw away
+                # its row's block, which the step makes anyway (a skip in that stream's video)
+                late = self.pool.video_to_video and waited_ms > self.deadline_ms
                 if late and not s.dropped_late:
                     s.counts["late"] += len(block.frames)
                     # a block's ids, each named: newest wins drops a client's frames between them, so its first

@@ -199,6 +199,23 @@ def test_a_generation_block_answers_its_request_and_is_stepped_only_as_its_playo
     assert span >= 0.8 * (3 * BLOCK - 1) / RATE  # 11 frame periods: paced, across blocks too
 
 
+def test_a_generation_request_is_never_dropped_as_late():
+    """A generation request carries no input that could go stale: behind steps longer than the deadline it
+    is stepped, not dropped as late (which threw its row's block away, a skip in the stream's video)."""
+    pool = BlockPool(1, 0.15, BLOCK, RATE, video_to_video=False)
+
+    async def scenario():
+        async with serving(pool, deadline_ms=1.0) as client:
+            ws, _ = await connect(client)
+            asker = asyncio.create_task(ask_every_10_ms(ws))
+            got, texts = await replies(ws, 3 * BLOCK)
+            asker.cancel()
+            return got, texts
+    got, texts = run(scenario)
+    assert [t for t in texts if t["type"] == "late"] == [], texts
+    assert missed(got) <= 1, counters(got)
+
+
 def test_generation_streams_out_of_phase_lose_no_block():
     """A generation pool advances every attached row each step: a stream waiting for its playout to run
     dry joins its neighbour's step rather than have that block made and lost, so two streams that
