@@ -35,6 +35,11 @@ def table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
+def device_tag(device: str) -> str:
+    """A report file name's device word: "cpu", or the GPU's model ("NVIDIA H100 80GB HBM3" -> "h100")."""
+    return "cpu" if device == "cpu" else device.split()[1].lower()
+
+
 def write_json(path: str | Path, report: dict) -> None:
     """Written to a hidden sibling and renamed, so a report already at `path` is replaced whole or
     not at all."""

@@ -18,7 +18,7 @@ import sys
 
 from mirage.core.config import get_dit_config
 from mirage.core.errors import MirageError
-from mirage.core.report import write_json
+from mirage.core.report import device_tag, write_json
 from mirage.model import dit_bench
 
 
@@ -49,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(dit_bench.table(report), flush=True)
-    tag = "cpu" if report["device"] == "cpu" else report["device"].split()[1].lower()  # NVIDIA H100 ... -> h100
-    path = args.json or f"docs/bench/{datetime.date.today()}_{tag}_dit_{args.config}.json"
+    path = args.json or f"docs/bench/{datetime.date.today()}_{device_tag(report['device'])}_dit_{args.config}.json"
     write_json(path, report)
     print(f"wrote {path}")
     return 0

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mirage.core.config import get_dit_config
-from mirage.core.report import write_json
+from mirage.core.report import device_tag, write_json
 from mirage.plugins_cpp.bench import device_ms
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         report["cases"][case] = {"keys": frames * t, **res}
         cells = [f"{r['ms']:7.3f} ms {r['tflops']:4.0f} TF" if "ms" in r else f"{'refused':>18}" for r in res.values()]
         print(f"{case:<12} {frames * t:>6} " + " ".join(cells))
-    tag = report["device"].split()[1].lower()  # "NVIDIA H100 80GB HBM3" -> h100
-    path = args.json or f"docs/bench/{datetime.date.today()}_{tag}_sdpa_{cfg.name}.json"
+    path = args.json or f"docs/bench/{datetime.date.today()}_{device_tag(report['device'])}_sdpa_{cfg.name}.json"
     write_json(path, report)
     print(f"wrote {path}")
     return 0
