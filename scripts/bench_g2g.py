@@ -27,6 +27,7 @@ from pathlib import Path
 
 from bench_serve import device_name, random_checkpoint, slug  # this folder's: the same model, device and file names
 from mirage.core.errors import MirageError
+from mirage.core.report import write_json
 from mirage.runtime.g2g import summarize
 from mirage.runtime.g2g_client import CHROMIUM, browser_streams, python_streams, serving
 
@@ -119,7 +120,7 @@ def main() -> None:
               **{k: getattr(args, k) for k in ("seconds", "warmup_s", "grace_s", "fps", "fast", "deadline_ms",
                                                "floor_step_ms")},
               "rows": rows}
-    path.write_text(json.dumps(report, indent=2))
+    write_json(path, report)
     print(f"wrote {path}")
 
 

@@ -20,6 +20,7 @@ from mirage.bridge.dit_quality import evaluate_dit
 from mirage.bridge.pipeline import load_pipeline
 from mirage.bridge.quality import evaluate, reference_clip, v2v_inputs
 from mirage.core.config import PipelineOptions
+from mirage.core.report import write_json
 from mirage.core.schedule import CONTEXT_NOISE
 from mirage.model.dit_pipeline import DiTPipeline, DiTSpec
 from mirage.model.wan_checkpoint import saved_dit_config
@@ -75,8 +76,7 @@ def main() -> None:
         dits = [evaluate_dit(args.dit, args.frames, strength=args.strength, data=args.data, degraded=d)
                 for d in (False, True)]
     timing = paired_ms(args.unet, args.dit, 20, 3, args.strength, args.data)
-    Path(args.json).write_text(json.dumps({"threads": args.threads, "device": "cpu", "timing": timing,
-                                           "unet": unet, "dit": dits}, indent=1))
+    write_json(args.json, {"threads": args.threads, "device": "cpu", "timing": timing, "unet": unet, "dit": dits})
     for name, r in [("unet", unet)] + [(f"dit {r['task']} s={r['strength']}", r) for r in dits]:
         w0, w1 = r["windows"][0], r["windows"][-1]
         print(f"{name}: psnr {w0['psnr']:.2f} -> {w1['psnr']:.2f} (drift {r['drift_db']:+.2f} dB), "
