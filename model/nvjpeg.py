@@ -28,8 +28,19 @@ class NvJpeg:
             return [d.permute(1, 2, 0).contiguous().cpu().numpy() for d in decoded]  # .cpu() waits for the stream
 
     def encode_batch(self, images: list[np.ndarray], quality: int) -> list[bytes]:
-        """(H, W, 3) uint8 RGB host arrays -> JPEG files, encoded on the GPU in one batched call."""
+        """(H, W, 3) uint8 RGB host arrays -> JPEG files, encoded on the GPU in one batched call.
+
+        torchvision's nvJPEG encoder (0.2x, encode_jpegs_cuda.cpp) orders nothing against the caller's stream:
+        it reads the images on a stream of its own without waiting for ours, the event it makes ours wait on is
+        recorded before its work, and it copies each bitstream out on the legacy default stream. Under load
+        (a served step on the GPU) replies came back as bytes no decoder could read; so the images are complete
+        before it starts, and its copies are waited for before ours reads them back."""
         with torch.cuda.stream(self.stream):
             chw = [torch.from_numpy(np.ascontiguousarray(i)).to(self.device).permute(2, 0, 1).contiguous()
                    for i in images]
-            return [e.cpu().numpy().tobytes() for e in self._encode(chw, quality=quality)]
+            self.stream.synchronize()
+            encoded = self._encode(chw, quality=quality)
+            # the legacy default stream: PyTorch's own streams, the frame graph's among them, are non-blocking,
+            # so this waits for the encoder's copies alone, not for a step in flight
+            torch.cuda.default_stream(self.device).synchronize()
+            return [e.cpu().numpy().tobytes() for e in encoded]

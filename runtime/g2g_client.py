@@ -129,8 +129,12 @@ async def python_stream(url: str, seconds: float, fps: float, clip: list[bytes],
                 if frame_id < newest:  # as the page: an older frame is never shown over a newer one
                     continue
                 newest = frame_id
-                shown = await loop.run_in_executor(decoder, _shown_code, msg.data[HEADER.size:]) \
-                    if clip[0] else None
+                try:
+                    shown = await loop.run_in_executor(decoder, _shown_code, msg.data[HEADER.size:]) \
+                        if clip[0] else None
+                except OSError:  # PIL's "cannot identify image": a broken reply is the server's bug, reported
+                    errors.append("replies that are not an image a decoder reads (their counter: not legible)")
+                    shown = None
                 r["drawn"] = r["display"] = now()
                 r["counter_out"] = shown
 

@@ -65,6 +65,23 @@ def test_a_batch_decodes_as_pillow_does_and_encodes_what_pillow_reads_back():
     assert min(psnr_u8(pillow_rgb(e), f) for e, f in zip(encoded, images)) > 35
 
 
+def test_replies_encoded_while_the_gpu_is_busy_are_whole_jpegs():
+    """The served case: batches encoded while a step's worth of work runs on another stream. Without ordering
+    the encoder's copies (model/nvjpeg.py), replies came back unreadable under load (the H100 glass-to-glass
+    run's Python client)."""
+    codec = TorchGpu("cuda").jpeg()
+    images = frames(8)
+    load_stream = torch.cuda.Stream()
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    for _ in range(20):
+        with torch.cuda.stream(load_stream):
+            for _ in range(30):  # ~25 ms of matmuls on an H100
+                a @ a
+        encoded = codec.encode_batch(images, 90)
+        assert min(psnr_u8(pillow_rgb(e), f) for e, f in zip(encoded, images)) > 35
+    load_stream.synchronize()
+
+
 def test_the_server_decodes_through_nvjpeg_from_many_threads():
     codec = TorchGpu("cuda").jpeg()
     batched = BatchedJpeg(codec.decode_batch, codec.encode_batch, codec.name)
