@@ -263,7 +263,7 @@ class VideoWriter:
             raise VideoError(f"{self.path}: cannot write {self.suffix} videos; use .mp4, .gif or a folder name "
                              "(no suffix) for PNG frames")
         if not self.suffix:
-            _check_frames_folder(self.path)
+            check_frames_folder(self.path)
         target = self.path.parent
         try:
             target.mkdir(parents=True, exist_ok=True)
@@ -342,7 +342,7 @@ def _replaceable(folder: Path) -> bool:
     return not folder.exists() or (folder.is_dir() and (not any(folder.iterdir()) or (folder / FRAMES_MARK).is_file()))
 
 
-def _check_frames_folder(path: Path) -> None:
+def check_frames_folder(path: Path) -> None:
     """An output folder of PNG frames replaces a folder only if it is empty or an earlier output (its mark)."""
     if path.exists() and not path.is_dir():
         raise VideoError(f"{path}: a file; PNG frames go to a folder (or name a .mp4 or .gif)")

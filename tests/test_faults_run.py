@@ -314,7 +314,8 @@ def test_an_input_broken_midway_is_one_line_and_keeps_the_frames_made_as_partial
 
 def test_a_frames_folder_replaces_an_earlier_run_whole_and_refuses_other_files(tmp_path, no_model):
     """A 6-frame run into the folder of an earlier 8-frame run left the earlier run's frames 6 and 7 beside the
-    new ones: the folder is now replaced whole; a folder holding anything else is refused before any work."""
+    new ones: the folder is now replaced whole; a folder holding anything else is refused before any work (also
+    as mirage-quality's --examples, which the same writer fills after the rollout)."""
     frames = tmp_path / "frames"
     assert write_video(frames, [np.full((32, 32, 3), -0.5, np.float32)] * 8, scale=1) == 8
     assert write_video(frames, [np.full((32, 32, 3), 0.5, np.float32)] * 6, scale=1) == 6
@@ -324,6 +325,7 @@ def test_a_frames_folder_replaces_an_earlier_run_whole_and_refuses_other_files(t
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
     _refused(run_main, [str(CKPT_GEN), "--output", str(mine)], "a folder holding files mirage did not write")
+    _refused(quality_main, [str(CKPT_GEN), "--examples", str(mine)], "a folder holding files mirage did not write")
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
