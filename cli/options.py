@@ -64,10 +64,15 @@ def device(ctx, param, value: str) -> str:
     return value
 
 
+def on_cpu(device: str) -> bool:
+    """Whether a --device runs on the CPU: named, or what auto means without a GPU."""
+    return device == "cpu" or (device == "auto" and not cuda_available())
+
+
 def check_fast(fast: bool, device: str) -> None:
-    """--fast is a GPU configuration: on the CPU (named, or what auto means without a GPU) float16
-    and a CUDA graph do not apply, so it is refused rather than run as something else."""
-    if fast and (device == "cpu" or (device == "auto" and not cuda_available())):
+    """--fast is a GPU configuration: on the CPU float16 and a CUDA graph do not apply, so it is refused
+    rather than run as something else."""
+    if fast and on_cpu(device):
         raise UserError("--fast is the GPU path (float16, Inductor kernels in the frame's CUDA graph); "
                         f"{'no CUDA GPU is visible' if device == 'auto' else 'with --device cpu'}, leave it out")
 

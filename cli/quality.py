@@ -13,6 +13,7 @@ from mirage.cli.errors import UserError
 from mirage.cli.options import SEED, device as device_name
 from mirage.core.errors import MirageError
 from mirage.core.schedule import CONTEXT_NOISE
+from mirage.core.video_io import check_frames_folder
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -56,6 +57,8 @@ def main(model, frames, window, steps, context_noise, seed, streams, data, examp
     except OSError as e:
         raise UserError(f"--examples {examples}: cannot make this folder ({e.strerror})") from e
     try:
+        if examples is not None:  # what the examples' writer would refuse after the rollout (someone's files)
+            check_frames_folder(examples)
         report = evaluate(model, frames, window, steps, context_noise, seed, device, streams, data, examples)
     except MirageError as e:
         raise UserError(str(e)) from e

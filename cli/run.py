@@ -22,6 +22,7 @@ block, whose frames go out as it finishes: decoded by its per-frame autoencoder'
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import signal
@@ -92,9 +93,14 @@ dit_options = shared.group(
                  help="--dit: first latent frames kept in the cache for good (LongLive's attention sink: 3)."),
     click.option("--fp8", type=click.Choice(["static", "dynamic"]), default=None,
                  help="--dit: FP8 E4M3 matmuls in the blocks' attention and FFN (Hopper/Ada): activation scales "
-                      "per tensor, calibrated on a clip with the run's prompt (static), or per token (dynamic)."),
+                      "per tensor, calibrated on a clip with the run's prompt (static), or per token (dynamic). "
+                      "On the CPU it runs, slower than float32, to show FP8's error (a note says so)."),
     shared.strength)
 
+# torch's CPU _scaled_mm rounds to E4M3 and multiplies without FP8 hardware: a 512x1024x1024 matmul took 41 ms
+# against float32's 29 ms on this workplace's CPU
+FP8_ON_CPU = ("note: --fp8 on the CPU runs torch's FP8 matmul without FP8 hardware: it shows FP8's error, not its "
+              "speed, and is slower than float32; FP8 is fast only on Hopper / Ada / Blackwell GPUs")
 PROMPT_OPTIONS = ("prompt", "prompt_embeds", "text_encoder")  # a DiT artifact takes them without --dit
 ARTIFACT_OPTIONS = PROMPT_OPTIONS + ("strength",)  # and a strength (video-to-video, with an encoder graph)
 
@@ -135,8 +141,9 @@ class _Stop:
                    "artifact's.")
 @click.option("--output", type=click.Path(path_type=Path), default=Path("mirage.gif"),
               help="Where to write: .mp4, .gif, or a folder name (no suffix) for PNG frames. Written as frames "
-                   "arrive; Ctrl-C keeps the frames made so far. A video file replaces one already there only "
-                   "when the run has made a frame.")
+                   "arrive; Ctrl-C keeps the frames made so far. An output already there is replaced whole, only "
+                   "when the run has made a frame (a folder: only an empty one or an earlier run's). A run that "
+                   "fails midway (a broken input frame) keeps its frames as NAME.partial.mp4 / NAME.partial.")
 @shared.backend
 @shared.fast
 @click.option("--no-cuda-graph", is_flag=True, help="Run each frame eagerly instead of replaying a CUDA graph.")
@@ -206,7 +213,7 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
         PipelineOptions(compile="default" if compile_ else None, **common)
     writer = VideoWriter(output, fps=fps)  # the path and format are checked before any frame is made
     pipe = load_pipeline(model, backend=backend, device=device, options=options)
-    with pipe, writer, _Stop() as stop:
+    with pipe, _writing(writer), _Stop() as stop:
         _condition(pipe, model, steps, prompt, embeds)  # before reset: nothing is allocated yet
         n = pipe.frames_per_step  # a block model's step makes several frames
         size = pipe.frame_shape[0]
@@ -306,11 +313,13 @@ def _run_dit(checkpoint, dit, source, frames, seed, output, fast, no_cuda_graph,
     spec = DiTSpec(dit["config"], checkpoint, dit["lora"], dit["decoder"], dit["text_encoder"], dit["resolution"],
                    dit["window"], dit["sink"])
     writer = VideoWriter(output, fps=fps)  # the path and format are checked before any frame is made
+    if dit["fp8"] and shared.on_cpu(device):  # allowed (it shows FP8's error), but not what --fp8 is for
+        click.echo(FP8_ON_CPU, err=True)
     pipe = DiTPipeline.open(spec, dit["prompt"] if dit["prompt"] is not None else dit["prompt_embeds"], device,
                             compile=compile_ or fast, graph=False if no_cuda_graph else (True if fast else None),
                             fp8=dit["fp8"], video_to_video=source is not None)
     blocks = dit["blocks"] or blocks_for(pipe.cfg, frames)
-    with pipe, writer, _Stop() as stop:
+    with pipe, _writing(writer), _Stop() as stop:
         start = time.perf_counter()
         pipe.reset(seed)  # compiles and captures every cache fill level on first use
         setup = time.perf_counter() - start
@@ -372,6 +381,21 @@ def _check_outputs(output: Path, json_path: Path | None, fast: bool, device: str
     shared.check_fast(fast, device)
     for written in filter(None, (output, json_path)):
         check_not_input(written, source)
+
+
+@contextlib.contextmanager
+def _writing(writer: VideoWriter) -> Iterator[VideoWriter]:
+    """The run's writer: a run that fails after its first frame (an input frame that cannot be read, a full
+    disk) leaves an earlier output as it was and keeps the frames made under a name that says so
+    (VideoWriter.kept: out.partial.mp4); its one error line says where."""
+    try:
+        with writer:
+            yield writer
+    except MirageError as e:
+        if writer.kept is None:
+            raise
+        raise UserError(f"{e}; the {writer.count} frames made before it are in {writer.kept}, {writer.path} was "
+                        f"not written") from e
 
 
 def _timed(work: Iterator, stop: _Stop, bar, frames=lambda item: 1) -> Iterator[tuple[object, float]]:

@@ -9,6 +9,7 @@ in name order.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -170,10 +171,14 @@ def _decode(source: str, input_params: list[str] | None = None) -> Iterator:
             import imageio_ffmpeg
 
             reader = imageio_ffmpeg.read_frames(source, input_params=input_params)
-            w, h = next(reader)["size"]
+            meta = next(reader)
+            w, h = meta["size"]
             yield w, h
+            count = 0
             for raw in reader:
+                count += 1
                 yield np.frombuffer(raw, np.uint8).reshape(h, w, 3)
+            _check_complete(count, (meta.get("duration") or 0) * (meta.get("fps") or 0))
             return
         import cv2
 
@@ -183,9 +188,12 @@ def _decode(source: str, input_params: list[str] | None = None) -> Iterator:
             if not ok:
                 raise OSError("OpenCV cannot decode it")
             yield bgr.shape[1], bgr.shape[0]
+            count = 0
             while ok:
+                count += 1
                 yield np.ascontiguousarray(bgr[..., ::-1])
                 ok, bgr = capture.read()
+            _check_complete(count, capture.get(cv2.CAP_PROP_FRAME_COUNT))
         finally:
             capture.release()
     except (OSError, RuntimeError, StopIteration, KeyError) as e:
@@ -193,7 +201,19 @@ def _decode(source: str, input_params: list[str] | None = None) -> Iterator:
         raise VideoError(f"{source}: unreadable video ({reason})") from e
 
 
+def _check_complete(count: int, declared: float) -> None:
+    """A video that stops well short of the frames its header declares is broken at the next one: ffmpeg ends a
+    truncated file's frames without an error (a clip cut mid-download, a recording whose writer died), and the
+    run would take the frames before it for the whole clip. A variable frame rate decodes to at least as many
+    (ffmpeg repeats frames up to the nominal rate); a webcam declares none (0, nan or inf: not checked)."""
+    expected = round(declared) if np.isfinite(declared) and declared > 0 else 0
+    if count + max(2, expected // 20) < expected:
+        raise OSError(f"frame {count + 1} cannot be decoded: the video stops after {count} of the {expected} frames "
+                      "its header declares, a truncated or corrupt file")
+
+
 OUTPUT_FORMATS = (".mp4", ".gif")  # or a folder (no suffix) of PNG frames
+FRAMES_MARK = ".mirage-frames"  # in each folder of PNG frames a VideoWriter makes: the next one may replace it
 
 
 def check_not_input(output: str | os.PathLike, source: str | os.PathLike | None) -> None:
@@ -215,9 +235,15 @@ class VideoWriter:
     """Frames ([-1, 1] floats, or uint8 as to_uint8 makes them) streamed to .mp4 / .gif, or to a folder of PNGs for a path with no
     suffix. The path and its format are checked when the writer opens, before any frame is made;
     `close()` finishes a valid file with the frames written so far (also after an interruption).
-    A video file is written to a hidden sibling and renamed over `path` by close() when it holds a
-    frame, so a file already there is replaced whole or not at all (a killed process leaves it as
-    it was); PNG frames are written into their folder as they come.
+    A video file, or a folder of PNG frames, is written to a hidden sibling and renamed over `path` by
+    close() when it holds a frame, so an output already there is replaced whole or not at all (a killed
+    process leaves it as it was; an earlier run's extra frames never stay beside a shorter run's). A folder
+    is replaced only if it is empty or a VideoWriter made it (FRAMES_MARK in it): anything else there is
+    someone's files, and the writer refuses it when it opens.
+
+    A run that fails after its first frame (a broken input frame, a full disk) is not the output asked for:
+    leaving the writer with an exception (or `close(failed=True)`) keeps its frames as `kept`, the path's
+    name with ".partial" (out.partial.mp4, out.partial/), and leaves `path` as it was.
 
     Small frames are upscaled `scale` times with nearest-neighbour so a 32x32 demo is visible
     (None: to at least 128 pixels wide).
@@ -236,7 +262,9 @@ class VideoWriter:
         if self.suffix and self.suffix not in OUTPUT_FORMATS:
             raise VideoError(f"{self.path}: cannot write {self.suffix} videos; use .mp4, .gif or a folder name "
                              "(no suffix) for PNG frames")
-        target = self.path.parent if self.suffix else self.path
+        if not self.suffix:
+            check_frames_folder(self.path)
+        target = self.path.parent
         try:
             target.mkdir(parents=True, exist_ok=True)
             probe = target / f".mirage-write-test-{os.getpid()}"
@@ -248,6 +276,7 @@ class VideoWriter:
         self._partial = self.path.with_name(f".{self.path.stem}.partial-{os.getpid()}{self.suffix}")
         self._ffmpeg = None
         self._gif = None  # the open GIF file, after its first frame
+        self.kept: Path | None = None  # where a failed run's frames are (close(failed=True))
 
     def write(self, frame: np.ndarray) -> None:
         u8 = as_uint8(frame)
@@ -264,7 +293,10 @@ class VideoWriter:
         else:
             from PIL import Image
 
-            Image.fromarray(u8).save(self.path / f"{self.count:05d}.png")
+            if self.count == 0:
+                self._partial.mkdir()
+                (self._partial / FRAMES_MARK).touch()
+            Image.fromarray(u8).save(self._partial / f"{self.count:05d}.png")
         self.count += 1
 
     def _write_gif(self, u8: np.ndarray) -> None:
@@ -278,8 +310,9 @@ class VideoWriter:
             self._gif.writelines(header)  # GIF89a, the first frame's palette as the global one, loop forever
         self._gif.writelines(GifImagePlugin.getdata(frame, duration=delay, include_color_table=True))
 
-    def close(self) -> int:
-        """Finish the file; returns the number of frames written."""
+    def close(self, failed: bool = False) -> int:
+        """Finish the file, in place of `path`, or `failed`: kept beside it (`kept`); returns the number of
+        frames written."""
         if self._ffmpeg is not None:
             self._ffmpeg.close()
             self._ffmpeg = None
@@ -287,15 +320,46 @@ class VideoWriter:
             self._gif.write(b";")  # the GIF trailer
             self._gif.close()
             self._gif = None
-        if self.suffix and self._partial.exists():
-            os.replace(self._partial, self.path)
+        if self._partial.exists():
+            target = self.path
+            if failed:
+                target = self.kept = self.path.with_name(f"{self.path.stem}.partial{self.suffix}")
+                if not self.suffix and not _replaceable(target):  # someone's folder: the frames keep the hidden name
+                    target = self.kept = self._partial
+            if target != self._partial:
+                _replace(self._partial, target)
         return self.count
 
     def __enter__(self) -> "VideoWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(failed=exc_type is not None)
+
+
+def _replaceable(folder: Path) -> bool:
+    """Whether a VideoWriter may replace `folder`: it is not there, is empty, or holds a VideoWriter's frames."""
+    return not folder.exists() or (folder.is_dir() and (not any(folder.iterdir()) or (folder / FRAMES_MARK).is_file()))
+
+
+def check_frames_folder(path: Path) -> None:
+    """An output folder of PNG frames replaces a folder only if it is empty or an earlier output (its mark)."""
+    if path.exists() and not path.is_dir():
+        raise VideoError(f"{path}: a file; PNG frames go to a folder (or name a .mp4 or .gif)")
+    if not _replaceable(path):
+        raise VideoError(f"{path}: a folder holding files mirage did not write; PNG frames go to a new or empty "
+                         f"folder, or one of an earlier run (replaced whole)")
+
+
+def _replace(new: Path, old: Path) -> None:
+    """os.replace, also of a folder over a folder (the old one is moved aside, then removed)."""
+    if not (new.is_dir() and old.is_dir()):
+        os.replace(new, old)
+        return
+    aside = old.with_name(f".{old.name}.old-{os.getpid()}")
+    os.replace(old, aside)
+    os.replace(new, old)
+    shutil.rmtree(aside)
 
 
 def _encoder(path: Path, width: int, height: int, fps: int):

@@ -271,6 +271,64 @@ def test_an_input_shorter_than_frames_is_said(tmp_path):
     assert r.exit_code == 0 and "note: the input ended after 3 of 5 frames" in r.output, r.output
 
 
+def _broken_midway(tmp_path: Path, kind: str) -> tuple[Path, str]:
+    """An 8-frame input broken at its 5th frame, and the name its error gives: a folder of PNGs with one
+    unreadable file, or an mp4 cut in half (its header first, as a download or a streamed recording has it:
+    ffmpeg decodes the frames before the cut and ends without an error)."""
+    if kind == "images":
+        write_video(tmp_path / "in", [np.full((32, 32, 3), v, np.float32) for v in np.linspace(-0.5, 0.5, 8)])
+        (tmp_path / "in" / "00004.png").write_bytes(b"not a png")
+        return tmp_path / "in", "00004.png: unreadable image"
+    import subprocess
+
+    import imageio_ffmpeg
+
+    rng = np.random.default_rng(0)
+    write_video(tmp_path / "whole.mp4", [rng.uniform(-1, 1, (32, 32, 3)).astype(np.float32) for _ in range(8)],
+                scale=1)
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(tmp_path / "whole.mp4"), "-c", "copy",
+                    "-movflags", "+faststart", str(tmp_path / "start.mp4")], check=True)
+    data = (tmp_path / "start.mp4").read_bytes()
+    (tmp_path / "in.mp4").write_bytes(data[:len(data) // 2])
+    return tmp_path / "in.mp4", "cannot be decoded: the video stops after"
+
+
+@pytest.mark.parametrize("kind", ["images", "video"])
+def test_an_input_broken_midway_is_one_line_and_keeps_the_frames_made_as_partial(tmp_path, kind):
+    """A bad frame in the middle of the input replaced the output with the frames before it, without a word
+    (a cut mp4: exit 0): now the error names the bad frame, the output already there stays as it was, and the
+    frames made are kept under a name that says they are partial."""
+    source, named = _broken_midway(tmp_path, kind)
+    out = _clip(tmp_path / "out.gif", 32)
+    before = out.read_bytes()
+    r = CliRunner().invoke(run_main, [str(CKPT_V2V), "--input", str(source), "--frames", "8", "--output", str(out)])
+    errors = [line for line in r.output.splitlines() if line.startswith("Error:")]
+    assert r.exit_code == 2 and len(errors) == 1 and named in errors[0], r.output
+    assert f"are in {tmp_path / 'out.partial.gif'}, {out} was not written" in errors[0], errors[0]
+    assert out.read_bytes() == before and not list(tmp_path.glob(".*partial*"))
+    from PIL import Image
+
+    with Image.open(tmp_path / "out.partial.gif") as gif:
+        assert 0 < gif.n_frames < 8
+
+
+def test_a_frames_folder_replaces_an_earlier_run_whole_and_refuses_other_files(tmp_path, no_model):
+    """A 6-frame run into the folder of an earlier 8-frame run left the earlier run's frames 6 and 7 beside the
+    new ones: the folder is now replaced whole; a folder holding anything else is refused before any work (also
+    as mirage-quality's --examples, which the same writer fills after the rollout)."""
+    frames = tmp_path / "frames"
+    assert write_video(frames, [np.full((32, 32, 3), -0.5, np.float32)] * 8, scale=1) == 8
+    assert write_video(frames, [np.full((32, 32, 3), 0.5, np.float32)] * 6, scale=1) == 6
+    assert sorted(p.name for p in frames.glob("*.png")) == [f"{k:05d}.png" for k in range(6)]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial or old folder left
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    _refused(run_main, [str(CKPT_GEN), "--output", str(mine)], "a folder holding files mirage did not write")
+    _refused(quality_main, [str(CKPT_GEN), "--examples", str(mine)], "a folder holding files mirage did not write")
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
 DIT = ROOT / "checkpoints" / "dit-tiny-taesd"  # a DiT trained here: its config.json names dit-tiny-taesd
 
 

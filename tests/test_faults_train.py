@@ -529,6 +529,35 @@ def test_sigint_to_train_dit_saves_the_steps_made_and_exits_130(tmp_path, monkey
     assert f"stopped by SIGINT; the weights after 2 steps are saved in {out}" in result.stderr
 
 
+def test_train_dit_progress_bar_counts_to_where_the_time_budget_stops_it(tmp_path, monkeypatch):
+    """The bar counted to --max-steps (100,000 by default) while the time budget ended the run after a few:
+    its total, and so its ETA, is the step the run stops at. A clock of 10 s a reading: a step takes 20 s of
+    a 1-minute budget, so the run makes 3 steps, and the bar says 3 from the first step on."""
+    import types
+
+    import mirage.train.dit as dit_train
+
+    readings = iter(range(0, 10_000, 10))
+    monkeypatch.setattr(dit_train, "time", types.SimpleNamespace(monotonic=lambda: float(next(readings))))
+    totals, postfixes = [], []
+
+    class Bar(dit_train.tqdm):
+        def update(self, n=1):
+            totals.append(self.total)
+            return super().update(n)
+
+        def set_postfix(self, **kwargs):
+            postfixes.append(kwargs["until"])
+            return super().set_postfix(**kwargs)
+
+    monkeypatch.setattr(dit_train, "tqdm", Bar)
+    meta = dit_train.train_dit(dit_train.DiTTrainOptions(out=str(tmp_path / "dit"), minutes=1, max_steps=1000,
+                                                         batch_size=1, clips=1, threads=1))
+    assert meta["step"] == 3
+    assert totals == [3, 3, 3] and postfixes == ["time budget"] * 3, (totals, postfixes)
+    assert dit_train.bar_total(2, 10.0, 60.0, 5) == (5, "max steps")  # the cap comes first: it is the total
+
+
 def _saved_step_and_signal(out: Path) -> tuple[int, str]:
     meta = json.loads((out / CONFIG).read_text())
     return meta["step"], meta["stopped_by"]

@@ -133,6 +133,15 @@ def save_dit(out: str | Path, model: WanDiT, text: torch.Tensor, meta: dict) -> 
     return out
 
 
+def bar_total(step: int, elapsed: float, budget: float, max_steps: int) -> tuple[int, str]:
+    """The step a run stops at, by what it knows after `step` steps in `elapsed` seconds, and what stops it:
+    the time budget at the pace so far (a step starts while time is left), or --max-steps if that comes first.
+    The default cap (100,000) is far beyond a 20-minute budget (~1.3 s a step): a bar counting to it said
+    0% and an ETA of 36 hours when the run was about to end."""
+    by_time = max(step, math.ceil(budget * step / elapsed)) if elapsed > 0 else max_steps
+    return (by_time, "time budget") if by_time < max_steps else (max_steps, "max steps")
+
+
 def train_dit(opts: DiTTrainOptions) -> dict:
     """Train `opts.config` for `opts.minutes` (or max_steps) on CPU; save the EMA weights. Returns the meta.
     SIGINT / SIGTERM end the run after the step in progress, and the EMA weights so far are saved as at the
@@ -151,7 +160,8 @@ def train_dit(opts: DiTTrainOptions) -> dict:
     mask = teacher_forcing_mask(cfg, cfg.window_frames)
     generator = torch.Generator().manual_seed(opts.seed + 1)
     budget, start, step, losses = opts.minutes * 60, time.monotonic(), 0, []
-    with tqdm(total=opts.max_steps, desc=f"train {cfg.name}", unit="step", disable=not opts.progress) as bar, \
+    # the bar's total is where the run will stop (bar_total), so that its ETA is the run's end
+    with tqdm(total=None, desc=f"train {cfg.name}", unit="step", disable=not opts.progress) as bar, \
             StopOnSignal(lambda message: tqdm.write(message, file=sys.stderr)) as stop:
         while step < opts.max_steps and stop.received is None and (elapsed := time.monotonic() - start) < budget:
             # warmup, then a cosine over the time budget (a run bounded by time, not steps)
@@ -170,8 +180,9 @@ def train_dit(opts: DiTTrainOptions) -> dict:
                     e.lerp_(p, 1 - opts.ema_decay)
             step += 1
             losses.append(loss.item())
+            bar.total, until = bar_total(step, time.monotonic() - start, budget, opts.max_steps)
             bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", lr=f"{lr:.1e}")
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", lr=f"{lr:.1e}", until=until)
     meta = {"train": dataclasses.asdict(opts), "step": step, "loss": sum(losses[-100:]) / max(1, len(losses[-100:])),
             "train_seconds": time.monotonic() - start, "device": "cpu", "threads": opts.threads,
             "stopped_by": stop.received}
