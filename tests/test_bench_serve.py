@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, load_script
 from safetensors import safe_open
 
 from mirage.core.config import get_dit_config
@@ -23,12 +23,7 @@ SCRIPT = ROOT / "scripts" / "bench_serve.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import bench_serve
-    finally:
-        sys.path.pop(0)
-    return bench_serve
+    return load_script("bench_serve")
 
 
 def test_a_random_dit_is_a_checkpoint_trained_here_in_bf16_with_its_prompt_and_a_taehv(bench, tmp_path):
