@@ -123,8 +123,8 @@ class _Stop:
 @click.option("--input", "source", default=None, callback=lambda ctx, param, value: _check_source(value),
               help="Input stream for video-to-video models: a video file, an image folder, a webcam index "
                    "(0 = /dev/video0, Linux) or 'synthetic' (the default for them). Frames are scaled to cover "
-                   f"the model's size and center-cropped to it; frames under {MIN_INPUT_SIDE} pixels on a side are refused, "
-                   "smaller ones than the model's are enlarged with a warning. Never the --output path.")
+                   f"the model's size and center-cropped to it; frames under {MIN_INPUT_SIDE} pixels on a side are "
+                   "refused, smaller ones than the model's are enlarged with a warning. Never the --output path.")
 @click.option("--frames", type=click.IntRange(min=1), default=48, help="Frames to generate.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None,
               help="DDIM steps per frame; default: the model's own (a distilled student records it), else 4.")
@@ -277,7 +277,8 @@ def _restyled(pipe, source: str, blocks: int) -> Iterator[tuple[np.ndarray, np.n
     model's size), each block as many frames as it gives back (`frames_in`: with TAEHV the first block
     takes 3 fewer); a last block the input cannot fill is not made."""
     cfg = pipe.cfg
-    inputs = iter(source_frames(source, (cfg.height, cfg.width), cfg.video_frames(blocks * cfg.block_frames, first=True),
+    frames = cfg.video_frames(blocks * cfg.block_frames, first=True)
+    inputs = iter(source_frames(source, (cfg.height, cfg.width), frames,
                                 lambda f: to_float(f) if f.dtype == np.uint8 else f))
     for _ in range(blocks):
         n = pipe.frames_in

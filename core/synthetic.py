@@ -46,7 +46,7 @@ def _box(center: float, reach: float, unit: int, size: int) -> slice:
 class SyntheticVideo:
     """Clip `index` of a seeded, infinite family of synthetic videos, square (`image_size` a side) or (height,
     width). Lengths are in units of the shorter side, so shapes keep their size and speed whatever the aspect
-    and bounce across the whole frame; a square video is the same at any aspect's code path."""
+    and bounce across the whole frame (a square clip is the one it always was)."""
 
     def __init__(self, image_size: int | tuple[int, int], seed: int = 0, min_shapes: int = 2, max_shapes: int = 4):
         (self.height, self.width), self.seed = as_shape(image_size), seed

@@ -153,7 +153,8 @@ def iter_frames_u8(path: str | os.PathLike, size: int | tuple[int, int]) -> Iter
     yield from _read_ffmpeg(str(path), size)
 
 
-def _read_ffmpeg(source: str, size: int | tuple[int, int], input_params: list[str] | None = None) -> Iterator[np.ndarray]:
+def _read_ffmpeg(source: str, size: int | tuple[int, int],
+                 input_params: list[str] | None = None) -> Iterator[np.ndarray]:
     if source.startswith("/dev/video") and not Path(source).exists():
         raise VideoError(f"{source}: no such webcam")
     reader = _decode(source, input_params)

@@ -466,7 +466,8 @@ def main() -> None:
     device = device_name("cpu" if args.null_step_ms is not None else args.device)
     label = (args.random or (f"null-{args.null_size}px-{args.null_step_ms:g}ms"
                              + (f"-block{args.null_block}" if args.null_block > 1 else "") if args.null_step_ms is not None
-                             else Path(args.model).name)) + ("-taehv" if args.taehv else "") + ("-ray" if args.ray else "")
+                             else Path(args.model).name)) + ("-taehv" if args.taehv else "") \
+        + ("-ray" if args.ray else "")
     today = datetime.date.today().isoformat()
     path = args.json or ROOT / "docs" / "bench" / f"{today}_serve_{slug(device)}_{label}.json"
     rows = []
@@ -535,8 +536,9 @@ def verdict(rows: list[dict]) -> str:
     if not kept:
         return head + "0"
     best = max(kept, key=lambda r: r["streams"])
+    blocks = f" = {best['p99_blocks']:.2f} block periods" if best["block_ms"] else ""
     return head + (f"{best['streams']} streams x {best['fps_min']:.1f} FPS per stream (the slowest), p99 "
-                   f"{best['p99_ms']:.0f} ms" + (f" = {best['p99_blocks']:.2f} block periods" if best["block_ms"] else ""))
+                   f"{best['p99_ms']:.0f} ms{blocks}")
 
 
 def write_report(path: Path, today: str, device: str, label: str, rows: list[dict], args) -> None:

@@ -1,7 +1,7 @@
 """The video DiT's video-to-video in the runtime (core.dit_step.BlockUnit with a strength): a DiT on a per-frame
-autoencoder (dit-tiny-taesd at 96x64, wide as wan-1.3b's 832x480, random DiT weights, the bundled ae-taesd) run on ONNX Runtime (an artifact
-with its encode/decode graphs) and on the PyTorch backend, against the torch path (model.dit_pipeline's restyle)
-given the runtime's counter-based noise; CPU."""
+autoencoder (dit-tiny-taesd at 96x64, non-square as wan-1.3b's 832x480, random DiT weights, the bundled ae-taesd)
+run on ONNX Runtime (an artifact with its encode/decode graphs) and on the PyTorch backend, against the torch path
+(model.dit_pipeline's restyle) given the runtime's counter-based noise; CPU."""
 from __future__ import annotations
 
 import dataclasses
