@@ -526,10 +526,9 @@ def cell(value) -> str:
 def verdict(rows: list[dict]) -> str:
     """The most streams kept up, as streams x FPS per stream at the p99 that held (issue 29's form for a block
     model: p99 in block periods)."""
-    kept = [r for r in rows if keeps_up(r)]
     if not rows:
         return "no count measured"
-    rule = rows[0]
+    kept, rule = [r for r in rows if keeps_up(r)], rows[0]
     bound = f"p99 <= {rule['max_p99_ms']:g} ms" + (f" = {rule['max_p99_ms'] / rule['block_ms']:g} block periods of "
                                                     f"{rule['block_ms']:g} ms" if rule["block_ms"] else "")
     head = f"most streams kept up ({bound}, every stream >= 95% of {rule['target_fps']:g} FPS): "
