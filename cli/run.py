@@ -12,7 +12,7 @@
 
 A Wan 2.1 DiT (--dit CONFIG) generates blocks of latent frames against a rolling KV cache
 (mirage.model.dit_pipeline); each block's video frames go to the output as soon as it is decoded.
-With --input (a config on a per-frame autoencoder, or a TAEHV --decoder with its encoder; square frames),
+With --input (a config on a per-frame autoencoder, or a TAEHV --decoder with its encoder),
 each input block is encoded, noised to --strength and denoised through the steps left, with the cache and
 the prompt: video-to-video.
 A DiT artifact (mirage-export --dit) runs in the runtime like any artifact, without --dit: each step is a
@@ -41,8 +41,8 @@ from mirage.core.errors import MirageError
 from mirage.core.loop import DEFAULT_VIDEO_RATE
 from mirage.core.prompts import read_embeddings
 from mirage.core.report import latency_summary, psnr, table, write_json
-from mirage.core.video_io import (MIN_INPUT_SIDE, VideoError, VideoWriter, check_not_input, check_source, input_size,
-                                  same_path, to_float)
+from mirage.core.video_io import (MIN_INPUT_SIDE, VideoError, VideoWriter, center_crop, check_not_input, check_source,
+                                  input_size, same_path, to_float)
 from mirage.engine.manifest import read_manifest
 from mirage.runtime.pipelined import restyle_inputs, run_pipelined, source_frames, v2v_inputs
 
@@ -128,9 +128,9 @@ class _Stop:
 @click.argument("model", required=False, type=click.Path(exists=True, path_type=Path), default=None)
 @click.option("--input", "source", default=None, callback=lambda ctx, param, value: _check_source(value),
               help="Input stream for video-to-video models: a video file, an image folder, a webcam index "
-                   "(0 = /dev/video0, Linux) or 'synthetic' (the default for them). Frames are center-cropped "
-                   f"and resized to the model's size; frames under {MIN_INPUT_SIDE} pixels on a side are refused, "
-                   "smaller ones than the model's are enlarged with a warning. Never the --output path.")
+                   "(0 = /dev/video0, Linux) or 'synthetic' (the default for them). Frames are scaled to cover "
+                   f"the model's size and center-cropped to it; frames under {MIN_INPUT_SIDE} pixels on a side are "
+                   "refused, smaller ones than the model's are enlarged with a warning. Never the --output path.")
 @click.option("--frames", type=click.IntRange(min=1), default=48, help="Frames to generate.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None,
               help="DDIM steps per frame; default: the model's own (a distilled student records it), else 4.")
@@ -216,14 +216,12 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
     with pipe, _writing(writer), _Stop() as stop:
         _condition(pipe, model, steps, prompt, embeds)  # before reset: nothing is allocated yet
         n = pipe.frames_per_step  # a block model's step makes several frames
-        size = pipe.frame_shape[0]
+        shape = pipe.frame_shape[:2]  # (height, width)
         restyles = "strength" in pipe.controls  # a DiT's video-to-video: its input is the frames themselves
         if pipe.video_to_video:
-            if pipe.frame_shape[0] != pipe.frame_shape[1]:
-                raise UserError(f"--input: frames are read square; {model} makes {pipe.frame_shape[1]}x{size} frames")
-            _warn_if_enlarged(source, shape_in, size)
-            pairs = restyle_inputs(source or "synthetic", size, frames, pipe.frames_in) if restyles else \
-                v2v_inputs(source or "synthetic", size, frames)
+            _warn_if_enlarged(source, shape_in, shape)
+            pairs = restyle_inputs(source or "synthetic", shape, frames, pipe.frames_in) if restyles else \
+                v2v_inputs(source or "synthetic", shape, frames)
         elif source is not None:
             raise UserError(f"{model} is a generation model and takes no --input; use a video-to-video model")
         else:
@@ -269,19 +267,25 @@ def _restyle_report(report: dict, rows: list[tuple[str, str]], strength: float, 
     rows.append(("strength / PSNR vs. input", f"{strength} / {report['psnr_vs_input_db']:.2f} dB"))
 
 
-def _warn_if_enlarged(source: str | None, shape_in: tuple[int, int] | None, size: int) -> None:
-    """An input smaller than the model's frames has its center square enlarged (core/video_io.py): say so."""
-    if shape_in and min(shape_in) < size:
-        click.echo(f"warning: {source} is {shape_in[0]}x{shape_in[1]}; its center square is enlarged to the "
-                   f"model's {size}x{size}", err=True)
+def _warn_if_enlarged(source: str | None, shape_in: tuple[int, int] | None, shape: tuple[int, int]) -> None:
+    """An input smaller than the model's (height, width) frames has its center window of their aspect enlarged
+    (core/video_io.py: fit_frame): say so."""
+    if shape_in is None:
+        return
+    _, _, ch, cw = center_crop(shape_in[1], shape_in[0], shape)
+    if ch < shape[0] or cw < shape[1]:
+        window = "square" if ch == cw else f"{cw}x{ch}"
+        click.echo(f"warning: {source} is {shape_in[0]}x{shape_in[1]}; its center {window} is enlarged to the "
+                   f"model's {shape[1]}x{shape[0]}", err=True)
 
 
 def _restyled(pipe, source: str, blocks: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Video-to-video: (output frames, input frames) of each block of `source` (read as needed, square frames
-    of the model's size), each block as many frames as it gives back (`frames_in`: with TAEHV the first block
+    """Video-to-video: (output frames, input frames) of each block of `source` (read as needed, frames of the
+    model's size), each block as many frames as it gives back (`frames_in`: with TAEHV the first block
     takes 3 fewer); a last block the input cannot fill is not made."""
     cfg = pipe.cfg
-    inputs = iter(source_frames(source, cfg.width, cfg.video_frames(blocks * cfg.block_frames, first=True),
+    frames = cfg.video_frames(blocks * cfg.block_frames, first=True)
+    inputs = iter(source_frames(source, (cfg.height, cfg.width), frames,
                                 lambda f: to_float(f) if f.dtype == np.uint8 else f))
     for _ in range(blocks):
         n = pipe.frames_in
@@ -304,10 +308,7 @@ def _run_dit(checkpoint, dit, source, frames, seed, output, fast, no_cuda_graph,
                         "--dit needs a checkpoint: MODEL, a Wan 2.1 DiT file or folder (or --random-weights)")
     if (dit["prompt"] is None) == (dit["prompt_embeds"] is None):
         raise UserError("--dit needs one of --prompt TEXT (with --text-encoder FOLDER) or --prompt-embeds FILE")
-    cfg = DiTSpec(dit["config"], resolution=dit["resolution"]).dit_config()
-    if source is not None and cfg.width != cfg.height:
-        raise UserError(f"--input: video-to-video reads square frames; {cfg.name} at {cfg.width}x{cfg.height} is "
-                        f"not square (choose --resolution SxS)")
+    DiTSpec(dit["config"], resolution=dit["resolution"]).dit_config()  # a bad config or resolution: before the files
     _check_outputs(output, json_path, fast, device, source)
     shape_in = input_size(source) if source not in (None, "synthetic") else None  # an unreadable input: before loading
     spec = DiTSpec(dit["config"], checkpoint, dit["lora"], dit["decoder"], dit["text_encoder"], dit["resolution"],
@@ -327,7 +328,7 @@ def _run_dit(checkpoint, dit, source, frames, seed, output, fast, no_cuda_graph,
         total = pipe.cfg.video_frames(blocks * pipe.cfg.block_frames, first=True)  # video-to-video's too
         if source is not None:
             pipe.set_strength(DEFAULT_STRENGTH if dit["strength"] is None else dit["strength"])
-            _warn_if_enlarged(source, shape_in, pipe.cfg.width)
+            _warn_if_enlarged(source, shape_in, (pipe.cfg.height, pipe.cfg.width))
             work = _restyled(pipe, source, blocks)
         else:
             work = ((block, None) for block in pipe.blocks(blocks))

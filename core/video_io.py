@@ -42,20 +42,33 @@ def as_uint8(frame: np.ndarray) -> np.ndarray:
     return frame if frame.dtype == np.uint8 else to_uint8(frame)
 
 
-def fit_square(frame_u8: np.ndarray, size: int) -> np.ndarray:
-    """Center-crop to a square, then resize to size x size (bicubic)."""
+def as_shape(size: int | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of a model's frames given as one side (square) or as (height, width)."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def center_crop(h: int, w: int, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the largest centered window of an h x w frame with the aspect of `shape`
+    (height, width): the part that, scaled to `shape`, covers it (a square model's: the center square)."""
+    height, width = shape
+    ch, cw = min(h, round(w * height / width)), min(w, round(h * width / height))
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def fit_frame(frame_u8: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Scale to cover `size` (a side, or (height, width)) and center-crop to it: the center window of the
+    model's aspect (center_crop), resized to it (bicubic)."""
     from PIL import Image
 
-    h, w = frame_u8.shape[:2]
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    img = Image.fromarray(frame_u8[top:top + s, left:left + s, :3])
-    if s != size:
-        img = img.resize((size, size), Image.BICUBIC)
+    height, width = as_shape(size)
+    top, left, ch, cw = center_crop(*frame_u8.shape[:2], (height, width))
+    img = Image.fromarray(frame_u8[top:top + ch, left:left + cw, :3])
+    if (ch, cw) != (height, width):
+        img = img.resize((width, height), Image.BICUBIC)
     return np.asarray(img)
 
 
-# Inputs are center-cropped and resized to the model's size. A frame whose shorter side is below this
+# Inputs are center-cropped to the model's aspect and resized to its size. A frame whose shorter side is below this
 # has no picture left to enlarge (a 2x2 video becomes flat blocks), so it is refused; a larger one
 # that is still smaller than the model's frames is enlarged, and mirage-run says so.
 MIN_INPUT_SIDE = 16
@@ -67,10 +80,10 @@ def _check_side(w: int, h: int, source) -> None:
                          "shorter side")
 
 
-def _square(frame_u8: np.ndarray, size: int, source) -> np.ndarray:
-    """fit_square of one input frame of `source`, refusing one below MIN_INPUT_SIDE."""
+def _fit(frame_u8: np.ndarray, size: int | tuple[int, int], source) -> np.ndarray:
+    """fit_frame of one input frame of `source`, refusing one below MIN_INPUT_SIDE."""
     _check_side(frame_u8.shape[1], frame_u8.shape[0], source)
-    return fit_square(frame_u8, size)
+    return fit_frame(frame_u8, size)
 
 
 def input_size(path: str | os.PathLike) -> tuple[int, int] | None:
@@ -109,14 +122,15 @@ def check_source(path: str | os.PathLike) -> None:
         raise VideoError(f"{path}: no such file or folder")
 
 
-def iter_frames(path: str | os.PathLike, size: int) -> Iterator[np.ndarray]:
+def iter_frames(path: str | os.PathLike, size: int | tuple[int, int]) -> Iterator[np.ndarray]:
     """Yield frames of a video file, an image folder, or a webcam (its index as a string,
-    "0" -> /dev/video0 through ffmpeg's v4l2 input, Linux) as float (size, size, 3) arrays."""
+    "0" -> /dev/video0 through ffmpeg's v4l2 input, Linux) as float (size, size, 3) arrays, or (height, width, 3)
+    for a `size` of (height, width) (fit_frame)."""
     return (to_float(frame) for frame in iter_frames_u8(path, size))
 
 
-def iter_frames_u8(path: str | os.PathLike, size: int) -> Iterator[np.ndarray]:
-    """iter_frames' frames as they were decoded: uint8 (size, size, 3), no float copy (mirage-run's reader)."""
+def iter_frames_u8(path: str | os.PathLike, size: int | tuple[int, int]) -> Iterator[np.ndarray]:
+    """iter_frames' frames as they were decoded: uint8 (height, width, 3), no float copy (mirage-run's reader)."""
     check_source(path)
     if str(path).isdigit():
         yield from _read_ffmpeg(f"/dev/video{path}", size, ["-f", "v4l2"])
@@ -133,14 +147,15 @@ def iter_frames_u8(path: str | os.PathLike, size: int) -> Iterator[np.ndarray]:
                 frame = np.asarray(Image.open(f).convert("RGB"))
             except (OSError, UnidentifiedImageError) as e:
                 raise VideoError(f"{f}: unreadable image ({e})") from e
-            yield _square(frame, size, f)
+            yield _fit(frame, size, f)
         return
     if path.suffix.lower() not in VIDEO_EXTS:
         raise VideoError(f"{path}: not a video ({', '.join(VIDEO_EXTS)}) or image folder")
     yield from _read_ffmpeg(str(path), size)
 
 
-def _read_ffmpeg(source: str, size: int, input_params: list[str] | None = None) -> Iterator[np.ndarray]:
+def _read_ffmpeg(source: str, size: int | tuple[int, int],
+                 input_params: list[str] | None = None) -> Iterator[np.ndarray]:
     if source.startswith("/dev/video") and not Path(source).exists():
         raise VideoError(f"{source}: no such webcam")
     reader = _decode(source, input_params)
@@ -148,7 +163,7 @@ def _read_ffmpeg(source: str, size: int, input_params: list[str] | None = None) 
     count = 0
     for frame in reader:
         count += 1
-        yield _square(frame, size, source)
+        yield _fit(frame, size, source)
     if count == 0:
         raise VideoError(f"{source}: video has no frames")
 

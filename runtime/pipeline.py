@@ -286,7 +286,7 @@ class Pipeline:
         expected = (self.batch, *self.input_shape)
         if cond is not None and tuple(cond.shape) != expected:
             raise PipelineError(f"input frames have shape {tuple(cond.shape)}, the model takes {expected[1:]} "
-                                f"per row; resize them (mirage.core.video_io.fit_square)")
+                                f"per row; resize them (mirage.core.video_io.fit_frame)")
         rows = np.ones(self.batch, np.int64) if advance is None else np.asarray(advance, np.int64)
         if rows.shape != (self.batch,) or not np.isin(rows, (0, 1)).all():
             raise PipelineError(f"advance must be {self.batch} flags of 0 or 1")
@@ -377,7 +377,7 @@ class Pipeline:
             raise PipelineError(f"this pipeline has {self.batch} rows: use submit_batch / step_batch")
         if cond is not None and tuple(np.shape(cond)) != self.input_shape:
             raise PipelineError(f"input frame has shape {tuple(np.shape(cond))}, the model takes {self.input_shape}; "
-                                "resize it (mirage.core.video_io.fit_square)")
+                                "resize it (mirage.core.video_io.fit_frame)")
         return None if cond is None else np.asarray(cond)[None]
 
     def _drain(self) -> None:

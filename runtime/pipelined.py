@@ -46,9 +46,10 @@ STAGES = ("read", "step", "write", "psnr")
 # per frame; write: the writer's encode / write per frame; psnr: the metric per frame
 
 
-def source_frames(source: str, size: int, frames: int,
+def source_frames(source: str, size: int | tuple[int, int], frames: int,
                   prepare: Callable[[np.ndarray], object] = lambda f: f) -> Iterator:
-    """`prepare` of each of `frames` frames of `source` ('synthetic', a file, a folder, a webcam index), made a
+    """`prepare` of each of `frames` frames of `source` ('synthetic', a file, a folder, a webcam index) at the
+    model's `size` (a side, or (height, width): a file's frames scaled to cover it and center-cropped), made a
     few frames ahead in PREPARE_THREADS threads; a frame is uint8 when decoded, float when drawn. A file
     decodes in order (ffmpeg's own process, or Pillow); a synthetic frame is drawn in its thread (4 ms at
     512x512 on one core)."""
@@ -60,16 +61,17 @@ def source_frames(source: str, size: int, frames: int,
     return ordered(jobs, PREPARE_THREADS)
 
 
-def v2v_inputs(source: str, size: int, frames: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def v2v_inputs(source: str, size: int | tuple[int, int], frames: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(model input, ground truth) of each of `frames` frames of `source` (source_frames): the input is uint8
     (video_io.v2v_input_u8: the frame's luma plus coarse chroma, so a clip's own colors are its ground truth),
     the truth the source's frame."""
     return source_frames(source, size, frames, lambda truth: (v2v_input_u8(truth), truth))
 
 
-def restyle_inputs(source: str, size: int, frames: int, n: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def restyle_inputs(source: str, size: int | tuple[int, int], frames: int,
+                   n: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(model input, ground truth) of each step of restyling (a DiT's video-to-video): n frames of `source`
-    (source_frames) as they are, uint8 (n, size, size, 3), both; a last block the input cannot fill is not made."""
+    (source_frames) as they are, uint8 (n, height, width, 3), both; a last block the input cannot fill is not made."""
     block = []
     for frame in source_frames(source, size, -(-frames // n) * n, as_uint8):
         block.append(frame)

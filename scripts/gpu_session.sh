@@ -4,6 +4,8 @@
 #   STAGES="tests kernels bench" CONFIGS=tiny,base [VARIANTS=... PROFILE_VARIANTS=... STEPS=4 TAG=_x] scripts/gpu_session.sh
 #   STAGES="servetests serve" SERVE_CASES="base:16 base:16:churn base-512:8 base-512:8:cpu-jpeg" scripts/gpu_session.sh
 #   STAGES="run" [RUN_CONFIGS="base-512 base" RUN_FRAMES=300] scripts/gpu_session.sh
+#   STAGES="servedit" [SERVEDIT_CONFIG=wan-1.3b SERVEDIT_COUNTS=1,2,3 SERVEDIT_TAEHV=1 SERVE_LIMIT=480] \
+#       scripts/gpu_session.sh
 #   STAGES="dittests anchor dit" SELF_FORCING=.anchor/Self-Forcing [DIT_CONFIG=wan-1.3b DIT_BLOCKS=7 DIT_MODES=... DIT_FP8=static] scripts/gpu_session.sh
 # The DiT measurements and Ray's overhead in two calls on one warm machine (the second within its 30 s warm time):
 #   PACK=dit STAGES="ditdecode ditattn ditcompile" scripts/gpu_session.sh
@@ -18,6 +20,10 @@
 #  never committed); dit = bench_dit for DIT_CONFIG; run = mirage-run --fast as a user runs it (pipelined), per
 #  RUN_CONFIGS config with random weights, on an mp4 of its size and on --input synthetic, beside bench_runtime's
 #  frame graph (runtime-fast, compile-fp16) in the same session: issue 30's "mirage-run >= 0.85x the graph's FPS";
+#  servedit = bench_serve of a served DiT (SERVEDIT_CONFIG, default wan-1.3b, random bf16 weights) at 16 FPS per
+#  stream for SERVEDIT_COUNTS streams, under SERVE_LIMIT: issue 29's "streams x FPS at p99 <= 2 block periods";
+#  generation (the latents' preview) unless SERVEDIT_TAEHV=1: video-to-video through a random TAEHV (needs
+#  mirage-serve --decoder);
 #  ditdecode = wan-1.3b compile-graph with each decoder (DIT_DECODERS,
 #  default taehv,wan-vae; the Wan VAE needs diffusers: installed for the run from its wheel in $WHEELS, default .whl
 #  (the image has what it needs besides), when the image lacks it, else left out) and the profile by kernel kind; ditprofile = the profile alone;
@@ -116,6 +122,12 @@ for stage in $STAGES; do
     servetests) python -m pytest -q -rs tests/gpu/test_gpu_serve.py tests/gpu/test_gpu_cuda_runtime.py \
                   tests/gpu/test_gpu_torch_runtime.py 2>&1 | tee "$OUT/serve_tests.log" || echo "servetests: failures" ;;
     serve) serve_cases ${SERVE_CASES:-base:16} ;;
+    servedit) lim=$(limit "${SERVE_LIMIT:-480}") name=servedit_${SERVEDIT_CONFIG:-wan-1.3b}${SERVEDIT_TAEHV:+_taehv}
+              if [ "$lim" -lt 30 ]; then echo "servedit: skipped, ${lim}s left of DEADLINE"; continue; fi
+              timeout "$lim" python scripts/bench_serve.py --random "${SERVEDIT_CONFIG:-wan-1.3b}" --device cuda \
+                --fps 16 --counts "${SERVEDIT_COUNTS:-1,2,3}" --keep-going --startup-s 240 --seconds 8 --warmup-s 4 \
+                --calibrate-steps 5 ${SERVEDIT_TAEHV:+--taehv} --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log" \
+                || echo "servedit: exit $? (124: cut at its ${lim} s limit; the JSON holds the counts done)" ;;
     ray) if ray_site; then serve_cases ${RAY_CASES:-base:16 base:16:ray}; fi ;;
     stash) ;;  # nothing but what every call does first: keep the .rayw parts it carries in /tmp/rayw
     run) python scripts/bench_runtime.py --configs "$(echo ${RUN_CONFIGS:-base-512 base} | tr ' ' ,)" --task v2v \
@@ -153,7 +165,7 @@ v = SyntheticVideo($px, seed=1); write_video('/tmp/mirage-run-$px.mp4', (v.clip(
                  --blocks "${DIT_ATTN_BLOCKS:-12}"
              done ;;
     ditcompile) dit_bench dit_compile "${DIT_COMPILE_LIMIT:-80}" --modes compile --blocks "${DIT_BLOCKS:-7}" ;;
-    *) echo "unknown stage $stage (build, tests, kernels, conv, bench, run, servetests, serve, dittests, anchor, dit,"\
+    *) echo "unknown stage $stage (build, tests, kernels, conv, bench, run, servetests, serve, servedit, dittests, anchor, dit,"\
             "ditdecode, ditprofile, ditattn, ditcompile, ray, stash)"; exit 2 ;;
   esac
   if [ -n "${PACK:-}" ]; then tar -czf "$DEST/$PACK.tgz.part" -C "$OUT" . && mv "$DEST/$PACK.tgz.part" "$DEST/$PACK.tgz"; fi

@@ -1,7 +1,9 @@
 """Shared fixtures for the Mirage test suite (CPU only, small and fast)."""
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,15 @@ import torch
 torch.set_num_threads(int(os.environ.get("MIRAGE_TEST_THREADS", "1")))
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module (scripts/ is no package), for a test of its functions or its main."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
 CKPT_GEN = ROOT / "checkpoints" / "tiny"
 CKPT_V2V = ROOT / "checkpoints" / "tiny-v2v"
 

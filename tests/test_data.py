@@ -34,6 +34,16 @@ def test_synthetic_format():
     assert SyntheticVideo(64, seed=0).clip(0, 2).shape == (2, 64, 64, 3)
 
 
+def test_a_wide_synthetic_video_is_the_square_one_widened():
+    """(height, width) frames: shapes keep their size in pixels of the shorter side and travel the whole
+    width (a square clip's shapes stay in its square), so a wide clip is not a stretched square one."""
+    wide = SyntheticVideo((64, 160), seed=2).clip(0, 40)
+    assert wide.shape == (40, 64, 160, 3)
+    background = np.abs(np.diff(wide[0], axis=1)).max(axis=(0, 2)) < 0.05  # per column pair: only the gradient
+    moving = np.abs(np.diff(wide, axis=0)).max(axis=(0, 1, 3)) > 0.2  # columns a shape passed through
+    assert moving[:64].any() and moving[96:].any() and not background.all()
+
+
 def test_synthetic_time_continuity():
     sv = SyntheticVideo(32, seed=1)
     late, early = sv.clip(9, 10, start=5), sv.clip(9, 10, start=0)
@@ -46,9 +56,12 @@ def test_synthetic_shapes_painted_in_their_boxes_are_the_whole_frame_render(monk
     the same frames: a box too small cuts a shape's edge, its ramp or a corner of a rotated square."""
     from mirage.core import synthetic
 
-    boxed = [SyntheticVideo(128, seed=seed).clip(index, 2, start=5 * index) for seed in range(3) for index in range(3)]
-    monkeypatch.setattr(synthetic, "_box", lambda center, reach, size: slice(0, size))
-    whole = [SyntheticVideo(128, seed=seed).clip(index, 2, start=5 * index) for seed in range(3) for index in range(3)]
+    sizes = (128, (96, 160), (160, 96))  # square, wide and tall: a box in the longer axis's units too
+    boxed = [SyntheticVideo(size, seed=seed).clip(index, 2, start=5 * index)
+             for size in sizes for seed in range(3) for index in range(3)]
+    monkeypatch.setattr(synthetic, "_box", lambda center, reach, unit, size: slice(0, size))
+    whole = [SyntheticVideo(size, seed=seed).clip(index, 2, start=5 * index)
+             for size in sizes for seed in range(3) for index in range(3)]
     assert max(np.abs(a - b).max() for a, b in zip(boxed, whole)) < 1e-6
 
 
@@ -178,6 +191,35 @@ def test_iter_frames_resizes(video_root):
     root, _ = video_root
     frames = list(iter_frames(root / "seq", 16))
     assert len(frames) == 6 and frames[0].shape == (16, 16, 3)
+
+
+@pytest.mark.parametrize("h, w, shape, window", [
+    (480, 832, (128, 192), (0, 56, 480, 720)),    # wider than the model: the sides cut
+    (480, 832, (480, 832), (0, 0, 480, 832)),     # the model's own shape: whole
+    (720, 720, (128, 192), (120, 0, 480, 720)),   # a square input for a wide model: top and bottom cut
+    (480, 832, (64, 64), (0, 176, 480, 480)),     # a square model: the center square, as before
+    (100, 50, (32, 32), (25, 0, 50, 50)),
+])
+def test_frames_are_scaled_to_cover_the_model_and_center_cropped(h, w, shape, window):
+    from mirage.core.video_io import center_crop, fit_frame
+
+    assert center_crop(h, w, shape) == window
+    frame = np.zeros((h, w, 3), np.uint8)
+    top, left, ch, cw = window
+    frame[top:top + ch, left:left + cw] = 200  # the window white, what is cut black
+    fitted = fit_frame(frame, shape)
+    assert fitted.shape == (*shape, 3) and fitted.min() >= 190  # nothing cut off shows
+
+
+def test_iter_frames_reads_a_video_at_the_models_height_and_width(tmp_path):
+    """A 96x64 (WxH) clip read for a 48x32 model: scaled down whole; read for a square 32: its center square."""
+    clip = np.zeros((3, 64, 96, 3), np.uint8)
+    clip[:, :, :16] = 255  # a white band at the left edge
+    write_video(tmp_path / "wide", clip, scale=1)  # PNG frames: lossless
+    wide = np.stack(list(iter_frames(tmp_path / "wide", (32, 48))))
+    assert wide.shape == (3, 32, 48, 3) and wide[:, :, :6].min() > 0.9 and wide[:, :, 10:].max() < -0.9
+    square = np.stack(list(iter_frames(tmp_path / "wide", 32)))
+    assert square.shape == (3, 32, 32, 3) and square.max() < -0.9  # the band is outside the center square
 
 
 def test_make_source(video_root):

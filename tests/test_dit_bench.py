@@ -3,23 +3,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 
 import pytest
-from conftest import ROOT
+from conftest import load_script
 
 from mirage.core.config import get_dit_config
 
-SCRIPT = ROOT / "scripts" / "bench_dit.py"
-
 
 def load_driver():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import bench_dit
-    finally:
-        sys.path.pop(0)
-    return bench_dit
+    return load_script("bench_dit")
 
 
 def test_bench_dit_cpu_smoke(tmp_path, capsys):

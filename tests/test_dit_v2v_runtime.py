@@ -1,7 +1,7 @@
 """The video DiT's video-to-video in the runtime (core.dit_step.BlockUnit with a strength): a DiT on a per-frame
-autoencoder (dit-tiny-taesd at 64x64, random DiT weights, the bundled ae-taesd) run on ONNX Runtime (an artifact
-with its encode/decode graphs) and on the PyTorch backend, against the torch path (model.dit_pipeline's restyle)
-given the runtime's counter-based noise; CPU."""
+autoencoder (dit-tiny-taesd at 96x64, non-square as wan-1.3b's 832x480, random DiT weights, the bundled ae-taesd)
+run on ONNX Runtime (an artifact with its encode/decode graphs) and on the PyTorch backend, against the torch path
+(model.dit_pipeline's restyle) given the runtime's counter-based noise; CPU."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from mirage.bridge.artifact import ArtifactOptions
 from mirage.bridge.dit_artifact import build_dit_artifact, dit_model
@@ -27,8 +28,9 @@ from mirage.runtime.pipeline import Pipeline, PipelineError
 from mirage.runtime.pool import StreamPool
 from test_dit_runtime import _CpuAsGpu
 
-# 4 tokens per latent frame, blocks of 2 in a window of 8: the 5th block rolls the ring
-CFG = dataclasses.replace(get_dit_config("dit-tiny-taesd"), width=64, height=64, num_layers=2)
+# 6 tokens per latent frame (3 wide, 2 high: non-square, as wan-1.3b's 832x480), blocks of 2 in a window of 8:
+# the 5th block rolls the ring
+CFG = dataclasses.replace(get_dit_config("dit-tiny-taesd"), width=96, height=64, num_layers=2)
 SEED = 0  # the random DiT weights the artifact is exported with (dit_model)
 N = CFG.block_frames
 TOL = 1e-4  # runtime vs torch path, float32: measured 2e-6 (the same math, other kernels and reduction orders)
@@ -55,8 +57,8 @@ def _prompt(seed: int) -> np.ndarray:
 
 
 def _clip(blocks: int, seed: int) -> np.ndarray:
-    """Smooth frames (blocks, N, 64, 64, 3) in [-1, 1]."""
-    coarse = np.random.default_rng(seed).uniform(-0.8, 0.8, (blocks, N, 8, 8, 3)).astype(np.float32)
+    """Smooth frames (blocks, N, 64, 96, 3) in [-1, 1]."""
+    coarse = np.random.default_rng(seed).uniform(-0.8, 0.8, (blocks, N, 8, 12, 3)).astype(np.float32)
     return coarse.repeat(8, axis=2).repeat(8, axis=3)
 
 
@@ -87,8 +89,8 @@ def test_the_artifact_carries_the_autoencoder_s_graphs(artifact):
     m = json.loads((artifact / G.MANIFEST).read_text())
     assert list(m["graphs"]) == [*G.DIT_GRAPHS, G.ENCODE, G.DECODE] and m["frames"] == "video frames"
     specs = G.model_graphs(CFG)
-    assert specs[G.ENCODE].tensor(G.IMAGE).shape == (N, 3, 64, 64) == specs[G.DECODE].output.shape
-    assert specs[G.DECODE].tensor(G.Z).shape == specs[G.DIT_STEP].tensor(G.X_T).shape == (1, 4, N, 8, 8)
+    assert specs[G.ENCODE].tensor(G.IMAGE).shape == (N, 3, 64, 96) == specs[G.DECODE].output.shape
+    assert specs[G.DECODE].tensor(G.Z).shape == specs[G.DIT_STEP].tensor(G.X_T).shape == (1, 4, N, 8, 12)
     tensors = m["parity"]["tensors"]
     assert tensors["encode.z"]["rel"] < 1e-5 and tensors["decode.image"]["rel"] < 1e-5 and m["parity"]["passed"]
     assert m["parity"]["rollout"]["video_psnr_min_db"] > 100  # fp32: the decoded rollouts agree
@@ -218,7 +220,7 @@ def test_bad_video_to_video_input_is_one_clear_error():
 
 def test_mirage_run_restyles_with_a_dit_artifact(artifact, tmp_path):
     """mirage-run ARTIFACT --input --prompt-embeds: the runtime's video-to-video at the strength a DiT checkpoint's
-    --input runs at, the torch path's report (strength, PSNR vs. input); --strength without --input (as a DiT
+    --input runs at, at the artifact's non-square 96x64 (the synthetic input drawn at it), the torch path's report (strength, PSNR vs. input); --strength without --input (as a DiT
     checkpoint refuses it) or out of range: one line, exit 2."""
     from safetensors.numpy import save_file
 
@@ -232,6 +234,8 @@ def test_mirage_run_restyles_with_a_dit_artifact(artifact, tmp_path):
     assert result.exit_code == 0, result.output
     r = json.loads(report.read_text())
     assert (r["blocks"], r["written"], r["strength"], r["frames_are"]) == (2, 4, DEFAULT_STRENGTH, "video frames")
+    with Image.open(tmp_path / "out" / "00000.png") as frame:
+        assert frame.size == (96, 64)
     assert 5 < r["psnr_vs_input_db"] < 60 and "strength / PSNR vs. input" in result.output
     for args, message in ((["--strength", "0.3"], "--strength: video-to-video needs an --input"),
                           (["--input", "synthetic", "--strength", "2"], "not in the range")):

@@ -192,7 +192,7 @@ def test_video_to_video_input_errors():
         pipe.reset(0)
         with pytest.raises(PipelineError, match="needs an input frame"):
             pipe.step()
-        with pytest.raises(PipelineError, match=r"shape \(64, 64, 3\).*fit_square"):
+        with pytest.raises(PipelineError, match=r"shape \(64, 64, 3\).*fit_frame"):
             pipe.step(np.zeros((64, 64, 3), np.float32))
 
 
