@@ -9,6 +9,8 @@
     mirage-serve CKPT --ray-address HEAD:6379 --device cuda --slots 16  # on an existing Ray cluster
     mirage-serve checkpoints/dit-tiny-taesd --dit dit-tiny-taesd --prompt trained \
         --prompt-bank checkpoints/dit-tiny-taesd/prompts.safetensors   # the DiT trained here; prompts by name
+    mirage-serve self_forcing_dmd.pt --dit wan-1.3b --decoder taew2_1.pth --strength 0.6 \
+        --prompt-embeds cat.safetensors --device cuda --slots 1   # Wan 1.3B video-to-video at 832x480 (TAEHV codec)
 """
 from __future__ import annotations
 
@@ -73,7 +75,12 @@ DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
               click.option("--prompt-bank", type=click.Path(path_type=Path), default=None,
                            help="A DiT's named prompt embeddings, a .safetensors file of (L, text_dim) tensors: a "
                                 "control message's prompt names one (else, with --text-encoder, it is encoded; "
-                                "without, refused), --prompt may too, and the page offers the names."))
+                                "without, refused), --prompt may too, and the page offers the names."),
+              click.option("--decoder", type=click.Path(path_type=Path), default=None,
+                           help="--dit: a TAEHV file (taew2_1.pth), the DiT's codec: streams get video frames (a "
+                                "stream's first 3 are TAEHV's warm-up frames), and with --strength video-to-video "
+                                "(its encoder.* weights needed). mirage-run --dit's --decoder; the Wan VAE is not a "
+                                "runtime codec."))
 @click.option("--cpu-jpeg", is_flag=True,
               help="Decode and encode JPEGs with Pillow in CPU threads even on a GPU that has nvJPEG (by default "
                    "they are batched on the pool's GPU, PyTorch backend).")
@@ -120,7 +127,7 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
     except MirageError as e:
         raise UserError(str(e)) from e
     source = ModelSource(model, *(dit[k] for k in ("config", "lora", "prompt", "prompt_embeds", "text_encoder",
-                                                   "prompt_bank", "strength")))
+                                                   "prompt_bank", "strength", "decoder")))
     try:  # the options and the prompt files first: a refused binding should not wait for a model to load
         options = ServerOptions(host=host, port=port, token=token, deadline_ms=deadline_ms,
                                 batch_wait_ms=batch_wait_ms, max_frame_bytes=max_frame_bytes,

@@ -7,9 +7,11 @@ import dataclasses
 
 import pytest
 import torch
+from torch import nn
 
 from mirage.core import graphs as G
 from mirage.core.config import ConfigError, DiTConfig, from_json, get_dit_config, to_json
+from mirage.core.taehv_layout import LATENT_CHANNELS
 from mirage.model.taehv import Taehv, TaehvBlockCodec
 
 CFG = dataclasses.replace(get_dit_config("dit-tiny"), width=32, height=32, codec="taehv")
@@ -18,10 +20,33 @@ FRAMES = 4 * N  # video frames per block in and out
 WARM_UP = 3
 
 
+def random_taehv(seed: int, height: int, width: int) -> Taehv:
+    """A random TAEHV whose frames depend on its input: each conv rescaled once to unit output std on random
+    frames and latents (LSUV), its last conv to frames about 0.5 ± 0.15 (PyTorch's default init loses the signal
+    in depth: its frames sit at the clamp, where no mistake of the runtime's would show)."""
+    torch.manual_seed(seed)
+    taehv = Taehv().eval().requires_grad_(False)
+
+    def unit_std(conv, inputs, out):
+        s = out.std()
+        conv.weight.div_(s)
+        if conv.bias is not None:
+            conv.bias.div_(s)
+        hooks.pop(conv).remove()
+        return out / s
+
+    hooks = {m: m.register_forward_hook(unit_std) for m in taehv.modules() if isinstance(m, nn.Conv2d)}
+    taehv.encode(torch.rand(1, 5, 3, height, width) * 2 - 1)
+    taehv.decode(torch.randn(1, LATENT_CHANNELS, 2, height // 8, width // 8))
+    taehv.decoder[-1].weight.mul_(0.15)
+    taehv.decoder[-1].bias.fill_(0.5)
+    taehv.reset()
+    return taehv
+
+
 @pytest.fixture(scope="module")
 def taehv() -> Taehv:
-    torch.manual_seed(0)
-    return Taehv().eval().requires_grad_(False)
+    return random_taehv(0, 32, 32)
 
 
 def _threaded(graph, specs: G.GraphSpec):
