@@ -33,7 +33,7 @@ DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.argument("model", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path),
+@click.argument("model", required=False, type=click.Path(exists=True, path_type=Path),  # a file: a DiT's .pt
                 default=DEFAULT_MODEL)
 @click.option("--host", default="127.0.0.1",
               help="Address to bind. Anything but loopback (127.0.0.1, ::1, localhost) requires --token.")
@@ -99,7 +99,8 @@ DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
 def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, batch_wait_ms, max_frame_bytes,
          calibrate_steps, max_prompt_chars, control_interval_ms, dit, cpu_jpeg, use_ray, ray_address, min_replicas,
          max_replicas, target_streams, drain_s):
-    """Serve MODEL (a checkpoint folder or an exported artifact; default: the bundled tiny-v2v) to
+    """Serve MODEL (a checkpoint folder or an exported artifact, or with --dit a DiT checkpoint file or folder;
+    default: the bundled tiny-v2v) to
     browsers and WebSocket clients: open http://HOST:PORT/ for the page (webcam, video file or a
     synthetic source). All streams advance together, one batched step per frame (a DiT: per block), in a
     pool of --slots streams. A DiT checkpoint needs --dit CONFIG; a DiT (checkpoint or artifact) needs its
