@@ -130,3 +130,39 @@ def test_a_codec_the_runtime_cannot_run_is_one_clear_error(taehv):
         pipe.set_prompt(_prompt(1))
         pipe.reset(0)
         assert pipe.step().shape == (FRAMES, 32, 64, 3)
+
+
+def test_the_gpu_execution_runs_the_cpu_s_taehv_blocks(taehv):
+    """GpuExecution (on CPU tensors, test_dit_runtime._CpuAsGpu) with uint8 frames: the codec's host inputs
+    (fresh, keep / take) staged per parity, a held row, a row restarted with a block in flight; the same bytes as
+    CpuExecution's."""
+    from mirage.core import graphs as G
+    from mirage.model.dit_backend import DiTTorchBackend
+    from mirage.model.taehv import TaehvBlockCodec
+    from test_dit_runtime import _CpuAsGpu
+
+    options = PipelineOptions(batch=2, strength=0.5, frames="uint8")
+    clip = (_clip(4, seed=2).reshape(4, 1, FRAMES, 32, 64, 3).repeat(2, 1) * 127 + 128).astype(np.uint8)
+    clip[:, 1] = clip[::-1, 0]  # each row its own input
+
+    def rollout(pipe):
+        with pipe:
+            pipe.set_prompt(_prompt(1))
+            pipe.reset(3)
+            out = [pipe.step_batch(clip[0]), pipe.step_batch(clip[1], np.array([1, 0]))]  # row 1 held
+            pipe.submit_batch(clip[2])
+            pipe.reset_row(1, 9)  # with block 2 in flight: block 3 starts row 1's new video
+            out.append(pipe.collect_batch())
+            return out + [pipe.step_batch(clip[3])]
+
+    model = dit_model(CFG, None, SEED)[0]
+    cpu = rollout(from_dit_model(model, "cpu", options, decoder=taehv))
+    cfg = dataclasses.replace(CFG, codec="taehv")
+    specs = G.model_graphs(cfg, 2)
+    backend = DiTTorchBackend(model, specs, "cpu", codec=TaehvBlockCodec(taehv, N))
+    backend.device = "cuda:0"  # a GPU backend to the pipeline: GpuExecution, with the CPU plumbing
+    staged = rollout(Pipeline(backend, cfg, specs, options, _CpuAsGpu()))
+    for n, (a, b) in enumerate(zip(cpu, staged)):
+        assert a.dtype == np.uint8 and a.shape == (2, FRAMES, 32, 64, 3)
+        np.testing.assert_array_equal(a, b, err_msg=f"block {n}")
+    assert np.abs(cpu[3][1].astype(int) - cpu[2][1]).mean() > 1  # row 1's new video is not its old one
