@@ -39,6 +39,7 @@ import io
 import json
 import platform
 import random
+import shlex
 import signal
 import socket
 import subprocess
@@ -77,7 +78,7 @@ def start_server(args, slots: int, log: Path) -> tuple[subprocess.Popen, str]:
                "--device", args.device, "--backend", args.backend, "--deadline-ms", str(args.deadline_ms),
                "--batch-wait-ms", str(args.batch_wait_ms), "--calibrate-steps", str(args.calibrate_steps)] \
             + (["--fast"] if args.fast else []) + (["--ray"] if args.ray else []) \
-            + (["--cpu-jpeg"] if args.cpu_jpeg else [])
+            + (["--cpu-jpeg"] if args.cpu_jpeg else []) + shlex.split(args.serve_args)
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     start = time.monotonic()
@@ -349,6 +350,8 @@ def main() -> None:
     p.add_argument("--startup-s", type=float, default=300.0, help="how long the server may take to load")
     p.add_argument("--deadline-ms", type=float, default=100.0)
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="the server's --batch-wait-ms")
+    p.add_argument("--serve-args", default="", help="more mirage-serve options, one string (a DiT: '--dit wan-1.3b "
+                   "--decoder taew2_1.pth --strength 0.6 --prompt-embeds p.safetensors')")
     p.add_argument("--cpu-jpeg", action="store_true", help="mirage-serve --cpu-jpeg: Pillow in CPU threads, not "
                    "nvJPEG batched on the GPU (the before / after of the codec)")
     p.add_argument("--churn", action="store_true", help="one more stream attaching and detaching all along "
