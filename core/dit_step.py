@@ -149,7 +149,7 @@ class BlockBuffers:
     host: dict[str, Array]  # per block from the host: RoPE angles, slots, validity, timestep embeddings, coefficients
     rng: Array  # (B, 2) int64, per row (seed, draws so far)
     advance: Array  # (B,) int64, 1 = the row commits this block, 0 = held
-    frame: Array  # (B·N, 3, H, W): the block's frames, row-major (decoded, or the latents' float32 preview)
+    frame: Array  # (B·F, 3, H, W): the block's F frames a row, row-major (decoded, or the latents' float32 preview)
     one: Array  # (B,) float32 ones (flow_x0's coefficient of x)
     frame_graph: str = G.DIT_STEP  # the graph a non-finite frame is blamed on: dit_step, or decode
     input: Array | None = None  # video-to-video: (B·F, 3, H, W) the block's input frames; generation: None
