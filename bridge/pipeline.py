@@ -11,6 +11,7 @@ import it still run an artifact on a machine without PyTorch.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Callable
@@ -76,33 +77,58 @@ def from_model(model, device: str = "auto", options: PipelineOptions = PipelineO
 
 
 def from_dit_model(model, device: str = "auto", options: PipelineOptions = PipelineOptions(),
-                   prompt_encoder: Callable[[str], np.ndarray] | None = None) -> Pipeline:
+                   prompt_encoder: Callable[[str], np.ndarray] | None = None, decoder=None) -> Pipeline:
     """A pipeline around an in-memory WanDiT (its pure graph modules on the PyTorch backend): the runtime's
     block loop, noise and buffers, as for a DiT artifact; bfloat16 on a GPU, float32 on the CPU. A config on a
-    per-frame autoencoder decodes its blocks with it (and encodes input blocks: options.strength)."""
+    per-frame autoencoder decodes its blocks with it, and `decoder` (a TAEHV, mirage.model.taehv) with Wan's
+    latents is the runtime's temporal codec (the config's codec "taehv"); either encodes input blocks too
+    (options.strength; TAEHV with its encoder)."""
     from mirage.model.dit_backend import DiTTorchBackend
     from mirage.model.latent import BlockCodec, load_frame_codec
+    from mirage.model.taehv import Taehv, TaehvBlockCodec, TaehvDecoder
     from mirage.model.torch_device import TorchCpu, TorchGpu
 
+    cfg = model.cfg
+    if decoder is not None:
+        if not isinstance(decoder, TaehvDecoder):
+            raise PipelineError(f"{type(decoder).__name__} is not a runtime codec: the runtime's DiT decodes with "
+                                "TAEHV (a taew2_1.pth --decoder); the Wan VAE runs in mirage-run --dit alone")
+        if options.strength is not None and not isinstance(decoder, Taehv):
+            raise PipelineError("video-to-video needs a TAEHV --decoder with its encoder (encoder.* weights, as "
+                                "taew2_1.pth has them); this one only decodes")
+        cfg = dataclasses.replace(cfg, codec="taehv")  # a ConfigError names a config TAEHV cannot code
     device = _torch_device(device)
     on_gpu = device.startswith("cuda")
     dtype = options.dtype or ("bfloat16" if on_gpu else "float32")
-    specs = G.model_graphs(model.cfg, options.batch, precision="fp16" if dtype == "float16" else "fp32")
-    codec = BlockCodec(load_frame_codec(model.cfg), model.cfg.block_frames) if model.cfg.autoencoder else None
+    specs = G.model_graphs(cfg, options.batch, precision="fp16" if dtype == "float16" else "fp32")
+    codec = BlockCodec(load_frame_codec(cfg), cfg.block_frames) if cfg.autoencoder else \
+        TaehvBlockCodec(decoder, cfg.block_frames) if decoder is not None else None
     impl = DiTTorchBackend(model, specs, device, dtype, codec)
-    return Pipeline(impl, model.cfg, specs, options, (TorchGpu if on_gpu else TorchCpu)(impl.device), prompt_encoder)
+    return Pipeline(impl, cfg, specs, options, (TorchGpu if on_gpu else TorchCpu)(impl.device), prompt_encoder)
 
 
 def open_dit_checkpoint(path: str | Path, cfg, device: str = "auto", options: PipelineOptions = PipelineOptions(),
-                        lora: str | Path | None = None,
-                        prompt_encoder: Callable[[str], np.ndarray] | None = None) -> Pipeline:
+                        lora: str | Path | None = None, prompt_encoder: Callable[[str], np.ndarray] | None = None,
+                        decoder: str | Path | None = None) -> Pipeline:
     """A Wan 2.1 DiT checkpoint of any layout mirage.model.wan_checkpoint reads (Self-Forcing, CausVid, LongLive
     with its LoRA, Wan, diffusers), of config `cfg`, in the runtime on the PyTorch backend (checked before the
-    model is built, as load_dit does)."""
+    model is built, as load_dit does), with `decoder` (a TAEHV file, mirage-run --dit's --decoder) its codec."""
     from mirage.model.wan_checkpoint import load_dit
 
+    codec = None if decoder is None else load_runtime_codec(decoder)
     model, _ = load_dit(path, cfg, lora=lora)
-    return from_dit_model(model, device, options, prompt_encoder)
+    return from_dit_model(model, device, options, prompt_encoder, codec)
+
+
+def load_runtime_codec(path: str | Path):
+    """A --decoder file as the runtime DiT's codec: a TAEHV file (taew2_1.pth), checked on the CPU. A Wan VAE
+    folder is refused before it loads: the runtime's codec graphs are TAEHV's."""
+    from mirage.model.wan_decode import load_decoder
+
+    if Path(path).is_dir():
+        raise PipelineError(f"--decoder {path}: the Wan VAE is not a runtime codec; give a TAEHV file (taew2_1.pth), "
+                            "or decode with the Wan VAE in mirage-run --dit")
+    return load_decoder(path)
 
 
 def text_prompt_encoder(folder: str | Path, cfg) -> Callable[[str], np.ndarray]:

@@ -272,7 +272,7 @@ def build(args: dict):
     server = {k: args.pop(k) for k in ("host", "token", "deadline_ms", "batch_wait_ms", "max_frame_bytes",
                                        "calibrate_steps") if k in args}
     fast = args.pop("fast", "false").lower() in ("1", "true", "yes")
-    fields = ("dit", "lora", "prompt", "prompt_embeds", "text_encoder", "prompt_bank", "strength")
+    fields = ("dit", "lora", "prompt", "prompt_embeds", "text_encoder", "prompt_bank", "strength", "decoder")
     source = ModelSource(Path(args.pop("model")), **{k: args.pop(k) for k in fields if k in args})
     slots = args.pop("slots", None) or default_slots(source.path)  # as mirage-serve's --slots
     return application(source, slots, args.pop("backend", "auto"), args.pop("device", "cpu"), fast,

@@ -63,12 +63,15 @@ class ModelSource:
     prompt_embeds: Path | None = None  # or its embeddings' file
     text_encoder: Path | None = None  # a local UMT5 folder: a control's prompt text, encoded once per prompt
     prompt_bank: Path | None = None  # named embeddings (.safetensors): a control's prompt names one
-    strength: float | None = None  # a DiT on a per-frame autoencoder: video-to-video, every stream starting at it
+    strength: float | None = None  # a DiT with an encoder: video-to-video, every stream starting at it
+    decoder: Path | None = None  # with `dit`: a TAEHV file, the runtime's codec for Wan's latents (taew2_1.pth)
 
     def read(self) -> tuple[np.ndarray | None, dict[str, np.ndarray] | None]:
         """The starting prompt's embeddings and the bank, read from their files (PromptError: one unreadable)."""
-        if self.lora is not None and self.dit is None:
-            raise PipelineError("--lora: a DiT checkpoint's LoRA; add --dit CONFIG")
+        for given, flag, what in ((self.lora, "--lora", "a DiT checkpoint's LoRA"),
+                                  (self.decoder, "--decoder", "a DiT checkpoint's TAEHV codec")):
+            if given is not None and self.dit is None:
+                raise PipelineError(f"{flag}: {what}; add --dit CONFIG")
         return (None if self.prompt_embeds is None else read_embeddings(self.prompt_embeds),
                 None if self.prompt_bank is None else read_bank(self.prompt_bank))
 
@@ -90,11 +93,12 @@ class ModelSource:
             if backend not in ("auto", "torch"):
                 raise PipelineError(f"--backend {backend}: a DiT checkpoint (--dit) runs on the torch backend; "
                                     "export it (mirage-export --dit) for another")
-            pipe = open_dit_checkpoint(path, get_dit_config(self.dit), device, options, self.lora)
+            pipe = open_dit_checkpoint(path, get_dit_config(self.dit), device, options, self.lora,
+                                       decoder=self.decoder)
         try:
             if self.strength is not None and "strength" not in pipe.controls:
                 raise PipelineError(f"--strength: {path} takes no strength (video-to-video needs a DiT on a "
-                                    "per-frame autoencoder, such as dit-tiny-taesd)")
+                                    "per-frame autoencoder, such as dit-tiny-taesd, or a TAEHV --decoder)")
             condition(pipe, path, self.prompt, embeds, self.text_encoder, bank)
         except BaseException:
             pipe.close()

@@ -48,7 +48,7 @@ strength = click.option(
     help="A DiT's video-to-video: how far each input block is noised before the steps left denoise it; 0 keeps the "
          f"input, 1 ignores it (mirage-run: needs an --input; an --input without it runs at {DEFAULT_STRENGTH}, for "
          "a DiT checkpoint and a DiT artifact with an encoder graph alike; mirage-serve's DiT runs video-to-video "
-         "when it is given, its streams starting at it). Needs a config on a per-frame autoencoder (dit-tiny-taesd).")
+         "when it is given, its streams starting at it). Needs a config on a per-frame autoencoder (dit-tiny-taesd) or a TAEHV --decoder with its encoder.")
 
 # a seed outside the generator's range would wrap to another seed's video (mirage.core.loop.MAX_SEED)
 SEED = click.IntRange(0, MAX_SEED)

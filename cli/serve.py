@@ -9,6 +9,8 @@
     mirage-serve CKPT --ray-address HEAD:6379 --device cuda --slots 16  # on an existing Ray cluster
     mirage-serve checkpoints/dit-tiny-taesd --dit dit-tiny-taesd --prompt trained \
         --prompt-bank checkpoints/dit-tiny-taesd/prompts.safetensors   # the DiT trained here; prompts by name
+    mirage-serve self_forcing_dmd.pt --dit wan-1.3b --decoder taew2_1.pth --strength 0.6 \
+        --prompt-embeds cat.safetensors --device cuda --slots 1   # Wan 1.3B video-to-video at 832x480 (TAEHV codec)
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.argument("model", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path),
+@click.argument("model", required=False, type=click.Path(exists=True, path_type=Path),  # a file: a DiT's .pt
                 default=DEFAULT_MODEL)
 @click.option("--host", default="127.0.0.1",
               help="Address to bind. Anything but loopback (127.0.0.1, ::1, localhost) requires --token.")
@@ -73,7 +75,12 @@ DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
               click.option("--prompt-bank", type=click.Path(path_type=Path), default=None,
                            help="A DiT's named prompt embeddings, a .safetensors file of (L, text_dim) tensors: a "
                                 "control message's prompt names one (else, with --text-encoder, it is encoded; "
-                                "without, refused), --prompt may too, and the page offers the names."))
+                                "without, refused), --prompt may too, and the page offers the names."),
+              click.option("--decoder", type=click.Path(path_type=Path), default=None,
+                           help="--dit: a TAEHV file (taew2_1.pth), the DiT's codec: streams get video frames (a "
+                                "stream's first 3 are TAEHV's warm-up frames), and with --strength video-to-video "
+                                "(its encoder.* weights needed). mirage-run --dit's --decoder; the Wan VAE is not a "
+                                "runtime codec."))
 @click.option("--cpu-jpeg", is_flag=True,
               help="Decode and encode JPEGs with Pillow in CPU threads even on a GPU that has nvJPEG (by default "
                    "they are batched on the pool's GPU, PyTorch backend).")
@@ -92,7 +99,8 @@ DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
 def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, batch_wait_ms, max_frame_bytes,
          calibrate_steps, max_prompt_chars, control_interval_ms, dit, cpu_jpeg, use_ray, ray_address, min_replicas,
          max_replicas, target_streams, drain_s):
-    """Serve MODEL (a checkpoint folder or an exported artifact; default: the bundled tiny-v2v) to
+    """Serve MODEL (a checkpoint folder or an exported artifact, or with --dit a DiT checkpoint file or folder;
+    default: the bundled tiny-v2v) to
     browsers and WebSocket clients: open http://HOST:PORT/ for the page (webcam, video file or a
     synthetic source). All streams advance together, one batched step per frame (a DiT: per block), in a
     pool of --slots streams. A DiT checkpoint needs --dit CONFIG; a DiT (checkpoint or artifact) needs its
@@ -120,7 +128,7 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
     except MirageError as e:
         raise UserError(str(e)) from e
     source = ModelSource(model, *(dit[k] for k in ("config", "lora", "prompt", "prompt_embeds", "text_encoder",
-                                                   "prompt_bank", "strength")))
+                                                   "prompt_bank", "strength", "decoder")))
     try:  # the options and the prompt files first: a refused binding should not wait for a model to load
         options = ServerOptions(host=host, port=port, token=token, deadline_ms=deadline_ms,
                                 batch_wait_ms=batch_wait_ms, max_frame_bytes=max_frame_bytes,

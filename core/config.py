@@ -12,6 +12,7 @@ import math
 import typing
 from dataclasses import dataclass
 
+from mirage.core import taehv_layout as taehv
 from mirage.core.errors import MirageError
 from mirage.core.graphs import dit_graphs, unet_graphs
 from mirage.core.schedule import CONTEXT_NOISE, T
@@ -467,6 +468,7 @@ def get_ae_config(name: str) -> AutoencoderConfig:
 # ---------------------------------------------------------------------------------------------------
 # The second model family: the chunk-causal video DiT on the Wan 2.1 layout (mirage.model.dit).
 
+DIT_CODECS = ("", "taehv")  # DiTConfig.codec
 
 
 @dataclass(frozen=True)
@@ -517,6 +519,9 @@ class DiTConfig:
     autoencoder: str = ""
     autoencoder_sha256: str = ""  # of its weights, recorded by the trainer; a mismatch is refused
     latent_scale: float = 1.0  # latents the DiT sees = the autoencoder's latents x latent_scale
+    # The runtime's temporal codec for Wan's latents: "taehv" adds TAEHV's encode / decode graphs (mirage-serve
+    # --decoder taew2_1.pth sets it); "" none (the runtime then shows a latent preview). Not a training choice.
+    codec: str = ""
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -538,6 +543,13 @@ class DiTConfig:
         if self.autoencoder and self.vae_stride[0] != 1:
             raise ConfigError(f"autoencoder={self.autoencoder!r} codes frame by frame: vae_stride must be (1, h, w), "
                               f"not {self.vae_stride}")
+        if self.codec not in DIT_CODECS:
+            raise ConfigError(f"codec={self.codec!r}: choose one of {', '.join(map(repr, DIT_CODECS))}")
+        if self.codec == "taehv" and (self.autoencoder or tuple(self.vae_stride) != taehv.STRIDE
+                                      or self.in_dim != taehv.LATENT_CHANNELS):
+            raise ConfigError(f"codec='taehv' codes Wan's latents: it needs vae_stride={taehv.STRIDE}, "
+                              f"in_dim={taehv.LATENT_CHANNELS} and no autoencoder, not {self.vae_stride}, "
+                              f"{self.in_dim}, {self.autoencoder!r}")
         for field in ("patch_size", "vae_stride"):
             if len(getattr(self, field)) != 3 or min(getattr(self, field)) < 1:
                 raise ConfigError(f"{field}={getattr(self, field)} must be 3 positive integers (frames, height, width)")

@@ -11,17 +11,19 @@ mirage.model.dit_cache.RollingKVCache.
 `BlockUnit` is the family's unit of work in the runtime (mirage.runtime.pipeline), and the one driver of
 these graphs (export parity runs it too, through the runtime's CpuExecution): the block on buffers allocated
 once from the specs, through the loop's Backend and Ops, each row its own stream at its own frame, so one
-unit is one CUDA-graph replay on a GPU. With a per-frame autoencoder's graphs it decodes the block, and with
-a strength it restyles input blocks (video-to-video), each row at its own strength.
+unit is one CUDA-graph replay on a GPU. With a codec's graphs (a per-frame autoencoder's, or TAEHV's with its
+state) it decodes the block, and with a strength it restyles input blocks (video-to-video), each row at its own
+strength.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from mirage.core import graphs as G
+from mirage.core import taehv_layout as taehv
 from mirage.core.errors import MirageError
 from mirage.core.flow_schedule import block_schedule, strength_schedule
 
@@ -95,6 +97,9 @@ _T_CTX = "t_emb_ctx"  # the host input of the cache-write pass's timestep embedd
 # per-row (B,) float32 host inputs: the video-to-video start x = (1 - s) source + s noise[0], and per pass i
 # x0 = x + x0_v_<i> v (-σ) and the re-noising x = x_<i> x0 + noise_<i> noise[i + 1] (1 - σ_next, σ_next)
 _START_SOURCE, _START_NOISE = "start_source", "start_noise"
+# a temporal codec's state (TAEHV's memory and carry) moves on only in the rows that advance: per-row (B,) float32
+# host inputs state = keep · state + take · new, 1 and 0 for a held row (`fresh`, G.FRESH, is the third such input)
+_KEEP, _TAKE = "state_keep", "state_take"
 
 
 def _t_step(i: int) -> str:
@@ -107,9 +112,12 @@ def _coefficients(i: int) -> tuple[str, str, str]:
 
 def frames_are(specs: dict[str, G.GraphSpec]) -> str:
     """What a DiT's frames out of the runtime show (the reports and manifests say it): video frames where its
-    graphs include the per-frame autoencoder's decoder, else a preview of its latents."""
-    return "video frames" if G.DECODE in specs else \
-        "latent preview: channels 0-2 of each latent frame, clamped to [-1, 1] (no decoder graph)"
+    graphs include a decoder, else a preview of its latents."""
+    if G.DECODE not in specs:
+        return "latent preview: channels 0-2 of each latent frame, clamped to [-1, 1] (no decoder graph)"
+    if G.state_inputs(specs[G.DECODE]):
+        return f"video frames (a stream's first {taehv.WARM_UP_FRAMES} are TAEHV's warm-up frames)"
+    return "video frames"
 
 
 class VideoToVideoError(MirageError):
@@ -141,11 +149,13 @@ class BlockBuffers:
     host: dict[str, Array]  # per block from the host: RoPE angles, slots, validity, timestep embeddings, coefficients
     rng: Array  # (B, 2) int64, per row (seed, draws so far)
     advance: Array  # (B,) int64, 1 = the row commits this block, 0 = held
-    frame: Array  # (B·N, 3, H, W): the block's frames, row-major (decoded, or the latents' float32 preview)
+    frame: Array  # (B·F, 3, H, W): the block's F frames a row, row-major (decoded, or the latents' float32 preview)
     one: Array  # (B,) float32 ones (flow_x0's coefficient of x)
     frame_graph: str = G.DIT_STEP  # the graph a non-finite frame is blamed on: dit_step, or decode
-    input: Array | None = None  # video-to-video: (B·N, 3, H, W) the block's input frames; generation: None
+    input: Array | None = None  # video-to-video: (B·F, 3, H, W) the block's input frames; generation: None
     source: Array | None = None  # video-to-video: (B, in_dim, N, h, w) their latents
+    # a temporal codec's state, (graph, input name) -> (the state each row holds, the graph's new state)
+    state: dict[tuple[str, str], tuple[Array, Array]] = field(default_factory=dict)
 
     @property
     def made_by(self) -> tuple[str, tuple[str, Array]]:
@@ -154,16 +164,23 @@ class BlockBuffers:
     def all(self) -> list[Array]:
         return [self.x, self.v, self.x0, *self.noise, self.text, self.text_k, self.text_v, self.cache_k, self.cache_v,
                 self.latents, self.new_k, self.new_v, *self.host.values(), self.rng, self.advance, self.frame,
-                self.one] + [b for b in (self.input, self.source) if b is not None]
+                self.one] + [b for b in (self.input, self.source) if b is not None] + \
+            [b for pair in self.state.values() for b in pair]
 
 
 class BlockUnit:
     """The DiT's unit of work (see core.loop.FrameUnit for the interface): one block of N latent frames for
     every row, flow-matching passes of `dit_step` and the `dit_cache_write` pass, the block's keys/values
     scattered into each advancing row's cache rows, and the clean latents decoded into frames by the
-    artifact's `decode` graph (a per-frame autoencoder), else shown as their preview (`Ops.preview_`). Each
-    row's frame position lives on the host (`starts`): the RoPE angles, slots and validity of its next block
-    are computed there and staged with the block.
+    artifact's `decode` graph, else shown as their preview (`Ops.preview_`). Each row's frame position lives on
+    the host (`starts`): the RoPE angles, slots and validity of its next block are computed there and staged
+    with the block.
+
+    The codec is a per-frame autoencoder (one video frame per latent frame) or TAEHV (4 per latent frame, F = 4N
+    a block): TAEHV's graphs take their state (MemBlock memory, the encoder's carried frames) as inputs and give
+    its new value as outputs (core.graphs.taehv_graphs); it lives in buffers here, and the new value is copied in
+    only for the rows that advance (a held row keeps its state), with per-row coefficients, so nothing branches.
+    A row at frame 0 is `fresh`: the graphs take its state as a new video's, so a reset needs nothing more.
 
     Video-to-video (`strength` not None; needs the `encode` graph): each row's input block is encoded, put at
     its row's noise level σ = strength and denoised through the steps left (flow_schedule.strength_schedule,
@@ -176,15 +193,20 @@ class BlockUnit:
         self.v2v, self.decodes = strength is not None, G.DECODE in specs
         if self.v2v and G.ENCODE not in specs:
             raise VideoToVideoError(f"{cfg.name} has no encoder graph: video-to-video needs a DiT on a per-frame "
-                                    "autoencoder (a config with `autoencoder`, such as dit-tiny-taesd)")
+                                    "autoencoder (a config with `autoencoder`, such as dit-tiny-taesd) or a TAEHV "
+                                    "--decoder with its encoder (taew2_1.pth)")
         self.default_strength = 1.0 if strength is None else check_strength(strength)
         self.controls = {"prompt": True, **({"strength": (0.0, 1.0)} if self.v2v else {})}
         self.frames_are = frames_are(specs)
-        self.video_rate = WAN_VIDEO_RATE / cfg.vae_stride[0]  # one frame per latent frame (preview or per-frame codec)
         self.batch = specs[G.DIT_STEP].tensor(G.X_T).shape[0]
+        # video frames a block shows (and, video-to-video, takes): the decoder's, else one preview per latent frame
+        self.frames = specs[G.DECODE].output.shape[0] // self.batch if self.decodes else cfg.block_frames
+        self.video_rate = WAN_VIDEO_RATE * self.frames / (cfg.block_frames * cfg.vae_stride[0])
         self.schedule = block_schedule(cfg.denoising_steps, cfg.timestep_shift, cfg.warp_denoising_step)
-        self.steps, self.frames = len(self.schedule), cfg.block_frames
-        self.frames_in = cfg.block_frames if self.v2v else 0  # a per-frame codec: one video frame per latent frame
+        self.steps = len(self.schedule)
+        self.frames_in = self.frames if self.v2v else 0
+        self.state = {g: G.state_inputs(specs[g]) for g in (G.ENCODE, G.DECODE) if g in specs}  # TAEHV's; else ()
+        self.temporal = any(self.state.values())
         # passes per block: the most any row's strength needs (strength 1: the whole schedule from noise)
         self.passes = len(strength_schedule(self.schedule, 1.0)) if self.v2v else self.steps
         self.frame_shape = (cfg.height, cfg.width, G.RGB)
@@ -235,7 +257,8 @@ class BlockUnit:
         host = {name: new(G.DIT_STEP, name) for name in (G.ROPE_COS, G.ROPE_SIN, G.SLOTS, G.VALID)}
         host.update({key: new(G.DIT_STEP, G.T_EMB) for key in [_t_step(i) for i in range(self.passes)] + [_T_CTX]})
         host.update({key: alloc((self.batch,), "float32") for key in self.pass_inputs() if key not in host})
-        host[FRAME_SLOTS] = alloc((self.batch, self.frames), "int32")
+        host.update({key: alloc((self.batch,), "float32") for key in self.codec_inputs(np.zeros(self.batch))})
+        host[FRAME_SLOTS] = alloc((self.batch, self.cfg.block_frames), "int32")
         advance, one = alloc((self.batch,), "int64"), alloc((self.batch,), "float32")
         fill(advance, 1)
         fill(one, 1.0)
@@ -250,7 +273,9 @@ class BlockUnit:
             host=host, rng=alloc((self.batch, 2), "int64"), advance=advance, one=one,
             frame=new(G.DECODE, G.IMAGE) if self.decodes else alloc((self.batch * self.frames, c, h, w), "float32"),
             frame_graph=G.DECODE if self.decodes else G.DIT_STEP,
-            input=new(G.ENCODE, G.IMAGE) if self.v2v else None, source=new(G.ENCODE, G.Z) if self.v2v else None)
+            input=new(G.ENCODE, G.IMAGE) if self.v2v else None, source=new(G.ENCODE, G.Z) if self.v2v else None,
+            state={(g, name): (new(g, name), new(g, G.next_state(name))) for g, names in self.state.items()
+                   for name in names})
 
     def buffer_bytes(self) -> int:
         """The memory make_buffers takes, counted without allocating (as core.loop.buffer_bytes)."""
@@ -262,9 +287,18 @@ class BlockUnit:
     def host_inputs(self, advance: np.ndarray) -> dict[str, np.ndarray]:
         """The next block's per-row inputs from the rows' frame positions and strengths; the positions then
         move on by a block for the rows that advance."""
-        feeds = {**block_inputs(self.cfg, self.starts), **self.pass_inputs(), _T_CTX: self.t_ctx}
+        feeds = {**block_inputs(self.cfg, self.starts), **self.pass_inputs(), _T_CTX: self.t_ctx,
+                 **self.codec_inputs(advance)}
         self.starts += self.cfg.block_frames * np.asarray(advance, np.int64)
         return feeds
+
+    def codec_inputs(self, advance: np.ndarray) -> dict[str, np.ndarray]:
+        """A temporal codec's per-row inputs: which rows start a video (fresh), whose state moves on (none
+        without one)."""
+        if not self.temporal:
+            return {}
+        take = np.asarray(advance, np.float32)
+        return {G.FRESH: (self.starts == 0).astype(np.float32), _KEEP: 1 - take, _TAKE: take}
 
     def run(self, backend, ops, buf: BlockBuffers) -> None:
         """One block for every row: the captured body (no host work, nothing allocated)."""
@@ -272,7 +306,7 @@ class BlockUnit:
         for noise in buf.noise:
             ops.randn_(noise, buf.rng, buf.advance)
         if self.v2v:  # x = flow_renoise(encode(input), noise[0], strength), per row
-            backend.run(G.ENCODE, {G.IMAGE: buf.input}, {G.Z: buf.source})
+            self._code(backend, ops, buf, G.ENCODE, {G.IMAGE: buf.input}, {G.Z: buf.source})
             ops.lincomb_rows_(buf.x, host[_START_SOURCE], buf.source, host[_START_NOISE], buf.noise[0])
         else:
             ops.lincomb_(buf.x, 1.0, buf.noise[0], 0.0, buf.noise[0])
@@ -286,9 +320,17 @@ class BlockUnit:
         ops.scatter_rows_(buf.latents, buf.x0, buf.host[FRAME_SLOTS], buf.advance, 2)
         self._write_cache(backend, ops, buf, static, memory)
         if self.decodes:
-            backend.run(G.DECODE, {G.Z: buf.x0}, {G.IMAGE: buf.frame})
+            self._code(backend, ops, buf, G.DECODE, {G.Z: buf.x0}, {G.IMAGE: buf.frame})
         else:
             ops.preview_(buf.frame, buf.x0)
+
+    def _code(self, backend, ops, buf: BlockBuffers, graph: str, inputs: dict, outputs: dict) -> None:
+        """A codec graph; a temporal codec's with its state, the new state copied in for the advancing rows."""
+        state = [(name, *buf.state[graph, name]) for name in self.state[graph]]
+        inputs = {**inputs, **({G.FRESH: buf.host[G.FRESH]} if state else {}), **{n: held for n, held, _ in state}}
+        backend.run(graph, inputs, {**outputs, **{G.next_state(n): new for n, _, new in state}})
+        for _, held, new in state:
+            ops.lincomb_rows_(held, buf.host[_KEEP], held, buf.host[_TAKE], new)
 
     def _write_cache(self, backend, ops, buf: BlockBuffers, static: dict, memory: dict) -> None:
         """The cache-write pass of buf.x0 and its keys/values into the block's rows of each advancing row."""
@@ -333,8 +375,8 @@ class BlockUnit:
         backend.run(G.DIT_TEXT, {G.TEXT: buf.text}, {G.TEXT_K: buf.text_k, G.TEXT_V: buf.text_v})
 
     def reset_row(self, ops, buf: BlockBuffers, row: int, seed: int) -> None:
-        """Row `row` starts a new video at frame 0 (its old cache rows are masked until rewritten) with
-        noise from `seed`, at the default strength."""
+        """Row `row` starts a new video at frame 0 (its old cache rows are masked until rewritten, a temporal
+        codec's state is taken as fresh) with noise from `seed`, at the default strength."""
         self.starts[row] = 0
         self.strengths[row] = self.default_strength
         ops.seed_row_(buf.rng, row, seed)

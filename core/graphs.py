@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mirage.core import taehv_layout as taehv
+
 DENOISE = "denoise"
 CONTEXT = "context_encode"
 ENCODE = "encode"
@@ -163,6 +165,9 @@ def codec_graphs(image: tuple[int, ...], z: tuple[int, ...], f: str, dyn: int | 
 #   encode(image) -> z, decode(z) -> image                      a config with a per-frame autoencoder
 #                                                               (DiTConfig.autoencoder): the U-Net's codec
 #                                                               graphs at a block's shapes (codec_graphs)
+#   decode(z, fresh, mem_*) -> image, mem_*_next                a config with TAEHV (DiTConfig.codec "taehv"):
+#   encode(image, fresh, carry, mem_*) -> z, carry_next, mem_*_next   a temporal codec with explicit state
+#                                                               (taehv_graphs below)
 #
 # One fixed-shape spec per graph serves every cache fill level: the cache inputs always hold the whole
 # window (window_frames · tokens_per_frame rows per layer), `valid` says which rows hold a frame the
@@ -212,4 +217,55 @@ def dit_graphs(cfg, batch: int, max_batch: int | None, precision: str) -> dict[s
     if cfg.autoencoder:  # a per-frame autoencoder: the block's frames decoded, input blocks encoded (video-to-video)
         frames = (b * cfg.block_frames, RGB, cfg.height, cfg.width)
         specs.update(codec_graphs(frames, latents.shape, f, dyn, encode=True))
+    if cfg.codec == "taehv":
+        specs.update(taehv_graphs(cfg, b, f, dyn))
     return specs
+
+
+# --- TAEHV as the DiT's temporal codec (DiTConfig.codec "taehv"; layout: mirage.core.taehv_layout) -------------
+#
+# Both halves are pure: each MemBlock's memory (the last frame of its input, (B, C_l, h_l, w_l)) comes in as
+# `mem_<i>` and its new value goes out as `mem_<i>_next`; the runtime keeps it per row and copies the new value in
+# only for the rows that advance. `fresh` (B,) float32 is 1 for a row at its video's first block: its memory is
+# taken as zeros (Taehv.reset). Every block is 4N video frames <-> N latent frames, one row per stream:
+#
+#   decode(z (B, 16, N, h, w), fresh, mem_*) -> image (B·4N, 3, H, W), mem_*_next
+#       untrimmed: a row's first block starts with TAEHV's 3 warm-up frames (the torch path drops them)
+#   encode(image (B·4N, 3, H, W), fresh, carry (B, 3, 3, H, W), mem_*) -> z (B, 16, N, h, w), carry_next, mem_*_next
+#       the codec sees the video with its first frame repeated 3 times in front (Taehv.encode): a block's codec
+#       input is the 3 frames carried from the block before, then its first 4N - 3 new ones; its last 3 are the
+#       next carry (a fresh row's carry: its first frame x3). So the runtime's stream is the torch path's
+#       (DiTPipeline.restyle) with the 3 warm-up frames in front: 3 frames of latency.
+
+FRESH, CARRY = "fresh", "carry"
+
+
+def next_state(name: str) -> str:
+    """The output that carries state input `name`'s new value (mem_0 -> mem_0_next)."""
+    return f"{name}_next"
+
+
+def state_inputs(spec: GraphSpec) -> tuple[str, ...]:
+    """The state a codec graph keeps between blocks: its inputs that come back as outputs (none for a per-frame
+    codec)."""
+    outputs = {x.name for x in spec.outputs}
+    return tuple(x.name for x in spec.inputs if next_state(x.name) in outputs)
+
+
+def taehv_graphs(cfg, batch: int, f: str, dyn: int | None) -> dict[str, GraphSpec]:
+    """TAEHV's encode / decode at a DiT block's shapes, their state explicit (see above)."""
+    frames, n = cfg.vae_stride[0] * cfg.block_frames, cfg.block_frames
+    image = TensorSpec(IMAGE, (batch * frames, RGB, cfg.height, cfg.width), f)
+    z = TensorSpec(Z, (batch, cfg.in_dim, n) + cfg.latent_size, f)
+    fresh = TensorSpec(FRESH, (batch,), "float32")
+
+    def state(names_shapes):
+        ins = tuple(TensorSpec(name, (batch, *shape), f) for name, shape in names_shapes)
+        return ins, tuple(TensorSpec(next_state(x.name), x.shape, f) for x in ins)
+
+    dec_in, dec_out = state((f"mem_{i}", s) for i, s in enumerate(taehv.decoder_memory(*cfg.latent_size)))
+    carry = [(CARRY, (taehv.WARM_UP_FRAMES, RGB, cfg.height, cfg.width))]
+    enc_in, enc_out = state(carry + [(f"mem_{i}", s) for i, s in enumerate(taehv.encoder_memory(cfg.height,
+                                                                                                 cfg.width))])
+    return {ENCODE: GraphSpec(ENCODE, (image, fresh, *enc_in), (z, *enc_out), dyn),
+            DECODE: GraphSpec(DECODE, (z, fresh, *dec_in), (image, *dec_out), dyn)}

@@ -1,7 +1,7 @@
 """The Wan DiT as a backend of the runtime's block unit (mirage.core.dit_step.BlockUnit): its pure graph
 modules (mirage.model.dit_graphs) on torch buffers, the PyTorch twin of a DiT artifact's ONNX Runtime or
-TensorRT graphs, with a per-frame autoencoder's `encode` / `decode` (mirage.model.latent.BlockCodec) where
-the config has one. mirage.bridge.pipeline hands it, with its torch plumbing, to runtime.Pipeline."""
+TensorRT graphs, with its codec's `encode` / `decode` where the config has one: a per-frame autoencoder's
+(mirage.model.latent.BlockCodec) or TAEHV's with their state (mirage.model.taehv.TaehvBlockCodec). mirage.bridge.pipeline hands it, with its torch plumbing, to runtime.Pipeline."""
 from __future__ import annotations
 
 import torch
@@ -10,6 +10,7 @@ from mirage.core import graphs as G
 from mirage.model.dit import WanDiT
 from mirage.model.dit_graphs import DiTGraph
 from mirage.model.latent import BlockCodec
+from mirage.model.taehv import TaehvBlockCodec
 
 # inputs that stay float32 and int32 whatever the model's dtype (the graphs' specs: float64 math made on the host)
 _FIXED = {G.T_EMB: "float32", G.ROPE_COS: "float32", G.ROPE_SIN: "float32", G.VALID: "float32", G.SLOTS: "int32"}
@@ -17,13 +18,13 @@ _FIXED = {G.T_EMB: "float32", G.ROPE_COS: "float32", G.ROPE_SIN: "float32", G.VA
 
 class DiTTorchBackend:
     def __init__(self, model: WanDiT, specs: dict[str, G.GraphSpec], device: str, dtype: str = "float32",
-                 codec: BlockCodec | None = None):
+                 codec: BlockCodec | TaehvBlockCodec | None = None):
         self.device, self.dtype, self.specs = str(device), dtype, specs
         self.model = model.to(device=device, dtype=getattr(torch, dtype)).eval().requires_grad_(False)
         self.graphs = {g: DiTGraph(self.model, g) for g in specs if g in G.DIT_GRAPHS}
         if G.DECODE in specs:
             if codec is None:
-                raise ValueError(f"{model.cfg.name}'s graphs include the autoencoder's: pass its codec")
+                raise ValueError(f"{model.cfg.name}'s graphs include a codec's: pass the codec")
             codec = codec.to(device=device, dtype=getattr(torch, dtype)).eval().requires_grad_(False)
             self.graphs.update({G.ENCODE: codec.encode, G.DECODE: codec.decode})
 

@@ -31,16 +31,15 @@ an encoded block must hold whole TPool groups (a multiple of 4 frames, the padde
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-LATENT_CHANNELS = 16  # Wan 2.1's latent width
-WIDTHS = (256, 128, 64, 64)
-TIME_UPSCALE = (1, 2, 2)  # TAEHV's default decoder_time_upscale (False, True, True)
-ENCODER_WIDTH = 64
-TIME_DOWNSCALE = (2, 2, 1)  # TAEHV's default encoder_time_downscale (True, True, False)
+# the layout lives in core, where the runtime's codec graphs (mirage.core.graphs.taehv_graphs) read it too
+from mirage.core.taehv_layout import ENCODER_WIDTH, LATENT_CHANNELS, MEMBLOCKS, TIME_DOWNSCALE, TIME_UPSCALE, \
+    WARM_UP_FRAMES, WIDTHS
 
 
 def _conv(n_in: int, n_out: int, bias: bool = True) -> nn.Conv2d:
@@ -88,23 +87,25 @@ class TGrow(nn.Module):
         return self.conv(x).reshape(-1, x.shape[1], *x.shape[2:])
 
 
-def _stream(layers: nn.Sequential, x: torch.Tensor, batch: int, memory: dict[int, torch.Tensor]) -> torch.Tensor:
-    """Run `layers` on a block's frames (B·T, C, h, w) -> (B, T', C', h', w'). Each MemBlock sees, for every
-    frame, the frame before it: within the block, or for its first frame the last one it saw of the block
-    before (`memory`, updated here; zeros at the start of a video)."""
-    for i, layer in enumerate(layers):
+def _stream(layers: nn.Sequential, x: torch.Tensor, batch: int,
+            memory: Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run `layers` on a block's frames (B·T, C, h, w) -> (B, T', C', h', w'), and each MemBlock's new memory. Each
+    MemBlock sees, for every frame, the frame before it: within the block, or for its first frame the last one it
+    saw of the block before (`memory`: one (B, C, h, w) per MemBlock, in order; None: zeros, a video's start)."""
+    new = []
+    for layer in layers:
         if isinstance(layer, MemBlock):
             frames = x.reshape(batch, -1, *x.shape[1:])
-            past = memory.get(i, torch.zeros_like(frames[:, :1]))
-            memory[i] = frames[:, -1:]
-            x = layer(x, torch.cat([past, frames[:, :-1]], 1).reshape(x.shape))
+            past = torch.zeros_like(frames[:, 0]) if memory is None else memory[len(new)]
+            new.append(frames[:, -1])
+            x = layer(x, torch.cat([past[:, None], frames[:, :-1]], 1).reshape(x.shape))
         else:
             x = layer(x)
-    return x.reshape(batch, -1, *x.shape[1:])
+    return x.reshape(batch, -1, *x.shape[1:]), new
 
 
 def _stage(n_in: int, n_out: int, time_stride: int) -> list[nn.Module]:
-    return [MemBlock(n_in), MemBlock(n_in), MemBlock(n_in), nn.Upsample(scale_factor=2), TGrow(n_in, time_stride),
+    return [*(MemBlock(n_in) for _ in range(MEMBLOCKS)), nn.Upsample(scale_factor=2), TGrow(n_in, time_stride),
             _conv(n_in, n_out, bias=False)]
 
 
@@ -118,12 +119,12 @@ class TaehvDecoder(nn.Module):
             Clamp(), _conv(LATENT_CHANNELS, w[0]), nn.ReLU(),
             *_stage(w[0], w[1], TIME_UPSCALE[0]), *_stage(w[1], w[2], TIME_UPSCALE[1]),
             *_stage(w[2], w[3], TIME_UPSCALE[2]), nn.ReLU(), _conv(w[3], 3))
-        self.frames_to_trim = math.prod(TIME_UPSCALE) - 1  # the first latent frame gives one video frame
+        self.frames_to_trim = WARM_UP_FRAMES  # the first latent frame gives one video frame
         self.reset()
 
     def reset(self) -> None:
         """Start a new video: no memory, and its first frames are trimmed."""
-        self._memory: dict[int, torch.Tensor] = {}
+        self._memory: list[torch.Tensor] | None = None
         self._started = False
 
     @torch.no_grad()
@@ -132,7 +133,8 @@ class TaehvDecoder(nn.Module):
         b, _, t = latents.shape[:3]
         x = latents.transpose(1, 2).reshape(b * t, latents.shape[1], *latents.shape[3:])  # TAEHV works on (B T) C h w
         x = x.to(self.decoder[1].weight.dtype)
-        frames = _stream(self.decoder, x, b, self._memory).clamp(0, 1) * 2 - 1
+        frames, self._memory = _stream(self.decoder, x, b, self._memory)
+        frames = _to_video(frames)
         if not self._started:
             self._started = True
             frames = frames[:, self.frames_to_trim:]
@@ -146,8 +148,8 @@ class Taehv(TaehvDecoder):
     def __init__(self):
         super().__init__()
         n = ENCODER_WIDTH
-        stages = [[TPool(n, stride), nn.Conv2d(n, n, 3, stride=2, padding=1, bias=False), MemBlock(n), MemBlock(n),
-                   MemBlock(n)] for stride in TIME_DOWNSCALE]
+        stages = [[TPool(n, stride), nn.Conv2d(n, n, 3, stride=2, padding=1, bias=False),
+                   *(MemBlock(n) for _ in range(MEMBLOCKS))] for stride in TIME_DOWNSCALE]
         self.encoder = nn.Sequential(_conv(3, n), nn.ReLU(), *(m for stage in stages for m in stage),
                                      _conv(n, LATENT_CHANNELS))
         self.time_downscale = math.prod(TIME_DOWNSCALE)
@@ -156,7 +158,7 @@ class Taehv(TaehvDecoder):
         """Start a new video: no memory in either direction; its first block is padded when encoded and trimmed
         when decoded."""
         super().reset()
-        self._encoder_memory: dict[int, torch.Tensor] = {}
+        self._encoder_memory: list[torch.Tensor] | None = None
         self._encoding = False
 
     @torch.no_grad()
@@ -169,5 +171,53 @@ class Taehv(TaehvDecoder):
         if t % self.time_downscale:
             raise ValueError(f"TAEHV encodes {self.time_downscale} frames per latent frame; a block of {t} frames "
                              f"(the first block's padding included) does not divide")
-        x = (frames.reshape(b * t, *frames.shape[2:]).to(self.encoder[0].weight.dtype) + 1) / 2  # TAEHV takes [0, 1]
-        return _stream(self.encoder, x, b, self._encoder_memory).transpose(1, 2)
+        z, self._encoder_memory = _stream(self.encoder, _from_video(frames.flatten(0, 1), self.encoder), b,
+                                          self._encoder_memory)
+        return z.transpose(1, 2)
+
+
+def _from_video(frames: torch.Tensor, encoder: nn.Sequential) -> torch.Tensor:
+    return (frames.to(encoder[0].weight.dtype) + 1) / 2  # TAEHV takes [0, 1]
+
+
+def _to_video(frames: torch.Tensor) -> torch.Tensor:
+    return frames.clamp(0, 1) * 2 - 1  # TAEHV gives [0, 1]
+
+
+def _forget(memory: Sequence[torch.Tensor], fresh: torch.Tensor) -> list[torch.Tensor]:
+    """The memory a block sees: zeros in the rows where fresh (B,) is 1 (a video's first block)."""
+    return [torch.where(_rows(fresh, m), 0, m) for m in memory]
+
+
+def _rows(fresh: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return fresh.view(-1, *(1,) * (like.dim() - 1)) > 0.5
+
+
+class TaehvBlockCodec(nn.Module):
+    """TAEHV as the DiT's codec graphs lay it out (mirage.core.graphs.taehv_graphs): `encode` and `decode` as pure
+    functions of (inputs, state) -> (outputs, new state) over a Taehv's weights, a block of N latent frames <->
+    4N video frames per row, each row its own video. Streamed block by block they equal Taehv.encode / decode of
+    the same video, with the decoder's warm-up frames kept and the encoder's input carried 3 frames over (see
+    taehv_graphs). What the artifacts export and the PyTorch backend runs."""
+
+    def __init__(self, taehv: TaehvDecoder, block_frames: int):
+        super().__init__()
+        self.taehv, self.frames = taehv, block_frames * math.prod(TIME_DOWNSCALE)
+
+    def decode(self, z: torch.Tensor, fresh: torch.Tensor, *memory: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, 16, N, h, w), fresh (B,), the decoder's memory -> (B·4N, 3, H, W) in [-1, 1], its new memory."""
+        b, c, n = z.shape[:3]
+        x = z.transpose(1, 2).reshape(b * n, c, *z.shape[3:]).to(self.taehv.decoder[1].weight.dtype)
+        frames, new = _stream(self.taehv.decoder, x, b, _forget(memory, fresh))
+        return (_to_video(frames).flatten(0, 1), *new)
+
+    def encode(self, image: torch.Tensor, fresh: torch.Tensor, carry: torch.Tensor,
+               *memory: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B·4N, 3, H, W) in [-1, 1], fresh (B,), the last 3 frames of the block before (B, 3, 3, H, W), the
+        encoder's memory -> (B, 16, N, h, w), the next carry, the new memory."""
+        frames = image.unflatten(0, (-1, self.frames))
+        first = frames[:, :1].expand(-1, WARM_UP_FRAMES, -1, -1, -1)
+        video = torch.cat([torch.where(_rows(fresh, carry), first, carry), frames[:, :-WARM_UP_FRAMES]], 1)
+        z, new = _stream(self.taehv.encoder, _from_video(video.flatten(0, 1), self.taehv.encoder), len(frames),
+                         _forget(memory, fresh))
+        return (z.transpose(1, 2), frames[:, -WARM_UP_FRAMES:], *new)

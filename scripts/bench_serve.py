@@ -49,6 +49,7 @@ import io
 import json
 import platform
 import random
+import shlex
 import signal
 import socket
 import subprocess
@@ -432,6 +433,8 @@ def main() -> None:
     p.add_argument("--startup-s", type=float, default=300.0, help="how long the server may take to load")
     p.add_argument("--deadline-ms", type=float, default=100.0)
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="the server's --batch-wait-ms")
+    p.add_argument("--serve-args", default="", help="more mirage-serve options, one string (a DiT: '--dit wan-1.3b "
+                   "--decoder taew2_1.pth --strength 0.6 --prompt-embeds p.safetensors')")
     p.add_argument("--cpu-jpeg", action="store_true", help="mirage-serve --cpu-jpeg: Pillow in CPU threads, not "
                    "nvJPEG batched on the GPU (the before / after of the codec)")
     p.add_argument("--churn", action="store_true", help="one more stream attaching and detaching all along "
@@ -471,10 +474,11 @@ def main() -> None:
     today = datetime.date.today().isoformat()
     path = args.json or ROOT / "docs" / "bench" / f"{today}_serve_{slug(device)}_{label}.json"
     rows = []
-    args.serve_args = []  # mirage-serve's arguments for the model beyond MODEL (a DiT's)
+    args.serve_args = shlex.split(args.serve_args)  # mirage-serve's arguments beyond MODEL (a random DiT's first)
     with tempfile.TemporaryDirectory() as tmp:
         if args.random in DIT_CONFIGS:
-            args.model, args.serve_args = random_dit(args.random, Path(tmp), args.taehv, args.strength)
+            args.model, dit_args = random_dit(args.random, Path(tmp), args.taehv, args.strength)
+            args.serve_args = dit_args + args.serve_args
         elif args.random:
             args.model = random_checkpoint(args.random, Path(tmp))
         for streams in (int(c) for c in args.counts.split(",")):

@@ -1,7 +1,8 @@
 """The video DiT in the runtime on a GPU (core.dit_step.BlockUnit through GpuExecution, the PyTorch backend):
 a captured block equals the eager one bit for bit and the CPU's within float32 tolerance, rows at their own
 frames, a prompt switch (re-cache) between blocks, a row restarted with a block in flight; video-to-video
-(dit-tiny-taesd: encode, rows at their own strengths, a strength change, decode) likewise, bytes in and out.
+(dit-tiny-taesd: encode, rows at their own strengths, a strength change, decode) likewise, bytes in and out; and
+with TAEHV as the codec (its state kept per row, a row restarted mid-video).
 `python -m pytest tests/gpu/test_gpu_dit_runtime.py -m gpu`."""
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from mirage.bridge.pipeline import from_dit_model
 from mirage.core.config import PipelineOptions, get_dit_config
 from mirage.model.dit import WanDiT
 from mirage.model.latent import load_frame_codec
+from test_taehv_codec import random_taehv
 
 pytestmark = pytest.mark.gpu
 
@@ -81,4 +83,33 @@ def test_a_captured_video_to_video_block_equals_the_eager_one_and_the_cpu():
         # bytes: cuDNN's TF32 convolutions (the autoencoder's; on by default) move values across rounding
         # boundaries; a broken row or block would be off by tens
         diff = np.abs(e.astype(int) - c)
+        assert diff.max() <= 8 and diff.mean() <= 0.5, f"block {n}: cuda vs cpu, max {diff.max()}, mean {diff.mean()}"
+
+
+def _taehv_rollout(model, taehv, device: str, graph: bool) -> list[np.ndarray]:
+    """Two rows restyled through TAEHV (4N uint8 frames in and out a block), row 1 at another strength, then
+    restarted (fresh: its codec state taken as a new video's) with a block in flight on the GPU."""
+    options = PipelineOptions(batch=2, cuda_graph=graph, dtype="float32", strength=0.5, frames="uint8")
+    frames = 4 * CFG.block_frames
+    clip = np.random.default_rng(4).integers(0, 256, (5, 2, frames, 8, 8, 3), dtype=np.uint8).repeat(8, 3).repeat(8, 4)
+    with from_dit_model(copy.deepcopy(model), device, options, decoder=copy.deepcopy(taehv)) as pipe:
+        pipe.set_prompt(_prompt(1))
+        pipe.reset(3)
+        assert bool(pipe.graphs) == graph and pipe.frames_in == frames
+        pipe.control(1, strength=0.8)
+        out = [pipe.step_batch(clip[k]) for k in range(3)]
+        pipe.reset_row(1, 9)
+        out += [pipe.step_batch(clip[k]) for k in range(3, 5)]
+    return out
+
+
+def test_a_captured_block_with_taehv_equals_the_eager_one_and_the_cpu():
+    torch.manual_seed(0)
+    model = WanDiT(CFG).eval()
+    taehv = random_taehv(0, CFG.height, CFG.width)
+    cpu = _taehv_rollout(model, taehv, "cpu", False)
+    eager, graph = _taehv_rollout(model, taehv, "cuda", False), _taehv_rollout(model, taehv, "cuda", True)
+    for n, (c, e, g) in enumerate(zip(cpu, eager, graph)):
+        np.testing.assert_array_equal(g, e, err_msg=f"block {n}: graph replay vs eager")
+        diff = np.abs(e.astype(int) - c)  # TF32 convolutions, as above
         assert diff.max() <= 8 and diff.mean() <= 0.5, f"block {n}: cuda vs cpu, max {diff.max()}, mean {diff.mean()}"
