@@ -77,6 +77,8 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="Default: docs/bench/DATE_DEVICE_DIT_drift_Kclips.json.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    # float32 means float32 on a GPU too: cuDNN's convolutions (the autoencoder's, the U-Net's) default to TF32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     start = time.perf_counter()
     try:
         report = compare_drift(args.unet, args.dit, args.clips, args.seed, args.frames, args.window, args.strength,
