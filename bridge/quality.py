@@ -17,6 +17,7 @@ is read against.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -155,8 +156,7 @@ def evaluate(model_path: str | Path, frames: int = 500, window: int = 50, steps:
 def score_windows(out: np.ndarray, truth: np.ndarray | None, window: int, data: str) -> tuple[list[dict], dict]:
     """Every window of `out` (S, T, H, W, 3) scored (against `truth` (T, H, W, 3) when given), each metric
     the mean over the S streams and `std` its spread; and the data's reference statistics."""
-    features = M.RandomConvFeatures()
-    reference = data_statistics(out.shape[2], window, features, data)
+    features, reference = _reference(out.shape[2], window, data)
     starts = range(0, out.shape[1] - window + 1, window)
     with _threads() as pool:  # every (window, stream) scored side by side: at 512x512 SSIM alone is ~0.2 s a frame
         scored = list(pool.map(lambda job: window_row(out[job[1], job[0]:job[0] + window],
@@ -169,6 +169,14 @@ def score_windows(out: np.ndarray, truth: np.ndarray | None, window: int, data: 
         windows.append({"start": s, "end": s + window, **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]},
                         "std": {k: float(np.std([r[k] for r in rows])) for k in rows[0]}})
     return windows, reference
+
+
+@functools.lru_cache(maxsize=4)
+def _reference(size: int, window: int, data: str) -> tuple[M.RandomConvFeatures, dict]:
+    """The (seeded) feature bank and the data's statistics every rollout of one size, window and data is
+    scored against: computed once a process, as a comparison over clips scores several rollouts a clip."""
+    features = M.RandomConvFeatures()
+    return features, data_statistics(size, window, features, data)
 
 
 def write_examples(folder: str | Path, video: np.ndarray, truth: np.ndarray | None) -> list[int]:

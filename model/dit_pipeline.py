@@ -120,12 +120,13 @@ class DiTPipeline:
 
     @classmethod
     def open(cls, spec: DiTSpec, prompt: str | Path, device: str = "auto", compile: bool = False,
-             graph: bool | None = None, fp8: str | None = None, video_to_video: bool = False) -> "DiTPipeline":
+             graph: bool | None = None, fp8: str | None = None, video_to_video: bool = False,
+             dtype: str | None = None) -> "DiTPipeline":
         """Checks everything on the CPU (see the module's docstring), then builds the pipeline on `device`:
-        bfloat16 on a GPU, float32 on the CPU. `prompt`: text (needs spec.text_encoder) or an embeddings file.
-        `graph`: replay each block as a CUDA graph (None: on a GPU, as the U-Net's frame). `fp8`: static or
-        dynamic FP8 matmuls (None: the model's dtype). `video_to_video`: `restyle` will be used, so a decoder
-        that cannot encode is refused here too."""
+        in `dtype` ("float32", "bfloat16"; None: bfloat16 on a GPU, float32 on the CPU). `prompt`: text (needs
+        spec.text_encoder) or an embeddings file. `graph`: replay each block as a CUDA graph (None: on a GPU, as
+        the U-Net's frame). `fp8`: static or dynamic FP8 matmuls (None: the model's dtype). `video_to_video`:
+        `restyle` will be used, so a decoder that cannot encode is refused here too."""
         cfg = spec.dit_config()
         dev = torch_device(device)
         if graph and dev.type != "cuda":
@@ -143,7 +144,7 @@ class DiTPipeline:
                               "leave out --decoder")
         if spec.decoder is None and spec.checkpoint is not None and not cfg.autoencoder:
             raise DiTRunError("no --decoder: give a TAEHV file (taew2_1.pth) or a Wan VAE folder to write video")
-        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        dtype = getattr(torch, dtype) if dtype else torch.bfloat16 if dev.type == "cuda" else torch.float32
         encoder = PromptEncoder(spec.text_encoder, "cpu", dtype) if isinstance(prompt, str) else None
         if encoder is not None:
             check_width(encoder, cfg)
