@@ -1,8 +1,15 @@
-"""Batched JPEG decode / encode on a CUDA GPU with torchvision's nvJPEG ops, for the server
-(runtime/codec.py batches the calls; TorchGpu.jpeg makes this for the PyTorch backend's device).
+"""Batched JPEG decode on a CUDA GPU with torchvision's nvJPEG op, for the server (runtime/codec.py batches
+the calls; TorchGpu.jpeg makes this for the PyTorch backend's device): JPEG bytes in, (H, W, 3) uint8 RGB host
+arrays out; only bytes cross PCIe (a 512x512 frame is 768 KiB raw, ~40 KiB as a JPEG).
 
-Images are uint8 both ways on the host: (H, W, 3) RGB arrays in, JPEG bytes out, and the reverse; only
-bytes cross PCIe (a 512x512 frame is 768 KiB raw, ~40 KiB as a JPEG).
+Replies are encoded by Pillow in the server's codec threads, not here. torchvision's nvJPEG encoder (0.2x,
+encode_jpegs_cuda.cpp) orders nothing against the caller: it reads the images on a stream of its own without
+waiting for the caller's, records the event it makes the caller wait on before its work, and copies each
+bitstream out on the legacy default stream. Read back on our own stream, replies under a served load came back
+unreadable (the H100 glass-to-glass run's Python client); ordered correctly, the read waits for the copy on the
+default stream, which is where the frame graph replays (TorchGpu's compute stream), so every encode waited for
+the step in flight: 24 ms a reply for `base` x 16 on an H100, against 3-4 ms before (docs/PERF.md, twelfth
+session).
 """
 from __future__ import annotations
 
@@ -14,9 +21,9 @@ class NvJpeg:
     name = "nvjpeg"
 
     def __init__(self, device: torch.device):
-        from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+        from torchvision.io import ImageReadMode, decode_jpeg
 
-        self.device, self._decode, self._encode, self._rgb = device, decode_jpeg, encode_jpeg, ImageReadMode.RGB
+        self.device, self._decode, self._rgb = device, decode_jpeg, ImageReadMode.RGB
         # its own stream: the codec's copies and kernels never queue behind (or hold up) the frame graph's
         self.stream = torch.cuda.Stream(device)
 
@@ -26,21 +33,3 @@ class NvJpeg:
         with torch.cuda.stream(self.stream):
             decoded = self._decode(data, mode=self._rgb, device=self.device)
             return [d.permute(1, 2, 0).contiguous().cpu().numpy() for d in decoded]  # .cpu() waits for the stream
-
-    def encode_batch(self, images: list[np.ndarray], quality: int) -> list[bytes]:
-        """(H, W, 3) uint8 RGB host arrays -> JPEG files, encoded on the GPU in one batched call.
-
-        torchvision's nvJPEG encoder (0.2x, encode_jpegs_cuda.cpp) orders nothing against the caller's stream:
-        it reads the images on a stream of its own without waiting for ours, the event it makes ours wait on is
-        recorded before its work, and it copies each bitstream out on the legacy default stream. Under load
-        (a served step on the GPU) replies came back as bytes no decoder could read; so the images are complete
-        before it starts, and its copies are waited for before ours reads them back."""
-        with torch.cuda.stream(self.stream):
-            chw = [torch.from_numpy(np.ascontiguousarray(i)).to(self.device).permute(2, 0, 1).contiguous()
-                   for i in images]
-            self.stream.synchronize()
-            encoded = self._encode(chw, quality=quality)
-            # the legacy default stream: PyTorch's own streams, the frame graph's among them, are non-blocking,
-            # so this waits for the encoder's copies alone, not for a step in flight
-            torch.cuda.default_stream(self.device).synchronize()
-            return [e.cpu().numpy().tobytes() for e in encoded]

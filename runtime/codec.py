@@ -1,10 +1,10 @@
-"""The server's JPEG decode / encode on a GPU, batched: the calls of many streams' codec threads are
-gathered into one batch for a batch codec (nvJPEG through torchvision on the PyTorch backend's GPU), so
-that at 512x512 and above the image work leaves the CPU threads and runs as one call per batch.
+"""The server's JPEG decode on a GPU, batched: the calls of many streams' codec threads are gathered into
+one batch for a batch decoder (nvJPEG through torchvision on the PyTorch backend's GPU), so that at 512x512
+and above the decoding leaves the CPU threads and runs as one call per batch. (Replies are encoded by Pillow
+in the codec threads: model/nvjpeg.py says why not on the GPU.)
 
     jpeg = gpu_jpeg(pool)             # None: no GPU codec for this pool (CPU, an engine's raw pointers, no torchvision)
     rgb = jpeg.decode(data)           # in a codec thread: waits for its batch; (H, W, 3) uint8
-    data = jpeg.encode(rgb, quality)  # likewise; the JPEG's bytes
 
 The runtime imports no torch: the batch codec comes from the torch side's GPU plumbing
 (model/torch_device.py: TorchGpu.jpeg), as the plumbing itself does. Frames stay uint8 on the host both
@@ -24,32 +24,25 @@ MAX_BATCH = 32  # images per batch call: a pool's slots, and what nvJPEG's batch
 
 
 class BatchedJpeg:
-    """decode / encode calls from any thread, run in batches by one worker thread: a batch is what has
-    queued up while the last one ran (nothing waits to fill it). `decode_batch(list[bytes]) -> list[(H, W, 3)
-    uint8]` and `encode_batch(list[(H, W, 3) uint8], quality) -> list[bytes]` do the work; a batch that fails
-    is retried image by image, so a broken image fails its own call only."""
+    """decode calls from any thread, run in batches by one worker thread: a batch is what has queued up while
+    the last one ran (nothing waits to fill it). `decode_batch(list[bytes]) -> list[(H, W, 3) uint8]` does the
+    work; a batch that fails is retried image by image, so a broken image fails its own call only."""
 
-    def __init__(self, decode_batch: Callable, encode_batch: Callable, name: str = "nvjpeg"):
+    def __init__(self, decode_batch: Callable, name: str = "nvjpeg"):
         self.name = name
-        self._work = {"decode": decode_batch, "encode": encode_batch}
+        self._decode_batch = decode_batch
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._serve, name=f"mirage-{name}", daemon=True)
         self._thread.start()
 
     def decode(self, data: bytes) -> np.ndarray:
-        return self._call("decode", data, None)
-
-    def encode(self, rgb: np.ndarray, quality: int) -> bytes:
-        return self._call("encode", rgb, quality)
+        done: Future = Future()
+        self._queue.put((data, done))
+        return done.result()
 
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()
-
-    def _call(self, kind: str, item, quality):
-        done: Future = Future()
-        self._queue.put((kind, item, quality, done))
-        return done.result()
 
     def _serve(self) -> None:
         while True:
@@ -66,22 +59,19 @@ class BatchedJpeg:
                     self._queue.put(None)  # close after this batch
                     break
                 calls.append(call)
-            for key in {(kind, quality) for kind, _, quality, _ in calls}:
-                self._run([c for c in calls if (c[0], c[2]) == key])
+            self._run(calls)
 
     def _run(self, calls: list) -> None:
-        kind, _, quality, _ = calls[0]
-        args = () if kind == "decode" else (quality,)
         try:
-            results = self._work[kind]([item for _, item, _, _ in calls], *args)
+            results = self._decode_batch([data for data, _ in calls])
         except Exception as e:  # noqa: BLE001 (one broken image fails a batch: retry alone, answer the others)
             if len(calls) == 1:
-                calls[0][3].set_exception(e)
+                calls[0][1].set_exception(e)
             else:
                 for call in calls:
                     self._run([call])
             return
-        for (_, _, _, done), result in zip(calls, results):
+        for (_, done), result in zip(calls, results):
             done.set_result(result)
 
 
@@ -92,4 +82,4 @@ def gpu_jpeg(pool) -> BatchedJpeg | None:
     execution = getattr(getattr(first, "pipeline", None), "execution", None)
     make = getattr(getattr(execution, "gpu", None), "jpeg", None)  # CpuExecution has no gpu, CudaGpu no jpeg
     codec = make() if make is not None else None
-    return None if codec is None else BatchedJpeg(codec.decode_batch, codec.encode_batch, codec.name)
+    return None if codec is None else BatchedJpeg(codec.decode_batch, codec.name)

@@ -320,15 +320,13 @@ def _jpeg_size(data: bytes, frame_id: int) -> tuple[int, int]:
 JPEG_QUALITY = 90
 
 
-def encode_frame(frame: Frame, pixels: np.ndarray, index: int = 0, jpeg: BatchedJpeg | None = None) -> bytes:
+def encode_frame(frame: Frame, pixels: np.ndarray, index: int = 0) -> bytes:
     """Reply `index` (0: the first) to `frame`: its header echoed with that index in byte 5, then `pixels`
-    ((H, W, 3) in [-1, 1], or uint8 RGB) in the frame's format (a JPEG by `jpeg`, the GPU's batched codec,
-    when given)."""
+    ((H, W, 3) in [-1, 1], or uint8 RGB) in the frame's format, by Pillow in this (codec) thread: the GPU's
+    JPEG encoder cannot be ordered against a step in flight without waiting for it (model/nvjpeg.py)."""
     rgb = as_uint8(pixels)
     if frame.fmt == RAW:
         body = rgb.tobytes()
-    elif frame.fmt == JPEG and jpeg is not None:
-        body = jpeg.encode(rgb, JPEG_QUALITY)
     else:
         from PIL import Image
 
@@ -874,7 +872,7 @@ class Server:
                 stream.next_send = due + reply.spacing
                 self.timed("outbox", due)
                 data, seconds = await self.in_codec_thread(timed_call, encode_frame, reply.frame, reply.pixels,
-                                                           reply.index, self.jpeg)
+                                                           reply.index)
                 self.stages["encode"].add(seconds, time.monotonic())
                 start = time.monotonic()
                 await stream.ws.send_bytes(data)

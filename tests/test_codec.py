@@ -47,15 +47,6 @@ class PillowBatches:
             raise RuntimeError("nvjpegDecodeBatched failed")  # as a batched GPU decode fails: all of it
         return [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in images]
 
-    def encode_batch(self, images, quality):
-        self.batches.append(("encode", len(images)))
-        out = []
-        for rgb in images:
-            buf = io.BytesIO()
-            Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
-            out.append(buf.getvalue())
-        return out
-
 
 def rgb_frames(n: int) -> list[np.ndarray]:
     return [np.random.default_rng(k).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for k in range(n)]
@@ -66,7 +57,7 @@ def held_batch(images: list[bytes]):
     the codec's batches and every call's future."""
     hold = threading.Event()
     codec = PillowBatches(hold)
-    batched = BatchedJpeg(codec.decode_batch, codec.encode_batch)
+    batched = BatchedJpeg(codec.decode_batch)
     threads = ThreadPoolExecutor(len(images))
     futures = [threads.submit(batched.decode, images[0])]
     while not codec.batches:
@@ -97,22 +88,22 @@ def test_a_broken_image_fails_its_own_call_only():
     assert batches[1:] == [("decode", 3), ("decode", 1), ("decode", 1), ("decode", 1)]  # together, then alone
 
 
-def test_the_server_decodes_and_encodes_through_the_batched_codec():
+def test_the_server_decodes_through_the_batched_codec_and_encodes_by_itself():
     codec = PillowBatches()
-    batched = BatchedJpeg(codec.decode_batch, codec.encode_batch)
+    batched = BatchedJpeg(codec.decode_batch)
     rgb = rgb_frames(1)[0]
     message = HEADER.pack(7, JPEG, 1.5) + jpeg(rgb)
     on_gpu = decode_frame(message, (SIZE, SIZE, 3), True, 1 << 20, 0.0, batched)
     alone = decode_frame(message, (SIZE, SIZE, 3), True, 1 << 20, 0.0)
     assert on_gpu.pixels.dtype == np.uint8 and np.array_equal(on_gpu.pixels, alone.pixels)
-    reply = encode_frame(Frame(7, JPEG, 1.5, 0.0, None), rgb, jpeg=batched)
+    reply = encode_frame(Frame(7, JPEG, 1.5, 0.0, None), rgb)
     assert reply[:HEADER.size] == HEADER.pack(7, JPEG, 1.5) and reply[HEADER.size:].startswith(b"\xff\xd8")
-    assert codec.batches == [("decode", 1), ("encode", 1)]
+    assert codec.batches == [("decode", 1)]  # replies are Pillow's (model/nvjpeg.py says why)
     with pytest.raises(ServeError, match="frame 7: not a readable JPEG"):  # the header is checked before the codec
         decode_frame(HEADER.pack(7, JPEG, 1.5) + b"\xff\xd8" + bytes(40), (SIZE, SIZE, 3), True, 1 << 20, 0.0,
                      batched)
-    assert len(codec.batches) == 2
-    wrong = BatchedJpeg(lambda images: [np.zeros((SIZE, SIZE // 2, 3), np.uint8)], codec.encode_batch)
+    assert len(codec.batches) == 1
+    wrong = BatchedJpeg(lambda images: [np.zeros((SIZE, SIZE // 2, 3), np.uint8)])
     with pytest.raises(ServeError, match="header size mismatch"):
         decode_frame(message, (SIZE, SIZE, 3), True, 1 << 20, 0.0, wrong)
     for b in (batched, wrong):
