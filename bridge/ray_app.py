@@ -267,12 +267,13 @@ def build(args: dict):
     mirage-serve's options)."""
     number = {"slots": int, "min_replicas": int, "max_replicas": int, "target_streams": float, "cpus": float,
               "drain_s": float, "deadline_ms": float, "batch_wait_ms": float, "max_frame_bytes": int,
-              "calibrate_steps": int, "strength": float}
+              "calibrate_steps": int, "strength": float, "max_strength": float}
     args = {k: number.get(k, str)(v) for k, v in args.items()}
     server = {k: args.pop(k) for k in ("host", "token", "deadline_ms", "batch_wait_ms", "max_frame_bytes",
                                        "calibrate_steps") if k in args}
     fast = args.pop("fast", "false").lower() in ("1", "true", "yes")
-    fields = ("dit", "lora", "prompt", "prompt_embeds", "text_encoder", "prompt_bank", "strength", "decoder")
+    fields = ("dit", "lora", "prompt", "prompt_embeds", "text_encoder", "prompt_bank", "strength", "decoder",
+              "max_strength")
     source = ModelSource(Path(args.pop("model")), **{k: args.pop(k) for k in fields if k in args})
     slots = args.pop("slots", None) or default_slots(source.path)  # as mirage-serve's --slots
     return application(source, slots, args.pop("backend", "auto"), args.pop("device", "cpu"), fast,

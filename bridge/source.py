@@ -65,6 +65,7 @@ class ModelSource:
     prompt_bank: Path | None = None  # named embeddings (.safetensors): a control's prompt names one
     strength: float | None = None  # a DiT with an encoder: video-to-video, every stream starting at it
     decoder: Path | None = None  # with `dit`: a TAEHV file, the runtime's codec for Wan's latents (taew2_1.pth)
+    max_strength: float | None = None  # video-to-video: the highest strength a stream may take (None: 1)
 
     def read(self) -> tuple[np.ndarray | None, dict[str, np.ndarray] | None]:
         """The starting prompt's embeddings and the bank, read from their files (PromptError: one unreadable)."""
@@ -87,6 +88,8 @@ class ModelSource:
         embeds, bank = self.read()
         if self.strength is not None:
             options = dataclasses.replace(options, strength=self.strength)
+        if self.max_strength is not None:
+            options = dataclasses.replace(options, max_strength=self.max_strength)
         if self.dit is None:  # load_pipeline names the --dit a DiT checkpoint trained here needs
             pipe = load_pipeline(path, backend, device, options)
         else:

@@ -50,6 +50,12 @@ strength = click.option(
          "a DiT checkpoint and a DiT artifact with an encoder graph alike; mirage-serve's DiT runs video-to-video "
          "when it is given, its streams starting at it). Needs a config on a per-frame autoencoder (dit-tiny-taesd) or a TAEHV --decoder with its encoder.")
 
+max_strength = click.option(
+    "--max-strength", type=click.FloatRange(0, 1), default=None,
+    help="A DiT's video-to-video: the highest strength a stream may be given (default 1). Every block runs as many "
+         "flow passes as this strength needs, for every stream (Wan's shifted schedule: 4 at 1, one at 0.6), so a "
+         "lower ceiling makes each block cheaper; a control message above it is refused.")
+
 # a seed outside the generator's range would wrap to another seed's video (mirage.core.loop.MAX_SEED)
 SEED = click.IntRange(0, MAX_SEED)
 

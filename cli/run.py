@@ -207,8 +207,9 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
     embeds = None if prompt["prompt_embeds"] is None else read_embeddings(prompt["prompt_embeds"])  # before loading
     shape_in = input_size(source) if source not in (None, "synthetic") else None
     # the video is written as bytes: the frame graph makes them, and only they cross PCIe
+    # (a DiT's strength is also its ceiling: nothing changes it mid-run, so each block runs only the passes it needs)
     common = dict(steps=steps, cuda_graph=not no_cuda_graph, kernel_library=kernel_library, frames="uint8",
-                  strength=strength)
+                  strength=strength, **({} if strength is None else {"max_strength": strength}))
     options = PipelineOptions.fastest(**common) if fast else \
         PipelineOptions(compile="default" if compile_ else None, **common)
     writer = VideoWriter(output, fps=fps)  # the path and format are checked before any frame is made

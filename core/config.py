@@ -363,10 +363,19 @@ class PipelineOptions:
     # A DiT with a per-frame autoencoder: video-to-video, each input block encoded and noised to this strength
     # (every row's at the start; Pipeline.control changes a row's); None: generation
     strength: float | None = None
+    # Video-to-video: the highest strength a row may be given. The captured block runs as many flow passes as this
+    # strength needs (1: the whole schedule; Wan's shifted schedule at 0.6: one) for every row, so a lower
+    # ceiling makes every block cheaper; a control above it is refused
+    max_strength: float = 1.0
 
     def __post_init__(self) -> None:
         if self.strength is not None and not 0 <= self.strength <= 1:
             raise ConfigError(f"strength={self.strength}: choose a value in [0, 1]")
+        if not 0 <= self.max_strength <= 1:
+            raise ConfigError(f"max_strength={self.max_strength}: choose a value in [0, 1]")
+        if self.strength is not None and self.strength > self.max_strength:
+            raise ConfigError(f"strength={self.strength} is over max_strength={self.max_strength}: raise max_strength "
+                              "(the strength a row may be given at most)")
         if self.steps is not None and not 1 <= self.steps <= 1000:
             raise ConfigError(f"steps={self.steps}: choose between 1 and 1000")
         if not 0 <= self.context_noise < 1000:
@@ -577,7 +586,7 @@ class DiTConfig:
         the config's own (`denoising_steps`), so options.steps does not apply."""
         from mirage.core.dit_step import BlockUnit
 
-        return BlockUnit(self, specs, options.strength)
+        return BlockUnit(self, specs, options.strength, options.max_strength)
 
     # --- shapes ----------------------------------------------------------------------------------
     @property

@@ -188,7 +188,7 @@ class BlockUnit:
     passes come first and the passes after them leave it as it is (σ = 0: x0 = x), its timesteps and σs are
     per-row host inputs, so nothing in the captured block branches on a row."""
 
-    def __init__(self, cfg, specs: dict[str, G.GraphSpec], strength: float | None = None):
+    def __init__(self, cfg, specs: dict[str, G.GraphSpec], strength: float | None = None, max_strength: float = 1.0):
         self.cfg, self.specs = cfg, specs
         self.v2v, self.decodes = strength is not None, G.DECODE in specs
         if self.v2v and G.ENCODE not in specs:
@@ -196,7 +196,8 @@ class BlockUnit:
                                     "autoencoder (a config with `autoencoder`, such as dit-tiny-taesd) or a TAEHV "
                                     "--decoder with its encoder (taew2_1.pth)")
         self.default_strength = 1.0 if strength is None else check_strength(strength)
-        self.controls = {"prompt": True, **({"strength": (0.0, 1.0)} if self.v2v else {})}
+        self.max_strength = check_strength(max_strength) if self.v2v else 1.0
+        self.controls = {"prompt": True, **({"strength": (0.0, self.max_strength)} if self.v2v else {})}
         self.frames_are = frames_are(specs)
         self.batch = specs[G.DIT_STEP].tensor(G.X_T).shape[0]
         # video frames a block shows (and, video-to-video, takes): the decoder's, else one preview per latent frame
@@ -207,8 +208,9 @@ class BlockUnit:
         self.frames_in = self.frames if self.v2v else 0
         self.state = {g: G.state_inputs(specs[g]) for g in (G.ENCODE, G.DECODE) if g in specs}  # TAEHV's; else ()
         self.temporal = any(self.state.values())
-        # passes per block: the most any row's strength needs (strength 1: the whole schedule from noise)
-        self.passes = len(strength_schedule(self.schedule, 1.0)) if self.v2v else self.steps
+        # passes per block: the most any row's strength may need (max_strength 1: the whole schedule from noise);
+        # at least one, which at strength 0 takes the input as the clean block (σ = 0: x0 = x)
+        self.passes = max(1, len(strength_schedule(self.schedule, self.max_strength))) if self.v2v else self.steps
         self.frame_shape = (cfg.height, cfg.width, G.RGB)
         self.text_shape = (cfg.text_len, cfg.text_dim)  # a prompt's embeddings, padded
         self.starts = np.zeros(self.batch, np.int64)  # each row's next block's first frame
@@ -224,7 +226,11 @@ class BlockUnit:
         if not self.v2v:
             raise VideoToVideoError(f"{self.cfg.name} runs generation here: a strength needs video-to-video "
                                     "(open it with a strength)")
-        self.strengths[row] = check_strength(strength)
+        if check_strength(strength) > self.max_strength:
+            raise VideoToVideoError(f"strength {strength} is over this pipeline's max_strength {self.max_strength:g}, "
+                                    f"for which its block runs {self.passes} flow pass(es); open it with a higher "
+                                    "max_strength (mirage-serve --max-strength)")
+        self.strengths[row] = strength
 
     def pass_inputs(self) -> dict[str, np.ndarray]:
         """The per-pass host inputs of the rows' strengths: timestep embeddings (B, N, freq_dim) and the

@@ -4,7 +4,7 @@
 #   STAGES="tests kernels bench" CONFIGS=tiny,base [VARIANTS=... PROFILE_VARIANTS=... STEPS=4 TAG=_x] scripts/gpu_session.sh
 #   STAGES="servetests serve" SERVE_CASES="base:16 base:16:churn base-512:8 base-512:8:cpu-jpeg" scripts/gpu_session.sh
 #   STAGES="run" [RUN_CONFIGS="base-512 base" RUN_FRAMES=300] scripts/gpu_session.sh
-#   STAGES="servedit" [SERVEDIT_CONFIG=wan-1.3b SERVEDIT_COUNTS=1,2,3 SERVEDIT_TAEHV=1 SERVE_LIMIT=480] \
+#   STAGES="servedit" [SERVEDIT_CONFIG=wan-1.3b SERVEDIT_COUNTS=1,2,3 SERVEDIT_TAEHV=1 SERVEDIT_MAX_STRENGTH=0.6 SERVE_LIMIT=480] \
 #       scripts/gpu_session.sh
 #   STAGES="dittests anchor dit" SELF_FORCING=.anchor/Self-Forcing [DIT_CONFIG=wan-1.3b DIT_BLOCKS=7 DIT_MODES=... DIT_FP8=static] scripts/gpu_session.sh
 # The DiT measurements and Ray's overhead in two calls on one warm machine (the second within its 30 s warm time):
@@ -122,11 +122,12 @@ for stage in $STAGES; do
     servetests) python -m pytest -q -rs tests/gpu/test_gpu_serve.py tests/gpu/test_gpu_cuda_runtime.py \
                   tests/gpu/test_gpu_torch_runtime.py 2>&1 | tee "$OUT/serve_tests.log" || echo "servetests: failures" ;;
     serve) serve_cases ${SERVE_CASES:-base:16} ;;
-    servedit) lim=$(limit "${SERVE_LIMIT:-480}") name=servedit_${SERVEDIT_CONFIG:-wan-1.3b}${SERVEDIT_TAEHV:+_taehv}
+    servedit) lim=$(limit "${SERVE_LIMIT:-480}") name=servedit_${SERVEDIT_CONFIG:-wan-1.3b}${SERVEDIT_TAEHV:+_taehv}${SERVEDIT_MAX_STRENGTH:+_max$SERVEDIT_MAX_STRENGTH}
               if [ "$lim" -lt 30 ]; then echo "servedit: skipped, ${lim}s left of DEADLINE"; continue; fi
               timeout "$lim" python scripts/bench_serve.py --random "${SERVEDIT_CONFIG:-wan-1.3b}" --device cuda \
                 --fps 16 --counts "${SERVEDIT_COUNTS:-1,2,3}" --keep-going --startup-s 240 --seconds 8 --warmup-s 4 \
-                --calibrate-steps 5 ${SERVEDIT_TAEHV:+--taehv} --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log" \
+                --calibrate-steps 5 ${SERVEDIT_TAEHV:+--taehv} \
+                ${SERVEDIT_MAX_STRENGTH:+--serve-args "--max-strength $SERVEDIT_MAX_STRENGTH"} --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log" \
                 || echo "servedit: exit $? (124: cut at its ${lim} s limit; the JSON holds the counts done)" ;;
     ray) if ray_site; then serve_cases ${RAY_CASES:-base:16 base:16:ray}; fi ;;
     stash) ;;  # nothing but what every call does first: keep the .rayw parts it carries in /tmp/rayw

@@ -62,9 +62,11 @@ def _clip(blocks: int, seed: int) -> np.ndarray:
     return coarse.repeat(8, axis=2).repeat(8, axis=3)
 
 
-def _restyled(codec, text: np.ndarray, seed: int, clip: np.ndarray, strengths: list[float]) -> list[np.ndarray]:
+def _restyled(codec, text: np.ndarray, seed: int, clip: np.ndarray, strengths: list[float],
+              passes: int = CFG.steps) -> list[np.ndarray]:
     """One stream by the torch path (DiTPipeline.restyle) at strengths[k] for block k, with the noise the
-    runtime draws for a row of `seed` (draw k·passes + i of the seed: pass i's of block k)."""
+    runtime draws for a row of `seed` whose block runs `passes` passes (draw k·passes + i of the seed: pass i's
+    of block k)."""
     model, _ = dit_model(CFG, None, SEED)
     pipe = DiTPipeline(CFG, model, None, codec, torch.from_numpy(text[None]), torch.device("cpu"))
     pipe.reset(0)
@@ -72,8 +74,8 @@ def _restyled(codec, text: np.ndarray, seed: int, clip: np.ndarray, strengths: l
     out = []
     for k, (block, strength) in enumerate(zip(clip, strengths)):
         pipe.set_strength(strength)
-        noise = np.stack([normal(seed, k * CFG.steps + i, int(np.prod(shape))).reshape(shape)
-                          for i in range(CFG.steps)])
+        noise = np.stack([normal(seed, k * passes + i, int(np.prod(shape))).reshape(shape)
+                          for i in range(passes)])
         out.append(pipe.restyle(block, noise[:, None]))
     return out
 
@@ -112,6 +114,26 @@ def test_video_to_video_on_onnx_runtime_and_pytorch_equals_the_torch_path(artifa
             pipe.reset(4)
             for k, block in enumerate(clip):
                 np.testing.assert_allclose(pipe.step(block), ref[k], atol=TOL, rtol=0, err_msg=f"block {k}")
+
+
+def test_a_lower_max_strength_runs_fewer_passes_and_restyles_the_same(artifact, codec):
+    """max_strength 0.6: the block runs the 3 passes strength 0.6 needs instead of 4 (dit-tiny-taesd's unshifted
+    schedule), on ONNX Runtime and the PyTorch backend alike, and its frames are still restyle's; the strength
+    range it offers is [0, 0.6] and a row set above it is refused."""
+    text, clip = _prompt(1), _clip(3, seed=2)
+    ref = _restyled(codec, text, 4, clip, [0.6] * 3, passes=3)
+    options = PipelineOptions(strength=0.6, max_strength=0.6)
+    for pipe in (Pipeline.load(artifact, device="cpu", options=options), _torch_pipeline(max_strength=0.6)):
+        with pipe:
+            assert (pipe.unit.passes, pipe.controls["strength"]) == (3, (0.0, 0.6))
+            pipe.set_prompt(text)
+            pipe.reset(4)
+            for k, block in enumerate(clip):
+                np.testing.assert_allclose(pipe.step(block), ref[k], atol=TOL, rtol=0, err_msg=f"block {k}")
+            with pytest.raises(VideoToVideoError, match="over this pipeline's max_strength 0.6"):
+                pipe.control(0, strength=0.7)
+    with pytest.raises(ConfigError, match="strength=0.7 is over max_strength=0.6"):
+        PipelineOptions(strength=0.7, max_strength=0.6)
 
 
 def test_rows_are_streams_at_their_own_strengths(codec):
