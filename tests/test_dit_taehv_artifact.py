@@ -95,6 +95,25 @@ def test_the_artifact_carries_taehv_s_graphs_checked_on_a_recorded_rollout(artif
     assert cfg.codec == "taehv" and set(loaded) == set(m["graphs"])
 
 
+def test_the_codec_s_calls_are_recorded_in_the_runtime_s_rollout_with_their_state(taehv):
+    """The calls parity checks TAEHV's graphs on: a video-to-video rollout's, its first block fresh, each later call
+    given the state the call before it left (its memory, and encode's carried frames)."""
+    from mirage.export.dit_export import record_dit_calls, torch_run
+
+    model = dit_model(CFG, None, SEED)[0]
+    model.cfg = dataclasses.replace(CFG, codec="taehv")
+    calls = record_dit_calls(model, blocks=3, taehv=taehv)
+    specs = G.model_graphs(model.cfg)
+    run = torch_run(model, {g: specs[g] for g in (G.ENCODE, G.DECODE)}, taehv)
+    for graph in (G.ENCODE, G.DECODE):
+        assert [c[G.FRESH][0] for c in calls[graph]] == [1, 0, 0] and len(calls[G.DIT_CACHE_WRITE]) == 3
+        for before, after in zip(calls[graph], calls[graph][1:]):
+            new = run(graph, before)
+            for name in G.state_inputs(specs[graph]):
+                np.testing.assert_allclose(after[name], new[G.next_state(name)], atol=1e-6, rtol=0, err_msg=name)
+                assert np.abs(after[name]).max() > 0.1, name  # state that was there to carry
+
+
 def test_onnx_runtime_runs_the_artifact_as_the_pytorch_backend_runs_the_model_and_taehv(artifact, taehv):
     """Three blocks (the cache filling, then rolling) video-to-video at strength 0.6 and generated: the artifact on
     ONNX Runtime gives the PyTorch backend's frames of the same DiT and TAEHV (warm-up frames included)."""
