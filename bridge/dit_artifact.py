@@ -93,22 +93,22 @@ def build_dit_artifact(cfg: DiTConfig, out: str | Path, options: ArtifactOptions
     mirage-run's --decoder) its codec's graphs; returns the manifest."""
     out = Path(out).resolve()
     o = check_dit_options(options, out)
+    exported, taehv = taehv_config(cfg, decoder)  # a bad --decoder is refused before the DiT loads
     model, checkpoint = dit_model(cfg, weights, seed)
-    taehv = with_taehv(model, decoder)
+    model.cfg = exported
     codec = None if taehv is None else {"file": Path(decoder).name, "sha256": sha256_file(Path(decoder)),
                                         "encoder": isinstance(taehv, Taehv)}
     return staged(out, lambda stage: _build(model, checkpoint, dit_export_command(cfg, weights, out, o, decoder),
                                             stage, o, progress, taehv, codec))
 
 
-def with_taehv(model: WanDiT, decoder: str | Path | None) -> TaehvDecoder | None:
-    """The TAEHV of a --decoder file (None: none; a Wan VAE folder is refused), `model`'s config then given the
-    codec "taehv": the exported config's, not the checkpoint's (a ConfigError names one TAEHV cannot code)."""
+def taehv_config(cfg: DiTConfig, decoder: str | Path | None) -> tuple[DiTConfig, TaehvDecoder | None]:
+    """(the config the graphs are exported for, the TAEHV) of a --decoder file (None: `cfg`, none; a Wan VAE folder
+    is refused): `cfg` with the codec "taehv" (a ConfigError names a config TAEHV cannot code). The model keeps
+    loading with `cfg`, as its checkpoint records it."""
     if decoder is None:
-        return None
-    taehv = load_runtime_codec(decoder)
-    model.cfg = dataclasses.replace(model.cfg, codec="taehv")
-    return taehv
+        return cfg, None
+    return dataclasses.replace(cfg, codec="taehv"), load_runtime_codec(decoder)
 
 
 def _build(model: WanDiT, checkpoint: dict, command: str, stage: Path, o: ArtifactOptions, progress,

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from mirage.bridge.dit_artifact import with_taehv
+from mirage.bridge.dit_artifact import taehv_config
 from mirage.core.config import get_dit_config
 from mirage.core.errors import MirageError
 from mirage.core.report import write_json
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         cfg, dtype = get_dit_config(args.config), DIT_DTYPES[args.precision]
+        exported, taehv = taehv_config(cfg, args.decoder)  # a bad --decoder is refused before the DiT loads
         if args.weights:
             model, _ = load_dit(args.weights, cfg, dtype=dtype)
         else:  # built in its dtype: no float32 copy of 1.3B parameters on the way
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 torch.set_default_dtype(default)
         model = model.eval().requires_grad_(False)
-        taehv = with_taehv(model, args.decoder)
+        model.cfg = exported
         built = time.perf_counter() - start
         report = export_dit_onnx(model, args.out, args.precision,
                                  lambda s: print(f"[{time.perf_counter() - start:7.1f}s] {s}", flush=True), taehv)
