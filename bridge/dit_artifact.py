@@ -2,7 +2,10 @@
 
     DIR/manifest.json                 as the U-Net's (engine.manifest), with "family": "dit" and the DiTConfig
     DIR/dit_text.onnx                 + dit_step.onnx, dit_cache_write.onnx (see mirage.core.graphs)
-                                      + encode.onnx, decode.onnx: a config on a per-frame autoencoder's
+                                      + encode.onnx, decode.onnx: a config on a per-frame autoencoder's, or
+                                        TAEHV's (--decoder FILE: the config's codec "taehv", their state
+                                        explicit; encode only when the file has the encoder; the manifest's
+                                        `taehv` names the file, its sha256 and whether it encodes)
     DIR/dit_step.engine               + the others' (TensorRT backends), each with its .layers.json
 
 Stages: record a PyTorch rollout -> export (fp8: the block graphs quantized, calibrated on a second recorded
@@ -31,13 +34,15 @@ from mirage.core.dit_step import frames_are
 from mirage.engine.build import BuildOptions, build_engine, load_backend
 from mirage.engine.manifest import EngineError, sha256_file, write_manifest
 from mirage.export.bf16 import parity_graphs
-from mirage.export.dit_export import (dit_activation_range, dit_rollout_psnr, dit_tensor_parity, export_dit_graph,
-                                      export_dit_qdq, graph_precision, record_dit_calls)
+from mirage.export.dit_export import (dit_activation_range, dit_rollout_psnr, dit_specs, dit_tensor_parity,
+                                      export_dit_graph, export_dit_qdq, graph_precision, record_dit_calls)
 from mirage.export.onnx_export import ExportError, ExportOptions
 from mirage.model.dit import WanDiT
+from mirage.model.taehv import Taehv, TaehvDecoder
 from mirage.model.wan_checkpoint import load_dit
 
 from .artifact import FP16_MAX, ArtifactOptions, check_options, graph_record, parity_verdict, staged
+from .pipeline import load_runtime_codec
 
 DIT_PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 
@@ -53,9 +58,11 @@ def dit_model(cfg: DiTConfig, weights: str | Path | None, seed: int = 0) -> tupl
     return WanDiT(cfg).eval().requires_grad_(False), {"path": None, "sha256": None, "random_seed": seed}
 
 
-def dit_export_command(cfg: DiTConfig, weights: str | Path | None, out: Path, o: ArtifactOptions) -> str:
+def dit_export_command(cfg: DiTConfig, weights: str | Path | None, out: Path, o: ArtifactOptions,
+                       decoder: str | Path | None = None) -> str:
     cmd = ["mirage-export", "--dit", cfg.name, *(["--dit-weights", str(Path(weights).resolve())] if weights
                                                  else ["--random-weights"]),
+           *(["--decoder", str(Path(decoder).resolve())] if decoder else []),
            "--out", str(out), "--precision", o.precision, "--backend", o.backend]
     cmd += ["--gpu", ",".join(o.gpus)] if o.gpus else []
     cmd += ["--batch", str(o.batch)] if o.batch != 1 else []
@@ -80,32 +87,49 @@ def check_dit_options(o: ArtifactOptions, out: Path) -> ArtifactOptions:
 
 
 def build_dit_artifact(cfg: DiTConfig, out: str | Path, options: ArtifactOptions, weights: str | Path | None = None,
-                       seed: int = 0, progress: Callable[[str], None] = lambda s: None) -> dict:
-    """Export `cfg` with `weights` (None: random from `seed`) into `out`; returns the manifest."""
+                       seed: int = 0, progress: Callable[[str], None] = lambda s: None,
+                       decoder: str | Path | None = None) -> dict:
+    """Export `cfg` with `weights` (None: random from `seed`) into `out`, with `decoder` (a TAEHV file, as
+    mirage-run's --decoder) its codec's graphs; returns the manifest."""
     out = Path(out).resolve()
     o = check_dit_options(options, out)
+    exported, taehv = taehv_config(cfg, decoder)  # a bad --decoder is refused before the DiT loads
     model, checkpoint = dit_model(cfg, weights, seed)
-    return staged(out, lambda stage: _build(model, checkpoint, dit_export_command(cfg, weights, out, o), stage, o,
-                                            progress))
+    model.cfg = exported
+    codec = None if taehv is None else {"file": Path(decoder).name, "sha256": sha256_file(Path(decoder)),
+                                        "encoder": isinstance(taehv, Taehv)}
+    return staged(out, lambda stage: _build(model, checkpoint, dit_export_command(cfg, weights, out, o, decoder),
+                                            stage, o, progress, taehv, codec))
 
 
-def _build(model: WanDiT, checkpoint: dict, command: str, stage: Path, o: ArtifactOptions, progress) -> dict:
+def taehv_config(cfg: DiTConfig, decoder: str | Path | None) -> tuple[DiTConfig, TaehvDecoder | None]:
+    """(the config the graphs are exported for, the TAEHV) of a --decoder file (None: `cfg`, none; a Wan VAE folder
+    is refused): `cfg` with the codec "taehv" (a ConfigError names a config TAEHV cannot code). The model keeps
+    loading with `cfg`, as its checkpoint records it."""
+    if decoder is None:
+        return cfg, None
+    return dataclasses.replace(cfg, codec="taehv"), load_runtime_codec(decoder)
+
+
+def _build(model: WanDiT, checkpoint: dict, command: str, stage: Path, o: ArtifactOptions, progress,
+           taehv: TaehvDecoder | None, codec: dict | None) -> dict:
     started = time.perf_counter()
     cfg = model.cfg
-    specs = G.model_graphs(cfg, o.batch, None, o.precision)
+    specs = dit_specs(cfg, o.batch, o.precision, taehv)
     progress("recording a PyTorch rollout (inputs of each graph)")
-    calls = record_dit_calls(model, blocks=max(2, cfg.window_frames // cfg.block_frames + 1), batch=o.batch)
+    calls = record_dit_calls(model, blocks=max(2, cfg.window_frames // cfg.block_frames + 1), batch=o.batch,
+                             taehv=taehv)
     files = {g: stage / G.onnx_file(g) for g in specs}
-    holds = _export(model, specs, files, calls, o, progress)
+    holds = _export(model, specs, files, calls, o, progress, taehv)
 
     progress("parity vs. PyTorch (ONNX Runtime, CPU)")
     with parity_graphs(files, o.precision) as (checked_files, checked):  # bf16: twins ONNX Runtime can run
-        tensors = dit_tensor_parity(model, checked_files, calls, o.precision)
-        frames = dit_rollout_psnr(model, checked_files, o.precision, o.parity_frames, batch=o.batch)
+        tensors = dit_tensor_parity(model, checked_files, calls, o.precision, taehv)
+        frames = dit_rollout_psnr(model, checked_files, o.precision, o.parity_frames, batch=o.batch, taehv=taehv)
     parity = parity_verdict(tensors, frames, o, checked)
 
     if o.precision == "fp16":
-        parity["fp16_activation_peak"] = dit_activation_range(model, calls)
+        parity["fp16_activation_peak"] = dit_activation_range(model, calls, taehv)
         parity["fp16_headroom"] = FP16_MAX / max(parity["fp16_activation_peak"], 1e-12)
 
     graphs_meta = {graph: {**graph_record(specs[graph], files[graph]), "onnx_bytes": files[graph].stat().st_size,
@@ -144,6 +168,7 @@ def _build(model: WanDiT, checkpoint: dict, command: str, stage: Path, o: Artifa
         "max_batch": None,
         "options": {**dataclasses.asdict(o), "gpus": list(o.gpus)},
         "checkpoint": checkpoint,
+        "taehv": codec,  # the TAEHV file its codec graphs were exported from (None: none)
         "precision": o.precision,
         "temporal_attention": o.temporal_attention,
         "graphs": graphs_meta,
@@ -160,11 +185,12 @@ def _build(model: WanDiT, checkpoint: dict, command: str, stage: Path, o: Artifa
     return manifest
 
 
-def _export(model: WanDiT, specs: dict, files: dict[str, Path], calls, o: ArtifactOptions, progress) -> dict[str, str]:
+def _export(model: WanDiT, specs: dict, files: dict[str, Path], calls, o: ArtifactOptions, progress,
+            taehv: TaehvDecoder | None) -> dict[str, str]:
     """Each graph as ONNX; returns what each holds, as its manifest entry says. fp8: the block graphs as
     ModelOpt Q/DQ calibrated on a rollout the parity never sees (seed 2), dit_text and the autoencoder's in fp32."""
     holds = {}
-    calibration = record_dit_calls(model, blocks=len(calls[G.DIT_CACHE_WRITE]), seed=2, batch=o.batch) \
+    calibration = record_dit_calls(model, blocks=len(calls[G.DIT_CACHE_WRITE]), seed=2, batch=o.batch, taehv=taehv) \
         if o.precision == "fp8" else None
     for graph in specs:
         if calibration is not None and graph in (G.DIT_STEP, G.DIT_CACHE_WRITE):
@@ -175,7 +201,7 @@ def _export(model: WanDiT, specs: dict, files: dict[str, Path], calls, o: Artifa
         else:
             precision = graph_precision(graph, o.precision)
             progress(f"export {graph} ({precision})")
-            export_dit_graph(model, graph, files[graph], ExportOptions(precision, o.batch), calls[graph][0])
+            export_dit_graph(model, graph, files[graph], ExportOptions(precision, o.batch), calls[graph][0], taehv)
             holds[graph] = "bf16 (float32 I/O, cast inside)" if precision == "bf16" else precision
     return holds
 

@@ -35,8 +35,8 @@ def _unused_option(ctx: click.Context, backend: str, precision: str) -> str | No
 def _dit_choice(ctx: click.Context, dit: str | None, weights: Path | None, random_weights: bool) -> str | None:
     """What is wrong with the DiT options given, as a message (a DiT takes exactly one source of weights)."""
     if not dit:
-        return "--dit-weights / --random-weights choose a DiT's weights: add --dit NAME" \
-            if weights or random_weights else None
+        return "--dit-weights / --random-weights / --decoder belong to a DiT's export: add --dit NAME" \
+            if weights or random_weights or ctx.params.get("decoder") else None
     if ctx.get_parameter_source("checkpoint") is ParameterSource.COMMANDLINE:
         return "--checkpoint is a U-Net checkpoint folder; a DiT takes --dit-weights (or --random-weights)"
     if bool(weights) == random_weights:
@@ -91,8 +91,13 @@ def _gpus(ctx, param, value: str | None) -> tuple[str, ...]:
 @click.option("--dit-weights", type=click.Path(exists=True, path_type=Path), default=None,
               help="The DiT's checkpoint: a Self-Forcing / CausVid / LongLive file, or a Wan / diffusers folder.")
 @click.option("--random-weights", is_flag=True, help="The DiT with random weights (seed 0): for tests and sizes.")
+@click.option("--decoder", type=click.Path(path_type=Path), default=None,
+              help="--dit: a TAEHV file (taew2_1.pth), exported as the DiT's codec: its decode graph, and encode "
+                   "(video-to-video) when the file has the encoder.* weights. mirage-run / mirage-serve --dit's "
+                   "--decoder; the Wan VAE is not a runtime codec.")
 def main(checkpoint, precision, backend, gpus, out, batch, max_batch, opt_level, workspace_mb, plugin_library,
-         temporal_attention, calib_frames, parity_frames, allow_parity_failure, dit, dit_weights, random_weights):
+         temporal_attention, calib_frames, parity_frames, allow_parity_failure, dit, dit_weights, random_weights,
+         decoder):
     """Export a Mirage checkpoint to ONNX, check it against PyTorch, and build TensorRT engines.
 
     Writes OUT/manifest.json, the ONNX graphs, and (TensorRT backends) the engines with a
@@ -120,7 +125,8 @@ def main(checkpoint, precision, backend, gpus, out, batch, max_batch, opt_level,
         if dit:
             from mirage.bridge.dit_artifact import build_dit_artifact
 
-            manifest = build_dit_artifact(get_dit_config(dit), out, options, dit_weights, progress=progress)
+            manifest = build_dit_artifact(get_dit_config(dit), out, options, dit_weights, progress=progress,
+                                          decoder=decoder)
         else:
             manifest = build_artifact(checkpoint, out, options, progress)
     except MirageError as e:

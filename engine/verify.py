@@ -54,6 +54,8 @@ def artifact_specs(manifest: dict) -> tuple[ModelConfig, dict[str, G.GraphSpec]]
         specs = G.model_graphs(cfg, manifest["batch"], manifest["max_batch"], manifest["precision"])
     except ValueError as e:
         raise EngineError(f"manifest: {e}") from e
+    if (manifest.get("taehv") or {}).get("encoder") is False:  # exported from a TAEHV file without its encoder
+        del specs[G.ENCODE]
     return cfg, specs
 
 

@@ -13,7 +13,10 @@ once per prompt, stays fp32.
 A config on a per-frame autoencoder (DiTConfig.autoencoder) adds its `encode` / `decode` graphs, traced from
 mirage.model.latent.BlockCodec by the U-Net's codec module (onnx_export.graph_module), in fp32 or fp16 (8-bit
 artifacts keep them fp32, as the U-Net's): their recorded calls encode blocks of a synthetic clip and decode
-the latents that gives.
+the latents that gives. A TAEHV (`taehv`, DiTConfig.codec "taehv") adds its graphs the same way, from
+mirage.model.taehv.TaehvBlockCodec, their state explicit (`encode` only when the file has the encoder): a
+temporal codec's calls depend on what it saw, so they are recorded in the runtime's own rollout, video-to-video
+on a synthetic clip where it can encode (every graph's calls from one rollout, a fresh row first).
 
 Rollouts run the runtime's own block loop (mirage.runtime.pipeline.Pipeline: core.dit_step.BlockUnit through
 CpuExecution, its counter-based noise): recorded on the PyTorch backend (model.dit_backend), checked on ONNX
@@ -49,6 +52,7 @@ from mirage.model.dit_backend import DiTTorchBackend
 from mirage.model.dit_cache import BlockStepper
 from mirage.model.dit_graphs import DiTGraph
 from mirage.model.latent import BlockCodec, load_frame_codec
+from mirage.model.taehv import Taehv, TaehvBlockCodec, TaehvDecoder
 from mirage.model.torch_device import TorchCpu
 from mirage.runtime.execution import NonFiniteError
 from mirage.runtime.pipeline import Pipeline
@@ -86,9 +90,25 @@ def decomposed_attention(enabled: bool):
         F.scaled_dot_product_attention = sdpa
 
 
-def block_codec(cfg) -> BlockCodec | None:
-    """The per-frame autoencoder of a config that has one (its hash checked), as its graphs lay out a block."""
-    return BlockCodec(load_frame_codec(cfg), cfg.block_frames) if cfg.autoencoder else None
+def block_codec(cfg, taehv: TaehvDecoder | None = None) -> BlockCodec | TaehvBlockCodec | None:
+    """The codec of a config's encode / decode graphs, as they lay out a block: its per-frame autoencoder (its hash
+    checked), or `taehv` for a config with codec "taehv"; None for neither."""
+    if cfg.autoencoder:
+        return BlockCodec(load_frame_codec(cfg), cfg.block_frames)
+    if cfg.codec == "taehv":
+        if taehv is None:
+            raise ExportError(f"{cfg.name} with codec 'taehv': give the TAEHV file (--decoder)")
+        return TaehvBlockCodec(taehv, cfg.block_frames)
+    return None
+
+
+def dit_specs(cfg, batch: int = 1, precision: str = "fp32", taehv: TaehvDecoder | None = None) -> dict:
+    """The graphs a DiT artifact holds: the config's, less TAEHV's `encode` when `taehv` is a decoder only (the
+    manifest says so: engine.verify.artifact_specs drops it the same way)."""
+    specs = G.model_graphs(cfg, batch, precision=precision)
+    if cfg.codec == "taehv" and not isinstance(taehv, Taehv):
+        del specs[G.ENCODE]
+    return specs
 
 
 def _module(model: WanDiT, graph: str, codec: BlockCodec | None) -> torch.nn.Module:
@@ -96,10 +116,10 @@ def _module(model: WanDiT, graph: str, codec: BlockCodec | None) -> torch.nn.Mod
     return graph_module(model, graph, codec) if graph in (G.ENCODE, G.DECODE) else DiTGraph(model, graph).eval()
 
 
-def torch_run(model: WanDiT, specs: dict[str, G.GraphSpec]) -> Run:
-    """One graph's numpy feeds through the PyTorch graph modules (CPU, the model's dtype), the per-frame
-    autoencoder's too where the config has one: the reference of per-tensor parity."""
-    codec = block_codec(model.cfg) if G.DECODE in specs else None
+def torch_run(model: WanDiT, specs: dict[str, G.GraphSpec], taehv: TaehvDecoder | None = None) -> Run:
+    """One graph's numpy feeds through the PyTorch graph modules (CPU, the model's dtype), the codec's too where
+    the config has one: the reference of per-tensor parity."""
+    codec = block_codec(model.cfg, taehv) if G.DECODE in specs else None
     modules = {g: _module(model, g, codec) for g in specs}
     dtype = model.patch_embedding.weight.dtype
 
@@ -131,23 +151,27 @@ def rollout_prompt(cfg, seed: int = 0) -> np.ndarray:
 
 
 def cpu_pipeline(backend, cfg, specs: dict[str, G.GraphSpec], text: np.ndarray, seed: int,
-                 plumbing=None) -> Pipeline:
+                 plumbing=None, strength: float | None = None) -> Pipeline:
     """The runtime's pipeline of a DiT on the CPU (CpuExecution driving BlockUnit) over `backend` and its
-    `plumbing` (None: numpy), every row prompted with `text`, row b's noise seeded seed + b; close it when done."""
-    pipe = Pipeline(backend, cfg, specs, PipelineOptions(batch=specs[G.DIT_STEP].tensor(G.X_T).shape[0]), plumbing)
+    `plumbing` (None: numpy), every row prompted with `text`, row b's noise seeded seed + b, video-to-video at
+    `strength` (None: generation); close it when done."""
+    options = PipelineOptions(batch=specs[G.DIT_STEP].tensor(G.X_T).shape[0], strength=strength)
+    pipe = Pipeline(backend, cfg, specs, options, plumbing)
     pipe.set_prompt(text)
     pipe.reset(seed)
     return pipe
 
 
-def runtime_blocks(pipe: Pipeline, blocks: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, bool]]:
-    """`blocks` blocks of the runtime, each computed when submitted (CpuExecution): its clean latents
-    (B, in_dim, N, h, w), its frames (B·N, 3, H, W), the noise it drew (steps, B, in_dim, N, h, w), all float32,
-    and whether they were finite (a non-finite block is reported, not raised: the parity says so)."""
+def runtime_blocks(pipe: Pipeline, blocks: int, inputs: np.ndarray | None = None
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, bool]]:
+    """`blocks` blocks of the runtime, each computed when submitted (CpuExecution), given inputs[k] (video-to-video:
+    (B, F, H, W, 3) frames in [-1, 1]): its clean latents (B, in_dim, N, h, w), its frames (B·F, 3, H, W), the noise
+    it drew (steps, B, in_dim, N, h, w), all float32, and whether they were finite (a non-finite block is reported,
+    not raised: the parity says so)."""
     buf, to_host = pipe.buf, pipe.execution.cpu.to_host
-    for _ in range(blocks):
+    for k in range(blocks):
         try:
-            pipe.step_batch()
+            pipe.step_batch(None if inputs is None else inputs[k])
             finite = True
         except NonFiniteError:
             pipe.execution.collect()
@@ -159,8 +183,8 @@ def runtime_blocks(pipe: Pipeline, blocks: int) -> Iterator[tuple[np.ndarray, np
 class _Recorder(DiTTorchBackend):
     """The PyTorch backend (CPU, float32) keeping each graph's feeds, copied, in its spec's order."""
 
-    def __init__(self, model: WanDiT, specs: dict[str, G.GraphSpec], calls: Calls):
-        super().__init__(model, specs, "cpu")
+    def __init__(self, model: WanDiT, specs: dict[str, G.GraphSpec], calls: Calls, codec=None):
+        super().__init__(model, specs, "cpu", codec=codec)
         self.calls = calls
 
     def run(self, graph, inputs, output):
@@ -168,12 +192,30 @@ class _Recorder(DiTTorchBackend):
         super().run(graph, inputs, output)
 
 
-def record_dit_calls(model: WanDiT, blocks: int = 4, seed: int = 1, batch: int = 1) -> Calls:
+def _synthetic_blocks(cfg, blocks: int, frames: int, batch: int, seed: int) -> np.ndarray:
+    """`blocks` blocks of `frames` frames of a synthetic clip, (blocks, batch, frames, H, W, 3) in [-1, 1], every
+    row the same."""
+    video = SyntheticVideo(max(cfg.height, cfg.width), seed=seed).clip(0, blocks * frames)[:, :cfg.height, :cfg.width]
+    clip = (video * 2 - 1).reshape(blocks, 1, frames, *video.shape[1:])
+    return np.ascontiguousarray(np.broadcast_to(clip, (blocks, batch, *clip.shape[2:])))
+
+
+def record_dit_calls(model: WanDiT, blocks: int = 4, seed: int = 1, batch: int = 1,
+                     taehv: TaehvDecoder | None = None) -> Calls:
     """Feeds each graph gets during a real fp32 rollout of the runtime of `blocks` blocks (the cache filling
-    and, with enough blocks, rolling): for tensor parity and tracing."""
+    and, with enough blocks, rolling): for tensor parity and tracing. With `taehv`, TAEHV's graphs are in the
+    rollout (video-to-video on a synthetic clip where it encodes)."""
     model, cfg = model.float().eval(), model.cfg
-    specs = G.model_graphs(cfg, batch)
+    specs = dit_specs(cfg, batch, taehv=taehv)
     calls: Calls = {g: [] for g in specs}
+    if taehv is not None:
+        strength = 0.5 if G.ENCODE in specs else None
+        with cpu_pipeline(_Recorder(model, specs, calls, block_codec(cfg, taehv)), cfg, specs,
+                          rollout_prompt(cfg, seed), seed, TorchCpu(), strength) as pipe:
+            inputs = _synthetic_blocks(cfg, blocks, pipe.frames_in, batch, seed) if strength else None
+            for _ in runtime_blocks(pipe, blocks, inputs):
+                pass
+        return calls
     blocks_only = {g: specs[g] for g in G.DIT_GRAPHS}  # the rollout's latents undecoded: the codec's calls follow
     with cpu_pipeline(_Recorder(model, blocks_only, calls), cfg, blocks_only, rollout_prompt(cfg, seed), seed,
                  TorchCpu()) as pipe:
@@ -199,9 +241,9 @@ def graph_precision(graph: str, precision: str) -> str:
 
 
 def export_dit_graph(model: WanDiT, graph: str, path: str | Path, options: ExportOptions,
-                     example: dict[str, np.ndarray]) -> Path:
+                     example: dict[str, np.ndarray], taehv: TaehvDecoder | None = None) -> Path:
     """Export one DiT graph, traced on `example` (recorded feeds at fp32: they are cast to the graph's dtypes);
-    `encode` / `decode` with the config's per-frame autoencoder."""
+    `encode` / `decode` with the config's per-frame autoencoder, or `taehv`."""
     if options.precision not in DIT_DTYPES:
         raise ExportError(f"precision {options.precision!r}: the DiT exports {', '.join(DIT_DTYPES)}")
     if options.max_batch is not None and options.max_batch > 1:
@@ -211,8 +253,8 @@ def export_dit_graph(model: WanDiT, graph: str, path: str | Path, options: Expor
     specs = G.model_graphs(model.cfg, options.batch, options.max_batch, options.precision)
     net = (model if model.patch_embedding.weight.dtype == dtype else copy.deepcopy(model)).to("cpu", dtype).eval()
     inputs = {x.name: torch.from_numpy(_at_spec(example[x.name], x)) for x in specs[graph].inputs}
-    codec = block_codec(model.cfg) if codec_graph else None
-    module = _module(net, graph, None if codec is None else codec.to("cpu", dtype))
+    codec = block_codec(model.cfg, taehv) if codec_graph else None
+    module = _module(net, graph, None if codec is None else copy.deepcopy(codec).to("cpu", dtype))
     if precision == "bf16":  # float32 I/O around it (see export/bf16.py)
         module = Bf16Io(module, G.model_graphs(model.cfg, options.batch, precision="fp16")[graph])
     decompose = options.precision == "fp32" if options.decompose_attention is None else options.decompose_attention
@@ -228,29 +270,28 @@ def _at_spec(value: np.ndarray, x: G.TensorSpec) -> np.ndarray:
     return np.array(np.broadcast_to(value[:1], x.shape), x.dtype)
 
 
-def trace_feeds(cfg, precision: str, batch: int = 1) -> dict[str, np.ndarray]:
-    """Feeds to trace every DiT graph on without recording a rollout (wan-1.3b's would take hours on a CPU):
+def trace_feeds(cfg, precision: str, batch: int = 1,
+                taehv: TaehvDecoder | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """Feeds to trace each DiT graph on without recording a rollout (wan-1.3b's would take hours on a CPU):
     a first block's static inputs, and the others at their spec's shape and dtype, uninitialized (tracing
-    reads shapes, never values; the pages of np.empty's multi-GB caches are never touched)."""
-    feeds = dict(block_inputs(cfg, np.zeros(batch, np.int64)))  # every row at the video's first frame
-    for spec in G.model_graphs(cfg, batch, precision=precision).values():
-        for x in spec.inputs:
-            feeds.setdefault(x.name, np.empty(x.shape, x.dtype))
-    return feeds
-
+    reads shapes, never values; the pages of np.empty's multi-GB caches are never touched). Per graph: TAEHV's
+    two graphs both have state named mem_0, ... at other shapes."""
+    static = dict(block_inputs(cfg, np.zeros(batch, np.int64)))  # every row at the video's first frame
+    return {graph: {x.name: static[x.name] if x.name in static else np.empty(x.shape, x.dtype) for x in spec.inputs}
+            for graph, spec in dit_specs(cfg, batch, precision, taehv).items()}
 
 def export_dit_onnx(model: WanDiT, out: str | Path, precision: str = "fp16",
-                    progress: Callable[[str], None] = lambda s: None) -> dict:
-    """Every DiT graph of `model` as ONNX in `out` (weights over 1 GiB in a side file), no parity: what a
-    large model's export costs, per graph: seconds, bytes written (the .onnx and its external data), and
-    the process's peak resident memory so far."""
+                    progress: Callable[[str], None] = lambda s: None, taehv: TaehvDecoder | None = None) -> dict:
+    """Every DiT graph of `model` as ONNX in `out` (weights over 1 GiB in a side file), TAEHV's with `taehv` (the
+    config's codec "taehv"), no parity: what a large model's export costs, per graph: seconds, bytes written (the
+    .onnx and its external data), and the process's peak resident memory so far."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    feeds, report = trace_feeds(model.cfg, precision), {}
-    for graph in G.model_graphs(model.cfg, precision=precision):
+    feeds, report = trace_feeds(model.cfg, precision, taehv=taehv), {}
+    for graph in feeds:
         progress(f"export {graph} ({precision})")
         start = time.perf_counter()
-        path = export_dit_graph(model, graph, out / G.onnx_file(graph), ExportOptions(precision), feeds)
+        path = export_dit_graph(model, graph, out / G.onnx_file(graph), ExportOptions(precision), feeds[graph], taehv)
         files = {p.name: p.stat().st_size for p in out.iterdir() if p.name.startswith(path.name)}
         report[graph] = {"seconds": time.perf_counter() - start, "files": files, "bytes": sum(files.values()),
                          "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
@@ -267,12 +308,13 @@ def export_dit_qdq(model: WanDiT, graph: str, path: str | Path, batch: int, cali
         return quantize_qdq(fp32, path, [{k: torch.from_numpy(v) for k, v in c.items()} for c in calibration], mode)
 
 
-def dit_tensor_parity(model: WanDiT, files: dict[str, Path], calls: Calls, precision: str) -> dict:
+def dit_tensor_parity(model: WanDiT, files: dict[str, Path], calls: Calls, precision: str,
+                      taehv: TaehvDecoder | None = None) -> dict:
     """Worst relative and absolute error of every graph output (ONNX Runtime vs PyTorch fp32) over `calls`."""
     model = model.float().eval()
     specs = G.model_graphs(model.cfg, precision=precision)
-    ref_run, (out_run, ort) = torch_run(model, {g: s for g, s in G.model_graphs(model.cfg).items() if g in calls}), \
-        ort_run(files)
+    ref_run, (out_run, ort) = torch_run(model, {g: s for g, s in G.model_graphs(model.cfg).items() if g in calls},
+                                        taehv), ort_run(files)
     report = {}
     try:
         for graph, feeds_list in calls.items():
@@ -293,29 +335,31 @@ def dit_tensor_parity(model: WanDiT, files: dict[str, Path], calls: Calls, preci
     return report
 
 
-def dit_activation_range(model: WanDiT, calls: Calls) -> float:
+def dit_activation_range(model: WanDiT, calls: Calls, taehv: TaehvDecoder | None = None) -> float:
     """Largest |activation| of any module over the recorded rollout (fp32): fp16's margin as a number."""
     tensors = {g: [{k: torch.from_numpy(v) for k, v in feeds.items()} for feeds in c] for g, c in calls.items()}
-    return activation_range(model.float().eval(), tensors, block_codec(model.cfg), module_for=_module)
+    return activation_range(model.float().eval(), tensors, block_codec(model.cfg, taehv), module_for=_module)
 
 
 @torch.no_grad()
 def dit_rollout_psnr(model: WanDiT, files: dict[str, Path], precision: str, frames: int = 50, seed: int = 0,
-                     batch: int = 1) -> dict:
+                     batch: int = 1, taehv: TaehvDecoder | None = None) -> dict:
     """PSNR of a `frames`-latent-frame rollout of the runtime on ONNX Runtime (its block loop over the exported
     graphs) against BlockStepper in PyTorch fp32, given the noise the runtime drew and the same prompt (row 0
-    of a `batch`); with a `decode` graph, also of the video frames each rollout decodes to (`video_psnr_*`)."""
+    of a `batch`); with a `decode` graph, also of the video frames each rollout decodes to (`video_psnr_*`;
+    TAEHV's streamed, the reference's blocks through PyTorch's TaehvBlockCodec in order)."""
     model, cfg = model.float().eval(), model.cfg
-    blocks, n = -(-frames // cfg.block_frames), cfg.block_frames
+    blocks = -(-frames // cfg.block_frames)
     text = rollout_prompt(cfg, seed)
     stepper = BlockStepper(model, batch)
     stepper.set_prompt(torch.from_numpy(np.repeat(text[None], batch, 0)))
     out, video, ref_blocks, finite = [], [], [], True
-    with cpu_pipeline(OrtBackend(files), cfg, G.model_graphs(cfg, batch, precision=precision), text, seed) as pipe:
+    specs = {g: s for g, s in G.model_graphs(cfg, batch, precision=precision).items() if g in files}
+    with cpu_pipeline(OrtBackend(files), cfg, specs, text, seed) as pipe:
         for x0, image, noise, ok in runtime_blocks(pipe, blocks):
             ref_blocks.append(stepper.step(torch.from_numpy(noise)))
             out.append(x0[0].swapaxes(0, 1))
-            video.append(image[:n])  # row 0's frames
+            video.append(image[:pipe.unit.frames])  # row 0's frames
             finite &= ok
     ref = np.concatenate([b[0].transpose(0, 1).numpy() for b in ref_blocks])
     out = np.concatenate(out)
@@ -325,8 +369,21 @@ def dit_rollout_psnr(model: WanDiT, files: dict[str, Path], precision: str, fram
               "psnr_mean_db": float(frame_psnr.mean()), "psnr_min_db": float(frame_psnr.min()),
               "psnr_last10_db": float(frame_psnr[-10:].mean()), "finite": finite and bool(np.isfinite(out).all())}
     if G.DECODE in files:
-        codec = block_codec(cfg)
-        ref_video = np.concatenate([codec.decode(b)[:n].numpy() for b in ref_blocks])
+        ref_video = _reference_video(block_codec(cfg, taehv), [b[:1] for b in ref_blocks], cfg)
         video_psnr = psnr(np.concatenate(video), ref_video)
         report.update(video_psnr_mean_db=float(video_psnr.mean()), video_psnr_min_db=float(video_psnr.min()))
     return report
+
+
+def _reference_video(codec: BlockCodec | TaehvBlockCodec, blocks: list[torch.Tensor], cfg) -> np.ndarray:
+    """The frames PyTorch decodes a row's blocks of latents (1, C, N, h, w) to, in order, as the runtime's `decode`
+    lays them out: a per-frame codec's each alone; TAEHV's streamed, its memory carried from block to block (the
+    first block fresh)."""
+    if isinstance(codec, BlockCodec):
+        return np.concatenate([codec.decode(b).numpy() for b in blocks])
+    spec = G.model_graphs(cfg, 1)[G.DECODE]
+    frames, memory = [], [torch.zeros(spec.tensor(name).shape) for name in G.state_inputs(spec)]
+    for k, b in enumerate(blocks):
+        image, *memory = codec.decode(b, torch.tensor([float(k == 0)]), *memory)
+        frames.append(image.numpy())
+    return np.concatenate(frames)

@@ -94,14 +94,15 @@ def example_inputs(model: MirageUNet, graph: str, batch: int = 1, dtype: torch.d
 
 
 class CodecGraph(nn.Module):
-    """One half of a latent model's autoencoder (encode or decode) as a graph."""
+    """One half of a latent model's autoencoder (encode or decode) as a graph; a temporal codec's (TAEHV's) takes
+    its state as further inputs and gives the new state as further outputs."""
 
     def __init__(self, codec: nn.Module, graph: str):
         super().__init__()
         self.codec, self.fn = codec, codec.encode if graph == G.ENCODE else codec.decode
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x)
+    def forward(self, *inputs: torch.Tensor):
+        return self.fn(*inputs)
 
 
 def graph_module(model: MirageUNet, graph: str, codec: nn.Module | None = None) -> nn.Module:

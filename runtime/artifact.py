@@ -57,8 +57,10 @@ def open_artifact(path: Path, backend: str, device: str, options: PipelineOption
     # half-run; --backend onnxruntime runs the ONNX graphs alone
     cfg, recorded = verify_artifact(path, manifest, engines=has_engine and backend != "onnxruntime")
     _warn_if_checkpoint_changed(manifest)
-    # buffers at the batch asked for (a dynamic-batch artifact runs any batch up to its max)
-    specs = model_graphs(cfg, options.batch, manifest["max_batch"], manifest["precision"])
+    # buffers at the batch asked for (a dynamic-batch artifact runs any batch up to its max), of the graphs it
+    # holds (a decoder-only TAEHV's artifact: no encode)
+    specs = {g: s for g, s in model_graphs(cfg, options.batch, manifest["max_batch"], manifest["precision"]).items()
+             if g in recorded}
     if use_trt:
         from mirage.runtime.tensorrt import TensorRTBackend
 
