@@ -30,6 +30,7 @@ from mirage import __version__
 from mirage.core import graphs as G
 from mirage.core.config import to_json
 from mirage.core.device import missing_gpu
+from mirage.core.files import as_created
 from mirage.core.graphs import PRECISIONS
 from mirage.core.tolerances import PARITY as TOLERANCE
 from mirage.engine.build import BuildOptions, build_engine, load_backend
@@ -141,7 +142,7 @@ def staged(out: Path, build: Callable[[Path], dict]) -> dict:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
-        stage.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would stay on the artifact: a folder made as mkdir makes it
+        as_created(stage)  # mkdtemp's 0700 would stay on the artifact
     except OSError as e:
         raise ExportError(f"{out}: output folder is not writable ({e.strerror})") from e
     try:
@@ -151,13 +152,6 @@ def staged(out: Path, build: Callable[[Path], dict]) -> dict:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return manifest
-
-
-def _umask() -> int:
-    """The process's umask (reading it means setting it: set back at once)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _replace(stage: Path, out: Path) -> None:

@@ -9,6 +9,7 @@ in name order.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -229,6 +230,7 @@ def _check_complete(count: int, declared: float) -> None:
 
 OUTPUT_FORMATS = (".mp4", ".gif")  # or a folder (no suffix) of PNG frames
 FRAMES_MARK = ".mirage-frames"  # in each folder of PNG frames a VideoWriter makes: the next one may replace it
+_FRAME_NAME = re.compile(r"\d{5,}\.png")  # the frames a VideoWriter writes there (00000.png, ...)
 
 
 def check_not_input(output: str | os.PathLike, source: str | os.PathLike | None) -> None:
@@ -253,8 +255,8 @@ class VideoWriter:
     A video file, or a folder of PNG frames, is written to a hidden sibling and renamed over `path` by
     close() when it holds a frame, so an output already there is replaced whole or not at all (a killed
     process leaves it as it was; an earlier run's extra frames never stay beside a shorter run's). A folder
-    is replaced only if it is empty or a VideoWriter made it (FRAMES_MARK in it): anything else there is
-    someone's files, and the writer refuses it when it opens.
+    is replaced only if it is empty or a VideoWriter made it and holds only its frames (FRAMES_MARK and
+    NNNNN.png): anything else there is someone's files, and the writer refuses it when it opens.
 
     A run that fails after its first frame (a broken input frame, a full disk) is not the output asked for:
     leaving the writer with an exception (or `close(failed=True)`) keeps its frames as `kept`, the path's
@@ -353,8 +355,14 @@ class VideoWriter:
 
 
 def _replaceable(folder: Path) -> bool:
-    """Whether a VideoWriter may replace `folder`: it is not there, is empty, or holds a VideoWriter's frames."""
-    return not folder.exists() or (folder.is_dir() and (not any(folder.iterdir()) or (folder / FRAMES_MARK).is_file()))
+    """Whether a VideoWriter may replace `folder`: it is not there, is empty, or holds a VideoWriter's frames and
+    nothing else (a file someone put beside them would go with the folder)."""
+    if not folder.exists():
+        return True
+    if not folder.is_dir():
+        return False
+    names = [f.name for f in folder.iterdir()]
+    return not names or (FRAMES_MARK in names and all(n == FRAMES_MARK or _FRAME_NAME.fullmatch(n) for n in names))
 
 
 def check_frames_folder(path: Path) -> None:

@@ -154,15 +154,20 @@ def _read_config(files: list[Path], cfg: DiTConfig) -> None:
     check_saved_config(config_path.parent, cfg)
 
 
+# fields a run may choose apart from the checkpoint: the video size (`--resolution`: the weights are the same at
+# any token grid) and the autoencoder's recorded hash (checked against the autoencoder's own file)
+RUN_FIELDS = ("width", "height", "autoencoder_sha256")
+
+
 def check_saved_config(path: str | Path, cfg: DiTConfig) -> None:
-    """A DiT trained here (its config.json records its DiTConfig): every field but the recorded autoencoder hash
-    must agree with `cfg`, the mismatches named field by field. Nothing to check for a checkpoint made elsewhere."""
+    """A DiT trained here (its config.json records its DiTConfig): every field but RUN_FIELDS must agree with
+    `cfg`, the mismatches named field by field. Nothing to check for a checkpoint made elsewhere."""
     saved = saved_dit_config(path)
     if saved is None:
         return
     diffs = [f"{f.name}: checkpoint has {getattr(saved, f.name)!r}, asked for {getattr(cfg, f.name)!r}"
              for f in dataclasses.fields(DiTConfig)
-             if f.name != "autoencoder_sha256" and getattr(saved, f.name) != getattr(cfg, f.name)]
+             if f.name not in RUN_FIELDS and getattr(saved, f.name) != getattr(cfg, f.name)]
     if diffs:
         config_path = (Path(path) if Path(path).is_dir() else Path(path).parent) / "config.json"
         raise CheckpointError(f"{config_path}: DiT config mismatch; " + "; ".join(diffs))

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import io
 import statistics
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -80,6 +82,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("error: bench_jpeg times nvJPEG on a CUDA GPU; this machine has none")
+    if importlib.util.find_spec("torchvision") is None:
+        sys.exit("error: bench_jpeg needs torchvision (its nvJPEG decode): pip install torchvision")
 
     data = jpegs(args.size, args.batch)
     codec = NvJpeg(torch.device("cuda"))

@@ -65,6 +65,7 @@ from aiohttp import ClientSession, WSMsgType
 from PIL import Image
 
 from mirage.core.config import DEFAULT_STRENGTH, DIT_CONFIGS
+from mirage.core.dit_step import WAN_VIDEO_RATE
 from mirage.runtime.server import HEADER, JPEG, RAW, REPLY, ServerOptions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -426,7 +427,8 @@ def main() -> None:
     p.add_argument("--counts", default="1,2,4,8,16,24,32,48,64", help="stream counts to try, in order")
     p.add_argument("--format", choices=("jpeg", "raw"), default="jpeg", help="what the clients send (and get "
                    "back): JPEG as the page does, or raw RGB, which costs the server no codec")
-    p.add_argument("--fps", type=float, default=30.0, help="frames per second each client sends")
+    p.add_argument("--fps", type=float, default=None, help="frames per second each client sends (default 30; a "
+                   "--random DiT's: its video rate, 16)")
     p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per count")
     p.add_argument("--warmup-s", type=float, default=3.0)
     p.add_argument("--grace-s", type=float, default=0.5)
@@ -474,6 +476,8 @@ def main() -> None:
     today = datetime.date.today().isoformat()
     path = args.json or ROOT / "docs" / "bench" / f"{today}_serve_{slug(device)}_{label}.json"
     rows = []
+    if args.fps is None:  # clients faster than a block model's video rate only have their frames dropped
+        args.fps = float(WAN_VIDEO_RATE) if args.random in DIT_CONFIGS else 30.0
     args.serve_args = shlex.split(args.serve_args)  # mirage-serve's arguments beyond MODEL (a random DiT's first)
     with tempfile.TemporaryDirectory() as tmp:
         if args.random in DIT_CONFIGS:

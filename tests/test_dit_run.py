@@ -3,6 +3,7 @@ report, and every bad input refused in one line with exit status 2 before the mo
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from mirage.model.text_encoder import read_prompt_embeds
 from test_dit_conditioning import umt5_folder  # noqa: F401  (a tiny random UMT5 folder as wide as dit-tiny's text)
 
 CFG = get_dit_config("dit-tiny")
+ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--dit", "dit-tiny", "--resolution", "64x64"]  # 8x8 latents: a block in well under a second
 
 
@@ -229,6 +231,20 @@ def test_non_square_video_to_video_from_a_clip_of_another_aspect(tmp_path, embed
     assert (data["written"], data["blocks"]) == (5, 1) and data["psnr_vs_input_db"] > 0
     with Image.open(out / "00004.png") as frame:
         assert frame.size == (192, 128)
+
+
+def test_a_dit_trained_here_runs_at_another_resolution(tmp_path):
+    """The bundled dit-tiny-taesd (its config.json: 128x128) at --resolution 96x64: the video size is the run's
+    choice, not the weights' (it was refused as a config mismatch); its other fields must still agree."""
+    dit = ROOT / "checkpoints" / "dit-tiny-taesd"
+    out = tmp_path / "o"
+    result = mirage_run(dit, "--dit", "dit-tiny-taesd", "--resolution", "96x64", "--prompt-embeds",
+                        dit / "prompt.safetensors", "--frames", 2, "--output", out)
+    assert result.exit_code == 0, result.output
+    with Image.open(out / "00001.png") as frame:
+        assert frame.size == (96, 64)
+    with pytest.raises(wan_checkpoint.CheckpointError, match="name: checkpoint has 'dit-tiny-taesd'"):
+        wan_checkpoint.check_saved_config(dit, get_dit_config("dit-tiny"))
 
 
 def test_graph_on_the_cpu_is_refused_by_the_pipeline(embeds):

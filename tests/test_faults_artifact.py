@@ -158,6 +158,26 @@ def test_an_artifact_folder_s_mode_follows_the_umask(tmp_path, umask):
     assert (tmp_path / "art").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_a_dit_checkpoint_s_files_follow_the_umask(tmp_path, umask):
+    """safetensors writes through a temporary file: a trained DiT's model.safetensors and prompt.safetensors were
+    0600 (newcomer finding) while its config.json was 0644; now all are what open() makes."""
+    import torch
+
+    from mirage.core.config import get_dit_config
+    from mirage.model.dit import WanDiT
+    from mirage.train.dit import save_dit
+
+    cfg = get_dit_config("dit-tiny")
+    previous = os.umask(umask)
+    try:
+        out = save_dit(tmp_path / "d", WanDiT(cfg), torch.zeros(1, cfg.text_len, cfg.text_dim), {"step": 0})
+    finally:
+        os.umask(previous)
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.suffix in (".safetensors", ".json")} == \
+        {n: 0o666 & ~umask for n in ("model.safetensors", "prompt.safetensors", "config.json")}
+
+
 def test_parity_failure_writes_nothing_unless_overridden(artifact, tmp_path, monkeypatch):
     import mirage.bridge.artifact as A
 

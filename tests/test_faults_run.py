@@ -327,6 +327,9 @@ def test_a_frames_folder_replaces_an_earlier_run_whole_and_refuses_other_files(t
     _refused(run_main, [str(CKPT_GEN), "--output", str(mine)], "a folder holding files mirage did not write")
     _refused(quality_main, [str(CKPT_GEN), "--examples", str(mine)], "a folder holding files mirage did not write")
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    (frames / "keep.txt").write_text("mine")  # a user's file put among an earlier run's frames: not replaced
+    _refused(run_main, [str(CKPT_GEN), "--output", str(frames)], "a folder holding files mirage did not write")
+    assert (frames / "keep.txt").read_text() == "mine" and len(list(frames.glob("*.png"))) == 6
 
 
 DIT = ROOT / "checkpoints" / "dit-tiny-taesd"  # a DiT trained here: its config.json names dit-tiny-taesd

@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from mirage import __version__
 
 from mirage.core.errors import CheckpointError  # noqa: F401 (re-exported: the one class for every weights file)
-from mirage.core.files import sha256_file
+from mirage.core.files import as_created, sha256_file
 from mirage.core.config import ConfigError, ModelConfig, TrainConfig, from_json, to_json
 from mirage.model.unet import MirageUNet
 from mirage.train.resources import check_weights_fit
@@ -129,6 +129,7 @@ def save_unit(out: str | Path, tensors: dict[str, dict[str, torch.Tensor]], meta
         for name, values in tensors.items():
             tmp = out / (name + TMP)
             save_file(values, str(tmp))
+            as_created(tmp)  # safetensors writes through a temporary file: 0600, unreadable to anyone else
             _fsync(tmp)
             meta["files"][name] = {"sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}
         (out / (CONFIG + TMP)).write_text(json.dumps(meta, indent=2))

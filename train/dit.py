@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from mirage.core.config import DiTConfig, get_dit_config, to_json
-from mirage.core.files import sha256_file
+from mirage.core.files import as_created, sha256_file
 from mirage.model.dit import WanDiT, block_causal_mask
 from mirage.model.latent import autoencoder_folder, load_frame_codec
 from mirage.train.checkpoint import check_writable, save_unit
@@ -130,6 +130,7 @@ def save_dit(out: str | Path, model: WanDiT, text: torch.Tensor, meta: dict) -> 
     out = save_unit(out, {"model.safetensors": {k: v.contiguous() for k, v in model.state_dict().items()}},
                     {"dit": to_json(model.cfg), **meta})
     save_file({"prompt_embeds": text[0].contiguous()}, str(out / PROMPT_FILE))
+    as_created(out / PROMPT_FILE)
     return out
 
 
