@@ -126,8 +126,8 @@ def load_runtime_codec(path: str | Path):
     from mirage.model.wan_decode import load_decoder
 
     if Path(path).is_dir():
-        raise PipelineError(f"--decoder {path}: the Wan VAE is not a runtime codec; give a TAEHV file (taew2_1.pth), "
-                            "or decode with the Wan VAE in mirage-run --dit")
+        raise PipelineError(f"--decoder {path}: a folder (a Wan VAE's: the Wan VAE is not a runtime codec); give a "
+                            "TAEHV file (taew2_1.pth), or decode with the Wan VAE in mirage-run --dit")
     return load_decoder(path)
 
 

@@ -303,10 +303,15 @@ def _run_dit(checkpoint, dit, source, frames, seed, output, fast, no_cuda_graph,
     from tqdm import tqdm
 
     from mirage.model.dit_pipeline import DiTPipeline, DiTSpec, blocks_for
+    from mirage.train.dit import PROMPT_FILE
 
     if (checkpoint is None) == (not dit["random_weights"]):
         raise UserError("--dit needs a checkpoint (MODEL) or --random-weights, not both" if checkpoint else
                         "--dit needs a checkpoint: MODEL, a Wan 2.1 DiT file or folder (or --random-weights)")
+    trained = None if checkpoint is None else Path(checkpoint) / PROMPT_FILE  # a DiT trained here saves its prompt
+    if dit["prompt"] is None and dit["prompt_embeds"] is None and trained is not None and trained.is_file():
+        click.echo(f"note: no --prompt: {trained}, the prompt it was trained with", err=True)
+        dit["prompt_embeds"] = trained
     if (dit["prompt"] is None) == (dit["prompt_embeds"] is None):
         raise UserError("--dit needs one of --prompt TEXT (with --text-encoder FOLDER) or --prompt-embeds FILE")
     DiTSpec(dit["config"], resolution=dit["resolution"]).dit_config()  # a bad config or resolution: before the files

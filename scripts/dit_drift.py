@@ -62,15 +62,19 @@ def paired_ms(unet_path: str, dit_path: str, frames: int, rounds: int, strength:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dit", default="checkpoints/dit-tiny-taesd")
-    parser.add_argument("--unet", default="checkpoints/tiny-128-v2v")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dit", default="checkpoints/dit-tiny-taesd",
+                        help="The DiT checkpoint (default: %(default)s).")
+    parser.add_argument("--unet", default="checkpoints/tiny-128-v2v",
+                        help="The U-Net beside it (default: %(default)s).")
     parser.add_argument("--clips", type=int, default=1, help="Truth clips, seeds --seed .. --seed + clips - 1.")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--frames", type=int, default=500)
-    parser.add_argument("--window", type=int, default=50)
-    parser.add_argument("--strength", type=float, default=0.5)
-    parser.add_argument("--data", default="detailed")
+    parser.add_argument("--seed", type=int, default=0, help="The first clip's seed (default: %(default)s).")
+    parser.add_argument("--frames", type=int, default=500, help="Frames a rollout makes (default: %(default)s).")
+    parser.add_argument("--window", type=int, default=50, help="Frames a scored window holds (default: %(default)s).")
+    parser.add_argument("--strength", type=float, default=0.5,
+                        help="The DiT's video-to-video strength (default: %(default)s).")
+    parser.add_argument("--data", default="detailed",
+                        help="The truth clips' kind, as mirage-quality --data (default: %(default)s).")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (float32 either way).")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of torch.")
     parser.add_argument("--rounds", type=int, default=3, help="Timing rounds of 20 frames per model (0: no timing).")

@@ -235,12 +235,14 @@ def test_non_square_video_to_video_from_a_clip_of_another_aspect(tmp_path, embed
 
 def test_a_dit_trained_here_runs_at_another_resolution(tmp_path):
     """The bundled dit-tiny-taesd (its config.json: 128x128) at --resolution 96x64: the video size is the run's
-    choice, not the weights' (it was refused as a config mismatch); its other fields must still agree."""
+    choice, not the weights' (it was refused as a config mismatch); its other fields must still agree. Without
+    --prompt it runs on its training prompt (it was refused: newcomer finding)."""
     dit = ROOT / "checkpoints" / "dit-tiny-taesd"
     out = tmp_path / "o"
-    result = mirage_run(dit, "--dit", "dit-tiny-taesd", "--resolution", "96x64", "--prompt-embeds",
-                        dit / "prompt.safetensors", "--frames", 2, "--output", out)
+    result = mirage_run(dit, "--dit", "dit-tiny-taesd", "--resolution", "96x64", "--frames", 2, "--output", out)
     assert result.exit_code == 0, result.output
+    # without --prompt: the prompt it was trained with, saved beside it, and a note that says so
+    assert f"note: no --prompt: {dit / 'prompt.safetensors'}, the prompt it was trained with" in result.output
     with Image.open(out / "00001.png") as frame:
         assert frame.size == (96, 64)
     with pytest.raises(wan_checkpoint.CheckpointError, match="name: checkpoint has 'dit-tiny-taesd'"):
