@@ -27,7 +27,8 @@ from mirage.core.errors import MirageError
 @click.option("--latents", default="", help="A .safetensors file keeping the encoded clips for the next run.")
 @click.option("--context-noise", type=click.FloatRange(0, 1), default=0.1, help="Largest σ of the context's noise.")
 @click.option("--threads", type=click.IntRange(min=1), default=1,
-              help="torch CPU threads; on a shared CPU more mostly wait at barriers (24 s a step with 2, 1.3 s with 1).")
+              help="torch CPU threads; on a shared CPU more mostly wait at barriers (on this project's 2-core CPU "
+                   "beside other jobs: 24 s a step with 2, 1.3 s with 1; alone, about 0.2 s with 1).")
 @click.option("--seed", type=int, default=0)
 def main(out, config, minutes, max_steps, batch_size, lr, clips, latents, context_noise, threads, seed):
     """Train a DiT with teacher forcing and flow matching; saves the EMA weights at the end."""
