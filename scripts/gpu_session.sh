@@ -4,6 +4,7 @@
 #   STAGES="tests kernels bench" CONFIGS=tiny,base [VARIANTS=... PROFILE_VARIANTS=... STEPS=4 TAG=_x] scripts/gpu_session.sh
 #   STAGES="servetests serve" SERVE_CASES="base:16 base:16:churn base-512:8 base-512:8:cpu-jpeg" scripts/gpu_session.sh
 #   STAGES="run" [RUN_CONFIGS="base-512 base" RUN_FRAMES=300] scripts/gpu_session.sh
+#   STAGES="g2g" [G2G_CASES="base:16 base-512:8" G2G_LIMIT=200] scripts/gpu_session.sh   (bench_g2g --client python)
 #   STAGES="servedit" [SERVEDIT_CONFIG=wan-1.3b SERVEDIT_COUNTS=1,2,3 SERVEDIT_TAEHV=1 SERVEDIT_MAX_STRENGTH=0.6 SERVE_LIMIT=480] \
 #       scripts/gpu_session.sh
 #   STAGES="dittests anchor dit" SELF_FORCING=.anchor/Self-Forcing [DIT_CONFIG=wan-1.3b DIT_BLOCKS=7 DIT_MODES=... DIT_FP8=static] scripts/gpu_session.sh
@@ -129,6 +130,14 @@ for stage in $STAGES; do
                 --calibrate-steps 5 ${SERVEDIT_TAEHV:+--taehv} \
                 ${SERVEDIT_MAX_STRENGTH:+--serve-args "--max-strength $SERVEDIT_MAX_STRENGTH"} --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log" \
                 || echo "servedit: exit $? (124: cut at its ${lim} s limit; the JSON holds the counts done)" ;;
+    g2g) for case in ${G2G_CASES:-base:16 base-512:8}; do  # the Python client (no Chromium here): NOT glass to glass
+           IFS=: read -r cfg n <<< "$case"
+           lim=$(limit "${G2G_LIMIT:-200}")
+           if [ "$lim" -lt 30 ]; then echo "g2g $case: skipped, ${lim}s left of DEADLINE"; continue; fi
+           timeout "$lim" python scripts/bench_g2g.py --client python --random "$cfg" --device cuda --fast \
+             --streams "$n" --json "$OUT/g2g_python_${cfg}_$n.json" 2>&1 | tee "$OUT/g2g_python_${cfg}_$n.log" \
+             || echo "g2g $case: exit $?"
+         done ;;
     ray) if ray_site; then serve_cases ${RAY_CASES:-base:16 base:16:ray}; fi ;;
     stash) ;;  # nothing but what every call does first: keep the .rayw parts it carries in /tmp/rayw
     run) python scripts/bench_runtime.py --configs "$(echo ${RUN_CONFIGS:-base-512 base} | tr ' ' ,)" --task v2v \
@@ -166,8 +175,8 @@ v = SyntheticVideo($px, seed=1); write_video('/tmp/mirage-run-$px.mp4', (v.clip(
                  --blocks "${DIT_ATTN_BLOCKS:-12}"
              done ;;
     ditcompile) dit_bench dit_compile "${DIT_COMPILE_LIMIT:-80}" --modes compile --blocks "${DIT_BLOCKS:-7}" ;;
-    *) echo "unknown stage $stage (build, tests, kernels, conv, bench, run, servetests, serve, servedit, dittests, anchor, dit,"\
-            "ditdecode, ditprofile, ditattn, ditcompile, ray, stash)"; exit 2 ;;
+    *) echo "unknown stage $stage (build, tests, kernels, conv, bench, run, servetests, serve, servedit, g2g, dittests, anchor,"\
+            "dit, ditdecode, ditprofile, ditattn, ditcompile, ray, stash)"; exit 2 ;;
   esac
   if [ -n "${PACK:-}" ]; then tar -czf "$DEST/$PACK.tgz.part" -C "$OUT" . && mv "$DEST/$PACK.tgz.part" "$DEST/$PACK.tgz"; fi
 done
