@@ -240,3 +240,29 @@ def test_export_wan_script_exports_taehv_s_graphs_too(taehv_files, taehv, tmp_pa
     got = session.run([x.name for x in decode.outputs], {k: v.numpy() for k, v in feeds.items()})
     for x, out, ref in zip(decode.outputs, got, TaehvBlockCodec(taehv, CFG.block_frames).decode(*feeds.values())):
         np.testing.assert_allclose(out, ref.numpy(), atol=1e-4, rtol=0, err_msg=x.name)
+
+
+def test_a_batch_2_artifact_s_rows_are_streams_as_on_the_pytorch_backend(taehv_files, taehv, tmp_path):
+    """ONNX Runtime at batch 2 (the server's two streams in one block), the rows at strengths 0.6 and 0.3, row 1
+    attached a block later (fresh while row 0 carries TAEHV's state), with max_strength 0.6 (the passes 0.6
+    needs): each row's frames are the PyTorch backend's of the same DiT and TAEHV."""
+    build_dit_artifact(CFG, tmp_path / "b2", ArtifactOptions(precision="fp32", parity_frames=4, batch=2), seed=SEED,
+                       decoder=taehv_files[0])
+    text, clip, other = _prompt(1), _clip(3, seed=2), _clip(3, seed=8)
+    options = PipelineOptions(batch=2, strength=0.6, max_strength=0.6)
+    runs = []
+    for pipe in (Pipeline.load(tmp_path / "b2", device="cpu", options=options),
+                 from_dit_model(dit_model(CFG, None, SEED)[0], "cpu", options, decoder=taehv)):
+        with StreamPool(pipe) as pool:
+            pool.pipeline.set_prompt(text)
+            a = pool.attach(seed=4)
+            out = [pool.step({a: clip[0]})]
+            b = pool.attach(seed=5)
+            pool.control(b, strength=0.3)
+            out += [pool.step({a: clip[k], b: other[k - 1]}) for k in (1, 2)]
+            runs.append(out)
+    for k, (got, ref) in enumerate(zip(*runs)):
+        assert got.keys() == ref.keys()
+        for slot in got:
+            np.testing.assert_allclose(got[slot], ref[slot], atol=TOL, rtol=0, err_msg=f"block {k}, slot {slot}")
+    assert np.abs(runs[0][2][1] - runs[0][2][0]).mean() > 30 * TOL  # the rows differ: the check can fail
