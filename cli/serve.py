@@ -82,8 +82,8 @@ DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
                                 "(its encoder.* weights needed). mirage-run --dit's --decoder; the Wan VAE is not a "
                                 "runtime codec."))
 @click.option("--cpu-jpeg", is_flag=True,
-              help="Decode and encode JPEGs with Pillow in CPU threads even on a GPU that has nvJPEG (by default "
-                   "they are batched on the pool's GPU, PyTorch backend).")
+              help="Decode JPEGs with Pillow in CPU threads even on a GPU that has nvJPEG (by default they are "
+                   "decoded in batches on the pool's GPU, PyTorch backend; replies are Pillow's either way).")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Serve through Ray Serve (a local Ray unless --ray-address): one replica = one pool of --slots "
                    "streams on one GPU (--device cuda) or the CPU; docs/SERVING.md.")
