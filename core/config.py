@@ -148,6 +148,7 @@ class ModelConfig:
         return sum(self.memory_layers)
 
     family = "unet"  # not a field (no annotation): manifests record it, for the graphs such an artifact holds
+    dynamic_batch = True  # its exports may take a dynamic batch (mirage-export --max-batch)
 
     def graphs(self, batch: int, max_batch: int | None, precision: str) -> dict:
         """Its exported graphs' specs (call mirage.core.graphs.model_graphs, which checks the arguments)."""
@@ -576,6 +577,7 @@ class DiTConfig:
                               f"block ({self.block_frames}) it must hold: choose >= {self.sink_frames + self.block_frames}")
 
     family = "dit"
+    dynamic_batch = False  # its graphs have one static batch (mirage-export --batch)
 
     def graphs(self, batch: int, max_batch: int | None, precision: str) -> dict:
         """Its exported graphs' specs: text, block step, cache write (see mirage.core.graphs.dit_graphs)."""

@@ -6,7 +6,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from mirage.core.config import PipelineOptions
+from mirage.core.config import CONFIG_FAMILIES, ModelConfig, PipelineOptions
 from mirage.core.graphs import model_graphs
 from mirage.core.device import cuda_available, missing_gpu
 from mirage.core.errors import BackendError
@@ -76,10 +76,10 @@ def batch_remedy(path: Path, manifest: dict, rebuild: str, batch: int) -> str:
     """How to run `batch` rows on an artifact that does not take them: its export again with the batch option its
     family has (a DiT: a static --batch; a U-Net: a dynamic batch up to --max-batch, its --batch kept as the
     optimum, so it runs its old batch too), or its own batch where the caller can choose one (mirage-serve)."""
-    if manifest.get("family", "unet") == "dit":
-        command = with_option(rebuild, "--batch", str(batch))
-    else:
+    if CONFIG_FAMILIES[manifest.get("family", ModelConfig.family)].dynamic_batch:
         command = with_option(rebuild, "--max-batch", str(max(batch, manifest["batch"], manifest["max_batch"] or 0)))
+    else:
+        command = with_option(rebuild, "--batch", str(batch))
     serve = f"mirage-serve {shlex.quote(str(path))} --slots {manifest['max_batch'] or manifest['batch']}"
     return f"export it for a batch of {batch}: {command} (or serve it at its own: {serve})"
 
