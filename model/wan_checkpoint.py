@@ -229,7 +229,8 @@ def read_lora(path: str | Path, cfg: DiTConfig,
 
 
 @contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
+def default_dtype(dtype: torch.dtype):
+    """Modules built inside are built in `dtype` (no float32 copy of a large model on the way)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -249,7 +250,7 @@ def load_dit(path: str | Path, cfg: DiTConfig, *, dtype: torch.dtype = torch.flo
     """
     entries, info = read_dit_checkpoint(path, cfg, ema)
     lora_pairs, info.lora = read_lora(lora, cfg, lora_alpha) if lora is not None else ({}, None)
-    with torch.device(device), _default_dtype(dtype):
+    with torch.device(device), default_dtype(dtype):
         model = WanDiT(cfg)
     copy_into(model, entries)
     params = dict(model.named_parameters())

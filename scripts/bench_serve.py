@@ -66,6 +66,7 @@ from PIL import Image
 
 from mirage.core.config import DEFAULT_STRENGTH, DIT_CONFIGS
 from mirage.core.dit_step import WAN_VIDEO_RATE
+from mirage.core.report import write_json
 from mirage.runtime.server import HEADER, JPEG, RAW, REPLY, ServerOptions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -199,16 +200,13 @@ def random_dit(config: str, folder: Path, taehv: bool, strength: float) -> tuple
     from mirage.core.config import get_dit_config
     from mirage.model.dit import WanDiT
     from mirage.model.taehv import Taehv
+    from mirage.model.wan_checkpoint import default_dtype
     from mirage.train.dit import PROMPT_FILE, save_dit
 
     cfg = get_dit_config(config)
     torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
+    with default_dtype(torch.bfloat16):
         model = WanDiT(cfg).requires_grad_(False)
-    finally:
-        torch.set_default_dtype(previous)
     text = torch.randn(1, cfg.text_len, cfg.text_dim)
     out = save_dit(folder / config, model, text, {"step": 0, "random_weights": True})
     del model
@@ -558,7 +556,7 @@ def write_report(path: Path, today: str, device: str, label: str, rows: list[dic
                                                "null_gil_calls", "null_depth", "null_block", "null_rate",
                                                "calibrate_steps", "switch_interval_ms", "taehv", "strength")},
               "rows": rows}
-    path.write_text(json.dumps(report, indent=2))
+    write_json(path, report)  # atomic: it is rewritten after every count, and a run may be cut (timeout) mid-way
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from mirage.core.errors import MirageError
 from mirage.core.report import write_json
 from mirage.export.dit_export import DIT_DTYPES, export_dit_onnx
 from mirage.model.dit import WanDiT
-from mirage.model.wan_checkpoint import load_dit
+from mirage.model.wan_checkpoint import default_dtype, load_dit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,12 +43,8 @@ def main(argv: list[str] | None = None) -> int:
             model, _ = load_dit(args.weights, cfg, dtype=dtype)
         else:  # built in its dtype: no float32 copy of 1.3B parameters on the way
             torch.manual_seed(0)
-            default = torch.get_default_dtype()
-            torch.set_default_dtype(dtype)
-            try:
+            with default_dtype(dtype):
                 model = WanDiT(cfg)
-            finally:
-                torch.set_default_dtype(default)
         model = model.eval().requires_grad_(False)
         model.cfg = exported
         built = time.perf_counter() - start
