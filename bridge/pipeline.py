@@ -83,9 +83,8 @@ def from_dit_model(model, device: str = "auto", options: PipelineOptions = Pipel
     per-frame autoencoder decodes its blocks with it, and `decoder` (a TAEHV, mirage.model.taehv) with Wan's
     latents is the runtime's temporal codec (the config's codec "taehv"); either encodes input blocks too
     (options.strength; TAEHV with its encoder)."""
-    from mirage.model.dit_backend import DiTTorchBackend
-    from mirage.model.latent import BlockCodec, load_frame_codec
-    from mirage.model.taehv import Taehv, TaehvBlockCodec, TaehvDecoder
+    from mirage.model.dit_backend import DiTTorchBackend, block_codec
+    from mirage.model.taehv import Taehv, TaehvDecoder
     from mirage.model.torch_device import TorchCpu, TorchGpu
 
     cfg = model.cfg
@@ -101,9 +100,7 @@ def from_dit_model(model, device: str = "auto", options: PipelineOptions = Pipel
     on_gpu = device.startswith("cuda")
     dtype = options.dtype or ("bfloat16" if on_gpu else "float32")
     specs = G.model_graphs(cfg, options.batch, precision="fp16" if dtype == "float16" else "fp32")
-    codec = BlockCodec(load_frame_codec(cfg), cfg.block_frames) if cfg.autoencoder else \
-        TaehvBlockCodec(decoder, cfg.block_frames) if decoder is not None else None
-    impl = DiTTorchBackend(model, specs, device, dtype, codec)
+    impl = DiTTorchBackend(model, specs, device, dtype, block_codec(cfg, decoder))
     return Pipeline(impl, cfg, specs, options, (TorchGpu if on_gpu else TorchCpu)(impl.device), prompt_encoder)
 
 

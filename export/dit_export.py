@@ -49,9 +49,10 @@ from mirage.core.report import psnr
 from mirage.core.synthetic import SyntheticVideo
 from mirage.model.dit import WanDiT
 from mirage.model.dit_backend import DiTTorchBackend
+from mirage.model.dit_backend import block_codec as backend_codec
 from mirage.model.dit_cache import BlockStepper
 from mirage.model.dit_graphs import DiTGraph
-from mirage.model.latent import BlockCodec, load_frame_codec
+from mirage.model.latent import BlockCodec
 from mirage.model.taehv import Taehv, TaehvBlockCodec, TaehvDecoder
 from mirage.model.torch_device import TorchCpu
 from mirage.runtime.execution import NonFiniteError
@@ -91,15 +92,10 @@ def decomposed_attention(enabled: bool):
 
 
 def block_codec(cfg, taehv: TaehvDecoder | None = None) -> BlockCodec | TaehvBlockCodec | None:
-    """The codec of a config's encode / decode graphs, as they lay out a block: its per-frame autoencoder (its hash
-    checked), or `taehv` for a config with codec "taehv"; None for neither."""
-    if cfg.autoencoder:
-        return BlockCodec(load_frame_codec(cfg), cfg.block_frames)
-    if cfg.codec == "taehv":
-        if taehv is None:
-            raise ExportError(f"{cfg.name} with codec 'taehv': give the TAEHV file (--decoder)")
-        return TaehvBlockCodec(taehv, cfg.block_frames)
-    return None
+    """model.dit_backend.block_codec, with the TAEHV file that an export of a codec "taehv" config needs."""
+    if cfg.codec == "taehv" and taehv is None:
+        raise ExportError(f"{cfg.name} with codec 'taehv': give the TAEHV file (--decoder)")
+    return backend_codec(cfg, taehv)
 
 
 def dit_specs(cfg, batch: int = 1, precision: str = "fp32", taehv: TaehvDecoder | None = None) -> dict:

@@ -9,8 +9,18 @@ import torch
 from mirage.core import graphs as G
 from mirage.model.dit import WanDiT
 from mirage.model.dit_graphs import DiTGraph
-from mirage.model.latent import BlockCodec
-from mirage.model.taehv import TaehvBlockCodec
+from mirage.model.latent import BlockCodec, load_frame_codec
+from mirage.model.taehv import TaehvBlockCodec, TaehvDecoder
+
+def block_codec(cfg, taehv: TaehvDecoder | None = None) -> BlockCodec | TaehvBlockCodec | None:
+    """The codec of a config's encode / decode graphs, as they lay out a block: its per-frame autoencoder (its hash
+    checked), or `taehv` for a config with codec "taehv"; None for neither (or no TAEHV given)."""
+    if cfg.autoencoder:
+        return BlockCodec(load_frame_codec(cfg), cfg.block_frames)
+    if cfg.codec == "taehv" and taehv is not None:
+        return TaehvBlockCodec(taehv, cfg.block_frames)
+    return None
+
 
 # inputs that stay float32 and int32 whatever the model's dtype (the graphs' specs: float64 math made on the host)
 _FIXED = {G.T_EMB: "float32", G.ROPE_COS: "float32", G.ROPE_SIN: "float32", G.VALID: "float32", G.SLOTS: "int32"}
