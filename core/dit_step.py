@@ -206,7 +206,8 @@ class BlockUnit:
         self.schedule = block_schedule(cfg.denoising_steps, cfg.timestep_shift, cfg.warp_denoising_step)
         self.steps = len(self.schedule)
         self.frames_in = self.frames if self.v2v else 0
-        self.state = {g: G.state_inputs(specs[g]) for g in (G.ENCODE, G.DECODE) if g in specs}  # TAEHV's; else ()
+        # a temporal codec's state (TAEHV's; else ()), of the graphs a block runs: encode only for video-to-video
+        self.state = {g: G.state_inputs(specs[g]) for g in (G.ENCODE,) * self.v2v + (G.DECODE,) if g in specs}
         self.temporal = any(self.state.values())
         # passes per block: the most any row's strength may need (max_strength 1: the whole schedule from noise);
         # at least one, which at strength 0 takes the input as the clean block (σ = 0: x0 = x)

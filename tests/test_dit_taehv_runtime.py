@@ -11,6 +11,7 @@ import torch
 
 from mirage.bridge.dit_artifact import dit_model
 from mirage.bridge.pipeline import from_dit_model
+from mirage.core import graphs as G
 from mirage.core.config import PipelineOptions, get_dit_config
 from mirage.core.loop import normal
 from mirage.model.dit_pipeline import DiTPipeline
@@ -96,6 +97,8 @@ def test_generation_decodes_with_taehv_warm_up_frames_kept(taehv):
             frames = pipe.step()
             ref = taehv.decode(pipe.buf.x0.clone())[0].permute(0, 2, 3, 1).numpy()
             np.testing.assert_allclose(frames[WARM_UP:] if k == 0 else frames, ref, atol=1e-6, rtol=0)
+        # its TAEHV has an encoder, but generation never encodes: no encoder state is allocated for it
+        assert G.ENCODE in pipe.unit.specs and {g for g, _ in pipe.buf.state} == {G.DECODE}
 
 
 def test_rows_are_independent_and_a_held_row_keeps_its_codec_state(taehv):
