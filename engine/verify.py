@@ -44,14 +44,15 @@ def verify_file(path: Path, expected: str | None, folder: Path, rebuild: str) ->
         pass
 
 
-def artifact_specs(manifest: dict) -> tuple[ModelConfig, dict[str, G.GraphSpec]]:
-    """The model config (of the manifest's family: a U-Net when it names none) and graph specs it describes."""
+def artifact_specs(manifest: dict, batch: int | None = None) -> tuple[ModelConfig, dict[str, G.GraphSpec]]:
+    """The model config (of the manifest's family: a U-Net when it names none) and the specs of the graphs it holds,
+    at `batch` (default: the batch it was exported at; a dynamic-batch artifact runs any up to its max)."""
     try:
         cfg = from_json(CONFIG_FAMILIES[manifest.get("family", "unet")], manifest["model"])
     except (ConfigError, TypeError) as e:
         raise EngineError(f"manifest: bad model config ({e})") from e
     try:
-        specs = G.model_graphs(cfg, manifest["batch"], manifest["max_batch"], manifest["precision"])
+        specs = G.model_graphs(cfg, batch or manifest["batch"], manifest["max_batch"], manifest["precision"])
     except ValueError as e:
         raise EngineError(f"manifest: {e}") from e
     if (manifest.get("taehv") or {}).get("encoder") is False:  # exported from a TAEHV file without its encoder

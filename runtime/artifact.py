@@ -7,12 +7,11 @@ import sys
 from pathlib import Path
 
 from mirage.core.config import CONFIG_FAMILIES, ModelConfig, PipelineOptions
-from mirage.core.graphs import model_graphs
 from mirage.core.device import cuda_available, missing_gpu
 from mirage.core.errors import BackendError
 from mirage.core.ort import OrtBackend
 from mirage.engine.manifest import EngineError, read_manifest, rebuild_command, sha256_file, with_option
-from mirage.engine.verify import check_signature, verify_artifact
+from mirage.engine.verify import artifact_specs, check_signature, verify_artifact
 
 
 def open_artifact(path: Path, backend: str, device: str, options: PipelineOptions):
@@ -57,10 +56,7 @@ def open_artifact(path: Path, backend: str, device: str, options: PipelineOption
     # half-run; --backend onnxruntime runs the ONNX graphs alone
     cfg, recorded = verify_artifact(path, manifest, engines=has_engine and backend != "onnxruntime")
     _warn_if_checkpoint_changed(manifest)
-    # buffers at the batch asked for (a dynamic-batch artifact runs any batch up to its max), of the graphs it
-    # holds (a decoder-only TAEHV's artifact: no encode)
-    specs = {g: s for g, s in model_graphs(cfg, options.batch, manifest["max_batch"], manifest["precision"]).items()
-             if g in recorded}
+    _, specs = artifact_specs(manifest, options.batch)  # buffers at the batch asked for (checked above)
     if use_trt:
         from mirage.runtime.tensorrt import TensorRTBackend
 
