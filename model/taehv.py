@@ -130,11 +130,7 @@ class TaehvDecoder(nn.Module):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode the next block of a video; frames continue the blocks decoded since `reset`."""
-        b, _, t = latents.shape[:3]
-        x = latents.transpose(1, 2).reshape(b * t, latents.shape[1], *latents.shape[3:])  # TAEHV works on (B T) C h w
-        x = x.to(self.decoder[1].weight.dtype)
-        frames, self._memory = _stream(self.decoder, x, b, self._memory)
-        frames = _to_video(frames)
+        frames, self._memory = _decode_block(self.decoder, latents, self._memory)
         if not self._started:
             self._started = True
             frames = frames[:, self.frames_to_trim:]
@@ -167,21 +163,29 @@ class Taehv(TaehvDecoder):
         if not self._encoding:
             self._encoding = True
             frames = torch.cat([frames[:, :1].expand(-1, self.frames_to_trim, -1, -1, -1), frames], 1)
-        b, t = frames.shape[:2]
+        t = frames.shape[1]
         if t % self.time_downscale:
             raise ValueError(f"TAEHV encodes {self.time_downscale} frames per latent frame; a block of {t} frames "
                              f"(the first block's padding included) does not divide")
-        z, self._encoder_memory = _stream(self.encoder, _from_video(frames.flatten(0, 1), self.encoder), b,
-                                          self._encoder_memory)
-        return z.transpose(1, 2)
+        z, self._encoder_memory = _encode_block(self.encoder, frames, self._encoder_memory)
+        return z
 
 
-def _from_video(frames: torch.Tensor, encoder: nn.Sequential) -> torch.Tensor:
-    return (frames.to(encoder[0].weight.dtype) + 1) / 2  # TAEHV takes [0, 1]
+def _decode_block(decoder: nn.Sequential, z: torch.Tensor, memory: Sequence[torch.Tensor] | None) \
+        -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(B, 16, N, h, w) latents and the decoder's memory -> (B, 4N, 3, H, W) frames in [-1, 1], its new memory."""
+    b, c, n = z.shape[:3]
+    x = z.transpose(1, 2).reshape(b * n, c, *z.shape[3:]).to(decoder[1].weight.dtype)  # TAEHV works on (B T) C h w
+    frames, new = _stream(decoder, x, b, memory)
+    return frames.clamp(0, 1) * 2 - 1, new  # TAEHV gives [0, 1]
 
 
-def _to_video(frames: torch.Tensor) -> torch.Tensor:
-    return frames.clamp(0, 1) * 2 - 1  # TAEHV gives [0, 1]
+def _encode_block(encoder: nn.Sequential, frames: torch.Tensor, memory: Sequence[torch.Tensor] | None) \
+        -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(B, 4N, 3, H, W) frames in [-1, 1] and the encoder's memory -> (B, 16, N, h, w) latents, its new memory."""
+    x = (frames.flatten(0, 1).to(encoder[0].weight.dtype) + 1) / 2  # TAEHV takes [0, 1]
+    z, new = _stream(encoder, x, len(frames), memory)
+    return z.transpose(1, 2), new
 
 
 def _forget(memory: Sequence[torch.Tensor], fresh: torch.Tensor) -> list[torch.Tensor]:
@@ -206,10 +210,8 @@ class TaehvBlockCodec(nn.Module):
 
     def decode(self, z: torch.Tensor, fresh: torch.Tensor, *memory: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(B, 16, N, h, w), fresh (B,), the decoder's memory -> (B·4N, 3, H, W) in [-1, 1], its new memory."""
-        b, c, n = z.shape[:3]
-        x = z.transpose(1, 2).reshape(b * n, c, *z.shape[3:]).to(self.taehv.decoder[1].weight.dtype)
-        frames, new = _stream(self.taehv.decoder, x, b, _forget(memory, fresh))
-        return (_to_video(frames).flatten(0, 1), *new)
+        frames, new = _decode_block(self.taehv.decoder, z, _forget(memory, fresh))
+        return (frames.flatten(0, 1), *new)
 
     def encode(self, image: torch.Tensor, fresh: torch.Tensor, carry: torch.Tensor,
                *memory: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -218,6 +220,5 @@ class TaehvBlockCodec(nn.Module):
         frames = image.unflatten(0, (-1, self.frames))
         first = frames[:, :1].expand(-1, WARM_UP_FRAMES, -1, -1, -1)
         video = torch.cat([torch.where(_rows(fresh, carry), first, carry), frames[:, :-WARM_UP_FRAMES]], 1)
-        z, new = _stream(self.taehv.encoder, _from_video(video.flatten(0, 1), self.taehv.encoder), len(frames),
-                         _forget(memory, fresh))
-        return (z.transpose(1, 2), frames[:, -WARM_UP_FRAMES:], *new)
+        z, new = _encode_block(self.taehv.encoder, video, _forget(memory, fresh))
+        return (z, frames[:, -WARM_UP_FRAMES:], *new)
