@@ -125,7 +125,8 @@ def torch_run(model: WanDiT, specs: dict[str, G.GraphSpec], taehv: TaehvDecoder 
         args = [a.to(dtype) if a.is_floating_point() and spec.dtype != "float32" else a
                 for a, spec in zip(args, specs[graph].inputs)]
         outs = modules[graph](*args)
-        return {x.name: o.float().numpy() for x, o in zip(specs[graph].outputs, (outs,) if torch.is_tensor(outs) else outs)}
+        outs = (outs,) if torch.is_tensor(outs) else outs
+        return {x.name: o.float().numpy() for x, o in zip(specs[graph].outputs, outs)}
 
     return run
 
@@ -204,20 +205,16 @@ def record_dit_calls(model: WanDiT, blocks: int = 4, seed: int = 1, batch: int =
     model, cfg = model.float().eval(), model.cfg
     specs = dit_specs(cfg, batch, taehv=taehv)
     calls: Calls = {g: [] for g in specs}
-    if taehv is not None:
-        strength = 0.5 if G.ENCODE in specs else None
-        with cpu_pipeline(_Recorder(model, specs, calls, block_codec(cfg, taehv)), cfg, specs,
-                          rollout_prompt(cfg, seed), seed, TorchCpu(), strength) as pipe:
-            inputs = _synthetic_blocks(cfg, blocks, pipe.frames_in, batch, seed) if strength else None
-            for _ in runtime_blocks(pipe, blocks, inputs):
-                pass
-        return calls
-    blocks_only = {g: specs[g] for g in G.DIT_GRAPHS}  # the rollout's latents undecoded: the codec's calls follow
-    with cpu_pipeline(_Recorder(model, blocks_only, calls), cfg, blocks_only, rollout_prompt(cfg, seed), seed,
-                 TorchCpu()) as pipe:
-        for _ in runtime_blocks(pipe, blocks):
+    # TAEHV's graphs run in the rollout (their state is real only there); a per-frame codec's calls follow it
+    temporal = taehv is not None
+    rollout = specs if temporal else {g: specs[g] for g in G.DIT_GRAPHS}
+    strength = 0.5 if temporal and G.ENCODE in specs else None
+    with cpu_pipeline(_Recorder(model, rollout, calls, block_codec(cfg, taehv) if temporal else None), cfg, rollout,
+                      rollout_prompt(cfg, seed), seed, TorchCpu(), strength) as pipe:
+        inputs = _synthetic_blocks(cfg, blocks, pipe.frames_in, batch, seed) if strength else None
+        for _ in runtime_blocks(pipe, blocks, inputs):
             pass
-    if G.ENCODE in specs:  # the autoencoder's: blocks of a synthetic clip encoded, their latents decoded
+    if not temporal and G.ENCODE in specs:  # the autoencoder's: a synthetic clip's blocks encoded, latents decoded
         image = specs[G.ENCODE].tensor(G.IMAGE).shape
         codec_blocks = min(blocks, CODEC_CALLS)
         video = SyntheticVideo(max(cfg.height, cfg.width), seed=seed).clip(0, codec_blocks * image[0])
