@@ -98,6 +98,23 @@ def test_v2v_input_numpy_twin_equals_torch(shape):
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(64, 64), (48, 80), (30, 22)])  # 30x22: PIL's box over uneven blocks
+def test_v2v_input_u8_of_bytes_is_the_float_path_in_byte_units(shape):
+    """v2v_input_u8 of a uint8 frame (mirage-serve's restore, in byte units) = the bytes of the float path
+    (to_uint8 of v2v_input of to_float) but for values on a rounding edge, one step away and rare."""
+    from mirage.core.video_io import to_float, to_uint8, v2v_input_u8
+    from mirage.core.video_io import v2v_input as v2v_numpy
+
+    frame = np.random.default_rng(1).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    frame[:8, :8] = (255, 0, 255)  # extreme chroma, clipped the same way by both
+    expected = to_uint8(v2v_numpy(to_float(frame)))
+    got = v2v_input_u8(frame)
+    assert got.dtype == np.uint8 and got.shape == frame.shape
+    off = np.abs(got.astype(np.int16) - expected)
+    assert off.max() <= 1 and (off > 0).mean() < 1e-3
+    np.testing.assert_array_equal(v2v_input_u8(to_float(frame)), expected)  # a float frame: the float path
+
+
 def test_v2v_input_of_gray_is_luma_and_no_chroma():
     # A gray frame (R = G = B) goes in as itself with zero chroma: exactly the classic grayscale input.
     g = torch.rand(2, 1, 16, 16) * 2 - 1
