@@ -82,7 +82,7 @@ def from_dit_model(model, device: str = "auto", options: PipelineOptions = Pipel
     block loop, noise and buffers, as for a DiT artifact; bfloat16 on a GPU, float32 on the CPU. A config on a
     per-frame autoencoder decodes its blocks with it, and `decoder` (a TAEHV, mirage.model.taehv) with Wan's
     latents is the runtime's temporal codec (the config's codec "taehv"); either encodes input blocks too
-    (options.strength; TAEHV with its encoder)."""
+    (options.strength; TAEHV with its encoder). options.compile: the graphs through torch.compile."""
     from mirage.model.dit_backend import DiTTorchBackend, block_codec
     from mirage.model.taehv import Taehv, TaehvDecoder
     from mirage.model.torch_device import TorchCpu, TorchGpu
@@ -100,7 +100,7 @@ def from_dit_model(model, device: str = "auto", options: PipelineOptions = Pipel
     on_gpu = device.startswith("cuda")
     dtype = options.dtype or ("bfloat16" if on_gpu else "float32")
     specs = G.model_graphs(cfg, options.batch, precision="fp16" if dtype == "float16" else "fp32")
-    impl = DiTTorchBackend(model, specs, device, dtype, block_codec(cfg, decoder))
+    impl = DiTTorchBackend(model, specs, device, dtype, block_codec(cfg, decoder), options.compile)
     return Pipeline(impl, cfg, specs, options, (TorchGpu if on_gpu else TorchCpu)(impl.device), prompt_encoder)
 
 

@@ -54,7 +54,6 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from mirage.bridge.source import ModelSource
-from mirage.core.config import PipelineOptions
 from mirage.runtime.pool import StreamPool, default_slots
 from mirage.runtime.server import STATIC, ServeError, Server, ServerOptions
 
@@ -185,7 +184,7 @@ def refused(e: web.HTTPException) -> PlainTextResponse:
 class StreamReplica:
     async def __init__(self, source: ModelSource, slots: int, backend: str, device: str, fast: bool,
                        options: ServerOptions, fleet):
-        pipeline = PipelineOptions.fastest() if fast else PipelineOptions(frames="uint8")  # as mirage-serve's
+        pipeline = source.serving_options(fast)  # as mirage-serve's
         self.pool = StreamPool.open(source.path, slots, backend=backend, device=device, options=pipeline,
                                     load=source.load)  # the model and its prompts, opened as mirage-serve opens them
         self.server = Server(self.pool, options)

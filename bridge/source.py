@@ -81,6 +81,14 @@ class ModelSource:
         """The bank's names, which a server offers its clients ([] without a bank)."""
         return sorted(self.read()[1] or {})
 
+    def serving_options(self, fast: bool) -> PipelineOptions:
+        """A server's pipeline options: uint8 frames both ways (they cross to the device as they are), and with
+        `fast` (mirage-serve --fast) the fastest PyTorch configuration: the U-Net's (PipelineOptions.fastest), or
+        for a DiT checkpoint its graphs compiled by Inductor in bf16 (the DiT's other options do not apply)."""
+        if not fast:
+            return PipelineOptions(frames="uint8")
+        return PipelineOptions(frames="uint8", compile="default") if self.dit else PipelineOptions.fastest()
+
     def load(self, path: str | Path, backend: str = "auto", device: str = "auto",
              options: PipelineOptions = PipelineOptions()) -> Pipeline:
         """The pipeline at `path`, conditioned (StreamPool.open's `load`): a DiT checkpoint on the PyTorch

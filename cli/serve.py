@@ -26,7 +26,6 @@ from mirage.bridge.source import ModelSource
 from mirage.cli.errors import UserError
 from mirage.cli import options as shared
 from mirage.cli.run import PACKAGE_ROOT
-from mirage.core.config import PipelineOptions
 from mirage.core.errors import MirageError
 
 DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
@@ -121,8 +120,6 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
         raise UserError(f"--device {','.join(bad)}: give auto, cpu, cuda or cuda:N")
     for name in devices:
         shared.check_fast(fast, name)
-    if fast and dit["config"]:
-        raise UserError("--fast is the U-Net checkpoints' compiled path; a DiT checkpoint (--dit) runs without it")
     try:
         slots = slots or default_slots(model)
     except MirageError as e:
@@ -141,7 +138,7 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
                                 drain_s=drain_s)
         _check_listen(host, port)  # before the model loads: a taken port is said in a second, not after it
         # the server hands the pool uint8 frames and takes uint8 back: they cross to the device as they are
-        pipeline = PipelineOptions.fastest() if fast else PipelineOptions(frames="uint8")
+        pipeline = source.serving_options(fast)
         opened = dict(backend=backend, options=pipeline, load=source.load)  # checkpoints run on the torch side
         pool = StreamPool.open(model, slots, device=devices[0], **opened) if len(devices) == 1 \
             else PoolGroup.open(model, slots, devices, **opened)

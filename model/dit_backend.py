@@ -28,15 +28,21 @@ _FIXED = {G.T_EMB: "float32", G.ROPE_COS: "float32", G.ROPE_SIN: "float32", G.VA
 
 class DiTTorchBackend:
     def __init__(self, model: WanDiT, specs: dict[str, G.GraphSpec], device: str, dtype: str = "float32",
-                 codec: BlockCodec | TaehvBlockCodec | None = None):
+                 codec: BlockCodec | TaehvBlockCodec | None = None, compile_mode: str | None = None):
         self.device, self.dtype, self.specs = str(device), dtype, specs
         self.model = model.to(device=device, dtype=getattr(torch, dtype)).eval().requires_grad_(False)
-        self.graphs = {g: DiTGraph(self.model, g) for g in specs if g in G.DIT_GRAPHS}
+        # the held rows as a bias broadcast over the queries, not the exported graphs' boolean mask (dit_graphs)
+        self.graphs = {g: DiTGraph(self.model, g, "bias") for g in specs if g in G.DIT_GRAPHS}
         if G.DECODE in specs:
             if codec is None:
                 raise ValueError(f"{model.cfg.name}'s graphs include a codec's: pass the codec")
             codec = codec.to(device=device, dtype=getattr(torch, dtype)).eval().requires_grad_(False)
             self.graphs.update({G.ENCODE: codec.encode, G.DECODE: codec.decode})
+        if compile_mode:
+            # Inductor's kernels (the runtime captures them in the block's CUDA graph, as the U-Net's). Eager, a
+            # wan-1.3b block at batch 2 spent 234 of its 605 ms in unfused pointwise and copy kernels
+            # (scripts/bench_dit_block.py); its shapes are the specs', so nothing recompiles.
+            self.graphs = {g: torch.compile(f, mode=compile_mode, dynamic=False) for g, f in self.graphs.items()}
 
     def buffer_dtype(self, graph: str, name: str) -> str:
         return _FIXED.get(name, self.dtype)

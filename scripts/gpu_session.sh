@@ -5,7 +5,8 @@
 #   STAGES="servetests serve" SERVE_CASES="base:16 base:16:churn base-512:8 base-512:8:cpu-jpeg" scripts/gpu_session.sh
 #   STAGES="run" [RUN_CONFIGS="base-512 base" RUN_FRAMES=300] scripts/gpu_session.sh
 #   STAGES="g2g" [G2G_CASES="base:16 base-512:8" G2G_LIMIT=200] scripts/gpu_session.sh   (bench_g2g --client python)
-#   STAGES="servedit" [SERVEDIT_CONFIG=wan-1.3b SERVEDIT_COUNTS=1,2,3 SERVEDIT_TAEHV=1 SERVEDIT_MAX_STRENGTH=0.6 SERVE_LIMIT=480] \
+#   STAGES="servedit" [SERVEDIT_CONFIG=wan-1.3b SERVEDIT_COUNTS=1,2,3 SERVEDIT_TAEHV=1 SERVEDIT_MAX_STRENGTH=0.6 SERVEDIT_FAST=1 \
+#       SERVE_LIMIT=480] \
 #       scripts/gpu_session.sh
 #   STAGES="dittests anchor dit" SELF_FORCING=.anchor/Self-Forcing [DIT_CONFIG=wan-1.3b DIT_BLOCKS=7 DIT_MODES=... DIT_FP8=static] scripts/gpu_session.sh
 # The DiT measurements and Ray's overhead in two calls on one warm machine (the second within its 30 s warm time):
@@ -24,7 +25,9 @@
 #  servedit = bench_serve of a served DiT (SERVEDIT_CONFIG, default wan-1.3b, random bf16 weights) at 16 FPS per
 #  stream for SERVEDIT_COUNTS streams, under SERVE_LIMIT: issue 29's "streams x FPS at p99 <= 2 block periods";
 #  generation (the latents' preview) unless SERVEDIT_TAEHV=1: video-to-video through a random TAEHV (needs
-#  mirage-serve --decoder);
+#  mirage-serve --decoder); SERVEDIT_FAST=1: mirage-serve --fast (the DiT's graphs compiled by Inductor);
+#  the latent U-Nets (base-512, seed880m-512: TAESD) in serve and g2g need diffusers: installed from $WHEELS as for
+#  ditdecode;
 #  ditdecode = wan-1.3b compile-graph with each decoder (DIT_DECODERS,
 #  default taehv,wan-vae; the Wan VAE needs diffusers: installed for the run from its wheel in $WHEELS, default .whl
 #  (the image has what it needs besides), when the image lacks it, else left out) and the profile by kernel kind; ditprofile = the profile alone;
@@ -122,15 +125,18 @@ for stage in $STAGES; do
              --json "$OUT/bench${TAG:-}.json" --markdown "$OUT/bench${TAG:-}.md" 2>&1 | tee "$OUT/bench${TAG:-}.log" ;;
     servetests) python -m pytest -q -rs tests/gpu/test_gpu_serve.py tests/gpu/test_gpu_cuda_runtime.py \
                   tests/gpu/test_gpu_torch_runtime.py 2>&1 | tee "$OUT/serve_tests.log" || echo "servetests: failures" ;;
-    serve) serve_cases ${SERVE_CASES:-base:16} ;;
-    servedit) lim=$(limit "${SERVE_LIMIT:-480}") name=servedit_${SERVEDIT_CONFIG:-wan-1.3b}${SERVEDIT_TAEHV:+_taehv}${SERVEDIT_MAX_STRENGTH:+_max$SERVEDIT_MAX_STRENGTH}
+    serve) wheels "${WHEELS:-.whl}" diffusers "diffusers-*.whl" || true
+           serve_cases ${SERVE_CASES:-base:16} ;;
+    servedit) lim=$(limit "${SERVE_LIMIT:-480}")
+              name=servedit_${SERVEDIT_CONFIG:-wan-1.3b}${SERVEDIT_TAEHV:+_taehv}${SERVEDIT_MAX_STRENGTH:+_max$SERVEDIT_MAX_STRENGTH}${SERVEDIT_FAST:+_fast}
               if [ "$lim" -lt 30 ]; then echo "servedit: skipped, ${lim}s left of DEADLINE"; continue; fi
               timeout "$lim" python scripts/bench_serve.py --random "${SERVEDIT_CONFIG:-wan-1.3b}" --device cuda \
                 --fps 16 --counts "${SERVEDIT_COUNTS:-1,2,3}" --keep-going --startup-s 240 --seconds 8 --warmup-s 4 \
-                --calibrate-steps 5 ${SERVEDIT_TAEHV:+--taehv} \
+                --calibrate-steps 5 ${SERVEDIT_TAEHV:+--taehv} ${SERVEDIT_FAST:+--fast} \
                 ${SERVEDIT_MAX_STRENGTH:+--serve-args "--max-strength $SERVEDIT_MAX_STRENGTH"} --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log" \
                 || echo "servedit: exit $? (124: cut at its ${lim} s limit; the JSON holds the counts done)" ;;
-    g2g) for case in ${G2G_CASES:-base:16 base-512:8}; do  # the Python client (no Chromium here): NOT glass to glass
+    g2g) wheels "${WHEELS:-.whl}" diffusers "diffusers-*.whl" || true
+         for case in ${G2G_CASES:-base:16 base-512:8}; do  # the Python client (no Chromium here): NOT glass to glass
            IFS=: read -r cfg n <<< "$case"
            lim=$(limit "${G2G_LIMIT:-200}")
            if [ "$lim" -lt 30 ]; then echo "g2g $case: skipped, ${lim}s left of DEADLINE"; continue; fi

@@ -308,3 +308,30 @@ def test_the_gpu_execution_runs_the_cpu_s_blocks():
     assert gpu.captured == 2  # one graph per parity
     for n, (a, b) in enumerate(zip(cpu, staged)):
         np.testing.assert_array_equal(a, b, err_msg=f"block {n}")
+
+
+def test_the_backends_bias_mask_attends_as_the_exported_boolean_mask():
+    """The PyTorch backend's block graphs mask the rows not held with a bias broadcast over the queries
+    (mirage.model.dit_graphs, mask_form "bias"); the exported graphs with a boolean mask. Same outputs, for a
+    prefix of the window (a filling row) and for scattered rows (a re-cache after the ring turned)."""
+    from mirage.model.dit_graphs import DiTGraph
+
+    model, _ = dit_model(CFG, None, SEED)
+    spec = G.model_graphs(CFG, 2)[G.DIT_STEP]
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(x.shape, generator=gen) for x in spec.inputs]
+    names = [x.name for x in spec.inputs]
+    t = CFG.tokens_per_frame
+    inputs[names.index(G.SLOTS)] = torch.stack([torch.arange(4 * t, 6 * t), torch.arange(2 * t, 4 * t)]).int()
+    valid = torch.zeros(2, CFG.window_frames * t)
+    valid[0, :6 * t] = 1  # row 0: the whole window
+    valid[1, :t] = valid[1, 2 * t:4 * t] = valid[1, 5 * t:] = 1  # row 1: scattered frames
+    inputs[names.index(G.VALID)] = valid
+    with torch.no_grad():
+        got = DiTGraph(model, G.DIT_STEP, "bias")(*inputs)
+        expected = DiTGraph(model, G.DIT_STEP, "bool")(*inputs)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    valid[1, 5 * t:] = 0  # a row's attention does change with what it holds
+    with torch.no_grad():
+        assert not torch.allclose(DiTGraph(model, G.DIT_STEP, "bias")(*inputs)[0][1], got[0][1], atol=1e-4)

@@ -28,8 +28,8 @@ def _prompt(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((5, CFG.text_dim)).astype(np.float32)
 
 
-def _rollout(model, device: str, graph: bool) -> list[np.ndarray]:
-    options = PipelineOptions(batch=2, cuda_graph=graph, dtype="float32")
+def _rollout(model, device: str, graph: bool, compile_mode: str | None = None) -> list[np.ndarray]:
+    options = PipelineOptions(batch=2, cuda_graph=graph, dtype="float32", compile=compile_mode)
     with from_dit_model(copy.deepcopy(model), device, options, prompt_encoder={"b": _prompt(2)}.get) as pipe:
         pipe.set_prompt(_prompt(1))
         pipe.reset(3)
@@ -86,10 +86,11 @@ def test_a_captured_video_to_video_block_equals_the_eager_one_and_the_cpu():
         assert diff.max() <= 8 and diff.mean() <= 0.5, f"block {n}: cuda vs cpu, max {diff.max()}, mean {diff.mean()}"
 
 
-def _taehv_rollout(model, taehv, device: str, graph: bool) -> list[np.ndarray]:
+def _taehv_rollout(model, taehv, device: str, graph: bool, compile_mode: str | None = None) -> list[np.ndarray]:
     """Two rows restyled through TAEHV (4N uint8 frames in and out a block), row 1 at another strength, then
     restarted (fresh: its codec state taken as a new video's) with a block in flight on the GPU."""
-    options = PipelineOptions(batch=2, cuda_graph=graph, dtype="float32", strength=0.5, frames="uint8")
+    options = PipelineOptions(batch=2, cuda_graph=graph, dtype="float32", strength=0.5, frames="uint8",
+                              compile=compile_mode)
     frames = 4 * CFG.block_frames
     clip = np.random.default_rng(4).integers(0, 256, (5, 2, frames, 8, 8, 3), dtype=np.uint8).repeat(8, 3).repeat(8, 4)
     with from_dit_model(copy.deepcopy(model), device, options, decoder=copy.deepcopy(taehv)) as pipe:
@@ -113,3 +114,19 @@ def test_a_captured_block_with_taehv_equals_the_eager_one_and_the_cpu():
         np.testing.assert_array_equal(g, e, err_msg=f"block {n}: graph replay vs eager")
         diff = np.abs(e.astype(int) - c)  # TF32 convolutions, as above
         assert diff.max() <= 8 and diff.mean() <= 0.5, f"block {n}: cuda vs cpu, max {diff.max()}, mean {diff.mean()}"
+
+
+def test_the_compiled_graphs_captured_make_the_eager_blocks():
+    """mirage-serve --fast on a DiT: the graphs' Inductor kernels inside the block's CUDA graph, through the prompt
+    switch's re-cache and a restarted row (generation), and through TAEHV (video-to-video): the eager blocks up to
+    Inductor's reordered float32 sums."""
+    torch.manual_seed(0)
+    model = WanDiT(CFG).eval()
+    eager, compiled = _rollout(model, "cuda", False), _rollout(model, "cuda", True, "default")
+    for n, (e, c) in enumerate(zip(eager, compiled)):
+        np.testing.assert_allclose(c, e, atol=1e-3, rtol=0, err_msg=f"block {n}: compiled vs eager")
+    taehv = random_taehv(0, CFG.height, CFG.width)
+    eager, compiled = _taehv_rollout(model, taehv, "cuda", False), _taehv_rollout(model, taehv, "cuda", True, "default")
+    for n, (e, c) in enumerate(zip(eager, compiled)):
+        diff = np.abs(c.astype(int) - e)
+        assert diff.max() <= 8 and diff.mean() <= 0.5, f"block {n}: compiled vs eager, {diff.max()}, {diff.mean()}"
