@@ -10,6 +10,8 @@ import torch
 
 from mirage.bridge.dit_quality import autoencoder_roundtrip, compare_drift
 
+pytest.importorskip("diffusers")  # the bundled models' TAESD autoencoder (pip install -e '.[latent]')
+
 CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
 
 
