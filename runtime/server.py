@@ -531,6 +531,8 @@ class Server:
         self.video_rate: float | None = pool.video_rate
         self.restores: bool = pool.restores  # its input is the sent frame degraded (the U-Net's), else as sent
         self.frame_period = 1.0 / self.video_rate if self.video_rate else 0.0
+        # a block model's step waits this long for a stream a quarter block or less from its block (next_batch)
+        self.align_s = self.frames_in // 4 * self.frame_period if self.frames_in > 1 else 0.0
         # a block plays for frames_in periods, and the next one replaces it by then (newest wins): a block
         # model's deadline is at least that, or a step longer than deadline_ms would drop every other block
         # (a model of one input frame a step, the U-Net, keeps the deadline it is given)
@@ -979,14 +981,18 @@ class Server:
         """Wait for a ready block (None if none came by `until`, a time.monotonic(), when given), then up to
         batch_wait_ms for every sending stream's (with a step in flight: up to that step's expected end,
         so that the next step goes in full rather than as an early, emptier step that holds the GPU and
-        every frame behind it); take the pending frames,
+        every frame behind it; a block model's stream a quarter of a block or less from its block: until
+        those frames are due, `align_s`); take the pending frames,
         dropping (and counting) those older than the deadline, but never two of a stream in a row:
         when steps take longer than the deadline, a stream whose frames always arrive early in a
-        step would otherwise have every frame dropped and starve while the others stream on."""
+        step would otherwise have every frame dropped and starve while the others stream on. Then a
+        video-to-video block model's streams caught mid-block are aligned (align)."""
         pending = lambda: any(self.ready_for_step(s, time.monotonic()) for s in self.streams.values())  # noqa: E731
         # the streams waited for: those sending (a frame in the last SENDING_S; not a client that has not
-        # started, or stopped) with none pending, taken afresh at every arrival and leave
+        # started, or stopped) with none pending, taken afresh at every arrival and leave; of a block model's,
+        # those within a quarter block of their block (the others are aligned instead)
         awaited = lambda: any(s.pending is None and s.sending(time.monotonic())  # noqa: E731
+                              and (self.frames_in <= 1 or self.frames_in - len(s.gathering) <= self.frames_in // 4)
                               for s in self.streams.values())
         while True:
             await self.wait_until(pending, lambda: min((t for t in (until, self.release_at()) if t is not None),
@@ -997,7 +1003,8 @@ class Server:
                 continue  # a held stream's release passed: asked again
             first = time.monotonic()
             await self.wait_until(lambda: not awaited(),
-                                  lambda: max(first + self.options.batch_wait_ms / 1e3, self.due - self.submit_s))
+                                  lambda: max(first + self.options.batch_wait_ms / 1e3, self.due - self.submit_s,
+                                              first + self.align_s))
             now, batch = time.monotonic(), []
             for s in self.streams.values():
                 # a generation pool advances every attached row each step: a stream held by its playout
@@ -1023,7 +1030,23 @@ class Server:
                     batch.append((s, block))
                 s.dropped_late = late and not s.dropped_late
             if batch:
+                self.align(batch, now)
                 return batch
+
+    def align(self, batch: list[tuple[Stream, Block]], now: float) -> None:
+        """A video-to-video block model's step advances every row's cache whether it has a block or not, so
+        streams whose blocks complete out of phase would each cost a whole step (2 streams of wan-1.3b
+        half a block apart: 2.7 steps a second of 450 ms, more than the GPU has). So a sending stream caught
+        mid-block by this step, beyond the quarter block waited for, drops the frames it has gathered (counted
+        stale; at most 3/4 of a block, once): its next block completes with this step's streams', and from then
+        on it steps with them. A stream's first block (the stream just attached) is where this happens."""
+        if self.frames_in <= 1 or not self.pool.video_to_video:
+            return
+        stepping = {s.slot for s, _ in batch}
+        for s in self.streams.values():
+            if s.slot not in stepping and s.pending is None and s.gathering and s.sending(now):
+                s.counts["stale"] += len(s.gathering)
+                s.gathering = []
 
     async def wait_until(self, condition, deadline) -> None:
         """Until condition() holds or deadline() (a time.monotonic(), None: none) passes; both are asked

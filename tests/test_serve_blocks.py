@@ -374,3 +374,43 @@ def test_a_model_without_controls_refuses_them_and_says_so_in_its_hello():
             got, _ = await replies(ws, 1)
             assert (got[0][1], got[0][2]) == (5, 0)
     run(scenario)
+
+
+def test_video_to_video_streams_out_of_phase_are_aligned_into_one_step_a_block():
+    """Every step of a video-to-video block model costs the whole batch, whatever rows have a block: two
+    streams half a block apart would each cost a step. The one caught mid-block drops its gathered frames once
+    (counted stale) and from then on both step together, one step a block, each answered at the video rate."""
+    pool = BlockPool(2, STEP_S, BLOCK, RATE)
+    submits = []
+    submit = pool.submit
+    pool.submit = lambda inputs: (submits.append(sorted(inputs)), submit(inputs))[1]
+    blocks = 8
+
+    async def send_at_rate(ws, first_id: int, count: int):
+        start = time.monotonic()
+        for n, rgb in enumerate(inputs(first_id, count)):
+            await asyncio.sleep(max(0.0, start + n / RATE - time.monotonic()))
+            await ws.send_bytes(message(first_id + n, rgb.tobytes()))
+
+    async def stats(ws) -> dict:
+        while True:
+            msg = await ws.receive()
+            if msg.type == WSMsgType.TEXT and json.loads(msg.data)["type"] == "stats":
+                return json.loads(msg.data)
+
+    async def scenario():
+        async with serving(pool, batch_wait_ms=5) as client:
+            (a, _), (b, _) = await connect(client), await connect(client)
+            senders = [asyncio.create_task(send_at_rate(a, 0, blocks * BLOCK))]
+            await asyncio.sleep(BLOCK / RATE / 2)  # b starts half a block after a, and sends a block more
+            senders.append(asyncio.create_task(send_at_rate(b, 1000, (blocks + 1) * BLOCK)))
+            (got_a, _), (got_b, _) = await asyncio.gather(replies(a, blocks * BLOCK), replies(b, blocks * BLOCK))
+            await asyncio.gather(*senders)
+            return got_a, got_b, [await stats(ws) for ws in (a, b)]
+    got_a, got_b, (stats_a, stats_b) = run(scenario)
+    assert len([rows for rows in submits if rows == [0, 1]]) >= blocks - 2, submits  # one step for both
+    assert len(submits) <= blocks + 3, submits  # not a step per stream per block
+    assert stats_a["stale"] == 0 and 1 <= stats_b["stale"] <= BLOCK // 2, (stats_a, stats_b)  # b's first, once
+    for got in (got_a, got_b):
+        gaps = np.diff([t for t, *_ in got])
+        assert np.median(gaps) == pytest.approx(1 / RATE, rel=0.3), gaps  # at the video rate
