@@ -336,7 +336,7 @@ DIT = ROOT / "checkpoints" / "dit-tiny-taesd"  # a DiT trained here: its config.
 
 
 def test_a_dit_checkpoint_without_dit_is_named_by_run_and_export(tmp_path, monkeypatch):
-    """As mirage-serve says it (bridge.pipeline.check_not_dit), before any weights are read."""
+    """As mirage-serve says it (train.checkpoint.check_not_dit), before any weights are read."""
     import mirage.bridge.artifact as artifact
 
     monkeypatch.setattr(artifact, "load_checkpoint", lambda *a: pytest.fail("a checkpoint was loaded"))
