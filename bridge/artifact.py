@@ -35,12 +35,11 @@ from mirage.core.graphs import PRECISIONS
 from mirage.core.tolerances import PARITY as TOLERANCE
 from mirage.engine.build import BuildOptions, build_engine, load_backend
 from mirage.bridge.compare import compare_engine, skip_reason
-from mirage.bridge.pipeline import check_not_dit
 from mirage.engine.manifest import BACKENDS, FP8_TARGETS, RTX_TARGETS, export_command, sha256_file, write_manifest
 from mirage.export.onnx_export import ExportError, ExportOptions, activation_range, export_graph, record_rollout_inputs
 from mirage.export.parity import rollout_psnr, tensor_parity
 from mirage.export.quantize import MODES as QUANTIZED, quantize_qdq
-from mirage.train.checkpoint import WEIGHTS, load_checkpoint
+from mirage.train.checkpoint import WEIGHTS, check_not_dit, load_checkpoint
 from mirage.train.codec import load_codec
 
 FP16_MAX = 65504.0

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mirage.bridge.quality import QualityError, evaluate, reference_clip, score_windows, v2v_inputs
+from mirage.bridge.quality import QualityError, evaluate, open_rollout, reference_clip, score_windows, v2v_inputs
 from mirage.core.config import DiTConfig
 from mirage.core.flow_schedule import block_schedule, strength_schedule
 from mirage.core.metrics import SSIM_DEFINITION, psnr
@@ -54,19 +54,32 @@ def evaluate_dit(checkpoint: str | Path, frames: int = 500, window: int = 50, st
     `dtype`: "float32" or "bfloat16" (None: DiTPipeline's default for the device)."""
     checkpoint = Path(checkpoint)
     cfg = trained_config(checkpoint)
+    with open_dit(checkpoint, cfg, device, fp8, dtype) as pipe:
+        return restyle_report(pipe, checkpoint, cfg, frames, window, strength, seed, data, degraded, device, fp8)
+
+
+def open_dit(checkpoint: Path, cfg: DiTConfig, device: str, fp8: str | None = None,
+             dtype: str | None = None) -> DiTPipeline:
+    """The DiT at `checkpoint` as evaluate_dit rolls it out."""
+    # restyle never replays a captured graph (DiTPipeline.restyle), so none is captured
+    return DiTPipeline.open(DiTSpec(cfg.name, checkpoint=checkpoint), checkpoint / PROMPT_FILE, device, graph=False,
+                            fp8=fp8, dtype=dtype)
+
+
+def restyle_report(pipe: DiTPipeline, checkpoint: Path, cfg: DiTConfig, frames: int, window: int, strength: float,
+                   seed: int, data: str, degraded: bool, device: str, fp8: str | None) -> dict:
+    """evaluate_dit's report with the DiT open in `pipe` (open_dit): reset to `seed`, a clip's report is the same
+    whatever the pipe rolled out before, so a caller scoring several clips opens it once."""
     n = cfg.video_frames(cfg.block_frames, first=False)
     frames = whole_blocks(cfg, frames)
     truth = reference_clip(cfg.width, frames, 10_000 + seed, data)
     inputs = np.stack([v2v_input_rgb(x) for x in v2v_inputs(truth)]) if degraded else truth
-    # restyle never replays a captured graph (DiTPipeline.restyle), so none is captured
-    with DiTPipeline.open(DiTSpec(cfg.name, checkpoint=checkpoint), checkpoint / PROMPT_FILE, device, graph=False,
-                          fp8=fp8, dtype=dtype) as pipe:
-        precision = str(next(pipe.model.parameters()).dtype).removeprefix("torch.")
-        pipe.reset(seed)
-        pipe.set_strength(strength)
-        start = time.perf_counter()
-        out = np.concatenate([pipe.restyle(inputs[i:i + n]) for i in range(0, frames, n)])
-        seconds = time.perf_counter() - start
+    precision = str(next(pipe.model.parameters()).dtype).removeprefix("torch.")
+    pipe.reset(seed)
+    pipe.set_strength(strength)
+    start = time.perf_counter()
+    out = np.concatenate([pipe.restyle(inputs[i:i + n]) for i in range(0, frames, n)])
+    seconds = time.perf_counter() - start
     windows, reference = score_windows(out[None], truth, window, data)
     return {"model": str(checkpoint), "config": cfg.name, "family": cfg.family, "params": cfg.param_count(),
             "task": "v2v-degraded" if degraded else "restyle", "strength": strength,
@@ -83,11 +96,14 @@ def autoencoder_roundtrip(checkpoint: str | Path, frames: int = 500, window: int
                           data: str = "detailed", device: str = "cpu") -> dict:
     """The bound of the DiT at `checkpoint`: its per-frame autoencoder's round trip (encode, decode, float32)
     of the truth clip evaluate_dit scores (the same frames and seed), PSNR per window."""
-    checkpoint = Path(checkpoint)
-    cfg = trained_config(checkpoint)
+    cfg = trained_config(Path(checkpoint))
+    return roundtrip_report(load_frame_codec(cfg, device), cfg, frames, window, seed, data, device)
+
+
+def roundtrip_report(codec, cfg: DiTConfig, frames: int, window: int, seed: int, data: str, device: str) -> dict:
+    """autoencoder_roundtrip's report with the DiT's autoencoder loaded in `codec` (load_frame_codec)."""
     frames = whole_blocks(cfg, frames)
     truth = reference_clip(cfg.width, frames, 10_000 + seed, data)
-    codec = load_frame_codec(cfg, device)
     starts = range(0, frames - window + 1, window)
     windows = []
     for s in starts:  # a window at a time: all 500 frames at once would not fit a GPU's activations
@@ -105,18 +121,22 @@ def compare_drift(unet: str | Path, dit: str | Path, clips: int = 1, seed: int =
     clip and the U-Net's degraded input) beside the autoencoder's round trip, on `clips` truth clips (seeds
     seed .. seed + clips - 1, each also the models' noise seed, as mirage-quality --seed), all in float32:
     every clip's reports, and their means and spreads (drift_summary). Each clip gives exactly what a run of
-    that clip alone gives."""
+    that clip alone gives: each model is opened once, and every clip's rollout starts from its seed."""
     if clips < 1:
         raise QualityError(f"--clips {clips}: need at least 1")
-    frames = whole_blocks(trained_config(Path(dit)), frames)  # the same frames for every model
+    dit = Path(dit)
+    cfg = trained_config(dit)
+    frames = whole_blocks(cfg, frames)  # the same frames for every model
+    codec = load_frame_codec(cfg, device)
     runs = []
-    for s in range(seed, seed + clips):
-        restyle, degraded = (evaluate_dit(dit, frames, window, strength, s, data, d, device, dtype="float32")
-                             for d in (False, True))
-        runs.append({"seed": s, "reports": {
-            "ae": autoencoder_roundtrip(dit, frames, window, s, data, device),
-            "unet": evaluate(unet, frames, window, seed=s, device=device, data=data),
-            "dit restyle": restyle, "dit degraded": degraded}})
+    with open_rollout(unet, device=device) as unet_pipe, open_dit(dit, cfg, device, dtype="float32") as dit_pipe:
+        for s in range(seed, seed + clips):
+            restyle, degraded = (restyle_report(dit_pipe, dit, cfg, frames, window, strength, s, data, d, device, None)
+                                 for d in (False, True))
+            runs.append({"seed": s, "reports": {
+                "ae": roundtrip_report(codec, cfg, frames, window, s, data, device),
+                "unet": evaluate(unet, frames, window, seed=s, device=device, data=data, pipe=unet_pipe),
+                "dit restyle": restyle, "dit degraded": degraded}})
     return {"clips": runs, "summary": drift_summary(runs)}
 
 

@@ -12,7 +12,6 @@ import it still run an artifact on a machine without PyTorch.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -32,27 +31,15 @@ def load_pipeline(path: str | Path, backend: str = "auto", device: str = "auto",
 
 def open_checkpoint(path: Path, backend: str, device: str, options: PipelineOptions) -> Pipeline:
     """A checkpoint folder on the PyTorch backend (Pipeline.load has checked the folder and `backend`)."""
-    check_not_dit(path)
     try:
         import torch  # noqa: F401
     except ImportError as e:
         raise BackendError("running a checkpoint needs PyTorch; or export it to an artifact") from e
-    from mirage.train.checkpoint import load_checkpoint
+    from mirage.train.checkpoint import check_not_dit, load_checkpoint
 
+    check_not_dit(path)
     model, meta = load_checkpoint(path)
     return from_model(model, device, model_steps(options, meta))
-
-
-def check_not_dit(path: str | Path) -> None:
-    """A DiT checkpoint trained here (config.json {"dit": ...}) opened as a U-Net checkpoint (mirage-run,
-    mirage-serve and mirage-export without --dit): say which config it names."""
-    config = Path(path) / "config.json"
-    try:
-        name = json.loads(config.read_text())["dit"]["name"] if config.is_file() else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # not one: the checkpoint reader says what it is not
-    if name is not None:
-        raise PipelineError(f"{path} is a DiT checkpoint: add --dit {name}")
 
 
 def from_model(model, device: str = "auto", options: PipelineOptions = PipelineOptions()) -> Pipeline:

@@ -17,6 +17,7 @@ is read against.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -31,6 +32,7 @@ from mirage.core.errors import MirageError
 from mirage.core.video_io import v2v_input, v2v_input_rgb, write_video
 from mirage.core.schedule import CONTEXT_NOISE, default_steps
 from mirage.bridge.pipeline import load_pipeline
+from mirage.runtime.pipeline import Pipeline
 from mirage.train.data import SOURCES, make_source
 
 DATA_CLIPS = 20
@@ -61,17 +63,30 @@ def v2v_inputs(truth: np.ndarray) -> np.ndarray:
     return np.stack([v2v_input(f) for f in truth])
 
 
-def rollout_frames(model_path: str | Path, frames: int, steps: int, context_noise: int, seed: int, device: str,
-                   truth_seed: int, streams: int = 1, data: str = "synthetic") -> tuple[np.ndarray, np.ndarray, dict]:
-    """(output frames (S, T, H, W, 3) of `streams` rollouts seeded seed .. seed+S-1, ground-truth
-    frames (T, H, W, 3)) and the model's {name, task, size, precision}. Video-to-video models take
-    the ground truth's input in every stream; generation models ignore it."""
+def open_rollout(model_path: str | Path, steps: int | None = None, context_noise: int = CONTEXT_NOISE,
+                 device: str = "cpu", streams: int = 1) -> Pipeline:
+    """`model_path` as rollout_frames rolls it out: an artifact on ONNX Runtime, a checkpoint on PyTorch in
+    float32, `streams` rows, `steps` per frame (None: the model's own)."""
     path = Path(model_path)
     meta = _meta(path)
     artifact = "graphs" in meta
-    options = PipelineOptions(dtype=None if artifact else "float32", steps=steps, context_noise=context_noise,
-                              batch=streams)
-    with load_pipeline(path, backend="onnxruntime" if artifact else "torch", device=device, options=options) as pipe:
+    options = PipelineOptions(dtype=None if artifact else "float32", steps=steps or default_steps(meta),
+                              context_noise=context_noise, batch=streams)
+    return load_pipeline(path, backend="onnxruntime" if artifact else "torch", device=device, options=options)
+
+
+def rollout_frames(model_path: str | Path, frames: int, steps: int, context_noise: int, seed: int, device: str,
+                   truth_seed: int, streams: int = 1, data: str = "synthetic",
+                   pipe: Pipeline | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(output frames (S, T, H, W, 3) of `streams` rollouts seeded seed .. seed+S-1, ground-truth
+    frames (T, H, W, 3)) and the model's {name, task, size, precision}. Video-to-video models take
+    the ground truth's input in every stream; generation models ignore it. `pipe`: the model open already
+    (open_rollout with these steps, context noise, device and streams), left open: a caller rolling several
+    clips opens it once; reset to `seed`, each clip's frames are those of a pipeline opened for it."""
+    meta = _meta(Path(model_path))
+    opened = open_rollout(model_path, steps, context_noise, device, streams) if pipe is None else \
+        contextlib.nullcontext(pipe)
+    with opened as pipe:
         size = pipe.frame_shape[0]
         truth = reference_clip(size, frames, truth_seed, data)
         pipe.reset(seed)  # row b is seeded with seed + b
@@ -124,12 +139,12 @@ def window_row(out: np.ndarray, truth: np.ndarray | None, data: dict, features: 
 
 def evaluate(model_path: str | Path, frames: int = 500, window: int = 50, steps: int | None = None,
              context_noise: int = CONTEXT_NOISE, seed: int = 0, device: str = "cpu", streams: int = 1,
-             data: str = "synthetic", examples: str | Path | None = None) -> dict:
+             data: str = "synthetic", examples: str | Path | None = None, pipe: Pipeline | None = None) -> dict:
     """Roll `model_path` out for `frames` frames in `streams` independent streams (seeds seed ..
     seed+streams-1) on clips of `data` and score every window: each metric is the mean over the
     streams, `std` its spread. steps=None uses the model's own step count (a distilled student
     records it), else 4. `examples`: a folder for PNGs of stream 0's first, middle and last frame
-    (video-to-video: input | output | ground truth side by side)."""
+    (video-to-video: input | output | ground truth side by side). `pipe`: as rollout_frames takes it."""
     if window < 3 or frames < window:
         raise QualityError(f"--window {window} / --frames {frames}: need 3 <= window <= frames")
     if streams < 1:
@@ -138,7 +153,7 @@ def evaluate(model_path: str | Path, frames: int = 500, window: int = 50, steps:
     if data not in SOURCES:
         raise QualityError(f"--data {data!r}: choose one of {', '.join(SOURCES)}")
     out, truth, info = rollout_frames(model_path, frames, steps, context_noise, seed, device, 10_000 + seed, streams,
-                                      data)
+                                      data, pipe)
     v2v = info["task"] == "v2v"
     if examples is not None:
         write_examples(examples, out[0], truth if v2v else None)

@@ -36,7 +36,7 @@ import numpy as np
 from mirage.cli import options as shared
 from mirage.cli.errors import UserError
 from mirage.core import graphs as G
-from mirage.core.config import DEFAULT_STRENGTH, PipelineOptions
+from mirage.core.config import DEFAULT_STRENGTH, ModelConfig, PipelineOptions, from_json
 from mirage.core.errors import MirageError
 from mirage.core.loop import DEFAULT_VIDEO_RATE
 from mirage.core.prompts import read_embeddings
@@ -170,8 +170,6 @@ def main(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
 
     With --dit CONFIG, MODEL is a Wan 2.1 DiT checkpoint (README: "Bring your own Wan checkpoint")."""
     try:
-        if dit["strength"] is not None and source is None:
-            raise UserError("--strength: video-to-video needs an --input")
         if dit["config"] is None:
             given = [f"--{name.replace('_', '-')}" for name, value in dit.items()
                      if value not in (None, False) and name not in ARTIFACT_OPTIONS]
@@ -180,6 +178,11 @@ def main(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
             if model is not None and model.is_file():
                 raise UserError(f"{model}: a file; Mirage models and artifacts are folders (for a Wan 2.1 DiT "
                                 f"checkpoint add --dit CONFIG)")
+            if dit["strength"] is not None:
+                _check_takes_strength(model or DEFAULT_MODEL, source)
+        if dit["strength"] is not None and source is None:
+            raise UserError("--strength: video-to-video needs an --input")
+        if dit["config"] is None:
             _run(model or DEFAULT_MODEL, source, frames, steps, seed, output, backend, fast, no_cuda_graph, compile_,
                  kernel_library, device, json_path, fps, {k: dit[k] for k in PROMPT_OPTIONS},
                  _artifact_strength(model or DEFAULT_MODEL, source, dit["strength"]))
@@ -252,6 +255,28 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
         report["psnr_db"] = float(np.mean(psnrs))
         rows.append(("PSNR vs. ground truth", f"{report['psnr_db']:.2f} dB"))
     _finish(report, rows, json_path, stop, len(times), frames, "frames")
+
+
+def _check_takes_strength(model: Path, source: str | None) -> None:
+    """--strength without --dit: only a DiT artifact takes it. A U-Net (checkpoint or artifact) is refused before
+    its --input is checked, in one line that says what --strength is for and all the U-Net needs changed (a
+    newcomer was told that --strength needs an --input, then given one that the U-Net takes no strength, then,
+    for a generating U-Net, that it takes no --input); a DiT checkpoint trained here is told its --dit."""
+    if (model / G.MANIFEST).is_file():
+        manifest = read_manifest(model)
+        if manifest.get("family", ModelConfig.family) != ModelConfig.family:
+            return
+        cfg = from_json(ModelConfig, manifest["model"])
+    else:
+        from mirage.train.checkpoint import check_not_dit, model_config, read_meta
+
+        check_not_dit(model)
+        cfg = model_config(read_meta(model), model)
+    generates = cfg.task == "generate"
+    does = "generates from no input" if generates else "restores its --input as trained"
+    leave = "--strength and --input" if generates and source is not None else "--strength"
+    raise UserError(f"--strength is a DiT's video-to-video strength (how much of its --input a --dit checkpoint or a "
+                    f"DiT artifact redraws); {model} is a U-Net that {does}: leave out {leave}")
 
 
 def _artifact_strength(model: Path, source: str | None, strength: float | None) -> float | None:

@@ -19,11 +19,15 @@ from mirage.core.errors import MirageError
 @click.option("--out", required=True, help="Checkpoint folder (model.safetensors, config.json, prompt.safetensors).")
 @click.option("--config", type=click.Choice([n for n, c in DIT_CONFIGS.items() if c.autoencoder]),
               default="dit-tiny-taesd", help="A DiT config on a per-frame autoencoder.")
-@click.option("--minutes", type=click.FloatRange(min=0), default=20.0, help="Wall-clock budget of the steps.")
+@click.option("--minutes", type=click.FloatRange(min=0), default=20.0,
+              help="Wall-clock budget of the steps; encoding the clips comes before it and takes at most "
+                   "half as long.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=100_000)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3)
-@click.option("--clips", type=click.IntRange(min=1), default=512, help="Clips made and encoded once.")
+@click.option("--clips", type=click.IntRange(min=1), default=512,
+              help="Clips made and encoded once, at most: no more than the steps draw (--max-steps x --batch-size) "
+                   "or half the --minutes encodes.")
 @click.option("--latents", default="", help="A .safetensors file keeping the encoded clips for the next run.")
 @click.option("--context-noise", type=click.FloatRange(0, 1), default=0.1, help="Largest σ of the context's noise.")
 @click.option("--threads", type=click.IntRange(min=1), default=1,

@@ -50,3 +50,23 @@ def test_the_dit_runs_in_the_dtype_asked_for():
     with DiTPipeline.open(DiTSpec("dit-tiny-taesd", checkpoint=DIT), DIT / PROMPT_FILE, "cpu", dtype="bfloat16") as pipe:
         assert next(pipe.model.parameters()).dtype == torch.bfloat16
         assert next(pipe.decoder.codec.parameters()).dtype == torch.bfloat16
+
+
+def test_each_model_is_opened_once_whatever_the_clips(monkeypatch):
+    """compare_drift opened the DiT twice a clip (restyle, degraded), its autoencoder and the U-Net once a clip:
+    now each once per call, and its clips are still each their own run (the test above)."""
+    import mirage.bridge.dit_quality as dq
+    import mirage.bridge.quality as q
+
+    opened = []
+
+    def counted(name, module, attribute):
+        real = getattr(module, attribute)
+        monkeypatch.setattr(module, attribute, lambda *a, **k: opened.append(name) or real(*a, **k))
+
+    counted("dit", dq.DiTPipeline, "open")
+    counted("autoencoder", dq, "load_frame_codec")
+    counted("unet", q, "load_pipeline")
+    report = compare_drift(CKPT_V2V, DIT, clips=3, frames=4, window=3)
+    assert [c["seed"] for c in report["clips"]] == [0, 1, 2]
+    assert sorted(opened) == ["autoencoder", "dit", "unet"], opened

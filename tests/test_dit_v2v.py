@@ -196,6 +196,50 @@ def test_teacher_forcing_forward_is_the_cached_rollout():
         stepper.append(x0[:, :, b * n:(b + 1) * n])
 
 
+def test_a_run_encodes_only_the_clips_it_can_use(tmp_path, monkeypatch, capsys):
+    """512 clips were encoded before every run's first step (about 7 minutes of a shared CPU core): now no more
+    than the steps draw (max_steps x batch_size), nor than ENCODE_SHARE of the time budget encodes (whole batches
+    of 16, one at least); a --latents file holding enough clips is read instead, one holding fewer is replaced.
+    The codec here encodes a clip in 1 s of a fake clock and gives its index, so the test takes no encoding time."""
+    import types
+
+    import mirage.train.dit as dit_train
+    import mirage.train.latent_cache as latent_cache
+
+    now = [0.0]
+
+    class Codec:  # clip k (k-th of the stream) -> latents all k, (B, C, h, w) per frame
+        made = 0
+
+        def encode(self, frames):
+            now[0] += 1.0 * len(frames) / CFG.window_frames
+            first, Codec.made = Codec.made, Codec.made + len(frames) // CFG.window_frames
+            index = torch.arange(first, Codec.made).repeat_interleave(CFG.window_frames)
+            return index[:, None, None, None].float().expand(len(frames), CFG.in_dim, *CFG.latent_size)
+
+    monkeypatch.setattr(latent_cache, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(dit_train, "load_frame_codec", lambda cfg: types.SimpleNamespace(codec=Codec()))
+
+    def clips(**options) -> torch.Tensor:  # of 48 at most (the default 512 would only take longer)
+        Codec.made = 0
+        return dit_train.encoded_clips(DiTTrainOptions(out=str(tmp_path / "dit"), clips=48, progress=False, **options),
+                                       CFG)
+
+    latents = clips(max_steps=3, batch_size=7)
+    assert latents.shape == (21, CFG.in_dim, CFG.window_frames, *CFG.latent_size)
+    assert torch.equal(latents[:, 0, 0, 0, 0], torch.arange(21.0))  # the stream's first 21 clips, in order
+    assert clips(minutes=2)[:, 0, 0, 0, 0].tolist() == list(range(48))  # 48 s of encoding: within half of 2 minutes
+    assert "clips encoded" not in capsys.readouterr().err
+    assert len(clips(minutes=1)) == 32  # 30 s: 2 batches of 16 s, the second one crossing 30 s
+    assert "note: 32 of 48 clips encoded, as many as 50% of the 1-minute budget allowed" in capsys.readouterr().err
+    assert len(clips(minutes=0)) == 16  # one batch at least
+    file = str(tmp_path / "latents.safetensors")
+    assert len(clips(minutes=1, latents=file)) == 32 and Codec.made == 32
+    assert len(clips(max_steps=2, batch_size=8, latents=file)) == 16 and Codec.made == 0  # read from the file
+    assert len(clips(latents=file)) == 48 and Codec.made == 48  # more than the file holds: encoded and saved
+    assert len(clips(max_steps=5, latents=file)) == 40 and Codec.made == 0
+
+
 def test_a_two_step_training_run_saves_a_checkpoint_mirage_run_reads(tmp_path):
     out = tmp_path / "dit"
     meta = train_dit(DiTTrainOptions(out=str(out), max_steps=2, batch_size=1, clips=1, progress=False, threads=1))

@@ -336,13 +336,37 @@ DIT = ROOT / "checkpoints" / "dit-tiny-taesd"  # a DiT trained here: its config.
 
 
 def test_a_dit_checkpoint_without_dit_is_named_by_run_and_export(tmp_path, monkeypatch):
-    """As mirage-serve says it (bridge.pipeline.check_not_dit), before any weights are read."""
+    """As mirage-serve says it (train.checkpoint.check_not_dit), before any weights are read."""
     import mirage.bridge.artifact as artifact
 
     monkeypatch.setattr(artifact, "load_checkpoint", lambda *a: pytest.fail("a checkpoint was loaded"))
     message = f"{DIT} is a DiT checkpoint: add --dit dit-tiny-taesd"
     _refused(run_main, [str(DIT), "--output", str(tmp_path / "o.gif")], message)
     _refused(export_main, ["--checkpoint", str(DIT), "--out", str(tmp_path / "art")], message)
+
+
+def test_strength_for_a_unet_is_one_error_that_says_all_to_change(tmp_path, monkeypatch, no_model):
+    """--strength (a DiT's video-to-video) given to a U-Net, with or without --input: one line that says what
+    --strength is for and everything to leave out, before any other check (a newcomer was told that --strength
+    needs an --input, then that the U-Net takes no strength, then that a generating U-Net takes no --input).
+    A U-Net artifact is refused alike; a DiT checkpoint without --dit is told its --dit."""
+    import mirage.cli.run as run
+    from mirage.core.config import to_json
+
+    out = ["--frames", "4", "--output", str(tmp_path / "o.gif")]
+    for model, restores in ((CKPT_V2V, True), (CKPT_GEN, False)):
+        what = "restores its --input as trained" if restores else "generates from no input"
+        for given_input in ([], ["--input", "synthetic"]):
+            leave = "--strength" if restores or not given_input else "--strength and --input"
+            _refused(run_main, [str(model), *given_input, "--strength", "0.5", *out],
+                     f"--strength is a DiT's video-to-video strength (how much of its --input a --dit checkpoint "
+                     f"or a DiT artifact redraws); {model} is a U-Net that {what}: leave out {leave}")
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    (artifact / G.MANIFEST).write_text("{}")
+    monkeypatch.setattr(run, "read_manifest", lambda folder: {"model": to_json(get_config("tiny", "v2v"))})
+    _refused(run_main, [str(artifact), "--strength", "0.5", *out], f"{artifact} is a U-Net that restores its --input")
+    _refused(run_main, [str(DIT), "--strength", "0.5", *out], f"{DIT} is a DiT checkpoint: add --dit dit-tiny-taesd")
 
 
 def test_a_dit_checkpoint_of_another_config_is_said_field_by_field_first(tmp_path):

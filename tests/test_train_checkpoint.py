@@ -11,15 +11,15 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from mirage.train.checkpoint import (CONFIG, STATE, WEIGHTS, CheckpointError, load_checkpoint, load_train_state,
-                                     read_meta, save_checkpoint)
+from mirage.train.checkpoint import (CONFIG, STATE, WEIGHTS, CheckpointError, check_not_dit, load_checkpoint,
+                                     load_train_state, read_meta, save_checkpoint)
 from mirage.cli.train import main
 from mirage.core.config import ConfigError, ModelConfig, TrainConfig, from_json, get_config
 from mirage.train.data import SyntheticVideo
 from mirage.model.unet import MirageUNet
 from mirage.train.trainer import TrainStep, lr_at, train
 
-from conftest import CKPT_GEN, CKPT_V2V
+from conftest import CKPT_GEN, CKPT_V2V, ROOT
 
 SMALL_RUN = dict(batch_size=2, lr=1e-3, warmup=1, log_every=1, save_every=1000)
 
@@ -191,6 +191,21 @@ def test_load_corrupt_config(tmp_path):
     (tmp_path / CONFIG).write_text(json.dumps({"model": {"image_size": 30}}))
     with pytest.raises(CheckpointError, match="bad model config"):
         load_checkpoint(tmp_path)
+
+
+def test_a_dit_checkpoint_is_named_beside_the_reader_that_refuses_it(tmp_path):
+    """check_not_dit, beside read_meta: a DiT checkpoint trained here (config.json {"dit": ...}) is named with the
+    --dit it needs, where read_meta only says it is no U-Net checkpoint; U-Net checkpoints and folders that are
+    no checkpoint at all pass it to read_meta."""
+    dit = ROOT / "checkpoints" / "dit-tiny-taesd"
+    with pytest.raises(CheckpointError, match="no \"model\" section"):
+        read_meta(dit)
+    with pytest.raises(CheckpointError) as e:
+        check_not_dit(dit)
+    assert str(e.value) == f"{dit} is a DiT checkpoint: add --dit dit-tiny-taesd"
+    (tmp_path / CONFIG).write_text("{not json")
+    for folder in (CKPT_GEN, tmp_path, tmp_path / "missing"):
+        check_not_dit(folder)
 
 
 def test_bundled_checkpoints_load():

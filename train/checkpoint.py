@@ -203,6 +203,19 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
+def check_not_dit(path: str | Path) -> None:
+    """A DiT checkpoint trained here (config.json {"dit": ...}, written by train/dit.py) opened as a U-Net
+    checkpoint (mirage-run, mirage-serve and mirage-export without --dit): say which config it names, where
+    read_meta would only say it is no U-Net checkpoint."""
+    config = Path(path) / CONFIG
+    try:
+        name = json.loads(config.read_text())["dit"]["name"] if config.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not one: read_meta says what it is not
+    if name is not None:
+        raise CheckpointError(f"{path} is a DiT checkpoint: add --dit {name}")
+
+
 def model_config(meta: dict, folder: Path) -> ModelConfig:
     try:
         return from_json(ModelConfig, meta["model"])

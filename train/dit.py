@@ -44,18 +44,21 @@ from mirage.train.latent_cache import LatentCache
 from mirage.train.trainer import StopOnSignal
 
 PROMPT_FILE = "prompt.safetensors"  # the embeddings the model was trained with, saved beside it
+# the most time the clips' encoding takes before the steps, as a share of their budget: 512 clips took about 7
+# minutes of a shared CPU core, which a 1-minute run spent before its first step; a 20-minute run encodes them all
+ENCODE_SHARE = 0.5
 
 
 @dataclass(frozen=True)
 class DiTTrainOptions:
     out: str
     config: str = "dit-tiny-taesd"
-    minutes: float = 20.0  # wall-clock budget of the steps (the clips' encoding comes before it)
+    minutes: float = 20.0  # wall-clock budget of the steps (the clips' encoding comes before it: ENCODE_SHARE)
     max_steps: int = 100_000
     batch_size: int = 8
     lr: float = 1e-3
     warmup: int = 100
-    clips: int = 512  # clips made and encoded once (latent cache)
+    clips: int = 512  # clips made and encoded once (latent cache), at most: encoded_clips
     latents: str = ""  # a .safetensors file keeping the encoded clips for the next run (made if missing)
     context_noise: float = 0.1  # largest σ of the noise on the context frames
     ema_decay: float = 0.995
@@ -107,19 +110,27 @@ def flow_matching_loss(model: WanDiT, latents: torch.Tensor, text: torch.Tensor,
 
 
 def encoded_clips(opts: DiTTrainOptions, cfg: DiTConfig) -> torch.Tensor:
-    """`opts.clips` clips of window_frames frames, encoded once: (N, C, F, h, w) latents. With `opts.latents`,
-    read from that file when it holds clips of this shape (encoding is most of a short CPU run), else saved there."""
-    shape = (opts.clips, cfg.in_dim, cfg.window_frames, *cfg.latent_size)
+    """Clips of window_frames frames, encoded once: (N, C, F, h, w) latents, N up to `opts.clips` but no more than
+    the run can use: its steps draw at most max_steps x batch_size, and encoding stops after ENCODE_SHARE of the
+    time budget (it comes before the budget; the bar shows it); a run whose budget affords all the clips encodes
+    them as before. With `opts.latents`, the first N of that file when it holds as many clips of this shape
+    (encoding is most of a short CPU run), else saved there when the run encoded more than it held."""
+    wanted = min(opts.clips, opts.max_steps * opts.batch_size)
+    shape, held = (cfg.in_dim, cfg.window_frames, *cfg.latent_size), 0
     if opts.latents and Path(opts.latents).is_file():
         kept = load_file(opts.latents)["latents"]
-        if tuple(kept.shape) == shape:
-            return kept
+        held = len(kept) if tuple(kept.shape[1:]) == shape else 0
+        if held >= wanted:
+            return kept[:wanted]
     codec = load_frame_codec(cfg).codec
     stream = ClipStream(make_source(opts.data, cfg.width, cfg.window_frames, opts.seed), cfg.window_frames, opts.seed)
-    cache = LatentCache.build(batches(stream, 16, 0, False), codec, opts.clips, v2v=False,
-                              device=torch.device("cpu"), progress=opts.progress)
+    cache = LatentCache.build(batches(stream, 16, 0, False), codec, wanted, v2v=False, device=torch.device("cpu"),
+                              progress=opts.progress, seconds=ENCODE_SHARE * opts.minutes * 60)
     latents = cache.latents.transpose(1, 2).contiguous()  # (N, F, C, h, w) -> (N, C, F, h, w)
-    if opts.latents:
+    if len(latents) < wanted:
+        tqdm.write(f"note: {len(latents)} of {wanted} clips encoded, as many as {ENCODE_SHARE:.0%} of the "
+                   f"{opts.minutes:g}-minute budget allowed; a longer run trains on more", file=sys.stderr)
+    if opts.latents and len(latents) > held:
         save_file({"latents": latents}, opts.latents)
     return latents
 
@@ -185,7 +196,7 @@ def train_dit(opts: DiTTrainOptions) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", lr=f"{lr:.1e}", until=until)
     meta = {"train": dataclasses.asdict(opts), "step": step, "loss": sum(losses[-100:]) / max(1, len(losses[-100:])),
-            "train_seconds": time.monotonic() - start, "device": "cpu", "threads": opts.threads,
-            "stopped_by": stop.received}
+            "train_seconds": time.monotonic() - start, "clips_used": len(latents), "device": "cpu",
+            "threads": opts.threads, "stopped_by": stop.received}
     save_dit(opts.out, ema.eval(), text, meta)
     return meta

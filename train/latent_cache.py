@@ -13,6 +13,8 @@ N sets the variety the run trains on. A resumed run encodes a fresh set.
 """
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -43,12 +45,13 @@ class LatentCache:
 
     @classmethod
     def build(cls, frame_batches: Iterator[torch.Tensor], codec, n: int, v2v: bool, device: torch.device,
-              progress: bool = True) -> "LatentCache":
-        """Encode the first n clips of `frame_batches` (batches of (B, K+1, 3, H, W) frames)."""
-        latents, conds, have = [], [], 0
+              progress: bool = True, seconds: float = math.inf) -> "LatentCache":
+        """Encode the first n clips of `frame_batches` (batches of (B, K+1, 3, H, W) frames), or fewer: as many
+        as `seconds` of encoding make (it stops after the batch that reaches them, one batch at least)."""
+        latents, conds, have, start = [], [], 0, time.monotonic()
         with tqdm(total=n, desc="encode clips", unit="clip", disable=not progress) as bar:
             try:
-                while have < n:
+                while have < n and (not latents or time.monotonic() - start < seconds):
                     clips = next(frame_batches)[: n - have].to(device, non_blocking=True)
                     z, cond = encode_batch(codec, clips, v2v)
                     latents.append(z)
