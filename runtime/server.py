@@ -1030,23 +1030,27 @@ class Server:
                     batch.append((s, block))
                 s.dropped_late = late and not s.dropped_late
             if batch:
-                self.align(batch, now)
+                self.align(batch)
                 return batch
 
-    def align(self, batch: list[tuple[Stream, Block]], now: float) -> None:
+    def align(self, batch: list[tuple[Stream, Block]]) -> None:
         """A video-to-video block model's step advances every row's cache whether it has a block or not, so
         streams whose blocks complete out of phase would each cost a whole step (2 streams of wan-1.3b
         half a block apart: 2.7 steps a second of 450 ms, more than the GPU has). So a sending stream caught
-        mid-block by this step, beyond the quarter block waited for, drops the frames it has gathered (counted
-        stale; at most 3/4 of a block, once): its next block completes with this step's streams', and from then
-        on it steps with them. A stream's first block (the stream just attached) is where this happens."""
+        mid-block by this step, beyond the quarter block waited for, drops the frames it gathered before the
+        batch's newest block was complete (counted stale; under a block, once): its next block then completes
+        one block after the batch's, whenever this step starts, and from then on it steps with them. A
+        stream's first block (the stream just attached) is where this happens."""
         if self.frames_in <= 1 or not self.pool.video_to_video:
             return
         stepping = {s.slot for s, _ in batch}
+        complete = max(b.last.received for _, b in batch)  # when the batch's newest block was
         for s in self.streams.values():
-            if s.slot not in stepping and s.pending is None and s.gathering and s.sending(now):
-                s.counts["stale"] += len(s.gathering)
-                s.gathering = []
+            if s.slot in stepping or s.pending is not None or not s.sending(time.monotonic()):
+                continue
+            kept = [f for f in s.gathering if f.received > complete]
+            s.counts["stale"] += len(s.gathering) - len(kept)
+            s.gathering = kept
 
     async def wait_until(self, condition, deadline) -> None:
         """Until condition() holds or deadline() (a time.monotonic(), None: none) passes; both are asked

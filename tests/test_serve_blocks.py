@@ -414,3 +414,26 @@ def test_video_to_video_streams_out_of_phase_are_aligned_into_one_step_a_block()
     for got in (got_a, got_b):
         gaps = np.diff([t for t, *_ in got])
         assert np.median(gaps) == pytest.approx(1 / RATE, rel=0.3), gaps  # at the video rate
+
+
+def test_a_stream_is_aligned_to_the_batch_s_newest_block_not_to_when_the_step_starts():
+    """A step may start after its blocks were complete (it waited for the step in flight): a stream caught
+    mid-block keeps the frames that came after the batch's newest block was complete and drops the older
+    ones, so its next block completes one block after the batch's, not one block after the step's start."""
+    from mirage.runtime.server import Block, Frame, Server, ServerOptions, Stream
+
+    server = Server(BlockPool(2, STEP_S, BLOCK, RATE), ServerOptions())
+    try:
+        now = time.monotonic()
+        frame = lambda i, at: Frame(i, 1, 0.0, at, None)  # noqa: E731
+        a, b = Stream(0, None), Stream(1, None)
+        b.gathering = [frame(10, now - 0.15), frame(11, now - 0.1), frame(12, now - 0.02)]
+        b.last_frame = now - 0.02
+        server.streams = {0: a, 1: b}
+        server.align([(a, Block((frame(1, now - 0.2), frame(2, now - 0.05))))])
+        assert [f.id for f in b.gathering] == [12] and b.counts["stale"] == 2
+        server.align([(a, Block((frame(3, now),)))])  # a newer batch: b's frame 12 came before it was complete
+        assert b.gathering == [] and b.counts["stale"] == 3
+    finally:
+        server.step_thread.shutdown()
+        server.codec.shutdown()
