@@ -531,8 +531,10 @@ class Server:
         self.video_rate: float | None = pool.video_rate
         self.restores: bool = pool.restores  # its input is the sent frame degraded (the U-Net's), else as sent
         self.frame_period = 1.0 / self.video_rate if self.video_rate else 0.0
-        # a block model's step waits this long for a stream a quarter block or less from its block (next_batch)
-        self.align_s = self.frames_in // 4 * self.frame_period if self.frames_in > 1 else 0.0
+        # a block model's step waits for a stream this many frames or fewer from its block (a quarter block, one at
+        # least: a client may send a block's frames back to back), up to their time, align_s (next_batch, align)
+        self.align_frames = max(1, self.frames_in // 4)
+        self.align_s = self.align_frames * self.frame_period if self.frames_in > 1 else 0.0
         # a block plays for frames_in periods, and the next one replaces it by then (newest wins): a block
         # model's deadline is at least that, or a step longer than deadline_ms would drop every other block
         # (a model of one input frame a step, the U-Net, keeps the deadline it is given)
@@ -992,7 +994,7 @@ class Server:
         # started, or stopped) with none pending, taken afresh at every arrival and leave; of a block model's,
         # those within a quarter block of their block (the others are aligned instead)
         awaited = lambda: any(s.pending is None and s.sending(time.monotonic())  # noqa: E731
-                              and (self.frames_in <= 1 or self.frames_in - len(s.gathering) <= self.frames_in // 4)
+                              and (self.frames_in <= 1 or self.missing(s) <= self.align_frames)
                               for s in self.streams.values())
         while True:
             await self.wait_until(pending, lambda: min((t for t in (until, self.release_at()) if t is not None),
@@ -1046,11 +1048,18 @@ class Server:
         stepping = {s.slot for s, _ in batch}
         complete = max(b.last.received for _, b in batch)  # when the batch's newest block was
         for s in self.streams.values():
-            if s.slot in stepping or s.pending is not None or not s.sending(time.monotonic()):
+            if s.slot in stepping or s.pending is not None or not s.sending(time.monotonic()) \
+                    or self.missing(s) <= self.align_frames:  # its frames came: it steps next, nothing lost
                 continue
             kept = [f for f in s.gathering if f.received > complete]
             s.counts["stale"] += len(s.gathering) - len(kept)
             s.gathering = kept
+
+    def missing(self, stream: Stream) -> int:
+        """Frames a block model's stream has yet to send for its block: those it sent count once they arrive,
+        decoded or not."""
+        arrived = len(stream.gathering) + len(stream.raw) + (stream.decoding is not None)
+        return self.frames_in - arrived
 
     async def wait_until(self, condition, deadline) -> None:
         """Until condition() holds or deadline() (a time.monotonic(), None: none) passes; both are asked

@@ -419,21 +419,25 @@ def test_video_to_video_streams_out_of_phase_are_aligned_into_one_step_a_block()
 def test_a_stream_is_aligned_to_the_batch_s_newest_block_not_to_when_the_step_starts():
     """A step may start after its blocks were complete (it waited for the step in flight): a stream caught
     mid-block keeps the frames that came after the batch's newest block was complete and drops the older
-    ones, so its next block completes one block after the batch's, not one block after the step's start."""
+    ones, so its next block completes one block after the batch's, not one block after the step's start. A
+    stream whose block's frames have all but one come (decoded or not) loses nothing: it steps next."""
     from mirage.runtime.server import Block, Frame, Server, ServerOptions, Stream
 
-    server = Server(BlockPool(2, STEP_S, BLOCK, RATE), ServerOptions())
+    server = Server(BlockPool(3, STEP_S, BLOCK, RATE), ServerOptions())
     try:
         now = time.monotonic()
         frame = lambda i, at: Frame(i, 1, 0.0, at, None)  # noqa: E731
-        a, b = Stream(0, None), Stream(1, None)
-        b.gathering = [frame(10, now - 0.15), frame(11, now - 0.1), frame(12, now - 0.02)]
-        b.last_frame = now - 0.02
-        server.streams = {0: a, 1: b}
+        a, b, c = Stream(0, None), Stream(1, None), Stream(2, None)
+        b.gathering = [frame(10, now - 0.15), frame(11, now - 0.02)]
+        c.gathering = [frame(20, now - 0.15), frame(21, now - 0.1)]
+        c.raw.append((b"", now - 0.08))  # arrived, not yet decoded: c is one frame from its block
+        b.last_frame = c.last_frame = now - 0.02
+        server.streams = {0: a, 1: b, 2: c}
         server.align([(a, Block((frame(1, now - 0.2), frame(2, now - 0.05))))])
-        assert [f.id for f in b.gathering] == [12] and b.counts["stale"] == 2
-        server.align([(a, Block((frame(3, now),)))])  # a newer batch: b's frame 12 came before it was complete
-        assert b.gathering == [] and b.counts["stale"] == 3
+        assert [f.id for f in b.gathering] == [11] and b.counts["stale"] == 1
+        assert [f.id for f in c.gathering] == [20, 21] and c.counts["stale"] == 0
+        server.align([(a, Block((frame(3, now),)))])  # a newer batch: b's frame 11 came before it was complete
+        assert b.gathering == [] and b.counts["stale"] == 2
     finally:
         server.step_thread.shutdown()
         server.codec.shutdown()
