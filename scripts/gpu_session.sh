@@ -31,6 +31,8 @@
 #  ditdecode = wan-1.3b compile-graph with each decoder (DIT_DECODERS,
 #  default taehv,wan-vae; the Wan VAE needs diffusers: installed for the run from its wheel in $WHEELS, default .whl
 #  (the image has what it needs besides), when the image lacks it, else left out) and the profile by kernel kind; ditprofile = the profile alone;
+#  ditblock = scripts/bench_dit_block.py: the served DiT block (mirage-serve's pipeline, DIT_BLOCK_BATCHES rows,
+#  DIT_BLOCK_KERNELS eager and/or compile) by graph and kernel kind;
 #  ditattn = wan-1.3b compile-graph on a clip reaching a full window (DIT_ATTN_BLOCKS, default 12) once per SDPA
 #  backend in DIT_ATTENTION (default "auto cudnn flash"), each its own process and JSON; ditcompile = Inductor
 #  without CUDA graphs (compile mode); ray = bench_serve with and without --ray (RAY_CASES, default "base:16 base:16:ray")
@@ -175,6 +177,11 @@ v = SyntheticVideo($px, seed=1); write_video('/tmp/mirage-run-$px.mp4', (v.clip(
                fi
                dit_bench dit_decode "${DIT_DECODE_LIMIT:-170}" --modes compile-graph --blocks "${DIT_BLOCKS:-7}" \
                  ${decoders:+--decoders "$decoders"} --profile ;;
+    ditblock) lim=$(limit "${DIT_BLOCK_LIMIT:-240}")  # the served block (the server's pipeline), by graph and kernel kind
+              if [ "$lim" -lt 30 ]; then echo "ditblock: skipped, ${lim}s left of DEADLINE"; continue; fi
+              timeout "$lim" python scripts/bench_dit_block.py --config "${DIT_CONFIG:-wan-1.3b}" \
+                --batches "${DIT_BLOCK_BATCHES:-2,3}" --kernels "${DIT_BLOCK_KERNELS:-compile}" \
+                --json "$OUT/dit_block.json" 2>&1 | tee "$OUT/dit_block.log" || echo "ditblock: exit $?" ;;
     ditprofile) dit_bench dit_profile "${DIT_PROFILE_LIMIT:-150}" --modes compile-graph --blocks "${DIT_BLOCKS:-7}" --profile ;;
     ditattn) for backend in ${DIT_ATTENTION:-auto cudnn flash}; do
                dit_bench "dit_attn_$backend" "${DIT_ATTN_LIMIT:-95}" --modes compile-graph --attention "$backend" \
@@ -182,7 +189,7 @@ v = SyntheticVideo($px, seed=1); write_video('/tmp/mirage-run-$px.mp4', (v.clip(
              done ;;
     ditcompile) dit_bench dit_compile "${DIT_COMPILE_LIMIT:-80}" --modes compile --blocks "${DIT_BLOCKS:-7}" ;;
     *) echo "unknown stage $stage (build, tests, kernels, conv, bench, run, servetests, serve, servedit, g2g, dittests, anchor,"\
-            "dit, ditdecode, ditprofile, ditattn, ditcompile, ray, stash)"; exit 2 ;;
+            "dit, ditblock, ditdecode, ditprofile, ditattn, ditcompile, ray, stash)"; exit 2 ;;
   esac
   if [ -n "${PACK:-}" ]; then tar -czf "$DEST/$PACK.tgz.part" -C "$OUT" . && mv "$DEST/$PACK.tgz.part" "$DEST/$PACK.tgz"; fi
 done
