@@ -116,7 +116,7 @@ ray_site() {  # make Ray Serve importable: from the image, or from .rayw's parts
   python -c "import ray, ray.serve, fastapi, uvicorn, websockets; print('ray', ray.__version__, 'from /tmp/site-ray')"
 }
 chrome() {  # bench_g2g's browser client: Chromium and selenium from .chromew's parts stashed in /tmp/chromew-parts
-  local prefix=/tmp/chromew wheel name module
+  local prefix=/tmp/chromew wheel
   if [ ! -x $prefix/usr/lib/chromium/chromedriver ]; then
     local have
     have=$(cd /tmp/chromew-parts 2>/dev/null && ls chromew.tar.xz.part* 2>/dev/null | tr '\n' ' ')
@@ -127,7 +127,11 @@ chrome() {  # bench_g2g's browser client: Chromium and selenium from .chromew's 
       return 1
     fi
     rm -rf $prefix.part && mkdir -p $prefix.part && tar -xJf /tmp/chromew-parts/chromew.tar.xz -C $prefix.part
-    mv $prefix.part $prefix && rm /tmp/chromew-parts/chromew.tar.xz
+    rm -rf $prefix && mv $prefix.part $prefix && rm /tmp/chromew-parts/chromew.tar.xz
+    # Debian 12's libexpat and libstdc++ need glibc 2.36; Chromium needs 2.35: an older image keeps its own two
+    if [ "$(getconf GNU_LIBC_VERSION | cut -d. -f2)" -lt 36 ]; then
+      getconf GNU_LIBC_VERSION; rm -f $prefix/{usr/,}lib/x86_64-linux-gnu/{libexpat,libstdc++}*
+    fi
   fi
   export MIRAGE_CHROMIUM=$(ls $prefix/usr/lib/chromium/chromium-headless-shell $prefix/usr/lib/chromium/chromium 2>/dev/null | head -1)
   export MIRAGE_CHROMEDRIVER=$prefix/usr/lib/chromium/chromedriver FONTCONFIG_FILE=$prefix/etc/fonts/fonts.conf
@@ -141,12 +145,15 @@ chrome() {  # bench_g2g's browser client: Chromium and selenium from .chromew's 
   LD_LIBRARY_PATH=$MIRAGE_CHROMIUM_LIBRARY_PATH "$MIRAGE_CHROMIUM" --version || { echo "chrome: Chromium does not run"; return 1; }
   if ! python -c "import selenium" 2>/dev/null; then  # selenium, and those of its dependencies the image lacks
     mkdir -p /tmp/site-selenium && cp -r $prefix/site/. /tmp/site-selenium/
-    for wheel in $prefix/wheels/*.whl; do
-      name=$(basename "$wheel" | cut -d- -f1)
-      case $name in PySocks) module=socks ;; attrs) module=attr ;; websocket_client) module=websocket ;; *) module=$name ;; esac
-      python -c "import $module" 2>/dev/null || python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-        --target /tmp/site-selenium "$wheel"
-    done
+    # the carried wheels that pip would install beside the image's packages (missing, or versions selenium refuses)
+    sed -n 's/^Requires-Dist: //p' $prefix/site/selenium-*.dist-info/METADATA | grep -v 'extra ==' > /tmp/chromew-reqs.txt
+    python -m pip install -q --dry-run --no-index --find-links $prefix/wheels --report /tmp/chromew-deps.json \
+      -r /tmp/chromew-reqs.txt
+    wheel=$(python -c "import json; print(' '.join(i['download_info']['url'].removeprefix('file://')
+                                                   for i in json.load(open('/tmp/chromew-deps.json'))['install']))")
+    echo "chrome: installing ${wheel:-nothing} for selenium"
+    [ -z "$wheel" ] || python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+                         --target /tmp/site-selenium $wheel
     export PYTHONPATH="/tmp/site-selenium${PYTHONPATH:+:$PYTHONPATH}"
   fi
   python -c "import selenium, trio, urllib3; print('selenium', selenium.__version__, 'urllib3', urllib3.__version__)"

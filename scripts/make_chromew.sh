@@ -60,7 +60,7 @@ EOF
 # selenium and its dependencies: pure Python, for the image's Python 3.12
 pip download -q --only-binary=:all: --python-version 3.12 -d "$work/wheels" "$SELENIUM"
 pip install -q --no-index --no-deps --no-compile --target "$root/site" "$work"/wheels/selenium-*.whl
-rm -rf "$root"/site/selenium/webdriver/common/{linux,macos,windows} "$root"/site/bin
+rm -rf "$root"/site/selenium/webdriver/common/{linux,macos,windows}* "$root"/site/bin
 mkdir -p "$root/wheels" && cp "$work"/wheels/*.whl "$root/wheels/" && rm "$root"/wheels/selenium-*.whl
 du -sh "$root" && du -sh "$root"/* "$root"/usr/lib/* | sort -h | tail -6
 rm -rf .chromew && mkdir .chromew
