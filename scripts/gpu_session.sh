@@ -10,8 +10,10 @@
 #   STAGES="stash" scripts/gpu_session.sh
 #       carry .chromew/chromew.tar.xz.part00 .chromew/chromew.sha256
 #   ... the same for part01, part02, ... but the last:
-#   STAGES="chrome" [G2G_CASES="base:16 base-512:8" G2G_LIMIT=200] scripts/gpu_session.sh
-#       carry .chromew/chromew.tar.xz.partNN .chromew/chromew.sha256      (the last part)
+#   STAGES="chrome" G2G_CASES="base:16" [G2G_LIMIT=200] scripts/gpu_session.sh
+#       carry .chromew/chromew.tar.xz.partNN .chromew/chromew.sha256      (the last part: no room for diffusers)
+#   STAGES="chrome" G2G_CASES="base-512:8" scripts/gpu_session.sh         (Chromium already unpacked in /tmp/chromew)
+#       carry .whl/diffusers-0.42.1-py3-none-any.whl                      (the latent U-Net's TAESD)
 #   STAGES="servedit" [SERVEDIT_CONFIG=wan-1.3b SERVEDIT_COUNTS=1,2,3 SERVEDIT_TAEHV=1 SERVEDIT_MAX_STRENGTH=0.6 SERVEDIT_FAST=1 \
 #       SERVE_LIMIT=480] \
 #       scripts/gpu_session.sh
@@ -144,16 +146,19 @@ chrome() {  # bench_g2g's browser client: Chromium and selenium from .chromew's 
   LD_LIBRARY_PATH=$MIRAGE_CHROMIUM_LIBRARY_PATH ldd "$MIRAGE_CHROMIUM" "$MIRAGE_CHROMEDRIVER" | grep 'not found' || true
   LD_LIBRARY_PATH=$MIRAGE_CHROMIUM_LIBRARY_PATH "$MIRAGE_CHROMIUM" --version || { echo "chrome: Chromium does not run"; return 1; }
   if ! python -c "import selenium" 2>/dev/null; then  # selenium, and those of its dependencies the image lacks
-    mkdir -p /tmp/site-selenium && cp -r $prefix/site/. /tmp/site-selenium/
-    # the carried wheels that pip would install beside the image's packages (missing, or versions selenium refuses)
-    sed -n 's/^Requires-Dist: //p' $prefix/site/selenium-*.dist-info/METADATA | grep -v 'extra ==' > /tmp/chromew-reqs.txt
-    python -m pip install -q --dry-run --no-index --find-links $prefix/wheels --report /tmp/chromew-deps.json \
-      -r /tmp/chromew-reqs.txt
-    wheel=$(python -c "import json; print(' '.join(i['download_info']['url'].removeprefix('file://')
-                                                   for i in json.load(open('/tmp/chromew-deps.json'))['install']))")
-    echo "chrome: installing ${wheel:-nothing} for selenium"
-    [ -z "$wheel" ] || python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-                         --target /tmp/site-selenium $wheel
+    if [ ! -d /tmp/site-selenium ]; then
+      rm -rf /tmp/site-selenium.part && cp -r $prefix/site /tmp/site-selenium.part
+      # the carried wheels pip would install beside the image's packages (missing, or versions selenium refuses)
+      sed -n 's/^Requires-Dist: //p' $prefix/site/selenium-*.dist-info/METADATA | grep -v 'extra ==' > /tmp/chromew-reqs.txt
+      python -m pip install -q --dry-run --no-index --find-links $prefix/wheels --report /tmp/chromew-deps.json \
+        -r /tmp/chromew-reqs.txt
+      wheel=$(python -c "import json; print(' '.join(i['download_info']['url'].removeprefix('file://')
+                                                     for i in json.load(open('/tmp/chromew-deps.json'))['install']))")
+      echo "chrome: installing ${wheel:-nothing} for selenium"
+      [ -z "$wheel" ] || python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+                           --target /tmp/site-selenium.part $wheel
+      mv /tmp/site-selenium.part /tmp/site-selenium
+    fi
     export PYTHONPATH="/tmp/site-selenium${PYTHONPATH:+:$PYTHONPATH}"
   fi
   python -c "import selenium, trio, urllib3; print('selenium', selenium.__version__, 'urllib3', urllib3.__version__)"
