@@ -26,6 +26,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,48 @@ from mirage.core.errors import MirageError
 from mirage.runtime.g2g import COUNTER_PERIOD, code_luma, read_code, write_clip
 from mirage.runtime.server import HEADER, JPEG
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+# The browser client's Chromium: Debian's, or one unpacked in a prefix (scripts/make_chromew.sh packs one for
+# machines that cannot install it; scripts/gpu_session.sh's `chrome` stage unpacks it and sets these variables).
+BROWSER_ENV = {"MIRAGE_CHROMIUM": "/usr/bin/chromium", "MIRAGE_CHROMEDRIVER": "/usr/bin/chromedriver",
+               "MIRAGE_CHROMIUM_LIBRARY_PATH": "", "MIRAGE_CHROMIUM_FLAGS": ""}
+
+
+@dataclass(frozen=True)
+class Browser:
+    """Where Chromium and its driver are, the environment both run in and the flags Chromium gets beyond the
+    benchmark's own."""
+    chromium: Path
+    chromedriver: Path
+    env: dict[str, str]
+    flags: tuple[str, ...]
+
+    def present(self) -> bool:
+        return self.chromium.exists() and self.chromedriver.exists()
+
+    def profile_flags(self, folder: Path) -> list[str]:
+        """The browser's profile in `folder`; none for Chromium's headless shell (make_chromew.sh's, the smaller
+        binary), which opens no page when chromedriver is given a profile (chromedriver then leaves out its
+        first URL) and so fails the session: chromedriver's own temporary profile then."""
+        return [] if "headless-shell" in self.chromium.name else [f"--user-data-dir={folder}"]
+
+    def version(self) -> str:
+        return subprocess.run([self.chromium, "--version"], capture_output=True, text=True, env=self.env) \
+            .stdout.strip()
+
+
+def browser(environ=os.environ) -> Browser:
+    """The browser of `environ`: MIRAGE_CHROMIUM and MIRAGE_CHROMEDRIVER (default Debian's /usr/bin/chromium and
+    /usr/bin/chromedriver); MIRAGE_CHROMIUM_LIBRARY_PATH (the prefix's library folders) goes before
+    LD_LIBRARY_PATH for the driver and the browser alone, since the benchmark's and the server's libraries
+    (PyTorch's) must stay the system's; MIRAGE_CHROMIUM_FLAGS: more flags, space-separated (e.g.
+    --disable-dev-shm-usage where /dev/shm is small)."""
+    get = {k: environ.get(k) or v for k, v in BROWSER_ENV.items()}
+    env = dict(environ)
+    if get["MIRAGE_CHROMIUM_LIBRARY_PATH"]:
+        env["LD_LIBRARY_PATH"] = ":".join(filter(None, (get["MIRAGE_CHROMIUM_LIBRARY_PATH"],
+                                                        environ.get("LD_LIBRARY_PATH"))))
+    return Browser(Path(get["MIRAGE_CHROMIUM"]), Path(get["MIRAGE_CHROMEDRIVER"]), env,
+                   tuple(get["MIRAGE_CHROMIUM_FLAGS"].split()))
 
 
 class G2GError(MirageError):
@@ -189,11 +231,13 @@ def browser_streams(url: str, streams: int, seconds: float, fps: int, workdir: P
                     midway=lambda: None) -> list[dict]:
     """`streams` copies of the page in one headless Chromium, each streaming its fake camera (a clip of the
     counter code at `fps`, long enough for the run) for `seconds`, then their reports (with the page's
-    status line); midway() is called halfway through. Needs /usr/bin/chromium, chromium-driver and
-    selenium."""
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        raise G2GError("the browser client needs Debian's chromium and chromium-driver (apt-get install chromium "
-                       "chromium-driver); --client python runs without them (not glass to glass)")
+    status line); midway() is called halfway through. Needs Chromium, its driver (browser(): Debian's
+    chromium and chromium-driver, or MIRAGE_CHROMIUM and MIRAGE_CHROMEDRIVER) and selenium."""
+    chrome = browser()
+    if not chrome.present():
+        raise G2GError(f"the browser client needs Chromium at {chrome.chromium} and chromedriver at "
+                       f"{chrome.chromedriver} (apt-get install chromium chromium-driver, or MIRAGE_CHROMIUM and "
+                       "MIRAGE_CHROMEDRIVER); --client python runs without them (not glass to glass)")
     try:
         from selenium import webdriver
     except ImportError as e:
@@ -202,14 +246,15 @@ def browser_streams(url: str, streams: int, seconds: float, fps: int, workdir: P
     clip = workdir / "g2g_clip.y4m"
     write_clip(clip, min(COUNTER_PERIOD, int((seconds + 10) * fps)), fps, 120)  # 10 s for the browser's start
     options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
+    options.binary_location = str(chrome.chromium)
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--use-fake-device-for-media-stream",
                  f"--use-file-for-fake-video-capture={clip}", "--use-fake-ui-for-media-stream",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
                  "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
-                 f"--user-data-dir={workdir / 'chromium'}", "--window-size=1700,1400"):
+                 *chrome.profile_flags(workdir / "chromium"), "--window-size=1700,1400", *chrome.flags):
         options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(str(CHROMEDRIVER)))
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(str(chrome.chromedriver),
+                                                                               env=chrome.env))
     try:
         query = f"?streams={streams}" + (f"&token={token}" if token else "")
         driver.get(f"{url}/static/g2g.html{query}")

@@ -20,7 +20,6 @@ import functools
 import json
 import os
 import urllib.request
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +28,7 @@ from bench_serve import device_name, random_checkpoint, slug  # this folder's: t
 from mirage.core.errors import MirageError
 from mirage.core.report import write_json
 from mirage.runtime.g2g import summarize
-from mirage.runtime.g2g_client import CHROMIUM, browser_streams, python_streams, serving
+from mirage.runtime.g2g_client import browser, browser_streams, python_streams, serving
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENTS = {"browser": "glass to glass: headless Chromium, fake camera -> the page -> the server -> the page's canvas "
@@ -110,10 +109,9 @@ def main() -> None:
         sys.exit(f"error: {e}")
     today = datetime.date.today().isoformat()
     path = args.json or ROOT / "docs" / "bench" / f"{today}_g2g_{args.client}_{slug(device)}_{label}.json"
-    browser = subprocess.run([CHROMIUM, "--version"], capture_output=True, text=True).stdout.strip() \
-        if args.client == "browser" else None
+    version = browser().version() if args.client == "browser" else None
     report = {"date": today, "device": device, "model": label, "random_weights": bool(args.random),
-              "client": args.client, "measures": CLIENTS[args.client], "browser": browser,
+              "client": args.client, "measures": CLIENTS[args.client], "browser": version,
               "command": " ".join(sys.argv), "load_average_before_1m_5m_15m": load,
               "latency_uses": "the echoed sequence number (id): display - capture of the frame sent with that id; "
                               "counter_out (the code read from the shown pixels) only checks it",

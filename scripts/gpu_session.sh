@@ -5,6 +5,15 @@
 #   STAGES="servetests serve" SERVE_CASES="base:16 base:16:churn base-512:8 base-512:8:cpu-jpeg" scripts/gpu_session.sh
 #   STAGES="run" [RUN_CONFIGS="base-512 base" RUN_FRAMES=300] scripts/gpu_session.sh
 #   STAGES="g2g" [G2G_CASES="base:16 base-512:8" G2G_LIMIT=200] scripts/gpu_session.sh   (bench_g2g --client python)
+# Glass to glass (bench_g2g --client browser) with a Chromium carried in parts, one a call, on one warm machine (each
+# call within the previous one's 30 s warm time; .chromew: scripts/make_chromew.sh, which prints the number of parts):
+#   STAGES="stash" scripts/gpu_session.sh
+#       carry .chromew/chromew.tar.xz.part00 .chromew/chromew.sha256
+#   ... the same for part01, part02, ... but the last:
+#   STAGES="chrome" G2G_CASES="base:16" [G2G_LIMIT=200] scripts/gpu_session.sh
+#       carry .chromew/chromew.tar.xz.partNN .chromew/chromew.sha256      (the last part: no room for diffusers)
+#   STAGES="chrome" G2G_CASES="base-512:8" scripts/gpu_session.sh         (Chromium already unpacked in /tmp/chromew)
+#       carry .whl/diffusers-0.42.1-py3-none-any.whl                      (the latent U-Net's TAESD)
 #   STAGES="servedit" [SERVEDIT_CONFIG=wan-1.3b SERVEDIT_COUNTS=1,2,3 SERVEDIT_TAEHV=1 SERVEDIT_MAX_STRENGTH=0.6 SERVEDIT_FAST=1 \
 #       SERVE_LIMIT=480] \
 #       scripts/gpu_session.sh
@@ -37,7 +46,11 @@
 #  backend in DIT_ATTENTION (default "auto cudnn flash"), each its own process and JSON; ditcompile = Inductor
 #  without CUDA graphs (compile mode); ray = bench_serve with and without --ray (RAY_CASES, default "base:16 base:16:ray")
 #  once Ray Serve imports: from the image, or unpacked from the parts of .rayw/site.tar.xz that this call and earlier
-#  calls on the same machine carried (every call stashes the parts it carries in /tmp/rayw); stash = only that)
+#  calls on the same machine carried (every call stashes the parts it carries in /tmp/rayw); chrome = g2g with
+#  bench_g2g's browser client (glass to glass) instead of the Python one, its Chromium, chromedriver and selenium
+#  unpacked in /tmp/chromew from the parts of .chromew/chromew.tar.xz stashed in /tmp/chromew-parts (the libraries
+#  they bring are on LD_LIBRARY_PATH for Chromium's processes only: MIRAGE_CHROMIUM_LIBRARY_PATH); stash = only
+#  keeping the .rayw and .chromew parts a call carries)
 # Every stage with a time limit gets at most what is left of DEADLINE seconds (default 540: the device tool's
 # 10-minute command, less a minute for the start and the transfers) and is skipped when under 30 s are left.
 # PACK=NAME: every stage's files go into $OUT/NAME.tgz (rewritten after each stage), for the device tool's
@@ -53,6 +66,9 @@ STAGES=${STAGES:-"tests kernels bench"}
 DEADLINE=${DEADLINE:-540}
 if compgen -G ".rayw/site.tar.xz.part*" >/dev/null; then  # Ray's parts outlive this call on this machine
   mkdir -p /tmp/rayw && cp -r .rayw/. /tmp/rayw/ && echo "rayw: stashed $(ls .rayw | tr '\n' ' ')"
+fi
+if compgen -G ".chromew/chromew.tar.xz.part*" >/dev/null; then  # and Chromium's
+  mkdir -p /tmp/chromew-parts && cp .chromew/* /tmp/chromew-parts/ && echo "chromew: stashed $(ls .chromew | tr '\n' ' ')"
 fi
 limit() {  # a stage's time limit: its own ($1), or what is left of DEADLINE if less
   local left=$((DEADLINE - SECONDS))
@@ -103,6 +119,64 @@ ray_site() {  # make Ray Serve importable: from the image, or from .rayw's parts
   done
   python -c "import ray, ray.serve, fastapi, uvicorn, websockets; print('ray', ray.__version__, 'from /tmp/site-ray')"
 }
+chrome() {  # bench_g2g's browser client: Chromium and selenium from .chromew's parts stashed in /tmp/chromew-parts
+  local prefix=/tmp/chromew wheel
+  if [ ! -x $prefix/usr/lib/chromium/chromedriver ]; then
+    local have
+    have=$(cd /tmp/chromew-parts 2>/dev/null && ls chromew.tar.xz.part* 2>/dev/null | tr '\n' ' ')
+    cat /tmp/chromew-parts/chromew.tar.xz.part* > /tmp/chromew-parts/chromew.tar.xz 2>/dev/null || true
+    if ! (cd /tmp/chromew-parts 2>/dev/null && sha256sum --quiet -c chromew.sha256 >/dev/null 2>&1); then
+      echo "chrome: Chromium is incomplete on this machine (parts here: ${have:-none}); carry the missing parts of" \
+           ".chromew in calls on this same warm machine (scripts/make_chromew.sh made them)"
+      return 1
+    fi
+    rm -rf $prefix.part && mkdir -p $prefix.part && tar -xJf /tmp/chromew-parts/chromew.tar.xz -C $prefix.part
+    rm -rf $prefix && mv $prefix.part $prefix && rm /tmp/chromew-parts/chromew.tar.xz
+    # Debian 12's libexpat and libstdc++ need glibc 2.36; Chromium needs 2.35: an older image keeps its own two
+    if [ "$(getconf GNU_LIBC_VERSION | cut -d. -f2)" -lt 36 ]; then
+      getconf GNU_LIBC_VERSION; rm -f $prefix/{usr/,}lib/x86_64-linux-gnu/{libexpat,libstdc++}*
+    fi
+  fi
+  export MIRAGE_CHROMIUM=$(ls $prefix/usr/lib/chromium/chromium-headless-shell $prefix/usr/lib/chromium/chromium 2>/dev/null | head -1)
+  export MIRAGE_CHROMEDRIVER=$prefix/usr/lib/chromium/chromedriver FONTCONFIG_FILE=$prefix/etc/fonts/fonts.conf
+  local lib=$prefix/usr/lib/x86_64-linux-gnu  # with the folders its libraries name by absolute paths (RUNPATH, NSS)
+  export MIRAGE_CHROMIUM_LIBRARY_PATH=$lib:$lib/pulseaudio:$lib/nss:$prefix/lib/x86_64-linux-gnu:$prefix/usr/lib/chromium
+  # a small /dev/shm (containers) would cut Chromium's renderers short: their shared memory goes to /tmp then
+  if [ "$(df -Pm /dev/shm 2>/dev/null | awk 'NR == 2 {print $4}')" -lt 1024 ] 2>/dev/null || [ ! -d /dev/shm ]; then
+    export MIRAGE_CHROMIUM_FLAGS="--disable-dev-shm-usage"
+  fi
+  LD_LIBRARY_PATH=$MIRAGE_CHROMIUM_LIBRARY_PATH ldd "$MIRAGE_CHROMIUM" "$MIRAGE_CHROMEDRIVER" | grep 'not found' || true
+  LD_LIBRARY_PATH=$MIRAGE_CHROMIUM_LIBRARY_PATH "$MIRAGE_CHROMIUM" --version || { echo "chrome: Chromium does not run"; return 1; }
+  if ! python -c "import selenium" 2>/dev/null; then  # selenium, and those of its dependencies the image lacks
+    if [ ! -d /tmp/site-selenium ]; then
+      rm -rf /tmp/site-selenium.part && cp -r $prefix/site /tmp/site-selenium.part
+      # the carried wheels pip would install beside the image's packages (missing, or versions selenium refuses)
+      sed -n 's/^Requires-Dist: //p' $prefix/site/selenium-*.dist-info/METADATA | grep -v 'extra ==' > /tmp/chromew-reqs.txt
+      python -m pip install -q --dry-run --no-index --find-links $prefix/wheels --report /tmp/chromew-deps.json \
+        -r /tmp/chromew-reqs.txt
+      wheel=$(python -c "import json; print(' '.join(i['download_info']['url'].removeprefix('file://')
+                                                     for i in json.load(open('/tmp/chromew-deps.json'))['install']))")
+      echo "chrome: installing ${wheel:-nothing} for selenium"
+      [ -z "$wheel" ] || python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+                           --target /tmp/site-selenium.part $wheel
+      mv /tmp/site-selenium.part /tmp/site-selenium
+    fi
+    export PYTHONPATH="/tmp/site-selenium${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  python -c "import selenium, trio, urllib3; print('selenium', selenium.__version__, 'urllib3', urllib3.__version__)"
+}
+g2g_cases() {  # bench_g2g --client $1 per CONFIG:STREAMS case of G2G_CASES, each under G2G_LIMIT (and DEADLINE)
+  local case cfg n lim
+  wheels "${WHEELS:-.whl}" diffusers "diffusers-*.whl" || true
+  for case in ${G2G_CASES:-base:16 base-512:8}; do
+    IFS=: read -r cfg n <<< "$case"
+    lim=$(limit "${G2G_LIMIT:-200}")
+    if [ "$lim" -lt 30 ]; then echo "g2g $1 $case: skipped, ${lim}s left of DEADLINE"; continue; fi
+    timeout "$lim" python scripts/bench_g2g.py --client "$1" --random "$cfg" --device cuda --fast \
+      --streams "$n" --json "$OUT/g2g_$1_${cfg}_$n.json" 2>&1 | tee "$OUT/g2g_$1_${cfg}_$n.log" \
+      || echo "g2g $1 $case: exit $?"
+  done
+}
 dit_bench() {  # NAME LIMIT ARGS...: bench_dit for wan-1.3b (DIT_CONFIG) -> $OUT/NAME.json and .log
   local name=$1 lim
   lim=$(limit "$2")
@@ -137,17 +211,10 @@ for stage in $STAGES; do
                 --calibrate-steps 5 ${SERVEDIT_TAEHV:+--taehv} ${SERVEDIT_FAST:+--fast} \
                 ${SERVEDIT_MAX_STRENGTH:+--serve-args "--max-strength $SERVEDIT_MAX_STRENGTH"} --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log" \
                 || echo "servedit: exit $? (124: cut at its ${lim} s limit; the JSON holds the counts done)" ;;
-    g2g) wheels "${WHEELS:-.whl}" diffusers "diffusers-*.whl" || true
-         for case in ${G2G_CASES:-base:16 base-512:8}; do  # the Python client (no Chromium here): NOT glass to glass
-           IFS=: read -r cfg n <<< "$case"
-           lim=$(limit "${G2G_LIMIT:-200}")
-           if [ "$lim" -lt 30 ]; then echo "g2g $case: skipped, ${lim}s left of DEADLINE"; continue; fi
-           timeout "$lim" python scripts/bench_g2g.py --client python --random "$cfg" --device cuda --fast \
-             --streams "$n" --json "$OUT/g2g_python_${cfg}_$n.json" 2>&1 | tee "$OUT/g2g_python_${cfg}_$n.log" \
-             || echo "g2g $case: exit $?"
-         done ;;
+    g2g) g2g_cases python ;;  # the Python client, which needs no Chromium: NOT glass to glass
+    chrome) if chrome > >(tee "$OUT/chrome.log") 2>&1; then g2g_cases browser; fi ;;  # not piped: chrome exports
     ray) if ray_site; then serve_cases ${RAY_CASES:-base:16 base:16:ray}; fi ;;
-    stash) ;;  # nothing but what every call does first: keep the .rayw parts it carries in /tmp/rayw
+    stash) ;;  # nothing but what every call does first: keep the .rayw and .chromew parts it carries in /tmp
     run) python scripts/bench_runtime.py --configs "$(echo ${RUN_CONFIGS:-base-512 base} | tr ' ' ,)" --task v2v \
            --variants runtime-fast,compile-fp16 --check-configs "" --json "$OUT/run_graph.json" 2>&1 | tee "$OUT/run_graph.log"
          for cfg in ${RUN_CONFIGS:-base-512 base}; do
@@ -189,7 +256,7 @@ v = SyntheticVideo($px, seed=1); write_video('/tmp/mirage-run-$px.mp4', (v.clip(
              done ;;
     ditcompile) dit_bench dit_compile "${DIT_COMPILE_LIMIT:-80}" --modes compile --blocks "${DIT_BLOCKS:-7}" ;;
     *) echo "unknown stage $stage (build, tests, kernels, conv, bench, run, servetests, serve, servedit, g2g, dittests, anchor,"\
-            "dit, ditblock, ditdecode, ditprofile, ditattn, ditcompile, ray, stash)"; exit 2 ;;
+            "dit, ditblock, ditdecode, ditprofile, ditattn, ditcompile, ray, chrome, stash)"; exit 2 ;;
   esac
   if [ -n "${PACK:-}" ]; then tar -czf "$DEST/$PACK.tgz.part" -C "$OUT" . && mv "$DEST/$PACK.tgz.part" "$DEST/$PACK.tgz"; fi
 done

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from PIL import Image
 from conftest import CKPT_V2V, ROOT
 from mirage.runtime.g2g import (CHECK_SALT, COUNTER_PERIOD, GRID, check_records, code_luma, code_word, read_code,
                                 stream_summary, summarize, write_clip)
-from mirage.runtime.g2g_client import CHROMEDRIVER, CHROMIUM, browser_streams, python_streams, serving
+from mirage.runtime.g2g_client import browser, browser_streams, python_streams, serving
 
 STANDIN = ROOT / "tests" / "serve_standin.py"
 
@@ -118,8 +119,24 @@ def test_python_client_a_slower_server_is_a_larger_latency():
     assert p50[150] >= 150 and p50[150] - p50[5] >= 100, p50
 
 
-needs_chromium = pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-                                    reason="needs Debian's chromium and chromium-driver")
+def test_the_browser_is_debians_unless_the_environment_names_one():
+    default = browser({"LD_LIBRARY_PATH": "/opt/x"})
+    assert (default.chromium, default.chromedriver) == (Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"))
+    assert default.env == {"LD_LIBRARY_PATH": "/opt/x"} and default.flags == ()  # Debian's: nothing changed
+    unpacked = browser({"MIRAGE_CHROMIUM": "/tmp/c/chrome", "MIRAGE_CHROMEDRIVER": "/tmp/c/driver", "HOME": "/root",
+                        "MIRAGE_CHROMIUM_LIBRARY_PATH": "/tmp/c/lib:/tmp/c/usr/lib", "LD_LIBRARY_PATH": "/opt/x",
+                        "MIRAGE_CHROMIUM_FLAGS": "--disable-dev-shm-usage  --foo=1"})
+    assert (unpacked.chromium, unpacked.chromedriver) == (Path("/tmp/c/chrome"), Path("/tmp/c/driver"))
+    assert unpacked.env["LD_LIBRARY_PATH"] == "/tmp/c/lib:/tmp/c/usr/lib:/opt/x" and unpacked.env["HOME"] == "/root"
+    assert unpacked.flags == ("--disable-dev-shm-usage", "--foo=1") and not unpacked.present()
+    assert browser({"MIRAGE_CHROMIUM_LIBRARY_PATH": "/tmp/c/lib"}).env["LD_LIBRARY_PATH"] == "/tmp/c/lib"
+    assert default.profile_flags(Path("/w")) == unpacked.profile_flags(Path("/w")) == ["--user-data-dir=/w"]
+    shell = browser({"MIRAGE_CHROMIUM": "/tmp/c/usr/lib/chromium/chromium-headless-shell"})
+    assert shell.profile_flags(Path("/w")) == []  # chromedriver's own profile: the shell opens no page with ours
+
+
+needs_chromium = pytest.mark.skipif(not browser().present(),
+                                    reason="needs Debian's chromium and chromium-driver (or MIRAGE_CHROMIUM...)")
 
 
 @needs_chromium
