@@ -70,7 +70,7 @@ def open_rollout(model_path: str | Path, steps: int | None = None, context_noise
     path = Path(model_path)
     meta = _meta(path)
     artifact = "graphs" in meta
-    options = PipelineOptions(dtype=None if artifact else "float32", steps=steps or default_steps(meta),
+    options = PipelineOptions(dtype=None if artifact else "float32", steps=steps,
                               context_noise=context_noise, batch=streams)
     return load_pipeline(path, backend="onnxruntime" if artifact else "torch", device=device, options=options)
 
