@@ -40,15 +40,20 @@ ATTENTION = {"auto": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDP
 KERNELS = {"eager": None, "compile": "default"}  # PipelineOptions.compile
 
 
+def full_window(pipe, seed: int) -> np.ndarray:
+    """Reset the rows to `seed` and step random input blocks until every row's window is full (one block more);
+    returns the input block, the same for the blocks after."""
+    cfg = pipe.cfg
+    frames = np.random.default_rng(seed).integers(0, 256, (pipe.batch, *pipe.input_shape), dtype=np.uint8)
+    pipe.reset(seed)
+    for _ in range(-(-cfg.window_frames // cfg.block_frames) + 1):  # blocks until the window is full, and one
+        pipe.step_batch(frames)
+    return frames
+
+
 def block_rows(pipe, blocks: int, seed: int) -> dict:
     """Fill every row's window, then `blocks` timed blocks: GPU ms each (the runtime's events)."""
-    cfg = pipe.cfg
-    rng = np.random.default_rng(seed)
-    frames = rng.integers(0, 256, (pipe.batch, *pipe.input_shape), dtype=np.uint8)
-    fill = -(-cfg.window_frames // cfg.block_frames)  # blocks until the window is full
-    pipe.reset(seed)
-    for _ in range(fill + 1):
-        pipe.step_batch(frames)
+    frames = full_window(pipe, seed)
     pipe.timeline.clear()
     for _ in range(blocks):
         pipe.step_batch(frames)
@@ -71,11 +76,7 @@ def profile_block(pipe, seed: int) -> dict:
         end.record()
         spans.append((graph, start, end))
 
-    cfg = pipe.cfg
-    frames = np.random.default_rng(seed).integers(0, 256, (pipe.batch, *pipe.input_shape), dtype=np.uint8)
-    pipe.reset(seed)
-    for _ in range(-(-cfg.window_frames // cfg.block_frames) + 1):
-        pipe.step_batch(frames)
+    frames = full_window(pipe, seed)
     torch.cuda.synchronize()
     backend.run = timed_run
     pipe.step_batch(frames)  # the block timed by graph
