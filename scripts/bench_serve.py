@@ -250,7 +250,9 @@ class Busy(Exception):
 
 
 async def client(url: str, index: int, args, window: tuple[float, float], stop: float) -> dict:
-    """One stream: send on a 1/fps schedule until `stop`; replies to frames sent inside `window` count."""
+    """One stream: send on a 1/fps schedule until `stop`; replies to frames sent inside `window` count. A block
+    model's client sends on past `stop` until the block holding its last counted frame is complete: a block
+    answers only once all its frames came, so a cut there would count up to a block of frames dropped."""
     period, start, end = 1.0 / args.fps, *window
     result = {"sent": 0, "latencies_ms": [], "crossed": 0, "late_sends": 0, "max_gap_ms": 0.0, "server": {},
               "replies_per_request": 1}
@@ -267,7 +269,10 @@ async def client(url: str, index: int, args, window: tuple[float, float], stop: 
         async def send():
             tick = time.perf_counter() + random.uniform(0, period)
             n = 0
-            while tick < stop:
+            # not bound to the window's block boundaries: up to frames_in - 1 more frames (a churn client's
+            # stop is no window's end, and a U-Net's frames_in is 1: nothing more)
+            until = stop + (result["frames_in"] - 1) * period if v2v else stop
+            while tick < until:
                 await asyncio.sleep(max(0.0, tick - time.perf_counter()))
                 now = time.perf_counter()
                 if now - tick > period:  # this client fell behind its schedule: the load generator is the bound
