@@ -441,3 +441,37 @@ def test_a_stream_is_aligned_to_the_batch_s_newest_block_not_to_when_the_step_st
     finally:
         server.step_thread.shutdown()
         server.codec.shutdown()
+
+
+def test_a_video_rate_stream_is_not_held_for_a_step_that_lands_a_little_late():
+    """A video-to-video client sending at the video rate completes a block as its previous block's last frames
+    play. A step that lands a little later than the plan (step_s) must not hold its next block until that
+    playout runs dry: repeated every block, the hold became standing latency. Within a quarter block (align_s)
+    it steps; a client sending faster than the video rate, a block or more ahead of its playout, is still held
+    (its newer block replaces the pending one instead of growing the playout)."""
+    from mirage.runtime.server import Block, Frame, Server, ServerOptions, Stream
+
+    server = Server(BlockPool(1, STEP_S, BLOCK, RATE), ServerOptions())
+    try:
+        period = 1 / RATE
+        assert server.align_s == pytest.approx(period)  # a quarter of a 4-frame block
+        server.step_s = 0.1
+        now = time.monotonic()
+        frames = lambda at: Block(tuple(Frame(i, 1, 0.0, at, None) for i in range(BLOCK)))  # noqa: E731
+        pixels = np.zeros((BLOCK, 32, 32, 3), np.uint8)
+        on_time, ahead = Stream(0, None), Stream(1, None)
+        # the last of its previous block's frames plays 0.03 s after a step started now would end: ready
+        on_time.land(frames(now - 0.2), pixels, now + 0.13 - (BLOCK - 1) * period, period)
+        on_time.pending = frames(now)
+        assert on_time.playout_end() == pytest.approx(now + server.step_s + 0.03)
+        assert server.ready_for_step(on_time, now)
+        # two blocks still to play: held until a quarter block before a step would end as the playout does
+        ahead.land(frames(now - 0.2), pixels, now, period)
+        ahead.land(frames(now - 0.1), pixels, now, period)
+        ahead.pending = frames(now)
+        assert not server.ready_for_step(ahead, now)
+        server.streams = {1: ahead}
+        assert server.release_at() == pytest.approx(ahead.playout_end() - server.step_s - server.align_s)
+    finally:
+        server.step_thread.shutdown()
+        server.codec.shutdown()
