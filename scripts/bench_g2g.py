@@ -40,8 +40,8 @@ CLIENTS = {"browser": "glass to glass: headless Chromium, fake camera -> the pag
 def server_command(args, model: str, slots: int) -> list[str]:
     """mirage-serve MODEL, or with --floor-step-ms, mirage-serve over tests/serve_standin.py's pool (each step
     sleeps that long and echoes its inputs): the harness's own floor, everything but the model."""
-    serve = [str(ROOT / "tests" / "serve_standin.py"), str(args.floor_step_ms)] if args.floor_step_ms is not None \
-        else ["-m", "mirage.cli.serve"]
+    serve = [str(ROOT / "tests" / "serve_standin.py"), str(args.floor_step_ms), "--size", str(args.floor_size)] \
+        if args.floor_step_ms is not None else ["-m", "mirage.cli.serve"]
     return [sys.executable, *serve, model, "--slots", str(slots), "--device", args.device,
             "--deadline-ms", str(args.deadline_ms)] + (["--fast"] if args.fast else []) + args.serve_args
 
@@ -80,14 +80,16 @@ def main() -> None:
     p.add_argument("--fast", action="store_true")
     p.add_argument("--deadline-ms", type=float, default=100.0)
     p.add_argument("--floor-step-ms", type=float, default=None, help="serve a stand-in pool whose step sleeps this "
-                   "long and echoes its input instead of the model (32x32): the page, browser and server alone")
+                   "long and echoes its input instead of the model: the page, browser and server alone")
+    p.add_argument("--floor-size", type=int, default=32, help="--floor-step-ms's frame side in pixels (512: the "
+                   "page's and the codecs' work at base-512's size)")
     p.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[], help="more mirage-serve options (last)")
     p.add_argument("--json", type=Path, default=None, help="default: docs/bench/DATE_g2g_CLIENT_DEVICE_MODEL.json")
     args = p.parse_args()
 
     load = os.getloadavg()  # before this run's own processes: the machine's other work
     device = device_name(args.device)
-    label = f"floor-{args.floor_step_ms:g}ms" if args.floor_step_ms is not None \
+    label = f"floor-{args.floor_step_ms:g}ms-{args.floor_size}px" if args.floor_step_ms is not None \
         else args.random or Path(args.model).name
     rows = []
     try:
@@ -116,7 +118,7 @@ def main() -> None:
               "latency_uses": "the echoed sequence number (id): display - capture of the frame sent with that id; "
                               "counter_out (the code read from the shown pixels) only checks it",
               **{k: getattr(args, k) for k in ("seconds", "warmup_s", "grace_s", "fps", "fast", "deadline_ms",
-                                               "floor_step_ms")},
+                                               "floor_step_ms", "floor_size")},
               "rows": rows}
     write_json(path, report)
     print(f"wrote {path}")

@@ -119,11 +119,12 @@ class BlockPool(SleepPool):
 
 if __name__ == "__main__":
     step_s = float(sys.argv.pop(1)) / 1e3
-    standin = {"--block": 0, "--strength": 0.0}  # the stand-in's own options, before mirage-serve's
+    standin = {"--block": 0, "--strength": 0.0, "--size": 32}  # the stand-in's own options, before mirage-serve's
     while sys.argv[1:2] and sys.argv[1] in standin:
         standin[sys.argv[1]] = type(standin[sys.argv[1]])(sys.argv[2])
         del sys.argv[1:3]
-    block, strength = standin["--block"], standin["--strength"]
+    block, strength, size = standin["--block"], standin["--strength"], standin["--size"]
+    SleepPool.frame_shape = (size, size, 3)  # square frames of --size pixels (the page at a model's size)
     pool_module.StreamPool.open = classmethod(lambda cls, path, slots, **kw: BlockPool(slots, step_s, block,
                                                                                        strength=strength)
                                               if block else SleepPool(slots, step_s))
