@@ -6,18 +6,20 @@
 
 const HEADER_BYTES = 16, JPEG = 1, SEND_FPS = 30;
 const MAX_BUFFERED = 256 * 1024; // bytes queued in the socket: above this a frame is skipped, not queued
-// A model answering frame by frame: frames sent and not yet answered, above which the next frame is skipped, not
-// sent to wait in a queue (4 at 30 FPS: 133 ms, over the 100 ms a served stream is meant to take). A page
-// slower than the camera (8 streams of 512x512 in software-rendered Chromiums) otherwise built a backlog of
-// seconds; after STALL_MS with no reply it sends anyway, so that a lost reply cannot stop the stream.
+// A model answering frame by frame: frames sampled and not yet answered (in the JPEG encoder, the socket or the
+// server), above which the next frame is skipped rather than queued (4 at 30 FPS: 133 ms, over the 100 ms a
+// served stream is meant to take). A page slower than the camera (8 streams of 512x512 in software-rendered
+// Chromiums) otherwise built a backlog of seconds. Encodes still overlap up to that bound, on the timer: one
+// at a time, sent as camera frames were presented (requestVideoFrameCallback), 16 pages of 64x64 on the GPU
+// machine's 16 cores sent 11 frames a second where they had sent 28. After STALL_MS with no reply it sends
+// anyway, so that a lost reply cannot stop the stream.
 const MAX_AHEAD = 4, STALL_MS = 1000;
 const $ = (id) => document.getElementById(id);
 const inputCanvas = $("input"), outputCanvas = $("output");
 const inputCtx = inputCanvas.getContext("2d"), outputCtx = outputCanvas.getContext("2d");
 
 let ws = null, model = null, draw = null, timer = null, nextId = 0;
-let encoding = false; // a JPEG encode in progress: the next frame is skipped rather than queued behind it
-let sendPeriod = 1000 / SEND_FPS, lastSend = -Infinity, lastReply = { id: -1, at: 0 }, watching = false;
+let lastSent = -1, lastReply = { id: -1, at: 0 }; // ids: the newest frame sent, the newest answered (and when)
 let lastDrawn = [-1, 0]; // [id, index] of the frame on the canvas: a block model answers a request with several
 const arrivals = []; // [time, latency ms] of the frames received in the last second
 let received = 0;
@@ -99,16 +101,7 @@ function onControl(msg) {
     showConditioning(msg);
     // a model answering frame by frame (frames_in 1: the U-Net's video-to-video) is fed at the camera's rate;
     // any other plays at its video rate, and sending faster only replaces inputs the server holds
-    sendPeriod = 1000 / (msg.frames_in === 1 ? SEND_FPS : msg.video_rate || SEND_FPS);
-    const video = $("video");
-    if (msg.video_to_video && draw !== synthetic && "requestVideoFrameCallback" in video) {
-      // each camera frame sent as it is presented, not when a timer next fires (on average half a frame
-      // later, and a frame sent twice or skipped as the two clocks beat)
-      watching = true;
-      video.requestVideoFrameCallback(onVideoFrame);
-    } else {
-      timer = setInterval(sendFrame, sendPeriod);
-    }
+    timer = setInterval(sendFrame, 1000 / (msg.frames_in === 1 ? SEND_FPS : msg.video_rate || SEND_FPS));
   } else if (msg.type === "late" && msg.id > lastReply.id) { // dropped by the server's deadline: answered too
     lastReply = { id: msg.id, at: performance.now() };
   } else if (msg.type === "busy") {
@@ -124,19 +117,11 @@ function onControl(msg) {
   }
 }
 
-function onVideoFrame() {
-  if (!watching) return;
-  // a camera faster than the send rate (a block model's 16 FPS video): every frame due, give or take a tenth
-  if (performance.now() - lastSend >= 0.9 * sendPeriod) sendFrame();
-  $("video").requestVideoFrameCallback(onVideoFrame);
-}
-
 function sendFrame() {
-  if (ws.readyState !== WebSocket.OPEN || ws.bufferedAmount > MAX_BUFFERED || encoding) return;
+  if (ws.readyState !== WebSocket.OPEN || ws.bufferedAmount > MAX_BUFFERED) return;
   const now = performance.now();
   if (model.frames_in === 1 && nextId - 1 - lastReply.id >= MAX_AHEAD && now - lastReply.at < STALL_MS) return;
   const id = nextId++, timestamp = now, stats = window.mirageStats; // g2g.js: null unless #g2g
-  lastSend = now;
   if (!model.video_to_video) {
     stats?.sampled(id, null, 0, false);
     ws.send(header(id, timestamp));
@@ -145,10 +130,10 @@ function sendFrame() {
   }
   draw(inputCtx, model.width, model.height);
   stats?.sampled(id, inputCtx, model.width, draw !== synthetic);
-  encoding = true;
   inputCanvas.toBlob((jpeg) => {
-    encoding = false;
-    if (!jpeg || ws.readyState !== WebSocket.OPEN) return;
+    // encodes overlap and may finish out of order: a frame older than one already sent is dropped, not sent late
+    if (!jpeg || ws.readyState !== WebSocket.OPEN || id < lastSent) return;
+    lastSent = id;
     ws.send(new Blob([header(id, timestamp), jpeg]));
     stats?.sent(id);
   }, "image/jpeg", 0.9);
@@ -257,7 +242,6 @@ async function start() {
 function stop() {
   clearInterval(timer);
   timer = null;
-  watching = encoding = false;
   if (ws && ws.readyState <= WebSocket.OPEN) ws.close(1000);
   stopSource();
   $("start").disabled = false;
