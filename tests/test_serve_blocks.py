@@ -475,3 +475,48 @@ def test_a_video_rate_stream_is_not_held_for_a_step_that_lands_a_little_late():
     finally:
         server.step_thread.shutdown()
         server.codec.shutdown()
+
+
+def test_a_playout_delayed_once_catches_up_by_playing_a_little_faster():
+    """A client sending at the video rate gets its blocks landing one play time apart: a block that landed late
+    once (a slow step) would push every later frame back by as much for good, each block chained after the one
+    before. Chained, a block's frames are spaced down to CATCH_UP periods until the delay is gone; a block that
+    lands with nothing older left to play keeps the video's own period."""
+    from mirage.runtime.server import CATCH_UP, Block, Frame, Stream
+
+    period, n = 1 / RATE, BLOCK
+    play = n * period  # a block's play time, and the time between a video-rate client's blocks
+    block = Block(tuple(Frame(i, 1, 0.0, 0.0, None) for i in range(n)))
+    pixels = np.zeros((n, 32, 32, 3), np.uint8)
+    stream = Stream(0, None)
+    sent = []
+
+    def play_until(t: float) -> None:  # the sender: each output when due (Server.sender)
+        while stream.due() is not None and stream.due() <= t:
+            due = stream.due()
+            stream.next_send = due + stream.playout.popleft().spacing
+            sent.append(due)
+
+    late = 2 * period
+    stream.land(block, pixels, 0.0 + late, period)  # the first block's step ended late
+    delays = []
+    for k in range(1, 12):
+        landed = k * play  # on time from then on
+        play_until(landed)
+        first = len(sent) + len(stream.playout)  # the index its first frame will have among those sent
+        stream.land(block, pixels, landed, period)
+        play_until(landed + 2 * play)
+        delays.append(sent[first] - landed)  # when its first frame went, after its landing
+    step = n * (1 - CATCH_UP) * period  # what a block catches up: its n spacings, the last to the next block
+    assert delays[0] == pytest.approx(late)
+    for before, after in zip(delays, delays[1:]):
+        assert after == pytest.approx(max(0.0, before - step), abs=1e-9), delays
+    assert delays[-1] == pytest.approx(0.0, abs=1e-9)
+    assert np.diff(sent[-n:]) == pytest.approx(period)  # caught up: the video's own period again
+    # within the slack (the server's: a quarter block), a block behind older frames keeps the video's period,
+    # which absorbs a step's jitter; beyond it, only what is beyond it is caught up
+    for behind, spacing in ((period, period), (2.2 * period, period - 0.2 * period / n)):
+        stream = Stream(0, None)
+        stream.land(block, pixels, 0.0, period)
+        stream.land(block, pixels, play - behind, period, slack=2 * period)
+        assert stream.playout[-1].spacing == pytest.approx(spacing), behind
