@@ -427,8 +427,8 @@ COUNTS = ("received", "stale", "late", "sent", "unsent", "errors", "controls")
 # controls: control messages applied (merged ones count once)
 MAX_NOTICES = 16  # control messages a stream may have unsent; a client that does not read loses the oldest
 SENDING_S = 1.0   # a stream whose last frame is older than this is not waited for
-# a block landing while older frames still play has its frames spaced down to this fraction of the frame period,
-# so that it ends where it would have without them (Stream.land): 16 FPS video plays at up to 17.8 meanwhile
+# a video-to-video block landing well behind older frames still to play has its frames spaced down to this fraction
+# of the frame period until it is not (Stream.land): 16 FPS video plays at up to 17.8 meanwhile
 CATCH_UP = 0.9
 
 
@@ -485,25 +485,27 @@ class Stream:
             self.counts["stale"] += len(self.pending.frames)
         self.pending, self.gathering = Block(tuple(self.gathering)), []
 
-    def land(self, block: Block, frames: np.ndarray, landed: float, period: float, slack: float = 0.0) -> None:
+    def land(self, block: Block, frames: np.ndarray, landed: float, period: float,
+             slack: float | None = None) -> None:
         """A step's outputs for this stream ((n, H, W, 3) uint8) into its playout, spaced by `period` when n > 1.
         Output k answers input k of the block; outputs beyond its inputs (a generation request's block)
         answer its last input with indices 1, 2, ... Older outputs that the sender should have taken by
         now, the one after them being due as well, are dropped (unsent): for one frame a step (the U-Net)
         newest wins; a block model's client that reads too slowly catches up instead of lagging further,
         while the older block's frames still to be played (the server held the step until they nearly
-        were: Server.ready_for_step) are kept, this block chained after them. Chained more than `slack` behind,
-        its frames play a little faster (down to CATCH_UP periods apart) until the next block's first frame is
-        due no more than that behind: a video-rate client's blocks land one play time apart, so a delay once (a
-        slow step) otherwise stayed in every later frame. Within the slack (a quarter block) the playout
-        absorbs a step's jitter instead: caught up at once, a block landing early was a gap when the next one
-        landed on time. (Served wan-1.3b, 2 streams, before: p50 1685 ms and p99
-        1708, where gathering a block and its step make 1181; a standing delay fits that narrow spread.)"""
+        were: Server.ready_for_step) are kept, this block chained after them. Given a `slack` (video-to-video;
+        a generation stream's playout may hold a block more by design, Server.next_batch) and chained more than
+        that behind, its frames play a little faster (down to CATCH_UP periods apart) until the next block's
+        first frame is due no more than that behind: a video-rate client's blocks land one play time apart, so
+        a delay once (a slow step) otherwise stayed in every later frame. Within the slack (a quarter block)
+        the playout absorbs a step's jitter instead: caught up at once, a block landing early was a gap when
+        the next one landed on time. (Served wan-1.3b, 2 streams, before: p50 1685 ms and p99 1708, where
+        gathering a block and its step make 1181; a standing delay fits that narrow spread.)"""
         while self.playout and self.due() + self.playout[0].spacing < landed:
             self.next_send = self.due() + self.playout.popleft().spacing  # the schedule goes on as if it went
             self.counts["unsent"] += 1
         spacing = period if len(frames) > 1 else 0.0
-        if len(frames) > 1:
+        if len(frames) > 1 and slack is not None:
             behind = self.playout_start(landed) - landed - slack  # beyond the slack, older frames push it back
             spacing = max(CATCH_UP * period, period - max(0.0, behind) / len(frames))  # n: to the next block's
         for k, pixels in enumerate(frames):
@@ -969,7 +971,8 @@ class Server:
         self.last_step_end = end
         for s, b in batch:
             if self.streams.get(s.slot) is s:  # not if it left during the step
-                s.land(b, outputs[s.slot], end, self.frame_period, self.align_s)
+                s.land(b, outputs[s.slot], end, self.frame_period,
+                       self.align_s if self.pool.video_to_video else None)
 
     def learn(self, seconds: float, idle: bool) -> None:
         """A CPU pool's plan: the median of its last served steps, those before an idle second forgotten;

@@ -408,7 +408,9 @@ def test_video_to_video_streams_out_of_phase_are_aligned_into_one_step_a_block()
             await asyncio.gather(*senders)
             return got_a, got_b, [await stats(ws) for ws in (a, b)]
     got_a, got_b, (stats_a, stats_b) = run(scenario)
-    assert len([rows for rows in submits if rows == [0, 1]]) >= blocks - 2, submits  # one step for both
+    # one step for both (out of phase, nearly none are); one more apart than the first and last allows for a
+    # loaded CPU's late sender (1 run in 10 beside a full test run)
+    assert len([rows for rows in submits if rows == [0, 1]]) >= blocks - 3, submits
     assert len(submits) <= blocks + 3, submits  # not a step per stream per block
     assert stats_a["stale"] == 0 and 1 <= stats_b["stale"] <= BLOCK // 2, (stats_a, stats_b)  # b's first, once
     for got in (got_a, got_b):
@@ -498,13 +500,13 @@ def test_a_playout_delayed_once_catches_up_by_playing_a_little_faster():
             sent.append(due)
 
     late = 2 * period
-    stream.land(block, pixels, 0.0 + late, period)  # the first block's step ended late
+    stream.land(block, pixels, 0.0 + late, period, slack=0.0)  # the first block's step ended late
     delays = []
     for k in range(1, 12):
         landed = k * play  # on time from then on
         play_until(landed)
         first = len(sent) + len(stream.playout)  # the index its first frame will have among those sent
-        stream.land(block, pixels, landed, period)
+        stream.land(block, pixels, landed, period, slack=0.0)
         play_until(landed + 2 * play)
         delays.append(sent[first] - landed)  # when its first frame went, after its landing
     step = n * (1 - CATCH_UP) * period  # what a block catches up: its n spacings, the last to the next block
@@ -520,3 +522,5 @@ def test_a_playout_delayed_once_catches_up_by_playing_a_little_faster():
         stream.land(block, pixels, 0.0, period)
         stream.land(block, pixels, play - behind, period, slack=2 * period)
         assert stream.playout[-1].spacing == pytest.approx(spacing), behind
+        stream.land(block, pixels, play - behind, period)  # no slack (generation): chained at the video's period
+        assert stream.playout[-1].spacing == pytest.approx(period)
