@@ -520,10 +520,8 @@ class Stream:
 
     def playout_start(self, landed: float) -> float:
         """When an output landing at `landed` would go out, after those now waiting."""
-        at = self.next_send
-        for reply in self.playout:
-            at = max(at, reply.landed) + reply.spacing
-        return max(at, landed)
+        after = self.playout_end() + self.playout[-1].spacing if self.playout else self.next_send
+        return max(after, landed)
 
     def playout_end(self) -> float:
         """When the last output now waiting will go out (-inf: none waiting)."""
