@@ -17,6 +17,10 @@
 #   STAGES="servedit" [SERVEDIT_CONFIG=wan-1.3b SERVEDIT_COUNTS=1,2,3 SERVEDIT_TAEHV=1 SERVEDIT_MAX_STRENGTH=0.6 SERVEDIT_FAST=1 \
 #       SERVE_LIMIT=480] \
 #       scripts/gpu_session.sh
+# The DiT trained on the GPU, then its 500-frame drift over 8 clips beside the U-Net (two calls on one warm machine:
+# the checkpoint waits in /tmp/dit-tiny-taesd-gpu and comes back in $OUT):
+#   PACK=dittrain STAGES=dittrain [DITTRAIN_MINUTES=5 DITTRAIN_CLIPS=4096 DITTRAIN_BATCH=64 DITTRAIN_LR=2e-3] scripts/gpu_session.sh
+#   PACK=ditdrift STAGES=ditdrift [DITDRIFT_CLIPS=8] scripts/gpu_session.sh
 #   STAGES="dittests anchor dit" SELF_FORCING=.anchor/Self-Forcing [DIT_CONFIG=wan-1.3b DIT_BLOCKS=7 DIT_MODES=... DIT_FP8=static] scripts/gpu_session.sh
 # The DiT measurements and Ray's overhead in two calls on one warm machine (the second within its 30 s warm time):
 #   PACK=dit STAGES="ditdecode ditattn ditcompile" scripts/gpu_session.sh
@@ -50,7 +54,8 @@
 #  bench_g2g's browser client (glass to glass) instead of the Python one, its Chromium, chromedriver and selenium
 #  unpacked in /tmp/chromew from the parts of .chromew/chromew.tar.xz stashed in /tmp/chromew-parts (the libraries
 #  they bring are on LD_LIBRARY_PATH for Chromium's processes only: MIRAGE_CHROMIUM_LIBRARY_PATH); stash = only
-#  keeping the .rayw and .chromew parts a call carries)
+#  keeping the .rayw and .chromew parts a call carries); dittrain = python -m mirage.cli.train_dit --device cuda
+#  (dit-tiny-taesd); ditdrift = scripts/dit_drift.py on its checkpoint, float32 on the GPU
 # Every stage with a time limit gets at most what is left of DEADLINE seconds (default 540: the device tool's
 # 10-minute command, less a minute for the start and the transfers) and is skipped when under 30 s are left.
 # PACK=NAME: every stage's files go into $OUT/NAME.tgz (rewritten after each stage), for the device tool's
@@ -211,6 +216,15 @@ for stage in $STAGES; do
                 --calibrate-steps 5 ${SERVEDIT_TAEHV:+--taehv} ${SERVEDIT_FAST:+--fast} \
                 ${SERVEDIT_MAX_STRENGTH:+--serve-args "--max-strength $SERVEDIT_MAX_STRENGTH"} --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log" \
                 || echo "servedit: exit $? (124: cut at its ${lim} s limit; the JSON holds the counts done)" ;;
+    dittrain) rm -rf /tmp/dit-tiny-taesd-gpu  # the bar's \r updates as lines, one in 200 (a 5-minute run makes ~10^5)
+              python -m mirage.cli.train_dit --device cuda --out /tmp/dit-tiny-taesd-gpu \
+                --minutes "${DITTRAIN_MINUTES:-5}" --clips "${DITTRAIN_CLIPS:-4096}" --batch-size "${DITTRAIN_BATCH:-64}" \
+                --lr "${DITTRAIN_LR:-2e-3}" 2>&1 | tr '\r' '\n' | awk 'NR % 200 == 1 || !/it\/s|step\/s|clip\/s/' \
+                | tee "$OUT/dittrain.log" || echo "dittrain: exit $?"
+              cp -r /tmp/dit-tiny-taesd-gpu "$OUT/" || true ;;
+    ditdrift) lim=$(limit "${DITDRIFT_LIMIT:-540}")
+              timeout "$lim" python scripts/dit_drift.py --dit /tmp/dit-tiny-taesd-gpu --clips "${DITDRIFT_CLIPS:-8}" \
+                --device cuda --json "$OUT/dit_drift.json" 2>&1 | tee "$OUT/dit_drift.log" || echo "ditdrift: exit $?" ;;
     g2g) g2g_cases python ;;  # the Python client, which needs no Chromium: NOT glass to glass
     chrome) if chrome > >(tee "$OUT/chrome.log") 2>&1; then g2g_cases browser; fi ;;  # not piped: chrome exports
     ray) if ray_site; then serve_cases ${RAY_CASES:-base:16 base:16:ray}; fi ;;
@@ -256,7 +270,7 @@ v = SyntheticVideo($px, seed=1); write_video('/tmp/mirage-run-$px.mp4', (v.clip(
              done ;;
     ditcompile) dit_bench dit_compile "${DIT_COMPILE_LIMIT:-80}" --modes compile --blocks "${DIT_BLOCKS:-7}" ;;
     *) echo "unknown stage $stage (build, tests, kernels, conv, bench, run, servetests, serve, servedit, g2g, dittests, anchor,"\
-            "dit, ditblock, ditdecode, ditprofile, ditattn, ditcompile, ray, chrome, stash)"; exit 2 ;;
+            "dit, ditblock, ditdecode, ditprofile, ditattn, ditcompile, dittrain, ditdrift, ray, chrome, stash)"; exit 2 ;;
   esac
   if [ -n "${PACK:-}" ]; then tar -czf "$DEST/$PACK.tgz.part" -C "$OUT" . && mv "$DEST/$PACK.tgz.part" "$DEST/$PACK.tgz"; fi
 done

@@ -218,7 +218,7 @@ def test_a_run_encodes_only_the_clips_it_can_use(tmp_path, monkeypatch, capsys):
             return index[:, None, None, None].float().expand(len(frames), CFG.in_dim, *CFG.latent_size)
 
     monkeypatch.setattr(latent_cache, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
-    monkeypatch.setattr(dit_train, "load_frame_codec", lambda cfg: types.SimpleNamespace(codec=Codec()))
+    monkeypatch.setattr(dit_train, "load_frame_codec", lambda cfg, device: types.SimpleNamespace(codec=Codec()))
 
     def clips(**options) -> torch.Tensor:  # of 48 at most (the default 512 would only take longer)
         Codec.made = 0

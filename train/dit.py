@@ -47,6 +47,7 @@ PROMPT_FILE = "prompt.safetensors"  # the embeddings the model was trained with,
 # the most time the clips' encoding takes before the steps, as a share of their budget: 512 clips took about 7
 # minutes of a shared CPU core, which a 1-minute run spent before its first step; a 20-minute run encodes them all
 ENCODE_SHARE = 0.5
+LOSS_EVERY = 50  # steps between reads of the losses (the bar shows their mean)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class DiTTrainOptions:
     data: str = "detailed"
     seed: int = 0
     threads: int = 1  # one: on a CPU shared with other processes, a second thread mostly waits at barriers
+    device: str = "cpu"  # where the clips are encoded and the steps run ("cuda": the clips stay on the GPU too)
     progress: bool = True
 
 
@@ -93,10 +95,11 @@ def flow_matching_loss(model: WanDiT, latents: torch.Tensor, text: torch.Tensor,
     def per_frame(x: torch.Tensor) -> torch.Tensor:  # (B, blocks) -> (B, F): one value per block
         return x.repeat_interleave(cfg.block_frames, dim=1)
 
-    sigma = per_frame(torch.rand(b, blocks, generator=generator))
-    sigma_ctx = per_frame(torch.rand(b, blocks, generator=generator)) * context_noise
-    noise = torch.randn(latents.shape, generator=generator)
-    ctx_noise = torch.randn(latents.shape, generator=generator)
+    device = latents.device  # the generator's too
+    sigma = per_frame(torch.rand(b, blocks, generator=generator, device=device))
+    sigma_ctx = per_frame(torch.rand(b, blocks, generator=generator, device=device)) * context_noise
+    noise = torch.randn(latents.shape, generator=generator, device=device)
+    ctx_noise = torch.randn(latents.shape, generator=generator, device=device)
 
     def at(s: torch.Tensor) -> torch.Tensor:  # (B, F) -> broadcast over (B, C, F, h, w)
         return s[:, None, :, None, None]
@@ -104,7 +107,7 @@ def flow_matching_loss(model: WanDiT, latents: torch.Tensor, text: torch.Tensor,
     noisy = (1 - at(sigma)) * latents + at(sigma) * noise
     context = (1 - at(sigma_ctx)) * latents + at(sigma_ctx) * ctx_noise
     t = torch.cat([torch.full_like(sigma, float(cfg.context_timestep)), 1000 * sigma], dim=1)
-    positions = torch.arange(frames).repeat(2)
+    positions = torch.arange(frames, device=device).repeat(2)
     v = model(torch.cat([context, noisy], dim=2), t, text, mask=mask, positions=positions)
     return F.mse_loss(v[:, :, frames:], noise - latents)
 
@@ -121,17 +124,17 @@ def encoded_clips(opts: DiTTrainOptions, cfg: DiTConfig) -> torch.Tensor:
         kept = load_file(opts.latents)["latents"]
         held = len(kept) if tuple(kept.shape[1:]) == shape else 0
         if held >= wanted:
-            return kept[:wanted]
-    codec = load_frame_codec(cfg).codec
+            return kept[:wanted].to(opts.device)
+    codec = load_frame_codec(cfg, opts.device).codec
     stream = ClipStream(make_source(opts.data, cfg.width, cfg.window_frames, opts.seed), cfg.window_frames, opts.seed)
-    cache = LatentCache.build(batches(stream, 16, 0, False), codec, wanted, v2v=False, device=torch.device("cpu"),
+    cache = LatentCache.build(batches(stream, 16, 0, False), codec, wanted, v2v=False, device=torch.device(opts.device),
                               progress=opts.progress, seconds=ENCODE_SHARE * opts.minutes * 60)
     latents = cache.latents.transpose(1, 2).contiguous()  # (N, F, C, h, w) -> (N, C, F, h, w)
     if len(latents) < wanted:
         tqdm.write(f"note: {len(latents)} of {wanted} clips encoded, as many as {ENCODE_SHARE:.0%} of the "
                    f"{opts.minutes:g}-minute budget allowed; a longer run trains on more", file=sys.stderr)
     if opts.latents and len(latents) > held:
-        save_file({"latents": latents}, opts.latents)
+        save_file({"latents": latents.cpu()}, opts.latents)
     return latents
 
 
@@ -155,7 +158,7 @@ def bar_total(step: int, elapsed: float, budget: float, max_steps: int) -> tuple
 
 
 def train_dit(opts: DiTTrainOptions) -> dict:
-    """Train `opts.config` for `opts.minutes` (or max_steps) on CPU; save the EMA weights. Returns the meta.
+    """Train `opts.config` for `opts.minutes` (or max_steps) on `opts.device`; save the EMA weights. Returns the meta.
     SIGINT / SIGTERM end the run after the step in progress, and the EMA weights so far are saved as at the
     end (the meta's "stopped_by" names the signal), as mirage-train does."""
     check_writable(opts.out)  # before the clips are encoded and trained on: a bad --out fails at once
@@ -164,14 +167,16 @@ def train_dit(opts: DiTTrainOptions) -> dict:
     base = get_dit_config(opts.config)
     cfg = dataclasses.replace(base, autoencoder_sha256=sha256_file(autoencoder_folder(base) / "model.safetensors"))
     latents = encoded_clips(opts, cfg)
-    model, ema = WanDiT(cfg), WanDiT(cfg)
+    device = torch.device(opts.device)
+    model, ema = WanDiT(cfg).to(device), WanDiT(cfg).to(device)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
-    text = torch.randn(1, cfg.text_len, cfg.text_dim, generator=torch.Generator().manual_seed(opts.seed))
+    # the prompt is drawn on the CPU whatever the device: the same seed is the same prompt everywhere
+    text = torch.randn(1, cfg.text_len, cfg.text_dim, generator=torch.Generator().manual_seed(opts.seed)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=0.01)
-    mask = teacher_forcing_mask(cfg, cfg.window_frames)
-    generator = torch.Generator().manual_seed(opts.seed + 1)
-    budget, start, step, losses = opts.minutes * 60, time.monotonic(), 0, []
+    mask = teacher_forcing_mask(cfg, cfg.window_frames).to(device)
+    generator = torch.Generator(device).manual_seed(opts.seed + 1)
+    budget, start, step, losses, shown = opts.minutes * 60, time.monotonic(), 0, [], "-"
     # the bar's total is where the run will stop (bar_total), so that its ETA is the run's end
     with tqdm(total=None, desc=f"train {cfg.name}", unit="step", disable=not opts.progress) as bar, \
             StopOnSignal(lambda message: tqdm.write(message, file=sys.stderr)) as stop:
@@ -180,7 +185,7 @@ def train_dit(opts: DiTTrainOptions) -> dict:
             lr = opts.lr * min(1.0, (step + 1) / opts.warmup) * 0.5 * (1 + math.cos(math.pi * elapsed / budget))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = latents[torch.randint(len(latents), (opts.batch_size,), generator=generator)]
+            batch = latents[torch.randint(len(latents), (opts.batch_size,), generator=generator, device=device)]
             loss = flow_matching_loss(model, batch, text.expand(opts.batch_size, -1, -1), mask, opts.context_noise,
                                       generator)
             optimizer.zero_grad(set_to_none=True)
@@ -191,12 +196,17 @@ def train_dit(opts: DiTTrainOptions) -> dict:
                 for e, p in zip(ema.parameters(), model.parameters()):
                     e.lerp_(p, 1 - opts.ema_decay)
             step += 1
-            losses.append(loss.item())
+            # kept on the device and read every LOSS_EVERY steps: a read each step would wait for the GPU each step
+            losses.append(loss.detach())
             bar.total, until = bar_total(step, time.monotonic() - start, budget, opts.max_steps)
             bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", lr=f"{lr:.1e}", until=until)
-    meta = {"train": dataclasses.asdict(opts), "step": step, "loss": sum(losses[-100:]) / max(1, len(losses[-100:])),
-            "train_seconds": time.monotonic() - start, "clips_used": len(latents), "device": "cpu",
+            if step % LOSS_EVERY == 0:
+                losses[-LOSS_EVERY:] = torch.stack(losses[-LOSS_EVERY:]).tolist()
+                shown = f"{sum(losses[-LOSS_EVERY:]) / LOSS_EVERY:.4f}"
+            bar.set_postfix(loss=shown, lr=f"{lr:.1e}", until=until)
+    last = [float(x) for x in losses[-100:]]
+    meta = {"train": dataclasses.asdict(opts), "step": step, "loss": sum(last) / max(1, len(last)),
+            "train_seconds": time.monotonic() - start, "clips_used": len(latents), "device": str(device),
             "threads": opts.threads, "stopped_by": stop.received}
     save_dit(opts.out, ema.eval(), text, meta)
     return meta
