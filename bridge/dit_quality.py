@@ -47,15 +47,17 @@ def whole_blocks(cfg: DiTConfig, frames: int) -> int:
 
 def evaluate_dit(checkpoint: str | Path, frames: int = 500, window: int = 50, strength: float = 0.5, seed: int = 0,
                  data: str = "detailed", degraded: bool = False, device: str = "cpu", fp8: str | None = None,
-                 dtype: str | None = None) -> dict:
+                 dtype: str | None = None, cache_from: str = "output") -> dict:
     """Roll the DiT at `checkpoint` over `frames` frames of `data` (truth seed 10000 + seed, as
     mirage-quality) and score every window; `ms_per_frame` is the rollout's wall time per frame. `fp8`: the
     block's matmuls in FP8 (static or dynamic activation scales, mirage.model.fp8; None: the model's dtype).
-    `dtype`: "float32" or "bfloat16" (None: DiTPipeline's default for the device)."""
+    `dtype`: "float32" or "bfloat16" (None: DiTPipeline's default for the device). `cache_from`: what each block
+    leaves in the KV cache (core.config.CACHE_FROM)."""
     checkpoint = Path(checkpoint)
     cfg = trained_config(checkpoint)
     with open_dit(checkpoint, cfg, device, fp8, dtype) as pipe:
-        return restyle_report(pipe, checkpoint, cfg, frames, window, strength, seed, data, degraded, device, fp8)
+        return restyle_report(pipe, checkpoint, cfg, frames, window, strength, seed, data, degraded, device, fp8,
+                              cache_from)
 
 
 def open_dit(checkpoint: Path, cfg: DiTConfig, device: str, fp8: str | None = None,
@@ -67,7 +69,8 @@ def open_dit(checkpoint: Path, cfg: DiTConfig, device: str, fp8: str | None = No
 
 
 def restyle_report(pipe: DiTPipeline, checkpoint: Path, cfg: DiTConfig, frames: int, window: int, strength: float,
-                   seed: int, data: str, degraded: bool, device: str, fp8: str | None) -> dict:
+                   seed: int, data: str, degraded: bool, device: str, fp8: str | None,
+                   cache_from: str = "output") -> dict:
     """evaluate_dit's report with the DiT open in `pipe` (open_dit): reset to `seed`, a clip's report is the same
     whatever the pipe rolled out before, so a caller scoring several clips opens it once."""
     n = cfg.video_frames(cfg.block_frames, first=False)
@@ -77,12 +80,13 @@ def restyle_report(pipe: DiTPipeline, checkpoint: Path, cfg: DiTConfig, frames: 
     precision = str(next(pipe.model.parameters()).dtype).removeprefix("torch.")
     pipe.reset(seed)
     pipe.set_strength(strength)
+    pipe.set_cache_from(cache_from)
     start = time.perf_counter()
     out = np.concatenate([pipe.restyle(inputs[i:i + n]) for i in range(0, frames, n)])
     seconds = time.perf_counter() - start
     windows, reference = score_windows(out[None], truth, window, data)
     return {"model": str(checkpoint), "config": cfg.name, "family": cfg.family, "params": cfg.param_count(),
-            "task": "v2v-degraded" if degraded else "restyle", "strength": strength,
+            "task": "v2v-degraded" if degraded else "restyle", "strength": strength, "cache_from": cache_from,
             "steps": len(strength_schedule(block_schedule(cfg.denoising_steps, cfg.timestep_shift,
                                                           cfg.warp_denoising_step), strength)),
             "frames": frames, "window": window, "seed": seed, "source": data, "device": device, "fp8": fp8,
@@ -116,12 +120,14 @@ def roundtrip_report(codec, cfg: DiTConfig, frames: int, window: int, seed: int,
 
 
 def compare_drift(unet: str | Path, dit: str | Path, clips: int = 1, seed: int = 0, frames: int = 500,
-                  window: int = 50, strength: float = 0.5, data: str = "detailed", device: str = "cpu") -> dict:
+                  window: int = 50, strength: float = 0.5, data: str = "detailed", device: str = "cpu",
+                  cache_from: str = "output") -> dict:
     """The U-Net at `unet` (mirage-quality's evaluate) and the DiT at `dit` (evaluate_dit, restyling the clean
     clip and the U-Net's degraded input) beside the autoencoder's round trip, on `clips` truth clips (seeds
     seed .. seed + clips - 1, each also the models' noise seed, as mirage-quality --seed), all in float32:
     every clip's reports, and their means and spreads (drift_summary). Each clip gives exactly what a run of
-    that clip alone gives: each model is opened once, and every clip's rollout starts from its seed."""
+    that clip alone gives: each model is opened once, and every clip's rollout starts from its seed. `cache_from`:
+    what the DiT's blocks leave in its KV cache (core.config.CACHE_FROM), in both of its rollouts."""
     if clips < 1:
         raise QualityError(f"--clips {clips}: need at least 1")
     dit = Path(dit)
@@ -131,13 +137,13 @@ def compare_drift(unet: str | Path, dit: str | Path, clips: int = 1, seed: int =
     runs = []
     with open_rollout(unet, device=device) as unet_pipe, open_dit(dit, cfg, device, dtype="float32") as dit_pipe:
         for s in range(seed, seed + clips):
-            restyle, degraded = (restyle_report(dit_pipe, dit, cfg, frames, window, strength, s, data, d, device, None)
-                                 for d in (False, True))
+            restyle, degraded = (restyle_report(dit_pipe, dit, cfg, frames, window, strength, s, data, d, device, None,
+                                                cache_from) for d in (False, True))
             runs.append({"seed": s, "reports": {
                 "ae": roundtrip_report(codec, cfg, frames, window, s, data, device),
                 "unet": evaluate(unet, frames, window, seed=s, device=device, data=data, pipe=unet_pipe),
                 "dit restyle": restyle, "dit degraded": degraded}})
-    return {"clips": runs, "summary": drift_summary(runs)}
+    return {"cache_from": cache_from, "clips": runs, "summary": drift_summary(runs)}
 
 
 def _spread(values: list[float]) -> dict:

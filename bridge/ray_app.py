@@ -272,7 +272,7 @@ def build(args: dict):
                                        "calibrate_steps") if k in args}
     fast = args.pop("fast", "false").lower() in ("1", "true", "yes")
     fields = ("dit", "lora", "prompt", "prompt_embeds", "text_encoder", "prompt_bank", "strength", "decoder",
-              "max_strength")
+              "max_strength", "cache_from")
     source = ModelSource(Path(args.pop("model")), **{k: args.pop(k) for k in fields if k in args})
     slots = args.pop("slots", None) or default_slots(source.path)  # as mirage-serve's --slots
     return application(source, slots, args.pop("backend", "auto"), args.pop("device", "cpu"), fast,

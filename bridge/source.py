@@ -66,6 +66,7 @@ class ModelSource:
     strength: float | None = None  # a DiT with an encoder: video-to-video, every stream starting at it
     decoder: Path | None = None  # with `dit`: a TAEHV file, the runtime's codec for Wan's latents (taew2_1.pth)
     max_strength: float | None = None  # video-to-video: the highest strength a stream may take (None: 1)
+    cache_from: str | None = None  # video-to-video: what a block leaves in the KV cache (CACHE_FROM; None: output)
 
     def read(self) -> tuple[np.ndarray | None, dict[str, np.ndarray] | None]:
         """The starting prompt's embeddings and the bank, read from their files (PromptError: one unreadable)."""
@@ -73,6 +74,9 @@ class ModelSource:
                                   (self.decoder, "--decoder", "a DiT checkpoint's TAEHV codec")):
             if given is not None and self.dit is None:
                 raise PipelineError(f"{flag}: {what}; add --dit CONFIG")
+        if self.cache_from is not None and self.strength is None:
+            raise PipelineError("--cache-from: what a DiT's video-to-video block leaves in its cache; the streams "
+                                "run video-to-video with --strength")
         return (None if self.prompt_embeds is None else read_embeddings(self.prompt_embeds),
                 None if self.prompt_bank is None else read_bank(self.prompt_bank))
 
@@ -98,6 +102,8 @@ class ModelSource:
             options = dataclasses.replace(options, strength=self.strength)
         if self.max_strength is not None:
             options = dataclasses.replace(options, max_strength=self.max_strength)
+        if self.cache_from is not None:
+            options = dataclasses.replace(options, cache_from=self.cache_from)
         if self.dit is None:  # load_pipeline names the --dit a DiT checkpoint trained here needs
             pipe = load_pipeline(path, backend, device, options)
         else:

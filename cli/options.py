@@ -9,7 +9,7 @@ from typing import Callable
 import click
 
 from mirage.cli.errors import UserError
-from mirage.core.config import DEFAULT_STRENGTH, DIT_CONFIGS, PIPELINE_BACKENDS
+from mirage.core.config import CACHE_FROM, DEFAULT_STRENGTH, DIT_CONFIGS, PIPELINE_BACKENDS
 from mirage.core.device import cuda_available
 from mirage.core.loop import MAX_SEED
 
@@ -50,6 +50,13 @@ strength = click.option(
          f"input, 1 ignores it (mirage-run: needs an --input; an --input without it runs at {DEFAULT_STRENGTH}, for "
          "a DiT checkpoint and a DiT artifact with an encoder graph alike; mirage-serve's DiT runs video-to-video "
          "when it is given, its streams starting at it). Needs a config on a per-frame autoencoder (dit-tiny-taesd) or a TAEHV --decoder with its encoder.")
+
+cache_from = click.option(
+    "--cache-from", type=click.Choice(CACHE_FROM), default=None,
+    help="A DiT's video-to-video: what a block leaves in the KV cache for the blocks after it. output (the default): "
+         "its restyle, as Self-Forcing and StreamDiffusionV2 do; input: the input block's latents, what teacher "
+         "forcing trains on, so the model's own errors do not pile up over a long video (the bundled "
+         "dit-tiny-taesd: docs/QUALITY.md), while what the restyle adds is not carried on to the next block.")
 
 max_strength = click.option(
     "--max-strength", type=click.FloatRange(0, 1), default=None,

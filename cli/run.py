@@ -95,14 +95,15 @@ dit_options = shared.group(
                  help="--dit: FP8 E4M3 matmuls in the blocks' attention and FFN (Hopper/Ada): activation scales "
                       "per tensor, calibrated on a clip with the run's prompt (static), or per token (dynamic). "
                       "On the CPU it runs, slower than float32, to show FP8's error (a note says so)."),
-    shared.strength)
+    shared.strength, shared.cache_from)
 
 # torch's CPU _scaled_mm rounds to E4M3 and multiplies without FP8 hardware: a 512x1024x1024 matmul took 41 ms
 # against float32's 29 ms on this workplace's CPU
 FP8_ON_CPU = ("note: --fp8 on the CPU runs torch's FP8 matmul without FP8 hardware: it shows FP8's error, not its "
               "speed, and is slower than float32; FP8 is fast only on Hopper / Ada / Blackwell GPUs")
 PROMPT_OPTIONS = ("prompt", "prompt_embeds", "text_encoder")  # a DiT artifact takes them without --dit
-ARTIFACT_OPTIONS = PROMPT_OPTIONS + ("strength",)  # and a strength (video-to-video, with an encoder graph)
+# and a strength and what the cache holds (video-to-video, with an encoder graph)
+ARTIFACT_OPTIONS = PROMPT_OPTIONS + ("strength", "cache_from")
 
 
 class _Stop:
@@ -180,12 +181,17 @@ def main(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
                                 f"checkpoint add --dit CONFIG)")
             if dit["strength"] is not None:
                 _check_takes_strength(model or DEFAULT_MODEL, source)
-        if dit["strength"] is not None and source is None:
-            raise UserError("--strength: video-to-video needs an --input")
+        for flag in ("strength", "cache_from"):
+            if dit[flag] is not None and source is None:
+                raise UserError(f"--{flag.replace('_', '-')}: video-to-video needs an --input")
         if dit["config"] is None:
+            strength = _artifact_strength(model or DEFAULT_MODEL, source, dit["strength"])
+            if dit["cache_from"] is not None and strength is None:
+                raise UserError(f"--cache-from: a DiT's video-to-video option; {model or DEFAULT_MODEL} is not a DiT "
+                                "artifact with an encoder graph")
             _run(model or DEFAULT_MODEL, source, frames, steps, seed, output, backend, fast, no_cuda_graph, compile_,
-                 kernel_library, device, json_path, fps, {k: dit[k] for k in PROMPT_OPTIONS},
-                 _artifact_strength(model or DEFAULT_MODEL, source, dit["strength"]))
+                 kernel_library, device, json_path, fps, {k: dit[k] for k in PROMPT_OPTIONS}, strength,
+                 dit["cache_from"] or "output")
         else:
             unet_only = {"--steps": steps, "--kernel-library": kernel_library,
                          "--backend": None if backend == "auto" else backend}
@@ -201,7 +207,7 @@ def main(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
 
 
 def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_graph, compile_, kernel_library, device,
-         json_path, fps, prompt, strength):
+         json_path, fps, prompt, strength, cache_from):
     from tqdm import tqdm
 
     from mirage.bridge.pipeline import load_pipeline
@@ -212,7 +218,7 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
     # the video is written as bytes: the frame graph makes them, and only they cross PCIe
     # (a DiT's strength is also its ceiling: nothing changes it mid-run, so each block runs only the passes it needs)
     common = dict(steps=steps, cuda_graph=not no_cuda_graph, kernel_library=kernel_library, frames="uint8",
-                  strength=strength, **({} if strength is None else {"max_strength": strength}))
+                  strength=strength, **({} if strength is None else {"max_strength": strength, "cache_from": cache_from}))
     options = PipelineOptions.fastest(**common) if fast else \
         PipelineOptions(compile="default" if compile_ else None, **common)
     writer = VideoWriter(output, fps=fps)  # the path and format are checked before any frame is made
@@ -250,7 +256,7 @@ def _run(model, source, frames, steps, seed, output, backend, fast, no_cuda_grap
         rows.append(("frames", pipe.frames_are))
     rows += run.rows()
     if psnrs and restyles:
-        _restyle_report(report, rows, strength, psnrs)
+        _restyle_report(report, rows, strength, psnrs, cache_from)
     elif psnrs:
         report["psnr_db"] = float(np.mean(psnrs))
         rows.append(("PSNR vs. ground truth", f"{report['psnr_db']:.2f} dB"))
@@ -287,10 +293,13 @@ def _artifact_strength(model: Path, source: str | None, strength: float | None) 
     return DEFAULT_STRENGTH if G.ENCODE in read_manifest(model)["graphs"] else None
 
 
-def _restyle_report(report: dict, rows: list[tuple[str, str]], strength: float, psnrs: list[float]) -> None:
-    """What video-to-video at a strength adds to the report: the strength, and how close the output stays to its input."""
-    report.update(strength=strength, psnr_vs_input_db=float(np.mean(psnrs)))
-    rows.append(("strength / PSNR vs. input", f"{strength} / {report['psnr_vs_input_db']:.2f} dB"))
+def _restyle_report(report: dict, rows: list[tuple[str, str]], strength: float, psnrs: list[float],
+                    cache_from: str) -> None:
+    """What video-to-video at a strength adds to the report: the strength, what the cache held, and how close the
+    output stays to its input."""
+    report.update(strength=strength, cache_from=cache_from, psnr_vs_input_db=float(np.mean(psnrs)))
+    rows += [("strength / PSNR vs. input", f"{strength} / {report['psnr_vs_input_db']:.2f} dB"),
+             ("KV cache from", f"the {cache_from} blocks")]
 
 
 def _warn_if_enlarged(source: str | None, shape_in: tuple[int, int] | None, shape: tuple[int, int]) -> None:
@@ -359,6 +368,7 @@ def _run_dit(checkpoint, dit, source, frames, seed, output, fast, no_cuda_graph,
         total = pipe.cfg.video_frames(blocks * pipe.cfg.block_frames, first=True)  # video-to-video's too
         if source is not None:
             pipe.set_strength(DEFAULT_STRENGTH if dit["strength"] is None else dit["strength"])
+            pipe.set_cache_from(dit["cache_from"] or "output")
             _warn_if_enlarged(source, shape_in, (pipe.cfg.height, pipe.cfg.width))
             work = _restyled(pipe, source, blocks)
         else:
@@ -382,7 +392,7 @@ def _run_dit(checkpoint, dit, source, frames, seed, output, fast, no_cuda_graph,
                   weights=dataclasses.asdict(pipe.weights) if pipe.weights else None, fp8=pipe.fp8)
     _block_report(report, rows, block_times, pipe.cfg.block_frames)
     if psnrs:
-        _restyle_report(report, rows, pipe.strength, psnrs)
+        _restyle_report(report, rows, pipe.strength, psnrs, pipe.cache_from)
     _finish(report, rows, json_path, stop, len(block_times), blocks, "blocks")
 
 

@@ -70,7 +70,7 @@ DEFAULT_MODEL = PACKAGE_ROOT / "checkpoints" / "tiny-v2v"
               help="A stream's control messages (prompt, strength) are applied at most this often, those in "
                    "between merged: each new prompt is encoded and the stream's cache rebuilt between steps.")
 @shared.group("dit", shared.dit, shared.lora, shared.prompt, shared.prompt_embeds, shared.text_encoder,
-              shared.strength, shared.max_strength,
+              shared.strength, shared.max_strength, shared.cache_from,
               click.option("--prompt-bank", type=click.Path(path_type=Path), default=None,
                            help="A DiT's named prompt embeddings, a .safetensors file of (L, text_dim) tensors: a "
                                 "control message's prompt names one (else, with --text-encoder, it is encoded; "
@@ -125,7 +125,7 @@ def main(model, host, port, slots, token, devices, backend, fast, deadline_ms, b
     except MirageError as e:
         raise UserError(str(e)) from e
     source = ModelSource(model, *(dit[k] for k in ("config", "lora", "prompt", "prompt_embeds", "text_encoder",
-                                                   "prompt_bank", "strength", "decoder", "max_strength")))
+                                                   "prompt_bank", "strength", "decoder", "max_strength", "cache_from")))
     try:  # the options and the prompt files first: a refused binding should not wait for a model to load
         options = ServerOptions(host=host, port=port, token=token, deadline_ms=deadline_ms,
                                 batch_wait_ms=batch_wait_ms, max_frame_bytes=max_frame_bytes,

@@ -342,6 +342,17 @@ FRAME_FORMATS = ("float32", "uint8")  # PipelineOptions.frames
 PIPELINE_BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
 # a DiT's video-to-video strength where an input comes without one (mirage-run --input, checkpoint and artifact)
 DEFAULT_STRENGTH = 0.6
+# what a DiT's video-to-video block leaves in its KV cache for the blocks after it: its output (the restyled
+# block, as Self-Forcing's rollouts and StreamDiffusionV2 do), or its input (the input block's clean latents: the
+# cache then holds what teacher forcing trained on, so no error of the model's own accumulates in it; the output's
+# own details are not carried on to the next block)
+CACHE_FROM = ("output", "input")
+
+
+def check_cache_from(cache_from: str) -> str:
+    if cache_from not in CACHE_FROM:
+        raise ConfigError(f"cache_from={cache_from!r}: choose one of {', '.join(CACHE_FROM)}")
+    return cache_from
 
 
 @dataclass(frozen=True)
@@ -368,6 +379,7 @@ class PipelineOptions:
     # strength needs (1: the whole schedule; Wan's shifted schedule at 0.6: one) for every row, so a lower
     # ceiling makes every block cheaper; a control above it is refused
     max_strength: float = 1.0
+    cache_from: str = "output"  # video-to-video: what a block leaves in the KV cache (CACHE_FROM)
 
     def __post_init__(self) -> None:
         if self.strength is not None and not 0 <= self.strength <= 1:
@@ -377,6 +389,7 @@ class PipelineOptions:
         if self.strength is not None and self.strength > self.max_strength:
             raise ConfigError(f"strength={self.strength} is over max_strength={self.max_strength}: raise max_strength "
                               "(the strength a row may be given at most)")
+        check_cache_from(self.cache_from)
         if self.steps is not None and not 1 <= self.steps <= 1000:
             raise ConfigError(f"steps={self.steps}: choose between 1 and 1000")
         if not 0 <= self.context_noise < 1000:
@@ -588,7 +601,7 @@ class DiTConfig:
         the config's own (`denoising_steps`), so options.steps does not apply."""
         from mirage.core.dit_step import BlockUnit
 
-        return BlockUnit(self, specs, options.strength, options.max_strength)
+        return BlockUnit(self, specs, options.strength, options.max_strength, options.cache_from)
 
     # --- shapes ----------------------------------------------------------------------------------
     @property

@@ -24,6 +24,7 @@ import numpy as np
 
 from mirage.core import graphs as G
 from mirage.core import taehv_layout as taehv
+from mirage.core.config import check_cache_from
 from mirage.core.errors import MirageError
 from mirage.core.flow_schedule import block_schedule, strength_schedule
 
@@ -188,13 +189,18 @@ class BlockUnit:
     passes come first and the passes after them leave it as it is (σ = 0: x0 = x), its timesteps and σs are
     per-row host inputs, so nothing in the captured block branches on a row."""
 
-    def __init__(self, cfg, specs: dict[str, G.GraphSpec], strength: float | None = None, max_strength: float = 1.0):
+    def __init__(self, cfg, specs: dict[str, G.GraphSpec], strength: float | None = None, max_strength: float = 1.0,
+                 cache_from: str = "output"):
         self.cfg, self.specs = cfg, specs
         self.v2v, self.decodes = strength is not None, G.DECODE in specs
         if self.v2v and G.ENCODE not in specs:
             raise VideoToVideoError(f"{cfg.name} has no encoder graph: video-to-video needs a DiT on a per-frame "
                                     "autoencoder (a config with `autoencoder`, such as dit-tiny-taesd) or a TAEHV "
                                     "--decoder with its encoder (taew2_1.pth)")
+        if check_cache_from(cache_from) == "input" and not self.v2v:
+            raise VideoToVideoError("cache_from='input' caches a video-to-video block's input; generation has none")
+        # the block the cache-write pass takes (core.config.CACHE_FROM): the input's latents or the output's
+        self.cache_input = cache_from == "input"
         self.default_strength = 1.0 if strength is None else check_strength(strength)
         self.max_strength = check_strength(max_strength) if self.v2v else 1.0
         self.controls = {"prompt": True, **({"strength": (0.0, self.max_strength)} if self.v2v else {})}
@@ -324,8 +330,9 @@ class BlockUnit:
             ops.lincomb_rows_(buf.x0, buf.one, buf.x, host[x0_v], buf.v)  # flow_x0
             if i + 1 < self.passes:
                 ops.lincomb_rows_(buf.x, host[keep], buf.x0, host[renoise], buf.noise[i + 1])  # flow_renoise
-        ops.scatter_rows_(buf.latents, buf.x0, buf.host[FRAME_SLOTS], buf.advance, 2)
-        self._write_cache(backend, ops, buf, static, memory)
+        cached = buf.source if self.cache_input else buf.x0
+        ops.scatter_rows_(buf.latents, cached, buf.host[FRAME_SLOTS], buf.advance, 2)
+        self._write_cache(backend, ops, buf, cached, static, memory)
         if self.decodes:
             self._code(backend, ops, buf, G.DECODE, {G.Z: buf.x0}, {G.IMAGE: buf.frame})
         else:
@@ -339,9 +346,10 @@ class BlockUnit:
         for _, held, new in state:
             ops.lincomb_rows_(held, buf.host[_KEEP], held, buf.host[_TAKE], new)
 
-    def _write_cache(self, backend, ops, buf: BlockBuffers, static: dict, memory: dict) -> None:
-        """The cache-write pass of buf.x0 and its keys/values into the block's rows of each advancing row."""
-        backend.run(G.DIT_CACHE_WRITE, {G.X_T: buf.x0, G.T_EMB: buf.host[_T_CTX], **memory, **static},
+    def _write_cache(self, backend, ops, buf: BlockBuffers, clean, static: dict, memory: dict) -> None:
+        """The cache-write pass of the clean block `clean` and its keys/values into the block's rows of each
+        advancing row."""
+        backend.run(G.DIT_CACHE_WRITE, {G.X_T: clean, G.T_EMB: buf.host[_T_CTX], **memory, **static},
                     {G.NEW_K: buf.new_k, G.NEW_V: buf.new_v})
         for cache, new in ((buf.cache_k, buf.new_k), (buf.cache_v, buf.new_v)):
             ops.scatter_rows_(cache, new, buf.host[G.SLOTS], buf.advance, 3)
@@ -371,7 +379,7 @@ class BlockUnit:
         """One held block of the advancing rows (recache_inputs staged) re-run under their current prompt:
         its latents gathered from the cache's, its keys/values written back in place."""
         ops.gather_rows_(buf.x0, buf.latents, buf.host[FRAME_SLOTS], 2)
-        self._write_cache(backend, ops, buf, _static(buf), _memory(buf))
+        self._write_cache(backend, ops, buf, buf.x0, _static(buf), _memory(buf))
 
     def held(self, row: int) -> bool:
         """Whether row `row` holds frames in its cache (a prompt switch then re-caches them)."""

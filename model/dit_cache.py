@@ -99,6 +99,7 @@ class BlockStepper:
         self._rows = [(ts, sigma, sigma_next) for ts, (_, sigma, sigma_next) in zip(self._timesteps, self.schedule)]
         self._context_t = torch.full(self._shape, float(self.cfg.context_timestep), device=device)
         self._layer = cached_layer
+        self.cache_input = False  # video-to-video: cache a block's `source` instead of its x_0 (core.config.CACHE_FROM)
         self.set_strength(1.0)
 
     def set_strength(self, strength: float) -> None:
@@ -158,7 +159,7 @@ class BlockStepper:
             x0 = flow_x0(x, self._pass(x, timesteps, slots, positions, span).float(), sigma)
             if i + 1 < len(rows):
                 x = flow_renoise(x0, noise[i + 1], sigma_next)
-        self.append_body(x0, span)
+        self.append_body(source if source is not None and self.cache_input else x0, span)
         return x0
 
     def append_body(self, x0: torch.Tensor, span: int) -> torch.Tensor:

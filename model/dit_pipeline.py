@@ -21,6 +21,7 @@ autoencoder, or TAEHV with its encoder):
 
     pipe.reset(seed)
     pipe.set_strength(0.5)                  # from the next block on; 0 keeps the input, 1 ignores it
+    pipe.set_cache_from("input")            # the cache holds the input's latents, not the restyle (CACHE_FROM)
     for chunk in camera_blocks:             # (pipe.frames_in, H, W, 3) in [-1, 1]
         out = pipe.restyle(chunk)           # encoded, noised to σ = strength, denoised through the steps left
         pipe.set_prompt(other)              # any time: the held frames are re-cached under the new prompt
@@ -35,7 +36,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from mirage.core.config import DiTConfig, get_dit_config
+from mirage.core.config import DiTConfig, check_cache_from, get_dit_config
 from mirage.core.errors import BackendError, MirageError
 from mirage.model.dit import WanDiT
 from mirage.model.dit_cache import BlockStepper, CapturedBlockStep
@@ -116,7 +117,7 @@ class DiTPipeline:
         self.noise_shape = (cfg.steps, 1, cfg.in_dim, cfg.block_frames, *cfg.latent_size)
         self.generator = torch.Generator(device=device)
         self.setup_done = False
-        self.strength = 1.0
+        self.strength, self.cache_from = 1.0, "output"
 
     @classmethod
     def open(cls, spec: DiTSpec, prompt: str | Path, device: str = "auto", compile: bool = False,
@@ -196,6 +197,12 @@ class DiTPipeline:
         """Video frames the next block of video-to-video takes (and gives back): as many as a block decodes to,
         so the video's first block takes fewer with a temporal codec (TAEHV: 4N - 3, then 4N)."""
         return self.cfg.video_frames(self.cfg.block_frames, first=self.stepper.cache.frames_written == 0)
+
+    def set_cache_from(self, cache_from: str) -> None:
+        """Video-to-video: what a block leaves in the KV cache for the blocks after it, from the next block on:
+        "output" (its restyle) or "input" (the input block's latents; core.config.CACHE_FROM)."""
+        self.stepper.cache_input = check_cache_from(cache_from) == "input"
+        self.cache_from = cache_from
 
     def restyle(self, frames: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
         """Video-to-video: the next block's input frames (frames_in, H, W, 3) float32 in [-1, 1] are

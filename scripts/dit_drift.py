@@ -23,7 +23,7 @@ import torch
 from mirage.bridge.dit_quality import compare_drift, format_drift_table
 from mirage.bridge.pipeline import load_pipeline
 from mirage.bridge.quality import reference_clip, v2v_inputs
-from mirage.core.config import PipelineOptions
+from mirage.core.config import CACHE_FROM, PipelineOptions
 from mirage.core.errors import MirageError
 from mirage.core.report import device_tag, write_json
 from mirage.core.schedule import CONTEXT_NOISE
@@ -73,6 +73,8 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=50, help="Frames a scored window holds (default: %(default)s).")
     parser.add_argument("--strength", type=float, default=0.5,
                         help="The DiT's video-to-video strength (default: %(default)s).")
+    parser.add_argument("--cache-from", choices=CACHE_FROM, default="output",
+                        help="What the DiT's blocks leave in its KV cache (default: %(default)s; mirage-run --cache-from).")
     parser.add_argument("--data", default="detailed",
                         help="The truth clips' kind, as mirage-quality --data (default: %(default)s).")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (float32 either way).")
@@ -86,7 +88,7 @@ def main() -> int:
     start = time.perf_counter()
     try:
         report = compare_drift(args.unet, args.dit, args.clips, args.seed, args.frames, args.window, args.strength,
-                               args.data, args.device)
+                               args.data, args.device, args.cache_from)
         timing = paired_ms(args.unet, args.dit, 20, args.rounds, args.strength, args.data, args.device) \
             if args.rounds else None
     except MirageError as err:
@@ -94,7 +96,7 @@ def main() -> int:
         return 2
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     path = args.json or (f"docs/bench/{datetime.date.today()}_{device_tag(device)}_{Path(args.dit).name}"
-                         f"_drift_{args.clips}clips.json")
+                         f"_drift_{args.clips}clips{'_cache-input' if args.cache_from == 'input' else ''}.json")
     write_json(path, {"threads": args.threads, "device": device, "precision": "float32",
                       "seconds": time.perf_counter() - start, "timing": timing, **report})
     print(format_drift_table(report["summary"]))

@@ -216,13 +216,15 @@ for stage in $STAGES; do
                 --calibrate-steps 5 ${SERVEDIT_TAEHV:+--taehv} ${SERVEDIT_FAST:+--fast} \
                 ${SERVEDIT_MAX_STRENGTH:+--serve-args "--max-strength $SERVEDIT_MAX_STRENGTH"} --json "$OUT/$name.json" 2>&1 | tee "$OUT/$name.log" \
                 || echo "servedit: exit $? (124: cut at its ${lim} s limit; the JSON holds the counts done)" ;;
-    dittrain) rm -rf /tmp/dit-tiny-taesd-gpu  # the bar's \r updates as lines, one in 200 (a 5-minute run makes ~10^5)
+    dittrain) wheels "${WHEELS:-.whl}" diffusers "diffusers-*.whl" || true  # ae-taesd is diffusers' TAESD
+              rm -rf /tmp/dit-tiny-taesd-gpu  # the bar's \r updates as lines, one in 200 (a 5-minute run makes ~10^5)
               python -m mirage.cli.train_dit --device cuda --out /tmp/dit-tiny-taesd-gpu \
                 --minutes "${DITTRAIN_MINUTES:-5}" --clips "${DITTRAIN_CLIPS:-4096}" --batch-size "${DITTRAIN_BATCH:-64}" \
                 --lr "${DITTRAIN_LR:-2e-3}" 2>&1 | tr '\r' '\n' | awk 'NR % 200 == 1 || !/it\/s|step\/s|clip\/s/' \
                 | tee "$OUT/dittrain.log" || echo "dittrain: exit $?"
               cp -r /tmp/dit-tiny-taesd-gpu "$OUT/" || true ;;
-    ditdrift) lim=$(limit "${DITDRIFT_LIMIT:-540}")
+    ditdrift) wheels "${WHEELS:-.whl}" diffusers "diffusers-*.whl" || true
+              lim=$(limit "${DITDRIFT_LIMIT:-540}")
               timeout "$lim" python scripts/dit_drift.py --dit /tmp/dit-tiny-taesd-gpu --clips "${DITDRIFT_CLIPS:-8}" \
                 --device cuda --json "$OUT/dit_drift.json" 2>&1 | tee "$OUT/dit_drift.log" || echo "ditdrift: exit $?" ;;
     g2g) g2g_cases python ;;  # the Python client, which needs no Chromium: NOT glass to glass

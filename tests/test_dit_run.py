@@ -168,6 +168,8 @@ def never_allocated(monkeypatch):
     ("unet-option-with-dit", "--steps: options of a U-Net model"),
     ("v2v-decoder-only", "dit-tiny's decoder only decodes: video-to-video needs one that also encodes"),
     ("strength-without-input", "--strength: video-to-video needs an --input"),
+    ("cache-from-without-input", "--cache-from: video-to-video needs an --input"),
+    ("cache-from-for-a-unet", f"--cache-from: a DiT's video-to-video option; {run.DEFAULT_MODEL} is not a DiT"),
 ])
 def test_bad_input_is_one_line_and_status_2_with_nothing_written(tmp_path, embeds, never_allocated, case, message):
     unet = tmp_path / "unet.safetensors"
@@ -195,6 +197,8 @@ def test_bad_input_is_one_line_and_status_2_with_nothing_written(tmp_path, embed
         "unet-option-with-dit": [*SMALL, *rand, "--steps", 2],
         "v2v-decoder-only": [*SMALL, *rand, "--decoder", taehv, "--input", "synthetic"],  # a file without encoder.*
         "strength-without-input": [*SMALL, *rand, "--strength", 0.5],
+        "cache-from-without-input": [*SMALL, *rand, "--cache-from", "input"],
+        "cache-from-for-a-unet": ["--input", "synthetic", "--cache-from", "input"],
     }[case]
     out = tmp_path / "out.gif"
     result = mirage_run(*args, "--output", out, "--json", tmp_path / "r.json")

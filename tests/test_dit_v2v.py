@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 import mirage.cli.run as run
 
-from mirage.core.config import get_dit_config
+from mirage.core.config import ConfigError, get_dit_config
 from mirage.core.errors import CheckpointError
 from mirage.core.flow_schedule import block_schedule, strength_schedule
 from mirage.model.dit import WanDiT
@@ -96,6 +96,37 @@ def test_strength_changes_between_blocks_without_a_restart(codec):
     round_trip = codec.decode(codec.encode(torch.from_numpy(frames[2:]).permute(0, 3, 1, 2)[None]))[0]
     np.testing.assert_allclose(second, round_trip.permute(0, 2, 3, 1).numpy(), atol=1e-6)
     assert pipe.stepper.cache.frames_written == 4 and int(pipe.stepper.cache.frame) == 4
+
+
+def test_a_cache_from_the_input_holds_the_input_s_latents_and_restyles_as_appending_them(codec):
+    """set_cache_from("input"): each block's cache-write pass takes the input block's latents, not the restyle.
+    So the cache holds the encoded input, and block 1 is what a stream gets when the input's block 0 is appended
+    (Self-Forcing's initial-latent path) and block 1 restyled with the same noise; with the default (output)
+    cache, block 1 differs."""
+    frames = clip(2)
+    source = codec.encode(torch.from_numpy(frames).permute(0, 3, 1, 2)[None])  # (1, C, 4, h, w)
+    pipe = pipeline(codec, torch.zeros(1, CFG.text_len, CFG.text_dim))
+    pipe.reset(2)
+    pipe.set_strength(0.5)
+    pipe.set_cache_from("input")
+    first = pipe.restyle(frames[:2])
+    state = pipe.generator.get_state()
+    second = pipe.restyle(frames[2:])
+    torch.testing.assert_close(pipe.stepper.cache.latents[:, :, :4], source, atol=1e-6, rtol=0)
+
+    appended = pipeline(codec, torch.zeros(1, CFG.text_len, CFG.text_dim))
+    appended.reset(2)
+    appended.set_strength(0.5)
+    appended.stepper.append(source[:, :, :2])
+    appended.generator.set_state(state)
+    np.testing.assert_allclose(appended.restyle(frames[2:]), second, atol=1e-5)
+
+    pipe.reset(2)
+    pipe.set_cache_from("output")
+    np.testing.assert_allclose(pipe.restyle(frames[:2]), first, atol=1e-6)  # block 0 sees no cache either way
+    assert np.abs(pipe.restyle(frames[2:]) - second).mean() > 1e-3
+    with pytest.raises(ConfigError, match="cache_from='both': choose one of output, input"):
+        pipe.set_cache_from("both")
 
 
 def test_prompt_switch_mid_stream_is_a_fresh_stream_on_the_rebuilt_cache(codec):
@@ -255,10 +286,12 @@ def test_a_two_step_training_run_saves_a_checkpoint_mirage_run_reads(tmp_path):
     report = tmp_path / "r.json"
     result = CliRunner().invoke(run.main, [str(a) for a in (
         out, "--dit", "dit-tiny-taesd", "--input", "synthetic", "--frames", 2, "--strength", 0.25, "--prompt-embeds",
-        out / PROMPT_FILE, "--output", tmp_path / "v2v", "--json", report)], catch_exceptions=False)
+        out / PROMPT_FILE, "--cache-from", "input", "--output", tmp_path / "v2v", "--json", report)],
+        catch_exceptions=False)
     assert result.exit_code == 0, result.output
     written = json.loads(report.read_text())
     assert written["written"] == 2 and written["strength"] == 0.25 and written["psnr_vs_input_db"] > 5
+    assert written["cache_from"] == "input" and "the input blocks" in result.output
     with pytest.raises(CheckpointError, match="window_frames: checkpoint has 8, asked for 6"):
         DiTPipeline.open(DiTSpec("dit-tiny-taesd", checkpoint=out, window=6), out / PROMPT_FILE, device="cpu")
 

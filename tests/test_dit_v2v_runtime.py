@@ -63,13 +63,14 @@ def _clip(blocks: int, seed: int) -> np.ndarray:
 
 
 def _restyled(codec, text: np.ndarray, seed: int, clip: np.ndarray, strengths: list[float],
-              passes: int = CFG.steps) -> list[np.ndarray]:
+              passes: int = CFG.steps, cache_from: str = "output") -> list[np.ndarray]:
     """One stream by the torch path (DiTPipeline.restyle) at strengths[k] for block k, with the noise the
     runtime draws for a row of `seed` whose block runs `passes` passes (draw k·passes + i of the seed: pass i's
     of block k)."""
     model, _ = dit_model(CFG, None, SEED)
     pipe = DiTPipeline(CFG, model, None, codec, torch.from_numpy(text[None]), torch.device("cpu"))
     pipe.reset(0)
+    pipe.set_cache_from(cache_from)
     shape = (CFG.in_dim, N, *CFG.latent_size)
     out = []
     for k, (block, strength) in enumerate(zip(clip, strengths)):
@@ -114,6 +115,24 @@ def test_video_to_video_on_onnx_runtime_and_pytorch_equals_the_torch_path(artifa
             pipe.reset(4)
             for k, block in enumerate(clip):
                 np.testing.assert_allclose(pipe.step(block), ref[k], atol=TOL, rtol=0, err_msg=f"block {k}")
+
+
+def test_a_cache_from_the_input_is_the_torch_path_s_on_onnx_runtime_and_pytorch(artifact, codec):
+    """cache_from="input": the runtime's cache-write pass takes the encoded input block (not the restyle) on
+    ONNX Runtime and the PyTorch backend alike, as the torch path's set_cache_from("input") does; from the
+    second block on, the frames differ from the output cache's. Generation has no input to cache: refused."""
+    text, clip = _prompt(1), _clip(3, seed=2)
+    ref = _restyled(codec, text, 4, clip, [0.6] * 3, cache_from="input")
+    assert np.abs(ref[2] - _restyled(codec, text, 4, clip, [0.6] * 3)[2]).mean() > 1e-3
+    options = PipelineOptions(strength=0.6, cache_from="input")
+    for pipe in (Pipeline.load(artifact, device="cpu", options=options), _torch_pipeline(cache_from="input")):
+        with pipe:
+            pipe.set_prompt(text)
+            pipe.reset(4)
+            for k, block in enumerate(clip):
+                np.testing.assert_allclose(pipe.step(block), ref[k], atol=TOL, rtol=0, err_msg=f"block {k}")
+    with pytest.raises(VideoToVideoError, match="cache_from='input' caches a video-to-video block's input"):
+        _torch_pipeline(strength=None, cache_from="input")
 
 
 def test_a_lower_max_strength_runs_fewer_passes_and_restyles_the_same(artifact, codec):

@@ -171,6 +171,9 @@ def test_read_bank_refuses_what_is_not_a_bank(tmp_path):
     ([str(CKPT_V2V), "--prompt-bank", str(BANK)], "--prompt-bank: "),
     ([str(CKPT_V2V), "--lora", "MISSING"], "--lora: a DiT checkpoint's LoRA; add --dit CONFIG"),
     ([str(CKPT_GEN), "--strength", "0.5"], "takes no strength"),
+    ([*DIT_ARGS[:3], "--prompt-embeds", "PROMPT", "--cache-from", "input"],
+     "--cache-from: what a DiT's video-to-video block leaves in its cache; the streams run video-to-video with "
+     "--strength"),
     ([*DIT_ARGS[:3], "--prompt-embeds", "PROMPT", "--strength", "0.6", "--max-strength", "0.5"],
      "strength=0.6 is over max_strength=0.5"),
     ([str(DIT), "--prompt-embeds", "PROMPT"], "is a DiT checkpoint: add --dit dit-tiny-taesd"),
