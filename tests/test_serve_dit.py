@@ -189,3 +189,15 @@ def test_bad_dit_input_is_one_line_and_exit_2_before_anything_listens(monkeypatc
     assert result.exit_code == 2 and not served, result.output
     assert expected in result.output.replace("\n", " ") and "Traceback" not in result.output, result.output
     assert result.output.strip().count("\n") == 0, result.output  # one line
+
+
+def test_a_served_dit_caches_its_input_blocks_with_cache_from_input():
+    """mirage-serve --cache-from input reaches the pool's block unit (the runtime's cache-write pass takes the
+    encoded input block); the default caches the restyle."""
+    from mirage.bridge.source import ModelSource
+
+    for cache_from, expected in ((None, False), ("input", True)):
+        source = ModelSource(DIT, dit="dit-tiny-taesd", prompt_embeds=DIT / "prompt.safetensors", strength=0.5,
+                             cache_from=cache_from)
+        with source.load(DIT, device="cpu") as pipe:
+            assert pipe.unit.cache_input is expected
