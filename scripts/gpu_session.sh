@@ -20,7 +20,9 @@
 # The DiT trained on the GPU, then its 500-frame drift over 8 clips beside the U-Net (two calls on one warm machine:
 # the checkpoint waits in /tmp/dit-tiny-taesd-gpu and comes back in $OUT):
 #   PACK=dittrain STAGES=dittrain [DITTRAIN_MINUTES=5 DITTRAIN_CLIPS=4096 DITTRAIN_BATCH=64 DITTRAIN_LR=2e-3] scripts/gpu_session.sh
+#       carry .whl/diffusers-0.42.1-py3-none-any.whl                      (ae-taesd is diffusers' TAESD)
 #   PACK=ditdrift STAGES=ditdrift [DITDRIFT_CLIPS=8] scripts/gpu_session.sh
+#       carry .whl/diffusers-0.42.1-py3-none-any.whl
 #   STAGES="dittests anchor dit" SELF_FORCING=.anchor/Self-Forcing [DIT_CONFIG=wan-1.3b DIT_BLOCKS=7 DIT_MODES=... DIT_FP8=static] scripts/gpu_session.sh
 # The DiT measurements and Ray's overhead in two calls on one warm machine (the second within its 30 s warm time):
 #   PACK=dit STAGES="ditdecode ditattn ditcompile" scripts/gpu_session.sh
