@@ -21,7 +21,7 @@
 # the checkpoint waits in /tmp/dit-tiny-taesd-gpu and comes back in $OUT):
 #   PACK=dittrain STAGES=dittrain [DITTRAIN_MINUTES=5 DITTRAIN_CLIPS=4096 DITTRAIN_BATCH=64 DITTRAIN_LR=2e-3] scripts/gpu_session.sh
 #       carry .whl/diffusers-0.42.1-py3-none-any.whl                      (ae-taesd is diffusers' TAESD)
-#   PACK=ditdrift STAGES=ditdrift [DITDRIFT_CLIPS=8] scripts/gpu_session.sh
+#   PACK=ditdrift STAGES=ditdrift [DITDRIFT_CLIPS=8 DITDRIFT_CACHE_FROM=input] scripts/gpu_session.sh
 #       carry .whl/diffusers-0.42.1-py3-none-any.whl
 #   STAGES="dittests anchor dit" SELF_FORCING=.anchor/Self-Forcing [DIT_CONFIG=wan-1.3b DIT_BLOCKS=7 DIT_MODES=... DIT_FP8=static] scripts/gpu_session.sh
 # The DiT measurements and Ray's overhead in two calls on one warm machine (the second within its 30 s warm time):
@@ -228,7 +228,7 @@ for stage in $STAGES; do
     ditdrift) wheels "${WHEELS:-.whl}" diffusers "diffusers-*.whl" || true
               lim=$(limit "${DITDRIFT_LIMIT:-540}")
               timeout "$lim" python scripts/dit_drift.py --dit /tmp/dit-tiny-taesd-gpu --clips "${DITDRIFT_CLIPS:-8}" \
-                --device cuda --json "$OUT/dit_drift.json" 2>&1 | tee "$OUT/dit_drift.log" || echo "ditdrift: exit $?" ;;
+                --device cuda ${DITDRIFT_CACHE_FROM:+--cache-from "$DITDRIFT_CACHE_FROM"} --json "$OUT/dit_drift.json" 2>&1 | tee "$OUT/dit_drift.log" || echo "ditdrift: exit $?" ;;
     g2g) g2g_cases python ;;  # the Python client, which needs no Chromium: NOT glass to glass
     chrome) if chrome > >(tee "$OUT/chrome.log") 2>&1; then g2g_cases browser; fi ;;  # not piped: chrome exports
     ray) if ray_site; then serve_cases ${RAY_CASES:-base:16 base:16:ray}; fi ;;
