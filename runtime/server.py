@@ -997,12 +997,17 @@ class Server:
         a busy GPU) would otherwise hold its next block until its playout ran dry, and that hold, repeated
         every block, became standing latency (2 null-model streams of 450 ms steps: 1418 ms at p50, against
         1189 ms for one)."""
-        return stream.pending is not None and stream.playout_end() <= now + self.step_s + self.align_s
+        return stream.pending is not None and self.ready_at(stream) <= now
+
+    def ready_at(self, stream: Stream) -> float:
+        """When a step started would end as the stream's playout runs dry, less align_s (ready_for_step)."""
+        return stream.playout_end() - self.step_s - self.align_s
 
     def release_at(self) -> float | None:
         """When the first stream held by its playout becomes ready for a step (None: none is held)."""
-        return min((s.playout_end() - self.step_s - self.align_s for s in self.streams.values()
-                    if s.pending is not None and not self.ready_for_step(s, time.monotonic())), default=None)
+        now = time.monotonic()
+        return min((t for s in self.streams.values() if s.pending is not None and (t := self.ready_at(s)) > now),
+                   default=None)
 
     async def next_batch(self, until: float | None = None) -> list[tuple[Stream, Block]] | None:
         """Wait for a ready block (None if none came by `until`, a time.monotonic(), when given), then up to
