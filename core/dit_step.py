@@ -197,10 +197,10 @@ class BlockUnit:
             raise VideoToVideoError(f"{cfg.name} has no encoder graph: video-to-video needs a DiT on a per-frame "
                                     "autoencoder (a config with `autoencoder`, such as dit-tiny-taesd) or a TAEHV "
                                     "--decoder with its encoder (taew2_1.pth)")
-        if check_cache_from(cache_from) == "input" and not self.v2v:
-            raise VideoToVideoError("cache_from='input' caches a video-to-video block's input; generation has none")
         # the block the cache-write pass takes (core.config.CACHE_FROM): the input's latents or the output's
-        self.cache_input = cache_from == "input"
+        self.cache_input = check_cache_from(cache_from) == "input"
+        if self.cache_input and not self.v2v:
+            raise VideoToVideoError("cache_from='input' caches a video-to-video block's input; generation has none")
         self.default_strength = 1.0 if strength is None else check_strength(strength)
         self.max_strength = check_strength(max_strength) if self.v2v else 1.0
         self.controls = {"prompt": True, **({"strength": (0.0, self.max_strength)} if self.v2v else {})}
