@@ -41,7 +41,7 @@ from mirage.model.latent import autoencoder_folder, load_frame_codec
 from mirage.train.checkpoint import check_writable, save_unit
 from mirage.train.data import ClipStream, batches, make_source
 from mirage.train.latent_cache import LatentCache
-from mirage.train.trainer import StopOnSignal
+from mirage.train.trainer import StopOnSignal, ema_update
 
 PROMPT_FILE = "prompt.safetensors"  # the embeddings the model was trained with, saved beside it
 # the most time the clips' encoding takes before the steps, as a share of their budget: 512 clips took about 7
@@ -192,9 +192,7 @@ def train_dit(opts: DiTTrainOptions) -> dict:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            with torch.no_grad():
-                for e, p in zip(ema.parameters(), model.parameters()):
-                    e.lerp_(p, 1 - opts.ema_decay)
+            ema_update(ema, model, opts.ema_decay)
             step += 1
             # kept on the device and read every LOSS_EVERY steps: a read each step would wait for the GPU each step
             losses.append(loss.detach())
